@@ -1,0 +1,1 @@
+"""Custom kernels, each behind one function with a pure-MLX twin."""

@@ -1,0 +1,208 @@
+"""The benchmark: llama-batched-bench's procedure, one loop, llama.cpp's names and formulas."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from batchbench.formats import BenchRow
+from batchbench.kv_cache import KVCache, pad_to
+
+
+@dataclass
+class BenchParams:
+    n_ctx: int  # after rounding, before split-mode scaling
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    npp: list[int] = field(default_factory=list)
+    ntg: list[int] = field(default_factory=list)
+    npl: list[int] = field(default_factory=list)
+    is_pp_shared: bool = False
+    is_tg_separate: bool = False
+    seed: int = 1
+    repetitions: int = 1
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How attention runs: what `--ab` alternates between."""
+
+    name: str
+    kv_unified: bool = True
+    flash: bool = True
+    skip: bool = True
+
+
+def n_ctx_req(pp: int, tg: int, pl: int, pps: bool, kv_unified: bool) -> int:
+    if pps:
+        return (pp if kv_unified else pl * pp) + pl * tg
+    return pl * (pp + tg)
+
+
+def context_layout(n_ctx: int, n_seq_max: int, kv_unified: bool) -> tuple[int, int]:
+    """(kv_size per stream, n_kv_max) as llama.cpp's context construction computes them."""
+    n_ctx = pad_to(n_ctx, 256)
+    if kv_unified:
+        return n_ctx, n_ctx
+    n_ctx_seq = pad_to(n_ctx // n_seq_max, 256)
+    return n_ctx_seq, n_ctx_seq * n_seq_max
+
+
+def f32_time(t_start: float, t_end: float) -> np.float32:
+    # llama.cpp: integer microseconds from ggml_time_us(), divided by 1e6 in float32.
+    return np.float32(int((t_end - t_start) * 1e6)) / np.float32(1e6)
+
+
+def make_row(pp: int, tg: int, pl: int, pps: bool, kv_unified: bool, t_pp, t_tg) -> BenchRow:
+    f = np.float32
+    t_pp, t_tg = f(t_pp), f(t_tg)
+    t = t_pp + t_tg
+    n_pp = pp if pps else pl * pp
+    return BenchRow(
+        pp=pp, tg=tg, pl=pl, n_kv=n_ctx_req(pp, tg, pl, pps, kv_unified),
+        t_pp=float(t_pp), speed_pp=float(f(n_pp) / t_pp) if n_pp else 0.0,
+        t_tg=float(t_tg), speed_tg=float(f(pl * tg) / t_tg) if tg else 0.0,
+        t=float(t), speed=float(f(n_pp + pl * tg) / t) if t > 0 else 0.0,
+    )
+
+
+class Runner:
+    """Feeds batches to the model the way llama_decode does: chunks of n_batch, ubatches of n_ubatch."""
+
+    def __init__(self, model, cache: KVCache, mode: Mode, n_batch: int, n_ubatch: int):
+        self.model, self.cache, self.mode = model, cache, mode
+        self.n_batch, self.n_ubatch = n_batch, min(n_batch, n_ubatch)
+
+    def decode(self, tokens, pos, seq, out, sync: bool) -> mx.array | None:
+        last = None
+        for b0 in range(0, len(tokens), self.n_batch):
+            for u0 in range(b0, min(b0 + self.n_batch, len(tokens)), self.n_ubatch):
+                u1 = min(u0 + self.n_ubatch, b0 + self.n_batch, len(tokens))
+                out_rows = np.flatnonzero(out[u0:u1])
+                plan = self.cache.prepare(
+                    seq[u0:u1], pos[u0:u1], out_rows if len(out_rows) else np.array([u1 - u0 - 1]),
+                    flash=self.mode.flash, skip=self.mode.skip,
+                )
+                last = self.model(mx.array(tokens[u0:u1], dtype=mx.int32)[None], plan, self.cache)
+                if sync:
+                    mx.eval(last)
+                else:
+                    mx.async_eval(last)
+        if sync and last is not None:
+            mx.synchronize()
+        return last
+
+
+def _sync(x: mx.array | None) -> None:
+    if x is not None:
+        mx.eval(x)
+    mx.synchronize()
+
+
+def run_config(runner: Runner, rng, n_vocab: int, pp: int, tg: int, pl: int, p: BenchParams):
+    """One (pp, tg, pl) config; returns (t_pp, t_tg) in llama.cpp's float32 seconds."""
+    cache = runner.cache
+    n_seqs = 1 if p.is_pp_shared else pl
+    tokens = rng.integers(0, n_vocab, n_seqs * pp)
+    pos = np.tile(np.arange(pp), n_seqs)
+    seq = np.repeat(np.arange(n_seqs), pp)
+    out = np.tile(np.arange(pp) == pp - 1, n_seqs)
+
+    cache.clear()
+    t_pp_start = time.perf_counter()
+    _sync(runner.decode(tokens, pos, seq, out, sync=False))
+    t_pp_end = time.perf_counter()
+
+    if p.is_pp_shared:
+        for i in range(1, pl):
+            cache.seq_cp(0, i)  # untimed, as in llama.cpp
+
+    t_tg_start = time.perf_counter()
+    if p.is_tg_separate:
+        for j in range(pl):
+            for i in range(tg):
+                runner.decode(rng.integers(0, n_vocab, 1), np.array([pp + i]), np.array([j]),
+                              np.array([True]), sync=True)
+    else:
+        for i in range(tg):
+            runner.decode(rng.integers(0, n_vocab, pl), np.full(pl, pp + i), np.arange(pl),
+                          np.ones(pl, bool), sync=True)
+    t_tg_end = time.perf_counter()
+    return f32_time(t_pp_start, t_pp_end), f32_time(t_tg_start, t_tg_end)
+
+
+def warmup(runner: Runner, n_vocab: int, n_seq: int, rng) -> None:
+    """llama.cpp decodes 16 tokens; one decode step too, so kernels compile before timing."""
+    cache = runner.cache
+    cache.clear()
+    runner.decode(rng.integers(0, n_vocab, 16), np.arange(16), np.zeros(16, np.int64),
+                  np.zeros(16, bool), sync=True)
+    for s in range(1, n_seq):
+        cache.seq_cp(0, s)
+    runner.decode(rng.integers(0, n_vocab, n_seq), np.full(n_seq, 16), np.arange(n_seq),
+                  np.ones(n_seq, bool), sync=True)
+    cache.clear()
+
+
+def run_bench(
+    model,
+    p: BenchParams,
+    runners: dict[str, Runner],
+    n_kv_max: dict[str, int],
+    note: Callable[[str], None] = lambda s: None,
+) -> Iterator[BenchRow]:
+    """Yield one row per (pp, tg, pl, mode); modes run interleaved so drift hits them alike."""
+    n_vocab = model.args.vocab_size
+    rng = np.random.default_rng(p.seed)
+    for runner in runners.values():
+        warmup(runner, n_vocab, max(p.npl), rng)
+    for pp in p.npp:
+        for tg in p.ntg:
+            for pl in p.npl:
+                times: dict[str, list] = {name: [] for name in runners}
+                fits = {}
+                for name, runner in runners.items():
+                    unified = runner.mode.kv_unified
+                    need = n_ctx_req(pp, tg, pl, p.is_pp_shared, unified)
+                    fits[name] = need <= n_kv_max[name]
+                    if fits[name] and not unified and pp + tg > runner.cache.kv_size:
+                        note(f"PP={pp} TG={tg} B={pl}: {pp + tg} cells per sequence exceed "
+                             f"the split cache's {runner.cache.kv_size} per sequence; skipped")
+                        fits[name] = False
+                if not any(fits.values()):
+                    continue
+                for _ in range(p.repetitions):
+                    for name, runner in runners.items():
+                        if fits[name]:
+                            mx.reset_peak_memory()
+                            t_pp, t_tg = run_config(runner, rng, n_vocab, pp, tg, pl, p)
+                            times[name].append((t_pp, t_tg, mx.get_peak_memory()))
+                first = None
+                for name, runner in runners.items():
+                    if not times[name]:
+                        continue
+                    row = summarize(pp, tg, pl, p, runner.mode, times[name])
+                    row.mode = name
+                    if first is None:
+                        first = row
+                    row.ratio_tg = row.speed_tg / first.speed_tg if first.speed_tg else None
+                    yield row
+
+
+def summarize(pp, tg, pl, p: BenchParams, mode: Mode, samples) -> BenchRow:
+    """Median times through llama.cpp's formulas; min/max speeds over the repetitions."""
+    t_pp = float(np.median([s[0] for s in samples]))
+    t_tg = float(np.median([s[1] for s in samples]))
+    row = make_row(pp, tg, pl, p.is_pp_shared, mode.kv_unified, t_pp, t_tg)
+    per = [make_row(pp, tg, pl, p.is_pp_shared, mode.kv_unified, a, b) for a, b, _ in samples]
+    row.reps = len(samples)
+    row.speed_pp_min = min(r.speed_pp for r in per)
+    row.speed_pp_max = max(r.speed_pp for r in per)
+    row.speed_tg_min = min(r.speed_tg for r in per)
+    row.speed_tg_max = max(r.speed_tg for r in per)
+    row.peak_mem_mb = max(s[2] for s in samples) / 2**20
+    return row

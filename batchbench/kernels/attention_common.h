@@ -1,0 +1,439 @@
+// Block-skipping flash decode attention: the algorithm, shared by CUDA and Metal.
+//
+// One thread block per (token row, kv head [, chunk of 16 query heads], split). Its W warps
+// walk 32-cell KV blocks; a block is loaded only if it may hold a visible cell: either it is
+// in the row's live list (LIVE) or one of its 32 mask values is not -inf (SKIP, in-kernel
+// scan). The G query heads of the GQA group are the 16 rows of one tensor-core tile, so every
+// K/V element is read once per (row, kv head). Online softmax runs in fp32 in the log2 domain.
+// Splits write partial (O, max, sum) to `ws`; the last split to finish (atomic counter)
+// merges them, so the whole layer is one launch. Counters are left at zero for the next call.
+//
+// The backend layer (attention_cuda.h / attention_metal.h) supplies BB_FN, BB_GLOBAL,
+// BB_SHARED, BB_THREAD, BB_UNROLL, warp/block primitives and the chip helpers
+// bb_cp_async16, bb_ldsm_rows(_trans), bb_mma_16816.
+#pragma once
+
+#define BB_BLOCK 32     // KV cells per block
+#define BB_MAX_SPLIT 64 // merge factors kept in shared memory
+
+constexpr BB_FN int bb_attn_pitch(int d) { return d + 8; } // padded row: no bank conflicts
+
+// Bytes of shared (threadgroup) memory the kernel needs; attention.py mirrors this.
+template <int D, int W, int STAGES, int ESIZE>
+constexpr BB_FN int bb_attn_smem_bytes() {
+  return (W * STAGES * 2 * BB_BLOCK * bb_attn_pitch(D) * ESIZE) >
+                 (4 * (W * 16 * D + W * 16 * 2 + 16 * 2 + BB_MAX_SPLIT * 16) + 16)
+             ? (W * STAGES * 2 * BB_BLOCK * bb_attn_pitch(D) * ESIZE)
+             : (4 * (W * 16 * D + W * 16 * 2 + 16 * 2 + BB_MAX_SPLIT * 16) + 16);
+}
+
+// The sequence of 32-cell blocks one warp processes, in ascending order.
+//   LIVE:  its share of the row's live list [lo, hi), every W-th entry;
+//   else:  blocks split*W + warp + i * (n_split * W), i = 0, 1, ... (round-robin, so
+//          contiguous runs of live blocks spread evenly over splits and warps); with SKIP
+//          a candidate is dropped when its 32 mask values are all -inf.
+template <typename MaskPtr, typename LivePtr, bool SKIP, bool LIVE>
+struct BBCursor {
+  MaskPtr mrow;   // mask row of this token
+  LivePtr lrow;   // live row: [count, block0, block1, ...]
+  int n_used;     // N: cells in use (mask columns)
+  int n_blk;      // ceil(N / 32)
+  int pos, end, step; // LIVE: list positions; else: candidate block ids
+  int cbase;      // SKIP scan: block id of bit 0 of `bits`
+  uint32_t bits;  // SKIP scan: live candidates not yet returned
+
+  // Test 32 candidates at once: one warp vote each (32 mask values per candidate).
+  BB_FN void refill(int lane) {
+    uint32_t found = 0;
+    BB_UNROLL
+    for (int j = 0; j < 32; ++j) {
+      const int b = pos + j * step;
+      const int cell = b * BB_BLOCK + lane;
+      bool vis = false;
+      if (b < n_blk && cell < n_used) {
+        vis = bb_mask_value(mrow[cell]) != bb_neg_inf();
+      }
+      if (bb_ballot(vis) != 0u) {
+        found |= 1u << j;
+      }
+    }
+    bits = found;
+    cbase = pos;
+    pos += 32 * step;
+  }
+
+  BB_FN int next(int lane) {
+    if (LIVE) {
+      while (pos < end) {
+        const int b = lrow[1 + pos];
+        pos += step;
+        if (b >= 0 && b < n_blk) { // a bad entry must not send loads out of bounds
+          return b;
+        }
+      }
+      return -1;
+    } else if (SKIP) {
+      while (bits == 0u) {
+        if (pos >= n_blk) {
+          return -1;
+        }
+        refill(lane);
+      }
+      const int j = bb_lowest_bit(bits);
+      bits &= bits - 1u;
+      return cbase + j * step;
+    } else {
+      if (pos >= n_blk) {
+        return -1;
+      }
+      const int b = pos;
+      pos += step;
+      return b;
+    }
+  }
+};
+
+// Issue the copies of K and V block `b` (32 rows of D) into one stage; rows >= N are zeroed
+// (they may hold anything: the buffer is larger than the used range).
+template <typename T, int D>
+BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_GLOBAL const T* kh,
+                              BB_GLOBAL const T* vh, int b, int n_used, int lane) {
+  constexpr int PITCH = bb_attn_pitch(D);
+  constexpr int CPR = D / 8; // 16-byte chunks per row
+  BB_UNROLL
+  for (int i = lane; i < BB_BLOCK * CPR; i += 32) {
+    const int r = i / CPR, cc = i % CPR;
+    const int cell = b * BB_BLOCK + r;
+    const bool ok = cell < n_used;
+    const long goff = (long)(ok ? cell : 0) * D + cc * 8;
+    bb_cp_async16(kt + r * PITCH + cc * 8, kh + goff, ok);
+    bb_cp_async16(vt + r * PITCH + cc * 8, vh + goff, ok);
+  }
+}
+
+template <typename T, typename MT, int D, int G, int W, int STAGES, bool SKIP, bool LIVE,
+          typename MaskPtr, typename LivePtr>
+BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL const T* v,
+                          MaskPtr mask, LivePtr live, BB_GLOBAL int* counters,
+                          BB_GLOBAL T* out, BB_GLOBAL float* ws,
+                          int n_rows,     // T: token rows (q.shape[2])
+                          int n_kv_heads, // Hkv
+                          int n_cells,    // S: cells in the K/V buffer
+                          int n_used,     // N: cells attended (mask columns)
+                          int live_stride, float scale,
+                          int bx,         // kv head + Hkv * head chunk
+                          int split, int n_split, int row, int lane, int warp,
+                          BB_SHARED unsigned char* smem) {
+  constexpr int GH = G < 16 ? G : 16; // query heads of one block (rows of the mma tile)
+  constexpr int HC = (G + 15) / 16;   // head chunks per kv head
+  constexpr int PITCH = bb_attn_pitch(D);
+  constexpr int TILE = BB_BLOCK * PITCH;
+  constexpr int KS = D / 16; // k-steps of Q K^T
+  constexpr int NT = D / 8;  // n-tiles of O
+  const float LOG2E = 1.4426950408889634f;
+  const float NEG_INF = bb_neg_inf();
+
+  const int tid = warp * 32 + lane;
+  const int kvh = bx % n_kv_heads;
+  const int hc = bx / n_kv_heads;
+  const int head0 = kvh * G + hc * 16;
+  const int rows_valid = bb_mini(GH, G - hc * 16);
+  const int g = lane >> 2, c = lane & 3;
+  const float qk_scale = scale * LOG2E;
+  const int n_blk = (n_used + BB_BLOCK - 1) / BB_BLOCK;
+
+  BB_GLOBAL const T* kh = k + (long)kvh * n_cells * D;
+  BB_GLOBAL const T* vh = v + (long)kvh * n_cells * D;
+  MaskPtr mrow = mask + (long)row * n_used;
+
+  // Q of the GQA group as A fragments (rows past the group are zero).
+  uint32_t qa[KS][4];
+  BB_UNROLL
+  for (int kk = 0; kk < KS; ++kk) {
+    BB_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const int r = g + 8 * (i & 1);
+      const int col = 16 * kk + 2 * c + 8 * (i >> 1);
+      qa[kk][i] = 0u;
+      if (r < rows_valid) {
+        qa[kk][i] = *(BB_GLOBAL const uint32_t*)(q + ((long)(head0 + r) * n_rows + row) * D + col);
+      }
+    }
+  }
+
+  BBCursor<MaskPtr, LivePtr, SKIP, LIVE> cur;
+  cur.mrow = mrow;
+  cur.n_used = n_used;
+  cur.n_blk = n_blk;
+  cur.bits = 0u;
+  cur.cbase = 0;
+  if (LIVE) {
+    LivePtr lrow = live + (long)row * live_stride;
+    cur.lrow = lrow;
+    int count = bb_mini(lrow[0], live_stride - 1);
+    count = count < 0 ? 0 : count;
+    const int lo = (int)(((long)count * split) / n_split);
+    const int hi = (int)(((long)count * (split + 1)) / n_split);
+    cur.pos = lo + warp;
+    cur.end = hi;
+    cur.step = W;
+  } else {
+    cur.lrow = live;
+    cur.pos = split * W + warp;
+    cur.end = n_blk;
+    cur.step = n_split * W;
+  }
+
+  float m0 = NEG_INF, m1 = NEG_INF; // running max (log2 domain) of rows g, g+8
+  float l0 = 0.0f, l1 = 0.0f;       // this lane's part of the running sums
+  float o[NT][4];
+  BB_UNROLL
+  for (int n = 0; n < NT; ++n) {
+    o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  }
+
+  BB_SHARED T* tiles = (BB_SHARED T*)smem + warp * (STAGES * 2 * TILE);
+
+  // Per-warp pipeline: STAGES blocks in flight, compute the oldest, refill its slot.
+  int pend[STAGES];
+  BB_UNROLL
+  for (int s = 0; s < STAGES; ++s) {
+    pend[s] = cur.next(lane);
+    if (pend[s] >= 0) {
+      bb_attn_load_block<T, D>(tiles + s * 2 * TILE, tiles + s * 2 * TILE + TILE, kh, vh,
+                               pend[s], n_used, lane);
+    }
+    bb_cp_async_commit();
+  }
+  int slot = 0;
+  while (pend[0] >= 0) {
+    const int b = pend[0];
+    BB_SHARED T* kt = tiles + slot * 2 * TILE;
+    BB_SHARED T* vt = kt + TILE;
+
+    // Mask of this lane's 8 cells (issued first: its latency hides behind Q K^T).
+    float mv[4][2];
+    BB_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      BB_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int cell = b * BB_BLOCK + 8 * j + 2 * c + e;
+        mv[j][e] = cell < n_used ? bb_mask_value(mrow[cell]) * LOG2E : NEG_INF;
+      }
+    }
+
+    bb_cp_async_wait<STAGES - 1>();
+    bb_sync_warp();
+
+    // S = Q K^T: 16 heads x 32 cells, n-tile j = cells 8j..8j+7.
+    float s[4][4];
+    BB_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+      BB_UNROLL
+      for (int kk = 0; kk < KS; kk += 2) {
+        uint32_t kb[4];
+        bb_ldsm_rows<T>(kt, PITCH, 8 * j, 16 * kk, kb, lane);
+        bb_mma_16816<T>(s[j], qa[kk], kb[0], kb[1], lane);
+        bb_mma_16816<T>(s[j], qa[kk + 1], kb[2], kb[3], lane);
+      }
+    }
+
+    // Online softmax on rows g (s[.][0..1]) and g+8 (s[.][2..3]).
+    float mx0 = NEG_INF, mx1 = NEG_INF;
+    BB_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      s[j][0] = s[j][0] * qk_scale + mv[j][0];
+      s[j][1] = s[j][1] * qk_scale + mv[j][1];
+      s[j][2] = s[j][2] * qk_scale + mv[j][0];
+      s[j][3] = s[j][3] * qk_scale + mv[j][1];
+      mx0 = bb_maxf(mx0, bb_maxf(s[j][0], s[j][1]));
+      mx1 = bb_maxf(mx1, bb_maxf(s[j][2], s[j][3]));
+    }
+    mx0 = bb_maxf(mx0, bb_shfl_xor(mx0, 1));
+    mx0 = bb_maxf(mx0, bb_shfl_xor(mx0, 2));
+    mx1 = bb_maxf(mx1, bb_shfl_xor(mx1, 1));
+    mx1 = bb_maxf(mx1, bb_shfl_xor(mx1, 2));
+    const float mn0 = bb_maxf(m0, mx0), mn1 = bb_maxf(m1, mx1);
+    // A row with nothing visible yet keeps reference 0: exp2(-inf - 0) = 0, never NaN.
+    const float ref0 = mn0 == NEG_INF ? 0.0f : mn0;
+    const float ref1 = mn1 == NEG_INF ? 0.0f : mn1;
+    const float al0 = bb_exp2(m0 - ref0), al1 = bb_exp2(m1 - ref1);
+    m0 = mn0;
+    m1 = mn1;
+    float ps0 = 0.0f, ps1 = 0.0f;
+    BB_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      s[j][0] = bb_exp2(s[j][0] - ref0);
+      s[j][1] = bb_exp2(s[j][1] - ref0);
+      s[j][2] = bb_exp2(s[j][2] - ref1);
+      s[j][3] = bb_exp2(s[j][3] - ref1);
+      ps0 += s[j][0] + s[j][1];
+      ps1 += s[j][2] + s[j][3];
+    }
+    l0 = l0 * al0 + ps0;
+    l1 = l1 * al1 + ps1;
+    BB_UNROLL
+    for (int n = 0; n < NT; ++n) {
+      o[n][0] *= al0;
+      o[n][1] *= al0;
+      o[n][2] *= al1;
+      o[n][3] *= al1;
+    }
+
+    // O += P V: P (16 x 32) from the score registers, V^T fragments via transposed loads.
+    BB_UNROLL
+    for (int kc = 0; kc < 2; ++kc) {
+      uint32_t pa[4];
+      pa[0] = bb_pack2<T>(s[2 * kc][0], s[2 * kc][1]);
+      pa[1] = bb_pack2<T>(s[2 * kc][2], s[2 * kc][3]);
+      pa[2] = bb_pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+      pa[3] = bb_pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+      BB_UNROLL
+      for (int n = 0; n < NT; n += 2) {
+        uint32_t vb[4];
+        bb_ldsm_rows_trans<T>(vt, PITCH, 16 * kc, 8 * n, vb, lane);
+        bb_mma_16816<T>(o[n], pa, vb[0], vb[1], lane);
+        bb_mma_16816<T>(o[n + 1], pa, vb[2], vb[3], lane);
+      }
+    }
+    bb_sync_warp(); // every lane is done with this slot before it is refilled
+
+    const int nb = cur.next(lane);
+    if (nb >= 0) {
+      bb_attn_load_block<T, D>(kt, vt, kh, vh, nb, n_used, lane);
+    }
+    bb_cp_async_commit();
+    BB_UNROLL
+    for (int s2 = 0; s2 < STAGES - 1; ++s2) {
+      pend[s2] = pend[s2 + 1];
+    }
+    pend[STAGES - 1] = nb;
+    slot = slot + 1 == STAGES ? 0 : slot + 1;
+  }
+  bb_cp_async_wait<0>();
+
+  // Row sums over the 4 lanes of a quad.
+  l0 += bb_shfl_xor(l0, 1);
+  l0 += bb_shfl_xor(l0, 2);
+  l1 += bb_shfl_xor(l1, 1);
+  l1 += bb_shfl_xor(l1, 2);
+
+  // ---- merge the W warps (shared memory reused) ----
+  bb_sync_block();
+  BB_SHARED float* o_s = (BB_SHARED float*)smem;  // [W][16][D]
+  BB_SHARED float* ml_s = o_s + W * 16 * D;       // [W][16][2]
+  BB_SHARED float* row_s = ml_s + W * 16 * 2;     // [16][2]: block max, block sum
+  BB_SHARED float* fac_s = row_s + 16 * 2;        // [BB_MAX_SPLIT][16]
+  BB_SHARED int* flag_s = (BB_SHARED int*)(fac_s + BB_MAX_SPLIT * 16);
+  if (c == 0) {
+    ml_s[(warp * 16 + g) * 2 + 0] = m0;
+    ml_s[(warp * 16 + g) * 2 + 1] = l0;
+    ml_s[(warp * 16 + g + 8) * 2 + 0] = m1;
+    ml_s[(warp * 16 + g + 8) * 2 + 1] = l1;
+  }
+  bb_sync_block();
+  if (tid < 16) {
+    float mm = NEG_INF;
+    for (int w = 0; w < W; ++w) {
+      mm = bb_maxf(mm, ml_s[(w * 16 + tid) * 2]);
+    }
+    float ll = 0.0f;
+    for (int w = 0; w < W; ++w) {
+      const float mw = ml_s[(w * 16 + tid) * 2];
+      ll += mw == NEG_INF ? 0.0f : bb_exp2(mw - mm) * ml_s[(w * 16 + tid) * 2 + 1];
+    }
+    row_s[tid * 2 + 0] = mm;
+    row_s[tid * 2 + 1] = ll;
+  }
+  bb_sync_block();
+  {
+    const float f0 = m0 == NEG_INF ? 0.0f : bb_exp2(m0 - row_s[g * 2]);
+    const float f1 = m1 == NEG_INF ? 0.0f : bb_exp2(m1 - row_s[(g + 8) * 2]);
+    BB_UNROLL
+    for (int n = 0; n < NT; ++n) {
+      const int d = 8 * n + 2 * c;
+      o_s[(warp * 16 + g) * D + d] = o[n][0] * f0;
+      o_s[(warp * 16 + g) * D + d + 1] = o[n][1] * f0;
+      o_s[(warp * 16 + g + 8) * D + d] = o[n][2] * f1;
+      o_s[(warp * 16 + g + 8) * D + d + 1] = o[n][3] * f1;
+    }
+  }
+  bb_sync_block();
+
+  const long pair = (long)row * (n_kv_heads * HC) + bx; // (row, kv head, head chunk)
+  if (n_split == 1) {
+    for (int i = tid; i < GH * D; i += W * 32) {
+      const int r = i / D, d = i % D;
+      if (r < rows_valid) {
+        float acc = 0.0f;
+        for (int w = 0; w < W; ++w) {
+          acc += o_s[(w * 16 + r) * D + d];
+        }
+        const float ll = row_s[r * 2 + 1];
+        acc = ll > 0.0f ? acc / ll : 0.0f;
+        out[((long)(head0 + r) * n_rows + row) * D + d] = bb_from_float<T>(acc);
+      }
+    }
+  } else {
+    // Partial record of this split: O [GH][D] (relative to its max) then (max, sum) [GH][2].
+    constexpr int REC = GH * D + GH * 2;
+    BB_GLOBAL float* rec = ws + (pair * n_split + split) * REC;
+    for (int i = tid; i < GH * D; i += W * 32) {
+      const int r = i / D, d = i % D;
+      float acc = 0.0f;
+      for (int w = 0; w < W; ++w) {
+        acc += o_s[(w * 16 + r) * D + d];
+      }
+      rec[i] = acc;
+    }
+    if (tid < GH) {
+      rec[GH * D + tid * 2 + 0] = row_s[tid * 2 + 0];
+      rec[GH * D + tid * 2 + 1] = row_s[tid * 2 + 1];
+    }
+    bb_fence_device(); // this block's partial is visible before it is counted
+    bb_sync_block();
+    if (tid == 0) {
+      const int prev = bb_atomic_add(counters + pair, 1);
+      flag_s[0] = prev == n_split - 1 ? 1 : 0;
+    }
+    bb_sync_block();
+    if (flag_s[0] != 0) {
+      // Last split to arrive: merge every split's partial into the output.
+      bb_fence_device();
+      BB_GLOBAL const float* recs = ws + pair * n_split * REC;
+      if (tid < GH) {
+        float mm = NEG_INF;
+        for (int s2 = 0; s2 < n_split; ++s2) {
+          mm = bb_maxf(mm, bb_load_coherent(recs + s2 * REC + GH * D + tid * 2));
+        }
+        float ll = 0.0f;
+        for (int s2 = 0; s2 < n_split; ++s2) {
+          const float ms = bb_load_coherent(recs + s2 * REC + GH * D + tid * 2);
+          const float ls = bb_load_coherent(recs + s2 * REC + GH * D + tid * 2 + 1);
+          const float f = ms == NEG_INF ? 0.0f : bb_exp2(ms - mm);
+          fac_s[s2 * 16 + tid] = f;
+          ll += f * ls;
+        }
+        const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
+        for (int s2 = 0; s2 < n_split; ++s2) {
+          fac_s[s2 * 16 + tid] *= inv;
+        }
+      }
+      bb_sync_block();
+      for (int i = tid; i < GH * D; i += W * 32) {
+        const int r = i / D, d = i % D;
+        if (r < rows_valid) {
+          float acc = 0.0f;
+          for (int s2 = 0; s2 < n_split; ++s2) {
+            acc += fac_s[s2 * 16 + r] * bb_load_coherent(recs + s2 * REC + i);
+          }
+          out[((long)(head0 + r) * n_rows + row) * D + d] = bb_from_float<T>(acc);
+        }
+      }
+      if (tid == 0) {
+        bb_atomic_store(counters + pair, 0); // ready for the next launch
+      }
+    }
+  }
+}

@@ -1,0 +1,220 @@
+// CUDA layer of the block-skipping decode attention (see attention_common.h).
+//
+// Everything the shared algorithm needs from the chip lives here: qualifiers, warp
+// votes and shuffles, barriers, atomics, and the few tensor-core / async-copy
+// instructions. Each PTX helper has a plain variant under BB_PORTABLE, which the
+// CPU verification harness compiles instead (same fragment layouts, no PTX).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define BB_FN __device__ __forceinline__
+#define BB_GLOBAL
+#define BB_SHARED
+#define BB_THREAD
+#define BB_UNROLL _Pragma("unroll")
+
+// ---- scalars and conversions ------------------------------------------------
+
+BB_FN float bb_neg_inf() { return __int_as_float(0xff800000); }
+BB_FN float bb_maxf(float a, float b) { return fmaxf(a, b); }
+BB_FN int bb_mini(int a, int b) { return a < b ? a : b; }
+
+BB_FN float bb_to_float(__half x) { return __half2float(x); }
+BB_FN float bb_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+BB_FN float bb_to_float(float x) { return x; }
+
+template <typename T>
+BB_FN T bb_from_float(float x);
+template <>
+BB_FN __half bb_from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+BB_FN __nv_bfloat16 bb_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Two floats packed into one 32-bit register of T (low half = first).
+template <typename T>
+BB_FN uint32_t bb_pack2(float lo, float hi);
+template <>
+BB_FN uint32_t bb_pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+BB_FN uint32_t bb_pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+template <typename T>
+BB_FN void bb_unpack2(uint32_t r, BB_THREAD float* lo, BB_THREAD float* hi);
+template <>
+BB_FN void bb_unpack2<__half>(uint32_t r, float* lo, float* hi) {
+  __half2 h = *reinterpret_cast<__half2*>(&r);
+  *lo = __low2float(h);
+  *hi = __high2float(h);
+}
+template <>
+BB_FN void bb_unpack2<__nv_bfloat16>(uint32_t r, float* lo, float* hi) {
+  *lo = __uint_as_float(r << 16);
+  *hi = __uint_as_float(r & 0xffff0000u);
+}
+
+// Additive mask value (bool: True = attend).
+BB_FN float bb_mask_value(__half x) { return __half2float(x); }
+BB_FN float bb_mask_value(__nv_bfloat16 x) { return __bfloat162float(x); }
+BB_FN float bb_mask_value(float x) { return x; }
+BB_FN float bb_mask_value(bool x) { return x ? 0.0f : bb_neg_inf(); }
+
+#ifdef BB_PORTABLE
+BB_FN float bb_exp2(float x) { return exp2f(x); }
+#else
+// ex2.approx: 2 ulp, exp2(-inf) = +0, which is all the online softmax needs.
+BB_FN float bb_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+#endif
+
+// ---- warp and block ---------------------------------------------------------
+
+BB_FN void bb_sync_block() { __syncthreads(); }
+BB_FN void bb_sync_warp() { __syncwarp(); }
+BB_FN uint32_t bb_shfl(uint32_t v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+BB_FN float bb_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+BB_FN uint32_t bb_ballot(bool p) { return __ballot_sync(0xffffffffu, p); }
+BB_FN int bb_lowest_bit(uint32_t x) { return __ffs(x) - 1; }
+
+// ---- device memory ----------------------------------------------------------
+
+BB_FN void bb_fence_device() { __threadfence(); }
+BB_FN int bb_atomic_add(int* p, int v) { return atomicAdd(p, v); }
+BB_FN void bb_atomic_store(int* p, int v) { atomicExch(p, v); }
+// Partials written by other blocks: read through L2, never a stale L1 line.
+BB_FN float bb_load_coherent(const float* p) { return __ldcg(p); }
+
+// ---- asynchronous global -> shared copies -----------------------------------
+
+#ifdef BB_PORTABLE
+BB_FN void bb_cp_async16(void* dst, const void* src, bool valid) {
+  uint4 z = make_uint4(0, 0, 0, 0);
+  *reinterpret_cast<uint4*>(dst) = valid ? *reinterpret_cast<const uint4*>(src) : z;
+}
+BB_FN void bb_cp_async_commit() {}
+template <int N>
+BB_FN void bb_cp_async_wait() {}
+#else
+// 16-byte cp.async.cg (bypasses L1); src-size 0 zero-fills the destination.
+BB_FN void bb_cp_async16(void* dst, const void* src, bool valid) {
+  uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n));
+}
+BB_FN void bb_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+BB_FN void bb_cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif
+
+// ---- shared -> register fragments (ldmatrix) --------------------------------
+// Fragment layout of mma.m16n8k16 (g = lane / 4, c = lane % 4):
+//   A 16x16 row: a0 = A[g][2c..], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..]
+//   B 16x8 col:  b0 = B[2c..2c+1][g], b1 = B[2c+8..2c+9][g]
+//   C 16x8:      c0,c1 = C[g][2c, 2c+1], c2,c3 = C[g+8][2c, 2c+1]
+
+// Four 8x8 matrices at rows row0..row0+7, columns col0 + 8m (m = 0..3) of a row-major
+// tile: r[m] = tile[row0 + g][col0 + 8m + 2c .. +1]. For K as the B operand of Q K^T.
+template <typename T>
+BB_FN void bb_ldsm_rows(const T* tile, int pitch, int row0, int col0, uint32_t* r, int lane) {
+#ifdef BB_PORTABLE
+  const T* p = tile + (row0 + (lane >> 2)) * pitch + col0 + 2 * (lane & 3);
+  BB_UNROLL
+  for (int m = 0; m < 4; ++m) {
+    r[m] = *reinterpret_cast<const uint32_t*>(p + 8 * m);
+  }
+#else
+  const T* p = tile + (row0 + (lane & 7)) * pitch + col0 + 8 * (lane >> 3);
+  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#endif
+}
+
+// Transposed: matrix m has origin (row0 + 8 (m & 1), col0 + 8 (m >> 1)) and
+// r[m] = {tile[r + 2c][col + g], tile[r + 2c + 1][col + g]}. For V as the B operand of P V.
+template <typename T>
+BB_FN void bb_ldsm_rows_trans(const T* tile, int pitch, int row0, int col0, uint32_t* r,
+                               int lane) {
+#ifdef BB_PORTABLE
+  BB_UNROLL
+  for (int m = 0; m < 4; ++m) {
+    const T* p = tile + (row0 + 8 * (m & 1) + 2 * (lane & 3)) * pitch + col0 + 8 * (m >> 1) +
+                 (lane >> 2);
+    uint16_t lo = *reinterpret_cast<const uint16_t*>(p);
+    uint16_t hi = *reinterpret_cast<const uint16_t*>(p + pitch);
+    r[m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+#else
+  const int m = lane >> 3;
+  const T* p = tile + (row0 + 8 * (m & 1) + (lane & 7)) * pitch + col0 + 8 * (m >> 1);
+  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#endif
+}
+
+// ---- tensor cores: C[16x8] += A[16x16] B[16x8], fp32 accumulate ---------------
+
+#ifdef BB_PORTABLE
+template <typename T>
+BB_FN void bb_mma_16816(float* acc, const uint32_t* a, uint32_t b0, uint32_t b1, int lane) {
+  const int g = lane >> 2, c = lane & 3;
+  BB_UNROLL
+  for (int cc = 0; cc < 4; ++cc) {
+    // Row g / g+8 of A, columns 2cc, 2cc+1 (+8), held by lane 4g + cc.
+    const int la = 4 * g + cc;
+    float a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h;
+    bb_unpack2<T>(bb_shfl(a[0], la), &a0l, &a0h);
+    bb_unpack2<T>(bb_shfl(a[1], la), &a1l, &a1h);
+    bb_unpack2<T>(bb_shfl(a[2], la), &a2l, &a2h);
+    bb_unpack2<T>(bb_shfl(a[3], la), &a3l, &a3h);
+    // Column n of B, rows 2cc, 2cc+1 (+8), held by lane 4n + cc; n = 2c, 2c+1.
+    const int lb0 = 8 * c + cc, lb1 = 8 * c + 4 + cc;
+    float b00l, b00h, b01l, b01h, b10l, b10h, b11l, b11h;
+    bb_unpack2<T>(bb_shfl(b0, lb0), &b00l, &b00h);
+    bb_unpack2<T>(bb_shfl(b1, lb0), &b01l, &b01h);
+    bb_unpack2<T>(bb_shfl(b0, lb1), &b10l, &b10h);
+    bb_unpack2<T>(bb_shfl(b1, lb1), &b11l, &b11h);
+    acc[0] += a0l * b00l + a0h * b00h + a2l * b01l + a2h * b01h;
+    acc[1] += a0l * b10l + a0h * b10h + a2l * b11l + a2h * b11h;
+    acc[2] += a1l * b00l + a1h * b00h + a3l * b01l + a3h * b01h;
+    acc[3] += a1l * b10l + a1h * b10h + a3l * b11l + a3h * b11h;
+  }
+}
+#else
+template <typename T>
+BB_FN void bb_mma_16816(float* acc, const uint32_t* a, uint32_t b0, uint32_t b1, int lane);
+template <>
+BB_FN void bb_mma_16816<__half>(float* acc, const uint32_t* a, uint32_t b0, uint32_t b1,
+                                          int) {
+  asm(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+BB_FN void bb_mma_16816<__nv_bfloat16>(float* acc, const uint32_t* a, uint32_t b0, uint32_t b1,
+                                          int) {
+  asm(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif

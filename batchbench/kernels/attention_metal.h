@@ -1,0 +1,157 @@
+// Metal layer of the block-skipping decode attention (see attention_common.h).
+//
+// Same names and fragment layouts as attention_cuda.h. The tensor-core and async-copy
+// helpers are the portable variants: the m16n8k16 product is gathered with simd
+// shuffles and copies are synchronous. A simdgroup_matrix version can replace them
+// later without touching the algorithm.
+#pragma once
+
+#include <metal_stdlib>
+using namespace metal;
+
+typedef uint uint32_t; // same type as metal_stdlib's, if it has one
+
+#define BB_FN inline
+#define BB_GLOBAL device
+#define BB_SHARED threadgroup
+#define BB_THREAD thread
+#define BB_UNROLL _Pragma("clang loop unroll(full)")
+
+// ---- scalars and conversions ------------------------------------------------
+
+BB_FN float bb_neg_inf() { return -INFINITY; }
+BB_FN float bb_maxf(float a, float b) { return fmax(a, b); }
+BB_FN int bb_mini(int a, int b) { return a < b ? a : b; }
+
+BB_FN float bb_to_float(half x) { return float(x); }
+BB_FN float bb_to_float(bfloat x) { return float(x); }
+BB_FN float bb_to_float(float x) { return x; }
+
+template <typename T>
+BB_FN T bb_from_float(float x) {
+  return static_cast<T>(x);
+}
+
+// bf16 bits of a float, round to nearest even (NaN stays NaN).
+BB_FN uint bb_bf16_bits(float x) {
+  uint u = as_type<uint>(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    return 0x7fc0u;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return u >> 16;
+}
+
+template <typename T>
+BB_FN uint bb_pack2(float lo, float hi);
+template <>
+BB_FN uint bb_pack2<half>(float lo, float hi) {
+  return as_type<uint>(half2(half(lo), half(hi)));
+}
+template <>
+BB_FN uint bb_pack2<bfloat>(float lo, float hi) {
+  return bb_bf16_bits(lo) | (bb_bf16_bits(hi) << 16);
+}
+
+template <typename T>
+BB_FN void bb_unpack2(uint r, thread float* lo, thread float* hi);
+template <>
+BB_FN void bb_unpack2<half>(uint r, thread float* lo, thread float* hi) {
+  half2 h = as_type<half2>(r);
+  *lo = float(h.x);
+  *hi = float(h.y);
+}
+template <>
+BB_FN void bb_unpack2<bfloat>(uint r, thread float* lo, thread float* hi) {
+  *lo = as_type<float>(r << 16);
+  *hi = as_type<float>(r & 0xffff0000u);
+}
+
+BB_FN float bb_mask_value(half x) { return float(x); }
+BB_FN float bb_mask_value(bfloat x) { return float(x); }
+BB_FN float bb_mask_value(float x) { return x; }
+BB_FN float bb_mask_value(bool x) { return x ? 0.0f : -INFINITY; }
+
+BB_FN float bb_exp2(float x) { return exp2(x); }
+
+// ---- simdgroup and threadgroup ----------------------------------------------
+
+BB_FN void bb_sync_block() { threadgroup_barrier(mem_flags::mem_threadgroup); }
+BB_FN void bb_sync_warp() { simdgroup_barrier(mem_flags::mem_threadgroup); }
+BB_FN uint bb_shfl(uint v, int src) { return simd_shuffle(v, ushort(src)); }
+BB_FN float bb_shfl_xor(float v, int m) { return simd_shuffle_xor(v, ushort(m)); }
+BB_FN uint bb_ballot(bool p) {
+  return uint(static_cast<simd_vote::vote_t>(simd_ballot(p)) & 0xffffffffu);
+}
+BB_FN int bb_lowest_bit(uint x) { return int(ctz(x)); }
+
+// ---- device memory ----------------------------------------------------------
+
+BB_FN void bb_fence_device() {
+  atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device);
+}
+BB_FN int bb_atomic_add(device int* p, int v) {
+  return atomic_fetch_add_explicit((device atomic_int*)p, v, memory_order_relaxed);
+}
+BB_FN void bb_atomic_store(device int* p, int v) {
+  atomic_store_explicit((device atomic_int*)p, v, memory_order_relaxed);
+}
+BB_FN float bb_load_coherent(device const float* p) { return *(device const volatile float*)p; }
+
+// ---- copies (synchronous) ---------------------------------------------------
+
+BB_FN void bb_cp_async16(threadgroup void* dst, device const void* src, bool valid) {
+  *(threadgroup uint4*)dst = valid ? *(device const uint4*)src : uint4(0u);
+}
+BB_FN void bb_cp_async_commit() {}
+template <int N>
+BB_FN void bb_cp_async_wait() {}
+
+// ---- register fragments (layouts of mma.m16n8k16, see attention_cuda.h) -------
+
+template <typename T>
+BB_FN void bb_ldsm_rows(threadgroup const T* tile, int pitch, int row0, int col0,
+                        thread uint* r, int lane) {
+  threadgroup const T* p = tile + (row0 + (lane >> 2)) * pitch + col0 + 2 * (lane & 3);
+  BB_UNROLL
+  for (int m = 0; m < 4; ++m) {
+    r[m] = *(threadgroup const uint*)(p + 8 * m);
+  }
+}
+
+template <typename T>
+BB_FN void bb_ldsm_rows_trans(threadgroup const T* tile, int pitch, int row0, int col0,
+                              thread uint* r, int lane) {
+  BB_UNROLL
+  for (int m = 0; m < 4; ++m) {
+    threadgroup const T* p = tile + (row0 + 8 * (m & 1) + 2 * (lane & 3)) * pitch + col0 +
+                             8 * (m >> 1) + (lane >> 2);
+    const uint lo = *(threadgroup const ushort*)p;
+    const uint hi = *(threadgroup const ushort*)(p + pitch);
+    r[m] = lo | (hi << 16);
+  }
+}
+
+template <typename T>
+BB_FN void bb_mma_16816(thread float* acc, thread const uint* a, uint b0, uint b1, int lane) {
+  const int g = lane >> 2, c = lane & 3;
+  BB_UNROLL
+  for (int cc = 0; cc < 4; ++cc) {
+    const int la = 4 * g + cc;
+    float a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h;
+    bb_unpack2<T>(bb_shfl(a[0], la), &a0l, &a0h);
+    bb_unpack2<T>(bb_shfl(a[1], la), &a1l, &a1h);
+    bb_unpack2<T>(bb_shfl(a[2], la), &a2l, &a2h);
+    bb_unpack2<T>(bb_shfl(a[3], la), &a3l, &a3h);
+    const int lb0 = 8 * c + cc, lb1 = 8 * c + 4 + cc;
+    float b00l, b00h, b01l, b01h, b10l, b10h, b11l, b11h;
+    bb_unpack2<T>(bb_shfl(b0, lb0), &b00l, &b00h);
+    bb_unpack2<T>(bb_shfl(b1, lb0), &b01l, &b01h);
+    bb_unpack2<T>(bb_shfl(b0, lb1), &b10l, &b10h);
+    bb_unpack2<T>(bb_shfl(b1, lb1), &b11l, &b11h);
+    acc[0] += a0l * b00l + a0h * b00h + a2l * b01l + a2h * b01h;
+    acc[1] += a0l * b10l + a0h * b10h + a2l * b11l + a2h * b11h;
+    acc[2] += a1l * b00l + a1h * b00h + a3l * b01l + a3h * b01h;
+    acc[3] += a1l * b10l + a1h * b10h + a3l * b11l + a3h * b11h;
+  }
+}

@@ -1,0 +1,333 @@
+"""Multi-sequence KV cache in llama.cpp's layout, and the attention plan it builds per ubatch.
+
+One physical buffer per layer, K and V `[1, Hkv, n_stream * kv_size, D]`. Unified mode has one
+stream shared by every sequence; split mode (`-no-kvu`) gives sequence s the cells of stream s.
+Cell metadata (position, set of sequence ids) lives on the host, as in llama.cpp's
+`llama_kv_cells`, and is mirrored to the device so the KQ mask is built there, not in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+BLOCK = 32  # cells per skip block (llama.cpp's vec kernel)
+PAD = 256  # n_kv padding (llama.cpp get_n_kv)
+
+
+def pad_to(n: int, m: int) -> int:
+    return ((n + m - 1) // m) * m
+
+
+@dataclass(frozen=True)
+class SWA:
+    """Sliding window; kind is standard, chunked or symmetric (llama_hparams::is_masked_swa)."""
+
+    window: int
+    kind: str = "standard"
+
+    def masked(self, p0, p1):
+        if self.kind == "standard":
+            return p1 - p0 >= self.window
+        if self.kind == "chunked":
+            return p0 < (p1 // self.window) * self.window
+        if self.kind == "symmetric":
+            return abs(p1 - p0) > self.window // 2
+        raise ValueError(f"unknown SWA kind {self.kind!r}")
+
+
+@dataclass
+class Group:
+    """Rows [r0, r1) of a prefill ubatch attend to cells [c0, c1) with `mask` (array, "causal" or None)."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    mask: object
+
+
+@dataclass
+class AttentionPlan:
+    """Everything attention needs for one ubatch; built once, used by every layer."""
+
+    positions: mx.array  # [T] int32, RoPE position of each token
+    decode: bool  # few tokens per sequence: use the decode kernel
+    flash: bool
+    skip: bool
+    mask: mx.array | None = None  # decode: [T, n_kv] additive, KV dtype
+    live_blocks: tuple[mx.array, mx.array] | None = None
+    groups: list[Group] = field(default_factory=list)
+    out_rows: mx.array | None = None
+
+
+class LayerCache:
+    def __init__(self, owner: "KVCache", keys: mx.array, values: mx.array):
+        self.owner = owner
+        self.keys = keys
+        self.values = values
+
+    def update_and_fetch(self, k: mx.array, v: mx.array):
+        """Write this ubatch's K/V ([1, Hkv, T, D]) into its cells; return the whole buffers."""
+        where = self.owner._write_index
+        self.keys[:, :, where] = k
+        self.values[:, :, where] = v
+        return self.keys, self.values
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        kv_size: int,
+        n_seq_max: int,
+        unified: bool,
+        dtype=mx.float16,
+        swa: SWA | None = None,
+    ):
+        if n_seq_max < 1 or n_seq_max > 256:
+            raise ValueError(f"number of parallel sequences must be 1..256, got {n_seq_max}")
+        self.unified = unified
+        self.n_stream = 1 if unified else n_seq_max
+        self.kv_size = kv_size
+        self.n_seq_max = n_seq_max
+        self.dtype = dtype
+        self.swa = swa
+        n_cells = self.n_stream * kv_size
+        self.n_cells = n_cells
+        self.layers = [
+            LayerCache(
+                self,
+                mx.zeros((1, n_kv_heads, n_cells, head_dim), dtype),
+                mx.zeros((1, n_kv_heads, n_cells, head_dim), dtype),
+            )
+            for _ in range(n_layers)
+        ]
+        mx.eval([(c.keys, c.values) for c in self.layers])
+        self.n_words = (n_seq_max + 31) // 32
+        self.pos = np.full(n_cells, -1, np.int32)
+        self.bits = np.zeros((self.n_words, n_cells), np.uint32)  # seq-id bitset per cell
+        self.seq_blocks = np.zeros((n_seq_max, pad_to(n_cells, BLOCK) // BLOCK), bool)
+        self.head = [0] * self.n_stream
+        self.used = [0] * self.n_stream  # used_max_p1 per stream
+        self._dev_pos = mx.array(self.pos)
+        self._dev_bits = mx.array(self.bits)
+        self._dirty: list[np.ndarray] = []
+        self._full_upload = False
+        self._write_index = slice(0, 0)
+
+    # --- bookkeeping (llama_kv_cache / llama_kv_cells) ---------------------------------
+    def stream_of(self, seq: int) -> int:
+        if not 0 <= seq < self.n_seq_max:
+            raise ValueError(f"sequence id {seq} out of range 0..{self.n_seq_max - 1}")
+        return 0 if self.unified else seq
+
+    def clear(self) -> None:
+        """Metadata only, like llama_memory_clear(mem, false): buffers keep old data."""
+        self.pos[:] = -1
+        self.bits[:] = 0
+        self.seq_blocks[:] = False
+        self.head = [0] * self.n_stream
+        self.used = [0] * self.n_stream
+        self._full_upload = True
+        self._dirty.clear()
+
+    def seq_cells(self, seq: int) -> np.ndarray:
+        w, b = divmod(seq, 32)
+        return np.flatnonzero((self.bits[w] >> np.uint32(b)) & 1)
+
+    def find_slot(self, seq_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Place tokens in empty cells, scanning each stream from its head (cells fill in order)."""
+        cells = np.empty(len(seq_ids), np.int64)
+        streams = sorted({self.stream_of(int(s)) for s in np.unique(seq_ids)})
+        for st in streams:
+            rows = np.arange(len(seq_ids)) if self.unified else np.flatnonzero(seq_ids == st)
+            base = st * self.kv_size
+            need = len(rows)
+            h = self.head[st]
+            seg = self.pos[base : base + self.kv_size]
+            if h + need <= self.kv_size and (seg[h : h + need] < 0).all():
+                free = np.arange(h, h + need)
+            else:
+                empty = np.flatnonzero(seg < 0)
+                if len(empty) < need:
+                    raise ValueError(
+                        f"KV cache full: need {need} cells, {len(empty)} free of {self.kv_size}"
+                    )
+                order = np.concatenate([empty[empty >= h], empty[empty < h]])
+                free = order[:need]
+            cells[rows] = base + free
+            self.head[st] = int((free[-1] + 1) % self.kv_size)
+            self.used[st] = max(self.used[st], int(free.max()) + 1)
+        self.pos[cells] = positions
+        for s in np.unique(seq_ids):
+            w, b = divmod(int(s), 32)
+            sel = cells[seq_ids == s]
+            self.bits[w, sel] |= np.uint32(1 << b)
+            self.seq_blocks[s, sel // BLOCK] = True
+        self._dirty.append(cells)
+        return cells
+
+    def seq_rm(self, seq: int, p0: int = 0, p1: int = -1) -> None:
+        """Remove seq (or every seq when seq < 0) from cells with p0 <= pos < p1 (p1 < 0: no end)."""
+        hi = np.iinfo(np.int32).max if p1 < 0 else p1
+        in_range = (self.pos >= p0) & (self.pos < hi)
+        seqs = range(self.n_seq_max) if seq < 0 else [seq]
+        touched = np.flatnonzero(in_range)
+        for s in seqs:
+            w, b = divmod(s, 32)
+            self.bits[w, touched] &= ~np.uint32(1 << b)
+        empty = touched[(self.bits[:, touched] == 0).all(axis=0)]
+        self.pos[empty] = -1
+        for s in seqs:
+            self._refresh_blocks(s)
+        self._dirty.append(touched)
+
+    def seq_cp(self, src: int, dst: int, p0: int = 0, p1: int = -1) -> None:
+        """Unified: add dst to src's cells (a shared prompt costs nothing). Split: copy stream data."""
+        hi = np.iinfo(np.int32).max if p1 < 0 else p1
+        s_src, s_dst = self.stream_of(src), self.stream_of(dst)
+        cells = self.seq_cells(src)
+        cells = cells[(self.pos[cells] >= p0) & (self.pos[cells] < hi)]
+        if s_src == s_dst:
+            w, b = divmod(dst, 32)
+            self.bits[w, cells] |= np.uint32(1 << b)
+            self._refresh_blocks(dst)
+            self._dirty.append(cells)
+            return
+        # Across streams llama.cpp copies the whole stream buffer, then re-tags the cells.
+        off = (s_dst - s_src) * self.kv_size
+        a, z = s_src * self.kv_size, (s_src + 1) * self.kv_size
+        for c in self.layers:
+            c.keys[:, :, a + off : z + off] = c.keys[:, :, a:z]
+            c.values[:, :, a + off : z + off] = c.values[:, :, a:z]
+        mx.eval([(c.keys, c.values) for c in self.layers])
+        dcells = cells + off
+        self.pos[dcells] = self.pos[cells]
+        w, b = divmod(dst, 32)
+        self.bits[w, dcells] |= np.uint32(1 << b)
+        self.used[s_dst] = max(self.used[s_dst], self.used[s_src])
+        self.head[s_dst] = self.head[s_src]
+        self._refresh_blocks(dst)
+        self._dirty.append(dcells)
+
+    def _refresh_blocks(self, seq: int) -> None:
+        self.seq_blocks[seq] = False
+        self.seq_blocks[seq, self.seq_cells(seq) // BLOCK] = True
+
+    # --- attention window and mask ------------------------------------------------------
+    def n_kv(self, stream: int) -> int:
+        """llama.cpp get_n_kv: used range padded to 256, at least 256, at most kv_size."""
+        return min(self.kv_size, max(PAD, pad_to(self.used[stream], PAD)))
+
+    def window_end(self, streams) -> int:
+        last = max(streams)
+        return last * self.kv_size + self.n_kv(last)
+
+    def _sync_device(self) -> None:
+        if self._full_upload:
+            self._dev_pos = mx.array(self.pos)
+            self._dev_bits = mx.array(self.bits)
+        elif self._dirty:
+            idx = np.unique(np.concatenate(self._dirty))
+            if len(idx):
+                ix = mx.array(idx.astype(np.int32))
+                self._dev_pos[ix] = mx.array(self.pos[idx])
+                self._dev_bits[:, ix] = mx.array(self.bits[:, idx])
+        self._full_upload = False
+        self._dirty.clear()
+
+    def build_mask(self, seq_ids: np.ndarray, positions: np.ndarray, c0: int, c1: int) -> mx.array:
+        """KQ mask rows for tokens (seq, pos) over cells [c0, c1): 0 where visible, -inf elsewhere.
+
+        Rules as llama.cpp's set_input_kq_mask: empty cell, other sequence, future position and
+        SWA all hide a cell. Built on the device from the mirrored metadata.
+        """
+        self._sync_device()
+        seq = mx.array(seq_ids.astype(np.uint32))
+        p1 = mx.array(positions.astype(np.int32))[:, None]
+        words = self._dev_bits[:, c0:c1][mx.array((seq_ids // 32).astype(np.int32))]
+        member = ((words >> (seq % 32)[:, None]) & 1) == 1
+        p0 = self._dev_pos[c0:c1][None, :]
+        visible = member & (p0 >= 0) & (p0 <= p1)
+        if self.swa is not None:
+            visible = visible & ~self.swa.masked(p0, p1)
+        return mx.where(visible, mx.array(0.0, self.dtype), mx.array(-mx.inf, self.dtype))
+
+    def live_blocks(self, seq_ids: np.ndarray, n: int) -> tuple[mx.array, mx.array]:
+        """Per row, the ascending indices of 32-cell blocks holding a cell of its sequence."""
+        nb = pad_to(n, BLOCK) // BLOCK
+        occ = self.seq_blocks[seq_ids, :nb]
+        counts = occ.sum(axis=1).astype(np.int32)
+        width = max(int(counts.max()) if len(counts) else 0, 1)
+        blocks = np.zeros((len(seq_ids), width), np.int32)
+        r, c = np.nonzero(occ)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        blocks[r, np.arange(len(r)) - starts[r]] = c
+        return mx.array(blocks), mx.array(counts)
+
+    # --- one ubatch -----------------------------------------------------------------------
+    def prepare(
+        self,
+        seq_ids: np.ndarray,
+        positions: np.ndarray,
+        out_rows: np.ndarray | None,
+        *,
+        flash: bool = True,
+        skip: bool = True,
+        decode_max_per_seq: int = 4,
+    ) -> AttentionPlan:
+        """Place a ubatch in the cache and build its attention plan (one per ubatch, all layers)."""
+        seq_ids = np.asarray(seq_ids, np.int64)
+        positions = np.asarray(positions, np.int64)
+        cells = self.find_slot(seq_ids, positions)
+        if len(cells) and (np.diff(cells) == 1).all():
+            self._write_index = slice(int(cells[0]), int(cells[-1]) + 1)
+        else:
+            self._write_index = mx.array(cells.astype(np.int32))
+        streams = sorted({self.stream_of(int(s)) for s in seq_ids})
+        n = self.window_end(streams)
+        _, per_seq = np.unique(seq_ids, return_counts=True)
+        plan = AttentionPlan(
+            positions=mx.array(positions.astype(np.int32)),
+            decode=bool(per_seq.max() <= decode_max_per_seq),
+            flash=flash,
+            skip=skip,
+            out_rows=None if out_rows is None else mx.array(np.asarray(out_rows, np.int32)),
+        )
+        if plan.decode:
+            plan.mask = self.build_mask(seq_ids, positions, 0, n)
+            if flash and skip:
+                plan.live_blocks = self.live_blocks(seq_ids, n)
+            return plan
+        plan.groups = self._prefill_groups(seq_ids, positions, n, restrict=flash and skip)
+        return plan
+
+    def _prefill_groups(self, seq_ids, positions, n, restrict: bool) -> list[Group]:
+        if not restrict:
+            # Walk every cell of the window, as llama.cpp's kernels without skipping do.
+            return [Group(0, len(seq_ids), 0, n, self.build_mask(seq_ids, positions, 0, n)[None, None])]
+        groups = []
+        bounds = np.flatnonzero(np.diff(seq_ids)) + 1
+        for r0, r1 in zip(np.r_[0, bounds], np.r_[bounds, len(seq_ids)]):
+            s = int(seq_ids[r0])
+            cells = self.seq_cells(s)
+            cells = cells[cells < n]
+            c0, c1 = int(cells.min()), int(cells.max()) + 1
+            groups.append(Group(int(r0), int(r1), c0, c1, self._group_mask(s, positions[r0:r1], cells, c0, c1)))
+        return groups
+
+    def _group_mask(self, seq: int, rows_pos: np.ndarray, cells: np.ndarray, c0: int, c1: int):
+        # A sequence owning a contiguous, in-order run of cells and queried at its newest
+        # positions is plain causal attention: let SDPA take its fused causal path.
+        p = self.pos[c0:c1]
+        contiguous = len(cells) == c1 - c0 and (np.diff(p) == 1).all()
+        newest = contiguous and (rows_pos == p[len(p) - len(rows_pos) :]).all()
+        if newest and self.swa is None:
+            return "causal"
+        seqs = np.full(len(rows_pos), seq)
+        return self.build_mask(seqs, rows_pos, c0, c1)[None, None]

@@ -1,0 +1,65 @@
+"""Shared model pieces: argument dataclass base and the attention entry point."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+from batchbench.kernels.attention import decode_attention
+
+
+@dataclass
+class BaseModelArgs:
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]):
+        # config.json carries many keys a model does not use; keep only ours.
+        names = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+
+def masked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
+    """Plain matmul + softmax attention (`-fa off`); GQA by reshaping, never repeating K/V."""
+    _, n_q, T, D = q.shape
+    n_kv = k.shape[1]
+    g = n_q // n_kv
+    qg = (q * scale).reshape(1, n_kv, g * T, D)
+    scores = (qg @ k.swapaxes(-1, -2)).reshape(1, n_kv, g, T, -1)
+    if isinstance(mask, str):
+        mask = _causal(T, k.shape[2], scores.dtype)
+    if mask is not None:
+        scores = scores + mask.astype(scores.dtype)
+    p = mx.softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype)
+    out = p.reshape(1, n_kv, g * T, -1) @ v
+    return out.reshape(1, n_q, T, D)
+
+
+def _causal(T: int, N: int, dtype) -> mx.array:
+    rows = mx.arange(N - T, N)[:, None]
+    cols = mx.arange(N)[None, :]
+    return mx.where(cols <= rows, 0.0, -mx.inf).astype(dtype)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, plan) -> mx.array:
+    """Attention of one ubatch; `plan` (an AttentionPlan built by the KV cache) says how.
+
+    q is [1, Hq, T, D]; k/v are the whole cache buffers [1, Hkv, cells, D].
+    """
+    if plan.decode:
+        if plan.flash:
+            return decode_attention(
+                q, k, v, scale=scale, mask=plan.mask, skip=plan.skip, live_blocks=plan.live_blocks
+            )
+        n = plan.mask.shape[-1]
+        return masked_attention(q, k[:, :, :n], v[:, :, :n], scale, plan.mask)
+    outs = []
+    for g in plan.groups:
+        qs = q[:, :, g.r0 : g.r1]
+        ks, vs = k[:, :, g.c0 : g.c1], v[:, :, g.c0 : g.c1]
+        if plan.flash:
+            outs.append(mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=scale, mask=g.mask))
+        else:
+            outs.append(masked_attention(qs, ks, vs, scale, g.mask))
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)

@@ -1,0 +1,152 @@
+"""Llama-family decoder (llama, mistral-style llama) on the unified multi-sequence KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from batchbench.models.base import BaseModelArgs, attention
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str = "llama"
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    intermediate_size: int = 11008
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-5
+    vocab_size: int = 32000
+    rope_theta: float = 10000.0
+    rope_traditional: bool = False
+    rope_scaling: Optional[dict[str, Any]] = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    sliding_window: Optional[int] = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim = args.hidden_size
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = self.head_dim**-0.5
+        bias = args.qkv_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=args.attention_bias)
+        self.rope_theta = args.rope_theta
+        self.rope_traditional = args.rope_traditional
+        self.rope_scale = 1.0
+        if args.rope_scaling and args.rope_scaling.get("type", args.rope_scaling.get("rope_type")) == "linear":
+            self.rope_scale = 1.0 / float(args.rope_scaling["factor"])
+
+    def _rope(self, x: mx.array, positions: mx.array) -> mx.array:
+        # [1, T, H, D] -> [T, H, 1, D] so every token is rotated at its own position.
+        T, H, D = x.shape[1], x.shape[2], x.shape[3]
+        x = x.reshape(T, H, 1, D)
+        x = mx.fast.rope(
+            x, D, traditional=self.rope_traditional, base=self.rope_theta,
+            scale=self.rope_scale, offset=positions,
+        )
+        return x.reshape(T, H, D).transpose(1, 0, 2)[None]
+
+    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+        _, T, _ = x.shape
+        q = self.q_proj(x).reshape(1, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(1, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(1, T, self.n_kv_heads, self.head_dim)
+        q = self._rope(q, mask.positions)
+        k = self._rope(k, mask.positions)
+        keys, values = cache.update_and_fetch(k, v.transpose(0, 2, 1, 3))
+        out = attention(q, keys, values, self.scale, mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, mask, cache) -> mx.array:
+        h = self.embed_tokens(tokens)
+        for layer, c in zip(self.layers, cache.layers):
+            h = layer(h, mask, c)
+        return h
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = LlamaModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, mask, cache) -> mx.array:
+        """tokens [1, T]; returns logits [n_out, vocab] for the rows in `mask.out_rows`."""
+        h = self.model(tokens, mask, cache)
+        if mask.out_rows is not None:
+            h = h[:, mask.out_rows]
+        h = self.model.norm(h)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)[0]
+        return self.lm_head(h)[0]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights
+
+    @property
+    def layers(self):
+        return self.model.layers

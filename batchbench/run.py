@@ -1,0 +1,160 @@
+"""Turns CLI values into a benchmark run: model, caches, modes, output sinks."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+
+import mlx.core as mx
+
+from batchbench import backend, formats
+from batchbench.bench import BenchParams, Mode, Runner, context_layout, run_bench
+from batchbench.cli import UserError, parse_fa, parse_int_list
+from batchbench.kv_cache import KVCache
+from batchbench.memory import activation_bytes, check_fits, kv_bytes
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+KV_TYPES = {"f16", "bf16", "f32"}
+
+
+def _modes(values: dict, fa: int) -> list[Mode]:
+    unified = not values["no_kvu"]
+    flash = fa != 0
+    skip = not values["no_skip"]
+    ab = values.get("ab")
+    if ab is None:
+        return [Mode("default", unified, flash, skip)]
+    if ab == "skip":
+        return [Mode("skip", unified, True, True), Mode("no-skip", unified, True, False)]
+    if ab == "kv":
+        return [Mode("unified", True, flash, skip), Mode("split", False, flash, skip)]
+    if ab == "fa":
+        return [Mode("fa-on", unified, True, skip), Mode("fa-off", unified, False, skip)]
+    raise UserError(f"--ab: expected skip, kv or fa, got '{ab}'")
+
+
+def load(values: dict, dtype):
+    """Load the model named by -m (default preset), checking memory first."""
+    from batchbench import presets
+
+    spec = values["model"] or f"preset:{presets.DEFAULT_PRESET}"
+    if spec.startswith("preset:"):
+        name = spec.split(":", 1)[1]
+        cfg = presets.preset_config(name)
+        check_fits(presets.weight_bytes(cfg, dtype, values["quant"]), f"preset {name}")
+        model, cfg = presets.make_preset(name, dtype, values["quant"])
+        return model, cfg, spec, values["quant"], cfg["max_position_embeddings"]
+    if values["quant"] != "none":
+        raise UserError("--quant applies to presets only; model files keep their own format")
+    if not os.path.exists(spec):
+        raise UserError(f"model not found: {spec}")
+    from batchbench.loaders import load_model
+
+    if os.path.isfile(spec):
+        check_fits(os.path.getsize(spec), f"model {spec}")
+    loaded = load_model(spec, dtype=dtype)
+    return loaded.model, loaded.config, spec, loaded.quant, loaded.n_ctx_train
+
+
+def run_from_cli(values: dict, explicit: set[str], command: str) -> int:
+    if values.get("config"):
+        from batchbench.sweep_config import load_sweep_config, merge_config
+
+        values = merge_config(load_sweep_config(values["config"]), values, explicit)
+    if values["output_format"] not in ("md", "jsonl"):
+        raise UserError(f"--output-format: expected md or jsonl, got '{values['output_format']}'")
+    if values["dtype"] not in DTYPES:
+        raise UserError(f"--dtype: expected one of {', '.join(DTYPES)}, got '{values['dtype']}'")
+    for flag, v in (("-ctk", values["cache_type_k"]), ("-ctv", values["cache_type_v"])):
+        if v not in KV_TYPES:
+            print(f"note: {flag} {v}: the KV cache uses --dtype ({values['dtype']}) here", file=sys.stderr)
+    if values["kvu"] and values["no_kvu"]:
+        raise UserError("-kvu and -no-kvu contradict each other")
+    fa = parse_fa(values["flash_attn"])
+    npp = parse_int_list(values["npp"], "-npp", 0)
+    ntg = parse_int_list(values["ntg"], "-ntg", 0)
+    npl = parse_int_list(values["npl"], "-npl", 1)
+    for flag, key, lo in (("-b", "batch_size", 1), ("-ub", "ubatch_size", 1), ("-c", "ctx_size", 0),
+                          ("-r", "repetitions", 1)):
+        if values[key] < lo:
+            raise UserError(f"{flag}: {values[key]} must be >= {lo}")
+    if npl and max(npl) > 256:
+        raise UserError(f"-npl: at most 256 parallel sequences, got {max(npl)}")
+    modes = _modes(values, fa)
+    if values["device"]:
+        backend.set_device(values["device"])
+    dtype = DTYPES[values["dtype"]]
+    model, cfg, model_name, quant, n_ctx_train = load(values, dtype)
+    args = model.args
+    n_seq_max = max(npl) if npl else 1
+    n_ctx = values["ctx_size"] or n_ctx_train
+    params = BenchParams(n_ctx=n_ctx, n_batch=values["batch_size"], n_ubatch=values["ubatch_size"],
+                         npp=npp, ntg=ntg, npl=npl, is_pp_shared=values["pps"],
+                         is_tg_separate=values["tgs"], seed=values["seed"],
+                         repetitions=values["repetitions"])
+    runners, n_kv_max, caches = {}, {}, {}
+    for m in modes:
+        kv_size, n_kv_max[m.name] = context_layout(n_ctx, n_seq_max, m.kv_unified)
+        if m.kv_unified not in caches:
+            n_cells = n_kv_max[m.name]
+            need = kv_bytes(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, n_cells, dtype)
+            need += activation_bytes(cfg, min(params.n_ubatch, params.n_batch), n_cells, n_seq_max, dtype,
+                                     full_scores=not (m.flash and m.skip))
+            check_fits(need + mx.get_active_memory(), f"KV cache of {n_cells} cells")
+            caches[m.kv_unified] = KVCache(args.num_hidden_layers, args.num_key_value_heads,
+                                           args.head_dim, kv_size, n_seq_max, m.kv_unified, dtype)
+        runners[m.name] = Runner(model, caches[m.kv_unified], m, params.n_batch, params.n_ubatch)
+
+    first = modes[0]
+    header = formats.Header(
+        n_kv_max=n_kv_max[first.name], n_batch=params.n_batch, n_ubatch=params.n_ubatch,
+        flash_attn=fa, is_pp_shared=int(params.is_pp_shared),
+        is_tg_separate=int(params.is_tg_separate), n_gpu_layers=-1,
+        n_threads=os.cpu_count() or 1, n_threads_batch=os.cpu_count() or 1,
+    )
+    meta = {
+        "model": model_name, "dtype": values["dtype"], "quant": quant,
+        "kv_unified": int(first.kv_unified), "skip": int(first.skip),
+        "backend": backend.BACKEND, "mlx_version": mx.__version__,
+        "machine": f"{platform.node()} {platform.machine()} {_device_name()}",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "command": command,
+    }
+    ab = len(modes) > 1
+    reps = params.repetitions > 1
+    md = values["output_format"] == "md"
+    sink = formats.CsvSink(values["csv_path"], meta) if values["csv_path"] else None
+    out = sys.stdout
+    if md:
+        out.write("\n" + formats.header_line(header) + "\n\n" + formats.table_header(ab, reps) + "\n")
+        out.flush()
+
+    def note(msg: str) -> None:
+        print(f"note: {msg}", file=sys.stderr)
+
+    n_rows = 0
+    try:
+        for row in run_bench(model, params, runners, n_kv_max, note):
+            n_rows += 1
+            if sink:
+                sink.write(header, row)
+            line = formats.md_row(row, ab, reps) if md else formats.jsonl_row(header, row, meta)
+            out.write(line + "\n")
+            out.flush()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {n_rows} finished rows kept", file=sys.stderr)
+        return 130
+    finally:
+        if sink:
+            sink.close()
+    if md:
+        out.write("\n")
+    return 0
+
+
+def _device_name() -> str:
+    try:
+        return mx.device_info().get("device_name", "")
+    except Exception:
+        return ""

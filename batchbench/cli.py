@@ -9,7 +9,6 @@ import sys
 from datetime import datetime, timezone
 from typing import List, Optional
 
-import click
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=False,
@@ -93,8 +92,10 @@ def bench(
         return
     from batchbench.run import run_from_cli
 
+    from batchbench.sweep_config import explicit_options
+
     values = dict(ctx.params)
-    explicit = {k for k in values if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    explicit = explicit_options(ctx)
     try:
         code = run_from_cli(values, explicit, command=_command_line())
     except (UserError, ValueError, MemoryError, OSError) as e:
@@ -171,14 +172,17 @@ def main() -> None:
     for flag in ignored:
         typer.echo(f"note: '{flag}' has no meaning on MLX and is ignored", err=True)
     try:
-        app(args=argv, prog_name="batchbench", standalone_mode=False)
-    except click.exceptions.UsageError as e:
-        typer.echo(f"error: {e.format_message()}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        typer.echo("error: aborted", err=True)
+        rc = app(args=argv, prog_name="batchbench", standalone_mode=False)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
         sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+    except Exception as e:
+        # Usage errors: one line, no traceback. (Typer vendors its own click, so match by shape.)
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            typer.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code or 2)
+        if type(e).__name__ == "Abort":
+            typer.echo("error: aborted", err=True)
+            sys.exit(130)
+        raise
+    sys.exit(rc or 0)

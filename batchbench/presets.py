@@ -103,7 +103,7 @@ def reference_logits(model: nn.Module, tokens: list[int], dtype=None) -> np.ndar
     cache = KVCache(args.num_hidden_layers, args.num_key_value_heads, args.head_dim,
                     pad_to(max(n, 1), 256), 1, unified=True, dtype=dtype)
     plan = cache.prepare(np.zeros(n, np.int64), np.arange(n), np.arange(n))
-    logits = model(mx.array(tokens, dtype=mx.int32)[None], plan, cache)
+    logits = model(mx.array(np.asarray(tokens, np.int32))[None], plan, cache)
     return np.array(logits.astype(mx.float32))
 
 

@@ -1,0 +1,118 @@
+"""The command line end to end on the tiny preset: outputs agree, bad input fails in one line."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["-m", "preset:tiny", "-c", "1024"]
+
+
+def bb(*args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "batchbench", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def md_rows(stdout):
+    return [l for l in stdout.splitlines() if l.startswith("|") and not l.startswith("|--") and "PP" not in l]
+
+
+def test_md_jsonl_csv_agree(tmp_path):
+    path = tmp_path / "r.csv"
+    md = bb(*TINY, "-npp", "0,16", "-ntg", "4", "-npl", "2,3", "--csv", str(path))
+    assert md.returncode == 0, md.stderr
+    rows = md_rows(md.stdout)
+    assert len(rows) == 4
+    assert md.stdout.splitlines()[1].startswith("main: n_kv_max = 1024, n_batch = 2048")
+    keys = [(int(c.split("|")[1]), int(c.split("|")[2]), int(c.split("|")[3])) for c in rows]
+    assert keys == [(0, 4, 2), (0, 4, 3), (16, 4, 2), (16, 4, 3)]
+    with open(path) as f:
+        recs = list(csv.DictReader(f))
+    assert [(int(r["pp"]), int(r["tg"]), int(r["pl"])) for r in recs] == keys
+    for line, rec in zip(rows, recs):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[3] == rec["n_kv"]
+        assert cells[7] == "%.2f" % float(rec["speed_tg"])  # same numbers, printed as llama.cpp does
+        assert rec["command"].startswith("batchbench ") and rec["mlx_version"]
+
+    js = bb(*TINY, "-npp", "16", "-ntg", "2", "-npl", "2", "--output-format", "jsonl")
+    assert js.returncode == 0, js.stderr
+    objs = [json.loads(l) for l in js.stdout.splitlines() if l.startswith("{")]
+    assert len(objs) == 1 and objs[0]["n_kv"] == 36 and objs[0]["speed_tg"] > 0
+    assert abs(objs[0]["speed_tg"] - 2 * 2 / objs[0]["t_tg"]) < 1e-3 * objs[0]["speed_tg"]
+
+
+def test_config_over_context_is_skipped_with_note():
+    r = bb(*TINY, "-npp", "16,600", "-ntg", "4", "-npl", "2")
+    assert r.returncode == 0, r.stderr
+    assert len(md_rows(r.stdout)) == 1  # 2*(600+4) > 1024: skipped silently, as llama.cpp does
+    r = bb(*TINY, "-npp", "400", "-ntg", "4", "-npl", "1,4", "-no-kvu")
+    assert r.returncode == 0 and len(md_rows(r.stdout)) == 0
+    assert "exceed the split cache" in r.stderr
+
+
+def test_pasted_llama_cpp_flags_are_noted():
+    r = bb(*TINY, "-npp", "8", "-ntg", "1", "-npl", "1", "-ngl", "99", "-t", "8", "-nkvo")
+    assert r.returncode == 0, r.stderr
+    assert "'-ngl 99' has no meaning on MLX" in r.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["-npp", "1,x"], "-npp: 'x'"),
+    (["-npl", "0"], "-npl: 0 must be >= 1"),
+    (["-ntg", "-3"], "-ntg: -3 must be >= 0"),
+    (["-b", "0"], "-b: 0 must be >= 1"),
+    (["--bogus"], "No such option"),
+    (["-fa", "maybe"], "-fa: expected on|off|auto"),
+    (["-m", "/nonexistent/model.gguf"], "model not found"),
+    (["-m", "preset:nope"], "unknown preset"),
+    (["--output-format", "xml"], "--output-format"),
+    (["-npl", "300"], "at most 256"),
+    (["-m", "preset:qwen2.5-7b", "--dtype", "float32"], "needs about"),
+    (["-c", "100000000"], "needs about"),
+])
+def test_bad_input_one_line_error(args, msg):
+    base = ["-m", "preset:tiny", "-npp", "8", "-ntg", "1", "-npl", "1"]
+    # later flags win for repeated scalar options, and lists append; put the bad ones last
+    r = bb(*base, *args, timeout=60)
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and msg in err[-1], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unreadable_model_file(tmp_path):
+    p = tmp_path / "garbage.gguf"
+    p.write_bytes(b"not a gguf file at all")
+    r = bb("-m", str(p), "-npp", "8", "-ntg", "1", "-npl", "1", timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_interrupt_keeps_finished_rows(tmp_path):
+    path = tmp_path / "sweep.csv"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.Popen([sys.executable, "-m", "batchbench", *TINY, "-npp", "8", "-ntg", "2",
+                          "-npl", ",".join(["1", "2"] * 200), "--csv", str(path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130
+    assert "finished rows kept" in err
+    with open(path) as f:
+        recs = list(csv.DictReader(f))
+    assert len(recs) >= 2 and all(r["command"] and r["speed_tg"] for r in recs)  # whole rows only
+    # SIGINT may land between the CSV write and the stdout write of one row
+    assert len(recs) - 1 <= len(md_rows(out)) <= len(recs)

@@ -1,0 +1,142 @@
+"""KV cache bookkeeping and the KQ mask, against llama.cpp's rules written out in numpy."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from batchbench.kv_cache import BLOCK, SWA, KVCache
+
+
+def make(kv_size=512, n_seq=4, unified=True, swa=None):
+    return KVCache(1, 1, 8, kv_size, n_seq, unified, mx.float32, swa)
+
+
+def ref_mask(cache, seq_ids, positions, n):
+    """Direct transcription of set_input_kq_mask: visible iff member, non-empty, p0 <= p1, not SWA."""
+    out = np.full((len(seq_ids), n), -np.inf, np.float32)
+    for i, (s, p1) in enumerate(zip(seq_ids, positions)):
+        for j in range(n):
+            p0 = cache.pos[j]
+            member = (cache.bits[s // 32, j] >> (s % 32)) & 1
+            if p0 < 0 or not member or p0 > p1:
+                continue
+            if cache.swa is not None and cache.swa.masked(p0, p1):
+                continue
+            out[i, j] = 0.0
+    return out
+
+
+def mask_np(cache, seq_ids, positions, n):
+    return np.array(cache.build_mask(np.asarray(seq_ids), np.asarray(positions), 0, n))
+
+
+def fill_prompts(cache, pl, pp):
+    seq = np.repeat(np.arange(pl), pp)
+    pos = np.tile(np.arange(pp), pl)
+    return cache.find_slot(seq, pos)
+
+
+def test_cells_fill_in_order_and_interleave_in_decode():
+    c = make()
+    cells = fill_prompts(c, 3, 40)
+    assert (cells == np.arange(120)).all()
+    step = c.find_slot(np.arange(3), np.full(3, 40))
+    assert (step == [120, 121, 122]).all()
+    assert c.n_kv(0) == 256  # used 123, padded to 256
+    rows = mask_np(c, [0, 1, 2], [41, 41, 41], 256)
+    np.testing.assert_array_equal(rows, ref_mask(c, [0, 1, 2], [41, 41, 41], 256))
+    # seq 1 sees its prompt [40, 80) and its decode cell 121, nothing else; tail is masked
+    vis = np.flatnonzero(rows[1] == 0)
+    assert list(vis) == list(range(40, 80)) + [121]
+
+
+def test_seq_cp_shares_cells_and_seq_rm_removes():
+    c = make()
+    fill_prompts(c, 1, 50)
+    c.seq_cp(0, 2)
+    m = mask_np(c, [2], [50], 256)
+    assert (m[0, :50] == 0).all() and (m[0, 50:] == -np.inf).all()
+    c.seq_rm(0, 10, 20)  # seq 2 still holds those cells
+    m0 = mask_np(c, [0], [60], 256)
+    assert (m0[0, 10:20] == -np.inf).all() and (m0[0, :10] == 0).all()
+    assert (c.pos[10:20] == 10 + np.arange(10)).all()
+    c.seq_rm(2, 10, 20)
+    assert (c.pos[10:20] == -1).all()  # empty once no sequence holds them
+    c.seq_rm(-1)
+    assert (c.pos == -1).all()
+    np.testing.assert_array_equal(mask_np(c, [0], [5], 256), np.full((1, 256), -np.inf, np.float32))
+
+
+def test_freed_cells_are_reused_after_head():
+    c = make(kv_size=256, n_seq=2)
+    fill_prompts(c, 2, 128)  # full
+    c.seq_rm(0)
+    cells = c.find_slot(np.array([1, 1]), np.array([128, 129]))
+    assert (cells == [0, 1]).all()  # wrapped around to the freed cells
+
+
+def test_full_cache_raises():
+    c = make(kv_size=256, n_seq=1)
+    with pytest.raises(ValueError, match="KV cache full"):
+        c.find_slot(np.zeros(300, np.int64), np.arange(300))
+
+
+@pytest.mark.parametrize("kind,window", [("standard", 8), ("chunked", 16), ("symmetric", 10)])
+def test_swa_rules(kind, window):
+    c = make(swa=SWA(window, kind))
+    fill_prompts(c, 2, 60)
+    seq, pos = [0, 1, 0, 1], [59, 59, 30, 7]
+    np.testing.assert_array_equal(mask_np(c, seq, pos, 256), ref_mask(c, seq, pos, 256))
+
+
+def test_random_layouts_match_reference():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        c = make(kv_size=512, n_seq=40)  # more than 32 sequences: two bitset words
+        pl = int(rng.integers(2, 40))
+        fill_prompts(c, pl, int(rng.integers(1, 8)))
+        for step in range(3):
+            c.find_slot(np.arange(pl), np.full(pl, 10 + step))
+        if rng.random() < 0.5:
+            c.seq_cp(0, pl - 1)
+        c.seq_rm(int(rng.integers(0, pl)), 0, 3)
+        seq = rng.integers(0, pl, 6)
+        pos = rng.integers(0, 14, 6)
+        np.testing.assert_array_equal(mask_np(c, seq, pos, 512), ref_mask(c, seq, pos, 512))
+
+
+def test_live_blocks_cover_every_visible_cell():
+    c = make(kv_size=1024, n_seq=5)
+    fill_prompts(c, 5, 70)
+    for step in range(9):
+        c.find_slot(np.arange(5), np.full(5, 70 + step))
+    seq = np.arange(5)
+    n = c.window_end([0])
+    m = mask_np(c, seq, np.full(5, 80), n)
+    blocks, counts = (np.array(a) for a in c.live_blocks(seq, n))
+    for r in range(5):
+        live = set(blocks[r, : counts[r]])
+        vis_blocks = set(np.flatnonzero(m[r] == 0) // BLOCK)
+        assert vis_blocks <= live
+        # and nothing listed lies in another sequence's prompt only
+        assert live <= set(np.flatnonzero(c.seq_blocks[r]))
+        assert list(blocks[r, : counts[r]]) == sorted(live)
+
+
+def test_split_mode_streams_and_copy():
+    c = make(kv_size=256, n_seq=3, unified=False)
+    cells = c.find_slot(np.array([0, 0, 1, 2]), np.array([0, 1, 0, 0]))
+    assert list(cells) == [0, 1, 256, 512]
+    c.clear()
+    c.find_slot(np.zeros(20, np.int64), np.arange(20))
+    for i in range(1, 3):
+        c.seq_cp(0, i)
+    m = mask_np(c, [2], [25], c.window_end([2]))
+    assert (np.flatnonzero(m[0] == 0) == 512 + np.arange(20)).all()
+    k0 = np.array(c.layers[0].keys[0, 0, :20])
+    np.testing.assert_array_equal(np.array(c.layers[0].keys[0, 0, 512:532]), k0)
+
+
+def test_bad_sequence_id():
+    with pytest.raises(ValueError, match="out of range"):
+        make(n_seq=2).find_slot(np.array([2]), np.array([0]))

@@ -1,0 +1,92 @@
+"""B sequences sharing one cache must decode exactly as each sequence alone (float32, tiny preset)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from batchbench.bench import Mode, Runner
+from batchbench.kv_cache import KVCache
+from batchbench.presets import make_preset, reference_logits
+
+TOL = dict(rtol=2e-4, atol=2e-4)  # float32 end to end; differences are summation order only
+
+
+@pytest.fixture(scope="module")
+def model():
+    m, _ = make_preset("tiny", mx.float32, seed=3)
+    return m
+
+
+def new_runner(model, n_seq, unified=True, mode=None, kv_size=512, n_ubatch=512):
+    a = model.args
+    cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, kv_size, n_seq, unified, mx.float32)
+    return Runner(model, cache, mode or Mode("t", unified), 2048, n_ubatch)
+
+
+def run_batched(runner, prompts, steps, pps=False):
+    """Prefill prompts (sequence-major), then decode `steps` tokens per sequence in lock-step."""
+    pl = len(steps[0])
+    if pps:
+        toks = np.array(prompts[0])
+        seq, pos = np.zeros(len(toks), np.int64), np.arange(len(toks))
+    else:
+        toks = np.concatenate(prompts)
+        seq = np.concatenate([np.full(len(p), j) for j, p in enumerate(prompts)])
+        pos = np.concatenate([np.arange(len(p)) for p in prompts])
+    out = np.zeros(len(toks), bool)
+    first = runner.decode(toks, pos, seq, out, sync=True)
+    if pps:
+        for j in range(1, pl):
+            runner.cache.seq_cp(0, j)
+    n = len(prompts[0])
+    logits = []
+    for i, step in enumerate(steps):
+        l = runner.decode(np.array(step), np.full(pl, n + i), np.arange(pl), np.ones(pl, bool), sync=True)
+        logits.append(np.array(l))
+    return np.stack(logits, 1)  # [pl, steps, vocab]
+
+
+@pytest.mark.parametrize("unified", [True, False])
+@pytest.mark.parametrize("mode", [Mode("skip"), Mode("no-skip", skip=False), Mode("fa-off", flash=False)])
+def test_batched_decode_equals_single(model, unified, mode):
+    rng = np.random.default_rng(1)
+    pl, pp, tg = 3, 37, 5
+    prompts = [rng.integers(0, 512, pp) for _ in range(pl)]
+    steps = [rng.integers(0, 512, pl) for _ in range(tg)]
+    mode = Mode(mode.name, unified, mode.flash, mode.skip)
+    got = run_batched(new_runner(model, pl, unified, mode, n_ubatch=64), prompts, steps)
+    for j in range(pl):
+        seq_tokens = list(prompts[j]) + [int(s[j]) for s in steps]
+        ref = reference_logits(model, seq_tokens)[pp : pp + tg]
+        np.testing.assert_allclose(got[j], ref, **TOL)
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_shared_prompt_equals_unshared(model, unified):
+    rng = np.random.default_rng(2)
+    pl, pp = 4, 45
+    prompt = rng.integers(0, 512, pp)
+    steps = [rng.integers(0, 512, pl) for _ in range(3)]
+    shared = run_batched(new_runner(model, pl, unified), [prompt] * pl, steps, pps=True)
+    plain = run_batched(new_runner(model, pl, unified), [prompt] * pl, steps)
+    np.testing.assert_allclose(shared, plain, **TOL)
+
+
+def test_prefill_chunks_do_not_change_logits(model):
+    rng = np.random.default_rng(3)
+    toks = list(rng.integers(0, 512, 90))
+    ref = reference_logits(model, toks)
+    r = new_runner(model, 1, n_ubatch=32)
+    out = np.zeros(90, bool)
+    out[-1] = True
+    last = r.decode(np.array(toks), np.arange(90), np.zeros(90, np.int64), out, sync=True)
+    np.testing.assert_allclose(np.array(last)[-1], ref[-1], **TOL)
+
+
+def test_new_sequence_joins_a_running_batch(model):
+    # A sequence with no cells decodes its first token alone: its row sees only itself.
+    r = new_runner(model, 2)
+    r.decode(np.arange(10), np.arange(10), np.zeros(10, np.int64), np.zeros(10, bool), sync=True)
+    l = r.decode(np.array([5, 6]), np.array([10, 0]), np.array([0, 1]), np.ones(2, bool), sync=True)
+    assert np.isfinite(np.array(l)).all()
+    np.testing.assert_allclose(np.array(l)[1], reference_logits(model, [6])[0], **TOL)

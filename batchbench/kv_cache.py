@@ -164,11 +164,8 @@ class KVCache:
             self.head[st] = int((free[-1] + 1) % self.kv_size)
             self.used[st] = max(self.used[st], int(free.max()) + 1)
         self.pos[cells] = positions
-        for s in np.unique(seq_ids):
-            w, b = divmod(int(s), 32)
-            sel = cells[seq_ids == s]
-            self.bits[w, sel] |= np.uint32(1 << b)
-            self.seq_blocks[s, sel // BLOCK] = True
+        np.bitwise_or.at(self.bits, (seq_ids // 32, cells), (1 << (seq_ids % 32)).astype(np.uint32))
+        self.seq_blocks[seq_ids, cells // BLOCK] = True
         self._dirty.append(cells)
         return cells
 

@@ -111,7 +111,10 @@ def _random_like(path: str, p: mx.array, dtype, bits, key) -> mx.array:
     if path.endswith("norm.weight"):
         return mx.ones(p.shape, dtype)
     if p.dtype == mx.uint32:  # packed quantized weights: uniform random codes
-        return mx.random.bits(p.shape, width=4, key=key)
+        k1, k2 = mx.random.split(key)
+        hi = mx.random.randint(0, 1 << 16, p.shape, key=k1).astype(mx.uint32)
+        lo = mx.random.randint(0, 1 << 16, p.shape, key=k2).astype(mx.uint32)
+        return (hi << 16) | lo
     if path.endswith(".scales"):
         fan_in = p.shape[-1] * GROUP_SIZE
         s = mx.random.uniform(0.5, 1.5, p.shape, key=key) * (2.0 / (2**bits * math.sqrt(fan_in)))

@@ -71,16 +71,19 @@ class Attention(nn.Module):
         )
         return x.reshape(T, H, D).transpose(1, 0, 2)[None]
 
-    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+    def qkv(self, x: mx.array, positions: mx.array):
+        """Projections and RoPE: a pure function of x, compiled for decode steps."""
         _, T, _ = x.shape
         q = self.q_proj(x).reshape(1, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(1, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(1, T, self.n_kv_heads, self.head_dim)
-        q = self._rope(q, mask.positions)
-        k = self._rope(k, mask.positions)
-        keys, values = cache.update_and_fetch(k, v.transpose(0, 2, 1, 3))
+        return self._rope(q, positions), self._rope(k, positions), v.transpose(0, 2, 1, 3)
+
+    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+        q, k, v = self.qkv(x, mask.positions)
+        keys, values = cache.update_and_fetch(k, v)
         out = attention(q, keys, values, self.scale, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, T, -1))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, x.shape[1], -1))
 
 
 class MLP(nn.Module):
@@ -102,10 +105,29 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(args)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self._compiled = None
+
+    def pre(self, x: mx.array, positions: mx.array):
+        return self.self_attn.qkv(self.input_layernorm(x), positions)
+
+    def post(self, x: mx.array, attn: mx.array) -> mx.array:
+        a = self.self_attn
+        h = x + a.o_proj(attn.transpose(0, 2, 1, 3).reshape(1, x.shape[1], -1))
+        return h + self.mlp(self.post_attention_layernorm(h))
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if not mask.decode:
+            return self._forward(self.pre, self.post, x, mask, cache)
+        # Decode steps rebuild the same graph every token: compile the pure parts around the
+        # cache write and the attention kernel so Python builds a handful of ops per layer.
+        if self._compiled is None:
+            self._compiled = (mx.compile(self.pre), mx.compile(self.post))
+        return self._forward(*self._compiled, x, mask, cache)
+
+    def _forward(self, pre, post, x, mask, cache) -> mx.array:
+        q, k, v = pre(x, mask.positions)
+        keys, values = cache.update_and_fetch(k, v)
+        return post(x, attention(q, keys, values, self.self_attn.scale, mask))
 
 
 class LlamaModel(nn.Module):

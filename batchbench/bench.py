@@ -135,16 +135,19 @@ def run_config(runner: Runner, rng, n_vocab: int, pp: int, tg: int, pl: int, p: 
     return f32_time(t_pp_start, t_pp_end), f32_time(t_tg_start, t_tg_end)
 
 
-def warmup(runner: Runner, n_vocab: int, n_seq: int, rng) -> None:
-    """llama.cpp decodes 16 tokens; one decode step too, so kernels compile before timing."""
+def warmup(runner: Runner, n_vocab: int, npl: list[int], tgs: bool, rng) -> None:
+    """llama.cpp decodes 16 tokens; we also run one decode step of every batch size in the
+    sweep, so kernels and compiled steps exist before anything is timed."""
     cache = runner.cache
     cache.clear()
     runner.decode(rng.integers(0, n_vocab, 16), np.arange(16), np.zeros(16, np.int64),
                   np.zeros(16, bool), sync=True)
-    for s in range(1, n_seq):
+    for s in range(1, max(npl)):
         cache.seq_cp(0, s)
-    runner.decode(rng.integers(0, n_vocab, n_seq), np.full(n_seq, 16), np.arange(n_seq),
-                  np.ones(n_seq, bool), sync=True)
+    for n in sorted(set(npl) | ({1} if tgs else set())):
+        runner.decode(rng.integers(0, n_vocab, n), np.full(n, 16), np.arange(n),
+                      np.ones(n, bool), sync=True)
+        cache.seq_rm(-1, 16)
     cache.clear()
 
 
@@ -159,7 +162,7 @@ def run_bench(
     n_vocab = model.args.vocab_size
     rng = np.random.default_rng(p.seed)
     for runner in runners.values():
-        warmup(runner, n_vocab, max(p.npl), rng)
+        warmup(runner, n_vocab, p.npl, p.is_tg_separate, rng)
     for pp in p.npp:
         for tg in p.ntg:
             for pl in p.npl:

@@ -78,7 +78,7 @@ def bench(
     seed: int = typer.Option(1, "-s", "--seed"),
     csv_path: Optional[str] = typer.Option(None, "--csv", help="Append one CSV row per finished config"),
     no_skip: bool = typer.Option(False, "--no-skip", help="Flash path without masked-block skipping"),
-    ab: Optional[str] = typer.Option(None, "--ab", help="A/B in one run: skip | kv | fa"),
+    ab: Optional[str] = typer.Option(None, "--ab", help="A/B in one run: skip | kv | fa | all (unified+skip, unified no-skip, split)"),
     repetitions: int = typer.Option(1, "-r", "--repetitions", help="Repeat each config; report medians"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu|gpu (default: MLX's default)"),
     dtype: str = typer.Option("float16", "--dtype", help="float16|bfloat16|float32"),

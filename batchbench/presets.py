@@ -48,6 +48,8 @@ def param_count(cfg: dict) -> int:
     hd = h // cfg["num_attention_heads"]
     kv = cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * hd
     per_layer = h * h * 2 + h * kv * 2 + 3 * h * f + 2 * h
+    if cfg["model_type"] == "qwen2":
+        per_layer += h + 2 * kv  # q/k/v biases
     head = 0 if cfg.get("tie_word_embeddings") else v * h
     return L * per_layer + v * h + head + h
 

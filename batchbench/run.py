@@ -32,7 +32,10 @@ def _modes(values: dict, fa: int) -> list[Mode]:
         return [Mode("unified", True, flash, skip), Mode("split", False, flash, skip)]
     if ab == "fa":
         return [Mode("fa-on", unified, True, skip), Mode("fa-off", unified, False, skip)]
-    raise UserError(f"--ab: expected skip, kv or fa, got '{ab}'")
+    if ab == "all":
+        return [Mode("skip", True, True, True), Mode("no-skip", True, True, False),
+                Mode("split", False, True, True)]
+    raise UserError(f"--ab: expected skip, kv, fa or all, got '{ab}'")
 
 
 def load(values: dict, dtype):

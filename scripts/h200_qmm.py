@@ -1,0 +1,554 @@
+#!/usr/bin/env python3
+"""H200 check of batchbench.kernels.qmm (issue 7): correctness, kernel timing, 7B decode step.
+
+Run as `PYTHONPATH=. python3 scripts/h200_qmm.py` on the CUDA machine (MLX 0.32.4 CUDA).
+Writes log.txt, results.json and results.md to $OUT when set. About 4 minutes; sections
+are skipped (and say so) when the time budget (env QMM_BUDGET_S, default 230 s) runs out.
+
+1. correctness: ours vs mx.dequantize + float32 matmul (MLX_ENABLE_TF32=0), relative error
+   max|y - ref| / max|ref|, all 7B matrices, M in {1,2,3,7,8,16,32,33,64}, fp16/bf16, g32/g64,
+   8-bit on a subset; MLX's own quantized_matmul error alongside.
+2. kernel timing (fp16, 4-bit g32 = Q4_0 layout): ours vs mx.quantized_matmul vs float16
+   matmul vs floor (weight bytes / measured copy bandwidth). Weights rotate over enough copies
+   to defeat the 50 MB L2. 'chain' = dependent chain (one fused glue op per step, 'empty'
+   = chain of the glue alone), 'indep' = independent calls in one eval.
+3. decode step of the Qwen2.5-7B shape, attention excluded: 28 x (q,k,v,o,gate,up,down) +
+   lm_head, whole step under mx.compile, chain of 8 dependent steps, median of 10; MLX's
+   nn.QuantizedLinear vs ours (use_fast_quantized_linears) vs ours with q/k/v and gate/up fused.
+4. kernel time from a torch.profiler (CUPTI) trace: sum of kernel durations per call.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+from batchbench import backend  # noqa: E402
+from batchbench.kernels import qmm  # noqa: E402
+
+OUT = os.environ.get("OUT")
+T0 = time.time()
+BUDGET_S = float(os.environ.get("QMM_BUDGET_S", "230"))
+LOG: list[str] = []
+RES: dict = {"correctness": [], "kernel": [], "decode": [], "profile": [], "errors": []}
+
+# (label, N, K): y[M, N] = x[M, K] @ W[N, K]^T
+SHAPES = [
+    ("q/o_proj", 3584, 3584),
+    ("k/v_proj", 512, 3584),
+    ("gate/up", 18944, 3584),
+    ("down", 3584, 18944),
+    ("lm_head", 152064, 3584),
+]
+M_ALL = [1, 2, 3, 7, 8, 16, 32, 33, 64]
+M_TIME = [1, 8, 32]
+# QMM_SMALL=1: shapes / 8 and 2 layers, to dry-run the script logic on a CPU.
+SMALL = os.environ.get("QMM_SMALL") == "1"
+if SMALL:
+    SHAPES = [(name, n // 8, k // 8) for name, n, k in SHAPES]
+
+
+def log(*a) -> None:
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    LOG.append(s)
+
+
+def elapsed() -> float:
+    return time.time() - T0
+
+
+def left() -> float:
+    return BUDGET_S - elapsed()
+
+
+def save() -> None:
+    if not OUT:
+        return
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "log.txt"), "w") as f:
+        f.write("\n".join(LOG) + "\n")
+    with open(os.path.join(OUT, "results.json"), "w") as f:
+        json.dump(RES, f, indent=1, default=str)
+
+
+def err_note(what: str, e: BaseException) -> None:
+    msg = f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    log("  ERROR", msg)
+    RES["errors"].append({"what": what, "error": msg, "trace": traceback.format_exc()[-3000:]})
+
+
+def qbytes(n: int, k: int, bits: int, gs: int) -> int:
+    return n * k * bits // 8 + 2 * 2 * n * (k // gs)
+
+
+def make_weights(n: int, k: int, seed: int) -> mx.array:
+    mx.random.seed(seed)
+    w = (mx.random.normal((n, k)) * 0.02).astype(mx.float16)
+    mx.eval(w)
+    return w
+
+
+def relerr(y: mx.array, ref: mx.array) -> float:
+    y = y.astype(mx.float32)
+    if not bool(mx.all(mx.isfinite(y)).item()):
+        return float("nan")
+    return (mx.abs(y - ref).max() / mx.maximum(mx.abs(ref).max(), 1e-30)).item()
+
+
+def timeit(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+# --------------------------------------------------------------------------- environment
+def section_env() -> float:
+    log(f"mlx {mx.__version__}, backend {backend.describe()}, MLX_ENABLE_TF32={os.environ.get('MLX_ENABLE_TF32')}")
+    try:
+        info = mx.device_info() if hasattr(mx, "device_info") else {}
+        log("device:", {k: v for k, v in dict(info).items() if k in ("device_name", "architecture", "memory_size")})
+    except Exception as e:  # noqa: BLE001
+        log("device info unavailable:", e)
+    if backend.BACKEND != "cuda":
+        log("WARNING: backend is not cuda: everything below measures the fallback")
+    bw = float("nan")
+    try:
+        a = mx.zeros((1 << (24 if SMALL else 30),), mx.float16)  # 2 GiB
+        mx.eval(a)
+        f = lambda: mx.eval(a + 1)  # noqa: E731
+        f()
+        ts = timeit(f, 7)
+        bw = 2 * a.nbytes / statistics.median(ts)
+        log(f"copy bandwidth (read+write 2 GiB fp16 through MLX): {bw / 1e12:.3f} TB/s (median of 7)")
+        del a
+    except Exception as e:  # noqa: BLE001
+        err_note("copy bandwidth", e)
+    RES["copy_bw"] = bw
+    return bw
+
+
+# --------------------------------------------------------------------------- correctness
+def section_correctness(weights: dict) -> None:
+    log("\n== correctness: relative error max|y-ref|/max|ref| vs dequantize + fp32 matmul ==")
+    plan = []  # (dtype, bits, gs, shapes, Ms, bias Ms)
+    plan.append((mx.float16, 4, 32, [s[0] for s in SHAPES], M_ALL))
+    plan.append((mx.bfloat16, 4, 64, [s[0] for s in SHAPES], [1, 7, 33]))
+    plan.append((mx.float16, 4, 64, ["q/o_proj", "down"], [1, 32]))
+    plan.append((mx.bfloat16, 4, 32, ["q/o_proj", "down"], [8]))
+    plan.append((mx.float16, 8, 64, ["q/o_proj", "down"], [1, 8, 33]))
+    plan.append((mx.bfloat16, 8, 32, ["q/o_proj"], [1, 16]))
+    log(f"{'dtype':8} {'bits':>4} {'gs':>3} {'matrix':10} {'N':>6} {'K':>6} {'M':>3} {'S':>3} {'ours':>9} {'mlx':>9} {'1st call s':>10} ok")
+    n_fail = 0
+    for dtype, bits, gs, names, ms in plan:
+        for name, n, k in SHAPES:
+            if name not in names:
+                continue
+            if left() < 120:
+                log(f"  (skipping the rest of correctness: {left():.0f} s left)")
+                return
+            try:
+                wf = weights[name]
+                w, s, b = mx.quantize(wf, group_size=gs, bits=bits)
+                s, b = s.astype(dtype), b.astype(dtype)
+                wd = mx.dequantize(w, s, b, group_size=gs, bits=bits).astype(mx.float32)
+                bias = (mx.random.normal((n,)) * 0.5).astype(dtype)
+                mx.eval(w, s, b, wd, bias)
+            except Exception as e:  # noqa: BLE001
+                err_note(f"prepare {name} {dtype} {bits} {gs}", e)
+                continue
+            for m in ms:
+                use_bias = m in (3, 33)
+                x = mx.random.normal((m, k)).astype(dtype)
+                ref = x.astype(mx.float32) @ wd.T
+                if use_bias:
+                    ref = ref + bias.astype(mx.float32)
+                mx.eval(x, ref)
+                row = dict(dtype=str(dtype).split(".")[-1], bits=bits, gs=gs, matrix=name, N=n, K=k, M=m, bias=use_bias)
+                try:
+                    cov = qmm.covered(m, n, k, dtype, s, b, gs, bits)
+                    cfg = qmm.choose_config(m, n, k, bits) if cov else None
+                    t = time.perf_counter()
+                    y = qmm.quantized_matmul(x, w, s, b, group_size=gs, bits=bits, bias=bias if use_bias else None)
+                    mx.eval(y)
+                    first = time.perf_counter() - t
+                    e_ours = relerr(y, ref)
+                    ym = mx.quantized_matmul(x, w, s, b, transpose=True, group_size=gs, bits=bits)
+                    if use_bias:
+                        ym = ym + bias
+                    e_mlx = relerr(ym, ref)
+                    tol = 3e-3 if dtype == mx.float16 else 2e-2
+                    ok = cov and e_ours < tol
+                    n_fail += not ok
+                    row.update(S=cfg.s if cfg else None, err=e_ours, err_mlx=e_mlx, first_call_s=first, custom=cov, ok=ok)
+                    log(f"{row['dtype']:8} {bits:>4} {gs:>3} {name:10} {n:>6} {k:>6} {m:>3} {cfg.s if cfg else '-':>3} {e_ours:9.2e} {e_mlx:9.2e} {first:10.2f} {'ok' if ok else 'FAIL' + ('' if cov else ' (not covered: fallback)')}")
+                except Exception as e:  # noqa: BLE001
+                    n_fail += 1
+                    row.update(ok=False, error=str(e)[:300])
+                    err_note(f"correctness {row}", e)
+                RES["correctness"].append(row)
+            del w, s, b, wd
+            save()
+    log(f"correctness: {n_fail} failing cases")
+
+
+# --------------------------------------------------------------------------- kernel timing
+def _copies(arrs: list[mx.array], nbytes: int) -> list[list[mx.array]]:
+    r = max(1, min(256, math.ceil(320e6 / nbytes)))
+    out = [arrs] + [[a + 0 for a in arrs] for _ in range(r - 1)]
+    mx.eval(out)
+    return out
+
+
+def _bench(fn, x: mx.array, sets: list[list[mx.array]], glue: bool = True) -> dict:
+    """fn(x, *set) -> y [M, N]. Returns per-call seconds: chain, indep."""
+
+    def step(x, *ws):
+        y = fn(x, *ws)
+        return x + (y[..., :1] * 0).astype(x.dtype)
+
+    cstep = mx.compile(step)
+    L = max(len(sets), 48)
+
+    def chain():
+        h = x
+        for i in range(L):
+            h = cstep(h, *sets[i % len(sets)])
+        mx.eval(h)
+
+    def indep():
+        ys = [fn(x, *sets[i % len(sets)]) for i in range(L)]
+        mx.eval(ys)
+
+    chain()
+    indep()
+    tc = statistics.median(timeit(chain, 5)) / L
+    ti = statistics.median(timeit(indep, 5)) / L
+    return dict(chain=tc, indep=ti)
+
+
+def _empty_chain(x: mx.array) -> float:
+    cstep = mx.compile(lambda h: h + (h[..., :1] * 0))
+    L = 64
+
+    def chain():
+        h = x
+        for _ in range(L):
+            h = cstep(h)
+        mx.eval(h)
+
+    chain()
+    return statistics.median(timeit(chain, 5)) / L
+
+
+def section_kernels(weights: dict, copy_bw: float) -> None:
+    log("\n== kernel timing, fp16 x, 4-bit g32 (Q4_0 layout); us per call ==")
+    gs, bits = 32, 4
+    for name, n, k in SHAPES:
+        if left() < 75:
+            log(f"  (skipping the rest of kernel timing: {left():.0f} s left)")
+            return
+        try:
+            wf = weights[name]
+            w, s, b = mx.quantize(wf, group_size=gs, bits=bits)
+            mx.eval(w, s, b)
+            qb = qbytes(n, k, bits, gs)
+            qsets = _copies([w, s, b], qb)
+            fsets = _copies([wf], wf.nbytes)
+        except Exception as e:  # noqa: BLE001
+            err_note(f"prepare timing {name}", e)
+            continue
+        for m in M_TIME:
+            x = mx.random.normal((m, k)).astype(mx.float16)
+            mx.eval(x)
+            row = dict(matrix=name, N=n, K=k, M=m, bytes_q=qb, bytes_f16=wf.nbytes, S=qmm.choose_config(m, n, k, bits).s)
+            try:
+                row["empty"] = _empty_chain(x)
+            except Exception as e:  # noqa: BLE001
+                err_note("empty chain", e)
+            variants = {
+                "ours": (lambda x, w, s, b: qmm.quantized_matmul(x, w, s, b, group_size=gs, bits=bits), qsets),
+                "mlx": (lambda x, w, s, b: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=gs, bits=bits), qsets),
+                "f16": (lambda x, w: x @ w.T, fsets),
+            }
+            for vname, (fn, sets) in variants.items():
+                try:
+                    r = _bench(fn, x, sets)
+                    row[vname + "_chain"], row[vname + "_indep"] = r["chain"], r["indep"]
+                except Exception as e:  # noqa: BLE001
+                    err_note(f"timing {vname} {name} M={m}", e)
+            row["floor"] = qb / copy_bw if copy_bw == copy_bw else float("nan")
+            row["floor_f16"] = wf.nbytes / copy_bw if copy_bw == copy_bw else float("nan")
+            RES["kernel"].append(row)
+            us = lambda v: f"{row[v] * 1e6:8.1f}" if v in row else "     n/a"  # noqa: E731
+            log(
+                f"{name:9} {n:>6}x{k:<6} M={m:<3} S={row['S']:<2} ours chain {us('ours_chain')} indep {us('ours_indep')} | "
+                f"mlx {us('mlx_chain')} {us('mlx_indep')} | f16 {us('f16_chain')} {us('f16_indep')} | "
+                f"empty {us('empty')} | floor q4 {us('floor')} f16 {us('floor_f16')}"
+            )
+        del qsets, fsets, w, s, b
+        save()
+
+
+# --------------------------------------------------------------------------- decode step
+class _Layer(nn.Module):
+    pass
+
+
+def _qlinear(n: int, k: int, gs: int, bias: bool, dtype) -> nn.QuantizedLinear:
+    ql = nn.QuantizedLinear.__new__(nn.QuantizedLinear)
+    nn.Module.__init__(ql)
+    ql.group_size, ql.bits, ql.mode = gs, 4, "affine"
+    wf = (mx.random.normal((n, k)) * 0.02).astype(dtype)
+    ql.weight, ql.scales, ql.biases = mx.quantize(wf, group_size=gs, bits=4)
+    if bias:
+        ql.bias = (mx.random.normal((n,)) * 0.02).astype(dtype)
+    mx.eval(ql.parameters())
+    ql.freeze()
+    return ql
+
+
+def build_7b(gs: int, dtype=mx.float16) -> nn.Module:
+    hid, inter, nl, vocab, kv = 3584, 18944, 28, 152064, 512
+    if SMALL:
+        hid, inter, nl, vocab, kv = hid // 8, inter // 8, 2, vocab // 8, kv // 8
+    model = nn.Module()
+    layers = []
+    for _ in range(nl):
+        L = _Layer()
+        L.q_proj = _qlinear(hid, hid, gs, True, dtype)
+        L.k_proj = _qlinear(kv, hid, gs, True, dtype)
+        L.v_proj = _qlinear(kv, hid, gs, True, dtype)
+        L.o_proj = _qlinear(hid, hid, gs, False, dtype)
+        L.gate_proj = _qlinear(inter, hid, gs, False, dtype)
+        L.up_proj = _qlinear(inter, hid, gs, False, dtype)
+        L.down_proj = _qlinear(hid, inter, gs, False, dtype)
+        layers.append(L)
+    model.layers = layers
+    model.lm_head = _qlinear(vocab, hid, gs, False, dtype)
+    model.norm_w = mx.ones((hid,), dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def _forward(model: nn.Module, h: mx.array, fused: bool) -> mx.array:
+    w = model.norm_w
+    for L in model.layers:
+        x = mx.fast.rms_norm(h, w, 1e-6)
+        if fused:
+            q, k, v = L.qkv(x)
+        else:
+            q, k, v = L.q_proj(x), L.k_proj(x), L.v_proj(x)
+        a = q + (k[..., :1] + v[..., :1])  # attention excluded; k and v stay live
+        h = h + L.o_proj(a)
+        x = mx.fast.rms_norm(h, w, 1e-6)
+        if fused:
+            g, u = L.gate_up(x)
+        else:
+            g, u = L.gate_proj(x), L.up_proj(x)
+        h = h + L.down_proj(nn.silu(g) * u)
+    logits = model.lm_head(mx.fast.rms_norm(h, w, 1e-6))
+    return mx.fast.rms_norm(h + 1e-3 * logits[..., :1], w, 1e-6)
+
+
+def _decode_time(model: nn.Module, bsz: int, fused: bool) -> float:
+    step = mx.compile(lambda h: _forward(model, h, fused))
+    h0 = mx.random.normal((bsz, model.norm_w.shape[0])).astype(mx.float16)
+    mx.eval(h0)
+
+    def chain():
+        h = h0
+        for _ in range(8):
+            h = step(h)
+        mx.eval(h)
+
+    chain()
+    chain()
+    return statistics.median(timeit(chain, 10)) / 8
+
+
+def section_decode(gs: int) -> None:
+    log(f"\n== decode step, Qwen2.5-7B shape, 4-bit g{gs}, attention excluded; ms per step (median of 10, chain of 8) ==")
+    if left() < 45:
+        log(f"  (skipped: {left():.0f} s left)")
+        return
+    try:
+        t = time.perf_counter()
+        model = build_7b(gs)
+        wbytes = sum(v.nbytes for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
+        log(f"built in {time.perf_counter() - t:.1f} s, {wbytes / 1e9:.2f} GB of weights")
+    except Exception as e:  # noqa: BLE001
+        err_note("build 7B", e)
+        return
+    targets = {1: 1.6, 8: 2.0, 32: 3.0}
+    rows = {b: dict(gs=gs, B=b, target_ms=targets[b], weight_gb=wbytes / 1e9) for b in targets}
+    for variant in ("mlx", "ours", "ours_fused"):
+        if left() < 15:
+            log(f"  (skipping {variant}: {left():.0f} s left)")
+            break
+        try:
+            if variant == "ours":
+                log(f"use_fast_quantized_linears swapped {qmm.use_fast_quantized_linears(model)} layers")
+            if variant == "ours_fused":
+                for L in model.layers:
+                    L.qkv = qmm.FusedQuantizedLinear([L.q_proj, L.k_proj, L.v_proj])
+                    L.gate_up = qmm.FusedQuantizedLinear([L.gate_proj, L.up_proj])
+                    del L.q_proj, L.k_proj, L.v_proj, L.gate_proj, L.up_proj  # keep memory flat
+        except Exception as e:  # noqa: BLE001
+            err_note(f"prepare decode {variant}", e)
+            break
+        for b in targets:
+            try:
+                ms = _decode_time(model, b, variant == "ours_fused") * 1e3
+                rows[b][variant + "_ms"] = ms
+                log(f"  {variant:10} B={b:<3} {ms:7.3f} ms  ({b / ms * 1e3:8.1f} t/s)  target {targets[b]} ms")
+            except Exception as e:  # noqa: BLE001
+                err_note(f"decode {variant} B={b}", e)
+            save()
+    RES["decode"].extend(rows.values())
+    del model
+
+
+# --------------------------------------------------------------------------- profiler
+def section_profile(weights: dict) -> None:
+    log("\n== kernel time from torch.profiler (CUPTI), us per call (sum of kernel durations / calls) ==")
+    if left() < 20:
+        log(f"  (skipped: {left():.0f} s left)")
+        return
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.init()
+        torch.zeros(1, device="cuda")
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001
+        log(f"  torch unavailable ({type(e).__name__}: {e}); skipped")
+        return
+    gs, bits = 32, 4
+    path = os.path.join(OUT or "/tmp", "qmm_trace.json")
+    for name, n, k in SHAPES:
+        if left() < 8:
+            log(f"  (out of time at {name})")
+            break
+        wf = weights[name]
+        w, s, b = mx.quantize(wf, group_size=gs, bits=bits)
+        qsets = _copies([w, s, b], qbytes(n, k, bits, gs))
+        fsets = _copies([wf], wf.nbytes)
+        for m in M_TIME:
+            x = mx.random.normal((m, k)).astype(mx.float16)
+            mx.eval(x)
+            row = dict(matrix=name, N=n, K=k, M=m)
+            for vname, fn, sets in (
+                ("ours", lambda x, w, s, b: qmm.quantized_matmul(x, w, s, b, group_size=gs, bits=bits), qsets),
+                ("mlx", lambda x, w, s, b: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=gs, bits=bits), qsets),
+                ("f16", lambda x, w: x @ w.T, fsets),
+            ):
+                try:
+                    L = len(sets)
+                    mx.eval([fn(x, *sets[i]) for i in range(min(L, 4))])  # compile / warm
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        mx.eval([fn(x, *sets[i]) for i in range(L)])
+                        mx.synchronize()
+                    prof.export_chrome_trace(path)
+                    with open(path) as f:
+                        ev = json.load(f)
+                    ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
+                    ks = [e for e in ev if e.get("ph") == "X" and e.get("cat") == "kernel"]
+                    if not ks:
+                        row[vname] = None
+                        continue
+                    tot = sum(e["dur"] for e in ks) * 1e-6
+                    row[vname] = tot / L
+                    row[vname + "_kernels"] = sorted({e["name"][:80] for e in ks})[:4]
+                except Exception as e:  # noqa: BLE001
+                    err_note(f"profile {vname} {name} M={m}", e)
+            qb = qbytes(n, k, bits, gs)
+            bw = qb / row["ours"] / 1e12 if row.get("ours") else float("nan")
+            row["ours_TBps"] = bw
+            RES["profile"].append(row)
+            f = lambda v: f"{row[v] * 1e6:8.1f}" if row.get(v) else "     n/a"  # noqa: E731
+            log(f"{name:9} {n:>6}x{k:<6} M={m:<3} ours {f('ours')} ({bw:5.2f} TB/s on weights) | mlx {f('mlx')} | f16 {f('f16')}")
+        del qsets, fsets
+        save()
+
+
+# --------------------------------------------------------------------------- summary
+def summary(copy_bw: float) -> None:
+    lines = ["", "# qmm on the H200 (batchbench issue 7)", ""]
+    lines.append(f"copy bandwidth {copy_bw / 1e12:.3f} TB/s; floor = 4-bit g32 weight bytes / copy bandwidth")
+    prof = {(r["matrix"], r["M"]): r for r in RES["profile"]}
+    lines += ["", "| matrix | N x K | M | ours us (kernel / chain / indep) | % copy BW | mlx us (kernel / chain) | f16 us (kernel / chain) | floor us |", "|---|---|---|---|---|---|---|---|"]
+    for r in RES["kernel"]:
+        p = prof.get((r["matrix"], r["M"]), {})
+        g = lambda d, k: f"{d[k] * 1e6:.1f}" if d.get(k) else "-"  # noqa: E731
+        kern = p.get("ours") or r.get("ours_indep")
+        pct = f"{100 * r['floor'] / kern:.0f}%" if kern and r.get("floor") == r.get("floor") else "-"
+        lines.append(
+            f"| {r['matrix']} | {r['N']}x{r['K']} | {r['M']} | {g(p, 'ours')} / {g(r, 'ours_chain')} / {g(r, 'ours_indep')} | {pct} | "
+            f"{g(p, 'mlx')} / {g(r, 'mlx_chain')} | {g(p, 'f16')} / {g(r, 'f16_chain')} | {g(r, 'floor')} |"
+        )
+    lines += ["", "| group | B | MLX ms | ours ms | ours fused ms | target ms |", "|---|---|---|---|---|---|"]
+    for r in RES["decode"]:
+        g = lambda k: f"{r[k]:.3f}" if r.get(k) else "-"  # noqa: E731
+        lines.append(f"| {r['gs']} | {r['B']} | {g('mlx_ms')} | {g('ours_ms')} | {g('ours_fused_ms')} | {r['target_ms']} |")
+    bad = [r for r in RES["correctness"] if not r.get("ok")]
+    lines += ["", f"correctness: {len(RES['correctness']) - len(bad)}/{len(RES['correctness'])} cases ok; "
+              f"max rel err fp16 {max([r['err'] for r in RES['correctness'] if r.get('dtype') == 'float16' and r.get('err') is not None] or [float('nan')]):.2e}, "
+              f"bf16 {max([r['err'] for r in RES['correctness'] if r.get('dtype') == 'bfloat16' and r.get('err') is not None] or [float('nan')]):.2e}",
+              f"errors: {len(RES['errors'])}; total time {elapsed():.0f} s"]
+    for l in lines:
+        log(l)
+    if OUT:
+        with open(os.path.join(OUT, "results.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    copy_bw = section_env()
+    weights = {}
+    try:
+        for i, (name, n, k) in enumerate(SHAPES):
+            weights[name] = make_weights(n, k, seed=10 + i)
+    except Exception as e:  # noqa: BLE001
+        err_note("weights", e)
+        save()
+        sys.exit(1)
+    for sec in (
+        lambda: section_correctness(weights),
+        lambda: section_kernels(weights, copy_bw),
+    ):
+        try:
+            sec()
+        except Exception as e:  # noqa: BLE001
+            err_note("section", e)
+        save()
+    try:
+        section_decode(32)
+    except Exception as e:  # noqa: BLE001
+        err_note("decode section", e)
+    save()
+    try:
+        section_profile(weights)
+    except Exception as e:  # noqa: BLE001
+        err_note("profile section", e)
+    summary(copy_bw)
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -136,10 +136,16 @@ def run_config(runner: Runner, rng, n_vocab: int, pp: int, tg: int, pl: int, p: 
 
 
 def warmup(runner: Runner, n_vocab: int, npl: list[int], tgs: bool, rng) -> None:
-    """llama.cpp decodes 16 tokens; we also run one decode step of every batch size in the
-    sweep, so kernels and compiled steps exist before anything is timed."""
+    """llama.cpp decodes 16 tokens. We also prefill one full micro-batch (the GPU's attention
+    library initialises on first use, which took ~40 s on CUDA) and run one decode step of
+    every batch size in the sweep, so kernels and compiled steps exist before timing."""
     cache = runner.cache
     cache.clear()
+    n = min(runner.n_ubatch, cache.kv_size - max(npl) - 16)
+    if n > 16:
+        runner.decode(rng.integers(0, n_vocab, n), np.arange(n), np.zeros(n, np.int64),
+                      np.zeros(n, bool), sync=True)
+        cache.clear()
     runner.decode(rng.integers(0, n_vocab, 16), np.arange(16), np.zeros(16, np.int64),
                   np.zeros(16, bool), sync=True)
     for s in range(1, max(npl)):

@@ -15,6 +15,10 @@ import numpy as np
 
 BLOCK = 32  # cells per skip block (llama.cpp's vec kernel)
 PAD = 256  # n_kv padding (llama.cpp get_n_kv)
+# With skipping, extra masked cells cost nothing; rounding the decode window and the live-block
+# lists up keeps their shapes steady across steps, so compiled decode steps are not re-traced.
+SKIP_WINDOW_PAD = 2048
+LIVE_WIDTH_PAD = 64
 
 
 def pad_to(n: int, m: int) -> int:
@@ -260,7 +264,7 @@ class KVCache:
         nb = pad_to(n, BLOCK) // BLOCK
         occ = self.seq_blocks[seq_ids, :nb]
         counts = occ.sum(axis=1).astype(np.int32)
-        width = max(int(counts.max()) if len(counts) else 0, 1)
+        width = pad_to(max(int(counts.max()) if len(counts) else 0, 1), LIVE_WIDTH_PAD)
         blocks = np.zeros((len(seq_ids), width), np.int32)
         r, c = np.nonzero(occ)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -297,6 +301,8 @@ class KVCache:
             out_rows=None if out_rows is None else mx.array(np.asarray(out_rows, np.int32)),
         )
         if plan.decode:
+            if flash and skip:
+                n = min(pad_to(n, SKIP_WINDOW_PAD), self.n_cells)
             plan.mask = self.build_mask(seq_ids, positions, 0, n)
             if flash and skip:
                 plan.live_blocks = self.live_blocks(seq_ids, n)

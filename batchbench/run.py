@@ -39,7 +39,16 @@ def _modes(values: dict, fa: int) -> list[Mode]:
 
 
 def load(values: dict, dtype):
-    """Load the model named by -m (default preset), checking memory first."""
+    """Load the model named by -m (default preset), checking memory first; quantized linears
+    then run through batchbench's decode matmul (MLX's own kernels where it has none)."""
+    from batchbench.kernels.qmm import use_fast_quantized_linears
+
+    model, cfg, name, quant, n_ctx_train = _load(values, dtype)
+    use_fast_quantized_linears(model)
+    return model, cfg, name, quant, n_ctx_train
+
+
+def _load(values: dict, dtype):
     from batchbench import presets
 
     spec = values["model"] or f"preset:{presets.DEFAULT_PRESET}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,20 @@ def _causal(T: int, N: int, dtype) -> mx.array:
     return mx.where(cols <= rows, 0.0, -mx.inf).astype(dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_decode_attention(scale: float, skip: bool, live: bool):
+    """decode_attention under mx.compile: a traced call replays the kernel without rebuilding
+    its launch (source, template, checks) in Python and MLX on every layer of every step."""
+
+    def with_live(q, k, v, mask, blocks, counts):
+        return decode_attention(q, k, v, scale=scale, mask=mask, skip=skip, live_blocks=(blocks, counts))
+
+    def without_live(q, k, v, mask):
+        return decode_attention(q, k, v, scale=scale, mask=mask, skip=skip)
+
+    return mx.compile(with_live if live else without_live)
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, plan) -> mx.array:
     """Attention of one ubatch; `plan` (an AttentionPlan built by the KV cache) says how.
 
@@ -49,9 +64,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, plan) -> mx.a
     """
     if plan.decode:
         if plan.flash:
-            return decode_attention(
-                q, k, v, scale=scale, mask=plan.mask, skip=plan.skip, live_blocks=plan.live_blocks
-            )
+            fn = _compiled_decode_attention(scale, plan.skip, plan.live_blocks is not None)
+            return fn(q, k, v, plan.mask, *(plan.live_blocks or ()))
         n = plan.mask.shape[-1]
         return masked_attention(q, k[:, :, :n], v[:, :, :n], scale, plan.mask)
     outs = []

@@ -36,6 +36,17 @@ MD_COLUMNS = {
     "S t/s": "speed",
 }
 
+# batchbench's extra md columns -> the keys its jsonl/CSV use, so `extra` reads the same from
+# every format.
+MD_EXTRA_COLUMNS = {
+    "S_PP min": "speed_pp_min",
+    "S_PP max": "speed_pp_max",
+    "S_TG min": "speed_tg_min",
+    "S_TG max": "speed_tg_max",
+    "S_TG x": "ratio_tg",
+    "mem MB": "peak_mem_mb",
+}
+
 # Metrics that compare and plot talk about, by their md names.
 METRICS = {"S_PP": "speed_pp", "S_TG": "speed_tg", "S": "speed"}
 
@@ -199,12 +210,16 @@ def _read_md(path: str, text: str) -> list[ResultRow]:
                 raise _fail(path, i + 1, f"expected {len(names)} cells, got {got}")
             values: dict = {}
             extra = dict(meta)
+            row_mode = mode
             for name, cell in zip(names, cells):
                 if name in MD_COLUMNS:
                     values[MD_COLUMNS[name]] = cell
+                elif name == "mode":  # `--ab` tables interleave the modes row by row
+                    row_mode = cell or mode
                 elif name:
-                    extra[name] = None if cell in ("", "-") else _number(cell)
-            rows.append(_make_row(values, mode, extra, path, i + 1))
+                    key = MD_EXTRA_COLUMNS.get(name, name)
+                    extra[key] = None if cell in ("", "-") else _number(cell)
+            rows.append(_make_row(values, row_mode, extra, path, i + 1))
             i += 1
     return rows
 

@@ -41,9 +41,10 @@ def _modes(values: dict, fa: int) -> list[Mode]:
 def load(values: dict, dtype):
     """Load the model named by -m (default preset), checking memory first; quantized linears
     then run through batchbench's decode matmul (MLX's own kernels where it has none)."""
-    from batchbench.kernels.qmm import use_fast_quantized_linears
+    from batchbench.kernels.qmm import fuse_quantized_projections, use_fast_quantized_linears
 
     model, cfg, name, quant, n_ctx_train = _load(values, dtype)
+    fuse_quantized_projections(model)
     use_fast_quantized_linears(model)
     return model, cfg, name, quant, n_ctx_train
 

@@ -173,16 +173,40 @@ def load_sweep_config(path: str | Path) -> dict[str, Any]:
     return validate(values, str(p))
 
 
+# File key -> the CLI function's parameter name, where the two differ.
+PARAM_NAMES = {"csv": "csv_path"}
+
+
+def _like_cli(value: Any, cli_value: Any) -> Any:
+    # Comma-list flags reach the CLI as strings (`-npp 0,512` -> ["0,512"]); hand file lists over
+    # in the same shape so one parser handles both.
+    if isinstance(value, list) and isinstance(cli_value, list):
+        return [str(v) for v in value]
+    return value
+
+
 def merge_config(file_values: dict, cli_values: dict, explicit: set[str]) -> dict:
     """Command line over file over CLI defaults.
 
     `cli_values` holds every option as the CLI parsed it (defaults included); `explicit` names
-    the options the user actually typed. A typed list replaces the file's list, it does not extend it.
+    the options the user actually typed. A typed list replaces the file's list, it does not
+    extend it. File keys are long option names; where the CLI's parameters are named otherwise
+    (`csv` -> `csv_path`, `kv_unified` -> the `kvu`/`no_kvu` pair) the result uses the CLI's names,
+    and lists take the CLI's list-of-strings shape.
     """
     merged = dict(cli_values)
     for key, value in file_values.items():
-        if key not in explicit:
-            merged[key] = value
+        if key == "kv_unified" and ("kvu" in cli_values or "no_kvu" in cli_values):
+            # Either flag typed on the command line decides; the file must not contradict it.
+            if not explicit & {"kvu", "no_kvu", "kv_unified"}:
+                merged["kvu"], merged["no_kvu"] = bool(value), not value
+            continue
+        name = PARAM_NAMES.get(key, key)
+        if name not in cli_values:
+            name = key
+        if name in explicit or key in explicit:
+            continue
+        merged[name] = _like_cli(value, cli_values.get(name))
     return merged
 
 

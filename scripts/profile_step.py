@@ -24,11 +24,11 @@ def main(bs=(1, 32), pp=4096, steps=16, preset="qwen2.5-7b", quant="q4_0"):
     print(f"backend {backend.describe()}")
     model, cfg = make_preset(preset, mx.float16, quant)
     a = model.args
-    try:
-        from batchbench.kernels.qmm import use_fast_quantized_linears
-        print("fast quantized linears:", use_fast_quantized_linears(model))
-    except Exception as e:  # noqa: BLE001 - report and go on with MLX's kernels
-        print("fast quantized linears unavailable:", e)
+    from batchbench.kernels import qmm
+
+    print("fused projections:", qmm.fuse_quantized_projections(model),
+          "fast quantized linears:", qmm.use_fast_quantized_linears(model))
+    prefill(model, qmm)
     for B in bs:
         cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim,
                         B * (pp + 256) + 256, B, True, mx.float16)
@@ -65,6 +65,25 @@ def main(bs=(1, 32), pp=4096, steps=16, preset="qwen2.5-7b", quant="q4_0"):
         print(f"attention by difference: {rows[0][3] - rows[1][3]:.3f} ms")
         del cache, r
         mx.clear_cache()
+
+
+def prefill(model, qmm, n=4096, ub=512):
+    """Prefill speed with 4-bit GEMMs (MLX) against dequantize + cuBLAS for large M."""
+    a = model.args
+    for min_m in (0, 256, 0, 256):
+        qmm.DEQUANT_MIN_M = min_m
+        cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, n + 256, 1, True, mx.float16)
+        r = Runner(model, cache, Mode("skip"), 2048, ub)
+        toks = np.arange(n) % a.vocab_size
+        r.decode(toks[:ub], np.arange(ub), np.zeros(ub, np.int64), np.zeros(ub, bool), sync=True)
+        cache.clear()
+        t = time.perf_counter()
+        r.decode(toks, np.arange(n), np.zeros(n, np.int64), np.zeros(n, bool), sync=True)
+        dt = time.perf_counter() - t
+        print(f"prefill {n} tokens, ubatch {ub}, dequant from M>={min_m or 'never'}: "
+              f"{dt * 1e3:.1f} ms = {n / dt:.0f} t/s")
+        del cache, r
+    qmm.DEQUANT_MIN_M = 256
 
 
 if __name__ == "__main__":

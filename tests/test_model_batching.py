@@ -90,3 +90,15 @@ def test_new_sequence_joins_a_running_batch(model):
     l = r.decode(np.array([5, 6]), np.array([10, 0]), np.array([0, 1]), np.ones(2, bool), sync=True)
     assert np.isfinite(np.array(l)).all()
     np.testing.assert_allclose(np.array(l)[1], reference_logits(model, [6])[0], **TOL)
+
+
+def test_fused_projections_keep_logits():
+    from batchbench.kernels.qmm import fuse_quantized_projections, use_fast_quantized_linears
+
+    m, cfg = make_preset("tiny", mx.float32, "q4_0", seed=4)
+    toks = list(np.random.default_rng(5).integers(0, 512, 20))
+    before = reference_logits(m, toks)
+    assert fuse_quantized_projections(m) == 2 * cfg["num_hidden_layers"]
+    assert use_fast_quantized_linears(m) == 2 * cfg["num_hidden_layers"] + 1  # o, down, lm_head
+    assert "q_proj" not in m.model.layers[0].self_attn
+    np.testing.assert_allclose(reference_logits(m, toks), before, rtol=1e-5, atol=1e-5)

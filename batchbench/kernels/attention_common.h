@@ -11,85 +11,137 @@
 // The backend layer (attention_cuda.h / attention_metal.h) supplies BB_FN, BB_GLOBAL,
 // BB_SHARED, BB_THREAD, BB_UNROLL, warp/block primitives and the chip helpers
 // bb_cp_async16, bb_ldsm_rows(_trans), bb_mma_16816.
-#pragma once
+#ifndef BB_ATTENTION_COMMON_H
+#define BB_ATTENTION_COMMON_H
 
 #define BB_BLOCK 32     // KV cells per block
 #define BB_MAX_SPLIT 64 // merge factors kept in shared memory
+#define BB_LIST_CAP 256 // block ids buffered per warp
 
 constexpr BB_FN int bb_attn_pitch(int d) { return d + 8; } // padded row: no bank conflicts
 
 // Bytes of shared (threadgroup) memory the kernel needs; attention.py mirrors this.
+// Pipeline stages + per-warp block lists; the merge area reuses the same bytes.
 template <int D, int W, int STAGES, int ESIZE>
 constexpr BB_FN int bb_attn_smem_bytes() {
-  return (W * STAGES * 2 * BB_BLOCK * bb_attn_pitch(D) * ESIZE) >
+  return (W * STAGES * 2 * BB_BLOCK * bb_attn_pitch(D) * ESIZE + W * BB_LIST_CAP * 4) >
                  (4 * (W * 16 * D + W * 16 * 2 + 16 * 2 + BB_MAX_SPLIT * 16) + 16)
-             ? (W * STAGES * 2 * BB_BLOCK * bb_attn_pitch(D) * ESIZE)
+             ? (W * STAGES * 2 * BB_BLOCK * bb_attn_pitch(D) * ESIZE + W * BB_LIST_CAP * 4)
              : (4 * (W * 16 * D + W * 16 * 2 + 16 * 2 + BB_MAX_SPLIT * 16) + 16);
 }
 
-// The sequence of 32-cell blocks one warp processes, in ascending order.
-//   LIVE:  its share of the row's live list [lo, hi), every W-th entry;
-//   else:  blocks split*W + warp + i * (n_split * W), i = 0, 1, ... (round-robin, so
-//          contiguous runs of live blocks spread evenly over splits and warps); with SKIP
-//          a candidate is dropped when its 32 mask values are all -inf.
-template <typename MaskPtr, typename LivePtr, bool SKIP, bool LIVE>
-struct BBCursor {
-  MaskPtr mrow;   // mask row of this token
-  LivePtr lrow;   // live row: [count, block0, block1, ...]
-  int n_used;     // N: cells in use (mask columns)
-  int n_blk;      // ceil(N / 32)
-  int pos, end, step; // LIVE: list positions; else: candidate block ids
-  int cbase;      // SKIP scan: block id of bit 0 of `bits`
-  uint32_t bits;  // SKIP scan: live candidates not yet returned
+// Append the lanes with `ok` to list[at..] in lane order; returns how many were appended.
+BB_FN int bb_attn_append(BB_SHARED int* list, int at, bool ok, int b, int lane) {
+  const uint32_t m = bb_ballot(ok);
+  if (ok) {
+    list[at + bb_popc(m & ((1u << lane) - 1u))] = b;
+  }
+  return bb_popc(m);
+}
 
-  // Test 32 candidates at once: one warp vote each (32 mask values per candidate).
-  BB_FN void refill(int lane) {
-    uint32_t found = 0;
-    BB_UNROLL
-    for (int j = 0; j < 32; ++j) {
-      const int b = pos + j * step;
-      const int cell = b * BB_BLOCK + lane;
-      bool vis = false;
-      if (b < n_blk && cell < n_used) {
-        vis = bb_mask_value(mrow[cell]) != bb_neg_inf();
+// The 32-cell blocks one warp processes, ascending, buffered BB_LIST_CAP at a time in a
+// per-warp list in shared memory (so their addresses are known one pipeline stage ahead):
+//   LIVE:  its share of the row's live list: entries [lo, hi) of this split, every W-th;
+//   else:  candidate blocks base + i * step with base = split * W + warp and
+//          step = n_split * W (round-robin: contiguous runs of live blocks spread evenly
+//          over splits and warps); with SKIP a candidate whose 32 mask values are all
+//          -inf is dropped. The scan tests 32 candidates per warp step, one per lane,
+//          with 16-byte loads, several steps in flight.
+template <typename MT, typename MaskPtr, typename LivePtr, bool SKIP, bool LIVE>
+struct BBCursor {
+  MaskPtr mrow;         // mask row of this token
+  LivePtr lrow;         // live row: [count, block0, block1, ...]
+  BB_SHARED int* list;  // this warp's buffered block ids
+  int n_used;           // N: cells in use (mask columns)
+  int n_blk;            // ceil(N / 32)
+  int base, step;       // candidate (or live entry) i is base + i * step
+  int src, src_end;     // next candidate index, number of candidates
+  int count, pos;       // list fill and read position
+  bool vec_ok;          // mask rows 16-byte aligned
+
+  BB_FN void fill(int lane) {
+    int cnt = 0;
+    if (LIVE) {
+      while (cnt <= BB_LIST_CAP - 32 && src < src_end) {
+        const int j = src + lane;
+        int b = -1;
+        if (j < src_end) {
+          b = lrow[1 + base + j * step];
+        }
+        // A bad entry must not send loads out of bounds.
+        cnt += bb_attn_append(list, cnt, b >= 0 && b < n_blk, b, lane);
+        src += 32;
       }
-      if (bb_ballot(vis) != 0u) {
-        found |= 1u << j;
+    } else if (SKIP) {
+      constexpr int NV = 2 * (int)sizeof(MT); // 16-byte words per 32 mask values
+      constexpr int U = 16 / NV;              // warp steps in flight
+      const uint32_t hidden = bb_mask_hidden_word<MT>();
+      while (cnt <= BB_LIST_CAP - 32 * U && src < src_end) {
+        uint4 raw[U][NV];
+        bool vis[U];
+        BB_UNROLL
+        for (int u = 0; u < U; ++u) {
+          const int i = src + 32 * u + lane;
+          const int b = base + i * step;
+          vis[u] = false;
+          if (i < src_end && vec_ok && (b + 1) * BB_BLOCK <= n_used) {
+            BB_GLOBAL const uint4* p = (BB_GLOBAL const uint4*)(mrow + (long)b * BB_BLOCK);
+            BB_UNROLL
+            for (int w = 0; w < NV; ++w) {
+              raw[u][w] = p[w];
+            }
+          } else {
+            BB_UNROLL
+            for (int w = 0; w < NV; ++w) {
+              raw[u][w].x = raw[u][w].y = raw[u][w].z = raw[u][w].w = hidden;
+            }
+            if (i < src_end) { // partial last block or unaligned rows: value by value
+              for (int e = 0; e < BB_BLOCK; ++e) {
+                const int cell = b * BB_BLOCK + e;
+                if (cell < n_used && bb_mask_value(mrow[cell]) != bb_neg_inf()) {
+                  vis[u] = true;
+                }
+              }
+            }
+          }
+        }
+        BB_UNROLL
+        for (int u = 0; u < U; ++u) {
+          bool any = vis[u];
+          BB_UNROLL
+          for (int w = 0; w < NV; ++w) {
+            any = any || raw[u][w].x != hidden || raw[u][w].y != hidden ||
+                  raw[u][w].z != hidden || raw[u][w].w != hidden;
+          }
+          const int b = base + (src + 32 * u + lane) * step;
+          cnt += bb_attn_append(list, cnt, any, b, lane);
+        }
+        src += 32 * U;
+      }
+    } else {
+      while (cnt <= BB_LIST_CAP - 32 && src < src_end) {
+        const int i = src + lane;
+        cnt += bb_attn_append(list, cnt, i < src_end, base + i * step, lane);
+        src += 32;
       }
     }
-    bits = found;
-    cbase = pos;
-    pos += 32 * step;
+    count = cnt;
+    pos = 0;
+    bb_sync_warp();
   }
 
   BB_FN int next(int lane) {
-    if (LIVE) {
-      while (pos < end) {
-        const int b = lrow[1 + pos];
-        pos += step;
-        if (b >= 0 && b < n_blk) { // a bad entry must not send loads out of bounds
-          return b;
-        }
-      }
-      return -1;
-    } else if (SKIP) {
-      while (bits == 0u) {
-        if (pos >= n_blk) {
-          return -1;
-        }
-        refill(lane);
-      }
-      const int j = bb_lowest_bit(bits);
-      bits &= bits - 1u;
-      return cbase + j * step;
-    } else {
-      if (pos >= n_blk) {
+    if (pos == count) {
+      if (src >= src_end) {
         return -1;
       }
-      const int b = pos;
-      pos += step;
-      return b;
+      bb_sync_warp(); // every lane has read the list before it is overwritten
+      fill(lane);
+      if (count == 0) {
+        return -1;
+      }
     }
+    return list[pos++];
   }
 };
 
@@ -161,27 +213,28 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     }
   }
 
-  BBCursor<MaskPtr, LivePtr, SKIP, LIVE> cur;
+  BBCursor<MT, MaskPtr, LivePtr, SKIP, LIVE> cur;
   cur.mrow = mrow;
+  cur.lrow = LIVE ? live + (long)row * live_stride : live;
+  cur.list = (BB_SHARED int*)(smem + W * STAGES * 2 * TILE * (int)sizeof(T)) + warp * BB_LIST_CAP;
   cur.n_used = n_used;
   cur.n_blk = n_blk;
-  cur.bits = 0u;
-  cur.cbase = 0;
+  cur.vec_ok = (n_used * (int)sizeof(MT)) % 16 == 0;
+  cur.src = 0;
+  cur.count = 0;
+  cur.pos = 0;
   if (LIVE) {
-    LivePtr lrow = live + (long)row * live_stride;
-    cur.lrow = lrow;
-    int count = bb_mini(lrow[0], live_stride - 1);
+    int count = bb_mini(cur.lrow[0], live_stride - 1);
     count = count < 0 ? 0 : count;
     const int lo = (int)(((long)count * split) / n_split);
     const int hi = (int)(((long)count * (split + 1)) / n_split);
-    cur.pos = lo + warp;
-    cur.end = hi;
+    cur.base = lo + warp;
     cur.step = W;
+    cur.src_end = hi - cur.base > 0 ? (hi - cur.base + W - 1) / W : 0;
   } else {
-    cur.lrow = live;
-    cur.pos = split * W + warp;
-    cur.end = n_blk;
+    cur.base = split * W + warp;
     cur.step = n_split * W;
+    cur.src_end = n_blk - cur.base > 0 ? (n_blk - cur.base + cur.step - 1) / cur.step : 0;
   }
 
   float m0 = NEG_INF, m1 = NEG_INF; // running max (log2 domain) of rows g, g+8
@@ -437,3 +490,5 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     }
   }
 }
+
+#endif // BB_ATTENTION_COMMON_H

@@ -4,11 +4,11 @@
 // votes and shuffles, barriers, atomics, and the few tensor-core / async-copy
 // instructions. Each PTX helper has a plain variant under BB_PORTABLE, which the
 // CPU verification harness compiles instead (same fragment layouts, no PTX).
-#pragma once
+#ifndef BB_ATTENTION_CUDA_H
+#define BB_ATTENTION_CUDA_H
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <stdint.h>
 
 #define BB_FN __device__ __forceinline__
 #define BB_GLOBAL
@@ -67,6 +67,18 @@ BB_FN float bb_mask_value(__nv_bfloat16 x) { return __bfloat162float(x); }
 BB_FN float bb_mask_value(float x) { return x; }
 BB_FN float bb_mask_value(bool x) { return x ? 0.0f : bb_neg_inf(); }
 
+// 32-bit word of a mask whose values are all hidden (-inf, or false).
+template <typename MT>
+BB_FN uint32_t bb_mask_hidden_word();
+template <>
+BB_FN uint32_t bb_mask_hidden_word<__half>() { return 0xfc00fc00u; }
+template <>
+BB_FN uint32_t bb_mask_hidden_word<__nv_bfloat16>() { return 0xff80ff80u; }
+template <>
+BB_FN uint32_t bb_mask_hidden_word<float>() { return 0xff800000u; }
+template <>
+BB_FN uint32_t bb_mask_hidden_word<bool>() { return 0u; }
+
 #ifdef BB_PORTABLE
 BB_FN float bb_exp2(float x) { return exp2f(x); }
 #else
@@ -85,7 +97,7 @@ BB_FN void bb_sync_warp() { __syncwarp(); }
 BB_FN uint32_t bb_shfl(uint32_t v, int src) { return __shfl_sync(0xffffffffu, v, src); }
 BB_FN float bb_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 BB_FN uint32_t bb_ballot(bool p) { return __ballot_sync(0xffffffffu, p); }
-BB_FN int bb_lowest_bit(uint32_t x) { return __ffs(x) - 1; }
+BB_FN int bb_popc(uint32_t x) { return __popc(x); }
 
 // ---- device memory ----------------------------------------------------------
 
@@ -218,3 +230,5 @@ BB_FN void bb_mma_16816<__nv_bfloat16>(float* acc, const uint32_t* a, uint32_t b
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 #endif
+
+#endif // BB_ATTENTION_CUDA_H

@@ -4,7 +4,8 @@
 // helpers are the portable variants: the m16n8k16 product is gathered with simd
 // shuffles and copies are synchronous. A simdgroup_matrix version can replace them
 // later without touching the algorithm.
-#pragma once
+#ifndef BB_ATTENTION_METAL_H
+#define BB_ATTENTION_METAL_H
 
 #include <metal_stdlib>
 using namespace metal;
@@ -72,6 +73,17 @@ BB_FN float bb_mask_value(bfloat x) { return float(x); }
 BB_FN float bb_mask_value(float x) { return x; }
 BB_FN float bb_mask_value(bool x) { return x ? 0.0f : -INFINITY; }
 
+template <typename MT>
+BB_FN uint bb_mask_hidden_word();
+template <>
+BB_FN uint bb_mask_hidden_word<half>() { return 0xfc00fc00u; }
+template <>
+BB_FN uint bb_mask_hidden_word<bfloat>() { return 0xff80ff80u; }
+template <>
+BB_FN uint bb_mask_hidden_word<float>() { return 0xff800000u; }
+template <>
+BB_FN uint bb_mask_hidden_word<bool>() { return 0u; }
+
 BB_FN float bb_exp2(float x) { return exp2(x); }
 
 // ---- simdgroup and threadgroup ----------------------------------------------
@@ -83,7 +95,7 @@ BB_FN float bb_shfl_xor(float v, int m) { return simd_shuffle_xor(v, ushort(m));
 BB_FN uint bb_ballot(bool p) {
   return uint(static_cast<simd_vote::vote_t>(simd_ballot(p)) & 0xffffffffu);
 }
-BB_FN int bb_lowest_bit(uint x) { return int(ctz(x)); }
+BB_FN int bb_popc(uint x) { return int(popcount(x)); }
 
 // ---- device memory ----------------------------------------------------------
 
@@ -155,3 +167,5 @@ BB_FN void bb_mma_16816(thread float* acc, thread const uint* a, uint b0, uint b
     acc[3] += a1l * b10l + a1h * b10h + a3l * b11l + a3h * b11h;
   }
 }
+
+#endif // BB_ATTENTION_METAL_H

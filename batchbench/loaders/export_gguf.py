@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any, Callable, Union
 
 import gguf
@@ -19,7 +20,6 @@ from gguf import GGMLQuantizationType as T
 from mlx.utils import tree_flatten
 
 from batchbench.loaders.gguf import _GLOBAL, _LAYER, permute
-from batchbench.loaders.gguf_quants import unpack_nibbles
 
 TYPES = {"f16": None, "q8_0": 8, "q4_0": 4}
 _QTYPE = {4: T.Q4_0, 8: T.Q8_0}
@@ -68,7 +68,10 @@ def _np(a: mx.array) -> np.ndarray:
 
 
 def _q_blocks(m: dict[str, mx.array], bits: int) -> np.ndarray | None:
-    """MLX affine (group 32) weight -> GGUF Q4_0/Q8_0 block bytes [rows, n_blocks * size], or None if not exact."""
+    """MLX affine (group 32) weight -> GGUF Q4_0/Q8_0 block bytes [rows, n_blocks * size], or None if not exact.
+
+    The repacking runs in MLX (on the GPU where there is one): a 7B export is ~7e9 nibbles.
+    """
     scales, biases = m["scales"], m["biases"]
     d = scales.astype(mx.float16)
     exact = mx.array_equal(d.astype(scales.dtype), scales) and mx.array_equal(
@@ -76,21 +79,28 @@ def _q_blocks(m: dict[str, mx.array], bits: int) -> np.ndarray | None:
     )
     if not exact.item():
         return None
-    rows = m["weight"].shape[0]
-    w = np.array(m["weight"])
-    d = np.array(d).reshape(rows, -1, 1).view(np.uint8)  # 2 bytes each, little-endian
+    w = m["weight"]
+    rows = w.shape[0]
+    d = mx.view(d, mx.uint8).reshape(rows, -1, 2)  # little-endian fp16 bytes
     if bits == 4:
-        q = unpack_nibbles(w).reshape(rows, -1, 32)
+        shifts = mx.arange(0, 32, 4, dtype=mx.uint32)
+        q = ((w[..., None] >> shifts) & 0xF).astype(mx.uint8).reshape(rows, -1, 32)
         # Q4_0: byte j holds element j (low nibble) and element j + 16 (high nibble).
         qs = q[..., :16] | (q[..., 16:] << 4)
     else:
         # MLX 8-bit: element k in byte k of the little-endian words; GGUF stores q - 128 as int8.
-        qs = (w.view(np.uint8).reshape(rows, -1, 32).astype(np.int16) - 128).astype(np.int8).view(np.uint8)
-    return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
+        qs = mx.view(w, mx.uint8).reshape(rows, -1, 32) ^ 0x80
+    return np.array(mx.concatenate([d, qs], axis=-1).reshape(rows, -1))
 
 
-def _tensor_plan(model: nn.Module, cfg: dict, type: str) -> list[tuple[str, tuple, Any, Callable[[], np.ndarray]]]:
-    """(gguf name, byte shape, GGML type, producer) per tensor; producers run one at a time at write time."""
+Plan = list[tuple[str, tuple, Any, Callable[[], np.ndarray]]]
+
+
+def _tensor_plan(model: nn.Module, cfg: dict, type: str) -> tuple[Plan, dict[str, int], str]:
+    """(gguf name, byte shape, GGML type, producer) per tensor, the repack stats, the GGUF arch.
+
+    Producers run one at a time while writing, so only one converted tensor exists at once.
+    """
     arch = cfg["model_type"] if cfg["model_type"] != "mistral" else "llama"
     bits = TYPES[type]
     modules: dict[str, dict[str, mx.array]] = {}
@@ -123,11 +133,11 @@ def _tensor_plan(model: nn.Module, cfg: dict, type: str) -> list[tuple[str, tupl
 
         if "bias" in m:
             b = m["bias"]
-            plan.append((f"{name}.bias", tuple(b.shape), T.F32, lambda b=b, fix=fix: fix(_np(b).astype(np.float32))))
+            plan.append((f"{name}.bias", tuple(b.shape), T.F32, lambda b=b, fix=fix: fix(_np(b).astype(np.float32, copy=False))))
         w = m["weight"]
         src_bits = layer_bits.get(path)
         if w.ndim == 1:  # norms stay F32, as llama.cpp writes them
-            plan.append((f"{name}.weight", tuple(w.shape), T.F32, lambda w=w: _np(w).astype(np.float32)))
+            plan.append((f"{name}.weight", tuple(w.shape), T.F32, lambda w=w: _np(w).astype(np.float32, copy=False)))
             continue
         rows = w.shape[0]
         cols = w.shape[1] * 32 // src_bits if src_bits else w.shape[1]
@@ -140,7 +150,7 @@ def _tensor_plan(model: nn.Module, cfg: dict, type: str) -> list[tuple[str, tupl
 
         if bits is None or (not src_bits and path == "model.embed_tokens") or cols % 32:
             # The embedding stays float (as the preset holds it), so the round trip is lossless.
-            plan.append((f"{name}.weight", (rows, cols), T.F16, lambda f=as_float, fix=fix: fix(f().astype(np.float16))))
+            plan.append((f"{name}.weight", (rows, cols), T.F16, lambda f=as_float, fix=fix: fix(f().astype(np.float16, copy=False))))
             continue
         qtype = _QTYPE[bits]
         size = gguf.GGML_QUANT_SIZES[qtype][1]
@@ -259,3 +269,21 @@ def export_main(preset: str, type: str, out: str) -> ExportSummary:
     note = f", {s.requantized} requantized (lossy)" if s.requantized else ""
     print(f"wrote {s.path}: {s.arch} {s.type}, {s.n_tensors} tensors, {s.n_bytes / 2**20:.1f} MiB{note}")
     return s
+
+
+def register(app) -> None:
+    """Add `batchbench export-gguf` to a Typer app."""
+    import typer
+
+    @app.command("export-gguf")
+    def export_cmd(
+        out: str = typer.Argument(..., help="output .gguf file"),
+        preset: str = typer.Option(..., "--preset", help="preset name (see `batchbench presets`)"),
+        type: str = typer.Option("q4_0", "--type", help="f16, q8_0 or q4_0"),
+    ) -> None:
+        """Write a random-weight preset as a GGUF that llama.cpp and batchbench both load."""
+        try:
+            export_main(preset, type, out)
+        except (ValueError, OSError) as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            raise typer.Exit(1) from None

@@ -2,20 +2,21 @@
 
 mx.load keeps Q4_0/Q4_1/Q8_0 as MLX affine (group 32), which we run as is. It decodes Q4_K wrongly,
 silently drops types it does not know (MXFP4, TQ1_0) along with every later tensor, and fails on
-others, so the header (gguf.GGUFReader) decides first, and Q4_K/Q6_K/BF16 are decoded here.
+others, so the header decides first, and Q4_K/Q6_K/BF16 are decoded here from the raw bytes.
 """
 
 from __future__ import annotations
 
 import re
+import struct
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader, GGUFValueType
 
 from batchbench.loaders import gguf_quants as gq
+from batchbench.loaders.gguf_header import Header, TensorInfo, raw_rows, read_header
 from batchbench.loaders.common import (
     LoadedModel,
     cast_floats,
@@ -86,33 +87,19 @@ def permute(w, n_head: int):
 
 
 class _Meta:
-    def __init__(self, reader: GGUFReader, path: str):
-        self.fields = reader.fields
+    def __init__(self, header: Header, path: str):
+        self.values = header.metadata
         self.path = path
 
     def get(self, key: str, default: Any = None) -> Any:
-        f = self.fields.get(key)
-        if f is None:
-            return default
-        if f.types and f.types[0] == GGUFValueType.ARRAY:
-            return f.contents()
-        v = f.contents()
-        return v.item() if hasattr(v, "item") else v
+        v = self.values.get(key, default)
+        return v.item() if isinstance(v, np.generic) else v
 
     def need(self, key: str) -> Any:
         v = self.get(key)
         if v is None:
             raise ValueError(f"{self.path}: missing GGUF key {key}")
         return v
-
-    def count(self, key: str) -> int | None:
-        f = self.fields.get(key)
-        return None if f is None else len(f.data)
-
-
-def _shape(t) -> tuple[int, ...]:
-    # The header lists ggml order (ne0 = row length first); MLX/numpy order is reversed.
-    return tuple(int(x) for x in reversed(t.shape.tolist()))
 
 
 def _config(meta: _Meta, arch: str, shapes: dict[str, tuple]) -> dict[str, Any]:
@@ -171,23 +158,23 @@ def _quant_summary(types: dict[str, str]) -> str:
 def load_gguf(path: str, dtype) -> LoadedModel:
     dtype = resolve_dtype(dtype)
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # truncated or not GGUF at all
-        raise ValueError(f"{path}: cannot read GGUF header ({type(e).__name__}: {e})") from None
-    meta = _Meta(reader, path)
+        header = read_header(path)
+    except (ValueError, OSError, struct.error, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read GGUF header ({e})") from None
+    meta = _Meta(header, path)
     arch = meta.get("general.architecture")
     if arch not in ARCHS:
         raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHS)}")
 
-    header = {t.name: t for t in reader.tensors}
-    for t in reader.tensors:
-        if t.tensor_type not in SUPPORTED:
+    tensors: dict[str, TensorInfo] = {t.name: t for t in header.tensors}
+    for t in header.tensors:
+        if t.type not in SUPPORTED:
             names = ", ".join(x.name for x in SUPPORTED)
-            raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, not supported (supported: {names})")
-        if NATIVE.get(t.tensor_type) and not t.name.endswith(".weight"):
+            raise ValueError(f"{path}: tensor {t.name} has type {t.type_name}, not supported (supported: {names})")
+        if NATIVE.get(t.type) and not t.name.endswith(".weight"):
             raise ValueError(f"{path}: quantized tensor {t.name} is not a weight")
         hf_name(t.name)  # unknown names fail here, before the big read
-    shapes = {n: _shape(t) for n, t in header.items()}
+    shapes = {n: t.shape for n, t in tensors.items()}
     cfg = _config(meta, arch, shapes)
 
     try:
@@ -198,15 +185,15 @@ def load_gguf(path: str, dtype) -> LoadedModel:
     weights: dict[str, mx.array] = {}
     qparams: dict[str, dict] = {}
     wtypes: dict[str, str] = {}
-    for name, t in header.items():
+    for name, t in tensors.items():
         rows, cols = shapes[name][0], shapes[name][-1]
         hf = hf_name(name)
         module = hf.rsplit(".", 1)[0]
-        tname = t.tensor_type.name.lower()
-        if t.tensor_type in (T.F32, T.F16):
+        tname = t.type.name.lower()
+        if t.type in (T.F32, T.F16):
             arr = _take(loaded, name, shapes[name], None, path, tname)
-        elif t.tensor_type in NATIVE:
-            bits = NATIVE[t.tensor_type]
+        elif t.type in NATIVE:
+            bits = NATIVE[t.type]
             base = name[: -len(".weight")]
             arr = _take(loaded, name, (rows, cols * bits // 32), mx.uint32, path, tname)
             for part in ("scales", "biases"):
@@ -215,20 +202,20 @@ def load_gguf(path: str, dtype) -> LoadedModel:
         else:
             # mx.load's version of these is wrong or untrusted; decode the raw bytes instead.
             loaded.pop(name, None)
-            raw = np.asarray(t.data)
-            if t.tensor_type == T.Q4_K:
-                q, s, b = gq.q4_k_affine(raw.reshape(rows, -1))
+            raw = raw_rows(path, t)
+            if t.type == T.Q4_K:
+                q, s, b = gq.q4_k_affine(raw)
                 arr = mx.array(gq.pack_nibbles(q))
                 weights[f"{module}.scales"] = mx.array(s)
                 weights[f"{module}.biases"] = mx.array(b)
                 qparams[module] = {"group_size": 32, "bits": 4, "mode": "affine"}
                 tname = "q4_k->affine4"
-            elif t.tensor_type == T.Q6_K:
+            elif t.type == T.Q6_K:
                 out = np.float16 if dtype == mx.float16 else np.float32
-                arr = mx.array(gq.dequantize_q6_k(raw.reshape(rows, -1), out))
+                arr = mx.array(gq.dequantize_q6_k(raw, out))
                 tname = f"q6_k->{_dtname(dtype)}"
             else:
-                arr = mx.array(gq.dequantize_bf16(raw).reshape(shapes[name]))
+                arr = mx.array(gq.dequantize_bf16(np.ascontiguousarray(raw)).reshape(shapes[name]))
                 tname = f"bf16->{_dtname(dtype)}"
         weights[hf] = arr
         # Summarise the matmul weights; the embedding is a gather unless it doubles as the output.

@@ -88,14 +88,14 @@ def load_hf(path: str, dtype) -> LoadedModel:
         quantize_layers(model, qparams)
 
     for k, v in weights.items():
-        if v.dtype not in FLOAT_DTYPES and not k.rsplit(".", 1)[0] in qparams:
+        if v.dtype not in FLOAT_DTYPES and k.rsplit(".", 1)[0] not in qparams:
             raise ValueError(f"{path}: tensor {k} has unsupported dtype {v.dtype}")
     load_strict(model, cast_floats(weights, dtype), path)
     n_ctx = int(cfg.get("max_position_embeddings") or model.args.max_position_embeddings)
     return LoadedModel(
         model=model,
         config=cfg,
-        quant=_describe(q, weights) if q else _dtype_name(weights),
+        quant=_describe(q) if q else _dtype_name(weights),
         source=path,
         n_ctx_train=n_ctx,
         n_params=count_params(model),
@@ -109,6 +109,6 @@ def _dtype_name(weights: dict[str, mx.array]) -> str:
     return found[0] if len(found) == 1 else "mixed: " + ", ".join(found)
 
 
-def _describe(q: dict[str, Any], weights: dict[str, mx.array]) -> str:
+def _describe(q: dict[str, Any]) -> str:
     mode = q.get("mode", "affine")
     return f"mlx {mode} {q.get('bits', 4)}-bit g{q.get('group_size', 64)}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,9 @@ def _causal(T: int, N: int, dtype) -> mx.array:
     return mx.where(cols <= rows, 0.0, -mx.inf).astype(dtype)
 
 
+_COMPILE_OK = [True]
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_decode_attention(scale: float, skip: bool, live: bool):
     """decode_attention under mx.compile: a traced call replays the kernel without rebuilding
@@ -64,8 +68,17 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, plan) -> mx.a
     """
     if plan.decode:
         if plan.flash:
-            fn = _compiled_decode_attention(scale, plan.skip, plan.live_blocks is not None)
-            return fn(q, k, v, plan.mask, *(plan.live_blocks or ()))
+            args = (q, k, v, plan.mask, *(plan.live_blocks or ()))
+            if _COMPILE_OK[0]:
+                try:
+                    fn = _compiled_decode_attention(scale, plan.skip, plan.live_blocks is not None)
+                    return fn(*args)
+                except Exception as e:  # noqa: BLE001 - keep running, uncompiled, and say so
+                    _COMPILE_OK[0] = False
+                    print(f"note: compiled decode attention failed ({e}); running it uncompiled",
+                          file=sys.stderr)
+            return decode_attention(q, k, v, scale=scale, mask=plan.mask, skip=plan.skip,
+                                    live_blocks=plan.live_blocks)
         n = plan.mask.shape[-1]
         return masked_attention(q, k[:, :, :n], v[:, :, :n], scale, plan.mask)
     outs = []

@@ -74,9 +74,13 @@ class Attention(nn.Module):
     def qkv(self, x: mx.array, positions: mx.array):
         """Projections and RoPE: a pure function of x, compiled for decode steps."""
         _, T, _ = x.shape
-        q = self.q_proj(x).reshape(1, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(1, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(1, T, self.n_kv_heads, self.head_dim)
+        if "qkv_proj" in self:  # one fused launch (batchbench.kernels.qmm.fuse_quantized_projections)
+            q, k, v = self.qkv_proj(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(1, T, self.n_heads, self.head_dim)
+        k = k.reshape(1, T, self.n_kv_heads, self.head_dim)
+        v = v.reshape(1, T, self.n_kv_heads, self.head_dim)
         return self._rope(q, positions), self._rope(k, positions), v.transpose(0, 2, 1, 3)
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
@@ -95,7 +99,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up_proj" in self:
+            g, u = self.gate_up_proj(x)
+        else:
+            g, u = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.silu(g) * u)
 
 
 class TransformerBlock(nn.Module):

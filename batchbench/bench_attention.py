@@ -1,0 +1,319 @@
+"""Micro-benchmark of the block-skipping decode attention (`batchbench bench-attention`).
+
+B sequences of ctx cells each in one unified cache (K/V [1, Hkv, B*ctx, D]), one decode
+row per sequence. For every (B, ctx) it times a chain of dependent layers (layer i+1's q
+is layer i's output; each layer has its own K/V so nothing stays in L2):
+  ours list   : skip with the per-row live-block lists the cache provides
+  ours scan   : skip by scanning the mask in the kernel (no lists)
+  ours noskip : every block (the A/B baseline, --no-skip)
+  sdpa unified: mx.fast.scaled_dot_product_attention on the unified cache with the mask
+  sdpa separate: SDPA on separate per-sequence caches [B, Hkv, ctx, D], no mask
+Kernel time = sum of CUDA kernel durations (torch.profiler in this process) per layer;
+wall = MLX wall clock per layer inside the chain. TB/s = K/V bytes the B sequences own / time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import mlx.core as mx
+
+from batchbench import backend
+from batchbench.kernels.attention import BLOCK, decode_attention, decode_attention_ref
+
+HQ, HKV, D = 28, 4, 128
+DTYPE = mx.float16
+
+
+@dataclass
+class Timing:
+    kernel_us: Optional[float]
+    wall_us: float
+
+
+@dataclass
+class Row:
+    b: int
+    ctx: int
+    kv_bytes: int
+    times: dict = field(default_factory=dict)  # variant -> Timing
+    errors: dict = field(default_factory=dict)  # variant -> max relative error vs fp32
+
+
+# ---------------------------------------------------------------------------------------
+# Timing helpers
+
+
+def _torch_cuda():
+    try:
+        import torch  # noqa: WPS433 (optional, only for the profiler)
+    except Exception:
+        return None
+    try:
+        return torch if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+def kernel_time_us(run: Callable[[], None], n_layers: int) -> Optional[float]:
+    """Sum of CUDA kernel durations of one `run()` per layer, or None without torch/CUDA."""
+    torch = _torch_cuda()
+    if torch is None or backend.BACKEND != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    mx.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        mx.synchronize()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text()).get("traceEvents", [])
+    total = sum(float(e.get("dur", 0.0)) for e in events if e.get("cat") == "kernel")
+    return total / n_layers
+
+
+def wall_time_us(run: Callable[[], None], n_layers: int, reps: int) -> float:
+    run()
+    mx.synchronize()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        mx.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e6 / n_layers
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> tuple[Optional[float], float]:
+    """MLX `x * 2` over nbytes of fp16 (read + write): (TB/s by kernel time, TB/s by wall)."""
+    x = mx.random.normal((nbytes // 2,)).astype(mx.float16)
+    mx.eval(x)
+    holder = {}
+
+    def run():
+        holder["y"] = x * 2
+        mx.eval(holder["y"])
+
+    k_us = kernel_time_us(run, 1)
+    w_us = wall_time_us(run, 1, reps)
+    moved = 2 * nbytes
+    return (moved / (k_us * 1e-6) / 1e12 if k_us else None), moved / (w_us * 1e-6) / 1e12
+
+
+# ---------------------------------------------------------------------------------------
+# Problem set-up
+
+
+def unified_problem(b: int, ctx: int, n_sets: int, pad: int = 256, seed: int = 0):
+    """Per-layer K/V (unified and separate layouts), q, mask, live lists."""
+    mx.random.seed(seed)
+    n = b * ctx
+    s = n + pad  # the cache buffer is larger than the used range
+    layers = []
+    for _ in range(n_sets):
+        k = mx.random.normal((1, HKV, s, D)).astype(DTYPE)
+        v = mx.random.normal((1, HKV, s, D)).astype(DTYPE)
+        # Separate per-sequence caches with the same values.
+        ks = k[0, :, :n].reshape(HKV, b, ctx, D).transpose(1, 0, 2, 3)
+        vs = v[0, :, :n].reshape(HKV, b, ctx, D).transpose(1, 0, 2, 3)
+        ks, vs = mx.contiguous(ks), mx.contiguous(vs)
+        mx.eval(k, v, ks, vs)
+        layers.append((k, v, ks, vs))
+    q = mx.random.normal((1, HQ, b, D)).astype(DTYPE)
+    cell_seq = mx.arange(n) // ctx
+    mask = mx.where(cell_seq[None, :] == mx.arange(b)[:, None], 0.0, -math.inf).astype(DTYPE)
+    per = ctx // BLOCK
+    blocks = (mx.arange(b)[:, None] * per + mx.arange(per)[None, :]).astype(mx.int32)
+    counts = mx.full((b,), per, dtype=mx.int32)
+    mx.eval(q, mask, blocks, counts)
+    return layers, q, mask, (blocks, counts)
+
+
+def _chain(step: Callable[[mx.array, int], mx.array], q0: mx.array, n_layers: int):
+    def run():
+        x = q0
+        for i in range(n_layers):
+            x = step(x, i)
+        mx.eval(x)
+
+    return run
+
+
+def main(
+    bs: Sequence[int] = (2, 3, 8, 32),
+    ctxs: Sequence[int] = (4096, 8192),
+    reps: int = 5,
+    out: Optional[str] = None,
+    n_layers: int = 32,
+    n_sets: int = 4,
+    check: bool = True,
+) -> list[Row]:
+    """Run the sweep, print a table, optionally write it (markdown) to `out`."""
+    scale = 1.0 / math.sqrt(D)
+    rows: list[Row] = []
+    k_bw, w_bw = copy_bandwidth()
+    lines = [
+        f"backend {backend.describe()}; Hq={HQ} Hkv={HKV} D={D} fp16; chain of {n_layers} "
+        f"dependent layers over {n_sets} K/V sets",
+        f"MLX copy bandwidth (x*2, 1 GiB): kernel {k_bw:.2f} TB/s, wall {w_bw:.2f} TB/s"
+        if k_bw
+        else f"MLX copy bandwidth (x*2, 1 GiB): kernel n/a, wall {w_bw:.2f} TB/s",
+    ]
+    print(lines[0])
+    print(lines[1])
+    for ctx in ctxs:
+        for b in bs:
+            row = Row(b, ctx, kv_bytes=b * ctx * HKV * D * 2 * DTYPE.size)
+            try:
+                layers, q, mask, live = unified_problem(b, ctx, n_sets)
+            except Exception as e:  # noqa: BLE001 (report and go on)
+                print(f"B={b} ctx={ctx}: set-up failed: {e}")
+                continue
+            qsep = mx.contiguous(q[0].transpose(1, 0, 2)[:, :, None, :])  # [B, Hq, 1, D]
+            mx.eval(qsep)
+
+            def ours(skip: bool, use_live: bool):
+                def step(x, i):
+                    k, v, _, _ = layers[i % n_sets]
+                    return decode_attention(
+                        x, k, v, scale=scale, mask=mask, skip=skip,
+                        live_blocks=live if use_live else None,
+                    )
+                return step
+
+            def sdpa_unified(x, i):
+                k, v, _, _ = layers[i % n_sets]
+                n = mask.shape[1]
+                return mx.fast.scaled_dot_product_attention(
+                    x, k[:, :, :n], v[:, :, :n], scale=scale, mask=mask
+                )
+
+            def sdpa_separate(x, i):
+                _, _, ks, vs = layers[i % n_sets]
+                return mx.fast.scaled_dot_product_attention(x, ks, vs, scale=scale)
+
+            variants = {
+                "list": (ours(True, True), q),
+                "scan": (ours(True, False), q),
+                "noskip": (ours(False, False), q),
+                "sdpa_unified": (sdpa_unified, q),
+                "sdpa_separate": (sdpa_separate, qsep),
+            }
+            for name, (step, q0) in variants.items():
+                try:
+                    run = _chain(step, q0, n_layers)
+                    k_us = kernel_time_us(run, n_layers)
+                    w_us = wall_time_us(run, n_layers, reps)
+                    row.times[name] = Timing(k_us, w_us)
+                except Exception as e:  # noqa: BLE001
+                    print(f"B={b} ctx={ctx} {name}: failed: {str(e)[:300]}")
+            if check:
+                _check_row(row, layers, q, qsep, mask, live, scale, variants)
+            rows.append(row)
+            print(format_row(row), flush=True)
+            del layers
+    table = format_table(rows)
+    print(table)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("\n".join(lines) + "\n\n" + table + "\n")
+    return rows
+
+
+def _check_row(row, layers, q, qsep, mask, live, scale, variants) -> None:
+    """Max |x - ref| / max |ref| of one layer against the fp32 twin (MLX_ENABLE_TF32=0)."""
+    k, v, _, _ = layers[0]
+    try:
+        ref = decode_attention_ref(
+            q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32),
+            scale=scale, mask=mask.astype(mx.float32),
+        )
+        mx.eval(ref)
+        denom = mx.abs(ref).max().item()
+    except Exception as e:  # noqa: BLE001
+        print(f"B={row.b} ctx={row.ctx}: reference failed: {e}")
+        return
+    for name, (step, q0) in variants.items():
+        try:
+            o = step(q0, 0)
+            if name == "sdpa_separate":
+                o = o[:, :, 0, :].transpose(1, 0, 2)[None]
+            row.errors[name] = (mx.abs(o.astype(mx.float32) - ref).max() / denom).item()
+        except Exception as e:  # noqa: BLE001
+            print(f"B={row.b} ctx={row.ctx} {name}: check failed: {str(e)[:300]}")
+
+
+def _fmt_us(t: Optional[Timing], kernel: bool) -> str:
+    if t is None:
+        return "err"
+    x = t.kernel_us if kernel else t.wall_us
+    return "n/a" if x is None else f"{x:.1f}"
+
+
+def _tbs(row: Row, t: Optional[Timing]) -> str:
+    if t is None:
+        return "err"
+    x = t.kernel_us if t.kernel_us is not None else t.wall_us
+    return f"{row.kv_bytes / (x * 1e-6) / 1e12:.2f}"
+
+
+def format_row(row: Row) -> str:
+    parts = [f"B={row.b:<3d} ctx={row.ctx:<5d} KV={row.kv_bytes / 1e6:7.1f} MB"]
+    for name in ("list", "scan", "noskip", "sdpa_unified", "sdpa_separate"):
+        t = row.times.get(name)
+        parts.append(f"{name} {_fmt_us(t, True)}/{_fmt_us(t, False)} us")
+    errs = " ".join(f"{k}={v:.1e}" for k, v in row.errors.items())
+    return " | ".join(parts) + (f" | err {errs}" if errs else "")
+
+
+def format_table(rows: list[Row]) -> str:
+    names = ("list", "scan", "noskip", "sdpa_unified", "sdpa_separate")
+    head = (
+        "| B | ctx | K+V MB | ours list us | TB/s | ours scan us | TB/s | no-skip us | "
+        "SDPA unified+mask us | SDPA separate us | TB/s | skip/no-skip | list vs separate | "
+        "wall us: list / scan / no-skip / unified / separate | max rel err: list / scan / no-skip / sdpa-sep |"
+    )
+    sep = "|" + "---|" * 16
+    out = [
+        "Kernel time per layer (sum of CUDA kernel durations over a chain of dependent layers; "
+        "wall time = MLX wall clock per layer in the chain).",
+        "",
+        head,
+        sep,
+    ]
+    for r in rows:
+        t = {n: r.times.get(n) for n in names}
+
+        def kt(n):
+            x = t[n]
+            return None if x is None else (x.kernel_us if x.kernel_us is not None else x.wall_us)
+
+        ratio = f"{kt('noskip') / kt('list'):.1f}x" if kt("noskip") and kt("list") else "n/a"
+        vs_sep = f"{kt('sdpa_separate') / kt('list'):.2f}x" if kt("sdpa_separate") and kt("list") else "n/a"
+        walls = " / ".join(_fmt_us(t[n], False) for n in names)
+        errs = " / ".join(
+            f"{r.errors[n]:.1e}" if n in r.errors else "-"
+            for n in ("list", "scan", "noskip", "sdpa_separate")
+        )
+        out.append(
+            f"| {r.b} | {r.ctx} | {r.kv_bytes / 1e6:.1f} | {_fmt_us(t['list'], True)} | {_tbs(r, t['list'])} | "
+            f"{_fmt_us(t['scan'], True)} | {_tbs(r, t['scan'])} | {_fmt_us(t['noskip'], True)} | "
+            f"{_fmt_us(t['sdpa_unified'], True)} | {_fmt_us(t['sdpa_separate'], True)} | "
+            f"{_tbs(r, t['sdpa_separate'])} | {ratio} | {vs_sep} | {walls} | {errs} |"
+        )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""Decode attention over a unified KV cache that skips fully masked 32-cell blocks.
+
+`decode_attention` dispatches once per call on `backend.BACKEND`: the CUDA kernel
+(`mx.fast.cuda_kernel`), the Metal kernel (`mx.fast.metal_kernel`) or the pure-MLX twin
+`decode_attention_ref`, which is also the oracle of the tests. Both kernels are one
+algorithm (attention_common.h) over a thin per-backend layer (attention_cuda.h,
+attention_metal.h); `plan_decode_attention` returns exactly what MLX compiles and launches,
+so the CPU verification harness can compile and emulate the same source.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+from batchbench import backend
+from batchbench.kernels import spec
+from batchbench.kernels.spec import KernelSpec, Launch
+
+BLOCK = 32  # KV cells per skippable block
+MAX_SPLIT = 64  # attention_common.h: BB_MAX_SPLIT
+LIST_CAP = 256  # attention_common.h: BB_LIST_CAP
+HEADS_PER_TILE = 16  # query heads of one GQA group in one mma tile
+
+# (warps per block, pipeline stages) per back-end. Metal has 32 KB of threadgroup memory.
+CONFIG = {"cuda": (4, 2), "metal": (1, 1)}
+
+
+def _config(backend_name: str) -> tuple[int, int]:
+    """CONFIG, or BB_ATTN_WARPS / BB_ATTN_STAGES from the environment (tuning runs)."""
+    warps, stages = CONFIG[backend_name]
+    warps = int(os.environ.get("BB_ATTN_WARPS", warps))
+    stages = int(os.environ.get("BB_ATTN_STAGES", stages))
+    return warps, stages
+
+LiveBlocks = Tuple[mx.array, mx.array]
+
+_DIR = Path(__file__).parent
+_FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+
+_CUDA_BODY = """
+  extern __shared__ __align__(16) unsigned char bb_smem[];
+  bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE>(
+      q, k, v, mask, live, const_cast<int*>(reinterpret_cast<const int*>(counters)), out, ws,
+      q_shape[2], k_shape[1], k_shape[2], mask_shape[1], live_shape[1],
+      __int_as_float(SCALE_BITS), (int)blockIdx.x, (int)blockIdx.y, (int)gridDim.y,
+      (int)blockIdx.z, (int)(threadIdx.x & 31), (int)(threadIdx.x >> 5), bb_smem);
+"""
+
+_METAL_BODY = """
+  threadgroup uint4 bb_smem[(bb_attn_smem_bytes<D, W, STAGES, sizeof(T)>() + 15) / 16];
+  bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE>(
+      q, k, v, mask, live, (device int*)counters, out, ws,
+      q_shape[2], k_shape[1], k_shape[2], mask_shape[1], live_shape[1],
+      as_type<float>(SCALE_BITS), (int)threadgroup_position_in_grid.x,
+      (int)threadgroup_position_in_grid.y, (int)threadgroups_per_grid.y,
+      (int)threadgroup_position_in_grid.z, (int)thread_index_in_simdgroup,
+      (int)simdgroup_index_in_threadgroup, (threadgroup unsigned char*)bb_smem);
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_source(backend_name: str) -> tuple[str, str]:
+    """(header, body) of the kernel for "cuda" or "metal"."""
+    layer = {"cuda": "attention_cuda.h", "metal": "attention_metal.h"}[backend_name]
+    header = (_DIR / layer).read_text() + "\n" + (_DIR / "attention_common.h").read_text()
+    body = _CUDA_BODY if backend_name == "cuda" else _METAL_BODY
+    return header, body
+
+
+def smem_bytes(d: int, warps: int, stages: int, esize: int) -> int:
+    """Mirror of bb_attn_smem_bytes in attention_common.h."""
+    pipeline = warps * stages * 2 * BLOCK * (d + 8) * esize + warps * LIST_CAP * 4
+    merge = 4 * (warps * 16 * d + warps * 16 * 2 + 16 * 2 + MAX_SPLIT * 16) + 16
+    return max(pipeline, merge)
+
+
+# ---------------------------------------------------------------------------------------
+# Checks
+
+
+def _check(q, k, v, mask, live_blocks) -> None:
+    if q.ndim != 4 or q.shape[0] != 1:
+        raise ValueError(f"decode_attention: q must be [1, Hq, T, D], got {tuple(q.shape)}")
+    if k.ndim != 4 or k.shape[0] != 1 or tuple(k.shape) != tuple(v.shape):
+        raise ValueError(
+            f"decode_attention: k and v must be [1, Hkv, S, D] and equal, "
+            f"got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    _, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    if k.shape[3] != d:
+        raise ValueError(f"decode_attention: head dim of q ({d}) and k/v ({k.shape[3]}) differ")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"decode_attention: Hq={hq} is not a multiple of Hkv={hkv}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _FLOATS:
+        raise ValueError(
+            f"decode_attention: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if mask.ndim != 2 or mask.shape[0] != t:
+        raise ValueError(f"decode_attention: mask must be [T={t}, N], got {tuple(mask.shape)}")
+    if mask.shape[1] > s:
+        raise ValueError(f"decode_attention: mask covers {mask.shape[1]} cells, K/V hold only {s}")
+    if mask.dtype != mx.bool_ and mask.dtype not in _FLOATS:
+        raise ValueError(f"decode_attention: mask must be bool or float, got {mask.dtype}")
+    if live_blocks is not None:
+        if not isinstance(live_blocks, (tuple, list)) or len(live_blocks) != 2:
+            raise ValueError("decode_attention: live_blocks must be a tuple (blocks, counts)")
+        blocks, counts = live_blocks
+        if blocks.ndim != 2 or blocks.shape[0] != t or tuple(counts.shape) != (t,):
+            raise ValueError(
+                f"decode_attention: live_blocks must be ([T={t}, L], [T={t}]), "
+                f"got {tuple(blocks.shape)} and {tuple(counts.shape)}"
+            )
+        if not (mx.issubdtype(blocks.dtype, mx.integer) and mx.issubdtype(counts.dtype, mx.integer)):
+            raise ValueError("decode_attention: live_blocks must hold integers (int32)")
+
+
+# ---------------------------------------------------------------------------------------
+# Pure-MLX twin (CPU, any other back-end, and the oracle)
+
+
+def _allowed_blocks(live_blocks: LiveBlocks, t: int, n_blk: int) -> mx.array:
+    """[T, n_blk] bool: blocks listed for each row (the kernel reads nothing else)."""
+    blocks, counts = live_blocks
+    blocks = blocks.astype(mx.int32)
+    n_list = blocks.shape[1]
+    valid = mx.arange(n_list)[None, :] < counts.astype(mx.int32)[:, None]
+    valid = valid & (blocks >= 0) & (blocks < n_blk)
+    idx = mx.where(valid, blocks, n_blk)  # unlisted entries land in a spare column
+    allowed = mx.put_along_axis(
+        mx.zeros((t, n_blk + 1), dtype=mx.bool_), idx, mx.array(True), axis=1
+    )
+    return allowed[:, :n_blk]
+
+
+def decode_attention_ref(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    *,
+    scale: float,
+    mask: mx.array,
+    skip: bool = True,
+    live_blocks: Optional[LiveBlocks] = None,
+) -> mx.array:
+    """Same contract as `decode_attention`, in MLX ops (fp32 math)."""
+    _check(q, k, v, mask, live_blocks)
+    _, hq, t, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    n = mask.shape[1]
+    if n == 0:
+        return mx.zeros(q.shape, dtype=q.dtype)
+    kf = k[0, :, :n].astype(mx.float32)  # [Hkv, N, D]
+    vf = v[0, :, :n].astype(mx.float32)
+    qf = q[0].astype(mx.float32).reshape(hkv, g * t, d)
+    scores = (qf @ kf.transpose(0, 2, 1)) * scale  # [Hkv, G*T, N]
+    scores = scores.reshape(hkv, g, t, n)
+    if mask.dtype == mx.bool_:
+        visible = mask
+        scores = mx.where(visible, scores, -math.inf)
+    else:
+        scores = scores + mask.astype(mx.float32)
+    if skip and live_blocks is not None:
+        n_blk = -(-n // BLOCK)
+        allowed = mx.repeat(_allowed_blocks(live_blocks, t, n_blk), BLOCK, axis=1)[:, :n]
+        scores = mx.where(allowed, scores, -math.inf)
+    # A row that sees nothing gets reference 0 and sum 0, hence output 0 (not NaN, not mean(V)).
+    top = scores.max(axis=-1, keepdims=True)
+    top = mx.where(top == -math.inf, 0.0, top)
+    p = mx.exp(scores - top)
+    total = p.sum(axis=-1, keepdims=True)
+    o = (p.reshape(hkv, g * t, n) @ vf).reshape(hkv, g, t, d)
+    o = mx.where(total > 0, o / mx.maximum(total, 1e-30), 0.0)
+    return o.reshape(1, hq, t, d).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel plans
+
+
+def _n_sms() -> int:
+    """Thread blocks that fit the GPU in one wave (one block per SM at our shared memory)."""
+    env = os.environ.get("BB_ATTN_SMS")
+    if env:
+        return max(1, int(env))
+    return 132 if backend.BACKEND != "metal" else 32
+
+
+def choose_splits(pairs: int, n_blk: int, warps: int) -> int:
+    """Splits of the KV axis so that pairs * splits fills about one wave."""
+    splits = max(1, round(_n_sms() / max(pairs, 1)))
+    splits = min(splits, MAX_SPLIT, max(1, n_blk))
+    return splits
+
+
+# Small per-call arrays: MLX keeps arrays of <= 8 bytes in managed memory, which is slow to
+# read from a kernel (and a Metal input under 8 elements changes address space), so every
+# int array passed here has at least 8 elements.
+_MIN_ELEMS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _dummy_live() -> mx.array:
+    a = mx.zeros((1, _MIN_ELEMS), dtype=mx.int32)
+    mx.eval(a)
+    return a
+
+
+_COUNTER_POOL = 16
+_counters: dict[int, list] = {}
+
+
+def _counter_array(n: int) -> mx.array:
+    """A zeroed int32 buffer of >= n counters; the kernel leaves it zeroed again.
+
+    Kernels that run concurrently must not share counters, so calls rotate over a pool
+    (MLX may overlap independent launches; a chain of dependent layers never overlaps).
+    """
+    size = max(64, 1 << (max(n, 1) - 1).bit_length())
+    entry = _counters.get(size)
+    if entry is None:
+        arrays = [mx.zeros((size,), dtype=mx.int32) for _ in range(_COUNTER_POOL)]
+        mx.eval(arrays)
+        entry = _counters[size] = [arrays, 0]
+    arrays, i = entry
+    entry[1] = (i + 1) % _COUNTER_POOL
+    return arrays[i]
+
+
+_live_memo: list = [None, None, None]  # (blocks, counts, packed): layers reuse one packing
+
+
+def pack_live_blocks(live_blocks: LiveBlocks) -> mx.array:
+    """(blocks [T, L], counts [T]) -> int32 [T, 1 + L'] rows [count, b0, b1, ..., -1 pad]."""
+    blocks, counts = live_blocks
+    if _live_memo[0] is blocks and _live_memo[1] is counts:
+        return _live_memo[2]
+    t, n_list = blocks.shape
+    width = max(1 + n_list, _MIN_ELEMS)
+    parts = [counts.astype(mx.int32).reshape(t, 1), blocks.astype(mx.int32)]
+    if width > 1 + n_list:
+        parts.append(mx.full((t, width - 1 - n_list), -1, dtype=mx.int32))
+    packed = mx.concatenate(parts, axis=1)
+    _live_memo[:] = [blocks, counts, packed]
+    return packed
+
+
+def _source_tag(backend_name: str) -> str:
+    header, body = kernel_source(backend_name)
+    return hashlib.sha1((header + body).encode()).hexdigest()[:10]
+
+
+def kernel_supported(backend_name: str, q: mx.array, mask: mx.array) -> bool:
+    """Shapes and dtypes the GPU kernels take; anything else runs on the twin."""
+    d = q.shape[3]
+    if q.dtype not in (mx.float16, mx.bfloat16) or d % 32 != 0 or d > 128:
+        return False
+    if mask.shape[1] == 0:
+        return False
+    if backend_name == "metal" and mask.size < _MIN_ELEMS:
+        return False
+    return True
+
+
+def plan_decode_attention(
+    backend_name: str,
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    mask: mx.array,
+    *,
+    scale: float,
+    skip: bool = True,
+    live_blocks: Optional[LiveBlocks] = None,
+) -> tuple[KernelSpec, Launch]:
+    """The kernel and launch `decode_attention` runs on `backend_name` ("cuda" | "metal")."""
+    if backend_name not in CONFIG:
+        raise ValueError(f"no decode attention kernel for back-end {backend_name!r}")
+    _check(q, k, v, mask, live_blocks)
+    if not kernel_supported(backend_name, q, mask):
+        raise ValueError(
+            f"decode_attention kernel: needs fp16/bf16 and head dim 32..128 (multiple of 32), "
+            f"got {q.dtype}, D={q.shape[3]}"
+        )
+    warps, stages = _config(backend_name)
+    _, hq, t, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    gh = min(g, HEADS_PER_TILE)
+    hc = -(-g // HEADS_PER_TILE)
+    n_blk = -(-mask.shape[1] // BLOCK)
+    use_live = bool(skip) and live_blocks is not None
+    live = pack_live_blocks(live_blocks) if use_live else _dummy_live()
+    pairs = t * hkv * hc
+    n_split = choose_splits(pairs, n_blk, warps)
+    ws_size = pairs * n_split * (gh * d + 2 * gh) if n_split > 1 else 4
+    smem = smem_bytes(d, warps, stages, q.dtype.size)
+    header, body = kernel_source(backend_name)
+    kspec = KernelSpec(
+        backend=backend_name,
+        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}",
+        input_names=("q", "k", "v", "mask", "live", "counters"),
+        output_names=("out", "ws"),
+        source=body,
+        header=header,
+        ensure_row_contiguous=True,
+        shared_memory=smem if backend_name == "cuda" else 0,
+    )
+    scale_bits = struct.unpack("<i", struct.pack("<f", float(scale)))[0]
+    launch = Launch(
+        inputs=[q, k, v, mask, live, _counter_array(pairs)],
+        output_shapes=[tuple(q.shape), (ws_size,)],
+        output_dtypes=[q.dtype, mx.float32],
+        grid=(warps * 32 * hkv * hc, n_split, t),
+        threadgroup=(warps * 32, 1, 1),
+        template=[
+            ("T", q.dtype),
+            ("MT", mask.dtype),
+            ("D", d),
+            ("G", g),
+            ("W", warps),
+            ("STAGES", stages),
+            ("SKIP", bool(skip)),
+            ("LIVE", use_live),
+            ("SCALE_BITS", scale_bits),
+        ],
+    )
+    return kspec, launch
+
+
+def decode_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    *,
+    scale: float,
+    mask: mx.array,
+    skip: bool = True,
+    live_blocks: Optional[LiveBlocks] = None,
+) -> mx.array:
+    """Attention of T decode rows over the first N = mask.shape[-1] cells of K/V.
+
+    q [1, Hq, T, D]; k, v [1, Hkv, S >= N, D] (pass the whole cache buffer: it is not
+    copied); mask [T, N] additive 0/-inf or bool (True = attend). live_blocks, optional:
+    (blocks int32 [T, L], counts int32 [T]), row t may see only blocks[t, :counts[t]]
+    (ascending 32-cell block ids). skip=False processes every block. Returns [1, Hq, T, D]
+    in q's dtype; a row that sees no cell gives zeros.
+    """
+    _check(q, k, v, mask, live_blocks)
+    name = backend.BACKEND
+    if name in CONFIG and kernel_supported(name, q, mask):
+        kspec, launch = plan_decode_attention(
+            name, q, k, v, mask, scale=scale, skip=skip, live_blocks=live_blocks
+        )
+        return spec.run(kspec, launch)[0]
+    return decode_attention_ref(q, k, v, scale=scale, mask=mask, skip=skip, live_blocks=live_blocks)

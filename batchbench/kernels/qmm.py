@@ -1,0 +1,732 @@
+"""4/8-bit affine quantized matmul for decode (M = 1..64 rows of x) on MLX's CUDA back-end.
+
+MLX 0.32.4's own CUDA quantized matmuls run at ~18% of the weight-read floor for decode
+(issue 7). This kernel reads every weight byte once for all M rows, 16 bytes per load,
+dequantizes in registers and multiplies on tensor cores (mma.sync m16n8k16, fp32
+accumulate): the weights are the mma's A operand (16 output features), x is B (8 tokens),
+so M = 1 wastes tensor-core work, which is free here, and no extra code path is needed.
+
+Layout is MLX's affine format with transpose=True semantics, exactly what `mx.quantize`
+returns: w uint32 [N, K*bits/32] (element k of a word sits at bits k*bits, lowest first),
+scales/biases [N, K/group_size] in the activation dtype; y = x @ dequantize(w).T.
+
+Work split: a block owns 16*WN output features and one of S slices of K; its WN*WK warps
+take 16 features each and a contiguous run of 128-k (4-bit) or 64-k (8-bit) chunks. A lane
+loads 16 contiguous bytes of two feature rows per chunk, which fall inside one quantization
+group, so it needs one scale and one bias per row. The k order inside an mma is free, so
+the lane's nibbles map to mma k-slots such that its x operand is 16 contiguous bytes of x,
+staged once per block in shared memory (swizzled: conflict-free 16-byte reads). Warps
+reduce through shared memory; with S > 1 slices the block writes fp32 partials and a small
+second kernel sums them, adds the bias and casts.
+
+Everything else (CPU, Metal, shapes or dtypes not covered) goes to `mx.quantized_matmul`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from batchbench import backend
+from batchbench.kernels import spec as kspec
+from batchbench.kernels.spec import KernelSpec, Launch
+
+MAX_M = 64
+SMEM_BUDGET = 96 * 1024  # x slice per block: two blocks of 256 threads fit one SM
+SMEM_STEP = 8 * 1024
+MIN_WARPS = 256  # below this many warps, split K across blocks for more loads in flight
+_BITS = (4, 8)
+_GROUPS = (32, 64, 128)
+_DTYPES = (mx.float16, mx.bfloat16)
+
+QMM_HEADER = r"""
+// ---------------------------------------------------------------------------------------
+// batchbench qmm: affine 4/8-bit quantized matmul, y[M,N] = x[M,K] @ dequant(w)[N,K]^T.
+// Chip-specific instructions live in the qmm_* helpers below; -DBB_PORTABLE selects plain
+// CUDA versions of them (used by the CPU emulator of the verification harness).
+// ---------------------------------------------------------------------------------------
+#ifndef BB_QMM_HEADER
+#define BB_QMM_HEADER
+
+namespace bbqmm {
+
+template <typename T> struct is_bf16 { static constexpr bool value = false; };
+template <> struct is_bf16<__nv_bfloat16> { static constexpr bool value = true; };
+
+// 16 bytes of weights that are read exactly once: keep them out of L1, and let L2 fetch
+// whole 256-byte runs (a warp walks each feature row in contiguous 64-byte steps).
+__device__ __forceinline__ uint4 qmm_ld_stream(const uint32_t* p) {
+#ifdef BB_PORTABLE
+  return *reinterpret_cast<const uint4*>(p);
+#else
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+#endif
+}
+
+// Byte permute (PRMT): result byte i = byte sel[4i..4i+3] of the 8-byte value {b, a}.
+__device__ __forceinline__ uint32_t qmm_prmt(uint32_t a, uint32_t b, uint32_t sel) {
+#ifdef BB_PORTABLE
+  unsigned long long ab = ((unsigned long long)b << 32) | a;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) {
+    uint32_t byte = (uint32_t)(ab >> (8 * ((sel >> (4 * i)) & 7))) & 0xFFu;
+    r |= byte << (8 * i);
+  }
+  return r;
+#else
+  return __byte_perm(a, b, sel);
+#endif
+}
+
+__device__ __forceinline__ float qmm_u2f(uint32_t u) {
+#ifdef BB_PORTABLE
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+#else
+  return __uint_as_float(u);
+#endif
+}
+
+__device__ __forceinline__ float2 qmm_to_float2(uint32_t v, bool bf16) {
+  float lo, hi;
+  if (bf16) {
+    lo = qmm_u2f(v << 16);
+    hi = qmm_u2f(v & 0xFFFF0000u);
+  } else {
+    __half2 h = *reinterpret_cast<__half2*>(&v);
+    float2 f = __half22float2(h);
+    lo = f.x;
+    hi = f.y;
+  }
+  return make_float2(lo, hi);
+}
+
+// c[16x8] += a[16x16] * b[16x8]; fragments as in PTX mma.m16n8k16 (a row-major, b col-major):
+// a = {row g k 2t..2t+1, row g+8 k 2t.., row g k 2t+8.., row g+8 k 2t+8..}, b = {k 2t.., k 2t+8..}
+// of column g, c = {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)} with g = lane/4, t = lane%4.
+template <bool BF16>
+__device__ __forceinline__ void qmm_mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                        uint32_t a3, uint32_t b0, uint32_t b1) {
+#ifdef BB_PORTABLE
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  float d[4] = {c[0], c[1], c[2], c[3]};
+  for (int q = 0; q < 4; ++q) {
+    const int sa = g * 4 + q, sb0 = (2 * t) * 4 + q, sb1 = (2 * t + 1) * 4 + q;
+    float2 ag = qmm_to_float2(__shfl_sync(0xffffffffu, a0, sa), BF16);
+    float2 ag8 = qmm_to_float2(__shfl_sync(0xffffffffu, a1, sa), BF16);
+    float2 agh = qmm_to_float2(__shfl_sync(0xffffffffu, a2, sa), BF16);
+    float2 ag8h = qmm_to_float2(__shfl_sync(0xffffffffu, a3, sa), BF16);
+    float2 b0l = qmm_to_float2(__shfl_sync(0xffffffffu, b0, sb0), BF16);
+    float2 b0h = qmm_to_float2(__shfl_sync(0xffffffffu, b1, sb0), BF16);
+    float2 b1l = qmm_to_float2(__shfl_sync(0xffffffffu, b0, sb1), BF16);
+    float2 b1h = qmm_to_float2(__shfl_sync(0xffffffffu, b1, sb1), BF16);
+    d[0] += ag.x * b0l.x + ag.y * b0l.y + agh.x * b0h.x + agh.y * b0h.y;
+    d[1] += ag.x * b1l.x + ag.y * b1l.y + agh.x * b1h.x + agh.y * b1h.y;
+    d[2] += ag8.x * b0l.x + ag8.y * b0l.y + ag8h.x * b0h.x + ag8h.y * b0h.y;
+    d[3] += ag8.x * b1l.x + ag8.y * b1l.y + ag8h.x * b1h.x + ag8h.y * b1h.y;
+  }
+  c[0] = d[0]; c[1] = d[1]; c[2] = d[2]; c[3] = d[3];
+#else
+  if constexpr (BF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+#endif
+}
+
+// Two codes already placed as {code | magic} in each 16-bit half -> scale * code + bias.
+// The magic makes the half read 1024 + code (fp16) or 128 + code (bf16) exactly.
+template <bool BF16>
+__device__ __forceinline__ uint32_t qmm_dq_magic(uint32_t v, uint32_t s2, uint32_t b2) {
+#ifdef BB_PORTABLE
+  const float2 h = qmm_to_float2(v, BF16);
+  const float magic = BF16 ? 128.0f : 1024.0f;
+  const float s = qmm_to_float2(s2, BF16).x, b = qmm_to_float2(b2, BF16).x;
+  const float lo = fmaf(h.x - magic, s, b), hi = fmaf(h.y - magic, s, b);
+  if constexpr (BF16) {
+    __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&r);
+  } else {
+    __half2 r = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+#else
+  if constexpr (BF16) {
+    __nv_bfloat162 h = *reinterpret_cast<__nv_bfloat162*>(&v);
+    const uint32_t m = 0x43004300u;
+    h = __hsub2(h, *reinterpret_cast<const __nv_bfloat162*>(&m));
+    h = __hfma2(h, *reinterpret_cast<__nv_bfloat162*>(&s2), *reinterpret_cast<__nv_bfloat162*>(&b2));
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __half2 h = *reinterpret_cast<__half2*>(&v);
+    const uint32_t m = 0x64006400u;
+    h = __hsub2(h, *reinterpret_cast<const __half2*>(&m));
+    h = __hfma2(h, *reinterpret_cast<__half2*>(&s2), *reinterpret_cast<__half2*>(&b2));
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+#endif
+}
+
+// 4-bit word u holds k = 0..7 (k at bits 4k). Returns the pair {k = 2p, 2p + 1}.
+template <bool BF16>
+__device__ __forceinline__ uint32_t qmm_pair4(uint32_t u, uint32_t u_shr4, int p, uint32_t s2,
+                                              uint32_t b2) {
+  const uint32_t sel = (uint32_t)p | ((uint32_t)p << 4) | ((uint32_t)(4 + p) << 8) |
+                       ((uint32_t)(4 + p) << 12);
+  const uint32_t magic = BF16 ? 0x43004300u : 0x64006400u;
+  const uint32_t v = (qmm_prmt(u, u_shr4, sel) & 0x000F000Fu) | magic;
+  return qmm_dq_magic<BF16>(v, s2, b2);
+}
+
+// 8-bit word u holds k = 0..3 (k at bits 8k). Returns the pair {k = 2p, 2p + 1}.
+template <bool BF16>
+__device__ __forceinline__ uint32_t qmm_pair8(uint32_t u, int p, uint32_t s2, uint32_t b2) {
+  if constexpr (BF16) {
+    // 128 + code does not fit bf16's 8-bit significand for codes >= 128: go through fp32.
+    const float lo = qmm_u2f(0x4B000000u | ((u >> (16 * p)) & 0xFFu)) - 8388608.0f;
+    const float hi = qmm_u2f(0x4B000000u | ((u >> (16 * p + 8)) & 0xFFu)) - 8388608.0f;
+    const float s = qmm_u2f(s2 << 16), b = qmm_u2f(b2 << 16);
+    __nv_bfloat162 h = __floats2bfloat162_rn(fmaf(lo, s, b), fmaf(hi, s, b));
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    const uint32_t sel = p == 0 ? 0x4140u : 0x4342u;
+    return qmm_dq_magic<false>(qmm_prmt(u, 0x64646464u, sel), s2, b2);
+  }
+}
+
+template <typename O, typename T>
+__device__ __forceinline__ O qmm_cast(float v) {
+  if constexpr (is_bf16<O>::value) {
+    return __float2bfloat16(v);
+  } else if constexpr (sizeof(O) == 2) {
+    return __float2half(v);
+  } else {
+    return v;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float qmm_float(T v) {
+  if constexpr (is_bf16<T>::value) {
+    return __bfloat162float(v);
+  } else {
+    return __half2float(v);
+  }
+}
+
+// T: activation dtype; BITS 4|8; GS group size; MT token tiles of 8 (M <= 8*MT);
+// WN x WK warps per block (features x K); P chunks in flight per warp. Runtime: M, and the
+// weight shape N x K (N % (16*WN) == 0, K % (512/BITS) == 0, checked by the launcher);
+// gridDim.y = S K-slices. SPLIT: write fp32 partials [S, M, N] instead of y.
+template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, bool SPLIT, bool HAS_BIAS,
+          typename O>
+__device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
+                                           const T* __restrict__ scales,
+                                           const T* __restrict__ biases,
+                                           const T* __restrict__ lbias, O* __restrict__ out,
+                                           const int M, const int N, const int K) {
+  constexpr bool BF16 = is_bf16<T>::value;
+  constexpr int KT = 128 / BITS;            // k per lane per 16-byte load: 32 or 16
+  constexpr int CK = 4 * KT;                // k per chunk (4 lanes per feature row)
+  constexpr int BN = 16 * WN;
+  constexpr int NT = 32 * WN * WK;
+  constexpr int MP = 8 * MT;
+  constexpr int RS = BN + 4;                // reduction row stride: conflict-free fragment stores
+  static_assert(GS % KT == 0, "qmm: group smaller than a lane's 16 bytes");
+  const int S = gridDim.y;
+  const int NCH = K / CK;
+  const int NCHS = (NCH + S - 1) / S;       // most chunks in one K-slice
+  const int XS = NCHS * CK + (BITS == 4 ? 16 : 8);  // x row stride in smem (halves)
+  const int KW = K * BITS / 32;             // words per weight row
+  const int NG = K / GS;
+
+  extern __shared__ uint4 qmm_smem[];
+  uint16_t* xs = reinterpret_cast<uint16_t*>(qmm_smem);
+
+  const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
+  const int wn = wid % WN, wk = wid / WN;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * BN;
+  const int s = blockIdx.y;
+  const int cs0 = s * NCH / S, cs1 = (s + 1) * NCH / S;
+  const int nch = cs1 - cs0;
+  const int k0 = cs0 * CK;
+  const int wc0 = cs0 + wk * nch / WK, wc1 = cs0 + (wk + 1) * nch / WK;
+
+  const int r0 = n0 + wn * 16 + g;
+  const uint32_t* w0 = w + (size_t)r0 * KW + t * (KT * BITS / 32);
+  const uint32_t* w1 = w0 + (size_t)8 * KW;
+  const uint16_t* sc0 = reinterpret_cast<const uint16_t*>(scales) + (size_t)r0 * NG;
+  const uint16_t* bi0 = reinterpret_cast<const uint16_t*>(biases) + (size_t)r0 * NG;
+
+  uint4 wa[P], wb[P];
+  uint32_t sa[P], sb[P], ba[P], bb[P];
+  auto load = [&](int c0) {
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int c = c0 + p;
+      if (c < wc1) {
+        wa[p] = qmm_ld_stream(w0 + c * (CK * BITS / 32));
+        wb[p] = qmm_ld_stream(w1 + c * (CK * BITS / 32));
+        const int grp = (c * CK + t * KT) / GS;
+        sa[p] = sc0[grp];
+        ba[p] = bi0[grp];
+        sb[p] = sc0[grp + 8 * NG];
+        bb[p] = bi0[grp + 8 * NG];
+      }
+    }
+  };
+  // First weights in flight before the x staging and the barrier.
+  load(wc0);
+
+  {  // stage this K-slice of x (all M rows) in smem, 16-byte granules, swizzled for 4-bit
+    const int gpr = nch * CK / 8;
+    const uint4* xg = reinterpret_cast<const uint4*>(x);
+    for (int i = tid; i < M * gpr; i += NT) {
+      const int m = i / gpr, j = i - m * gpr;
+      const int pj = BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
+      *reinterpret_cast<uint4*>(xs + m * XS + pj * 8) = xg[((size_t)m * K + k0) / 8 + j];
+    }
+  }
+  __syncthreads();
+
+  bool tok[MT];
+#pragma unroll
+  for (int tt = 0; tt < MT; ++tt) tok[tt] = tt * 8 + g < M;
+
+  float acc[MT][4];
+#pragma unroll
+  for (int tt = 0; tt < MT; ++tt) acc[tt][0] = acc[tt][1] = acc[tt][2] = acc[tt][3] = 0.f;
+
+  for (int c0 = wc0; c0 < wc1; c0 += P) {
+    if (c0 != wc0) load(c0);
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int c = c0 + p;
+      if (c < wc1) {
+        const uint32_t s0 = sa[p] | (sa[p] << 16), b0 = ba[p] | (ba[p] << 16);
+        const uint32_t s1 = sb[p] | (sb[p] << 16), b1 = bb[p] | (bb[p] << 16);
+        const uint32_t u0[4] = {wa[p].x, wa[p].y, wa[p].z, wa[p].w};
+        const uint32_t u1[4] = {wb[p].x, wb[p].y, wb[p].z, wb[p].w};
+        const int jl = ((c - cs0) * CK + t * KT) / 8;  // first x granule of this lane
+        if constexpr (BITS == 4) {
+#pragma unroll
+          for (int wd = 0; wd < 4; ++wd) {
+            const uint32_t u0s = u0[wd] >> 4, u1s = u1[wd] >> 4;
+            uint32_t A0[4], A1[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              A0[q] = qmm_pair4<BF16>(u0[wd], u0s, q, s0, b0);
+              A1[q] = qmm_pair4<BF16>(u1[wd], u1s, q, s1, b1);
+            }
+            const int j = jl + wd;
+            const int pj = j ^ ((j >> 3) & 1);
+#pragma unroll
+            for (int tt = 0; tt < MT; ++tt) {
+              uint4 xv = make_uint4(0u, 0u, 0u, 0u);
+              if (tok[tt]) xv = *reinterpret_cast<const uint4*>(xs + (tt * 8 + g) * XS + pj * 8);
+              qmm_mma<BF16>(acc[tt], A0[0], A1[0], A0[1], A1[1], xv.x, xv.y);
+              qmm_mma<BF16>(acc[tt], A0[2], A1[2], A0[3], A1[3], xv.z, xv.w);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            uint32_t A0[4], A1[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              A0[q] = qmm_pair8<BF16>(u0[2 * h + (q >> 1)], q & 1, s0, b0);
+              A1[q] = qmm_pair8<BF16>(u1[2 * h + (q >> 1)], q & 1, s1, b1);
+            }
+#pragma unroll
+            for (int tt = 0; tt < MT; ++tt) {
+              uint4 xv = make_uint4(0u, 0u, 0u, 0u);
+              if (tok[tt])
+                xv = *reinterpret_cast<const uint4*>(xs + (tt * 8 + g) * XS + (jl + h) * 8);
+              qmm_mma<BF16>(acc[tt], A0[0], A1[0], A0[1], A1[1], xv.x, xv.y);
+              qmm_mma<BF16>(acc[tt], A0[2], A1[2], A0[3], A1[3], xv.z, xv.w);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // Reduce the WK warps of each feature tile through smem (reusing the x area).
+  __syncthreads();
+  float* red = reinterpret_cast<float*>(qmm_smem);
+#pragma unroll
+  for (int tt = 0; tt < MT; ++tt) {
+    const int m = tt * 8 + 2 * t, r = wn * 16 + g;
+    red[(wk * MP + m) * RS + r] = acc[tt][0];
+    red[(wk * MP + m + 1) * RS + r] = acc[tt][1];
+    red[(wk * MP + m) * RS + r + 8] = acc[tt][2];
+    red[(wk * MP + m + 1) * RS + r + 8] = acc[tt][3];
+  }
+  __syncthreads();
+  for (int e = tid; e < M * BN; e += NT) {
+    const int m = e / BN, r = e - m * BN;
+    float v = 0.f;
+#pragma unroll
+    for (int q = 0; q < WK; ++q) v += red[(q * MP + m) * RS + r];
+    const int n = n0 + r;
+    if constexpr (SPLIT) {
+      out[((size_t)s * M + m) * N + n] = qmm_cast<O, T>(v);
+    } else {
+      if constexpr (HAS_BIAS) v += qmm_float<T>(lbias[n]);
+      out[(size_t)m * N + n] = qmm_cast<O, T>(v);
+    }
+  }
+}
+
+// y[m, n] = sum_s part[s, m, n] (+ bias[n]), cast to the activation dtype.
+template <typename T, bool HAS_BIAS>
+__device__ __forceinline__ void qmm_reduce(const float* __restrict__ part,
+                                           const T* __restrict__ lbias, T* __restrict__ y,
+                                           const int S, const int M, const int N) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= M * N) return;
+  float v = 0.f;
+  for (int s = 0; s < S; ++s) v += part[(size_t)s * M * N + i];
+  if constexpr (HAS_BIAS) v += qmm_float<T>(lbias[i % N]);
+  y[i] = qmm_cast<T, T>(v);
+}
+
+}  // namespace bbqmm
+
+#endif  // BB_QMM_HEADER
+"""
+
+_SRC_MAIN = (
+    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, SPLIT, {has_bias}>"
+    "(x, w, scales, biases, {lbias}, y, x_shape[0], w_shape[0], x_shape[1]);"
+)
+_SRC_REDUCE = (
+    "bbqmm::qmm_reduce<T, {has_bias}>(part, {lbias}, y, part_shape[0], part_shape[1], part_shape[2]);"
+)
+
+
+def _main_spec(has_bias: bool) -> KernelSpec:
+    names = ("x", "w", "scales", "biases") + (("lbias",) if has_bias else ())
+    src = _SRC_MAIN.format(
+        has_bias="true" if has_bias else "false", lbias="lbias" if has_bias else "(const T*)nullptr"
+    )
+    return KernelSpec("cuda", "bb_qmm_b" if has_bias else "bb_qmm", names, ("y",), src, QMM_HEADER)
+
+
+def _reduce_spec(has_bias: bool) -> KernelSpec:
+    names = ("part",) + (("lbias",) if has_bias else ())
+    src = _SRC_REDUCE.format(
+        has_bias="true" if has_bias else "false", lbias="lbias" if has_bias else "(const T*)nullptr"
+    )
+    return KernelSpec(
+        "cuda", "bb_qmm_red_b" if has_bias else "bb_qmm_red", names, ("y",), src, QMM_HEADER
+    )
+
+
+@dataclass(frozen=True)
+class QmmConfig:
+    """Launch geometry of one (M, N, K, bits) class; see `choose_config`."""
+
+    mt: int  # token tiles of 8
+    wn: int  # warps along N (16 features each)
+    wk: int  # warps along K
+    p: int  # chunks in flight per warp
+    s: int  # K-slices over blocks (> 1: fp32 partials + reduce kernel)
+    mrows: int  # x rows allocated in smem (power of two >= M)
+
+    def smem(self, k: int, bits: int) -> int:
+        ck = 128 if bits == 4 else 64
+        nch = k // ck
+        xs = -(-nch // self.s) * ck + (16 if bits == 4 else 8)
+        red = self.wk * 8 * self.mt * (16 * self.wn + 4) * 4
+        return max(self.mrows * xs * 2, red)
+
+
+_TILES = {1: (1, 8, 4), 2: (2, 4, 4), 4: (4, 2, 3), 8: (4, 2, 2)}  # mt -> (wn, wk, p)
+
+
+def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
+    mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+    wn, wk, p = _TILES[mt]
+    while n % (16 * wn):  # keep the block's warps: trade warps along N for warps along K
+        wn, wk = wn // 2, wk * 2
+    nch = k // (128 if bits == 4 else 64)
+    cfg = QmmConfig(mt, wn, wk, p, 1, 1 << (m - 1).bit_length())
+    while cfg.smem(k, bits) > SMEM_BUDGET and cfg.s < nch:
+        cfg = replace(cfg, s=cfg.s + 1)
+    warps = (n // (16 * wn)) * wn * wk
+    if warps < MIN_WARPS:
+        s_par = min(-(-MIN_WARPS // warps), max(1, nch // wk))
+        cfg = replace(cfg, s=max(cfg.s, s_par))
+    return cfg
+
+
+def _shape_info(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: int, bits: int):
+    """Validate like mx.quantized_matmul would, with a one-line message; return (M, N, K)."""
+    if w.ndim != 2 or w.dtype != mx.uint32:
+        raise ValueError(f"quantized_matmul: w must be a 2-D uint32 array, got {w.dtype} {w.shape}")
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"quantized_matmul: bits must be one of 2, 3, 4, 5, 6, 8, not {bits}")
+    if group_size not in _GROUPS:
+        raise ValueError(f"quantized_matmul: group_size must be 32, 64 or 128, not {group_size}")
+    n, kw = w.shape
+    k = kw * 32 // bits
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"quantized_matmul: x has {x.shape[-1] if x.ndim else 0} features but the {bits}-bit "
+            f"weight [{n}, {kw}] holds {k}"
+        )
+    if k % group_size != 0:
+        raise ValueError(
+            f"quantized_matmul: K={k} is not a multiple of group_size={group_size}"
+        )
+    want = (n, k // group_size)
+    if tuple(scales.shape) != want or (biases is not None and tuple(biases.shape) != want):
+        raise ValueError(
+            f"quantized_matmul: scales/biases must be {list(want)} for w {list(w.shape)} with "
+            f"group_size={group_size}, got {list(scales.shape)}"
+            f"{'' if biases is None else ' / ' + str(list(biases.shape))}"
+        )
+    m = 1
+    for d in x.shape[:-1]:
+        m *= d
+    return m, n, k
+
+
+def covered(m: int, n: int, k: int, x_dtype, scales, biases, group_size: int, bits: int) -> bool:
+    """True when the custom CUDA kernel handles this call (back-end aside)."""
+    return (
+        biases is not None
+        and bits in _BITS
+        and group_size in _GROUPS
+        and x_dtype in _DTYPES
+        and scales.dtype == x_dtype
+        and biases.dtype == x_dtype
+        and 1 <= m <= MAX_M
+        and n % 16 == 0
+        and k % (128 if bits == 4 else 64) == 0
+    )
+
+
+def plan_quantized_matmul(
+    backend_name: str,
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    *,
+    group_size: int,
+    bits: int,
+    bias: mx.array | None = None,
+    config: QmmConfig | None = None,
+) -> tuple[KernelSpec, Launch]:
+    """The main kernel's spec and launch (x taken as [M, K]). With config.s > 1 its output is
+    fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y."""
+    if backend_name != "cuda":
+        raise ValueError(f"quantized_matmul has a custom kernel only on cuda, not {backend_name!r}")
+    m, n, k = _shape_info(x, w, scales, biases, group_size, bits)
+    if not covered(m, n, k, x.dtype, scales, biases, group_size, bits):
+        raise ValueError(
+            f"quantized_matmul: no custom kernel for M={m} N={n} K={k} bits={bits} "
+            f"group_size={group_size} dtype={x.dtype}"
+        )
+    cfg = config or choose_config(m, n, k, bits)
+    split = cfg.s > 1
+    has_bias = bias is not None and not split
+    # Shapes share compiled kernels: N and K are runtime values and the dynamic smem size is
+    # rounded up to 8 KiB steps (it is part of the kernel name, see the template below).
+    smem = -(-cfg.smem(k, bits) // SMEM_STEP) * SMEM_STEP
+    nt = 32 * cfg.wn * cfg.wk
+    inputs = [x.reshape(m, k), w, scales, biases] + ([bias] if has_bias else [])
+    launch = Launch(
+        inputs=inputs,
+        output_shapes=[(cfg.s, m, n) if split else (m, n)],
+        output_dtypes=[mx.float32 if split else x.dtype],
+        grid=((n // (16 * cfg.wn)) * nt, cfg.s, 1),
+        threadgroup=(nt, 1, 1),
+        template=[
+            ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
+            ("WK", cfg.wk), ("P", cfg.p), ("SPLIT", split),
+            ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
+        ],
+    )
+    return replace(_main_spec(has_bias), shared_memory=smem), launch
+
+
+def plan_qmm_reduce(part: mx.array, dtype, bias: mx.array | None = None) -> tuple[KernelSpec, Launch]:
+    s, m, n = part.shape
+    launch = Launch(
+        inputs=[part] + ([bias] if bias is not None else []),
+        output_shapes=[(m, n)],
+        output_dtypes=[dtype],
+        grid=(m * n, 1, 1),
+        threadgroup=(256, 1, 1),
+        template=[("T", dtype)],
+    )
+    return _reduce_spec(bias is not None), launch
+
+
+# Rows of x from which CUDA dequantizes and uses cuBLAS instead (0: never).
+DEQUANT_MIN_M = int(os.environ.get("BB_QMM_DEQUANT_MIN_M", "256"))
+
+
+def quantized_matmul(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array | None,
+    *,
+    group_size: int,
+    bits: int,
+    bias: mx.array | None = None,
+) -> mx.array:
+    """x @ dequantize(w, scales, biases).T (+ bias): MLX affine layout, transpose=True.
+
+    Custom CUDA kernel when `backend.BACKEND == "cuda"` and the shape is covered, otherwise
+    `mx.quantized_matmul` (then `+ bias`)."""
+    m, n, k = _shape_info(x, w, scales, biases, group_size, bits)
+    if backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, group_size, bits):
+        if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
+            bias = bias.reshape(n).astype(x.dtype)
+        ks, launch = plan_quantized_matmul(
+            "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias
+        )
+        (y,) = kspec.run(ks, launch)
+        if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
+            rs, rl = plan_qmm_reduce(y, x.dtype, bias)
+            (y,) = kspec.run(rs, rl)
+        return y.reshape(*x.shape[:-1], n)
+    if backend.BACKEND == "cuda" and DEQUANT_MIN_M and m >= DEQUANT_MIN_M and biases is not None:
+        # Prefill-sized M: dequantize to the activation dtype and use cuBLAS (llama.cpp's CUDA
+        # back-end does the same for large batches); MLX's 4-bit GEMM is slower here.
+        wd = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(x.dtype)
+        y = x @ wd.T
+        return y if bias is None else y + bias.astype(y.dtype)
+    y = mx.quantized_matmul(
+        x, w, scales, biases, transpose=True, group_size=group_size, bits=bits
+    )
+    return y if bias is None else y + bias
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear whose matmul (bias fused) goes through `quantized_matmul`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return quantized_matmul(
+            x,
+            self["weight"],
+            self["scales"],
+            self.get("biases"),
+            group_size=self.group_size,
+            bits=self.bits,
+            bias=self.get("bias"),
+        )
+
+    @classmethod
+    def from_quantized(cls, layer: nn.QuantizedLinear) -> "QuantizedLinear":
+        """Same arrays and settings, no copy (nn.QuantizedLinear's __init__ would quantize noise)."""
+        new = cls.__new__(cls)
+        new.__dict__.update(layer.__dict__)
+        dict.update(new, layer)
+        return new
+
+
+def _swappable(m: nn.Module) -> bool:
+    return (
+        isinstance(m, nn.QuantizedLinear)
+        and not isinstance(m, QuantizedLinear)
+        and getattr(m, "mode", "affine") == "affine"
+        and m.bits in _BITS
+        and m.group_size in (32, 64)
+        and m.get("biases") is not None
+    )
+
+
+def use_fast_quantized_linears(model: nn.Module) -> int:
+    """Swap every affine 4/8-bit, group 32/64 nn.QuantizedLinear of `model` in place for
+    `QuantizedLinear`; return how many were swapped."""
+    swaps = [(path, QuantizedLinear.from_quantized(m)) for path, m in model.named_modules() if _swappable(m)]
+    if swaps:
+        from mlx.utils import tree_unflatten
+
+        model.update_modules(tree_unflatten(swaps))
+    return len(swaps)
+
+
+class FusedQuantizedLinear(nn.Module):
+    """Several quantized linears on the same input (q/k/v, gate/up) as one matmul launch.
+
+    Weights, scales, biases (and bias, if any layer has one) are concatenated along N once;
+    __call__ returns one output per original layer."""
+
+    def __init__(self, layers: list[nn.QuantizedLinear]):
+        super().__init__()
+        first = layers[0]
+        for l in layers:
+            if not isinstance(l, nn.QuantizedLinear) or l.get("biases") is None:
+                raise ValueError("FusedQuantizedLinear: needs affine nn.QuantizedLinear layers")
+            if (l.bits, l.group_size, l["weight"].shape[1]) != (
+                first.bits, first.group_size, first["weight"].shape[1]
+            ) or l["scales"].dtype != first["scales"].dtype:
+                raise ValueError("FusedQuantizedLinear: layers differ in bits, group size, K or dtype")
+        self.group_size, self.bits = first.group_size, first.bits
+        self.sizes = [l["weight"].shape[0] for l in layers]
+        self.weight = mx.concatenate([l["weight"] for l in layers])
+        self.scales = mx.concatenate([l["scales"] for l in layers])
+        self.biases = mx.concatenate([l["biases"] for l in layers])
+        if any("bias" in l for l in layers):
+            dt = first["scales"].dtype
+            self.bias = mx.concatenate(
+                [l["bias"].astype(dt) if "bias" in l else mx.zeros((n,), dt) for l, n in zip(layers, self.sizes)]
+            )
+        mx.eval(self.parameters())
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        y = quantized_matmul(
+            x, self["weight"], self["scales"], self["biases"],
+            group_size=self.group_size, bits=self.bits, bias=self.get("bias"),
+        )
+        cuts, acc = [], 0
+        for n in self.sizes[:-1]:
+            acc += n
+            cuts.append(acc)
+        return mx.split(y, cuts, axis=-1)
+
+
+def fuse_quantized_projections(model: nn.Module) -> int:
+    """Replace each layer's q/k/v and gate/up quantized projections by one fused launch
+    (`qkv_proj`, `gate_up_proj`, which the model files use when present); returns the count."""
+    fused = 0
+    for layer in getattr(model, "layers", []):
+        for parent, names, new in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                                   (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
+            parts = [parent.get(n) for n in names]
+            if not all(isinstance(p, nn.QuantizedLinear) and p.get("biases") is not None for p in parts):
+                continue
+            if len({(p.bits, p.group_size, p["weight"].shape[1]) for p in parts}) != 1:
+                continue
+            parent[new] = FusedQuantizedLinear(parts)
+            for n in names:
+                parent.pop(n)
+            fused += 1
+    return fused

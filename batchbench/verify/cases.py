@@ -1,0 +1,243 @@
+"""The project's kernels on small inputs, with float64 NumPy expectations.
+
+Shared by tests/test_verify_kernels.py and `python -m batchbench.verify`. Each case knows its
+kernel launches (for compile checks) and how to emulate them and judge the result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from batchbench.kernels import attention as A
+from batchbench.kernels import qmm as Q
+from batchbench.kernels.attention_cases import additive, live_lists, make_layout, reference
+from batchbench.kernels.spec import KernelSpec, Launch
+from batchbench.verify.emulate import emulate
+
+ATTN_TOL = {mx.float16: 3e-3, mx.bfloat16: 2.5e-2}
+QMM_RTOL = {mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
+
+
+# Runs one launch: (spec, launch) -> (outputs, inputs after the run), numpy (bf16 as float32).
+Executor = Callable[[KernelSpec, Launch], tuple[list[np.ndarray], list[np.ndarray]]]
+
+
+def emulator(**emulate_kw) -> Executor:
+    def execute(spec: KernelSpec, launch: Launch):
+        res = emulate(spec, launch, **emulate_kw)
+        return res.outputs, res.inputs_after
+
+    return execute
+
+
+@dataclass
+class Case:
+    name: str
+    kernels: list[tuple[KernelSpec, Launch]]  # what MLX would compile (for compile checks)
+    run: Callable[[Executor], np.ndarray]  # run the launches, return the float64 result
+    expected: np.ndarray
+    atol: float
+    checks: list[Callable[[np.ndarray], str | None]] = field(default_factory=list)
+
+    def verify(self, execute: Executor | None = None, **emulate_kw) -> tuple[float, np.ndarray]:
+        """Run (default: emulate) and compare; raises AssertionError with the reason.
+        Returns (max error, result)."""
+        got = self.run(execute or emulator(**emulate_kw))
+        if not np.isfinite(got).all():
+            raise AssertionError(f"{self.name}: non-finite output ({np.count_nonzero(~np.isfinite(got))} values)")
+        err = float(np.abs(got - self.expected).max()) if got.size else 0.0
+        if err > self.atol:
+            raise AssertionError(f"{self.name}: max error {err:.3g} > {self.atol:.3g}")
+        for c in self.checks:
+            msg = c(got)
+            if msg:
+                raise AssertionError(f"{self.name}: {msg}")
+        return err, got
+
+
+def _f64(x: mx.array) -> np.ndarray:
+    return np.array(x.astype(mx.float32)).astype(np.float64)
+
+
+def attention_case(
+    backend: str,
+    rng: np.random.Generator,
+    *,
+    dtype=mx.float16,
+    d: int = 64,
+    g: int = 4,
+    hkv: int = 2,
+    layout: dict | None = None,
+    mask_kind: str = "add",
+    skip: bool = True,
+    live: str | None = None,
+    visible: np.ndarray | None = None,
+    splits: int | None = None,
+) -> Case:
+    """Decode attention over a unified-cache layout (attention_cases.make_layout).
+
+    K/V hold junk (+-1e4) past the N mask columns; live: None, "exact" or "superset"
+    (owned blocks of the row's sequence, as the cache bookkeeping gives them). splits: plan
+    for a GPU small enough to give that many KV splits (few splits: each warp walks many
+    blocks through its pipeline; one split writes the output without the merge)."""
+    layout = dict(kind="contiguous", n_seq=3, max_prompt=70) if layout is None else layout
+    if visible is None:
+        lay = make_layout(rng, **layout)
+        vis, owned = lay.visible, lay.owned
+        lname = lay.name
+    else:
+        vis, owned, lname = visible, visible, "custom"
+    t, n = vis.shape
+    s = n + 7
+    qn = rng.standard_normal((1, hkv * g, t, d)).astype(np.float32)
+    kn = rng.standard_normal((1, hkv, s, d)).astype(np.float32)
+    vn = rng.standard_normal((1, hkv, s, d)).astype(np.float32)
+    kn[:, :, n:] = 1e4
+    vn[:, :, n:] = -1e4
+    q, k, v = (mx.array(x).astype(dtype) for x in (qn, kn, vn))
+    mask = mx.array(vis) if mask_kind == "bool" else mx.array(additive(vis)).astype(dtype)
+    scale = 1.0 / math.sqrt(d)
+    live_blocks = None
+    if live == "exact":
+        live_blocks = tuple(mx.array(x) for x in live_lists(vis))
+    elif live == "superset":
+        live_blocks = tuple(mx.array(x) for x in live_lists(owned, pad_to=n // 32 + 2))
+    sms = None if splits is None else t * hkv * -(-g // A.HEADS_PER_TILE) * splits
+    saved = os.environ.get("BB_ATTN_SMS")
+    try:
+        if sms is not None:
+            os.environ["BB_ATTN_SMS"] = str(sms)
+        kspec, launch = A.plan_decode_attention(
+            backend, q, k, v, mask, scale=scale, skip=skip, live_blocks=live_blocks
+        )
+    finally:
+        if sms is not None:
+            if saved is None:
+                os.environ.pop("BB_ATTN_SMS", None)
+            else:
+                os.environ["BB_ATTN_SMS"] = saved
+    want = reference(_f64(q), _f64(k), _f64(v), vis, scale)
+    dead = ~vis.any(axis=1)
+    counters_at = list(kspec.input_names).index("counters")
+
+    state: dict = {}
+
+    def run(execute: Executor) -> np.ndarray:
+        outs, ins_after = execute(kspec, launch)
+        state["counters"] = ins_after[counters_at]
+        return outs[0].astype(np.float64)
+
+    def dead_rows_zero(got):
+        if dead.any() and np.abs(got[:, :, dead]).any():
+            return "a fully masked row is not zero"
+        return None
+
+    def counters_reset(_):
+        c = state.get("counters")
+        if c is not None and np.any(c != 0):
+            return f"split counters not left at zero ({np.count_nonzero(c)} nonzero)"
+        return None
+
+    name = (
+        f"attn-{backend}-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-D{d}-G{g}-{mask_kind}"
+        f"-{'skip' if skip else 'noskip'}{'-live-' + live if live else ''}-{lname}-T{t}N{n}"
+        f"-splits{launch.grid[1]}"
+    )
+    return Case(name, [(kspec, launch)], run, want, ATTN_TOL[dtype], [dead_rows_zero, counters_reset])
+
+
+def attention_cases(backend: str, rng: np.random.Generator, quick: bool = False) -> list[Case]:
+    """A matrix over dtype, head dim, GQA factor, mask kind, skip and live lists."""
+    specs = [
+        dict(dtype=mx.float16, d=128, g=7, layout=dict(kind="contiguous", n_seq=3, empty_row=True)),
+        dict(dtype=mx.bfloat16, d=64, g=4, layout=dict(kind="interleaved", n_seq=3, tokens_per_seq=2)),
+        dict(dtype=mx.float16, d=64, g=8, mask_kind="bool", skip=False,
+             layout=dict(kind="shared", n_seq=3, empty_row=True)),
+        dict(dtype=mx.float16, d=64, g=1, live="exact",
+             layout=dict(kind="contiguous", n_seq=2, n_swa=24, tokens_per_seq=2)),
+        dict(dtype=mx.bfloat16, d=128, g=4, live="superset", mask_kind="bool",
+             layout=dict(kind="contiguous", n_seq=4, max_prompt=40, empty_row=True)),
+    ]
+    if quick:
+        specs = specs[:2]
+    else:
+        # Few splits: long walks through the per-warp pipeline; one split writes the output.
+        specs.append(dict(dtype=mx.float16, d=64, g=4, splits=1,
+                          layout=dict(kind="contiguous", n_seq=2, max_prompt=200, max_tg=40)))
+        specs.append(dict(dtype=mx.bfloat16, d=64, g=7, splits=2, live="exact",
+                          layout=dict(kind="interleaved", n_seq=2, max_prompt=200, max_tg=40)))
+    cases = [attention_case(backend, rng, **s) for s in specs]
+    # One visible cell, in a partial last block, for one row; the other row sees nothing.
+    n = 70
+    vis = np.zeros((2, n), dtype=bool)
+    vis[0, n - 1] = True
+    cases.append(attention_case(backend, rng, d=64, g=4, visible=vis))
+    return cases
+
+
+def qmm_case(
+    rng: np.random.Generator,
+    *,
+    m: int,
+    n: int = 64,
+    k: int = 256,
+    bits: int = 4,
+    group_size: int = 64,
+    dtype=mx.float16,
+    split: int | None = None,
+    bias: bool = False,
+) -> Case:
+    """y = x @ dequantize(w).T (+ bias) through the CUDA kernel (and its reduce kernel when
+    K is split over blocks)."""
+    w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
+    wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
+    x = mx.array(rng.standard_normal((m, k)).astype(np.float32)).astype(dtype)
+    lb = mx.array(rng.standard_normal((n,)).astype(np.float32)).astype(dtype) if bias else None
+    cfg = None
+    if split:
+        base = Q.choose_config(m, n, k, bits)
+        cfg = Q.QmmConfig(base.mt, base.wn, base.wk, base.p, split, base.mrows)
+    kspec, launch = Q.plan_quantized_matmul(
+        "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, config=cfg
+    )
+    wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
+    want = _f64(x) @ wd.T + (_f64(lb) if bias else 0.0)
+    is_split = launch.output_dtypes[0] == mx.float32
+    kernels = [(kspec, launch)]
+    if is_split:
+        part0 = mx.zeros(launch.output_shapes[0], dtype=mx.float32)
+        kernels.append(Q.plan_qmm_reduce(part0, dtype, lb))
+
+    def run(execute: Executor) -> np.ndarray:
+        y = execute(kspec, launch)[0][0]
+        if is_split:
+            rspec, rlaunch = Q.plan_qmm_reduce(mx.array(y), dtype, lb)
+            y = execute(rspec, rlaunch)[0][0]
+        return y.astype(np.float64)
+
+    atol = QMM_RTOL[dtype] * max(1.0, float(np.abs(want).max()))
+    name = (
+        f"qmm-cuda-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-M{m}-N{n}-K{k}-b{bits}-g{group_size}"
+        f"{'-split' + str(split) if split else ''}{'-bias' if bias else ''}"
+    )
+    return Case(name, kernels, run, want, atol)
+
+
+def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
+    specs = [
+        dict(m=1, bits=4),
+        dict(m=3, bits=8, dtype=mx.bfloat16),
+        dict(m=5, bits=4, dtype=mx.bfloat16, bias=True),
+        dict(m=7, bits=8, group_size=32),
+        dict(m=3, bits=4, group_size=128, split=2, bias=True),
+        dict(m=33, bits=4, n=128),
+    ]
+    if quick:
+        specs = specs[:2]
+    return [qmm_case(rng, **s) for s in specs]

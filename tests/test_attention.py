@@ -1,0 +1,203 @@
+"""Decode attention: the pure-MLX twin against a float64 NumPy oracle, and the kernel plans."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from batchbench.kernels import attention as A
+from batchbench.kernels.attention_cases import additive, live_lists, make_layout, reference
+
+TOL = {mx.float32: 2e-5, mx.float16: 3e-3, mx.bfloat16: 2.5e-2}
+
+
+def _inputs(rng, dtype, d, g, hkv, t, n, extra=9):
+    s = n + extra  # the buffer is larger than the used range; what lies past N is junk
+    q = rng.standard_normal((1, hkv * g, t, d)).astype(np.float32)
+    k = rng.standard_normal((1, hkv, s, d)).astype(np.float32)
+    v = rng.standard_normal((1, hkv, s, d)).astype(np.float32)
+    k[:, :, n:] = 1e4
+    v[:, :, n:] = -1e4
+    qm, km, vm = (mx.array(x).astype(dtype) for x in (q, k, v))
+    q64, k64, v64 = (np.array(x.astype(mx.float32)).astype(np.float64) for x in (qm, km, vm))
+    return qm, km, vm, q64, k64, v64
+
+
+def _mask(vis, dtype, kind):
+    if kind == "bool":
+        return mx.array(vis)
+    return mx.array(additive(vis)).astype(dtype)
+
+
+def _run(q, k, v, mask, scale, **kw):
+    out = A.decode_attention(q, k, v, scale=scale, mask=mask, **kw)
+    return np.array(out.astype(mx.float32)).astype(np.float64)
+
+
+LAYOUTS = [
+    dict(kind="contiguous", n_seq=4),
+    dict(kind="interleaved", n_seq=3),
+    dict(kind="shared", n_seq=3, empty_row=True),
+    dict(kind="contiguous", n_seq=3, tokens_per_seq=2, n_swa=24),
+    dict(kind="contiguous", n_seq=2, tail=0),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: "-".join(f"{k}{v}" for k, v in l.items()))
+@pytest.mark.parametrize(
+    "dtype,g,d,mkind",
+    [
+        (mx.float16, 7, 128, "add"),
+        (mx.bfloat16, 4, 64, "add"),
+        (mx.float32, 1, 64, "bool"),
+        (mx.float16, 8, 64, "bool"),
+    ],
+)
+def test_twin_matches_float64(layout, dtype, g, d, mkind):
+    rng = np.random.default_rng()
+    lay = make_layout(rng, **layout)
+    vis = lay.visible
+    t, n = vis.shape
+    hkv = 2
+    q, k, v, q64, k64, v64 = _inputs(rng, dtype, d, g, hkv, t, n)
+    scale = 1.0 / math.sqrt(d)
+    mask = _mask(vis, dtype, mkind)
+    want = reference(q64, k64, v64, vis, scale)
+    exact = tuple(mx.array(x) for x in live_lists(vis))
+    superset = tuple(mx.array(x) for x in live_lists(lay.owned, pad_to=n // 32 + 2))
+    outs = {
+        "skip": _run(q, k, v, mask, scale),
+        "noskip": _run(q, k, v, mask, scale, skip=False),
+        "live": _run(q, k, v, mask, scale, live_blocks=exact),
+        "superset": _run(q, k, v, mask, scale, live_blocks=superset),
+    }
+    for name, got in outs.items():
+        assert np.isfinite(got).all(), name
+        assert np.abs(got - want).max() < TOL[dtype], name
+        dead = ~vis.any(axis=1)
+        assert not np.abs(got[:, :, dead]).any(), f"{name}: fully masked row is not zero"
+    assert np.abs(outs["skip"] - outs["noskip"]).max() < TOL[dtype]
+    assert np.abs(outs["live"] - outs["skip"]).max() < TOL[dtype]
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+    rng = np.random.default_rng()
+    t, n = 3, 70
+    vis = np.zeros((t, n), dtype=bool)
+    vis[1, 5:9] = True
+    q, k, v, q64, k64, v64 = _inputs(rng, mx.float16, 64, 4, 2, t, n)
+    for kind in ("add", "bool"):
+        got = _run(q, k, v, _mask(vis, mx.float16, kind), 0.125)
+        assert not np.isnan(got).any()
+        assert not got[:, :, [0, 2]].any()
+        assert np.abs(got - reference(q64, k64, v64, vis, 0.125)).max() < 3e-3
+
+
+def test_single_visible_cell_in_partial_last_block():
+    rng = np.random.default_rng()
+    t, n = 2, 100  # last block holds cells 96..99
+    vis = np.zeros((t, n), dtype=bool)
+    vis[0, n - 1] = True
+    vis[1, 96] = True
+    q, k, v, q64, k64, v64 = _inputs(rng, mx.float32, 64, 7, 1, t, n)
+    got = _run(q, k, v, _mask(vis, mx.float32, "add"), 0.125)
+    # One visible cell: the output is exactly that cell's V row.
+    np.testing.assert_allclose(got[0, :, 0], np.broadcast_to(v64[0, 0, n - 1], (7, 64)), atol=1e-6)
+    np.testing.assert_allclose(got[0, :, 1], np.broadcast_to(v64[0, 0, 96], (7, 64)), atol=1e-6)
+    blocks = (mx.array([[3], [3]], dtype=mx.int32), mx.array([1, 1], dtype=mx.int32))
+    got_live = _run(q, k, v, _mask(vis, mx.float32, "add"), 0.125, live_blocks=blocks)
+    np.testing.assert_allclose(got_live, got, atol=1e-6)
+
+
+def test_live_blocks_restrict_attention():
+    """Blocks missing from the list are not attended, as in the kernels."""
+    rng = np.random.default_rng()
+    t, n = 2, 128
+    vis = np.ones((t, n), dtype=bool)
+    q, k, v, q64, k64, v64 = _inputs(rng, mx.float32, 64, 1, 1, t, n)
+    blocks = np.array([[1, 3, 0], [2, 0, 0]], dtype=np.int32)
+    counts = np.array([2, 0], dtype=np.int32)
+    got = _run(q, k, v, _mask(vis, mx.float32, "add"), 0.125,
+               live_blocks=(mx.array(blocks), mx.array(counts)))
+    allowed = np.zeros((t, n), dtype=bool)
+    allowed[0, 32:64] = allowed[0, 96:128] = True
+    np.testing.assert_allclose(got, reference(q64, k64, v64, allowed, 0.125), atol=2e-5)
+    # skip=False ignores the list.
+    got = _run(q, k, v, _mask(vis, mx.float32, "add"), 0.125, skip=False,
+               live_blocks=(mx.array(blocks), mx.array(counts)))
+    np.testing.assert_allclose(got, reference(q64, k64, v64, vis, 0.125), atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "qs,ks,vs,ms,live,msg",
+    [
+        ((2, 4, 1, 64), (1, 2, 8, 64), (1, 2, 8, 64), (1, 8), None, "q must be"),
+        ((1, 4, 1, 64), (1, 3, 8, 64), (1, 3, 8, 64), (1, 8), None, "multiple"),
+        ((1, 4, 1, 64), (1, 2, 8, 64), (1, 2, 9, 64), (1, 8), None, "k and v"),
+        ((1, 4, 1, 32), (1, 2, 8, 64), (1, 2, 8, 64), (1, 8), None, "head dim"),
+        ((1, 4, 2, 64), (1, 2, 8, 64), (1, 2, 8, 64), (1, 8), None, "mask"),
+        ((1, 4, 1, 64), (1, 2, 8, 64), (1, 2, 8, 64), (1, 9), None, "cells"),
+        ((1, 4, 1, 64), (1, 2, 8, 64), (1, 2, 8, 64), (1, 8), ((2, 1), (1,)), "live_blocks"),
+    ],
+)
+def test_bad_shapes_raise(qs, ks, vs, ms, live, msg):
+    q, k, v = mx.zeros(qs), mx.zeros(ks), mx.zeros(vs)
+    mask = mx.zeros(ms)
+    lb = None
+    if live is not None:
+        lb = (mx.zeros(live[0], dtype=mx.int32), mx.zeros(live[1], dtype=mx.int32))
+    with pytest.raises(ValueError, match=msg):
+        A.decode_attention(q, k, v, scale=1.0, mask=mask, live_blocks=lb)
+    with pytest.raises(ValueError, match=msg):
+        A.decode_attention_ref(q, k, v, scale=1.0, mask=mask, live_blocks=lb)
+
+
+def test_bad_dtypes_raise():
+    q = mx.zeros((1, 2, 1, 64), dtype=mx.float16)
+    k = mx.zeros((1, 1, 8, 64), dtype=mx.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        A.decode_attention(q, k, k, scale=1.0, mask=mx.zeros((1, 8)))
+    with pytest.raises(ValueError, match="mask"):
+        A.decode_attention(q, q[:, :1].astype(mx.float16), q[:, :1], scale=1.0,
+                           mask=mx.zeros((1, 1), dtype=mx.int32))
+
+
+@pytest.mark.parametrize("backend_name", ["cuda", "metal"])
+@pytest.mark.parametrize("skip,live", [(True, False), (True, True), (False, False)])
+def test_plan_describes_one_launch(backend_name, skip, live):
+    t, g, hkv, d, n = 5, 7, 4, 128, 1000
+    q = mx.zeros((1, g * hkv, t, d), dtype=mx.float16)
+    k = mx.zeros((1, hkv, 1024, d), dtype=mx.float16)
+    mask = mx.zeros((t, n), dtype=mx.float16)
+    lb = (mx.zeros((t, 3), dtype=mx.int32), mx.ones((t,), dtype=mx.int32)) if live else None
+    kspec, launch = A.plan_decode_attention(
+        backend_name, q, k, k, mask, scale=0.125, skip=skip, live_blocks=lb
+    )
+    warps, stages = A._config(backend_name)
+    n_split = launch.grid[1]
+    assert kspec.backend == backend_name
+    assert launch.grid == (warps * 32 * hkv, n_split, t)
+    assert launch.threadgroup == (warps * 32, 1, 1)
+    assert 1 <= n_split <= A.MAX_SPLIT
+    assert launch.output_shapes[0] == (1, g * hkv, t, d)
+    assert dict(launch.template)["LIVE"] == (skip and live)
+    # Every int input is big enough to stay out of MLX's small-array pool.
+    assert launch.inputs[4].size >= 8 and launch.inputs[5].size >= t * hkv
+    header = kspec.header
+    for helper in ("bb_mma_16816", "bb_ldsm_rows_trans", "bb_cp_async16", "bb_attn_decode"):
+        assert helper in header
+    if backend_name == "cuda":
+        assert kspec.shared_memory == A.smem_bytes(d, warps, stages, 2)
+        assert "BB_PORTABLE" in header and "mma.sync" in header
+    else:
+        assert A.smem_bytes(d, warps, stages, 2) <= 32768  # Apple threadgroup memory
+
+
+def test_live_packing_is_reused_across_layers():
+    blocks = mx.zeros((2, 1), dtype=mx.int32)
+    counts = mx.zeros((2,), dtype=mx.int32)
+    a = A.pack_live_blocks((blocks, counts))
+    b = A.pack_live_blocks((blocks, counts))
+    assert a is b and a.shape == (2, 8)
+    assert np.array(a)[0, 2:].tolist() == [-1] * 6

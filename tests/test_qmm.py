@@ -1,0 +1,248 @@
+"""CPU tests of batchbench.kernels.qmm: fallback numerics, CUDA dispatch/planning, layer swap.
+
+The CUDA kernel itself runs on the H200 (scripts/h200_qmm.py); here the dispatch is checked
+by planning launches with BACKEND forced to "cuda" and a stubbed `spec.run`.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from batchbench import backend
+from batchbench.kernels import qmm
+from batchbench.kernels import spec as kspec
+
+MODEL_SHAPES = [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944), (152064, 3584), (896, 896), (128, 896), (4864, 896), (896, 4864)]
+
+
+def _quantized(n, k, bits, gs, dtype, seed):
+    rng = np.random.default_rng(seed)
+    w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05).astype(dtype)
+    return mx.quantize(w, group_size=gs, bits=bits)
+
+
+def _reference(x, wq, s, b, gs, bits, bias=None):
+    wd = np.array(mx.dequantize(wq, s, b, group_size=gs, bits=bits).astype(mx.float32), np.float64)
+    ref = np.array(x.astype(mx.float32), np.float64) @ wd.T
+    if bias is not None:
+        ref = ref + np.array(bias.astype(mx.float32), np.float64)
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("bits,gs", [(4, 32), (4, 64), (8, 64)])
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 7), (33,)])
+def test_fallback_matches_float64(dtype, bits, gs, lead):
+    n, k = 48, 256
+    wq, s, b = _quantized(n, k, bits, gs, dtype, seed=len(lead) * 7 + lead[-1])
+    x = mx.array(np.random.default_rng(1).standard_normal((*lead, k)).astype(np.float32)).astype(dtype)
+    bias = mx.array(np.random.default_rng(2).standard_normal(n).astype(np.float32)).astype(dtype)
+    y = qmm.quantized_matmul(x, wq, s, b, group_size=gs, bits=bits, bias=bias)
+    assert y.shape == (*lead, n) and y.dtype == dtype
+    ref = _reference(x.reshape(-1, k), wq, s, b, gs, bits, bias).reshape(*lead, n)
+    err = np.abs(np.array(y.astype(mx.float32), np.float64) - ref).max() / np.abs(ref).max()
+    assert err < {mx.float16: 5e-3, mx.bfloat16: 3e-2, mx.float32: 1e-5}[dtype], err
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.fixture
+def cuda_dispatch(monkeypatch):
+    """BACKEND forced to cuda; spec.run records the plans and returns zero outputs."""
+    calls = []
+
+    def fake_run(ks, launch):
+        calls.append((ks, launch))
+        return [mx.zeros(shape, dt) for shape, dt in zip(launch.output_shapes, launch.output_dtypes)]
+
+    monkeypatch.setattr(backend, "BACKEND", "cuda")
+    monkeypatch.setattr(kspec, "run", fake_run)
+    return calls
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 31, 33, 64])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_dispatch_plans_custom_kernel(cuda_dispatch, m, bits):
+    n, k, gs = 512, 1024, 64
+    wq, s, b = _quantized(n, k, bits, gs, mx.float16, seed=m)
+    x = mx.zeros((m, k), mx.float16)
+    bias = mx.zeros((n,), mx.float16)
+    y = qmm.quantized_matmul(x, wq, s, b, group_size=gs, bits=bits, bias=bias)
+    assert y.shape == (m, n) and y.dtype == mx.float16
+    main_spec, main = cuda_dispatch[0]
+    t = dict(main.template)
+    assert main_spec.backend == "cuda" and main_spec.name.startswith("bb_qmm")
+    assert t["T"] == mx.float16 and (t["BITS"], t["GS"]) == (bits, gs)
+    assert 8 * t["MT"] >= m and main.inputs[0].shape == (m, k) and main.inputs[1].shape[0] == n
+    nt, splits = 32 * t["WN"] * t["WK"], main.grid[1]
+    assert main.threadgroup == (nt, 1, 1) and main.grid == (n // (16 * t["WN"]) * nt, splits, 1)
+    assert main_spec.shared_memory == t["SMEM"] <= 227 * 1024 and t["SMEM"] % qmm.SMEM_STEP == 0
+    assert t["SPLIT"] == (splits > 1)
+    if splits > 1:  # fp32 partials, then the reduce kernel adds the bias and casts
+        assert main.output_dtypes == [mx.float32] and main.output_shapes == [(splits, m, n)]
+        red_spec, red = cuda_dispatch[1]
+        assert red_spec.name == "bb_qmm_red_b" and red.output_dtypes == [mx.float16]
+        assert len(cuda_dispatch) == 2
+    else:
+        assert main_spec.name == "bb_qmm_b" and main.output_shapes == [(m, n)]
+        assert len(cuda_dispatch) == 1
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["m65", "x_f32", "scale_dtype", "n_not_16", "bits3", "k_not_128"],
+)
+def test_cuda_dispatch_falls_back(cuda_dispatch, case):
+    n, k, m, bits, gs, dt = 64, 512, 4, 4, 64, mx.float16
+    if case == "m65":
+        m = 65
+    if case == "n_not_16":
+        n = 40
+    if case == "bits3":
+        bits = 3
+    if case == "k_not_128":
+        k, gs = 576, 64
+    wq, s, b = _quantized(n, k, bits, gs, dt, seed=3)
+    x = mx.array(np.random.default_rng(4).standard_normal((m, k)).astype(np.float32))
+    x = x if case == "x_f32" else x.astype(dt)
+    if case == "scale_dtype":
+        s, b = s.astype(mx.bfloat16), b.astype(mx.bfloat16)
+    y = qmm.quantized_matmul(x, wq, s, b, group_size=gs, bits=bits)
+    assert cuda_dispatch == []  # went to mx.quantized_matmul
+    ref = _reference(x, wq, s, b, gs, bits)
+    err = np.abs(np.array(y.astype(mx.float32), np.float64) - ref).max() / np.abs(ref).max()
+    assert err < 1e-2
+
+
+def test_configs_fit_the_gpu():
+    for n, k in MODEL_SHAPES + [(4608, 3584), (37888, 3584)]:
+        for bits in (4, 8):
+            nch = k // (128 if bits == 4 else 64)
+            for m in range(1, qmm.MAX_M + 1):
+                c = qmm.choose_config(m, n, k, bits)
+                assert n % (16 * c.wn) == 0 and 8 * c.mt >= m and c.mrows >= m
+                assert 1 <= c.s <= nch and 32 * c.wn * c.wk <= 1024
+                assert c.smem(k, bits) <= qmm.SMEM_BUDGET or c.s == nch
+                assert c.smem(k, bits) <= 227 * 1024
+
+
+def test_plan_rejects_uncovered():
+    wq, s, b = _quantized(64, 256, 4, 64, mx.float16, seed=5)
+    x = mx.zeros((65, 256), mx.float16)
+    with pytest.raises(ValueError, match="no custom kernel"):
+        qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=64, bits=4)
+    with pytest.raises(ValueError, match="only on cuda"):
+        qmm.plan_quantized_matmul("metal", x[:1], wq, s, b, group_size=64, bits=4)
+
+
+def test_bad_inputs_raise_clear_errors():
+    # K = 96 is not a multiple of group_size 64 (w holds 96 4-bit codes per row)
+    w = mx.zeros((16, 12), mx.uint32)
+    s = mx.ones((16, 1), mx.float16)
+    x = mx.ones((2, 96), mx.float16)
+    with pytest.raises(ValueError, match="K=96 is not a multiple of group_size=64"):
+        qmm.quantized_matmul(x, w, s, s, group_size=64, bits=4)
+    wq, s, b = _quantized(32, 256, 4, 64, mx.float16, seed=6)
+    with pytest.raises(ValueError, match="x has 128 features"):
+        qmm.quantized_matmul(mx.ones((1, 128), mx.float16), wq, s, b, group_size=64, bits=4)
+    with pytest.raises(ValueError, match="scales/biases must be"):
+        qmm.quantized_matmul(mx.ones((1, 256), mx.float16), wq, s, b, group_size=32, bits=4)
+    with pytest.raises(ValueError, match="uint32"):
+        qmm.quantized_matmul(mx.ones((1, 256), mx.float16), s, s, b, group_size=64, bits=4)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(128, 128, bias=True)
+        self.k_proj = nn.Linear(128, 32, bias=True)
+        self.down_proj = nn.Linear(256, 128, bias=False)
+        self.up_proj = nn.Linear(128, 256, bias=False)
+        self.norm = nn.RMSNorm(128)
+
+    def __call__(self, x):
+        h = self.q_proj(self.norm(x)) + self.k_proj(x).sum(-1, keepdims=True)
+        return h + self.down_proj(nn.silu(self.up_proj(h)))
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = [_Block() for _ in range(2)]
+        self.lm_head = nn.Linear(128, 96, bias=False)
+
+    def __call__(self, x):
+        for l in self.layers:
+            x = l(x)
+        return self.lm_head(x)
+
+
+def test_swap_keeps_outputs_and_counts():
+    mx.random.seed(0)
+    model = _Model()
+    model.set_dtype(mx.float16)
+    nn.quantize(model, group_size=32, bits=4)
+    # one layer in an unsupported setting stays MLX's
+    model.layers[1].up_proj = nn.QuantizedLinear.from_linear(nn.Linear(128, 256, bias=False), group_size=128, bits=4)
+    x = mx.random.normal((3, 5, 128)).astype(mx.float16)
+    before = model(x)
+    trainable = [k for k, _ in tree_flatten(model.trainable_parameters())]
+    n = qmm.use_fast_quantized_linears(model)
+    assert n == 2 * 4 - 1 + 1  # 4 linears per block, one skipped, plus lm_head
+    swapped = [m for _, m in model.named_modules() if isinstance(m, qmm.QuantizedLinear)]
+    assert len(swapped) == n
+    assert not isinstance(model.layers[1].up_proj, qmm.QuantizedLinear)
+    assert model.layers[0].q_proj["weight"] is not None and "bias" in model.layers[0].q_proj
+    after = model(x)
+    np.testing.assert_array_equal(np.array(before.astype(mx.float32)), np.array(after.astype(mx.float32)))
+    assert qmm.use_fast_quantized_linears(model) == 0  # idempotent
+    assert [k for k, _ in tree_flatten(model.trainable_parameters())] == trainable
+
+
+def test_fused_linear_matches_separate():
+    mx.random.seed(1)
+    layers = [nn.QuantizedLinear.from_linear(nn.Linear(256, n, bias=bias), group_size=64, bits=4) for n, bias in ((128, True), (32, False), (32, True))]
+    fused = qmm.FusedQuantizedLinear(layers)
+    x = mx.random.normal((7, 256))
+    outs = fused(x)
+    assert [o.shape for o in outs] == [(7, 128), (7, 32), (7, 32)]
+    for o, l in zip(outs, layers):
+        np.testing.assert_allclose(np.array(o), np.array(l(x)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="differ"):
+        qmm.FusedQuantizedLinear([layers[0], nn.QuantizedLinear.from_linear(nn.Linear(256, 16), group_size=32, bits=4)])
+
+
+@pytest.mark.parametrize(
+    "m,n,k,bits,gs,dtype,bias,cfg",
+    [
+        (3, 32, 512, 4, 32, mx.float16, True, None),  # M < 8, fused bias
+        (20, 64, 512, 4, 64, mx.bfloat16, False, None),  # 4 token tiles, 4 warps along N
+        (9, 32, 512, 8, 64, mx.bfloat16, True, None),  # 8-bit, K split -> partials + reduce
+        (5, 64, 1280, 4, 32, mx.float16, True, qmm.QmmConfig(1, 1, 8, 4, 3, 8)),  # uneven split
+    ],
+)
+def test_cuda_kernel_under_cpu_emulation(m, n, k, bits, gs, dtype, bias, cfg):
+    """The exact CUDA source (BB_PORTABLE helpers) run by batchbench.verify's emulator."""
+    from batchbench.verify import toolchain
+    from batchbench.verify.emulate import emulate
+
+    toolchain.need(toolchain.host_cxx)
+    wq, s, b = _quantized(n, k, bits, gs, dtype, seed=m + k)
+    x = mx.array(np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)).astype(dtype)
+    lb = mx.array(np.random.default_rng(n).standard_normal(n).astype(np.float32) * 0.1).astype(dtype) if bias else None
+    ks, launch = qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=gs, bits=bits, bias=lb, config=cfg)
+    res = emulate(ks, launch)
+    assert res.unwritten == {"y": 0}
+    y = res[0]
+    if launch.output_dtypes[0] == mx.float32:
+        rs, rl = qmm.plan_qmm_reduce(mx.array(y), dtype, lb)
+        y = emulate(rs, rl)[0]
+    ref = _reference(x, wq, s, b, gs, bits, lb)
+    err = np.abs(np.asarray(y, np.float64) - ref).max() / np.abs(ref).max()
+    assert err < (2e-3 if dtype == mx.float16 else 1.5e-2), err

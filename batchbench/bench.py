@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -9,6 +10,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
+from batchbench.decode_step import CompiledDecode
 from batchbench.formats import BenchRow
 from batchbench.kv_cache import KVCache, pad_to
 
@@ -73,9 +75,13 @@ def make_row(pp: int, tg: int, pl: int, pps: bool, kv_unified: bool, t_pp, t_tg)
 class Runner:
     """Feeds batches to the model the way llama_decode does: chunks of n_batch, ubatches of n_ubatch."""
 
-    def __init__(self, model, cache: KVCache, mode: Mode, n_batch: int, n_ubatch: int):
+    def __init__(self, model, cache: KVCache, mode: Mode, n_batch: int, n_ubatch: int,
+                 compiled: bool | None = None):
         self.model, self.cache, self.mode = model, cache, mode
         self.n_batch, self.n_ubatch = n_batch, min(n_batch, n_ubatch)
+        if compiled is None:
+            compiled = os.environ.get("BATCHBENCH_COMPILE_STEP", "0") == "1"
+        self.step = CompiledDecode(model, cache) if compiled else None
 
     def decode(self, tokens, pos, seq, out, sync: bool) -> mx.array | None:
         last = None
@@ -87,7 +93,11 @@ class Runner:
                     seq[u0:u1], pos[u0:u1], out_rows if len(out_rows) else np.array([u1 - u0 - 1]),
                     flash=self.mode.flash, skip=self.mode.skip,
                 )
-                last = self.model(mx.array(tokens[u0:u1], dtype=mx.int32)[None], plan, self.cache)
+                toks = mx.array(np.asarray(tokens[u0:u1], np.int32))[None]
+                if self.step is not None and plan.decode and len(out_rows) == u1 - u0:
+                    last = self.step(toks, plan)  # every row has logits: one compiled step
+                else:
+                    last = self.model(toks, plan, self.cache)
                 if sync:
                     mx.eval(last)
                 else:

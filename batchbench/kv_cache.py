@@ -65,6 +65,7 @@ class AttentionPlan:
     live_blocks: tuple[mx.array, mx.array] | None = None
     groups: list[Group] = field(default_factory=list)
     out_rows: mx.array | None = None
+    cells: mx.array | None = None  # decode: int32 [T] cells the tokens' K/V go to
 
 
 class LayerCache:
@@ -264,7 +265,8 @@ class KVCache:
         nb = pad_to(n, BLOCK) // BLOCK
         occ = self.seq_blocks[seq_ids, :nb]
         counts = occ.sum(axis=1).astype(np.int32)
-        width = pad_to(max(int(counts.max()) if len(counts) else 0, 1), LIVE_WIDTH_PAD)
+        longest = max(int(counts.max()) if len(counts) else 0, 1)
+        width = max(LIVE_WIDTH_PAD, 1 << (longest - 1).bit_length())  # power of two: few shapes
         blocks = np.zeros((len(seq_ids), width), np.int32)
         r, c = np.nonzero(occ)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -301,9 +303,11 @@ class KVCache:
             out_rows=None if out_rows is None else mx.array(np.asarray(out_rows, np.int32)),
         )
         if plan.decode:
-            if flash and skip:
-                n = min(pad_to(n, SKIP_WINDOW_PAD), self.n_cells)
+            # Masked cells cost nothing with skipping and little without; a coarse window keeps
+            # the mask's shape, and so the compiled decode step, the same across many steps.
+            n = min(pad_to(n, SKIP_WINDOW_PAD), self.n_cells)
             plan.mask = self.build_mask(seq_ids, positions, 0, n)
+            plan.cells = mx.array(cells.astype(np.int32))
             if flash and skip:
                 plan.live_blocks = self.live_blocks(seq_ids, n)
             return plan

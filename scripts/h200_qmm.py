@@ -528,22 +528,27 @@ def main() -> None:
         err_note("weights", e)
         save()
         sys.exit(1)
-    for sec in (
-        lambda: section_correctness(weights),
-        lambda: section_kernels(weights, copy_bw),
+    wanted = os.environ.get("QMM_SECTIONS", "correctness,kernels,decode,profile").split(",")
+    for name, sec in (
+        ("correctness", lambda: section_correctness(weights)),
+        ("kernels", lambda: section_kernels(weights, copy_bw)),
     ):
+        if name not in wanted:
+            continue
         try:
             sec()
         except Exception as e:  # noqa: BLE001
             err_note("section", e)
         save()
     try:
-        section_decode(32)
+        if "decode" in wanted:
+            section_decode(32)
     except Exception as e:  # noqa: BLE001
         err_note("decode section", e)
     save()
     try:
-        section_profile(weights)
+        if "profile" in wanted:
+            section_profile(weights)
     except Exception as e:  # noqa: BLE001
         err_note("profile section", e)
     summary(copy_bw)

@@ -17,10 +17,10 @@ def model():
     return m
 
 
-def new_runner(model, n_seq, unified=True, mode=None, kv_size=512, n_ubatch=512):
+def new_runner(model, n_seq, unified=True, mode=None, kv_size=512, n_ubatch=512, compiled=False):
     a = model.args
     cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, kv_size, n_seq, unified, mx.float32)
-    return Runner(model, cache, mode or Mode("t", unified), 2048, n_ubatch)
+    return Runner(model, cache, mode or Mode("t", unified), 2048, n_ubatch, compiled=compiled)
 
 
 def run_batched(runner, prompts, steps, pps=False):
@@ -46,15 +46,16 @@ def run_batched(runner, prompts, steps, pps=False):
     return np.stack(logits, 1)  # [pl, steps, vocab]
 
 
+@pytest.mark.parametrize("compiled", [False, True])  # decode steps op by op, or one compiled step
 @pytest.mark.parametrize("unified", [True, False])
 @pytest.mark.parametrize("mode", [Mode("skip"), Mode("no-skip", skip=False), Mode("fa-off", flash=False)])
-def test_batched_decode_equals_single(model, unified, mode):
+def test_batched_decode_equals_single(model, unified, mode, compiled):
     rng = np.random.default_rng(1)
     pl, pp, tg = 3, 37, 5
     prompts = [rng.integers(0, 512, pp) for _ in range(pl)]
     steps = [rng.integers(0, 512, pl) for _ in range(tg)]
     mode = Mode(mode.name, unified, mode.flash, mode.skip)
-    got = run_batched(new_runner(model, pl, unified, mode, n_ubatch=64), prompts, steps)
+    got = run_batched(new_runner(model, pl, unified, mode, n_ubatch=64, compiled=compiled), prompts, steps)
     for j in range(pl):
         seq_tokens = list(prompts[j]) + [int(s[j]) for s in steps]
         ref = reference_logits(model, seq_tokens)[pp : pp + tg]

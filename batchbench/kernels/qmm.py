@@ -88,9 +88,9 @@ __device__ __forceinline__ uint32_t qmm_prmt(uint32_t a, uint32_t b, uint32_t se
 
 __device__ __forceinline__ float qmm_u2f(uint32_t u) {
 #ifdef BB_PORTABLE
-  float f;
-  __builtin_memcpy(&f, &u, 4);
-  return f;
+  union { uint32_t u; float f; } c;  // NVRTC has no __builtin_memcpy
+  c.u = u;
+  return c.f;
 #else
   return __uint_as_float(u);
 #endif

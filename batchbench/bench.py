@@ -145,13 +145,13 @@ def run_config(runner: Runner, rng, n_vocab: int, pp: int, tg: int, pl: int, p: 
     return f32_time(t_pp_start, t_pp_end), f32_time(t_tg_start, t_tg_end)
 
 
-def warmup(runner: Runner, n_vocab: int, npl: list[int], tgs: bool, rng) -> None:
-    """llama.cpp decodes 16 tokens. We also prefill one full micro-batch (the GPU's attention
-    library initialises on first use, which took ~40 s on CUDA) and run one decode step of
-    every batch size in the sweep, so kernels and compiled steps exist before timing."""
+def warmup(runner: Runner, n_vocab: int, npp: list[int], npl: list[int], tgs: bool, rng) -> None:
+    """llama.cpp decodes 16 tokens. We also prefill the longest prompt once (CUDA's attention
+    library initialises on first use, ~40 s, and plans each new key length) and run one decode
+    step of every batch size in the sweep, so nothing is compiled while timing."""
     cache = runner.cache
     cache.clear()
-    n = min(runner.n_ubatch, cache.kv_size - max(npl) - 16)
+    n = min(max(max(npp, default=0), runner.n_ubatch), cache.kv_size - max(npl) - 16)
     if n > 16:
         runner.decode(rng.integers(0, n_vocab, n), np.arange(n), np.zeros(n, np.int64),
                       np.zeros(n, bool), sync=True)
@@ -178,7 +178,7 @@ def run_bench(
     n_vocab = model.args.vocab_size
     rng = np.random.default_rng(p.seed)
     for runner in runners.values():
-        warmup(runner, n_vocab, p.npl, p.is_tg_separate, rng)
+        warmup(runner, n_vocab, p.npp, p.npl, p.is_tg_separate, rng)
     for pp in p.npp:
         for tg in p.ntg:
             for pl in p.npl:

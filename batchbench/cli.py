@@ -81,7 +81,7 @@ def bench(
     ab: Optional[str] = typer.Option(None, "--ab", help="A/B in one run: skip | kv | fa | all (unified+skip, unified no-skip, split)"),
     repetitions: int = typer.Option(1, "-r", "--repetitions", help="Repeat each config; report medians"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu|gpu (default: MLX's default)"),
-    dtype: str = typer.Option("float16", "--dtype", help="float16|bfloat16|float32"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto|float16|bfloat16|float32 (auto: float16 on a GPU, float32 on the CPU)"),
     quant: str = typer.Option("none", "--quant", help="Preset weights: none|q8_0|q4_0"),
     cache_type_k: str = typer.Option("f16", "-ctk", "--cache-type-k"),
     cache_type_v: str = typer.Option("f16", "-ctv", "--cache-type-v"),

@@ -78,6 +78,10 @@ def run_from_cli(values: dict, explicit: set[str], command: str) -> int:
         values = merge_config(load_sweep_config(values["config"]), values, explicit)
     if values["output_format"] not in ("md", "jsonl"):
         raise UserError(f"--output-format: expected md or jsonl, got '{values['output_format']}'")
+    if values["dtype"] == "auto":
+        # MLX's CPU matmuls in float16 are many times slower than in float32.
+        values["dtype"] = "float32" if (values["device"] or "") == "cpu" or (
+            not values["device"] and mx.default_device() == mx.cpu) else "float16"
     if values["dtype"] not in DTYPES:
         raise UserError(f"--dtype: expected one of {', '.join(DTYPES)}, got '{values['dtype']}'")
     for flag, v in (("-ctk", values["cache_type_k"]), ("-ctv", values["cache_type_v"])):

@@ -120,7 +120,7 @@ KEYS: dict[str, Callable[[Any], Any]] = {
     "csv": _str,
     "no_skip": _bool,
     "device": _choice("cpu", "gpu"),
-    "dtype": _choice("float16", "bfloat16", "float32"),
+    "dtype": _choice("auto", "float16", "bfloat16", "float32"),
     "quant": _choice("none", "q8_0", "q4_0"),
     "repetitions": _int(1),
     "ab": _str,  # the CLI checks the A/B kind (skip, kv, ...)

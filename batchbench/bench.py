@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -13,6 +13,8 @@ import numpy as np
 from batchbench.decode_step import CompiledDecode
 from batchbench.formats import BenchRow
 from batchbench.kv_cache import KVCache, pad_to
+from batchbench.stats import combine_repetitions, llama_row
+from batchbench.stats import n_kv_required as n_ctx_req
 
 
 @dataclass
@@ -39,12 +41,6 @@ class Mode:
     skip: bool = True
 
 
-def n_ctx_req(pp: int, tg: int, pl: int, pps: bool, kv_unified: bool) -> int:
-    if pps:
-        return (pp if kv_unified else pl * pp) + pl * tg
-    return pl * (pp + tg)
-
-
 def context_layout(n_ctx: int, n_seq_max: int, kv_unified: bool) -> tuple[int, int]:
     """(kv_size per stream, n_kv_max) as llama.cpp's context construction computes them."""
     n_ctx = pad_to(n_ctx, 256)
@@ -60,16 +56,7 @@ def f32_time(t_start: float, t_end: float) -> np.float32:
 
 
 def make_row(pp: int, tg: int, pl: int, pps: bool, kv_unified: bool, t_pp, t_tg) -> BenchRow:
-    f = np.float32
-    t_pp, t_tg = f(t_pp), f(t_tg)
-    t = t_pp + t_tg
-    n_pp = pp if pps else pl * pp
-    return BenchRow(
-        pp=pp, tg=tg, pl=pl, n_kv=n_ctx_req(pp, tg, pl, pps, kv_unified),
-        t_pp=float(t_pp), speed_pp=float(f(n_pp) / t_pp) if n_pp else 0.0,
-        t_tg=float(t_tg), speed_tg=float(f(pl * tg) / t_tg) if tg else 0.0,
-        t=float(t), speed=float(f(n_pp + pl * tg) / t) if t > 0 else 0.0,
-    )
+    return BenchRow(pp=pp, tg=tg, pl=pl, **asdict(llama_row(pp, tg, pl, t_pp, t_tg, pps, kv_unified)))
 
 
 class Runner:
@@ -214,14 +201,8 @@ def run_bench(
 
 def summarize(pp, tg, pl, p: BenchParams, mode: Mode, samples) -> BenchRow:
     """Median times through llama.cpp's formulas; min/max speeds over the repetitions."""
-    t_pp = float(np.median([s[0] for s in samples]))
-    t_tg = float(np.median([s[1] for s in samples]))
-    row = make_row(pp, tg, pl, p.is_pp_shared, mode.kv_unified, t_pp, t_tg)
-    per = [make_row(pp, tg, pl, p.is_pp_shared, mode.kv_unified, a, b) for a, b, _ in samples]
-    row.reps = len(samples)
-    row.speed_pp_min = min(r.speed_pp for r in per)
-    row.speed_pp_max = max(r.speed_pp for r in per)
-    row.speed_tg_min = min(r.speed_tg for r in per)
-    row.speed_tg_max = max(r.speed_tg for r in per)
-    row.peak_mem_mb = max(s[2] for s in samples) / 2**20
+    r = combine_repetitions(pp, tg, pl, [x[0] for x in samples], [x[1] for x in samples],
+                            p.is_pp_shared, mode.kv_unified)
+    row = BenchRow(**{f.name: getattr(r, f.name) for f in fields(BenchRow) if hasattr(r, f.name)})
+    row.peak_mem_mb = max(x[2] for x in samples) / 2**20
     return row

@@ -151,6 +151,7 @@ def run_from_cli(values: dict, explicit: set[str], command: str) -> int:
         print(f"note: {msg}", file=sys.stderr)
 
     n_rows = 0
+    progress = _progress(len(npp) * len(ntg) * len(npl) * len(modes))
     try:
         for row in run_bench(model, params, runners, n_kv_max, note):
             n_rows += 1
@@ -159,10 +160,15 @@ def run_from_cli(values: dict, explicit: set[str], command: str) -> int:
             line = formats.md_row(row, ab, reps) if md else formats.jsonl_row(header, row, meta)
             out.write(line + "\n")
             out.flush()
+            if progress:
+                progress.update(progress.task_ids[0], advance=1,
+                                description=f"PP={row.pp} TG={row.tg} B={row.pl} {row.mode}")
     except KeyboardInterrupt:
         print(f"\ninterrupted: {n_rows} finished rows kept", file=sys.stderr)
         return 130
     finally:
+        if progress:
+            progress.stop()
         if sink:
             sink.close()
     if md:
@@ -175,3 +181,17 @@ def _device_name() -> str:
         return mx.device_info().get("device_name", "")
     except Exception:
         return ""
+
+
+def _progress(total: int):
+    """A progress bar on stderr when it is a terminal; piped output stays plain."""
+    if not sys.stderr.isatty() or total == 0:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+    progress.add_task("warming up", total=total)
+    progress.start()
+    return progress

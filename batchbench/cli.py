@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import shlex
 import sys
-from datetime import datetime, timezone
 from typing import List, Optional
 
 import typer

@@ -82,7 +82,6 @@ def make_preset(name: str, dtype=mx.float16, quant: str = "none", seed: int = 0)
     bits = QUANTS[quant]
     if bits is not None:
         nn.quantize(model, group_size=GROUP_SIZE, bits=bits, class_predicate=_quantizable)
-    key = mx.random.key(seed)
     params = []
     for i, (path, p) in enumerate(nn.utils.tree_flatten(model.parameters())):
         k = mx.random.key(seed * 1_000_003 + i)

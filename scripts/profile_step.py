@@ -16,7 +16,7 @@ import numpy as np
 from batchbench import backend
 from batchbench.bench import Mode, Runner
 from batchbench.kv_cache import KVCache
-from batchbench.models import base
+from batchbench.models import base, llama
 from batchbench.presets import make_preset
 
 
@@ -40,9 +40,7 @@ def main(bs=(1, 32), pp=4096, steps=16, preset="qwen2.5-7b", quant="q4_0"):
         for label, patch, compiled in (("full step", None, False), ("full step, compiled", None, True),
                                        ("attention = identity", "noattn", False)):
             if patch == "noattn":
-                base.attention = lambda q, k, v, scale, plan: q
-                import batchbench.models.llama as llama
-                llama.attention = base.attention
+                base.attention = llama.attention = lambda q, k, v, scale, plan: q
             host, build, total = [], [], []
             for i in range(steps + 3):
                 t0 = time.perf_counter()
@@ -57,6 +55,7 @@ def main(bs=(1, 32), pp=4096, steps=16, preset="qwen2.5-7b", quant="q4_0"):
                     host.append(t1 - t0); build.append(t2 - t1); total.append(t3 - t0)
             rows.append((label, np.median(host) * 1e3, np.median(build) * 1e3, np.median(total) * 1e3))
             cache.seq_rm(-1, pp)
+        base.attention = llama.attention = real_attention
         print(f"\nB={B} PP={pp}: per decode step (median of {steps}), ms")
         print(f"{'variant':24s} {'host prep':>10s} {'graph build':>12s} {'step total':>11s} {'t/s':>8s}")
         for label, h, g, t in rows:

@@ -34,7 +34,7 @@ def run_batched(runner, prompts, steps, pps=False):
         seq = np.concatenate([np.full(len(p), j) for j, p in enumerate(prompts)])
         pos = np.concatenate([np.arange(len(p)) for p in prompts])
     out = np.zeros(len(toks), bool)
-    first = runner.decode(toks, pos, seq, out, sync=True)
+    runner.decode(toks, pos, seq, out, sync=True)
     if pps:
         for j in range(1, pl):
             runner.cache.seq_cp(0, j)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from batchbench.kernels.attention import PackedLive
 from batchbench.kv_cache import AttentionPlan, KVCache
 
 
@@ -42,7 +43,7 @@ class CompiledDecode:
         if fn is None:
             fn = self._fns[key] = mx.compile(self._step(*key))
         state = [a for c in self.cache.layers for a in (c.keys, c.values)]
-        extra = list(plan.live_blocks) if live else []
+        extra = [plan.live_blocks.rows] if live else []
         logits, *state = fn(tokens, plan.positions, plan.cells, plan.mask, *extra, *state)
         for c, k, v in zip(self.cache.layers, state[0::2], state[1::2]):
             c.keys, c.values = k, v
@@ -52,10 +53,9 @@ class CompiledDecode:
         model, n_layers = self.model, len(self.cache.layers)
 
         def step(tokens, positions, cells, mask, *rest):
-            blocks_counts = (rest[0], rest[1]) if live else None
-            kv = rest[2:] if live else rest
+            kv = rest[1:] if live else rest
             plan = AttentionPlan(positions=positions, decode=True, flash=flash, skip=skip,
-                                 mask=mask, live_blocks=blocks_counts)
+                                 mask=mask, live_blocks=PackedLive(rest[0]) if live else None)
             cache = _StepCache([_Slot(kv[2 * i], kv[2 * i + 1], cells) for i in range(n_layers)])
             logits = model(tokens, plan, cache)
             return [logits] + [a for s in cache.layers for a in (s.keys, s.values)]

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from batchbench.kernels.attention import PackedLive
+
 BLOCK = 32  # cells per skip block (llama.cpp's vec kernel)
 PAD = 256  # n_kv padding (llama.cpp get_n_kv)
 # With skipping, extra masked cells cost nothing; rounding the decode window and the live-block
@@ -62,7 +64,7 @@ class AttentionPlan:
     flash: bool
     skip: bool
     mask: mx.array | None = None  # decode: [T, n_kv] additive, KV dtype
-    live_blocks: tuple[mx.array, mx.array] | None = None
+    live_blocks: PackedLive | None = None
     groups: list[Group] = field(default_factory=list)
     out_rows: mx.array | None = None
     cells: mx.array | None = None  # decode: int32 [T] cells the tokens' K/V go to
@@ -260,18 +262,30 @@ class KVCache:
             visible = visible & ~self.swa.masked(p0, p1)
         return mx.where(visible, mx.array(0.0, self.dtype), mx.array(-mx.inf, self.dtype))
 
-    def live_blocks(self, seq_ids: np.ndarray, n: int) -> tuple[mx.array, mx.array]:
-        """Per row, the ascending indices of 32-cell blocks holding a cell of its sequence."""
+    def _live_rows(self, seq_ids: np.ndarray, n: int) -> np.ndarray:
+        """int32 [T, 1 + W]: per row its count of live 32-cell blocks (those holding a cell of
+        its sequence), then their indices ascending, then -1. W is a power of two >= 64, so the
+        shape changes rarely."""
         nb = pad_to(n, BLOCK) // BLOCK
         occ = self.seq_blocks[seq_ids, :nb]
         counts = occ.sum(axis=1).astype(np.int32)
         longest = max(int(counts.max()) if len(counts) else 0, 1)
-        width = max(LIVE_WIDTH_PAD, 1 << (longest - 1).bit_length())  # power of two: few shapes
-        blocks = np.zeros((len(seq_ids), width), np.int32)
+        width = max(LIVE_WIDTH_PAD, 1 << (longest - 1).bit_length())
+        rows = np.full((len(seq_ids), 1 + width), -1, np.int32)
+        rows[:, 0] = counts
         r, c = np.nonzero(occ)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        blocks[r, np.arange(len(r)) - starts[r]] = c
-        return mx.array(blocks), mx.array(counts)
+        rows[r, 1 + np.arange(len(r)) - starts[r]] = c
+        return rows
+
+    def live_blocks(self, seq_ids: np.ndarray, n: int) -> tuple[mx.array, mx.array]:
+        """(blocks [T, W], counts [T]): row t may see only blocks[t, :counts[t]]."""
+        rows = self._live_rows(seq_ids, n)
+        return mx.array(rows[:, 1:]), mx.array(rows[:, 0])
+
+    def packed_live_blocks(self, seq_ids: np.ndarray, n: int) -> PackedLive:
+        """The same lists in the kernel's row layout, built once per step for every layer."""
+        return PackedLive(mx.array(self._live_rows(seq_ids, n)))
 
     # --- one ubatch -----------------------------------------------------------------------
     def prepare(
@@ -309,7 +323,7 @@ class KVCache:
             plan.mask = self.build_mask(seq_ids, positions, 0, n)
             plan.cells = mx.array(cells.astype(np.int32))
             if flash and skip:
-                plan.live_blocks = self.live_blocks(seq_ids, n)
+                plan.live_blocks = self.packed_live_blocks(seq_ids, n)
             return plan
         plan.groups = self._prefill_groups(seq_ids, positions, n, restrict=flash and skip)
         return plan

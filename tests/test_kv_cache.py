@@ -140,3 +140,28 @@ def test_split_mode_streams_and_copy():
 def test_bad_sequence_id():
     with pytest.raises(ValueError, match="out of range"):
         make(n_seq=2).find_slot(np.array([2]), np.array([0]))
+
+
+def test_packed_live_blocks_match_pairs_in_attention():
+    from batchbench.kernels.attention import decode_attention_ref, plan_decode_attention
+
+    c = KVCache(1, 2, 64, 1024, 3, True, mx.float16)
+    fill_prompts(c, 3, 100)
+    c.find_slot(np.arange(3), np.full(3, 100))
+    seq, pos = np.arange(3), np.full(3, 100)
+    n = c.window_end([0])
+    pair = c.live_blocks(seq, n)
+    packed = c.packed_live_blocks(seq, n)
+    np.testing.assert_array_equal(np.array(packed.rows[:, 0]), np.array(pair[1]))
+    np.testing.assert_array_equal(np.array(packed.rows[:, 1:]), np.array(pair[0]))
+    rng = np.random.default_rng(0)
+    q = mx.array(rng.standard_normal((1, 8, 3, 64)).astype(np.float16))
+    k = mx.array(rng.standard_normal((1, 2, 1024, 64)).astype(np.float16))
+    v = mx.array(rng.standard_normal((1, 2, 1024, 64)).astype(np.float16))
+    mask = c.build_mask(seq, pos, 0, n)
+    a = decode_attention_ref(q, k, v, scale=0.125, mask=mask, live_blocks=pair)
+    b = decode_attention_ref(q, k, v, scale=0.125, mask=mask, live_blocks=packed)
+    np.testing.assert_array_equal(np.array(a), np.array(b))
+    # the kernel launch takes the packed rows as they are: no per-layer packing op
+    _, launch = plan_decode_attention("cuda", q, k, v, mask, scale=0.125, skip=True, live_blocks=packed)
+    assert launch.inputs[4] is packed.rows

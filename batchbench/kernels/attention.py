@@ -16,7 +16,8 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -41,6 +42,18 @@ def _config(backend_name: str) -> tuple[int, int]:
     return warps, stages
 
 LiveBlocks = Tuple[mx.array, mx.array]
+
+
+@dataclass(frozen=True)
+class PackedLive:
+    """live_blocks already in the kernel's row layout, int32 [T, 1 + L] with L + 1 >= 8:
+    row t is [count, block ids ascending..., -1 padding]. A cache that builds this once per
+    step spares every layer the packing op."""
+
+    rows: mx.array
+
+    def unpack(self) -> LiveBlocks:
+        return self.rows[:, 1:], self.rows[:, 0]
 
 _DIR = Path(__file__).parent
 _FLOATS = (mx.float16, mx.bfloat16, mx.float32)
@@ -110,7 +123,14 @@ def _check(q, k, v, mask, live_blocks) -> None:
         raise ValueError(f"decode_attention: mask covers {mask.shape[1]} cells, K/V hold only {s}")
     if mask.dtype != mx.bool_ and mask.dtype not in _FLOATS:
         raise ValueError(f"decode_attention: mask must be bool or float, got {mask.dtype}")
-    if live_blocks is not None:
+    if isinstance(live_blocks, PackedLive):
+        rows = live_blocks.rows
+        if rows.ndim != 2 or rows.shape[0] != t or rows.shape[1] < _MIN_ELEMS or rows.dtype != mx.int32:
+            raise ValueError(
+                f"decode_attention: packed live blocks must be int32 [T={t}, >= {_MIN_ELEMS}], "
+                f"got {rows.dtype} {tuple(rows.shape)}"
+            )
+    elif live_blocks is not None:
         if not isinstance(live_blocks, (tuple, list)) or len(live_blocks) != 2:
             raise ValueError("decode_attention: live_blocks must be a tuple (blocks, counts)")
         blocks, counts = live_blocks
@@ -129,7 +149,7 @@ def _check(q, k, v, mask, live_blocks) -> None:
 
 def _allowed_blocks(live_blocks: LiveBlocks, t: int, n_blk: int) -> mx.array:
     """[T, n_blk] bool: blocks listed for each row (the kernel reads nothing else)."""
-    blocks, counts = live_blocks
+    blocks, counts = live_blocks.unpack() if isinstance(live_blocks, PackedLive) else live_blocks
     blocks = blocks.astype(mx.int32)
     n_list = blocks.shape[1]
     valid = mx.arange(n_list)[None, :] < counts.astype(mx.int32)[:, None]
@@ -149,7 +169,7 @@ def decode_attention_ref(
     scale: float,
     mask: mx.array,
     skip: bool = True,
-    live_blocks: Optional[LiveBlocks] = None,
+    live_blocks: Optional[Union[LiveBlocks, PackedLive]] = None,
 ) -> mx.array:
     """Same contract as `decode_attention`, in MLX ops (fp32 math)."""
     _check(q, k, v, mask, live_blocks)
@@ -241,6 +261,8 @@ _live_memo: list = [None, None, None]  # (blocks, counts, packed): layers reuse 
 
 def pack_live_blocks(live_blocks: LiveBlocks) -> mx.array:
     """(blocks [T, L], counts [T]) -> int32 [T, 1 + L'] rows [count, b0, b1, ..., -1 pad]."""
+    if isinstance(live_blocks, PackedLive):
+        return live_blocks.rows
     blocks, counts = live_blocks
     if _live_memo[0] is blocks and _live_memo[1] is counts:
         return _live_memo[2]
@@ -280,7 +302,7 @@ def plan_decode_attention(
     *,
     scale: float,
     skip: bool = True,
-    live_blocks: Optional[LiveBlocks] = None,
+    live_blocks: Optional[Union[LiveBlocks, PackedLive]] = None,
 ) -> tuple[KernelSpec, Launch]:
     """The kernel and launch `decode_attention` runs on `backend_name` ("cuda" | "metal")."""
     if backend_name not in CONFIG:
@@ -345,7 +367,7 @@ def decode_attention(
     scale: float,
     mask: mx.array,
     skip: bool = True,
-    live_blocks: Optional[LiveBlocks] = None,
+    live_blocks: Optional[Union[LiveBlocks, PackedLive]] = None,
 ) -> mx.array:
     """Attention of T decode rows over the first N = mask.shape[-1] cells of K/V.
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from batchbench.kernels.attention import decode_attention
+from batchbench.kernels.attention import PackedLive, decode_attention
 
 
 @dataclass
@@ -52,8 +52,9 @@ def _compiled_decode_attention(scale: float, skip: bool, live: bool):
     """decode_attention under mx.compile: a traced call replays the kernel without rebuilding
     its launch (source, template, checks) in Python and MLX on every layer of every step."""
 
-    def with_live(q, k, v, mask, blocks, counts):
-        return decode_attention(q, k, v, scale=scale, mask=mask, skip=skip, live_blocks=(blocks, counts))
+    def with_live(q, k, v, mask, live_rows):
+        return decode_attention(q, k, v, scale=scale, mask=mask, skip=skip,
+                                live_blocks=PackedLive(live_rows))
 
     def without_live(q, k, v, mask):
         return decode_attention(q, k, v, scale=scale, mask=mask, skip=skip)
@@ -68,7 +69,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, plan) -> mx.a
     """
     if plan.decode:
         if plan.flash:
-            args = (q, k, v, plan.mask, *(plan.live_blocks or ()))
+            args = (q, k, v, plan.mask) + ((plan.live_blocks.rows,) if plan.live_blocks else ())
             if _COMPILE_OK[0]:
                 try:
                     fn = _compiled_decode_attention(scale, plan.skip, plan.live_blocks is not None)

@@ -175,7 +175,11 @@ def run_bench(
                     unified = runner.mode.kv_unified
                     need = n_ctx_req(pp, tg, pl, p.is_pp_shared, unified)
                     fits[name] = need <= n_kv_max[name]
-                    if fits[name] and not unified and pp + tg > runner.cache.kv_size:
+                    if not fits[name]:
+                        # llama.cpp skips these silently; say so, the table just lacks the row
+                        note(f"PP={pp} TG={tg} B={pl}{'' if len(runners) == 1 else ' ' + name}: "
+                             f"needs {need} cells > n_kv_max {n_kv_max[name]}; skipped")
+                    elif not unified and pp + tg > runner.cache.kv_size:
                         note(f"PP={pp} TG={tg} B={pl}: {pp + tg} cells per sequence exceed "
                              f"the split cache's {runner.cache.kv_size} per sequence; skipped")
                         fits[name] = False

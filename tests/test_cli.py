@@ -52,7 +52,8 @@ def test_md_jsonl_csv_agree(tmp_path):
 def test_config_over_context_is_skipped_with_note():
     r = bb(*TINY, "-npp", "16,600", "-ntg", "4", "-npl", "2")
     assert r.returncode == 0, r.stderr
-    assert len(md_rows(r.stdout)) == 1  # 2*(600+4) > 1024: skipped silently, as llama.cpp does
+    assert len(md_rows(r.stdout)) == 1  # 2*(600+4) > 1024: skipped, as llama.cpp does
+    assert "PP=600 TG=4 B=2: needs 1208 cells > n_kv_max 1024; skipped" in r.stderr
     r = bb(*TINY, "-npp", "400", "-ntg", "4", "-npl", "1,4", "-no-kvu")
     assert r.returncode == 0 and len(md_rows(r.stdout)) == 0
     assert "exceed the split cache" in r.stderr

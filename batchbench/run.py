@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import mlx.core as mx
 
-from batchbench import backend, formats
+from batchbench import backend, formats, presets
 from batchbench.bench import BenchParams, Mode, Runner, context_layout, run_bench
 from batchbench.cli import UserError, parse_fa, parse_int_list
 from batchbench.kv_cache import KVCache
@@ -38,6 +38,24 @@ def _modes(values: dict, fa: int) -> list[Mode]:
     raise UserError(f"--ab: expected skip, kv, fa or all, got '{ab}'")
 
 
+def _cache_bytes(cfg: dict, modes: list[Mode], n_ctx: int, n_seq_max: int, values: dict, dtype) -> int:
+    """KV buffers of every cache the modes need, plus one ubatch's transient memory."""
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    n_kv_heads = cfg.get("num_key_value_heads") or heads
+    kv, transient, seen = 0, 0, set()
+    ub = min(values["ubatch_size"], values["batch_size"])
+    for m in modes:
+        n_cells = context_layout(n_ctx, n_seq_max, m.kv_unified)[1]
+        if m.kv_unified not in seen:
+            seen.add(m.kv_unified)
+            kv += kv_bytes(cfg["num_hidden_layers"], n_kv_heads, head_dim, n_cells, dtype)
+        # modes run one after another: only the largest ubatch transient counts
+        transient = max(transient, activation_bytes(cfg, ub, n_cells, n_seq_max, dtype,
+                                                    full_scores=not (m.flash and m.skip)))
+    return kv + transient
+
+
 def load(values: dict, dtype):
     """Load the model named by -m (default preset), checking memory first; quantized linears
     then run through batchbench's decode matmul (MLX's own kernels where it has none)."""
@@ -50,8 +68,6 @@ def load(values: dict, dtype):
 
 
 def _load(values: dict, dtype):
-    from batchbench import presets
-
     spec = values["model"] or f"preset:{presets.DEFAULT_PRESET}"
     if spec.startswith("preset:"):
         name = spec.split(":", 1)[1]
@@ -103,23 +119,27 @@ def run_from_cli(values: dict, explicit: set[str], command: str) -> int:
     if values["device"]:
         backend.set_device(values["device"])
     dtype = DTYPES[values["dtype"]]
-    model, cfg, model_name, quant, n_ctx_train = load(values, dtype)
-    args = model.args
     n_seq_max = max(npl) if npl else 1
+    spec = values["model"] or f"preset:{presets.DEFAULT_PRESET}"
+    if spec.startswith("preset:"):
+        # Weights and caches of a preset are known before anything is built: check them together.
+        cfg = presets.preset_config(spec.split(":", 1)[1])
+        n_ctx = values["ctx_size"] or cfg["max_position_embeddings"]
+        need = presets.weight_bytes(cfg, dtype, values["quant"])
+        check_fits(need + _cache_bytes(cfg, modes, n_ctx, n_seq_max, values, dtype), f"{spec} with its KV cache")
+    model, cfg, model_name, quant, n_ctx_train = load(values, dtype)
     n_ctx = values["ctx_size"] or n_ctx_train
+    check_fits(mx.get_active_memory() + _cache_bytes(cfg, modes, n_ctx, n_seq_max, values, dtype),
+               "the KV cache")
     params = BenchParams(n_ctx=n_ctx, n_batch=values["batch_size"], n_ubatch=values["ubatch_size"],
                          npp=npp, ntg=ntg, npl=npl, is_pp_shared=values["pps"],
                          is_tg_separate=values["tgs"], seed=values["seed"],
                          repetitions=values["repetitions"])
+    args = model.args
     runners, n_kv_max, caches = {}, {}, {}
     for m in modes:
         kv_size, n_kv_max[m.name] = context_layout(n_ctx, n_seq_max, m.kv_unified)
         if m.kv_unified not in caches:
-            n_cells = n_kv_max[m.name]
-            need = kv_bytes(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, n_cells, dtype)
-            need += activation_bytes(cfg, min(params.n_ubatch, params.n_batch), n_cells, n_seq_max, dtype,
-                                     full_scores=not (m.flash and m.skip))
-            check_fits(need + mx.get_active_memory(), f"KV cache of {n_cells} cells")
             caches[m.kv_unified] = KVCache(args.num_hidden_layers, args.num_key_value_heads,
                                            args.head_dim, kv_size, n_seq_max, m.kv_unified, dtype)
         runners[m.name] = Runner(model, caches[m.kv_unified], m, params.n_batch, params.n_ubatch)

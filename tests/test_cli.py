@@ -117,3 +117,17 @@ def test_interrupt_keeps_finished_rows(tmp_path):
     assert len(recs) >= 2 and all(r["command"] and r["speed_tg"] for r in recs)  # whole rows only
     # SIGINT may land between the CSV write and the stdout write of one row
     assert len(recs) - 1 <= len(md_rows(out)) <= len(recs)
+
+
+def test_config_file_with_command_line_override(tmp_path):
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text('model = "preset:tiny"\nctx_size = 1024\nnpp = [8]\nntg = [2]\nnpl = [1, 2]\n')
+    r = bb("--config", str(cfg), "-npl", "3", "--output-format", "jsonl")
+    assert r.returncode == 0, r.stderr
+    objs = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    assert [(o["pp"], o["tg"], o["pl"]) for o in objs] == [(8, 2, 3)]  # flag beat the file's npl
+    assert objs[0]["n_kv_max"] == 1024 and objs[0]["model"] == "preset:tiny"  # the rest from the file
+    bad = tmp_path / "bad.toml"
+    bad.write_text("npp = [8]\nbogus_key = 1\n")
+    r = bb("--config", str(bad), timeout=60)
+    assert r.returncode != 0 and "bogus_key" in r.stderr and "Traceback" not in r.stderr

@@ -20,6 +20,36 @@
 
 constexpr BB_FN int bb_attn_pitch(int d) { return d + 8; } // padded row: no bank conflicts
 
+#ifndef BB_HAS_MMA
+// Plain mma.m16n8k16 (C[16x8] += A[16x16] B[16x8], fp32 accumulate) from warp shuffles: Metal's
+// version, and CUDA's under BB_PORTABLE (the emulator's), so both run one code.
+template <typename T>
+BB_FN void bb_mma_16816(BB_THREAD float* acc, BB_THREAD const uint32_t* a, uint32_t b0, uint32_t b1, int lane) {
+  const int g = lane >> 2, c = lane & 3;
+  BB_UNROLL
+  for (int cc = 0; cc < 4; ++cc) {
+    // Row g / g+8 of A, columns 2cc, 2cc+1 (+8), held by lane 4g + cc.
+    const int la = 4 * g + cc;
+    float a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h;
+    bb_unpack2<T>(bb_shfl(a[0], la), &a0l, &a0h);
+    bb_unpack2<T>(bb_shfl(a[1], la), &a1l, &a1h);
+    bb_unpack2<T>(bb_shfl(a[2], la), &a2l, &a2h);
+    bb_unpack2<T>(bb_shfl(a[3], la), &a3l, &a3h);
+    // Column n of B, rows 2cc, 2cc+1 (+8), held by lane 4n + cc; n = 2c, 2c+1.
+    const int lb0 = 8 * c + cc, lb1 = 8 * c + 4 + cc;
+    float b00l, b00h, b01l, b01h, b10l, b10h, b11l, b11h;
+    bb_unpack2<T>(bb_shfl(b0, lb0), &b00l, &b00h);
+    bb_unpack2<T>(bb_shfl(b1, lb0), &b01l, &b01h);
+    bb_unpack2<T>(bb_shfl(b0, lb1), &b10l, &b10h);
+    bb_unpack2<T>(bb_shfl(b1, lb1), &b11l, &b11h);
+    acc[0] += a0l * b00l + a0h * b00h + a2l * b01l + a2h * b01h;
+    acc[1] += a0l * b10l + a0h * b10h + a2l * b11l + a2h * b11h;
+    acc[2] += a1l * b00l + a1h * b00h + a3l * b01l + a3h * b01h;
+    acc[3] += a1l * b10l + a1h * b10h + a3l * b11l + a3h * b11h;
+  }
+}
+#endif
+
 // Bytes of shared (threadgroup) memory the kernel needs; attention.py mirrors this.
 // Pipeline stages + per-warp block lists; the merge area reuses the same bytes.
 template <int D, int W, int STAGES, int ESIZE>

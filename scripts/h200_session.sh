@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Re-measure everything on an H200 with as few device calls as possible. Each named part has its
+# own time limit; all output goes to $OUT/run/ and is packed into $OUT/run.tgz (one file comes back).
+#   OUT=dir bash scripts/h200_session.sh verify attention qmm      (~8 min)
+#   OUT=dir bash scripts/h200_session.sh seed scaling profile      (~8 min)
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+OUT=${OUT:-out}
+R=$OUT/run
+mkdir -p "$R"
+part() {  # name, seconds, command...
+  local name=$1 t=$2
+  shift 2
+  echo "== $name ($(date -u +%H:%M:%S))"
+  timeout "$t" "$@" > "$R/$name.txt" 2>&1
+  echo "rc=$?"
+  tail -n "${TAIL:-14}" "$R/$name.txt"
+}
+M=(-m preset:qwen2.5-7b --quant q4_0)
+for what in "$@"; do
+  case $what in
+    verify) part verify-gpu 120 python3 -m batchbench.verify.gpu ;;
+    attention) part attention 240 env OUT="$R" python3 scripts/h200_attention.py ;;
+    qmm) part qmm 200 env OUT="$R" QMM_BUDGET_S=180 python3 scripts/h200_qmm.py ;;
+    seed) part seed 170 python3 -m batchbench "${M[@]}" -c 40000 -b 2048 -ub 512 -npp 0,512,4096,8192 \
+            -ntg 32 -npl 2,3 -fa on --ab all --csv "$R/seed.csv" ;;
+    scaling) part scaling 260 python3 -m batchbench "${M[@]}" -c 140000 -npp 4096 -ntg 32 \
+            -npl 1,2,4,8,16,32 -fa on --ab all --csv "$R/scaling.csv" ;;
+    profile) part profile 120 python3 scripts/profile_step.py 1 8 32 ;;
+    *) echo "unknown part $what (verify attention qmm seed scaling profile)" ;;
+  esac
+done
+tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

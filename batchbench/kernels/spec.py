@@ -39,7 +39,8 @@ class Launch:
 _KERNELS: dict[KernelSpec, Any] = {}
 
 
-def _build(spec: KernelSpec):
+def build_kernel(spec: KernelSpec):
+    """The MLX kernel object for a spec (cuda_kernel raises without CUDA: call lazily)."""
     if spec.backend == "cuda":
         return mx.fast.cuda_kernel(
             name=spec.name,
@@ -66,7 +67,7 @@ def run(spec: KernelSpec, launch: Launch) -> list[mx.array]:
     """Build the kernel object once per spec (lazily: cuda_kernel raises without CUDA), then call it."""
     kernel = _KERNELS.get(spec)
     if kernel is None:
-        kernel = _KERNELS[spec] = _build(spec)
+        kernel = _KERNELS[spec] = build_kernel(spec)
     kwargs = dict(
         inputs=launch.inputs,
         output_shapes=launch.output_shapes,

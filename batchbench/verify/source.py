@@ -21,7 +21,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from batchbench.kernels.spec import KernelSpec, Launch
+from batchbench.kernels.spec import KernelSpec, Launch, build_kernel
 
 # Metal and the kernel name use get_type_string(); CUDA signatures use dtype_to_cuda_type().
 _TYPES: dict[Any, tuple[str, str, Any]] = {
@@ -387,14 +387,9 @@ def generate(spec: KernelSpec, launch: Launch) -> Generated:
 def traced_metal_source(spec: KernelSpec, launch: Launch) -> str:
     """MLX's own generated Metal source, captured from its verbose print while tracing the
     call under `mx.export_function` (works without a Metal device)."""
-    kernel = mx.fast.metal_kernel(
-        name=spec.name,
-        input_names=list(spec.input_names),
-        output_names=list(spec.output_names),
-        source=spec.source,
-        header=spec.header,
-        ensure_row_contiguous=spec.ensure_row_contiguous,
-    )
+    if spec.backend != "metal":
+        raise ValueError(f"traced_metal_source needs a Metal kernel spec, got {spec.backend!r}")
+    kernel = build_kernel(spec)
     arrays = [x for x in launch.inputs if isinstance(x, mx.array)]
     slots = [i for i, x in enumerate(launch.inputs) if isinstance(x, mx.array)]
 

@@ -9,6 +9,7 @@ updates them in place instead of copying.
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from batchbench.kernels.attention import PackedLive
 from batchbench.kv_cache import AttentionPlan, KVCache
@@ -44,7 +45,8 @@ class CompiledDecode:
             fn = self._fns[key] = mx.compile(self._step(*key))
         state = [a for c in self.cache.layers for a in (c.keys, c.values)]
         extra = [plan.live_blocks.rows] if live else []
-        logits, *state = fn(tokens, plan.positions, plan.cells, plan.mask, *extra, *state)
+        cells = mx.array(plan.cells.astype(np.int32))  # uploaded only on this path
+        logits, *state = fn(tokens, plan.positions, cells, plan.mask, *extra, *state)
         for c, k, v in zip(self.cache.layers, state[0::2], state[1::2]):
             c.keys, c.values = k, v
         return logits

@@ -67,7 +67,7 @@ class AttentionPlan:
     live_blocks: PackedLive | None = None
     groups: list[Group] = field(default_factory=list)
     out_rows: mx.array | None = None
-    cells: mx.array | None = None  # decode: int32 [T] cells the tokens' K/V go to
+    cells: np.ndarray | None = None  # decode: the cells the tokens' K/V go to (host copy)
 
 
 class LayerCache:
@@ -321,7 +321,7 @@ class KVCache:
             # the mask's shape, and so the compiled decode step, the same across many steps.
             n = min(pad_to(n, SKIP_WINDOW_PAD), self.n_cells)
             plan.mask = self.build_mask(seq_ids, positions, 0, n)
-            plan.cells = mx.array(cells.astype(np.int32))
+            plan.cells = cells
             if flash and skip:
                 plan.live_blocks = self.packed_live_blocks(seq_ids, n)
             return plan

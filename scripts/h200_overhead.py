@@ -63,7 +63,7 @@ def section_ops():
     cstep = mx.compile(lambda h: h * 1.0001)
     rows = [("elementwise, compiled", cstep), ("elementwise, op-by-op", lambda h: h * 1.0001)]
     if backend.BACKEND == "cuda":
-        body = "uint i = threadIdx.x + blockIdx.x * blockDim.x; if (i < 3584) out[i] = inp[i];"
+        body = "unsigned int i = threadIdx.x + blockIdx.x * blockDim.x; if (i < 3584) out[i] = inp[i];"
         for label, pad in (("custom kernel, 0.1 KB source", ""), ("custom kernel, 40 KB source", "// " + "x" * 40000 + "\n")):
             k = mx.fast.cuda_kernel(name=f"bb_copy_{len(pad)}", input_names=["inp"], output_names=["out"],
                                     source=body, header=pad)

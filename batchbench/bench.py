@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
+from batchbench import backend
 from batchbench.decode_step import CompiledDecode
 from batchbench.formats import BenchRow
 from batchbench.kv_cache import KVCache, pad_to
@@ -84,6 +85,8 @@ class Runner:
                 if self.step is not None and plan.decode and len(out_rows) == u1 - u0:
                     last = self.step(toks, plan)  # every row has logits: one compiled step
                 else:
+                    if plan.decode:
+                        plan.eval_every = backend.DECODE_EVAL_EVERY
                     last = self.model(toks, plan, self.cache)
                 if sync:
                     mx.eval(last)

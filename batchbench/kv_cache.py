@@ -68,6 +68,7 @@ class AttentionPlan:
     groups: list[Group] = field(default_factory=list)
     out_rows: mx.array | None = None
     cells: np.ndarray | None = None  # decode: the cells the tokens' K/V go to (host copy)
+    eval_every: int = 0  # op-by-op steps: submit the graph every this many layers (0: at the end)
 
 
 class LayerCache:

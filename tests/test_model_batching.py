@@ -103,3 +103,22 @@ def test_fused_projections_keep_logits():
     assert use_fast_quantized_linears(m) == 2 * cfg["num_hidden_layers"] + 1  # o, down, lm_head
     assert "q_proj" not in m.model.layers[0].self_attn
     np.testing.assert_allclose(reference_logits(m, toks), before, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_submitted_layer_by_layer_equals_submitted_at_end(model, monkeypatch):
+    """Op-by-op decode steps may hand the graph to the device every k layers (backend's
+    DECODE_EVAL_EVERY): the logits must not change, and the submits must really happen."""
+    from batchbench import backend
+
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 512, 21) for _ in range(2)]
+    steps = [rng.integers(0, 512, 2) for _ in range(3)]
+    monkeypatch.setattr(backend, "DECODE_EVAL_EVERY", 0)
+    at_end = run_batched(new_runner(model, 2), prompts, steps)
+    calls = []
+    real = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(backend, "DECODE_EVAL_EVERY", 1)
+    per_layer = run_batched(new_runner(model, 2), prompts, steps)
+    assert len(calls) >= len(steps) * (model.args.num_hidden_layers - 1)
+    np.testing.assert_array_equal(per_layer, at_end)

@@ -192,3 +192,24 @@ def test_rewrite_for_emulation_only_touches_shared_declarations():
     assert "static threadgroup float buf[64]; ::bbemu::touch_shared(&buf, sizeof(buf));" in metal
     assert "  threadgroup T* p = (threadgroup T*)buf;" in metal
     assert "template decltype(mk<float>) mk<float>;" in metal
+
+
+def test_compact_drops_comments_but_keeps_literals_and_directives():
+    from batchbench.kernels.spec import compact
+
+    src = (
+        "// header comment\n"
+        "#ifdef BB_PORTABLE   // trailing\n"
+        "  int a = 1; /* block\n comment */ int b = 2;\n"
+        "#endif\n"
+        '    asm("ld.global // not a comment {%0};" : "=r"(x));\n'
+        "\n\n    char c = '/';  // slash\n"
+    )
+    out = compact(src)
+    assert out.splitlines() == [
+        "#ifdef BB_PORTABLE",
+        "int a = 1; int b = 2;",
+        "#endif",
+        'asm("ld.global // not a comment {%0};" : "=r"(x));',
+        "char c = '/';",
+    ]

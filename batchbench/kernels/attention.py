@@ -80,12 +80,13 @@ _METAL_BODY = """
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def kernel_source(backend_name: str) -> tuple[str, str]:
-    """(header, body) of the kernel for "cuda" or "metal"."""
+    """(header, body) of the kernel for "cuda" or "metal", as handed to MLX (compacted)."""
     layer = {"cuda": "attention_cuda.h", "metal": "attention_metal.h"}[backend_name]
     header = (_DIR / layer).read_text() + "\n" + (_DIR / "attention_common.h").read_text()
     body = _CUDA_BODY if backend_name == "cuda" else _METAL_BODY
-    return header, body
+    return spec.compact(header), body
 
 
 def smem_bytes(d: int, warps: int, stages: int, esize: int) -> int:
@@ -276,6 +277,7 @@ def pack_live_blocks(live_blocks: LiveBlocks) -> mx.array:
     return packed
 
 
+@functools.lru_cache(maxsize=None)
 def _source_tag(backend_name: str) -> str:
     header, body = kernel_source(backend_name)
     return hashlib.sha1((header + body).encode()).hexdigest()[:10]

@@ -414,6 +414,7 @@ __device__ __forceinline__ void qmm_reduce(const float* __restrict__ part,
 
 #endif  // BB_QMM_HEADER
 """
+QMM_HEADER = kspec.compact(QMM_HEADER)  # MLX hashes the source on every launch
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, SPLIT, {has_bias}>"

@@ -147,8 +147,10 @@ class LlamaModel(nn.Module):
 
     def __call__(self, tokens: mx.array, mask, cache) -> mx.array:
         h = self.embed_tokens(tokens)
-        for layer, c in zip(self.layers, cache.layers):
+        for i, (layer, c) in enumerate(zip(self.layers, cache.layers), 1):
             h = layer(h, mask, c)
+            if mask.eval_every and i % mask.eval_every == 0 and i < len(self.layers):
+                mx.async_eval(h)  # the GPU starts on these layers while Python builds the rest
         return h
 
 

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Launch-geometry sweep of the 4-bit qmm kernel on the H200 (issue 7).
+
+For every matrix of the Qwen2.5-7B decode step and M in {1, 8, 32}, times each candidate
+QmmConfig (warps along N and K, chunks in flight, K-slices) by CUPTI kernel durations
+(main kernel + reduce when split), and prints the best against `choose_config`'s pick and
+the floor (weight bytes / copy bandwidth). Writes $OUT/qmm-tune.json.
+Run: PYTHONPATH=. python3 scripts/h200_qmm_tune.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import time
+
+import mlx.core as mx
+
+from batchbench.kernels import qmm
+from batchbench.kernels import spec as kspec
+
+OUT = os.environ.get("OUT", "/tmp")
+SHAPES = [("lm_head", 152064, 3584), ("o_proj", 3584, 3584), ("qkv", 4608, 3584),
+          ("gate_up", 37888, 3584), ("down", 3584, 18944)]
+BUDGET_S = float(os.environ.get("TUNE_BUDGET_S", "300"))
+MS = [int(m) for m in os.environ.get("TUNE_M", "1,8,32").split(",")]
+REPS = 8
+COPY_BW = float(os.environ.get("COPY_BW", "3.3e12"))
+
+
+def candidates(m: int, n: int, k: int):
+    """choose_config's pick plus a targeted set of neighbours (each new template is a compile)."""
+    d = qmm.choose_config(m, n, k, 4)
+    tiles = ([(1, 8, 4), (1, 8, 8), (1, 4, 8), (2, 4, 4), (2, 4, 8), (4, 2, 4), (4, 2, 8), (2, 2, 8)]
+             if d.mt < 4 else [(4, 2, 3), (4, 2, 2), (2, 4, 2), (2, 4, 3), (8, 1, 2), (4, 1, 3)])
+    nch = k // 128
+    seen = {d}
+    yield d
+    for (wn, wk, p), s in itertools.product(tiles, sorted({1, 2, d.s})):
+        if n % (16 * wn) or s > nch // wk:
+            continue
+        cfg = qmm.QmmConfig(d.mt, wn, wk, p, s, d.mrows)
+        if cfg.smem(k, 4) > 200 * 1024 or cfg in seen:
+            continue
+        seen.add(cfg)
+        yield cfg
+
+
+def run_cfg(x, sets, cfg):
+    outs = []
+    for w, sc, b in sets:
+        ks, launch = qmm.plan_quantized_matmul("cuda", x, w, sc, b, group_size=32, bits=4, config=cfg)
+        (y,) = kspec.run(ks, launch)
+        if cfg.s > 1:
+            rs, rl = qmm.plan_qmm_reduce(y, x.dtype)
+            (y,) = kspec.run(rs, rl)
+        outs.append(y)
+    return outs
+
+
+def main():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.zeros(1, device="cuda")
+    res = []
+    t_start = time.time()
+    for name, n, k in SHAPES:
+        wbytes = n * k // 2 + 2 * 2 * n * (k // 32)
+        copies = max(2, min(16, int(2 * 60e6 / wbytes) + 1))
+        sets = []
+        for _ in range(copies):
+            w = mx.random.randint(0, 2**31 - 1, (n, k // 8)).astype(mx.uint32)
+            sc = (mx.random.uniform(shape=(n, k // 32)) * 0.01).astype(mx.float16)
+            b = (mx.random.uniform(shape=(n, k // 32)) * -0.08).astype(mx.float16)
+            sets.append((w, sc, b))
+        mx.eval(sets)
+        for m in MS:
+            x = mx.random.normal((m, k)).astype(mx.float16)
+            mx.eval(x)
+            cfgs = list(candidates(m, n, k))
+            default = qmm.choose_config(m, n, k, 4)
+            if default not in cfgs:
+                cfgs.append(default)
+            if time.time() - t_start > BUDGET_S:
+                print(f"{name:8s} M={m:<3d} skipped: time budget spent")
+                continue
+            ref = None
+            ok = []
+            t_c = time.time()
+            for cfg in cfgs:  # compile + check every candidate once, outside the profiler
+                try:
+                    y = run_cfg(x, sets[:1], cfg)[0]
+                    mx.eval(y)
+                    if ref is None:
+                        ref = y.astype(mx.float32)
+                    err = (mx.abs(y.astype(mx.float32) - ref).max() / (mx.abs(ref).max() + 1e-6)).item()
+                    if err < 5e-3:
+                        ok.append(cfg)
+                    else:
+                        print(f"  {name} M={m} {cfg}: wrong result (rel {err:.2e})")
+                except Exception as e:  # noqa: BLE001
+                    print(f"  {name} M={m} {cfg}: {type(e).__name__}: {str(e)[:100]}")
+            mx.synchronize()
+            print(f"  {name} M={m}: {len(ok)}/{len(cfgs)} configs built and checked in {time.time() - t_c:.1f} s", flush=True)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for cfg in ok:
+                    for _ in range(REPS // 2):
+                        mx.eval(run_cfg(x, sets, cfg))
+                mx.synchronize()
+            path = os.path.join(OUT, "tune-trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                ev = json.load(f)
+            os.remove(path)
+            ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
+            ks = sorted((e for e in ev if e.get("ph") == "X" and e.get("cat") == "kernel"), key=lambda e: e["ts"])
+            ks = [e for e in ks if "bb_qmm" in e["name"]]
+            i = 0
+            rows = []
+            for cfg in ok:
+                per = (2 if cfg.s > 1 else 1)
+                cnt = REPS // 2 * len(sets) * per
+                evs = ks[i : i + cnt]
+                i += cnt
+                calls = [sum(e["dur"] for e in evs[j : j + per]) for j in range(0, len(evs), per)]
+                rows.append((statistics.median(calls) if calls else float("nan"), cfg))
+            if i != len(ks):
+                print(f"  {name} M={m}: kernel count mismatch {i} vs {len(ks)}; results unreliable")
+            rows.sort(key=lambda r: r[0])
+            floor = wbytes / COPY_BW * 1e6
+            dflt = next((t for t, c in rows if c == default), float("nan"))
+            best_t, best = rows[0]
+            print(f"{name:8s} M={m:<3d} floor {floor:7.1f} us | default {dflt:7.1f} us {default} | best {best_t:7.1f} us {best}")
+            for t, c in rows[1:4]:
+                print(f"{'':20s} next {t:7.1f} us {c}")
+            res.append(dict(name=name, n=n, k=k, m=m, floor_us=floor, default_us=dflt, default=str(default),
+                            top=[(t, c.__dict__) for t, c in rows[:8]]))
+            with open(os.path.join(OUT, "qmm-tune.json"), "w") as f:
+                json.dump(res, f, indent=1)
+        del sets
+        mx.clear_cache()
+        print(f"  ({time.time() - t_start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

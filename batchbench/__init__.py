@@ -2,12 +2,12 @@
 
 import os
 
-# MLX's CUDA back-end submits its CUDA graph every 100 ops or 1000 MB of op inputs on Hopper.
-# A decode step is 400-800 small ops whose inputs include whole KV buffers: with the defaults
-# it is cut into many graphs and each submit leaves the GPU waiting. Measured on the H200
-# (scripts/h200_overhead.py): host time per op 4.3 -> 2.0 us, kernel gaps 4.0 -> 1.7 us.
-# MLX reads these once, when it creates its first GPU stream: set them before importing mlx.
+# MLX's CUDA back-end submits its CUDA graph every 100 ops (or 1000 MB of op inputs) on Hopper;
+# a decode step is 400-800 small ops, and each submit leaves the GPU waiting. Measured on the
+# H200 (results/h200-2026-11-29-s2/overhead-probe.txt): 1000 ops per graph cut host time per
+# op from 4.3 to 2.0 us and kernel gaps from 4.0 to 1.7 us. The MB limit stays: without it the
+# temporaries of a prefill (dequantized weights) pile up until the device runs out of memory.
+# MLX reads the value once, when it creates its first GPU stream: set it before importing mlx.
 os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "1000")
-os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "1000000")
 
 __version__ = "0.1.0"

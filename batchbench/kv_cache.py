@@ -310,8 +310,12 @@ class KVCache:
         streams = sorted({self.stream_of(int(s)) for s in seq_ids})
         n = self.window_end(streams)
         _, per_seq = np.unique(seq_ids, return_counts=True)
+        # MLX keeps arrays of <= 8 bytes in managed memory, slow for kernels to read (B <= 2
+        # decode): allocate at least 16 bytes and view the first T.
+        pos32 = positions.astype(np.int32)
+        pos_dev = mx.array(np.pad(pos32, (0, max(0, 4 - len(pos32)))))
         plan = AttentionPlan(
-            positions=mx.array(positions.astype(np.int32)),
+            positions=pos_dev if len(pos32) >= 4 else pos_dev[: len(pos32)],
             decode=bool(per_seq.max() <= decode_max_per_seq),
             flash=flash,
             skip=skip,

@@ -702,11 +702,15 @@ class FusedQuantizedLinear(nn.Module):
         mx.eval(self.parameters())
         self.freeze()
 
-    def __call__(self, x: mx.array) -> list[mx.array]:
-        y = quantized_matmul(
+    def fused(self, x: mx.array) -> mx.array:
+        """The outputs side by side along the last axis, as one array."""
+        return quantized_matmul(
             x, self["weight"], self["scales"], self["biases"],
             group_size=self.group_size, bits=self.bits, bias=self.get("bias"),
         )
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        y = self.fused(x)
         cuts, acc = [], 0
         for n in self.sizes[:-1]:
             acc += n

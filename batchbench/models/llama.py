@@ -8,6 +8,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from batchbench.kernels.rope import qkv_rope
 from batchbench.models.base import BaseModelArgs, attention
 
 
@@ -61,27 +62,17 @@ class Attention(nn.Module):
         if args.rope_scaling and args.rope_scaling.get("type", args.rope_scaling.get("rope_type")) == "linear":
             self.rope_scale = 1.0 / float(args.rope_scaling["factor"])
 
-    def _rope(self, x: mx.array, positions: mx.array) -> mx.array:
-        # [1, T, H, D] -> [T, H, 1, D] so every token is rotated at its own position.
-        T, H, D = x.shape[1], x.shape[2], x.shape[3]
-        x = x.reshape(T, H, 1, D)
-        x = mx.fast.rope(
-            x, D, traditional=self.rope_traditional, base=self.rope_theta,
-            scale=self.rope_scale, offset=positions,
-        )
-        return x.reshape(T, H, D).transpose(1, 0, 2)[None]
-
     def qkv(self, x: mx.array, positions: mx.array):
         """Projections and RoPE: a pure function of x, compiled for decode steps."""
-        _, T, _ = x.shape
         if "qkv_proj" in self:  # one fused launch (batchbench.kernels.qmm.fuse_quantized_projections)
-            q, k, v = self.qkv_proj(x)
+            qkv = self.qkv_proj.fused(x)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(1, T, self.n_heads, self.head_dim)
-        k = k.reshape(1, T, self.n_kv_heads, self.head_dim)
-        v = v.reshape(1, T, self.n_kv_heads, self.head_dim)
-        return self._rope(q, positions), self._rope(k, positions), v.transpose(0, 2, 1, 3)
+            qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+        return qkv_rope(
+            qkv, positions, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim, base=self.rope_theta, scale=self.rope_scale,
+            traditional=self.rope_traditional,
+        )
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
         q, k, v = self.qkv(x, mask.positions)

@@ -26,6 +26,7 @@ import numpy as np
 from batchbench.kernels import spec as kspec_mod
 from batchbench.kernels.spec import KernelSpec, Launch
 from batchbench.verify import cases as C
+from batchbench.verify.rope_cases import rope_cases
 
 
 def _np(x) -> np.ndarray:
@@ -56,7 +57,7 @@ def main() -> int:
     mx.set_default_device(mx.gpu)
     seed = int(os.environ.get("BATCHBENCH_VERIFY_SEED", np.random.SeedSequence().entropy % (1 << 32)))
     rng = np.random.default_rng(seed)
-    cases = C.attention_cases("cuda", rng) + C.qmm_cases(rng)
+    cases = C.attention_cases("cuda", rng) + C.qmm_cases(rng) + rope_cases(rng)
     rows = []
     failures = 0
     for case in cases:

@@ -1,0 +1,187 @@
+"""Split of the fused q/k/v projection plus RoPE of q and k, as one CUDA launch per layer.
+
+`qkv_rope` takes the projection output qkv [1, T, (Hq + 2*Hkv) * D] (q columns, then k,
+then v) and the position of each token, and returns q [1, Hq, T, D], k [1, Hkv, T, D]
+(both rotated) and v [1, Hkv, T, D]. On MLX's CUDA back-end the split, the two RoPEs and
+the transposes are 4-6 small launches; here they are one kernel, one thread per rotated
+pair. Elsewhere (CPU, Metal, fp32, D > 256) the pure-MLX twin `qkv_rope_ref` runs: the
+same mx.fast.rope that batchbench.models.llama uses.
+
+Angle of pair i of token t: theta = (scale * positions[t]) * exp2(-(i / (D/2)) * log2(base)),
+in fp32 like MLX's own rope kernels, rotation in fp32, one rounding to the output dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import mlx.core as mx
+
+from batchbench import backend
+from batchbench.kernels import spec as kspec
+from batchbench.kernels.spec import KernelSpec, Launch
+
+MAX_D = 256
+THREADS = 256
+_DTYPES = (mx.float16, mx.bfloat16)
+
+ROPE_HEADER = r"""
+#ifndef BB_ROPE_HEADER
+#define BB_ROPE_HEADER
+namespace bbrope {
+
+// Explicit conversions: no reliance on __half/__nv_bfloat16 conversion operators.
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ void from_f(float f, __half* o) { *o = __float2half_rn(f); }
+__device__ __forceinline__ void from_f(float f, __nv_bfloat16* o) { *o = __float2bfloat16_rn(f); }
+
+// Thread (x, y): pair i of head h (q heads, then k heads, then v heads) of token y.
+// Pairs are (i, i + D/2), or (2i, 2i + 1) when TRAD. v pairs are copied unrotated.
+template <typename T, int D, bool TRAD, int HQ, int HKV>
+__device__ __forceinline__ void qkv_rope(const T* __restrict__ qkv, const int32_t* __restrict__ positions,
+                                         T* __restrict__ q, T* __restrict__ k, T* __restrict__ v,
+                                         const int n_tok, const float log2_base, const float scale) {
+  constexpr int P = D / 2;
+  constexpr int H = HQ + 2 * HKV;
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const int t = blockIdx.y;
+  if (idx >= H * P || t >= n_tok) return;
+  const int h = idx / P, i = idx - h * P;
+  const int i1 = TRAD ? 2 * i : i, i2 = TRAD ? 2 * i + 1 : i + P;
+  const T* x = qkv + ((size_t)t * H + h) * D;
+  if (h >= HQ + HKV) {
+    T* o = v + ((size_t)(h - HQ - HKV) * n_tok + t) * D;
+    o[i1] = x[i1];
+    o[i2] = x[i2];
+    return;
+  }
+  T* o = h < HQ ? q + ((size_t)h * n_tok + t) * D : k + ((size_t)(h - HQ) * n_tok + t) * D;
+  // Same fp32 steps as mlx/backend/cuda/rope.cu (full-range sinf/cosf: theta reaches ~1e5).
+  const float inv_freq = exp2f(-((float)i / (float)P) * log2_base);
+  const float theta = (scale * (float)positions[t]) * inv_freq;
+  const float c = cosf(theta), s = sinf(theta);
+  const float x1 = to_f(x[i1]), x2 = to_f(x[i2]);
+  from_f(x1 * c - x2 * s, o + i1);
+  from_f(x1 * s + x2 * c, o + i2);
+}
+
+}  // namespace bbrope
+#endif  // BB_ROPE_HEADER
+"""
+ROPE_HEADER = kspec.compact(ROPE_HEADER)  # MLX hashes the source on every launch
+
+_SOURCE = (
+    "bbrope::qkv_rope<T, D, TRAD, HQ, HKV>(qkv, positions, q, k, v, qkv_shape[1], "
+    "__int_as_float(LOG2_BASE_BITS), __int_as_float(SCALE_BITS));"
+)
+ROPE_SPEC = KernelSpec("cuda", "bb_qkv_rope", ("qkv", "positions"), ("q", "k", "v"), _SOURCE, ROPE_HEADER)
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def _check(qkv: mx.array, positions: mx.array, n_heads: int, n_kv_heads: int, head_dim: int) -> int:
+    """Validate shapes; returns T."""
+    width = (n_heads + 2 * n_kv_heads) * head_dim
+    if qkv.ndim != 3 or qkv.shape[0] != 1 or qkv.shape[2] != width:
+        raise ValueError(
+            f"qkv_rope: qkv must be [1, T, {width}] for Hq={n_heads}, Hkv={n_kv_heads}, D={head_dim}, "
+            f"got {tuple(qkv.shape)}"
+        )
+    t = qkv.shape[1]
+    if positions.shape != (t,):
+        raise ValueError(f"qkv_rope: positions must be [{t}], got {tuple(positions.shape)}")
+    if head_dim % 2:
+        raise ValueError(f"qkv_rope: head_dim must be even, got {head_dim}")
+    return t
+
+
+def kernel_supported(qkv: mx.array, head_dim: int) -> bool:
+    return qkv.dtype in _DTYPES and head_dim % 2 == 0 and head_dim <= MAX_D
+
+
+def plan_qkv_rope(
+    qkv: mx.array,
+    positions: mx.array,
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    base: float,
+    scale: float,
+    traditional: bool,
+) -> tuple[KernelSpec, Launch]:
+    """The CUDA kernel and launch `qkv_rope` runs. Per-model constants (dtype, D, heads,
+    base, scale, layout) are template values; T and the positions are runtime inputs."""
+    t = _check(qkv, positions, n_heads, n_kv_heads, head_dim)
+    if not kernel_supported(qkv, head_dim):
+        raise ValueError(f"qkv_rope kernel: needs fp16/bf16 and even D <= {MAX_D}, got {qkv.dtype}, D={head_dim}")
+    if positions.dtype != mx.int32:
+        positions = positions.astype(mx.int32)
+    # As MLX's RoPE primitive: base and scale are floats, log2 taken of the float base.
+    log2_base = _f32(math.log2(_f32(base)))
+    pairs = (n_heads + 2 * n_kv_heads) * (head_dim // 2)
+    launch = Launch(
+        inputs=[qkv, positions],
+        output_shapes=[(1, n_heads, t, head_dim), (1, n_kv_heads, t, head_dim), (1, n_kv_heads, t, head_dim)],
+        output_dtypes=[qkv.dtype] * 3,
+        grid=(pairs, t, 1),
+        threadgroup=(min(THREADS, pairs), 1, 1),
+        template=[
+            ("T", qkv.dtype), ("D", head_dim), ("TRAD", bool(traditional)), ("HQ", n_heads),
+            ("HKV", n_kv_heads), ("LOG2_BASE_BITS", _f32_bits(log2_base)),
+            ("SCALE_BITS", _f32_bits(float(scale))),
+        ],
+    )
+    return ROPE_SPEC, launch
+
+
+def qkv_rope_ref(
+    qkv: mx.array,
+    positions: mx.array,
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    base: float,
+    scale: float,
+    traditional: bool,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Pure-MLX twin (what llama.py's Attention.qkv does). q and k share one mx.fast.rope call:
+    [T, Hq + Hkv, 1, D] rotates every token at its own position. Returns transposed views."""
+    t = _check(qkv, positions, n_heads, n_kv_heads, head_dim)
+    hqk = n_heads + n_kv_heads
+    qk = qkv[..., : hqk * head_dim].reshape(t, hqk, 1, head_dim)
+    qk = mx.fast.rope(qk, head_dim, traditional=traditional, base=base, scale=scale, offset=positions)
+    qk = qk.reshape(t, hqk, head_dim).transpose(1, 0, 2)[None]
+    v = qkv[..., hqk * head_dim :].reshape(1, t, n_kv_heads, head_dim).transpose(0, 2, 1, 3)
+    return qk[:, :n_heads], qk[:, n_heads:], v
+
+
+def qkv_rope(
+    qkv: mx.array,
+    positions: mx.array,
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    base: float,
+    scale: float,
+    traditional: bool,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """(q [1, Hq, T, D], k [1, Hkv, T, D], v [1, Hkv, T, D]) from qkv [1, T, (Hq + 2*Hkv) * D],
+    q and k rotated at positions [T]. One CUDA kernel when `backend.BACKEND == "cuda"` and
+    the dtype/D are covered (row-contiguous outputs), else `qkv_rope_ref`."""
+    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, base=base, scale=scale,
+              traditional=traditional)
+    if backend.BACKEND == "cuda" and kernel_supported(qkv, head_dim):
+        q, k, v = kspec.run(*plan_qkv_rope(qkv, positions, **kw))
+        return q, k, v
+    return qkv_rope_ref(qkv, positions, **kw)

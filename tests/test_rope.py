@@ -1,0 +1,159 @@
+"""batchbench.kernels.rope: the MLX twin against float64 and llama.py, CUDA dispatch and
+planning (BACKEND forced to cuda, `spec.run` stubbed), and the CUDA kernel compiled with
+nvcc and emulated on the CPU. Missing compilers skip, as in test_verify_kernels.py."""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from batchbench import backend
+from batchbench.kernels import rope
+from batchbench.kernels import spec as kspec
+from batchbench.models.llama import Attention, ModelArgs
+from batchbench.verify import EmulationError, toolchain
+from batchbench.verify.compile import check_all
+from batchbench.verify.emulate import prebuild
+from batchbench.verify.rope_cases import rope_case, rope_cases, rope_reference, rope_tolerance
+
+SEED = int(os.environ.get("BATCHBENCH_VERIFY_SEED", np.random.SeedSequence().entropy % (1 << 32)))
+N_CASES = len(rope_cases(np.random.default_rng(0)))
+
+
+def _np(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("t", [1, 3, 8])
+@pytest.mark.parametrize("max_pos", [64, 100000])
+def test_twin_matches_float64(traditional, t, max_pos):
+    rng = np.random.default_rng(t * 7 + max_pos + traditional)
+    hq, hkv, d, base, scale = 6, 2, 32, 500000.0, 0.5
+    x = rng.standard_normal((1, t, (hq + 2 * hkv) * d)).astype(np.float32)
+    pos = rng.choice(max_pos, size=t, replace=False).astype(np.int32)
+    kw = dict(n_heads=hq, n_kv_heads=hkv, head_dim=d, base=base, scale=scale, traditional=traditional)
+    got = rope.qkv_rope(mx.array(x), mx.array(pos), **kw)  # CPU: the twin
+    tol = rope_tolerance(x, pos, scale, mx.float32)
+    for g, w, shape in zip(got, rope_reference(x, pos, **kw), [(1, hq, t, d), (1, hkv, t, d), (1, hkv, t, d)]):
+        assert g.shape == shape and g.dtype == mx.float32
+        err = np.abs(_np(g) - w).max()
+        assert err <= tol, f"max error {err:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("traditional,scaling,bias", [(False, None, True), (True, 4.0, False)])
+@pytest.mark.parametrize("t", [1, 5])
+def test_twin_equals_per_tensor_rope(dtype, traditional, scaling, bias, t):
+    """Attention.qkv (which runs qkv_rope) equals the per-tensor path the model used before:
+    separate projections, one mx.fast.rope per tensor, tokens at their own positions."""
+    args = ModelArgs(
+        hidden_size=64, num_hidden_layers=1, intermediate_size=96, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rope_theta=1e6, rope_traditional=traditional,
+        rope_scaling={"type": "linear", "factor": scaling} if scaling else None, attention_bias=bias,
+    )
+    mx.random.seed(t)
+    attn = Attention(args)
+    attn.set_dtype(dtype)
+    x = mx.random.normal((1, t, 64)).astype(dtype)
+    pos = mx.array(np.random.default_rng(t).choice(100000, size=t, replace=False).astype(np.int32))
+    got = attn.qkv(x, pos)
+
+    def per_tensor(y, heads):
+        y = y.reshape(t, heads, 1, attn.head_dim)
+        y = mx.fast.rope(y, attn.head_dim, traditional=traditional, base=attn.rope_theta,
+                         scale=attn.rope_scale, offset=pos)
+        return y.reshape(t, heads, attn.head_dim).transpose(1, 0, 2)[None]
+
+    v = attn.v_proj(x).reshape(1, t, attn.n_kv_heads, attn.head_dim).transpose(0, 2, 1, 3)
+    want = (per_tensor(attn.q_proj(x), attn.n_heads), per_tensor(attn.k_proj(x), attn.n_kv_heads), v)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert np.array_equal(np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32)))
+
+
+@pytest.fixture
+def cuda_dispatch(monkeypatch):
+    """BACKEND forced to cuda; spec.run records the plans and returns zero outputs."""
+    calls = []
+
+    def fake_run(ks, launch):
+        calls.append((ks, launch))
+        return [mx.zeros(s, dt) for s, dt in zip(launch.output_shapes, launch.output_dtypes)]
+
+    monkeypatch.setattr(backend, "BACKEND", "cuda")
+    monkeypatch.setattr(kspec, "run", fake_run)
+    return calls
+
+
+def test_cuda_dispatch_plans_one_kernel_with_runtime_positions(cuda_dispatch):
+    kw = dict(n_heads=28, n_kv_heads=4, head_dim=128, base=1e6, scale=1.0, traditional=False)
+    for t in (1, 7):
+        q, k, v = rope.qkv_rope(mx.zeros((1, t, 36 * 128), mx.bfloat16), mx.arange(t, dtype=mx.int32) * 9, **kw)
+        assert (q.shape, k.shape, v.shape) == ((1, 28, t, 128), (1, 4, t, 128), (1, 4, t, 128))
+    (s1, l1), (s7, l7) = cuda_dispatch
+    # one compiled kernel for every step: T and positions are runtime, not template values
+    assert s1 is s7 == rope.ROPE_SPEC and l1.template == l7.template
+    assert s1.header == kspec.compact(s1.header) and s1.backend == "cuda"
+    assert l7.grid == (36 * 64, 7, 1) and l7.threadgroup == (256, 1, 1)
+    assert l7.inputs[1].dtype == mx.int32 and l7.output_dtypes == [mx.bfloat16] * 3
+
+
+@pytest.mark.parametrize("case", ["fp32", "d288"])
+def test_cuda_dispatch_falls_back(cuda_dispatch, case):
+    dt, d = (mx.float32, 32) if case == "fp32" else (mx.float16, 288)
+    x = np.random.default_rng(0).standard_normal((1, 3, 4 * d)).astype(np.float32)
+    pos = np.array([5, 900, 17], np.int32)
+    kw = dict(n_heads=2, n_kv_heads=1, head_dim=d, base=10000.0, scale=1.0, traditional=True)
+    got = rope.qkv_rope(mx.array(x).astype(dt), mx.array(pos), **kw)
+    assert cuda_dispatch == []
+    xr = _np(mx.array(x).astype(dt))
+    for g, w in zip(got, rope_reference(xr, pos, **kw)):
+        assert np.abs(_np(g) - w).max() <= rope_tolerance(xr, pos, 1.0, dt)
+
+
+def test_bad_shapes_raise():
+    kw = dict(n_heads=2, n_kv_heads=1, head_dim=8, base=10000.0, scale=1.0, traditional=False)
+    with pytest.raises(ValueError, match="qkv must be"):
+        rope.qkv_rope(mx.zeros((1, 2, 24)), mx.zeros((2,), mx.int32), **kw)
+    with pytest.raises(ValueError, match="positions must be"):
+        rope.qkv_rope(mx.zeros((1, 2, 32)), mx.zeros((3,), mx.int32), **kw)
+
+
+# ---- the CUDA kernel, without a GPU --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cases():
+    toolchain.need(toolchain.host_cxx)
+    out = rope_cases(np.random.default_rng(SEED))
+    prebuild([kl for c in out for kl in c.kernels])
+    return out
+
+
+@pytest.mark.parametrize("i", range(N_CASES))
+def test_rope_kernel_emulated_matches_float64(cases, i):
+    # fp16/bf16, traditional/half-split, T 1/5/3, GQA 2 and 7, D 64/80/128, base 1e4/1e6,
+    # linear scaling; every output element written (else NaN), same bits in both schedules
+    try:
+        cases[i].verify()
+    except EmulationError as e:
+        pytest.fail(f"{cases[i].name} (seed {SEED}): {e}")
+    except AssertionError as e:
+        pytest.fail(f"{e} (seed {SEED})")
+
+
+def test_rope_kernel_compiles_for_sm90a():
+    toolchain.need(toolchain.nvcc)
+    rng = np.random.default_rng(SEED)
+    items = [
+        rope_case(rng, t=2, dtype=mx.float16, head_dim=128).kernels[0],
+        rope_case(rng, t=2, dtype=mx.bfloat16, head_dim=256, traditional=True).kernels[0],
+    ]
+    for r in check_all(items):
+        assert r.ok, f"{r.kernel_name} does not compile for sm_90a:\n{r.log}"
+        assert r.spill_stores == 0, f"{r.kernel_name} spills registers:\n{r.log}"
+        assert not [w for w in r.warnings if "host header" in w]

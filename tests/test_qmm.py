@@ -246,3 +246,38 @@ def test_cuda_kernel_under_cpu_emulation(m, n, k, bits, gs, dtype, bias, cfg):
     ref = _reference(x, wq, s, b, gs, bits, lb)
     err = np.abs(np.asarray(y, np.float64) - ref).max() / np.abs(ref).max()
     assert err < (2e-3 if dtype == mx.float16 else 1.5e-2), err
+
+
+@pytest.mark.parametrize("m,k", [(1, 1024), (8, 4096)])  # one launch; K split (reduce adds them)
+def test_cuda_dispatch_fuses_gate_product_and_residual(cuda_dispatch, m, k):
+    n, gs = 512, 32
+    wq, s, b = _quantized(n, k, 4, gs, mx.float16, seed=m)
+    gu = mx.zeros((m, 2 * k), mx.float16)
+    res = mx.zeros((m, n), mx.float16)
+    y = qmm.quantized_matmul(gu, wq, s, b, group_size=gs, bits=4, residual=res, glu=True)
+    assert y.shape == (m, n)
+    main_spec, main = cuda_dispatch[0]
+    assert main.inputs[0].shape == (m, 2 * k) and "true>" in main_spec.source  # GLU on
+    if main.grid[1] > 1:
+        assert main_spec.name == "bb_qmm_g" and "res" not in main_spec.input_names
+        red_spec, red = cuda_dispatch[1]
+        assert red_spec.name == "bb_qmm_red_r" and red.inputs[-1].shape == (m, n)
+    else:
+        assert main_spec.name == "bb_qmm_r_g" and main_spec.input_names[-1] == "res"
+        assert main.inputs[-1].shape == (m, n) and len(cuda_dispatch) == 1
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_fallback_gate_product_and_residual(dtype):
+    """Off CUDA, glu/residual are the MLX ops they replace: silu(gate) * up, then + residual."""
+    n, k, gs = 96, 256, 64
+    wq, s, b = _quantized(n, k, 4, gs, dtype, seed=7)
+    rng = np.random.default_rng(7)
+    gu = mx.array(rng.standard_normal((3, 2 * k)).astype(np.float32)).astype(dtype)
+    res = mx.array(rng.standard_normal((3, n)).astype(np.float32)).astype(dtype)
+    got = qmm.quantized_matmul(gu, wq, s, b, group_size=gs, bits=4, residual=res, glu=True)
+    g, u = gu[:, :k], gu[:, k:]
+    want = res + mx.quantized_matmul(nn.silu(g) * u, wq, s, b, transpose=True, group_size=gs, bits=4)
+    assert np.array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
+    with pytest.raises(ValueError, match="glu"):
+        qmm.quantized_matmul(gu[:, :k], wq, s, b, group_size=gs, bits=4, glu=True)

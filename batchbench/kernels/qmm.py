@@ -232,17 +232,49 @@ __device__ __forceinline__ float qmm_float(T v) {
   }
 }
 
+// SiLU(g) * u in fp32, one rounding: the down projection's input from the gate/up output.
+template <typename T>
+__device__ __forceinline__ uint4 qmm_glu8(uint4 g, uint4 u) {
+  const uint32_t gw[4] = {g.x, g.y, g.z, g.w}, uw[4] = {u.x, u.y, u.z, u.w};
+  uint32_t r[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 gf = qmm_to_float2(gw[i], is_bf16<T>::value);
+    const float2 uf = qmm_to_float2(uw[i], is_bf16<T>::value);
+    const float lo = gf.x / (1.f + expf(-gf.x)) * uf.x, hi = gf.y / (1.f + expf(-gf.y)) * uf.y;
+    if constexpr (is_bf16<T>::value) {
+      __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+      r[i] = *reinterpret_cast<uint32_t*>(&h);
+    } else {
+      __half2 h = __floats2half2_rn(lo, hi);
+      r[i] = *reinterpret_cast<uint32_t*>(&h);
+    }
+  }
+  return make_uint4(r[0], r[1], r[2], r[3]);
+}
+
+// One warp's weights for P chunks in flight: two feature rows (g, g + 8), 16 bytes each.
+template <int P>
+struct QmmStage {
+  uint4 wa[P], wb[P];
+  uint32_t sa[P], sb[P], ba[P], bb[P];
+};
+
 // T: activation dtype; BITS 4|8; GS group size; MT token tiles of 8 (M <= 8*MT);
-// WN x WK warps per block (features x K); P chunks in flight per warp. Runtime: M, and the
+// WN x WK warps per block (features x K); P chunks per load stage, two stages in flight
+// (the next P chunks load while the current ones are multiplied). Runtime: M, and the
 // weight shape N x K (N % (16*WN) == 0, K % (512/BITS) == 0, checked by the launcher);
 // gridDim.y = S K-slices. SPLIT: write fp32 partials [S, M, N] instead of y.
+// GLU: x is [M, 2K] = [gate | up] and the input is silu(gate) * up (the MLP's down projection).
+// HAS_RES: y += res[M, N] (the residual add after o_proj / down_proj).
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, bool SPLIT, bool HAS_BIAS,
-          typename O>
+          bool HAS_RES, bool GLU, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
-                                           const T* __restrict__ lbias, O* __restrict__ out,
-                                           const int M, const int N, const int K) {
+                                           const T* __restrict__ lbias, const T* __restrict__ res,
+                                           O* __restrict__ out, const int M, const int N,
+                                           const int K) {
   constexpr bool BF16 = is_bf16<T>::value;
   constexpr int KT = 128 / BITS;            // k per lane per 16-byte load: 32 or 16
   constexpr int CK = 4 * KT;                // k per chunk (4 lanes per feature row)
@@ -277,33 +309,36 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   const uint16_t* sc0 = reinterpret_cast<const uint16_t*>(scales) + (size_t)r0 * NG;
   const uint16_t* bi0 = reinterpret_cast<const uint16_t*>(biases) + (size_t)r0 * NG;
 
-  uint4 wa[P], wb[P];
-  uint32_t sa[P], sb[P], ba[P], bb[P];
-  auto load = [&](int c0) {
+  auto load = [&](QmmStage<P>& st, int c0) {
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       const int c = c0 + p;
       if (c < wc1) {
-        wa[p] = qmm_ld_stream(w0 + c * (CK * BITS / 32));
-        wb[p] = qmm_ld_stream(w1 + c * (CK * BITS / 32));
+        st.wa[p] = qmm_ld_stream(w0 + c * (CK * BITS / 32));
+        st.wb[p] = qmm_ld_stream(w1 + c * (CK * BITS / 32));
         const int grp = (c * CK + t * KT) / GS;
-        sa[p] = sc0[grp];
-        ba[p] = bi0[grp];
-        sb[p] = sc0[grp + 8 * NG];
-        bb[p] = bi0[grp + 8 * NG];
+        st.sa[p] = sc0[grp];
+        st.ba[p] = bi0[grp];
+        st.sb[p] = sc0[grp + 8 * NG];
+        st.bb[p] = bi0[grp + 8 * NG];
       }
     }
   };
+  QmmStage<P> sA, sB;
   // First weights in flight before the x staging and the barrier.
-  load(wc0);
+  load(sA, wc0);
 
   {  // stage this K-slice of x (all M rows) in smem, 16-byte granules, swizzled for 4-bit
     const int gpr = nch * CK / 8;
+    const int xrow = GLU ? 2 * K : K;
     const uint4* xg = reinterpret_cast<const uint4*>(x);
     for (int i = tid; i < M * gpr; i += NT) {
       const int m = i / gpr, j = i - m * gpr;
       const int pj = BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
-      *reinterpret_cast<uint4*>(xs + m * XS + pj * 8) = xg[((size_t)m * K + k0) / 8 + j];
+      const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
+      uint4 v = xg[gi];
+      if constexpr (GLU) v = qmm_glu8<T>(v, xg[gi + K / 8]);
+      *reinterpret_cast<uint4*>(xs + m * XS + pj * 8) = v;
     }
   }
   __syncthreads();
@@ -316,16 +351,15 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
 #pragma unroll
   for (int tt = 0; tt < MT; ++tt) acc[tt][0] = acc[tt][1] = acc[tt][2] = acc[tt][3] = 0.f;
 
-  for (int c0 = wc0; c0 < wc1; c0 += P) {
-    if (c0 != wc0) load(c0);
+  auto compute = [&](const QmmStage<P>& st, int c0) {
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       const int c = c0 + p;
       if (c < wc1) {
-        const uint32_t s0 = sa[p] | (sa[p] << 16), b0 = ba[p] | (ba[p] << 16);
-        const uint32_t s1 = sb[p] | (sb[p] << 16), b1 = bb[p] | (bb[p] << 16);
-        const uint32_t u0[4] = {wa[p].x, wa[p].y, wa[p].z, wa[p].w};
-        const uint32_t u1[4] = {wb[p].x, wb[p].y, wb[p].z, wb[p].w};
+        const uint32_t s0 = st.sa[p] | (st.sa[p] << 16), b0 = st.ba[p] | (st.ba[p] << 16);
+        const uint32_t s1 = st.sb[p] | (st.sb[p] << 16), b1 = st.bb[p] | (st.bb[p] << 16);
+        const uint32_t u0[4] = {st.wa[p].x, st.wa[p].y, st.wa[p].z, st.wa[p].w};
+        const uint32_t u1[4] = {st.wb[p].x, st.wb[p].y, st.wb[p].z, st.wb[p].w};
         const int jl = ((c - cs0) * CK + t * KT) / 8;  // first x granule of this lane
         if constexpr (BITS == 4) {
 #pragma unroll
@@ -368,6 +402,14 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         }
       }
     }
+  };
+
+  // Two stages: while one stage's chunks are multiplied, the next stage's loads are in flight.
+  for (int c0 = wc0; c0 < wc1; c0 += 2 * P) {
+    load(sB, c0 + P);
+    compute(sA, c0);
+    load(sA, c0 + 2 * P);
+    compute(sB, c0 + P);
   }
 
   // Reduce the WK warps of each feature tile through smem (reusing the x area).
@@ -392,21 +434,24 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       out[((size_t)s * M + m) * N + n] = qmm_cast<O, T>(v);
     } else {
       if constexpr (HAS_BIAS) v += qmm_float<T>(lbias[n]);
+      if constexpr (HAS_RES) v += qmm_float<T>(res[(size_t)m * N + n]);
       out[(size_t)m * N + n] = qmm_cast<O, T>(v);
     }
   }
 }
 
-// y[m, n] = sum_s part[s, m, n] (+ bias[n]), cast to the activation dtype.
-template <typename T, bool HAS_BIAS>
+// y[m, n] = sum_s part[s, m, n] (+ bias[n]) (+ res[m, n]), cast to the activation dtype.
+template <typename T, bool HAS_BIAS, bool HAS_RES>
 __device__ __forceinline__ void qmm_reduce(const float* __restrict__ part,
-                                           const T* __restrict__ lbias, T* __restrict__ y,
+                                           const T* __restrict__ lbias,
+                                           const T* __restrict__ res, T* __restrict__ y,
                                            const int S, const int M, const int N) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= M * N) return;
   float v = 0.f;
   for (int s = 0; s < S; ++s) v += part[(size_t)s * M * N + i];
   if constexpr (HAS_BIAS) v += qmm_float<T>(lbias[i % N]);
+  if constexpr (HAS_RES) v += qmm_float<T>(res[i]);
   y[i] = qmm_cast<T, T>(v);
 }
 
@@ -417,30 +462,36 @@ __device__ __forceinline__ void qmm_reduce(const float* __restrict__ part,
 QMM_HEADER = kspec.compact(QMM_HEADER)  # MLX hashes the source on every launch
 
 _SRC_MAIN = (
-    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, SPLIT, {has_bias}>"
-    "(x, w, scales, biases, {lbias}, y, x_shape[0], w_shape[0], x_shape[1]);"
+    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, SPLIT, {has_bias}, {has_res}, {glu}>"
+    "(x, w, scales, biases, {lbias}, {res}, y, x_shape[0], w_shape[0], w_shape[1] * 32 / BITS);"
 )
 _SRC_REDUCE = (
-    "bbqmm::qmm_reduce<T, {has_bias}>(part, {lbias}, y, part_shape[0], part_shape[1], part_shape[2]);"
+    "bbqmm::qmm_reduce<T, {has_bias}, {has_res}>"
+    "(part, {lbias}, {res}, y, part_shape[0], part_shape[1], part_shape[2]);"
 )
 
 
-def _main_spec(has_bias: bool) -> KernelSpec:
-    names = ("x", "w", "scales", "biases") + (("lbias",) if has_bias else ())
-    src = _SRC_MAIN.format(
-        has_bias="true" if has_bias else "false", lbias="lbias" if has_bias else "(const T*)nullptr"
+def _epilogue(has_bias: bool, has_res: bool) -> dict[str, str]:
+    return dict(
+        has_bias="true" if has_bias else "false", lbias="lbias" if has_bias else "(const T*)nullptr",
+        has_res="true" if has_res else "false", res="res" if has_res else "(const T*)nullptr",
     )
-    return KernelSpec("cuda", "bb_qmm_b" if has_bias else "bb_qmm", names, ("y",), src, QMM_HEADER)
 
 
-def _reduce_spec(has_bias: bool) -> KernelSpec:
-    names = ("part",) + (("lbias",) if has_bias else ())
-    src = _SRC_REDUCE.format(
-        has_bias="true" if has_bias else "false", lbias="lbias" if has_bias else "(const T*)nullptr"
-    )
-    return KernelSpec(
-        "cuda", "bb_qmm_red_b" if has_bias else "bb_qmm_red", names, ("y",), src, QMM_HEADER
-    )
+def _suffix(has_bias: bool, has_res: bool, glu: bool = False) -> str:
+    return ("_b" if has_bias else "") + ("_r" if has_res else "") + ("_g" if glu else "")
+
+
+def _main_spec(has_bias: bool, has_res: bool = False, glu: bool = False) -> KernelSpec:
+    names = ("x", "w", "scales", "biases") + (("lbias",) if has_bias else ()) + (("res",) if has_res else ())
+    src = _SRC_MAIN.format(glu="true" if glu else "false", **_epilogue(has_bias, has_res))
+    return KernelSpec("cuda", "bb_qmm" + _suffix(has_bias, has_res, glu), names, ("y",), src, QMM_HEADER)
+
+
+def _reduce_spec(has_bias: bool, has_res: bool = False) -> KernelSpec:
+    names = ("part",) + (("lbias",) if has_bias else ()) + (("res",) if has_res else ())
+    src = _SRC_REDUCE.format(**_epilogue(has_bias, has_res))
+    return KernelSpec("cuda", "bb_qmm_red" + _suffix(has_bias, has_res), names, ("y",), src, QMM_HEADER)
 
 
 @dataclass(frozen=True)
@@ -462,12 +513,20 @@ class QmmConfig:
         return max(self.mrows * xs * 2, red)
 
 
-_TILES = {1: (1, 8, 4), 2: (2, 4, 4), 4: (4, 2, 3), 8: (4, 2, 2)}  # mt -> (wn, wk, p)
+# mt -> (wn, wk, p). p chunks per load stage, two stages in flight: p=2 keeps the registers
+# of the single-stage p=4 kernel (~105 per thread, two 256-thread blocks per SM).
+_TILES = {1: (1, 8, 2), 2: (2, 4, 2), 4: (4, 2, 2), 8: (4, 2, 1)}
+# Wide matrices (gate/up, lm_head) with several tokens: more features per block share the
+# staged x (H200 sweep, results/h200-2026-11-29-s2/qmm-tune-v1.json: M=8 lm_head 249 -> 198 us,
+# M=32 gate/up 113 -> 104 us).
+_WIDE_N = 16384
+_WIDE_TILES = {1: (4, 2, 2), 2: (4, 2, 2), 4: (8, 1, 2), 8: (8, 1, 1)}
+LONG_K_CHUNKS = 12  # chunks per warp above which K is split over two blocks (down_proj, M=1)
 
 
 def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
     mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
-    wn, wk, p = _TILES[mt]
+    wn, wk, p = _WIDE_TILES[mt] if m > 1 and n >= _WIDE_N else _TILES[mt]
     while n % (16 * wn):  # keep the block's warps: trade warps along N for warps along K
         wn, wk = wn // 2, wk * 2
     nch = k // (128 if bits == 4 else 64)
@@ -478,11 +537,16 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
     if warps < MIN_WARPS:
         s_par = min(-(-MIN_WARPS // warps), max(1, nch // wk))
         cfg = replace(cfg, s=max(cfg.s, s_par))
+    if cfg.s == 1 and nch / wk > LONG_K_CHUNKS and warps < 2 * 132 * 8:
+        # few warps with long runs of K (down_proj): H200 sweep, M=1 48 -> 36 us with 2 slices
+        cfg = replace(cfg, s=2)
     return cfg
 
 
-def _shape_info(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: int, bits: int):
-    """Validate like mx.quantized_matmul would, with a one-line message; return (M, N, K)."""
+def _shape_info(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: int, bits: int,
+                glu: bool = False):
+    """Validate like mx.quantized_matmul would, with a one-line message; return (M, N, K).
+    glu: x holds [gate | up], 2K features."""
     if w.ndim != 2 or w.dtype != mx.uint32:
         raise ValueError(f"quantized_matmul: w must be a 2-D uint32 array, got {w.dtype} {w.shape}")
     if bits not in (2, 3, 4, 5, 6, 8):
@@ -491,10 +555,10 @@ def _shape_info(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: 
         raise ValueError(f"quantized_matmul: group_size must be 32, 64 or 128, not {group_size}")
     n, kw = w.shape
     k = kw * 32 // bits
-    if x.ndim < 1 or x.shape[-1] != k:
+    if x.ndim < 1 or x.shape[-1] != (2 * k if glu else k):
         raise ValueError(
             f"quantized_matmul: x has {x.shape[-1] if x.ndim else 0} features but the {bits}-bit "
-            f"weight [{n}, {kw}] holds {k}"
+            f"weight [{n}, {kw}] holds {k}{' (x2 for glu)' if glu else ''}"
         )
     if k % group_size != 0:
         raise ValueError(
@@ -538,13 +602,16 @@ def plan_quantized_matmul(
     group_size: int,
     bits: int,
     bias: mx.array | None = None,
+    residual: mx.array | None = None,
+    glu: bool = False,
     config: QmmConfig | None = None,
 ) -> tuple[KernelSpec, Launch]:
-    """The main kernel's spec and launch (x taken as [M, K]). With config.s > 1 its output is
-    fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y."""
+    """The main kernel's spec and launch (x taken as [M, K], or [M, 2K] with glu). With
+    config.s > 1 its output is fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y
+    (bias and residual are then added there)."""
     if backend_name != "cuda":
         raise ValueError(f"quantized_matmul has a custom kernel only on cuda, not {backend_name!r}")
-    m, n, k = _shape_info(x, w, scales, biases, group_size, bits)
+    m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
     if not covered(m, n, k, x.dtype, scales, biases, group_size, bits):
         raise ValueError(
             f"quantized_matmul: no custom kernel for M={m} N={n} K={k} bits={bits} "
@@ -553,11 +620,13 @@ def plan_quantized_matmul(
     cfg = config or choose_config(m, n, k, bits)
     split = cfg.s > 1
     has_bias = bias is not None and not split
+    has_res = residual is not None and not split
     # Shapes share compiled kernels: N and K are runtime values and the dynamic smem size is
     # rounded up to 8 KiB steps (it is part of the kernel name, see the template below).
     smem = -(-cfg.smem(k, bits) // SMEM_STEP) * SMEM_STEP
     nt = 32 * cfg.wn * cfg.wk
-    inputs = [x.reshape(m, k), w, scales, biases] + ([bias] if has_bias else [])
+    inputs = [x.reshape(m, 2 * k if glu else k), w, scales, biases]
+    inputs += ([bias] if has_bias else []) + ([residual.reshape(m, n)] if has_res else [])
     launch = Launch(
         inputs=inputs,
         output_shapes=[(cfg.s, m, n) if split else (m, n)],
@@ -570,24 +639,32 @@ def plan_quantized_matmul(
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ],
     )
-    return replace(_main_spec(has_bias), shared_memory=smem), launch
+    return replace(_main_spec(has_bias, has_res, glu), shared_memory=smem), launch
 
 
-def plan_qmm_reduce(part: mx.array, dtype, bias: mx.array | None = None) -> tuple[KernelSpec, Launch]:
+def plan_qmm_reduce(
+    part: mx.array, dtype, bias: mx.array | None = None, residual: mx.array | None = None
+) -> tuple[KernelSpec, Launch]:
     s, m, n = part.shape
     launch = Launch(
-        inputs=[part] + ([bias] if bias is not None else []),
+        inputs=[part] + ([bias] if bias is not None else [])
+        + ([residual.reshape(m, n)] if residual is not None else []),
         output_shapes=[(m, n)],
         output_dtypes=[dtype],
         grid=(m * n, 1, 1),
         threadgroup=(256, 1, 1),
         template=[("T", dtype)],
     )
-    return _reduce_spec(bias is not None), launch
+    return _reduce_spec(bias is not None, residual is not None), launch
 
 
 # Rows of x from which CUDA dequantizes and uses cuBLAS instead (0: never).
 DEQUANT_MIN_M = int(os.environ.get("BB_QMM_DEQUANT_MIN_M", "256"))
+
+
+def _silu_mul(x: mx.array) -> mx.array:
+    g, u = mx.split(x, 2, axis=-1)
+    return nn.silu(g) * u
 
 
 def quantized_matmul(
@@ -599,39 +676,52 @@ def quantized_matmul(
     group_size: int,
     bits: int,
     bias: mx.array | None = None,
+    residual: mx.array | None = None,
+    glu: bool = False,
 ) -> mx.array:
-    """x @ dequantize(w, scales, biases).T (+ bias): MLX affine layout, transpose=True.
+    """x @ dequantize(w, scales, biases).T (+ bias) (+ residual): MLX affine layout,
+    transpose=True. glu: x is [..., 2K] = [gate | up] and the product uses silu(gate) * up.
 
-    Custom CUDA kernel when `backend.BACKEND == "cuda"` and the shape is covered, otherwise
-    `mx.quantized_matmul` (then `+ bias`)."""
-    m, n, k = _shape_info(x, w, scales, biases, group_size, bits)
+    Custom CUDA kernel when `backend.BACKEND == "cuda"` and the shape is covered (bias,
+    residual and the gate product fused in), otherwise MLX ops."""
+    m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
+    lead = x.shape[:-1]
     if backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, group_size, bits):
         if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
             bias = bias.reshape(n).astype(x.dtype)
+        if residual is not None and residual.dtype != x.dtype:
+            residual = residual.astype(x.dtype)
         ks, launch = plan_quantized_matmul(
-            "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias
+            "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
+            residual=residual, glu=glu,
         )
         (y,) = kspec.run(ks, launch)
         if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
-            rs, rl = plan_qmm_reduce(y, x.dtype, bias)
+            rs, rl = plan_qmm_reduce(y, x.dtype, bias, residual)
             (y,) = kspec.run(rs, rl)
-        return y.reshape(*x.shape[:-1], n)
+        return y.reshape(*lead, n)
+    if glu:
+        x = _silu_mul(x)
     if backend.BACKEND == "cuda" and DEQUANT_MIN_M and m >= DEQUANT_MIN_M and biases is not None:
         # Prefill-sized M: dequantize to the activation dtype and use cuBLAS (llama.cpp's CUDA
         # back-end does the same for large batches); MLX's 4-bit GEMM is slower here.
         wd = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(x.dtype)
         y = x @ wd.T
-        return y if bias is None else y + bias.astype(y.dtype)
-    y = mx.quantized_matmul(
-        x, w, scales, biases, transpose=True, group_size=group_size, bits=bits
-    )
-    return y if bias is None else y + bias
+        if bias is not None:
+            y = y + bias.astype(y.dtype)
+    else:
+        y = mx.quantized_matmul(
+            x, w, scales, biases, transpose=True, group_size=group_size, bits=bits
+        )
+        if bias is not None:
+            y = y + bias
+    return y if residual is None else residual + y
 
 
 class QuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear whose matmul (bias fused) goes through `quantized_matmul`."""
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, *, residual: mx.array | None = None, glu: bool = False) -> mx.array:
         return quantized_matmul(
             x,
             self["weight"],
@@ -640,6 +730,8 @@ class QuantizedLinear(nn.QuantizedLinear):
             group_size=self.group_size,
             bits=self.bits,
             bias=self.get("bias"),
+            residual=residual,
+            glu=glu,
         )
 
     @classmethod
@@ -649,6 +741,16 @@ class QuantizedLinear(nn.QuantizedLinear):
         new.__dict__.update(layer.__dict__)
         dict.update(new, layer)
         return new
+
+
+def linear(layer: nn.Module, x: mx.array, *, residual: mx.array | None = None,
+           glu: bool = False) -> mx.array:
+    """layer(x) (+ residual), the epilogues fused into one launch where the layer is ours.
+    glu: x is [..., 2K] = [gate | up] and the layer's input is silu(gate) * up."""
+    if isinstance(layer, QuantizedLinear):
+        return layer(x, residual=residual, glu=glu)
+    y = layer(_silu_mul(x) if glu else x)
+    return y if residual is None else residual + y
 
 
 def _swappable(m: nn.Module) -> bool:

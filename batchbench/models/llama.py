@@ -8,6 +8,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from batchbench.kernels.qmm import linear
 from batchbench.kernels.rope import qkv_rope
 from batchbench.models.base import BaseModelArgs, attention
 
@@ -89,12 +90,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """down(silu(gate(x)) * up(x)) (+ residual); with fused projections the gate product
+        and the residual add happen inside the down projection's launch."""
         if "gate_up_proj" in self:
-            g, u = self.gate_up_proj(x)
-        else:
-            g, u = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(nn.silu(g) * u)
+            return linear(self.down_proj, self.gate_up_proj.fused(x), residual=residual, glu=True)
+        return linear(self.down_proj, nn.silu(self.gate_proj(x)) * self.up_proj(x), residual=residual)
 
 
 class TransformerBlock(nn.Module):
@@ -111,8 +112,8 @@ class TransformerBlock(nn.Module):
 
     def post(self, x: mx.array, attn: mx.array) -> mx.array:
         a = self.self_attn
-        h = x + a.o_proj(attn.transpose(0, 2, 1, 3).reshape(1, x.shape[1], -1))
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = linear(a.o_proj, attn.transpose(0, 2, 1, 3).reshape(1, x.shape[1], -1), residual=x)
+        return self.mlp(self.post_attention_layernorm(h), residual=h)
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
         if not mask.decode:

@@ -192,32 +192,40 @@ def qmm_case(
     dtype=mx.float16,
     split: int | None = None,
     bias: bool = False,
+    res: bool = False,
+    glu: bool = False,
 ) -> Case:
-    """y = x @ dequantize(w).T (+ bias) through the CUDA kernel (and its reduce kernel when
-    K is split over blocks)."""
+    """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
+    when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
-    x = mx.array(rng.standard_normal((m, k)).astype(np.float32)).astype(dtype)
+    x = mx.array(rng.standard_normal((m, 2 * k if glu else k)).astype(np.float32)).astype(dtype)
     lb = mx.array(rng.standard_normal((n,)).astype(np.float32)).astype(dtype) if bias else None
+    rs = mx.array(rng.standard_normal((m, n)).astype(np.float32) * 4).astype(dtype) if res else None
     cfg = None
     if split:
         base = Q.choose_config(m, n, k, bits)
         cfg = Q.QmmConfig(base.mt, base.wn, base.wk, base.p, split, base.mrows)
     kspec, launch = Q.plan_quantized_matmul(
-        "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, config=cfg
+        "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
+        config=cfg,
     )
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
-    want = _f64(x) @ wd.T + (_f64(lb) if bias else 0.0)
+    xf = _f64(x)
+    if glu:
+        g, u = xf[:, :k], xf[:, k:]
+        xf = g / (1.0 + np.exp(-g)) * u
+    want = xf @ wd.T + (_f64(lb) if bias else 0.0) + (_f64(rs) if res else 0.0)
     is_split = launch.output_dtypes[0] == mx.float32
     kernels = [(kspec, launch)]
     if is_split:
         part0 = mx.zeros(launch.output_shapes[0], dtype=mx.float32)
-        kernels.append(Q.plan_qmm_reduce(part0, dtype, lb))
+        kernels.append(Q.plan_qmm_reduce(part0, dtype, lb, rs))
 
     def run(execute: Executor) -> np.ndarray:
         y = execute(kspec, launch)[0][0]
         if is_split:
-            rspec, rlaunch = Q.plan_qmm_reduce(mx.array(y), dtype, lb)
+            rspec, rlaunch = Q.plan_qmm_reduce(mx.array(y), dtype, lb, rs)
             y = execute(rspec, rlaunch)[0][0]
         return y.astype(np.float64)
 
@@ -225,6 +233,7 @@ def qmm_case(
     name = (
         f"qmm-cuda-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-M{m}-N{n}-K{k}-b{bits}-g{group_size}"
         f"{'-split' + str(split) if split else ''}{'-bias' if bias else ''}"
+        f"{'-res' if res else ''}{'-glu' if glu else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -237,6 +246,9 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=7, bits=8, group_size=32),
         dict(m=3, bits=4, group_size=128, split=2, bias=True),
         dict(m=33, bits=4, n=128),
+        dict(m=2, bits=4, group_size=32, res=True, glu=True),
+        dict(m=6, bits=4, group_size=32, split=3, res=True, glu=True, dtype=mx.bfloat16),
+        dict(m=9, bits=8, res=True, bias=True),
     ]
     if quick:
         specs = specs[:2]

@@ -180,7 +180,7 @@ def test_plan_describes_one_launch(backend_name, skip, live):
     assert launch.grid == (warps * 32 * hkv, n_split, t)
     assert launch.threadgroup == (warps * 32, 1, 1)
     assert 1 <= n_split <= A.MAX_SPLIT
-    assert launch.output_shapes[0] == (1, g * hkv, t, d)
+    assert launch.output_shapes[0] == (1, t, g * hkv, d)  # token-major: o_proj reads it as is
     assert dict(launch.template)["LIVE"] == (skip and live)
     # Every int input is big enough to stay out of MLX's small-array pool.
     assert launch.inputs[4].size >= 8 and launch.inputs[5].size >= t * hkv

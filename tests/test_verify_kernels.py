@@ -93,7 +93,7 @@ def test_broken_attention_kernel_is_rejected(cases, backend):
     with pytest.raises(RaceError):
         emulate(spec, launch)
     spec, launch = _mutated(case, *muts["wrong_reduction"])
-    got = emulate(spec, launch).outputs[0].astype(np.float64)
+    got = emulate(spec, launch).outputs[0].transpose(0, 2, 1, 3).astype(np.float64)  # [1,T,Hq,D]
     err = np.abs(got - case.expected).max()
     assert not err <= case.atol, f"wrong reduction not detected (max error {err})"
 

@@ -342,7 +342,8 @@ def plan_decode_attention(
     scale_bits = struct.unpack("<i", struct.pack("<f", float(scale)))[0]
     launch = Launch(
         inputs=[q, k, v, mask, live, _counter_array(pairs)],
-        output_shapes=[tuple(q.shape), (ws_size,)],
+        # token-major [1, T, Hq, D]: the o projection reads it as [T, Hq*D] without a copy
+        output_shapes=[(1, t, hq, d), (ws_size,)],
         output_dtypes=[q.dtype, mx.float32],
         grid=(warps * 32 * hkv * hc, n_split, t),
         threadgroup=(warps * 32, 1, 1),
@@ -385,5 +386,5 @@ def decode_attention(
         kspec, launch = plan_decode_attention(
             name, q, k, v, mask, scale=scale, skip=skip, live_blocks=live_blocks
         )
-        return spec.run(kspec, launch)[0]
+        return spec.run(kspec, launch)[0].transpose(0, 2, 1, 3)
     return decode_attention_ref(q, k, v, scale=scale, mask=mask, skip=skip, live_blocks=live_blocks)

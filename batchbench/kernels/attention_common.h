@@ -455,7 +455,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         }
         const float ll = row_s[r * 2 + 1];
         acc = ll > 0.0f ? acc / ll : 0.0f;
-        out[((long)(head0 + r) * n_rows + row) * D + d] = bb_from_float<T>(acc);
+        out[((long)row * n_kv_heads * G + head0 + r) * D + d] = bb_from_float<T>(acc);
       }
     }
   } else {
@@ -511,7 +511,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
           for (int s2 = 0; s2 < n_split; ++s2) {
             acc += fac_s[s2 * 16 + r] * bb_load_coherent(recs + s2 * REC + i);
           }
-          out[((long)(head0 + r) * n_rows + row) * D + d] = bb_from_float<T>(acc);
+          out[((long)row * n_kv_heads * G + head0 + r) * D + d] = bb_from_float<T>(acc);
         }
       }
       if (tid == 0) {

@@ -216,10 +216,11 @@ def _n_sms() -> int:
     return 132 if backend.BACKEND != "metal" else 32
 
 
-def choose_splits(pairs: int, n_blk: int, warps: int) -> int:
-    """Splits of the KV axis so that pairs * splits fills about one wave."""
+def choose_splits(pairs: int, n_blk: int, warps: int, d: int = 128) -> int:
+    """Splits of the KV axis so that pairs * splits fills about one wave. The last split
+    stages every split's softmax sums in the W*16*D floats of its output tile: <= W*D."""
     splits = max(1, round(_n_sms() / max(pairs, 1)))
-    splits = min(splits, MAX_SPLIT, max(1, n_blk))
+    splits = min(splits, MAX_SPLIT, max(1, n_blk), warps * d)
     return splits
 
 
@@ -325,7 +326,7 @@ def plan_decode_attention(
     use_live = bool(skip) and live_blocks is not None
     live = pack_live_blocks(live_blocks) if use_live else _dummy_live()
     pairs = t * hkv * hc
-    n_split = choose_splits(pairs, n_blk, warps)
+    n_split = choose_splits(pairs, n_blk, warps, d)
     ws_size = pairs * n_split * (gh * d + 2 * gh) if n_split > 1 else 4
     smem = smem_bytes(d, warps, stages, q.dtype.size)
     header, body = kernel_source(backend_name)

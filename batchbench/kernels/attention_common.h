@@ -485,18 +485,26 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       // Last split to arrive: merge every split's partial into the output.
       bb_fence_device();
       BB_GLOBAL const float* recs = ws + pair * n_split * REC;
+      // Every split's (max, sum) in one parallel round of loads (o_s is free again: its
+      // contents went into this block's record before the barrier above).
+      BB_SHARED float* lsum_s = o_s;  // [BB_MAX_SPLIT][16]
+      for (int i = tid; i < n_split * GH; i += W * 32) {
+        const int s2 = i / GH, r = i - s2 * GH;
+        fac_s[s2 * 16 + r] = bb_load_coherent(recs + s2 * REC + GH * D + r * 2);
+        lsum_s[s2 * 16 + r] = bb_load_coherent(recs + s2 * REC + GH * D + r * 2 + 1);
+      }
+      bb_sync_block();
       if (tid < GH) {
         float mm = NEG_INF;
         for (int s2 = 0; s2 < n_split; ++s2) {
-          mm = bb_maxf(mm, bb_load_coherent(recs + s2 * REC + GH * D + tid * 2));
+          mm = bb_maxf(mm, fac_s[s2 * 16 + tid]);
         }
         float ll = 0.0f;
         for (int s2 = 0; s2 < n_split; ++s2) {
-          const float ms = bb_load_coherent(recs + s2 * REC + GH * D + tid * 2);
-          const float ls = bb_load_coherent(recs + s2 * REC + GH * D + tid * 2 + 1);
+          const float ms = fac_s[s2 * 16 + tid];
           const float f = ms == NEG_INF ? 0.0f : bb_exp2(ms - mm);
           fac_s[s2 * 16 + tid] = f;
-          ll += f * ls;
+          ll += f * lsum_s[s2 * 16 + tid];
         }
         const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
         for (int s2 = 0; s2 < n_split; ++s2) {
@@ -507,8 +515,20 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       for (int i = tid; i < GH * D; i += W * 32) {
         const int r = i / D, d = i % D;
         if (r < rows_valid) {
+          // four partials in flight per step: the merge is latency-bound at small batch
           float acc = 0.0f;
-          for (int s2 = 0; s2 < n_split; ++s2) {
+          int s2 = 0;
+          for (; s2 + 4 <= n_split; s2 += 4) {
+            const float a0 = bb_load_coherent(recs + (s2 + 0) * REC + i);
+            const float a1 = bb_load_coherent(recs + (s2 + 1) * REC + i);
+            const float a2 = bb_load_coherent(recs + (s2 + 2) * REC + i);
+            const float a3 = bb_load_coherent(recs + (s2 + 3) * REC + i);
+            acc += fac_s[(s2 + 0) * 16 + r] * a0;
+            acc += fac_s[(s2 + 1) * 16 + r] * a1;
+            acc += fac_s[(s2 + 2) * 16 + r] * a2;
+            acc += fac_s[(s2 + 3) * 16 + r] * a3;
+          }
+          for (; s2 < n_split; ++s2) {
             acc += fac_s[s2 * 16 + r] * bb_load_coherent(recs + s2 * REC + i);
           }
           out[((long)row * n_kv_heads * G + head0 + r) * D + d] = bb_from_float<T>(acc);

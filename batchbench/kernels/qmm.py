@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import os
+import struct
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -253,6 +254,56 @@ __device__ __forceinline__ uint4 qmm_glu8(uint4 g, uint4 u) {
   return make_uint4(r[0], r[1], r[2], r[3]);
 }
 
+// RMSNorm of the staged rows in place (the block holds whole rows: one K-slice):
+// x * rsqrt(mean(x^2) + eps) * nw, in fp32 with one rounding, as mx.fast.rms_norm.
+template <typename T, int BITS, int MT, int NT>
+__device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T* __restrict__ nw,
+                                             const float eps, const int M, const int K,
+                                             const int lane, const int wid) {
+  __shared__ float rscale[8 * MT];
+  const int gpr = K / 8;
+  for (int m = wid; m < M; m += NT / 32) {  // one warp per row: sum of squares
+    float ss = 0.f;
+    for (int j = lane; j < gpr; j += 32) {
+      const uint4 v = *reinterpret_cast<const uint4*>(xs + m * XS + j * 8);
+      const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 f = qmm_to_float2(u[q], is_bf16<T>::value);
+        ss += f.x * f.x + f.y * f.y;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) rscale[m] = rsqrtf(ss / (float)K + eps);
+  }
+  __syncthreads();
+  const uint4* nwg = reinterpret_cast<const uint4*>(nw);
+  for (int i = wid * 32 + lane; i < M * gpr; i += NT) {
+    const int m = i / gpr, pj = i - m * gpr;
+    const int j = BITS == 4 ? (pj ^ ((pj >> 3) & 1)) : pj;  // the swizzle is an involution
+    uint4* p = reinterpret_cast<uint4*>(xs + m * XS + pj * 8);
+    const uint4 v = *p, wv = nwg[j];
+    const uint32_t u[4] = {v.x, v.y, v.z, v.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
+    uint32_t r[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float2 f = qmm_to_float2(u[q], is_bf16<T>::value);
+      const float2 g = qmm_to_float2(ww[q], is_bf16<T>::value);
+      const float lo = f.x * rscale[m] * g.x, hi = f.y * rscale[m] * g.y;
+      if constexpr (is_bf16<T>::value) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        r[q] = *reinterpret_cast<uint32_t*>(&h);
+      } else {
+        __half2 h = __floats2half2_rn(lo, hi);
+        r[q] = *reinterpret_cast<uint32_t*>(&h);
+      }
+    }
+    *p = make_uint4(r[0], r[1], r[2], r[3]);
+  }
+  __syncthreads();
+}
+
 // One warp's weights for P chunks in flight: two feature rows (g, g + 8), 16 bytes each.
 template <int P>
 struct QmmStage {
@@ -267,12 +318,14 @@ struct QmmStage {
 // gridDim.y = S K-slices. SPLIT: write fp32 partials [S, M, N] instead of y.
 // GLU: x is [M, 2K] = [gate | up] and the input is silu(gate) * up (the MLP's down projection).
 // HAS_RES: y += res[M, N] (the residual add after o_proj / down_proj).
+// NORM: the input is rms_norm(x) * nw[K] (eps), computed on the staged x: needs one K-slice.
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, bool SPLIT, bool HAS_BIAS,
-          bool HAS_RES, bool GLU, typename O>
+          bool HAS_RES, bool GLU, bool NORM, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
                                            const T* __restrict__ lbias, const T* __restrict__ res,
+                                           const T* __restrict__ nw, const float eps,
                                            O* __restrict__ out, const int M, const int N,
                                            const int K) {
   constexpr bool BF16 = is_bf16<T>::value;
@@ -342,6 +395,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     }
   }
   __syncthreads();
+  if constexpr (NORM) qmm_rms_norm<T, BITS, MT, NT>(xs, XS, nw, eps, M, K, lane, wid);
 
   bool tok[MT];
 #pragma unroll
@@ -462,8 +516,9 @@ __device__ __forceinline__ void qmm_reduce(const float* __restrict__ part,
 QMM_HEADER = kspec.compact(QMM_HEADER)  # MLX hashes the source on every launch
 
 _SRC_MAIN = (
-    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, SPLIT, {has_bias}, {has_res}, {glu}>"
-    "(x, w, scales, biases, {lbias}, {res}, y, x_shape[0], w_shape[0], w_shape[1] * 32 / BITS);"
+    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, SPLIT, {has_bias}, {has_res}, {glu}, {norm}>"
+    "(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
+    " w_shape[1] * 32 / BITS);"
 )
 _SRC_REDUCE = (
     "bbqmm::qmm_reduce<T, {has_bias}, {has_res}>"
@@ -478,14 +533,22 @@ def _epilogue(has_bias: bool, has_res: bool) -> dict[str, str]:
     )
 
 
-def _suffix(has_bias: bool, has_res: bool, glu: bool = False) -> str:
-    return ("_b" if has_bias else "") + ("_r" if has_res else "") + ("_g" if glu else "")
+def _suffix(has_bias: bool, has_res: bool, glu: bool = False, norm: bool = False) -> str:
+    return ("_b" if has_bias else "") + ("_r" if has_res else "") + ("_g" if glu else "") + (
+        "_n" if norm else "")
 
 
-def _main_spec(has_bias: bool, has_res: bool = False, glu: bool = False) -> KernelSpec:
-    names = ("x", "w", "scales", "biases") + (("lbias",) if has_bias else ()) + (("res",) if has_res else ())
-    src = _SRC_MAIN.format(glu="true" if glu else "false", **_epilogue(has_bias, has_res))
-    return KernelSpec("cuda", "bb_qmm" + _suffix(has_bias, has_res, glu), names, ("y",), src, QMM_HEADER)
+def _main_spec(has_bias: bool, has_res: bool = False, glu: bool = False, norm: bool = False) -> KernelSpec:
+    names = ("x", "w", "scales", "biases") + (("lbias",) if has_bias else ()) + (
+        ("res",) if has_res else ()) + (("nw",) if norm else ())
+    src = _SRC_MAIN.format(
+        glu="true" if glu else "false", norm="true" if norm else "false",
+        nw="nw" if norm else "(const T*)nullptr", eps="__int_as_float(EPS_BITS)" if norm else "0.f",
+        **_epilogue(has_bias, has_res),
+    )
+    return KernelSpec(
+        "cuda", "bb_qmm" + _suffix(has_bias, has_res, glu, norm), names, ("y",), src, QMM_HEADER
+    )
 
 
 def _reduce_spec(has_bias: bool, has_res: bool = False) -> KernelSpec:
@@ -604,6 +667,7 @@ def plan_quantized_matmul(
     bias: mx.array | None = None,
     residual: mx.array | None = None,
     glu: bool = False,
+    norm: tuple[mx.array, float] | None = None,
     config: QmmConfig | None = None,
 ) -> tuple[KernelSpec, Launch]:
     """The main kernel's spec and launch (x taken as [M, K], or [M, 2K] with glu). With
@@ -619,6 +683,8 @@ def plan_quantized_matmul(
         )
     cfg = config or choose_config(m, n, k, bits)
     split = cfg.s > 1
+    if norm is not None and (split or glu):
+        raise ValueError("quantized_matmul: the fused RMSNorm needs one K-slice and no glu")
     has_bias = bias is not None and not split
     has_res = residual is not None and not split
     # Shapes share compiled kernels: N and K are runtime values and the dynamic smem size is
@@ -627,6 +693,7 @@ def plan_quantized_matmul(
     nt = 32 * cfg.wn * cfg.wk
     inputs = [x.reshape(m, 2 * k if glu else k), w, scales, biases]
     inputs += ([bias] if has_bias else []) + ([residual.reshape(m, n)] if has_res else [])
+    inputs += [norm[0]] if norm is not None else []
     launch = Launch(
         inputs=inputs,
         output_shapes=[(cfg.s, m, n) if split else (m, n)],
@@ -637,9 +704,13 @@ def plan_quantized_matmul(
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
             ("WK", cfg.wk), ("P", cfg.p), ("SPLIT", split),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
-        ],
+        ] + ([("EPS_BITS", _f32_bits(norm[1]))] if norm is not None else []),
     )
-    return replace(_main_spec(has_bias, has_res, glu), shared_memory=smem), launch
+    return replace(_main_spec(has_bias, has_res, glu, norm is not None), shared_memory=smem), launch
+
+
+def _f32_bits(v: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", float(v)))[0]
 
 
 def plan_qmm_reduce(
@@ -678,22 +749,29 @@ def quantized_matmul(
     bias: mx.array | None = None,
     residual: mx.array | None = None,
     glu: bool = False,
+    norm: tuple[mx.array, float] | None = None,
 ) -> mx.array:
     """x @ dequantize(w, scales, biases).T (+ bias) (+ residual): MLX affine layout,
     transpose=True. glu: x is [..., 2K] = [gate | up] and the product uses silu(gate) * up.
+    norm (weight, eps): the product uses mx.fast.rms_norm(x, weight, eps).
 
     Custom CUDA kernel when `backend.BACKEND == "cuda"` and the shape is covered (bias,
-    residual and the gate product fused in), otherwise MLX ops."""
+    residual, the gate product and the norm fused in where they fit), otherwise MLX ops."""
+    if norm is not None and glu:
+        raise ValueError("quantized_matmul: glu and norm do not combine")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
     lead = x.shape[:-1]
-    if backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, group_size, bits):
+    ours = backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, group_size, bits)
+    if norm is not None and not (ours and norm[0].dtype == x.dtype and choose_config(m, n, k, bits).s == 1):
+        x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
+    if ours:
         if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
             bias = bias.reshape(n).astype(x.dtype)
         if residual is not None and residual.dtype != x.dtype:
             residual = residual.astype(x.dtype)
         ks, launch = plan_quantized_matmul(
             "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
-            residual=residual, glu=glu,
+            residual=residual, glu=glu, norm=norm,
         )
         (y,) = kspec.run(ks, launch)
         if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
@@ -721,7 +799,8 @@ def quantized_matmul(
 class QuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear whose matmul (bias fused) goes through `quantized_matmul`."""
 
-    def __call__(self, x: mx.array, *, residual: mx.array | None = None, glu: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, *, residual: mx.array | None = None, glu: bool = False,
+                 norm: tuple[mx.array, float] | None = None) -> mx.array:
         return quantized_matmul(
             x,
             self["weight"],
@@ -732,6 +811,7 @@ class QuantizedLinear(nn.QuantizedLinear):
             bias=self.get("bias"),
             residual=residual,
             glu=glu,
+            norm=norm,
         )
 
     @classmethod
@@ -743,12 +823,18 @@ class QuantizedLinear(nn.QuantizedLinear):
         return new
 
 
+def _norm_args(norm: nn.Module | None) -> tuple[mx.array, float] | None:
+    return None if norm is None else (norm.weight, norm.eps)
+
+
 def linear(layer: nn.Module, x: mx.array, *, residual: mx.array | None = None,
-           glu: bool = False) -> mx.array:
-    """layer(x) (+ residual), the epilogues fused into one launch where the layer is ours.
+           glu: bool = False, norm: nn.RMSNorm | None = None) -> mx.array:
+    """layer(norm(x)) (+ residual), fused into one launch where the layer is ours.
     glu: x is [..., 2K] = [gate | up] and the layer's input is silu(gate) * up."""
     if isinstance(layer, QuantizedLinear):
-        return layer(x, residual=residual, glu=glu)
+        return layer(x, residual=residual, glu=glu, norm=_norm_args(norm))
+    if norm is not None:
+        x = norm(x)
     y = layer(_silu_mul(x) if glu else x)
     return y if residual is None else residual + y
 
@@ -804,11 +890,12 @@ class FusedQuantizedLinear(nn.Module):
         mx.eval(self.parameters())
         self.freeze()
 
-    def fused(self, x: mx.array) -> mx.array:
-        """The outputs side by side along the last axis, as one array."""
+    def fused(self, x: mx.array, norm: nn.RMSNorm | None = None) -> mx.array:
+        """The outputs side by side along the last axis, as one array (of norm(x))."""
         return quantized_matmul(
             x, self["weight"], self["scales"], self["biases"],
             group_size=self.group_size, bits=self.bits, bias=self.get("bias"),
+            norm=_norm_args(norm),
         )
 
     def __call__(self, x: mx.array) -> list[mx.array]:

@@ -63,11 +63,12 @@ class Attention(nn.Module):
         if args.rope_scaling and args.rope_scaling.get("type", args.rope_scaling.get("rope_type")) == "linear":
             self.rope_scale = 1.0 / float(args.rope_scaling["factor"])
 
-    def qkv(self, x: mx.array, positions: mx.array):
-        """Projections and RoPE: a pure function of x, compiled for decode steps."""
+    def qkv(self, x: mx.array, positions: mx.array, norm: nn.RMSNorm | None = None):
+        """Projections of norm(x) and RoPE: a pure function of x, compiled for decode steps."""
         if "qkv_proj" in self:  # one fused launch (batchbench.kernels.qmm.fuse_quantized_projections)
-            qkv = self.qkv_proj.fused(x)
+            qkv = self.qkv_proj.fused(x, norm=norm)
         else:
+            x = x if norm is None else norm(x)
             qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
         return qkv_rope(
             qkv, positions, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
@@ -90,11 +91,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
-    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
-        """down(silu(gate(x)) * up(x)) (+ residual); with fused projections the gate product
-        and the residual add happen inside the down projection's launch."""
+    def __call__(self, x: mx.array, residual: mx.array | None = None,
+                 norm: nn.RMSNorm | None = None) -> mx.array:
+        """down(silu(gate(n)) * up(n)) (+ residual) with n = norm(x); with fused projections
+        the norm, the gate product and the residual add happen inside the matmul launches."""
         if "gate_up_proj" in self:
-            return linear(self.down_proj, self.gate_up_proj.fused(x), residual=residual, glu=True)
+            gu = self.gate_up_proj.fused(x, norm=norm)
+            return linear(self.down_proj, gu, residual=residual, glu=True)
+        x = x if norm is None else norm(x)
         return linear(self.down_proj, nn.silu(self.gate_proj(x)) * self.up_proj(x), residual=residual)
 
 
@@ -108,12 +112,12 @@ class TransformerBlock(nn.Module):
         self._compiled = None
 
     def pre(self, x: mx.array, positions: mx.array):
-        return self.self_attn.qkv(self.input_layernorm(x), positions)
+        return self.self_attn.qkv(x, positions, norm=self.input_layernorm)
 
     def post(self, x: mx.array, attn: mx.array) -> mx.array:
         a = self.self_attn
         h = linear(a.o_proj, attn.transpose(0, 2, 1, 3).reshape(1, x.shape[1], -1), residual=x)
-        return self.mlp(self.post_attention_layernorm(h), residual=h)
+        return self.mlp(h, residual=h, norm=self.post_attention_layernorm)
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
         if not mask.decode:

@@ -194,6 +194,7 @@ def qmm_case(
     bias: bool = False,
     res: bool = False,
     glu: bool = False,
+    norm: bool = False,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up."""
@@ -202,19 +203,22 @@ def qmm_case(
     x = mx.array(rng.standard_normal((m, 2 * k if glu else k)).astype(np.float32)).astype(dtype)
     lb = mx.array(rng.standard_normal((n,)).astype(np.float32)).astype(dtype) if bias else None
     rs = mx.array(rng.standard_normal((m, n)).astype(np.float32) * 4).astype(dtype) if res else None
+    nw = mx.array(rng.uniform(0.5, 1.5, (k,)).astype(np.float32)).astype(dtype) if norm else None
     cfg = None
     if split:
         base = Q.choose_config(m, n, k, bits)
         cfg = Q.QmmConfig(base.mt, base.wn, base.wk, base.p, split, base.mrows)
     kspec, launch = Q.plan_quantized_matmul(
         "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
-        config=cfg,
+        norm=(nw, 1e-5) if norm else None, config=cfg,
     )
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
     xf = _f64(x)
     if glu:
         g, u = xf[:, :k], xf[:, k:]
         xf = g / (1.0 + np.exp(-g)) * u
+    if norm:
+        xf = xf / np.sqrt((xf**2).mean(axis=1, keepdims=True) + 1e-5) * _f64(nw)
     want = xf @ wd.T + (_f64(lb) if bias else 0.0) + (_f64(rs) if res else 0.0)
     is_split = launch.output_dtypes[0] == mx.float32
     kernels = [(kspec, launch)]
@@ -233,7 +237,7 @@ def qmm_case(
     name = (
         f"qmm-cuda-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-M{m}-N{n}-K{k}-b{bits}-g{group_size}"
         f"{'-split' + str(split) if split else ''}{'-bias' if bias else ''}"
-        f"{'-res' if res else ''}{'-glu' if glu else ''}"
+        f"{'-res' if res else ''}{'-glu' if glu else ''}{'-norm' if norm else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -249,6 +253,8 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=2, bits=4, group_size=32, res=True, glu=True),
         dict(m=6, bits=4, group_size=32, split=3, res=True, glu=True, dtype=mx.bfloat16),
         dict(m=9, bits=8, res=True, bias=True),
+        dict(m=3, bits=4, group_size=32, norm=True, bias=True),
+        dict(m=8, bits=4, group_size=32, norm=True, dtype=mx.bfloat16, res=True),
     ]
     if quick:
         specs = specs[:2]

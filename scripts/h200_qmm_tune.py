@@ -33,6 +33,13 @@ COPY_BW = float(os.environ.get("COPY_BW", "3.3e12"))
 def candidates(m: int, n: int, k: int):
     """choose_config's pick plus a targeted set of neighbours (each new template is a compile)."""
     d = qmm.choose_config(m, n, k, 4)
+    if os.environ.get("TUNE_GRID") == "small":  # choose_config's pick and its load depth only
+        yield d
+        for p in (1, 2, 3, 4):
+            c = qmm.QmmConfig(d.mt, d.wn, d.wk, p, d.s, d.mrows)
+            if c != d:
+                yield c
+        return
     tiles = ([(1, 8, 4), (1, 8, 8), (1, 4, 8), (2, 4, 4), (2, 4, 8), (4, 2, 4), (4, 2, 8), (2, 2, 8)]
              if d.mt < 4 else [(4, 2, 3), (4, 2, 2), (2, 4, 2), (2, 4, 3), (8, 1, 2), (4, 1, 3)])
     nch = k // 128

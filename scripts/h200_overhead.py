@@ -143,8 +143,7 @@ def section_step(bs, pp=4096, steps=12):
         cache.find_slot(np.repeat(np.arange(B), pp), np.tile(np.arange(pp), B))
         print(f"\nB={B}: {'variant':26s} {'prep':>7s} {'build':>7s} {'encode':>7s} {'wall':>7s} {'t/s':>7s}")
         for label, compiled, every in (("op-by-op", False, 0), ("compiled step", True, 0),
-                                       ("async_eval every 4 layers", False, 4),
-                                       ("async_eval every 7 layers", False, 7)):
+                                       ("async_eval every 4 layers", False, 4)):
             llama.LlamaModel.__call__ = pipelined_call(every) if every else base_call
             i = [0]
 
@@ -175,7 +174,7 @@ def section_step(bs, pp=4096, steps=12):
                 continue
             med = [statistics.median(x) * 1e3 for x in zip(*rec)]
             print(f"     {label:26s} {med[0]:7.3f} {med[1]:7.3f} {med[2]:7.3f} {med[3]:7.3f} {B / med[3] * 1e3:7.1f}")
-            if label in ("op-by-op", "compiled step"):
+            if label in ("op-by-op", "async_eval every 4 layers") and os.environ.get("PROFILE", "1") == "1":
                 kernel_profile(one, f"B{B}-{label.replace(' ', '-')}")
             cache.seq_rm(-1, pp)
         llama.LlamaModel.__call__ = base_call
@@ -186,7 +185,8 @@ def section_step(bs, pp=4096, steps=12):
 def main():
     print(f"backend {backend.describe()}  MLX_USE_CUDA_GRAPHS={os.environ.get('MLX_USE_CUDA_GRAPHS', '-')}"
           f"  MLX_MAX_OPS_PER_BUFFER={os.environ.get('MLX_MAX_OPS_PER_BUFFER', '-')}")
-    section_ops()
+    if os.environ.get("OPS", "1") == "1":
+        section_ops()
     bs = tuple(int(x) for x in sys.argv[1:]) or (1, 32)
     section_step(bs, steps=12 if backend.BACKEND == "cuda" else 2)
 

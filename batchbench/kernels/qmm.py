@@ -587,12 +587,25 @@ _WIDE_TILES = {1: (4, 2, 2), 2: (4, 2, 2), 4: (8, 1, 2), 8: (8, 1, 1)}
 LONG_K_CHUNKS = 12  # chunks per warp above which K is split over two blocks (down_proj, M=1)
 
 
+def _load_depth(m: int, mt: int, n: int, k: int, p: int) -> int:
+    """Chunks per load stage from the H200 sweep with two stages in flight
+    (results/h200-2026-11-29-s2/qmm-tune-v2.json): one chunk per stage wins at M=1 (gate/up
+    49 -> 43 us, lm_head 181 -> 159 us) and for wide or long matrices at M=32 (gate/up 105 ->
+    98 us); narrow matrices at M=32 want three (o_proj 25.7 -> 23.3 us)."""
+    if m == 1:
+        return 1
+    if mt >= 4:
+        return 1 if n >= _WIDE_N or k > 8192 else 3
+    return p
+
+
 def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
     mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     wn, wk, p = _WIDE_TILES[mt] if m > 1 and n >= _WIDE_N else _TILES[mt]
     while n % (16 * wn):  # keep the block's warps: trade warps along N for warps along K
         wn, wk = wn // 2, wk * 2
     nch = k // (128 if bits == 4 else 64)
+    p = _load_depth(m, mt, n, k, p)
     cfg = QmmConfig(mt, wn, wk, p, 1, 1 << (m - 1).bit_length())
     while cfg.smem(k, bits) > SMEM_BUDGET and cfg.s < nch:
         cfg = replace(cfg, s=cfg.s + 1)
@@ -762,7 +775,10 @@ def quantized_matmul(
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
     lead = x.shape[:-1]
     ours = backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, group_size, bits)
-    if norm is not None and not (ours and norm[0].dtype == x.dtype and choose_config(m, n, k, bits).s == 1):
+    # Each block normalizes its rows itself: worth it for narrow matrices (q/k/v: +2.5 us for
+    # one launch less), not for wide ones (gate/up: 2,368 blocks, +15 us; H200, M=1).
+    fuse_norm = ours and n < _WIDE_N and norm is not None and norm[0].dtype == x.dtype
+    if norm is not None and not (fuse_norm and choose_config(m, n, k, bits).s == 1):
         x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
     if ours:
         if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):

@@ -312,3 +312,15 @@ def test_fallback_rms_norm():
     assert np.array_equal(np.array(got), np.array(want))
     with pytest.raises(ValueError, match="glu and norm"):
         qmm.quantized_matmul(x, wq, s, b, group_size=gs, bits=4, norm=(nw, 1e-5), glu=True)
+
+
+@pytest.mark.parametrize("m,fused", [(2, True), (8, False)])
+def test_norm_fused_into_wide_matrices_only_at_tiny_batch(cuda_dispatch, m, fused):
+    """Wide N (gate/up): every block normalizes its rows again, so the norm is fused only at
+    M <= 2, where the step is bound by launches rather than kernel time."""
+    n, k, gs = qmm._WIDE_N, 1024, 32
+    wq, s, b = _quantized(n, k, 4, gs, mx.float16, seed=3)
+    qmm.quantized_matmul(mx.zeros((m, k), mx.float16), wq, s, b, group_size=gs, bits=4,
+                         norm=(mx.ones((k,), mx.float16), 1e-6))
+    spec, _ = cuda_dispatch[-1]
+    assert spec.name.endswith("_n") == fused

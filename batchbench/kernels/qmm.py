@@ -777,7 +777,9 @@ def quantized_matmul(
     ours = backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, group_size, bits)
     # Each block normalizes its rows itself: worth it for narrow matrices (q/k/v: +2.5 us for
     # one launch less), not for wide ones (gate/up: 2,368 blocks, +15 us; H200, M=1).
-    fuse_norm = ours and n < _WIDE_N and norm is not None and norm[0].dtype == x.dtype
+    # At M <= 2 the step is host-bound (H200: 7.9 ms wall, 4.4 ms of kernels at B=1): one
+    # launch less beats kernel time there, so the norm is fused into wide matrices too.
+    fuse_norm = ours and (n < _WIDE_N or m <= 2) and norm is not None and norm[0].dtype == x.dtype
     if norm is not None and not (fuse_norm and choose_config(m, n, k, bits).s == 1):
         x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
     if ours:

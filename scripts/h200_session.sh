@@ -3,6 +3,7 @@
 # own time limit; all output goes to $OUT/run/ and is packed into $OUT/run.tgz (one file comes back).
 #   OUT=dir bash scripts/h200_session.sh verify attention qmm      (~8 min)
 #   OUT=dir bash scripts/h200_session.sh seed scaling profile      (~8 min)
+#   OUT=dir bash scripts/h200_session.sh verify-quick modelcheck overhead tune   (~9 min)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-out}
@@ -19,7 +20,11 @@ part() {  # name, seconds, command...
 M=(-m preset:qwen2.5-7b --quant q4_0)
 for what in "$@"; do
   case $what in
-    verify) part verify-gpu 120 python3 -m batchbench.verify.gpu ;;
+    verify) part verify-gpu 300 python3 -m batchbench.verify.gpu ;;
+    verify-quick) part verify-gpu-quick 120 env BATCHBENCH_VERIFY_QUICK=1 OUT="$R" python3 -m batchbench.verify.gpu ;;
+    modelcheck) part model-check 150 python3 scripts/gpu_model_check.py small ;;
+    overhead) part overhead 150 env OUT="$R" OPS=0 python3 scripts/h200_overhead.py 1 32 ;;
+    tune) part qmm-tune 200 env OUT="$R" TUNE_GRID=small TUNE_BUDGET_S=170 python3 scripts/h200_qmm_tune.py ;;
     attention) part attention 240 env OUT="$R" python3 scripts/h200_attention.py ;;
     qmm) part qmm 200 env OUT="$R" QMM_BUDGET_S=180 python3 scripts/h200_qmm.py ;;
     seed) part seed 170 python3 -m batchbench "${M[@]}" -c 40000 -b 2048 -ub 512 -npp 0,512,4096,8192 \
@@ -27,7 +32,7 @@ for what in "$@"; do
     scaling) part scaling 260 python3 -m batchbench "${M[@]}" -c 140000 -npp 4096 -ntg 32 \
             -npl 1,2,4,8,16,32 -fa on --ab all --csv "$R/scaling.csv" ;;
     profile) part profile 120 python3 scripts/profile_step.py 1 8 32 ;;
-    *) echo "unknown part $what (verify attention qmm seed scaling profile)" ;;
+    *) echo "unknown part $what (verify verify-quick modelcheck attention qmm tune overhead seed scaling profile)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

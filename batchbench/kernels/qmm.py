@@ -233,6 +233,18 @@ __device__ __forceinline__ float qmm_float(T v) {
   }
 }
 
+// Two floats rounded to the activation dtype, packed in one 32-bit word (low half first).
+template <typename T>
+__device__ __forceinline__ uint32_t qmm_pack2(float lo, float hi) {
+  if constexpr (is_bf16<T>::value) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
 // SiLU(g) * u in fp32, one rounding: the down projection's input from the gate/up output.
 template <typename T>
 __device__ __forceinline__ uint4 qmm_glu8(uint4 g, uint4 u) {
@@ -242,14 +254,7 @@ __device__ __forceinline__ uint4 qmm_glu8(uint4 g, uint4 u) {
   for (int i = 0; i < 4; ++i) {
     const float2 gf = qmm_to_float2(gw[i], is_bf16<T>::value);
     const float2 uf = qmm_to_float2(uw[i], is_bf16<T>::value);
-    const float lo = gf.x / (1.f + expf(-gf.x)) * uf.x, hi = gf.y / (1.f + expf(-gf.y)) * uf.y;
-    if constexpr (is_bf16<T>::value) {
-      __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-      r[i] = *reinterpret_cast<uint32_t*>(&h);
-    } else {
-      __half2 h = __floats2half2_rn(lo, hi);
-      r[i] = *reinterpret_cast<uint32_t*>(&h);
-    }
+    r[i] = qmm_pack2<T>(gf.x / (1.f + expf(-gf.x)) * uf.x, gf.y / (1.f + expf(-gf.y)) * uf.y);
   }
   return make_uint4(r[0], r[1], r[2], r[3]);
 }
@@ -290,14 +295,7 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
     for (int q = 0; q < 4; ++q) {
       const float2 f = qmm_to_float2(u[q], is_bf16<T>::value);
       const float2 g = qmm_to_float2(ww[q], is_bf16<T>::value);
-      const float lo = f.x * rscale[m] * g.x, hi = f.y * rscale[m] * g.y;
-      if constexpr (is_bf16<T>::value) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-        r[q] = *reinterpret_cast<uint32_t*>(&h);
-      } else {
-        __half2 h = __floats2half2_rn(lo, hi);
-        r[q] = *reinterpret_cast<uint32_t*>(&h);
-      }
+      r[q] = qmm_pack2<T>(f.x * rscale[m] * g.x, f.y * rscale[m] * g.y);
     }
     *p = make_uint4(r[0], r[1], r[2], r[3]);
   }

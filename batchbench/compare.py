@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from batchbench.stats import Row
+
 CORE_KEYS = ("pp", "tg", "pl", "n_kv", "t_pp", "speed_pp", "t_tg", "speed_tg", "t", "speed")
 INT_KEYS = frozenset(("pp", "tg", "pl", "n_kv"))
 
@@ -54,17 +56,7 @@ Key = tuple[int, int, int]
 
 
 @dataclass
-class ResultRow:
-    pp: int
-    tg: int
-    pl: int
-    n_kv: int
-    t_pp: float
-    speed_pp: float
-    t_tg: float
-    speed_tg: float
-    t: float
-    speed: float
+class ResultRow(Row):
     mode: Optional[str] = None
     # Everything else the file says about the row: header fields (n_kv_max, n_batch, ...),
     # batchbench's extra keys/columns (reps, speed_tg_min, peak_mem_mb, model, ...).

@@ -8,6 +8,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import IO
 
+from batchbench.stats import Row
+
 
 @dataclass
 class Header:
@@ -23,17 +25,7 @@ class Header:
 
 
 @dataclass
-class BenchRow:
-    pp: int
-    tg: int
-    pl: int
-    n_kv: int
-    t_pp: float
-    speed_pp: float
-    t_tg: float
-    speed_tg: float
-    t: float
-    speed: float
+class BenchRow(Row):
     mode: str = ""
     reps: int = 1
     speed_pp_min: float = 0.0
@@ -44,7 +36,7 @@ class BenchRow:
     ratio_tg: float | None = None  # S_TG over the first A/B mode of the same config
 
 
-LLAMA_KEYS = ("pp", "tg", "pl", "n_kv", "t_pp", "speed_pp", "t_tg", "speed_tg", "t", "speed")
+LLAMA_KEYS = tuple(f.name for f in fields(Row))
 
 
 def header_line(h: Header, func: str = "main") -> str:

@@ -45,6 +45,22 @@ def _ratio(tokens: int, seconds: float) -> float:
 
 
 @dataclass
+class Row:
+    """The ten columns of a llama-batched-bench row (its jsonl keys); richer rows extend it."""
+
+    pp: int
+    tg: int
+    pl: int
+    n_kv: int
+    t_pp: float
+    speed_pp: float
+    t_tg: float
+    speed_tg: float
+    t: float
+    speed: float
+
+
+@dataclass
 class Speeds:
     """One llama.cpp row from the two measured times."""
 
@@ -79,19 +95,9 @@ def llama_row(
 
 
 @dataclass
-class RepRow:
+class RepRow(Row):
     """N repetitions of one config folded into one row; names match the jsonl keys."""
 
-    pp: int
-    tg: int
-    pl: int
-    n_kv: int
-    t_pp: float
-    speed_pp: float
-    t_tg: float
-    speed_tg: float
-    t: float
-    speed: float
     reps: int
     speed_pp_min: float
     speed_pp_max: float

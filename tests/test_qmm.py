@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from batchbench import backend
 from batchbench.kernels import qmm
-from batchbench.kernels import spec as kspec
 
 MODEL_SHAPES = [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944), (152064, 3584), (896, 896), (128, 896), (4864, 896), (896, 4864)]
 
@@ -50,20 +48,6 @@ def test_fallback_matches_float64(dtype, bits, gs, lead):
 
 class _Captured(Exception):
     pass
-
-
-@pytest.fixture
-def cuda_dispatch(monkeypatch):
-    """BACKEND forced to cuda; spec.run records the plans and returns zero outputs."""
-    calls = []
-
-    def fake_run(ks, launch):
-        calls.append((ks, launch))
-        return [mx.zeros(shape, dt) for shape, dt in zip(launch.output_shapes, launch.output_dtypes)]
-
-    monkeypatch.setattr(backend, "BACKEND", "cuda")
-    monkeypatch.setattr(kspec, "run", fake_run)
-    return calls
 
 
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 31, 33, 64])

@@ -10,7 +10,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from batchbench import backend
 from batchbench.kernels import rope
 from batchbench.kernels import spec as kspec
 from batchbench.models.llama import Attention, ModelArgs
@@ -73,20 +72,6 @@ def test_twin_equals_per_tensor_rope(dtype, traditional, scaling, bias, t):
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.dtype == w.dtype
         assert np.array_equal(np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32)))
-
-
-@pytest.fixture
-def cuda_dispatch(monkeypatch):
-    """BACKEND forced to cuda; spec.run records the plans and returns zero outputs."""
-    calls = []
-
-    def fake_run(ks, launch):
-        calls.append((ks, launch))
-        return [mx.zeros(s, dt) for s, dt in zip(launch.output_shapes, launch.output_dtypes)]
-
-    monkeypatch.setattr(backend, "BACKEND", "cuda")
-    monkeypatch.setattr(kspec, "run", fake_run)
-    return calls
 
 
 def test_cuda_dispatch_plans_one_kernel_with_runtime_positions(cuda_dispatch):

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import math
 import os
-import struct
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
@@ -340,7 +339,6 @@ def plan_decode_attention(
         ensure_row_contiguous=True,
         shared_memory=smem if backend_name == "cuda" else 0,
     )
-    scale_bits = struct.unpack("<i", struct.pack("<f", float(scale)))[0]
     launch = Launch(
         inputs=[q, k, v, mask, live, _counter_array(pairs)],
         # token-major [1, T, Hq, D]: the o projection reads it as [T, Hq*D] without a copy
@@ -357,7 +355,7 @@ def plan_decode_attention(
             ("STAGES", stages),
             ("SKIP", bool(skip)),
             ("LIVE", use_live),
-            ("SCALE_BITS", scale_bits),
+            ("SCALE_BITS", spec.f32_bits(scale)),
         ],
     )
     return kspec, launch

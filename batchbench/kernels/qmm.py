@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import os
-import struct
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -715,13 +714,10 @@ def plan_quantized_matmul(
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
             ("WK", cfg.wk), ("P", cfg.p), ("SPLIT", split),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
-        ] + ([("EPS_BITS", _f32_bits(norm[1]))] if norm is not None else []),
+        ] + ([("EPS_BITS", kspec.f32_bits(norm[1]))] if norm is not None else []),
     )
     return replace(_main_spec(has_bias, has_res, glu, norm is not None), shared_memory=smem), launch
 
-
-def _f32_bits(v: float) -> int:
-    return struct.unpack("<i", struct.pack("<f", float(v)))[0]
 
 
 def plan_qmm_reduce(
@@ -777,8 +773,9 @@ def quantized_matmul(
     # one launch less), not for wide ones (gate/up: 2,368 blocks, +15 us; H200, M=1).
     # At M <= 2 the step is host-bound (H200: 7.9 ms wall, 4.4 ms of kernels at B=1): one
     # launch less beats kernel time there, so the norm is fused into wide matrices too.
+    cfg = choose_config(m, n, k, bits) if ours else None
     fuse_norm = ours and (n < _WIDE_N or m <= 2) and norm is not None and norm[0].dtype == x.dtype
-    if norm is not None and not (fuse_norm and choose_config(m, n, k, bits).s == 1):
+    if norm is not None and not (fuse_norm and cfg.s == 1):
         x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
     if ours:
         if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
@@ -787,7 +784,7 @@ def quantized_matmul(
             residual = residual.astype(x.dtype)
         ks, launch = plan_quantized_matmul(
             "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
-            residual=residual, glu=glu, norm=norm,
+            residual=residual, glu=glu, norm=norm, config=cfg,
         )
         (y,) = kspec.run(ks, launch)
         if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:

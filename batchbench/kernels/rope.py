@@ -79,10 +79,6 @@ _SOURCE = (
 ROPE_SPEC = KernelSpec("cuda", "bb_qkv_rope", ("qkv", "positions"), ("q", "k", "v"), _SOURCE, ROPE_HEADER)
 
 
-def _f32_bits(x: float) -> int:
-    return struct.unpack("<i", struct.pack("<f", x))[0]
-
-
 def _f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
@@ -136,8 +132,8 @@ def plan_qkv_rope(
         threadgroup=(min(THREADS, pairs), 1, 1),
         template=[
             ("T", qkv.dtype), ("D", head_dim), ("TRAD", bool(traditional)), ("HQ", n_heads),
-            ("HKV", n_kv_heads), ("LOG2_BASE_BITS", _f32_bits(log2_base)),
-            ("SCALE_BITS", _f32_bits(float(scale))),
+            ("HKV", n_kv_heads), ("LOG2_BASE_BITS", kspec.f32_bits(log2_base)),
+            ("SCALE_BITS", kspec.f32_bits(scale)),
         ],
     )
     return ROPE_SPEC, launch

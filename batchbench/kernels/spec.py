@@ -7,6 +7,7 @@ exact source MLX would run, without a GPU.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,12 @@ class Launch:
 
 
 _KERNELS: dict[KernelSpec, Any] = {}
+
+
+def f32_bits(v: float) -> int:
+    """Bit pattern of v as a float32, for float constants passed as int template values
+    (kernels read them back with __int_as_float / as_type<float>)."""
+    return struct.unpack("<i", struct.pack("<f", float(v)))[0]
 
 
 def compact(src: str) -> str:

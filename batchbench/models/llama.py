@@ -76,12 +76,6 @@ class Attention(nn.Module):
             traditional=self.rope_traditional,
         )
 
-    def __call__(self, x: mx.array, mask, cache) -> mx.array:
-        q, k, v = self.qkv(x, mask.positions)
-        keys, values = cache.update_and_fetch(k, v)
-        out = attention(q, keys, values, self.scale, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, x.shape[1], -1))
-
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):

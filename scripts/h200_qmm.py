@@ -348,15 +348,15 @@ def build_7b(gs: int, dtype=mx.float16) -> nn.Module:
 def _forward(model: nn.Module, h: mx.array, fused) -> mx.array:
     w = model.norm_w
     if fused == "epilogues":  # what batchbench's llama model runs: norms, gate product, residuals fused
+        norm = nn.RMSNorm(w.shape[0], eps=1e-6)
+        norm.weight = w
         for L in model.layers:
-            qkv = qmm.quantized_matmul(h, L.qkv["weight"], L.qkv["scales"], L.qkv["biases"], group_size=L.qkv.group_size,
-                                       bits=L.qkv.bits, bias=L.qkv.get("bias"), norm=(w, 1e-6))
+            qkv = L.qkv.fused(h, norm=norm)
             hq = L.o_proj["weight"].shape[1] * 32 // L.o_proj.bits
             kv = (qkv.shape[-1] - hq) // 2
             a = qkv[..., :hq] + (qkv[..., hq : hq + 1] + qkv[..., hq + kv : hq + kv + 1])  # as below
             h = L.o_proj(a, residual=h)
-            gu = qmm.quantized_matmul(h, L.gate_up["weight"], L.gate_up["scales"], L.gate_up["biases"],
-                                      group_size=L.gate_up.group_size, bits=L.gate_up.bits, norm=(w, 1e-6))
+            gu = L.gate_up.fused(h, norm=norm)
             h = L.down_proj(gu, residual=h, glu=True)
         logits = model.lm_head(mx.fast.rms_norm(h, w, 1e-6))
         return mx.fast.rms_norm(h + 1e-3 * logits[..., :1], w, 1e-6)

@@ -68,8 +68,8 @@ class Runner:
         self.model, self.cache, self.mode = model, cache, mode
         self.n_batch, self.n_ubatch = n_batch, min(n_batch, n_ubatch)
         if compiled is None:
-            compiled = os.environ.get("BATCHBENCH_COMPILE_STEP", "0") == "1"
-        self.step = CompiledDecode(model, cache) if compiled else None
+            compiled = os.environ.get("BATCHBENCH_COMPILE_STEP", "1") == "1"
+        self.step = CompiledDecode(model, cache, backend.DECODE_EVAL_EVERY) if compiled else None
 
     def decode(self, tokens, pos, seq, out, sync: bool) -> mx.array | None:
         last = None
@@ -77,13 +77,15 @@ class Runner:
             for u0 in range(b0, min(b0 + self.n_batch, len(tokens)), self.n_ubatch):
                 u1 = min(u0 + self.n_ubatch, b0 + self.n_batch, len(tokens))
                 out_rows = np.flatnonzero(out[u0:u1])
-                plan = self.cache.prepare(
-                    seq[u0:u1], pos[u0:u1], out_rows if len(out_rows) else np.array([u1 - u0 - 1]),
-                    flash=self.mode.flash, skip=self.mode.skip,
-                )
+                if len(out_rows) == u1 - u0:
+                    out_rows = None  # every row has logits: no gather
+                elif not len(out_rows):
+                    out_rows = np.array([u1 - u0 - 1])
+                plan = self.cache.prepare(seq[u0:u1], pos[u0:u1], out_rows,
+                                          flash=self.mode.flash, skip=self.mode.skip)
                 toks = mx.array(np.asarray(tokens[u0:u1], np.int32))[None]
-                if self.step is not None and plan.decode and len(out_rows) == u1 - u0:
-                    last = self.step(toks, plan)  # every row has logits: one compiled step
+                if self.step is not None and plan.decode:
+                    last = self.step(toks, plan)  # a few compiled segments per step
                 else:
                     if plan.decode:
                         plan.eval_every = backend.DECODE_EVAL_EVERY

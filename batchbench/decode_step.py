@@ -1,17 +1,23 @@
-"""A whole decode step (all layers, K/V writes included) as one compiled MLX function.
+"""A decode step (all layers, K/V writes included) as a few compiled MLX functions.
 
-Building the graph of a 28-layer step op by op costs milliseconds of Python per token; the
-compiled step replays it. The cache buffers go in and come out as arrays: the cache keeps only
-the new ones, so at evaluation the old buffers are referenced by the graph alone and MLX
-updates them in place instead of copying.
+Building the graph of a 28-layer step op by op costs milliseconds of Python per token; a
+compiled function replays it. The layers are cut into segments of `every` layers (all of
+them when `every` is 0), one compiled function each, and each segment's output is submitted
+with `mx.async_eval` before the next is built, so the GPU starts while the host is still
+encoding the rest of the step.
+
+The cache buffers go in and come out as arrays and the cache keeps what comes out. On CUDA
+the K/V write is done in place by the RoPE kernel and the buffers come out as they went in;
+elsewhere they come out updated, and since the cache then holds only the new arrays, MLX
+updates the old buffers in place instead of copying them.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 
 from batchbench.kernels.attention import PackedLive
+from batchbench.kernels.rope import qkv_rope_store
 from batchbench.kv_cache import AttentionPlan, KVCache
 
 
@@ -21,45 +27,55 @@ class _Slot:
     def __init__(self, keys: mx.array, values: mx.array, cells: mx.array):
         self.keys, self.values, self.cells = keys, values, cells
 
-    def update_and_fetch(self, k: mx.array, v: mx.array):
-        self.keys[:, :, self.cells] = k
-        self.values[:, :, self.cells] = v
-        return self.keys, self.values
-
-
-class _StepCache:
-    def __init__(self, layers: list[_Slot]):
-        self.layers = layers
+    def store_qkv(self, qkv: mx.array, positions: mx.array, rope: dict):
+        q, self.keys, self.values = qkv_rope_store(qkv, positions, self.cells, self.keys, self.values, **rope)
+        return q, self.keys, self.values
 
 
 class CompiledDecode:
-    def __init__(self, model, cache: KVCache):
+    def __init__(self, model, cache: KVCache, every: int = 0):
         self.model, self.cache = model, cache
+        n = len(cache.layers)
+        step = every if 0 < every < n else n
+        self.segments = [(a, min(a + step, n)) for a in range(0, n, step)]
         self._fns: dict[tuple, object] = {}
 
     def __call__(self, tokens: mx.array, plan: AttentionPlan) -> mx.array:
+        """Logits of the rows in plan.out_rows, as the model's __call__ would return them."""
         live = plan.live_blocks is not None
-        key = (plan.flash, plan.skip, live)
-        fn = self._fns.get(key)
-        if fn is None:
-            fn = self._fns[key] = mx.compile(self._step(*key))
-        state = [a for c in self.cache.layers for a in (c.keys, c.values)]
-        extra = [plan.live_blocks.rows] if live else []
-        cells = mx.array(plan.cells.astype(np.int32))  # uploaded only on this path
-        logits, *state = fn(tokens, plan.positions, cells, plan.mask, *extra, *state)
-        for c, k, v in zip(self.cache.layers, state[0::2], state[1::2]):
-            c.keys, c.values = k, v
-        return logits
+        rows = plan.out_rows is not None
+        extra = ([plan.live_blocks.rows] if live else []) + ([plan.out_rows] if rows else [])
+        h = tokens
+        for i, (a, b) in enumerate(self.segments):
+            key = (i, plan.flash, plan.skip, live, rows)
+            fn = self._fns.get(key)
+            if fn is None:
+                fn = self._fns[key] = mx.compile(self._segment(a, b, *key[1:]))
+            layers = self.cache.layers[a:b]
+            state = [x for c in layers for x in (c.keys, c.values)]
+            h, *state = fn(h, plan.positions, plan.cells, plan.mask, *extra, *state)
+            for c, k, v in zip(layers, state[0::2], state[1::2]):
+                c.keys, c.values = k, v
+            if b < len(self.cache.layers):
+                mx.async_eval(h)  # the GPU starts on these layers while the host builds the rest
+        return h
 
-    def _step(self, flash: bool, skip: bool, live: bool):
+    def _segment(self, a: int, b: int, flash: bool, skip: bool, live: bool, rows: bool):
         model, n_layers = self.model, len(self.cache.layers)
+        n_extra = int(live) + int(rows)
 
-        def step(tokens, positions, cells, mask, *rest):
-            kv = rest[1:] if live else rest
-            plan = AttentionPlan(positions=positions, decode=True, flash=flash, skip=skip,
-                                 mask=mask, live_blocks=PackedLive(rest[0]) if live else None)
-            cache = _StepCache([_Slot(kv[2 * i], kv[2 * i + 1], cells) for i in range(n_layers)])
-            logits = model(tokens, plan, cache)
-            return [logits] + [a for s in cache.layers for a in (s.keys, s.values)]
+        def segment(h, positions, cells, mask, *rest):
+            extra, kv = rest[:n_extra], rest[n_extra:]
+            plan = AttentionPlan(positions=positions, decode=True, flash=flash, skip=skip, mask=mask,
+                                 live_blocks=PackedLive(extra[0]) if live else None,
+                                 out_rows=extra[-1] if rows else None, cells=cells)
+            slots = [_Slot(kv[2 * i], kv[2 * i + 1], cells) for i in range(b - a)]
+            if a == 0:
+                h = model.model.embed_tokens(h)
+            for layer, slot in zip(model.model.layers[a:b], slots):
+                h = layer(h, plan, slot)
+            if b == n_layers:
+                h = model.head(h, plan)
+            return [h] + [x for s in slots for x in (s.keys, s.values)]
 
-        return step
+        return segment

@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from batchbench.kernels.attention import PackedLive
+from batchbench.kernels.rope import qkv_rope_store
 
 BLOCK = 32  # cells per skip block (llama.cpp's vec kernel)
 PAD = 256  # n_kv padding (llama.cpp get_n_kv)
@@ -21,6 +22,14 @@ PAD = 256  # n_kv padding (llama.cpp get_n_kv)
 # lists up keeps their shapes steady across steps, so compiled decode steps are not re-traced.
 SKIP_WINDOW_PAD = 2048
 LIVE_WIDTH_PAD = 64
+
+
+def _small_int32(a: np.ndarray) -> mx.array:
+    """a as an int32 device array. MLX keeps arrays of <= 8 bytes in managed memory, slow for
+    kernels to read (B <= 2 decode): allocate at least 16 bytes and view the first len(a)."""
+    a32 = np.asarray(a).astype(np.int32)
+    dev = mx.array(np.pad(a32, (0, max(0, 4 - len(a32)))))
+    return dev if len(a32) >= 4 else dev[: len(a32)]
 
 
 def pad_to(n: int, m: int) -> int:
@@ -67,7 +76,7 @@ class AttentionPlan:
     live_blocks: PackedLive | None = None
     groups: list[Group] = field(default_factory=list)
     out_rows: mx.array | None = None
-    cells: np.ndarray | None = None  # decode: the cells the tokens' K/V go to (host copy)
+    cells: mx.array | None = None  # decode: int32 [T], the cells the tokens' K/V go to
     eval_every: int = 0  # op-by-op steps: submit the graph every this many layers (0: at the end)
 
 
@@ -77,12 +86,14 @@ class LayerCache:
         self.keys = keys
         self.values = values
 
-    def update_and_fetch(self, k: mx.array, v: mx.array):
-        """Write this ubatch's K/V ([1, Hkv, T, D]) into its cells; return the whole buffers."""
-        where = self.owner._write_index
-        self.keys[:, :, where] = k
-        self.values[:, :, where] = v
-        return self.keys, self.values
+    def store_qkv(self, qkv: mx.array, positions: mx.array, rope: dict):
+        """RoPE of this ubatch's fused q/k/v projection [1, T, W], with its K/V written into
+        the ubatch's cells; returns (q [1, Hq, T, D], keys, values: the whole buffers)."""
+        o = self.owner
+        where = o._write_index if isinstance(o._write_index, slice) else None
+        q, self.keys, self.values = qkv_rope_store(
+            qkv, positions, o._write_cells, self.keys, self.values, where=where, **rope)
+        return q, self.keys, self.values
 
 
 class KVCache:
@@ -127,6 +138,7 @@ class KVCache:
         self._dirty: list[np.ndarray] = []
         self._full_upload = False
         self._write_index = slice(0, 0)
+        self._write_cells = mx.zeros((0,), mx.int32)
 
     # --- bookkeeping (llama_kv_cache / llama_kv_cells) ---------------------------------
     def stream_of(self, seq: int) -> int:
@@ -303,19 +315,16 @@ class KVCache:
         seq_ids = np.asarray(seq_ids, np.int64)
         positions = np.asarray(positions, np.int64)
         cells = self.find_slot(seq_ids, positions)
+        self._write_cells = _small_int32(cells)
         if len(cells) and (np.diff(cells) == 1).all():
             self._write_index = slice(int(cells[0]), int(cells[-1]) + 1)
         else:
-            self._write_index = mx.array(cells.astype(np.int32))
+            self._write_index = self._write_cells
         streams = sorted({self.stream_of(int(s)) for s in seq_ids})
         n = self.window_end(streams)
         _, per_seq = np.unique(seq_ids, return_counts=True)
-        # MLX keeps arrays of <= 8 bytes in managed memory, slow for kernels to read (B <= 2
-        # decode): allocate at least 16 bytes and view the first T.
-        pos32 = positions.astype(np.int32)
-        pos_dev = mx.array(np.pad(pos32, (0, max(0, 4 - len(pos32)))))
         plan = AttentionPlan(
-            positions=pos_dev if len(pos32) >= 4 else pos_dev[: len(pos32)],
+            positions=_small_int32(positions),
             decode=bool(per_seq.max() <= decode_max_per_seq),
             flash=flash,
             skip=skip,
@@ -326,7 +335,7 @@ class KVCache:
             # the mask's shape, and so the compiled decode step, the same across many steps.
             n = min(pad_to(n, SKIP_WINDOW_PAD), self.n_cells)
             plan.mask = self.build_mask(seq_ids, positions, 0, n)
-            plan.cells = cells
+            plan.cells = self._write_cells
             if flash and skip:
                 plan.live_blocks = self.packed_live_blocks(seq_ids, n)
             return plan

@@ -25,10 +25,9 @@ import mlx.core as mx
 import numpy as np
 
 from batchbench import backend
-from batchbench.bench import Mode, Runner
+from batchbench.decode_step import CompiledDecode
 from batchbench.kernels import qmm
 from batchbench.kv_cache import KVCache
-from batchbench.models import llama
 from batchbench.presets import make_preset
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -64,7 +63,11 @@ def section_ops():
     rows = [("elementwise, compiled", cstep), ("elementwise, op-by-op", lambda h: h * 1.0001)]
     if backend.BACKEND == "cuda":
         body = "unsigned int i = threadIdx.x + blockIdx.x * blockDim.x; if (i < 3584) out[i] = inp[i];"
-        for label, pad in (("custom kernel, 0.1 KB source", ""), ("custom kernel, 40 KB source", "// " + "x" * 40000 + "\n")):
+        from batchbench.kernels.spec import cuda_header
+
+        big = "// " + "x" * 40000 + "\n"
+        for label, pad in (("custom kernel, 0.1 KB source", ""), ("custom kernel, 40 KB source", big),
+                           ("custom kernel, 40 KB header #included", cuda_header(big + "// inc\n"))):
             k = mx.fast.cuda_kernel(name=f"bb_copy_{len(pad)}", input_names=["inp"], output_names=["out"],
                                     source=body, header=pad)
 
@@ -77,18 +80,6 @@ def section_ops():
     for label, fn in rows:
         e, w = chain_cost(fn, x)
         print(f"{label:42s} {e:7.2f} / {w:7.2f}")
-
-
-def pipelined_call(every: int):
-    def call(self, tokens, mask, cache):
-        h = self.embed_tokens(tokens)
-        for i, (layer, c) in enumerate(zip(self.layers, cache.layers)):
-            h = layer(h, mask, c)
-            if every and (i + 1) % every == 0 and i + 1 < len(self.layers):
-                mx.async_eval(h)
-        return h
-
-    return call
 
 
 def kernel_profile(run_step, label):
@@ -135,24 +126,25 @@ def section_step(bs, pp=4096, steps=12):
     print("built in %.1f s; fused %s, fast linears %s" % (
         time.perf_counter() - t, qmm.fuse_quantized_projections(model), qmm.use_fast_quantized_linears(model)))
     a = model.args
-    base_call = llama.LlamaModel.__call__
     for B in bs:
         cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim,
                         B * (pp + 256) + 256, B, True, mx.float16)
-        r = Runner(model, cache, Mode("skip"), 2048, 512, compiled=True)
         cache.find_slot(np.repeat(np.arange(B), pp), np.tile(np.arange(pp), B))
         print(f"\nB={B}: {'variant':26s} {'prep':>7s} {'build':>7s} {'encode':>7s} {'wall':>7s} {'t/s':>7s}")
-        for label, compiled, every in (("op-by-op", False, 0), ("compiled step", True, 0),
-                                       ("async_eval every 4 layers", False, 4)):
-            llama.LlamaModel.__call__ = pipelined_call(every) if every else base_call
+        # op by op (async_eval every k layers), or compiled segments of k layers (0: whole step)
+        for label, compiled, every in (("op-by-op", False, 0), ("op-by-op, async every 4", False, 4),
+                                       ("compiled step", True, 0), ("compiled segments of 4", True, 4),
+                                       ("compiled segments of 7", True, 7)):
+            step = CompiledDecode(model, cache, every) if compiled else None
             i = [0]
 
             def one(record=None):
                 t0 = time.perf_counter()
-                plan = cache.prepare(np.arange(B), np.full(B, pp + i[0]), np.arange(B))
+                plan = cache.prepare(np.arange(B), np.full(B, pp + i[0]), None)
+                plan.eval_every = every
                 t1 = time.perf_counter()
                 toks = mx.array(np.arange(B, dtype=np.int32))[None]
-                logits = r.step(toks, plan) if compiled else model(toks, plan, cache)
+                logits = step(toks, plan) if compiled else model(toks, plan, cache)
                 t2 = time.perf_counter()
                 mx.async_eval(logits)
                 t3 = time.perf_counter()
@@ -174,12 +166,14 @@ def section_step(bs, pp=4096, steps=12):
                 continue
             med = [statistics.median(x) * 1e3 for x in zip(*rec)]
             print(f"     {label:26s} {med[0]:7.3f} {med[1]:7.3f} {med[2]:7.3f} {med[3]:7.3f} {B / med[3] * 1e3:7.1f}")
-            if label in ("op-by-op", "async_eval every 4 layers") and os.environ.get("PROFILE", "1") == "1":
-                kernel_profile(one, f"B{B}-{label.replace(' ', '-')}")
+            if label in PROFILED and os.environ.get("PROFILE", "1") == "1":
+                kernel_profile(one, f"B{B}-{label.replace(' ', '-').replace(',', '')}")
             cache.seq_rm(-1, pp)
-        llama.LlamaModel.__call__ = base_call
-        del cache, r
+        del cache
         mx.clear_cache()
+
+
+PROFILED = ("op-by-op, async every 4", "compiled segments of 4")
 
 
 def main():

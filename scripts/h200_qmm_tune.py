@@ -11,6 +11,7 @@ Run: PYTHONPATH=. python3 scripts/h200_qmm_tune.py
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 import json
 import os
 import statistics
@@ -33,12 +34,22 @@ COPY_BW = float(os.environ.get("COPY_BW", "3.3e12"))
 def candidates(m: int, n: int, k: int):
     """choose_config's pick plus a targeted set of neighbours (each new template is a compile)."""
     d = qmm.choose_config(m, n, k, 4)
-    if os.environ.get("TUNE_GRID") == "small":  # choose_config's pick and its load depth only
+    if os.environ.get("TUNE_GRID") == "small":
+        # choose_config's pick; one block per tile (no persistence); other persistent grid
+        # sizes (a grid change is no recompile); the other load depth; down: other K-slices.
         yield d
-        for p in (1, 2, 3, 4):
-            c = qmm.QmmConfig(d.mt, d.wn, d.wk, p, d.s, d.mrows)
-            if c != d:
+        yield replace(d, blocks=0)
+        sms = qmm.sm_count()
+        for mult in (1, 2, 4):
+            c = replace(d, blocks=-(-mult * sms // d.s))
+            if c.blocks != d.blocks:
                 yield c
+        c = replace(d, p=2 if d.p == 1 else 1)
+        yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // c.s))
+        if k > 8192:
+            for s_ in (1, 3):
+                c = replace(d, s=s_)
+                yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // s_))
         return
     tiles = ([(1, 8, 4), (1, 8, 8), (1, 4, 8), (2, 4, 4), (2, 4, 8), (4, 2, 4), (4, 2, 8), (2, 2, 8)]
              if d.mt < 4 else [(4, 2, 3), (4, 2, 2), (2, 4, 2), (2, 4, 3), (8, 1, 2), (4, 1, 3)])
@@ -55,10 +66,28 @@ def candidates(m: int, n: int, k: int):
         yield cfg
 
 
+class Normed:
+    """A config run with the RMSNorm fused in (measures what the in-kernel norm costs)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.s = cfg, cfg.s
+
+    def __repr__(self):
+        return f"Normed({self.cfg})"
+
+
+def _desc(c) -> dict:
+    return dict(c.cfg.__dict__, norm=True) if isinstance(c, Normed) else dict(c.__dict__)
+
+
 def run_cfg(x, sets, cfg):
     outs = []
+    norm = None
+    if isinstance(cfg, Normed):
+        cfg, norm = cfg.cfg, (mx.ones((x.shape[-1],), x.dtype), 1e-6)
     for w, sc, b in sets:
-        ks, launch = qmm.plan_quantized_matmul("cuda", x, w, sc, b, group_size=32, bits=4, config=cfg)
+        ks, launch = qmm.plan_quantized_matmul("cuda", x, w, sc, b, group_size=32, bits=4, config=cfg,
+                                               norm=norm)
         (y,) = kspec.run(ks, launch)
         if cfg.s > 1:
             rs, rl = qmm.plan_qmm_reduce(y, x.dtype)
@@ -87,10 +116,12 @@ def main():
         for m in MS:
             x = mx.random.normal((m, k)).astype(mx.float16)
             mx.eval(x)
-            cfgs = list(candidates(m, n, k))
+            cfgs = list(dict.fromkeys(candidates(m, n, k)))
             default = qmm.choose_config(m, n, k, 4)
             if default not in cfgs:
                 cfgs.append(default)
+            if name in ("qkv", "gate_up") and default.s == 1:
+                cfgs.append(Normed(default))
             if time.time() - t_start > BUDGET_S:
                 print(f"{name:8s} M={m:<3d} skipped: time budget spent")
                 continue
@@ -144,7 +175,7 @@ def main():
             for t, c in rows[1:4]:
                 print(f"{'':20s} next {t:7.1f} us {c}")
             res.append(dict(name=name, n=n, k=k, m=m, floor_us=floor, default_us=dflt, default=str(default),
-                            top=[(t, c.__dict__) for t, c in rows[:8]]))
+                            top=[(t, _desc(c)) for t, c in rows]))
             with open(os.path.join(OUT, "qmm-tune.json"), "w") as f:
                 json.dump(res, f, indent=1)
         del sets

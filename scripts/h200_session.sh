@@ -24,6 +24,7 @@ for what in "$@"; do
     verify-quick) part verify-gpu-quick 120 env BATCHBENCH_VERIFY_QUICK=1 OUT="$R" python3 -m batchbench.verify.gpu ;;
     modelcheck) part model-check 150 python3 scripts/gpu_model_check.py small ;;
     overhead) part overhead 150 env OUT="$R" OPS=0 python3 scripts/h200_overhead.py 1 32 ;;
+    ops) part ops 150 env OUT="$R" OPS=1 python3 scripts/h200_overhead.py 1 ;;
     tune) part qmm-tune 200 env OUT="$R" TUNE_GRID=small TUNE_BUDGET_S=170 python3 scripts/h200_qmm_tune.py ;;
     attention) part attention 240 env OUT="$R" python3 scripts/h200_attention.py ;;
     qmm) part qmm 200 env OUT="$R" QMM_BUDGET_S=180 python3 scripts/h200_qmm.py ;;
@@ -32,7 +33,7 @@ for what in "$@"; do
     scaling) part scaling 260 python3 -m batchbench "${M[@]}" -c 140000 -npp 4096 -ntg 32 \
             -npl 1,2,4,8,16,32 -fa on --ab all --csv "$R/scaling.csv" ;;
     profile) part profile 120 python3 scripts/profile_step.py 1 8 32 ;;
-    *) echo "unknown part $what (verify verify-quick modelcheck attention qmm tune overhead seed scaling profile)" ;;
+    *) echo "unknown part $what (verify verify-quick modelcheck attention qmm tune overhead ops seed scaling profile)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -4,6 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from batchbench.decode_step import CompiledDecode
 from batchbench.bench import Mode, Runner
 from batchbench.kv_cache import KVCache
 from batchbench.presets import make_preset, reference_logits
@@ -20,7 +21,10 @@ def model():
 def new_runner(model, n_seq, unified=True, mode=None, kv_size=512, n_ubatch=512, compiled=False):
     a = model.args
     cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, kv_size, n_seq, unified, mx.float32)
-    return Runner(model, cache, mode or Mode("t", unified), 2048, n_ubatch, compiled=compiled)
+    r = Runner(model, cache, mode or Mode("t", unified), 2048, n_ubatch, compiled=bool(compiled))
+    if compiled == "segments":  # one compiled function per layer, submitted one by one
+        r.step = CompiledDecode(model, cache, every=1)
+    return r
 
 
 def run_batched(runner, prompts, steps, pps=False):
@@ -46,7 +50,8 @@ def run_batched(runner, prompts, steps, pps=False):
     return np.stack(logits, 1)  # [pl, steps, vocab]
 
 
-@pytest.mark.parametrize("compiled", [False, True])  # decode steps op by op, or one compiled step
+# decode steps op by op, as one compiled function, or as compiled segments of one layer
+@pytest.mark.parametrize("compiled", [False, True, "segments"])
 @pytest.mark.parametrize("unified", [True, False])
 @pytest.mark.parametrize("mode", [Mode("skip"), Mode("no-skip", skip=False), Mode("fa-off", flash=False)])
 def test_batched_decode_equals_single(model, unified, mode, compiled):

@@ -112,7 +112,8 @@ def test_configs_fit_the_gpu():
                 c = qmm.choose_config(m, n, k, bits)
                 assert n % (16 * c.wn) == 0 and 8 * c.mt >= m and c.mrows >= m
                 assert 1 <= c.s <= nch and 32 * c.wn * c.wk <= 1024
-                assert c.smem(k, bits) <= qmm.SMEM_BUDGET or c.s == nch
+                assert c.xbytes(k, bits) <= qmm.SMEM_BUDGET or c.s == nch
+                assert 0 <= c.blocks and c.grid_blocks(n) <= n // (16 * c.wn)
                 assert c.smem(k, bits) <= 227 * 1024
 
 
@@ -298,11 +299,13 @@ def test_fallback_rms_norm():
         qmm.quantized_matmul(x, wq, s, b, group_size=gs, bits=4, norm=(nw, 1e-5), glu=True)
 
 
-@pytest.mark.parametrize("m,fused", [(2, True), (8, False)])
-def test_norm_fused_into_wide_matrices_only_at_tiny_batch(cuda_dispatch, m, fused):
-    """Wide N (gate/up): every block normalizes its rows again, so the norm is fused only at
-    M <= 2, where the step is bound by launches rather than kernel time."""
-    n, k, gs = qmm._WIDE_N, 1024, 32
+@pytest.mark.parametrize("m,k,switch,fused", [(2, 1024, True, True), (8, 1024, True, True),
+                                              (8, 1152, True, False), (8, 1024, False, False)])
+def test_norm_fused_when_rows_fit_a_block(cuda_dispatch, monkeypatch, m, k, switch, fused):
+    """The in-kernel norm sums squares while staging x, one warp per 32 granules of a row:
+    it needs K % 256 == 0 (1152 is not) and is switched off by BB_QMM_FUSE_NORM=0."""
+    monkeypatch.setattr(qmm, "FUSE_NORM", switch)
+    n, gs = qmm._WIDE_N, 32
     wq, s, b = _quantized(n, k, 4, gs, mx.float16, seed=3)
     qmm.quantized_matmul(mx.zeros((m, k), mx.float16), wq, s, b, group_size=gs, bits=4,
                          norm=(mx.ones((k,), mx.float16), 1e-6))

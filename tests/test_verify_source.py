@@ -213,3 +213,22 @@ def test_compact_drops_comments_but_keeps_literals_and_directives():
         'asm("ld.global // not a comment {%0};" : "=r"(x));',
         "char c = '/';",
     ]
+
+
+def test_long_cuda_headers_go_to_an_included_file(tmp_path, monkeypatch):
+    """MLX hashes the generated source at every launch: long headers are handed over as an
+    #include of a file named by their hash, holding exactly the header."""
+    from batchbench.kernels import spec as S
+
+    monkeypatch.setenv("BATCHBENCH_KERNEL_DIR", str(tmp_path))
+    header = "// a kernel header\n" + "int x;\n" * 400
+    inc = S.cuda_header(header)
+    assert inc.startswith('#include "') and len(inc) < 200
+    path = inc.split('"')[1]
+    assert path.startswith(str(tmp_path)) and open(path).read() == header
+    assert S.cuda_header(header) == inc  # same content, same file
+    other = S.cuda_header(header + "int y;\n")
+    assert other != inc and open(other.split('"')[1]).read().endswith("int y;\n")
+    assert S.cuda_header("int z;\n") == "int z;\n"  # short headers stay inline
+    monkeypatch.setattr(S, "INCLUDE_HEADERS", False)
+    assert S.cuda_header(header) == header

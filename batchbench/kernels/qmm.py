@@ -259,32 +259,20 @@ __device__ __forceinline__ uint4 qmm_glu8(uint4 g, uint4 u) {
 }
 
 // RMSNorm of the staged rows in place (the block holds whole rows: one K-slice):
-// x * rsqrt(mean(x^2) + eps) * nw, in fp32 with one rounding, as mx.fast.rms_norm.
-template <typename T, int BITS, int MT, int NT>
+// x * rsqrt(mean(x^2) + eps) * nw, in fp32 with one rounding, as mx.fast.rms_norm. The sums
+// of squares were taken while staging (wss: one partial per warp and row, fixed order).
+template <typename T, int BITS, int NT>
 __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T* __restrict__ nw,
-                                             const float eps, const int M, const int K,
-                                             const int lane, const int wid) {
-  __shared__ float rscale[8 * MT];
+                                             const float* wss, const int MP, const float eps,
+                                             const int M, const int K, const int tid) {
   const int gpr = K / 8;
-  for (int m = wid; m < M; m += NT / 32) {  // one warp per row: sum of squares
-    float ss = 0.f;
-    for (int j = lane; j < gpr; j += 32) {
-      const uint4 v = *reinterpret_cast<const uint4*>(xs + m * XS + j * 8);
-      const uint32_t u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float2 f = qmm_to_float2(u[q], is_bf16<T>::value);
-        ss += f.x * f.x + f.y * f.y;
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if (lane == 0) rscale[m] = rsqrtf(ss / (float)K + eps);
-  }
-  __syncthreads();
   const uint4* nwg = reinterpret_cast<const uint4*>(nw);
-  for (int i = wid * 32 + lane; i < M * gpr; i += NT) {
+  for (int i = tid; i < M * gpr; i += NT) {
     const int m = i / gpr, pj = i - m * gpr;
+    float ss = 0.f;
+#pragma unroll
+    for (int q = 0; q < NT / 32; ++q) ss += wss[q * MP + m];
+    const float rs = rsqrtf(ss / (float)K + eps);
     const int j = BITS == 4 ? (pj ^ ((pj >> 3) & 1)) : pj;  // the swizzle is an involution
     uint4* p = reinterpret_cast<uint4*>(xs + m * XS + pj * 8);
     const uint4 v = *p, wv = nwg[j];
@@ -294,11 +282,24 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
     for (int q = 0; q < 4; ++q) {
       const float2 f = qmm_to_float2(u[q], is_bf16<T>::value);
       const float2 g = qmm_to_float2(ww[q], is_bf16<T>::value);
-      r[q] = qmm_pack2<T>(f.x * rscale[m] * g.x, f.y * rscale[m] * g.y);
+      r[q] = qmm_pack2<T>(f.x * rs * g.x, f.y * rs * g.y);
     }
     *p = make_uint4(r[0], r[1], r[2], r[3]);
   }
   __syncthreads();
+}
+
+// Sum of squares of one 16-byte granule of x, in fp32.
+template <typename T>
+__device__ __forceinline__ float qmm_sumsq8(uint4 v) {
+  const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+  float ss = 0.f;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float2 f = qmm_to_float2(u[q], is_bf16<T>::value);
+    ss += f.x * f.x + f.y * f.y;
+  }
+  return ss;
 }
 
 // One warp's weights for P chunks in flight: two feature rows (g, g + 8), 16 bytes each.
@@ -312,10 +313,13 @@ struct QmmStage {
 // WN x WK warps per block (features x K); P chunks per load stage, two stages in flight
 // (the next P chunks load while the current ones are multiplied). Runtime: M, and the
 // weight shape N x K (N % (16*WN) == 0, K % (512/BITS) == 0, checked by the launcher);
-// gridDim.y = S K-slices. SPLIT: write fp32 partials [S, M, N] instead of y.
+// gridDim.y = S K-slices. The block walks feature tiles blockIdx.x, + gridDim.x, ...: x is
+// staged (and normalized) once per block, and the first loads of the next tile are in flight
+// while the current one is reduced. SPLIT: write fp32 partials [S, M, N] instead of y.
 // GLU: x is [M, 2K] = [gate | up] and the input is silu(gate) * up (the MLP's down projection).
 // HAS_RES: y += res[M, N] (the residual add after o_proj / down_proj).
-// NORM: the input is rms_norm(x) * nw[K] (eps), computed on the staged x: needs one K-slice.
+// NORM: the input is rms_norm(x) * nw[K] (eps), computed on the staged x: needs one K-slice
+// and K % 256 == 0 (a warp's 32 staging granules then lie in one row).
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, bool SPLIT, bool HAS_BIAS,
           bool HAS_RES, bool GLU, bool NORM, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
@@ -339,25 +343,34 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   const int XS = NCHS * CK + (BITS == 4 ? 16 : 8);  // x row stride in smem (halves)
   const int KW = K * BITS / 32;             // words per weight row
   const int NG = K / GS;
+  const int NTILE = N / BN;
 
+  // smem: x slice [M rows x XS halves], then the reduction area [WK * MP x RS floats].
   extern __shared__ uint4 qmm_smem[];
   uint16_t* xs = reinterpret_cast<uint16_t*>(qmm_smem);
+  float* red = reinterpret_cast<float*>(xs + M * XS);
+  __shared__ float wss[NORM ? (NT / 32) * MP : 1];
 
   const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
   const int wn = wid % WN, wk = wid / WN;
   const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * BN;
   const int s = blockIdx.y;
   const int cs0 = s * NCH / S, cs1 = (s + 1) * NCH / S;
   const int nch = cs1 - cs0;
   const int k0 = cs0 * CK;
   const int wc0 = cs0 + wk * nch / WK, wc1 = cs0 + (wk + 1) * nch / WK;
 
-  const int r0 = n0 + wn * 16 + g;
-  const uint32_t* w0 = w + (size_t)r0 * KW + t * (KT * BITS / 32);
-  const uint32_t* w1 = w0 + (size_t)8 * KW;
-  const uint16_t* sc0 = reinterpret_cast<const uint16_t*>(scales) + (size_t)r0 * NG;
-  const uint16_t* bi0 = reinterpret_cast<const uint16_t*>(biases) + (size_t)r0 * NG;
+  const uint32_t* w0;
+  const uint32_t* w1;
+  const uint16_t* sc0;
+  const uint16_t* bi0;
+  auto at_tile = [&](int tile) {
+    const int r0 = tile * BN + wn * 16 + g;
+    w0 = w + (size_t)r0 * KW + t * (KT * BITS / 32);
+    w1 = w0 + (size_t)8 * KW;
+    sc0 = reinterpret_cast<const uint16_t*>(scales) + (size_t)r0 * NG;
+    bi0 = reinterpret_cast<const uint16_t*>(biases) + (size_t)r0 * NG;
+  };
 
   auto load = [&](QmmStage<P>& st, int c0) {
 #pragma unroll
@@ -375,32 +388,43 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     }
   };
   QmmStage<P> sA, sB;
+  int tile = blockIdx.x;
+  if (tile >= NTILE) return;
   // First weights in flight before the x staging and the barrier.
+  at_tile(tile);
   load(sA, wc0);
 
   {  // stage this K-slice of x (all M rows) in smem, 16-byte granules, swizzled for 4-bit
     const int gpr = nch * CK / 8;
     const int xrow = GLU ? 2 * K : K;
     const uint4* xg = reinterpret_cast<const uint4*>(x);
+    if constexpr (NORM) {
+      for (int m = lane; m < M; m += 32) wss[wid * MP + m] = 0.f;
+      __syncwarp();
+    }
     for (int i = tid; i < M * gpr; i += NT) {
       const int m = i / gpr, j = i - m * gpr;
       const int pj = BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
       const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
       uint4 v = xg[gi];
       if constexpr (GLU) v = qmm_glu8<T>(v, xg[gi + K / 8]);
+      if constexpr (NORM) {  // gpr % 32 == 0: the warp's 32 granules are one row
+        float ss = qmm_sumsq8<T>(v);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) wss[wid * MP + m] += ss;
+      }
       *reinterpret_cast<uint4*>(xs + m * XS + pj * 8) = v;
     }
   }
   __syncthreads();
-  if constexpr (NORM) qmm_rms_norm<T, BITS, MT, NT>(xs, XS, nw, eps, M, K, lane, wid);
+  if constexpr (NORM) qmm_rms_norm<T, BITS, NT>(xs, XS, nw, wss, MP, eps, M, K, tid);
 
   bool tok[MT];
 #pragma unroll
   for (int tt = 0; tt < MT; ++tt) tok[tt] = tt * 8 + g < M;
 
   float acc[MT][4];
-#pragma unroll
-  for (int tt = 0; tt < MT; ++tt) acc[tt][0] = acc[tt][1] = acc[tt][2] = acc[tt][3] = 0.f;
 
   auto compute = [&](const QmmStage<P>& st, int c0) {
 #pragma unroll
@@ -455,39 +479,50 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     }
   };
 
-  // Two stages: while one stage's chunks are multiplied, the next stage's loads are in flight.
-  for (int c0 = wc0; c0 < wc1; c0 += 2 * P) {
-    load(sB, c0 + P);
-    compute(sA, c0);
-    load(sA, c0 + 2 * P);
-    compute(sB, c0 + P);
-  }
-
-  // Reduce the WK warps of each feature tile through smem (reusing the x area).
-  __syncthreads();
-  float* red = reinterpret_cast<float*>(qmm_smem);
+  for (;;) {
+    const int n0 = tile * BN;
 #pragma unroll
-  for (int tt = 0; tt < MT; ++tt) {
-    const int m = tt * 8 + 2 * t, r = wn * 16 + g;
-    red[(wk * MP + m) * RS + r] = acc[tt][0];
-    red[(wk * MP + m + 1) * RS + r] = acc[tt][1];
-    red[(wk * MP + m) * RS + r + 8] = acc[tt][2];
-    red[(wk * MP + m + 1) * RS + r + 8] = acc[tt][3];
-  }
-  __syncthreads();
-  for (int e = tid; e < M * BN; e += NT) {
-    const int m = e / BN, r = e - m * BN;
-    float v = 0.f;
-#pragma unroll
-    for (int q = 0; q < WK; ++q) v += red[(q * MP + m) * RS + r];
-    const int n = n0 + r;
-    if constexpr (SPLIT) {
-      out[((size_t)s * M + m) * N + n] = qmm_cast<O, T>(v);
-    } else {
-      if constexpr (HAS_BIAS) v += qmm_float<T>(lbias[n]);
-      if constexpr (HAS_RES) v += qmm_float<T>(res[(size_t)m * N + n]);
-      out[(size_t)m * N + n] = qmm_cast<O, T>(v);
+    for (int tt = 0; tt < MT; ++tt) acc[tt][0] = acc[tt][1] = acc[tt][2] = acc[tt][3] = 0.f;
+    // Two stages: while one stage's chunks are multiplied, the next stage's loads are in flight.
+    for (int c0 = wc0; c0 < wc1; c0 += 2 * P) {
+      load(sB, c0 + P);
+      compute(sA, c0);
+      load(sA, c0 + 2 * P);
+      compute(sB, c0 + P);
     }
+    const int next = tile + gridDim.x;
+    if (next < NTILE) {  // the next tile's first weights load during this tile's reduction
+      at_tile(next);
+      load(sA, wc0);
+    }
+
+    // Reduce the WK warps of each feature tile through smem.
+#pragma unroll
+    for (int tt = 0; tt < MT; ++tt) {
+      const int m = tt * 8 + 2 * t, r = wn * 16 + g;
+      red[(wk * MP + m) * RS + r] = acc[tt][0];
+      red[(wk * MP + m + 1) * RS + r] = acc[tt][1];
+      red[(wk * MP + m) * RS + r + 8] = acc[tt][2];
+      red[(wk * MP + m + 1) * RS + r + 8] = acc[tt][3];
+    }
+    __syncthreads();
+    for (int e = tid; e < M * BN; e += NT) {
+      const int m = e / BN, r = e - m * BN;
+      float v = 0.f;
+#pragma unroll
+      for (int q = 0; q < WK; ++q) v += red[(q * MP + m) * RS + r];
+      const int n = n0 + r;
+      if constexpr (SPLIT) {
+        out[((size_t)s * M + m) * N + n] = qmm_cast<O, T>(v);
+      } else {
+        if constexpr (HAS_BIAS) v += qmm_float<T>(lbias[n]);
+        if constexpr (HAS_RES) v += qmm_float<T>(res[(size_t)m * N + n]);
+        out[(size_t)m * N + n] = qmm_cast<O, T>(v);
+      }
+    }
+    if (next >= NTILE) break;
+    __syncthreads();  // the reduction area is rewritten by the next tile
+    tile = next;
   }
 }
 
@@ -564,13 +599,53 @@ class QmmConfig:
     p: int  # chunks in flight per warp
     s: int  # K-slices over blocks (> 1: fp32 partials + reduce kernel)
     mrows: int  # x rows allocated in smem (power of two >= M)
+    blocks: int = 0  # blocks along N per K-slice, each walking every blocks-th tile (0: one per tile)
 
-    def smem(self, k: int, bits: int) -> int:
+    def xbytes(self, k: int, bits: int) -> int:
+        """Shared memory of the staged x slice."""
         ck = 128 if bits == 4 else 64
         nch = k // ck
-        xs = -(-nch // self.s) * ck + (16 if bits == 4 else 8)
-        red = self.wk * 8 * self.mt * (16 * self.wn + 4) * 4
-        return max(self.mrows * xs * 2, red)
+        return self.mrows * (-(-nch // self.s) * ck + (16 if bits == 4 else 8)) * 2
+
+    def smem(self, k: int, bits: int) -> int:
+        """x slice and reduction area side by side (a block reduces one tile while x stays)."""
+        return self.xbytes(k, bits) + self.wk * 8 * self.mt * (16 * self.wn + 4) * 4
+
+    def grid_blocks(self, n: int) -> int:
+        tiles = n // (16 * self.wn)
+        return tiles if self.blocks <= 0 else min(tiles, self.blocks)
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the GPU (MLX does not report it): BATCHBENCH_SMS, else
+    by device name, else 132 (H100/H200). Only sizes the persistent grid; any value is correct."""
+    v = os.environ.get("BATCHBENCH_SMS")
+    if v:
+        return max(1, int(v))
+    try:
+        name = str(mx.device_info().get("device_name", ""))
+    except Exception:  # noqa: BLE001 - older MLX
+        name = ""
+    for key, sms in (("H200", 132), ("H100", 132), ("H800", 132), ("A100", 108), ("A800", 108),
+                     ("L40", 142), ("4090", 128), ("L4", 58), ("A10", 72)):
+        if key in name:
+            return sms
+    return 132
+
+
+# Persistent blocks (each walks several feature tiles, staging x once): on by default,
+# BB_QMM_PERSIST=0 launches one block per tile as before (A/B runs).
+PERSIST = os.environ.get("BB_QMM_PERSIST", "1") == "1"
+FUSE_NORM = os.environ.get("BB_QMM_FUSE_NORM", "1") == "1"
+SMEM_PER_SM = 227 * 1024
+
+
+def _resident_blocks(cfg: QmmConfig, k: int, bits: int) -> int:
+    """Blocks that fit on the GPU at once: registers (~68 per thread with one chunk per stage
+    and one token tile, ~100 otherwise; 64K per SM) and shared memory."""
+    per_sm = 3 if (cfg.mt == 1 and cfg.p == 1) else 2
+    per_sm = max(1, min(per_sm, SMEM_PER_SM // (cfg.smem(k, bits) + 1024)))
+    return per_sm * sm_count()
 
 
 # mt -> (wn, wk, p). p chunks per load stage, two stages in flight: p=2 keeps the registers
@@ -585,14 +660,15 @@ LONG_K_CHUNKS = 12  # chunks per warp above which K is split over two blocks (do
 
 
 def _load_depth(m: int, mt: int, n: int, k: int, p: int) -> int:
-    """Chunks per load stage from the H200 sweep with two stages in flight
-    (results/h200-2026-11-29-s2/qmm-tune-v2.json): one chunk per stage wins at M=1 (gate/up
-    49 -> 43 us, lm_head 181 -> 159 us) and for wide or long matrices at M=32 (gate/up 105 ->
-    98 us); narrow matrices at M=32 want three (o_proj 25.7 -> 23.3 us)."""
+    """Chunks per load stage, two stages in flight, persistent blocks (H200 sweep,
+    results/h200-2026-11-29-s3/qmm-tune.json): two chunks win at M=1 (gate/up 44.2 -> 41.2 us,
+    lm_head 171 -> 153 us) except for the long-K down projection, and for wide or long
+    matrices at M=32 (gate/up 126 -> 101 us, down 84 -> 62 us); narrow matrices at M=32
+    keep three (o_proj 21.5 us)."""
     if m == 1:
-        return 1
+        return 1 if k > 8192 else 2
     if mt >= 4:
-        return 1 if n >= _WIDE_N or k > 8192 else 3
+        return 2 if n >= _WIDE_N or k > 8192 else 3
     return p
 
 
@@ -604,7 +680,7 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
     nch = k // (128 if bits == 4 else 64)
     p = _load_depth(m, mt, n, k, p)
     cfg = QmmConfig(mt, wn, wk, p, 1, 1 << (m - 1).bit_length())
-    while cfg.smem(k, bits) > SMEM_BUDGET and cfg.s < nch:
+    while cfg.xbytes(k, bits) > SMEM_BUDGET and cfg.s < nch:
         cfg = replace(cfg, s=cfg.s + 1)
     warps = (n // (16 * wn)) * wn * wk
     if warps < MIN_WARPS:
@@ -613,6 +689,9 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
     if cfg.s == 1 and nch / wk > LONG_K_CHUNKS and warps < 2 * 132 * 8:
         # few warps with long runs of K (down_proj): H200 sweep, M=1 48 -> 36 us with 2 slices
         cfg = replace(cfg, s=2)
+    if PERSIST and not (m == 1 and cfg.s > 1):
+        # one block per tile for the split down projection at M=1 (31 us vs 33 persistent)
+        cfg = replace(cfg, blocks=-(-_resident_blocks(cfg, k, bits) // cfg.s))
     return cfg
 
 
@@ -693,8 +772,8 @@ def plan_quantized_matmul(
         )
     cfg = config or choose_config(m, n, k, bits)
     split = cfg.s > 1
-    if norm is not None and (split or glu):
-        raise ValueError("quantized_matmul: the fused RMSNorm needs one K-slice and no glu")
+    if norm is not None and (split or glu or k % 256):
+        raise ValueError("quantized_matmul: the fused RMSNorm needs one K-slice, K % 256 == 0 and no glu")
     has_bias = bias is not None and not split
     has_res = residual is not None and not split
     # Shapes share compiled kernels: N and K are runtime values and the dynamic smem size is
@@ -708,7 +787,7 @@ def plan_quantized_matmul(
         inputs=inputs,
         output_shapes=[(cfg.s, m, n) if split else (m, n)],
         output_dtypes=[mx.float32 if split else x.dtype],
-        grid=((n // (16 * cfg.wn)) * nt, cfg.s, 1),
+        grid=(cfg.grid_blocks(n) * nt, cfg.s, 1),
         threadgroup=(nt, 1, 1),
         template=[
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
@@ -769,12 +848,12 @@ def quantized_matmul(
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
     lead = x.shape[:-1]
     ours = backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, group_size, bits)
-    # Each block normalizes its rows itself: worth it for narrow matrices (q/k/v: +2.5 us for
-    # one launch less), not for wide ones (gate/up: 2,368 blocks, +15 us; H200, M=1).
-    # At M <= 2 the step is host-bound (H200: 7.9 ms wall, 4.4 ms of kernels at B=1): one
-    # launch less beats kernel time there, so the norm is fused into wide matrices too.
+    # Each block normalizes its rows itself, once: the sums of squares are taken while x is
+    # staged and a persistent block stages x once for all its tiles. Needs one K-slice and
+    # K % 256 == 0; BB_QMM_FUSE_NORM=0 keeps the separate rms_norm launch (A/B runs).
     cfg = choose_config(m, n, k, bits) if ours else None
-    fuse_norm = ours and (n < _WIDE_N or m <= 2) and norm is not None and norm[0].dtype == x.dtype
+    fuse_norm = (ours and FUSE_NORM and norm is not None and norm[0].dtype == x.dtype
+                 and k % 256 == 0)
     if norm is not None and not (fuse_norm and cfg.s == 1):
         x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
     if ours:

@@ -39,10 +39,13 @@ __device__ __forceinline__ void from_f(float f, __nv_bfloat16* o) { *o = __float
 
 // Thread (x, y): pair i of head h (q heads, then k heads, then v heads) of token y.
 // Pairs are (i, i + D/2), or (2i, 2i + 1) when TRAD. v pairs are copied unrotated.
-template <typename T, int D, bool TRAD, int HQ, int HKV>
+// STORE: k and v are the layer's cache buffers [Hkv, nc, D]; token y's rows go to cell
+// cells[y] (the K/V write of a decode step, in place: no separate copy launches).
+template <typename T, int D, bool TRAD, int HQ, int HKV, bool STORE>
 __device__ __forceinline__ void qkv_rope(const T* __restrict__ qkv, const int32_t* __restrict__ positions,
                                          T* __restrict__ q, T* __restrict__ k, T* __restrict__ v,
-                                         const int n_tok, const float log2_base, const float scale) {
+                                         const int n_tok, const float log2_base, const float scale,
+                                         const int32_t* __restrict__ cells, const int nc) {
   constexpr int P = D / 2;
   constexpr int H = HQ + 2 * HKV;
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
@@ -51,13 +54,15 @@ __device__ __forceinline__ void qkv_rope(const T* __restrict__ qkv, const int32_
   const int h = idx / P, i = idx - h * P;
   const int i1 = TRAD ? 2 * i : i, i2 = TRAD ? 2 * i + 1 : i + P;
   const T* x = qkv + ((size_t)t * H + h) * D;
+  const size_t row = STORE ? (size_t)cells[t] : (size_t)t;
+  const size_t rows = STORE ? (size_t)nc : (size_t)n_tok;
   if (h >= HQ + HKV) {
-    T* o = v + ((size_t)(h - HQ - HKV) * n_tok + t) * D;
+    T* o = v + ((size_t)(h - HQ - HKV) * rows + row) * D;
     o[i1] = x[i1];
     o[i2] = x[i2];
     return;
   }
-  T* o = h < HQ ? q + ((size_t)h * n_tok + t) * D : k + ((size_t)(h - HQ) * n_tok + t) * D;
+  T* o = h < HQ ? q + ((size_t)h * n_tok + t) * D : k + ((size_t)(h - HQ) * rows + row) * D;
   // Same fp32 steps as mlx/backend/cuda/rope.cu (full-range sinf/cosf: theta reaches ~1e5).
   const float inv_freq = exp2f(-((float)i / (float)P) * log2_base);
   const float theta = (scale * (float)positions[t]) * inv_freq;
@@ -73,10 +78,21 @@ __device__ __forceinline__ void qkv_rope(const T* __restrict__ qkv, const int32_
 ROPE_HEADER = kspec.compact(ROPE_HEADER)  # MLX hashes the source on every launch
 
 _SOURCE = (
-    "bbrope::qkv_rope<T, D, TRAD, HQ, HKV>(qkv, positions, q, k, v, qkv_shape[1], "
-    "__int_as_float(LOG2_BASE_BITS), __int_as_float(SCALE_BITS));"
+    "bbrope::qkv_rope<T, D, TRAD, HQ, HKV, false>(qkv, positions, q, k, v, qkv_shape[1], "
+    "__int_as_float(LOG2_BASE_BITS), __int_as_float(SCALE_BITS), nullptr, 0);"
 )
 ROPE_SPEC = KernelSpec("cuda", "bb_qkv_rope", ("qkv", "positions"), ("q", "k", "v"), _SOURCE, ROPE_HEADER)
+# MLX has no in-place custom kernels: the cache buffers come in as inputs and are written
+# through a const_cast. Callers keep the ordering right: attention reads the buffers in a
+# launch that takes q, this kernel's output. Inputs must be row-contiguous (the cache's are):
+# MLX would otherwise hand the kernel a copy and the write would be lost.
+_STORE_SOURCE = (
+    "bbrope::qkv_rope<T, D, TRAD, HQ, HKV, true>(qkv, positions, q, const_cast<T*>(kc), "
+    "const_cast<T*>(vc), qkv_shape[1], __int_as_float(LOG2_BASE_BITS), __int_as_float(SCALE_BITS), "
+    "cells, kc_shape[2]);"
+)
+STORE_SPEC = KernelSpec("cuda", "bb_qkv_rope_store", ("qkv", "positions", "cells", "kc", "vc"), ("q",),
+                        _STORE_SOURCE, ROPE_HEADER)
 
 
 def _f32(x: float) -> float:
@@ -113,9 +129,12 @@ def plan_qkv_rope(
     base: float,
     scale: float,
     traditional: bool,
+    store: tuple[mx.array, mx.array, mx.array] | None = None,
 ) -> tuple[KernelSpec, Launch]:
     """The CUDA kernel and launch `qkv_rope` runs. Per-model constants (dtype, D, heads,
-    base, scale, layout) are template values; T and the positions are runtime inputs."""
+    base, scale, layout) are template values; T and the positions are runtime inputs.
+    store (cells [T] int32, keys, values [1, Hkv, cells, D]): write k and v into the cache
+    buffers at those cells instead of returning them (`qkv_rope_store`)."""
     t = _check(qkv, positions, n_heads, n_kv_heads, head_dim)
     if not kernel_supported(qkv, head_dim):
         raise ValueError(f"qkv_rope kernel: needs fp16/bf16 and even D <= {MAX_D}, got {qkv.dtype}, D={head_dim}")
@@ -124,10 +143,19 @@ def plan_qkv_rope(
     # As MLX's RoPE primitive: base and scale are floats, log2 taken of the float base.
     log2_base = _f32(math.log2(_f32(base)))
     pairs = (n_heads + 2 * n_kv_heads) * (head_dim // 2)
+    inputs, shapes = [qkv, positions], [(1, n_heads, t, head_dim)]
+    if store is None:
+        shapes += [(1, n_kv_heads, t, head_dim)] * 2
+    else:
+        cells, keys, values = store
+        _check_store(qkv, cells, keys, values, t, n_kv_heads, head_dim)
+        if keys.dtype != qkv.dtype or values.dtype != qkv.dtype:
+            raise ValueError(f"qkv_rope_store kernel: cache dtype {keys.dtype} differs from {qkv.dtype}")
+        inputs += [cells.astype(mx.int32), keys, values]
     launch = Launch(
-        inputs=[qkv, positions],
-        output_shapes=[(1, n_heads, t, head_dim), (1, n_kv_heads, t, head_dim), (1, n_kv_heads, t, head_dim)],
-        output_dtypes=[qkv.dtype] * 3,
+        inputs=inputs,
+        output_shapes=shapes,
+        output_dtypes=[qkv.dtype] * len(shapes),
         grid=(pairs, t, 1),
         threadgroup=(min(THREADS, pairs), 1, 1),
         template=[
@@ -136,7 +164,20 @@ def plan_qkv_rope(
             ("SCALE_BITS", kspec.f32_bits(scale)),
         ],
     )
-    return ROPE_SPEC, launch
+    return (ROPE_SPEC if store is None else STORE_SPEC), launch
+
+
+def _check_store(qkv, cells, keys, values, t, n_kv_heads, head_dim) -> None:
+    want = (1, n_kv_heads)
+    for name, buf in (("keys", keys), ("values", values)):
+        if buf.ndim != 4 or tuple(buf.shape[:2]) != want or buf.shape[3] != head_dim:
+            raise ValueError(
+                f"qkv_rope_store: {name} must be [1, {n_kv_heads}, cells, {head_dim}], got {tuple(buf.shape)}"
+            )
+    if keys.shape != values.shape:
+        raise ValueError(f"qkv_rope_store: keys {tuple(keys.shape)} and values {tuple(values.shape)} differ")
+    if cells.shape != (t,):
+        raise ValueError(f"qkv_rope_store: cells must be [{t}], got {tuple(cells.shape)}")
 
 
 def qkv_rope_ref(
@@ -181,3 +222,43 @@ def qkv_rope(
         q, k, v = kspec.run(*plan_qkv_rope(qkv, positions, **kw))
         return q, k, v
     return qkv_rope_ref(qkv, positions, **kw)
+
+
+def qkv_rope_store(
+    qkv: mx.array,
+    positions: mx.array,
+    cells: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    base: float,
+    scale: float,
+    traditional: bool,
+    where: slice | None = None,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """`qkv_rope`, then the K/V write of a decode step: returns (q, keys, values) where the
+    cache buffers keys/values [1, Hkv, cells, D] hold token t's k and v at cell cells[t].
+
+    On CUDA one kernel writes the buffers in place and returns them as they came; the twin
+    returns updated arrays (a slice update when `where`, the same cells as a slice, is given,
+    else a scatter). Callers must keep what is returned, which is correct for both."""
+    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, base=base, scale=scale,
+              traditional=traditional)
+    if backend.BACKEND == "cuda" and kernel_supported(qkv, head_dim) and keys.dtype == qkv.dtype:
+        (q,) = kspec.run(*plan_qkv_rope(qkv, positions, store=(cells, keys, values), **kw))
+        return q, keys, values
+    return qkv_rope_store_ref(qkv, positions, cells, keys, values, where=where, **kw)
+
+
+def qkv_rope_store_ref(qkv, positions, cells, keys, values, *, where=None, **kw):
+    """Pure-MLX twin of `qkv_rope_store`."""
+    t = _check(qkv, positions, kw["n_heads"], kw["n_kv_heads"], kw["head_dim"])
+    _check_store(qkv, cells, keys, values, t, kw["n_kv_heads"], kw["head_dim"])
+    q, k, v = qkv_rope_ref(qkv, positions, **kw)
+    idx = where if where is not None else cells
+    keys[:, :, idx] = k.astype(keys.dtype)
+    values[:, :, idx] = v.astype(values.dtype)
+    return q, keys, values

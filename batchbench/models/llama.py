@@ -63,18 +63,22 @@ class Attention(nn.Module):
         if args.rope_scaling and args.rope_scaling.get("type", args.rope_scaling.get("rope_type")) == "linear":
             self.rope_scale = 1.0 / float(args.rope_scaling["factor"])
 
-    def qkv(self, x: mx.array, positions: mx.array, norm: nn.RMSNorm | None = None):
-        """Projections of norm(x) and RoPE: a pure function of x, compiled for decode steps."""
+    @property
+    def rope(self) -> dict:
+        """qkv_rope's keyword arguments for this layer."""
+        return dict(n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+                    base=self.rope_theta, scale=self.rope_scale, traditional=self.rope_traditional)
+
+    def project(self, x: mx.array, norm: nn.RMSNorm | None = None) -> mx.array:
+        """The q/k/v projections of norm(x), side by side: [1, T, (Hq + 2 * Hkv) * D]."""
         if "qkv_proj" in self:  # one fused launch (batchbench.kernels.qmm.fuse_quantized_projections)
-            qkv = self.qkv_proj.fused(x, norm=norm)
-        else:
-            x = x if norm is None else norm(x)
-            qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
-        return qkv_rope(
-            qkv, positions, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-            head_dim=self.head_dim, base=self.rope_theta, scale=self.rope_scale,
-            traditional=self.rope_traditional,
-        )
+            return self.qkv_proj.fused(x, norm=norm)
+        x = x if norm is None else norm(x)
+        return mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+
+    def qkv(self, x: mx.array, positions: mx.array, norm: nn.RMSNorm | None = None):
+        """(q, k, v) [1, H, T, D] of norm(x), q and k rotated at positions."""
+        return qkv_rope(self.project(x, norm), positions, **self.rope)
 
 
 class MLP(nn.Module):
@@ -103,10 +107,6 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(args)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self._compiled = None
-
-    def pre(self, x: mx.array, positions: mx.array):
-        return self.self_attn.qkv(x, positions, norm=self.input_layernorm)
 
     def post(self, x: mx.array, attn: mx.array) -> mx.array:
         a = self.self_attn
@@ -114,18 +114,10 @@ class TransformerBlock(nn.Module):
         return self.mlp(h, residual=h, norm=self.post_attention_layernorm)
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
-        if not mask.decode:
-            return self._forward(self.pre, self.post, x, mask, cache)
-        # Decode steps rebuild the same graph every token: compile the pure parts around the
-        # cache write and the attention kernel so Python builds a handful of ops per layer.
-        if self._compiled is None:
-            self._compiled = (mx.compile(self.pre), mx.compile(self.post))
-        return self._forward(*self._compiled, x, mask, cache)
-
-    def _forward(self, pre, post, x, mask, cache) -> mx.array:
-        q, k, v = pre(x, mask.positions)
-        keys, values = cache.update_and_fetch(k, v)
-        return post(x, attention(q, keys, values, self.self_attn.scale, mask))
+        a = self.self_attn
+        # RoPE and the K/V write are one step of the cache: one kernel on CUDA, in place.
+        q, keys, values = cache.store_qkv(a.project(x, norm=self.input_layernorm), mask.positions, a.rope)
+        return self.post(x, attention(q, keys, values, a.scale, mask))
 
 
 class LlamaModel(nn.Module):
@@ -155,7 +147,10 @@ class Model(nn.Module):
 
     def __call__(self, tokens: mx.array, mask, cache) -> mx.array:
         """tokens [1, T]; returns logits [n_out, vocab] for the rows in `mask.out_rows`."""
-        h = self.model(tokens, mask, cache)
+        return self.head(self.model(tokens, mask, cache), mask)
+
+    def head(self, h: mx.array, mask) -> mx.array:
+        """Final norm and output projection of the rows in `mask.out_rows`."""
         if mask.out_rows is not None:
             h = h[:, mask.out_rows]
         h = self.model.norm(h)

@@ -195,6 +195,7 @@ def qmm_case(
     res: bool = False,
     glu: bool = False,
     norm: bool = False,
+    blocks: int = 0,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up."""
@@ -205,9 +206,9 @@ def qmm_case(
     rs = mx.array(rng.standard_normal((m, n)).astype(np.float32) * 4).astype(dtype) if res else None
     nw = mx.array(rng.uniform(0.5, 1.5, (k,)).astype(np.float32)).astype(dtype) if norm else None
     cfg = None
-    if split:
+    if split or blocks:
         base = Q.choose_config(m, n, k, bits)
-        cfg = Q.QmmConfig(base.mt, base.wn, base.wk, base.p, split, base.mrows)
+        cfg = Q.QmmConfig(base.mt, base.wn, base.wk, base.p, split or base.s, base.mrows, blocks)
     kspec, launch = Q.plan_quantized_matmul(
         "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
         norm=(nw, 1e-5) if norm else None, config=cfg,
@@ -238,6 +239,7 @@ def qmm_case(
         f"qmm-cuda-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-M{m}-N{n}-K{k}-b{bits}-g{group_size}"
         f"{'-split' + str(split) if split else ''}{'-bias' if bias else ''}"
         f"{'-res' if res else ''}{'-glu' if glu else ''}{'-norm' if norm else ''}"
+        f"{'-blocks' + str(blocks) if blocks else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -255,6 +257,10 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=9, bits=8, res=True, bias=True),
         dict(m=3, bits=4, group_size=32, norm=True, bias=True),
         dict(m=8, bits=4, group_size=32, norm=True, dtype=mx.bfloat16, res=True),
+        # persistent blocks walking several feature tiles (uneven share), with the norm
+        dict(m=1, bits=4, group_size=32, n=208, k=512, norm=True, blocks=3),
+        dict(m=5, bits=8, n=160, k=512, norm=True, res=True, blocks=4, dtype=mx.bfloat16),
+        dict(m=2, bits=4, group_size=32, n=96, glu=True, res=True, split=2, blocks=2),
     ]
     if quick:
         specs = specs[:2]

@@ -325,6 +325,12 @@ def emulate(
             results.append(_run_once(lib, gen, spec, launch, s, seed, strict, cpu_limit_s, stack_kb))
     raw, ins_after = results[0]
     for s, (other, other_ins) in zip(schedules[1:], results[1:]):
+        for x, a, b in zip(gen.inputs, ins_after, other_ins):  # kernels that write their inputs
+            if not np.array_equal(a.view(np.uint8), b.view(np.uint8)):
+                raise RaceError(
+                    f"{gen.kernel_name}: input {x.name!r} after the run differs between the "
+                    f"{schedules[0]} and {s} thread schedules"
+                )
         for name, a, b in zip(gen.output_names, raw, other):
             if not np.array_equal(a.view(np.uint8), b.view(np.uint8)):
                 diff = int(np.count_nonzero(a.reshape(-1).view(np.uint8) != b.reshape(-1).view(np.uint8)))

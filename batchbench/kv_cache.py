@@ -14,14 +14,15 @@ import mlx.core as mx
 import numpy as np
 
 from batchbench.kernels.attention import PackedLive
+from batchbench.kernels.mask import decode_mask
 from batchbench.kernels.rope import qkv_rope_store
 
 BLOCK = 32  # cells per skip block (llama.cpp's vec kernel)
 PAD = 256  # n_kv padding (llama.cpp get_n_kv)
-# With skipping, extra masked cells cost nothing; rounding the decode window and the live-block
-# lists up keeps their shapes steady across steps, so compiled decode steps are not re-traced.
+# Decode windows keep their shapes across steps so that compiled decode steps are not
+# re-traced: with skipping the window is the whole cache (masked cells cost nothing) and the
+# live-block lists are as wide as it; without, it is rounded up to this many cells.
 SKIP_WINDOW_PAD = 2048
-LIVE_WIDTH_PAD = 64
 
 
 def _small_int32(a: np.ndarray) -> mx.array:
@@ -131,6 +132,8 @@ class KVCache:
         self.pos = np.full(n_cells, -1, np.int32)
         self.bits = np.zeros((self.n_words, n_cells), np.uint32)  # seq-id bitset per cell
         self.seq_blocks = np.zeros((n_seq_max, pad_to(n_cells, BLOCK) // BLOCK), bool)
+        self._blocks_version = 0  # bumped whenever seq_blocks changes (live-list cache key)
+        self._live_cache: tuple | None = None
         self.head = [0] * self.n_stream
         self.used = [0] * self.n_stream  # used_max_p1 per stream
         self._dev_pos = mx.array(self.pos)
@@ -151,6 +154,7 @@ class KVCache:
         self.pos[:] = -1
         self.bits[:] = 0
         self.seq_blocks[:] = False
+        self._blocks_version += 1
         self.head = [0] * self.n_stream
         self.used = [0] * self.n_stream
         self._full_upload = True
@@ -185,7 +189,10 @@ class KVCache:
             self.used[st] = max(self.used[st], int(free.max()) + 1)
         self.pos[cells] = positions
         np.bitwise_or.at(self.bits, (seq_ids // 32, cells), (1 << (seq_ids % 32)).astype(np.uint32))
-        self.seq_blocks[seq_ids, cells // BLOCK] = True
+        blk = cells // BLOCK
+        if not self.seq_blocks[seq_ids, blk].all():
+            self.seq_blocks[seq_ids, blk] = True
+            self._blocks_version += 1
         self._dirty.append(cells)
         return cells
 
@@ -235,6 +242,7 @@ class KVCache:
     def _refresh_blocks(self, seq: int) -> None:
         self.seq_blocks[seq] = False
         self.seq_blocks[seq, self.seq_cells(seq) // BLOCK] = True
+        self._blocks_version += 1
 
     # --- attention window and mask ------------------------------------------------------
     def n_kv(self, stream: int) -> int:
@@ -265,6 +273,9 @@ class KVCache:
         SWA all hide a cell. Built on the device from the mirrored metadata.
         """
         self._sync_device()
+        if c0 == 0 and self.swa is None:  # decode windows: one kernel on CUDA
+            return decode_mask(self._dev_bits, self._dev_pos[:c1], _small_int32(seq_ids),
+                               _small_int32(positions), self.dtype)
         seq = mx.array(seq_ids.astype(np.uint32))
         p1 = mx.array(positions.astype(np.int32))[:, None]
         words = self._dev_bits[:, c0:c1][mx.array((seq_ids // 32).astype(np.int32))]
@@ -277,14 +288,12 @@ class KVCache:
 
     def _live_rows(self, seq_ids: np.ndarray, n: int) -> np.ndarray:
         """int32 [T, 1 + W]: per row its count of live 32-cell blocks (those holding a cell of
-        its sequence), then their indices ascending, then -1. W is a power of two >= 64, so the
-        shape changes rarely."""
+        its sequence), then their indices ascending, then -1. W is every block of the window,
+        so the shape depends only on T and n."""
         nb = pad_to(n, BLOCK) // BLOCK
         occ = self.seq_blocks[seq_ids, :nb]
         counts = occ.sum(axis=1).astype(np.int32)
-        longest = max(int(counts.max()) if len(counts) else 0, 1)
-        width = max(LIVE_WIDTH_PAD, 1 << (longest - 1).bit_length())
-        rows = np.full((len(seq_ids), 1 + width), -1, np.int32)
+        rows = np.full((len(seq_ids), 1 + nb), -1, np.int32)
         rows[:, 0] = counts
         r, c = np.nonzero(occ)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -297,8 +306,12 @@ class KVCache:
         return mx.array(rows[:, 1:]), mx.array(rows[:, 0])
 
     def packed_live_blocks(self, seq_ids: np.ndarray, n: int) -> PackedLive:
-        """The same lists in the kernel's row layout, built once per step for every layer."""
-        return PackedLive(mx.array(self._live_rows(seq_ids, n)))
+        """The same lists in the kernel's row layout, built once per step for every layer and
+        rebuilt only when a sequence gains or loses a block (every 32 tokens in decode)."""
+        key = (seq_ids.tobytes(), n, self._blocks_version)
+        if self._live_cache is None or self._live_cache[0] != key:
+            self._live_cache = (key, PackedLive(mx.array(self._live_rows(seq_ids, n))))
+        return self._live_cache[1]
 
     # --- one ubatch -----------------------------------------------------------------------
     def prepare(
@@ -331,9 +344,9 @@ class KVCache:
             out_rows=None if out_rows is None else mx.array(np.asarray(out_rows, np.int32)),
         )
         if plan.decode:
-            # Masked cells cost nothing with skipping and little without; a coarse window keeps
-            # the mask's shape, and so the compiled decode step, the same across many steps.
-            n = min(pad_to(n, SKIP_WINDOW_PAD), self.n_cells)
+            # Steady shapes (see SKIP_WINDOW_PAD): masked cells cost nothing with skipping and
+            # little without.
+            n = self.n_cells if flash and skip else min(pad_to(n, SKIP_WINDOW_PAD), self.n_cells)
             plan.mask = self.build_mask(seq_ids, positions, 0, n)
             plan.cells = self._write_cells
             if flash and skip:

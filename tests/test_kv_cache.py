@@ -165,3 +165,25 @@ def test_packed_live_blocks_match_pairs_in_attention():
     # the kernel launch takes the packed rows as they are: no per-layer packing op
     _, launch = plan_decode_attention("cuda", q, k, v, mask, scale=0.125, skip=True, live_blocks=packed)
     assert launch.inputs[4] is packed.rows
+
+
+def test_decode_plans_keep_their_shapes_and_reuse_live_lists():
+    """Compiled decode steps are traced per input shape: with skipping, the mask and the live
+    lists keep one shape for the whole run, and the lists are rebuilt only when a sequence
+    gains a block (they must then match a fresh build)."""
+    c = make(kv_size=8192, n_seq=3)
+    fill_prompts(c, 3, 60)
+    shapes, lists = set(), []
+    for step in range(40):
+        plan = c.prepare(np.arange(3), np.full(3, 60 + step), None)
+        shapes.add((plan.mask.shape, plan.live_blocks.rows.shape))
+        lists.append(plan.live_blocks)
+        fresh = c._live_rows(np.arange(3), plan.mask.shape[1])
+        np.testing.assert_array_equal(np.array(plan.live_blocks.rows), fresh)
+    assert shapes == {((3, c.n_cells), (3, 1 + c.n_cells // BLOCK))}
+    # the three sequences interleave: each step opens a block for some sequence every 32/3
+    # steps, not every step
+    rebuilt = sum(a is not b for a, b in zip(lists, lists[1:]))
+    assert 0 < rebuilt < 20
+    no_skip = c.prepare(np.arange(3), np.full(3, 100), None, skip=False)
+    assert no_skip.mask.shape[1] < c.n_cells and no_skip.live_blocks is None

@@ -657,6 +657,8 @@ _TILES = {1: (1, 8, 2), 2: (2, 4, 2), 4: (4, 2, 2), 8: (4, 2, 1)}
 _WIDE_N = 16384
 _WIDE_TILES = {1: (4, 2, 2), 2: (4, 2, 2), 4: (8, 1, 2), 8: (8, 1, 1)}
 LONG_K_CHUNKS = 12  # chunks per warp above which K is split over two blocks (down_proj, M=1)
+# BB_QMM_LONG_K_SPLIT=0: keep one K-slice there (one launch less per layer: no reduce kernel)
+LONG_K_SPLIT = os.environ.get("BB_QMM_LONG_K_SPLIT", "1") == "1"
 
 
 def _load_depth(m: int, mt: int, n: int, k: int, p: int) -> int:
@@ -686,7 +688,7 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
     if warps < MIN_WARPS:
         s_par = min(-(-MIN_WARPS // warps), max(1, nch // wk))
         cfg = replace(cfg, s=max(cfg.s, s_par))
-    if cfg.s == 1 and nch / wk > LONG_K_CHUNKS and warps < 2 * 132 * 8:
+    if LONG_K_SPLIT and cfg.s == 1 and nch / wk > LONG_K_CHUNKS and warps < 2 * 132 * 8:
         # few warps with long runs of K (down_proj): H200 sweep, M=1 48 -> 36 us with 2 slices
         cfg = replace(cfg, s=2)
     if PERSIST and not (m == 1 and cfg.s > 1):

@@ -26,6 +26,7 @@ import numpy as np
 from batchbench.kernels import spec as kspec_mod
 from batchbench.kernels.spec import KernelSpec, Launch
 from batchbench.verify import cases as C
+from batchbench.verify.mask_cases import mask_cases
 from batchbench.verify.rope_cases import rope_cases
 
 
@@ -60,7 +61,8 @@ def main() -> int:
     # BATCHBENCH_VERIFY_QUICK=1: two attention and two rope cases, every qmm case, PTX only
     # (each case compiles its kernels twice with NVRTC: the full run takes minutes).
     quick = os.environ.get("BATCHBENCH_VERIFY_QUICK") == "1"
-    cases = C.attention_cases("cuda", rng, quick=quick) + C.qmm_cases(rng) + rope_cases(rng, quick=quick)
+    cases = (C.attention_cases("cuda", rng, quick=quick) + C.qmm_cases(rng) + rope_cases(rng, quick=quick)
+             + mask_cases(rng))
     variants = ("ptx",) if quick else ("ptx", "portable")
     rows = []
     failures = 0

@@ -28,9 +28,12 @@ SKIP_WINDOW_PAD = 2048
 def _small_int32(a: np.ndarray) -> mx.array:
     """a as an int32 device array. MLX keeps arrays of <= 8 bytes in managed memory, slow for
     kernels to read (B <= 2 decode): allocate at least 16 bytes and view the first len(a)."""
-    a32 = np.asarray(a).astype(np.int32)
-    dev = mx.array(np.pad(a32, (0, max(0, 4 - len(a32)))))
-    return dev if len(a32) >= 4 else dev[: len(a32)]
+    a = np.asarray(a)
+    if len(a) >= 4:
+        return mx.array(a.astype(np.int32))
+    buf = np.zeros(4, np.int32)
+    buf[: len(a)] = a
+    return mx.array(buf)[: len(a)]
 
 
 def pad_to(n: int, m: int) -> int:
@@ -134,6 +137,10 @@ class KVCache:
         self.seq_blocks = np.zeros((n_seq_max, pad_to(n_cells, BLOCK) // BLOCK), bool)
         self._blocks_version = 0  # bumped whenever seq_blocks changes (live-list cache key)
         self._live_cache: tuple | None = None
+        # Per sequence, its live blocks ascending (array, length), kept up to date by find_slot;
+        # sequences in _lists_stale are rebuilt from seq_blocks when next needed.
+        self._lists = [(np.empty(64, np.int32), 0) for _ in range(n_seq_max)]
+        self._lists_stale = set(range(n_seq_max))
         self.head = [0] * self.n_stream
         self.used = [0] * self.n_stream  # used_max_p1 per stream
         self._dev_pos = mx.array(self.pos)
@@ -155,6 +162,7 @@ class KVCache:
         self.bits[:] = 0
         self.seq_blocks[:] = False
         self._blocks_version += 1
+        self._lists_stale = set(range(self.n_seq_max))
         self.head = [0] * self.n_stream
         self.used = [0] * self.n_stream
         self._full_upload = True
@@ -190,9 +198,12 @@ class KVCache:
         self.pos[cells] = positions
         np.bitwise_or.at(self.bits, (seq_ids // 32, cells), (1 << (seq_ids % 32)).astype(np.uint32))
         blk = cells // BLOCK
-        if not self.seq_blocks[seq_ids, blk].all():
+        new = ~self.seq_blocks[seq_ids, blk]
+        if new.any():
             self.seq_blocks[seq_ids, blk] = True
             self._blocks_version += 1
+            for sq, b in {(int(a), int(c)) for a, c in zip(seq_ids[new], blk[new])}:
+                self._list_add(sq, b)
         self._dirty.append(cells)
         return cells
 
@@ -243,6 +254,32 @@ class KVCache:
         self.seq_blocks[seq] = False
         self.seq_blocks[seq, self.seq_cells(seq) // BLOCK] = True
         self._blocks_version += 1
+        self._lists_stale.add(seq)
+
+    def _list_add(self, seq: int, b: int) -> None:
+        if seq in self._lists_stale:
+            return
+        arr, n = self._lists[seq]
+        if n == len(arr):
+            arr = np.concatenate([arr, np.empty(len(arr), np.int32)])
+        if n and arr[n - 1] > b:  # out of order (a freed cell reused): keep the list sorted
+            i = int(np.searchsorted(arr[:n], b))
+            arr[i + 1 : n + 1] = arr[i:n].copy()
+            arr[i] = b
+        else:
+            arr[n] = b
+        self._lists[seq] = (arr, n + 1)
+
+    def _seq_list(self, seq: int) -> np.ndarray:
+        """Live blocks of seq, ascending (a view: do not keep)."""
+        if seq in self._lists_stale:
+            blocks = np.flatnonzero(self.seq_blocks[seq]).astype(np.int32)
+            arr = np.empty(max(64, 2 * len(blocks)), np.int32)
+            arr[: len(blocks)] = blocks
+            self._lists[seq] = (arr, len(blocks))
+            self._lists_stale.discard(seq)
+        arr, n = self._lists[seq]
+        return arr[:n]
 
     # --- attention window and mask ------------------------------------------------------
     def n_kv(self, stream: int) -> int:
@@ -291,13 +328,13 @@ class KVCache:
         its sequence), then their indices ascending, then -1. W is every block of the window,
         so the shape depends only on T and n."""
         nb = pad_to(n, BLOCK) // BLOCK
-        occ = self.seq_blocks[seq_ids, :nb]
-        counts = occ.sum(axis=1).astype(np.int32)
         rows = np.full((len(seq_ids), 1 + nb), -1, np.int32)
-        rows[:, 0] = counts
-        r, c = np.nonzero(occ)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        rows[r, 1 + np.arange(len(r)) - starts[r]] = c
+        for t, sq in enumerate(seq_ids):
+            lst = self._seq_list(int(sq))
+            if len(lst) and lst[-1] >= nb:
+                lst = lst[: np.searchsorted(lst, nb)]
+            rows[t, 0] = len(lst)
+            rows[t, 1 : 1 + len(lst)] = lst
         return rows
 
     def live_blocks(self, seq_ids: np.ndarray, n: int) -> tuple[mx.array, mx.array]:

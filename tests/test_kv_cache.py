@@ -178,8 +178,7 @@ def test_decode_plans_keep_their_shapes_and_reuse_live_lists():
         plan = c.prepare(np.arange(3), np.full(3, 60 + step), None)
         shapes.add((plan.mask.shape, plan.live_blocks.rows.shape))
         lists.append(plan.live_blocks)
-        fresh = c._live_rows(np.arange(3), plan.mask.shape[1])
-        np.testing.assert_array_equal(np.array(plan.live_blocks.rows), fresh)
+        np.testing.assert_array_equal(np.array(plan.live_blocks.rows), live_rows_ref(c, np.arange(3)))
     assert shapes == {((3, c.n_cells), (3, 1 + c.n_cells // BLOCK))}
     # the three sequences interleave: each step opens a block for some sequence every 32/3
     # steps, not every step
@@ -187,3 +186,50 @@ def test_decode_plans_keep_their_shapes_and_reuse_live_lists():
     assert 0 < rebuilt < 20
     no_skip = c.prepare(np.arange(3), np.full(3, 100), None, skip=False)
     assert no_skip.mask.shape[1] < c.n_cells and no_skip.live_blocks is None
+
+
+def live_rows_ref(c: KVCache, seq_ids) -> np.ndarray:
+    """The kernel's live rows straight from the block occupancy (no incremental lists)."""
+    nb = c.seq_blocks.shape[1]
+    rows = np.full((len(seq_ids), 1 + nb), -1, np.int32)
+    for t, s in enumerate(seq_ids):
+        blocks = np.flatnonzero(c.seq_blocks[s])
+        rows[t, 0] = len(blocks)
+        rows[t, 1 : 1 + len(blocks)] = blocks
+    return rows
+
+
+def test_incremental_live_lists_follow_every_cache_operation():
+    """find_slot keeps the per-sequence lists up to date (freed cells reused out of order
+    included); seq_rm, seq_cp and clear rebuild them."""
+    rng = np.random.default_rng(11)
+    c = make(kv_size=256, n_seq=4)  # small: the head wraps and freed cells are reused
+    fill_prompts(c, 4, 50)
+    for step in range(120):
+        op = rng.random()
+        if (c.pos < 0).sum() < 8:
+            c.seq_rm(-1, 0, 30)
+        if op < 0.1:
+            c.seq_rm(int(rng.integers(0, 4)), int(rng.integers(0, 40)), int(rng.integers(40, 80)))
+        elif op < 0.15:
+            c.seq_cp(int(rng.integers(0, 4)), int(rng.integers(0, 4)))
+        elif op < 0.17:
+            c.clear()
+            fill_prompts(c, 4, 20)
+        seq = rng.permutation(4)[: int(rng.integers(1, 5))]
+        pos = np.array([int(c.pos[c.seq_cells(int(s))].max(initial=-1)) + 1 for s in seq])
+        plan = c.prepare(seq, pos, None)
+        np.testing.assert_array_equal(np.array(plan.live_blocks.rows), live_rows_ref(c, seq))
+
+
+def test_live_list_stays_sorted_when_a_freed_earlier_block_is_reused():
+    c = make(kv_size=128, n_seq=2)
+    c.find_slot(np.full(32, 1), np.arange(32))  # seq 1: block 0
+    c.find_slot(np.zeros(64, np.int64), np.arange(64))  # seq 0: blocks 1, 2
+    plan = c.prepare(np.array([0]), np.array([64]), None)  # seq 0 gains block 3; lists built
+    assert list(np.array(plan.live_blocks.rows[0, :4])) == [3, 1, 2, 3]
+    c.seq_rm(1)  # block 0 freed
+    c.find_slot(np.zeros(31, np.int64), np.arange(65, 96))  # fills block 3; the head wraps
+    plan = c.prepare(np.array([0]), np.array([96]), None)  # lands in block 0, before 1, 2, 3
+    np.testing.assert_array_equal(np.array(plan.live_blocks.rows), live_rows_ref(c, [0]))
+    assert list(np.array(plan.live_blocks.rows[0, :5])) == [4, 0, 1, 2, 3]

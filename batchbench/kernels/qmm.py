@@ -196,6 +196,33 @@ __device__ __forceinline__ uint32_t qmm_pair4(uint32_t u, uint32_t u_shr4, int p
   return qmm_dq_magic<BF16>(v, s2, b2);
 }
 
+// fp16 4-bit, fewer instructions (the "lop3" dequantization): word u holds k = 0..7 (k at
+// bits 4k). One AND-OR each extracts the pairs {k, k + 4}: bits 0-3 and 16-19 give 1024 + code,
+// bits 4-7 and 20-23 give 1024 + 16 * code, which is scaled by s/16 (s16). Pairs out:
+// A[0] = {0, 4}, A[1] = {1, 5}, A[2] = {2, 6}, A[3] = {3, 7}; x is staged to match (qmm_perm8).
+__device__ __forceinline__ void qmm_dq4_lop3(uint32_t u, uint32_t s2, uint32_t s16, uint32_t b2,
+                                             uint32_t (&A)[4]) {
+  const uint32_t magic = 0x64006400u;
+  const uint32_t u8 = u >> 8;
+  A[0] = qmm_dq_magic<false>((u & 0x000F000Fu) | magic, s2, b2);
+  A[1] = qmm_dq_magic<false>((u & 0x00F000F0u) | magic, s16, b2);
+  A[2] = qmm_dq_magic<false>((u8 & 0x000F000Fu) | magic, s2, b2);
+  A[3] = qmm_dq_magic<false>((u8 & 0x00F000F0u) | magic, s16, b2);
+}
+
+// s/16 in both halves of an fp16 pair (exact for normal s).
+__device__ __forceinline__ uint32_t qmm_scale16(uint32_t s2) {
+  const float2 f = qmm_to_float2(s2, false);
+  __half2 h = __floats2half2_rn(f.x * 0.0625f, f.y * 0.0625f);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// A granule of 8 halves x0..x7 reordered as {x0, x4}, {x1, x5}, {x2, x6}, {x3, x7}.
+__device__ __forceinline__ uint4 qmm_perm8(uint4 v) {
+  return make_uint4(qmm_prmt(v.x, v.z, 0x5410u), qmm_prmt(v.x, v.z, 0x7632u),
+                    qmm_prmt(v.y, v.w, 0x5410u), qmm_prmt(v.y, v.w, 0x7632u));
+}
+
 // 8-bit word u holds k = 0..3 (k at bits 8k). Returns the pair {k = 2p, 2p + 1}.
 template <bool BF16>
 __device__ __forceinline__ uint32_t qmm_pair8(uint32_t u, int p, uint32_t s2, uint32_t b2) {
@@ -261,7 +288,7 @@ __device__ __forceinline__ uint4 qmm_glu8(uint4 g, uint4 u) {
 // RMSNorm of the staged rows in place (the block holds whole rows: one K-slice):
 // x * rsqrt(mean(x^2) + eps) * nw, in fp32 with one rounding, as mx.fast.rms_norm. The sums
 // of squares were taken while staging (wss: one partial per warp and row, fixed order).
-template <typename T, int BITS, int NT>
+template <typename T, int BITS, int NT, bool PERM>
 __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T* __restrict__ nw,
                                              const float* wss, const int MP, const float eps,
                                              const int M, const int K, const int tid) {
@@ -275,7 +302,9 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
     const float rs = rsqrtf(ss / (float)K + eps);
     const int j = BITS == 4 ? (pj ^ ((pj >> 3) & 1)) : pj;  // the swizzle is an involution
     uint4* p = reinterpret_cast<uint4*>(xs + m * XS + pj * 8);
-    const uint4 v = *p, wv = nwg[j];
+    uint4 wv = nwg[j];
+    if constexpr (PERM) wv = qmm_perm8(wv);  // the staged x granules are reordered
+    const uint4 v = *p;
     const uint32_t u[4] = {v.x, v.y, v.z, v.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
     uint32_t r[4];
 #pragma unroll
@@ -320,8 +349,9 @@ struct QmmStage {
 // HAS_RES: y += res[M, N] (the residual add after o_proj / down_proj).
 // NORM: the input is rms_norm(x) * nw[K] (eps), computed on the staged x: needs one K-slice
 // and K % 256 == 0 (a warp's 32 staging granules then lie in one row).
+// DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, bool SPLIT, bool HAS_BIAS,
-          bool HAS_RES, bool GLU, bool NORM, typename O>
+          bool HAS_RES, bool GLU, bool NORM, int DQ, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
@@ -330,6 +360,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
                                            O* __restrict__ out, const int M, const int N,
                                            const int K) {
   constexpr bool BF16 = is_bf16<T>::value;
+  constexpr bool LOP3 = DQ == 1 && BITS == 4 && !BF16;
   constexpr int KT = 128 / BITS;            // k per lane per 16-byte load: 32 or 16
   constexpr int CK = 4 * KT;                // k per chunk (4 lanes per feature row)
   constexpr int BN = 16 * WN;
@@ -414,11 +445,12 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
         if (lane == 0) wss[wid * MP + m] += ss;
       }
+      if constexpr (LOP3) v = qmm_perm8(v);
       *reinterpret_cast<uint4*>(xs + m * XS + pj * 8) = v;
     }
   }
   __syncthreads();
-  if constexpr (NORM) qmm_rms_norm<T, BITS, NT>(xs, XS, nw, wss, MP, eps, M, K, tid);
+  if constexpr (NORM) qmm_rms_norm<T, BITS, NT, LOP3>(xs, XS, nw, wss, MP, eps, M, K, tid);
 
   bool tok[MT];
 #pragma unroll
@@ -433,18 +465,28 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       if (c < wc1) {
         const uint32_t s0 = st.sa[p] | (st.sa[p] << 16), b0 = st.ba[p] | (st.ba[p] << 16);
         const uint32_t s1 = st.sb[p] | (st.sb[p] << 16), b1 = st.bb[p] | (st.bb[p] << 16);
+        uint32_t s0h = 0u, s1h = 0u;
+        if constexpr (LOP3) {
+          s0h = qmm_scale16(s0);
+          s1h = qmm_scale16(s1);
+        }
         const uint32_t u0[4] = {st.wa[p].x, st.wa[p].y, st.wa[p].z, st.wa[p].w};
         const uint32_t u1[4] = {st.wb[p].x, st.wb[p].y, st.wb[p].z, st.wb[p].w};
         const int jl = ((c - cs0) * CK + t * KT) / 8;  // first x granule of this lane
         if constexpr (BITS == 4) {
 #pragma unroll
           for (int wd = 0; wd < 4; ++wd) {
-            const uint32_t u0s = u0[wd] >> 4, u1s = u1[wd] >> 4;
             uint32_t A0[4], A1[4];
+            if constexpr (LOP3) {
+              qmm_dq4_lop3(u0[wd], s0, s0h, b0, A0);
+              qmm_dq4_lop3(u1[wd], s1, s1h, b1, A1);
+            } else {
+              const uint32_t u0s = u0[wd] >> 4, u1s = u1[wd] >> 4;
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              A0[q] = qmm_pair4<BF16>(u0[wd], u0s, q, s0, b0);
-              A1[q] = qmm_pair4<BF16>(u1[wd], u1s, q, s1, b1);
+              for (int q = 0; q < 4; ++q) {
+                A0[q] = qmm_pair4<BF16>(u0[wd], u0s, q, s0, b0);
+                A1[q] = qmm_pair4<BF16>(u1[wd], u1s, q, s1, b1);
+              }
             }
             const int j = jl + wd;
             const int pj = j ^ ((j >> 3) & 1);
@@ -548,7 +590,7 @@ __device__ __forceinline__ void qmm_reduce(const float* __restrict__ part,
 QMM_HEADER = kspec.compact(QMM_HEADER)  # MLX hashes the source on every launch
 
 _SRC_MAIN = (
-    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, SPLIT, {has_bias}, {has_res}, {glu}, {norm}>"
+    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ>"
     "(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
     " w_shape[1] * 32 / BITS);"
 )
@@ -637,6 +679,9 @@ def sm_count() -> int:
 # BB_QMM_PERSIST=0 launches one block per tile as before (A/B runs).
 PERSIST = os.environ.get("BB_QMM_PERSIST", "1") == "1"
 FUSE_NORM = os.environ.get("BB_QMM_FUSE_NORM", "1") == "1"
+# fp16 4-bit dequantization: "lop3" (AND-OR extraction of {k, k + 4} pairs, x staged reordered)
+# or "prmt" (byte permutes of adjacent pairs). Read at each launch (tuning scripts flip it).
+DEQUANT_LOP3 = os.environ.get("BB_QMM_DQ", "lop3") == "lop3"
 SMEM_PER_SM = 227 * 1024
 
 
@@ -688,8 +733,10 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
     if warps < MIN_WARPS:
         s_par = min(-(-MIN_WARPS // warps), max(1, nch // wk))
         cfg = replace(cfg, s=max(cfg.s, s_par))
-    if LONG_K_SPLIT and cfg.s == 1 and nch / wk > LONG_K_CHUNKS and warps < 2 * 132 * 8:
-        # few warps with long runs of K (down_proj): H200 sweep, M=1 48 -> 36 us with 2 slices
+    if LONG_K_SPLIT and m > 2 and cfg.s == 1 and nch / wk > LONG_K_CHUNKS and warps < 2 * 132 * 8:
+        # few warps with long runs of K (down_proj): 2 slices are faster kernels (H200, M=1
+        # 33 -> 31 us), but at M <= 2 the step is bound by the host and the reduce launch costs
+        # more than it saves (S_TG at B=1 162 -> 188 t/s without it, results/h200-2026-11-29-s3)
         cfg = replace(cfg, s=2)
     if PERSIST and not (m == 1 and cfg.s > 1):
         # one block per tile for the split down projection at M=1 (31 us vs 33 persistent)
@@ -793,7 +840,7 @@ def plan_quantized_matmul(
         threadgroup=(nt, 1, 1),
         template=[
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
-            ("WK", cfg.wk), ("P", cfg.p), ("SPLIT", split),
+            ("WK", cfg.wk), ("P", cfg.p), ("SPLIT", split), ("DQ", 1 if DEQUANT_LOP3 else 0),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1]))] if norm is not None else []),
     )

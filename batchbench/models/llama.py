@@ -153,10 +153,9 @@ class Model(nn.Module):
         """Final norm and output projection of the rows in `mask.out_rows`."""
         if mask.out_rows is not None:
             h = h[:, mask.out_rows]
-        h = self.model.norm(h)
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)[0]
-        return self.lm_head(h)[0]
+            return self.model.embed_tokens.as_linear(self.model.norm(h))[0]
+        return linear(self.lm_head, h, norm=self.model.norm)[0]  # the norm fused where it can be
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}

@@ -706,6 +706,14 @@ LONG_K_CHUNKS = 12  # chunks per warp above which K is split over two blocks (do
 LONG_K_SPLIT = os.environ.get("BB_QMM_LONG_K_SPLIT", "1") == "1"
 
 
+def _lop3(cfg: QmmConfig, n: int, k: int) -> bool:
+    """The lop3 dequantization where the H200 sweep measured it faster
+    (results/h200-2026-11-29-s3/qmm-tune-dq.txt): one token tile (M=1: lm_head 152 -> 139 us,
+    gate/up 40.5 -> 37.3, down 35.8 -> 30.7) and narrow matrices at M=32 (o_proj 22.2 -> 21.4);
+    wide or long matrices at M=32 lose with it (gate/up 102 -> 123 us, down 63 -> 82)."""
+    return DEQUANT_LOP3 and (cfg.mt == 1 or (n < _WIDE_N and k <= 8192))
+
+
 def _load_depth(m: int, mt: int, n: int, k: int, p: int) -> int:
     """Chunks per load stage, two stages in flight, persistent blocks (H200 sweep,
     results/h200-2026-11-29-s3/qmm-tune.json): two chunks win at M=1 (gate/up 44.2 -> 41.2 us,
@@ -840,7 +848,7 @@ def plan_quantized_matmul(
         threadgroup=(nt, 1, 1),
         template=[
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
-            ("WK", cfg.wk), ("P", cfg.p), ("SPLIT", split), ("DQ", 1 if DEQUANT_LOP3 else 0),
+            ("WK", cfg.wk), ("P", cfg.p), ("SPLIT", split), ("DQ", 1 if _lop3(cfg, n, k) else 0),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1]))] if norm is not None else []),
     )

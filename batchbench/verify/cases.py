@@ -196,6 +196,7 @@ def qmm_case(
     glu: bool = False,
     norm: bool = False,
     blocks: int = 0,
+    lop3: bool = True,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up."""
@@ -209,10 +210,14 @@ def qmm_case(
     if split or blocks:
         base = Q.choose_config(m, n, k, bits)
         cfg = Q.QmmConfig(base.mt, base.wn, base.wk, base.p, split or base.s, base.mrows, blocks)
-    kspec, launch = Q.plan_quantized_matmul(
-        "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
-        norm=(nw, 1e-5) if norm else None, config=cfg,
-    )
+    saved, Q.DEQUANT_LOP3 = Q.DEQUANT_LOP3, lop3  # lop3=False: the byte-permute dequantization
+    try:
+        kspec, launch = Q.plan_quantized_matmul(
+            "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
+            norm=(nw, 1e-5) if norm else None, config=cfg,
+        )
+    finally:
+        Q.DEQUANT_LOP3 = saved
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
     xf = _f64(x)
     if glu:
@@ -239,7 +244,7 @@ def qmm_case(
         f"qmm-cuda-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-M{m}-N{n}-K{k}-b{bits}-g{group_size}"
         f"{'-split' + str(split) if split else ''}{'-bias' if bias else ''}"
         f"{'-res' if res else ''}{'-glu' if glu else ''}{'-norm' if norm else ''}"
-        f"{'-blocks' + str(blocks) if blocks else ''}"
+        f"{'-blocks' + str(blocks) if blocks else ''}{'' if lop3 else '-prmt'}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -261,6 +266,8 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=1, bits=4, group_size=32, n=208, k=512, norm=True, blocks=3),
         dict(m=5, bits=8, n=160, k=512, norm=True, res=True, blocks=4, dtype=mx.bfloat16),
         dict(m=2, bits=4, group_size=32, n=96, glu=True, res=True, split=2, blocks=2),
+        # fp16 4-bit with the byte-permute dequantization (wide matrices at M=32 take it)
+        dict(m=9, bits=4, group_size=32, norm=True, res=True, lop3=False),
     ]
     if quick:
         specs = specs[:2]

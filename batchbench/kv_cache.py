@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from batchbench.kernels.attention import PackedLive
+from batchbench.kernels.attention import PackedLive, skipped_cells_are_free
 from batchbench.kernels.mask import decode_mask
 from batchbench.kernels.rope import qkv_rope_store
 
 BLOCK = 32  # cells per skip block (llama.cpp's vec kernel)
 PAD = 256  # n_kv padding (llama.cpp get_n_kv)
 # Decode windows keep their shapes across steps so that compiled decode steps are not
-# re-traced: with skipping the window is the whole cache (masked cells cost nothing) and the
-# live-block lists are as wide as it; without, it is rounded up to this many cells.
+# re-traced: with skipping on a GPU kernel the window is the whole cache (masked cells cost
+# nothing) and the live-block lists are as wide as it; otherwise it is rounded up to this many.
 SKIP_WINDOW_PAD = 2048
 
 
@@ -381,9 +381,10 @@ class KVCache:
             out_rows=None if out_rows is None else mx.array(np.asarray(out_rows, np.int32)),
         )
         if plan.decode:
-            # Steady shapes (see SKIP_WINDOW_PAD): masked cells cost nothing with skipping and
-            # little without.
-            n = self.n_cells if flash and skip else min(pad_to(n, SKIP_WINDOW_PAD), self.n_cells)
+            # Steady shapes (see SKIP_WINDOW_PAD): with skipping, the GPU kernels pay nothing for
+            # masked cells; without (or on the pure-MLX twin) they cost little.
+            whole = flash and skip and skipped_cells_are_free()
+            n = self.n_cells if whole else min(pad_to(n, SKIP_WINDOW_PAD), self.n_cells)
             plan.mask = self.build_mask(seq_ids, positions, 0, n)
             plan.cells = self._write_cells
             if flash and skip:

@@ -167,10 +167,11 @@ def test_packed_live_blocks_match_pairs_in_attention():
     assert launch.inputs[4] is packed.rows
 
 
-def test_decode_plans_keep_their_shapes_and_reuse_live_lists():
-    """Compiled decode steps are traced per input shape: with skipping, the mask and the live
-    lists keep one shape for the whole run, and the lists are rebuilt only when a sequence
-    gains a block (they must then match a fresh build)."""
+def test_decode_plans_keep_their_shapes_and_reuse_live_lists(cuda_dispatch):
+    """Compiled decode steps are traced per input shape: with skipping on a GPU kernel (here
+    CUDA, launches stubbed), the mask and the live lists keep one shape for the whole run, and
+    the lists are rebuilt only when a sequence gains a block (they must then match a fresh
+    build)."""
     c = make(kv_size=8192, n_seq=3)
     fill_prompts(c, 3, 60)
     shapes, lists = set(), []
@@ -233,3 +234,11 @@ def test_live_list_stays_sorted_when_a_freed_earlier_block_is_reused():
     plan = c.prepare(np.array([0]), np.array([96]), None)  # lands in block 0, before 1, 2, 3
     np.testing.assert_array_equal(np.array(plan.live_blocks.rows), live_rows_ref(c, [0]))
     assert list(np.array(plan.live_blocks.rows[0, :5])) == [4, 0, 1, 2, 3]
+
+
+def test_twin_decode_window_grows_in_steps():
+    """On the pure-MLX twin masked cells cost time: the decode window follows the used cells."""
+    c = make(kv_size=8192, n_seq=2)
+    fill_prompts(c, 2, 60)
+    plan = c.prepare(np.arange(2), np.full(2, 60), None)
+    assert plan.mask.shape == (2, 2048) and plan.live_blocks.rows.shape == (2, 1 + 2048 // BLOCK)

@@ -361,6 +361,12 @@ def plan_decode_attention(
     return kspec, launch
 
 
+def skipped_cells_are_free() -> bool:
+    """True where decode_attention runs a GPU kernel, whose cost does not grow with masked
+    cells outside the live blocks; the pure-MLX twin's does."""
+    return backend.BACKEND in CONFIG
+
+
 def decode_attention(
     q: mx.array,
     k: mx.array,

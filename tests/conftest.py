@@ -1,10 +1,12 @@
-"""Fixtures shared by the kernel dispatch tests."""
+"""Fixtures and helpers shared by the kernel tests."""
 
 import mlx.core as mx
 import pytest
 
 from batchbench import backend
 from batchbench.kernels import spec as kspec
+from batchbench.verify import EmulationError, toolchain
+from batchbench.verify.emulate import prebuild
 
 
 @pytest.fixture
@@ -19,3 +21,21 @@ def cuda_dispatch(monkeypatch):
     monkeypatch.setattr(backend, "BACKEND", "cuda")
     monkeypatch.setattr(kspec, "run", fake_run)
     return calls
+
+
+def emulated(cases: list) -> list:
+    """Cases ready to emulate: host compiler required, every kernel built up front."""
+    toolchain.need(toolchain.host_cxx)
+    prebuild([kl for c in cases for kl in c.kernels])
+    return cases
+
+
+def verify_emulated(case, seed: int) -> float:
+    """Emulate a case against its float64 expectation; a failure names the case and the seed."""
+    try:
+        err, _ = case.verify()
+    except EmulationError as e:
+        pytest.fail(f"{case.name} (seed {seed}): {e}")
+    except AssertionError as e:
+        pytest.fail(f"{e} (seed {seed})")
+    return err

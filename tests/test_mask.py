@@ -9,9 +9,9 @@ import pytest
 
 from batchbench.kernels import mask as K
 from batchbench.kv_cache import KVCache
-from batchbench.verify import EmulationError, toolchain
+from batchbench.verify import toolchain
 from batchbench.verify.compile import check_all
-from batchbench.verify.emulate import prebuild
+from conftest import emulated, verify_emulated
 from batchbench.verify.mask_cases import mask_cases, mask_reference, random_metadata, visibility
 
 SEED = int(np.random.SeedSequence().entropy % (1 << 31))
@@ -51,22 +51,14 @@ def test_bad_shapes_are_rejected():
 
 @pytest.fixture(scope="module")
 def cases():
-    toolchain.need(toolchain.host_cxx)
-    out = mask_cases(np.random.default_rng(SEED))
-    prebuild([kl for c in out for kl in c.kernels])
-    return out
+    return emulated(mask_cases(np.random.default_rng(SEED)))
 
 
 @pytest.mark.parametrize("i", range(N_CASES))
 def test_mask_kernel_emulated_matches_rules(cases, i):
     # more than 32 sequences (two bit words), shared and empty cells, future positions,
     # windows ending inside a thread's 8 cells; 0 / -inf exactly, nothing else
-    try:
-        cases[i].verify()
-    except EmulationError as e:
-        pytest.fail(f"{cases[i].name} (seed {SEED}): {e}")
-    except AssertionError as e:
-        pytest.fail(f"{e} (seed {SEED})")
+    verify_emulated(cases[i], SEED)
 
 
 def test_mask_kernel_compiles_for_sm90a():

@@ -13,10 +13,10 @@ import pytest
 from batchbench.kernels import rope
 from batchbench.kernels import spec as kspec
 from batchbench.models.llama import Attention, ModelArgs
-from batchbench.verify import EmulationError, toolchain
+from batchbench.verify import toolchain
 from batchbench.verify.compile import check_all
-from batchbench.verify.emulate import prebuild
 from batchbench.verify.rope_cases import rope_case, rope_cases, rope_reference, rope_tolerance
+from conftest import emulated, verify_emulated
 
 SEED = int(os.environ.get("BATCHBENCH_VERIFY_SEED", np.random.SeedSequence().entropy % (1 << 32)))
 N_CASES = len(rope_cases(np.random.default_rng(0)))
@@ -113,22 +113,15 @@ def test_bad_shapes_raise():
 
 @pytest.fixture(scope="module")
 def cases():
-    toolchain.need(toolchain.host_cxx)
-    out = rope_cases(np.random.default_rng(SEED))
-    prebuild([kl for c in out for kl in c.kernels])
-    return out
+    return emulated(rope_cases(np.random.default_rng(SEED)))
 
 
 @pytest.mark.parametrize("i", range(N_CASES))
 def test_rope_kernel_emulated_matches_float64(cases, i):
     # fp16/bf16, traditional/half-split, T 1/5/3, GQA 2 and 7, D 64/80/128, base 1e4/1e6,
-    # linear scaling; every output element written (else NaN), same bits in both schedules
-    try:
-        cases[i].verify()
-    except EmulationError as e:
-        pytest.fail(f"{cases[i].name} (seed {SEED}): {e}")
-    except AssertionError as e:
-        pytest.fail(f"{e} (seed {SEED})")
+    # linear scaling, K/V written into cache buffers; every output element written (else NaN),
+    # same bits in both schedules
+    verify_emulated(cases[i], SEED)
 
 
 def test_rope_kernel_compiles_for_sm90a():

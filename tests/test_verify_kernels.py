@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from batchbench.kernels.spec import KernelSpec, Launch
-from batchbench.verify import EmulationError, RaceError, emulate, toolchain
+from batchbench.verify import RaceError, emulate, toolchain
 from batchbench.verify.compile import check_all
 from batchbench.verify.cases import attention_case, attention_cases, qmm_case, qmm_cases
 from batchbench.verify.emulate import prebuild
+from conftest import verify_emulated
 
 SEED = int(os.environ.get("BATCHBENCH_VERIFY_SEED", np.random.SeedSequence().entropy % (1 << 32)))
 N_ATTN = len(attention_cases("metal", np.random.default_rng(0)))
@@ -61,13 +62,7 @@ def cases():
 
 
 def _verify(case):
-    try:
-        err, _ = case.verify()
-    except EmulationError as e:
-        pytest.fail(f"{case.name} (seed {SEED}): {e}")
-    except AssertionError as e:
-        pytest.fail(f"{e} (seed {SEED})")
-    return err
+    return verify_emulated(case, SEED)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "metal"])

@@ -296,7 +296,16 @@ class KVCache:
             self._dev_bits = mx.array(self.bits)
         elif self._dirty:
             idx = np.unique(np.concatenate(self._dirty))
-            if len(idx):
+            if len(idx) and idx[-1] - idx[0] + 1 == len(idx):
+                # A decode step's cells are one run: a slice update, widened to >= 4 cells so the
+                # uploaded values are >= 16 bytes (MLX keeps smaller arrays in managed memory,
+                # which a kernel may have to fault in: a 1-cell scatter took 131 us on the H200).
+                a = int(idx[0])
+                b = min(self.n_cells, max(int(idx[-1]) + 1, a + 4))
+                a = max(0, min(a, b - 4))
+                self._dev_pos[a:b] = mx.array(self.pos[a:b])
+                self._dev_bits[:, a:b] = mx.array(self.bits[:, a:b])
+            elif len(idx):
                 ix = mx.array(idx.astype(np.int32))
                 self._dev_pos[ix] = mx.array(self.pos[idx])
                 self._dev_bits[:, ix] = mx.array(self.bits[:, idx])

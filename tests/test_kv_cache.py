@@ -242,3 +242,21 @@ def test_twin_decode_window_grows_in_steps():
     fill_prompts(c, 2, 60)
     plan = c.prepare(np.arange(2), np.full(2, 60), None)
     assert plan.mask.shape == (2, 2048) and plan.live_blocks.rows.shape == (2, 1 + 2048 // BLOCK)
+
+
+def test_device_mirror_follows_the_host_metadata():
+    """The device copy of positions and sequence bits equals the host's after single-cell
+    writes at both ends of the cache (slice updates widened to 4 cells) and scattered writes."""
+    c = make(kv_size=64, n_seq=40)  # two bit words
+    c.find_slot(np.array([0]), np.array([0]))  # cell 0
+    c.build_mask(np.array([0]), np.array([0]), 0, 64)
+    c.head[0] = 63
+    c.find_slot(np.array([35]), np.array([7]))  # cell 63, the last
+    c.build_mask(np.array([0]), np.array([0]), 0, 64)
+    np.testing.assert_array_equal(np.array(c._dev_pos), c.pos)
+    np.testing.assert_array_equal(np.array(c._dev_bits), c.bits)
+    c.seq_rm(0)  # cell 0 emptied ...
+    c.seq_cp(35, 2)  # ... and cell 63 tagged: not one run of cells
+    c.build_mask(np.array([2]), np.array([9]), 0, 64)
+    np.testing.assert_array_equal(np.array(c._dev_pos), c.pos)
+    np.testing.assert_array_equal(np.array(c._dev_bits), c.bits)

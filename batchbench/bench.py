@@ -13,7 +13,7 @@ import numpy as np
 from batchbench import backend
 from batchbench.decode_step import CompiledDecode
 from batchbench.formats import BenchRow
-from batchbench.kv_cache import KVCache, pad_to
+from batchbench.kv_cache import KVCache, device_int32, pad_to
 from batchbench.stats import combine_repetitions, llama_row
 from batchbench.stats import n_kv_required as n_ctx_req
 
@@ -83,7 +83,7 @@ class Runner:
                     out_rows = np.array([u1 - u0 - 1])
                 plan = self.cache.prepare(seq[u0:u1], pos[u0:u1], out_rows,
                                           flash=self.mode.flash, skip=self.mode.skip)
-                toks = mx.array(np.asarray(tokens[u0:u1], np.int32))[None]
+                toks = device_int32(tokens[u0:u1])[None]  # B <= 2: not in managed memory
                 if self.step is not None and plan.decode:
                     last = self.step(toks, plan)  # a few compiled segments per step
                 else:

@@ -25,7 +25,7 @@ PAD = 256  # n_kv padding (llama.cpp get_n_kv)
 SKIP_WINDOW_PAD = 2048
 
 
-def _small_int32(a: np.ndarray) -> mx.array:
+def device_int32(a: np.ndarray) -> mx.array:
     """a as an int32 device array. MLX keeps arrays of <= 8 bytes in managed memory, slow for
     kernels to read (B <= 2 decode): allocate at least 16 bytes and view the first len(a)."""
     a = np.asarray(a)
@@ -320,8 +320,8 @@ class KVCache:
         """
         self._sync_device()
         if c0 == 0 and self.swa is None:  # decode windows: one kernel on CUDA
-            return decode_mask(self._dev_bits, self._dev_pos[:c1], _small_int32(seq_ids),
-                               _small_int32(positions), self.dtype)
+            return decode_mask(self._dev_bits, self._dev_pos[:c1], device_int32(seq_ids),
+                               device_int32(positions), self.dtype)
         seq = mx.array(seq_ids.astype(np.uint32))
         p1 = mx.array(positions.astype(np.int32))[:, None]
         words = self._dev_bits[:, c0:c1][mx.array((seq_ids // 32).astype(np.int32))]
@@ -374,7 +374,7 @@ class KVCache:
         seq_ids = np.asarray(seq_ids, np.int64)
         positions = np.asarray(positions, np.int64)
         cells = self.find_slot(seq_ids, positions)
-        self._write_cells = _small_int32(cells)
+        self._write_cells = device_int32(cells)
         if len(cells) and (np.diff(cells) == 1).all():
             self._write_index = slice(int(cells[0]), int(cells[-1]) + 1)
         else:
@@ -383,7 +383,7 @@ class KVCache:
         n = self.window_end(streams)
         _, per_seq = np.unique(seq_ids, return_counts=True)
         plan = AttentionPlan(
-            positions=_small_int32(positions),
+            positions=device_int32(positions),
             decode=bool(per_seq.max() <= decode_max_per_seq),
             flash=flash,
             skip=skip,

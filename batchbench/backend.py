@@ -38,8 +38,11 @@ def _eval_every() -> int:
     return 4 if BACKEND == "cuda" else 0
 
 
-# Op-by-op decode steps call mx.async_eval on the hidden state every this many layers (0: never).
+# Op-by-op decode steps call mx.async_eval on the hidden state every this many layers (0: never);
+# compiled decode steps are cut into segments of this many layers.
 DECODE_EVAL_EVERY: int = _eval_every()
+# Layers in the first compiled decode segment (0: DECODE_EVAL_EVERY), for experiments.
+DECODE_FIRST_SEGMENT: int = max(0, int(os.environ.get("BATCHBENCH_FIRST_SEGMENT", "0")))
 
 
 def set_device(name: str) -> None:

@@ -33,11 +33,16 @@ class _Slot:
 
 
 class CompiledDecode:
-    def __init__(self, model, cache: KVCache, every: int = 0):
+    def __init__(self, model, cache: KVCache, every: int = 0, first: int = 0):
+        """Segments of `every` layers (0: one for the whole step); `first` > 0 makes the first
+        segment that long instead, so that the GPU can start sooner."""
         self.model, self.cache = model, cache
         n = len(cache.layers)
         step = every if 0 < every < n else n
-        self.segments = [(a, min(a + step, n)) for a in range(0, n, step)]
+        bounds = [0] + ([min(first, n)] if 0 < first < step else [])
+        while bounds[-1] < n:
+            bounds.append(min(bounds[-1] + step, n))
+        self.segments = list(zip(bounds[:-1], bounds[1:]))
         self._fns: dict[tuple, object] = {}
 
     def __call__(self, tokens: mx.array, plan: AttentionPlan) -> mx.array:

@@ -127,3 +127,16 @@ def test_decode_submitted_layer_by_layer_equals_submitted_at_end(model, monkeypa
     per_layer = run_batched(new_runner(model, 2), prompts, steps)
     assert len(calls) >= len(steps) * (model.args.num_hidden_layers - 1)
     np.testing.assert_array_equal(per_layer, at_end)
+
+
+@pytest.mark.parametrize("every,first,want", [
+    (4, 0, [(0, 4), (4, 8), (8, 10)]),
+    (4, 1, [(0, 1), (1, 5), (5, 9), (9, 10)]),
+    (0, 3, [(0, 3), (3, 10)]),
+    (4, 6, [(0, 4), (4, 8), (8, 10)]),  # a first segment longer than the others is ignored
+])
+def test_decode_segments_cover_every_layer_once(every, first, want):
+    class TenLayers:
+        layers = [None] * 10
+
+    assert CompiledDecode(None, TenLayers(), every, first).segments == want

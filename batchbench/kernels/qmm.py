@@ -10,14 +10,17 @@ Layout is MLX's affine format with transpose=True semantics, exactly what `mx.qu
 returns: w uint32 [N, K*bits/32] (element k of a word sits at bits k*bits, lowest first),
 scales/biases [N, K/group_size] in the activation dtype; y = x @ dequantize(w).T.
 
-Work split: a block owns 16*WN output features and one of S slices of K; its WN*WK warps
+Work split: a tile is 16*WN output features; a block takes one of S slices of K and walks
+tiles blockIdx.x, + gridDim.x, ... (persistent: x is staged, and normalized, once per block,
+and the next tile's first weights load while the current one is reduced). Its WN*WK warps
 take 16 features each and a contiguous run of 128-k (4-bit) or 64-k (8-bit) chunks. A lane
 loads 16 contiguous bytes of two feature rows per chunk, which fall inside one quantization
 group, so it needs one scale and one bias per row. The k order inside an mma is free, so
-the lane's nibbles map to mma k-slots such that its x operand is 16 contiguous bytes of x,
-staged once per block in shared memory (swizzled: conflict-free 16-byte reads). Warps
-reduce through shared memory; with S > 1 slices the block writes fp32 partials and a small
-second kernel sums them, adds the bias and casts.
+the lane's nibbles map to mma k-slots such that its x operand is 16 bytes of x staged in
+shared memory (swizzled: conflict-free 16-byte reads; for the fp16 "lop3" dequantization the
+8 halves of a granule are reordered to the {k, k+4} pairs it produces). Warps reduce through
+shared memory; with S > 1 slices the block writes fp32 partials and a small second kernel
+sums them, adds the bias and the residual, and casts.
 
 Everything else (CPU, Metal, shapes or dtypes not covered) goes to `mx.quantized_matmul`.
 """

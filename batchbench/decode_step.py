@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from batchbench.kernels.attention import PackedLive
+from batchbench.kernels.attention import PackedLive, cuda_kernel_reads_cache
 from batchbench.kernels.rope import qkv_rope_store
 from batchbench.kv_cache import AttentionPlan, KVCache
 
@@ -24,11 +24,13 @@ from batchbench.kv_cache import AttentionPlan, KVCache
 class _Slot:
     """A layer's K/V inside the traced step."""
 
-    def __init__(self, keys: mx.array, values: mx.array, cells: mx.array):
-        self.keys, self.values, self.cells = keys, values, cells
+    def __init__(self, keys: mx.array, values: mx.array, cells: mx.array, flash: bool):
+        self.keys, self.values, self.cells, self.flash = keys, values, cells, flash
 
     def store_qkv(self, qkv: mx.array, positions: mx.array, rope: dict):
-        q, self.keys, self.values = qkv_rope_store(qkv, positions, self.cells, self.keys, self.values, **rope)
+        in_place = self.flash and cuda_kernel_reads_cache(qkv.dtype, rope["head_dim"])
+        q, self.keys, self.values = qkv_rope_store(qkv, positions, self.cells, self.keys, self.values,
+                                                   in_place=in_place, **rope)
         return q, self.keys, self.values
 
 
@@ -74,7 +76,7 @@ class CompiledDecode:
             plan = AttentionPlan(positions=positions, decode=True, flash=flash, skip=skip, mask=mask,
                                  live_blocks=PackedLive(extra[0]) if live else None,
                                  out_rows=extra[-1] if rows else None, cells=cells)
-            slots = [_Slot(kv[2 * i], kv[2 * i + 1], cells) for i in range(b - a)]
+            slots = [_Slot(kv[2 * i], kv[2 * i + 1], cells, flash) for i in range(b - a)]
             if a == 0:
                 h = model.model.embed_tokens(h)
             for layer, slot in zip(model.model.layers[a:b], slots):

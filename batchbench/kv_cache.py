@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from batchbench.kernels.attention import PackedLive, skipped_cells_are_free
+from batchbench.kernels.attention import PackedLive, cuda_kernel_reads_cache, skipped_cells_are_free
 from batchbench.kernels.mask import decode_mask
 from batchbench.kernels.rope import qkv_rope_store
 
@@ -95,8 +95,11 @@ class LayerCache:
         the ubatch's cells; returns (q [1, Hq, T, D], keys, values: the whole buffers)."""
         o = self.owner
         where = o._write_index if isinstance(o._write_index, slice) else None
+        # In place (one CUDA kernel) only where the one reader of the buffers is the decode
+        # attention kernel, which takes q (see qkv_rope_store).
+        in_place = o._write_decode and cuda_kernel_reads_cache(qkv.dtype, rope["head_dim"])
         q, self.keys, self.values = qkv_rope_store(
-            qkv, positions, o._write_cells, self.keys, self.values, where=where, **rope)
+            qkv, positions, o._write_cells, self.keys, self.values, where=where, in_place=in_place, **rope)
         return q, self.keys, self.values
 
 
@@ -149,6 +152,7 @@ class KVCache:
         self._full_upload = False
         self._write_index = slice(0, 0)
         self._write_cells = mx.zeros((0,), mx.int32)
+        self._write_decode = False
 
     # --- bookkeeping (llama_kv_cache / llama_kv_cells) ---------------------------------
     def stream_of(self, seq: int) -> int:
@@ -389,6 +393,7 @@ class KVCache:
             skip=skip,
             out_rows=None if out_rows is None else mx.array(np.asarray(out_rows, np.int32)),
         )
+        self._write_decode = plan.decode and flash  # the flash decode path: the attention kernel
         if plan.decode:
             # Steady shapes (see SKIP_WINDOW_PAD): with skipping, the GPU kernels pay nothing for
             # masked cells; without (or on the pure-MLX twin) they cost little.

@@ -135,3 +135,24 @@ def test_rope_kernel_compiles_for_sm90a():
         assert r.ok, f"{r.kernel_name} does not compile for sm_90a:\n{r.log}"
         assert r.spill_stores == 0, f"{r.kernel_name} spills registers:\n{r.log}"
         assert not [w for w in r.warnings if "host header" in w]
+
+
+@pytest.mark.parametrize("decode,flash,d,in_place", [(True, True, 128, True), (False, True, 128, False),
+                                                     (True, False, 128, False), (True, True, 160, False)])
+def test_cache_writes_in_place_only_before_the_attention_kernel(cuda_dispatch, decode, flash, d, in_place):
+    """MLX's CUDA graphs order a launch after the ones that output its buffers, and the in-place
+    K/V write outputs only q: it is used only where the decode attention kernel (which takes q)
+    is the one reader of the cache. Prefill, -fa off and head dims the kernel does not take get
+    RoPE plus an MLX slice or scatter update."""
+    from batchbench.kv_cache import KVCache
+
+    c = KVCache(1, 2, d, 256, 2, True, mx.float16)
+    t = 2 if decode else 40
+    seq = np.arange(2) if decode else np.repeat(np.arange(2), 20)
+    pos = np.full(2, 0) if decode else np.tile(np.arange(20), 2)
+    c.prepare(seq, pos, None, flash=flash)
+    kw = dict(n_heads=4, n_kv_heads=2, head_dim=d, base=1e4, scale=1.0, traditional=False)
+    q, keys, _ = c.layers[0].store_qkv(mx.zeros((1, t, 8 * d), mx.float16), mx.arange(t, dtype=mx.int32), kw)
+    spec = [s for s, _ in cuda_dispatch if s.name.startswith("bb_qkv_rope")][-1]
+    assert spec is (rope.STORE_SPEC if in_place else rope.ROPE_SPEC)
+    assert q.shape == (1, 4, t, d) and keys.shape == (1, 2, 256, d)

@@ -283,10 +283,14 @@ def _source_tag(backend_name: str) -> str:
     return hashlib.sha1((header + body).encode()).hexdigest()[:10]
 
 
+def dtype_and_dim_supported(dtype, d: int) -> bool:
+    """Activation dtype and head dimension the GPU kernels take."""
+    return dtype in (mx.float16, mx.bfloat16) and d % 32 == 0 and d <= 128
+
+
 def kernel_supported(backend_name: str, q: mx.array, mask: mx.array) -> bool:
     """Shapes and dtypes the GPU kernels take; anything else runs on the twin."""
-    d = q.shape[3]
-    if q.dtype not in (mx.float16, mx.bfloat16) or d % 32 != 0 or d > 128:
+    if not dtype_and_dim_supported(q.dtype, q.shape[3]):
         return False
     if mask.shape[1] == 0:
         return False
@@ -359,6 +363,12 @@ def plan_decode_attention(
         ],
     )
     return kspec, launch
+
+
+def cuda_kernel_reads_cache(dtype, d: int) -> bool:
+    """True when decode attention runs the CUDA kernel for this dtype and head dimension, the
+    one reader of the cache that the in-place K/V write is ordered before (rope.qkv_rope_store)."""
+    return backend.BACKEND == "cuda" and dtype_and_dim_supported(dtype, d)
 
 
 def skipped_cells_are_free() -> bool:

@@ -83,9 +83,10 @@ _SOURCE = (
 )
 ROPE_SPEC = KernelSpec("cuda", "bb_qkv_rope", ("qkv", "positions"), ("q", "k", "v"), _SOURCE, ROPE_HEADER)
 # MLX has no in-place custom kernels: the cache buffers come in as inputs and are written
-# through a const_cast. Callers keep the ordering right: attention reads the buffers in a
-# launch that takes q, this kernel's output. Inputs must be row-contiguous (the cache's are):
-# MLX would otherwise hand the kernel a copy and the write would be lost.
+# through a const_cast. MLX's CUDA graph orders a launch after those that output its buffers,
+# so every reader of the buffers must take q, this kernel's output (qkv_rope_store says when).
+# Inputs must be row-contiguous (the cache's are): MLX would otherwise hand the kernel a copy
+# and the write would be lost.
 _STORE_SOURCE = (
     "bbrope::qkv_rope<T, D, TRAD, HQ, HKV, true>(qkv, positions, q, const_cast<T*>(kc), "
     "const_cast<T*>(vc), qkv_shape[1], __int_as_float(LOG2_BASE_BITS), __int_as_float(SCALE_BITS), "
@@ -238,26 +239,38 @@ def qkv_rope_store(
     scale: float,
     traditional: bool,
     where: slice | None = None,
+    in_place: bool = True,
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """`qkv_rope`, then the K/V write of a decode step: returns (q, keys, values) where the
-    cache buffers keys/values [1, Hkv, cells, D] hold token t's k and v at cell cells[t].
+    """`qkv_rope`, then the K/V write: returns (q, keys, values) where the cache buffers
+    keys/values [1, Hkv, cells, D] hold token t's k and v at cell cells[t].
 
-    On CUDA one kernel writes the buffers in place and returns them as they came; the twin
-    returns updated arrays (a slice update when `where`, the same cells as a slice, is given,
-    else a scatter). Callers must keep what is returned, which is correct for both."""
+    On CUDA with `in_place`, one kernel writes the buffers in place and returns them as they
+    came. MLX's CUDA graphs order launches by the buffers they *output*, and these buffers are
+    inputs here: only a launch that also takes q is sure to run after the write. The decode
+    attention kernel is such a launch. Prefill's SDPA, or copies made of strided slices, are not,
+    so callers pass in_place=False there. Then qkv_rope runs, followed by a slice update when
+    `where` (the same cells as a slice) is given, else a scatter. Callers must keep what is
+    returned, which is correct for both."""
     kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, base=base, scale=scale,
               traditional=traditional)
-    if backend.BACKEND == "cuda" and kernel_supported(qkv, head_dim) and keys.dtype == qkv.dtype:
+    if (in_place and backend.BACKEND == "cuda" and kernel_supported(qkv, head_dim)
+            and keys.dtype == qkv.dtype):
         (q,) = kspec.run(*plan_qkv_rope(qkv, positions, store=(cells, keys, values), **kw))
         return q, keys, values
-    return qkv_rope_store_ref(qkv, positions, cells, keys, values, where=where, **kw)
+    t = _check(qkv, positions, n_heads, n_kv_heads, head_dim)
+    _check_store(qkv, cells, keys, values, t, n_kv_heads, head_dim)
+    return _store(qkv_rope(qkv, positions, **kw), cells, keys, values, where)
 
 
-def qkv_rope_store_ref(qkv, positions, cells, keys, values, *, where=None, **kw):
-    """Pure-MLX twin of `qkv_rope_store`."""
+def qkv_rope_store_ref(qkv, positions, cells, keys, values, *, where=None, in_place=True, **kw):
+    """Pure-MLX twin of `qkv_rope_store` (in_place changes nothing here)."""
     t = _check(qkv, positions, kw["n_heads"], kw["n_kv_heads"], kw["head_dim"])
     _check_store(qkv, cells, keys, values, t, kw["n_kv_heads"], kw["head_dim"])
-    q, k, v = qkv_rope_ref(qkv, positions, **kw)
+    return _store(qkv_rope_ref(qkv, positions, **kw), cells, keys, values, where)
+
+
+def _store(qkv_out, cells, keys, values, where):
+    q, k, v = qkv_out
     idx = where if where is not None else cells
     keys[:, :, idx] = k.astype(keys.dtype)
     values[:, :, idx] = v.astype(values.dtype)

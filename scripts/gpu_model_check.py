@@ -50,7 +50,9 @@ def main() -> int:
     print("fused", qmm.fuse_quantized_projections(model), "fast linears", qmm.use_fast_quantized_linears(model))
     print(f"backend {backend.describe()}, preset {preset}")
     rows = []
-    for B, pp, tg in ((1, 300, 2), (3, 517, 2)):
+    # B=2 with a short prompt first: the B=3 case needs new kernel builds and attention plans,
+    # which did not fit a 150 s limit on the H200 (third session)
+    for B, pp, tg in ((1, 300, 2), (2, 64, 2), (3, 517, 2)):
         backend.BACKEND = "cuda" if mx.cuda.is_available() else "cpu"
         reset_compiled(model)
         ours = decode_logits(model, B, pp, tg)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gguf
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T

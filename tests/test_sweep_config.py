@@ -1,6 +1,5 @@
 from pathlib import Path
 
-import click
 import pytest
 import typer
 from typer.testing import CliRunner

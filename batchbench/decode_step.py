@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from batchbench.kernels.attention import PackedLive, cuda_kernel_reads_cache
-from batchbench.kernels.rope import qkv_rope_store
-from batchbench.kv_cache import AttentionPlan, KVCache
+from batchbench.kernels.attention import PackedLive
+from batchbench.kv_cache import AttentionPlan, KVCache, store_qkv
 
 
 class _Slot:
@@ -28,9 +27,8 @@ class _Slot:
         self.keys, self.values, self.cells, self.flash = keys, values, cells, flash
 
     def store_qkv(self, qkv: mx.array, positions: mx.array, rope: dict):
-        in_place = self.flash and cuda_kernel_reads_cache(qkv.dtype, rope["head_dim"])
-        q, self.keys, self.values = qkv_rope_store(qkv, positions, self.cells, self.keys, self.values,
-                                                   in_place=in_place, **rope)
+        q, self.keys, self.values = store_qkv(qkv, positions, self.cells, self.keys, self.values, rope,
+                                              flash_decode=self.flash)
         return q, self.keys, self.values
 
 

@@ -84,6 +84,17 @@ class AttentionPlan:
     eval_every: int = 0  # op-by-op steps: submit the graph every this many layers (0: at the end)
 
 
+def store_qkv(qkv: mx.array, positions: mx.array, cells: mx.array, keys: mx.array, values: mx.array,
+              rope: dict, *, flash_decode: bool, where: slice | None = None):
+    """RoPE of a ubatch's fused q/k/v projection [1, T, W], with its K/V written into `cells`
+    (`where`: the same cells as a slice, if they are one run); returns (q [1, Hq, T, D], keys,
+    values: the whole buffers). In place (one CUDA kernel) only on the flash decode path, where
+    the one reader of the buffers is the decode attention kernel, which takes q (see
+    qkv_rope_store)."""
+    in_place = flash_decode and cuda_kernel_reads_cache(qkv.dtype, rope["head_dim"])
+    return qkv_rope_store(qkv, positions, cells, keys, values, where=where, in_place=in_place, **rope)
+
+
 class LayerCache:
     def __init__(self, owner: "KVCache", keys: mx.array, values: mx.array):
         self.owner = owner
@@ -91,15 +102,10 @@ class LayerCache:
         self.values = values
 
     def store_qkv(self, qkv: mx.array, positions: mx.array, rope: dict):
-        """RoPE of this ubatch's fused q/k/v projection [1, T, W], with its K/V written into
-        the ubatch's cells; returns (q [1, Hq, T, D], keys, values: the whole buffers)."""
+        """`store_qkv` into this layer's buffers at the cells of the ubatch being prepared."""
         o = self.owner
-        where = o._write_index if isinstance(o._write_index, slice) else None
-        # In place (one CUDA kernel) only where the one reader of the buffers is the decode
-        # attention kernel, which takes q (see qkv_rope_store).
-        in_place = o._write_decode and cuda_kernel_reads_cache(qkv.dtype, rope["head_dim"])
-        q, self.keys, self.values = qkv_rope_store(
-            qkv, positions, o._write_cells, self.keys, self.values, where=where, in_place=in_place, **rope)
+        q, self.keys, self.values = store_qkv(qkv, positions, o._write_cells, self.keys, self.values, rope,
+                                              flash_decode=o._write_decode, where=o._write_slice)
         return q, self.keys, self.values
 
 
@@ -150,7 +156,7 @@ class KVCache:
         self._dev_bits = mx.array(self.bits)
         self._dirty: list[np.ndarray] = []
         self._full_upload = False
-        self._write_index = slice(0, 0)
+        self._write_slice: slice | None = None  # the ubatch's cells when they are one run
         self._write_cells = mx.zeros((0,), mx.int32)
         self._write_decode = False
 
@@ -379,10 +385,8 @@ class KVCache:
         positions = np.asarray(positions, np.int64)
         cells = self.find_slot(seq_ids, positions)
         self._write_cells = device_int32(cells)
-        if len(cells) and (np.diff(cells) == 1).all():
-            self._write_index = slice(int(cells[0]), int(cells[-1]) + 1)
-        else:
-            self._write_index = self._write_cells
+        one_run = len(cells) and (np.diff(cells) == 1).all()
+        self._write_slice = slice(int(cells[0]), int(cells[-1]) + 1) if one_run else None
         streams = sorted({self.stream_of(int(s)) for s in seq_ids})
         n = self.window_end(streams)
         _, per_seq = np.unique(seq_ids, return_counts=True)

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from batchbench.kernels.attention import PackedLive, cuda_kernel_reads_cache, skipped_cells_are_free
-from batchbench.kernels.mask import decode_mask
+from batchbench.kernels.mask import additive, decode_mask, visible
 from batchbench.kernels.rope import qkv_rope_store
 
 BLOCK = 32  # cells per skip block (llama.cpp's vec kernel)
@@ -332,15 +332,12 @@ class KVCache:
         if c0 == 0 and self.swa is None:  # decode windows: one kernel on CUDA
             return decode_mask(self._dev_bits, self._dev_pos[:c1], device_int32(seq_ids),
                                device_int32(positions), self.dtype)
-        seq = mx.array(seq_ids.astype(np.uint32))
-        p1 = mx.array(positions.astype(np.int32))[:, None]
-        words = self._dev_bits[:, c0:c1][mx.array((seq_ids // 32).astype(np.int32))]
-        member = ((words >> (seq % 32)[:, None]) & 1) == 1
-        p0 = self._dev_pos[c0:c1][None, :]
-        visible = member & (p0 >= 0) & (p0 <= p1)
+        p0 = self._dev_pos[c0:c1]
+        p1 = mx.array(positions.astype(np.int32))
+        vis = visible(self._dev_bits[:, c0:c1], p0, mx.array(seq_ids.astype(np.int32)), p1)
         if self.swa is not None:
-            visible = visible & ~self.swa.masked(p0, p1)
-        return mx.where(visible, mx.array(0.0, self.dtype), mx.array(-mx.inf, self.dtype))
+            vis = vis & ~self.swa.masked(p0[None, :], p1[:, None])
+        return additive(vis, self.dtype)
 
     def _live_rows(self, seq_ids: np.ndarray, n: int) -> np.ndarray:
         """int32 [T, 1 + W]: per row its count of live 32-cell blocks (those holding a cell of

@@ -94,16 +94,25 @@ def plan_decode_mask(bits: mx.array, cell_pos: mx.array, seq: mx.array, p1: mx.a
     return MASK_SPEC, launch
 
 
-def decode_mask_ref(bits: mx.array, cell_pos: mx.array, seq: mx.array, p1: mx.array, dtype) -> mx.array:
-    """Pure-MLX twin of `decode_mask`."""
+def visible(bits: mx.array, cell_pos: mx.array, seq: mx.array, p1: mx.array) -> mx.array:
+    """bool [T, n], in MLX ops: cell c holds sequence seq[t] at a position 0 <= cell_pos[c] <= p1[t]."""
     _check(bits, cell_pos, seq, p1)
     n = cell_pos.shape[0]
     s = seq.astype(mx.uint32)
     words = bits[:, :n][(s // 32).astype(mx.int32)]
     member = ((words >> (s % 32)[:, None]) & 1) == 1
     p0 = cell_pos[None, :]
-    visible = member & (p0 >= 0) & (p0 <= p1.astype(mx.int32)[:, None])
-    return mx.where(visible, mx.array(0.0, dtype), mx.array(-mx.inf, dtype))
+    return member & (p0 >= 0) & (p0 <= p1.astype(mx.int32)[:, None])
+
+
+def additive(vis: mx.array, dtype) -> mx.array:
+    """0 where visible, -inf elsewhere."""
+    return mx.where(vis, mx.array(0.0, dtype), mx.array(-mx.inf, dtype))
+
+
+def decode_mask_ref(bits: mx.array, cell_pos: mx.array, seq: mx.array, p1: mx.array, dtype) -> mx.array:
+    """Pure-MLX twin of `decode_mask`."""
+    return additive(visible(bits, cell_pos, seq, p1), dtype)
 
 
 def decode_mask(bits: mx.array, cell_pos: mx.array, seq: mx.array, p1: mx.array, dtype) -> mx.array:

@@ -69,13 +69,15 @@ def candidates(m: int, n: int, k: int):
 
 
 class Variant:
-    """A config run with the RMSNorm fused in, or with the other fp16 4-bit dequantization."""
+    """A config run with the RMSNorm fused in, or with the other fp16 4-bit dequantization
+    (lop3 None: the one `qmm` picks)."""
 
-    def __init__(self, cfg, norm: bool = False, lop3: bool = True):
+    def __init__(self, cfg, norm: bool = False, lop3: bool | None = None):
         self.cfg, self.s, self.norm, self.lop3 = cfg, cfg.s, norm, lop3
 
     def __repr__(self):
-        return f"{self.cfg}{' +norm' if self.norm else ''}{'' if self.lop3 else ' prmt-dequant'}"
+        dq = "" if self.lop3 is None else " lop3-dequant" if self.lop3 else " prmt-dequant"
+        return f"{self.cfg}{' +norm' if self.norm else ''}{dq}"
 
     def __eq__(self, other):
         return isinstance(other, Variant) and (self.cfg, self.norm, self.lop3) == (other.cfg, other.norm, other.lop3)
@@ -84,30 +86,27 @@ class Variant:
         return hash((self.cfg, self.norm, self.lop3))
 
 
-def _desc(c) -> dict:
-    if isinstance(c, Variant):
-        return dict(c.cfg.__dict__, norm=c.norm, dequant="lop3" if c.lop3 else "prmt")
-    return dict(c.__dict__, dequant="lop3" if qmm.DEQUANT_LOP3 else "prmt")
+def _desc(c, n: int, k: int) -> dict:
+    cfg, norm, lop3 = (c.cfg, c.norm, c.lop3) if isinstance(c, Variant) else (c, False, None)
+    lop3 = qmm._lop3(cfg, n, k) if lop3 is None else lop3
+    return dict(cfg.__dict__, norm=norm, dequant="lop3" if lop3 else "prmt")
 
 
 def run_cfg(x, sets, cfg):
     outs = []
-    norm, lop3 = None, qmm.DEQUANT_LOP3
+    norm, lop3 = None, None
     if isinstance(cfg, Variant):
         if cfg.norm:
             norm = (mx.ones((x.shape[-1],), x.dtype), 1e-6)
-        cfg, qmm.DEQUANT_LOP3 = cfg.cfg, cfg.lop3
-    try:
-        for w, sc, b in sets:
-            ks, launch = qmm.plan_quantized_matmul("cuda", x, w, sc, b, group_size=32, bits=4, config=cfg,
-                                                   norm=norm)
-            (y,) = kspec.run(ks, launch)
-            if cfg.s > 1:
-                rs, rl = qmm.plan_qmm_reduce(y, x.dtype)
-                (y,) = kspec.run(rs, rl)
-            outs.append(y)
-    finally:
-        qmm.DEQUANT_LOP3 = lop3
+        cfg, lop3 = cfg.cfg, cfg.lop3
+    for w, sc, b in sets:
+        ks, launch = qmm.plan_quantized_matmul("cuda", x, w, sc, b, group_size=32, bits=4, config=cfg,
+                                               norm=norm, lop3=lop3)
+        (y,) = kspec.run(ks, launch)
+        if cfg.s > 1:
+            rs, rl = qmm.plan_qmm_reduce(y, x.dtype)
+            (y,) = kspec.run(rs, rl)
+        outs.append(y)
     return outs
 
 
@@ -135,7 +134,7 @@ def main():
             default = qmm.choose_config(m, n, k, 4)
             if default not in cfgs:
                 cfgs.append(default)
-            cfgs.append(Variant(default, lop3=not qmm.DEQUANT_LOP3))
+            cfgs.append(Variant(default, lop3=not qmm._lop3(default, n, k)))  # the other dequantization
             if name in ("qkv", "gate_up") and default.s == 1:
                 cfgs.append(Variant(default, norm=True))
             if time.time() - t_start > BUDGET_S:
@@ -193,7 +192,7 @@ def main():
             for t, c in rows[1:4]:
                 print(f"{'':20s} next {t:7.1f} us {c}")
             res.append(dict(name=name, n=n, k=k, m=m, floor_us=floor, default_us=dflt, default=str(default),
-                            top=[(t, _desc(c)) for t, c in rows]))
+                            top=[(t, _desc(c, n, k)) for t, c in rows]))
             with open(os.path.join(OUT, "qmm-tune.json"), "w") as f:
                 json.dump(res, f, indent=1)
         del sets

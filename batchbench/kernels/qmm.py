@@ -683,7 +683,7 @@ def sm_count() -> int:
 PERSIST = os.environ.get("BB_QMM_PERSIST", "1") == "1"
 FUSE_NORM = os.environ.get("BB_QMM_FUSE_NORM", "1") == "1"
 # fp16 4-bit dequantization: "lop3" (AND-OR extraction of {k, k + 4} pairs, x staged reordered)
-# or "prmt" (byte permutes of adjacent pairs). Read at each launch (tuning scripts flip it).
+# where `_lop3` finds it faster, or "prmt" (byte permutes of adjacent pairs) everywhere.
 DEQUANT_LOP3 = os.environ.get("BB_QMM_DQ", "lop3") == "lop3"
 SMEM_PER_SM = 227 * 1024
 
@@ -818,10 +818,12 @@ def plan_quantized_matmul(
     glu: bool = False,
     norm: tuple[mx.array, float] | None = None,
     config: QmmConfig | None = None,
+    lop3: bool | None = None,
 ) -> tuple[KernelSpec, Launch]:
     """The main kernel's spec and launch (x taken as [M, K], or [M, 2K] with glu). With
     config.s > 1 its output is fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y
-    (bias and residual are then added there)."""
+    (bias and residual are then added there). lop3 forces the fp16 4-bit dequantization
+    (None: where `_lop3` measured it faster)."""
     if backend_name != "cuda":
         raise ValueError(f"quantized_matmul has a custom kernel only on cuda, not {backend_name!r}")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
@@ -851,7 +853,7 @@ def plan_quantized_matmul(
         threadgroup=(nt, 1, 1),
         template=[
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
-            ("WK", cfg.wk), ("P", cfg.p), ("SPLIT", split), ("DQ", 1 if _lop3(cfg, n, k) else 0),
+            ("WK", cfg.wk), ("P", cfg.p), ("SPLIT", split), ("DQ", 1 if (_lop3(cfg, n, k) if lop3 is None else lop3) else 0),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1]))] if norm is not None else []),
     )

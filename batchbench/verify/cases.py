@@ -210,14 +210,11 @@ def qmm_case(
     if split or blocks:
         base = Q.choose_config(m, n, k, bits)
         cfg = Q.QmmConfig(base.mt, base.wn, base.wk, base.p, split or base.s, base.mrows, blocks)
-    saved, Q.DEQUANT_LOP3 = Q.DEQUANT_LOP3, lop3  # lop3=False: the byte-permute dequantization
-    try:
-        kspec, launch = Q.plan_quantized_matmul(
-            "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
-            norm=(nw, 1e-5) if norm else None, config=cfg,
-        )
-    finally:
-        Q.DEQUANT_LOP3 = saved
+    kspec, launch = Q.plan_quantized_matmul(
+        "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
+        norm=(nw, 1e-5) if norm else None, config=cfg,
+        lop3=None if lop3 else False,  # False: the byte-permute dequantization
+    )
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
     xf = _f64(x)
     if glu:

@@ -232,3 +232,14 @@ def test_long_cuda_headers_go_to_an_included_file(tmp_path, monkeypatch):
     assert S.cuda_header("int z;\n") == "int z;\n"  # short headers stay inline
     monkeypatch.setattr(S, "INCLUDE_HEADERS", False)
     assert S.cuda_header(header) == header
+
+
+def test_unwritable_header_dir_falls_back_inline_and_says_so(tmp_path, monkeypatch, capsys):
+    from batchbench.kernels import spec as S
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("BATCHBENCH_KERNEL_DIR", str(blocker / "sub"))  # cannot be created
+    header = "int x;\n" * 400
+    assert S.cuda_header(header) == header
+    assert "kernel header passed inline" in capsys.readouterr().err

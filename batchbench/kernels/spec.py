@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,7 +110,8 @@ def cuda_header(header: str) -> str:
                 f.write(header)
             os.replace(tmp, path)  # atomic: a concurrent process never reads half a file
         return f'#include "{path}"\n'
-    except OSError:
+    except OSError as e:
+        print(f"note: kernel header passed inline ({e}); each launch hashes it", file=sys.stderr)
         return header
 
 

@@ -82,9 +82,10 @@ class Runner:
                     out_rows = None  # every row has logits: no gather
                 elif not len(out_rows):
                     out_rows = np.array([u1 - u0 - 1])
-                plan = self.cache.prepare(seq[u0:u1], pos[u0:u1], out_rows,
-                                          flash=self.mode.flash, skip=self.mode.skip)
-                toks = device_int32(tokens[u0:u1])[None]  # B <= 2: not in managed memory
+                plan = self.cache.prepare(seq[u0:u1], pos[u0:u1], out_rows, flash=self.mode.flash,
+                                          skip=self.mode.skip, tokens=tokens[u0:u1])
+                # decode: uploaded with the step's other host data (KVCache._upload_step)
+                toks = (plan.tokens if plan.tokens is not None else device_int32(tokens[u0:u1]))[None]
                 if self.step is not None and plan.decode:
                     last = self.step(toks, plan)  # a few compiled segments per step
                 else:

@@ -81,6 +81,7 @@ class AttentionPlan:
     groups: list[Group] = field(default_factory=list)
     out_rows: mx.array | None = None
     cells: mx.array | None = None  # decode: int32 [T], the cells the tokens' K/V go to
+    tokens: mx.array | None = None  # decode, when prepare was given them: int32 [T]
     eval_every: int = 0  # op-by-op steps: submit the graph every this many layers (0: at the end)
 
 
@@ -301,24 +302,20 @@ class KVCache:
         return last * self.kv_size + self.n_kv(last)
 
     def _sync_device(self) -> None:
+        """Bring the device mirror of the cell metadata up to date (see `_upload_step` for a
+        decode step's cells)."""
         if self._full_upload:
             self._dev_pos = mx.array(self.pos)
             self._dev_bits = mx.array(self.bits)
+        elif (run := self._mirror_run()) is not None:
+            a, b = run  # a slice update of >= 4 cells: >= 16 bytes uploaded (see device_int32)
+            self._dev_pos[a:b] = mx.array(self.pos[a:b])
+            self._dev_bits[:, a:b] = mx.array(self.bits[:, a:b])
         elif self._dirty:
             idx = np.unique(np.concatenate(self._dirty))
-            if len(idx) and idx[-1] - idx[0] + 1 == len(idx):
-                # A decode step's cells are one run: a slice update, widened to >= 4 cells so the
-                # uploaded values are >= 16 bytes (MLX keeps smaller arrays in managed memory,
-                # which a kernel may have to fault in: a 1-cell scatter took 131 us on the H200).
-                a = int(idx[0])
-                b = min(self.n_cells, max(int(idx[-1]) + 1, a + 4))
-                a = max(0, min(a, b - 4))
-                self._dev_pos[a:b] = mx.array(self.pos[a:b])
-                self._dev_bits[:, a:b] = mx.array(self.bits[:, a:b])
-            elif len(idx):
-                ix = mx.array(idx.astype(np.int32))
-                self._dev_pos[ix] = mx.array(self.pos[idx])
-                self._dev_bits[:, ix] = mx.array(self.bits[:, idx])
+            ix = mx.array(idx.astype(np.int32))
+            self._dev_pos[ix] = mx.array(self.pos[idx])
+            self._dev_bits[:, ix] = mx.array(self.bits[:, idx])
         self._full_upload = False
         self._dirty.clear()
 
@@ -361,10 +358,13 @@ class KVCache:
     def packed_live_blocks(self, seq_ids: np.ndarray, n: int) -> PackedLive:
         """The same lists in the kernel's row layout, built once per step for every layer and
         rebuilt only when a sequence gains or loses a block (every 32 tokens in decode)."""
-        key = (seq_ids.tobytes(), n, self._blocks_version)
+        key = self._live_key(seq_ids, n)
         if self._live_cache is None or self._live_cache[0] != key:
             self._live_cache = (key, PackedLive(mx.array(self._live_rows(seq_ids, n))))
         return self._live_cache[1]
+
+    def _live_key(self, seq_ids: np.ndarray, n: int) -> tuple:
+        return (np.asarray(seq_ids, np.int64).tobytes(), n, self._blocks_version)
 
     # --- one ubatch -----------------------------------------------------------------------
     def prepare(
@@ -376,37 +376,95 @@ class KVCache:
         flash: bool = True,
         skip: bool = True,
         decode_max_per_seq: int = 4,
+        tokens: np.ndarray | None = None,
     ) -> AttentionPlan:
-        """Place a ubatch in the cache and build its attention plan (one per ubatch, all layers)."""
+        """Place a ubatch in the cache and build its attention plan (one per ubatch, all layers).
+        With `tokens`, a decode plan carries them as a device array too (plan.tokens)."""
         seq_ids = np.asarray(seq_ids, np.int64)
         positions = np.asarray(positions, np.int64)
         cells = self.find_slot(seq_ids, positions)
-        self._write_cells = device_int32(cells)
         one_run = len(cells) and (np.diff(cells) == 1).all()
         self._write_slice = slice(int(cells[0]), int(cells[-1]) + 1) if one_run else None
         streams = sorted({self.stream_of(int(s)) for s in seq_ids})
         n = self.window_end(streams)
         _, per_seq = np.unique(seq_ids, return_counts=True)
-        plan = AttentionPlan(
-            positions=device_int32(positions),
-            decode=bool(per_seq.max() <= decode_max_per_seq),
-            flash=flash,
-            skip=skip,
-            out_rows=None if out_rows is None else mx.array(np.asarray(out_rows, np.int32)),
-        )
-        self._write_decode = plan.decode and flash  # the flash decode path: the attention kernel
-        if plan.decode:
+        decode = bool(per_seq.max() <= decode_max_per_seq)
+        out_rows = None if out_rows is None else np.asarray(out_rows, np.int32)
+        self._write_decode = decode and flash  # the flash decode path: the attention kernel
+        if decode:
             # Steady shapes (see SKIP_WINDOW_PAD): with skipping, the GPU kernels pay nothing for
             # masked cells; without (or on the pure-MLX twin) they cost little.
             whole = flash and skip and skipped_cells_are_free()
             n = self.n_cells if whole else min(pad_to(n, SKIP_WINDOW_PAD), self.n_cells)
-            plan.mask = self.build_mask(seq_ids, positions, 0, n)
-            plan.cells = self._write_cells
+            live = None
             if flash and skip:
-                plan.live_blocks = self.packed_live_blocks(seq_ids, n)
+                key = self._live_key(seq_ids, n)
+                if self._live_cache is None or self._live_cache[0] != key:
+                    live = (key, self._live_rows(seq_ids, n))
+            dev = self._upload_step(dict(positions=positions, cells=cells, seq=seq_ids, tokens=tokens,
+                                         out_rows=out_rows, live=None if live is None else live[1]))
+            if live is not None:
+                self._live_cache = (live[0], PackedLive(dev["live"]))
+            self._write_cells = dev["cells"]
+            plan = AttentionPlan(positions=dev["positions"], decode=True, flash=flash, skip=skip,
+                                 out_rows=dev.get("out_rows"), cells=dev["cells"], tokens=dev.get("tokens"))
+            if self.swa is None:  # build_mask's decode kernel, on the uploaded seq ids and positions
+                plan.mask = decode_mask(self._dev_bits, self._dev_pos[:n], dev["seq"], dev["positions"],
+                                        self.dtype)
+            else:
+                plan.mask = self.build_mask(seq_ids, positions, 0, n)
+            if flash and skip:
+                plan.live_blocks = self._live_cache[1]
             return plan
+        self._write_cells = device_int32(cells)
+        plan = AttentionPlan(positions=device_int32(positions), decode=False, flash=flash, skip=skip,
+                             out_rows=None if out_rows is None else mx.array(out_rows))
         plan.groups = self._prefill_groups(seq_ids, positions, n, restrict=flash and skip)
         return plan
+
+    def _upload_step(self, parts: dict[str, np.ndarray | None]) -> dict[str, mx.array]:
+        """A decode step's host data as int32 device arrays, from one upload: each array made
+        from host data is its own allocation in CUDA managed memory, and the first kernel to
+        read one waits for its page (tiny copies and gathers took 0.1-0.2 ms each on the
+        H200). The parts (and this step's run of cells for the metadata mirror) are packed into
+        one array and handed out as slices of it. None parts are left out; 2-D parts keep
+        their shape."""
+        mirror = self._mirror_run()
+        if mirror is not None:
+            a, b = mirror
+            parts["mirror_pos"] = self.pos[a:b]
+            parts["mirror_bits"] = self.bits[:, a:b].view(np.int32)
+        else:
+            self._sync_device()
+        parts = {k: np.asarray(v) for k, v in parts.items() if v is not None}
+        total = sum(v.size for v in parts.values())
+        host = np.zeros(max(4, total), np.int32)  # >= 16 bytes (see device_int32)
+        o, spans = 0, {}
+        for k, v in parts.items():
+            host[o : o + v.size] = v.ravel()
+            spans[k] = (o, v.shape)
+            o += v.size
+        dev = mx.array(host)
+        out = {k: dev[o : o + int(np.prod(shape))].reshape(shape) for k, (o, shape) in spans.items()}
+        if mirror is not None:
+            a, b = mirror
+            self._dev_pos[a:b] = out.pop("mirror_pos")
+            self._dev_bits[:, a:b] = mx.view(out.pop("mirror_bits"), mx.uint32)
+        return out
+
+    def _mirror_run(self) -> tuple[int, int] | None:
+        """When every metadata change since the last upload lies in one run of cells (a decode
+        step's cells), that run widened to >= 4 cells, and the changes are taken as uploaded;
+        else None (and `_sync_device` uploads them)."""
+        if self._full_upload or not self._dirty:
+            return None
+        idx = np.unique(np.concatenate(self._dirty))
+        if not len(idx) or idx[-1] - idx[0] + 1 != len(idx):
+            return None
+        a = int(idx[0])
+        b = min(self.n_cells, max(int(idx[-1]) + 1, a + 4))
+        self._dirty.clear()
+        return max(0, min(a, b - 4)), b
 
     def _prefill_groups(self, seq_ids, positions, n, restrict: bool) -> list[Group]:
         if not restrict:

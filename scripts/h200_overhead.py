@@ -7,7 +7,14 @@ Three questions, each answered by a measurement:
 2. For a 7B decode step (Q4_0-format weights, unified cache, PP=4096): host prep, Python graph
    build, host encode, wall; variants op-by-op / whole step compiled / async_eval every k layers.
 3. What the device does in that step (torch.profiler/CUPTI): kernel count, sum of kernel
-   durations, first-to-last span, top kernels by time.
+   durations, first-to-last span, top kernels by time; with API=1 also the host's CUDA runtime
+   and driver calls (count, total time) during the step.
+4. UPLOAD=1: what a small host-made array costs a decode step. MLX allocates arrays made from
+   host data in CUDA managed memory; a kernel that reads one right after the host wrote it
+   may fault its page over to the device.
+
+Env: VARIANTS (comma list of op, op4, step, seg<k>[f<first>], default op4,step,seg4,seg7),
+PROFILED (variants to profile with CUPTI), PREP_PROFILE=1 (cProfile of the host prep).
 
 MLX reads MLX_USE_CUDA_GRAPHS / MLX_MAX_OPS_PER_BUFFER once per process: run this script once
 per setting. Run: PYTHONPATH=. python3 scripts/h200_overhead.py [B ...]
@@ -15,10 +22,14 @@ per setting. Run: PYTHONPATH=. python3 scripts/h200_overhead.py [B ...]
 
 from __future__ import annotations
 
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import sys
+import re
 import time
 
 import mlx.core as mx
@@ -117,6 +128,15 @@ def kernel_profile(run_step, label):
     print(f"  device [{label}]: {len(ks)} kernels, busy {tot / 1e3:.3f} ms, span {span / 1e3:.3f} ms")
     for n, (c, d) in sorted(by.items(), key=lambda kv: -kv[1][1])[:10]:
         print(f"    {d / 1e3:7.3f} ms {c:5d}x  {n}")
+    if os.environ.get("API", "1") == "1":
+        api = {}
+        for e in ev:
+            if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
+                c, d = api.get(e["name"], (0, 0.0))
+                api[e["name"]] = (c + 1, d + e["dur"])
+        print(f"  host API [{label}]: {sum(d for _, d in api.values()) / 1e3:.3f} ms in {sum(c for c, _ in api.values())} calls")
+        for n, (c, d) in sorted(api.items(), key=lambda kv: -kv[1][1])[:10]:
+            print(f"    {d / 1e3:7.3f} ms {c:5d}x  {n[:70]}")
 
 
 def section_step(bs, pp=4096, steps=12):
@@ -132,18 +152,17 @@ def section_step(bs, pp=4096, steps=12):
         cache.find_slot(np.repeat(np.arange(B), pp), np.tile(np.arange(pp), B))
         print(f"\nB={B}: {'variant':26s} {'prep':>7s} {'build':>7s} {'encode':>7s} {'wall':>7s} {'t/s':>7s}")
         # op by op (async_eval every k layers), or compiled segments of k layers (0: whole step)
-        for label, compiled, every in (("op-by-op", False, 0), ("op-by-op, async every 4", False, 4),
-                                       ("compiled step", True, 0), ("compiled segments of 4", True, 4),
-                                       ("compiled segments of 7", True, 7)):
-            step = CompiledDecode(model, cache, every) if compiled else None
+        for v in VARIANTS:
+            label, compiled, every, first = _variant(v)
+            step = CompiledDecode(model, cache, every, first) if compiled else None
             i = [0]
 
             def one(record=None):
                 t0 = time.perf_counter()
-                plan = cache.prepare(np.arange(B), np.full(B, pp + i[0]), None)
+                plan = cache.prepare(np.arange(B), np.full(B, pp + i[0]), None, tokens=np.arange(B))
                 plan.eval_every = every
                 t1 = time.perf_counter()
-                toks = mx.array(np.arange(B, dtype=np.int32))[None]
+                toks = plan.tokens[None]
                 logits = step(toks, plan) if compiled else model(toks, plan, cache)
                 t2 = time.perf_counter()
                 mx.async_eval(logits)
@@ -166,14 +185,77 @@ def section_step(bs, pp=4096, steps=12):
                 continue
             med = [statistics.median(x) * 1e3 for x in zip(*rec)]
             print(f"     {label:26s} {med[0]:7.3f} {med[1]:7.3f} {med[2]:7.3f} {med[3]:7.3f} {B / med[3] * 1e3:7.1f}")
-            if label in PROFILED and os.environ.get("PROFILE", "1") == "1":
+            if os.environ.get("PREP_PROFILE") == "1" and v == VARIANTS[-1]:
+                pr = cProfile.Profile()
+                pr.enable()
+                for _ in range(steps):
+                    one()
+                pr.disable()
+                buf = io.StringIO()
+                pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(12)
+                print(f"  cProfile of {steps} steps [{label}], by own time:")
+                print("\n".join("    " + x for x in buf.getvalue().splitlines()[6:22] if x.strip()))
+            if v in PROFILED and os.environ.get("PROFILE", "1") == "1":
                 kernel_profile(one, f"B{B}-{label.replace(' ', '-').replace(',', '')}")
             cache.seq_rm(-1, pp)
         del cache
         mx.clear_cache()
 
 
-PROFILED = ("op-by-op, async every 4", "compiled segments of 4")
+VARIANTS = os.environ.get("VARIANTS", "op4,step,seg4,seg7").split(",")
+PROFILED = os.environ.get("PROFILED", "op4,seg4").split(",")
+
+
+def _variant(v: str) -> tuple[str, bool, int, int]:
+    """(label, compiled, every, first) of a variant name: op, op4, step, seg<k>[f<first>]."""
+    if v in ("op", "op4"):
+        return ("op-by-op" + (", async every 4" if v == "op4" else ""), False, 4 if v == "op4" else 0, 0)
+    if v == "step":
+        return ("compiled step", True, 0, 0)
+    m = re.fullmatch(r"seg(\d+)(?:f(\d+))?", v)
+    if not m:
+        raise SystemExit(f"unknown variant {v!r}")
+    every, first = int(m[1]), int(m[2] or 0)
+    return (f"compiled segments of {every}" + (f", first {first}" if first else ""), True, every, first)
+
+
+def section_upload(reps=200):
+    """Wall time of a tiny dependent step (gather one embedding row, add) whose index comes from
+    the host each time, against one whose index is computed on the device."""
+    print("\n== a host-made index array per step (us per step: host array creation / wall) ==")
+    emb = mx.random.normal((32000, 3584)).astype(mx.float16)
+    acc = mx.zeros((1, 3584), mx.float16)
+    mx.eval(emb, acc)
+    dev_idx = mx.array(np.array([5, 0, 0, 0], np.int32))[:1] + 0
+
+    def run(make):
+        nonlocal acc
+        mk, wall = [], []
+        for r in range(reps):
+            t0 = time.perf_counter()
+            idx = make(r)
+            t1 = time.perf_counter()
+            acc = acc + emb[idx]
+            mx.eval(acc)
+            t2 = time.perf_counter()
+            mk.append(t1 - t0)
+            wall.append(t2 - t0)
+        return statistics.median(mk) * 1e6, statistics.median(wall) * 1e6
+
+    state = {"d": dev_idx}
+
+    def device_made(r):
+        state["d"] = (state["d"] + 1) % 32000
+        return state["d"]
+
+    rows = [("host, 4 bytes (mx.array)", lambda r: mx.array(np.array([r], np.int32))),
+            ("host, 16 bytes, first of 4", lambda r: mx.array(np.array([r, 0, 0, 0], np.int32))[:1]),
+            ("host, 64 KB, first element", lambda r: mx.array(np.full(16384, r, np.int32))[:1]),
+            ("device-made (index + 1)", device_made)]
+    for label, make in rows:
+        run(make)
+        mk, wall = run(make)
+        print(f"  {label:32s} {mk:8.1f} / {wall:8.1f}")
 
 
 def main():
@@ -181,6 +263,8 @@ def main():
           f"  MLX_MAX_OPS_PER_BUFFER={os.environ.get('MLX_MAX_OPS_PER_BUFFER', '-')}")
     if os.environ.get("OPS", "1") == "1":
         section_ops()
+    if os.environ.get("UPLOAD") == "1":
+        section_upload()
     bs = tuple(int(x) for x in sys.argv[1:]) or (1, 32)
     section_step(bs, steps=12 if backend.BACKEND == "cuda" else 2)
 

@@ -260,3 +260,32 @@ def test_device_mirror_follows_the_host_metadata():
     c.build_mask(np.array([2]), np.array([9]), 0, 64)
     np.testing.assert_array_equal(np.array(c._dev_pos), c.pos)
     np.testing.assert_array_equal(np.array(c._dev_bits), c.bits)
+
+
+@pytest.mark.parametrize("swa", [None, SWA(24)])
+def test_decode_step_inputs_come_from_one_upload(swa):
+    """A decode plan's tokens, positions, cells, mask inputs, live rows and the metadata
+    mirror's new cells all come from one packed host array; each must still equal what it
+    stands for, step after step (two bit words, the cache's last cells, an out-of-run write)."""
+    rng = np.random.default_rng(5)
+    c = make(kv_size=200, n_seq=40, swa=swa)
+    seqs = np.array([0, 33, 7])
+    c.find_slot(np.repeat(seqs, 50), np.tile(np.arange(50), 3))
+    for step in range(12):
+        if step == 6:
+            c.seq_rm(7, 10, 20)  # scattered cells change: the plan must still see them
+        toks = rng.integers(0, 1000, 3)
+        pos = np.full(3, 50 + step)
+        out = np.array([0, 2]) if step % 2 else None
+        plan = c.prepare(seqs, pos, out, tokens=toks)
+        assert plan.decode
+        np.testing.assert_array_equal(np.array(plan.tokens), toks)
+        np.testing.assert_array_equal(np.array(plan.positions), pos)
+        np.testing.assert_array_equal(np.array(plan.cells), [150 + 3 * step + i for i in range(3)])
+        if out is not None:
+            np.testing.assert_array_equal(np.array(plan.out_rows), out)
+        n = plan.mask.shape[1]
+        np.testing.assert_array_equal(np.array(plan.mask), ref_mask(c, seqs, pos, n))
+        np.testing.assert_array_equal(np.array(plan.live_blocks.rows), live_rows_ref(c, seqs)[:, : 1 + -(-n // BLOCK)])
+        np.testing.assert_array_equal(np.array(c._dev_pos), c.pos)
+        np.testing.assert_array_equal(np.array(c._dev_bits), c.bits)

@@ -26,14 +26,16 @@ SKIP_WINDOW_PAD = 2048
 
 
 def device_int32(a: np.ndarray) -> mx.array:
-    """a as an int32 device array. MLX keeps arrays of <= 8 bytes in managed memory, slow for
-    kernels to read (B <= 2 decode): allocate at least 16 bytes and view the first len(a)."""
-    a = np.asarray(a)
-    if len(a) >= 4:
-        return mx.array(a.astype(np.int32))
-    buf = np.zeros(4, np.int32)
-    buf[: len(a)] = a
-    return mx.array(buf)[: len(a)]
+    """a as an int32 array in device memory (see to_device)."""
+    return to_device(np.asarray(a).astype(np.int32))
+
+
+def to_device(a: np.ndarray) -> mx.array:
+    """a in device memory. MLX puts arrays made from host data in CUDA managed memory; on the
+    H200, kernels reading such an array in a decode step took 0.1-0.25 ms each, even for a few
+    bytes (tiny copies and gathers; results/h200-2026-11-29-s4). A kernel's copy of it is an
+    ordinary device allocation."""
+    return mx.array(a) + 0
 
 
 def pad_to(n: int, m: int) -> int:
@@ -146,15 +148,18 @@ class KVCache:
         self.bits = np.zeros((self.n_words, n_cells), np.uint32)  # seq-id bitset per cell
         self.seq_blocks = np.zeros((n_seq_max, pad_to(n_cells, BLOCK) // BLOCK), bool)
         self._blocks_version = 0  # bumped whenever seq_blocks changes (live-list cache key)
+        # The live rows of the last decode plan: (seq ids and window, PackedLive, counts); then the
+        # in-order appends to the lists since, or None when anything else changed them.
         self._live_cache: tuple | None = None
+        self._appends: list[tuple[int, int]] | None = None
         # Per sequence, its live blocks ascending (array, length), kept up to date by find_slot;
         # sequences in _lists_stale are rebuilt from seq_blocks when next needed.
         self._lists = [(np.empty(64, np.int32), 0) for _ in range(n_seq_max)]
         self._lists_stale = set(range(n_seq_max))
         self.head = [0] * self.n_stream
         self.used = [0] * self.n_stream  # used_max_p1 per stream
-        self._dev_pos = mx.array(self.pos)
-        self._dev_bits = mx.array(self.bits)
+        self._dev_pos = to_device(self.pos)
+        self._dev_bits = to_device(self.bits)
         self._dirty: list[np.ndarray] = []
         self._full_upload = False
         self._write_slice: slice | None = None  # the ubatch's cells when they are one run
@@ -174,6 +179,7 @@ class KVCache:
         self.seq_blocks[:] = False
         self._blocks_version += 1
         self._lists_stale = set(range(self.n_seq_max))
+        self._appends = None
         self.head = [0] * self.n_stream
         self.used = [0] * self.n_stream
         self._full_upload = True
@@ -266,9 +272,11 @@ class KVCache:
         self.seq_blocks[seq, self.seq_cells(seq) // BLOCK] = True
         self._blocks_version += 1
         self._lists_stale.add(seq)
+        self._appends = None
 
     def _list_add(self, seq: int, b: int) -> None:
         if seq in self._lists_stale:
+            self._appends = None
             return
         arr, n = self._lists[seq]
         if n == len(arr):
@@ -277,8 +285,11 @@ class KVCache:
             i = int(np.searchsorted(arr[:n], b))
             arr[i + 1 : n + 1] = arr[i:n].copy()
             arr[i] = b
+            self._appends = None
         else:
             arr[n] = b
+            if self._appends is not None:
+                self._appends.append((seq, b))
         self._lists[seq] = (arr, n + 1)
 
     def _seq_list(self, seq: int) -> np.ndarray:
@@ -304,9 +315,9 @@ class KVCache:
     def _sync_device(self) -> None:
         """Bring the device mirror of the cell metadata up to date (see `_upload_step` for a
         decode step's cells)."""
-        if self._full_upload:
-            self._dev_pos = mx.array(self.pos)
-            self._dev_bits = mx.array(self.bits)
+        if self._full_upload:  # the mirror lives in device memory: every decode step reads it
+            self._dev_pos = to_device(self.pos)
+            self._dev_bits = to_device(self.bits)
         elif (run := self._mirror_run()) is not None:
             a, b = run  # a slice update of >= 4 cells: >= 16 bytes uploaded (see device_int32)
             self._dev_pos[a:b] = mx.array(self.pos[a:b])
@@ -358,13 +369,38 @@ class KVCache:
     def packed_live_blocks(self, seq_ids: np.ndarray, n: int) -> PackedLive:
         """The same lists in the kernel's row layout, built once per step for every layer and
         rebuilt only when a sequence gains or loses a block (every 32 tokens in decode)."""
-        key = self._live_key(seq_ids, n)
-        if self._live_cache is None or self._live_cache[0] != key:
-            self._live_cache = (key, PackedLive(mx.array(self._live_rows(seq_ids, n))))
-        return self._live_cache[1]
+        return PackedLive(mx.array(self._live_rows(seq_ids, n)))
 
-    def _live_key(self, seq_ids: np.ndarray, n: int) -> tuple:
-        return (np.asarray(seq_ids, np.int64).tobytes(), n, self._blocks_version)
+    def _live_parts(self, seq_ids: np.ndarray, n: int) -> dict[str, np.ndarray]:
+        """What this step uploads of the live rows: all of them ("live"), or, when the same rows
+        only gained blocks at their ends, the flat indices and values to scatter into the last
+        plan's ("live_ix", "live_val"; at B=32 every step adds a block to every row, and the
+        rows of a 140k-cell window are 560 KB), or nothing when they did not change."""
+        key = (seq_ids.tobytes(), n)
+        lc = self._live_cache
+        if lc is None or lc[0] != key or self._appends is None:
+            rows = self._live_rows(seq_ids, n)
+            self._live_cache = (key, None, rows[:, 0].copy())
+            self._appends = []
+            return {"live": rows}
+        if not self._appends:
+            return {}
+        nb, width = pad_to(n, BLOCK) // BLOCK, 1 + pad_to(n, BLOCK) // BLOCK
+        counts = lc[2]
+        ix, val = [], []
+        for sq, b in self._appends:
+            if b >= nb:
+                continue  # outside the window, as in _live_rows
+            for t in np.flatnonzero(seq_ids == sq):
+                counts[t] += 1
+                ix.append(t * width + counts[t])
+                val.append(b)
+        self._appends = []
+        rows_t = sorted({i // width for i in ix})
+        ix += [t * width for t in rows_t]
+        val += [int(counts[t]) for t in rows_t]
+        return {"live_ix": np.array(ix, np.int32), "live_val": np.array(val, np.int32)} if ix else {}
+
 
     # --- one ubatch -----------------------------------------------------------------------
     def prepare(
@@ -396,15 +432,18 @@ class KVCache:
             # masked cells; without (or on the pure-MLX twin) they cost little.
             whole = flash and skip and skipped_cells_are_free()
             n = self.n_cells if whole else min(pad_to(n, SKIP_WINDOW_PAD), self.n_cells)
-            live = None
-            if flash and skip:
-                key = self._live_key(seq_ids, n)
-                if self._live_cache is None or self._live_cache[0] != key:
-                    live = (key, self._live_rows(seq_ids, n))
+            live = self._live_parts(seq_ids, n) if flash and skip else {}
             dev = self._upload_step(dict(positions=positions, cells=cells, seq=seq_ids, tokens=tokens,
-                                         out_rows=out_rows, live=None if live is None else live[1]))
-            if live is not None:
-                self._live_cache = (live[0], PackedLive(dev["live"]))
+                                         out_rows=out_rows, **live))
+            if live:
+                key, rows, counts = self._live_cache
+                if "live" in dev:
+                    rows = dev["live"]
+                else:  # scattered into a copy in device memory (in place when MLX can donate)
+                    flat = rows.reshape(-1)
+                    flat[dev["live_ix"]] = dev["live_val"]
+                    rows = flat.reshape(rows.shape)
+                self._live_cache = (key, rows, counts)
             self._write_cells = dev["cells"]
             plan = AttentionPlan(positions=dev["positions"], decode=True, flash=flash, skip=skip,
                                  out_rows=dev.get("out_rows"), cells=dev["cells"], tokens=dev.get("tokens"))
@@ -414,7 +453,7 @@ class KVCache:
             else:
                 plan.mask = self.build_mask(seq_ids, positions, 0, n)
             if flash and skip:
-                plan.live_blocks = self._live_cache[1]
+                plan.live_blocks = PackedLive(self._live_cache[1])
             return plan
         self._write_cells = device_int32(cells)
         plan = AttentionPlan(positions=device_int32(positions), decode=False, flash=flash, skip=skip,
@@ -423,12 +462,11 @@ class KVCache:
         return plan
 
     def _upload_step(self, parts: dict[str, np.ndarray | None]) -> dict[str, mx.array]:
-        """A decode step's host data as int32 device arrays, from one upload: each array made
-        from host data is its own allocation in CUDA managed memory, and the first kernel to
-        read one waits for its page (tiny copies and gathers took 0.1-0.2 ms each on the
-        H200). The parts (and this step's run of cells for the metadata mirror) are packed into
-        one array and handed out as slices of it. None parts are left out; 2-D parts keep
-        their shape."""
+        """A decode step's host data as int32 device arrays, from one upload. MLX puts every
+        array made from host data in CUDA managed memory, and kernels reading those were slow
+        (below). The parts (and this step's run of cells for the metadata mirror) are packed
+        into one array, copied to device memory, and handed out as slices of the copy. None
+        parts are left out; 2-D parts keep their shape."""
         mirror = self._mirror_run()
         if mirror is not None:
             a, b = mirror
@@ -444,7 +482,8 @@ class KVCache:
             host[o : o + v.size] = v.ravel()
             spans[k] = (o, v.shape)
             o += v.size
-        dev = mx.array(host)
+        dev = to_device(host)
+        mx.async_eval(dev)  # copied while the host goes on building the step
         out = {k: dev[o : o + int(np.prod(shape))].reshape(shape) for k, (o, shape) in spans.items()}
         if mirror is not None:
             a, b = mirror

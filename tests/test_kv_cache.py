@@ -175,16 +175,20 @@ def test_decode_plans_keep_their_shapes_and_reuse_live_lists(cuda_dispatch):
     c = make(kv_size=8192, n_seq=3)
     fill_prompts(c, 3, 60)
     shapes, lists = set(), []
+    built = []
+    full_build = c._live_rows
+    c._live_rows = lambda *a: built.append(1) or full_build(*a)
     for step in range(40):
         plan = c.prepare(np.arange(3), np.full(3, 60 + step), None)
         shapes.add((plan.mask.shape, plan.live_blocks.rows.shape))
-        lists.append(plan.live_blocks)
+        lists.append(plan.live_blocks.rows)
         np.testing.assert_array_equal(np.array(plan.live_blocks.rows), live_rows_ref(c, np.arange(3)))
     assert shapes == {((3, c.n_cells), (3, 1 + c.n_cells // BLOCK))}
     # the three sequences interleave: each step opens a block for some sequence every 32/3
-    # steps, not every step
+    # steps, not every step (the rows change only then, by a scatter of the new entries)
     rebuilt = sum(a is not b for a, b in zip(lists, lists[1:]))
     assert 0 < rebuilt < 20
+    assert len(built) == 1  # later changes are scattered into the device rows
     no_skip = c.prepare(np.arange(3), np.full(3, 100), None, skip=False)
     assert no_skip.mask.shape[1] < c.n_cells and no_skip.live_blocks is None
 

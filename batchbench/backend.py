@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import mlx.core as mx
+import numpy as np
 
 
 def _detect() -> str:
@@ -63,3 +64,30 @@ def set_device(name: str) -> None:
 
 def describe() -> str:
     return f"{BACKEND} (mlx {mx.__version__}, device {mx.default_device()})"
+
+
+HOST_PAGE = 1 << 16  # keep_on_host advises whole 64 KB pages (covers 4 KB pages too)
+
+
+def keep_on_host(view: np.ndarray) -> bool:
+    """Ask CUDA to keep the managed memory under `view` (host-made MLX array data, aligned to
+    HOST_PAGE at both ends) on the host and mapped for the device: kernels then read it in place
+    over the bus, and neither side faults its pages over when the other wrote them. On the
+    H200, kernels reading a freshly host-written array took 0.1-0.35 ms even for a few bytes.
+    Returns whether the advice was taken; a no-op off CUDA or without the driver library."""
+    if BACKEND != "cuda":
+        return False
+    import ctypes
+
+    a, n = view.ctypes.data, view.nbytes
+    if a % HOST_PAGE or n % HOST_PAGE or not n:
+        raise ValueError("keep_on_host: the view must cover whole HOST_PAGE pages")
+    try:
+        advise = ctypes.CDLL("libcuda.so.1").cuMemAdvise  # the CUdevice form (CU_DEVICE_CPU = -1)
+    except (OSError, AttributeError):
+        return False
+    advise.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    advise.restype = ctypes.c_int
+    dev = getattr(mx.default_device(), "index", 0)
+    set_preferred_location, set_accessed_by = 3, 5
+    return advise(a, n, set_preferred_location, -1) == 0 and advise(a, n, set_accessed_by, dev) == 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from batchbench import backend
 from batchbench.kernels.attention import PackedLive, cuda_kernel_reads_cache, skipped_cells_are_free
 from batchbench.kernels.mask import additive, decode_mask, visible
 from batchbench.kernels.rope import qkv_rope_store
@@ -36,6 +37,42 @@ def to_device(a: np.ndarray) -> mx.array:
     bytes (tiny copies and gathers; results/h200-2026-11-29-s4). A kernel's copy of it is an
     ordinary device allocation."""
     return mx.array(a) + 0
+
+
+class Staging:
+    """Host data for the device through one long-lived host-made array: each `put` writes into
+    the next of `slots` regions in place (no new managed allocation per step), and a kernel
+    copies the region into device memory. On CUDA the regions are advised to stay on the host
+    (backend.keep_on_host), so that copy reads them over the bus without page faults. A region
+    is reused only after the copy that read it last has run."""
+
+    def __init__(self, slots: int = 8, slot_bytes: int = 4 * backend.HOST_PAGE):
+        self.slots, self.slot = slots, slot_bytes // 4
+        n = slots * self.slot + backend.HOST_PAGE // 4
+        self._arr = mx.array(np.zeros(n, np.int32))
+        mx.eval(self._arr)
+        view = np.asarray(memoryview(self._arr))  # the array's own memory, writable
+        off = (-view.ctypes.data % backend.HOST_PAGE) // 4  # regions start on a page
+        self._off, self._view = off, view[off : off + slots * self.slot]
+        self.on_host = backend.keep_on_host(self._view)
+        self._last: list[mx.array | None] = [None] * slots
+        self._i = 0
+
+    def put(self, host: np.ndarray) -> mx.array:
+        """host (int32, 1-D) as a device array, copied by a kernel started now."""
+        if host.size > self.slot:
+            out = to_device(host)
+        else:
+            k = self._i % self.slots
+            self._i += 1
+            if self._last[k] is not None:
+                mx.eval(self._last[k])  # its last copy has read the region
+            o = k * self.slot
+            self._view[o : o + host.size] = host
+            out = self._arr[self._off + o : self._off + o + host.size] + 0
+            self._last[k] = out
+        mx.async_eval(out)  # copied while the host goes on building the step
+        return out
 
 
 def pad_to(n: int, m: int) -> int:
@@ -165,6 +202,7 @@ class KVCache:
         self._write_slice: slice | None = None  # the ubatch's cells when they are one run
         self._write_cells = mx.zeros((0,), mx.int32)
         self._write_decode = False
+        self._staging: Staging | None = None  # made on the first decode step
 
     # --- bookkeeping (llama_kv_cache / llama_kv_cells) ---------------------------------
     def stream_of(self, seq: int) -> int:
@@ -482,8 +520,9 @@ class KVCache:
             host[o : o + v.size] = v.ravel()
             spans[k] = (o, v.shape)
             o += v.size
-        dev = to_device(host)
-        mx.async_eval(dev)  # copied while the host goes on building the step
+        if self._staging is None:
+            self._staging = Staging()
+        dev = self._staging.put(host)
         out = {k: dev[o : o + int(np.prod(shape))].reshape(shape) for k, (o, shape) in spans.items()}
         if mirror is not None:
             a, b = mirror

@@ -198,6 +198,8 @@ def section_step(bs, pp=4096, steps=12):
             if v in PROFILED and os.environ.get("PROFILE", "1") == "1":
                 kernel_profile(one, f"B{B}-{label.replace(' ', '-').replace(',', '')}")
             cache.seq_rm(-1, pp)
+        st = cache._staging
+        print(f"  step data staged {'on the host (advised)' if st is not None and st.on_host else 'in managed memory'}")
         del cache
         mx.clear_cache()
 

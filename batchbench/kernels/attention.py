@@ -330,7 +330,7 @@ def plan_decode_attention(
     live = pack_live_blocks(live_blocks) if use_live else _dummy_live()
     pairs = t * hkv * hc
     n_split = choose_splits(pairs, n_blk, warps, d)
-    ws_size = pairs * n_split * (gh * d + 2 * gh) if n_split > 1 else 4
+    ws_size = pairs * n_split * (gh * d + (2 * gh + 3) // 4 * 4) if n_split > 1 else 4  # REC
     smem = smem_bytes(d, warps, stages, q.dtype.size)
     header, body = kernel_source(backend_name)
     kspec = KernelSpec(

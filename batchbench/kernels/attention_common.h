@@ -460,7 +460,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     }
   } else {
     // Partial record of this split: O [GH][D] (relative to its max) then (max, sum) [GH][2].
-    constexpr int REC = GH * D + GH * 2;
+    constexpr int REC = GH * D + ((GH * 2 + 3) & ~3); // a multiple of 4: float4 merge loads
     BB_GLOBAL float* rec = ws + (pair * n_split + split) * REC;
     for (int i = tid; i < GH * D; i += W * 32) {
       const int r = i / D, d = i % D;
@@ -512,26 +512,41 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         }
       }
       bb_sync_block();
-      for (int i = tid; i < GH * D; i += W * 32) {
-        const int r = i / D, d = i % D;
+      // Each thread sums 4 consecutive d of one row over every split, eight splits' float4
+      // loads in flight per step: the merge is latency-bound at small batch.
+      for (int i4 = tid; i4 < GH * D / 4; i4 += W * 32) {
+        const int r = (4 * i4) / D, d = (4 * i4) % D;
         if (r < rows_valid) {
-          // four partials in flight per step: the merge is latency-bound at small batch
-          float acc = 0.0f;
+          float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
           int s2 = 0;
-          for (; s2 + 4 <= n_split; s2 += 4) {
-            const float a0 = bb_load_coherent(recs + (s2 + 0) * REC + i);
-            const float a1 = bb_load_coherent(recs + (s2 + 1) * REC + i);
-            const float a2 = bb_load_coherent(recs + (s2 + 2) * REC + i);
-            const float a3 = bb_load_coherent(recs + (s2 + 3) * REC + i);
-            acc += fac_s[(s2 + 0) * 16 + r] * a0;
-            acc += fac_s[(s2 + 1) * 16 + r] * a1;
-            acc += fac_s[(s2 + 2) * 16 + r] * a2;
-            acc += fac_s[(s2 + 3) * 16 + r] * a3;
+          for (; s2 + 8 <= n_split; s2 += 8) {
+            float4 v[8];
+            BB_UNROLL
+            for (int u = 0; u < 8; ++u) {
+              v[u] = bb_load_coherent4(recs + (s2 + u) * REC + 4 * i4);
+            }
+            BB_UNROLL
+            for (int u = 0; u < 8; ++u) {
+              const float f = fac_s[(s2 + u) * 16 + r];
+              a0 += f * v[u].x;
+              a1 += f * v[u].y;
+              a2 += f * v[u].z;
+              a3 += f * v[u].w;
+            }
           }
           for (; s2 < n_split; ++s2) {
-            acc += fac_s[s2 * 16 + r] * bb_load_coherent(recs + s2 * REC + i);
+            const float4 v = bb_load_coherent4(recs + s2 * REC + 4 * i4);
+            const float f = fac_s[s2 * 16 + r];
+            a0 += f * v.x;
+            a1 += f * v.y;
+            a2 += f * v.z;
+            a3 += f * v.w;
           }
-          out[((long)row * n_kv_heads * G + head0 + r) * D + d] = bb_from_float<T>(acc);
+          BB_GLOBAL T* o = out + ((long)row * n_kv_heads * G + head0 + r) * D + d;
+          o[0] = bb_from_float<T>(a0);
+          o[1] = bb_from_float<T>(a1);
+          o[2] = bb_from_float<T>(a2);
+          o[3] = bb_from_float<T>(a3);
         }
       }
       if (tid == 0) {

@@ -106,6 +106,7 @@ BB_FN int bb_atomic_add(int* p, int v) { return atomicAdd(p, v); }
 BB_FN void bb_atomic_store(int* p, int v) { atomicExch(p, v); }
 // Partials written by other blocks: read through L2, never a stale L1 line.
 BB_FN float bb_load_coherent(const float* p) { return __ldcg(p); }
+BB_FN float4 bb_load_coherent4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 
 // ---- asynchronous global -> shared copies -----------------------------------
 

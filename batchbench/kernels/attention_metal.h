@@ -109,6 +109,10 @@ BB_FN void bb_atomic_store(device int* p, int v) {
   atomic_store_explicit((device atomic_int*)p, v, memory_order_relaxed);
 }
 BB_FN float bb_load_coherent(device const float* p) { return *(device const volatile float*)p; }
+BB_FN float4 bb_load_coherent4(device const float* p) {
+  device const volatile float* q = (device const volatile float*)p;
+  return float4(q[0], q[1], q[2], q[3]);
+}
 
 // ---- copies (synchronous) ---------------------------------------------------
 

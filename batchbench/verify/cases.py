@@ -164,9 +164,13 @@ def attention_cases(backend: str, rng: np.random.Generator, quick: bool = False)
         dict(dtype=mx.bfloat16, d=128, g=4, live="superset", mask_kind="bool",
              layout=dict(kind="contiguous", n_seq=4, max_prompt=40, empty_row=True)),
     ]
+    # Many splits: the last split's merge walks them eight at a time plus a remainder.
+    many = dict(dtype=mx.float16, d=64, g=4, splits=11, live="exact",
+                layout=dict(kind="contiguous", n_seq=2, max_prompt=200, max_tg=40, tail=333))
     if quick:
-        specs = specs[:2]
+        specs = specs[:2] + [many]
     else:
+        specs.append(many)
         # Few splits: long walks through the per-warp pipeline; one split writes the output.
         specs.append(dict(dtype=mx.float16, d=64, g=4, splits=1,
                           layout=dict(kind="contiguous", n_seq=2, max_prompt=200, max_tg=40)))

@@ -436,39 +436,20 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       for (int m = lane; m < M; m += 32) wss[wid * MP + m] = 0.f;
       __syncwarp();
     }
-    // XU granules per thread per round, all loads issued first: the staging of a long row
-    // (the down projection's 2 x 18944 gate/up halves) is a chain of L2 round trips otherwise.
-    constexpr int XU = 4;
-    for (int i0 = tid; i0 < M * gpr; i0 += XU * NT) {
-      uint4 xv[XU], xu[XU];
+    for (int i = tid; i < M * gpr; i += NT) {
+      const int m = i / gpr, j = i - m * gpr;
+      const int pj = BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
+      const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
+      uint4 v = xg[gi];
+      if constexpr (GLU) v = qmm_glu8<T>(v, xg[gi + K / 8]);
+      if constexpr (NORM) {  // gpr % 32 == 0: the warp's 32 granules are one row
+        float ss = qmm_sumsq8<T>(v);
 #pragma unroll
-      for (int q = 0; q < XU; ++q) {
-        const int i = i0 + q * NT;
-        if (i < M * gpr) {
-          const int m = i / gpr, j = i - m * gpr;
-          const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
-          xv[q] = xg[gi];
-          if constexpr (GLU) xu[q] = xg[gi + K / 8];
-        }
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) wss[wid * MP + m] += ss;
       }
-#pragma unroll
-      for (int q = 0; q < XU; ++q) {
-        const int i = i0 + q * NT;
-        if (i < M * gpr) {  // uniform over a warp when NORM (M * gpr % 32 == 0)
-          const int m = i / gpr, j = i - m * gpr;
-          const int pj = BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
-          uint4 v = xv[q];
-          if constexpr (GLU) v = qmm_glu8<T>(v, xu[q]);
-          if constexpr (NORM) {  // gpr % 32 == 0: the warp's 32 granules are one row
-            float ss = qmm_sumsq8<T>(v);
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-            if (lane == 0) wss[wid * MP + m] += ss;
-          }
-          if constexpr (LOP3) v = qmm_perm8(v);
-          *reinterpret_cast<uint4*>(xs + m * XS + pj * 8) = v;
-        }
-      }
+      if constexpr (LOP3) v = qmm_perm8(v);
+      *reinterpret_cast<uint4*>(xs + m * XS + pj * 8) = v;
     }
   }
   __syncthreads();

@@ -13,7 +13,8 @@ import numpy as np
 from batchbench import backend
 from batchbench.decode_step import CompiledDecode
 from batchbench.formats import BenchRow
-from batchbench.kv_cache import KVCache, device_int32, pad_to
+from batchbench.kv_cache import KVCache, pad_to
+from batchbench.upload import device_int32
 from batchbench.stats import combine_repetitions, llama_row
 from batchbench.stats import n_kv_required as n_ctx_req
 

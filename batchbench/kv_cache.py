@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from batchbench import backend
 from batchbench.kernels.attention import PackedLive, cuda_kernel_reads_cache, skipped_cells_are_free
 from batchbench.kernels.mask import additive, decode_mask, visible
 from batchbench.kernels.rope import qkv_rope_store
+from batchbench.upload import Staging, device_int32, to_device
 
 BLOCK = 32  # cells per skip block (llama.cpp's vec kernel)
 PAD = 256  # n_kv padding (llama.cpp get_n_kv)
@@ -24,58 +24,6 @@ PAD = 256  # n_kv padding (llama.cpp get_n_kv)
 # re-traced: with skipping on a GPU kernel the window is the whole cache (masked cells cost
 # nothing) and the live-block lists are as wide as it; otherwise it is rounded up to this many.
 SKIP_WINDOW_PAD = 2048
-
-
-def device_int32(a: np.ndarray) -> mx.array:
-    """a as an int32 array in device memory (see to_device)."""
-    return to_device(np.asarray(a).astype(np.int32))
-
-
-def to_device(a: np.ndarray) -> mx.array:
-    """a in device memory. MLX puts arrays made from host data in CUDA managed memory; on the
-    H200, kernels reading such an array in a decode step took 0.1-0.25 ms each, even for a few
-    bytes (tiny copies and gathers; results/h200-2026-11-29-s4). A kernel's copy of it is an
-    ordinary device allocation."""
-    return mx.array(a) + 0
-
-
-class Staging:
-    """Host data for the device through one long-lived host-made array: each `put` writes into
-    the next of `slots` regions in place (no new managed allocation per step), and a kernel
-    copies the region into device memory. On CUDA the regions are advised to stay on the host
-    (backend.keep_on_host), so that copy reads them over the bus without page faults. A region
-    is reused only after the copy that read it last has run."""
-
-    def __init__(self, slots: int = 8, slot_bytes: int = 4 * backend.HOST_PAGE):
-        self.slots, self.slot = slots, slot_bytes // 4
-        n = slots * self.slot + backend.HOST_PAGE // 4
-        self._arr = mx.array(np.zeros(n, np.int32))
-        mx.eval(self._arr)
-        view = np.asarray(memoryview(self._arr))  # the array's own memory, writable
-        off = (-view.ctypes.data % backend.HOST_PAGE) // 4  # regions start on a page
-        self._off, self._view = off, view[off : off + slots * self.slot]
-        self.on_host = backend.keep_on_host(self._view)
-        self._last: list[mx.array | None] = [None] * slots
-        self._i = 0
-
-    def put(self, host: np.ndarray) -> mx.array:
-        """host (int32, 1-D) as a device array, copied by a kernel started now."""
-        if host.size > self.slot:
-            out = to_device(host)
-        else:
-            k = self._i % self.slots
-            self._i += 1
-            if self._last[k] is not None:
-                mx.eval(self._last[k])  # its last copy has read the region
-            o = k * self.slot
-            self._view[o : o + host.size] = host
-            out = self._arr[self._off + o : self._off + o + host.size] + 0
-            self._last[k] = out
-        if not self.on_host or host.size > self.slot:
-            # reading managed memory is slow: copy it while the host goes on building the step
-            # (read in place from the host, the copy takes microseconds inside the step's graph)
-            mx.async_eval(out)
-        return out
 
 
 def pad_to(n: int, m: int) -> int:
@@ -187,9 +135,8 @@ class KVCache:
         self.pos = np.full(n_cells, -1, np.int32)
         self.bits = np.zeros((self.n_words, n_cells), np.uint32)  # seq-id bitset per cell
         self.seq_blocks = np.zeros((n_seq_max, pad_to(n_cells, BLOCK) // BLOCK), bool)
-        self._blocks_version = 0  # bumped whenever seq_blocks changes (live-list cache key)
-        # The live rows of the last decode plan: (seq ids and window, PackedLive, counts); then the
-        # in-order appends to the lists since, or None when anything else changed them.
+        # The live rows of the last decode plan: (seq ids and window, rows on the device, counts);
+        # then the in-order appends to the lists since, or None when anything else changed them.
         self._live_cache: tuple | None = None
         self._appends: list[tuple[int, int]] | None = None
         # Per sequence, its live blocks ascending (array, length), kept up to date by find_slot;
@@ -218,7 +165,6 @@ class KVCache:
         self.pos[:] = -1
         self.bits[:] = 0
         self.seq_blocks[:] = False
-        self._blocks_version += 1
         self._lists_stale = set(range(self.n_seq_max))
         self._appends = None
         self.head = [0] * self.n_stream
@@ -259,7 +205,6 @@ class KVCache:
         new = ~self.seq_blocks[seq_ids, blk]
         if new.any():
             self.seq_blocks[seq_ids, blk] = True
-            self._blocks_version += 1
             for sq, b in {(int(a), int(c)) for a, c in zip(seq_ids[new], blk[new])}:
                 self._list_add(sq, b)
         self._dirty.append(cells)
@@ -311,7 +256,6 @@ class KVCache:
     def _refresh_blocks(self, seq: int) -> None:
         self.seq_blocks[seq] = False
         self.seq_blocks[seq, self.seq_cells(seq) // BLOCK] = True
-        self._blocks_version += 1
         self._lists_stale.add(seq)
         self._appends = None
 
@@ -360,7 +304,7 @@ class KVCache:
             self._dev_pos = to_device(self.pos)
             self._dev_bits = to_device(self.bits)
         elif (run := self._mirror_run()) is not None:
-            a, b = run  # a slice update of >= 4 cells: >= 16 bytes uploaded (see device_int32)
+            a, b = run  # one run of cells (widened to >= 4): a slice update
             self._dev_pos[a:b] = mx.array(self.pos[a:b])
             self._dev_bits[:, a:b] = mx.array(self.bits[:, a:b])
         elif self._dirty:
@@ -442,7 +386,6 @@ class KVCache:
         val += [int(counts[t]) for t in rows_t]
         return {"live_ix": np.array(ix, np.int32), "live_val": np.array(val, np.int32)} if ix else {}
 
-
     # --- one ubatch -----------------------------------------------------------------------
     def prepare(
         self,
@@ -517,7 +460,7 @@ class KVCache:
             self._sync_device()
         parts = {k: np.asarray(v) for k, v in parts.items() if v is not None}
         total = sum(v.size for v in parts.values())
-        host = np.zeros(max(4, total), np.int32)  # >= 16 bytes (see device_int32)
+        host = np.zeros(max(4, total), np.int32)  # the copy's output > 8 bytes (see to_device)
         o, spans = 0, {}
         for k, v in parts.items():
             host[o : o + v.size] = v.ravel()

@@ -299,7 +299,7 @@ def test_staging_hands_back_what_was_put_across_reused_regions():
     """Regions are rewritten in place after 3 puts; every returned array must keep the data of
     its own put (the copy has read the region before it is reused), and arrays larger than a
     region go through a fresh upload."""
-    from batchbench.kv_cache import Staging
+    from batchbench.upload import Staging
 
     st = Staging(slots=3, slot_bytes=64)
     rng = np.random.default_rng(0)

@@ -293,20 +293,3 @@ def test_decode_step_inputs_come_from_one_upload(swa):
         np.testing.assert_array_equal(np.array(plan.live_blocks.rows), live_rows_ref(c, seqs)[:, : 1 + -(-n // BLOCK)])
         np.testing.assert_array_equal(np.array(c._dev_pos), c.pos)
         np.testing.assert_array_equal(np.array(c._dev_bits), c.bits)
-
-
-def test_staging_hands_back_what_was_put_across_reused_regions():
-    """Regions are rewritten in place after 3 puts; every returned array must keep the data of
-    its own put (the copy has read the region before it is reused), and arrays larger than a
-    region go through a fresh upload."""
-    from batchbench.upload import Staging
-
-    st = Staging(slots=3, slot_bytes=64)
-    rng = np.random.default_rng(0)
-    puts = [rng.integers(-5, 1 << 20, int(rng.integers(1, 17))).astype(np.int32) for _ in range(10)]
-    outs = [st.put(h) for h in puts]
-    big = np.arange(40, dtype=np.int32)  # 160 bytes > 64
-    outs.append(st.put(big))
-    puts.append(big)
-    for h, o in zip(puts, outs):
-        np.testing.assert_array_equal(np.array(o), h)

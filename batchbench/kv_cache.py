@@ -155,6 +155,13 @@ class KVCache:
         self._staging: Staging | None = None  # made on the first decode step
 
     # --- bookkeeping (llama_kv_cache / llama_kv_cells) ---------------------------------
+    def _streams(self, seq_ids: np.ndarray) -> list[int]:
+        """The streams of a ubatch's sequences, ascending; checks the ids (as stream_of)."""
+        lo, hi = int(seq_ids.min()), int(seq_ids.max())
+        if lo < 0 or hi >= self.n_seq_max:
+            self.stream_of(lo if lo < 0 else hi)  # raises with the message
+        return [0] if self.unified else sorted(set(seq_ids.tolist()))
+
     def stream_of(self, seq: int) -> int:
         if not 0 <= seq < self.n_seq_max:
             raise ValueError(f"sequence id {seq} out of range 0..{self.n_seq_max - 1}")
@@ -179,8 +186,7 @@ class KVCache:
     def find_slot(self, seq_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Place tokens in empty cells, scanning each stream from its head (cells fill in order)."""
         cells = np.empty(len(seq_ids), np.int64)
-        streams = sorted({self.stream_of(int(s)) for s in np.unique(seq_ids)})
-        for st in streams:
+        for st in self._streams(seq_ids):
             rows = np.arange(len(seq_ids)) if self.unified else np.flatnonzero(seq_ids == st)
             base = st * self.kv_size
             need = len(rows)
@@ -200,7 +206,8 @@ class KVCache:
             self.head[st] = int((free[-1] + 1) % self.kv_size)
             self.used[st] = max(self.used[st], int(free.max()) + 1)
         self.pos[cells] = positions
-        np.bitwise_or.at(self.bits, (seq_ids // 32, cells), (1 << (seq_ids % 32)).astype(np.uint32))
+        # cells are distinct, so no (word, cell) pair repeats: a plain fancy-index OR is exact
+        self.bits[seq_ids // 32, cells] |= (1 << (seq_ids % 32)).astype(np.uint32)
         blk = cells // BLOCK
         new = ~self.seq_blocks[seq_ids, blk]
         if new.any():
@@ -405,10 +412,8 @@ class KVCache:
         cells = self.find_slot(seq_ids, positions)
         one_run = len(cells) and (np.diff(cells) == 1).all()
         self._write_slice = slice(int(cells[0]), int(cells[-1]) + 1) if one_run else None
-        streams = sorted({self.stream_of(int(s)) for s in seq_ids})
-        n = self.window_end(streams)
-        _, per_seq = np.unique(seq_ids, return_counts=True)
-        decode = bool(per_seq.max() <= decode_max_per_seq)
+        n = self.window_end(self._streams(seq_ids))
+        decode = bool(np.bincount(seq_ids).max() <= decode_max_per_seq)
         out_rows = None if out_rows is None else np.asarray(out_rows, np.int32)
         self._write_decode = decode and flash  # the flash decode path: the attention kernel
         if decode:
@@ -464,12 +469,13 @@ class KVCache:
         o, spans = 0, {}
         for k, v in parts.items():
             host[o : o + v.size] = v.ravel()
-            spans[k] = (o, v.shape)
+            spans[k] = (o, v.size, v.shape)
             o += v.size
         if self._staging is None:
             self._staging = Staging()
         dev = self._staging.put(host)
-        out = {k: dev[o : o + int(np.prod(shape))].reshape(shape) for k, (o, shape) in spans.items()}
+        out = {k: dev[o : o + n] if len(shape) == 1 else dev[o : o + n].reshape(shape)
+               for k, (o, n, shape) in spans.items()}
         if mirror is not None:
             a, b = mirror
             self._dev_pos[a:b] = out.pop("mirror_pos")

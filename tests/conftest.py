@@ -6,6 +6,7 @@ import pytest
 from batchbench import backend
 from batchbench.kernels import spec as kspec
 from batchbench.verify import EmulationError, toolchain
+from batchbench.verify.compile import check_all
 from batchbench.verify.emulate import prebuild
 
 
@@ -39,3 +40,14 @@ def verify_emulated(case, seed: int) -> float:
     except AssertionError as e:
         pytest.fail(f"{e} (seed {seed})")
     return err
+
+
+def assert_compile_for_sm90a(items: list) -> None:
+    """nvcc -arch=sm_90a builds every (spec, launch) to SASS without register spills and
+    without pulling in host headers (MLX compiles with NVRTC, which has none)."""
+    toolchain.need(toolchain.nvcc)
+    for r in check_all(items):
+        assert r.ok, f"{r.kernel_name} does not compile for sm_90a:\n{r.log}"
+        assert r.spill_stores == 0, f"{r.kernel_name} spills registers:\n{r.log}"
+        host_headers = [w for w in r.warnings if "host header" in w]
+        assert not host_headers, "\n".join(host_headers)

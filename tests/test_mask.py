@@ -9,9 +9,7 @@ import pytest
 
 from batchbench.kernels import mask as K
 from batchbench.kv_cache import KVCache
-from batchbench.verify import toolchain
-from batchbench.verify.compile import check_all
-from conftest import emulated, verify_emulated
+from conftest import assert_compile_for_sm90a, emulated, verify_emulated
 from batchbench.verify.mask_cases import mask_cases, mask_reference, random_metadata, visibility
 
 SEED = int(np.random.SeedSequence().entropy % (1 << 31))
@@ -62,8 +60,4 @@ def test_mask_kernel_emulated_matches_rules(cases, i):
 
 
 def test_mask_kernel_compiles_for_sm90a():
-    toolchain.need(toolchain.nvcc)
-    items = [kl for c in mask_cases(np.random.default_rng(SEED)) for kl in c.kernels][:2]
-    for r in check_all(items):
-        assert r.ok, f"{r.kernel_name} does not compile for sm_90a:\n{r.log}"
-        assert r.spill_stores == 0
+    assert_compile_for_sm90a([kl for c in mask_cases(np.random.default_rng(SEED)) for kl in c.kernels][:2])

@@ -13,10 +13,8 @@ import pytest
 from batchbench.kernels import rope
 from batchbench.kernels import spec as kspec
 from batchbench.models.llama import Attention, ModelArgs
-from batchbench.verify import toolchain
-from batchbench.verify.compile import check_all
 from batchbench.verify.rope_cases import rope_case, rope_cases, rope_reference, rope_tolerance
-from conftest import emulated, verify_emulated
+from conftest import assert_compile_for_sm90a, emulated, verify_emulated
 
 SEED = int(os.environ.get("BATCHBENCH_VERIFY_SEED", np.random.SeedSequence().entropy % (1 << 32)))
 N_CASES = len(rope_cases(np.random.default_rng(0)))
@@ -125,16 +123,11 @@ def test_rope_kernel_emulated_matches_float64(cases, i):
 
 
 def test_rope_kernel_compiles_for_sm90a():
-    toolchain.need(toolchain.nvcc)
     rng = np.random.default_rng(SEED)
-    items = [
+    assert_compile_for_sm90a([
         rope_case(rng, t=2, dtype=mx.float16, head_dim=128).kernels[0],
         rope_case(rng, t=2, dtype=mx.bfloat16, head_dim=256, traditional=True).kernels[0],
-    ]
-    for r in check_all(items):
-        assert r.ok, f"{r.kernel_name} does not compile for sm_90a:\n{r.log}"
-        assert r.spill_stores == 0, f"{r.kernel_name} spills registers:\n{r.log}"
-        assert not [w for w in r.warnings if "host header" in w]
+    ])
 
 
 @pytest.mark.parametrize("decode,flash,d,in_place", [(True, True, 128, True), (False, True, 128, False),

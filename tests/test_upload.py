@@ -26,7 +26,6 @@ def test_staging_regions_start_on_whole_pages(monkeypatch):
     """The host advice covers whole pages only: the staging regions must start on one and span
     whole ones, and keep_on_host must refuse a view that does not (checked as on CUDA, before any
     driver call)."""
-    from batchbench import backend
     st = Staging(slots=2, slot_bytes=backend.HOST_PAGE)
     assert st._view.ctypes.data % backend.HOST_PAGE == 0
     assert st._view.nbytes == 2 * backend.HOST_PAGE

@@ -17,7 +17,7 @@ from batchbench.verify import RaceError, emulate, toolchain
 from batchbench.verify.compile import check_all
 from batchbench.verify.cases import attention_case, attention_cases, qmm_case, qmm_cases
 from batchbench.verify.emulate import prebuild
-from conftest import verify_emulated
+from conftest import assert_compile_for_sm90a, verify_emulated
 
 SEED = int(os.environ.get("BATCHBENCH_VERIFY_SEED", np.random.SeedSequence().entropy % (1 << 32)))
 N_ATTN = len(attention_cases("metal", np.random.default_rng(0)))
@@ -97,20 +97,13 @@ def test_broken_attention_kernel_is_rejected(cases, backend):
 
 
 def test_cuda_kernels_compile_for_sm90a():
-    toolchain.need(toolchain.nvcc)
     rng = np.random.default_rng(SEED)
-    items = [
+    assert_compile_for_sm90a([
         attention_case("cuda", rng, dtype=mx.float16, d=128, g=7).kernels[0],
         attention_case("cuda", rng, dtype=mx.bfloat16, d=64, g=4, mask_kind="bool", live="exact").kernels[0],
         *qmm_case(rng, m=3, bits=4).kernels,
         *qmm_case(rng, m=5, bits=8, dtype=mx.bfloat16, split=2, bias=True).kernels,
-    ]
-    results = check_all(items)
-    for r in results:
-        assert r.ok, f"{r.kernel_name} does not compile for sm_90a:\n{r.log}"
-        assert r.spill_stores == 0, f"{r.kernel_name} spills registers:\n{r.log}"
-        host_headers = [w for w in r.warnings if "host header" in w]
-        assert not host_headers, "\n".join(host_headers)
+    ])
 
 
 def test_metal_kernels_compile(cases):

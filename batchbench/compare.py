@@ -448,7 +448,7 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
 def render_md(cmp: Comparison) -> str:
     sides = cmp.sides
     out = [f"{_letter(i)} = {s.label}  ({s.path})" for i, s in enumerate(sides)]
-    out.append(f"ratios: side / A for S_PP, S_TG and S (above 1 = faster than A)")
+    out.append("ratios: side / A for S_PP, S_TG and S (above 1 = faster than A)")
     out.append("")
     header = ["PP", "TG", "B", "N_KV"]
     for metric in METRICS:

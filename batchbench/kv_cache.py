@@ -322,19 +322,20 @@ class KVCache:
         self._full_upload = False
         self._dirty.clear()
 
-    def build_mask(self, seq_ids: np.ndarray, positions: np.ndarray, c0: int, c1: int) -> mx.array:
+    def build_mask(self, seq_ids: np.ndarray, positions: np.ndarray, c0: int, c1: int,
+                   on_device: tuple[mx.array, mx.array] | None = None) -> mx.array:
         """KQ mask rows for tokens (seq, pos) over cells [c0, c1): 0 where visible, -inf elsewhere.
 
         Rules as llama.cpp's set_input_kq_mask: empty cell, other sequence, future position and
-        SWA all hide a cell. Built on the device from the mirrored metadata.
+        SWA all hide a cell. Built on the device from the mirrored metadata; `on_device` passes
+        seq_ids and positions already there (int32), e.g. from a decode step's upload.
         """
         self._sync_device()
+        seq, p1 = on_device if on_device is not None else (device_int32(seq_ids), device_int32(positions))
         if c0 == 0 and self.swa is None:  # decode windows: one kernel on CUDA
-            return decode_mask(self._dev_bits, self._dev_pos[:c1], device_int32(seq_ids),
-                               device_int32(positions), self.dtype)
+            return decode_mask(self._dev_bits, self._dev_pos[:c1], seq, p1, self.dtype)
         p0 = self._dev_pos[c0:c1]
-        p1 = mx.array(positions.astype(np.int32))
-        vis = visible(self._dev_bits[:, c0:c1], p0, mx.array(seq_ids.astype(np.int32)), p1)
+        vis = visible(self._dev_bits[:, c0:c1], p0, seq, p1)
         if self.swa is not None:
             vis = vis & ~self.swa.masked(p0[None, :], p1[:, None])
         return additive(vis, self.dtype)
@@ -359,8 +360,8 @@ class KVCache:
         return mx.array(rows[:, 1:]), mx.array(rows[:, 0])
 
     def packed_live_blocks(self, seq_ids: np.ndarray, n: int) -> PackedLive:
-        """The same lists in the kernel's row layout, built once per step for every layer and
-        rebuilt only when a sequence gains or loses a block (every 32 tokens in decode)."""
+        """The same lists in the kernel's row layout, uploaded as they are now (a decode plan keeps
+        its rows on the device and updates them incrementally, see `_live_parts`)."""
         return PackedLive(mx.array(self._live_rows(seq_ids, n)))
 
     def _live_parts(self, seq_ids: np.ndarray, n: int) -> dict[str, np.ndarray]:
@@ -436,11 +437,7 @@ class KVCache:
             self._write_cells = dev["cells"]
             plan = AttentionPlan(positions=dev["positions"], decode=True, flash=flash, skip=skip,
                                  out_rows=dev.get("out_rows"), cells=dev["cells"], tokens=dev.get("tokens"))
-            if self.swa is None:  # build_mask's decode kernel, on the uploaded seq ids and positions
-                plan.mask = decode_mask(self._dev_bits, self._dev_pos[:n], dev["seq"], dev["positions"],
-                                        self.dtype)
-            else:
-                plan.mask = self.build_mask(seq_ids, positions, 0, n)
+            plan.mask = self.build_mask(seq_ids, positions, 0, n, on_device=(dev["seq"], dev["positions"]))
             if flash and skip:
                 plan.live_blocks = PackedLive(self._live_cache[1])
             return plan

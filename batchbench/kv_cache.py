@@ -157,6 +157,8 @@ class KVCache:
     # --- bookkeeping (llama_kv_cache / llama_kv_cells) ---------------------------------
     def _streams(self, seq_ids: np.ndarray) -> list[int]:
         """The streams of a ubatch's sequences, ascending; checks the ids (as stream_of)."""
+        if not len(seq_ids):
+            return []
         lo, hi = int(seq_ids.min()), int(seq_ids.max())
         if lo < 0 or hi >= self.n_seq_max:
             self.stream_of(lo if lo < 0 else hi)  # raises with the message
@@ -378,7 +380,8 @@ class KVCache:
             return {"live": rows}
         if not self._appends:
             return {}
-        nb, width = pad_to(n, BLOCK) // BLOCK, 1 + pad_to(n, BLOCK) // BLOCK
+        nb = pad_to(n, BLOCK) // BLOCK
+        width = 1 + nb
         counts = lc[2]
         ix, val = [], []
         for sq, b in self._appends:

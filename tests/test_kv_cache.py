@@ -293,3 +293,12 @@ def test_decode_step_inputs_come_from_one_upload(swa):
         np.testing.assert_array_equal(np.array(plan.live_blocks.rows), live_rows_ref(c, seqs)[:, : 1 + -(-n // BLOCK)])
         np.testing.assert_array_equal(np.array(c._dev_pos), c.pos)
         np.testing.assert_array_equal(np.array(c._dev_bits), c.bits)
+
+
+def test_empty_ubatch_places_nothing():
+    c = make()
+    fill_prompts(c, 2, 10)
+    pos, bits = c.pos.copy(), c.bits.copy()
+    assert len(c.find_slot(np.zeros(0, np.int64), np.zeros(0, np.int64))) == 0
+    np.testing.assert_array_equal(c.pos, pos)
+    np.testing.assert_array_equal(c.bits, bits)

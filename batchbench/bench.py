@@ -13,7 +13,7 @@ import numpy as np
 from batchbench import backend
 from batchbench.decode_step import CompiledDecode
 from batchbench.formats import BenchRow
-from batchbench.kv_cache import KVCache, pad_to
+from batchbench.kv_cache import BLOCK, KVCache, pad_to
 from batchbench.upload import device_int32
 from batchbench.stats import combine_repetitions, llama_row
 from batchbench.stats import n_kv_required as n_ctx_req
@@ -61,6 +61,10 @@ def make_row(pp: int, tg: int, pl: int, pps: bool, kv_unified: bool, t_pp, t_tg)
     return BenchRow(pp=pp, tg=tg, pl=pl, **asdict(llama_row(pp, tg, pl, t_pp, t_tg, pps, kv_unified)))
 
 
+# BATCHBENCH_PREP_AHEAD=0: prepare each decode step only after the previous one finished (A/B runs).
+PREP_AHEAD = os.environ.get("BATCHBENCH_PREP_AHEAD", "1") == "1"
+
+
 class Runner:
     """Feeds batches to the model the way llama_decode does: chunks of n_batch, ubatches of n_ubatch."""
 
@@ -78,21 +82,7 @@ class Runner:
         for b0 in range(0, len(tokens), self.n_batch):
             for u0 in range(b0, min(b0 + self.n_batch, len(tokens)), self.n_ubatch):
                 u1 = min(u0 + self.n_ubatch, b0 + self.n_batch, len(tokens))
-                out_rows = np.flatnonzero(out[u0:u1])
-                if len(out_rows) == u1 - u0:
-                    out_rows = None  # every row has logits: no gather
-                elif not len(out_rows):
-                    out_rows = np.array([u1 - u0 - 1])
-                plan = self.cache.prepare(seq[u0:u1], pos[u0:u1], out_rows, flash=self.mode.flash,
-                                          skip=self.mode.skip, tokens=tokens[u0:u1])
-                # decode: uploaded with the step's other host data (KVCache._upload_step)
-                toks = (plan.tokens if plan.tokens is not None else device_int32(tokens[u0:u1]))[None]
-                if self.step is not None and plan.decode:
-                    last = self.step(toks, plan)  # a few compiled segments per step
-                else:
-                    if plan.decode:
-                        plan.eval_every = backend.DECODE_EVAL_EVERY
-                    last = self.model(toks, plan, self.cache)
+                last = self.submit(*self.prepare(tokens[u0:u1], pos[u0:u1], seq[u0:u1], out[u0:u1]))
                 if sync:
                     mx.eval(last)
                 else:
@@ -100,6 +90,28 @@ class Runner:
         if sync and last is not None:
             mx.synchronize()
         return last
+
+    def prepare(self, tokens, pos, seq, out):
+        """Place one ubatch in the cache and upload its host data: (tokens, plan) for `submit`,
+        which must follow before the next `prepare` (the cache's write state is per ubatch)."""
+        out_rows = np.flatnonzero(out)
+        if len(out_rows) == len(out):
+            out_rows = None  # every row has logits: no gather
+        elif not len(out_rows):
+            out_rows = np.array([len(out) - 1])
+        plan = self.cache.prepare(seq, pos, out_rows, flash=self.mode.flash, skip=self.mode.skip,
+                                  tokens=tokens)
+        # decode: uploaded with the step's other host data (KVCache._upload_step)
+        toks = (plan.tokens if plan.tokens is not None else device_int32(tokens))[None]
+        return toks, plan
+
+    def submit(self, toks: mx.array, plan) -> mx.array:
+        """Queue a prepared ubatch; its logits, not yet evaluated."""
+        if self.step is not None and plan.decode:
+            return self.step(toks, plan)  # a few compiled segments per step
+        if plan.decode:
+            plan.eval_every = backend.DECODE_EVAL_EVERY
+        return self.model(toks, plan, self.cache)
 
 
 def _sync(x: mx.array | None) -> None:
@@ -133,9 +145,23 @@ def run_config(runner: Runner, rng, n_vocab: int, pp: int, tg: int, pl: int, p: 
                 runner.decode(rng.integers(0, n_vocab, 1), np.array([pp + i]), np.array([j]),
                               np.array([True]), sync=True)
     else:
+        def batch(i):
+            return rng.integers(0, n_vocab, pl), np.full(pl, pp + i), np.arange(pl), np.ones(pl, bool)
+
+        # Each step is waited for, as llama.cpp does. With PREP_AHEAD, the host places the next
+        # step in the cache (cells, mask inputs, the upload) while the GPU runs this one, and
+        # builds its graph only after the wait. Its positions and cells do not depend on this
+        # step's logits; a server would sample on the device and pass the token array on, as
+        # mlx-lm does, so knowing the next tokens early is no advantage here.
+        ahead = PREP_AHEAD and pl <= runner.n_ubatch
+        nxt = None
         for i in range(tg):
-            runner.decode(rng.integers(0, n_vocab, pl), np.full(pl, pp + i), np.arange(pl),
-                          np.ones(pl, bool), sync=True)
+            if not ahead:
+                runner.decode(*batch(i), sync=True)
+                continue
+            last = runner.submit(*(nxt or runner.prepare(*batch(i))))
+            nxt = runner.prepare(*batch(i + 1)) if i + 1 < tg else None
+            _sync(last)
     t_tg_end = time.perf_counter()
     return f32_time(t_pp_start, t_pp_end), f32_time(t_tg_start, t_tg_end)
 
@@ -143,7 +169,8 @@ def run_config(runner: Runner, rng, n_vocab: int, pp: int, tg: int, pl: int, p: 
 def warmup(runner: Runner, n_vocab: int, npp: list[int], npl: list[int], tgs: bool, rng) -> None:
     """llama.cpp decodes 16 tokens. We also prefill the longest prompt once (CUDA's attention
     library initialises on first use, ~40 s, and plans each new key length) and run one decode
-    step of every batch size in the sweep, so nothing is compiled while timing."""
+    step of every batch size in the sweep, and steps that add a block to running rows, so that
+    nothing is compiled while timing."""
     cache = runner.cache
     cache.clear()
     n = min(max(max(npp, default=0), runner.n_ubatch), cache.kv_size - max(npl) - 16)
@@ -159,6 +186,16 @@ def warmup(runner: Runner, n_vocab: int, npp: list[int], npl: list[int], tgs: bo
         runner.decode(rng.integers(0, n_vocab, n), np.full(n, 16), np.arange(n),
                       np.ones(n, bool), sync=True)
         cache.seq_rm(-1, 16)
+    # Steps of the largest batch until its sequences gain a 32-cell block under a running plan:
+    # those rows are then scattered on the device (KVCache._live_parts), with a kernel that
+    # MLX compiles on first use. Without this, the first timed row to gain a block paid the
+    # compile (2.7 s of a 32-step TG phase at B=2 on the H200).
+    n = max(npl)
+    steps = -(-BLOCK // n) + 2
+    if 16 + n * steps <= cache.kv_size:
+        for i in range(steps):
+            runner.decode(rng.integers(0, n_vocab, n), np.full(n, 16 + i), np.arange(n),
+                          np.ones(n, bool), sync=True)
     cache.clear()
 
 

@@ -140,3 +140,72 @@ def test_decode_segments_cover_every_layer_once(every, first, want):
         layers = [None] * 10
 
     assert CompiledDecode(None, TenLayers(), every, first).segments == want
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_prepare_ahead_keeps_every_step_and_overlaps_the_wait(model, monkeypatch, compiled):
+    """run_config's TG loop with the next step prepared while the GPU runs this one decodes
+    the same logits as one prepared after the wait, and really prepares before waiting."""
+    from batchbench import bench
+
+    def tg_logits(ahead: bool):
+        monkeypatch.setattr(bench, "PREP_AHEAD", ahead)
+        r = new_runner(model, 3, compiled=compiled)
+        events, logits = [], []
+        prep, submit = r.prepare, r.submit
+
+        def prepare(*a):
+            events.append("prepare")
+            return prep(*a)
+
+        def sub(*a):
+            events.append("submit")
+            out = submit(*a)
+            logits.append(out)
+            return out
+
+        real_sync = bench._sync
+
+        def sync(x):
+            events.append("sync")
+            real_sync(x)
+
+        r.prepare, r.submit = prepare, sub
+        monkeypatch.setattr(bench, "_sync", sync)
+        p = bench.BenchParams(n_ctx=512, npp=[19], ntg=[4], npl=[3])
+        bench.run_config(r, np.random.default_rng(5), model.args.vocab_size, 19, 4, 3, p)
+        monkeypatch.setattr(bench, "_sync", real_sync)
+        tg = [np.array(l) for l in logits[-4:]]  # the prefill's ubatch came first
+        return tg, events
+
+    ref, ev_ref = tg_logits(False)
+    got, ev = tg_logits(True)
+    for a, b in zip(ref, got):
+        np.testing.assert_allclose(b, a, **TOL)
+    assert len(got) == 4 and got[0].shape == ref[0].shape
+    # after the prefill: prepare 0, then per step submit i, prepare i+1 (before its wait), sync
+    tg_ev = ev[ev.index("sync") + 1:]
+    assert tg_ev == ["prepare", "submit", "prepare", "sync", "submit", "prepare", "sync",
+                     "submit", "prepare", "sync", "submit", "sync"]
+    assert ev_ref[ev_ref.index("sync") + 1:].count("sync") == 0  # decode() waits inside
+
+
+@pytest.mark.parametrize("npl", [[1], [2, 3], [32]])
+def test_warmup_scatters_live_rows_once(model, monkeypatch, npl):
+    """The warmup takes every decode path a timed row can take, including the device scatter
+    of live-block rows that only gained blocks (a kernel compiled on first use)."""
+    from batchbench import bench
+    from batchbench.kv_cache import KVCache
+
+    seen = []
+    real = KVCache._live_parts
+
+    def spy(self, seq_ids, n):
+        parts = real(self, seq_ids, n)
+        seen.append(sorted(parts))
+        return parts
+
+    monkeypatch.setattr(KVCache, "_live_parts", spy)
+    r = new_runner(model, max(npl), kv_size=1024)
+    bench.warmup(r, model.args.vocab_size, [64], npl, False, np.random.default_rng(0))
+    assert ["live"] in seen and ["live_ix", "live_val"] in seen

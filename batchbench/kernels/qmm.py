@@ -89,6 +89,21 @@ __device__ __forceinline__ uint32_t qmm_prmt(uint32_t a, uint32_t b, uint32_t se
 #endif
 }
 
+// (a & b) | c as one LOP3. Written in C with two constants it compiles to two LOP3s (each
+// takes one immediate); here ptxas keeps the constants in registers across the loop.
+__device__ __forceinline__ uint32_t qmm_and_or(uint32_t a, uint32_t b, uint32_t c) {
+#ifdef BB_PORTABLE
+  return (a & b) | c;
+#else
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+#endif
+}
+
+// A 16-bit value (zero-extended) in both halves of a word.
+__device__ __forceinline__ uint32_t qmm_dup16(uint32_t v) { return qmm_prmt(v, v, 0x1010u); }
+
 __device__ __forceinline__ float qmm_u2f(uint32_t u) {
 #ifdef BB_PORTABLE
   union { uint32_t u; float f; } c;  // NVRTC has no __builtin_memcpy
@@ -195,7 +210,7 @@ __device__ __forceinline__ uint32_t qmm_pair4(uint32_t u, uint32_t u_shr4, int p
   const uint32_t sel = (uint32_t)p | ((uint32_t)p << 4) | ((uint32_t)(4 + p) << 8) |
                        ((uint32_t)(4 + p) << 12);
   const uint32_t magic = BF16 ? 0x43004300u : 0x64006400u;
-  const uint32_t v = (qmm_prmt(u, u_shr4, sel) & 0x000F000Fu) | magic;
+  const uint32_t v = qmm_and_or(qmm_prmt(u, u_shr4, sel), 0x000F000Fu, magic);
   return qmm_dq_magic<BF16>(v, s2, b2);
 }
 
@@ -207,16 +222,21 @@ __device__ __forceinline__ void qmm_dq4_lop3(uint32_t u, uint32_t s2, uint32_t s
                                              uint32_t (&A)[4]) {
   const uint32_t magic = 0x64006400u;
   const uint32_t u8 = u >> 8;
-  A[0] = qmm_dq_magic<false>((u & 0x000F000Fu) | magic, s2, b2);
-  A[1] = qmm_dq_magic<false>((u & 0x00F000F0u) | magic, s16, b2);
-  A[2] = qmm_dq_magic<false>((u8 & 0x000F000Fu) | magic, s2, b2);
-  A[3] = qmm_dq_magic<false>((u8 & 0x00F000F0u) | magic, s16, b2);
+  A[0] = qmm_dq_magic<false>(qmm_and_or(u, 0x000F000Fu, magic), s2, b2);
+  A[1] = qmm_dq_magic<false>(qmm_and_or(u, 0x00F000F0u, magic), s16, b2);
+  A[2] = qmm_dq_magic<false>(qmm_and_or(u8, 0x000F000Fu, magic), s2, b2);
+  A[3] = qmm_dq_magic<false>(qmm_and_or(u8, 0x00F000F0u, magic), s16, b2);
 }
 
 // s/16 in both halves of an fp16 pair (exact for normal s).
 __device__ __forceinline__ uint32_t qmm_scale16(uint32_t s2) {
+#ifdef BB_PORTABLE
   const float2 f = qmm_to_float2(s2, false);
   __half2 h = __floats2half2_rn(f.x * 0.0625f, f.y * 0.0625f);
+#else
+  const uint32_t k = 0x2C002C00u;  // 1/16 in both halves: a power of two, so the product is exact
+  __half2 h = __hmul2(*reinterpret_cast<__half2*>(&s2), *reinterpret_cast<const __half2*>(&k));
+#endif
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
@@ -402,8 +422,10 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     const int r0 = tile * BN + wn * 16 + g;
     w0 = w + (size_t)r0 * KW + t * (KT * BITS / 32);
     w1 = w0 + (size_t)8 * KW;
-    sc0 = reinterpret_cast<const uint16_t*>(scales) + (size_t)r0 * NG;
-    bi0 = reinterpret_cast<const uint16_t*>(biases) + (size_t)r0 * NG;
+    // When a chunk spans whole groups, the lane's group is c * CK / GS + t * KT / GS
+    const size_t g0 = (size_t)r0 * NG + (CK % GS == 0 ? t * KT / GS : 0);
+    sc0 = reinterpret_cast<const uint16_t*>(scales) + g0;
+    bi0 = reinterpret_cast<const uint16_t*>(biases) + g0;
   };
 
   auto load = [&](QmmStage<P>& st, int c0) {
@@ -413,7 +435,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       if (c < wc1) {
         st.wa[p] = qmm_ld_stream(w0 + c * (CK * BITS / 32));
         st.wb[p] = qmm_ld_stream(w1 + c * (CK * BITS / 32));
-        const int grp = (c * CK + t * KT) / GS;
+        const int grp = CK % GS == 0 ? c * (CK / GS) : (c * CK + t * KT) / GS;
         st.sa[p] = sc0[grp];
         st.ba[p] = bi0[grp];
         st.sb[p] = sc0[grp + 8 * NG];
@@ -455,9 +477,15 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   __syncthreads();
   if constexpr (NORM) qmm_rms_norm<T, BITS, NT, LOP3>(xs, XS, nw, wss, MP, eps, M, K, tid);
 
-  bool tok[MT];
+  // This lane's x row per token tile, as a 16-byte granule index into xs. Rows past M read
+  // row M - 1: they only feed output columns that are never stored, and an unpredicated
+  // read needs no zeroing. The 4-bit swizzle of a lane's granules is the same in every
+  // chunk: granule 4t + wd sits at 4t + (wd ^ sw).
+  const uint4* xs4 = reinterpret_cast<const uint4*>(xs);
+  int xo[MT];
 #pragma unroll
-  for (int tt = 0; tt < MT; ++tt) tok[tt] = tt * 8 + g < M;
+  for (int tt = 0; tt < MT; ++tt) xo[tt] = min(tt * 8 + g, M - 1) * (XS / 8) + t * (KT / 8);
+  const int sw = BITS == 4 ? (t >> 1) & 1 : 0;
 
   float acc[MT][4];
 
@@ -466,8 +494,8 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     for (int p = 0; p < P; ++p) {
       const int c = c0 + p;
       if (c < wc1) {
-        const uint32_t s0 = st.sa[p] | (st.sa[p] << 16), b0 = st.ba[p] | (st.ba[p] << 16);
-        const uint32_t s1 = st.sb[p] | (st.sb[p] << 16), b1 = st.bb[p] | (st.bb[p] << 16);
+        const uint32_t s0 = qmm_dup16(st.sa[p]), b0 = qmm_dup16(st.ba[p]);
+        const uint32_t s1 = qmm_dup16(st.sb[p]), b1 = qmm_dup16(st.bb[p]);
         uint32_t s0h = 0u, s1h = 0u;
         if constexpr (LOP3) {
           s0h = qmm_scale16(s0);
@@ -475,7 +503,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         }
         const uint32_t u0[4] = {st.wa[p].x, st.wa[p].y, st.wa[p].z, st.wa[p].w};
         const uint32_t u1[4] = {st.wb[p].x, st.wb[p].y, st.wb[p].z, st.wb[p].w};
-        const int jl = ((c - cs0) * CK + t * KT) / 8;  // first x granule of this lane
+        const int jc = (c - cs0) * (CK / 8);  // the chunk's first x granule
         if constexpr (BITS == 4) {
 #pragma unroll
           for (int wd = 0; wd < 4; ++wd) {
@@ -491,12 +519,9 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
                 A1[q] = qmm_pair4<BF16>(u1[wd], u1s, q, s1, b1);
               }
             }
-            const int j = jl + wd;
-            const int pj = j ^ ((j >> 3) & 1);
 #pragma unroll
             for (int tt = 0; tt < MT; ++tt) {
-              uint4 xv = make_uint4(0u, 0u, 0u, 0u);
-              if (tok[tt]) xv = *reinterpret_cast<const uint4*>(xs + (tt * 8 + g) * XS + pj * 8);
+              const uint4 xv = xs4[xo[tt] + jc + (wd ^ sw)];
               qmm_mma<BF16>(acc[tt], A0[0], A1[0], A0[1], A1[1], xv.x, xv.y);
               qmm_mma<BF16>(acc[tt], A0[2], A1[2], A0[3], A1[3], xv.z, xv.w);
             }
@@ -512,9 +537,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
             }
 #pragma unroll
             for (int tt = 0; tt < MT; ++tt) {
-              uint4 xv = make_uint4(0u, 0u, 0u, 0u);
-              if (tok[tt])
-                xv = *reinterpret_cast<const uint4*>(xs + (tt * 8 + g) * XS + (jl + h) * 8);
+              const uint4 xv = xs4[xo[tt] + jc + h];
               qmm_mma<BF16>(acc[tt], A0[0], A1[0], A0[1], A1[1], xv.x, xv.y);
               qmm_mma<BF16>(acc[tt], A0[2], A1[2], A0[3], A1[3], xv.z, xv.w);
             }

@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Target program for Nsight Compute: the decode step's kernels, a few launches each.
+
+  ncu --clock-control none --kernel-name regex:bb_ --launch-skip 0 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+      --section LaunchStats --section WarpStateStats --print-details all \
+      python3 scripts/h200_ncu.py
+
+The 4-bit matmuls of the Qwen2.5-7B shape at M=1 with the model's fused epilogues (q/k/v with
+the RMSNorm and bias, o with the residual, gate/up with the RMSNorm, down with the gate
+product and the residual, lm_head with the RMSNorm), at M=32 gate/up and down, and the
+attention kernel at B=1 x 4096, B=2 x 4096 and B=32 x 8192 cells with live lists.
+Each is launched twice (the first compiles; profile both: ncu flushes caches before each).
+PARTS=qmm or PARTS=attn picks one half.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import mlx.core as mx
+
+from batchbench import bench_attention as ba
+from batchbench.kernels import qmm
+from batchbench.kernels.attention import decode_attention
+
+H, FF, V = 3584, 18944, 152064
+PARTS = os.environ.get("PARTS", "qmm,attn").split(",")
+
+
+def qweights(n: int, k: int):
+    w = (mx.random.normal((n, k)) * 0.02).astype(mx.float16)
+    wq, s, b = mx.quantize(w, group_size=32, bits=4)
+    mx.eval(wq, s, b)
+    return wq, s, b
+
+
+def run_qmm() -> None:
+    norm = (mx.ones((H,), mx.float16), 1e-6)
+    for m in (1, 32):
+        x = mx.random.normal((m, H)).astype(mx.float16)
+        xg = mx.random.normal((m, 2 * FF)).astype(mx.float16)
+        res = mx.random.normal((m, H)).astype(mx.float16)
+        cases = [("qkv", 4608, H, dict(norm=norm, bias=mx.zeros((4608,), mx.float16)), x),
+                 ("o", H, H, dict(residual=res), x),
+                 ("gate_up", 2 * FF, H, dict(norm=norm), x),
+                 ("down", H, FF, dict(glu=True, residual=res), xg),
+                 ("lm_head", V, H, dict(norm=norm), x)]
+        for name, n, k, kw, xin in cases:
+            if m == 32 and name not in ("gate_up", "down"):
+                continue
+            w, s, b = qweights(n, k)
+            print(f"qmm {name} M={m}: {qmm.choose_config(m, n, k, 4)}", flush=True)
+            for _ in range(2):
+                mx.eval(qmm.quantized_matmul(xin, w, s, b, group_size=32, bits=4, **kw))
+            del w, s, b
+
+
+def run_attn() -> None:
+    for b, ctx in ((1, 4096), (2, 4096), (32, 8192)):
+        layers, q, mask, live = ba.unified_problem(b, ctx, 1)
+        k, v = layers[0][0], layers[0][1]
+        print(f"attention B={b} ctx={ctx}", flush=True)
+        for _ in range(2):
+            mx.eval(decode_attention(q, k, v, scale=1 / math.sqrt(ba.D), mask=mask, live_blocks=live))
+
+
+if __name__ == "__main__":
+    if "qmm" in PARTS:
+        run_qmm()
+    if "attn" in PARTS:
+        run_attn()
+    mx.synchronize()

@@ -35,15 +35,25 @@ def _eval_every() -> int:
         return max(0, int(v))
     # A decode step's graph takes ~1 ms of Python to build on a 28-layer model; submitting it
     # every few layers lets the GPU start while Python builds the rest (H200, B=1: 6.9 -> 5.7 ms
-    # per step). On the CPU there is nothing to overlap.
-    return 4 if BACKEND == "cuda" else 0
+    # per step). Each submit is a CUDA graph launch of ~0.1 ms of host time, and at B <= 4 the
+    # host is the bottleneck: a short first segment, then 7 layers each (H200, same call,
+    # segments 2+7+7+7+5 vs 4 x 7: S_TG B=1 264.7 -> 290.3, B=4 912.4 -> 1002.1 t/s,
+    # results/h200-2026-11-29-s5). On the CPU there is nothing to overlap.
+    return 7 if BACKEND == "cuda" else 0
+
+
+def _first_segment() -> int:
+    v = os.environ.get("BATCHBENCH_FIRST_SEGMENT")
+    if v is not None:
+        return max(0, int(v))
+    return 2 if BACKEND == "cuda" else 0
 
 
 # Op-by-op decode steps call mx.async_eval on the hidden state every this many layers (0: never);
 # compiled decode steps are cut into segments of this many layers.
 DECODE_EVAL_EVERY: int = _eval_every()
-# Layers in the first compiled decode segment (0: DECODE_EVAL_EVERY), for experiments.
-DECODE_FIRST_SEGMENT: int = max(0, int(os.environ.get("BATCHBENCH_FIRST_SEGMENT", "0")))
+# Layers in the first compiled decode segment (0: DECODE_EVAL_EVERY): the GPU starts sooner.
+DECODE_FIRST_SEGMENT: int = _first_segment()
 
 
 def set_device(name: str) -> None:
@@ -58,8 +68,8 @@ def set_device(name: str) -> None:
     else:
         raise ValueError(f"--device must be cpu or gpu, not {name!r}")
     BACKEND = _detect()
-    global DECODE_EVAL_EVERY
-    DECODE_EVAL_EVERY = _eval_every()
+    global DECODE_EVAL_EVERY, DECODE_FIRST_SEGMENT
+    DECODE_EVAL_EVERY, DECODE_FIRST_SEGMENT = _eval_every(), _first_segment()
 
 
 def describe() -> str:

@@ -209,6 +209,8 @@ def run_bench(
     """Yield one row per (pp, tg, pl, mode); modes run interleaved so drift hits them alike."""
     n_vocab = model.args.vocab_size
     rng = np.random.default_rng(p.seed)
+    if not (p.npp and p.ntg and p.npl):
+        return  # llama-batched-bench has no defaults for these: an empty sweep, an empty table
     for runner in runners.values():
         warmup(runner, n_vocab, p.npp, p.npl, p.is_tg_separate, rng)
     for pp in p.npp:

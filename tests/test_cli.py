@@ -59,6 +59,16 @@ def test_config_over_context_is_skipped_with_note():
     assert "exceed the split cache" in r.stderr
 
 
+@pytest.mark.parametrize("args", [[], ["-npp", "16", "-ntg", "4"], ["-npl", "2"]])
+def test_missing_sweep_lists_give_an_empty_table(args):
+    """-npp/-ntg/-npl have no defaults in llama-batched-bench: a list left out means an empty
+    sweep (header and table head, no rows), not an error."""
+    r = bb(*TINY, *args)
+    assert r.returncode == 0, r.stderr
+    assert "| S_TG t/s |" in r.stdout and md_rows(r.stdout) == []
+    assert "error" not in r.stderr.lower()
+
+
 def test_pasted_llama_cpp_flags_are_noted():
     r = bb(*TINY, "-npp", "8", "-ntg", "1", "-npl", "1", "-ngl", "99", "-t", "8", "-nkvo")
     assert r.returncode == 0, r.stderr

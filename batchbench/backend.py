@@ -29,24 +29,26 @@ def _detect() -> str:
 BACKEND: str = _detect()
 
 
-def _eval_every() -> int:
-    v = os.environ.get("BATCHBENCH_EVAL_EVERY")
+def _decode_setting(var: str, cuda: int) -> int:
+    """A decode-step setting: the environment variable if set, else `cuda` on CUDA, 0 elsewhere."""
+    v = os.environ.get(var)
     if v is not None:
         return max(0, int(v))
+    return cuda if BACKEND == "cuda" else 0
+
+
+def _eval_every() -> int:
     # A decode step's graph takes ~1 ms of Python to build on a 28-layer model; submitting it
     # every few layers lets the GPU start while Python builds the rest (H200, B=1: 6.9 -> 5.7 ms
     # per step). Each submit is a CUDA graph launch of ~0.1 ms of host time, and at B <= 4 the
     # host is the bottleneck: a short first segment, then 7 layers each (H200, same call,
     # segments 2+7+7+7+5 vs 4 x 7: S_TG B=1 264.7 -> 290.3, B=4 912.4 -> 1002.1 t/s,
     # results/h200-2026-11-29-s5). On the CPU there is nothing to overlap.
-    return 7 if BACKEND == "cuda" else 0
+    return _decode_setting("BATCHBENCH_EVAL_EVERY", 7)
 
 
 def _first_segment() -> int:
-    v = os.environ.get("BATCHBENCH_FIRST_SEGMENT")
-    if v is not None:
-        return max(0, int(v))
-    return 2 if BACKEND == "cuda" else 0
+    return _decode_setting("BATCHBENCH_FIRST_SEGMENT", 2)
 
 
 # Op-by-op decode steps call mx.async_eval on the hidden state every this many layers (0: never);

@@ -153,15 +153,15 @@ def run_config(runner: Runner, rng, n_vocab: int, pp: int, tg: int, pl: int, p: 
         # builds its graph only after the wait. Its positions and cells do not depend on this
         # step's logits; a server would sample on the device and pass the token array on, as
         # mlx-lm does, so knowing the next tokens early is no advantage here.
-        ahead = PREP_AHEAD and pl <= runner.n_ubatch
-        nxt = None
-        for i in range(tg):
-            if not ahead:
+        if PREP_AHEAD and pl <= runner.n_ubatch:
+            nxt = runner.prepare(*batch(0)) if tg else None
+            for i in range(tg):
+                last = runner.submit(*nxt)
+                nxt = runner.prepare(*batch(i + 1)) if i + 1 < tg else None
+                _sync(last)
+        else:
+            for i in range(tg):
                 runner.decode(*batch(i), sync=True)
-                continue
-            last = runner.submit(*(nxt or runner.prepare(*batch(i))))
-            nxt = runner.prepare(*batch(i + 1)) if i + 1 < tg else None
-            _sync(last)
     t_tg_end = time.perf_counter()
     return f32_time(t_pp_start, t_pp_end), f32_time(t_tg_start, t_tg_end)
 

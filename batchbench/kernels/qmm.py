@@ -712,8 +712,11 @@ SMEM_PER_SM = 227 * 1024
 
 
 def _resident_blocks(cfg: QmmConfig, k: int, bits: int) -> int:
-    """Blocks that fit on the GPU at once: registers (~68 per thread with one chunk per stage
-    and one token tile, ~100 otherwise; 64K per SM) and shared memory."""
+    """Blocks that fit on the GPU at once: registers (64K per SM) and shared memory. nvcc
+    sm_90a counts ~76 registers per thread with one chunk per stage and one token tile, 114-128
+    with two (two 256-thread blocks). Four token tiles take 166, which leaves one block per
+    SM, not the two assumed here: Nsight Compute saw one (results/h200-2026-11-29-s5/run2-ncu.txt,
+    M=32, 133 registers then); a grid sized for it is not measured yet (docs/perf-notes.md)."""
     per_sm = 3 if (cfg.mt == 1 and cfg.p == 1) else 2
     per_sm = max(1, min(per_sm, SMEM_PER_SM // (cfg.smem(k, bits) + 1024)))
     return per_sm * sm_count()

@@ -15,6 +15,7 @@ import numpy as np
 
 from batchbench.kernels.attention import PackedLive, cuda_kernel_reads_cache, skipped_cells_are_free
 from batchbench.kernels.mask import additive, decode_mask, visible
+from batchbench.kernels.qmm import RopeStore, project_rope_store
 from batchbench.kernels.rope import qkv_rope_store
 from batchbench.upload import Staging, device_int32, to_device
 
@@ -75,14 +76,22 @@ class AttentionPlan:
     eval_every: int = 0  # op-by-op steps: submit the graph every this many layers (0: at the end)
 
 
-def store_qkv(qkv: mx.array, positions: mx.array, cells: mx.array, keys: mx.array, values: mx.array,
+def store_qkv(qkv, positions: mx.array, cells: mx.array, keys: mx.array, values: mx.array,
               rope: dict, *, flash_decode: bool, where: slice | None = None):
-    """RoPE of a ubatch's fused q/k/v projection [1, T, W], with its K/V written into `cells`
-    (`where`: the same cells as a slice, if they are one run); returns (q [1, Hq, T, D], keys,
-    values: the whole buffers). In place (one CUDA kernel) only on the flash decode path, where
-    the one reader of the buffers is the decode attention kernel, which takes q (see
-    qkv_rope_store)."""
-    in_place = flash_decode and cuda_kernel_reads_cache(qkv.dtype, rope["head_dim"])
+    """RoPE of a ubatch's fused q/k/v projection [1, T, W] (an array, or a QKVProjection to
+    compute), with its K/V written into `cells` (`where`: the same cells as a slice, if they
+    are one run); returns (q [1, Hq, T, D], keys, values: the whole buffers). In place (one CUDA
+    kernel) only on the flash decode path, where the one reader of the buffers is the decode
+    attention kernel, which takes q (see qkv_rope_store); there the projection's kernel does
+    the RoPE and the write itself where it covers the call (project_rope_store)."""
+    dtype = qkv.dtype if isinstance(qkv, mx.array) else qkv.x.dtype
+    in_place = flash_decode and cuda_kernel_reads_cache(dtype, rope["head_dim"])
+    if not isinstance(qkv, mx.array):
+        if in_place and qkv.fused is not None:
+            q = project_rope_store(qkv.fused, qkv.x, qkv.norm, RopeStore(positions, cells, keys, values, **rope))
+            if q is not None:
+                return q, keys, values
+        qkv = qkv()
     return qkv_rope_store(qkv, positions, cells, keys, values, where=where, in_place=in_place, **rope)
 
 

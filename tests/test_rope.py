@@ -13,11 +13,13 @@ import pytest
 from batchbench.kernels import rope
 from batchbench.kernels import spec as kspec
 from batchbench.models.llama import Attention, ModelArgs
-from batchbench.verify.rope_cases import rope_case, rope_cases, rope_reference, rope_tolerance
+from batchbench.verify.rope_cases import (qmm_rope_case, qmm_rope_cases, rope_case, rope_cases, rope_reference,
+                                         rope_tolerance)
 from conftest import assert_compile_for_sm90a, emulated, verify_emulated
 
 SEED = int(os.environ.get("BATCHBENCH_VERIFY_SEED", np.random.SeedSequence().entropy % (1 << 32)))
 N_CASES = len(rope_cases(np.random.default_rng(0)))
+N_QMM_CASES = len(qmm_rope_cases(np.random.default_rng(0)))
 
 
 def _np(a: mx.array) -> np.ndarray:
@@ -122,12 +124,43 @@ def test_rope_kernel_emulated_matches_float64(cases, i):
     verify_emulated(cases[i], SEED)
 
 
+@pytest.fixture(scope="module")
+def qmm_cases():
+    return emulated(qmm_rope_cases(np.random.default_rng(SEED + 1)))
+
+
+@pytest.mark.parametrize("i", range(N_QMM_CASES))
+def test_projection_rope_epilogue_emulated_matches_float64(qmm_cases, i):
+    # the q/k/v projection with RoPE and the K/V write in its epilogue: rows in rope_pair_order,
+    # both pair layouts, GQA 2 and 7, bias, fused norm, 1 and 2 token tiles, split K + reduce
+    verify_emulated(qmm_cases[i], SEED)
+
+
 def test_rope_kernel_compiles_for_sm90a():
     rng = np.random.default_rng(SEED)
     assert_compile_for_sm90a([
         rope_case(rng, t=2, dtype=mx.float16, head_dim=128).kernels[0],
         rope_case(rng, t=2, dtype=mx.bfloat16, head_dim=256, traditional=True).kernels[0],
+        qmm_rope_case(rng, m=1, head_dim=128, n_heads=7, n_kv_heads=1, k=512, bias=True, norm=True).kernels[0],
+        *qmm_rope_case(rng, m=4, dtype=mx.bfloat16, head_dim=64, split=2, traditional=True).kernels,
     ])
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+def test_rope_pair_order_pairs_rows_eight_apart(traditional):
+    """Each 16-row tile of a q/k head holds 8 rotation pairs, row r and r + 8; v heads keep
+    their order; the order is a permutation."""
+    from batchbench.kernels.qmm import rope_pair_order
+
+    hq, hkv, d = 3, 1, 32
+    order = rope_pair_order(hq, hkv, d, traditional)
+    assert sorted(order) == list(range((hq + 2 * hkv) * d))
+    for row in range(0, (hq + hkv) * d, 16):
+        for r in range(8):
+            lo, hi = order[row + r], order[row + r + 8]
+            assert lo // d == hi // d == row // d
+            assert (hi - lo, lo % 2) == ((1, 0) if traditional else (d // 2, lo % 2)) and (lo % d < d // 2 or traditional)
+    assert order[(hq + hkv) * d:] == list(range((hq + hkv) * d, (hq + 2 * hkv) * d))
 
 
 @pytest.mark.parametrize("decode,flash,d,in_place", [(True, True, 128, True), (False, True, 128, False),
@@ -149,3 +182,59 @@ def test_cache_writes_in_place_only_before_the_attention_kernel(cuda_dispatch, d
     spec = [s for s, _ in cuda_dispatch if s.name.startswith("bb_qkv_rope")][-1]
     assert spec is (rope.STORE_SPEC if in_place else rope.ROPE_SPEC)
     assert q.shape == (1, 4, t, d) and keys.shape == (1, 2, 256, d)
+
+
+def _rope_fused_attention(bias: bool, d: int = 64):
+    import mlx.nn as nn
+
+    from batchbench.kernels import qmm
+    from batchbench.models.llama import Attention, ModelArgs
+
+    args = ModelArgs(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=d,
+                     attention_bias=bias, rope_theta=1e6)
+    attn = Attention(args)
+    attn.set_dtype(mx.float16)
+    nn.quantize(attn, group_size=32, bits=4)
+    parts = [attn[n] for n in ("q_proj", "k_proj", "v_proj")]
+    return attn, parts, qmm.FusedQuantizedLinear(parts, attn.rope), qmm.FusedQuantizedLinear(parts)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_rope_ordered_projection_gives_the_layers_outputs(bias):
+    """With its rows in rope_pair_order, the fused projection still returns q, k, v in the
+    layers' own order (MLX ops on the CPU)."""
+    _, parts, ordered, plain = _rope_fused_attention(bias)
+    assert ordered.rope_layout == (4, 2, 64, False) and plain.rope_layout is None
+    x = mx.random.normal((1, 3, 256), key=mx.random.key(SEED % 1000)).astype(mx.float16)
+    want = mx.concatenate([p(x) for p in parts], axis=-1)
+    assert mx.array_equal(ordered.fused(x), want) and mx.array_equal(plain.fused(x), want)
+    assert not mx.array_equal(ordered["weight"], plain["weight"])  # the rows did move
+    assert "_unorder" not in dict(ordered) and "rope_layout" not in dict(ordered)  # not parameters
+
+
+@pytest.mark.parametrize("decode,flash,fused", [(True, True, True), (False, True, False), (True, False, False)])
+def test_projection_rope_and_cache_write_are_one_launch_in_flash_decode(cuda_dispatch, decode, flash, fused):
+    """On the in-place decode path the q/k/v projection's kernel rotates and writes the cache
+    itself (one launch, no RoPE kernel); elsewhere the projection comes back in the layers'
+    order and the RoPE kernel follows."""
+    from batchbench.kv_cache import KVCache
+    from batchbench.models.base import QKVProjection
+
+    attn, _, ordered, _ = _rope_fused_attention(True)
+    attn.qkv_proj = ordered
+    c = KVCache(1, 2, 64, 256, 2, True, mx.float16)
+    t = 2 if decode else 40
+    seq = np.arange(2) if decode else np.repeat(np.arange(2), 20)
+    pos = np.full(2, 0) if decode else np.tile(np.arange(20), 2)
+    c.prepare(seq, pos, None, flash=flash)
+    x = mx.zeros((1, t, 256), mx.float16)
+    del cuda_dispatch[:]  # the mask kernel of prepare
+    q, keys, _ = c.layers[0].store_qkv(QKVProjection(attn, x), mx.arange(t, dtype=mx.int32), attn.rope)
+    names = [s.name for s, _ in cuda_dispatch]
+    assert q.shape == (1, 4, t, 64) and keys.shape == (1, 2, 256, 64)
+    if fused:
+        assert names == ["bb_qmm_b_rope"], names
+        launch = cuda_dispatch[0][1]
+        assert launch.inputs[-2] is keys and launch.output_shapes == [(1, 4, t, 64)]
+    else:
+        assert names[0] == "bb_qmm_b" and names[-1].startswith("bb_qkv_rope"), names

@@ -354,6 +354,65 @@ __device__ __forceinline__ float qmm_sumsq8(uint4 v) {
   return ss;
 }
 
+// RoPE and the K/V cache write as the q/k/v projection's epilogue (R = QmmRopeCfg). The
+// fused weight's rows are reordered (qmm.rope_pair_order) so that each 16-row tile of a head
+// holds 8 rotation pairs: rows 0-7 the first elements, rows 8-15 their partners; v heads keep
+// their order. Rows n and n + 8 of a token are then summed by the same thread, which rotates
+// them and writes q [HQ, M, D], or k / v into the cache buffers [HKV, nc, D] at cells[m], in
+// place (the buffers come in as inputs: see qkv_rope_store in batchbench/kernels/rope.py).
+struct QmmNoRope {
+  static constexpr int D = 0, HQ = 0, HKV = 0;
+  static constexpr bool TRAD = false;
+};
+template <int D_, int HQ_, int HKV_, bool TRAD_>
+struct QmmRopeCfg {
+  static constexpr int D = D_, HQ = HQ_, HKV = HKV_;
+  static constexpr bool TRAD = TRAD_;
+};
+template <typename T>
+struct QmmRope {
+  const int32_t* pos;
+  const int32_t* cells;
+  T* kc;
+  T* vc;
+  int nc;  // cells per kv head in the cache buffers
+  float log2_base;
+  float scale;
+};
+
+// Rows n (n % 16 < 8) and n + 8 of token m, fp32 sums: the same steps as the separate
+// kernel (bbrope::qkv_rope), which reads the projection rounded to T.
+template <typename T, typename R>
+__device__ __forceinline__ void qmm_rope_pair(float lo, float hi, const int n, const int m,
+                                              const int M, const QmmRope<T>& rp, T* __restrict__ q) {
+  constexpr int P = R::D / 2, TPH = R::D / 16;  // rotation pairs and 16-row tiles per head
+  const int tile = n >> 4, rr = n & 7;
+  const int h = tile / TPH, jt = tile - h * TPH;
+  lo = qmm_float<T>(qmm_cast<T, T>(lo));
+  hi = qmm_float<T>(qmm_cast<T, T>(hi));
+  T* dst;
+  int dlo, dhi;
+  if (h < R::HQ + R::HKV) {
+    const int i = jt * 8 + rr;
+    dlo = R::TRAD ? 2 * i : i;
+    dhi = R::TRAD ? 2 * i + 1 : i + P;
+    const float inv_freq = exp2f(-((float)i / (float)P) * rp.log2_base);
+    const float theta = (rp.scale * (float)rp.pos[m]) * inv_freq;
+    const float c = cosf(theta), s = sinf(theta);
+    const float a = lo * c - hi * s, b = lo * s + hi * c;
+    lo = a;
+    hi = b;
+    dst = h < R::HQ ? q + ((size_t)h * M + m) * R::D
+                    : rp.kc + ((size_t)(h - R::HQ) * rp.nc + rp.cells[m]) * R::D;
+  } else {
+    dlo = jt * 16 + rr;
+    dhi = dlo + 8;
+    dst = rp.vc + ((size_t)(h - R::HQ - R::HKV) * rp.nc + rp.cells[m]) * R::D;
+  }
+  dst[dlo] = qmm_cast<T, T>(lo);
+  dst[dhi] = qmm_cast<T, T>(hi);
+}
+
 // One warp's weights for P chunks in flight: two feature rows (g, g + 8), 16 bytes each.
 template <int P>
 struct QmmStage {
@@ -373,15 +432,16 @@ struct QmmStage {
 // NORM: the input is rms_norm(x) * nw[K] (eps), computed on the staged x: needs one K-slice
 // and K % 256 == 0 (a warp's 32 staging granules then lie in one row).
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
+// R: QmmNoRope, or QmmRopeCfg: out is q and the epilogue rotates and stores (qmm_rope_pair).
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, bool SPLIT, bool HAS_BIAS,
-          bool HAS_RES, bool GLU, bool NORM, int DQ, typename O>
+          bool HAS_RES, bool GLU, bool NORM, int DQ, typename R, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
                                            const T* __restrict__ lbias, const T* __restrict__ res,
                                            const T* __restrict__ nw, const float eps,
                                            O* __restrict__ out, const int M, const int N,
-                                           const int K) {
+                                           const int K, const QmmRope<T> rp) {
   constexpr bool BF16 = is_bf16<T>::value;
   constexpr bool LOP3 = DQ == 1 && BITS == 4 && !BF16;
   constexpr int KT = 128 / BITS;            // k per lane per 16-byte load: 32 or 16
@@ -574,6 +634,24 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       red[(wk * MP + m + 1) * RS + r + 8] = acc[tt][3];
     }
     __syncthreads();
+    if constexpr (R::D > 0 && !SPLIT) {
+      for (int e = tid; e < M * (BN / 2); e += NT) {
+        const int m = e / (BN / 2), pr = e - m * (BN / 2);
+        const int r = (pr >> 3) * 16 + (pr & 7);  // the pair's rows r and r + 8 of this tile
+        float lo = 0.f, hi = 0.f;
+#pragma unroll
+        for (int q = 0; q < WK; ++q) {
+          lo += red[(q * MP + m) * RS + r];
+          hi += red[(q * MP + m) * RS + r + 8];
+        }
+        const int n = n0 + r;
+        if constexpr (HAS_BIAS) {
+          lo += qmm_float<T>(lbias[n]);
+          hi += qmm_float<T>(lbias[n + 8]);
+        }
+        qmm_rope_pair<T, R>(lo, hi, n, m, M, rp, out);
+      }
+    } else
     for (int e = tid; e < M * BN; e += NT) {
       const int m = e / BN, r = e - m * BN;
       float v = 0.f;
@@ -609,6 +687,28 @@ __device__ __forceinline__ void qmm_reduce(const float* __restrict__ part,
   y[i] = qmm_cast<T, T>(v);
 }
 
+// The RoPE epilogue after a split K: one thread per rotation pair (rows n, n + 8 of a token).
+template <typename T, bool HAS_BIAS, typename R>
+__device__ __forceinline__ void qmm_reduce_rope(const float* __restrict__ part,
+                                                const T* __restrict__ lbias, T* __restrict__ q,
+                                                const int S, const int M, const int N,
+                                                const QmmRope<T> rp) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= M * (N / 2)) return;
+  const int m = i / (N / 2), pr = i - m * (N / 2);
+  const int n = (pr >> 3) * 16 + (pr & 7);
+  float lo = 0.f, hi = 0.f;
+  for (int s = 0; s < S; ++s) {
+    lo += part[((size_t)s * M + m) * N + n];
+    hi += part[((size_t)s * M + m) * N + n + 8];
+  }
+  if constexpr (HAS_BIAS) {
+    lo += qmm_float<T>(lbias[n]);
+    hi += qmm_float<T>(lbias[n + 8]);
+  }
+  qmm_rope_pair<T, R>(lo, hi, n, m, M, rp, q);
+}
+
 }  // namespace bbqmm
 
 #endif  // BB_QMM_HEADER
@@ -616,14 +716,23 @@ __device__ __forceinline__ void qmm_reduce(const float* __restrict__ part,
 QMM_HEADER = kspec.compact(QMM_HEADER)  # MLX hashes the source on every launch
 
 _SRC_MAIN = (
-    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ>"
-    "(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
-    " w_shape[1] * 32 / BITS);"
+    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"
+    " {rope_cfg}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
+    " w_shape[1] * 32 / BITS, {rope});"
 )
 _SRC_REDUCE = (
     "bbqmm::qmm_reduce<T, {has_bias}, {has_res}>"
     "(part, {lbias}, {res}, y, part_shape[0], part_shape[1], part_shape[2]);"
 )
+_SRC_REDUCE_ROPE = (
+    "bbqmm::qmm_reduce_rope<T, {has_bias}, bbqmm::QmmRopeCfg<RD, HQ, HKV, TRAD>>"
+    "(part, {lbias}, y, part_shape[0], part_shape[1], part_shape[2], {rope});"
+)
+# The RoPE epilogue's inputs: positions and cells [M] int32, the layer's K and V cache buffers
+# (written in place through a const_cast, as bbrope's storing kernel does).
+_ROPE_INPUTS = ("pos", "cells", "kc", "vc")
+_ROPE_ARG = ("bbqmm::QmmRope<T>{pos, cells, const_cast<T*>(kc), const_cast<T*>(vc), (int)kc_shape[2],"
+             " __int_as_float(LOG2_BASE_BITS), __int_as_float(SCALE_BITS)}")
 
 
 def _epilogue(has_bias: bool, has_res: bool) -> dict[str, str]:
@@ -638,20 +747,28 @@ def _suffix(has_bias: bool, has_res: bool, glu: bool = False, norm: bool = False
         "_n" if norm else "")
 
 
-def _main_spec(has_bias: bool, has_res: bool = False, glu: bool = False, norm: bool = False) -> KernelSpec:
+def _main_spec(has_bias: bool, has_res: bool = False, glu: bool = False, norm: bool = False,
+               rope: bool = False) -> KernelSpec:
     names = ("x", "w", "scales", "biases") + (("lbias",) if has_bias else ()) + (
-        ("res",) if has_res else ()) + (("nw",) if norm else ())
+        ("res",) if has_res else ()) + (("nw",) if norm else ()) + (_ROPE_INPUTS if rope else ())
     src = _SRC_MAIN.format(
         glu="true" if glu else "false", norm="true" if norm else "false",
         nw="nw" if norm else "(const T*)nullptr", eps="__int_as_float(EPS_BITS)" if norm else "0.f",
+        rope_cfg="bbqmm::QmmRopeCfg<RD, HQ, HKV, TRAD>" if rope else "bbqmm::QmmNoRope",
+        rope=_ROPE_ARG if rope else "bbqmm::QmmRope<T>{}",
         **_epilogue(has_bias, has_res),
     )
     return KernelSpec(
-        "cuda", "bb_qmm" + _suffix(has_bias, has_res, glu, norm), names, ("y",), src, QMM_HEADER
+        "cuda", "bb_qmm" + _suffix(has_bias, has_res, glu, norm) + ("_rope" if rope else ""), names, ("y",),
+        src, QMM_HEADER,
     )
 
 
-def _reduce_spec(has_bias: bool, has_res: bool = False) -> KernelSpec:
+def _reduce_spec(has_bias: bool, has_res: bool = False, rope: bool = False) -> KernelSpec:
+    if rope:
+        names = ("part",) + (("lbias",) if has_bias else ()) + _ROPE_INPUTS
+        src = _SRC_REDUCE_ROPE.format(rope=_ROPE_ARG, **_epilogue(has_bias, False))
+        return KernelSpec("cuda", "bb_qmm_red_rope" + _suffix(has_bias, False), names, ("y",), src, QMM_HEADER)
     names = ("part",) + (("lbias",) if has_bias else ()) + (("res",) if has_res else ())
     src = _SRC_REDUCE.format(**_epilogue(has_bias, has_res))
     return KernelSpec("cuda", "bb_qmm_red" + _suffix(has_bias, has_res), names, ("y",), src, QMM_HEADER)
@@ -705,6 +822,9 @@ def sm_count() -> int:
 # BB_QMM_PERSIST=0 launches one block per tile as before (A/B runs).
 PERSIST = os.environ.get("BB_QMM_PERSIST", "1") == "1"
 FUSE_NORM = os.environ.get("BB_QMM_FUSE_NORM", "1") == "1"
+# RoPE and the K/V write in the q/k/v projection's epilogue (project_rope_store); BB_QMM_ROPE=0
+# keeps the separate RoPE kernel (A/B runs).
+FUSE_ROPE = os.environ.get("BB_QMM_ROPE", "1") == "1"
 # fp16 4-bit dequantization: "lop3" (AND-OR extraction of {k, k + 4} pairs, x staged reordered)
 # where `_lop3` finds it faster, or "prmt" (byte permutes of adjacent pairs) everywhere.
 DEQUANT_LOP3 = os.environ.get("BB_QMM_DQ", "lop3") == "lop3"
@@ -830,6 +950,52 @@ def covered(m: int, n: int, k: int, x_dtype, scales, biases, group_size: int, bi
     )
 
 
+@dataclass(frozen=True)
+class RopeStore:
+    """The q/k/v projection's RoPE epilogue: q comes out [1, Hq, M, D], rotated; k (rotated)
+    and v go into the cache buffers keys/values [1, Hkv, nc, D] at cells [M], in place. The
+    weight rows must be in `rope_pair_order`."""
+
+    positions: mx.array  # [M] int32
+    cells: mx.array  # [M] int32
+    keys: mx.array
+    values: mx.array
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    base: float
+    scale: float
+    traditional: bool
+
+    @property
+    def width(self) -> int:
+        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+
+    def inputs(self) -> list[mx.array]:
+        return [self.positions.astype(mx.int32), self.cells.astype(mx.int32), self.keys, self.values]
+
+    def template(self) -> list[tuple[str, object]]:
+        from batchbench.kernels.rope import angle_template
+
+        return [("RD", self.head_dim), ("HQ", self.n_heads), ("HKV", self.n_kv_heads),
+                ("TRAD", bool(self.traditional)), *angle_template(self.base, self.scale)]
+
+
+def rope_pair_order(n_heads: int, n_kv_heads: int, head_dim: int, traditional: bool) -> list[int]:
+    """Row order of a fused q/k/v weight for the RoPE epilogue: new row j is old row order[j].
+    In each q and k head, 16-row tile t holds rotation pairs 8t..8t+7: their first elements
+    (d = i, or 2i when traditional), then their partners (i + D/2, or 2i + 1). v is unchanged."""
+    d, p = head_dim, head_dim // 2
+    if d % 16:
+        raise ValueError(f"rope_pair_order: head_dim must be a multiple of 16, got {d}")
+    head = []
+    for t in range(d // 16):
+        pairs = range(8 * t, 8 * t + 8)
+        head += [2 * i if traditional else i for i in pairs] + [2 * i + 1 if traditional else i + p for i in pairs]
+    order = [h * d + j for h in range(n_heads + n_kv_heads) for j in head]
+    return order + list(range((n_heads + n_kv_heads) * d, (n_heads + 2 * n_kv_heads) * d))
+
+
 def plan_quantized_matmul(
     backend_name: str,
     x: mx.array,
@@ -845,11 +1011,13 @@ def plan_quantized_matmul(
     norm: tuple[mx.array, float] | None = None,
     config: QmmConfig | None = None,
     lop3: bool | None = None,
+    rope: RopeStore | None = None,
 ) -> tuple[KernelSpec, Launch]:
     """The main kernel's spec and launch (x taken as [M, K], or [M, 2K] with glu). With
     config.s > 1 its output is fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y
     (bias and residual are then added there). lop3 forces the fp16 4-bit dequantization
-    (None: where `_lop3` measured it faster)."""
+    (None: where `_lop3` measured it faster). rope: the output is q and k/v go to the cache
+    (`RopeStore`); after a split K the reduce kernel does that."""
     if backend_name != "cuda":
         raise ValueError(f"quantized_matmul has a custom kernel only on cuda, not {backend_name!r}")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
@@ -864,6 +1032,9 @@ def plan_quantized_matmul(
         raise ValueError("quantized_matmul: the fused RMSNorm needs one K-slice, K % 256 == 0 and no glu")
     has_bias = bias is not None and not split
     has_res = residual is not None and not split
+    if rope is not None:
+        _check_rope(rope, m, n, x.dtype, glu, residual)
+    rope_here = rope is not None and not split
     # Shapes share compiled kernels: N and K are runtime values and the dynamic smem size is
     # rounded up to 8 KiB steps (it is part of the kernel name, see the template below).
     smem = -(-cfg.smem(k, bits) // SMEM_STEP) * SMEM_STEP
@@ -871,9 +1042,11 @@ def plan_quantized_matmul(
     inputs = [x.reshape(m, 2 * k if glu else k), w, scales, biases]
     inputs += ([bias] if has_bias else []) + ([residual.reshape(m, n)] if has_res else [])
     inputs += [norm[0]] if norm is not None else []
+    inputs += rope.inputs() if rope_here else []
+    out_shape = (cfg.s, m, n) if split else (1, rope.n_heads, m, rope.head_dim) if rope_here else (m, n)
     launch = Launch(
         inputs=inputs,
-        output_shapes=[(cfg.s, m, n) if split else (m, n)],
+        output_shapes=[out_shape],
         output_dtypes=[mx.float32 if split else x.dtype],
         grid=(cfg.grid_blocks(n) * nt, cfg.s, 1),
         threadgroup=(nt, 1, 1),
@@ -881,16 +1054,45 @@ def plan_quantized_matmul(
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
             ("WK", cfg.wk), ("P", cfg.p), ("SPLIT", split), ("DQ", 1 if (_lop3(cfg, n, k) if lop3 is None else lop3) else 0),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
-        ] + ([("EPS_BITS", kspec.f32_bits(norm[1]))] if norm is not None else []),
+        ] + ([("EPS_BITS", kspec.f32_bits(norm[1]))] if norm is not None else [])
+        + (rope.template() if rope_here else []),
     )
-    return replace(_main_spec(has_bias, has_res, glu, norm is not None), shared_memory=smem), launch
+    spec = _main_spec(has_bias, has_res, glu, norm is not None, rope_here)
+    return replace(spec, shared_memory=smem), launch
+
+
+def _check_rope(rope: RopeStore, m: int, n: int, dtype, glu: bool, residual) -> None:
+    if glu or residual is not None:
+        raise ValueError("quantized_matmul: the RoPE epilogue takes no glu and no residual")
+    if n != rope.width or rope.head_dim % 16:
+        raise ValueError(f"quantized_matmul: the RoPE epilogue needs N = (Hq + 2 Hkv) * D = {rope.width} "
+                         f"and D % 16 == 0, got N={n}, D={rope.head_dim}")
+    want = (1, rope.n_kv_heads)
+    for buf in (rope.keys, rope.values):
+        if buf.ndim != 4 or tuple(buf.shape[:2]) != want or buf.shape[3] != rope.head_dim or buf.dtype != dtype:
+            raise ValueError(f"quantized_matmul: cache buffers must be [1, {rope.n_kv_heads}, cells, "
+                             f"{rope.head_dim}] {dtype}, got {tuple(buf.shape)} {buf.dtype}")
+    if rope.positions.shape != (m,) or rope.cells.shape != (m,):
+        raise ValueError(f"quantized_matmul: positions and cells must be [{m}]")
 
 
 
 def plan_qmm_reduce(
-    part: mx.array, dtype, bias: mx.array | None = None, residual: mx.array | None = None
+    part: mx.array, dtype, bias: mx.array | None = None, residual: mx.array | None = None,
+    rope: RopeStore | None = None,
 ) -> tuple[KernelSpec, Launch]:
     s, m, n = part.shape
+    if rope is not None:
+        _check_rope(rope, m, n, dtype, False, residual)
+        launch = Launch(
+            inputs=[part] + ([bias] if bias is not None else []) + rope.inputs(),
+            output_shapes=[(1, rope.n_heads, m, rope.head_dim)],
+            output_dtypes=[dtype],
+            grid=(m * n // 2, 1, 1),
+            threadgroup=(256, 1, 1),
+            template=[("T", dtype)] + rope.template(),
+        )
+        return _reduce_spec(bias is not None, rope=True), launch
     launch = Launch(
         inputs=[part] + ([bias] if bias is not None else [])
         + ([residual.reshape(m, n)] if residual is not None else []),
@@ -935,29 +1137,11 @@ def quantized_matmul(
         raise ValueError("quantized_matmul: glu and norm do not combine")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
     lead = x.shape[:-1]
-    ours = backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, group_size, bits)
-    # Each block normalizes its rows itself, once: the sums of squares are taken while x is
-    # staged and a persistent block stages x once for all its tiles. Needs one K-slice and
-    # K % 256 == 0; BB_QMM_FUSE_NORM=0 keeps the separate rms_norm launch (A/B runs).
-    cfg = choose_config(m, n, k, bits) if ours else None
-    fuse_norm = (ours and FUSE_NORM and norm is not None and norm[0].dtype == x.dtype
-                 and k % 256 == 0)
-    if norm is not None and not (fuse_norm and cfg.s == 1):
-        x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
-    if ours:
-        if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
-            bias = bias.reshape(n).astype(x.dtype)
-        if residual is not None and residual.dtype != x.dtype:
-            residual = residual.astype(x.dtype)
-        ks, launch = plan_quantized_matmul(
-            "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
-            residual=residual, glu=glu, norm=norm, config=cfg,
-        )
-        (y,) = kspec.run(ks, launch)
-        if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
-            rs, rl = plan_qmm_reduce(y, x.dtype, bias, residual)
-            (y,) = kspec.run(rs, rl)
+    if backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, group_size, bits):
+        y = _run_kernel(x, w, scales, biases, group_size, bits, m, n, k, bias, residual, glu, norm)
         return y.reshape(*lead, n)
+    if norm is not None:
+        x = mx.fast.rms_norm(x, norm[0], norm[1])
     if glu:
         x = _silu_mul(x)
     if backend.BACKEND == "cuda" and DEQUANT_MIN_M and m >= DEQUANT_MIN_M and biases is not None:
@@ -974,6 +1158,48 @@ def quantized_matmul(
         if bias is not None:
             y = y + bias
     return y if residual is None else residual + y
+
+
+def _run_kernel(x, w, scales, biases, group_size: int, bits: int, m: int, n: int, k: int, bias, residual,
+                glu: bool, norm, rope: RopeStore | None = None) -> mx.array:
+    """The custom kernel (and its reduce kernel after a split K) on a covered call."""
+    cfg = choose_config(m, n, k, bits)
+    # Each block normalizes its rows itself, once: the sums of squares are taken while x is
+    # staged and a persistent block stages x once for all its tiles. Needs one K-slice and
+    # K % 256 == 0; BB_QMM_FUSE_NORM=0 keeps the separate rms_norm launch (A/B runs).
+    fuse_norm = FUSE_NORM and norm is not None and norm[0].dtype == x.dtype and k % 256 == 0
+    if norm is not None and not (fuse_norm and cfg.s == 1):
+        x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
+        bias = bias.reshape(n).astype(x.dtype)
+    if residual is not None and residual.dtype != x.dtype:
+        residual = residual.astype(x.dtype)
+    ks, launch = plan_quantized_matmul(
+        "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
+        residual=residual, glu=glu, norm=norm, config=cfg, rope=rope,
+    )
+    (y,) = kspec.run(ks, launch)
+    if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
+        rs, rl = plan_qmm_reduce(y, x.dtype, bias, residual, rope=rope)
+        (y,) = kspec.run(rs, rl)
+    return y
+
+
+def project_rope_store(layer: "FusedQuantizedLinear", x: mx.array, norm: nn.RMSNorm | None,
+                       rope: RopeStore) -> mx.array | None:
+    """q [1, Hq, T, D] of a fused q/k/v projection of norm(x) [1, T, K], rotated, with k and v
+    written into the cache (`RopeStore`), in one launch (two after a split K) on CUDA; None
+    where that kernel does not cover the call (the caller then projects, rotates and stores
+    separately)."""
+    if not FUSE_ROPE or backend.BACKEND != "cuda" or getattr(layer, "rope_layout", None) != (
+            rope.n_heads, rope.n_kv_heads, rope.head_dim, bool(rope.traditional)):
+        return None
+    w, scales, biases = layer["weight"], layer["scales"], layer["biases"]
+    m, n, k = _shape_info(x, w, scales, biases, layer.group_size, layer.bits)
+    if not covered(m, n, k, x.dtype, scales, biases, layer.group_size, layer.bits) or rope.keys.dtype != x.dtype:
+        return None
+    return _run_kernel(x, w, scales, biases, layer.group_size, layer.bits, m, n, k, layer.get("bias"), None,
+                       False, _norm_args(norm), rope)
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -1045,9 +1271,11 @@ class FusedQuantizedLinear(nn.Module):
     """Several quantized linears on the same input (q/k/v, gate/up) as one matmul launch.
 
     Weights, scales, biases (and bias, if any layer has one) are concatenated along N once;
-    __call__ returns one output per original layer."""
+    __call__ returns one output per original layer. With `rope` (the attention's qkv_rope
+    arguments) the rows are stored in `rope_pair_order`, for `project_rope_store`; `fused` then
+    puts its output back in the layers' order (one gather)."""
 
-    def __init__(self, layers: list[nn.QuantizedLinear]):
+    def __init__(self, layers: list[nn.QuantizedLinear], rope: dict | None = None):
         super().__init__()
         first = layers[0]
         for l in layers:
@@ -1067,16 +1295,32 @@ class FusedQuantizedLinear(nn.Module):
             self.bias = mx.concatenate(
                 [l["bias"].astype(dt) if "bias" in l else mx.zeros((n,), dt) for l, n in zip(layers, self.sizes)]
             )
+        self.rope_layout = None  # (Hq, Hkv, D, traditional) when the rows are in rope_pair_order
+        self._unorder = None
+        if rope is not None and rope["head_dim"] % 16 == 0 and sum(self.sizes) == (
+                rope["n_heads"] + 2 * rope["n_kv_heads"]) * rope["head_dim"]:
+            layout = (rope["n_heads"], rope["n_kv_heads"], rope["head_dim"], bool(rope["traditional"]))
+            order = rope_pair_order(*layout)
+            ix = mx.array(order, dtype=mx.int32)
+            for name in ("weight", "scales", "biases", "bias"):
+                if name in self:
+                    self[name] = mx.take(self[name], ix, axis=0)
+            unorder = [0] * len(order)
+            for j, i in enumerate(order):
+                unorder[i] = j
+            object.__setattr__(self, "rope_layout", layout)  # plain attributes, not parameters
+            object.__setattr__(self, "_unorder", mx.array(unorder, dtype=mx.int32))
         mx.eval(self.parameters())
         self.freeze()
 
     def fused(self, x: mx.array, norm: nn.RMSNorm | None = None) -> mx.array:
         """The outputs side by side along the last axis, as one array (of norm(x))."""
-        return quantized_matmul(
+        y = quantized_matmul(
             x, self["weight"], self["scales"], self["biases"],
             group_size=self.group_size, bits=self.bits, bias=self.get("bias"),
             norm=_norm_args(norm),
         )
+        return y if self._unorder is None else mx.take(y, self._unorder, axis=-1)
 
     def __call__(self, x: mx.array) -> list[mx.array]:
         y = self.fused(x)
@@ -1087,11 +1331,16 @@ class FusedQuantizedLinear(nn.Module):
         return mx.split(y, cuts, axis=-1)
 
 
-def fuse_quantized_projections(model: nn.Module) -> int:
+def fuse_quantized_projections(model: nn.Module, rope_order: bool | None = None) -> int:
     """Replace each layer's q/k/v and gate/up quantized projections by one fused launch
-    (`qkv_proj`, `gate_up_proj`, which the model files use when present); returns the count."""
+    (`qkv_proj`, `gate_up_proj`, which the model files use when present); returns the count.
+    rope_order (default: on CUDA, where `project_rope_store` uses it): q/k/v rows in
+    `rope_pair_order`."""
+    if rope_order is None:
+        rope_order = backend.BACKEND == "cuda"
     fused = 0
     for layer in getattr(model, "layers", []):
+        rope = getattr(layer.self_attn, "rope", None) if rope_order else None
         for parent, names, new in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
                                    (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
             parts = [parent.get(n) for n in names]
@@ -1099,7 +1348,7 @@ def fuse_quantized_projections(model: nn.Module) -> int:
                 continue
             if len({(p.bits, p.group_size, p["weight"].shape[1]) for p in parts}) != 1:
                 continue
-            parent[new] = FusedQuantizedLinear(parts)
+            parent[new] = FusedQuantizedLinear(parts, rope if new == "qkv_proj" else None)
             for n in names:
                 parent.pop(n)
             fused += 1

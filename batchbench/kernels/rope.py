@@ -100,6 +100,13 @@ def _f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
+def angle_template(base: float, scale: float) -> list[tuple[str, int]]:
+    """The angle constants as int template values (float bits), as MLX's RoPE primitive
+    takes them: base and scale are floats, log2 taken of the float base."""
+    return [("LOG2_BASE_BITS", kspec.f32_bits(_f32(math.log2(_f32(base))))),
+            ("SCALE_BITS", kspec.f32_bits(scale))]
+
+
 def _check(qkv: mx.array, positions: mx.array, n_heads: int, n_kv_heads: int, head_dim: int) -> int:
     """Validate shapes; returns T."""
     width = (n_heads + 2 * n_kv_heads) * head_dim
@@ -141,8 +148,6 @@ def plan_qkv_rope(
         raise ValueError(f"qkv_rope kernel: needs fp16/bf16 and even D <= {MAX_D}, got {qkv.dtype}, D={head_dim}")
     if positions.dtype != mx.int32:
         positions = positions.astype(mx.int32)
-    # As MLX's RoPE primitive: base and scale are floats, log2 taken of the float base.
-    log2_base = _f32(math.log2(_f32(base)))
     pairs = (n_heads + 2 * n_kv_heads) * (head_dim // 2)
     inputs, shapes = [qkv, positions], [(1, n_heads, t, head_dim)]
     if store is None:
@@ -161,8 +166,7 @@ def plan_qkv_rope(
         threadgroup=(min(THREADS, pairs), 1, 1),
         template=[
             ("T", qkv.dtype), ("D", head_dim), ("TRAD", bool(traditional)), ("HQ", n_heads),
-            ("HKV", n_kv_heads), ("LOG2_BASE_BITS", kspec.f32_bits(log2_base)),
-            ("SCALE_BITS", kspec.f32_bits(scale)),
+            ("HKV", n_kv_heads), *angle_template(base, scale),
         ],
     )
     return (ROPE_SPEC if store is None else STORE_SPEC), launch

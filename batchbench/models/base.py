@@ -22,6 +22,25 @@ class BaseModelArgs:
         return cls(**{k: v for k, v in params.items() if k in names})
 
 
+@dataclass
+class QKVProjection:
+    """The fused q/k/v projection of norm(x), not computed yet: the cache computes it where it
+    stores K and V, since on CUDA one kernel can project, rotate and store
+    (batchbench.kernels.qmm.project_rope_store)."""
+
+    attn: Any  # the layer's Attention
+    x: mx.array
+    norm: Any = None
+
+    def __call__(self) -> mx.array:
+        """[1, T, (Hq + 2 * Hkv) * D], q columns, then k, then v."""
+        return self.attn.project(self.x, self.norm)
+
+    @property
+    def fused(self):
+        return self.attn.get("qkv_proj")
+
+
 def masked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
     """Plain matmul + softmax attention (`-fa off`); GQA by reshaping, never repeating K/V."""
     _, n_q, T, D = q.shape

@@ -10,7 +10,7 @@ import mlx.nn as nn
 
 from batchbench.kernels.qmm import linear
 from batchbench.kernels.rope import qkv_rope
-from batchbench.models.base import BaseModelArgs, attention
+from batchbench.models.base import BaseModelArgs, QKVProjection, attention
 
 
 @dataclass
@@ -115,8 +115,9 @@ class TransformerBlock(nn.Module):
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
         a = self.self_attn
-        # RoPE and the K/V write are one step of the cache: one kernel on CUDA, in place.
-        q, keys, values = cache.store_qkv(a.project(x, norm=self.input_layernorm), mask.positions, a.rope)
+        # The projection, RoPE and the K/V write are one step of the cache: on CUDA one kernel,
+        # writing the cache in place.
+        q, keys, values = cache.store_qkv(QKVProjection(a, x, self.input_layernorm), mask.positions, a.rope)
         return self.post(x, attention(q, keys, values, a.scale, mask))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from batchbench.verify import cases as C
-from batchbench.verify.rope_cases import rope_cases
+from batchbench.verify.rope_cases import qmm_rope_cases, rope_cases
 from batchbench.verify import source, toolchain
 from batchbench.verify.compile import check_all
 from batchbench.verify.emulate import EmulationError, prebuild
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         "attention/metal": C.attention_cases("metal", rng, quick=args.quick),
         "qmm/cuda": C.qmm_cases(rng, quick=args.quick),
         "rope/cuda": rope_cases(rng, quick=args.quick),
+        "qmm-rope/cuda": qmm_rope_cases(rng, quick=args.quick),
     }
     notes: list[str] = []
     failed = 0

@@ -27,7 +27,7 @@ from batchbench.kernels import spec as kspec_mod
 from batchbench.kernels.spec import KernelSpec, Launch
 from batchbench.verify import cases as C
 from batchbench.verify.mask_cases import mask_cases
-from batchbench.verify.rope_cases import rope_cases
+from batchbench.verify.rope_cases import qmm_rope_cases, rope_cases
 
 
 def _np(x) -> np.ndarray:
@@ -62,6 +62,7 @@ def main() -> int:
     # (each case compiles its kernels twice with NVRTC: the full run takes minutes).
     quick = os.environ.get("BATCHBENCH_VERIFY_QUICK") == "1"
     cases = (C.attention_cases("cuda", rng, quick=quick) + C.qmm_cases(rng) + rope_cases(rng, quick=quick)
+             + qmm_rope_cases(rng)
              + mask_cases(rng))
     variants = ("ptx",) if quick else ("ptx", "portable")
     rows = []

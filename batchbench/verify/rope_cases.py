@@ -6,8 +6,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from batchbench.kernels import qmm as Q
 from batchbench.kernels import rope as R
-from batchbench.verify.cases import Case, Executor, _f64
+from batchbench.verify.cases import QMM_RTOL, Case, Executor, _f64
 from batchbench.verify.emulate import to_numpy
 
 # Half an ulp of the output dtype, relative to the largest output (|rotated| <= sqrt(2) max|x|).
@@ -93,6 +94,98 @@ def rope_case(
 
 def _values(a: np.ndarray, dtype) -> np.ndarray:
     return to_numpy(a, dtype) if a.dtype == np.uint16 and dtype == mx.bfloat16 else a
+
+
+def qmm_rope_case(
+    rng: np.random.Generator,
+    *,
+    m: int,
+    dtype=mx.float16,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    head_dim: int = 64,
+    k: int = 256,
+    bits: int = 4,
+    group_size: int = 32,
+    traditional: bool = False,
+    bias: bool = False,
+    norm: bool = False,
+    split: int | None = None,
+    n_cells: int = 40,
+    base: float = 1e6,
+    scale: float = 1.0,
+) -> Case:
+    """The q/k/v projection with the RoPE + K/V-write epilogue (qmm's RopeStore): weight rows
+    in rope_pair_order, against float64 projection + rotation of the rows in their own order;
+    the result is q, then both cache buffers (cells not written must keep their values).
+    split: K over that many blocks, the epilogue then in the reduce kernel."""
+    width = (n_heads + 2 * n_kv_heads) * head_dim
+    w = mx.array(rng.standard_normal((width, k)).astype(np.float32) / np.sqrt(k)).astype(dtype)
+    wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
+    lb = mx.array(rng.standard_normal((width,)).astype(np.float32)).astype(dtype) if bias else None
+    x = mx.array(rng.standard_normal((1, m, k)).astype(np.float32)).astype(dtype)
+    nw = mx.array(rng.uniform(0.5, 1.5, (k,)).astype(np.float32)).astype(dtype) if norm else None
+    pos = rng.choice(100000, size=m, replace=False).astype(np.int32)
+    cells = rng.choice(n_cells, size=m, replace=False).astype(np.int32)
+    shape = (1, n_kv_heads, n_cells, head_dim)
+    bufs = [mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype) for _ in range(2)]
+    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, base=base, scale=scale,
+              traditional=traditional)
+    order = mx.array(Q.rope_pair_order(n_heads, n_kv_heads, head_dim, traditional), dtype=mx.int32)
+    wq_p, sc_p, bi_p = (mx.take(a, order, axis=0) for a in (wq, sc, bi))
+    lb_p = mx.take(lb, order, axis=0) if bias else None
+    rope = Q.RopeStore(mx.array(pos), mx.array(cells), bufs[0], bufs[1], **kw)
+    cfg = None
+    if split:
+        base_cfg = Q.choose_config(m, width, k, bits)
+        cfg = Q.QmmConfig(base_cfg.mt, base_cfg.wn, base_cfg.wk, base_cfg.p, split, base_cfg.mrows)
+    norm_arg = (nw, 1e-5) if norm else None
+    kspec, launch = Q.plan_quantized_matmul("cuda", x, wq_p, sc_p, bi_p, group_size=group_size, bits=bits,
+                                            bias=lb_p, norm=norm_arg, config=cfg, rope=rope)
+    is_split = launch.output_dtypes[0] == mx.float32
+
+    xf = _f64(x)[0]
+    if norm:
+        xf = xf / np.sqrt((xf**2).mean(axis=1, keepdims=True) + 1e-5) * _f64(nw)
+    qkv = xf @ _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits)).T
+    if bias:
+        qkv = qkv + _f64(lb)
+    q_ref, k_ref, v_ref = rope_reference(qkv[None], pos, **kw)
+    after = [_f64(b).copy() for b in bufs]
+    after[0][:, :, cells] = k_ref
+    after[1][:, :, cells] = v_ref
+    want = np.concatenate([q_ref.ravel(), after[0].ravel(), after[1].ravel()])
+    kernels = [(kspec, launch)]
+    if is_split:
+        kernels.append(Q.plan_qmm_reduce(mx.zeros(launch.output_shapes[0], dtype=mx.float32), dtype, lb_p,
+                                         rope=rope))
+
+    def run(execute: Executor) -> np.ndarray:
+        outs, inputs = execute(kspec, launch)
+        if is_split:
+            rspec, rlaunch = Q.plan_qmm_reduce(mx.array(outs[0]), dtype, lb_p, rope=rope)
+            outs, inputs = execute(rspec, rlaunch)
+        kc, vc = (_values(inputs[i], dtype) for i in (-2, -1))
+        return np.concatenate([outs[0].astype(np.float64).ravel(), kc.ravel(), vc.ravel()])
+
+    atol = QMM_RTOL[dtype] * max(1.0, float(np.abs(qkv).max())) * np.sqrt(2) + rope_tolerance(qkv, pos, scale, dtype)
+    name = (
+        f"qmm-rope-cuda-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-M{m}-D{head_dim}-Hq{n_heads}-Hkv{n_kv_heads}"
+        f"-K{k}-b{bits}-{'trad' if traditional else 'half'}{'-bias' if bias else ''}{'-norm' if norm else ''}"
+        f"{'-split' + str(split) if split else ''}"
+    )
+    return Case(name, kernels, run, want, atol)
+
+
+def qmm_rope_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
+    """GQA, both pair layouts, bias and the fused norm, one and several token tiles, a split K."""
+    specs = [
+        dict(m=1, bias=True, norm=True),
+        dict(m=5, dtype=mx.bfloat16, traditional=True, n_heads=7, n_kv_heads=1),
+        dict(m=3, head_dim=128, n_heads=2, n_kv_heads=1, bits=8, group_size=64, bias=True, split=2),
+        dict(m=11, dtype=mx.bfloat16, norm=True, bias=True, k=512),
+    ]
+    return [qmm_rope_case(rng, **s) for s in (specs[:1] if quick else specs)]
 
 
 def rope_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:

@@ -98,16 +98,17 @@ def test_new_sequence_joins_a_running_batch(model):
     np.testing.assert_allclose(np.array(l)[1], reference_logits(model, [6])[0], **TOL)
 
 
-@pytest.mark.parametrize("rope_order", [False, True])
-def test_fused_projections_keep_logits(rope_order):
+@pytest.mark.parametrize("pair_order", [False, True])
+def test_fused_projections_keep_logits(pair_order):
     from batchbench.kernels.qmm import fuse_quantized_projections, use_fast_quantized_linears
 
     m, cfg = make_preset("tiny", mx.float32, "q4_0", seed=4)
     toks = list(np.random.default_rng(5).integers(0, 512, 20))
     before = reference_logits(m, toks)
-    # rope_order: q/k/v rows as CUDA's projection + RoPE kernel wants them (put back in order here)
-    assert fuse_quantized_projections(m, rope_order=rope_order) == 2 * cfg["num_hidden_layers"]
-    assert (m.model.layers[0].self_attn.qkv_proj.rope_layout is not None) == rope_order
+    # pair_order: q/k/v and gate/up rows as CUDA's pair epilogues want them (MLX ops here)
+    assert fuse_quantized_projections(m, pair_order=pair_order) == 2 * cfg["num_hidden_layers"]
+    assert (m.model.layers[0].self_attn.qkv_proj.rope_layout is not None) == pair_order
+    assert m.model.layers[0].mlp.gate_up_proj.glu_paired == pair_order
     assert use_fast_quantized_linears(m) == 2 * cfg["num_hidden_layers"] + 1  # o, down, lm_head
     assert "q_proj" not in m.model.layers[0].self_attn
     np.testing.assert_allclose(reference_logits(m, toks), before, rtol=1e-5, atol=1e-5)

@@ -322,3 +322,38 @@ def test_dequant_variant_follows_the_sweep(m, n, k, lop3):
     s = b = mx.zeros((n, k // 32), mx.float16)
     _, launch = qmm.plan_quantized_matmul("cuda", mx.zeros((m, k), mx.float16), wq, s, b, group_size=32, bits=4)
     assert dict(launch.template)["DQ"] == lop3
+
+
+def _paired_mlp(f: int = 64, k: int = 256, dtype=mx.float16):
+    mx.random.seed(3)
+    layers = [nn.QuantizedLinear.from_linear(nn.Linear(k, f, bias=False), group_size=32, bits=4) for _ in range(2)]
+    for l in layers:
+        l.set_dtype(dtype)
+    return layers, qmm.FusedQuantizedLinear(layers, glu_pair=True), qmm.FusedQuantizedLinear(layers)
+
+
+def test_glu_paired_rows_give_the_gate_product():
+    """Rows in glu_pair_order: tile t holds gate rows 8t..8t+7, then the same up rows; fused()
+    still returns [gate | up] and glu() returns silu(gate) * up (MLX ops on the CPU)."""
+    order = qmm.glu_pair_order(32)
+    assert sorted(order) == list(range(64)) and order[:16] == list(range(8)) + list(range(32, 40))
+    (gate, up), paired, plain = _paired_mlp(dtype=mx.float32)
+    assert paired.glu_paired and not plain.glu_paired
+    x = mx.random.normal((2, 5, 256))
+    np.testing.assert_array_equal(np.array(paired.fused(x)), np.array(plain.fused(x)))
+    want = nn.silu(gate(x)) * up(x)
+    np.testing.assert_allclose(np.array(paired.glu(x)), np.array(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(plain.glu(x)), np.array(want), rtol=1e-5, atol=1e-5)
+    assert not mx.array_equal(paired["weight"], plain["weight"])
+
+
+@pytest.mark.parametrize("m,split", [(1, False), (24, True)])
+def test_cuda_dispatch_gate_product_in_the_gate_up_epilogue(cuda_dispatch, m, split):
+    """On CUDA the paired gate/up launch returns silu(gate) * up [M, F] (after a split K its
+    reduce kernel does), and the down projection then takes x as it is (no gate product)."""
+    _, paired, _ = _paired_mlp(f=1024, k=4096)
+    h = paired.glu(mx.zeros((1, m, 4096), mx.float16))
+    assert h.shape == (1, m, 1024)
+    names = [s.name for s, _ in cuda_dispatch]
+    assert names == (["bb_qmm_glu"] if not split else ["bb_qmm", "bb_qmm_red_glu"]), names
+    assert cuda_dispatch[-1][1].output_shapes == [(m, 1024)]

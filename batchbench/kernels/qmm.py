@@ -354,21 +354,18 @@ __device__ __forceinline__ float qmm_sumsq8(uint4 v) {
   return ss;
 }
 
-// RoPE and the K/V cache write as the q/k/v projection's epilogue (R = QmmRopeCfg). The
-// fused weight's rows are reordered (qmm.rope_pair_order) so that each 16-row tile of a head
-// holds 8 rotation pairs: rows 0-7 the first elements, rows 8-15 their partners; v heads keep
-// their order. Rows n and n + 8 of a token are then summed by the same thread, which rotates
-// them and writes q [HQ, M, D], or k / v into the cache buffers [HKV, nc, D] at cells[m], in
-// place (the buffers come in as inputs: see qkv_rope_store in batchbench/kernels/rope.py).
-struct QmmNoRope {
-  static constexpr int D = 0, HQ = 0, HKV = 0;
-  static constexpr bool TRAD = false;
-};
-template <int D_, int HQ_, int HKV_, bool TRAD_>
-struct QmmRopeCfg {
-  static constexpr int D = D_, HQ = HQ_, HKV = HKV_;
-  static constexpr bool TRAD = TRAD_;
-};
+// Pair epilogues (E): the rows of each 16-row tile are stored in an order where row n
+// (n % 16 < 8) and row n + 8 belong together, so that one thread sums both and stores them
+// together. Both values are first rounded to T, as the unfused path stores them.
+// - QmmRopeCfg: the q/k/v projection (rows in qmm.rope_pair_order: each 16-row tile of a q
+//   or k head holds 8 rotation pairs, v heads keep their order). The pair is rotated and
+//   written to q [HQ, M, D], or k / v into the cache buffers [HKV, nc, D] at cells[m], in
+//   place (the buffers come in as inputs: see qkv_rope_store in batchbench/kernels/rope.py).
+//   The same fp32 steps as the separate kernel (bbrope::qkv_rope).
+// - QmmGluPair: the gate/up projection (rows in qmm.glu_pair_order: tile t holds gate rows
+//   8t..8t+7, then the same up rows). The pair gives silu(gate) * up in fp32, one rounding,
+//   as qmm_glu8: out is [M, N/2], the down projection's input.
+// QmmPlain: no pairing.
 template <typename T>
 struct QmmRope {
   const int32_t* pos;
@@ -380,38 +377,54 @@ struct QmmRope {
   float scale;
 };
 
-// Rows n (n % 16 < 8) and n + 8 of token m, fp32 sums: the same steps as the separate
-// kernel (bbrope::qkv_rope), which reads the projection rounded to T.
-template <typename T, typename R>
-__device__ __forceinline__ void qmm_rope_pair(float lo, float hi, const int n, const int m,
-                                              const int M, const QmmRope<T>& rp, T* __restrict__ q) {
-  constexpr int P = R::D / 2, TPH = R::D / 16;  // rotation pairs and 16-row tiles per head
-  const int tile = n >> 4, rr = n & 7;
-  const int h = tile / TPH, jt = tile - h * TPH;
-  lo = qmm_float<T>(qmm_cast<T, T>(lo));
-  hi = qmm_float<T>(qmm_cast<T, T>(hi));
-  T* dst;
-  int dlo, dhi;
-  if (h < R::HQ + R::HKV) {
-    const int i = jt * 8 + rr;
-    dlo = R::TRAD ? 2 * i : i;
-    dhi = R::TRAD ? 2 * i + 1 : i + P;
-    const float inv_freq = exp2f(-((float)i / (float)P) * rp.log2_base);
-    const float theta = (rp.scale * (float)rp.pos[m]) * inv_freq;
-    const float c = cosf(theta), s = sinf(theta);
-    const float a = lo * c - hi * s, b = lo * s + hi * c;
-    lo = a;
-    hi = b;
-    dst = h < R::HQ ? q + ((size_t)h * M + m) * R::D
-                    : rp.kc + ((size_t)(h - R::HQ) * rp.nc + rp.cells[m]) * R::D;
-  } else {
-    dlo = jt * 16 + rr;
-    dhi = dlo + 8;
-    dst = rp.vc + ((size_t)(h - R::HQ - R::HKV) * rp.nc + rp.cells[m]) * R::D;
+struct QmmPlain {
+  static constexpr bool PAIR = false;
+};
+
+template <int D, int HQ, int HKV, bool TRAD>
+struct QmmRopeCfg {
+  static constexpr bool PAIR = true;
+  template <typename T>
+  static __device__ __forceinline__ void store(float lo, float hi, const int n, const int m, const int M,
+                                               const int N, const QmmRope<T>& rp, T* __restrict__ q) {
+    constexpr int P = D / 2, TPH = D / 16;  // rotation pairs and 16-row tiles per head
+    const int tile = n >> 4, rr = n & 7;
+    const int h = tile / TPH, jt = tile - h * TPH;
+    lo = qmm_float<T>(qmm_cast<T, T>(lo));
+    hi = qmm_float<T>(qmm_cast<T, T>(hi));
+    T* dst;
+    int dlo, dhi;
+    if (h < HQ + HKV) {
+      const int i = jt * 8 + rr;
+      dlo = TRAD ? 2 * i : i;
+      dhi = TRAD ? 2 * i + 1 : i + P;
+      const float inv_freq = exp2f(-((float)i / (float)P) * rp.log2_base);
+      const float theta = (rp.scale * (float)rp.pos[m]) * inv_freq;
+      const float c = cosf(theta), s = sinf(theta);
+      const float a = lo * c - hi * s, b = lo * s + hi * c;
+      lo = a;
+      hi = b;
+      dst = h < HQ ? q + ((size_t)h * M + m) * D : rp.kc + ((size_t)(h - HQ) * rp.nc + rp.cells[m]) * D;
+    } else {
+      dlo = jt * 16 + rr;
+      dhi = dlo + 8;
+      dst = rp.vc + ((size_t)(h - HQ - HKV) * rp.nc + rp.cells[m]) * D;
+    }
+    dst[dlo] = qmm_cast<T, T>(lo);
+    dst[dhi] = qmm_cast<T, T>(hi);
   }
-  dst[dlo] = qmm_cast<T, T>(lo);
-  dst[dhi] = qmm_cast<T, T>(hi);
-}
+};
+
+struct QmmGluPair {
+  static constexpr bool PAIR = true;
+  template <typename T>
+  static __device__ __forceinline__ void store(float g, float u, const int n, const int m, const int M,
+                                               const int N, const QmmRope<T>&, T* __restrict__ out) {
+    g = qmm_float<T>(qmm_cast<T, T>(g));
+    u = qmm_float<T>(qmm_cast<T, T>(u));
+    out[(size_t)m * (N / 2) + (n >> 4) * 8 + (n & 7)] = qmm_cast<T, T>(g / (1.f + expf(-g)) * u);
+  }
+};
 
 // One warp's weights for P chunks in flight: two feature rows (g, g + 8), 16 bytes each.
 template <int P>
@@ -432,9 +445,9 @@ struct QmmStage {
 // NORM: the input is rms_norm(x) * nw[K] (eps), computed on the staged x: needs one K-slice
 // and K % 256 == 0 (a warp's 32 staging granules then lie in one row).
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
-// R: QmmNoRope, or QmmRopeCfg: out is q and the epilogue rotates and stores (qmm_rope_pair).
+// E: QmmPlain, or a pair epilogue (QmmRopeCfg, QmmGluPair) that stores rows n and n + 8 together.
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, bool SPLIT, bool HAS_BIAS,
-          bool HAS_RES, bool GLU, bool NORM, int DQ, typename R, typename O>
+          bool HAS_RES, bool GLU, bool NORM, int DQ, typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
@@ -634,7 +647,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       red[(wk * MP + m + 1) * RS + r + 8] = acc[tt][3];
     }
     __syncthreads();
-    if constexpr (R::D > 0 && !SPLIT) {
+    if constexpr (E::PAIR && !SPLIT) {
       for (int e = tid; e < M * (BN / 2); e += NT) {
         const int m = e / (BN / 2), pr = e - m * (BN / 2);
         const int r = (pr >> 3) * 16 + (pr & 7);  // the pair's rows r and r + 8 of this tile
@@ -649,7 +662,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
           lo += qmm_float<T>(lbias[n]);
           hi += qmm_float<T>(lbias[n + 8]);
         }
-        qmm_rope_pair<T, R>(lo, hi, n, m, M, rp, out);
+        E::template store<T>(lo, hi, n, m, M, N, rp, out);
       }
     } else
     for (int e = tid; e < M * BN; e += NT) {
@@ -687,10 +700,10 @@ __device__ __forceinline__ void qmm_reduce(const float* __restrict__ part,
   y[i] = qmm_cast<T, T>(v);
 }
 
-// The RoPE epilogue after a split K: one thread per rotation pair (rows n, n + 8 of a token).
-template <typename T, bool HAS_BIAS, typename R>
-__device__ __forceinline__ void qmm_reduce_rope(const float* __restrict__ part,
-                                                const T* __restrict__ lbias, T* __restrict__ q,
+// A pair epilogue after a split K: one thread per pair (rows n, n + 8 of a token).
+template <typename T, bool HAS_BIAS, typename E>
+__device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
+                                                const T* __restrict__ lbias, T* __restrict__ y,
                                                 const int S, const int M, const int N,
                                                 const QmmRope<T> rp) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -706,7 +719,7 @@ __device__ __forceinline__ void qmm_reduce_rope(const float* __restrict__ part,
     lo += qmm_float<T>(lbias[n]);
     hi += qmm_float<T>(lbias[n + 8]);
   }
-  qmm_rope_pair<T, R>(lo, hi, n, m, M, rp, q);
+  E::template store<T>(lo, hi, n, m, M, N, rp, y);
 }
 
 }  // namespace bbqmm
@@ -717,22 +730,30 @@ QMM_HEADER = kspec.compact(QMM_HEADER)  # MLX hashes the source on every launch
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"
-    " {rope_cfg}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
+    " {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
     " w_shape[1] * 32 / BITS, {rope});"
 )
 _SRC_REDUCE = (
     "bbqmm::qmm_reduce<T, {has_bias}, {has_res}>"
     "(part, {lbias}, {res}, y, part_shape[0], part_shape[1], part_shape[2]);"
 )
-_SRC_REDUCE_ROPE = (
-    "bbqmm::qmm_reduce_rope<T, {has_bias}, bbqmm::QmmRopeCfg<RD, HQ, HKV, TRAD>>"
+_SRC_REDUCE_PAIR = (
+    "bbqmm::qmm_reduce_pair<T, {has_bias}, {pair_t}>"
     "(part, {lbias}, y, part_shape[0], part_shape[1], part_shape[2], {rope});"
 )
+# Pair epilogues (rows n and n + 8 of a tile stored together): "rope" (RoPE and the K/V write
+# of the q/k/v projection, RopeStore) and "glu" (silu(gate) * up of the gate/up projection).
+_PAIR_TYPES = {"": "bbqmm::QmmPlain", "rope": "bbqmm::QmmRopeCfg<RD, HQ, HKV, TRAD>",
+               "glu": "bbqmm::QmmGluPair"}
 # The RoPE epilogue's inputs: positions and cells [M] int32, the layer's K and V cache buffers
 # (written in place through a const_cast, as bbrope's storing kernel does).
 _ROPE_INPUTS = ("pos", "cells", "kc", "vc")
 _ROPE_ARG = ("bbqmm::QmmRope<T>{pos, cells, const_cast<T*>(kc), const_cast<T*>(vc), (int)kc_shape[2],"
              " __int_as_float(LOG2_BASE_BITS), __int_as_float(SCALE_BITS)}")
+
+
+def _pair_args(pair: str) -> dict[str, str]:
+    return dict(pair_t=_PAIR_TYPES[pair], rope=_ROPE_ARG if pair == "rope" else "bbqmm::QmmRope<T>{}")
 
 
 def _epilogue(has_bias: bool, has_res: bool) -> dict[str, str]:
@@ -742,33 +763,30 @@ def _epilogue(has_bias: bool, has_res: bool) -> dict[str, str]:
     )
 
 
-def _suffix(has_bias: bool, has_res: bool, glu: bool = False, norm: bool = False) -> str:
+def _suffix(has_bias: bool, has_res: bool, glu: bool = False, norm: bool = False, pair: str = "") -> str:
     return ("_b" if has_bias else "") + ("_r" if has_res else "") + ("_g" if glu else "") + (
-        "_n" if norm else "")
+        "_n" if norm else "") + (f"_{pair}" if pair else "")
 
 
 def _main_spec(has_bias: bool, has_res: bool = False, glu: bool = False, norm: bool = False,
-               rope: bool = False) -> KernelSpec:
+               pair: str = "") -> KernelSpec:
     names = ("x", "w", "scales", "biases") + (("lbias",) if has_bias else ()) + (
-        ("res",) if has_res else ()) + (("nw",) if norm else ()) + (_ROPE_INPUTS if rope else ())
+        ("res",) if has_res else ()) + (("nw",) if norm else ()) + (_ROPE_INPUTS if pair == "rope" else ())
     src = _SRC_MAIN.format(
         glu="true" if glu else "false", norm="true" if norm else "false",
         nw="nw" if norm else "(const T*)nullptr", eps="__int_as_float(EPS_BITS)" if norm else "0.f",
-        rope_cfg="bbqmm::QmmRopeCfg<RD, HQ, HKV, TRAD>" if rope else "bbqmm::QmmNoRope",
-        rope=_ROPE_ARG if rope else "bbqmm::QmmRope<T>{}",
-        **_epilogue(has_bias, has_res),
+        **_pair_args(pair), **_epilogue(has_bias, has_res),
     )
-    return KernelSpec(
-        "cuda", "bb_qmm" + _suffix(has_bias, has_res, glu, norm) + ("_rope" if rope else ""), names, ("y",),
-        src, QMM_HEADER,
-    )
+    return KernelSpec("cuda", "bb_qmm" + _suffix(has_bias, has_res, glu, norm, pair), names, ("y",), src,
+                      QMM_HEADER)
 
 
-def _reduce_spec(has_bias: bool, has_res: bool = False, rope: bool = False) -> KernelSpec:
-    if rope:
-        names = ("part",) + (("lbias",) if has_bias else ()) + _ROPE_INPUTS
-        src = _SRC_REDUCE_ROPE.format(rope=_ROPE_ARG, **_epilogue(has_bias, False))
-        return KernelSpec("cuda", "bb_qmm_red_rope" + _suffix(has_bias, False), names, ("y",), src, QMM_HEADER)
+def _reduce_spec(has_bias: bool, has_res: bool = False, pair: str = "") -> KernelSpec:
+    if pair:
+        names = ("part",) + (("lbias",) if has_bias else ()) + (_ROPE_INPUTS if pair == "rope" else ())
+        src = _SRC_REDUCE_PAIR.format(**_pair_args(pair), **_epilogue(has_bias, False))
+        return KernelSpec("cuda", "bb_qmm_red" + _suffix(has_bias, False, pair=pair), names, ("y",), src,
+                          QMM_HEADER)
     names = ("part",) + (("lbias",) if has_bias else ()) + (("res",) if has_res else ())
     src = _SRC_REDUCE.format(**_epilogue(has_bias, has_res))
     return KernelSpec("cuda", "bb_qmm_red" + _suffix(has_bias, has_res), names, ("y",), src, QMM_HEADER)
@@ -822,9 +840,12 @@ def sm_count() -> int:
 # BB_QMM_PERSIST=0 launches one block per tile as before (A/B runs).
 PERSIST = os.environ.get("BB_QMM_PERSIST", "1") == "1"
 FUSE_NORM = os.environ.get("BB_QMM_FUSE_NORM", "1") == "1"
-# RoPE and the K/V write in the q/k/v projection's epilogue (project_rope_store); BB_QMM_ROPE=0
-# keeps the separate RoPE kernel (A/B runs).
+# Pair epilogues on CUDA (fuse_quantized_projections orders the rows for them): RoPE and the
+# K/V write in the q/k/v projection (project_rope_store), silu(gate) * up in the gate/up
+# projection (FusedQuantizedLinear.glu). BB_QMM_ROPE=0 / BB_QMM_GLU_PAIR=0 keep the separate
+# RoPE kernel / the gate product in the down projection's x staging (A/B runs).
 FUSE_ROPE = os.environ.get("BB_QMM_ROPE", "1") == "1"
+GLU_PAIR = os.environ.get("BB_QMM_GLU_PAIR", "1") == "1"
 # fp16 4-bit dequantization: "lop3" (AND-OR extraction of {k, k + 4} pairs, x staged reordered)
 # where `_lop3` finds it faster, or "prmt" (byte permutes of adjacent pairs) everywhere.
 DEQUANT_LOP3 = os.environ.get("BB_QMM_DQ", "lop3") == "lop3"
@@ -996,6 +1017,14 @@ def rope_pair_order(n_heads: int, n_kv_heads: int, head_dim: int, traditional: b
     return order + list(range((n_heads + n_kv_heads) * d, (n_heads + 2 * n_kv_heads) * d))
 
 
+def glu_pair_order(n_ff: int) -> list[int]:
+    """Row order of a fused [gate; up] weight (n_ff rows each) for the gate product epilogue:
+    new row j is old row order[j]; 16-row tile t holds gate rows 8t..8t+7, then the same up rows."""
+    if n_ff % 8:
+        raise ValueError(f"glu_pair_order: the intermediate size must be a multiple of 8, got {n_ff}")
+    return [i + half * n_ff for t in range(n_ff // 8) for half in (0, 1) for i in range(8 * t, 8 * t + 8)]
+
+
 def plan_quantized_matmul(
     backend_name: str,
     x: mx.array,
@@ -1012,12 +1041,14 @@ def plan_quantized_matmul(
     config: QmmConfig | None = None,
     lop3: bool | None = None,
     rope: RopeStore | None = None,
+    glu_pair: bool = False,
 ) -> tuple[KernelSpec, Launch]:
     """The main kernel's spec and launch (x taken as [M, K], or [M, 2K] with glu). With
     config.s > 1 its output is fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y
     (bias and residual are then added there). lop3 forces the fp16 4-bit dequantization
-    (None: where `_lop3` measured it faster). rope: the output is q and k/v go to the cache
-    (`RopeStore`); after a split K the reduce kernel does that."""
+    (None: where `_lop3` measured it faster). Pair epilogues (after a split K, the reduce
+    kernel's): rope, the output is q and k/v go to the cache (`RopeStore`); glu_pair, the
+    rows are in `glu_pair_order` and the output is silu(gate) * up [M, N/2]."""
     if backend_name != "cuda":
         raise ValueError(f"quantized_matmul has a custom kernel only on cuda, not {backend_name!r}")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
@@ -1032,9 +1063,9 @@ def plan_quantized_matmul(
         raise ValueError("quantized_matmul: the fused RMSNorm needs one K-slice, K % 256 == 0 and no glu")
     has_bias = bias is not None and not split
     has_res = residual is not None and not split
-    if rope is not None:
-        _check_rope(rope, m, n, x.dtype, glu, residual)
-    rope_here = rope is not None and not split
+    pair = _check_pair(rope, glu_pair, m, n, x.dtype, glu, residual)
+    pair_here = pair if not split else ""
+    rope_here = pair_here == "rope"
     # Shapes share compiled kernels: N and K are runtime values and the dynamic smem size is
     # rounded up to 8 KiB steps (it is part of the kernel name, see the template below).
     smem = -(-cfg.smem(k, bits) // SMEM_STEP) * SMEM_STEP
@@ -1043,7 +1074,7 @@ def plan_quantized_matmul(
     inputs += ([bias] if has_bias else []) + ([residual.reshape(m, n)] if has_res else [])
     inputs += [norm[0]] if norm is not None else []
     inputs += rope.inputs() if rope_here else []
-    out_shape = (cfg.s, m, n) if split else (1, rope.n_heads, m, rope.head_dim) if rope_here else (m, n)
+    out_shape = (cfg.s, m, n) if split else _pair_shape(pair, rope, m, n)
     launch = Launch(
         inputs=inputs,
         output_shapes=[out_shape],
@@ -1057,13 +1088,30 @@ def plan_quantized_matmul(
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1]))] if norm is not None else [])
         + (rope.template() if rope_here else []),
     )
-    spec = _main_spec(has_bias, has_res, glu, norm is not None, rope_here)
+    spec = _main_spec(has_bias, has_res, glu, norm is not None, pair_here)
     return replace(spec, shared_memory=smem), launch
 
 
-def _check_rope(rope: RopeStore, m: int, n: int, dtype, glu: bool, residual) -> None:
-    if glu or residual is not None:
-        raise ValueError("quantized_matmul: the RoPE epilogue takes no glu and no residual")
+def _pair_shape(pair: str, rope: RopeStore | None, m: int, n: int) -> tuple[int, ...]:
+    return (1, rope.n_heads, m, rope.head_dim) if pair == "rope" else (m, n // 2) if pair == "glu" else (m, n)
+
+
+def _check_pair(rope: RopeStore | None, glu_pair: bool, m: int, n: int, dtype, glu: bool, residual) -> str:
+    """The pair epilogue asked for ("", "rope" or "glu"), checked."""
+    if rope is None and not glu_pair:
+        return ""
+    if glu or residual is not None or (rope is not None and glu_pair):
+        raise ValueError("quantized_matmul: a pair epilogue (rope, glu_pair) takes no glu, no residual "
+                         "and not the other pair epilogue")
+    if glu_pair:
+        if n % 16:
+            raise ValueError(f"quantized_matmul: glu_pair needs N % 16 == 0, got N={n}")
+        return "glu"
+    _check_rope(rope, m, n, dtype)
+    return "rope"
+
+
+def _check_rope(rope: RopeStore, m: int, n: int, dtype) -> None:
     if n != rope.width or rope.head_dim % 16:
         raise ValueError(f"quantized_matmul: the RoPE epilogue needs N = (Hq + 2 Hkv) * D = {rope.width} "
                          f"and D % 16 == 0, got N={n}, D={rope.head_dim}")
@@ -1080,19 +1128,20 @@ def _check_rope(rope: RopeStore, m: int, n: int, dtype, glu: bool, residual) -> 
 def plan_qmm_reduce(
     part: mx.array, dtype, bias: mx.array | None = None, residual: mx.array | None = None,
     rope: RopeStore | None = None,
+    glu_pair: bool = False,
 ) -> tuple[KernelSpec, Launch]:
     s, m, n = part.shape
-    if rope is not None:
-        _check_rope(rope, m, n, dtype, False, residual)
+    pair = _check_pair(rope, glu_pair, m, n, dtype, False, residual)
+    if pair:
         launch = Launch(
-            inputs=[part] + ([bias] if bias is not None else []) + rope.inputs(),
-            output_shapes=[(1, rope.n_heads, m, rope.head_dim)],
+            inputs=[part] + ([bias] if bias is not None else []) + (rope.inputs() if rope is not None else []),
+            output_shapes=[_pair_shape(pair, rope, m, n)],
             output_dtypes=[dtype],
             grid=(m * n // 2, 1, 1),
             threadgroup=(256, 1, 1),
-            template=[("T", dtype)] + rope.template(),
+            template=[("T", dtype)] + (rope.template() if rope is not None else []),
         )
-        return _reduce_spec(bias is not None, rope=True), launch
+        return _reduce_spec(bias is not None, pair=pair), launch
     launch = Launch(
         inputs=[part] + ([bias] if bias is not None else [])
         + ([residual.reshape(m, n)] if residual is not None else []),
@@ -1161,7 +1210,7 @@ def quantized_matmul(
 
 
 def _run_kernel(x, w, scales, biases, group_size: int, bits: int, m: int, n: int, k: int, bias, residual,
-                glu: bool, norm, rope: RopeStore | None = None) -> mx.array:
+                glu: bool, norm, rope: RopeStore | None = None, glu_pair: bool = False) -> mx.array:
     """The custom kernel (and its reduce kernel after a split K) on a covered call."""
     cfg = choose_config(m, n, k, bits)
     # Each block normalizes its rows itself, once: the sums of squares are taken while x is
@@ -1176,11 +1225,11 @@ def _run_kernel(x, w, scales, biases, group_size: int, bits: int, m: int, n: int
         residual = residual.astype(x.dtype)
     ks, launch = plan_quantized_matmul(
         "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
-        residual=residual, glu=glu, norm=norm, config=cfg, rope=rope,
+        residual=residual, glu=glu, norm=norm, config=cfg, rope=rope, glu_pair=glu_pair,
     )
     (y,) = kspec.run(ks, launch)
     if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
-        rs, rl = plan_qmm_reduce(y, x.dtype, bias, residual, rope=rope)
+        rs, rl = plan_qmm_reduce(y, x.dtype, bias, residual, rope=rope, glu_pair=glu_pair)
         (y,) = kspec.run(rs, rl)
     return y
 
@@ -1191,7 +1240,7 @@ def project_rope_store(layer: "FusedQuantizedLinear", x: mx.array, norm: nn.RMSN
     written into the cache (`RopeStore`), in one launch (two after a split K) on CUDA; None
     where that kernel does not cover the call (the caller then projects, rotates and stores
     separately)."""
-    if not FUSE_ROPE or backend.BACKEND != "cuda" or getattr(layer, "rope_layout", None) != (
+    if backend.BACKEND != "cuda" or getattr(layer, "rope_layout", None) != (
             rope.n_heads, rope.n_kv_heads, rope.head_dim, bool(rope.traditional)):
         return None
     w, scales, biases = layer["weight"], layer["scales"], layer["biases"]
@@ -1271,11 +1320,12 @@ class FusedQuantizedLinear(nn.Module):
     """Several quantized linears on the same input (q/k/v, gate/up) as one matmul launch.
 
     Weights, scales, biases (and bias, if any layer has one) are concatenated along N once;
-    __call__ returns one output per original layer. With `rope` (the attention's qkv_rope
-    arguments) the rows are stored in `rope_pair_order`, for `project_rope_store`; `fused` then
-    puts its output back in the layers' order (one gather)."""
+    __call__ returns one output per original layer. Rows may be stored in another order, for
+    a pair epilogue of the CUDA kernel: with `rope` (the attention's qkv_rope arguments) in
+    `rope_pair_order` (`project_rope_store`), with `glu_pair` (gate, up) in `glu_pair_order`
+    (`glu`). `fused` then puts its output back in the layers' order (one gather)."""
 
-    def __init__(self, layers: list[nn.QuantizedLinear], rope: dict | None = None):
+    def __init__(self, layers: list[nn.QuantizedLinear], rope: dict | None = None, glu_pair: bool = False):
         super().__init__()
         first = layers[0]
         for l in layers:
@@ -1296,11 +1346,18 @@ class FusedQuantizedLinear(nn.Module):
                 [l["bias"].astype(dt) if "bias" in l else mx.zeros((n,), dt) for l, n in zip(layers, self.sizes)]
             )
         self.rope_layout = None  # (Hq, Hkv, D, traditional) when the rows are in rope_pair_order
+        self.glu_paired = False  # the rows are in glu_pair_order
         self._unorder = None
+        order = None
         if rope is not None and rope["head_dim"] % 16 == 0 and sum(self.sizes) == (
                 rope["n_heads"] + 2 * rope["n_kv_heads"]) * rope["head_dim"]:
             layout = (rope["n_heads"], rope["n_kv_heads"], rope["head_dim"], bool(rope["traditional"]))
             order = rope_pair_order(*layout)
+            object.__setattr__(self, "rope_layout", layout)  # plain attributes, not parameters
+        elif glu_pair and len(self.sizes) == 2 and self.sizes[0] == self.sizes[1] and self.sizes[0] % 8 == 0:
+            order = glu_pair_order(self.sizes[0])
+            self.glu_paired = True
+        if order is not None:
             ix = mx.array(order, dtype=mx.int32)
             for name in ("weight", "scales", "biases", "bias"):
                 if name in self:
@@ -1308,10 +1365,25 @@ class FusedQuantizedLinear(nn.Module):
             unorder = [0] * len(order)
             for j, i in enumerate(order):
                 unorder[i] = j
-            object.__setattr__(self, "rope_layout", layout)  # plain attributes, not parameters
             object.__setattr__(self, "_unorder", mx.array(unorder, dtype=mx.int32))
         mx.eval(self.parameters())
         self.freeze()
+
+    def glu(self, x: mx.array, norm: nn.RMSNorm | None = None) -> mx.array:
+        """silu(gate(n)) * up(n), n = norm(x), for the fused pair (gate, up): on CUDA the gate
+        product is the matmul kernel's epilogue where it covers the call and the rows are paired."""
+        w, scales, biases = self["weight"], self["scales"], self["biases"]
+        if not self.glu_paired:
+            return _silu_mul(self.fused(x, norm))
+        m, n, k = _shape_info(x, w, scales, biases, self.group_size, self.bits)
+        if backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, self.group_size, self.bits):
+            y = _run_kernel(x, w, scales, biases, self.group_size, self.bits, m, n, k, self.get("bias"), None,
+                            False, _norm_args(norm), glu_pair=True)
+            return y.reshape(*x.shape[:-1], n // 2)
+        y = quantized_matmul(x, w, scales, biases, group_size=self.group_size, bits=self.bits,
+                             bias=self.get("bias"), norm=_norm_args(norm))
+        y = y.reshape(*x.shape[:-1], n // 16, 2, 8)  # the paired rows: [gate 8 | up 8] per tile
+        return (nn.silu(y[..., 0, :]) * y[..., 1, :]).reshape(*x.shape[:-1], n // 2)
 
     def fused(self, x: mx.array, norm: nn.RMSNorm | None = None) -> mx.array:
         """The outputs side by side along the last axis, as one array (of norm(x))."""
@@ -1331,16 +1403,17 @@ class FusedQuantizedLinear(nn.Module):
         return mx.split(y, cuts, axis=-1)
 
 
-def fuse_quantized_projections(model: nn.Module, rope_order: bool | None = None) -> int:
+def fuse_quantized_projections(model: nn.Module, pair_order: bool | None = None) -> int:
     """Replace each layer's q/k/v and gate/up quantized projections by one fused launch
     (`qkv_proj`, `gate_up_proj`, which the model files use when present); returns the count.
-    rope_order (default: on CUDA, where `project_rope_store` uses it): q/k/v rows in
-    `rope_pair_order`."""
-    if rope_order is None:
-        rope_order = backend.BACKEND == "cuda"
+    pair_order (default: on CUDA, where the kernel's pair epilogues use it): q/k/v rows in
+    `rope_pair_order` (unless BB_QMM_ROPE=0), gate/up rows in `glu_pair_order` (unless
+    BB_QMM_GLU_PAIR=0)."""
+    if pair_order is None:
+        pair_order = backend.BACKEND == "cuda"
     fused = 0
     for layer in getattr(model, "layers", []):
-        rope = getattr(layer.self_attn, "rope", None) if rope_order else None
+        rope = getattr(layer.self_attn, "rope", None) if pair_order and FUSE_ROPE else None
         for parent, names, new in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
                                    (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
             parts = [parent.get(n) for n in names]
@@ -1348,7 +1421,8 @@ def fuse_quantized_projections(model: nn.Module, rope_order: bool | None = None)
                 continue
             if len({(p.bits, p.group_size, p["weight"].shape[1]) for p in parts}) != 1:
                 continue
-            parent[new] = FusedQuantizedLinear(parts, rope if new == "qkv_proj" else None)
+            parent[new] = FusedQuantizedLinear(parts, rope if new == "qkv_proj" else None,
+                                               glu_pair=pair_order and GLU_PAIR and new == "gate_up_proj")
             for n in names:
                 parent.pop(n)
             fused += 1

@@ -94,8 +94,10 @@ class MLP(nn.Module):
         """down(silu(gate(n)) * up(n)) (+ residual) with n = norm(x); with fused projections
         the norm, the gate product and the residual add happen inside the matmul launches."""
         if "gate_up_proj" in self:
-            gu = self.gate_up_proj.fused(x, norm=norm)
-            return linear(self.down_proj, gu, residual=residual, glu=True)
+            gu = self.gate_up_proj
+            if gu.glu_paired:  # the gate product is the gate/up launch's epilogue
+                return linear(self.down_proj, gu.glu(x, norm=norm), residual=residual)
+            return linear(self.down_proj, gu.fused(x, norm=norm), residual=residual, glu=True)
         x = x if norm is None else norm(x)
         return linear(self.down_proj, nn.silu(self.gate_proj(x)) * self.up_proj(x), residual=residual)
 

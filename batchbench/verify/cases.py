@@ -201,13 +201,22 @@ def qmm_case(
     norm: bool = False,
     blocks: int = 0,
     lop3: bool = True,
+    glu_pair: bool = False,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
-    when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up."""
+    when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
+    glu_pair: w is [gate; up] (n/2 rows each) with its rows in glu_pair_order, and the
+    result is silu(x @ gate.T) * (x @ up.T) [m, n/2]."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
-    x = mx.array(rng.standard_normal((m, 2 * k if glu else k)).astype(np.float32)).astype(dtype)
+    wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
     lb = mx.array(rng.standard_normal((n,)).astype(np.float32)).astype(dtype) if bias else None
+    lb64 = _f64(lb) if bias else 0.0
+    if glu_pair:  # the kernel gets the rows paired, the reference keeps them in order
+        order = mx.array(Q.glu_pair_order(n // 2), dtype=mx.int32)
+        wq, sc, bi = (mx.take(a, order, axis=0) for a in (wq, sc, bi))
+        lb = mx.take(lb, order, axis=0) if bias else None
+    x = mx.array(rng.standard_normal((m, 2 * k if glu else k)).astype(np.float32)).astype(dtype)
     rs = mx.array(rng.standard_normal((m, n)).astype(np.float32) * 4).astype(dtype) if res else None
     nw = mx.array(rng.uniform(0.5, 1.5, (k,)).astype(np.float32)).astype(dtype) if norm else None
     cfg = None
@@ -218,25 +227,28 @@ def qmm_case(
         "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
         norm=(nw, 1e-5) if norm else None, config=cfg,
         lop3=None if lop3 else False,  # False: the byte-permute dequantization
+        glu_pair=glu_pair,
     )
-    wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
     xf = _f64(x)
     if glu:
         g, u = xf[:, :k], xf[:, k:]
         xf = g / (1.0 + np.exp(-g)) * u
     if norm:
         xf = xf / np.sqrt((xf**2).mean(axis=1, keepdims=True) + 1e-5) * _f64(nw)
-    want = xf @ wd.T + (_f64(lb) if bias else 0.0) + (_f64(rs) if res else 0.0)
+    want = xf @ wd.T + lb64 + (_f64(rs) if res else 0.0)
+    if glu_pair:
+        g, u = want[:, : n // 2], want[:, n // 2 :]
+        want = g / (1.0 + np.exp(-g)) * u
     is_split = launch.output_dtypes[0] == mx.float32
     kernels = [(kspec, launch)]
     if is_split:
         part0 = mx.zeros(launch.output_shapes[0], dtype=mx.float32)
-        kernels.append(Q.plan_qmm_reduce(part0, dtype, lb, rs))
+        kernels.append(Q.plan_qmm_reduce(part0, dtype, lb, rs, glu_pair=glu_pair))
 
     def run(execute: Executor) -> np.ndarray:
         y = execute(kspec, launch)[0][0]
         if is_split:
-            rspec, rlaunch = Q.plan_qmm_reduce(mx.array(y), dtype, lb, rs)
+            rspec, rlaunch = Q.plan_qmm_reduce(mx.array(y), dtype, lb, rs, glu_pair=glu_pair)
             y = execute(rspec, rlaunch)[0][0]
         return y.astype(np.float64)
 
@@ -245,7 +257,7 @@ def qmm_case(
         f"qmm-cuda-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-M{m}-N{n}-K{k}-b{bits}-g{group_size}"
         f"{'-split' + str(split) if split else ''}{'-bias' if bias else ''}"
         f"{'-res' if res else ''}{'-glu' if glu else ''}{'-norm' if norm else ''}"
-        f"{'-blocks' + str(blocks) if blocks else ''}{'' if lop3 else '-prmt'}"
+        f"{'-blocks' + str(blocks) if blocks else ''}{'' if lop3 else '-prmt'}{'-glupair' if glu_pair else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -269,6 +281,9 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=2, bits=4, group_size=32, n=96, glu=True, res=True, split=2, blocks=2),
         # fp16 4-bit with the byte-permute dequantization (wide matrices at M=32 take it)
         dict(m=9, bits=4, group_size=32, norm=True, res=True, lop3=False),
+        # gate/up with silu(gate) * up as the epilogue (rows paired), in-kernel and after a split K
+        dict(m=3, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2),
+        dict(m=10, bits=4, group_size=64, n=64, glu_pair=True, bias=True, split=2, dtype=mx.bfloat16),
     ]
     if quick:
         specs = specs[:2]

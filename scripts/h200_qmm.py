@@ -325,7 +325,7 @@ def _qlinear(n: int, k: int, gs: int, bias: bool, dtype) -> nn.QuantizedLinear:
 def build_7b(gs: int, dtype=mx.float16) -> nn.Module:
     hid, inter, nl, vocab, kv = 3584, 18944, 28, 152064, 512
     if SMALL:
-        hid, inter, nl, vocab, kv = hid // 8, inter // 8, 2, vocab // 8, kv // 8
+        hid, inter, nl, vocab, kv = 512, 2048, 2, vocab // 8, 64  # the kernel's K % 128 == 0
     model = nn.Module()
     layers = []
     for _ in range(nl):
@@ -345,19 +345,23 @@ def build_7b(gs: int, dtype=mx.float16) -> nn.Module:
     return model
 
 
+def L0_heads(model: nn.Module, d: int) -> int:
+    return model.layers[0].q_proj["weight"].shape[0] // d
+
+
 def _forward(model: nn.Module, h: mx.array, fused) -> mx.array:
     w = model.norm_w
-    if fused == "epilogues":  # what batchbench's llama model runs: norms, gate product, residuals fused
+    if fused == "epilogues":  # what batchbench's llama model runs: norms, RoPE + K/V write,
+        # gate product and residuals fused (rows paired as fuse_quantized_projections does on CUDA)
         norm = nn.RMSNorm(w.shape[0], eps=1e-6)
         norm.weight = w
+        b = h.shape[0]
         for L in model.layers:
-            qkv = L.qkv.fused(h, norm=norm)
-            hq = L.o_proj["weight"].shape[1] * 32 // L.o_proj.bits
-            kv = (qkv.shape[-1] - hq) // 2
-            a = qkv[..., :hq] + (qkv[..., hq : hq + 1] + qkv[..., hq + kv : hq + kv + 1])  # as below
+            rs = qmm.RopeStore(model.pos[:b], model.cells[:b], L.kc, L.vc, **model.rope)
+            q = qmm.project_rope_store(L.qkv_p, h[None], norm, rs)
+            a = q.transpose(0, 2, 1, 3).reshape(b, -1)  # attention excluded
             h = L.o_proj(a, residual=h)
-            gu = L.gate_up.fused(h, norm=norm)
-            h = L.down_proj(gu, residual=h, glu=True)
+            h = L.down_proj(L.gate_up_p.glu(h, norm=norm), residual=h)
         logits = model.lm_head(mx.fast.rms_norm(h, w, 1e-6))
         return mx.fast.rms_norm(h + 1e-3 * logits[..., :1], w, 1e-6)
     for L in model.layers:
@@ -417,9 +421,19 @@ def section_decode(gs: int) -> None:
             if variant == "ours":
                 log(f"use_fast_quantized_linears swapped {qmm.use_fast_quantized_linears(model)} layers")
             if variant == "ours_fused":
+                d = 128 if not SMALL else 16
+                model.rope = dict(n_heads=L0_heads(model, d), n_kv_heads=model.layers[0].k_proj["weight"].shape[0] // d,
+                                  head_dim=d, base=1e6, scale=1.0, traditional=False)
+                model.pos = mx.arange(64, dtype=mx.int32) + 4096
+                model.cells = mx.arange(64, dtype=mx.int32)
                 for L in model.layers:
-                    L.qkv = qmm.FusedQuantizedLinear([L.q_proj, L.k_proj, L.v_proj])
-                    L.gate_up = qmm.FusedQuantizedLinear([L.gate_proj, L.up_proj])
+                    qkv, gu = [L.q_proj, L.k_proj, L.v_proj], [L.gate_proj, L.up_proj]
+                    L.qkv = qmm.FusedQuantizedLinear(qkv)
+                    L.gate_up = qmm.FusedQuantizedLinear(gu)
+                    L.qkv_p = qmm.FusedQuantizedLinear(qkv, rope=model.rope)  # for "ours_epilogues"
+                    L.gate_up_p = qmm.FusedQuantizedLinear(gu, glu_pair=True)
+                    L.kc = mx.zeros((1, model.rope["n_kv_heads"], 64, d), mx.float16)
+                    L.vc = mx.zeros_like(L.kc)
                     del L.q_proj, L.k_proj, L.v_proj, L.gate_proj, L.up_proj  # keep memory flat
         except Exception as e:  # noqa: BLE001
             err_note(f"prepare decode {variant}", e)

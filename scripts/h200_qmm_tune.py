@@ -70,41 +70,44 @@ def candidates(m: int, n: int, k: int):
 
 class Variant:
     """A config run with the RMSNorm fused in, or with the other fp16 4-bit dequantization
-    (lop3 None: the one `qmm` picks)."""
+    (lop3 None: the one `qmm` picks), or with the gate product as its epilogue (glu_pair)."""
 
-    def __init__(self, cfg, norm: bool = False, lop3: bool | None = None):
-        self.cfg, self.s, self.norm, self.lop3 = cfg, cfg.s, norm, lop3
+    def __init__(self, cfg, norm: bool = False, lop3: bool | None = None, glu_pair: bool = False):
+        self.cfg, self.s, self.norm, self.lop3, self.glu_pair = cfg, cfg.s, norm, lop3, glu_pair
 
     def __repr__(self):
         dq = "" if self.lop3 is None else " lop3-dequant" if self.lop3 else " prmt-dequant"
-        return f"{self.cfg}{' +norm' if self.norm else ''}{dq}"
+        return f"{self.cfg}{' +norm' if self.norm else ''}{dq}{' +glu-pair' if self.glu_pair else ''}"
+
+    def key(self):
+        return (self.cfg, self.norm, self.lop3, self.glu_pair)
 
     def __eq__(self, other):
-        return isinstance(other, Variant) and (self.cfg, self.norm, self.lop3) == (other.cfg, other.norm, other.lop3)
+        return isinstance(other, Variant) and self.key() == other.key()
 
     def __hash__(self):
-        return hash((self.cfg, self.norm, self.lop3))
+        return hash(self.key())
 
 
 def _desc(c, n: int, k: int) -> dict:
-    cfg, norm, lop3 = (c.cfg, c.norm, c.lop3) if isinstance(c, Variant) else (c, False, None)
+    cfg, norm, lop3, gp = (c.cfg, c.norm, c.lop3, c.glu_pair) if isinstance(c, Variant) else (c, False, None, False)
     lop3 = qmm._lop3(cfg, n, k) if lop3 is None else lop3
-    return dict(cfg.__dict__, norm=norm, dequant="lop3" if lop3 else "prmt")
+    return dict(cfg.__dict__, norm=norm, dequant="lop3" if lop3 else "prmt", glu_pair=gp)
 
 
 def run_cfg(x, sets, cfg):
     outs = []
-    norm, lop3 = None, None
+    norm, lop3, gp = None, None, False
     if isinstance(cfg, Variant):
         if cfg.norm:
             norm = (mx.ones((x.shape[-1],), x.dtype), 1e-6)
-        cfg, lop3 = cfg.cfg, cfg.lop3
+        cfg, lop3, gp = cfg.cfg, cfg.lop3, cfg.glu_pair
     for w, sc, b in sets:
         ks, launch = qmm.plan_quantized_matmul("cuda", x, w, sc, b, group_size=32, bits=4, config=cfg,
-                                               norm=norm, lop3=lop3)
+                                               norm=norm, lop3=lop3, glu_pair=gp)
         (y,) = kspec.run(ks, launch)
         if cfg.s > 1:
-            rs, rl = qmm.plan_qmm_reduce(y, x.dtype)
+            rs, rl = qmm.plan_qmm_reduce(y, x.dtype, glu_pair=gp)
             (y,) = kspec.run(rs, rl)
         outs.append(y)
     return outs
@@ -137,6 +140,8 @@ def main():
             cfgs.append(Variant(default, lop3=not qmm._lop3(default, n, k)))  # the other dequantization
             if name in ("qkv", "gate_up") and default.s == 1:
                 cfgs.append(Variant(default, norm=True))
+            if name == "gate_up":  # the model's gate/up launch: silu(gate) * up as the epilogue
+                cfgs.append(Variant(default, glu_pair=True))
             if time.time() - t_start > BUDGET_S:
                 print(f"{name:8s} M={m:<3d} skipped: time budget spent")
                 continue
@@ -150,8 +155,8 @@ def main():
                     if ref is None:
                         ref = y.astype(mx.float32)
                     err = (mx.abs(y.astype(mx.float32) - ref).max() / (mx.abs(ref).max() + 1e-6)).item()
-                    if isinstance(cfg, Variant) and cfg.norm:
-                        err = 0.0  # a different product (normalized x); verify.gpu checks it
+                    if isinstance(cfg, Variant) and (cfg.norm or cfg.glu_pair):
+                        err = 0.0  # a different product (normalized x, gate product); verify.gpu checks it
                     if err < 5e-3:
                         ok.append(cfg)
                     else:

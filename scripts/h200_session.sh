@@ -33,7 +33,12 @@ for what in "$@"; do
     scaling) part scaling 260 python3 -m batchbench "${M[@]}" -c 140000 -npp 4096 -ntg 32 \
             -npl 1,2,4,8,16,32 -fa on --ab all --csv "$R/scaling.csv" ;;
     profile) part profile 120 python3 scripts/profile_step.py 1 8 32 ;;
-    *) echo "unknown part $what (verify verify-quick modelcheck attention qmm tune overhead ops seed scaling profile)" ;;
+    # TAG=name names the files (A/B runs: environment before the command, e.g. BB_QMM_ROPE=0)
+    scaling-quick) part "scaling-quick${TAG:+-$TAG}" 150 python3 -m batchbench "${M[@]}" -c 140000 -npp 4096 \
+            -ntg 32 -npl "${NPL:-1,2,4,32}" -fa on --csv "$R/scaling-quick${TAG:+-$TAG}.csv" ;;
+    tune-small) part "qmm-tune-small" 200 env OUT="$R" TUNE_GRID=small TUNE_M="${TUNE_M:-1,32}" TUNE_BUDGET_S=170 \
+            python3 scripts/h200_qmm_tune.py ;;
+    *) echo "unknown part $what (verify verify-quick modelcheck attention qmm tune tune-small overhead ops seed scaling scaling-quick profile)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

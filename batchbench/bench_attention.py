@@ -26,9 +26,11 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 
 from batchbench import backend
-from batchbench.kernels.attention import BLOCK, decode_attention, decode_attention_ref
+from batchbench.kernels.attention import BLOCK, decode_attention, decode_attention_ref, pack_live_blocks
+from batchbench.models.base import _compiled_decode_attention
 
 HQ, HKV, D = 28, 4, 128
+VARIANTS = ("list", "model", "scan", "noskip", "sdpa_unified", "sdpa_separate")
 DTYPE = mx.float16
 
 
@@ -158,6 +160,7 @@ def main(
     n_layers: int = 32,
     n_sets: int = 4,
     check: bool = True,
+    variants: Sequence[str] = VARIANTS,
 ) -> list[Row]:
     """Run the sweep, print a table, optionally write it (markdown) to `out`."""
     scale = 1.0 / math.sqrt(D)
@@ -192,6 +195,16 @@ def main(
                     )
                 return step
 
+            # What the model's decode step runs: the compiled call with the live rows packed
+            # once per step by the cache (PackedLive), so a layer is one custom op.
+            packed = pack_live_blocks(live)
+            mx.eval(packed)
+            model_fn = _compiled_decode_attention(scale, True, True)
+
+            def ours_model(x, i):
+                k, v, _, _ = layers[i % n_sets]
+                return model_fn(x, k, v, mask, packed)
+
             def sdpa_unified(x, i):
                 k, v, _, _ = layers[i % n_sets]
                 n = mask.shape[1]
@@ -203,14 +216,17 @@ def main(
                 _, _, ks, vs = layers[i % n_sets]
                 return mx.fast.scaled_dot_product_attention(x, ks, vs, scale=scale)
 
-            variants = {
+            chosen = set(variants)
+            runs = {
                 "list": (ours(True, True), q),
+                "model": (ours_model, q),
                 "scan": (ours(True, False), q),
                 "noskip": (ours(False, False), q),
                 "sdpa_unified": (sdpa_unified, q),
                 "sdpa_separate": (sdpa_separate, qsep),
             }
-            for name, (step, q0) in variants.items():
+            runs = {name: r for name, r in runs.items() if name in chosen}
+            for name, (step, q0) in runs.items():
                 try:
                     run = _chain(step, q0, n_layers)
                     k_us = kernel_time_us(run, n_layers)
@@ -219,7 +235,7 @@ def main(
                 except Exception as e:  # noqa: BLE001
                     print(f"B={b} ctx={ctx} {name}: failed: {str(e)[:300]}")
             if check:
-                _check_row(row, layers, q, qsep, mask, live, scale, variants)
+                _check_row(row, layers, q, qsep, mask, live, scale, runs)
             rows.append(row)
             print(format_row(row), flush=True)
             del layers
@@ -254,6 +270,14 @@ def _check_row(row, layers, q, qsep, mask, live, scale, variants) -> None:
             print(f"B={row.b} ctx={row.ctx} {name}: check failed: {str(e)[:300]}")
 
 
+def _model_path(r: Row) -> str:
+    t = r.times.get("model")
+    if t is None:
+        return "err"
+    over = f"{t.wall_us - t.kernel_us:.1f}" if t.kernel_us is not None else "n/a"
+    return f"{_fmt_us(t, True)} / {_fmt_us(t, False)} / {over}"
+
+
 def _fmt_us(t: Optional[Timing], kernel: bool) -> str:
     if t is None:
         return "err"
@@ -270,7 +294,7 @@ def _tbs(row: Row, t: Optional[Timing]) -> str:
 
 def format_row(row: Row) -> str:
     parts = [f"B={row.b:<3d} ctx={row.ctx:<5d} KV={row.kv_bytes / 1e6:7.1f} MB"]
-    for name in ("list", "scan", "noskip", "sdpa_unified", "sdpa_separate"):
+    for name in VARIANTS:
         t = row.times.get(name)
         parts.append(f"{name} {_fmt_us(t, True)}/{_fmt_us(t, False)} us")
     errs = " ".join(f"{k}={v:.1e}" for k, v in row.errors.items())
@@ -282,12 +306,14 @@ def format_table(rows: list[Row]) -> str:
     head = (
         "| B | ctx | K+V MB | ours list us | TB/s | ours scan us | TB/s | no-skip us | "
         "SDPA unified+mask us | SDPA separate us | TB/s | skip/no-skip | list vs separate | "
-        "wall us: list / scan / no-skip / unified / separate | max rel err: list / scan / no-skip / sdpa-sep |"
+        "wall us: list / scan / no-skip / unified / separate | max rel err: list / scan / no-skip / sdpa-sep | "
+        "model path: kernel / wall / wall - kernel us |"
     )
-    sep = "|" + "---|" * 16
+    sep = "|" + "---|" * 17
     out = [
         "Kernel time per layer (sum of CUDA kernel durations over a chain of dependent layers; "
-        "wall time = MLX wall clock per layer in the chain).",
+        "wall time = MLX wall clock per layer in the chain). 'model path': the call the model's decode "
+        "step makes (compiled, live rows packed once per step by the cache): one custom op per layer.",
         "",
         head,
         sep,
@@ -310,7 +336,7 @@ def format_table(rows: list[Row]) -> str:
             f"| {r.b} | {r.ctx} | {r.kv_bytes / 1e6:.1f} | {_fmt_us(t['list'], True)} | {_tbs(r, t['list'])} | "
             f"{_fmt_us(t['scan'], True)} | {_tbs(r, t['scan'])} | {_fmt_us(t['noskip'], True)} | "
             f"{_fmt_us(t['sdpa_unified'], True)} | {_fmt_us(t['sdpa_separate'], True)} | "
-            f"{_tbs(r, t['sdpa_separate'])} | {ratio} | {vs_sep} | {walls} | {errs} |"
+            f"{_tbs(r, t['sdpa_separate'])} | {ratio} | {vs_sep} | {walls} | {errs} | {_model_path(r)} |"
         )
     return "\n".join(out)
 

@@ -117,6 +117,8 @@ def bench_attention(
     bs: str = typer.Option("2,3,8,32", "--b", help="Sequence counts"),
     ctxs: str = typer.Option("4096,8192", "--ctx", help="Cells per sequence"),
     out: Optional[str] = typer.Option(None, "--out", help="Write the table here too"),
+    variants: str = typer.Option("all", "--variants",
+                                 help="Comma-separated subset of list,model,scan,noskip,sdpa_unified,sdpa_separate"),
 ):
     """Micro-benchmark of the decode attention kernel (skip, no-skip, SDPA)."""
     from batchbench import bench_attention as ba
@@ -124,9 +126,14 @@ def bench_attention(
     try:
         b_list = parse_int_list([bs], "--b", 1)
         c_list = parse_int_list([ctxs], "--ctx", 32)
+        names = ba.VARIANTS if variants == "all" else tuple(v.strip() for v in variants.split(",") if v.strip())
+        unknown = [v for v in names if v not in ba.VARIANTS]
+        if unknown or not names:
+            raise UserError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; "
+                            f"choose from {','.join(ba.VARIANTS)}")
     except UserError as e:
         fail(str(e))
-    ba.main(bs=tuple(b_list), ctxs=tuple(c_list), out=out)
+    ba.main(bs=tuple(b_list), ctxs=tuple(c_list), out=out, variants=names)
 
 
 def _command_line() -> str:

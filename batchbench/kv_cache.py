@@ -86,13 +86,16 @@ def store_qkv(qkv, positions: mx.array, cells: mx.array, keys: mx.array, values:
     the RoPE and the write itself where it covers the call (project_rope_store)."""
     dtype = qkv.dtype if isinstance(qkv, mx.array) else qkv.x.dtype
     in_place = flash_decode and cuda_kernel_reads_cache(dtype, rope["head_dim"])
+    paired = False
     if not isinstance(qkv, mx.array):
         if in_place and qkv.fused is not None:
             q = project_rope_store(qkv.fused, qkv.x, qkv.norm, RopeStore(positions, cells, keys, values, **rope))
             if q is not None:
                 return q, keys, values
-        qkv = qkv()
-    return qkv_rope_store(qkv, positions, cells, keys, values, where=where, in_place=in_place, **rope)
+        raw = qkv.paired(rope)  # the RoPE kernel reads the stored order: no gather
+        qkv, paired = (qkv(), False) if raw is None else (raw, True)
+    return qkv_rope_store(qkv, positions, cells, keys, values, where=where, in_place=in_place, paired=paired,
+                          **rope)
 
 
 class LayerCache:

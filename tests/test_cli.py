@@ -141,3 +141,25 @@ def test_config_file_with_command_line_override(tmp_path):
     bad.write_text("npp = [8]\nbogus_key = 1\n")
     r = bb("--config", str(bad), timeout=60)
     assert r.returncode != 0 and "bogus_key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_attention_rejects_unknown_variants():
+    r = bb("bench-attention", "--b", "2", "--ctx", "64", "--variants", "list,fastest", timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: --variants: unknown fastest; choose from list,model,scan,noskip,sdpa_unified,sdpa_separate")
+
+
+def test_bench_attention_runs_the_chosen_variants_on_the_cpu(tmp_path):
+    out = tmp_path / "attn.md"
+    r = bb("bench-attention", "--b", "2", "--ctx", "64", "--variants", "list,model", "--out", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = [l for l in out.read_text().splitlines() if l.startswith("| 2 | 64 |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    # kernel times are n/a without CUDA; the two chosen variants have wall times, the others none
+    walls = cells[13].split(" / ")
+    assert walls[0] != "err" and walls[1:] == ["err"] * 4
+    errs = cells[14].split(" / ")
+    assert float(errs[0]) < 1e-2 and errs[1:] == ["-"] * 3  # list checked against fp32, others not run
+    assert cells[15].split(" / ")[1] != "err"  # model path wall time

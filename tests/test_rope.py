@@ -238,3 +238,17 @@ def test_projection_rope_and_cache_write_are_one_launch_in_flash_decode(cuda_dis
         assert launch.inputs[-2] is keys and launch.output_shapes == [(1, 4, t, 64)]
     else:
         assert names[0] == "bb_qmm_b" and names[-1].startswith("bb_qkv_rope"), names
+        assert ("PAIRED", True) in cuda_dispatch[-1][1].template  # reads the stored order, no gather
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+def test_twin_reads_the_paired_order(traditional):
+    """qkv_rope(paired=True) off CUDA puts q/k back in order first: same result as the natural
+    layout."""
+    kw = dict(n_heads=3, n_kv_heads=1, head_dim=32, base=1e4, scale=1.0, traditional=traditional)
+    x = mx.random.normal((1, 4, 5 * 32), key=mx.random.key(7))
+    pos = mx.array([3, 9, 100, 7], dtype=mx.int32)
+    order = mx.array(rope.rope_pair_order(3, 1, 32, traditional), dtype=mx.int32)
+    got = rope.qkv_rope(mx.take(x, order, axis=-1), pos, paired=True, **kw)
+    for g, w in zip(got, rope.qkv_rope(x, pos, **kw)):
+        assert mx.array_equal(g, w)

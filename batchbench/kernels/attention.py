@@ -215,10 +215,14 @@ def _n_sms() -> int:
     return 132 if backend.BACKEND != "metal" else 32
 
 
+# Thread blocks per launch, in waves of one block per SM (BB_ATTN_WAVE, tuning runs).
+WAVE = float(os.environ.get("BB_ATTN_WAVE", "1"))
+
+
 def choose_splits(pairs: int, n_blk: int, warps: int, d: int = 128) -> int:
     """Splits of the KV axis so that pairs * splits fills about one wave. The last split
     stages every split's softmax sums in the W*16*D floats of its output tile: <= W*D."""
-    splits = max(1, round(_n_sms() / max(pairs, 1)))
+    splits = max(1, round(_n_sms() * WAVE / max(pairs, 1)))
     splits = min(splits, MAX_SPLIT, max(1, n_blk), warps * d)
     return splits
 

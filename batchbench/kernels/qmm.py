@@ -36,6 +36,7 @@ import mlx.nn as nn
 
 from batchbench import backend
 from batchbench.kernels import spec as kspec
+from batchbench.kernels.rope import angle_template, rope_pair_order  # noqa: F401 (rope_pair_order: re-export)
 from batchbench.kernels.spec import KernelSpec, Launch
 
 MAX_M = 64
@@ -996,25 +997,8 @@ class RopeStore:
         return [self.positions.astype(mx.int32), self.cells.astype(mx.int32), self.keys, self.values]
 
     def template(self) -> list[tuple[str, object]]:
-        from batchbench.kernels.rope import angle_template
-
         return [("RD", self.head_dim), ("HQ", self.n_heads), ("HKV", self.n_kv_heads),
                 ("TRAD", bool(self.traditional)), *angle_template(self.base, self.scale)]
-
-
-def rope_pair_order(n_heads: int, n_kv_heads: int, head_dim: int, traditional: bool) -> list[int]:
-    """Row order of a fused q/k/v weight for the RoPE epilogue: new row j is old row order[j].
-    In each q and k head, 16-row tile t holds rotation pairs 8t..8t+7: their first elements
-    (d = i, or 2i when traditional), then their partners (i + D/2, or 2i + 1). v is unchanged."""
-    d, p = head_dim, head_dim // 2
-    if d % 16:
-        raise ValueError(f"rope_pair_order: head_dim must be a multiple of 16, got {d}")
-    head = []
-    for t in range(d // 16):
-        pairs = range(8 * t, 8 * t + 8)
-        head += [2 * i if traditional else i for i in pairs] + [2 * i + 1 if traditional else i + p for i in pairs]
-    order = [h * d + j for h in range(n_heads + n_kv_heads) for j in head]
-    return order + list(range((n_heads + n_kv_heads) * d, (n_heads + 2 * n_kv_heads) * d))
 
 
 def glu_pair_order(n_ff: int) -> list[int]:
@@ -1385,14 +1369,15 @@ class FusedQuantizedLinear(nn.Module):
         y = y.reshape(*x.shape[:-1], n // 16, 2, 8)  # the paired rows: [gate 8 | up 8] per tile
         return (nn.silu(y[..., 0, :]) * y[..., 1, :]).reshape(*x.shape[:-1], n // 2)
 
-    def fused(self, x: mx.array, norm: nn.RMSNorm | None = None) -> mx.array:
-        """The outputs side by side along the last axis, as one array (of norm(x))."""
+    def fused(self, x: mx.array, norm: nn.RMSNorm | None = None, stored_order: bool = False) -> mx.array:
+        """The outputs side by side along the last axis, as one array (of norm(x)); with
+        stored_order, in the order the rows are stored (rope_pair_order, glu_pair_order)."""
         y = quantized_matmul(
             x, self["weight"], self["scales"], self["biases"],
             group_size=self.group_size, bits=self.bits, bias=self.get("bias"),
             norm=_norm_args(norm),
         )
-        return y if self._unorder is None else mx.take(y, self._unorder, axis=-1)
+        return y if self._unorder is None or stored_order else mx.take(y, self._unorder, axis=-1)
 
     def __call__(self, x: mx.array) -> list[mx.array]:
         y = self.fused(x)

@@ -13,6 +13,7 @@ in fp32 like MLX's own rope kernels, rotation in fp32, one rounding to the outpu
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -41,7 +42,9 @@ __device__ __forceinline__ void from_f(float f, __nv_bfloat16* o) { *o = __float
 // Pairs are (i, i + D/2), or (2i, 2i + 1) when TRAD. v pairs are copied unrotated.
 // STORE: k and v are the layer's cache buffers [Hkv, nc, D]; token y's rows go to cell
 // cells[y] (the K/V write of a decode step, in place: no separate copy launches).
-template <typename T, int D, bool TRAD, int HQ, int HKV, bool STORE>
+// PAIRED: the q and k heads of qkv come in qmm.rope_pair_order (each 16 features: the first
+// elements of 8 pairs, then their partners), as the fused projection stores them on CUDA.
+template <typename T, int D, bool TRAD, int HQ, int HKV, bool STORE, bool PAIRED>
 __device__ __forceinline__ void qkv_rope(const T* __restrict__ qkv, const int32_t* __restrict__ positions,
                                          T* __restrict__ q, T* __restrict__ k, T* __restrict__ v,
                                          const int n_tok, const float log2_base, const float scale,
@@ -54,6 +57,8 @@ __device__ __forceinline__ void qkv_rope(const T* __restrict__ qkv, const int32_
   const int h = idx / P, i = idx - h * P;
   const int i1 = TRAD ? 2 * i : i, i2 = TRAD ? 2 * i + 1 : i + P;
   const T* x = qkv + ((size_t)t * H + h) * D;
+  const int j1 = PAIRED && h < HQ + HKV ? 16 * (i >> 3) + (i & 7) : i1;  // where x holds them
+  const int j2 = PAIRED && h < HQ + HKV ? j1 + 8 : i2;
   const size_t row = STORE ? (size_t)cells[t] : (size_t)t;
   const size_t rows = STORE ? (size_t)nc : (size_t)n_tok;
   if (h >= HQ + HKV) {
@@ -67,7 +72,7 @@ __device__ __forceinline__ void qkv_rope(const T* __restrict__ qkv, const int32_
   const float inv_freq = exp2f(-((float)i / (float)P) * log2_base);
   const float theta = (scale * (float)positions[t]) * inv_freq;
   const float c = cosf(theta), s = sinf(theta);
-  const float x1 = to_f(x[i1]), x2 = to_f(x[i2]);
+  const float x1 = to_f(x[j1]), x2 = to_f(x[j2]);
   from_f(x1 * c - x2 * s, o + i1);
   from_f(x1 * s + x2 * c, o + i2);
 }
@@ -78,7 +83,7 @@ __device__ __forceinline__ void qkv_rope(const T* __restrict__ qkv, const int32_
 ROPE_HEADER = kspec.compact(ROPE_HEADER)  # MLX hashes the source on every launch
 
 _SOURCE = (
-    "bbrope::qkv_rope<T, D, TRAD, HQ, HKV, false>(qkv, positions, q, k, v, qkv_shape[1], "
+    "bbrope::qkv_rope<T, D, TRAD, HQ, HKV, false, PAIRED>(qkv, positions, q, k, v, qkv_shape[1], "
     "__int_as_float(LOG2_BASE_BITS), __int_as_float(SCALE_BITS), nullptr, 0);"
 )
 ROPE_SPEC = KernelSpec("cuda", "bb_qkv_rope", ("qkv", "positions"), ("q", "k", "v"), _SOURCE, ROPE_HEADER)
@@ -88,7 +93,7 @@ ROPE_SPEC = KernelSpec("cuda", "bb_qkv_rope", ("qkv", "positions"), ("q", "k", "
 # Inputs must be row-contiguous (the cache's are): MLX would otherwise hand the kernel a copy
 # and the write would be lost.
 _STORE_SOURCE = (
-    "bbrope::qkv_rope<T, D, TRAD, HQ, HKV, true>(qkv, positions, q, const_cast<T*>(kc), "
+    "bbrope::qkv_rope<T, D, TRAD, HQ, HKV, true, PAIRED>(qkv, positions, q, const_cast<T*>(kc), "
     "const_cast<T*>(vc), qkv_shape[1], __int_as_float(LOG2_BASE_BITS), __int_as_float(SCALE_BITS), "
     "cells, kc_shape[2]);"
 )
@@ -105,6 +110,35 @@ def angle_template(base: float, scale: float) -> list[tuple[str, int]]:
     takes them: base and scale are floats, log2 taken of the float base."""
     return [("LOG2_BASE_BITS", kspec.f32_bits(_f32(math.log2(_f32(base))))),
             ("SCALE_BITS", kspec.f32_bits(scale))]
+
+
+def rope_pair_order(n_heads: int, n_kv_heads: int, head_dim: int, traditional: bool) -> list[int]:
+    """Row order of a fused q/k/v weight for the RoPE epilogue: new row j is old row order[j].
+    In each q and k head, 16-row tile t holds rotation pairs 8t..8t+7: their first elements
+    (d = i, or 2i when traditional), then their partners (i + D/2, or 2i + 1). v is unchanged."""
+    d, p = head_dim, head_dim // 2
+    if d % 16:
+        raise ValueError(f"rope_pair_order: head_dim must be a multiple of 16, got {d}")
+    head = []
+    for t in range(d // 16):
+        pairs = range(8 * t, 8 * t + 8)
+        head += [2 * i if traditional else i for i in pairs] + [2 * i + 1 if traditional else i + p for i in pairs]
+    order = [h * d + j for h in range(n_heads + n_kv_heads) for j in head]
+    return order + list(range((n_heads + n_kv_heads) * d, (n_heads + 2 * n_kv_heads) * d))
+
+
+@functools.lru_cache(maxsize=None)
+def _unpair_index(n_heads: int, n_kv_heads: int, head_dim: int, traditional: bool) -> mx.array:
+    order = rope_pair_order(n_heads, n_kv_heads, head_dim, traditional)
+    unorder = [0] * len(order)
+    for j, i in enumerate(order):
+        unorder[i] = j
+    return mx.array(unorder, dtype=mx.int32)
+
+
+def unpair(qkv: mx.array, n_heads: int, n_kv_heads: int, head_dim: int, traditional: bool) -> mx.array:
+    """qkv [..., W] from rope_pair_order back to the natural order (one gather)."""
+    return mx.take(qkv, _unpair_index(n_heads, n_kv_heads, head_dim, bool(traditional)), axis=-1)
 
 
 def _check(qkv: mx.array, positions: mx.array, n_heads: int, n_kv_heads: int, head_dim: int) -> int:
@@ -138,6 +172,7 @@ def plan_qkv_rope(
     scale: float,
     traditional: bool,
     store: tuple[mx.array, mx.array, mx.array] | None = None,
+    paired: bool = False,
 ) -> tuple[KernelSpec, Launch]:
     """The CUDA kernel and launch `qkv_rope` runs. Per-model constants (dtype, D, heads,
     base, scale, layout) are template values; T and the positions are runtime inputs.
@@ -146,6 +181,8 @@ def plan_qkv_rope(
     t = _check(qkv, positions, n_heads, n_kv_heads, head_dim)
     if not kernel_supported(qkv, head_dim):
         raise ValueError(f"qkv_rope kernel: needs fp16/bf16 and even D <= {MAX_D}, got {qkv.dtype}, D={head_dim}")
+    if paired and head_dim % 16:
+        raise ValueError(f"qkv_rope kernel: the paired layout needs D % 16 == 0, got D={head_dim}")
     if positions.dtype != mx.int32:
         positions = positions.astype(mx.int32)
     pairs = (n_heads + 2 * n_kv_heads) * (head_dim // 2)
@@ -166,7 +203,7 @@ def plan_qkv_rope(
         threadgroup=(min(THREADS, pairs), 1, 1),
         template=[
             ("T", qkv.dtype), ("D", head_dim), ("TRAD", bool(traditional)), ("HQ", n_heads),
-            ("HKV", n_kv_heads), *angle_template(base, scale),
+            ("HKV", n_kv_heads), *angle_template(base, scale), ("PAIRED", bool(paired)),
         ],
     )
     return (ROPE_SPEC if store is None else STORE_SPEC), launch
@@ -217,15 +254,20 @@ def qkv_rope(
     base: float,
     scale: float,
     traditional: bool,
+    paired: bool = False,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """(q [1, Hq, T, D], k [1, Hkv, T, D], v [1, Hkv, T, D]) from qkv [1, T, (Hq + 2*Hkv) * D],
     q and k rotated at positions [T]. One CUDA kernel when `backend.BACKEND == "cuda"` and
-    the dtype/D are covered (row-contiguous outputs), else `qkv_rope_ref`."""
+    the dtype/D are covered (row-contiguous outputs), else `qkv_rope_ref`. paired: qkv's
+    q and k heads are in `rope_pair_order` (the kernel reads them so; the twin gets them back
+    in order first)."""
     kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, base=base, scale=scale,
               traditional=traditional)
     if backend.BACKEND == "cuda" and kernel_supported(qkv, head_dim):
-        q, k, v = kspec.run(*plan_qkv_rope(qkv, positions, **kw))
+        q, k, v = kspec.run(*plan_qkv_rope(qkv, positions, paired=paired, **kw))
         return q, k, v
+    if paired:
+        qkv = unpair(qkv, n_heads, n_kv_heads, head_dim, traditional)
     return qkv_rope_ref(qkv, positions, **kw)
 
 
@@ -244,6 +286,7 @@ def qkv_rope_store(
     traditional: bool,
     where: slice | None = None,
     in_place: bool = True,
+    paired: bool = False,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """`qkv_rope`, then the K/V write: returns (q, keys, values) where the cache buffers
     keys/values [1, Hkv, cells, D] hold token t's k and v at cell cells[t].
@@ -254,16 +297,16 @@ def qkv_rope_store(
     attention kernel is such a launch. Prefill's SDPA, or copies made of strided slices, are not,
     so callers pass in_place=False there. Then qkv_rope runs, followed by a slice update when
     `where` (the same cells as a slice) is given, else a scatter. Callers must keep what is
-    returned, which is correct for both."""
+    returned, which is correct for both. paired: as in `qkv_rope`."""
     kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, base=base, scale=scale,
               traditional=traditional)
     if (in_place and backend.BACKEND == "cuda" and kernel_supported(qkv, head_dim)
             and keys.dtype == qkv.dtype):
-        (q,) = kspec.run(*plan_qkv_rope(qkv, positions, store=(cells, keys, values), **kw))
+        (q,) = kspec.run(*plan_qkv_rope(qkv, positions, store=(cells, keys, values), paired=paired, **kw))
         return q, keys, values
     t = _check(qkv, positions, n_heads, n_kv_heads, head_dim)
     _check_store(qkv, cells, keys, values, t, n_kv_heads, head_dim)
-    return _store(qkv_rope(qkv, positions, **kw), cells, keys, values, where)
+    return _store(qkv_rope(qkv, positions, paired=paired, **kw), cells, keys, values, where)
 
 
 def qkv_rope_store_ref(qkv, positions, cells, keys, values, *, where=None, in_place=True, **kw):

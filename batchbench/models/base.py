@@ -40,6 +40,15 @@ class QKVProjection:
     def fused(self):
         return self.attn.get("qkv_proj")
 
+    def paired(self, rope: dict) -> mx.array | None:
+        """The projection with q and k in rope_pair_order, as the fused layer stores it when
+        its layout matches `rope` (qkv_rope reads it so); None otherwise."""
+        f = self.fused
+        layout = (rope["n_heads"], rope["n_kv_heads"], rope["head_dim"], bool(rope["traditional"]))
+        if f is None or getattr(f, "rope_layout", None) != layout:
+            return None
+        return f.fused(self.x, self.norm, stored_order=True)
+
 
 def masked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
     """Plain matmul + softmax attention (`-fa off`); GQA by reshaping, never repeating K/V."""

@@ -53,10 +53,12 @@ def rope_case(
     scale: float = 1.0,
     max_pos: int = 100000,
     store_cells: int = 0,
+    paired: bool = False,
 ) -> Case:
     """qkv_rope's CUDA kernel on random qkv and random (non-contiguous) positions.
     store_cells > 0: the storing variant, writing k and v into random cache buffers of that
-    many cells at random distinct cells (the other cells must stay as they were)."""
+    many cells at random distinct cells (the other cells must stay as they were).
+    paired: the kernel reads q and k heads in rope_pair_order (the fused projection's order)."""
     width = (n_heads + 2 * n_kv_heads) * head_dim
     qkv = mx.array(rng.standard_normal((1, t, width)).astype(np.float32)).astype(dtype)
     pos = rng.choice(max_pos, size=t, replace=False).astype(np.int32)
@@ -76,7 +78,11 @@ def rope_case(
         want = np.concatenate([q_ref.ravel(), after[0].ravel(), after[1].ravel()])
     else:
         want = np.concatenate([a.ravel() for a in (q_ref, k_ref, v_ref)])
-    kspec, launch = R.plan_qkv_rope(qkv, mx.array(pos), store=store, **kw)
+    qkv_in = qkv
+    if paired:
+        order = mx.array(R.rope_pair_order(n_heads, n_kv_heads, head_dim, traditional), dtype=mx.int32)
+        qkv_in = mx.take(qkv, order, axis=-1)
+    kspec, launch = R.plan_qkv_rope(qkv_in, mx.array(pos), store=store, paired=paired, **kw)
 
     def run(execute: Executor) -> np.ndarray:
         outs, after = execute(kspec, launch)
@@ -87,7 +93,7 @@ def rope_case(
     name = (
         f"rope-cuda-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-D{head_dim}-Hq{n_heads}-Hkv{n_kv_heads}"
         f"-T{t}-{'trad' if traditional else 'half'}-pos{max_pos}"
-        f"{f'-store{store_cells}' if store_cells else ''}"
+        f"{f'-store{store_cells}' if store_cells else ''}{'-paired' if paired else ''}"
     )
     return Case(name, [(kspec, launch)], run, want, rope_tolerance(x, pos, scale, dtype))
 
@@ -199,6 +205,9 @@ def rope_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
     ]
     # the storing variant (decode K/V write in place), one case in the quick set too
     specs.append(dict(t=5, dtype=mx.bfloat16, n_heads=8, n_kv_heads=2, head_dim=128, store_cells=37))
+    # q/k read in the fused projection's pair order (prefill after the paired projection)
+    specs.append(dict(t=6, dtype=mx.float16, n_heads=7, n_kv_heads=1, head_dim=128, paired=True))
+    specs.append(dict(t=3, dtype=mx.bfloat16, traditional=True, head_dim=64, paired=True, store_cells=20))
     if quick:
         specs = specs[::3] + specs[-1:]
     else:

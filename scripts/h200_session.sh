@@ -38,6 +38,20 @@ for what in "$@"; do
             -ntg 32 -npl "${NPL:-1,2,4,32}" -fa on --csv "$R/scaling-quick${TAG:+-$TAG}.csv" ;;
     tune-small) part "qmm-tune-small" 200 env OUT="$R" TUNE_GRID=small TUNE_M="${TUNE_M:-1,32}" TUNE_BUDGET_S=170 \
             python3 scripts/h200_qmm_tune.py ;;
+    # bench-attention at small B under launch-geometry settings (the kernel's env knobs)
+    attn-sweep) for v in "BB_ATTN_WAVE=1" "BB_ATTN_WAVE=0.5" "BB_ATTN_WAVE=2" "BB_ATTN_STAGES=3" \
+                         "BB_ATTN_WARPS=2 BB_ATTN_STAGES=4" "BB_ATTN_WARPS=8 BB_ATTN_STAGES=1"; do
+          part "attn-sweep-$(echo "$v" | tr ' =' '_-')" 60 env $v python3 -m batchbench bench-attention \
+            --b "${ATTN_B:-1,2,8}" --ctx 4096 --variants list,model
+        done ;;
+    attention-table) part attention-table 200 python3 -m batchbench bench-attention --b 2,3,8,32 \
+            --ctx 4096,8192 --out "$R/attention-table.md" ;;
+    # the preset exported as Q4_0 GGUF, then the quick scaling sweep on the file
+    gguf) part gguf-export 90 python3 -m batchbench export-gguf --preset qwen2.5-7b --type q4_0 /tmp/bb-7b-q4_0.gguf
+          part gguf-scaling-quick 180 python3 -m batchbench -m /tmp/bb-7b-q4_0.gguf -c 140000 -npp 4096 -ntg 32 \
+            -npl "${NPL:-1,2,4,32}" -fa on --csv "$R/gguf-scaling-quick.csv" ;;
+    qmm-step) part qmm-step 220 env OUT="$R" QMM_SECTIONS=kernels,decode,profile QMM_BUDGET_S=200 \
+            python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck attention qmm tune tune-small overhead ops seed scaling scaling-quick profile)" ;;
   esac
 done

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -120,8 +122,34 @@ def _sync(x: mx.array | None) -> None:
     mx.synchronize()
 
 
+# Python's cyclic garbage collector stays off while a config is timed, as `timeit` does: a
+# full collection over the model's and MLX's objects takes milliseconds, and a decode step
+# at B <= 4 takes ~3.5 ms. BATCHBENCH_GC=1 keeps it on (A/B runs).
+KEEP_GC = os.environ.get("BATCHBENCH_GC") == "1"
+
+
+@contextlib.contextmanager
+def _no_gc():
+    if KEEP_GC:
+        yield
+        return
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def run_config(runner: Runner, rng, n_vocab: int, pp: int, tg: int, pl: int, p: BenchParams):
     """One (pp, tg, pl) config; returns (t_pp, t_tg) in llama.cpp's float32 seconds."""
+    with _no_gc():
+        return _run_config(runner, rng, n_vocab, pp, tg, pl, p)
+
+
+def _run_config(runner: Runner, rng, n_vocab: int, pp: int, tg: int, pl: int, p: BenchParams):
     cache = runner.cache
     n_seqs = 1 if p.is_pp_shared else pl
     tokens = rng.integers(0, n_vocab, n_seqs * pp)

@@ -194,6 +194,31 @@ def test_prepare_ahead_keeps_every_step_and_overlaps_the_wait(model, monkeypatch
     assert ev_ref[ev_ref.index("sync") + 1:].count("sync") == 0  # decode() waits inside
 
 
+@pytest.mark.parametrize("keep_gc", [False, True])
+def test_timed_config_runs_without_the_garbage_collector(model, monkeypatch, keep_gc):
+    """Python's cyclic collector is off while a config is timed (as timeit does), on again
+    afterwards, also when the config fails; BATCHBENCH_GC=1 (KEEP_GC) leaves it alone."""
+    import gc
+
+    from batchbench import bench
+
+    monkeypatch.setattr(bench, "KEEP_GC", keep_gc)
+    r = new_runner(model, 2)
+    seen = []
+    real = r.decode
+    r.decode = lambda *a, **k: (seen.append(gc.isenabled()), real(*a, **k))[1]
+    real_submit = r.submit
+    r.submit = lambda *a, **k: (seen.append(gc.isenabled()), real_submit(*a, **k))[1]
+    p = bench.BenchParams(n_ctx=512, npp=[8], ntg=[2], npl=[2])
+    assert gc.isenabled()
+    bench.run_config(r, np.random.default_rng(1), model.args.vocab_size, 8, 2, 2, p)
+    assert len(seen) >= 3 and set(seen) == {keep_gc} and gc.isenabled()
+    r.submit = lambda *a, **k: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        bench.run_config(r, np.random.default_rng(1), model.args.vocab_size, 8, 2, 2, p)
+    assert gc.isenabled()
+
+
 @pytest.mark.parametrize("npl", [[1], [2, 3], [32]])
 def test_warmup_scatters_live_rows_once(model, monkeypatch, npl):
     """The warmup takes every decode path a timed row can take, including the device scatter

@@ -212,33 +212,37 @@ def test_rope_ordered_projection_gives_the_layers_outputs(bias):
     assert "_unorder" not in dict(ordered) and "rope_layout" not in dict(ordered)  # not parameters
 
 
-@pytest.mark.parametrize("decode,flash,fused", [(True, True, True), (False, True, False), (True, False, False)])
-def test_projection_rope_and_cache_write_are_one_launch_in_flash_decode(cuda_dispatch, decode, flash, fused):
+@pytest.mark.parametrize("decode,flash,fused,n_seq", [(True, True, True, 2), (False, True, False, 2),
+                                                   (True, False, False, 2), (True, True, False, 80)])
+def test_projection_rope_and_cache_write_are_one_launch_in_flash_decode(cuda_dispatch, decode, flash, fused,
+                                                                         n_seq):
     """On the in-place decode path the q/k/v projection's kernel rotates and writes the cache
-    itself (one launch, no RoPE kernel); elsewhere the projection comes back in the layers'
-    order and the RoPE kernel follows."""
+    itself (one launch, no RoPE kernel); elsewhere (prefill, -fa off, more decode rows than the
+    matmul kernel takes) the RoPE kernel follows, reading q/k in the stored pair order."""
     from batchbench.kv_cache import KVCache
     from batchbench.models.base import QKVProjection
 
     attn, _, ordered, _ = _rope_fused_attention(True)
     attn.qkv_proj = ordered
-    c = KVCache(1, 2, 64, 256, 2, True, mx.float16)
-    t = 2 if decode else 40
-    seq = np.arange(2) if decode else np.repeat(np.arange(2), 20)
-    pos = np.full(2, 0) if decode else np.tile(np.arange(20), 2)
+    c = KVCache(1, 2, 64, 256 if n_seq <= 2 else 1024, n_seq, True, mx.float16)
+    t = n_seq if decode else 40
+    seq = np.arange(n_seq) if decode else np.repeat(np.arange(2), 20)
+    pos = np.full(n_seq, 0) if decode else np.tile(np.arange(20), 2)
     c.prepare(seq, pos, None, flash=flash)
     x = mx.zeros((1, t, 256), mx.float16)
     del cuda_dispatch[:]  # the mask kernel of prepare
     q, keys, _ = c.layers[0].store_qkv(QKVProjection(attn, x), mx.arange(t, dtype=mx.int32), attn.rope)
     names = [s.name for s, _ in cuda_dispatch]
-    assert q.shape == (1, 4, t, 64) and keys.shape == (1, 2, 256, 64)
+    assert q.shape == (1, 4, t, 64) and keys.shape == (1, 2, c.n_cells, 64)
     if fused:
         assert names == ["bb_qmm_b_rope"], names
         launch = cuda_dispatch[0][1]
         assert launch.inputs[-2] is keys and launch.output_shapes == [(1, 4, t, 64)]
     else:
-        assert names[0] == "bb_qmm_b" and names[-1].startswith("bb_qkv_rope"), names
+        # M <= 64: our matmul, then the RoPE kernel; more rows: MLX's matmul, then the RoPE kernel
+        assert names[-1].startswith("bb_qkv_rope") and names[:-1] == (["bb_qmm_b"] if t <= 64 else []), names
         assert ("PAIRED", True) in cuda_dispatch[-1][1].template  # reads the stored order, no gather
+        assert names[-1] == ("bb_qkv_rope_store" if decode and flash else "bb_qkv_rope")
 
 
 @pytest.mark.parametrize("traditional", [False, True])

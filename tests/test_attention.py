@@ -201,3 +201,24 @@ def test_live_packing_is_reused_across_layers():
     b = A.pack_live_blocks((blocks, counts))
     assert a is b and a.shape == (2, 8)
     assert np.array(a)[0, 2:].tolist() == [-1] * 6
+
+
+def test_bench_chain_in_compiled_segments_equals_the_plain_chain():
+    """bench-attention's "model" chain runs the layers as the decode step does (compiled
+    segments, each submitted before the next): same result as layer by layer, every layer
+    index used once (7 layers in segments of 3: 3 + 3 + 1)."""
+    from batchbench import bench_attention as ba
+
+    seen = []
+
+    def step(x, i):
+        seen.append(i)
+        return x * 0.5 + float(i)
+
+    q0 = mx.array([1.0, 2.0])
+    plain = ba._chain(step, q0, 7)()
+    assert seen == list(range(7))
+    seen.clear()
+    segmented = ba._chain(step, q0, 7, 3)()
+    assert seen == list(range(7))  # traced once per segment
+    assert mx.allclose(plain, segmented).item() and not mx.allclose(plain, q0).item()

@@ -51,7 +51,15 @@ def candidates(m: int, n: int, k: int):
         if k > 8192:
             for s_ in (1, 3):
                 c = replace(d, s=s_)
-                yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // s_))
+                if c.smem(k, 4) <= 220 * 1024:  # else the launch fails (one block's shared memory)
+                    yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // s_))
+        if d.mt >= 4 and d.s > 2:
+            # four token tiles hold one block per SM (registers), so the x slice may use most of
+            # the SM's shared memory: fewer K-slices, fewer fp32 partials to reduce
+            for s_ in sorted({max(2, d.s // 2), 2}):
+                c = replace(d, s=s_, blocks=-(-qmm.sm_count() // s_))
+                if c.smem(k, 4) <= 220 * 1024:
+                    yield c
         return
     tiles = ([(1, 8, 4), (1, 8, 8), (1, 4, 8), (2, 4, 4), (2, 4, 8), (4, 2, 4), (4, 2, 8), (2, 2, 8)]
              if d.mt < 4 else [(4, 2, 3), (4, 2, 2), (2, 4, 2), (2, 4, 3), (8, 1, 2), (4, 1, 3)])

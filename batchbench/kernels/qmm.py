@@ -36,7 +36,7 @@ import mlx.nn as nn
 
 from batchbench import backend
 from batchbench.kernels import spec as kspec
-from batchbench.kernels.rope import angle_template, rope_pair_order  # noqa: F401 (rope_pair_order: re-export)
+from batchbench.kernels.rope import ROPE_HEADER, angle_template, inverse_order, rope_pair_order  # noqa: F401 (rope_pair_order: re-export)
 from batchbench.kernels.spec import KernelSpec, Launch
 
 MAX_M = 64
@@ -362,7 +362,7 @@ __device__ __forceinline__ float qmm_sumsq8(uint4 v) {
 //   or k head holds 8 rotation pairs, v heads keep their order). The pair is rotated and
 //   written to q [HQ, M, D], or k / v into the cache buffers [HKV, nc, D] at cells[m], in
 //   place (the buffers come in as inputs: see qkv_rope_store in batchbench/kernels/rope.py).
-//   The same fp32 steps as the separate kernel (bbrope::qkv_rope).
+//   The rotation is the separate kernel's (bbrope::rotate; the RoPE header comes first).
 // - QmmGluPair: the gate/up projection (rows in qmm.glu_pair_order: tile t holds gate rows
 //   8t..8t+7, then the same up rows). The pair gives silu(gate) * up in fp32, one rounding,
 //   as qmm_glu8: out is [M, N/2], the down projection's input.
@@ -399,12 +399,7 @@ struct QmmRopeCfg {
       const int i = jt * 8 + rr;
       dlo = TRAD ? 2 * i : i;
       dhi = TRAD ? 2 * i + 1 : i + P;
-      const float inv_freq = exp2f(-((float)i / (float)P) * rp.log2_base);
-      const float theta = (rp.scale * (float)rp.pos[m]) * inv_freq;
-      const float c = cosf(theta), s = sinf(theta);
-      const float a = lo * c - hi * s, b = lo * s + hi * c;
-      lo = a;
-      hi = b;
+      bbrope::rotate(lo, hi, i, P, rp.pos[m], rp.log2_base, rp.scale);
       dst = h < HQ ? q + ((size_t)h * M + m) * D : rp.kc + ((size_t)(h - HQ) * rp.nc + rp.cells[m]) * D;
     } else {
       dlo = jt * 16 + rr;
@@ -727,7 +722,8 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
 
 #endif  // BB_QMM_HEADER
 """
-QMM_HEADER = kspec.compact(QMM_HEADER)  # MLX hashes the source on every launch
+# MLX hashes the source on every launch: compacted. The RoPE epilogue uses bbrope::rotate.
+QMM_HEADER = ROPE_HEADER + kspec.compact(QMM_HEADER)
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"
@@ -1346,10 +1342,7 @@ class FusedQuantizedLinear(nn.Module):
             for name in ("weight", "scales", "biases", "bias"):
                 if name in self:
                     self[name] = mx.take(self[name], ix, axis=0)
-            unorder = [0] * len(order)
-            for j, i in enumerate(order):
-                unorder[i] = j
-            object.__setattr__(self, "_unorder", mx.array(unorder, dtype=mx.int32))
+            object.__setattr__(self, "_unorder", inverse_order(order))
         mx.eval(self.parameters())
         self.freeze()
 

@@ -38,6 +38,19 @@ __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float
 __device__ __forceinline__ void from_f(float f, __half* o) { *o = __float2half_rn(f); }
 __device__ __forceinline__ void from_f(float f, __nv_bfloat16* o) { *o = __float2bfloat16_rn(f); }
 
+// Rotates the pair (x1, x2), pair i of P = D/2, at position pos: the same fp32 steps as
+// mlx/backend/cuda/rope.cu (full-range sinf/cosf: theta reaches ~1e5). The q/k/v matmul's
+// RoPE epilogue (bbqmm::QmmRopeCfg) calls it too.
+__device__ __forceinline__ void rotate(float& x1, float& x2, const int i, const int P, const int pos,
+                                       const float log2_base, const float scale) {
+  const float inv_freq = exp2f(-((float)i / (float)P) * log2_base);
+  const float theta = (scale * (float)pos) * inv_freq;
+  const float c = cosf(theta), s = sinf(theta);
+  const float a = x1 * c - x2 * s, b = x1 * s + x2 * c;
+  x1 = a;
+  x2 = b;
+}
+
 // Thread (x, y): pair i of head h (q heads, then k heads, then v heads) of token y.
 // Pairs are (i, i + D/2), or (2i, 2i + 1) when TRAD. v pairs are copied unrotated.
 // STORE: k and v are the layer's cache buffers [Hkv, nc, D]; token y's rows go to cell
@@ -68,13 +81,10 @@ __device__ __forceinline__ void qkv_rope(const T* __restrict__ qkv, const int32_
     return;
   }
   T* o = h < HQ ? q + ((size_t)h * n_tok + t) * D : k + ((size_t)(h - HQ) * rows + row) * D;
-  // Same fp32 steps as mlx/backend/cuda/rope.cu (full-range sinf/cosf: theta reaches ~1e5).
-  const float inv_freq = exp2f(-((float)i / (float)P) * log2_base);
-  const float theta = (scale * (float)positions[t]) * inv_freq;
-  const float c = cosf(theta), s = sinf(theta);
-  const float x1 = to_f(x[j1]), x2 = to_f(x[j2]);
-  from_f(x1 * c - x2 * s, o + i1);
-  from_f(x1 * s + x2 * c, o + i2);
+  float x1 = to_f(x[j1]), x2 = to_f(x[j2]);
+  rotate(x1, x2, i, P, positions[t], log2_base, scale);
+  from_f(x1, o + i1);
+  from_f(x2, o + i2);
 }
 
 }  // namespace bbrope
@@ -127,13 +137,17 @@ def rope_pair_order(n_heads: int, n_kv_heads: int, head_dim: int, traditional: b
     return order + list(range((n_heads + n_kv_heads) * d, (n_heads + 2 * n_kv_heads) * d))
 
 
-@functools.lru_cache(maxsize=None)
-def _unpair_index(n_heads: int, n_kv_heads: int, head_dim: int, traditional: bool) -> mx.array:
-    order = rope_pair_order(n_heads, n_kv_heads, head_dim, traditional)
+def inverse_order(order: list[int]) -> mx.array:
+    """The gather index that puts rows stored in `order` (new row j = old row order[j]) back."""
     unorder = [0] * len(order)
     for j, i in enumerate(order):
         unorder[i] = j
     return mx.array(unorder, dtype=mx.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _unpair_index(n_heads: int, n_kv_heads: int, head_dim: int, traditional: bool) -> mx.array:
+    return inverse_order(rope_pair_order(n_heads, n_kv_heads, head_dim, traditional))
 
 
 def unpair(qkv: mx.array, n_heads: int, n_kv_heads: int, head_dim: int, traditional: bool) -> mx.array:

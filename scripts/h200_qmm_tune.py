@@ -34,6 +34,20 @@ COPY_BW = float(os.environ.get("COPY_BW", "3.3e12"))
 def candidates(m: int, n: int, k: int):
     """choose_config's pick plus a targeted set of neighbours (each new template is a compile)."""
     d = qmm.choose_config(m, n, k, 4)
+    if os.environ.get("TUNE_GRID") == "ring":
+        # the register pipeline (default) against the cp.async ring with 4, 6, 8 slots per warp,
+        # each with the persistent grid sized for its registers and shared memory; with four
+        # token tiles also half the K-slices (one block per SM holds a larger x slice)
+        yield d
+        for ns in (4, 6, 8):
+            c = replace(d, ns=ns)
+            if c.smem(k, 4) <= 220 * 1024:
+                yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // c.s))
+        if d.mt >= 4 and d.s > 2:
+            c = replace(d, ns=4, s=max(2, d.s // 2))
+            if c.smem(k, 4) <= 220 * 1024:
+                yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // c.s))
+        return
     if os.environ.get("TUNE_GRID") == "small":
         # choose_config's pick; one block per tile (no persistence); other persistent grid
         # sizes (a grid change is no recompile); the other load depth; down: other K-slices.
@@ -145,11 +159,14 @@ def main():
             default = qmm.choose_config(m, n, k, 4)
             if default not in cfgs:
                 cfgs.append(default)
-            cfgs.append(Variant(default, lop3=not qmm._lop3(default, n, k)))  # the other dequantization
-            if name in ("qkv", "gate_up") and default.s == 1:
-                cfgs.append(Variant(default, norm=True))
-            if name == "gate_up":  # the model's gate/up launch: silu(gate) * up as the epilogue
-                cfgs.append(Variant(default, glu_pair=True))
+            if os.environ.get("TUNE_GRID") == "ring":
+                pass  # the pipelines only
+            else:
+                cfgs.append(Variant(default, lop3=not qmm._lop3(default, n, k)))  # the other dequantization
+                if name in ("qkv", "gate_up") and default.s == 1:
+                    cfgs.append(Variant(default, norm=True))
+                if name == "gate_up":  # the model's gate/up launch: silu(gate) * up as the epilogue
+                    cfgs.append(Variant(default, glu_pair=True))
             if time.time() - t_start > BUDGET_S:
                 print(f"{name:8s} M={m:<3d} skipped: time budget spent")
                 continue

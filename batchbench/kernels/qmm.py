@@ -75,6 +75,37 @@ __device__ __forceinline__ uint4 qmm_ld_stream(const uint32_t* p) {
 #endif
 }
 
+// Asynchronous copies into shared memory (the ring pipeline, NS > 0): 16 bytes of weights
+// (L1 bypassed, L2 fetching 256-byte runs as qmm_ld_stream), or SB = 4 / 8 bytes of scales.
+template <int SB>
+__device__ __forceinline__ void qmm_cp_async(void* dst, const void* src) {
+#ifdef BB_PORTABLE
+  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int i = 0; i < SB / 4; ++i) d[i] = s[i];
+#else
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  if constexpr (SB == 16) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(a), "l"(src) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(a), "l"(src), "n"(SB) : "memory");
+  }
+#endif
+}
+
+__device__ __forceinline__ void qmm_cp_commit() {
+#ifndef BB_PORTABLE
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void qmm_cp_wait() {
+#ifndef BB_PORTABLE
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
 // Byte permute (PRMT): result byte i = byte sel[4i..4i+3] of the 8-byte value {b, a}.
 __device__ __forceinline__ uint32_t qmm_prmt(uint32_t a, uint32_t b, uint32_t sel) {
 #ifdef BB_PORTABLE
@@ -431,7 +462,9 @@ struct QmmStage {
 
 // T: activation dtype; BITS 4|8; GS group size; MT token tiles of 8 (M <= 8*MT);
 // WN x WK warps per block (features x K); P chunks per load stage, two stages in flight
-// (the next P chunks load while the current ones are multiplied). Runtime: M, and the
+// (the next P chunks load while the current ones are multiplied); NS > 0 instead streams
+// weights, scales and biases through a ring of NS one-chunk slots per warp in shared memory
+// (cp.async, NS - 1 chunks in flight without holding registers; the ring runs on across tiles). Runtime: M, and the
 // weight shape N x K (N % (16*WN) == 0, K % (512/BITS) == 0, checked by the launcher);
 // gridDim.y = S K-slices. The block walks feature tiles blockIdx.x, + gridDim.x, ...: x is
 // staged (and normalized) once per block, and the first loads of the next tile are in flight
@@ -442,7 +475,7 @@ struct QmmStage {
 // and K % 256 == 0 (a warp's 32 staging granules then lie in one row).
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
 // E: QmmPlain, or a pair epilogue (QmmRopeCfg, QmmGluPair) that stores rows n and n + 8 together.
-template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, bool SPLIT, bool HAS_BIAS,
+template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, bool SPLIT, bool HAS_BIAS,
           bool HAS_RES, bool GLU, bool NORM, int DQ, typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
@@ -460,6 +493,11 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   constexpr int MP = 8 * MT;
   constexpr int RS = BN + 4;                // reduction row stride: conflict-free fragment stores
   static_assert(GS % KT == 0, "qmm: group smaller than a lane's 16 bytes");
+  // Ring slot: the warp's 32 x 16 bytes of rows g, then of rows g + 8, then scales and biases
+  // of its 16 rows (SB bytes each: the chunk's groups).
+  constexpr int SB = NS > 0 ? (CK / GS) * 2 : 0;
+  constexpr int SLOTB = 1024 + 32 * SB;
+  static_assert(NS == 0 || (CK % GS == 0 && (SB == 4 || SB == 8 || SB == 16)), "qmm: ring needs 4-16 scale bytes per chunk");
   const int S = gridDim.y;
   const int NCH = K / CK;
   const int NCHS = (NCH + S - 1) / S;       // most chunks in one K-slice
@@ -468,7 +506,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   const int NG = K / GS;
   const int NTILE = N / BN;
 
-  // smem: x slice [M rows x XS halves], then the reduction area [WK * MP x RS floats].
+  // smem: x slice [M rows x XS halves], the reduction area [WK * MP x RS floats], the rings.
   extern __shared__ uint4 qmm_smem[];
   uint16_t* xs = reinterpret_cast<uint16_t*>(qmm_smem);
   float* red = reinterpret_cast<float*>(xs + M * XS);
@@ -515,9 +553,37 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   QmmStage<P> sA, sB;
   int tile = blockIdx.x;
   if (tile >= NTILE) return;
+
+  unsigned char* ring = reinterpret_cast<unsigned char*>(red + WK * MP * RS) + wid * NS * SLOTB;
+  int ptile = wc1 > wc0 ? tile : NTILE, pc = wc0;  // the next chunk the ring requests
+  auto request = [&](int slot) {
+    if constexpr (NS > 0) {
+      if (ptile < NTILE) {
+        const int r0 = ptile * BN + wn * 16 + g;
+        const uint32_t* src = w + (size_t)r0 * KW + t * (KT * BITS / 32) + (size_t)pc * (CK * BITS / 32);
+        unsigned char* d = ring + slot * SLOTB;
+        qmm_cp_async<16>(d + lane * 16, src);
+        qmm_cp_async<16>(d + 512 + lane * 16, src + (size_t)8 * KW);
+        // lane t copies scales (t even) or biases (t odd) of row g (t < 2) or g + 8
+        const T* sbase = (t & 1) ? biases : scales;
+        qmm_cp_async<SB>(d + 1024 + ((g + 8 * (t >> 1)) * 2 + (t & 1)) * SB,
+                         sbase + (size_t)(r0 + 8 * (t >> 1)) * NG + (size_t)pc * (CK / GS));
+        if (++pc == wc1) {
+          pc = wc0;
+          ptile += gridDim.x;
+        }
+      }
+      qmm_cp_commit();
+    }
+  };
   // First weights in flight before the x staging and the barrier.
-  at_tile(tile);
-  load(sA, wc0);
+  if constexpr (NS > 0) {
+#pragma unroll
+    for (int i = 0; i < NS - 1; ++i) request(i);
+  } else {
+    at_tile(tile);
+    load(sA, wc0);
+  }
 
   {  // stage this K-slice of x (all M rows) in smem, 16-byte granules, swizzled for 4-bit
     const int gpr = nch * CK / 8;
@@ -558,20 +624,19 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
 
   float acc[MT][4];
 
-  auto compute = [&](const QmmStage<P>& st, int c0) {
-#pragma unroll
-    for (int p = 0; p < P; ++p) {
-      const int c = c0 + p;
-      if (c < wc1) {
-        const uint32_t s0 = qmm_dup16(st.sa[p]), b0 = qmm_dup16(st.ba[p]);
-        const uint32_t s1 = qmm_dup16(st.sb[p]), b1 = qmm_dup16(st.bb[p]);
+  // One chunk c: rows g (wa, scale sa, bias ba) and g + 8 (wb, sb, bb) times the staged x.
+  auto mul = [&](const uint4 wa, const uint4 wb, const uint32_t sa, const uint32_t ba,
+                 const uint32_t sb, const uint32_t bb, const int c) {
+      {
+        const uint32_t s0 = qmm_dup16(sa), b0 = qmm_dup16(ba);
+        const uint32_t s1 = qmm_dup16(sb), b1 = qmm_dup16(bb);
         uint32_t s0h = 0u, s1h = 0u;
         if constexpr (LOP3) {
           s0h = qmm_scale16(s0);
           s1h = qmm_scale16(s1);
         }
-        const uint32_t u0[4] = {st.wa[p].x, st.wa[p].y, st.wa[p].z, st.wa[p].w};
-        const uint32_t u1[4] = {st.wb[p].x, st.wb[p].y, st.wb[p].z, st.wb[p].w};
+        const uint32_t u0[4] = {wa.x, wa.y, wa.z, wa.w};
+        const uint32_t u1[4] = {wb.x, wb.y, wb.z, wb.w};
         const int jc = (c - cs0) * (CK / 8);  // the chunk's first x granule
         if constexpr (BITS == 4) {
 #pragma unroll
@@ -613,22 +678,49 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
           }
         }
       }
+  };
+  auto compute = [&](const QmmStage<P>& st, int c0) {
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      if (c0 + p < wc1) mul(st.wa[p], st.wb[p], st.sa[p], st.ba[p], st.sb[p], st.bb[p], c0 + p);
     }
   };
+  // The ring's chunk c in `slot`: this lane's own 2 x 16 bytes, its row's scale and bias.
+  auto take = [&](const int slot, const int c) {
+    const unsigned char* d = ring + slot * SLOTB;
+    const uint4 wa = *reinterpret_cast<const uint4*>(d + lane * 16);
+    const uint4 wb = *reinterpret_cast<const uint4*>(d + 512 + lane * 16);
+    const uint16_t* sc = reinterpret_cast<const uint16_t*>(d + 1024);
+    const int q = t * KT / GS;  // the lane's group within the chunk
+    mul(wa, wb, sc[(g * 2) * (SB / 2) + q], sc[(g * 2 + 1) * (SB / 2) + q],
+        sc[((g + 8) * 2) * (SB / 2) + q], sc[((g + 8) * 2 + 1) * (SB / 2) + q], c);
+  };
+  int slot = 0;  // the ring slot of the next chunk to multiply
 
   for (;;) {
     const int n0 = tile * BN;
 #pragma unroll
     for (int tt = 0; tt < MT; ++tt) acc[tt][0] = acc[tt][1] = acc[tt][2] = acc[tt][3] = 0.f;
-    // Two stages: while one stage's chunks are multiplied, the next stage's loads are in flight.
-    for (int c0 = wc0; c0 < wc1; c0 += 2 * P) {
-      load(sB, c0 + P);
-      compute(sA, c0);
-      load(sA, c0 + 2 * P);
-      compute(sB, c0 + P);
+    if constexpr (NS > 0) {
+      for (int c = wc0; c < wc1; ++c) {
+        __syncwarp();  // every lane is done with the slot refilled now (multiplied last step)
+        request(slot == 0 ? NS - 1 : slot - 1);
+        qmm_cp_wait<NS - 1>();
+        __syncwarp();  // the other lanes' scales and biases have landed
+        take(slot, c);
+        slot = slot + 1 == NS ? 0 : slot + 1;
+      }
+    } else {
+      // Two stages: while one stage's chunks are multiplied, the next stage's loads are in flight.
+      for (int c0 = wc0; c0 < wc1; c0 += 2 * P) {
+        load(sB, c0 + P);
+        compute(sA, c0);
+        load(sA, c0 + 2 * P);
+        compute(sB, c0 + P);
+      }
     }
     const int next = tile + gridDim.x;
-    if (next < NTILE) {  // the next tile's first weights load during this tile's reduction
+    if (NS == 0 && next < NTILE) {  // the next tile's first weights load during this tile's reduction
       at_tile(next);
       load(sA, wc0);
     }
@@ -726,7 +818,7 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
 QMM_HEADER = ROPE_HEADER + kspec.compact(QMM_HEADER)
 
 _SRC_MAIN = (
-    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"
+    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"
     " {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
     " w_shape[1] * 32 / BITS, {rope});"
 )
@@ -800,6 +892,8 @@ class QmmConfig:
     s: int  # K-slices over blocks (> 1: fp32 partials + reduce kernel)
     mrows: int  # x rows allocated in smem (power of two >= M)
     blocks: int = 0  # blocks along N per K-slice, each walking every blocks-th tile (0: one per tile)
+    ns: int = 0  # ring slots per warp (cp.async pipeline in shared memory); 0: register stages
+
 
     def xbytes(self, k: int, bits: int) -> int:
         """Shared memory of the staged x slice."""
@@ -808,8 +902,10 @@ class QmmConfig:
         return self.mrows * (-(-nch // self.s) * ck + (16 if bits == 4 else 8)) * 2
 
     def smem(self, k: int, bits: int) -> int:
-        """x slice and reduction area side by side (a block reduces one tile while x stays)."""
-        return self.xbytes(k, bits) + self.wk * 8 * self.mt * (16 * self.wn + 4) * 4
+        """x slice and reduction area side by side (a block reduces one tile while x stays),
+        then the warps' rings (slots of 1 KiB of weights and up to 256 bytes of scales)."""
+        return (self.xbytes(k, bits) + self.wk * 8 * self.mt * (16 * self.wn + 4) * 4
+                + self.wn * self.wk * self.ns * RING_SLOT)
 
     def grid_blocks(self, n: int) -> int:
         tiles = n // (16 * self.wn)
@@ -847,6 +943,16 @@ GLU_PAIR = os.environ.get("BB_QMM_GLU_PAIR", "1") == "1"
 # where `_lop3` finds it faster, or "prmt" (byte permutes of adjacent pairs) everywhere.
 DEQUANT_LOP3 = os.environ.get("BB_QMM_DQ", "lop3") == "lop3"
 SMEM_PER_SM = 227 * 1024
+# Ring pipeline (QmmConfig.ns): BB_QMM_RING=n gives every covered call n slots per warp.
+RING = int(os.environ.get("BB_QMM_RING", "0"))
+RING_SLOT = 1024 + 32 * 8  # bytes: weights of one chunk, scales and biases (<= 8 bytes a row)
+
+
+def ring_ok(bits: int, group_size: int) -> bool:
+    """The ring copies a row's scales of one chunk in one 4- to 16-byte cp.async: the chunk
+    (128 k at 4 bits, 64 at 8) must hold at least two whole groups."""
+    ck = 128 if bits == 4 else 64
+    return ck % group_size == 0 and ck // group_size >= 2
 
 
 def _resident_blocks(cfg: QmmConfig, k: int, bits: int) -> int:
@@ -855,7 +961,7 @@ def _resident_blocks(cfg: QmmConfig, k: int, bits: int) -> int:
     with two (two 256-thread blocks). Four token tiles take 166, which leaves one block per
     SM, not the two assumed here: Nsight Compute saw one (results/h200-2026-11-29-s5/run2-ncu.txt,
     M=32, 133 registers then); a grid sized for it is not measured yet (docs/perf-notes.md)."""
-    per_sm = 3 if (cfg.mt == 1 and cfg.p == 1) else 2
+    per_sm = 3 if (cfg.mt == 1 and (cfg.p == 1 or cfg.ns)) else 2  # the ring: ~72 registers at mt=1
     per_sm = max(1, min(per_sm, SMEM_PER_SM // (cfg.smem(k, bits) + 1024)))
     return per_sm * sm_count()
 
@@ -901,7 +1007,7 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
         wn, wk = wn // 2, wk * 2
     nch = k // (128 if bits == 4 else 64)
     p = _load_depth(m, mt, n, k, p)
-    cfg = QmmConfig(mt, wn, wk, p, 1, 1 << (m - 1).bit_length())
+    cfg = QmmConfig(mt, wn, wk, p, 1, 1 << (m - 1).bit_length(), ns=RING)
     while cfg.xbytes(k, bits) > SMEM_BUDGET and cfg.s < nch:
         cfg = replace(cfg, s=cfg.s + 1)
     warps = (n // (16 * wn)) * wn * wk
@@ -1038,6 +1144,8 @@ def plan_quantized_matmul(
             f"group_size={group_size} dtype={x.dtype}"
         )
     cfg = config or choose_config(m, n, k, bits)
+    if cfg.ns and not ring_ok(bits, group_size):
+        cfg = replace(cfg, ns=0)
     split = cfg.s > 1
     if norm is not None and (split or glu or k % 256):
         raise ValueError("quantized_matmul: the fused RMSNorm needs one K-slice, K % 256 == 0 and no glu")
@@ -1063,7 +1171,7 @@ def plan_quantized_matmul(
         threadgroup=(nt, 1, 1),
         template=[
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
-            ("WK", cfg.wk), ("P", cfg.p), ("SPLIT", split), ("DQ", 1 if (_lop3(cfg, n, k) if lop3 is None else lop3) else 0),
+            ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("SPLIT", split), ("DQ", 1 if (_lop3(cfg, n, k) if lop3 is None else lop3) else 0),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1]))] if norm is not None else [])
         + (rope.template() if rope_here else []),

@@ -202,11 +202,13 @@ def qmm_case(
     blocks: int = 0,
     lop3: bool = True,
     glu_pair: bool = False,
+    ns: int = 0,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
     glu_pair: w is [gate; up] (n/2 rows each) with its rows in glu_pair_order, and the
-    result is silu(x @ gate.T) * (x @ up.T) [m, n/2]."""
+    result is silu(x @ gate.T) * (x @ up.T) [m, n/2]. ns: ring slots per warp (the cp.async
+    pipeline; 0 keeps the register stages)."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -220,9 +222,9 @@ def qmm_case(
     rs = mx.array(rng.standard_normal((m, n)).astype(np.float32) * 4).astype(dtype) if res else None
     nw = mx.array(rng.uniform(0.5, 1.5, (k,)).astype(np.float32)).astype(dtype) if norm else None
     cfg = None
-    if split or blocks:
+    if split or blocks or ns:
         base = Q.choose_config(m, n, k, bits)
-        cfg = Q.QmmConfig(base.mt, base.wn, base.wk, base.p, split or base.s, base.mrows, blocks)
+        cfg = Q.QmmConfig(base.mt, base.wn, base.wk, base.p, split or base.s, base.mrows, blocks, ns)
     kspec, launch = Q.plan_quantized_matmul(
         "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
         norm=(nw, 1e-5) if norm else None, config=cfg,
@@ -258,6 +260,7 @@ def qmm_case(
         f"{'-split' + str(split) if split else ''}{'-bias' if bias else ''}"
         f"{'-res' if res else ''}{'-glu' if glu else ''}{'-norm' if norm else ''}"
         f"{'-blocks' + str(blocks) if blocks else ''}{'' if lop3 else '-prmt'}{'-glupair' if glu_pair else ''}"
+        f"{'-ring' + str(ns) if ns else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -284,7 +287,13 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         # gate/up with silu(gate) * up as the epilogue (rows paired), in-kernel and after a split K
         dict(m=3, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2),
         dict(m=10, bits=4, group_size=64, n=64, glu_pair=True, bias=True, split=2, dtype=mx.bfloat16),
+        # the cp.async ring: running on across the tiles of a persistent block (uneven share,
+        # warps with no chunk when K is short), after a split K, 8-bit, bf16, with epilogues
+        dict(m=1, bits=4, group_size=32, n=208, k=512, norm=True, blocks=3, ns=3),
+        dict(m=9, bits=8, group_size=32, n=160, k=512, res=True, blocks=4, ns=4, dtype=mx.bfloat16),
+        dict(m=33, bits=4, group_size=64, n=128, k=768, split=3, bias=True, ns=2, lop3=False),
+        dict(m=3, bits=4, group_size=32, n=96, glu_pair=True, blocks=2, ns=5),
     ]
-    if quick:
-        specs = specs[:2]
+    if quick:  # the first two, and the ring after a split K and across persistent tiles
+        specs = specs[:2] + [s for s in specs if s.get("ns") and (s.get("split") or s.get("blocks", 0) > 2)]
     return [qmm_case(rng, **s) for s in specs]

@@ -112,9 +112,30 @@ def test_configs_fit_the_gpu():
                 c = qmm.choose_config(m, n, k, bits)
                 assert n % (16 * c.wn) == 0 and 8 * c.mt >= m and c.mrows >= m
                 assert 1 <= c.s <= nch and 32 * c.wn * c.wk <= 1024
-                assert c.xbytes(k, bits) <= qmm.SMEM_BUDGET or c.s == nch
+                # the x slice keeps to the budget, except with the ring's halved K-slices
+                # (one block per SM) or when every slice is one chunk
+                assert c.xbytes(k, bits) <= qmm.SMEM_BUDGET or c.s == nch or (c.ns and c.mt == 4)
+                assert c.ns == 0 or qmm.ring_ok(bits, 32)
                 assert 0 <= c.blocks and c.grid_blocks(n) <= n // (16 * c.wn)
                 assert c.smem(k, bits) <= 227 * 1024
+
+
+def test_ring_where_measured_and_dropped_for_large_groups():
+    wide = qmm.choose_config(32, 37888, 3584, 4)
+    assert wide.ns == 4 and wide.s == 2  # the H200's pick for wide matrices at M=32
+    assert qmm.choose_config(1, 37888, 3584, 4).ns == 0  # slower at one token
+    assert qmm.choose_config(32, 3584, 18944, 4).ns == 0  # slower on the long-K down projection
+    assert qmm.ring_ok(4, 32) and qmm.ring_ok(4, 64) and qmm.ring_ok(8, 32)
+    assert not qmm.ring_ok(4, 128) and not qmm.ring_ok(8, 64)
+    # a group too large for the ring's scale copies: the plan falls back to register stages
+    x = mx.zeros((32, 3584), mx.float16)
+    w = mx.zeros((37888, 3584 // 8), mx.uint32)
+    sc = mx.zeros((37888, 3584 // 128), mx.float16)
+    _, launch = qmm.plan_quantized_matmul("cuda", x, w, sc, sc, group_size=128, bits=4)
+    assert dict(launch.template)["NS"] == 0
+    _, launch = qmm.plan_quantized_matmul("cuda", x, w, mx.zeros((37888, 112), mx.float16),
+                                          mx.zeros((37888, 112), mx.float16), group_size=32, bits=4)
+    assert dict(launch.template)["NS"] == 4
 
 
 def test_plan_rejects_uncovered():

@@ -945,6 +945,8 @@ DEQUANT_LOP3 = os.environ.get("BB_QMM_DQ", "lop3") == "lop3"
 SMEM_PER_SM = 227 * 1024
 # Ring pipeline (QmmConfig.ns): BB_QMM_RING=n gives every covered call n slots per warp.
 RING = int(os.environ.get("BB_QMM_RING", "0"))
+# ... else the ring where the H200 measured it faster (choose_config); BB_QMM_RING_WIDE=0: nowhere
+RING_WIDE = os.environ.get("BB_QMM_RING_WIDE", "1") == "1"
 RING_SLOT = 1024 + 32 * 8  # bytes: weights of one chunk, scales and biases (<= 8 bytes a row)
 
 
@@ -1019,6 +1021,14 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
         # 33 -> 31 us), but at M <= 2 the step is bound by the host and the reduce launch costs
         # more than it saves (S_TG at B=1 162 -> 188 t/s without it, results/h200-2026-11-29-s3)
         cfg = replace(cfg, s=2)
+    if RING_WIDE and not RING and cfg.mt == 4 and n >= _WIDE_N and cfg.s > 2:
+        # Wide matrices at four token tiles (one block per SM): the ring with half the K-slices
+        # (a larger x slice, fewer fp32 partials). H200, results/h200-2026-11-29-s7: lm_head
+        # 329 -> 246 us, gate/up 97 -> 79 us at M=32; the ring loses at M=1 (gate/up 28.7 ->
+        # 33.9 us), is even at M=8 and loses on narrow or long-K matrices at M=32 (down 60 -> 67).
+        c = replace(cfg, ns=4, s=max(2, cfg.s // 2))
+        if c.smem(k, bits) <= SMEM_PER_SM - SMEM_STEP:
+            cfg = c
     if PERSIST and not (m == 1 and cfg.s > 1):
         # one block per tile for the split down projection at M=1 (31 us vs 33 persistent)
         cfg = replace(cfg, blocks=-(-_resident_blocks(cfg, k, bits) // cfg.s))

@@ -71,7 +71,9 @@ BB_FN int bb_attn_append(BB_SHARED int* list, int at, bool ok, int b, int lane) 
 
 // The 32-cell blocks one warp processes, ascending, buffered BB_LIST_CAP at a time in a
 // per-warp list in shared memory (so their addresses are known one pipeline stage ahead):
-//   LIVE:  its share of the row's live list: entries [lo, hi) of this split, every W-th;
+//   LIVE:  entries base + i * step of the row's live list (round-robin as below, so the
+//          first entries' addresses do not wait for the row's count: `first` is loaded
+//          together with it);
 //   else:  candidate blocks base + i * step with base = split * W + warp and
 //          step = n_split * W (round-robin: contiguous runs of live blocks spread evenly
 //          over splits and warps); with SKIP a candidate whose 32 mask values are all
@@ -88,6 +90,7 @@ struct BBCursor {
   int src, src_end;     // next candidate index, number of candidates
   int count, pos;       // list fill and read position
   bool vec_ok;          // mask rows 16-byte aligned
+  int first;            // LIVE: this lane's first entry, live row [1 + base + lane * step]
 
   BB_FN void fill(int lane) {
     int cnt = 0;
@@ -96,7 +99,7 @@ struct BBCursor {
         const int j = src + lane;
         int b = -1;
         if (j < src_end) {
-          b = lrow[1 + base + j * step];
+          b = src == 0 ? first : lrow[1 + base + j * step];
         }
         // A bad entry must not send loads out of bounds.
         cnt += bb_attn_append(list, cnt, b >= 0 && b < n_blk, b, lane);
@@ -193,6 +196,22 @@ BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_GLOBAL const 
   }
 }
 
+#define BB_MERGE_U 16 // splits' partials loaded per round of the merge
+
+// Partial O (4 floats at item i4) of splits s0 .. s0 + BB_MERGE_U - 1, zero past n_split:
+// independent loads, one round trip.
+BB_FN void bb_attn_merge_loads(BB_THREAD float4* v, BB_GLOBAL const float* recs, int rec, int i4,
+                               int s0, int n_split) {
+  BB_UNROLL
+  for (int u = 0; u < BB_MERGE_U; ++u) {
+    if (s0 + u < n_split) {
+      v[u] = bb_load_coherent4(recs + (long)(s0 + u) * rec + 4 * i4);
+    } else {
+      v[u].x = v[u].y = v[u].z = v[u].w = 0.0f;
+    }
+  }
+}
+
 template <typename T, typename MT, int D, int G, int W, int STAGES, bool SKIP, bool LIVE,
           typename MaskPtr, typename LivePtr>
 BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL const T* v,
@@ -253,17 +272,18 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   cur.src = 0;
   cur.count = 0;
   cur.pos = 0;
+  cur.base = split * W + warp;
+  cur.step = n_split * W;
+  cur.first = -1;
   if (LIVE) {
+    const int fi = 1 + cur.base + lane * cur.step;
+    if (fi < live_stride) {
+      cur.first = cur.lrow[fi];
+    }
     int count = bb_mini(cur.lrow[0], live_stride - 1);
     count = count < 0 ? 0 : count;
-    const int lo = (int)(((long)count * split) / n_split);
-    const int hi = (int)(((long)count * (split + 1)) / n_split);
-    cur.base = lo + warp;
-    cur.step = W;
-    cur.src_end = hi - cur.base > 0 ? (hi - cur.base + W - 1) / W : 0;
+    cur.src_end = count - cur.base > 0 ? (count - cur.base + cur.step - 1) / cur.step : 0;
   } else {
-    cur.base = split * W + warp;
-    cur.step = n_split * W;
     cur.src_end = n_blk - cur.base > 0 ? (n_blk - cur.base + cur.step - 1) / cur.step : 0;
   }
 
@@ -485,6 +505,11 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       // Last split to arrive: merge every split's partial into the output.
       bb_fence_device();
       BB_GLOBAL const float* recs = ws + pair * n_split * REC;
+      const int n_items = GH * D / 4;
+      float4 pre[BB_MERGE_U];  // this thread's first item, first BB_MERGE_U splits
+      if (tid < n_items) {
+        bb_attn_merge_loads(pre, recs, REC, tid, 0, n_split);
+      }
       // Every split's (max, sum) in one parallel round of loads (o_s is free again: its
       // contents went into this block's record before the barrier above).
       BB_SHARED float* lsum_s = o_s;  // [BB_MAX_SPLIT][16]
@@ -512,36 +537,28 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         }
       }
       bb_sync_block();
-      // Each thread sums 4 consecutive d of one row over every split, eight splits' float4
-      // loads in flight per step: the merge is latency-bound at small batch.
-      for (int i4 = tid; i4 < GH * D / 4; i4 += W * 32) {
+      // Each thread sums 4 consecutive d of one row over every split. Its splits' float4 loads
+      // go out BB_MERGE_U at a time, the first round before the factors are known (issued
+      // above): at small batch the merge is a chain of dependent L2 round trips.
+      for (int i4 = tid; i4 < n_items; i4 += W * 32) {
         const int r = (4 * i4) / D, d = (4 * i4) % D;
-        if (r < rows_valid) {
-          float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-          int s2 = 0;
-          for (; s2 + 8 <= n_split; s2 += 8) {
-            float4 v[8];
-            BB_UNROLL
-            for (int u = 0; u < 8; ++u) {
-              v[u] = bb_load_coherent4(recs + (s2 + u) * REC + 4 * i4);
-            }
-            BB_UNROLL
-            for (int u = 0; u < 8; ++u) {
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        for (int s2 = 0; s2 < n_split; s2 += BB_MERGE_U) {
+          if (s2 > 0 || i4 != tid) {
+            bb_attn_merge_loads(pre, recs, REC, i4, s2, n_split);
+          }
+          BB_UNROLL
+          for (int u = 0; u < BB_MERGE_U; ++u) {
+            if (s2 + u < n_split) {
               const float f = fac_s[(s2 + u) * 16 + r];
-              a0 += f * v[u].x;
-              a1 += f * v[u].y;
-              a2 += f * v[u].z;
-              a3 += f * v[u].w;
+              a0 += f * pre[u].x;
+              a1 += f * pre[u].y;
+              a2 += f * pre[u].z;
+              a3 += f * pre[u].w;
             }
           }
-          for (; s2 < n_split; ++s2) {
-            const float4 v = bb_load_coherent4(recs + s2 * REC + 4 * i4);
-            const float f = fac_s[s2 * 16 + r];
-            a0 += f * v.x;
-            a1 += f * v.y;
-            a2 += f * v.z;
-            a3 += f * v.w;
-          }
+        }
+        if (r < rows_valid) {
           BB_GLOBAL T* o = out + ((long)row * n_kv_heads * G + head0 + r) * D + d;
           o[0] = bb_from_float<T>(a0);
           o[1] = bb_from_float<T>(a1);

@@ -164,8 +164,9 @@ def attention_cases(backend: str, rng: np.random.Generator, quick: bool = False)
         dict(dtype=mx.bfloat16, d=128, g=4, live="superset", mask_kind="bool",
              layout=dict(kind="contiguous", n_seq=4, max_prompt=40, empty_row=True)),
     ]
-    # Many splits: the last split's merge walks them eight at a time plus a remainder.
-    many = dict(dtype=mx.float16, d=64, g=4, splits=11, live="exact",
+    # Many splits: the last split's merge loads them 16 at a time (a second, partial round),
+    # two items per thread (G=7, D=128).
+    many = dict(dtype=mx.float16, d=128, g=7, splits=19, live="exact",
                 layout=dict(kind="contiguous", n_seq=2, max_prompt=200, max_tg=40, tail=333))
     if quick:
         specs = specs[:2] + [many]

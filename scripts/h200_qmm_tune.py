@@ -48,6 +48,17 @@ def candidates(m: int, n: int, k: int):
             if c.smem(k, 4) <= 220 * 1024:
                 yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // c.s))
         return
+    if os.environ.get("TUNE_GRID") == "m32":
+        # four token tiles: twice the warps per SM (512-thread blocks: 16 warps along N, or 8 x 2
+        # along N x K) with the ring, against the default; the lop3 twins come from main()
+        yield d
+        for wn, wk, ns, s_ in ((16, 1, 3, 2), (16, 1, 4, 3), (8, 2, 3, 2), (8, 2, 4, 3), (4, 4, 4, 3), (2, 8, 3, 3)):
+            if n % (16 * wn) or s_ > k // 128 // wk:
+                continue
+            c = replace(d, wn=wn, wk=wk, ns=ns, s=max(s_, d.s if d.ns == 0 and d.s > 3 else s_))
+            if c.smem(k, 4) <= 220 * 1024 and c != d:
+                yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // c.s))
+        return
     if os.environ.get("TUNE_GRID") == "small":
         # choose_config's pick; one block per tile (no persistence); other persistent grid
         # sizes (a grid change is no recompile); the other load depth; down: other K-slices.
@@ -161,6 +172,8 @@ def main():
                 cfgs.append(default)
             if os.environ.get("TUNE_GRID") == "ring":
                 pass  # the pipelines only
+            elif os.environ.get("TUNE_GRID") == "m32":  # both dequantizations of every candidate
+                cfgs += [Variant(c, lop3=not qmm._lop3(c, n, k)) for c in list(cfgs)]
             else:
                 cfgs.append(Variant(default, lop3=not qmm._lop3(default, n, k)))  # the other dequantization
                 if name in ("qkv", "gate_up") and default.s == 1:

@@ -41,6 +41,9 @@ for what in "$@"; do
     # the register pipeline against the cp.async ring (QmmConfig.ns), M = 1, 8, 32
     tune-ring) part "qmm-tune-ring" 200 env OUT="$R" TUNE_GRID=ring TUNE_M="${TUNE_M:-1,8,32}" TUNE_BUDGET_S=170 \
             python3 scripts/h200_qmm_tune.py ;;
+    # M=32: 512-thread blocks with the ring, both dequantizations
+    tune-m32) part "qmm-tune-m32" 240 env OUT="$R" TUNE_GRID=m32 TUNE_M=32 TUNE_BUDGET_S=220 \
+            python3 scripts/h200_qmm_tune.py ;;
     # bench-attention at small B under launch-geometry settings (the kernel's env knobs)
     attn-sweep) for v in "BB_ATTN_WAVE=1" "BB_ATTN_WAVE=0.5" "BB_ATTN_WAVE=2" "BB_ATTN_STAGES=3" \
                          "BB_ATTN_WARPS=2 BB_ATTN_STAGES=4" "BB_ATTN_WARPS=8 BB_ATTN_STAGES=1"; do

@@ -964,6 +964,7 @@ def _resident_blocks(cfg: QmmConfig, k: int, bits: int) -> int:
     SM, not the two assumed here: Nsight Compute saw one (results/h200-2026-11-29-s5/run2-ncu.txt,
     M=32, 133 registers then); a grid sized for it is not measured yet (docs/perf-notes.md)."""
     per_sm = 3 if (cfg.mt == 1 and (cfg.p == 1 or cfg.ns)) else 2  # the ring: ~72 registers at mt=1
+    per_sm = max(1, per_sm * 256 // (32 * cfg.wn * cfg.wk))  # the estimates are for 256 threads
     per_sm = max(1, min(per_sm, SMEM_PER_SM // (cfg.smem(k, bits) + 1024)))
     return per_sm * sm_count()
 

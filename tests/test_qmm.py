@@ -335,10 +335,11 @@ def test_norm_fused_when_rows_fit_a_block(cuda_dispatch, monkeypatch, m, k, swit
 
 
 @pytest.mark.parametrize("m,n,k,lop3", [(1, 37888, 3584, 1), (8, 3584, 18944, 1), (32, 3584, 3584, 1),
-                                        (32, 37888, 3584, 0), (32, 3584, 18944, 0)])
+                                        (32, 37888, 3584, 1), (32, 3584, 18944, 0)])
 def test_dequant_variant_follows_the_sweep(m, n, k, lop3):
-    """fp16 4-bit: the lop3 dequantization at one token tile and for narrow matrices; the
-    byte-permute one for wide or long matrices at M=32 (measured slower there with lop3)."""
+    """fp16 4-bit: the lop3 dequantization at one token tile, for narrow matrices and with the
+    ring (wide matrices at M=32); the byte-permute one for the long-K down projection at M=32
+    with register stages (measured slower there with lop3)."""
     wq = mx.zeros((n, k // 8), mx.uint32)  # shapes are all the plan looks at
     s = b = mx.zeros((n, k // 32), mx.float16)
     _, launch = qmm.plan_quantized_matmul("cuda", mx.zeros((m, k), mx.float16), wq, s, b, group_size=32, bits=4)

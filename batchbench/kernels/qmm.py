@@ -986,8 +986,10 @@ def _lop3(cfg: QmmConfig, n: int, k: int) -> bool:
     """The lop3 dequantization where the H200 sweep measured it faster
     (results/h200-2026-11-29-s3/qmm-tune-dq.txt): one token tile (M=1: lm_head 152 -> 139 us,
     gate/up 40.5 -> 37.3, down 35.8 -> 30.7) and narrow matrices at M=32 (o_proj 22.2 -> 21.4);
-    wide or long matrices at M=32 lose with it (gate/up 102 -> 123 us, down 63 -> 82)."""
-    return DEQUANT_LOP3 and (cfg.mt == 1 or (n < _WIDE_N and k <= 8192))
+    wide or long matrices at M=32 lose with it (gate/up 102 -> 123 us, down 63 -> 82) with the
+    register stages, but win with the ring (results/h200-2026-11-29-s7, M=32: gate/up 79.9 ->
+    75.2 us, lm_head 247 -> 234)."""
+    return DEQUANT_LOP3 and (cfg.mt == 1 or cfg.ns > 0 or (n < _WIDE_N and k <= 8192))
 
 
 def _load_depth(m: int, mt: int, n: int, k: int, p: int) -> int:

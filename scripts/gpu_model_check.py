@@ -4,10 +4,13 @@ matmuls with the fused norm / gate product / residual, q/k/v RoPE) against the s
 every custom kernel swapped for its pure-MLX twin, both on the GPU. Unified cache, B sequences.
 
 Run: PYTHONPATH=. python3 scripts/gpu_model_check.py [preset]   (default qwen2.5-1.5b, q4_0, fp16)
+MODEL_CHECK_CASES="B:PP:TG,..." replaces the default cases (1:300:2, 2:64:2, 3:517:2), e.g.
+"32:16:2" on qwen2.5-7b for the M=32 matmul paths of the 7B shape.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import mlx.core as mx
@@ -52,7 +55,10 @@ def main() -> int:
     rows = []
     # B=2 with a short prompt first: the B=3 case needs new kernel builds and attention plans,
     # which did not fit a 150 s limit on the H200 (third session)
-    for B, pp, tg in ((1, 300, 2), (2, 64, 2), (3, 517, 2)):
+    cases = ((1, 300, 2), (2, 64, 2), (3, 517, 2))
+    if os.environ.get("MODEL_CHECK_CASES"):
+        cases = tuple(tuple(int(v) for v in c.split(":")) for c in os.environ["MODEL_CHECK_CASES"].split(","))
+    for B, pp, tg in cases:
         backend.BACKEND = "cuda" if mx.cuda.is_available() else "cpu"
         reset_compiled(model)
         ours = decode_logits(model, B, pp, tg)

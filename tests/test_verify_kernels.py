@@ -93,6 +93,30 @@ def test_broken_attention_kernel_is_rejected(cases, backend):
     assert not err <= case.atol, f"wrong reduction not detected (max error {err})"
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_attention_timeline_build_stamps_every_block(splits):
+    """The diagnostic build (phase timestamps after the split records) keeps the result, and
+    every block's thread 0 stamps each phase it reaches in its own slot (the portable timer
+    writes the phase number; guard pages catch a slot past the buffer)."""
+    from batchbench.kernels.attention import STAMPS, read_timeline
+
+    toolchain.need(toolchain.host_cxx)
+    case = attention_case("cuda", np.random.default_rng(SEED), d=64, g=4, splits=splits, live="exact",
+                          layout=dict(kind="contiguous", n_seq=2, max_prompt=200, max_tg=40), timeline=True)
+    _verify(case)
+    kspec, launch = case.kernels[0]
+    assert kspec.name.endswith("_tl") and launch.grid[1] == splits
+    stamps = read_timeline(emulate(kspec, launch).raw_outputs[1], launch)
+    blocks = launch.grid[1] * launch.grid[2] * (launch.grid[0] // launch.threadgroup[0])
+    assert stamps.shape == (blocks, STAMPS)
+    for phase in (1, 2, 4, 5, 7):
+        assert (stamps[:, phase] == phase).all(), f"phase {phase} not stamped by every block"
+    assert set(stamps[:, 3].tolist()) <= {0, 3}  # 0: the block's warp 0 had no K/V block
+    assert (stamps[:, 6] == (6 if splits > 1 else 0)).all()  # the split counter exists with splits
+    with pytest.raises(ValueError, match="CUDA only"):
+        attention_case("metal", np.random.default_rng(0), timeline=True)
+
+
 # ---- compile checks ------------------------------------------------------------------------
 
 
@@ -101,6 +125,7 @@ def test_cuda_kernels_compile_for_sm90a():
     assert_compile_for_sm90a([
         attention_case("cuda", rng, dtype=mx.float16, d=128, g=7).kernels[0],
         attention_case("cuda", rng, dtype=mx.bfloat16, d=64, g=4, mask_kind="bool", live="exact").kernels[0],
+        attention_case("cuda", rng, dtype=mx.float16, d=128, g=7, timeline=True).kernels[0],  # %globaltimer
         *qmm_case(rng, m=3, bits=4).kernels,
         *qmm_case(rng, m=5, bits=8, dtype=mx.bfloat16, split=2, bias=True).kernels,
     ])

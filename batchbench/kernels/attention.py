@@ -313,8 +313,11 @@ def plan_decode_attention(
     scale: float,
     skip: bool = True,
     live_blocks: Optional[Union[LiveBlocks, PackedLive]] = None,
+    timeline: bool = False,
 ) -> tuple[KernelSpec, Launch]:
-    """The kernel and launch `decode_attention` runs on `backend_name` ("cuda" | "metal")."""
+    """The kernel and launch `decode_attention` runs on `backend_name` ("cuda" | "metal").
+    timeline (CUDA, diagnostics): a build that also writes per-block phase timestamps after
+    the split records in its second output; `read_timeline` decodes them."""
     if backend_name not in CONFIG:
         raise ValueError(f"no decode attention kernel for back-end {backend_name!r}")
     _check(q, k, v, mask, live_blocks)
@@ -337,9 +340,14 @@ def plan_decode_attention(
     ws_size = pairs * n_split * (gh * d + (2 * gh + 3) // 4 * 4) if n_split > 1 else 4  # REC
     smem = smem_bytes(d, warps, stages, q.dtype.size)
     header, body = kernel_source(backend_name)
+    if timeline:
+        if backend_name != "cuda":
+            raise ValueError("decode_attention: the timeline build exists for CUDA only")
+        ws_size = (ws_size if n_split > 1 else 0) + pairs * n_split * 2 * STAMPS
+        header = "#define BB_TIMELINE 1\n" + header
     kspec = KernelSpec(
         backend=backend_name,
-        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}",
+        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_tl' if timeline else ''}",
         input_names=("q", "k", "v", "mask", "live", "counters"),
         output_names=("out", "ws"),
         source=body,
@@ -367,6 +375,24 @@ def plan_decode_attention(
         ],
     )
     return kspec, launch
+
+
+STAMPS = 8  # attention_common.h: BB_STAMPS
+STAMP_PHASES = ("entry", "list filled", "first K/V landed", "walk done", "warps merged", "split counted", "end")
+
+
+def read_timeline(ws: mx.array, launch: Launch) -> "np.ndarray":
+    """The stamps of a `timeline` build's second output: uint64 [blocks, 8], column 0 the SM id,
+    columns 1..7 the global timer (ns) at STAMP_PHASES; blocks in (row, kv head, split) order.
+    A phase the block never reached reads 0 (column 3 when its warp 0 had no K/V block; column
+    6 with one split: no counter)."""
+    import numpy as np
+
+    n_split = launch.grid[1]
+    blocks = launch.grid[1] * launch.grid[2] * (launch.grid[0] // launch.threadgroup[0])
+    words = np.ascontiguousarray(np.array(ws, dtype=np.float32)).view(np.uint32)[-blocks * 2 * STAMPS:]
+    pairs = words.reshape(blocks, STAMPS, 2).astype(np.uint64)
+    return pairs[..., 0] | (pairs[..., 1] << np.uint64(32))
 
 
 def cuda_kernel_reads_cache(dtype, d: int) -> bool:

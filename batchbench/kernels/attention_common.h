@@ -198,6 +198,24 @@ BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_GLOBAL const 
 
 #define BB_MERGE_U 16 // splits' partials loaded per round of the merge
 
+// Phase timestamps (diagnostic builds only: attention.py's `timeline`, CUDA). Thread 0 of every
+// block writes BB_STAMPS pairs of 32-bit words after the split records in ws: its SM id, then
+// the global timer at entry (1), list filled (2), first K/V block landed (3), walk done (4),
+// warps merged (5), split counted (6), end (7).
+#define BB_STAMPS 8
+#ifdef BB_TIMELINE
+#define BB_STAMP(i)                   \
+  do {                                \
+    if (tid == 0) {                   \
+      bb_stamp_write(stamps, (i));    \
+    }                                 \
+  } while (0)
+#else
+#define BB_STAMP(i) \
+  do {              \
+  } while (0)
+#endif
+
 // Partial O (4 floats at item i4) of splits s0 .. s0 + BB_MERGE_U - 1, zero past n_split:
 // independent loads, one round trip.
 BB_FN void bb_attn_merge_loads(BB_THREAD float4* v, BB_GLOBAL const float* recs, int rec, int i4,
@@ -235,6 +253,20 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   const float NEG_INF = bb_neg_inf();
 
   const int tid = warp * 32 + lane;
+#ifdef BB_TIMELINE
+  constexpr int TL_GH = G < 16 ? G : 16;
+  constexpr long TL_REC = TL_GH * D + ((TL_GH * 2 + 3) & ~3);
+  const long tl_records = n_split > 1 ? (long)n_rows * n_kv_heads * ((G + 15) / 16) * n_split * TL_REC : 0;
+  const long tl_block = ((long)row * n_kv_heads * ((G + 15) / 16) + bx) * n_split + split;
+  BB_GLOBAL uint32_t* stamps = (BB_GLOBAL uint32_t*)(ws + tl_records) + tl_block * 2 * BB_STAMPS;
+  if (tid == 0) {  // a phase this block never reaches reads 0
+    stamps[0] = bb_smid();
+    for (int i = 1; i < 2 * BB_STAMPS; ++i) {
+      stamps[i] = 0u;
+    }
+  }
+#endif
+  BB_STAMP(1);
   const int kvh = bx % n_kv_heads;
   const int hc = bx / n_kv_heads;
   const int head0 = kvh * G + hc * 16;
@@ -308,7 +340,11 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     }
     bb_cp_async_commit();
   }
+  BB_STAMP(2);
   int slot = 0;
+#ifdef BB_TIMELINE
+  bool tl_first = true;
+#endif
   while (pend[0] >= 0) {
     const int b = pend[0];
     BB_SHARED T* kt = tiles + slot * 2 * TILE;
@@ -327,6 +363,12 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
 
     bb_cp_async_wait<STAGES - 1>();
     bb_sync_warp();
+#ifdef BB_TIMELINE
+    if (tl_first) {
+      BB_STAMP(3);
+      tl_first = false;
+    }
+#endif
 
     // S = Q K^T: 16 heads x 32 cells, n-tile j = cells 8j..8j+7.
     float s[4][4];
@@ -415,6 +457,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     slot = slot + 1 == STAGES ? 0 : slot + 1;
   }
   bb_cp_async_wait<0>();
+  BB_STAMP(4);
 
   // Row sums over the 4 lanes of a quad.
   l0 += bb_shfl_xor(l0, 1);
@@ -464,6 +507,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   }
   bb_sync_block();
 
+  BB_STAMP(5);
   const long pair = (long)row * (n_kv_heads * HC) + bx; // (row, kv head, head chunk)
   if (n_split == 1) {
     for (int i = tid; i < GH * D; i += W * 32) {
@@ -501,6 +545,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       flag_s[0] = prev == n_split - 1 ? 1 : 0;
     }
     bb_sync_block();
+    BB_STAMP(6);
     if (flag_s[0] != 0) {
       // Last split to arrive: merge every split's partial into the output.
       bb_fence_device();
@@ -571,6 +616,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       }
     }
   }
+  BB_STAMP(7);
 }
 
 #endif // BB_ATTENTION_COMMON_H

@@ -108,6 +108,32 @@ BB_FN void bb_atomic_store(int* p, int v) { atomicExch(p, v); }
 BB_FN float bb_load_coherent(const float* p) { return __ldcg(p); }
 BB_FN float4 bb_load_coherent4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 
+// ---- phase timestamps (diagnostic builds, BB_TIMELINE) ------------------------
+
+#ifdef BB_TIMELINE
+#ifdef BB_PORTABLE
+// Deterministic stand-ins: the emulator checks where the stamps land, not their values.
+BB_FN uint32_t bb_smid() { return 0u; }
+BB_FN void bb_stamp_write(uint32_t* s, int i) {
+  s[2 * i] = (uint32_t)i;
+  s[2 * i + 1] = 0u;
+}
+#else
+BB_FN uint32_t bb_smid() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(r));
+  return r;
+}
+// %globaltimer: nanoseconds, one clock for every SM.
+BB_FN void bb_stamp_write(uint32_t* s, int i) {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  s[2 * i] = (uint32_t)t;
+  s[2 * i + 1] = (uint32_t)(t >> 32);
+}
+#endif
+#endif
+
 // ---- asynchronous global -> shared copies -----------------------------------
 
 #ifdef BB_PORTABLE

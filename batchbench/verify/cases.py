@@ -79,13 +79,15 @@ def attention_case(
     live: str | None = None,
     visible: np.ndarray | None = None,
     splits: int | None = None,
+    timeline: bool = False,
 ) -> Case:
     """Decode attention over a unified-cache layout (attention_cases.make_layout).
 
     K/V hold junk (+-1e4) past the N mask columns; live: None, "exact" or "superset"
     (owned blocks of the row's sequence, as the cache bookkeeping gives them). splits: plan
     for a GPU small enough to give that many KV splits (few splits: each warp walks many
-    blocks through its pipeline; one split writes the output without the merge)."""
+    blocks through its pipeline; one split writes the output without the merge). timeline:
+    the diagnostic build that also writes phase stamps (CUDA)."""
     layout = dict(kind="contiguous", n_seq=3, max_prompt=70) if layout is None else layout
     if visible is None:
         lay = make_layout(rng, **layout)
@@ -114,7 +116,7 @@ def attention_case(
         if sms is not None:
             os.environ["BB_ATTN_SMS"] = str(sms)
         kspec, launch = A.plan_decode_attention(
-            backend, q, k, v, mask, scale=scale, skip=skip, live_blocks=live_blocks
+            backend, q, k, v, mask, scale=scale, skip=skip, live_blocks=live_blocks, timeline=timeline
         )
     finally:
         if sms is not None:

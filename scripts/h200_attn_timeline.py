@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Where the decode attention kernel's time goes: per-block phase timestamps (issue 3).
+
+Runs the timeline build of the kernel (`plan_decode_attention(..., timeline=True)`: thread 0
+of every block stamps %globaltimer at entry, list filled, first K/V block landed, walk done,
+warps merged, split counted, end) on bench-attention's unified problem, and prints for each
+phase the min / median / max over blocks of its time since the earliest entry, in us.
+The last of REPS launches is read (the first compiles). Kernel time by CUPTI is not taken here:
+the stamps add a few stores, so compare phases, not totals, with `bench-attention`.
+
+Run: PYTHONPATH=. python3 scripts/h200_attn_timeline.py [B x ctx ...]   e.g. 2x4096 32x8192
+Without CUDA it runs the same source in the CPU emulator (default 2x256): a dry run of the
+script, where every stamp reads its phase number.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import mlx.core as mx
+import numpy as np
+
+from batchbench import bench_attention as ba
+from batchbench.kernels import attention as A
+from batchbench.kernels import spec as kspec
+
+REPS = 5
+
+
+def timeline(b: int, ctx: int) -> None:
+    layers, q, mask, live = ba.unified_problem(b, ctx, 1)
+    k, v = layers[0][0], layers[0][1]
+    ks, launch = A.plan_decode_attention("cuda", q, k, v, mask, scale=1 / math.sqrt(ba.D), live_blocks=live,
+                                         timeline=True)
+    if mx.cuda.is_available():
+        for _ in range(REPS):
+            out, ws = kspec.run(ks, launch)
+            mx.eval(out, ws)
+    else:
+        from batchbench.verify import emulate
+
+        ws = emulate(ks, launch, schedules=("forward",)).raw_outputs[1]
+    st = A.read_timeline(ws, launch).astype(np.int64)
+    t0 = st[:, 1].min()
+    blocks, splits = st.shape[0], launch.grid[1]
+    sms = len(set(st[:, 0].tolist()))
+    print(f"\nB={b} ctx={ctx}: {blocks} blocks ({splits} splits) on {sms} SMs; "
+          f"span {(st[:, 7].max() - t0) / 1e3:.2f} us (entry of the first block to end of the last)")
+    print(f"  {'phase':18s} {'min':>8s} {'median':>8s} {'max':>8s}   us since the first entry; blocks")
+    for i, name in enumerate(A.STAMP_PHASES, start=1):
+        col = st[:, i]
+        got = col[col > 0]
+        if got.size == 0:
+            print(f"  {name:18s} {'-':>8s}")
+            continue
+        rel = (got - t0) / 1e3
+        print(f"  {name:18s} {rel.min():8.2f} {np.median(rel):8.2f} {rel.max():8.2f}   {got.size}")
+    d = lambda a, b_: np.median((st[:, b_] - st[:, a])[(st[:, a] > 0) & (st[:, b_] > 0)]) / 1e3  # noqa: E731
+    print(f"  per block, median us: entry->list {d(1, 2):.2f}, list->first K/V {d(2, 3):.2f}, "
+          f"first K/V->walk done {d(3, 4):.2f}, walk->merged {d(4, 5):.2f}, merged->end {d(5, 7):.2f}")
+
+
+def main() -> None:
+    default = [(1, 4096), (2, 4096), (8, 8192), (32, 8192)] if mx.cuda.is_available() else [(2, 256)]
+    cases = [tuple(int(v) for v in a.split("x")) for a in sys.argv[1:]] or default
+    print(f"mlx {mx.__version__}, {mx.device_info().get('device_name', '')}"
+          f"{'' if mx.cuda.is_available() else ' (no CUDA: CPU emulator dry run)'}")
+    for b, ctx in cases:
+        timeline(b, ctx)
+
+
+if __name__ == "__main__":
+    main()

@@ -49,10 +49,16 @@ def candidates(m: int, n: int, k: int):
                 yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // c.s))
         return
     if os.environ.get("TUNE_GRID") == "m32":
-        # four token tiles: twice the warps per SM (512-thread blocks: 16 warps along N, or 8 x 2
-        # along N x K) with the ring, against the default; the lop3 twins come from main()
+        # four token tiles with the ring, against the default; the lop3 twins come from main().
+        # The seventh session ran 512-thread blocks (16 x 1, 8 x 2, 4 x 4, 2 x 8 warps): they lost,
+        # maybe to tile imbalance (gate/up 16 x 1: 148 tiles over 66 blocks). Next: 64-feature
+        # tiles (4 x 2 warps), which share out evenly (592 gate/up tiles = 66 blocks x 9), at one
+        # block per SM (2 K-slices) and at two (4 K-slices, 3 ring slots: 104 KB each).
         yield d
-        for wn, wk, ns, s_ in ((16, 1, 3, 2), (16, 1, 4, 3), (8, 2, 3, 2), (8, 2, 4, 3), (4, 4, 4, 3), (2, 8, 3, 3)):
+        grid = os.environ.get("TUNE_M32", "next")
+        shapes = (((16, 1, 3, 2), (16, 1, 4, 3), (8, 2, 3, 2), (8, 2, 4, 3), (4, 4, 4, 3), (2, 8, 3, 3))
+                  if grid == "s7" else ((4, 2, 4, 2), (4, 2, 4, 3), (4, 2, 3, 4), (8, 1, 3, 4)))
+        for wn, wk, ns, s_ in shapes:
             if n % (16 * wn) or s_ > k // 128 // wk:
                 continue
             c = replace(d, wn=wn, wk=wk, ns=ns, s=max(s_, d.s if d.ns == 0 and d.s > 3 else s_))

@@ -56,12 +56,15 @@ def candidates(m: int, n: int, k: int):
         # block per SM (2 K-slices) and at two (4 K-slices, 3 ring slots: 104 KB each).
         yield d
         grid = os.environ.get("TUNE_M32", "next")
-        shapes = (((16, 1, 3, 2), (16, 1, 4, 3), (8, 2, 3, 2), (8, 2, 4, 3), (4, 4, 4, 3), (2, 8, 3, 3))
-                  if grid == "s7" else ((4, 2, 4, 2), (4, 2, 4, 3), (4, 2, 3, 4), (8, 1, 3, 4)))
-        for wn, wk, ns, s_ in shapes:
-            if n % (16 * wn) or s_ > k // 128 // wk:
+        # wf=2: two feature tiles per warp (each x fragment feeds both), 128-feature blocks.
+        shapes = (((16, 1, 3, 2, 1), (16, 1, 4, 3, 1), (8, 2, 3, 2, 1), (8, 2, 4, 3, 1), (4, 4, 4, 3, 1),
+                   (2, 8, 3, 3, 1)) if grid == "s7" else
+                  ((4, 2, 4, 2, 1), (4, 2, 4, 3, 1), (4, 2, 3, 4, 1), (8, 1, 3, 4, 1), (4, 2, 3, 2, 2),
+                   (4, 2, 4, 3, 2), (2, 4, 3, 3, 2)))
+        for wn, wk, ns, s_, wf in shapes:
+            if n % (16 * wn * wf) or s_ > k // 128 // wk:
                 continue
-            c = replace(d, wn=wn, wk=wk, ns=ns, s=max(s_, d.s if d.ns == 0 and d.s > 3 else s_))
+            c = replace(d, wn=wn, wk=wk, ns=ns, wf=wf, s=max(s_, d.s if d.ns == 0 and d.s > 3 else s_))
             if c.smem(k, 4) <= 220 * 1024 and c != d:
                 yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // c.s))
         return

@@ -464,7 +464,9 @@ struct QmmStage {
 // WN x WK warps per block (features x K); P chunks per load stage, two stages in flight
 // (the next P chunks load while the current ones are multiplied); NS > 0 instead streams
 // weights, scales and biases through a ring of NS one-chunk slots per warp in shared memory
-// (cp.async, NS - 1 chunks in flight without holding registers; the ring runs on across tiles). Runtime: M, and the
+// (cp.async, NS - 1 chunks in flight without holding registers; the ring runs on across tiles).
+// WF 16-row feature tiles per warp (WF = 2 needs the ring): each x fragment read from shared
+// memory feeds WF tiles' mma. Runtime: M, and the
 // weight shape N x K (N % (16*WN) == 0, K % (512/BITS) == 0, checked by the launcher);
 // gridDim.y = S K-slices. The block walks feature tiles blockIdx.x, + gridDim.x, ...: x is
 // staged (and normalized) once per block, and the first loads of the next tile are in flight
@@ -475,7 +477,7 @@ struct QmmStage {
 // and K % 256 == 0 (a warp's 32 staging granules then lie in one row).
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
 // E: QmmPlain, or a pair epilogue (QmmRopeCfg, QmmGluPair) that stores rows n and n + 8 together.
-template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, bool SPLIT, bool HAS_BIAS,
+template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool SPLIT, bool HAS_BIAS,
           bool HAS_RES, bool GLU, bool NORM, int DQ, typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
@@ -488,7 +490,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   constexpr bool LOP3 = DQ == 1 && BITS == 4 && !BF16;
   constexpr int KT = 128 / BITS;            // k per lane per 16-byte load: 32 or 16
   constexpr int CK = 4 * KT;                // k per chunk (4 lanes per feature row)
-  constexpr int BN = 16 * WN;
+  constexpr int BN = 16 * WN * WF;
   constexpr int NT = 32 * WN * WK;
   constexpr int MP = 8 * MT;
   constexpr int RS = BN + 4;                // reduction row stride: conflict-free fragment stores
@@ -496,7 +498,9 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   // Ring slot: the warp's 32 x 16 bytes of rows g, then of rows g + 8, then scales and biases
   // of its 16 rows (SB bytes each: the chunk's groups).
   constexpr int SB = NS > 0 ? (CK / GS) * 2 : 0;
-  constexpr int SLOTB = 1024 + 32 * SB;
+  constexpr int FSLOT = 1024 + 32 * SB;  // one feature tile's part of a slot
+  constexpr int SLOTB = WF * FSLOT;
+  static_assert(WF == 1 || (WF == 2 && NS > 0), "qmm: two feature tiles per warp need the ring");
   static_assert(NS == 0 || (CK % GS == 0 && (SB == 4 || SB == 8 || SB == 16)), "qmm: ring needs 4-16 scale bytes per chunk");
   const int S = gridDim.y;
   const int NCH = K / CK;
@@ -559,15 +563,18 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   auto request = [&](int slot) {
     if constexpr (NS > 0) {
       if (ptile < NTILE) {
-        const int r0 = ptile * BN + wn * 16 + g;
-        const uint32_t* src = w + (size_t)r0 * KW + t * (KT * BITS / 32) + (size_t)pc * (CK * BITS / 32);
-        unsigned char* d = ring + slot * SLOTB;
-        qmm_cp_async<16>(d + lane * 16, src);
-        qmm_cp_async<16>(d + 512 + lane * 16, src + (size_t)8 * KW);
-        // lane t copies scales (t even) or biases (t odd) of row g (t < 2) or g + 8
-        const T* sbase = (t & 1) ? biases : scales;
-        qmm_cp_async<SB>(d + 1024 + ((g + 8 * (t >> 1)) * 2 + (t & 1)) * SB,
-                         sbase + (size_t)(r0 + 8 * (t >> 1)) * NG + (size_t)pc * (CK / GS));
+#pragma unroll
+        for (int f = 0; f < WF; ++f) {
+          const int r0 = ptile * BN + (wn * WF + f) * 16 + g;
+          const uint32_t* src = w + (size_t)r0 * KW + t * (KT * BITS / 32) + (size_t)pc * (CK * BITS / 32);
+          unsigned char* d = ring + slot * SLOTB + f * FSLOT;
+          qmm_cp_async<16>(d + lane * 16, src);
+          qmm_cp_async<16>(d + 512 + lane * 16, src + (size_t)8 * KW);
+          // lane t copies scales (t even) or biases (t odd) of row g (t < 2) or g + 8
+          const T* sbase = (t & 1) ? biases : scales;
+          qmm_cp_async<SB>(d + 1024 + ((g + 8 * (t >> 1)) * 2 + (t & 1)) * SB,
+                           sbase + (size_t)(r0 + 8 * (t >> 1)) * NG + (size_t)pc * (CK / GS));
+        }
         if (++pc == wc1) {
           pc = wc0;
           ptile += gridDim.x;
@@ -622,85 +629,119 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   for (int tt = 0; tt < MT; ++tt) xo[tt] = min(tt * 8 + g, M - 1) * (XS / 8) + t * (KT / 8);
   const int sw = BITS == 4 ? (t >> 1) & 1 : 0;
 
-  float acc[MT][4];
+  float acc[WF][MT][4];
 
-  // One chunk c: rows g (wa, scale sa, bias ba) and g + 8 (wb, sb, bb) times the staged x.
-  auto mul = [&](const uint4 wa, const uint4 wb, const uint32_t sa, const uint32_t ba,
-                 const uint32_t sb, const uint32_t bb, const int c) {
-      {
-        const uint32_t s0 = qmm_dup16(sa), b0 = qmm_dup16(ba);
-        const uint32_t s1 = qmm_dup16(sb), b1 = qmm_dup16(bb);
-        uint32_t s0h = 0u, s1h = 0u;
-        if constexpr (LOP3) {
-          s0h = qmm_scale16(s0);
-          s1h = qmm_scale16(s1);
-        }
-        const uint32_t u0[4] = {wa.x, wa.y, wa.z, wa.w};
-        const uint32_t u1[4] = {wb.x, wb.y, wb.z, wb.w};
-        const int jc = (c - cs0) * (CK / 8);  // the chunk's first x granule
-        if constexpr (BITS == 4) {
+  // One chunk c of WF feature tiles: rows g (wa, scale sa, bias ba) and g + 8 (wb, sb, bb) of
+  // each, times the staged x.
+  auto mul = [&](const uint4 (&wa)[WF], const uint4 (&wb)[WF], const uint32_t (&sa)[WF],
+                 const uint32_t (&ba)[WF], const uint32_t (&sb)[WF], const uint32_t (&bb)[WF], const int c) {
+    uint32_t s0[WF], b0[WF], s1[WF], b1[WF], s0h[WF], s1h[WF], u0[WF][4], u1[WF][4];
 #pragma unroll
-          for (int wd = 0; wd < 4; ++wd) {
-            uint32_t A0[4], A1[4];
-            if constexpr (LOP3) {
-              qmm_dq4_lop3(u0[wd], s0, s0h, b0, A0);
-              qmm_dq4_lop3(u1[wd], s1, s1h, b1, A1);
-            } else {
-              const uint32_t u0s = u0[wd] >> 4, u1s = u1[wd] >> 4;
+    for (int f = 0; f < WF; ++f) {
+      s0[f] = qmm_dup16(sa[f]);
+      b0[f] = qmm_dup16(ba[f]);
+      s1[f] = qmm_dup16(sb[f]);
+      b1[f] = qmm_dup16(bb[f]);
+      s0h[f] = s1h[f] = 0u;
+      if constexpr (LOP3) {
+        s0h[f] = qmm_scale16(s0[f]);
+        s1h[f] = qmm_scale16(s1[f]);
+      }
+      u0[f][0] = wa[f].x; u0[f][1] = wa[f].y; u0[f][2] = wa[f].z; u0[f][3] = wa[f].w;
+      u1[f][0] = wb[f].x; u1[f][1] = wb[f].y; u1[f][2] = wb[f].z; u1[f][3] = wb[f].w;
+    }
+    const int jc = (c - cs0) * (CK / 8);  // the chunk's first x granule
+    if constexpr (BITS == 4) {
 #pragma unroll
-              for (int q = 0; q < 4; ++q) {
-                A0[q] = qmm_pair4<BF16>(u0[wd], u0s, q, s0, b0);
-                A1[q] = qmm_pair4<BF16>(u1[wd], u1s, q, s1, b1);
-              }
-            }
+      for (int wd = 0; wd < 4; ++wd) {
+        uint32_t A0[WF][4], A1[WF][4];
 #pragma unroll
-            for (int tt = 0; tt < MT; ++tt) {
-              const uint4 xv = xs4[xo[tt] + jc + (wd ^ sw)];
-              qmm_mma<BF16>(acc[tt], A0[0], A1[0], A0[1], A1[1], xv.x, xv.y);
-              qmm_mma<BF16>(acc[tt], A0[2], A1[2], A0[3], A1[3], xv.z, xv.w);
-            }
-          }
-        } else {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            uint32_t A0[4], A1[4];
+        for (int f = 0; f < WF; ++f) {
+          if constexpr (LOP3) {
+            qmm_dq4_lop3(u0[f][wd], s0[f], s0h[f], b0[f], A0[f]);
+            qmm_dq4_lop3(u1[f][wd], s1[f], s1h[f], b1[f], A1[f]);
+          } else {
+            const uint32_t u0s = u0[f][wd] >> 4, u1s = u1[f][wd] >> 4;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-              A0[q] = qmm_pair8<BF16>(u0[2 * h + (q >> 1)], q & 1, s0, b0);
-              A1[q] = qmm_pair8<BF16>(u1[2 * h + (q >> 1)], q & 1, s1, b1);
+              A0[f][q] = qmm_pair4<BF16>(u0[f][wd], u0s, q, s0[f], b0[f]);
+              A1[f][q] = qmm_pair4<BF16>(u1[f][wd], u1s, q, s1[f], b1[f]);
             }
+          }
+        }
 #pragma unroll
-            for (int tt = 0; tt < MT; ++tt) {
-              const uint4 xv = xs4[xo[tt] + jc + h];
-              qmm_mma<BF16>(acc[tt], A0[0], A1[0], A0[1], A1[1], xv.x, xv.y);
-              qmm_mma<BF16>(acc[tt], A0[2], A1[2], A0[3], A1[3], xv.z, xv.w);
-            }
+        for (int tt = 0; tt < MT; ++tt) {
+          const uint4 xv = xs4[xo[tt] + jc + (wd ^ sw)];
+#pragma unroll
+          for (int f = 0; f < WF; ++f) {
+            qmm_mma<BF16>(acc[f][tt], A0[f][0], A1[f][0], A0[f][1], A1[f][1], xv.x, xv.y);
+            qmm_mma<BF16>(acc[f][tt], A0[f][2], A1[f][2], A0[f][3], A1[f][3], xv.z, xv.w);
           }
         }
       }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t A0[WF][4], A1[WF][4];
+#pragma unroll
+        for (int f = 0; f < WF; ++f) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            A0[f][q] = qmm_pair8<BF16>(u0[f][2 * h + (q >> 1)], q & 1, s0[f], b0[f]);
+            A1[f][q] = qmm_pair8<BF16>(u1[f][2 * h + (q >> 1)], q & 1, s1[f], b1[f]);
+          }
+        }
+#pragma unroll
+        for (int tt = 0; tt < MT; ++tt) {
+          const uint4 xv = xs4[xo[tt] + jc + h];
+#pragma unroll
+          for (int f = 0; f < WF; ++f) {
+            qmm_mma<BF16>(acc[f][tt], A0[f][0], A1[f][0], A0[f][1], A1[f][1], xv.x, xv.y);
+            qmm_mma<BF16>(acc[f][tt], A0[f][2], A1[f][2], A0[f][3], A1[f][3], xv.z, xv.w);
+          }
+        }
+      }
+    }
   };
   auto compute = [&](const QmmStage<P>& st, int c0) {
 #pragma unroll
     for (int p = 0; p < P; ++p) {
-      if (c0 + p < wc1) mul(st.wa[p], st.wb[p], st.sa[p], st.ba[p], st.sb[p], st.bb[p], c0 + p);
+      if constexpr (WF == 1) {  // the register stages hold one feature tile
+        if (c0 + p < wc1) {
+          const uint4 wa[1] = {st.wa[p]}, wb[1] = {st.wb[p]};
+          const uint32_t sa[1] = {st.sa[p]}, ba[1] = {st.ba[p]}, sb[1] = {st.sb[p]}, bb[1] = {st.bb[p]};
+          mul(wa, wb, sa, ba, sb, bb, c0 + p);
+        }
+      }
     }
   };
-  // The ring's chunk c in `slot`: this lane's own 2 x 16 bytes, its row's scale and bias.
+  // The ring's chunk c in `slot`: per feature tile, this lane's own 2 x 16 bytes and its
+  // rows' scales and biases.
   auto take = [&](const int slot, const int c) {
-    const unsigned char* d = ring + slot * SLOTB;
-    const uint4 wa = *reinterpret_cast<const uint4*>(d + lane * 16);
-    const uint4 wb = *reinterpret_cast<const uint4*>(d + 512 + lane * 16);
-    const uint16_t* sc = reinterpret_cast<const uint16_t*>(d + 1024);
+    uint4 wa[WF], wb[WF];
+    uint32_t sa[WF], ba[WF], sb[WF], bb[WF];
     const int q = t * KT / GS;  // the lane's group within the chunk
-    mul(wa, wb, sc[(g * 2) * (SB / 2) + q], sc[(g * 2 + 1) * (SB / 2) + q],
-        sc[((g + 8) * 2) * (SB / 2) + q], sc[((g + 8) * 2 + 1) * (SB / 2) + q], c);
+#pragma unroll
+    for (int f = 0; f < WF; ++f) {
+      const unsigned char* d = ring + slot * SLOTB + f * FSLOT;
+      wa[f] = *reinterpret_cast<const uint4*>(d + lane * 16);
+      wb[f] = *reinterpret_cast<const uint4*>(d + 512 + lane * 16);
+      const uint16_t* sc = reinterpret_cast<const uint16_t*>(d + 1024);
+      sa[f] = sc[(g * 2) * (SB / 2) + q];
+      ba[f] = sc[(g * 2 + 1) * (SB / 2) + q];
+      sb[f] = sc[((g + 8) * 2) * (SB / 2) + q];
+      bb[f] = sc[((g + 8) * 2 + 1) * (SB / 2) + q];
+    }
+    mul(wa, wb, sa, ba, sb, bb, c);
   };
   int slot = 0;  // the ring slot of the next chunk to multiply
 
   for (;;) {
     const int n0 = tile * BN;
 #pragma unroll
-    for (int tt = 0; tt < MT; ++tt) acc[tt][0] = acc[tt][1] = acc[tt][2] = acc[tt][3] = 0.f;
+    for (int f = 0; f < WF; ++f)
+#pragma unroll
+      for (int tt = 0; tt < MT; ++tt) acc[f][tt][0] = acc[f][tt][1] = acc[f][tt][2] = acc[f][tt][3] = 0.f;
     if constexpr (NS > 0) {
       for (int c = wc0; c < wc1; ++c) {
         __syncwarp();  // every lane is done with the slot refilled now (multiplied last step)
@@ -727,13 +768,15 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
 
     // Reduce the WK warps of each feature tile through smem.
 #pragma unroll
-    for (int tt = 0; tt < MT; ++tt) {
-      const int m = tt * 8 + 2 * t, r = wn * 16 + g;
-      red[(wk * MP + m) * RS + r] = acc[tt][0];
-      red[(wk * MP + m + 1) * RS + r] = acc[tt][1];
-      red[(wk * MP + m) * RS + r + 8] = acc[tt][2];
-      red[(wk * MP + m + 1) * RS + r + 8] = acc[tt][3];
-    }
+    for (int f = 0; f < WF; ++f)
+#pragma unroll
+      for (int tt = 0; tt < MT; ++tt) {
+        const int m = tt * 8 + 2 * t, r = (wn * WF + f) * 16 + g;
+        red[(wk * MP + m) * RS + r] = acc[f][tt][0];
+        red[(wk * MP + m + 1) * RS + r] = acc[f][tt][1];
+        red[(wk * MP + m) * RS + r + 8] = acc[f][tt][2];
+        red[(wk * MP + m + 1) * RS + r + 8] = acc[f][tt][3];
+      }
     __syncthreads();
     if constexpr (E::PAIR && !SPLIT) {
       for (int e = tid; e < M * (BN / 2); e += NT) {
@@ -818,7 +861,7 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
 QMM_HEADER = ROPE_HEADER + kspec.compact(QMM_HEADER)
 
 _SRC_MAIN = (
-    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"
+    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"
     " {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
     " w_shape[1] * 32 / BITS, {rope});"
 )
@@ -893,6 +936,7 @@ class QmmConfig:
     mrows: int  # x rows allocated in smem (power of two >= M)
     blocks: int = 0  # blocks along N per K-slice, each walking every blocks-th tile (0: one per tile)
     ns: int = 0  # ring slots per warp (cp.async pipeline in shared memory); 0: register stages
+    wf: int = 1  # 16-row feature tiles per warp (2 needs the ring)
 
 
     def xbytes(self, k: int, bits: int) -> int:
@@ -904,11 +948,11 @@ class QmmConfig:
     def smem(self, k: int, bits: int) -> int:
         """x slice and reduction area side by side (a block reduces one tile while x stays),
         then the warps' rings (slots of 1 KiB of weights and up to 256 bytes of scales)."""
-        return (self.xbytes(k, bits) + self.wk * 8 * self.mt * (16 * self.wn + 4) * 4
-                + self.wn * self.wk * self.ns * RING_SLOT)
+        return (self.xbytes(k, bits) + self.wk * 8 * self.mt * (16 * self.wn * self.wf + 4) * 4
+                + self.wn * self.wk * self.ns * self.wf * RING_SLOT)
 
     def grid_blocks(self, n: int) -> int:
-        tiles = n // (16 * self.wn)
+        tiles = n // (16 * self.wn * self.wf)
         return tiles if self.blocks <= 0 else min(tiles, self.blocks)
 
 
@@ -1158,7 +1202,10 @@ def plan_quantized_matmul(
         )
     cfg = config or choose_config(m, n, k, bits)
     if cfg.ns and not ring_ok(bits, group_size):
-        cfg = replace(cfg, ns=0)
+        cfg = replace(cfg, ns=0, wf=1)
+    if cfg.wf not in (1, 2) or (cfg.wf == 2 and not cfg.ns) or n % (16 * cfg.wn * cfg.wf):
+        raise ValueError(f"quantized_matmul: config {cfg} does not fit N={n} (wf 2 needs the ring, "
+                         f"N a multiple of 16 * wn * wf)")
     split = cfg.s > 1
     if norm is not None and (split or glu or k % 256):
         raise ValueError("quantized_matmul: the fused RMSNorm needs one K-slice, K % 256 == 0 and no glu")
@@ -1184,7 +1231,7 @@ def plan_quantized_matmul(
         threadgroup=(nt, 1, 1),
         template=[
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
-            ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("SPLIT", split), ("DQ", 1 if (_lop3(cfg, n, k) if lop3 is None else lop3) else 0),
+            ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("WF", cfg.wf), ("SPLIT", split), ("DQ", 1 if (_lop3(cfg, n, k) if lop3 is None else lop3) else 0),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1]))] if norm is not None else [])
         + (rope.template() if rope_here else []),

@@ -206,12 +206,13 @@ def qmm_case(
     lop3: bool = True,
     glu_pair: bool = False,
     ns: int = 0,
+    wf: int = 1,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
     glu_pair: w is [gate; up] (n/2 rows each) with its rows in glu_pair_order, and the
     result is silu(x @ gate.T) * (x @ up.T) [m, n/2]. ns: ring slots per warp (the cp.async
-    pipeline; 0 keeps the register stages)."""
+    pipeline; 0 keeps the register stages); wf: 16-row feature tiles per warp (2 needs ns)."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -227,7 +228,7 @@ def qmm_case(
     cfg = None
     if split or blocks or ns:
         base = Q.choose_config(m, n, k, bits)
-        cfg = Q.QmmConfig(base.mt, base.wn, base.wk, base.p, split or base.s, base.mrows, blocks, ns)
+        cfg = Q.QmmConfig(base.mt, base.wn, base.wk, base.p, split or base.s, base.mrows, blocks, ns, wf)
     kspec, launch = Q.plan_quantized_matmul(
         "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
         norm=(nw, 1e-5) if norm else None, config=cfg,
@@ -263,7 +264,7 @@ def qmm_case(
         f"{'-split' + str(split) if split else ''}{'-bias' if bias else ''}"
         f"{'-res' if res else ''}{'-glu' if glu else ''}{'-norm' if norm else ''}"
         f"{'-blocks' + str(blocks) if blocks else ''}{'' if lop3 else '-prmt'}{'-glupair' if glu_pair else ''}"
-        f"{'-ring' + str(ns) if ns else ''}"
+        f"{'-ring' + str(ns) if ns else ''}{'-wf' + str(wf) if wf > 1 else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -296,6 +297,10 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=9, bits=8, group_size=32, n=160, k=512, res=True, blocks=4, ns=4, dtype=mx.bfloat16),
         dict(m=33, bits=4, group_size=64, n=128, k=768, split=3, bias=True, ns=2, lop3=False),
         dict(m=3, bits=4, group_size=32, n=96, glu_pair=True, blocks=2, ns=5),
+        # two feature tiles per warp on the ring: persistent tiles (uneven), split K + bias
+        dict(m=9, bits=4, group_size=32, n=256, k=512, res=True, blocks=3, ns=3, wf=2),
+        dict(m=3, bits=8, group_size=32, n=64, k=512, split=2, bias=True, ns=2, wf=2, dtype=mx.bfloat16),
+        dict(m=20, bits=4, group_size=64, n=128, k=512, glu_pair=True, ns=4, wf=2, lop3=False),
     ]
     if quick:  # the first two, and the ring after a split K and across persistent tiles
         specs = specs[:2] + [s for s in specs if s.get("ns") and (s.get("split") or s.get("blocks", 0) > 2)]

@@ -101,8 +101,10 @@ def test_attention_timeline_build_stamps_every_block(splits):
     from batchbench.kernels.attention import STAMPS, read_timeline
 
     toolchain.need(toolchain.host_cxx)
+    vis = np.zeros((2, 300), dtype=bool)  # two sequences of 150 cells: 10 blocks, enough for 4 splits
+    vis[0, :150] = vis[1, 150:] = True
     case = attention_case("cuda", np.random.default_rng(SEED), d=64, g=4, splits=splits, live="exact",
-                          layout=dict(kind="contiguous", n_seq=2, max_prompt=200, max_tg=40), timeline=True)
+                          visible=vis, timeline=True)
     _verify(case)
     kspec, launch = case.kernels[0]
     assert kspec.name.endswith("_tl") and launch.grid[1] == splits

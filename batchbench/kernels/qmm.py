@@ -22,6 +22,11 @@ shared memory (swizzled: conflict-free 16-byte reads; for the fp16 "lop3" dequan
 shared memory; with S > 1 slices the block writes fp32 partials and a small second kernel
 sums them, adds the bias and the residual, and casts.
 
+Weights reach registers one of two ways: two register stages of P chunks (the default), or a
+ring of `QmmConfig.ns` one-chunk slots per warp in shared memory filled by cp.async (wide
+matrices at M = 17-32, where the H200 measured it faster); on the ring a warp may also take two
+16-row feature tiles (`QmmConfig.wf`), so each x fragment feeds both.
+
 Everything else (CPU, Metal, shapes or dtypes not covered) goes to `mx.quantized_matmul`.
 """
 

@@ -388,7 +388,6 @@ def read_timeline(ws: mx.array, launch: Launch) -> "np.ndarray":
     6 with one split: no counter)."""
     import numpy as np
 
-    n_split = launch.grid[1]
     blocks = launch.grid[1] * launch.grid[2] * (launch.grid[0] // launch.threadgroup[0])
     words = np.ascontiguousarray(np.array(ws, dtype=np.float32)).view(np.uint32)[-blocks * 2 * STAMPS:]
     pairs = words.reshape(blocks, STAMPS, 2).astype(np.uint64)

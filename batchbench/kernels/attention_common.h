@@ -245,6 +245,9 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
                           BB_SHARED unsigned char* smem) {
   constexpr int GH = G < 16 ? G : 16; // query heads of one block (rows of the mma tile)
   constexpr int HC = (G + 15) / 16;   // head chunks per kv head
+  // A split's partial record in ws: O [GH][D] (relative to its max) then (max, sum) [GH][2],
+  // padded to a multiple of 4 floats for the merge's float4 loads.
+  constexpr int REC = GH * D + ((GH * 2 + 3) & ~3);
   constexpr int PITCH = bb_attn_pitch(D);
   constexpr int TILE = BB_BLOCK * PITCH;
   constexpr int KS = D / 16; // k-steps of Q K^T
@@ -254,10 +257,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
 
   const int tid = warp * 32 + lane;
 #ifdef BB_TIMELINE
-  constexpr int TL_GH = G < 16 ? G : 16;
-  constexpr long TL_REC = TL_GH * D + ((TL_GH * 2 + 3) & ~3);
-  const long tl_records = n_split > 1 ? (long)n_rows * n_kv_heads * ((G + 15) / 16) * n_split * TL_REC : 0;
-  const long tl_block = ((long)row * n_kv_heads * ((G + 15) / 16) + bx) * n_split + split;
+  const long tl_records = n_split > 1 ? (long)n_rows * n_kv_heads * HC * n_split * REC : 0;
+  const long tl_block = ((long)row * n_kv_heads * HC + bx) * n_split + split;
   BB_GLOBAL uint32_t* stamps = (BB_GLOBAL uint32_t*)(ws + tl_records) + tl_block * 2 * BB_STAMPS;
   if (tid == 0) {  // a phase this block never reaches reads 0
     stamps[0] = bb_smid();
@@ -523,8 +524,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       }
     }
   } else {
-    // Partial record of this split: O [GH][D] (relative to its max) then (max, sum) [GH][2].
-    constexpr int REC = GH * D + ((GH * 2 + 3) & ~3); // a multiple of 4: float4 merge loads
+    // This split's partial record (REC above).
     BB_GLOBAL float* rec = ws + (pair * n_split + split) * REC;
     for (int i = tid; i < GH * D; i += W * 32) {
       const int r = i / D, d = i % D;

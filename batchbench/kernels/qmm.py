@@ -41,7 +41,7 @@ import mlx.nn as nn
 
 from batchbench import backend
 from batchbench.kernels import spec as kspec
-from batchbench.kernels.rope import ROPE_HEADER, angle_template, inverse_order, rope_pair_order  # noqa: F401 (rope_pair_order: re-export)
+from batchbench.kernels.rope import ROPE_HEADER, angle_template, inverse_order, pair_layout, rope_pair_order  # noqa: F401 (rope_pair_order: re-export)
 from batchbench.kernels.spec import KernelSpec, Launch
 
 MAX_M = 64
@@ -943,7 +943,6 @@ class QmmConfig:
     ns: int = 0  # ring slots per warp (cp.async pipeline in shared memory); 0: register stages
     wf: int = 1  # 16-row feature tiles per warp (2 needs the ring)
 
-
     def xbytes(self, k: int, bits: int) -> int:
         """Shared memory of the staged x slice."""
         ck = 128 if bits == 4 else 64
@@ -1121,6 +1120,11 @@ def _shape_info(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: 
     return m, n, k
 
 
+def _on_kernel(m: int, n: int, k: int, x: mx.array, scales, biases, group_size: int, bits: int) -> bool:
+    """True when this call runs the custom kernel: the CUDA back-end and a covered shape."""
+    return backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, group_size, bits)
+
+
 def covered(m: int, n: int, k: int, x_dtype, scales, biases, group_size: int, bits: int) -> bool:
     """True when the custom CUDA kernel handles this call (back-end aside)."""
     return (
@@ -1156,6 +1160,11 @@ class RopeStore:
     @property
     def width(self) -> int:
         return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+
+    @property
+    def layout(self) -> tuple[int, int, int, bool]:
+        """As `pair_layout`: the fused weight's `rope_layout` must equal it."""
+        return (self.n_heads, self.n_kv_heads, self.head_dim, bool(self.traditional))
 
     def inputs(self) -> list[mx.array]:
         return [self.positions.astype(mx.int32), self.cells.astype(mx.int32), self.keys, self.values]
@@ -1236,7 +1245,8 @@ def plan_quantized_matmul(
         threadgroup=(nt, 1, 1),
         template=[
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
-            ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("WF", cfg.wf), ("SPLIT", split), ("DQ", 1 if (_lop3(cfg, n, k) if lop3 is None else lop3) else 0),
+            ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("WF", cfg.wf), ("SPLIT", split),
+            ("DQ", 1 if (_lop3(cfg, n, k) if lop3 is None else lop3) else 0),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1]))] if norm is not None else [])
         + (rope.template() if rope_here else []),
@@ -1339,7 +1349,7 @@ def quantized_matmul(
         raise ValueError("quantized_matmul: glu and norm do not combine")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
     lead = x.shape[:-1]
-    if backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, group_size, bits):
+    if _on_kernel(m, n, k, x, scales, biases, group_size, bits):
         y = _run_kernel(x, w, scales, biases, group_size, bits, m, n, k, bias, residual, glu, norm)
         return y.reshape(*lead, n)
     if norm is not None:
@@ -1393,12 +1403,11 @@ def project_rope_store(layer: "FusedQuantizedLinear", x: mx.array, norm: nn.RMSN
     written into the cache (`RopeStore`), in one launch (two after a split K) on CUDA; None
     where that kernel does not cover the call (the caller then projects, rotates and stores
     separately)."""
-    if backend.BACKEND != "cuda" or getattr(layer, "rope_layout", None) != (
-            rope.n_heads, rope.n_kv_heads, rope.head_dim, bool(rope.traditional)):
+    if backend.BACKEND != "cuda" or getattr(layer, "rope_layout", None) != rope.layout or rope.keys.dtype != x.dtype:
         return None
     w, scales, biases = layer["weight"], layer["scales"], layer["biases"]
     m, n, k = _shape_info(x, w, scales, biases, layer.group_size, layer.bits)
-    if not covered(m, n, k, x.dtype, scales, biases, layer.group_size, layer.bits) or rope.keys.dtype != x.dtype:
+    if not _on_kernel(m, n, k, x, scales, biases, layer.group_size, layer.bits):
         return None
     return _run_kernel(x, w, scales, biases, layer.group_size, layer.bits, m, n, k, layer.get("bias"), None,
                        False, _norm_args(norm), rope)
@@ -1504,7 +1513,7 @@ class FusedQuantizedLinear(nn.Module):
         order = None
         if rope is not None and rope["head_dim"] % 16 == 0 and sum(self.sizes) == (
                 rope["n_heads"] + 2 * rope["n_kv_heads"]) * rope["head_dim"]:
-            layout = (rope["n_heads"], rope["n_kv_heads"], rope["head_dim"], bool(rope["traditional"]))
+            layout = pair_layout(rope)
             order = rope_pair_order(*layout)
             object.__setattr__(self, "rope_layout", layout)  # plain attributes, not parameters
         elif glu_pair and len(self.sizes) == 2 and self.sizes[0] == self.sizes[1] and self.sizes[0] % 8 == 0:
@@ -1526,7 +1535,7 @@ class FusedQuantizedLinear(nn.Module):
         if not self.glu_paired:
             return _silu_mul(self.fused(x, norm))
         m, n, k = _shape_info(x, w, scales, biases, self.group_size, self.bits)
-        if backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, self.group_size, self.bits):
+        if _on_kernel(m, n, k, x, scales, biases, self.group_size, self.bits):
             y = _run_kernel(x, w, scales, biases, self.group_size, self.bits, m, n, k, self.get("bias"), None,
                             False, _norm_args(norm), glu_pair=True)
             return y.reshape(*x.shape[:-1], n // 2)

@@ -122,6 +122,12 @@ def angle_template(base: float, scale: float) -> list[tuple[str, int]]:
             ("SCALE_BITS", kspec.f32_bits(scale))]
 
 
+def pair_layout(rope: dict) -> tuple[int, int, int, bool]:
+    """(Hq, Hkv, D, traditional) of an attention's qkv_rope arguments: what `rope_pair_order`
+    depends on, and so what a fused q/k/v weight stored in that order must match."""
+    return (rope["n_heads"], rope["n_kv_heads"], rope["head_dim"], bool(rope["traditional"]))
+
+
 def rope_pair_order(n_heads: int, n_kv_heads: int, head_dim: int, traditional: bool) -> list[int]:
     """Row order of a fused q/k/v weight for the RoPE epilogue: new row j is old row order[j].
     In each q and k head, 16-row tile t holds rotation pairs 8t..8t+7: their first elements

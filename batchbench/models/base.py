@@ -11,6 +11,7 @@ from typing import Any
 import mlx.core as mx
 
 from batchbench.kernels.attention import PackedLive, decode_attention
+from batchbench.kernels.rope import pair_layout
 
 
 @dataclass
@@ -44,8 +45,7 @@ class QKVProjection:
         """The projection with q and k in rope_pair_order, as the fused layer stores it when
         its layout matches `rope` (qkv_rope reads it so); None otherwise."""
         f = self.fused
-        layout = (rope["n_heads"], rope["n_kv_heads"], rope["head_dim"], bool(rope["traditional"]))
-        if f is None or getattr(f, "rope_layout", None) != layout:
+        if f is None or getattr(f, "rope_layout", None) != pair_layout(rope):
             return None
         return f.fused(self.x, self.norm, stored_order=True)
 

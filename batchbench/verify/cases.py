@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import mlx.core as mx
@@ -228,7 +228,7 @@ def qmm_case(
     cfg = None
     if split or blocks or ns:
         base = Q.choose_config(m, n, k, bits)
-        cfg = Q.QmmConfig(base.mt, base.wn, base.wk, base.p, split or base.s, base.mrows, blocks, ns, wf)
+        cfg = replace(base, s=split or base.s, blocks=blocks, ns=ns, wf=wf)
     kspec, launch = Q.plan_quantized_matmul(
         "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
         norm=(nw, 1e-5) if norm else None, config=cfg,

@@ -3,6 +3,8 @@ NumPy expectations; same `Case` protocol as cases.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 
@@ -143,8 +145,7 @@ def qmm_rope_case(
     rope = Q.RopeStore(mx.array(pos), mx.array(cells), bufs[0], bufs[1], **kw)
     cfg = None
     if split:
-        base_cfg = Q.choose_config(m, width, k, bits)
-        cfg = Q.QmmConfig(base_cfg.mt, base_cfg.wn, base_cfg.wk, base_cfg.p, split, base_cfg.mrows)
+        cfg = replace(Q.choose_config(m, width, k, bits), s=split, blocks=0, ns=0, wf=1)
     norm_arg = (nw, 1e-5) if norm else None
     kspec, launch = Q.plan_quantized_matmul("cuda", x, wq_p, sc_p, bi_p, group_size=group_size, bits=bits,
                                             bias=lb_p, norm=norm_arg, config=cfg, rope=rope)

@@ -42,11 +42,11 @@ def candidates(m: int, n: int, k: int):
         for ns in (4, 6, 8):
             c = replace(d, ns=ns)
             if c.smem(k, 4) <= 220 * 1024:
-                yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // c.s))
+                yield qmm.persistent(c, k, 4)
         if d.mt >= 4 and d.s > 2:
             c = replace(d, ns=4, s=max(2, d.s // 2))
             if c.smem(k, 4) <= 220 * 1024:
-                yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // c.s))
+                yield qmm.persistent(c, k, 4)
         return
     if os.environ.get("TUNE_GRID") == "m32":
         # four token tiles with the ring, against the default; the lop3 twins come from main().
@@ -66,7 +66,7 @@ def candidates(m: int, n: int, k: int):
                 continue
             c = replace(d, wn=wn, wk=wk, ns=ns, wf=wf, s=max(s_, d.s if d.ns == 0 and d.s > 3 else s_))
             if c.smem(k, 4) <= 220 * 1024 and c != d:
-                yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // c.s))
+                yield qmm.persistent(c, k, 4)
         return
     if os.environ.get("TUNE_GRID") == "small":
         # choose_config's pick; one block per tile (no persistence); other persistent grid
@@ -81,12 +81,12 @@ def candidates(m: int, n: int, k: int):
             if c.blocks != d.blocks:
                 yield c
         c = replace(d, p=2 if d.p == 1 else 1)
-        yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // c.s))
+        yield qmm.persistent(c, k, 4)
         if k > 8192:
             for s_ in (1, 3):
                 c = replace(d, s=s_)
                 if c.smem(k, 4) <= 220 * 1024:  # else the launch fails (one block's shared memory)
-                    yield replace(c, blocks=-(-qmm._resident_blocks(c, k, 4) // s_))
+                    yield qmm.persistent(c, k, 4)
         if d.mt >= 4 and d.s > 2:
             # four token tiles hold one block per SM (registers), so the x slice may use most of
             # the SM's shared memory: fewer K-slices, fewer fp32 partials to reduce

@@ -1017,6 +1017,11 @@ def _resident_blocks(cfg: QmmConfig, k: int, bits: int) -> int:
     return per_sm * sm_count()
 
 
+def persistent(cfg: QmmConfig, k: int, bits: int) -> QmmConfig:
+    """cfg with the persistent grid: the blocks resident on the GPU, shared over its K-slices."""
+    return replace(cfg, blocks=-(-_resident_blocks(cfg, k, bits) // cfg.s))
+
+
 # mt -> (wn, wk, p). p chunks per load stage, two stages in flight: p=2 keeps the registers
 # of the single-stage p=4 kernel (~105 per thread, two 256-thread blocks per SM).
 _TILES = {1: (1, 8, 2), 2: (2, 4, 2), 4: (4, 2, 2), 8: (4, 2, 1)}
@@ -1082,7 +1087,7 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
             cfg = c
     if PERSIST and not (m == 1 and cfg.s > 1):
         # one block per tile for the split down projection at M=1 (31 us vs 33 persistent)
-        cfg = replace(cfg, blocks=-(-_resident_blocks(cfg, k, bits) // cfg.s))
+        cfg = persistent(cfg, k, bits)
     return cfg
 
 

@@ -57,7 +57,13 @@ def main() -> int:
     # which did not fit a 150 s limit on the H200 (third session)
     cases = ((1, 300, 2), (2, 64, 2), (3, 517, 2))
     if os.environ.get("MODEL_CHECK_CASES"):
-        cases = tuple(tuple(int(v) for v in c.split(":")) for c in os.environ["MODEL_CHECK_CASES"].split(","))
+        try:
+            cases = tuple(tuple(int(v) for v in c.split(":")) for c in os.environ["MODEL_CHECK_CASES"].split(","))
+            if any(len(c) != 3 or min(c) < 1 for c in cases):
+                raise ValueError
+        except ValueError:
+            sys.exit(f"gpu_model_check: MODEL_CHECK_CASES is B:PP:TG,... with positive integers, "
+                     f"got {os.environ['MODEL_CHECK_CASES']!r}")
     for B, pp, tg in cases:
         backend.BACKEND = "cuda" if mx.cuda.is_available() else "cpu"
         reset_compiled(model)

@@ -63,7 +63,12 @@ def timeline(b: int, ctx: int) -> None:
 
 def main() -> None:
     default = [(1, 4096), (2, 4096), (8, 8192), (32, 8192)] if mx.cuda.is_available() else [(2, 256)]
-    cases = [tuple(int(v) for v in a.split("x")) for a in sys.argv[1:]] or default
+    try:
+        cases = [tuple(int(v) for v in a.split("x")) for a in sys.argv[1:]] or default
+        if any(len(c) != 2 or min(c) < 1 for c in cases):
+            raise ValueError
+    except ValueError:
+        sys.exit(f"h200_attn_timeline: cases are BxCTX with positive integers (e.g. 2x4096), got {sys.argv[1:]}")
     print(f"mlx {mx.__version__}, {mx.device_info().get('device_name', '')}"
           f"{'' if mx.cuda.is_available() else ' (no CUDA: CPU emulator dry run)'}")
     for b, ctx in cases:

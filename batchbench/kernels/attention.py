@@ -40,6 +40,15 @@ def _config(backend_name: str) -> tuple[int, int]:
     stages = int(os.environ.get("BB_ATTN_STAGES", stages))
     return warps, stages
 
+
+
+def bulk_copies(backend_name: str) -> bool:
+    """CUDA: K/V rows arrive by cp.async.bulk (the TMA engine: two copies per lane and block,
+    counted on an mbarrier) instead of 16-byte cp.async by every lane. BB_ATTN_BULK=0 turns it
+    off (A/B runs)."""
+    return backend_name == "cuda" and os.environ.get("BB_ATTN_BULK", "1") != "0"
+
+
 LiveBlocks = Tuple[mx.array, mx.array]
 
 
@@ -67,7 +76,7 @@ _CUDA_BODY = """
 """
 
 _METAL_BODY = """
-  threadgroup uint4 bb_smem[(bb_attn_smem_bytes<D, W, STAGES, sizeof(T)>() + 15) / 16];
+  threadgroup uint4 bb_smem[(bb_attn_smem_bytes<D, W, STAGES, sizeof(T), (G < 16 ? G : 16)>() + 15) / 16];
   bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE>(
       q, k, v, mask, live, (device int*)counters, out, ws,
       q_shape[2], k_shape[1], k_shape[2], mask_shape[1], live_shape[1],
@@ -79,7 +88,6 @@ _METAL_BODY = """
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def kernel_source(backend_name: str) -> tuple[str, str]:
     """(header, body) of the kernel for "cuda" or "metal", as handed to MLX (compacted)."""
     layer = {"cuda": "attention_cuda.h", "metal": "attention_metal.h"}[backend_name]
@@ -88,11 +96,18 @@ def kernel_source(backend_name: str) -> tuple[str, str]:
     return spec.compact(header), body
 
 
-def smem_bytes(d: int, warps: int, stages: int, esize: int) -> int:
-    """Mirror of bb_attn_smem_bytes in attention_common.h."""
+def record_floats(gh: int, d: int) -> int:
+    """A split's partial record in ws (bb_attn_rec): O [GH][D], then (max, sum) [GH][2] padded
+    to a multiple of 4 floats."""
+    return gh * d + (2 * gh + 3) // 4 * 4
+
+
+def smem_bytes(d: int, warps: int, stages: int, esize: int, gh: int) -> int:
+    """Mirror of bb_attn_smem_bytes in attention_common.h: the pipeline tiles and block lists
+    (or the merge header and one split record, if larger), then one mbarrier per slot."""
     pipeline = warps * stages * 2 * BLOCK * (d + 8) * esize + warps * LIST_CAP * 4
     merge = 4 * (warps * 16 * d + warps * 16 * 2 + 16 * 2 + MAX_SPLIT * 16) + 16
-    return max(pipeline, merge)
+    return max(pipeline, merge + 4 * record_floats(gh, d)) + warps * stages * 8
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,9 +352,12 @@ def plan_decode_attention(
     live = pack_live_blocks(live_blocks) if use_live else _dummy_live()
     pairs = t * hkv * hc
     n_split = choose_splits(pairs, n_blk, warps, d)
-    ws_size = pairs * n_split * (gh * d + (2 * gh + 3) // 4 * 4) if n_split > 1 else 4  # REC
-    smem = smem_bytes(d, warps, stages, q.dtype.size)
+    ws_size = pairs * n_split * record_floats(gh, d) if n_split > 1 else 4
+    smem = smem_bytes(d, warps, stages, q.dtype.size, gh)
     header, body = kernel_source(backend_name)
+    bulk = bulk_copies(backend_name)
+    if bulk:
+        header = "#define BB_ATTN_BULK 1\n" + header
     if timeline:
         if backend_name != "cuda":
             raise ValueError("decode_attention: the timeline build exists for CUDA only")
@@ -347,7 +365,7 @@ def plan_decode_attention(
         header = "#define BB_TIMELINE 1\n" + header
     kspec = KernelSpec(
         backend=backend_name,
-        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_tl' if timeline else ''}",
+        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_bk' if bulk else ''}{'_tl' if timeline else ''}",
         input_names=("q", "k", "v", "mask", "live", "counters"),
         output_names=("out", "ws"),
         source=body,

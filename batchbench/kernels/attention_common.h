@@ -50,14 +50,27 @@ BB_FN void bb_mma_16816(BB_THREAD float* acc, BB_THREAD const uint32_t* a, uint3
 }
 #endif
 
-// Bytes of shared (threadgroup) memory the kernel needs; attention.py mirrors this.
-// Pipeline stages + per-warp block lists; the merge area reuses the same bytes.
-template <int D, int W, int STAGES, int ESIZE>
+// Shared (threadgroup) memory, in bytes; attention.py mirrors this. The walk uses the pipeline
+// tiles, the per-warp block lists and one mbarrier (8 bytes) per slot (BB_ATTN_BULK), at the end.
+// After the walk, the merge reuses the front: its header (o_s, ml_s, row_s, fac_s, flag_s),
+// then the last split's staging of the split records, at least one record.
+#ifndef BB_ATTN_BULK
+#define BB_ATTN_BULK 0
+#endif
+constexpr BB_FN int bb_attn_rec(int gh, int d) { return gh * d + ((gh * 2 + 3) & ~3); }
+constexpr BB_FN int bb_attn_merge_hdr(int d, int w) {
+  return 4 * (w * 16 * d + w * 16 * 2 + 16 * 2 + BB_MAX_SPLIT * 16) + 16;
+}
+constexpr BB_FN int bb_attn_maxi(int a, int b) { return a > b ? a : b; }
+// Start of the mbarriers (end of the tiles and lists, or of the merge's first record).
+template <int D, int W, int STAGES, int ESIZE, int GH>
+constexpr BB_FN int bb_attn_bars_at() {
+  return bb_attn_maxi(W * STAGES * 2 * BB_BLOCK * bb_attn_pitch(D) * ESIZE + W * BB_LIST_CAP * 4,
+                      bb_attn_merge_hdr(D, W) + 4 * bb_attn_rec(GH, D));
+}
+template <int D, int W, int STAGES, int ESIZE, int GH>
 constexpr BB_FN int bb_attn_smem_bytes() {
-  return (W * STAGES * 2 * BB_BLOCK * bb_attn_pitch(D) * ESIZE + W * BB_LIST_CAP * 4) >
-                 (4 * (W * 16 * D + W * 16 * 2 + 16 * 2 + BB_MAX_SPLIT * 16) + 16)
-             ? (W * STAGES * 2 * BB_BLOCK * bb_attn_pitch(D) * ESIZE + W * BB_LIST_CAP * 4)
-             : (4 * (W * 16 * D + W * 16 * 2 + 16 * 2 + BB_MAX_SPLIT * 16) + 16);
+  return bb_attn_bars_at<D, W, STAGES, ESIZE, GH>() + W * STAGES * 8;
 }
 
 // Append the lanes with `ok` to list[at..] in lane order; returns how many were appended.
@@ -178,12 +191,35 @@ struct BBCursor {
   }
 };
 
-// Issue the copies of K and V block `b` (32 rows of D) into one stage; rows >= N are zeroed
-// (they may hold anything: the buffer is larger than the used range).
+// Issue the copies of K and V block `b` (32 rows of D) into one pipeline slot; rows >= N are
+// zeroed (they may hold anything: the buffer is larger than the used range). `bar` is the slot's
+// mbarrier (BB_ATTN_BULK: one bulk copy per lane and row of K and of V, counted in bytes on it);
+// else every lane issues 16-byte copies and the slot is one commit group.
 template <typename T, int D>
 BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_GLOBAL const T* kh,
-                              BB_GLOBAL const T* vh, int b, int n_used, int lane) {
+                              BB_GLOBAL const T* vh, int b, int n_used, int lane,
+                              BB_SHARED uint32_t* bar) {
   constexpr int PITCH = bb_attn_pitch(D);
+#if BB_ATTN_BULK
+  constexpr int ROW = D * (int)sizeof(T);
+  const int rows = bb_mini(BB_BLOCK, n_used - b * BB_BLOCK);
+  if (lane == 0) {
+    bb_mbar_expect_tx(bar, (uint32_t)(2 * rows * ROW));
+  }
+  bb_sync_warp(); // the expected bytes are posted before any copy can complete
+  const int cell = b * BB_BLOCK + lane;
+  if (lane < rows) {
+    bb_bulk_copy(kt + lane * PITCH, kh + (long)cell * D, ROW, bar);
+    bb_bulk_copy(vt + lane * PITCH, vh + (long)cell * D, ROW, bar);
+  } else {
+    BB_UNROLL
+    for (int cc = 0; cc < D / 8; ++cc) {
+      *(BB_SHARED uint4*)(kt + lane * PITCH + cc * 8) = make_uint4(0u, 0u, 0u, 0u);
+      *(BB_SHARED uint4*)(vt + lane * PITCH + cc * 8) = make_uint4(0u, 0u, 0u, 0u);
+    }
+    bb_fence_proxy_async(); // ordered before the bulk copies that refill this slot later
+  }
+#else
   constexpr int CPR = D / 8; // 16-byte chunks per row
   BB_UNROLL
   for (int i = lane; i < BB_BLOCK * CPR; i += 32) {
@@ -194,9 +230,26 @@ BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_GLOBAL const 
     bb_cp_async16(kt + r * PITCH + cc * 8, kh + goff, ok);
     bb_cp_async16(vt + r * PITCH + cc * 8, vh + goff, ok);
   }
+#endif
 }
 
-#define BB_MERGE_U 16 // splits' partials loaded per round of the merge
+// Close the copies of one slot (a commit group; nothing with bulk copies, which count bytes).
+BB_FN void bb_attn_commit() {
+#if !BB_ATTN_BULK
+  bb_cp_async_commit();
+#endif
+}
+
+// Wait until slot `slot` (the oldest of STAGES in flight) has landed.
+template <int STAGES>
+BB_FN void bb_attn_wait_slot(BB_SHARED uint32_t* bars, int slot, BB_THREAD uint32_t* phase) {
+#if BB_ATTN_BULK
+  bb_mbar_wait(bars + 2 * slot, (*phase >> slot) & 1u);
+  *phase ^= 1u << slot;
+#else
+  bb_cp_async_wait<STAGES - 1>();
+#endif
+}
 
 // Phase timestamps (diagnostic builds only: attention.py's `timeline`, CUDA). Thread 0 of every
 // block writes BB_STAMPS pairs of 32-bit words after the split records in ws: its SM id, then
@@ -216,20 +269,6 @@ BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_GLOBAL const 
   } while (0)
 #endif
 
-// Partial O (4 floats at item i4) of splits s0 .. s0 + BB_MERGE_U - 1, zero past n_split:
-// independent loads, one round trip.
-BB_FN void bb_attn_merge_loads(BB_THREAD float4* v, BB_GLOBAL const float* recs, int rec, int i4,
-                               int s0, int n_split) {
-  BB_UNROLL
-  for (int u = 0; u < BB_MERGE_U; ++u) {
-    if (s0 + u < n_split) {
-      v[u] = bb_load_coherent4(recs + (long)(s0 + u) * rec + 4 * i4);
-    } else {
-      v[u].x = v[u].y = v[u].z = v[u].w = 0.0f;
-    }
-  }
-}
-
 template <typename T, typename MT, int D, int G, int W, int STAGES, bool SKIP, bool LIVE,
           typename MaskPtr, typename LivePtr>
 BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL const T* v,
@@ -247,7 +286,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   constexpr int HC = (G + 15) / 16;   // head chunks per kv head
   // A split's partial record in ws: O [GH][D] (relative to its max) then (max, sum) [GH][2],
   // padded to a multiple of 4 floats for the merge's float4 loads.
-  constexpr int REC = GH * D + ((GH * 2 + 3) & ~3);
+  constexpr int REC = bb_attn_rec(GH, D);
   constexpr int PITCH = bb_attn_pitch(D);
   constexpr int TILE = BB_BLOCK * PITCH;
   constexpr int KS = D / 16; // k-steps of Q K^T
@@ -329,6 +368,21 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   }
 
   BB_SHARED T* tiles = (BB_SHARED T*)smem + warp * (STAGES * 2 * TILE);
+  // This warp's STAGES mbarriers (used with BB_ATTN_BULK), 2 words each.
+  BB_SHARED uint32_t* bars =
+      (BB_SHARED uint32_t*)(smem + bb_attn_bars_at<D, W, STAGES, (int)sizeof(T), GH>()) +
+      warp * STAGES * 2;
+  uint32_t phase = 0u; // parity of each slot's next completion
+#if BB_ATTN_BULK
+  if (lane == 0) {
+    BB_UNROLL
+    for (int s = 0; s < STAGES; ++s) {
+      bb_mbar_init(bars + 2 * s, 1);
+    }
+    bb_mbar_init_fence();
+  }
+  bb_sync_warp();
+#endif
 
   // Per-warp pipeline: STAGES blocks in flight, compute the oldest, refill its slot.
   int pend[STAGES];
@@ -337,9 +391,9 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     pend[s] = cur.next(lane);
     if (pend[s] >= 0) {
       bb_attn_load_block<T, D>(tiles + s * 2 * TILE, tiles + s * 2 * TILE + TILE, kh, vh,
-                               pend[s], n_used, lane);
+                               pend[s], n_used, lane, bars + 2 * s);
     }
-    bb_cp_async_commit();
+    bb_attn_commit();
   }
   BB_STAMP(2);
   int slot = 0;
@@ -362,7 +416,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       }
     }
 
-    bb_cp_async_wait<STAGES - 1>();
+    bb_attn_wait_slot<STAGES>(bars, slot, &phase);
     bb_sync_warp();
 #ifdef BB_TIMELINE
     if (tl_first) {
@@ -447,9 +501,9 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
 
     const int nb = cur.next(lane);
     if (nb >= 0) {
-      bb_attn_load_block<T, D>(kt, vt, kh, vh, nb, n_used, lane);
+      bb_attn_load_block<T, D>(kt, vt, kh, vh, nb, n_used, lane, bars + 2 * slot);
     }
-    bb_cp_async_commit();
+    bb_attn_commit();
     BB_UNROLL
     for (int s2 = 0; s2 < STAGES - 1; ++s2) {
       pend[s2] = pend[s2 + 1];
@@ -457,7 +511,9 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     pend[STAGES - 1] = nb;
     slot = slot + 1 == STAGES ? 0 : slot + 1;
   }
+#if !BB_ATTN_BULK
   bb_cp_async_wait<0>();
+#endif
   BB_STAMP(4);
 
   // Row sums over the 4 lanes of a quad.
@@ -538,25 +594,34 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       rec[GH * D + tid * 2 + 0] = row_s[tid * 2 + 0];
       rec[GH * D + tid * 2 + 1] = row_s[tid * 2 + 1];
     }
-    bb_fence_device(); // this block's partial is visible before it is counted
+    // Every thread's record writes are ordered before the count by the barrier and the
+    // release of thread 0's atomic (bb_split_arrive); the last block acquires them there.
+    bb_split_release();
     bb_sync_block();
     if (tid == 0) {
-      const int prev = bb_atomic_add(counters + pair, 1);
+      const int prev = bb_split_arrive(counters + pair);
       flag_s[0] = prev == n_split - 1 ? 1 : 0;
     }
     bb_sync_block();
     BB_STAMP(6);
     if (flag_s[0] != 0) {
-      // Last split to arrive: merge every split's partial into the output.
-      bb_fence_device();
+      // Last split to arrive: merge every split's partial into the output. The records are
+      // copied into shared memory SB splits at a time (all of them at small batch, where the
+      // merge is a chain of dependent L2 round trips), together with one round of loads of
+      // every split's (max, sum).
+      bb_split_acquire();
+      constexpr int HDR = bb_attn_merge_hdr(D, W);
+      constexpr int SB = (bb_attn_bars_at<D, W, STAGES, (int)sizeof(T), GH>() - HDR) / (4 * REC);
+      constexpr int NT4 = GH * D / 4;                 // float4 items of O
+      constexpr int IPT = (NT4 + W * 32 - 1) / (W * 32); // items per thread
+      BB_SHARED float* stage = (BB_SHARED float*)(smem + HDR);
       BB_GLOBAL const float* recs = ws + pair * n_split * REC;
-      const int n_items = GH * D / 4;
-      float4 pre[BB_MERGE_U];  // this thread's first item, first BB_MERGE_U splits
-      if (tid < n_items) {
-        bb_attn_merge_loads(pre, recs, REC, tid, 0, n_split);
+      int sb = bb_mini(n_split, SB);
+      for (int i = tid; i < sb * (REC / 4); i += W * 32) {
+        bb_cp_async16(stage + 4 * i, recs + 4 * i, true);
       }
-      // Every split's (max, sum) in one parallel round of loads (o_s is free again: its
-      // contents went into this block's record before the barrier above).
+      bb_cp_async_commit();
+      // o_s is free again: its contents went into this block's record before the count.
       BB_SHARED float* lsum_s = o_s;  // [BB_MAX_SPLIT][16]
       for (int i = tid; i < n_split * GH; i += W * 32) {
         const int s2 = i / GH, r = i - s2 * GH;
@@ -581,34 +646,48 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
           fac_s[s2 * 16 + tid] *= inv;
         }
       }
-      bb_sync_block();
-      // Each thread sums 4 consecutive d of one row over every split. Its splits' float4 loads
-      // go out BB_MERGE_U at a time, the first round before the factors are known (issued
-      // above): at small batch the merge is a chain of dependent L2 round trips.
-      for (int i4 = tid; i4 < n_items; i4 += W * 32) {
-        const int r = (4 * i4) / D, d = (4 * i4) % D;
-        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-        for (int s2 = 0; s2 < n_split; s2 += BB_MERGE_U) {
-          if (s2 > 0 || i4 != tid) {
-            bb_attn_merge_loads(pre, recs, REC, i4, s2, n_split);
+      float acc[IPT][4];
+      BB_UNROLL
+      for (int j = 0; j < IPT; ++j) {
+        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+      }
+      for (int s0 = 0; s0 < n_split; s0 += SB) {
+        if (s0 > 0) { // the next SB records, once every thread is done with the last ones
+          sb = bb_mini(n_split - s0, SB);
+          bb_sync_block();
+          for (int i = tid; i < sb * (REC / 4); i += W * 32) {
+            bb_cp_async16(stage + 4 * i, recs + (long)s0 * REC + 4 * i, true);
           }
-          BB_UNROLL
-          for (int u = 0; u < BB_MERGE_U; ++u) {
-            if (s2 + u < n_split) {
-              const float f = fac_s[(s2 + u) * 16 + r];
-              a0 += f * pre[u].x;
-              a1 += f * pre[u].y;
-              a2 += f * pre[u].z;
-              a3 += f * pre[u].w;
+          bb_cp_async_commit();
+        }
+        bb_cp_async_wait<0>();
+        bb_sync_block(); // the staged records and the factors are visible to every thread
+        BB_UNROLL
+        for (int j = 0; j < IPT; ++j) {
+          const int i4 = tid + j * W * 32;
+          if (i4 < NT4) {
+            const int r = (4 * i4) / D;
+            for (int u = 0; u < sb; ++u) {
+              const float f = fac_s[(s0 + u) * 16 + r];
+              const float4 pv = *(BB_SHARED const float4*)(stage + u * REC + 4 * i4);
+              acc[j][0] += f * pv.x;
+              acc[j][1] += f * pv.y;
+              acc[j][2] += f * pv.z;
+              acc[j][3] += f * pv.w;
             }
           }
         }
-        if (r < rows_valid) {
+      }
+      BB_UNROLL
+      for (int j = 0; j < IPT; ++j) {
+        const int i4 = tid + j * W * 32;
+        const int r = (4 * i4) / D, d = (4 * i4) % D;
+        if (i4 < NT4 && r < rows_valid) {
           BB_GLOBAL T* o = out + ((long)row * n_kv_heads * G + head0 + r) * D + d;
-          o[0] = bb_from_float<T>(a0);
-          o[1] = bb_from_float<T>(a1);
-          o[2] = bb_from_float<T>(a2);
-          o[3] = bb_from_float<T>(a3);
+          o[0] = bb_from_float<T>(acc[j][0]);
+          o[1] = bb_from_float<T>(acc[j][1]);
+          o[2] = bb_from_float<T>(acc[j][2]);
+          o[3] = bb_from_float<T>(acc[j][3]);
         }
       }
       if (tid == 0) {

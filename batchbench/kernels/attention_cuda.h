@@ -103,6 +103,23 @@ BB_FN int bb_popc(uint32_t x) { return __popc(x); }
 
 BB_FN void bb_fence_device() { __threadfence(); }
 BB_FN int bb_atomic_add(int* p, int v) { return atomicAdd(p, v); }
+// Counting a finished split (attention_common.h): every thread calls bb_split_release, then a
+// block barrier, then thread 0 bb_split_arrive (returns the count before); the last block calls
+// bb_split_acquire before it reads the other splits' records. A barrier followed by one
+// release atomic orders every thread's writes (CUTLASS's semaphore does the same).
+#ifdef BB_PORTABLE
+BB_FN void bb_split_release() { __threadfence(); }
+BB_FN int bb_split_arrive(int* p) { return atomicAdd(p, 1); }
+BB_FN void bb_split_acquire() { __threadfence(); }
+#else
+BB_FN void bb_split_release() {}
+BB_FN int bb_split_arrive(int* p) {
+  int prev;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(p) : "memory");
+  return prev;
+}
+BB_FN void bb_split_acquire() {}
+#endif
 BB_FN void bb_atomic_store(int* p, int v) { atomicExch(p, v); }
 // Partials written by other blocks: read through L2, never a stale L1 line.
 BB_FN float bb_load_coherent(const float* p) { return __ldcg(p); }
@@ -156,6 +173,87 @@ template <int N>
 BB_FN void bb_cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+#endif
+
+// ---- bulk copies counted on an mbarrier (BB_ATTN_BULK) ---------------------------
+// An mbarrier is 8 bytes of shared memory (2 words). One thread posts the bytes it expects and
+// arrives; copies complete bytes; the phase ends when both are done. Waiters test a phase by
+// its parity. The portable variant (emulator) keeps [tx bytes, pending | count << 8 | parity
+// << 31] and copies at once; a wait that never ends traps instead of hanging.
+#ifdef BB_PORTABLE
+BB_FN void bb_mbar_check(uint32_t* bar) {
+  const uint32_t pending = bar[1] & 0xffu, count = (bar[1] >> 8) & 0xffu;
+  if (pending == 0u && bar[0] == 0u) {
+    bar[1] = ((bar[1] & 0x80000000u) ^ 0x80000000u) | (count << 8) | count;
+  }
+}
+BB_FN void bb_mbar_init(uint32_t* bar, int count) {
+  bar[0] = 0u;
+  bar[1] = ((uint32_t)count << 8) | (uint32_t)count;
+}
+BB_FN void bb_mbar_init_fence() {}
+BB_FN void bb_mbar_expect_tx(uint32_t* bar, uint32_t bytes) {
+  if ((bar[1] & 0xffu) == 0u) {
+    __trap(); // arrival on a phase that has no pending arrivals
+  }
+  bar[0] += bytes;
+  bar[1] -= 1u;
+  bb_mbar_check(bar);
+}
+BB_FN void bb_bulk_copy(void* dst, const void* src, uint32_t bytes, uint32_t* bar) {
+  if (bytes % 16u != 0u ||
+      ((unsigned long long)dst | (unsigned long long)src) % 16u != 0u) {
+    __trap(); // cp.async.bulk needs 16-byte sizes and addresses
+  }
+  for (uint32_t i = 0; i < bytes / 16u; ++i) {
+    reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+  }
+  bar[0] -= bytes;
+  bb_mbar_check(bar);
+}
+BB_FN void bb_mbar_wait(uint32_t* bar, uint32_t parity) {
+  for (int spin = 0; (bar[1] >> 31) == parity; ++spin) {
+    if (spin > (1 << 20)) {
+      __trap();
+    }
+    __nanosleep(0); // lets the other lanes issue their copies
+  }
+}
+BB_FN void bb_fence_proxy_async() {}
+#else
+BB_FN uint32_t bb_smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+BB_FN void bb_mbar_init(uint32_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bb_smem_u32(bar)), "r"(count) : "memory");
+}
+// The initialised barriers are visible to the bulk-copy (async) proxy.
+BB_FN void bb_mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+BB_FN void bb_mbar_expect_tx(uint32_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bb_smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+BB_FN void bb_bulk_copy(void* dst, const void* src, uint32_t bytes, uint32_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   bb_smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(bb_smem_u32(bar))
+               : "memory");
+}
+BB_FN void bb_mbar_wait(uint32_t* bar, uint32_t parity) {
+  const uint32_t a = bb_smem_u32(bar);
+  uint32_t done = 0u;
+  for (int spin = 0; done == 0u; ++spin) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(a), "r"(parity)
+        : "memory");
+    if (spin > (1 << 24)) {
+      __trap(); // a byte count that never completes: fail the launch instead of hanging
+    }
+  }
+}
+// Generic-proxy writes (a zeroed row) ordered before later bulk copies into the same bytes.
+BB_FN void bb_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #endif
 
 // ---- shared -> register fragments (ldmatrix) --------------------------------

@@ -108,6 +108,14 @@ BB_FN int bb_atomic_add(device int* p, int v) {
 BB_FN void bb_atomic_store(device int* p, int v) {
   atomic_store_explicit((device atomic_int*)p, v, memory_order_relaxed);
 }
+// Counting a finished split (see attention_cuda.h): fences around a relaxed atomic.
+BB_FN void bb_split_release() { bb_fence_device(); }
+BB_FN int bb_split_arrive(device int* p) {
+  const int prev = bb_atomic_add(p, 1);
+  bb_fence_device();
+  return prev;
+}
+BB_FN void bb_split_acquire() { bb_fence_device(); }
 BB_FN float bb_load_coherent(device const float* p) { return *(device const volatile float*)p; }
 BB_FN float4 bb_load_coherent4(device const float* p) {
   device const volatile float* q = (device const volatile float*)p;

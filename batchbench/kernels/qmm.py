@@ -1030,6 +1030,7 @@ _TILES = {1: (1, 8, 2), 2: (2, 4, 2), 4: (4, 2, 2), 8: (4, 2, 1)}
 # M=32 gate/up 113 -> 104 us).
 _WIDE_N = 16384
 _WIDE_TILES = {1: (4, 2, 2), 2: (4, 2, 2), 4: (8, 1, 2), 8: (8, 1, 1)}
+_RING_SPLIT_K_N = 65536  # the ring's wide matrices below this width take warps along K (choose_config)
 LONG_K_CHUNKS = 12  # chunks per warp above which K is split over two blocks (down_proj, M=1)
 # BB_QMM_LONG_K_SPLIT=0: keep one K-slice there (one launch less per layer: no reduce kernel)
 LONG_K_SPLIT = os.environ.get("BB_QMM_LONG_K_SPLIT", "1") == "1"
@@ -1083,6 +1084,10 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
         # 329 -> 246 us, gate/up 97 -> 79 us at M=32; the ring loses at M=1 (gate/up 28.7 ->
         # 33.9 us), is even at M=8 and loses on narrow or long-K matrices at M=32 (down 60 -> 67).
         c = replace(cfg, ns=4, s=max(2, cfg.s // 2))
+        if n < _RING_SPLIT_K_N and c.wn == 8 and n % (16 * 4) == 0:
+            # two warps along K instead of eight along N below lm_head's width: gate/up 74.8 ->
+            # 71.2 us at M=32 (H200 tune, results/h200-2026-11-29-s8); lm_head loses (233 -> 246)
+            c = replace(c, wn=4, wk=2)
         if c.smem(k, bits) <= SMEM_PER_SM - SMEM_STEP:
             cfg = c
     if PERSIST and not (m == 1 and cfg.s > 1):

@@ -11,7 +11,8 @@ the RMSNorm and bias, o with the residual, gate/up with the RMSNorm, down with t
 product and the residual, lm_head with the RMSNorm), at M=32 gate/up and down, and the
 attention kernel at B=1 x 4096, B=2 x 4096 and B=32 x 8192 cells with live lists.
 Each is launched twice (the first compiles; profile both: ncu flushes caches before each).
-PARTS=qmm or PARTS=attn picks one half.
+PARTS=qmm or PARTS=attn picks one half. NCU_M=32 and NCU_NAMES=gate_up,down pick matmuls;
+NCU_WF=2 also runs each picked matmul with two feature tiles per warp (QmmConfig.wf, the ring).
 """
 
 from __future__ import annotations
@@ -19,14 +20,20 @@ from __future__ import annotations
 import math
 import os
 
+from dataclasses import replace
+
 import mlx.core as mx
 
 from batchbench import bench_attention as ba
 from batchbench.kernels import qmm
+from batchbench.kernels import spec as kspec
 from batchbench.kernels.attention import decode_attention
 
 H, FF, V = 3584, 18944, 152064
 PARTS = os.environ.get("PARTS", "qmm,attn").split(",")
+NCU_M = [int(m) for m in os.environ.get("NCU_M", "1,32").split(",")]
+NCU_NAMES = os.environ.get("NCU_NAMES", "")
+NCU_WF = int(os.environ.get("NCU_WF", "1"))
 
 
 def qweights(n: int, k: int):
@@ -38,7 +45,7 @@ def qweights(n: int, k: int):
 
 def run_qmm() -> None:
     norm = (mx.ones((H,), mx.float16), 1e-6)
-    for m in (1, 32):
+    for m in NCU_M:
         x = mx.random.normal((m, H)).astype(mx.float16)
         xg = mx.random.normal((m, 2 * FF)).astype(mx.float16)
         res = mx.random.normal((m, H)).astype(mx.float16)
@@ -48,12 +55,23 @@ def run_qmm() -> None:
                  ("down", H, FF, dict(glu=True, residual=res), xg),
                  ("lm_head", V, H, dict(norm=norm), x)]
         for name, n, k, kw, xin in cases:
-            if m == 32 and name not in ("gate_up", "down"):
+            if NCU_NAMES and name not in NCU_NAMES.split(","):
+                continue
+            if not NCU_NAMES and m == 32 and name not in ("gate_up", "down"):
                 continue
             w, s, b = qweights(n, k)
             print(f"qmm {name} M={m}: {qmm.choose_config(m, n, k, 4)}", flush=True)
             for _ in range(2):
                 mx.eval(qmm.quantized_matmul(xin, w, s, b, group_size=32, bits=4, **kw))
+            cfg = qmm.choose_config(m, n, k, 4)
+            if NCU_WF > 1 and cfg.ns > 0:
+                # the same matmul without its epilogue, then with NCU_WF feature tiles per warp
+                for c in (cfg, qmm.persistent(replace(cfg, wf=NCU_WF, ns=min(cfg.ns, 3)), k, 4)):
+                    print(f"qmm {name} M={m} (plain): {c}", flush=True)
+                    ks, launch = qmm.plan_quantized_matmul("cuda", xin, w, s, b, group_size=32, bits=4,
+                                                           config=c)
+                    for _ in range(2):
+                        mx.eval(kspec.run(ks, launch))
             del w, s, b
 
 

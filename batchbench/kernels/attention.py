@@ -41,14 +41,6 @@ def _config(backend_name: str) -> tuple[int, int]:
     return warps, stages
 
 
-
-def bulk_copies(backend_name: str) -> bool:
-    """CUDA: K/V rows arrive by cp.async.bulk (the TMA engine: two copies per lane and block,
-    counted on an mbarrier) instead of 16-byte cp.async by every lane. BB_ATTN_BULK=0 turns it
-    off (A/B runs)."""
-    return backend_name == "cuda" and os.environ.get("BB_ATTN_BULK", "1") != "0"
-
-
 LiveBlocks = Tuple[mx.array, mx.array]
 
 
@@ -103,11 +95,11 @@ def record_floats(gh: int, d: int) -> int:
 
 
 def smem_bytes(d: int, warps: int, stages: int, esize: int, gh: int) -> int:
-    """Mirror of bb_attn_smem_bytes in attention_common.h: the pipeline tiles and block lists
-    (or the merge header and one split record, if larger), then one mbarrier per slot."""
+    """Mirror of bb_attn_smem_bytes in attention_common.h: the pipeline tiles and block lists,
+    or the merge header and one split record if larger."""
     pipeline = warps * stages * 2 * BLOCK * (d + 8) * esize + warps * LIST_CAP * 4
     merge = 4 * (warps * 16 * d + warps * 16 * 2 + 16 * 2 + MAX_SPLIT * 16) + 16
-    return max(pipeline, merge + 4 * record_floats(gh, d)) + warps * stages * 8
+    return max(pipeline, merge + 4 * record_floats(gh, d))
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,9 +347,6 @@ def plan_decode_attention(
     ws_size = pairs * n_split * record_floats(gh, d) if n_split > 1 else 4
     smem = smem_bytes(d, warps, stages, q.dtype.size, gh)
     header, body = kernel_source(backend_name)
-    bulk = bulk_copies(backend_name)
-    if bulk:
-        header = "#define BB_ATTN_BULK 1\n" + header
     if timeline:
         if backend_name != "cuda":
             raise ValueError("decode_attention: the timeline build exists for CUDA only")
@@ -365,7 +354,7 @@ def plan_decode_attention(
         header = "#define BB_TIMELINE 1\n" + header
     kspec = KernelSpec(
         backend=backend_name,
-        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_bk' if bulk else ''}{'_tl' if timeline else ''}",
+        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_tl' if timeline else ''}",
         input_names=("q", "k", "v", "mask", "live", "counters"),
         output_names=("out", "ws"),
         source=body,

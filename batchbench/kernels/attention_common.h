@@ -51,26 +51,18 @@ BB_FN void bb_mma_16816(BB_THREAD float* acc, BB_THREAD const uint32_t* a, uint3
 #endif
 
 // Shared (threadgroup) memory, in bytes; attention.py mirrors this. The walk uses the pipeline
-// tiles, the per-warp block lists and one mbarrier (8 bytes) per slot (BB_ATTN_BULK), at the end.
-// After the walk, the merge reuses the front: its header (o_s, ml_s, row_s, fac_s, flag_s),
-// then the last split's staging of the split records, at least one record.
-#ifndef BB_ATTN_BULK
-#define BB_ATTN_BULK 0
-#endif
+// tiles and the per-warp block lists. After the walk, the merge reuses the same bytes: its
+// header (o_s, ml_s, row_s, fac_s, flag_s), then the last split's staging of the split records
+// (at least one record).
 constexpr BB_FN int bb_attn_rec(int gh, int d) { return gh * d + ((gh * 2 + 3) & ~3); }
 constexpr BB_FN int bb_attn_merge_hdr(int d, int w) {
   return 4 * (w * 16 * d + w * 16 * 2 + 16 * 2 + BB_MAX_SPLIT * 16) + 16;
 }
 constexpr BB_FN int bb_attn_maxi(int a, int b) { return a > b ? a : b; }
-// Start of the mbarriers (end of the tiles and lists, or of the merge's first record).
-template <int D, int W, int STAGES, int ESIZE, int GH>
-constexpr BB_FN int bb_attn_bars_at() {
-  return bb_attn_maxi(W * STAGES * 2 * BB_BLOCK * bb_attn_pitch(D) * ESIZE + W * BB_LIST_CAP * 4,
-                      bb_attn_merge_hdr(D, W) + 4 * bb_attn_rec(GH, D));
-}
 template <int D, int W, int STAGES, int ESIZE, int GH>
 constexpr BB_FN int bb_attn_smem_bytes() {
-  return bb_attn_bars_at<D, W, STAGES, ESIZE, GH>() + W * STAGES * 8;
+  return bb_attn_maxi(W * STAGES * 2 * BB_BLOCK * bb_attn_pitch(D) * ESIZE + W * BB_LIST_CAP * 4,
+                      bb_attn_merge_hdr(D, W) + 4 * bb_attn_rec(GH, D));
 }
 
 // Append the lanes with `ok` to list[at..] in lane order; returns how many were appended.
@@ -191,35 +183,14 @@ struct BBCursor {
   }
 };
 
-// Issue the copies of K and V block `b` (32 rows of D) into one pipeline slot; rows >= N are
-// zeroed (they may hold anything: the buffer is larger than the used range). `bar` is the slot's
-// mbarrier (BB_ATTN_BULK: one bulk copy per lane and row of K and of V, counted in bytes on it);
-// else every lane issues 16-byte copies and the slot is one commit group.
+// Issue the copies of K and V block `b` (32 rows of D) into one stage; rows >= N are zeroed
+// (they may hold anything: the buffer is larger than the used range).
+// (Row-wise cp.async.bulk copies on an mbarrier per stage were measured slower on the H200:
+// B=32 x 8192 219 vs 138 us, results/h200-2026-11-29-s8.)
 template <typename T, int D>
 BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_GLOBAL const T* kh,
-                              BB_GLOBAL const T* vh, int b, int n_used, int lane,
-                              BB_SHARED uint32_t* bar) {
+                              BB_GLOBAL const T* vh, int b, int n_used, int lane) {
   constexpr int PITCH = bb_attn_pitch(D);
-#if BB_ATTN_BULK
-  constexpr int ROW = D * (int)sizeof(T);
-  const int rows = bb_mini(BB_BLOCK, n_used - b * BB_BLOCK);
-  if (lane == 0) {
-    bb_mbar_expect_tx(bar, (uint32_t)(2 * rows * ROW));
-  }
-  bb_sync_warp(); // the expected bytes are posted before any copy can complete
-  const int cell = b * BB_BLOCK + lane;
-  if (lane < rows) {
-    bb_bulk_copy(kt + lane * PITCH, kh + (long)cell * D, ROW, bar);
-    bb_bulk_copy(vt + lane * PITCH, vh + (long)cell * D, ROW, bar);
-  } else {
-    BB_UNROLL
-    for (int cc = 0; cc < D / 8; ++cc) {
-      *(BB_SHARED uint4*)(kt + lane * PITCH + cc * 8) = make_uint4(0u, 0u, 0u, 0u);
-      *(BB_SHARED uint4*)(vt + lane * PITCH + cc * 8) = make_uint4(0u, 0u, 0u, 0u);
-    }
-    bb_fence_proxy_async(); // ordered before the bulk copies that refill this slot later
-  }
-#else
   constexpr int CPR = D / 8; // 16-byte chunks per row
   BB_UNROLL
   for (int i = lane; i < BB_BLOCK * CPR; i += 32) {
@@ -230,25 +201,6 @@ BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_GLOBAL const 
     bb_cp_async16(kt + r * PITCH + cc * 8, kh + goff, ok);
     bb_cp_async16(vt + r * PITCH + cc * 8, vh + goff, ok);
   }
-#endif
-}
-
-// Close the copies of one slot (a commit group; nothing with bulk copies, which count bytes).
-BB_FN void bb_attn_commit() {
-#if !BB_ATTN_BULK
-  bb_cp_async_commit();
-#endif
-}
-
-// Wait until slot `slot` (the oldest of STAGES in flight) has landed.
-template <int STAGES>
-BB_FN void bb_attn_wait_slot(BB_SHARED uint32_t* bars, int slot, BB_THREAD uint32_t* phase) {
-#if BB_ATTN_BULK
-  bb_mbar_wait(bars + 2 * slot, (*phase >> slot) & 1u);
-  *phase ^= 1u << slot;
-#else
-  bb_cp_async_wait<STAGES - 1>();
-#endif
 }
 
 // Phase timestamps (diagnostic builds only: attention.py's `timeline`, CUDA). Thread 0 of every
@@ -368,21 +320,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   }
 
   BB_SHARED T* tiles = (BB_SHARED T*)smem + warp * (STAGES * 2 * TILE);
-  // This warp's STAGES mbarriers (used with BB_ATTN_BULK), 2 words each.
-  BB_SHARED uint32_t* bars =
-      (BB_SHARED uint32_t*)(smem + bb_attn_bars_at<D, W, STAGES, (int)sizeof(T), GH>()) +
-      warp * STAGES * 2;
-  uint32_t phase = 0u; // parity of each slot's next completion
-#if BB_ATTN_BULK
-  if (lane == 0) {
-    BB_UNROLL
-    for (int s = 0; s < STAGES; ++s) {
-      bb_mbar_init(bars + 2 * s, 1);
-    }
-    bb_mbar_init_fence();
-  }
-  bb_sync_warp();
-#endif
 
   // Per-warp pipeline: STAGES blocks in flight, compute the oldest, refill its slot.
   int pend[STAGES];
@@ -391,9 +328,9 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     pend[s] = cur.next(lane);
     if (pend[s] >= 0) {
       bb_attn_load_block<T, D>(tiles + s * 2 * TILE, tiles + s * 2 * TILE + TILE, kh, vh,
-                               pend[s], n_used, lane, bars + 2 * s);
+                               pend[s], n_used, lane);
     }
-    bb_attn_commit();
+    bb_cp_async_commit();
   }
   BB_STAMP(2);
   int slot = 0;
@@ -416,7 +353,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       }
     }
 
-    bb_attn_wait_slot<STAGES>(bars, slot, &phase);
+    bb_cp_async_wait<STAGES - 1>();
     bb_sync_warp();
 #ifdef BB_TIMELINE
     if (tl_first) {
@@ -501,9 +438,9 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
 
     const int nb = cur.next(lane);
     if (nb >= 0) {
-      bb_attn_load_block<T, D>(kt, vt, kh, vh, nb, n_used, lane, bars + 2 * slot);
+      bb_attn_load_block<T, D>(kt, vt, kh, vh, nb, n_used, lane);
     }
-    bb_attn_commit();
+    bb_cp_async_commit();
     BB_UNROLL
     for (int s2 = 0; s2 < STAGES - 1; ++s2) {
       pend[s2] = pend[s2 + 1];
@@ -511,9 +448,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     pend[STAGES - 1] = nb;
     slot = slot + 1 == STAGES ? 0 : slot + 1;
   }
-#if !BB_ATTN_BULK
   bb_cp_async_wait<0>();
-#endif
   BB_STAMP(4);
 
   // Row sums over the 4 lanes of a quad.
@@ -611,7 +546,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       // every split's (max, sum).
       bb_split_acquire();
       constexpr int HDR = bb_attn_merge_hdr(D, W);
-      constexpr int SB = (bb_attn_bars_at<D, W, STAGES, (int)sizeof(T), GH>() - HDR) / (4 * REC);
+      constexpr int SB = (bb_attn_smem_bytes<D, W, STAGES, (int)sizeof(T), GH>() - HDR) / (4 * REC);
       constexpr int NT4 = GH * D / 4;                 // float4 items of O
       constexpr int IPT = (NT4 + W * 32 - 1) / (W * 32); // items per thread
       BB_SHARED float* stage = (BB_SHARED float*)(smem + HDR);

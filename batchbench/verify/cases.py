@@ -80,7 +80,6 @@ def attention_case(
     visible: np.ndarray | None = None,
     splits: int | None = None,
     timeline: bool = False,
-    bulk: bool | None = None,
 ) -> Case:
     """Decode attention over a unified-cache layout (attention_cases.make_layout).
 
@@ -88,8 +87,7 @@ def attention_case(
     (owned blocks of the row's sequence, as the cache bookkeeping gives them). splits: plan
     for a GPU small enough to give that many KV splits (few splits: each warp walks many
     blocks through its pipeline; one split writes the output without the merge). timeline:
-    the diagnostic build that also writes phase stamps (CUDA). bulk: force the CUDA kernel's
-    K/V copies (True: cp.async.bulk on mbarriers, False: 16-byte cp.async; None: the default)."""
+    the diagnostic build that also writes phase stamps (CUDA)."""
     layout = dict(kind="contiguous", n_seq=3, max_prompt=70) if layout is None else layout
     if visible is None:
         lay = make_layout(rng, **layout)
@@ -113,20 +111,19 @@ def attention_case(
     elif live == "superset":
         live_blocks = tuple(mx.array(x) for x in live_lists(owned, pad_to=n // 32 + 2))
     sms = None if splits is None else t * hkv * -(-g // A.HEADS_PER_TILE) * splits
-    env = {"BB_ATTN_SMS": None if sms is None else str(sms),
-           "BB_ATTN_BULK": None if bulk is None else str(int(bulk))}
-    saved = {key: os.environ.get(key) for key in env}
+    saved = os.environ.get("BB_ATTN_SMS")
     try:
-        os.environ.update({key: val for key, val in env.items() if val is not None})
+        if sms is not None:
+            os.environ["BB_ATTN_SMS"] = str(sms)
         kspec, launch = A.plan_decode_attention(
             backend, q, k, v, mask, scale=scale, skip=skip, live_blocks=live_blocks, timeline=timeline
         )
     finally:
-        for key, val in saved.items():
-            if val is None:
-                os.environ.pop(key, None)
+        if sms is not None:
+            if saved is None:
+                os.environ.pop("BB_ATTN_SMS", None)
             else:
-                os.environ[key] = val
+                os.environ["BB_ATTN_SMS"] = saved
     want = reference(_f64(q), _f64(k), _f64(v), vis, scale)
     dead = ~vis.any(axis=1)
     counters_at = list(kspec.input_names).index("counters")
@@ -193,11 +190,6 @@ def attention_cases(backend: str, rng: np.random.Generator, quick: bool = False)
     vis = np.zeros((2, 5000), dtype=bool)
     vis[0, :2500] = vis[1, 2500:] = True
     cases.append(attention_case(backend, rng, d=64, g=16, hkv=1, splits=19, live="exact", visible=vis))
-    if backend == "cuda":
-        # The 16-byte cp.async pipeline (BB_ATTN_BULK=0) besides the default bulk copies.
-        cases.append(attention_case(backend, rng, bulk=False, d=128, g=7, layout=dict(kind="contiguous",
-                                    n_seq=3, empty_row=True)))
-        cases.append(attention_case(backend, rng, bulk=False, **many))
     return cases
 
 

@@ -76,9 +76,9 @@ BB_FN int bb_attn_append(BB_SHARED int* list, int at, bool ok, int b, int lane) 
 
 // The 32-cell blocks one warp processes, ascending, buffered BB_LIST_CAP at a time in a
 // per-warp list in shared memory (so their addresses are known one pipeline stage ahead):
-//   LIVE:  entries base + i * step of the row's live list (round-robin as below, so the
-//          first entries' addresses do not wait for the row's count: `first` is loaded
-//          together with it);
+//   LIVE:  entries base + i * step of the row's live list, 32 at a time (round-robin as
+//          below). Each lane's entry of a round is loaded one round early (`ahead`; the
+//          first round's together with the row's count), so no refill waits for a round trip;
 //   else:  candidate blocks base + i * step with base = split * W + warp and
 //          step = n_split * W (round-robin: contiguous runs of live blocks spread evenly
 //          over splits and warps); with SKIP a candidate whose 32 mask values are all
@@ -95,17 +95,15 @@ struct BBCursor {
   int src, src_end;     // next candidate index, number of candidates
   int count, pos;       // list fill and read position
   bool vec_ok;          // mask rows 16-byte aligned
-  int first;            // LIVE: this lane's first entry, live row [1 + base + lane * step]
+  int ahead;            // LIVE: this lane's entry of the next round, live row [1 + base + (src + lane) * step]
 
   BB_FN void fill(int lane) {
     int cnt = 0;
     if (LIVE) {
-      while (cnt <= BB_LIST_CAP - 32 && src < src_end) {
+      while (cnt == 0 && src < src_end) { // one round, more only past rounds of bad entries
         const int j = src + lane;
-        int b = -1;
-        if (j < src_end) {
-          b = src == 0 ? first : lrow[1 + base + j * step];
-        }
+        const int b = j < src_end ? ahead : -1;
+        ahead = j + 32 < src_end ? lrow[1 + base + (j + 32) * step] : -1;
         // A bad entry must not send loads out of bounds.
         cnt += bb_attn_append(list, cnt, b >= 0 && b < n_blk, b, lane);
         src += 32;
@@ -298,11 +296,11 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   cur.pos = 0;
   cur.base = split * W + warp;
   cur.step = n_split * W;
-  cur.first = -1;
+  cur.ahead = -1;
   if (LIVE) {
     const int fi = 1 + cur.base + lane * cur.step;
     if (fi < live_stride) {
-      cur.first = cur.lrow[fi];
+      cur.ahead = cur.lrow[fi];
     }
     int count = bb_mini(cur.lrow[0], live_stride - 1);
     count = count < 0 ? 0 : count;

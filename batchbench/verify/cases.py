@@ -190,6 +190,11 @@ def attention_cases(backend: str, rng: np.random.Generator, quick: bool = False)
     vis = np.zeros((2, 5000), dtype=bool)
     vis[0, :2500] = vis[1, 2500:] = True
     cases.append(attention_case(backend, rng, d=64, g=16, hkv=1, splits=19, live="exact", visible=vis))
+    # One split, ~150 live blocks per row: ~40 per warp, read from the live list 32 entries a
+    # round, each round's loaded during the one before.
+    vis = np.zeros((2, 5000), dtype=bool)
+    vis[0, :5000] = vis[1, 100:4900] = True
+    cases.append(attention_case(backend, rng, d=64, g=4, hkv=1, splits=1, live="exact", visible=vis))
     return cases
 
 

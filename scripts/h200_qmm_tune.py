@@ -57,8 +57,14 @@ def candidates(m: int, n: int, k: int):
         yield d
         grid = os.environ.get("TUNE_M32", "next")
         # wf=2: two feature tiles per warp (each x fragment feeds both), 128-feature blocks.
+        # b (eighth session, after ncu showed 8 warps per SM stalled on fixed-latency dependencies):
+        # 512-thread blocks at 2 K-slices (one block per SM, twice the warps; 3 ring slots fit), and
+        # 256-thread blocks with more ring slots (6, 8: more bytes in flight per warp).
         shapes = (((16, 1, 3, 2, 1), (16, 1, 4, 3, 1), (8, 2, 3, 2, 1), (8, 2, 4, 3, 1), (4, 4, 4, 3, 1),
                    (2, 8, 3, 3, 1)) if grid == "s7" else
+                  ((4, 4, 3, 2, 1), (8, 2, 3, 2, 1), (4, 2, 6, 2, 1), (4, 2, 8, 2, 1), (8, 1, 6, 2, 1),
+                   (8, 1, 8, 2, 1))
+                  if grid == "b" else
                   ((4, 2, 4, 2, 1), (4, 2, 4, 3, 1), (4, 2, 3, 4, 1), (8, 1, 3, 4, 1), (4, 2, 3, 2, 2),
                    (4, 2, 4, 3, 2), (2, 4, 3, 3, 2)))
         for wn, wk, ns, s_, wf in shapes:
@@ -162,7 +168,10 @@ def main():
     torch.zeros(1, device="cuda")
     res = []
     t_start = time.time()
+    names = os.environ.get("TUNE_NAMES")
     for name, n, k in SHAPES:
+        if names and name not in names.split(","):
+            continue
         wbytes = n * k // 2 + 2 * 2 * n * (k // 32)
         copies = max(2, min(16, int(2 * 60e6 / wbytes) + 1))
         sets = []
@@ -182,7 +191,8 @@ def main():
             if os.environ.get("TUNE_GRID") == "ring":
                 pass  # the pipelines only
             elif os.environ.get("TUNE_GRID") == "m32":  # both dequantizations of every candidate
-                cfgs += [Variant(c, lop3=not qmm._lop3(c, n, k)) for c in list(cfgs)]
+                if os.environ.get("TUNE_M32") != "b":
+                    cfgs += [Variant(c, lop3=not qmm._lop3(c, n, k)) for c in list(cfgs)]
             else:
                 cfgs.append(Variant(default, lop3=not qmm._lop3(default, n, k)))  # the other dequantization
                 if name in ("qkv", "gate_up") and default.s == 1:

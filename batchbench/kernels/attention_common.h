@@ -235,7 +235,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   constexpr int GH = G < 16 ? G : 16; // query heads of one block (rows of the mma tile)
   constexpr int HC = (G + 15) / 16;   // head chunks per kv head
   // A split's partial record in ws: O [GH][D] (relative to its max) then (max, sum) [GH][2],
-  // padded to a multiple of 4 floats for the merge's float4 loads.
+  // padded to a multiple of 4 floats for the merge's 16-byte copies (bb_attn_rec).
   constexpr int REC = bb_attn_rec(GH, D);
   constexpr int PITCH = bb_attn_pitch(D);
   constexpr int TILE = BB_BLOCK * PITCH;
@@ -551,7 +551,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       BB_GLOBAL const float* recs = ws + pair * n_split * REC;
       int sb = bb_mini(n_split, SB);
       for (int i = tid; i < sb * (REC / 4); i += W * 32) {
-        bb_cp_async16(stage + 4 * i, recs + 4 * i, true);
+        bb_cp_coherent16(stage + 4 * i, recs + 4 * i);
       }
       bb_cp_async_commit();
       // o_s is free again: its contents went into this block's record before the count.
@@ -589,7 +589,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
           sb = bb_mini(n_split - s0, SB);
           bb_sync_block();
           for (int i = tid; i < sb * (REC / 4); i += W * 32) {
-            bb_cp_async16(stage + 4 * i, recs + (long)s0 * REC + 4 * i, true);
+            bb_cp_coherent16(stage + 4 * i, recs + (long)s0 * REC + 4 * i);
           }
           bb_cp_async_commit();
         }

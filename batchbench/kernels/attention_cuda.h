@@ -108,9 +108,9 @@ BB_FN int bb_atomic_add(int* p, int v) { return atomicAdd(p, v); }
 // bb_split_acquire before it reads the other splits' records. A barrier followed by one
 // release atomic orders every thread's writes (CUTLASS's semaphore does the same).
 #ifdef BB_PORTABLE
-BB_FN void bb_split_release() { __threadfence(); }
-BB_FN int bb_split_arrive(int* p) { return atomicAdd(p, 1); }
-BB_FN void bb_split_acquire() { __threadfence(); }
+BB_FN void bb_split_release() { bb_fence_device(); }
+BB_FN int bb_split_arrive(int* p) { return bb_atomic_add(p, 1); }
+BB_FN void bb_split_acquire() { bb_fence_device(); }
 #else
 BB_FN void bb_split_release() {}
 BB_FN int bb_split_arrive(int* p) {
@@ -123,7 +123,6 @@ BB_FN void bb_split_acquire() {}
 BB_FN void bb_atomic_store(int* p, int v) { atomicExch(p, v); }
 // Partials written by other blocks: read through L2, never a stale L1 line.
 BB_FN float bb_load_coherent(const float* p) { return __ldcg(p); }
-BB_FN float4 bb_load_coherent4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 
 // ---- phase timestamps (diagnostic builds, BB_TIMELINE) ------------------------
 
@@ -174,6 +173,10 @@ BB_FN void bb_cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 #endif
+
+// 16 bytes written by another block of this launch (the split records): cp.async.cg reads
+// through L2, never a stale L1 line (same commit groups as bb_cp_async16).
+BB_FN void bb_cp_coherent16(void* dst, const void* src) { bb_cp_async16(dst, src, true); }
 
 // ---- shared -> register fragments (ldmatrix) --------------------------------
 // Fragment layout of mma.m16n8k16 (g = lane / 4, c = lane % 4):

@@ -117,15 +117,16 @@ BB_FN int bb_split_arrive(device int* p) {
 }
 BB_FN void bb_split_acquire() { bb_fence_device(); }
 BB_FN float bb_load_coherent(device const float* p) { return *(device const volatile float*)p; }
-BB_FN float4 bb_load_coherent4(device const float* p) {
-  device const volatile float* q = (device const volatile float*)p;
-  return float4(q[0], q[1], q[2], q[3]);
-}
 
 // ---- copies (synchronous) ---------------------------------------------------
 
 BB_FN void bb_cp_async16(threadgroup void* dst, device const void* src, bool valid) {
   *(threadgroup uint4*)dst = valid ? *(device const uint4*)src : uint4(0u);
+}
+// 16 bytes written by another threadgroup of this launch (the split records): volatile reads.
+BB_FN void bb_cp_coherent16(threadgroup void* dst, device const void* src) {
+  device const volatile uint* q = (device const volatile uint*)src;
+  *(threadgroup uint4*)dst = uint4(q[0], q[1], q[2], q[3]);
 }
 BB_FN void bb_cp_async_commit() {}
 template <int N>

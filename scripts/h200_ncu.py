@@ -60,10 +60,10 @@ def run_qmm() -> None:
             if not NCU_NAMES and m == 32 and name not in ("gate_up", "down"):
                 continue
             w, s, b = qweights(n, k)
-            print(f"qmm {name} M={m}: {qmm.choose_config(m, n, k, 4)}", flush=True)
+            cfg = qmm.choose_config(m, n, k, 4)
+            print(f"qmm {name} M={m}: {cfg}", flush=True)
             for _ in range(2):
                 mx.eval(qmm.quantized_matmul(xin, w, s, b, group_size=32, bits=4, **kw))
-            cfg = qmm.choose_config(m, n, k, 4)
             if NCU_WF > 1 and cfg.ns > 0:
                 # the same matmul without its epilogue, then with NCU_WF feature tiles per warp
                 for c in (cfg, qmm.persistent(replace(cfg, wf=NCU_WF, ns=min(cfg.ns, 3)), k, 4)):

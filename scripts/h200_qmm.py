@@ -53,6 +53,9 @@ SHAPES = [
 ]
 M_ALL = [1, 2, 3, 7, 8, 16, 32, 33, 64]
 M_TIME = [1, 8, 32]
+# A/B runs time only what they compare: QMM_VARIANTS=ours QMM_DECODE=ours_epilogues
+VARIANTS = os.environ.get("QMM_VARIANTS", "ours,mlx,f16").split(",")
+DECODE = os.environ.get("QMM_DECODE", "mlx,ours,ours_fused,ours_epilogues").split(",")
 # QMM_SMALL=1: shapes / 8 and 2 layers, to dry-run the script logic on a CPU.
 SMALL = os.environ.get("QMM_SMALL") == "1"
 if SMALL:
@@ -286,6 +289,8 @@ def section_kernels(weights: dict, copy_bw: float) -> None:
                 "f16": (lambda x, w: x @ w.T, fsets),
             }
             for vname, (fn, sets) in variants.items():
+                if vname not in VARIANTS:
+                    continue
                 try:
                     r = _bench(fn, x, sets)
                     row[vname + "_chain"], row[vname + "_indep"] = r["chain"], r["indep"]
@@ -438,7 +443,7 @@ def section_decode(gs: int) -> None:
         except Exception as e:  # noqa: BLE001
             err_note(f"prepare decode {variant}", e)
             break
-        for b in targets:
+        for b in targets if variant in DECODE else ():
             try:
                 ms = _decode_time(model, b, "epilogues" if variant == "ours_epilogues" else variant == "ours_fused") * 1e3
                 rows[b][variant + "_ms"] = ms
@@ -485,6 +490,8 @@ def section_profile(weights: dict) -> None:
                 ("mlx", lambda x, w, s, b: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=gs, bits=bits), qsets),
                 ("f16", lambda x, w: x @ w.T, fsets),
             ):
+                if vname not in VARIANTS:
+                    continue
                 try:
                     L = len(sets)
                     mx.eval([fn(x, *sets[i]) for i in range(min(L, 4))])  # compile / warm

@@ -58,6 +58,9 @@ for what in "$@"; do
     gguf) part gguf-export 90 python3 -m batchbench export-gguf --preset qwen2.5-7b --type q4_0 /tmp/bb-7b-q4_0.gguf
           part gguf-scaling-quick 180 python3 -m batchbench -m /tmp/bb-7b-q4_0.gguf -c 140000 -npp 4096 -ntg 32 \
             -npl "${NPL:-1,2,4,32}" -fa on --csv "$R/gguf-scaling-quick.csv" ;;
+    # A/B of our matmul only (kernel chain, CUPTI kernel time, decode step with the epilogues), TAG names it
+    qmm-ab) part "qmm-ab${TAG:+-$TAG}" 175 env OUT="$R/qmm-ab${TAG:+-$TAG}" QMM_SECTIONS=kernels,profile,decode \
+            QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_BUDGET_S=160 python3 scripts/h200_qmm.py ;;
     qmm-step) part qmm-step 220 env OUT="$R" QMM_SECTIONS=kernels,decode,profile QMM_BUDGET_S=200 \
             python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck attention qmm tune tune-small overhead ops seed scaling scaling-quick profile)" ;;

@@ -629,10 +629,16 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   // read needs no zeroing. The 4-bit swizzle of a lane's granules is the same in every
   // chunk: granule 4t + wd sits at 4t + (wd ^ sw).
   const uint4* xs4 = reinterpret_cast<const uint4*>(xs);
-  int xo[MT];
-#pragma unroll
-  for (int tt = 0; tt < MT; ++tt) xo[tt] = min(tt * 8 + g, M - 1) * (XS / 8) + t * (KT / 8);
+  // Per token tile, two bases: granule 4t + wd sits at 4t + (wd ^ sw), i.e. at xe[tt] + (wd & 2)
+  // for even wd and at xd[tt] + (wd & 2) for odd wd, so each read is a base plus an immediate.
   const int sw = BITS == 4 ? (t >> 1) & 1 : 0;
+  int xe[MT], xd[MT];
+#pragma unroll
+  for (int tt = 0; tt < MT; ++tt) {
+    const int xo = min(tt * 8 + g, M - 1) * (XS / 8) + t * (KT / 8);
+    xe[tt] = xo + sw;
+    xd[tt] = xo + (BITS == 4 ? 1 - sw : 0);
+  }
 
   float acc[WF][MT][4];
 
@@ -676,7 +682,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         }
 #pragma unroll
         for (int tt = 0; tt < MT; ++tt) {
-          const uint4 xv = xs4[xo[tt] + jc + (wd ^ sw)];
+          const uint4 xv = (xs4 + ((wd & 1) ? xd[tt] : xe[tt]) + jc)[wd & 2];
 #pragma unroll
           for (int f = 0; f < WF; ++f) {
             qmm_mma<BF16>(acc[f][tt], A0[f][0], A1[f][0], A0[f][1], A1[f][1], xv.x, xv.y);
@@ -698,7 +704,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         }
 #pragma unroll
         for (int tt = 0; tt < MT; ++tt) {
-          const uint4 xv = xs4[xo[tt] + jc + h];
+          const uint4 xv = (xs4 + xe[tt] + jc)[h];
 #pragma unroll
           for (int f = 0; f < WF; ++f) {
             qmm_mma<BF16>(acc[f][tt], A0[f][0], A1[f][0], A0[f][1], A1[f][1], xv.x, xv.y);

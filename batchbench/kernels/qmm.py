@@ -1096,8 +1096,9 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
             c = replace(c, wn=4, wk=2)
         if c.smem(k, bits) <= SMEM_PER_SM - SMEM_STEP:
             cfg = c
-    if PERSIST and not (m == 1 and cfg.s > 1):
-        # one block per tile for the split down projection at M=1 (31 us vs 33 persistent)
+    if PERSIST and not (m == 1 and (cfg.s > 1 or k > 8192)):
+        # one block per tile for the long-K down projection at M=1: split, 31 us vs 33
+        # persistent; one K-slice, 25.6 vs 28.1 (H200 tune, results/h200-2026-11-29-s9/call3)
         cfg = persistent(cfg, k, bits)
     return cfg
 

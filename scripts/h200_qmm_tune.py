@@ -74,6 +74,15 @@ def candidates(m: int, n: int, k: int):
             if c.smem(k, 4) <= 220 * 1024 and c != d:
                 yield qmm.persistent(c, k, 4)
         return
+    if os.environ.get("TUNE_GRID") == "split":
+        # K-slices for narrow matrices at small M (each with the reduce kernel), on the persistent
+        # grid and with one block per tile
+        yield d
+        for s_ in (1, 2, 3, 4, 6):
+            for c in (qmm.persistent(replace(d, s=s_), k, 4), replace(d, s=s_, blocks=0)):
+                if c != d and s_ <= k // 128 // d.wk and c.smem(k, 4) <= 220 * 1024:
+                    yield c
+        return
     if os.environ.get("TUNE_GRID") == "small":
         # choose_config's pick; one block per tile (no persistence); other persistent grid
         # sizes (a grid change is no recompile); the other load depth; down: other K-slices.

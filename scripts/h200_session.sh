@@ -52,6 +52,9 @@ for what in "$@"; do
           part "attn-sweep-$(echo "$v" | tr ' =' '_-')" 60 env $v python3 -m batchbench bench-attention \
             --b "${ATTN_B:-1,2,8}" --ctx 4096 --variants list,model
         done ;;
+    # K-slices for the narrow matrices at M = 1 and 8 (s9 call3 ran it on the fix-up branch)
+    tune-split) part "qmm-tune-split${TAG:+-$TAG}" 200 env OUT="$R" TUNE_GRID=split TUNE_M="${TUNE_M:-1,8}" \
+            TUNE_NAMES="${TUNE_NAMES:-o_proj,qkv,down}" TUNE_BUDGET_S=170 python3 scripts/h200_qmm_tune.py ;;
     attention-table) part attention-table 200 python3 -m batchbench bench-attention --b 2,3,8,32 \
             --ctx 4096,8192 --out "$R/attention-table.md" ;;
     # the preset exported as Q4_0 GGUF, then the quick scaling sweep on the file

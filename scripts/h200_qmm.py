@@ -496,7 +496,11 @@ def section_profile(weights: dict) -> None:
                     L = len(sets)
                     mx.eval([fn(x, *sets[i]) for i in range(min(L, 4))])  # compile / warm
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        mx.eval([fn(x, *sets[i]) for i in range(L)])
+                        # one eval per call: independent calls in one eval may run as parallel
+                        # CUDA-graph nodes whose kernels overlap and read long (the suspected cause
+                        # of k/v M=32 reading 68-1986 us in the ninth session)
+                        for i in range(L):
+                            mx.eval(fn(x, *sets[i]))
                         mx.synchronize()
                     prof.export_chrome_trace(path)
                     with open(path) as f:

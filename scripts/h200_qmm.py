@@ -258,6 +258,17 @@ def _empty_chain(x: mx.array) -> float:
     return statistics.median(timeit(chain, 5)) / L
 
 
+def _variants(gs: int, bits: int, qsets: list, fsets: list) -> list:
+    """(name, fn, weight copies) of the matmuls the kernel and profile sections time: ours,
+    mx.quantized_matmul, float16; only those in QMM_VARIANTS."""
+    every = [
+        ("ours", lambda x, w, s, b: qmm.quantized_matmul(x, w, s, b, group_size=gs, bits=bits), qsets),
+        ("mlx", lambda x, w, s, b: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=gs, bits=bits), qsets),
+        ("f16", lambda x, w: x @ w.T, fsets),
+    ]
+    return [v for v in every if v[0] in VARIANTS]
+
+
 def section_kernels(weights: dict, copy_bw: float) -> None:
     log("\n== kernel timing, fp16 x, 4-bit g32 (Q4_0 layout); us per call ==")
     gs, bits = 32, 4
@@ -283,14 +294,7 @@ def section_kernels(weights: dict, copy_bw: float) -> None:
                 row["empty"] = _empty_chain(x)
             except Exception as e:  # noqa: BLE001
                 err_note("empty chain", e)
-            variants = {
-                "ours": (lambda x, w, s, b: qmm.quantized_matmul(x, w, s, b, group_size=gs, bits=bits), qsets),
-                "mlx": (lambda x, w, s, b: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=gs, bits=bits), qsets),
-                "f16": (lambda x, w: x @ w.T, fsets),
-            }
-            for vname, (fn, sets) in variants.items():
-                if vname not in VARIANTS:
-                    continue
+            for vname, fn, sets in _variants(gs, bits, qsets, fsets):
                 try:
                     r = _bench(fn, x, sets)
                     row[vname + "_chain"], row[vname + "_indep"] = r["chain"], r["indep"]
@@ -485,13 +489,7 @@ def section_profile(weights: dict) -> None:
             x = mx.random.normal((m, k)).astype(mx.float16)
             mx.eval(x)
             row = dict(matrix=name, N=n, K=k, M=m)
-            for vname, fn, sets in (
-                ("ours", lambda x, w, s, b: qmm.quantized_matmul(x, w, s, b, group_size=gs, bits=bits), qsets),
-                ("mlx", lambda x, w, s, b: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=gs, bits=bits), qsets),
-                ("f16", lambda x, w: x @ w.T, fsets),
-            ):
-                if vname not in VARIANTS:
-                    continue
+            for vname, fn, sets in _variants(gs, bits, qsets, fsets):
                 try:
                     L = len(sets)
                     mx.eval([fn(x, *sets[i]) for i in range(min(L, 4))])  # compile / warm

@@ -66,7 +66,9 @@ for what in "$@"; do
             QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_BUDGET_S=160 python3 scripts/h200_qmm.py ;;
     qmm-step) part qmm-step 220 env OUT="$R" QMM_SECTIONS=kernels,decode,profile QMM_BUDGET_S=200 \
             python3 scripts/h200_qmm.py ;;
-    *) echo "unknown part $what (verify verify-quick modelcheck attention qmm tune tune-small overhead ops seed scaling scaling-quick profile)" ;;
+    *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
+            "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
+            "qmm-step)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -379,3 +379,11 @@ def test_cuda_dispatch_gate_product_in_the_gate_up_epilogue(cuda_dispatch, m, sp
     names = [s.name for s, _ in cuda_dispatch]
     assert names == (["bb_qmm_glu"] if not split else ["bb_qmm", "bb_qmm_red_glu"]), names
     assert cuda_dispatch[-1][1].output_shapes == [(m, 1024)]
+
+
+def test_long_k_at_one_token_takes_one_block_per_tile():
+    """The down projection at M=1 (one K-slice) runs one block per tile, not the persistent
+    grid (H200 tune, ninth session: 25.6 vs 28.1 us); shorter K keeps the persistent grid."""
+    assert qmm.choose_config(1, 3584, 18944, 4).blocks == 0
+    assert qmm.choose_config(1, 3584, 3584, 4).blocks > 0
+    assert qmm.choose_config(2, 3584, 18944, 4).blocks > 0

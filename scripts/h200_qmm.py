@@ -404,7 +404,44 @@ def _decode_time(model: nn.Module, bsz: int, fused: bool) -> float:
 
     chain()
     chain()
-    return statistics.median(timeit(chain, 10)) / 8
+    wall = statistics.median(timeit(chain, 10)) / 8
+    if DECODE_PROFILE:
+        _decode_kernels(chain, bsz, wall)
+    return wall
+
+
+# QMM_DECODE_PROFILE=1: also the CUPTI kernel time of a step (the rest of its wall time is
+# launch gaps and host time) and the kernels that take it, by name.
+DECODE_PROFILE = os.environ.get("QMM_DECODE_PROFILE") == "1"
+
+
+def _decode_kernels(chain, bsz: int, wall: float) -> None:
+    try:
+        import torch  # noqa: F401
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            chain()
+            mx.synchronize()
+        path = os.path.join(OUT or "/tmp", f"decode_trace_B{bsz}.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            ev = json.load(f)
+        ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
+        ks = sorted((e for e in ev if e.get("ph") == "X" and e.get("cat") == "kernel"), key=lambda e: e["ts"])
+        tot = sum(e["dur"] for e in ks) / 8
+        span = (ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]) / 8 if ks else 0.0
+        by: dict = {}
+        for e in ks:
+            key = e["name"][:60]
+            n, d = by.get(key, (0, 0.0))
+            by[key] = (n + 1, d + e["dur"])
+        log(f"    B={bsz}: kernels {len(ks) / 8:.0f} per step, kernel time {tot / 1e3:.3f} ms, GPU span "
+            f"{span / 1e3:.3f} ms, wall {wall * 1e3:.3f} ms")
+        for key, (n, d) in sorted(by.items(), key=lambda kv: -kv[1][1])[:8]:
+            log(f"      {d / 8 / 1e3:7.3f} ms  {n / 8:5.1f}x  {d / n:7.1f} us  {key}")
+    except Exception as e:  # noqa: BLE001
+        err_note(f"decode profile B={bsz}", e)
 
 
 def section_decode(gs: int) -> None:

@@ -21,7 +21,7 @@ M=(-m preset:qwen2.5-7b --quant q4_0)
 for what in "$@"; do
   case $what in
     verify) part verify-gpu 300 python3 -m batchbench.verify.gpu ;;
-    verify-quick) part verify-gpu-quick 120 env BATCHBENCH_VERIFY_QUICK=1 OUT="$R" python3 -m batchbench.verify.gpu ;;
+    verify-quick) part verify-gpu-quick 200 env BATCHBENCH_VERIFY_QUICK=1 OUT="$R" python3 -m batchbench.verify.gpu ;;
     modelcheck) part model-check 150 python3 scripts/gpu_model_check.py small ;;
     overhead) part overhead 150 env OUT="$R" OPS=0 python3 scripts/h200_overhead.py 1 32 ;;
     ops) part ops 150 env OUT="$R" OPS=1 python3 scripts/h200_overhead.py 1 ;;
@@ -64,11 +64,20 @@ for what in "$@"; do
     # A/B of our matmul only (kernel chain, CUPTI kernel time, decode step with the epilogues), TAG names it
     qmm-ab) part "qmm-ab${TAG:+-$TAG}" 175 env OUT="$R/qmm-ab${TAG:+-$TAG}" QMM_SECTIONS=kernels,profile,decode \
             QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_BUDGET_S=160 python3 scripts/h200_qmm.py ;;
+    # A/B of the attention kernel only (ours with live lists, and the model's call), TAG names it
+    attn-ab) part "attn-ab${TAG:+-$TAG}" 120 python3 -m batchbench bench-attention --b "${ATTN_B:-1,2,3,8,32}" \
+            --ctx 4096,8192 --variants list,model --out "$R/attn-ab${TAG:+-$TAG}.md" ;;
+    # the card's read-only bandwidth (a ceiling for the attention kernel) beside MLX's copy
+    readbw) part readbw 90 env OUT="$R" python3 scripts/h200_readbw.py ;;
+    # the decode step of the 7B shape (attention excluded) with its CUPTI kernel time and top kernels
+    qmm-decode-prof) part "qmm-decode-prof${TAG:+-$TAG}" 150 env OUT="$R/qmm-decode-prof${TAG:+-$TAG}" \
+            QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 QMM_BUDGET_S=130 \
+            python3 scripts/h200_qmm.py ;;
     qmm-step) part qmm-step 220 env OUT="$R" QMM_SECTIONS=kernels,decode,profile QMM_BUDGET_S=200 \
             python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "qmm-step)" ;;
+            "attn-ab readbw qmm-decode-prof qmm-step)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

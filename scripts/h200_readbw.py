@@ -1,0 +1,81 @@
+"""Read-only bandwidth of the card, by CUPTI kernel time (a ceiling for decode attention).
+
+Issue 3 compares the attention kernel with MLX's copy bandwidth (`x * 2`: read + write). A
+kernel that only reads can go faster than a copy; this script measures how much, with a
+plain streaming kernel: every thread keeps U 16-byte loads in flight, grid-strided over the
+buffer, and writes one word per block (so nothing is optimised away). Buffers are rotated so
+that no read hits L2 from the call before.
+
+    PYTHONPATH=. python3 scripts/h200_readbw.py        # on a CUDA machine; OUT=dir writes readbw.md
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import mlx.core as mx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from batchbench import backend  # noqa: E402
+from batchbench.bench_attention import copy_bandwidth, kernel_time_us  # noqa: E402
+
+SOURCE = """
+  const uint4* p = reinterpret_cast<const uint4*>(x);
+  const long n = x_shape[0] / 8;  // 16-byte words
+  const long stride = (long)gridDim.x * blockDim.x;
+  uint32_t acc = 0;
+  for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += U * stride) {
+    uint4 r[U];
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const long j = i + u * stride;
+      r[u] = j < n ? __ldcs(p + j) : make_uint4(0, 0, 0, 0);
+    }
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+      acc ^= r[u].x ^ r[u].y ^ r[u].z ^ r[u].w;
+    }
+  }
+  if (acc == 0x9e3779b9u) {  // practically never: keeps the loads
+    out[blockIdx.x] = acc;
+  }
+"""
+
+
+def main() -> None:
+    if backend.BACKEND != "cuda":
+        print("h200_readbw: needs MLX's CUDA back-end")
+        return
+    kernel = mx.fast.cuda_kernel(name="bb_readbw", input_names=["x"], output_names=["out"], source=SOURCE)
+    nbytes = 1 << 30
+    sets = [mx.random.normal((nbytes // 2,)).astype(mx.float16) for _ in range(3)]
+    mx.eval(sets)
+    lines = [f"# Read-only bandwidth, H200 (MLX {mx.__version__}), {nbytes >> 20} MiB fp16 per call, CUPTI kernel time", "",
+             "| threads/block | blocks | loads in flight/thread | us | TB/s |", "|---|---|---|---|---|"]
+    best = 0.0
+    for tpb, blocks, u in [(256, 132 * 8, 4), (512, 132 * 4, 4), (256, 132 * 8, 8), (1024, 132 * 2, 8),
+                           (256, 132 * 16, 2), (128, 132 * 16, 8)]:
+        def run(tpb=tpb, blocks=blocks, u=u):
+            outs = [kernel(inputs=[x], template=[("U", u)], grid=(blocks * tpb, 1, 1), threadgroup=(tpb, 1, 1),
+                           output_shapes=[(blocks,)], output_dtypes=[mx.uint32])[0] for x in sets]
+            for o in outs:
+                mx.eval(o)
+
+        us = kernel_time_us(run, len(sets))
+        tbs = nbytes / (us * 1e-6) / 1e12
+        best = max(best, tbs)
+        lines.append(f"| {tpb} | {blocks} | {u} | {us:.1f} | {tbs:.2f} |")
+        print(lines[-1], flush=True)
+    k_bw, w_bw = copy_bandwidth()
+    lines += ["", f"best read-only: {best:.2f} TB/s; MLX copy (x*2, read+write, 1 GiB): kernel {k_bw:.2f} TB/s, wall {w_bw:.2f} TB/s"]
+    print(lines[-1])
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "readbw.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

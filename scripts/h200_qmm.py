@@ -424,6 +424,7 @@ def _decode_kernels(chain, bsz: int, wall: float) -> None:
             chain()
             mx.synchronize()
         path = os.path.join(OUT or "/tmp", f"decode_trace_B{bsz}.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         prof.export_chrome_trace(path)
         with open(path) as f:
             ev = json.load(f)

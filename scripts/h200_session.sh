@@ -73,11 +73,14 @@ for what in "$@"; do
     qmm-decode-prof) part "qmm-decode-prof${TAG:+-$TAG}" 150 env OUT="$R/qmm-decode-prof${TAG:+-$TAG}" \
             QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 QMM_BUDGET_S=130 \
             python3 scripts/h200_qmm.py ;;
+    # whole decode steps of the benchmark's TG loop under the profiler: host latency and gaps per step
+    step-trace) part "step-trace${TAG:+-$TAG}" 240 env OUT="$R/step-trace${TAG:+-$TAG}" \
+            python3 scripts/h200_step_trace.py ${TRACE_B:-1 8 32} ;;
     qmm-step) part qmm-step 220 env OUT="$R" QMM_SECTIONS=kernels,decode,profile QMM_BUDGET_S=200 \
             python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw qmm-decode-prof qmm-step)" ;;
+            "attn-ab readbw qmm-decode-prof step-trace qmm-step)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

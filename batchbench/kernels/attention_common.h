@@ -201,34 +201,6 @@ BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_GLOBAL const 
   }
 }
 
-// Raw mask values of this lane's 8 cells of block b (columns 8j + 2c + e); nothing for b < 0,
-// and cells >= N are left alone (the walk treats them as hidden).
-template <typename MT, typename MaskPtr>
-BB_FN void bb_attn_mask_load(BB_THREAD MT (&mr)[4][2], MaskPtr mrow, int b, int n_used, int c) {
-  if (b < 0) {
-    return;
-  }
-  BB_UNROLL
-  for (int j = 0; j < 4; ++j) {
-    BB_UNROLL
-    for (int e = 0; e < 2; ++e) {
-      const int cell = b * BB_BLOCK + 8 * j + 2 * c + e;
-      if (cell < n_used) {
-        mr[j][e] = mrow[cell];
-      }
-    }
-  }
-}
-
-template <typename MT>
-BB_FN void bb_attn_mask_copy(BB_THREAD MT (&dst)[4][2], BB_THREAD const MT (&src)[4][2]) {
-  BB_UNROLL
-  for (int j = 0; j < 4; ++j) {
-    dst[j][0] = src[j][0];
-    dst[j][1] = src[j][1];
-  }
-}
-
 // Phase timestamps (diagnostic builds only: attention.py's `timeline`, CUDA). Thread 0 of every
 // block writes BB_STAMPS pairs of 32-bit words after the split records in ws: its SM id, then
 // the global timer at entry (1), list filled (2), first K/V block landed (3), walk done (4),
@@ -348,11 +320,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   BB_SHARED T* tiles = (BB_SHARED T*)smem + warp * (STAGES * 2 * TILE);
 
   // Per-warp pipeline: STAGES blocks in flight, compute the oldest, refill its slot.
-  // A block's mask values are loaded with its K/V copies, one raw set per stage: at small B a
-  // warp walks only a few blocks, and a mask read issued when the block comes up would wait a
-  // round trip after its K/V had landed.
   int pend[STAGES];
-  MT mr[STAGES][4][2] = {};
   BB_UNROLL
   for (int s = 0; s < STAGES; ++s) {
     pend[s] = cur.next(lane);
@@ -361,7 +329,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
                                pend[s], n_used, lane);
     }
     bb_cp_async_commit();
-    bb_attn_mask_load<MT>(mr[s], mrow, pend[s], n_used, c);
   }
   BB_STAMP(2);
   int slot = 0;
@@ -373,14 +340,14 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     BB_SHARED T* kt = tiles + slot * 2 * TILE;
     BB_SHARED T* vt = kt + TILE;
 
-    // Mask of this lane's 8 cells (loaded with the block's copies).
+    // Mask of this lane's 8 cells (issued first: its latency hides behind Q K^T).
     float mv[4][2];
     BB_UNROLL
     for (int j = 0; j < 4; ++j) {
       BB_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int cell = b * BB_BLOCK + 8 * j + 2 * c + e;
-        mv[j][e] = cell < n_used ? bb_mask_value(mr[0][j][e]) * LOG2E : NEG_INF;
+        mv[j][e] = cell < n_used ? bb_mask_value(mrow[cell]) * LOG2E : NEG_INF;
       }
     }
 
@@ -475,10 +442,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     BB_UNROLL
     for (int s2 = 0; s2 < STAGES - 1; ++s2) {
       pend[s2] = pend[s2 + 1];
-      bb_attn_mask_copy<MT>(mr[s2], mr[s2 + 1]);
     }
     pend[STAGES - 1] = nb;
-    bb_attn_mask_load<MT>(mr[STAGES - 1], mrow, nb, n_used, c);
     slot = slot + 1 == STAGES ? 0 : slot + 1;
   }
   bb_cp_async_wait<0>();

@@ -89,7 +89,7 @@ class Runner:
                     mx.eval(last)
                 else:
                     mx.async_eval(last)
-        if sync and last is not None:
+        if sync and last is not None and FULL_SYNC:
             mx.synchronize()
         return last
 
@@ -116,9 +116,18 @@ class Runner:
         return self.model(toks, plan, self.cache)
 
 
+# A step is waited for as llama_synchronize does: evaluating its logits waits for every kernel
+# of the step, since each one is enqueued before the logits' last kernel on the same stream.
+# mx.synchronize() on top waits once more, for a host callback MLX enqueues after it: on the
+# H200 ~0.1 ms per step (results/h200-2026-11-29-s10). BATCHBENCH_FULL_SYNC=1 keeps it (A/B runs).
+FULL_SYNC = os.environ.get("BATCHBENCH_FULL_SYNC") == "1"
+
+
 def _sync(x: mx.array | None) -> None:
     if x is not None:
         mx.eval(x)
+        if not FULL_SYNC:
+            return
     mx.synchronize()
 
 

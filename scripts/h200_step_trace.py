@@ -8,6 +8,7 @@ gaps between kernels inside the step, and the time from its last kernel to the s
 then the CUDA runtime calls by total host time and the kernels by total GPU time.
 
     PYTHONPATH=. python3 scripts/h200_step_trace.py [B ...]     # OUT=dir keeps the traces
+    TRACE_SYNC_AB=1: first time the steps with and without a trailing mx.synchronize(), interleaved
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from batchbench import backend  # noqa: E402
+from batchbench import bench  # noqa: E402
 from batchbench.bench import Mode, Runner  # noqa: E402
 from batchbench.kv_cache import KVCache  # noqa: E402
 from batchbench.presets import make_preset  # noqa: E402
 
 PP = int(os.environ.get("TRACE_PP", "4096"))
+AB = os.environ.get("TRACE_SYNC_AB") == "1"
 STEPS = int(os.environ.get("TRACE_STEPS", "8"))
 
 
@@ -53,20 +56,29 @@ def trace_steps(model, B: int) -> None:
                 with record_function(f"step{i}"):
                     last = r.submit(*nxt)
                     nxt = r.prepare(*batch(i0 + i + 1))
-                    mx.eval(last)
-                    mx.synchronize()
+                    bench._sync(last)
             else:
                 last = r.submit(*nxt)
                 nxt = r.prepare(*batch(i0 + i + 1))
-                mx.eval(last)
-                mx.synchronize()
+                bench._sync(last)
             walls.append(time.perf_counter() - t0)
         return walls
 
     run(4, 0, False)  # compile, warm
-    walls = run(STEPS, 4, False)
+    i0 = 4
+    if AB:  # the step's wait with and without a trailing mx.synchronize(), interleaved
+        res = {False: [], True: []}
+        for rep in range(6):
+            for full in (False, True):
+                bench.FULL_SYNC = full
+                res[full] += run(16, i0, False)
+                i0 += 16
+        bench.FULL_SYNC = False
+        print(f"B={B}: step wall, eval only {statistics.median(res[False]) * 1e3:.3f} ms, eval + "
+              f"mx.synchronize() {statistics.median(res[True]) * 1e3:.3f} ms (medians of {len(res[False])} steps)")
+    walls = run(STEPS, i0, False)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run(STEPS, 4 + STEPS, True)
+        run(STEPS, i0 + STEPS, True)
     path = os.path.join(os.environ.get("OUT") or "/tmp", f"step_trace_B{B}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     prof.export_chrome_trace(path)
@@ -74,7 +86,8 @@ def trace_steps(model, B: int) -> None:
         ev = json.load(f)
     ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
     X = [e for e in ev if e.get("ph") == "X"]
-    steps = sorted((e for e in X if str(e.get("name", "")).startswith("step")), key=lambda e: e["ts"])
+    steps = sorted((e for e in X if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("step")),
+                   key=lambda e: e["ts"])
     ks = sorted((e for e in X if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     rt = [e for e in X if e.get("cat") == "cuda_runtime"]
     print(f"\nB={B} PP={PP}: wall per step, unprofiled: median {statistics.median(walls) * 1e3:.3f} ms "

@@ -14,6 +14,8 @@ updates the old buffers in place instead of copying them.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import mlx.core as mx
 
 from batchbench.kernels.attention import PackedLive
@@ -33,15 +35,23 @@ class _Slot:
 
 
 class CompiledDecode:
-    def __init__(self, model, cache: KVCache, every: int = 0, first: int = 0):
+    def __init__(self, model, cache: KVCache, every: int = 0, first: int = 0,
+                 sizes: Sequence[int] | None = None):
         """Segments of `every` layers (0: one for the whole step); `first` > 0 makes the first
-        segment that long instead, so that the GPU can start sooner."""
+        segment that long instead, so that the GPU can start sooner. `sizes`, if given, lists
+        the segments' layer counts instead (the last one repeats until every layer is in one)."""
         self.model, self.cache = model, cache
         n = len(cache.layers)
-        step = every if 0 < every < n else n
-        bounds = [0] + ([min(first, n)] if 0 < first < step else [])
+        if not sizes:
+            step = every if 0 < every < n else n
+            sizes = ([first] if 0 < first < step else []) + [step]
+        if any(int(x) <= 0 for x in sizes):
+            raise ValueError(f"decode segments must hold at least one layer each, got {list(sizes)}")
+        bounds = [0]
+        i = 0
         while bounds[-1] < n:
-            bounds.append(min(bounds[-1] + step, n))
+            bounds.append(min(bounds[-1] + int(sizes[min(i, len(sizes) - 1)]), n))
+            i += 1
         self.segments = list(zip(bounds[:-1], bounds[1:]))
         self._fns: dict[tuple, object] = {}
 

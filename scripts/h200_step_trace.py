@@ -9,6 +9,7 @@ then the CUDA runtime calls by total host time and the kernels by total GPU time
 
     PYTHONPATH=. python3 scripts/h200_step_trace.py [B ...]     # OUT=dir keeps the traces
     TRACE_SYNC_AB=1: first time the steps with and without a trailing mx.synchronize(), interleaved
+    TRACE_SEG_AB="2,7;1,2,4,7": first time steps under these decode segmentations, interleaved
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from batchbench import backend  # noqa: E402
 from batchbench import bench  # noqa: E402
 from batchbench.bench import Mode, Runner  # noqa: E402
+from batchbench.decode_step import CompiledDecode  # noqa: E402
 from batchbench.kv_cache import KVCache  # noqa: E402
 from batchbench.presets import make_preset  # noqa: E402
 
 PP = int(os.environ.get("TRACE_PP", "4096"))
 AB = os.environ.get("TRACE_SYNC_AB") == "1"
+SEG_AB = os.environ.get("TRACE_SEG_AB", "")  # "2,7;1,2,4,7": decode segmentations to compare
 STEPS = int(os.environ.get("TRACE_STEPS", "8"))
 
 
@@ -76,6 +79,8 @@ def trace_steps(model, B: int) -> None:
         bench.FULL_SYNC = False
         print(f"B={B}: step wall, eval only {statistics.median(res[False]) * 1e3:.3f} ms, eval + "
               f"mx.synchronize() {statistics.median(res[True]) * 1e3:.3f} ms (medians of {len(res[False])} steps)")
+    if SEG_AB:
+        seg_ab(model, cache, r, batch)
     walls = run(STEPS, i0, False)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run(STEPS, i0 + STEPS, True)
@@ -117,6 +122,34 @@ def trace_steps(model, B: int) -> None:
         print(f"  {d / STEPS:8.0f} us/step  {n / STEPS:5.1f}x {d / n:7.1f} us  {key}")
     del cache, r
     mx.clear_cache()
+
+
+def seg_ab(model, cache, r, batch) -> None:
+    """Decode steps at one position (their cells removed after each step, so every step sees
+    the same cache and no new shape) under each segmentation of TRACE_SEG_AB, interleaved."""
+    schedules = [[int(x) for x in sch.split(",")] for sch in SEG_AB.split(";")]
+    fns = [CompiledDecode(model, cache, sizes=sch) for sch in schedules]
+    res: dict = {i: [] for i in range(len(fns))}
+
+    def one(fn) -> float:
+        toks, plan = r.prepare(*batch(0))
+        t0 = time.perf_counter()
+        bench._sync(fn(toks, plan))
+        dt = time.perf_counter() - t0
+        cache.seq_rm(-1, PP)
+        return dt
+
+    for fn in fns:  # compile
+        for _ in range(3):
+            one(fn)
+    for _ in range(8):
+        for i, fn in enumerate(fns):
+            res[i] += [one(fn) for _ in range(12)]
+    B = len(batch(0)[0])
+    for i, sch in enumerate(schedules):
+        segs = "+".join(str(b - a) for a, b in fns[i].segments)
+        print(f"B={B}: segments {segs:18s} step wall median {statistics.median(res[i]) * 1e3:.3f} ms, "
+              f"mean {statistics.mean(res[i]) * 1e3:.3f} ms ({len(res[i])} steps)")
 
 
 def main(bs) -> None:

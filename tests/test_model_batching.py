@@ -146,6 +146,20 @@ def test_decode_segments_cover_every_layer_once(every, first, want):
     assert CompiledDecode(None, TenLayers(), every, first).segments == want
 
 
+@pytest.mark.parametrize("sizes,want", [
+    ([1, 2, 4], [(0, 1), (1, 3), (3, 7), (7, 10)]),  # the last size repeats
+    ([3, 20], [(0, 3), (3, 10)]),
+    ([10], [(0, 10)]),
+])
+def test_decode_segments_from_listed_sizes(sizes, want):
+    class TenLayers:
+        layers = [None] * 10
+
+    assert CompiledDecode(None, TenLayers(), 4, 1, sizes=sizes).segments == want
+    with pytest.raises(ValueError, match="at least one layer"):
+        CompiledDecode(None, TenLayers(), sizes=sizes + [0])
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_prepare_ahead_keeps_every_step_and_overlaps_the_wait(model, monkeypatch, compiled):
     """run_config's TG loop with the next step prepared while the GPU runs this one decodes

@@ -51,11 +51,32 @@ def _first_segment() -> int:
     return _decode_setting("BATCHBENCH_FIRST_SEGMENT", 2)
 
 
+def _segments() -> tuple[int, ...]:
+    """Layer counts of the compiled decode segments, the last repeating; () for the segments of
+    DECODE_EVAL_EVERY / DECODE_FIRST_SEGMENT. On CUDA they grow, so that the host encodes each
+    segment while the GPU runs the one before: H200, decode steps timed interleaved in one
+    process, 2+3+5+7+7+4 against 2+7+7+7+5: B=1 3.055 -> 2.851 ms, B=8 4.276 -> 4.066, B=32
+    7.306 -> 7.137 (results/h200-2026-11-29-s10)."""
+    v = os.environ.get("BATCHBENCH_SEGMENTS")
+    if v is None:
+        explicit = "BATCHBENCH_EVAL_EVERY" in os.environ or "BATCHBENCH_FIRST_SEGMENT" in os.environ
+        return (2, 3, 5, 7) if BACKEND == "cuda" and not explicit else ()
+    try:
+        sizes = tuple(int(x) for x in v.split(",") if x.strip())
+    except ValueError:
+        sizes = (0,)
+    if any(x <= 0 for x in sizes):
+        raise ValueError(f"BATCHBENCH_SEGMENTS must be positive layer counts like 2,3,5,7, not {v!r}")
+    return sizes
+
+
 # Op-by-op decode steps call mx.async_eval on the hidden state every this many layers (0: never);
 # compiled decode steps are cut into segments of this many layers.
 DECODE_EVAL_EVERY: int = _eval_every()
 # Layers in the first compiled decode segment (0: DECODE_EVAL_EVERY): the GPU starts sooner.
 DECODE_FIRST_SEGMENT: int = _first_segment()
+# Compiled decode segments listed by size (overrides the two above when not empty).
+DECODE_SEGMENTS: tuple[int, ...] = _segments()
 
 
 def set_device(name: str) -> None:
@@ -70,8 +91,9 @@ def set_device(name: str) -> None:
     else:
         raise ValueError(f"--device must be cpu or gpu, not {name!r}")
     BACKEND = _detect()
-    global DECODE_EVAL_EVERY, DECODE_FIRST_SEGMENT
+    global DECODE_EVAL_EVERY, DECODE_FIRST_SEGMENT, DECODE_SEGMENTS
     DECODE_EVAL_EVERY, DECODE_FIRST_SEGMENT = _eval_every(), _first_segment()
+    DECODE_SEGMENTS = _segments()
 
 
 def describe() -> str:

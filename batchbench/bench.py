@@ -76,7 +76,8 @@ class Runner:
         self.n_batch, self.n_ubatch = n_batch, min(n_batch, n_ubatch)
         if compiled is None:
             compiled = os.environ.get("BATCHBENCH_COMPILE_STEP", "1") == "1"
-        self.step = (CompiledDecode(model, cache, backend.DECODE_EVAL_EVERY, backend.DECODE_FIRST_SEGMENT)
+        self.step = (CompiledDecode(model, cache, backend.DECODE_EVAL_EVERY, backend.DECODE_FIRST_SEGMENT,
+                                    sizes=backend.DECODE_SEGMENTS)
                      if compiled else None)
 
     def decode(self, tokens, pos, seq, out, sync: bool) -> mx.array | None:

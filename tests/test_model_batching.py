@@ -252,3 +252,24 @@ def test_warmup_scatters_live_rows_once(model, monkeypatch, npl):
     r = new_runner(model, max(npl), kv_size=1024)
     bench.warmup(r, model.args.vocab_size, [64], npl, False, np.random.default_rng(0))
     assert ["live"] in seen and ["live_ix", "live_val"] in seen
+
+
+def test_segment_setting_defaults_by_backend_and_env(monkeypatch):
+    from batchbench import backend
+
+    for var in ("BATCHBENCH_SEGMENTS", "BATCHBENCH_EVAL_EVERY", "BATCHBENCH_FIRST_SEGMENT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(backend, "BACKEND", "cuda")
+    assert backend._segments() == (2, 3, 5, 7)
+    monkeypatch.setenv("BATCHBENCH_EVAL_EVERY", "4")  # the older knobs, set explicitly, still rule
+    assert backend._segments() == ()
+    monkeypatch.setenv("BATCHBENCH_SEGMENTS", "1, 4")
+    assert backend._segments() == (1, 4)
+    for bad in ("2,0", "two"):
+        monkeypatch.setenv("BATCHBENCH_SEGMENTS", bad)
+        with pytest.raises(ValueError, match="BATCHBENCH_SEGMENTS"):
+            backend._segments()
+    monkeypatch.delenv("BATCHBENCH_SEGMENTS")
+    monkeypatch.delenv("BATCHBENCH_EVAL_EVERY")
+    monkeypatch.setattr(backend, "BACKEND", "cpu")
+    assert backend._segments() == ()

@@ -27,11 +27,13 @@ import mlx.core as mx
 
 from batchbench import backend
 from batchbench.kernels.attention import BLOCK, decode_attention, decode_attention_ref, pack_live_blocks
+from batchbench.decode_step import segment_bounds
 from batchbench.models.base import _compiled_decode_attention
 
 HQ, HKV, D = 28, 4, 128
 VARIANTS = ("list", "model", "scan", "noskip", "sdpa_unified", "sdpa_separate")
-MODEL_SEGMENT = 7  # layers per compiled segment of the "model" chain, as the CUDA decode step
+# Layers per compiled segment of the "model" chain: the CUDA decode step's (backend.DECODE_SEGMENTS).
+MODEL_SEGMENTS = (2, 3, 5, 7)
 DTYPE = mx.float16
 
 
@@ -143,10 +145,12 @@ def unified_problem(b: int, ctx: int, n_sets: int, pad: int = 256, seed: int = 0
     return layers, q, mask, (blocks, counts)
 
 
-def _chain(step: Callable[[mx.array, int], mx.array], q0: mx.array, n_layers: int, segment: int = 0):
-    """One run of the chain. segment > 0: as the model's decode step runs it, in compiled
-    segments of that many layers, each submitted (mx.async_eval) before the next is built."""
-    if segment <= 0:
+def _chain(step: Callable[[mx.array, int], mx.array], q0: mx.array, n_layers: int,
+           segments: Sequence[int] = ()):
+    """One run of the chain. segments: as the model's decode step runs it, in compiled
+    segments of these many layers (the last repeating), each submitted (mx.async_eval) before
+    the next is built."""
+    if not segments:
         def run():
             x = q0
             for i in range(n_layers):
@@ -159,7 +163,7 @@ def _chain(step: Callable[[mx.array, int], mx.array], q0: mx.array, n_layers: in
     def body(a: int, b: int):
         return mx.compile(lambda x: _apply(step, x, a, b))
 
-    segs = [body(a, min(a + segment, n_layers)) for a in range(0, n_layers, segment)]
+    segs = [body(a, b) for a, b in segment_bounds(n_layers, sizes=segments)]
 
     def run():
         x = q0
@@ -170,6 +174,11 @@ def _chain(step: Callable[[mx.array, int], mx.array], q0: mx.array, n_layers: in
         return x
 
     return run
+
+
+def model_segments() -> tuple[int, ...]:
+    """The decode step's segment sizes on CUDA (also on other back-ends, for the table)."""
+    return backend.DECODE_SEGMENTS or MODEL_SEGMENTS
 
 
 def _apply(step, x, a: int, b: int):
@@ -230,7 +239,11 @@ def main(
 
             def ours_model(x, i):
                 k, v, _, _ = layers[i % n_sets]
-                return model_fn(x, k, v, mask, packed)
+                # The kernel writes token-major [1, T, Hq, D] (what o_proj reads) and returns a
+                # transposed view; read as the next layer's q [1, Hq, T, D] it would make MLX
+                # copy it, a launch the model does not have. Reinterpreting the output's memory
+                # keeps one custom op per layer (the values are as good as any for timing).
+                return model_fn(x, k, v, mask, packed).transpose(0, 2, 1, 3).reshape(x.shape)
 
             def sdpa_unified(x, i):
                 k, v, _, _ = layers[i % n_sets]
@@ -255,7 +268,7 @@ def main(
             runs = {name: r for name, r in runs.items() if name in chosen}
             for name, (step, q0) in runs.items():
                 try:
-                    run = _chain(step, q0, n_layers, MODEL_SEGMENT if name == "model" else 0)
+                    run = _chain(step, q0, n_layers, model_segments() if name == "model" else ())
                     k_us = kernel_time_us(run, n_layers)
                     w_us = wall_time_us(run, n_layers, reps)
                     row.times[name] = Timing(k_us, w_us)
@@ -292,6 +305,8 @@ def _check_row(row, layers, q, qsep, mask, live, scale, variants) -> None:
             o = step(q0, 0)
             if name == "sdpa_separate":
                 o = o[:, :, 0, :].transpose(1, 0, 2)[None]
+            if name == "model":  # undo the chain's in-place reading of the token-major output
+                o = o.reshape(1, row.b, HQ, D).transpose(0, 2, 1, 3)
             row.errors[name] = (mx.abs(o.astype(mx.float32) - ref).max() / denom).item()
         except Exception as e:  # noqa: BLE001
             print(f"B={row.b} ctx={row.ctx} {name}: check failed: {str(e)[:300]}")
@@ -341,7 +356,9 @@ def format_table(rows: list[Row]) -> str:
         "Kernel time per layer (sum of CUDA kernel durations over a chain of dependent layers; "
         "wall time = MLX wall clock per layer in the chain). 'model path': the call the model's decode "
         "step makes (compiled, live rows packed once per step by the cache): one custom op per layer, "
-        f"in compiled segments of {MODEL_SEGMENT} layers each submitted before the next is built.",
+        f"in compiled segments of {', '.join(map(str, model_segments()))} layers (the last repeating), "
+        "each submitted before the next is built, its output read in place as the next layer's q "
+        "(no copy between layers).",
         "",
         head,
         sep,

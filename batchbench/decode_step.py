@@ -34,6 +34,21 @@ class _Slot:
         return q, self.keys, self.values
 
 
+def segment_bounds(n: int, every: int = 0, first: int = 0,
+                   sizes: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """(start, end) layers of each decode segment: `sizes` in order, the last repeating, or
+    else a first segment of `first` layers and then `every` (0: the whole step at once)."""
+    if not sizes:
+        step = every if 0 < every < n else n
+        sizes = ([first] if 0 < first < step else []) + [step]
+    if any(int(x) <= 0 for x in sizes):
+        raise ValueError(f"decode segments must hold at least one layer each, got {list(sizes)}")
+    bounds = [0]
+    while bounds[-1] < n:
+        bounds.append(min(bounds[-1] + int(sizes[min(len(bounds) - 1, len(sizes) - 1)]), n))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 class CompiledDecode:
     def __init__(self, model, cache: KVCache, every: int = 0, first: int = 0,
                  sizes: Sequence[int] | None = None):
@@ -41,18 +56,7 @@ class CompiledDecode:
         segment that long instead, so that the GPU can start sooner. `sizes`, if given, lists
         the segments' layer counts instead (the last one repeats until every layer is in one)."""
         self.model, self.cache = model, cache
-        n = len(cache.layers)
-        if not sizes:
-            step = every if 0 < every < n else n
-            sizes = ([first] if 0 < first < step else []) + [step]
-        if any(int(x) <= 0 for x in sizes):
-            raise ValueError(f"decode segments must hold at least one layer each, got {list(sizes)}")
-        bounds = [0]
-        i = 0
-        while bounds[-1] < n:
-            bounds.append(min(bounds[-1] + int(sizes[min(i, len(sizes) - 1)]), n))
-            i += 1
-        self.segments = list(zip(bounds[:-1], bounds[1:]))
+        self.segments = segment_bounds(len(cache.layers), every, first, sizes)
         self._fns: dict[tuple, object] = {}
 
     def __call__(self, tokens: mx.array, plan: AttentionPlan) -> mx.array:

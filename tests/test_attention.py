@@ -219,6 +219,10 @@ def test_bench_chain_in_compiled_segments_equals_the_plain_chain():
     plain = ba._chain(step, q0, 7)()
     assert seen == list(range(7))
     seen.clear()
-    segmented = ba._chain(step, q0, 7, 3)()
+    segmented = ba._chain(step, q0, 7, (3,))()
     assert seen == list(range(7))  # traced once per segment
     assert mx.allclose(plain, segmented).item() and not mx.allclose(plain, q0).item()
+    seen.clear()
+    growing = ba._chain(step, q0, 7, (1, 2, 3))()  # 1 + 2 + 3 + 1, as the decode step's
+    assert seen == list(range(7))
+    assert mx.allclose(plain, growing).item()

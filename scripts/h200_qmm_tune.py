@@ -74,6 +74,18 @@ def candidates(m: int, n: int, k: int):
             if c.smem(k, 4) <= 220 * 1024 and c != d:
                 yield qmm.persistent(c, k, 4)
         return
+    if os.environ.get("TUNE_GRID") == "balance":
+        # persistent grids that give every block the same number of tiles (qkv at M=1: 288
+        # tiles on 264 blocks leaves 24 blocks with two, and the kernel takes as long as they do)
+        yield d
+        tiles = n // (16 * d.wn * d.wf)
+        seen = {d.blocks}
+        for j in (1, 2, 3, 4, 6, 8, 9, 12, 16):
+            c = replace(d, blocks=-(-tiles // j))
+            if c.blocks not in seen and qmm.sm_count() // 2 <= c.blocks <= 4 * qmm.sm_count():
+                seen.add(c.blocks)
+                yield c
+        return
     if os.environ.get("TUNE_GRID") == "split":
         # K-slices for narrow matrices at small M (each with the reduce kernel), on the persistent
         # grid and with one block per tile

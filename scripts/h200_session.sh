@@ -52,6 +52,9 @@ for what in "$@"; do
           part "attn-sweep-$(echo "$v" | tr ' =' '_-')" 60 env $v python3 -m batchbench bench-attention \
             --b "${ATTN_B:-1,2,8}" --ctx 4096 --variants list,model
         done ;;
+    # persistent grids with the same number of tiles per block (narrow matrices at M = 1 and 8)
+    tune-balance) part "qmm-tune-balance${TAG:+-$TAG}" 200 env OUT="$R" TUNE_GRID=balance TUNE_M="${TUNE_M:-1,8}" \
+            TUNE_NAMES="${TUNE_NAMES:-qkv,o_proj,down,gate_up}" TUNE_BUDGET_S=170 python3 scripts/h200_qmm_tune.py ;;
     # K-slices for the narrow matrices at M = 1 and 8 (s9 call3 ran it on the fix-up branch)
     tune-split) part "qmm-tune-split${TAG:+-$TAG}" 200 env OUT="$R" TUNE_GRID=split TUNE_M="${TUNE_M:-1,8}" \
             TUNE_NAMES="${TUNE_NAMES:-o_proj,qkv,down}" TUNE_BUDGET_S=170 python3 scripts/h200_qmm_tune.py ;;
@@ -80,7 +83,7 @@ for what in "$@"; do
             python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw qmm-decode-prof step-trace qmm-step)" ;;
+            "attn-ab readbw qmm-decode-prof step-trace tune-balance qmm-step)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -11,3 +11,7 @@ import os
 os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "1000")
 
 __version__ = "0.1.0"
+
+
+class SettingError(ValueError):
+    """A BATCHBENCH_* environment setting that cannot be read (the CLI prints it as one line)."""

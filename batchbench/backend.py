@@ -10,6 +10,8 @@ import os
 import mlx.core as mx
 import numpy as np
 
+from batchbench import SettingError
+
 
 def _detect() -> str:
     forced = os.environ.get("BATCHBENCH_BACKEND")
@@ -33,7 +35,10 @@ def _decode_setting(var: str, cuda: int) -> int:
     """A decode-step setting: the environment variable if set, else `cuda` on CUDA, 0 elsewhere."""
     v = os.environ.get(var)
     if v is not None:
-        return max(0, int(v))
+        try:
+            return max(0, int(v))
+        except ValueError:
+            raise SettingError(f"{var} must be a whole number of layers, not {v!r}") from None
     return cuda if BACKEND == "cuda" else 0
 
 
@@ -66,7 +71,7 @@ def _segments() -> tuple[int, ...]:
     except ValueError:
         sizes = (0,)
     if any(x <= 0 for x in sizes):
-        raise ValueError(f"BATCHBENCH_SEGMENTS must be positive layer counts like 2,3,5,7, not {v!r}")
+        raise SettingError(f"BATCHBENCH_SEGMENTS must be positive layer counts like 2,3,5,7, not {v!r}")
     return sizes
 
 

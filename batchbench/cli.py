@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from batchbench import SettingError
+
 app = typer.Typer(add_completion=False, no_args_is_help=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
@@ -180,6 +182,9 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
         sys.exit(130)
+    except SettingError as e:  # an environment setting read when a command imports the back-end
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
     except Exception as e:
         # Usage errors: one line, no traceback. (Typer vendors its own click, so match by shape.)
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):

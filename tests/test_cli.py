@@ -99,6 +99,17 @@ def test_bad_input_one_line_error(args, msg):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("var,value", [("BATCHBENCH_SEGMENTS", "2,0"), ("BATCHBENCH_EVAL_EVERY", "seven")])
+def test_bad_environment_setting_is_one_line(monkeypatch, var, value):
+    """Decode settings are read when a command first imports the back-end: a bad one is a
+    one-line error and exit code 2, not a traceback."""
+    monkeypatch.setenv(var, value)
+    r = bb(*TINY, "-npp", "8", "-ntg", "1", "-npl", "1", timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]]
+    assert r.stderr.strip().startswith(f"error: {var} ")
+
+
 def test_unreadable_model_file(tmp_path):
     p = tmp_path / "garbage.gguf"
     p.write_bytes(b"not a gguf file at all")

@@ -56,6 +56,10 @@ def _first_segment() -> int:
     return _decode_setting("BATCHBENCH_FIRST_SEGMENT", 2)
 
 
+# Compiled decode segments on CUDA by default (see _segments).
+CUDA_DECODE_SEGMENTS = (2, 3, 5, 7)
+
+
 def _segments() -> tuple[int, ...]:
     """Layer counts of the compiled decode segments, the last repeating; () for the segments of
     DECODE_EVAL_EVERY / DECODE_FIRST_SEGMENT. On CUDA they grow, so that the host encodes each
@@ -65,7 +69,7 @@ def _segments() -> tuple[int, ...]:
     v = os.environ.get("BATCHBENCH_SEGMENTS")
     if v is None:
         explicit = "BATCHBENCH_EVAL_EVERY" in os.environ or "BATCHBENCH_FIRST_SEGMENT" in os.environ
-        return (2, 3, 5, 7) if BACKEND == "cuda" and not explicit else ()
+        return CUDA_DECODE_SEGMENTS if BACKEND == "cuda" and not explicit else ()
     try:
         sizes = tuple(int(x) for x in v.split(",") if x.strip())
     except ValueError:

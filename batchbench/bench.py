@@ -120,7 +120,7 @@ class Runner:
 # A step is waited for as llama_synchronize does: evaluating its logits waits for every kernel
 # of the step, since each one is enqueued before the logits' last kernel on the same stream.
 # mx.synchronize() on top waits once more, for a host callback MLX enqueues after it: on the
-# H200 ~0.1 ms per step (results/h200-2026-11-29-s10). BATCHBENCH_FULL_SYNC=1 keeps it (A/B runs).
+# H200 0.13-0.32 ms per step (results/h200-2026-11-29-s10). BATCHBENCH_FULL_SYNC=1 keeps it (A/B runs).
 FULL_SYNC = os.environ.get("BATCHBENCH_FULL_SYNC") == "1"
 
 

@@ -32,8 +32,6 @@ from batchbench.models.base import _compiled_decode_attention
 
 HQ, HKV, D = 28, 4, 128
 VARIANTS = ("list", "model", "scan", "noskip", "sdpa_unified", "sdpa_separate")
-# Layers per compiled segment of the "model" chain: the CUDA decode step's (backend.DECODE_SEGMENTS).
-MODEL_SEGMENTS = (2, 3, 5, 7)
 DTYPE = mx.float16
 
 
@@ -67,6 +65,19 @@ def _torch_cuda():
         return None
 
 
+def trace_events(prof, path: Optional[str] = None) -> list[dict]:
+    """The complete ("X") events of a torch.profiler run, read back from its chrome trace
+    (written to `path` and kept there, or to a temporary file)."""
+    if path is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return trace_events(prof, os.path.join(tmp, "trace.json"))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    prof.export_chrome_trace(path)
+    ev = json.loads(Path(path).read_text())
+    ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
+    return [e for e in ev if e.get("ph") == "X"]
+
+
 def kernel_time_us(run: Callable[[], None], n_layers: int) -> Optional[float]:
     """Sum of CUDA kernel durations of one `run()` per layer, or None without torch/CUDA."""
     torch = _torch_cuda()
@@ -80,11 +91,7 @@ def kernel_time_us(run: Callable[[], None], n_layers: int) -> Optional[float]:
         run()
         mx.synchronize()
         torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        events = json.loads(Path(path).read_text()).get("traceEvents", [])
-    total = sum(float(e.get("dur", 0.0)) for e in events if e.get("cat") == "kernel")
+    total = sum(float(e.get("dur", 0.0)) for e in trace_events(prof) if e.get("cat") == "kernel")
     return total / n_layers
 
 
@@ -177,8 +184,9 @@ def _chain(step: Callable[[mx.array, int], mx.array], q0: mx.array, n_layers: in
 
 
 def model_segments() -> tuple[int, ...]:
-    """The decode step's segment sizes on CUDA (also on other back-ends, for the table)."""
-    return backend.DECODE_SEGMENTS or MODEL_SEGMENTS
+    """Layers per compiled segment of the "model" chain: the decode step's on CUDA (also on
+    other back-ends, for the table)."""
+    return backend.DECODE_SEGMENTS or backend.CUDA_DECODE_SEGMENTS
 
 
 def _apply(step, x, a: int, b: int):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import cProfile
 import io
-import json
 import os
 import pstats
 import statistics
@@ -36,6 +35,7 @@ import mlx.core as mx
 import numpy as np
 
 from batchbench import backend
+from batchbench.bench_attention import trace_events
 from batchbench.decode_step import CompiledDecode
 from batchbench.kernels import qmm
 from batchbench.kv_cache import KVCache
@@ -107,13 +107,8 @@ def kernel_profile(run_step, label):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run_step()
         mx.synchronize()
-    path = os.path.join(OUT, f"trace-{TAG}-{label}.json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        ev = json.load(f)
-    os.remove(path)
-    ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
-    ks = [e for e in ev if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    ev = trace_events(prof)
+    ks = [e for e in ev if e.get("cat") == "kernel"]
     if not ks:
         print("  profile: no kernel events")
         return
@@ -131,7 +126,7 @@ def kernel_profile(run_step, label):
     if os.environ.get("API", "1") == "1":
         api = {}
         for e in ev:
-            if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            if e.get("cat") in ("cuda_runtime", "cuda_driver"):
                 c, d = api.get(e["name"], (0, 0.0))
                 api[e["name"]] = (c + 1, d + e["dur"])
         print(f"  host API [{label}]: {sum(d for _, d in api.values()) / 1e3:.3f} ms in {sum(c for c, _ in api.values())} calls")

@@ -35,6 +35,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from batchbench import backend  # noqa: E402
+from batchbench.bench_attention import trace_events  # noqa: E402
 from batchbench.kernels import qmm  # noqa: E402
 
 OUT = os.environ.get("OUT")
@@ -424,12 +425,7 @@ def _decode_kernels(chain, bsz: int, wall: float) -> None:
             chain()
             mx.synchronize()
         path = os.path.join(OUT or "/tmp", f"decode_trace_B{bsz}.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            ev = json.load(f)
-        ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
-        ks = sorted((e for e in ev if e.get("ph") == "X" and e.get("cat") == "kernel"), key=lambda e: e["ts"])
+        ks = sorted((e for e in trace_events(prof, path) if e.get("cat") == "kernel"), key=lambda e: e["ts"])
         tot = sum(e["dur"] for e in ks) / 8
         span = (ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]) / 8 if ks else 0.0
         by: dict = {}
@@ -538,11 +534,7 @@ def section_profile(weights: dict) -> None:
                         for i in range(L):
                             mx.eval(fn(x, *sets[i]))
                         mx.synchronize()
-                    prof.export_chrome_trace(path)
-                    with open(path) as f:
-                        ev = json.load(f)
-                    ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
-                    ks = [e for e in ev if e.get("ph") == "X" and e.get("cat") == "kernel"]
+                    ks = [e for e in trace_events(prof, path) if e.get("cat") == "kernel"]
                     if not ks:
                         row[vname] = None
                         continue

@@ -19,6 +19,7 @@ import time
 
 import mlx.core as mx
 
+from batchbench.bench_attention import trace_events
 from batchbench.kernels import qmm
 from batchbench.kernels import spec as kspec
 
@@ -250,13 +251,7 @@ def main():
                         for one in sets:  # one eval per call, so that no two kernels overlap
                             mx.eval(run_cfg(x, [one], cfg))
                 mx.synchronize()
-            path = os.path.join(OUT, "tune-trace.json")
-            prof.export_chrome_trace(path)
-            with open(path) as f:
-                ev = json.load(f)
-            os.remove(path)
-            ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
-            ks = sorted((e for e in ev if e.get("ph") == "X" and e.get("cat") == "kernel"), key=lambda e: e["ts"])
+            ks = sorted((e for e in trace_events(prof) if e.get("cat") == "kernel"), key=lambda e: e["ts"])
             ks = [e for e in ks if "bb_qmm" in e["name"]]
             i = 0
             rows = []

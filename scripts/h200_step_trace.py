@@ -14,7 +14,7 @@ then the CUDA runtime calls by total host time and the kernels by total GPU time
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import statistics
 import sys
@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from batchbench import backend  # noqa: E402
 from batchbench import bench  # noqa: E402
 from batchbench.bench import Mode, Runner  # noqa: E402
+from batchbench.bench_attention import trace_events  # noqa: E402
 from batchbench.decode_step import CompiledDecode  # noqa: E402
 from batchbench.kv_cache import KVCache  # noqa: E402
 from batchbench.presets import make_preset  # noqa: E402
@@ -55,12 +56,7 @@ def trace_steps(model, B: int) -> None:
         nxt = r.prepare(*batch(i0))
         for i in range(n):
             t0 = time.perf_counter()
-            if mark:
-                with record_function(f"step{i}"):
-                    last = r.submit(*nxt)
-                    nxt = r.prepare(*batch(i0 + i + 1))
-                    bench._sync(last)
-            else:
+            with record_function(f"step{i}") if mark else contextlib.nullcontext():
                 last = r.submit(*nxt)
                 nxt = r.prepare(*batch(i0 + i + 1))
                 bench._sync(last)
@@ -84,13 +80,7 @@ def trace_steps(model, B: int) -> None:
     walls = run(STEPS, i0, False)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run(STEPS, i0 + STEPS, True)
-    path = os.path.join(os.environ.get("OUT") or "/tmp", f"step_trace_B{B}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        ev = json.load(f)
-    ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
-    X = [e for e in ev if e.get("ph") == "X"]
+    X = trace_events(prof, os.path.join(os.environ.get("OUT") or "/tmp", f"step_trace_B{B}.json"))
     steps = sorted((e for e in X if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("step")),
                    key=lambda e: e["ts"])
     ks = sorted((e for e in X if e.get("cat") == "kernel"), key=lambda e: e["ts"])

@@ -226,3 +226,27 @@ def test_bench_chain_in_compiled_segments_equals_the_plain_chain():
     growing = ba._chain(step, q0, 7, (1, 2, 3))()  # 1 + 2 + 3 + 1, as the decode step's
     assert seen == list(range(7))
     assert mx.allclose(plain, growing).item()
+
+
+def test_trace_events_reads_the_complete_events_back(tmp_path):
+    """The profiling scripts read CUPTI kernels through bench_attention.trace_events: only
+    complete ("X") events, from either chrome-trace layout, the file kept where asked."""
+    import json
+
+    from batchbench import bench_attention as ba
+
+    class FakeProfile:
+        def __init__(self, doc):
+            self.doc = doc
+
+        def export_chrome_trace(self, path):
+            with open(path, "w") as f:
+                json.dump(self.doc, f)
+
+    evs = [{"ph": "X", "cat": "kernel", "name": "k", "ts": 1, "dur": 2},
+           {"ph": "i", "cat": "kernel", "name": "marker", "ts": 3},
+           {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 0, "dur": 1}]
+    want = [evs[0], evs[2]]
+    assert ba.trace_events(FakeProfile({"traceEvents": evs})) == want
+    kept = tmp_path / "sub" / "trace.json"
+    assert ba.trace_events(FakeProfile(evs), str(kept)) == want and kept.exists()

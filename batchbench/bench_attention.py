@@ -32,6 +32,7 @@ from batchbench.models.base import _compiled_decode_attention
 
 HQ, HKV, D = 28, 4, 128
 VARIANTS = ("list", "model", "scan", "noskip", "sdpa_unified", "sdpa_separate")
+OURS = ("list", "model", "scan", "noskip")
 DTYPE = mx.float16
 
 
@@ -39,6 +40,9 @@ DTYPE = mx.float16
 class Timing:
     kernel_us: Optional[float]
     wall_us: float
+    # Wall per layer added by a chain twice as long: what a layer costs once the chain's fixed
+    # start (first submission) and end (the wait) are paid, as in a decode step of many layers.
+    marginal_us: Optional[float] = None
 
 
 @dataclass
@@ -189,6 +193,14 @@ def model_segments() -> tuple[int, ...]:
     return backend.DECODE_SEGMENTS or backend.CUDA_DECODE_SEGMENTS
 
 
+def _in_place(o: mx.array, x: mx.array) -> mx.array:
+    """Our kernels write token-major [1, T, Hq, D] (what o_proj reads) and return a transposed
+    view; read as the next layer's q [1, Hq, T, D] it would make MLX copy it, a launch the
+    model does not have. Reinterpreting the output's memory keeps one op per layer (the
+    values are as good as any for timing; `_check_row` undoes it)."""
+    return o.transpose(0, 2, 1, 3).reshape(x.shape)
+
+
 def _apply(step, x, a: int, b: int):
     for i in range(a, b):
         x = step(x, i)
@@ -232,10 +244,11 @@ def main(
             def ours(skip: bool, use_live: bool):
                 def step(x, i):
                     k, v, _, _ = layers[i % n_sets]
-                    return decode_attention(
+                    o = decode_attention(
                         x, k, v, scale=scale, mask=mask, skip=skip,
                         live_blocks=live if use_live else None,
                     )
+                    return _in_place(o, x)
                 return step
 
             # What the model's decode step runs: the compiled call with the live rows packed
@@ -247,11 +260,7 @@ def main(
 
             def ours_model(x, i):
                 k, v, _, _ = layers[i % n_sets]
-                # The kernel writes token-major [1, T, Hq, D] (what o_proj reads) and returns a
-                # transposed view; read as the next layer's q [1, Hq, T, D] it would make MLX
-                # copy it, a launch the model does not have. Reinterpreting the output's memory
-                # keeps one custom op per layer (the values are as good as any for timing).
-                return model_fn(x, k, v, mask, packed).transpose(0, 2, 1, 3).reshape(x.shape)
+                return _in_place(model_fn(x, k, v, mask, packed), x)
 
             def sdpa_unified(x, i):
                 k, v, _, _ = layers[i % n_sets]
@@ -276,10 +285,14 @@ def main(
             runs = {name: r for name, r in runs.items() if name in chosen}
             for name, (step, q0) in runs.items():
                 try:
-                    run = _chain(step, q0, n_layers, model_segments() if name == "model" else ())
+                    segs = model_segments() if name == "model" else ()
+                    run = _chain(step, q0, n_layers, segs)
                     k_us = kernel_time_us(run, n_layers)
                     w_us = wall_time_us(run, n_layers, reps)
                     row.times[name] = Timing(k_us, w_us)
+                    if name == "model":
+                        w2 = wall_time_us(_chain(step, q0, 2 * n_layers, segs), 2 * n_layers, reps)
+                        row.times[name].marginal_us = 2 * w2 - w_us
                 except Exception as e:  # noqa: BLE001
                     print(f"B={b} ctx={ctx} {name}: failed: {str(e)[:300]}")
             if check:
@@ -313,7 +326,7 @@ def _check_row(row, layers, q, qsep, mask, live, scale, variants) -> None:
             o = step(q0, 0)
             if name == "sdpa_separate":
                 o = o[:, :, 0, :].transpose(1, 0, 2)[None]
-            if name == "model":  # undo the chain's in-place reading of the token-major output
+            if name in OURS:  # undo the chain's in-place reading of the token-major output
                 o = o.reshape(1, row.b, HQ, D).transpose(0, 2, 1, 3)
             row.errors[name] = (mx.abs(o.astype(mx.float32) - ref).max() / denom).item()
         except Exception as e:  # noqa: BLE001
@@ -325,7 +338,12 @@ def _model_path(r: Row) -> str:
     if t is None:
         return "err"
     over = f"{t.wall_us - t.kernel_us:.1f}" if t.kernel_us is not None else "n/a"
-    return f"{_fmt_us(t, True)} / {_fmt_us(t, False)} / {over}"
+    marg = "n/a" if t.marginal_us is None else f"{t.marginal_us:.1f}"
+    marg_over = (
+        f"{t.marginal_us - t.kernel_us:.1f}"
+        if t.marginal_us is not None and t.kernel_us is not None else "n/a"
+    )
+    return f"{_fmt_us(t, True)} / {_fmt_us(t, False)} / {over} / {marg} / {marg_over}"
 
 
 def _fmt_us(t: Optional[Timing], kernel: bool) -> str:
@@ -357,7 +375,7 @@ def format_table(rows: list[Row]) -> str:
         "| B | ctx | K+V MB | ours list us | TB/s | ours scan us | TB/s | no-skip us | "
         "SDPA unified+mask us | SDPA separate us | TB/s | skip/no-skip | list vs separate | "
         "wall us: list / scan / no-skip / unified / separate | max rel err: list / scan / no-skip / sdpa-sep | "
-        "model path: kernel / wall / wall - kernel us |"
+        "model path: kernel / wall / wall - kernel / marginal wall / marginal - kernel us |"
     )
     sep = "|" + "---|" * 17
     out = [
@@ -365,8 +383,10 @@ def format_table(rows: list[Row]) -> str:
         "wall time = MLX wall clock per layer in the chain). 'model path': the call the model's decode "
         "step makes (compiled, live rows packed once per step by the cache): one custom op per layer, "
         f"in compiled segments of {', '.join(map(str, model_segments()))} layers (the last repeating), "
-        "each submitted before the next is built, its output read in place as the next layer's q "
-        "(no copy between layers).",
+        "each submitted before the next is built. Every variant of ours reads its output in place "
+        "as the next layer's q (no copy between layers, as in the model). 'marginal wall': wall per "
+        "layer that a chain twice as long adds (2 x wall(2n) - wall(n)): a layer's cost without the "
+        "chain's fixed start and final wait, which a decode step pays once for all its layers.",
         "",
         head,
         sep,

@@ -43,6 +43,57 @@ SOURCE = """
 """
 
 
+EMPTY = """
+  if (threadIdx.x == 0 && x[0] == 12345.0f) {  // never: the launch is all there is
+    out[blockIdx.x] = 1u;
+  }
+"""
+
+# Attention-sized reads: the K/V bytes of issue 3's small cases, and what one launch of
+# nothing costs, at the attention kernel's grid and shared memory (one block per SM).
+SMALL_MB = [(16.8, "B=2 x 4096"), (33.6, "B=2 x 8192"), (67.1, "B=8 x 4096"), (134.2, "B=8 x 8192")]
+ATTN_SMEM = 143360  # smem_bytes(128, 4 warps, 2 stages, fp16, 7 heads)
+
+
+def small_reads(kernel) -> list[str]:
+    lines = ["", "## Floors for one launch (CUPTI kernel time per call, each call evaluated alone, "
+             "buffers rotated past L2)", "",
+             "| what | blocks x threads | dynamic smem | us | TB/s |", "|---|---|---|---|---|"]
+    for mb, what in SMALL_MB:
+        n = int(mb * 1e6) // 16 * 8  # fp16 elements, a multiple of 8
+        sets = [mx.random.normal((n,)).astype(mx.float16) for _ in range(max(3, int(160 // mb) + 1))]
+        mx.eval(sets)
+        for tpb, blocks, u in [(256, 132, 8), (256, 264, 4), (512, 132, 8), (256, 528, 4)]:
+            def run(tpb=tpb, blocks=blocks, u=u, sets=sets):
+                for x in sets:
+                    o = kernel(inputs=[x], template=[("U", u)], grid=(blocks * tpb, 1, 1),
+                               threadgroup=(tpb, 1, 1), output_shapes=[(blocks,)],
+                               output_dtypes=[mx.uint32])[0]
+                    mx.eval(o)
+
+            us = kernel_time_us(run, len(sets))
+            lines.append(f"| read {mb} MB ({what}), {u} loads/thread | {blocks} x {tpb} | 0 | {us:.1f} | "
+                         f"{mb * 1e6 / (us * 1e-6) / 1e12:.2f} |")
+            print(lines[-1], flush=True)
+        del sets
+    x = mx.zeros((1024,), dtype=mx.float32)
+    mx.eval(x)
+    for smem in (0, ATTN_SMEM):
+        empty = mx.fast.cuda_kernel(name=f"bb_empty_{smem}", input_names=["x"], output_names=["out"],
+                                    source=EMPTY, shared_memory=smem)
+        for blocks in (8, 128, 132):
+            def run(blocks=blocks, empty=empty):
+                for _ in range(16):
+                    o = empty(inputs=[x], grid=(blocks * 128, 1, 1), threadgroup=(128, 1, 1),
+                              output_shapes=[(blocks,)], output_dtypes=[mx.uint32])[0]
+                    mx.eval(o)
+
+            us = kernel_time_us(run, 16)
+            lines.append(f"| empty launch | {blocks} x 128 | {smem} | {us:.1f} | - |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     if backend.BACKEND != "cuda":
         print("h200_readbw: needs MLX's CUDA back-end")
@@ -67,6 +118,7 @@ def main() -> None:
         best = max(best, tbs)
         lines.append(f"| {tpb} | {blocks} | {u} | {us:.1f} | {tbs:.2f} |")
         print(lines[-1], flush=True)
+    lines += small_reads(kernel)
     k_bw, w_bw = copy_bandwidth()
     lines += ["", f"best read-only: {best:.2f} TB/s; MLX copy (x*2, read+write, 1 GiB): kernel {k_bw:.2f} TB/s, wall {w_bw:.2f} TB/s"]
     print(lines[-1])

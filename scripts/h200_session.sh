@@ -71,7 +71,7 @@ for what in "$@"; do
     attn-ab) part "attn-ab${TAG:+-$TAG}" 120 python3 -m batchbench bench-attention --b "${ATTN_B:-1,2,3,8,32}" \
             --ctx 4096,8192 --variants list,model --out "$R/attn-ab${TAG:+-$TAG}.md" ;;
     # the card's read-only bandwidth (a ceiling for the attention kernel) beside MLX's copy
-    readbw) part readbw 90 env OUT="$R" python3 scripts/h200_readbw.py ;;
+    readbw) part readbw 150 env OUT="$R" python3 scripts/h200_readbw.py ;;
     # the decode step of the 7B shape (attention excluded) with its CUPTI kernel time and top kernels
     qmm-decode-prof) part "qmm-decode-prof${TAG:+-$TAG}" 150 env OUT="$R/qmm-decode-prof${TAG:+-$TAG}" \
             QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 QMM_BUDGET_S=130 \

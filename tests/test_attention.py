@@ -194,6 +194,22 @@ def test_plan_describes_one_launch(backend_name, skip, live):
         assert A.smem_bytes(d, warps, stages, 2, min(g, 16)) <= 32768  # Apple threadgroup memory
 
 
+def test_splits_fill_a_wave_but_keep_min_blocks_each(monkeypatch):
+    monkeypatch.setattr(A, "WAVE", 1.0)
+    monkeypatch.setattr(A, "MIN_BLOCKS", 8)
+    monkeypatch.setenv("BB_ATTN_SMS", "132")
+    # B=1 (4 KV heads) over a 4096-cell window: one wave would be 33 splits of ~4 blocks.
+    assert A.choose_splits(4, 128, 4) == 16
+    # The same row in a 2-sequence window: the window is twice the row, the wave decides.
+    assert A.choose_splits(8, 256, 4) == 16
+    assert A.choose_splits(128, 8192, 4) == 1
+    # Never more splits than blocks, nor than MAX_SPLIT; never fewer than one.
+    assert A.choose_splits(1, 3, 4) == 1
+    assert A.choose_splits(1, 100000, 4) == A.MAX_SPLIT
+    monkeypatch.setattr(A, "MIN_BLOCKS", 1)  # the rule off: one wave
+    assert A.choose_splits(4, 128, 4) == 33
+
+
 def test_live_packing_is_reused_across_layers():
     blocks = mx.zeros((2, 1), dtype=mx.int32)
     counts = mx.zeros((2,), dtype=mx.int32)

@@ -224,13 +224,21 @@ def _n_sms() -> int:
 
 # Thread blocks per launch, in waves of one block per SM (BB_ATTN_WAVE, tuning runs).
 WAVE = float(os.environ.get("BB_ATTN_WAVE", "1"))
+# Fewest 32-cell blocks of the window per split (BB_ATTN_MIN_BLOCKS, tuning runs). A split
+# pays a fixed prologue (live list, first copies) and a share of the merge; below a few
+# blocks each, more splits cost more than the SMs they add (H200, B=1: 4096 cells on 33
+# splits 12.1 us, on 17 splits 10.0 us). Only a short window (one sequence) is affected:
+# the window holds every sequence's cells, so at B >= 2 it is B times a row's list.
+MIN_BLOCKS = int(os.environ.get("BB_ATTN_MIN_BLOCKS", "8"))
 
 
 def choose_splits(pairs: int, n_blk: int, warps: int, d: int = 128) -> int:
-    """Splits of the KV axis so that pairs * splits fills about one wave. The last split
-    stages every split's softmax sums in the W*16*D floats of its output tile: <= W*D."""
+    """Splits of the KV axis so that pairs * splits fills about one wave, with at least
+    MIN_BLOCKS of the window's n_blk blocks per split. The last split stages every split's
+    softmax sums in the W*16*D floats of its output tile: <= W*D. Depends on shapes only
+    (n_blk is the mask's width), so compiled decode steps keep one grid."""
     splits = max(1, round(_n_sms() * WAVE / max(pairs, 1)))
-    splits = min(splits, MAX_SPLIT, max(1, n_blk), warps * d)
+    splits = min(splits, MAX_SPLIT, max(1, n_blk // max(MIN_BLOCKS, 1)), warps * d)
     return splits
 
 

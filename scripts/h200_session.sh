@@ -72,6 +72,8 @@ for what in "$@"; do
             --ctx 4096,8192 --variants list,model --out "$R/attn-ab${TAG:+-$TAG}.md" ;;
     # the card's read-only bandwidth (a ceiling for the attention kernel) beside MLX's copy
     readbw) part readbw 150 env OUT="$R" python3 scripts/h200_readbw.py ;;
+    # do thread-block clusters (compile-time __cluster_dims__) work through mx.fast.cuda_kernel?
+    cluster-probe) part cluster-probe 60 python3 scripts/h200_cluster_probe.py ;;
     # the decode step of the 7B shape (attention excluded) with its CUPTI kernel time and top kernels
     qmm-decode-prof) part "qmm-decode-prof${TAG:+-$TAG}" 150 env OUT="$R/qmm-decode-prof${TAG:+-$TAG}" \
             QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 QMM_BUDGET_S=130 \
@@ -83,7 +85,7 @@ for what in "$@"; do
             python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw qmm-decode-prof step-trace tune-balance qmm-step)" ;;
+            "attn-ab readbw cluster-probe qmm-decode-prof step-trace tune-balance qmm-step)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -1,0 +1,85 @@
+"""Do thread-block clusters work through `mx.fast.cuda_kernel`? (a probe for the attention merge)
+
+MLX generates the kernel's signature and launches it with a grid and a block size only, so a
+cluster cannot be asked for at launch. A compile-time cluster shape can: the header redefines
+`__global__` to carry `__cluster_dims__(1, CL, 1)` for the one kernel that follows it (nvcc
+emits `.reqnctapercluster 1, CL, 1`). Each block stores a value in its shared memory, the
+cluster synchronises, and each block reads its neighbour's through distributed shared memory.
+If the launch honours the attribute, every block reports CL blocks in its cluster and its
+neighbour's value; otherwise clusters of 1 (or a launch error).
+
+    PYTHONPATH=. python3 scripts/h200_cluster_probe.py      # on a CUDA machine
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from batchbench import backend  # noqa: E402
+from batchbench.bench_attention import kernel_time_us  # noqa: E402
+
+HEADER = """
+#undef __global__
+#define __global__ __location__(global) __cluster_dims__(1, BB_CL, 1)
+"""
+
+SOURCE = """
+  extern __shared__ unsigned int bb_sm[];
+  cg::cluster_group cl = cg::this_cluster();
+  if (threadIdx.x == 0) {
+    bb_sm[0] = blockIdx.y * 1000u + (unsigned int)x[0];
+  }
+  cl.sync();
+  unsigned int* peer = cl.map_shared_rank(bb_sm, (cl.block_rank() + 1) % cl.num_blocks());
+  if (threadIdx.x == 0) {
+    out[blockIdx.y * 3 + 0] = cl.num_blocks();
+    out[blockIdx.y * 3 + 1] = cl.block_rank();
+    out[blockIdx.y * 3 + 2] = *peer;
+  }
+  cl.sync();  // no block leaves while a neighbour may still read its shared memory
+"""
+
+
+def probe(cl: int, blocks: int = 16, smem: int = 1024) -> tuple[bool, str]:
+    kernel = mx.fast.cuda_kernel(
+        name=f"bb_cluster_probe_{cl}", input_names=["x"], output_names=["out"], source=SOURCE,
+        header=f"#define BB_CL {cl}\n" + HEADER, shared_memory=smem,
+    )
+    x = mx.array([7.0], dtype=mx.float32)
+    out = kernel(inputs=[x], grid=(32, blocks, 1), threadgroup=(32, 1, 1),
+                 output_shapes=[(blocks * 3,)], output_dtypes=[mx.uint32])[0]
+    got = np.array(out).reshape(blocks, 3)
+    want_n = np.full(blocks, cl)
+    want_rank = np.arange(blocks) % cl
+    want_peer = (np.arange(blocks) // cl * cl + (want_rank + 1) % cl) * 1000 + 7
+    ok = (got[:, 0] == want_n).all() and (got[:, 1] == want_rank).all() and (got[:, 2] == want_peer).all()
+
+    def run():
+        for _ in range(16):
+            o = kernel(inputs=[x], grid=(32, blocks, 1), threadgroup=(32, 1, 1),
+                       output_shapes=[(blocks * 3,)], output_dtypes=[mx.uint32])[0]
+            mx.eval(o)
+
+    us = kernel_time_us(run, 16)
+    return bool(ok), f"cluster {cl}: {'ok' if ok else 'WRONG'}; first rows {got[:3].tolist()}; " \
+                     f"{'n/a' if us is None else f'{us:.1f} us'} per launch"
+
+
+def main() -> None:
+    if backend.BACKEND != "cuda":
+        print("h200_cluster_probe: needs MLX's CUDA back-end")
+        return
+    for cl in (1, 2, 4, 8):
+        try:
+            print(probe(cl)[1], flush=True)
+        except Exception as e:  # noqa: BLE001 (a probe: report and go on)
+            print(f"cluster {cl}: failed: {str(e)[:300]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -98,6 +98,10 @@ def store_qkv(qkv, positions: mx.array, cells: mx.array, keys: mx.array, values:
                           **rope)
 
 
+# A ubatch is a decode step when no sequence has more tokens than this (speculative drafts).
+DECODE_MAX_PER_SEQ = 4
+
+
 class LayerCache:
     def __init__(self, owner: "KVCache", keys: mx.array, values: mx.array):
         self.owner = owner
@@ -123,10 +127,15 @@ class KVCache:
         unified: bool,
         dtype=mx.float16,
         swa: SWA | None = None,
+        own_blocks: bool = False,
     ):
         if n_seq_max < 1 or n_seq_max > 256:
             raise ValueError(f"number of parallel sequences must be 1..256, got {n_seq_max}")
         self.unified = unified
+        # Decode tokens in 32-cell blocks of their own sequence (unified only; beyond llama.cpp,
+        # which gives a step's tokens consecutive cells, so every row's list gains the blocks
+        # of all the others' new tokens and skipping fades over a long generation).
+        self.own_blocks = own_blocks and unified
         self.n_stream = 1 if unified else n_seq_max
         self.kv_size = kv_size
         self.n_seq_max = n_seq_max
@@ -157,6 +166,7 @@ class KVCache:
         self._lists_stale = set(range(n_seq_max))
         self.head = [0] * self.n_stream
         self.used = [0] * self.n_stream  # used_max_p1 per stream
+        self._tail = np.full(n_seq_max, -1, np.int64)  # per sequence: its last cell placed + 1
         self._dev_pos = to_device(self.pos)
         self._dev_bits = to_device(self.bits)
         self._dirty: list[np.ndarray] = []
@@ -190,6 +200,7 @@ class KVCache:
         self._appends = None
         self.head = [0] * self.n_stream
         self.used = [0] * self.n_stream
+        self._tail[:] = -1
         self._full_upload = True
         self._dirty.clear()
 
@@ -199,6 +210,8 @@ class KVCache:
 
     def find_slot(self, seq_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Place tokens in empty cells, scanning each stream from its head (cells fill in order)."""
+        if self.own_blocks and self._streams(seq_ids) and np.bincount(seq_ids).max() <= DECODE_MAX_PER_SEQ:
+            return self._place(seq_ids, positions, self._own_block_cells(seq_ids))
         cells = np.empty(len(seq_ids), np.int64)
         for st in self._streams(seq_ids):
             rows = np.arange(len(seq_ids)) if self.unified else np.flatnonzero(seq_ids == st)
@@ -219,6 +232,47 @@ class KVCache:
             cells[rows] = base + free
             self.head[st] = int((free[-1] + 1) % self.kv_size)
             self.used[st] = max(self.used[st], int(free.max()) + 1)
+        return self._place(seq_ids, positions, cells)
+
+    def _own_block_cells(self, seq_ids: np.ndarray) -> np.ndarray:
+        """Unified cache, decode ubatch: each token goes to the cell after its sequence's last
+        one while that stays inside the block and is empty, else to the start of the first
+        all-empty block from the head on, else (no such block) to the first empty cell."""
+        cells = np.empty(len(seq_ids), np.int64)
+        taken: set[int] = set()
+        empty_blocks: list[int] | None = None
+        tail = {int(sq): int(self._tail[sq]) for sq in np.unique(seq_ids)}
+        for i, sq in enumerate(seq_ids.tolist()):
+            c = tail[sq]
+            if not (c > 0 and c % BLOCK and c < self.kv_size and self.pos[c] < 0 and c not in taken):
+                if empty_blocks is None:
+                    h = self.head[0] // BLOCK * BLOCK
+                    full = self.kv_size // BLOCK * BLOCK
+                    free = (self.pos[:full].reshape(-1, BLOCK) < 0).all(axis=1)
+                    order = np.concatenate([np.arange(h // BLOCK, len(free)), np.arange(h // BLOCK)])
+                    empty_blocks = [int(b) for b in order[free[order]]][::-1]  # a stack
+                if empty_blocks:
+                    c = empty_blocks.pop() * BLOCK
+                    self.head[0] = (c + BLOCK) % self.kv_size
+                else:
+                    free_cells = np.flatnonzero(self.pos < 0)
+                    free_cells = free_cells[~np.isin(free_cells, list(taken))]
+                    if not len(free_cells):
+                        raise ValueError(
+                            f"KV cache full: need {len(seq_ids)} cells, "
+                            f"{int((self.pos < 0).sum())} free of {self.kv_size}")
+                    c = int(free_cells[0])
+            cells[i] = c
+            taken.add(c)
+            tail[sq] = c + 1
+        self.used[0] = max(self.used[0], int(cells.max()) + 1)
+        return cells
+
+    def _place(self, seq_ids: np.ndarray, positions: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        """Record the ubatch in the cells find_slot chose (positions, sequence bits, lists)."""
+        last = np.full(self.n_seq_max, -1, np.int64)
+        np.maximum.at(last, seq_ids, cells % self.kv_size + 1)
+        self._tail = np.where(last >= 0, last, self._tail)
         self.pos[cells] = positions
         # cells are distinct, so no (word, cell) pair repeats: a plain fancy-index OR is exact
         self.bits[seq_ids // 32, cells] |= (1 << (seq_ids % 32)).astype(np.uint32)
@@ -418,7 +472,7 @@ class KVCache:
         *,
         flash: bool = True,
         skip: bool = True,
-        decode_max_per_seq: int = 4,
+        decode_max_per_seq: int = DECODE_MAX_PER_SEQ,
         tokens: np.ndarray | None = None,
     ) -> AttentionPlan:
         """Place a ubatch in the cache and build its attention plan (one per ubatch, all layers).

@@ -141,7 +141,8 @@ def run_from_cli(values: dict, explicit: set[str], command: str) -> int:
         kv_size, n_kv_max[m.name] = context_layout(n_ctx, n_seq_max, m.kv_unified)
         if m.kv_unified not in caches:
             caches[m.kv_unified] = KVCache(args.num_hidden_layers, args.num_key_value_heads,
-                                           args.head_dim, kv_size, n_seq_max, m.kv_unified, dtype)
+                                           args.head_dim, kv_size, n_seq_max, m.kv_unified, dtype,
+                                           own_blocks=bool(values.get("own_blocks")))
         runners[m.name] = Runner(model, caches[m.kv_unified], m, params.n_batch, params.n_ubatch)
 
     first = modes[0]
@@ -154,6 +155,7 @@ def run_from_cli(values: dict, explicit: set[str], command: str) -> int:
     meta = {
         "model": model_name, "dtype": values["dtype"], "quant": quant,
         "kv_unified": int(first.kv_unified), "skip": int(first.skip),
+        "own_blocks": int(bool(values.get("own_blocks"))),
         "backend": backend.BACKEND, "mlx_version": mx.__version__,
         "machine": f"{platform.node()} {platform.machine()} {_device_name()}",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "command": command,

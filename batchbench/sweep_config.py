@@ -119,6 +119,7 @@ KEYS: dict[str, Callable[[Any], Any]] = {
     "seed": _int(0),
     "csv": _str,
     "no_skip": _bool,
+    "own_blocks": _bool,
     "device": _choice("cpu", "gpu"),
     "dtype": _choice("auto", "float16", "bfloat16", "float32"),
     "quant": _choice("none", "q8_0", "q4_0"),

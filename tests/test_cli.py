@@ -49,6 +49,18 @@ def test_md_jsonl_csv_agree(tmp_path):
     assert abs(objs[0]["speed_tg"] - 2 * 2 / objs[0]["t_tg"]) < 1e-3 * objs[0]["speed_tg"]
 
 
+def test_own_blocks_flag_runs_and_is_recorded(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('own-blocks = true\n')
+    for args in (["--own-blocks"], ["--config", str(cfg)]):
+        js = bb(*TINY, "-npp", "16", "-ntg", "40", "-npl", "2", "--output-format", "jsonl", *args)
+        assert js.returncode == 0, js.stderr
+        objs = [json.loads(l) for l in js.stdout.splitlines() if l.startswith("{")]
+        assert len(objs) == 1 and objs[0]["own_blocks"] == 1 and objs[0]["n_kv"] == 112
+    js = bb(*TINY, "-npp", "16", "-ntg", "2", "-npl", "2", "--output-format", "jsonl")
+    assert [json.loads(l) for l in js.stdout.splitlines() if l.startswith("{")][0]["own_blocks"] == 0
+
+
 def test_config_over_context_is_skipped_with_note():
     r = bb(*TINY, "-npp", "16,600", "-ntg", "4", "-npl", "2")
     assert r.returncode == 0, r.stderr

@@ -7,8 +7,8 @@ import pytest
 from batchbench.kv_cache import BLOCK, SWA, KVCache
 
 
-def make(kv_size=512, n_seq=4, unified=True, swa=None):
-    return KVCache(1, 1, 8, kv_size, n_seq, unified, mx.float32, swa)
+def make(kv_size=512, n_seq=4, unified=True, swa=None, own_blocks=False):
+    return KVCache(1, 1, 8, kv_size, n_seq, unified, mx.float32, swa, own_blocks=own_blocks)
 
 
 def ref_mask(cache, seq_ids, positions, n):
@@ -238,6 +238,53 @@ def test_live_list_stays_sorted_when_a_freed_earlier_block_is_reused():
     plan = c.prepare(np.array([0]), np.array([96]), None)  # lands in block 0, before 1, 2, 3
     np.testing.assert_array_equal(np.array(plan.live_blocks.rows), live_rows_ref(c, [0]))
     assert list(np.array(plan.live_blocks.rows[0, :5])) == [4, 0, 1, 2, 3]
+
+
+def test_own_blocks_put_each_sequence_s_decode_tokens_in_its_own_blocks():
+    """--own-blocks: a decode token takes the cell after its sequence's last one while that
+    stays in the block and is empty, else the start of an all-empty block; the live lists
+    then grow by one block per 32 steps, not by B/32 blocks per step."""
+    c, plain = make(kv_size=1024, own_blocks=True), make(kv_size=1024)
+    for cache in (c, plain):
+        cache.find_slot(np.repeat(np.arange(4), [70, 64, 33, 100]),
+                        np.concatenate([np.arange(n) for n in (70, 64, 33, 100)]))
+    starts = [70, 64, 33, 100]
+    for t in range(40):
+        seq = np.arange(4)
+        pos = np.array(starts) + t
+        cells = c.find_slot(seq, pos)
+        plain.find_slot(seq, pos)
+        assert len(set(cells.tolist())) == 4 and (c.pos[cells] == pos).all()
+    for s in range(4):
+        cells = c.seq_cells(s)
+        dec = cells[c.pos[cells] >= starts[s]]
+        assert (np.diff(dec) > 0).all()  # in order, block after block
+        for b in set((dec // BLOCK).tolist()):  # no other sequence's decode token in them
+            blk = np.arange(b * BLOCK, (b + 1) * BLOCK)
+            others = [o for o in range(4) if o != s]
+            for o in others:
+                ocells = np.intersect1d(c.seq_cells(o), blk)
+                assert (c.pos[ocells] < starts[o]).all()
+        assert len(set((dec // BLOCK).tolist())) <= 3
+    rows = np.array(c.prepare(np.arange(4), np.array(starts) + 40, None).live_blocks.rows)
+    rows_plain = np.array(plain.prepare(np.arange(4), np.array(starts) + 40, None).live_blocks.rows)
+    assert (rows[:, 0] + 3 <= rows_plain[:, 0]).all()  # 4-5 blocks a row against 8-9
+    np.testing.assert_array_equal(rows, live_rows_ref(c, np.arange(4)))
+    # A prompt ubatch is placed as llama.cpp does (consecutive cells from the head).
+    cells = c.find_slot(np.zeros(10, np.int64), np.arange(200, 210))
+    assert (np.diff(cells) == 1).all()
+
+
+def test_own_blocks_fall_back_to_any_empty_cell_and_stay_out_of_split_caches():
+    c = make(kv_size=64, n_seq=2, own_blocks=True)
+    c.find_slot(np.repeat([0, 1], [31, 31]), np.concatenate([np.arange(31), np.arange(31)]))
+    # no all-empty block left: seq 0's next cell (31) is taken by seq 1, so it takes any
+    # empty cell; seq 1 continues after its last one
+    cells = c.find_slot(np.array([0, 1]), np.array([31, 31]))
+    assert sorted(cells.tolist()) == [62, 63]
+    with pytest.raises(ValueError, match="KV cache full"):
+        c.find_slot(np.array([0, 1]), np.array([32, 32]))
+    assert not make(n_seq=2, unified=False, own_blocks=True).own_blocks
 
 
 def test_twin_decode_window_grows_in_steps():

@@ -18,9 +18,11 @@ def model():
     return m
 
 
-def new_runner(model, n_seq, unified=True, mode=None, kv_size=512, n_ubatch=512, compiled=False):
+def new_runner(model, n_seq, unified=True, mode=None, kv_size=512, n_ubatch=512, compiled=False,
+               own_blocks=False):
     a = model.args
-    cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, kv_size, n_seq, unified, mx.float32)
+    cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, kv_size, n_seq, unified, mx.float32,
+                    own_blocks=own_blocks)
     r = Runner(model, cache, mode or Mode("t", unified), 2048, n_ubatch, compiled=bool(compiled))
     if compiled == "segments":  # one compiled function per layer, submitted one by one
         r.step = CompiledDecode(model, cache, every=1)
@@ -62,6 +64,28 @@ def test_batched_decode_equals_single(model, unified, mode, compiled):
     mode = Mode(mode.name, unified, mode.flash, mode.skip)
     got = run_batched(new_runner(model, pl, unified, mode, n_ubatch=64, compiled=compiled), prompts, steps)
     for j in range(pl):
+        seq_tokens = list(prompts[j]) + [int(s[j]) for s in steps]
+        ref = reference_logits(model, seq_tokens)[pp : pp + tg]
+        np.testing.assert_allclose(got[j], ref, **TOL)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("mode", [Mode("skip"), Mode("no-skip", skip=False)])
+def test_own_decode_blocks_decode_as_each_sequence_alone(model, mode, compiled):
+    """--own-blocks moves a unified cache's decode tokens into blocks of their own sequence
+    (here across a block boundary: 37-token prompts, 40 steps): the logits stay those of each
+    sequence decoded alone."""
+    rng = np.random.default_rng(4)
+    pl, pp, tg = 3, 37, 40
+    prompts = [rng.integers(0, 512, pp) for _ in range(pl)]
+    steps = [rng.integers(0, 512, pl) for _ in range(tg)]
+    r = new_runner(model, pl, True, Mode(mode.name, True, True, mode.skip), n_ubatch=64, compiled=compiled,
+                   own_blocks=True)
+    got = run_batched(r, prompts, steps)
+    for j in range(pl):
+        cells = r.cache.seq_cells(j)
+        decode_blocks = set((cells[r.cache.pos[cells] >= pp] // 32).tolist())
+        assert len(decode_blocks) <= 3  # not one block per step shared with the others
         seq_tokens = list(prompts[j]) + [int(s[j]) for s in steps]
         ref = reference_logits(model, seq_tokens)[pp : pp + tg]
         np.testing.assert_allclose(got[j], ref, **TOL)

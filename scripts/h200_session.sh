@@ -72,6 +72,11 @@ for what in "$@"; do
             --ctx 4096,8192 --variants list,model --out "$R/attn-ab${TAG:+-$TAG}.md" ;;
     # the card's read-only bandwidth (a ceiling for the attention kernel) beside MLX's copy
     readbw) part readbw 150 env OUT="$R" python3 scripts/h200_readbw.py ;;
+    # decode tokens in blocks of their own sequence (--own-blocks) against llama.cpp's placement
+    ab-own) for o in "" "--own-blocks"; do
+          part "own${o:+-on}" 200 python3 -m batchbench "${M[@]}" -c 140000 -npp 4096 -ntg 32,256 \
+            -npl "${NPL:-8,32}" -fa on $o --csv "$R/own${o:+-on}.csv"
+        done ;;
     # do thread-block clusters (compile-time __cluster_dims__) work through mx.fast.cuda_kernel?
     cluster-probe) part cluster-probe 60 python3 scripts/h200_cluster_probe.py ;;
     # the decode step of the 7B shape (attention excluded) with its CUPTI kernel time and top kernels
@@ -85,7 +90,7 @@ for what in "$@"; do
             python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe qmm-decode-prof step-trace tune-balance qmm-step)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof step-trace tune-balance qmm-step)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

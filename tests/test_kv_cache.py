@@ -204,11 +204,13 @@ def live_rows_ref(c: KVCache, seq_ids) -> np.ndarray:
     return rows
 
 
-def test_incremental_live_lists_follow_every_cache_operation():
+@pytest.mark.parametrize("own_blocks", [False, True])
+def test_incremental_live_lists_follow_every_cache_operation(own_blocks):
     """find_slot keeps the per-sequence lists up to date (freed cells reused out of order
-    included); seq_rm, seq_cp and clear rebuild them."""
+    included); seq_rm, seq_cp and clear rebuild them. Each step takes one empty cell per
+    token, with its position (own blocks or not)."""
     rng = np.random.default_rng(11)
-    c = make(kv_size=256, n_seq=4)  # small: the head wraps and freed cells are reused
+    c = make(kv_size=256, n_seq=4, own_blocks=own_blocks)  # small: the head wraps, freed cells are reused
     fill_prompts(c, 4, 50)
     for step in range(120):
         op = rng.random()
@@ -223,8 +225,14 @@ def test_incremental_live_lists_follow_every_cache_operation():
             fill_prompts(c, 4, 20)
         seq = rng.permutation(4)[: int(rng.integers(1, 5))]
         pos = np.array([int(c.pos[c.seq_cells(int(s))].max(initial=-1)) + 1 for s in seq])
+        empty_before = c.pos < 0
         plan = c.prepare(seq, pos, None)
         np.testing.assert_array_equal(np.array(plan.live_blocks.rows), live_rows_ref(c, seq))
+        new = np.flatnonzero(empty_before & (c.pos >= 0))  # the step took empty cells only
+        assert len(new) == len(seq)
+        for s, p in zip(seq, pos):
+            mine = np.intersect1d(new, c.seq_cells(int(s)))
+            assert len(mine) == 1 and c.pos[mine[0]] == p
 
 
 def test_live_list_stays_sorted_when_a_freed_earlier_block_is_reused():

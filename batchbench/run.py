@@ -105,6 +105,8 @@ def run_from_cli(values: dict, explicit: set[str], command: str) -> int:
             print(f"note: {flag} {v}: the KV cache uses --dtype ({values['dtype']}) here", file=sys.stderr)
     if values["kvu"] and values["no_kvu"]:
         raise UserError("-kvu and -no-kvu contradict each other")
+    if values.get("own_blocks") and values["no_kvu"] and not values.get("ab"):
+        print("note: --own-blocks places decode tokens in a unified cache; -no-kvu has none", file=sys.stderr)
     fa = parse_fa(values["flash_attn"])
     npp = parse_int_list(values["npp"], "-npp", 0)
     ntg = parse_int_list(values["ntg"], "-ntg", 0)

@@ -209,7 +209,9 @@ class KVCache:
         return np.flatnonzero((self.bits[w] >> np.uint32(b)) & 1)
 
     def find_slot(self, seq_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Place tokens in empty cells, scanning each stream from its head (cells fill in order)."""
+        """Place tokens in empty cells, scanning each stream from its head (cells fill in order),
+        as llama.cpp does; with own_blocks, a decode ubatch's tokens go to their sequences' own
+        32-cell blocks instead (_own_block_cells)."""
         if self.own_blocks and self._streams(seq_ids) and np.bincount(seq_ids).max() <= DECODE_MAX_PER_SEQ:
             return self._place(seq_ids, positions, self._own_block_cells(seq_ids))
         cells = np.empty(len(seq_ids), np.int64)

@@ -43,6 +43,7 @@ class Mode:
     kv_unified: bool = True
     flash: bool = True
     skip: bool = True
+    own_blocks: bool = False  # decode tokens in blocks of their own sequence (unified cache)
 
 
 def context_layout(n_ctx: int, n_seq_max: int, kv_unified: bool) -> tuple[int, int]:

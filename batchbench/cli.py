@@ -78,7 +78,7 @@ def bench(
     csv_path: Optional[str] = typer.Option(None, "--csv", help="Append one CSV row per finished config"),
     no_skip: bool = typer.Option(False, "--no-skip", help="Flash path without masked-block skipping"),
     own_blocks: bool = typer.Option(False, "--own-blocks", help="Unified cache: decode tokens in 32-cell blocks of their own sequence (beyond llama.cpp, whose step takes consecutive cells)"),
-    ab: Optional[str] = typer.Option(None, "--ab", help="A/B in one run: skip | kv | fa | all (unified+skip, unified no-skip, split)"),
+    ab: Optional[str] = typer.Option(None, "--ab", help="A/B in one run: skip | kv | fa | all (unified+skip, unified no-skip, split) | own (llama.cpp's cells, --own-blocks)"),
     repetitions: int = typer.Option(1, "-r", "--repetitions", help="Repeat each config; report medians"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu|gpu (default: MLX's default)"),
     dtype: str = typer.Option("auto", "--dtype", help="auto|float16|bfloat16|float32 (auto: float16 on a GPU, float32 on the CPU)"),

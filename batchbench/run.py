@@ -24,6 +24,13 @@ def _modes(values: dict, fa: int) -> list[Mode]:
     flash = fa != 0
     skip = not values["no_skip"]
     ab = values.get("ab")
+    if ab == "own":
+        return [Mode("llama", True, flash, skip), Mode("own-blocks", True, flash, skip, own_blocks=True)]
+    own = bool(values.get("own_blocks"))
+    return [Mode(m.name, m.kv_unified, m.flash, m.skip, own and m.kv_unified) for m in _ab_modes(ab, unified, flash, skip)]
+
+
+def _ab_modes(ab: str | None, unified: bool, flash: bool, skip: bool) -> list[Mode]:
     if ab is None:
         return [Mode("default", unified, flash, skip)]
     if ab == "skip":
@@ -35,7 +42,7 @@ def _modes(values: dict, fa: int) -> list[Mode]:
     if ab == "all":
         return [Mode("skip", True, True, True), Mode("no-skip", True, True, False),
                 Mode("split", False, True, True)]
-    raise UserError(f"--ab: expected skip, kv, fa or all, got '{ab}'")
+    raise UserError(f"--ab: expected skip, kv, fa, all or own, got '{ab}'")
 
 
 def _cache_bytes(cfg: dict, modes: list[Mode], n_ctx: int, n_seq_max: int, values: dict, dtype) -> int:
@@ -47,8 +54,8 @@ def _cache_bytes(cfg: dict, modes: list[Mode], n_ctx: int, n_seq_max: int, value
     ub = min(values["ubatch_size"], values["batch_size"])
     for m in modes:
         n_cells = context_layout(n_ctx, n_seq_max, m.kv_unified)[1]
-        if m.kv_unified not in seen:
-            seen.add(m.kv_unified)
+        if (m.kv_unified, m.own_blocks) not in seen:
+            seen.add((m.kv_unified, m.own_blocks))
             kv += kv_bytes(cfg["num_hidden_layers"], n_kv_heads, head_dim, n_cells, dtype)
         # modes run one after another: only the largest ubatch transient counts
         transient = max(transient, activation_bytes(cfg, ub, n_cells, n_seq_max, dtype,
@@ -141,11 +148,11 @@ def run_from_cli(values: dict, explicit: set[str], command: str) -> int:
     runners, n_kv_max, caches = {}, {}, {}
     for m in modes:
         kv_size, n_kv_max[m.name] = context_layout(n_ctx, n_seq_max, m.kv_unified)
-        if m.kv_unified not in caches:
-            caches[m.kv_unified] = KVCache(args.num_hidden_layers, args.num_key_value_heads,
-                                           args.head_dim, kv_size, n_seq_max, m.kv_unified, dtype,
-                                           own_blocks=bool(values.get("own_blocks")))
-        runners[m.name] = Runner(model, caches[m.kv_unified], m, params.n_batch, params.n_ubatch)
+        key = (m.kv_unified, m.own_blocks)
+        if key not in caches:
+            caches[key] = KVCache(args.num_hidden_layers, args.num_key_value_heads, args.head_dim,
+                                  kv_size, n_seq_max, m.kv_unified, dtype, own_blocks=m.own_blocks)
+        runners[m.name] = Runner(model, caches[key], m, params.n_batch, params.n_ubatch)
 
     first = modes[0]
     header = formats.Header(
@@ -157,7 +164,7 @@ def run_from_cli(values: dict, explicit: set[str], command: str) -> int:
     meta = {
         "model": model_name, "dtype": values["dtype"], "quant": quant,
         "kv_unified": int(first.kv_unified), "skip": int(first.skip),
-        "own_blocks": int(bool(values.get("own_blocks"))),
+        "own_blocks": int(first.own_blocks),
         "backend": backend.BACKEND, "mlx_version": mx.__version__,
         "machine": f"{platform.node()} {platform.machine()} {_device_name()}",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "command": command,

@@ -73,10 +73,8 @@ for what in "$@"; do
     # the card's read-only bandwidth (a ceiling for the attention kernel) beside MLX's copy
     readbw) part readbw 150 env OUT="$R" python3 scripts/h200_readbw.py ;;
     # decode tokens in blocks of their own sequence (--own-blocks) against llama.cpp's placement
-    ab-own) for o in "" "--own-blocks"; do
-          part "own${o:+-on}" 200 python3 -m batchbench "${M[@]}" -c 140000 -npp 4096 -ntg 32,256 \
-            -npl "${NPL:-8,32}" -fa on $o --csv "$R/own${o:+-on}.csv"
-        done ;;
+    ab-own) part ab-own 240 python3 -m batchbench "${M[@]}" -c 140000 -npp 4096 -ntg 32,256 \
+            -npl "${NPL:-8,32}" -fa on --ab own --csv "$R/ab-own.csv" ;;
     # do thread-block clusters (compile-time __cluster_dims__) work through mx.fast.cuda_kernel?
     cluster-probe) part cluster-probe 60 python3 scripts/h200_cluster_probe.py ;;
     # the decode step of the 7B shape (attention excluded) with its CUPTI kernel time and top kernels

@@ -59,6 +59,10 @@ def test_own_blocks_flag_runs_and_is_recorded(tmp_path):
         assert len(objs) == 1 and objs[0]["own_blocks"] == 1 and objs[0]["n_kv"] == 112
     js = bb(*TINY, "-npp", "16", "-ntg", "2", "-npl", "2", "--output-format", "jsonl")
     assert [json.loads(l) for l in js.stdout.splitlines() if l.startswith("{")][0]["own_blocks"] == 0
+    js = bb(*TINY, "-npp", "16", "-ntg", "40", "-npl", "2", "--ab", "own", "--output-format", "jsonl")
+    assert js.returncode == 0, js.stderr
+    objs = [json.loads(l) for l in js.stdout.splitlines() if l.startswith("{")]
+    assert [o["mode"] for o in objs] == ["llama", "own-blocks"] and objs[0]["own_blocks"] == 0
     r = bb(*TINY, "-npp", "16", "-ntg", "2", "-npl", "2", "-no-kvu", "--own-blocks")
     assert r.returncode == 0 and "note: --own-blocks places decode tokens in a unified cache" in r.stderr
 

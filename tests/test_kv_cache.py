@@ -357,3 +357,17 @@ def test_empty_ubatch_places_nothing():
     assert len(c.find_slot(np.zeros(0, np.int64), np.zeros(0, np.int64))) == 0
     np.testing.assert_array_equal(c.pos, pos)
     np.testing.assert_array_equal(c.bits, bits)
+
+
+def test_ab_own_runs_two_unified_caches_one_with_own_blocks():
+    """--ab own: llama.cpp's placement and --own-blocks side by side (two unified caches);
+    --own-blocks on other A/Bs reaches only their unified modes."""
+    from batchbench.run import _modes
+
+    base = dict(no_kvu=False, no_skip=False, own_blocks=False)
+    own = _modes(dict(base, ab="own"), fa=1)
+    assert [(m.name, m.kv_unified, m.own_blocks) for m in own] == [
+        ("llama", True, False), ("own-blocks", True, True)]
+    kv = _modes(dict(base, ab="kv", own_blocks=True), fa=1)
+    assert [(m.kv_unified, m.own_blocks) for m in kv] == [(True, True), (False, False)]
+    assert _modes(dict(base, ab=None), fa=1)[0].own_blocks is False

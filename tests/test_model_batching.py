@@ -91,13 +91,13 @@ def test_own_decode_blocks_decode_as_each_sequence_alone(model, mode, compiled):
         np.testing.assert_allclose(got[j], ref, **TOL)
 
 
-@pytest.mark.parametrize("unified", [True, False])
-def test_shared_prompt_equals_unshared(model, unified):
+@pytest.mark.parametrize("unified,own_blocks", [(True, False), (False, False), (True, True)])
+def test_shared_prompt_equals_unshared(model, unified, own_blocks):
     rng = np.random.default_rng(2)
     pl, pp = 4, 45
     prompt = rng.integers(0, 512, pp)
     steps = [rng.integers(0, 512, pl) for _ in range(3)]
-    shared = run_batched(new_runner(model, pl, unified), [prompt] * pl, steps, pps=True)
+    shared = run_batched(new_runner(model, pl, unified, own_blocks=own_blocks), [prompt] * pl, steps, pps=True)
     plain = run_batched(new_runner(model, pl, unified), [prompt] * pl, steps)
     np.testing.assert_allclose(shared, plain, **TOL)
 

@@ -272,9 +272,10 @@ class KVCache:
 
     def _place(self, seq_ids: np.ndarray, positions: np.ndarray, cells: np.ndarray) -> np.ndarray:
         """Record the ubatch in the cells find_slot chose (positions, sequence bits, lists)."""
-        last = np.full(self.n_seq_max, -1, np.int64)
-        np.maximum.at(last, seq_ids, cells % self.kv_size + 1)
-        self._tail = np.where(last >= 0, last, self._tail)
+        if self.own_blocks:  # only the own-block placement reads where a sequence ended
+            last = np.full(self.n_seq_max, -1, np.int64)
+            np.maximum.at(last, seq_ids, cells % self.kv_size + 1)
+            self._tail = np.where(last >= 0, last, self._tail)
         self.pos[cells] = positions
         # cells are distinct, so no (word, cell) pair repeats: a plain fancy-index OR is exact
         self.bits[seq_ids // 32, cells] |= (1 << (seq_ids % 32)).astype(np.uint32)

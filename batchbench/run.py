@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import mlx.core as mx
@@ -27,7 +28,7 @@ def _modes(values: dict, fa: int) -> list[Mode]:
     if ab == "own":
         return [Mode("llama", True, flash, skip), Mode("own-blocks", True, flash, skip, own_blocks=True)]
     own = bool(values.get("own_blocks"))
-    return [Mode(m.name, m.kv_unified, m.flash, m.skip, own and m.kv_unified) for m in _ab_modes(ab, unified, flash, skip)]
+    return [replace(m, own_blocks=own and m.kv_unified) for m in _ab_modes(ab, unified, flash, skip)]
 
 
 def _ab_modes(ab: str | None, unified: bool, flash: bool, skip: bool) -> list[Mode]:

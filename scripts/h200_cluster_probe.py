@@ -51,9 +51,12 @@ def probe(cl: int, blocks: int = 16, smem: int = 1024) -> tuple[bool, str]:
         header=f"#define BB_CL {cl}\n" + HEADER, shared_memory=smem,
     )
     x = mx.array([7.0], dtype=mx.float32)
-    out = kernel(inputs=[x], grid=(32, blocks, 1), threadgroup=(32, 1, 1),
-                 output_shapes=[(blocks * 3,)], output_dtypes=[mx.uint32])[0]
-    got = np.array(out).reshape(blocks, 3)
+
+    def launch() -> mx.array:
+        return kernel(inputs=[x], grid=(32, blocks, 1), threadgroup=(32, 1, 1),
+                      output_shapes=[(blocks * 3,)], output_dtypes=[mx.uint32])[0]
+
+    got = np.array(launch()).reshape(blocks, 3)
     want_n = np.full(blocks, cl)
     want_rank = np.arange(blocks) % cl
     want_peer = (np.arange(blocks) // cl * cl + (want_rank + 1) % cl) * 1000 + 7
@@ -61,9 +64,7 @@ def probe(cl: int, blocks: int = 16, smem: int = 1024) -> tuple[bool, str]:
 
     def run():
         for _ in range(16):
-            o = kernel(inputs=[x], grid=(32, blocks, 1), threadgroup=(32, 1, 1),
-                       output_shapes=[(blocks * 3,)], output_dtypes=[mx.uint32])[0]
-            mx.eval(o)
+            mx.eval(launch())
 
     us = kernel_time_us(run, 16)
     return bool(ok), f"cluster {cl}: {'ok' if ok else 'WRONG'}; first rows {got[:3].tolist()}; " \

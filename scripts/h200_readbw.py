@@ -55,6 +55,12 @@ SMALL_MB = [(16.8, "B=2 x 4096"), (33.6, "B=2 x 8192"), (67.1, "B=8 x 4096"), (1
 ATTN_SMEM = 143360  # smem_bytes(128, 4 warps, 2 stages, fp16, 7 heads)
 
 
+def _read(kernel, x: mx.array, tpb: int, blocks: int, u: int) -> mx.array:
+    """One launch of the streaming read over x (not evaluated)."""
+    return kernel(inputs=[x], template=[("U", u)], grid=(blocks * tpb, 1, 1), threadgroup=(tpb, 1, 1),
+                  output_shapes=[(blocks,)], output_dtypes=[mx.uint32])[0]
+
+
 def small_reads(kernel) -> list[str]:
     lines = ["", "## Floors for one launch (CUPTI kernel time per call, each call evaluated alone, "
              "buffers rotated past L2)", "",
@@ -66,10 +72,7 @@ def small_reads(kernel) -> list[str]:
         for tpb, blocks, u in [(256, 132, 8), (256, 264, 4), (512, 132, 8), (256, 528, 4)]:
             def run(tpb=tpb, blocks=blocks, u=u, sets=sets):
                 for x in sets:
-                    o = kernel(inputs=[x], template=[("U", u)], grid=(blocks * tpb, 1, 1),
-                               threadgroup=(tpb, 1, 1), output_shapes=[(blocks,)],
-                               output_dtypes=[mx.uint32])[0]
-                    mx.eval(o)
+                    mx.eval(_read(kernel, x, tpb, blocks, u))
 
             us = kernel_time_us(run, len(sets))
             lines.append(f"| read {mb} MB ({what}), {u} loads/thread | {blocks} x {tpb} | 0 | {us:.1f} | "
@@ -108,8 +111,7 @@ def main() -> None:
     for tpb, blocks, u in [(256, 132 * 8, 4), (512, 132 * 4, 4), (256, 132 * 8, 8), (1024, 132 * 2, 8),
                            (256, 132 * 16, 2), (128, 132 * 16, 8)]:
         def run(tpb=tpb, blocks=blocks, u=u):
-            outs = [kernel(inputs=[x], template=[("U", u)], grid=(blocks * tpb, 1, 1), threadgroup=(tpb, 1, 1),
-                           output_shapes=[(blocks,)], output_dtypes=[mx.uint32])[0] for x in sets]
+            outs = [_read(kernel, x, tpb, blocks, u) for x in sets]
             for o in outs:
                 mx.eval(o)
 

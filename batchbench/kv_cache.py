@@ -98,6 +98,10 @@ def store_qkv(qkv, positions: mx.array, cells: mx.array, keys: mx.array, values:
                           **rope)
 
 
+# A decode step whose metadata changes are scattered over at most this many cells sends them
+# in its one upload and scatters them into the device mirror; more go through _sync_device.
+MIRROR_SCATTER_MAX = 1024
+
 # A ubatch is a decode step when no sequence has more tokens than this (speculative drafts).
 DECODE_MAX_PER_SEQ = 4
 
@@ -381,7 +385,7 @@ class KVCache:
         if self._full_upload:  # the mirror lives in device memory: every decode step reads it
             self._dev_pos = to_device(self.pos)
             self._dev_bits = to_device(self.bits)
-        elif (run := self._mirror_run()) is not None:
+        elif isinstance(run := self._mirror_changes(), tuple):
             a, b = run  # one run of cells (widened to >= 4): a slice update
             self._dev_pos[a:b] = mx.array(self.pos[a:b])
             self._dev_bits[:, a:b] = mx.array(self.bits[:, a:b])
@@ -525,13 +529,16 @@ class KVCache:
         (below). The parts (and this step's run of cells for the metadata mirror) are packed
         into one array, copied to device memory, and handed out as slices of the copy. None
         parts are left out; 2-D parts keep their shape."""
-        mirror = self._mirror_run()
-        if mirror is not None:
-            a, b = mirror
-            parts["mirror_pos"] = self.pos[a:b]
-            parts["mirror_bits"] = self.bits[:, a:b].view(np.int32)
-        else:
+        mirror = self._mirror_changes(MIRROR_SCATTER_MAX)
+        if mirror is None:
             self._sync_device()
+        else:
+            if isinstance(mirror, tuple):
+                mirror = slice(*mirror)
+            else:  # scattered cells (e.g. --own-blocks): their indices travel in the same copy
+                parts["mirror_ix"] = mirror
+            parts["mirror_pos"] = self.pos[mirror]
+            parts["mirror_bits"] = self.bits[:, mirror].view(np.int32)
         parts = {k: np.asarray(v) for k, v in parts.items() if v is not None}
         total = sum(v.size for v in parts.values())
         host = np.zeros(max(4, total), np.int32)  # the copy's output > 8 bytes (see to_device)
@@ -546,24 +553,30 @@ class KVCache:
         out = {k: dev[o : o + n] if len(shape) == 1 else dev[o : o + n].reshape(shape)
                for k, (o, n, shape) in spans.items()}
         if mirror is not None:
-            a, b = mirror
-            self._dev_pos[a:b] = out.pop("mirror_pos")
-            self._dev_bits[:, a:b] = mx.view(out.pop("mirror_bits"), mx.uint32)
+            where = out.pop("mirror_ix") if "mirror_ix" in out else mirror
+            self._dev_pos[where] = out.pop("mirror_pos")
+            self._dev_bits[:, where] = mx.view(out.pop("mirror_bits"), mx.uint32)
         return out
 
-    def _mirror_run(self) -> tuple[int, int] | None:
-        """When every metadata change since the last upload lies in one run of cells (a decode
-        step's cells), that run widened to >= 4 cells, and the changes are taken as uploaded;
-        else None (and `_sync_device` uploads them)."""
+    def _mirror_changes(self, scatter_max: int = 0) -> tuple[int, int] | np.ndarray | None:
+        """The metadata changes since the last upload, taken as uploaded: (a, b) when they lie
+        in one run of cells (a decode step's cells under llama.cpp's placement), widened to >= 4
+        cells; else, when at most `scatter_max` cells changed (own-block placement puts a step's
+        tokens in B places), those cells ascending; else None (`_sync_device` uploads them)."""
         if self._full_upload or not self._dirty:
             return None
         idx = np.unique(np.concatenate(self._dirty))
-        if not len(idx) or idx[-1] - idx[0] + 1 != len(idx):
+        if not len(idx):
             return None
-        a = int(idx[0])
-        b = min(self.n_cells, max(int(idx[-1]) + 1, a + 4))
+        if idx[-1] - idx[0] + 1 == len(idx):
+            a = int(idx[0])
+            b = min(self.n_cells, max(int(idx[-1]) + 1, a + 4))
+            self._dirty.clear()
+            return max(0, min(a, b - 4)), b
+        if len(idx) > scatter_max:
+            return None
         self._dirty.clear()
-        return max(0, min(a, b - 4)), b
+        return idx
 
     def _prefill_groups(self, seq_ids, positions, n, restrict: bool) -> list[Group]:
         if not restrict:

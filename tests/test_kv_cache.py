@@ -350,6 +350,29 @@ def test_decode_step_inputs_come_from_one_upload(swa):
         np.testing.assert_array_equal(np.array(c._dev_bits), c.bits)
 
 
+def test_scattered_decode_cells_reach_the_device_mirror_in_the_step_s_upload():
+    """Own-block placement puts a step's tokens in B separate places: the mirror's scattered
+    cells travel in the step's one upload (no _sync_device), and mirror, mask and live rows
+    stay equal to the host's step after step (two bit words, a block boundary crossed)."""
+    c = make(kv_size=512, n_seq=40, own_blocks=True)
+    seqs = np.array([0, 33, 7])
+    c.find_slot(np.repeat(seqs, 30), np.tile(np.arange(30), 3))
+    synced = []
+    real_sync = c._sync_device
+    c._sync_device = lambda: (synced.append(1), real_sync())[1]
+    for step in range(40):
+        pos = np.full(3, 30 + step)
+        plan = c.prepare(seqs, pos, None)
+        cells = np.array(plan.cells)
+        assert np.diff(np.sort(cells)).min() > 1  # not one run: the scattered path
+        n = plan.mask.shape[1]
+        np.testing.assert_array_equal(np.array(plan.mask), ref_mask(c, seqs, pos, n))
+        np.testing.assert_array_equal(np.array(plan.live_blocks.rows), live_rows_ref(c, seqs)[:, : 1 + -(-n // BLOCK)])
+        np.testing.assert_array_equal(np.array(c._dev_pos), c.pos)
+        np.testing.assert_array_equal(np.array(c._dev_bits), c.bits)
+    assert len(synced) == 40  # build_mask's call, with nothing left to send
+
+
 def test_empty_ubatch_places_nothing():
     c = make()
     fill_prompts(c, 2, 10)

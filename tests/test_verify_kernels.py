@@ -93,6 +93,24 @@ def test_broken_attention_kernel_is_rejected(cases, backend):
     assert not err <= case.atol, f"wrong reduction not detected (max error {err})"
 
 
+@pytest.mark.parametrize("mask_kind", ["add", "bool"])
+def test_staged_mask_values_are_each_cell_s_own(mask_kind):
+    """Whole blocks of an aligned mask row reach the walk through the pipeline stage with
+    their K/V. Rows that see every other cell (and one whole block) pass; the same kernel
+    reading each cell's neighbour's staged value fails."""
+    n = 128
+    vis = np.zeros((2, n), bool)
+    vis[0, 0::2] = True
+    vis[1, 1::2] = True
+    vis[:, 64:96] = True
+    case = attention_case("cuda", np.random.default_rng(SEED), d=64, g=4, visible=vis, mask_kind=mask_kind)
+    _verify(case)
+    spec, launch = _mutated(case, "bb_mask_value(mt[8 * j + 2 * c + e])", "bb_mask_value(mt[8 * j + 2 * c + 1 - e])")
+    got = emulate(spec, launch).outputs[0].transpose(0, 2, 1, 3).astype(np.float64)
+    err = np.abs(got - case.expected).max()
+    assert not err <= case.atol, f"neighbour's mask value not detected (max error {err})"
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_attention_timeline_build_stamps_every_block(splits):
     """The diagnostic build (phase timestamps after the split records) keeps the result, and

@@ -27,6 +27,7 @@ from batchbench.kernels.spec import KernelSpec, Launch
 BLOCK = 32  # KV cells per skippable block
 MAX_SPLIT = 64  # attention_common.h: BB_MAX_SPLIT
 LIST_CAP = 256  # attention_common.h: BB_LIST_CAP
+MASK_STAGE_BYTES = 128  # attention_common.h: BB_MASK_STAGE
 HEADS_PER_TILE = 16  # query heads of one GQA group in one mma tile
 
 # (warps per block, pipeline stages) per back-end. Metal has 32 KB of threadgroup memory.
@@ -107,7 +108,7 @@ def record_floats(gh: int, d: int) -> int:
 def smem_bytes(d: int, warps: int, stages: int, esize: int, gh: int) -> int:
     """Mirror of bb_attn_smem_bytes in attention_common.h: the pipeline tiles and block lists,
     or the merge header and one split record if larger."""
-    pipeline = warps * stages * 2 * BLOCK * (d + 8) * esize + warps * LIST_CAP * 4
+    pipeline = warps * stages * 2 * BLOCK * (d + 8) * esize + warps * LIST_CAP * 4 + warps * stages * MASK_STAGE_BYTES
     merge = 4 * (warps * 16 * d + warps * 16 * 2 + 16 * 2 + MAX_SPLIT * 16) + 16
     return max(pipeline, merge + 4 * record_floats(gh, d))
 
@@ -239,6 +240,9 @@ WAVE = _env_number("BB_ATTN_WAVE", 1.0, float)
 # splits 12.1 us, on 17 splits 10.0 us). Only a short window (one sequence) is affected:
 # the window holds every sequence's cells, so at B >= 2 it is B times a row's list.
 MIN_BLOCKS = _env_number("BB_ATTN_MIN_BLOCKS", 8)
+# 1: a whole block's 32 mask values ride in its K/V pipeline stage; 0: the walk loads them
+# from global memory per block, as before (A/B runs).
+MASK_STAGE = _env_number("BB_ATTN_MASK_STAGE", 1)
 
 
 def choose_splits(pairs: int, n_blk: int, warps: int, d: int = 128) -> int:
@@ -364,6 +368,8 @@ def plan_decode_attention(
     ws_size = pairs * n_split * record_floats(gh, d) if n_split > 1 else 4
     smem = smem_bytes(d, warps, stages, q.dtype.size, gh)
     header, body = kernel_source(backend_name)
+    if not MASK_STAGE:
+        header = "#define BB_NO_MASK_STAGE 1\n" + header
     if timeline:
         if backend_name != "cuda":
             raise ValueError("decode_attention: the timeline build exists for CUDA only")
@@ -371,7 +377,7 @@ def plan_decode_attention(
         header = "#define BB_TIMELINE 1\n" + header
     kspec = KernelSpec(
         backend=backend_name,
-        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_tl' if timeline else ''}",
+        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_tl' if timeline else ''}{'' if MASK_STAGE else '_ms0'}",
         input_names=("q", "k", "v", "mask", "live", "counters"),
         output_names=("out", "ws"),
         source=body,

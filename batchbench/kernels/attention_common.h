@@ -17,6 +17,7 @@
 #define BB_BLOCK 32     // KV cells per block
 #define BB_MAX_SPLIT 64 // merge factors kept in shared memory
 #define BB_LIST_CAP 256 // block ids buffered per warp
+#define BB_MASK_STAGE 128 // bytes of one block's 32 mask values in a pipeline stage (fp32 masks)
 
 constexpr BB_FN int bb_attn_pitch(int d) { return d + 8; } // padded row: no bank conflicts
 
@@ -51,7 +52,7 @@ BB_FN void bb_mma_16816(BB_THREAD float* acc, BB_THREAD const uint32_t* a, uint3
 #endif
 
 // Shared (threadgroup) memory, in bytes; attention.py mirrors this. The walk uses the pipeline
-// tiles and the per-warp block lists. After the walk, the merge reuses the same bytes: its
+// tiles, the per-warp block lists and each stage's mask values. After the walk, the merge reuses the same bytes: its
 // header (o_s, ml_s, row_s, fac_s, flag_s), then the last split's staging of the split records
 // (at least one record).
 constexpr BB_FN int bb_attn_rec(int gh, int d) { return gh * d + ((gh * 2 + 3) & ~3); }
@@ -61,7 +62,8 @@ constexpr BB_FN int bb_attn_merge_hdr(int d, int w) {
 constexpr BB_FN int bb_attn_maxi(int a, int b) { return a > b ? a : b; }
 template <int D, int W, int STAGES, int ESIZE, int GH>
 constexpr BB_FN int bb_attn_smem_bytes() {
-  return bb_attn_maxi(W * STAGES * 2 * BB_BLOCK * bb_attn_pitch(D) * ESIZE + W * BB_LIST_CAP * 4,
+  return bb_attn_maxi(W * STAGES * 2 * BB_BLOCK * bb_attn_pitch(D) * ESIZE + W * BB_LIST_CAP * 4 +
+                          W * STAGES * BB_MASK_STAGE,
                       bb_attn_merge_hdr(D, W) + 4 * bb_attn_rec(GH, D));
 }
 
@@ -181,13 +183,30 @@ struct BBCursor {
   }
 };
 
+// A block whose 32 mask values ride in its pipeline stage: whole, in a 16-byte aligned row.
+// (BB_NO_MASK_STAGE: never, every block's values are loaded from global memory in the walk.)
+BB_FN bool bb_attn_m_whole(bool aligned, int b, int n_used) {
+#ifdef BB_NO_MASK_STAGE
+  return false;
+#else
+  return aligned && (b + 1) * BB_BLOCK <= n_used;
+#endif
+}
+
 // Issue the copies of K and V block `b` (32 rows of D) into one stage; rows >= N are zeroed
-// (they may hold anything: the buffer is larger than the used range).
+// (they may hold anything: the buffer is larger than the used range). With `m_stage`, the
+// block's 32 mask values come along into `mt`, so the walk reads them from shared memory
+// instead of waiting on a global load per block (a whole block of a 16-byte aligned row).
 // (Row-wise cp.async.bulk copies on an mbarrier per stage were measured slower on the H200:
 // B=32 x 8192 219 vs 138 us, results/h200-2026-11-29-s8.)
-template <typename T, int D>
-BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_GLOBAL const T* kh,
-                              BB_GLOBAL const T* vh, int b, int n_used, int lane) {
+template <typename T, int D, typename MT, typename MaskPtr>
+BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_SHARED MT* mt,
+                              BB_GLOBAL const T* kh, BB_GLOBAL const T* vh, MaskPtr mrow,
+                              bool m_stage, int b, int n_used, int lane) {
+  constexpr int MPC = 16 / (int)sizeof(MT); // mask values per 16-byte chunk
+  if (m_stage && lane < BB_BLOCK / MPC) {
+    bb_cp_async16(mt + lane * MPC, mrow + (long)b * BB_BLOCK + lane * MPC, true);
+  }
   constexpr int PITCH = bb_attn_pitch(D);
   constexpr int CPR = D / 8; // 16-byte chunks per row
   BB_UNROLL
@@ -318,6 +337,11 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   }
 
   BB_SHARED T* tiles = (BB_SHARED T*)smem + warp * (STAGES * 2 * TILE);
+  // Each stage's 32 mask values (after the tiles and lists), for blocks bb_attn_m_whole admits.
+  constexpr int MST = BB_MASK_STAGE / (int)sizeof(MT);
+  BB_SHARED MT* mtiles = (BB_SHARED MT*)(smem + W * STAGES * 2 * TILE * (int)sizeof(T) + W * BB_LIST_CAP * 4) +
+                         warp * (STAGES * MST);
+  const bool m_aligned = cur.vec_ok;
 
   // Per-warp pipeline: STAGES blocks in flight, compute the oldest, refill its slot.
   int pend[STAGES];
@@ -325,8 +349,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   for (int s = 0; s < STAGES; ++s) {
     pend[s] = cur.next(lane);
     if (pend[s] >= 0) {
-      bb_attn_load_block<T, D>(tiles + s * 2 * TILE, tiles + s * 2 * TILE + TILE, kh, vh,
-                               pend[s], n_used, lane);
+      bb_attn_load_block<T, D, MT>(tiles + s * 2 * TILE, tiles + s * 2 * TILE + TILE, mtiles + s * MST,
+                                   kh, vh, mrow, bb_attn_m_whole(m_aligned, pend[s], n_used), pend[s], n_used, lane);
     }
     bb_cp_async_commit();
   }
@@ -339,20 +363,34 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     const int b = pend[0];
     BB_SHARED T* kt = tiles + slot * 2 * TILE;
     BB_SHARED T* vt = kt + TILE;
+    BB_SHARED MT* mt = mtiles + slot * MST;
+    const bool staged = bb_attn_m_whole(m_aligned, b, n_used);
 
-    // Mask of this lane's 8 cells (issued first: its latency hides behind Q K^T).
+    // Mask of this lane's 8 cells: from the stage, or else from global memory (issued first:
+    // its latency hides behind Q K^T).
     float mv[4][2];
-    BB_UNROLL
-    for (int j = 0; j < 4; ++j) {
+    if (!staged) {
       BB_UNROLL
-      for (int e = 0; e < 2; ++e) {
-        const int cell = b * BB_BLOCK + 8 * j + 2 * c + e;
-        mv[j][e] = cell < n_used ? bb_mask_value(mrow[cell]) * LOG2E : NEG_INF;
+      for (int j = 0; j < 4; ++j) {
+        BB_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          const int cell = b * BB_BLOCK + 8 * j + 2 * c + e;
+          mv[j][e] = cell < n_used ? bb_mask_value(mrow[cell]) * LOG2E : NEG_INF;
+        }
       }
     }
 
     bb_cp_async_wait<STAGES - 1>();
     bb_sync_warp();
+    if (staged) {
+      BB_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        BB_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          mv[j][e] = bb_mask_value(mt[8 * j + 2 * c + e]) * LOG2E;
+        }
+      }
+    }
 #ifdef BB_TIMELINE
     if (tl_first) {
       BB_STAMP(3);
@@ -436,7 +474,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
 
     const int nb = cur.next(lane);
     if (nb >= 0) {
-      bb_attn_load_block<T, D>(kt, vt, kh, vh, nb, n_used, lane);
+      bb_attn_load_block<T, D, MT>(kt, vt, mt, kh, vh, mrow, bb_attn_m_whole(m_aligned, nb, n_used), nb, n_used, lane);
     }
     bb_cp_async_commit();
     BB_UNROLL

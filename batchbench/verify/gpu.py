@@ -64,6 +64,10 @@ def main() -> int:
     cases = (C.attention_cases("cuda", rng, quick=quick) + C.qmm_cases(rng) + rope_cases(rng, quick=quick)
              + qmm_rope_cases(rng)
              + mask_cases(rng))
+    # BATCHBENCH_VERIFY_ONLY=attn,rope: only the cases whose names start with these kinds
+    only = [k for k in os.environ.get("BATCHBENCH_VERIFY_ONLY", "").split(",") if k]
+    if only:
+        cases = [c for c in cases if any(c.name.startswith(f"{k}-") for k in only)]
     variants = ("ptx",) if quick else ("ptx", "portable")
     rows = []
     failures = 0

@@ -96,7 +96,7 @@ struct BBCursor {
   int base, step;       // candidate (or live entry) i is base + i * step
   int src, src_end;     // next candidate index, number of candidates
   int count, pos;       // list fill and read position
-  bool vec_ok;          // mask rows 16-byte aligned
+  bool vec_ok;          // mask buffer and rows 16-byte aligned
   int ahead;            // LIVE: this lane's entry of the next round, live row [1 + base + (src + lane) * step]
 
   BB_FN void fill(int lane) {
@@ -309,7 +309,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   cur.list = (BB_SHARED int*)(smem + W * STAGES * 2 * TILE * (int)sizeof(T)) + warp * BB_LIST_CAP;
   cur.n_used = n_used;
   cur.n_blk = n_blk;
-  cur.vec_ok = (n_used * (int)sizeof(MT)) % 16 == 0;
+  cur.vec_ok = (n_used * (int)sizeof(MT)) % 16 == 0 && bb_aligned16(mask);
   cur.src = 0;
   cur.count = 0;
   cur.pos = 0;

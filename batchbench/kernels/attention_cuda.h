@@ -97,6 +97,8 @@ BB_FN void bb_sync_warp() { __syncwarp(); }
 BB_FN uint32_t bb_shfl(uint32_t v, int src) { return __shfl_sync(0xffffffffu, v, src); }
 BB_FN float bb_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 BB_FN uint32_t bb_ballot(bool p) { return __ballot_sync(0xffffffffu, p); }
+// 16-byte mask loads need a 16-byte aligned buffer: an MLX array may be a view at any offset.
+template <typename P> BB_FN bool bb_aligned16(P p) { return ((uintptr_t)(const void*)p & 15u) == 0; }
 BB_FN int bb_popc(uint32_t x) { return __popc(x); }
 
 // ---- device memory ----------------------------------------------------------

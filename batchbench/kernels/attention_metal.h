@@ -92,6 +92,9 @@ BB_FN void bb_sync_block() { threadgroup_barrier(mem_flags::mem_threadgroup); }
 BB_FN void bb_sync_warp() { simdgroup_barrier(mem_flags::mem_threadgroup); }
 BB_FN uint bb_shfl(uint v, int src) { return simd_shuffle(v, ushort(src)); }
 BB_FN float bb_shfl_xor(float v, int m) { return simd_shuffle_xor(v, ushort(m)); }
+// No pointer-to-integer casts in Metal: the mask buffer is taken as 16-byte aligned (the scan's
+// 16-byte loads have always assumed it).
+template <typename P> BB_FN bool bb_aligned16(P) { return true; }
 BB_FN uint bb_ballot(bool p) {
   return uint(static_cast<simd_vote::vote_t>(simd_ballot(p)) & 0xffffffffu);
 }

@@ -99,7 +99,7 @@ def store_qkv(qkv, positions: mx.array, cells: mx.array, keys: mx.array, values:
 
 
 # A decode step whose metadata changes are scattered over at most this many cells sends them
-# in its one upload and scatters them into the device mirror; more go through _sync_device.
+# in its one upload and scatters them into the device mirror; more take a second upload.
 MIRROR_SCATTER_MAX = 1024
 
 # A ubatch is a decode step when no sequence has more tokens than this (speculative drafts).
@@ -385,17 +385,21 @@ class KVCache:
         if self._full_upload:  # the mirror lives in device memory: every decode step reads it
             self._dev_pos = to_device(self.pos)
             self._dev_bits = to_device(self.bits)
-        elif isinstance(run := self._mirror_changes(), tuple):
-            a, b = run  # one run of cells (widened to >= 4): a slice update
-            self._dev_pos[a:b] = mx.array(self.pos[a:b])
-            self._dev_bits[:, a:b] = mx.array(self.bits[:, a:b])
-        elif self._dirty:
-            idx = np.unique(np.concatenate(self._dirty))
-            ix = mx.array(idx.astype(np.int32))
-            self._dev_pos[ix] = mx.array(self.pos[idx])
-            self._dev_bits[:, ix] = mx.array(self.bits[:, idx])
+        else:
+            self._send_changes(self._mirror_changes())
         self._full_upload = False
         self._dirty.clear()
+
+    def _send_changes(self, changed: tuple[int, int] | np.ndarray | None) -> None:
+        """Copy changed cells' metadata from host arrays into the mirror (_mirror_changes)."""
+        if isinstance(changed, tuple):
+            a, b = changed  # one run of cells (widened to >= 4): a slice update
+            self._dev_pos[a:b] = mx.array(self.pos[a:b])
+            self._dev_bits[:, a:b] = mx.array(self.bits[:, a:b])
+        elif changed is not None:
+            ix = mx.array(changed.astype(np.int32))
+            self._dev_pos[ix] = mx.array(self.pos[changed])
+            self._dev_bits[:, ix] = mx.array(self.bits[:, changed])
 
     def build_mask(self, seq_ids: np.ndarray, positions: np.ndarray, c0: int, c1: int,
                    on_device: tuple[mx.array, mx.array] | None = None) -> mx.array:
@@ -529,7 +533,10 @@ class KVCache:
         (below). The parts (and this step's run of cells for the metadata mirror) are packed
         into one array, copied to device memory, and handed out as slices of the copy. None
         parts are left out; 2-D parts keep their shape."""
-        mirror = self._mirror_changes(MIRROR_SCATTER_MAX)
+        mirror = self._mirror_changes()
+        if isinstance(mirror, np.ndarray) and len(mirror) > MIRROR_SCATTER_MAX:
+            self._send_changes(mirror)  # too many to pack: a second upload
+            mirror = None
         if mirror is None:
             self._sync_device()
         else:
@@ -558,24 +565,21 @@ class KVCache:
             self._dev_bits[:, where] = mx.view(out.pop("mirror_bits"), mx.uint32)
         return out
 
-    def _mirror_changes(self, scatter_max: int = 0) -> tuple[int, int] | np.ndarray | None:
-        """The metadata changes since the last upload, taken as uploaded: (a, b) when they lie
-        in one run of cells (a decode step's cells under llama.cpp's placement), widened to >= 4
-        cells; else, when at most `scatter_max` cells changed (own-block placement puts a step's
-        tokens in B places), those cells ascending; else None (`_sync_device` uploads them)."""
+    def _mirror_changes(self) -> tuple[int, int] | np.ndarray | None:
+        """The metadata changes since the last upload, taken as sent: (a, b) when they lie in
+        one run of cells (a decode step's cells under llama.cpp's placement), widened to >= 4
+        cells; else the changed cells ascending (own-block placement puts a step's tokens in B
+        places); None when nothing changed or a full upload is due."""
         if self._full_upload or not self._dirty:
             return None
         idx = np.unique(np.concatenate(self._dirty))
+        self._dirty.clear()
         if not len(idx):
             return None
         if idx[-1] - idx[0] + 1 == len(idx):
             a = int(idx[0])
             b = min(self.n_cells, max(int(idx[-1]) + 1, a + 4))
-            self._dirty.clear()
             return max(0, min(a, b - 4)), b
-        if len(idx) > scatter_max:
-            return None
-        self._dirty.clear()
         return idx
 
     def _prefill_groups(self, seq_ids, positions, n, restrict: bool) -> list[Group]:

@@ -4,6 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from batchbench import kv_cache
 from batchbench.kv_cache import BLOCK, SWA, KVCache
 
 
@@ -321,11 +322,15 @@ def test_device_mirror_follows_the_host_metadata():
     np.testing.assert_array_equal(np.array(c._dev_bits), c.bits)
 
 
+@pytest.mark.parametrize("scatter_max", [None, 0])
 @pytest.mark.parametrize("swa", [None, SWA(24)])
-def test_decode_step_inputs_come_from_one_upload(swa):
+def test_decode_step_inputs_come_from_one_upload(swa, scatter_max, monkeypatch):
     """A decode plan's tokens, positions, cells, mask inputs, live rows and the metadata
     mirror's new cells all come from one packed host array; each must still equal what it
-    stands for, step after step (two bit words, the cache's last cells, an out-of-run write)."""
+    stands for, step after step (two bit words, the cache's last cells, an out-of-run write;
+    with scatter_max 0 that write exceeds what the step packs and takes a second upload)."""
+    if scatter_max is not None:
+        monkeypatch.setattr(kv_cache, "MIRROR_SCATTER_MAX", scatter_max)
     rng = np.random.default_rng(5)
     c = make(kv_size=200, n_seq=40, swa=swa)
     seqs = np.array([0, 33, 7])

@@ -64,10 +64,14 @@ def main() -> int:
     cases = (C.attention_cases("cuda", rng, quick=quick) + C.qmm_cases(rng) + rope_cases(rng, quick=quick)
              + qmm_rope_cases(rng)
              + mask_cases(rng))
-    # BATCHBENCH_VERIFY_ONLY=attn,rope: only the cases whose names start with these kinds
-    only = [k for k in os.environ.get("BATCHBENCH_VERIFY_ONLY", "").split(",") if k]
+    # BATCHBENCH_VERIFY_ONLY=attn,rope: only these kinds of case (attn, qmm, qmm-rope, rope, mask)
+    only = [k.strip() for k in os.environ.get("BATCHBENCH_VERIFY_ONLY", "").split(",") if k.strip()]
     if only:
-        cases = [c for c in cases if any(c.name.startswith(f"{k}-") for k in only)]
+        cases = [c for c in cases if any(c.name.startswith(f"{k}-cuda-") for k in only)]
+        if not cases:
+            print(f"batchbench.verify.gpu: BATCHBENCH_VERIFY_ONLY={','.join(only)} selects no case "
+                  "(kinds: attn, qmm, qmm-rope, rope, mask)", file=sys.stderr)
+            return 2
     variants = ("ptx",) if quick else ("ptx", "portable")
     rows = []
     failures = 0

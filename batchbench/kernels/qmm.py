@@ -60,6 +60,9 @@ QMM_HEADER = r"""
 // ---------------------------------------------------------------------------------------
 #ifndef BB_QMM_HEADER
 #define BB_QMM_HEADER
+#ifndef BB_QMM_X_ASYNC
+#define BB_QMM_X_ASYNC 1
+#endif
 
 namespace bbqmm {
 
@@ -354,26 +357,29 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
                                              const int M, const int K, const int tid) {
   const int gpr = K / 8;
   const uint4* nwg = reinterpret_cast<const uint4*>(nw);
-  for (int i = tid; i < M * gpr; i += NT) {
-    const int m = i / gpr, pj = i - m * gpr;
-    float ss = 0.f;
-#pragma unroll
-    for (int q = 0; q < NT / 32; ++q) ss += wss[q * MP + m];
-    const float rs = rsqrtf(ss / (float)K + eps);
+  // Column by column: one load of the norm weights serves every row (a loop over all
+  // granules waited an L2 round trip per granule: 14 a thread at M=8, K=3584).
+  for (int pj = tid; pj < gpr; pj += NT) {
     const int j = BITS == 4 ? (pj ^ ((pj >> 3) & 1)) : pj;  // the swizzle is an involution
-    uint4* p = reinterpret_cast<uint4*>(xs + m * XS + pj * 8);
     uint4 wv = nwg[j];
     if constexpr (PERM) wv = qmm_perm8(wv);  // the staged x granules are reordered
-    const uint4 v = *p;
-    const uint32_t u[4] = {v.x, v.y, v.z, v.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
-    uint32_t r[4];
+    for (int m = 0; m < M; ++m) {
+      float ss = 0.f;
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const float2 f = qmm_to_float2(u[q], is_bf16<T>::value);
-      const float2 g = qmm_to_float2(ww[q], is_bf16<T>::value);
-      r[q] = qmm_pack2<T>(f.x * rs * g.x, f.y * rs * g.y);
+      for (int q = 0; q < NT / 32; ++q) ss += wss[q * MP + m];
+      const float rs = rsqrtf(ss / (float)K + eps);
+      uint4* p = reinterpret_cast<uint4*>(xs + m * XS + pj * 8);
+      const uint4 v = *p;
+      const uint32_t u[4] = {v.x, v.y, v.z, v.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
+      uint32_t r[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 f = qmm_to_float2(u[q], is_bf16<T>::value);
+        const float2 g = qmm_to_float2(ww[q], is_bf16<T>::value);
+        r[q] = qmm_pack2<T>(f.x * rs * g.x, f.y * rs * g.y);
+      }
+      *p = make_uint4(r[0], r[1], r[2], r[3]);
     }
-    *p = make_uint4(r[0], r[1], r[2], r[3]);
   }
   __syncthreads();
 }
@@ -605,20 +611,41 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       for (int m = lane; m < M; m += 32) wss[wid * MP + m] = 0.f;
       __syncwarp();
     }
-    for (int i = tid; i < M * gpr; i += NT) {
-      const int m = i / gpr, j = i - m * gpr;
-      const int pj = BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
-      const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
-      uint4 v = xg[gi];
-      if constexpr (GLU) v = qmm_glu8<T>(v, xg[gi + K / 8]);
-      if constexpr (NORM) {  // gpr % 32 == 0: the warp's 32 granules are one row
-        float ss = qmm_sumsq8<T>(v);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) wss[wid * MP + m] += ss;
+    // Plain x: every granule's copy in flight at once (cp.async). A loop through registers
+    // waits an L2 round trip per few granules: 14 a thread at M=8, K=3584; 28 at M=32.
+    constexpr bool ASYNC = !GLU && BB_QMM_X_ASYNC;
+    if constexpr (ASYNC) {
+      for (int i = tid; i < M * gpr; i += NT) {
+        const int m = i / gpr, j = i - m * gpr;
+        const int pj = BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
+        qmm_cp_async<16>(xs + m * XS + pj * 8, xg + ((size_t)m * xrow + k0) / 8 + j);
       }
-      if constexpr (LOP3) v = qmm_perm8(v);
-      *reinterpret_cast<uint4*>(xs + m * XS + pj * 8) = v;
+      qmm_cp_commit();
+      qmm_cp_wait<0>();  // also the ring's first requests, which the first chunk needs anyway
+    }
+    if constexpr (!ASYNC || NORM || LOP3) {
+      // A thread's own copies are visible to it after its wait: it transforms them in place.
+      for (int i = tid; i < M * gpr; i += NT) {
+        const int m = i / gpr, j = i - m * gpr;
+        const int pj = BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
+        uint4* dst = reinterpret_cast<uint4*>(xs + m * XS + pj * 8);
+        uint4 v;
+        if constexpr (ASYNC) {
+          v = *dst;
+        } else {
+          const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
+          v = xg[gi];
+          if constexpr (GLU) v = qmm_glu8<T>(v, xg[gi + K / 8]);
+        }
+        if constexpr (NORM) {  // gpr % 32 == 0: the warp's 32 granules are one row
+          float ss = qmm_sumsq8<T>(v);
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+          if (lane == 0) wss[wid * MP + m] += ss;
+        }
+        if constexpr (LOP3) v = qmm_perm8(v);
+        *dst = v;
+      }
     }
   }
   __syncthreads();
@@ -868,8 +895,11 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
 
 #endif  // BB_QMM_HEADER
 """
+# x staged by cp.async, all of a block's copies in flight at once; BB_QMM_X_ASYNC=0 stages it
+# through registers as before (A/B runs).
+X_ASYNC = os.environ.get("BB_QMM_X_ASYNC", "1") == "1"
 # MLX hashes the source on every launch: compacted. The RoPE epilogue uses bbrope::rotate.
-QMM_HEADER = ROPE_HEADER + kspec.compact(QMM_HEADER)
+QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + kspec.compact(QMM_HEADER)
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"

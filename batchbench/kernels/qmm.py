@@ -63,6 +63,9 @@ QMM_HEADER = r"""
 #ifndef BB_QMM_X_ASYNC
 #define BB_QMM_X_ASYNC 1
 #endif
+#ifndef BB_QMM_X_UNROLL
+#define BB_QMM_X_UNROLL 8
+#endif
 
 namespace bbqmm {
 
@@ -611,9 +614,12 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       for (int m = lane; m < M; m += 32) wss[wid * MP + m] = 0.f;
       __syncwarp();
     }
-    // Plain x: every granule's copy in flight at once (cp.async). A loop through registers
-    // waits an L2 round trip per few granules: 14 a thread at M=8, K=3584; 28 at M=32.
-    constexpr bool ASYNC = !GLU && BB_QMM_X_ASYNC;
+    // x that is copied unchanged (no norm, no gate product, no lop3 reordering): cp.async,
+    // every copy of the block in flight at once. Otherwise through registers, X_UNROLL
+    // granules a thread in flight together. (The register loop nvcc unrolled by 4 waited an L2
+    // round trip per 4 granules: 14 a thread at M=8, K=3584. cp.async then an in-place
+    // reordering pass was slower on the H200 than that: o_proj M=8 7.8 -> 9.4 us.)
+    constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !NORM && !LOP3;
     if constexpr (ASYNC) {
       for (int i = tid; i < M * gpr; i += NT) {
         const int m = i / gpr, j = i - m * gpr;
@@ -622,29 +628,36 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       }
       qmm_cp_commit();
       qmm_cp_wait<0>();  // also the ring's first requests, which the first chunk needs anyway
-    }
-    if constexpr (!ASYNC || NORM || LOP3) {
-      // A thread's own copies are visible to it after its wait: it transforms them in place.
-      for (int i = tid; i < M * gpr; i += NT) {
-        const int m = i / gpr, j = i - m * gpr;
-        const int pj = BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
-        uint4* dst = reinterpret_cast<uint4*>(xs + m * XS + pj * 8);
-        uint4 v;
-        if constexpr (ASYNC) {
-          v = *dst;
-        } else {
-          const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
-          v = xg[gi];
-          if constexpr (GLU) v = qmm_glu8<T>(v, xg[gi + K / 8]);
-        }
-        if constexpr (NORM) {  // gpr % 32 == 0: the warp's 32 granules are one row
-          float ss = qmm_sumsq8<T>(v);
+    } else {
+      constexpr int U = BB_QMM_X_UNROLL;
+      for (int i0 = tid; i0 < M * gpr; i0 += U * NT) {
+        uint4 v[U];
 #pragma unroll
-          for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-          if (lane == 0) wss[wid * MP + m] += ss;
+        for (int u = 0; u < U; ++u) {
+          const int i = i0 + u * NT;
+          if (i < M * gpr) {
+            const int m = i / gpr, j = i - m * gpr;
+            const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
+            v[u] = xg[gi];
+            if constexpr (GLU) v[u] = qmm_glu8<T>(v[u], xg[gi + K / 8]);
+          }
         }
-        if constexpr (LOP3) v = qmm_perm8(v);
-        *dst = v;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int i = i0 + u * NT;
+          if (i < M * gpr) {  // warp-uniform under NORM (gpr % 32 == 0)
+            const int m = i / gpr, j = i - m * gpr;
+            const int pj = BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
+            if constexpr (NORM) {  // the warp's 32 granules are one row
+              float ss = qmm_sumsq8<T>(v[u]);
+#pragma unroll
+              for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+              if (lane == 0) wss[wid * MP + m] += ss;
+            }
+            if constexpr (LOP3) v[u] = qmm_perm8(v[u]);
+            *reinterpret_cast<uint4*>(xs + m * XS + pj * 8) = v[u];
+          }
+        }
       }
     }
   }
@@ -895,11 +908,14 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
 
 #endif  // BB_QMM_HEADER
 """
-# x staged by cp.async, all of a block's copies in flight at once; BB_QMM_X_ASYNC=0 stages it
-# through registers as before (A/B runs).
+# Staging x (A/B runs): BB_QMM_X_ASYNC=0 never copies it by cp.async; BB_QMM_X_UNROLL=n loads
+# n granules a thread together on the register path (nvcc unrolled the old loop by 4).
 X_ASYNC = os.environ.get("BB_QMM_X_ASYNC", "1") == "1"
+X_UNROLL = int(os.environ.get("BB_QMM_X_UNROLL", "8"))
+_X_DEFS = ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + (
+    "" if X_UNROLL == 8 else f"#define BB_QMM_X_UNROLL {X_UNROLL}\n")
 # MLX hashes the source on every launch: compacted. The RoPE epilogue uses bbrope::rotate.
-QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + kspec.compact(QMM_HEADER)
+QMM_HEADER = ROPE_HEADER + _X_DEFS + kspec.compact(QMM_HEADER)
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"

@@ -63,9 +63,6 @@ QMM_HEADER = r"""
 #ifndef BB_QMM_X_ASYNC
 #define BB_QMM_X_ASYNC 1
 #endif
-#ifndef BB_QMM_X_UNROLL
-#define BB_QMM_X_UNROLL 8
-#endif
 
 namespace bbqmm {
 
@@ -615,10 +612,9 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       __syncwarp();
     }
     // x that is copied unchanged (no norm, no gate product, no lop3 reordering): cp.async,
-    // every copy of the block in flight at once. Otherwise through registers, X_UNROLL
-    // granules a thread in flight together. (The register loop nvcc unrolled by 4 waited an L2
-    // round trip per 4 granules: 14 a thread at M=8, K=3584. cp.async then an in-place
-    // reordering pass was slower on the H200 than that: o_proj M=8 7.8 -> 9.4 us.)
+    // every copy of the block in flight at once (H200: down M=32 45.4 -> 41.6 us). Otherwise
+    // through registers: cp.async and then an in-place pass lost (o_proj M=8 7.8 -> 9.4 us),
+    // and so did loading 4 or 8 granules a thread before storing any (o_proj M=32 14.9 -> 21.3).
     constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !NORM && !LOP3;
     if constexpr (ASYNC) {
       for (int i = tid; i < M * gpr; i += NT) {
@@ -629,35 +625,20 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       qmm_cp_commit();
       qmm_cp_wait<0>();  // also the ring's first requests, which the first chunk needs anyway
     } else {
-      constexpr int U = BB_QMM_X_UNROLL;
-      for (int i0 = tid; i0 < M * gpr; i0 += U * NT) {
-        uint4 v[U];
+      for (int i = tid; i < M * gpr; i += NT) {
+        const int m = i / gpr, j = i - m * gpr;
+        const int pj = BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
+        const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
+        uint4 v = xg[gi];
+        if constexpr (GLU) v = qmm_glu8<T>(v, xg[gi + K / 8]);
+        if constexpr (NORM) {  // gpr % 32 == 0: the warp's 32 granules are one row
+          float ss = qmm_sumsq8<T>(v);
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int i = i0 + u * NT;
-          if (i < M * gpr) {
-            const int m = i / gpr, j = i - m * gpr;
-            const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
-            v[u] = xg[gi];
-            if constexpr (GLU) v[u] = qmm_glu8<T>(v[u], xg[gi + K / 8]);
-          }
+          for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+          if (lane == 0) wss[wid * MP + m] += ss;
         }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int i = i0 + u * NT;
-          if (i < M * gpr) {  // warp-uniform under NORM (gpr % 32 == 0)
-            const int m = i / gpr, j = i - m * gpr;
-            const int pj = BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
-            if constexpr (NORM) {  // the warp's 32 granules are one row
-              float ss = qmm_sumsq8<T>(v[u]);
-#pragma unroll
-              for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-              if (lane == 0) wss[wid * MP + m] += ss;
-            }
-            if constexpr (LOP3) v[u] = qmm_perm8(v[u]);
-            *reinterpret_cast<uint4*>(xs + m * XS + pj * 8) = v[u];
-          }
-        }
+        if constexpr (LOP3) v = qmm_perm8(v);
+        *reinterpret_cast<uint4*>(xs + m * XS + pj * 8) = v;
       }
     }
   }
@@ -908,14 +889,11 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
 
 #endif  // BB_QMM_HEADER
 """
-# Staging x (A/B runs): BB_QMM_X_ASYNC=0 never copies it by cp.async; BB_QMM_X_UNROLL=n loads
-# n granules a thread together on the register path (nvcc unrolled the old loop by 4).
+# x copied unchanged is staged by cp.async; BB_QMM_X_ASYNC=0 stages all x through registers
+# (A/B runs).
 X_ASYNC = os.environ.get("BB_QMM_X_ASYNC", "1") == "1"
-X_UNROLL = int(os.environ.get("BB_QMM_X_UNROLL", "8"))
-_X_DEFS = ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + (
-    "" if X_UNROLL == 8 else f"#define BB_QMM_X_UNROLL {X_UNROLL}\n")
 # MLX hashes the source on every launch: compacted. The RoPE epilogue uses bbrope::rotate.
-QMM_HEADER = ROPE_HEADER + _X_DEFS + kspec.compact(QMM_HEADER)
+QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + kspec.compact(QMM_HEADER)
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"

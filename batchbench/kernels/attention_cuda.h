@@ -154,7 +154,15 @@ BB_FN void bb_stamp_write(uint32_t* s, int i) {
 
 // ---- asynchronous global -> shared copies -----------------------------------
 
-#ifdef BB_PORTABLE
+#if defined(BB_EMU)
+// The CPU emulator holds each copy back until the wait that retires its group.
+BB_FN void bb_cp_async16(void* dst, const void* src, bool valid) {
+  bbemu::async_copy(dst, valid ? src : nullptr, 16);
+}
+BB_FN void bb_cp_async_commit() { bbemu::async_commit(); }
+template <int N>
+BB_FN void bb_cp_async_wait() { bbemu::async_wait(N); }
+#elif defined(BB_PORTABLE)
 BB_FN void bb_cp_async16(void* dst, const void* src, bool valid) {
   uint4 z = make_uint4(0, 0, 0, 0);
   *reinterpret_cast<uint4*>(dst) = valid ? *reinterpret_cast<const uint4*>(src) : z;

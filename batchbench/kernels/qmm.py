@@ -87,7 +87,9 @@ __device__ __forceinline__ uint4 qmm_ld_stream(const uint32_t* p) {
 // (L1 bypassed, L2 fetching 256-byte runs as qmm_ld_stream), or SB = 4 / 8 bytes of scales.
 template <int SB>
 __device__ __forceinline__ void qmm_cp_async(void* dst, const void* src) {
-#ifdef BB_PORTABLE
+#if defined(BB_EMU)
+  bbemu::async_copy(dst, src, SB);  // held back until the wait that retires its group
+#elif defined(BB_PORTABLE)
   const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);
   for (int i = 0; i < SB / 4; ++i) d[i] = s[i];
@@ -102,14 +104,18 @@ __device__ __forceinline__ void qmm_cp_async(void* dst, const void* src) {
 }
 
 __device__ __forceinline__ void qmm_cp_commit() {
-#ifndef BB_PORTABLE
+#if defined(BB_EMU)
+  bbemu::async_commit();
+#elif !defined(BB_PORTABLE)
   asm volatile("cp.async.commit_group;" ::: "memory");
 #endif
 }
 
 template <int N>
 __device__ __forceinline__ void qmm_cp_wait() {
-#ifndef BB_PORTABLE
+#if defined(BB_EMU)
+  bbemu::async_wait(N);
+#elif !defined(BB_PORTABLE)
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }

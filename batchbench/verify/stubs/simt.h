@@ -12,7 +12,8 @@
 // Checked here (errors stop the launch with a message): barrier reached at different call
 // sites or after some threads exited, collectives with mismatched masks or call sites,
 // shuffles from exited lanes, deadlocks, segfaults (guard pages around every buffer and
-// fiber stack), spin loops (CPU time limit).
+// fiber stack), spin loops (CPU time limit), and reads of a cp.async destination before the
+// wait that covers the copy (copies land only at that wait: async_copy).
 // Not visible here: ordering between blocks (they never overlap), and memory ordering that
 // a kernel gets from a shuffle or vote alone (here every collective orders memory between
 // its lanes, as __syncwarp does; CUDA only promises that for __syncwarp).
@@ -61,6 +62,8 @@ struct Fiber {
   const char* wait_what;
   unsigned coll_mask; // participants of the last collective it completed
   int held;           // record of that collective, still being read (-1: none)
+  int acp_n;          // asynchronous copies in flight (async_copy)
+  int acp_commits;    // groups committed so far
 #if defined(BBEMU_UCONTEXT)
   ucontext_t uc;
 #endif
@@ -562,7 +565,10 @@ inline T lane_value(const unsigned char* row, int src, T self) {
 }
 
 // A thread returned: drop it from barriers and collectives it can no longer join.
+inline void async_land(Fiber& f, int keep_groups);
+
 inline void on_exit(Fiber& f) {
+  async_land(f, -1); // copies in flight still land
   f.state = kDone;
   --g_live;
   ++g_exited;
@@ -615,6 +621,82 @@ inline void yield() {
   }
   rq_push(static_cast<int>(g_cur->lin));
   dispatch();
+}
+
+// ---- asynchronous copies (cp.async) -----------------------------------------------------
+
+// A thread's cp.async copies are held back until a wait retires their group (or the thread
+// returns): the destination keeps its old bytes until then, as late as the hardware may
+// deliver them. So a kernel that reads a copy's destination before the wait that covers it
+// (wrong wait count, missing commit, reading another thread's copy without a barrier after
+// that thread's wait) reads stale or poisoned bytes and fails its check. The source is read
+// when the copy is issued.
+struct AsyncCopy {
+  void* dst;
+  int n;   // bytes (<= 16)
+  int grp; // the commit that closes its group: pending until a wait retires it
+  alignas(16) unsigned char data[16];
+};
+constexpr int kAsyncMax = 512; // copies in flight per thread
+inline AsyncCopy* g_async = nullptr;
+
+// src nullptr: zero fill (cp.async with src-size 0).
+inline void async_copy(void* dst, const void* src, int n) {
+  if (!g_cur) {
+    fail("cp.async outside a kernel thread");
+  }
+  Fiber& f = cur();
+  if (!g_async) {
+    g_async = static_cast<AsyncCopy*>(calloc(static_cast<size_t>(kMaxThreads) * kAsyncMax, sizeof(AsyncCopy)));
+    if (!g_async) {
+      fail("internal: no memory for cp.async records");
+    }
+  }
+  if (n <= 0 || n > 16) {
+    fail("cp.async of %d bytes", n);
+  }
+  if (f.acp_n == kAsyncMax) {
+    fail("more than %d cp.async copies in flight in one thread (no wait retires them?)", kAsyncMax);
+  }
+  AsyncCopy& c = g_async[static_cast<size_t>(f.lin) * kAsyncMax + f.acp_n++];
+  c.dst = dst;
+  c.n = n;
+  c.grp = f.acp_commits;
+  if (src) {
+    memcpy(c.data, src, static_cast<size_t>(n));
+  } else {
+    memset(c.data, 0, static_cast<size_t>(n));
+  }
+}
+
+inline void async_commit() {
+  if (g_cur) {
+    ++cur().acp_commits;
+  }
+}
+
+// Lands, in issue order, every copy of a committed group older than the keep_groups most
+// recent ones (cp.async.wait_group keep_groups); keep_groups < 0: every copy.
+inline void async_land(Fiber& f, int keep_groups) {
+  if (!g_async || f.acp_n == 0) {
+    return;
+  }
+  AsyncCopy* q = g_async + static_cast<size_t>(f.lin) * kAsyncMax;
+  int kept = 0;
+  for (int i = 0; i < f.acp_n; ++i) {
+    if (keep_groups < 0 || q[i].grp < f.acp_commits - keep_groups) {
+      memcpy(q[i].dst, q[i].data, static_cast<size_t>(q[i].n));
+    } else {
+      q[kept++] = q[i];
+    }
+  }
+  f.acp_n = kept;
+}
+
+inline void async_wait(int keep_groups) {
+  if (g_cur) {
+    async_land(cur(), keep_groups);
+  }
 }
 
 // ---- shared memory poisoning ---------------------------------------------------------
@@ -838,6 +920,8 @@ inline void run_block(U3 bid, U3 bdim) {
     f.state = kRunnable;
     f.held = -1;
     f.coll_mask = 0;
+    f.acp_n = 0;
+    f.acp_commits = 0;
     f.wait_what = nullptr;
     f.wait_line = 0;
     init_fiber_stack(f, g_stacks + g_stack_bytes * i + page, g_stack_bytes - page);

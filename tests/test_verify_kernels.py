@@ -111,6 +111,43 @@ def test_staged_mask_values_are_each_cell_s_own(mask_kind):
     assert not err <= case.atol, f"neighbour's mask value not detected (max error {err})"
 
 
+def _edit_executor(old, new):
+    """Emulates every launch with `old` replaced by `new` in its kernel's header."""
+    def execute(spec, launch):
+        if old not in spec.header:
+            pytest.fail(f"mutation anchor {old!r} is not in {spec.name}: update the test")
+        res = emulate(dataclasses.replace(spec, header=spec.header.replace(old, new, 1), name=spec.name + "_mut"), launch)
+        return res.outputs, res.inputs_after
+    return execute
+
+
+@pytest.mark.parametrize("kernel,old,new", [
+    # the attention walk's wait for the oldest pipeline stage, and the merge's wait for the
+    # staged split records
+    ("attn", "bb_cp_async_wait<STAGES - 1>();", "bb_cp_async_wait<STAGES>();"),
+    ("attn-merge", "bb_cp_async_wait<0>();\nbb_sync_block();", "bb_cp_async_wait<1>();\nbb_sync_block();"),
+    # the matmul's wait for x copied unchanged (bf16), and its ring's wait for the oldest slot
+    # (fp16: x goes through registers, so the ring's first requests are still in flight)
+    ("qmm-x", "qmm_cp_wait<0>();", ""),
+    ("qmm-ring", "qmm_cp_wait<NS - 1>();", "qmm_cp_wait<NS>();"),
+])
+def test_cp_async_copies_land_only_at_their_wait(kernel, old, new):
+    """The emulator holds a cp.async copy back until a wait retires its group, so a kernel
+    that waits for one group too few reads stale or poisoned shared memory and fails."""
+    toolchain.need(toolchain.host_cxx)
+    rng = np.random.default_rng(SEED)
+    if kernel == "qmm-x":
+        case = qmm_case(rng, m=9, bits=8, group_size=32, n=160, k=512, res=True, blocks=4, ns=4, dtype=mx.bfloat16)
+    elif kernel == "qmm-ring":
+        case = qmm_case(rng, m=9, bits=4, group_size=32, n=256, k=512, res=True, blocks=3, ns=3, wf=2)
+    else:
+        case = attention_case("cuda", rng, d=64, g=4, splits=4 if kernel == "attn-merge" else None,
+                              layout=dict(kind="interleaved", n_seq=3, tokens_per_seq=2))
+    _verify(case)
+    with pytest.raises(AssertionError):
+        case.verify(_edit_executor(old, new))
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_attention_timeline_build_stamps_every_block(splits):
     """The diagnostic build (phase timestamps after the split records) keeps the result, and

@@ -854,73 +854,41 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   }
 }
 
-// Sum of the S fp32 partials of 4 consecutive outputs: 16-byte loads, four slices' loads in
-// flight before any is added (a plain loop over S waited a round trip per few slices).
-__device__ __forceinline__ float4 qmm_sum_parts4(const float4* __restrict__ p, const size_t step, const int S) {
-  float4 a = p[0];
-  int s = 1;
-  for (; s + 3 < S; s += 4) {
-    const float4 v0 = p[s * step], v1 = p[(s + 1) * step], v2 = p[(s + 2) * step], v3 = p[(s + 3) * step];
-    a.x += (v0.x + v1.x) + (v2.x + v3.x);
-    a.y += (v0.y + v1.y) + (v2.y + v3.y);
-    a.z += (v0.z + v1.z) + (v2.z + v3.z);
-    a.w += (v0.w + v1.w) + (v2.w + v3.w);
-  }
-  for (; s < S; ++s) {
-    const float4 v = p[s * step];
-    a.x += v.x;
-    a.y += v.y;
-    a.z += v.z;
-    a.w += v.w;
-  }
-  return a;
-}
-
 // y[m, n] = sum_s part[s, m, n] (+ bias[n]) (+ res[m, n]), cast to the activation dtype.
-// One thread per 4 consecutive outputs (N % 16 == 0).
 template <typename T, bool HAS_BIAS, bool HAS_RES>
 __device__ __forceinline__ void qmm_reduce(const float* __restrict__ part,
                                            const T* __restrict__ lbias,
                                            const T* __restrict__ res, T* __restrict__ y,
                                            const int S, const int M, const int N) {
-  const int i4 = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i4 >= M * N / 4) return;
-  const float4 a = qmm_sum_parts4(reinterpret_cast<const float4*>(part) + i4, (size_t)M * N / 4, S);
-  const float v[4] = {a.x, a.y, a.z, a.w};
-  const int i = 4 * i4, n = i % N;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    float o = v[j];
-    if constexpr (HAS_BIAS) o += qmm_float<T>(lbias[n + j]);
-    if constexpr (HAS_RES) o += qmm_float<T>(res[i + j]);
-    y[i + j] = qmm_cast<T, T>(o);
-  }
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= M * N) return;
+  float v = 0.f;
+  for (int s = 0; s < S; ++s) v += part[(size_t)s * M * N + i];
+  if constexpr (HAS_BIAS) v += qmm_float<T>(lbias[i % N]);
+  if constexpr (HAS_RES) v += qmm_float<T>(res[i]);
+  y[i] = qmm_cast<T, T>(v);
 }
 
-// A pair epilogue after a split K: one thread per 4 consecutive pairs (rows n..n+3 and
-// n+8..n+11 of a token).
+// A pair epilogue after a split K: one thread per pair (rows n, n + 8 of a token).
 template <typename T, bool HAS_BIAS, typename E>
 __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
                                                 const T* __restrict__ lbias, T* __restrict__ y,
                                                 const int S, const int M, const int N,
                                                 const QmmRope<T> rp) {
-  const int i4 = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i4 >= M * (N / 8)) return;
-  const int m = i4 / (N / 8), pr = 4 * (i4 - m * (N / 8));
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= M * (N / 2)) return;
+  const int m = i / (N / 2), pr = i - m * (N / 2);
   const int n = (pr >> 3) * 16 + (pr & 7);
-  const size_t step = (size_t)M * N / 4;
-  const float4* p = reinterpret_cast<const float4*>(part + (size_t)m * N + n);
-  const float4 lo4 = qmm_sum_parts4(p, step, S), hi4 = qmm_sum_parts4(p + 2, step, S);
-  const float lo[4] = {lo4.x, lo4.y, lo4.z, lo4.w}, hi[4] = {hi4.x, hi4.y, hi4.z, hi4.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    float l = lo[j], h = hi[j];
-    if constexpr (HAS_BIAS) {
-      l += qmm_float<T>(lbias[n + j]);
-      h += qmm_float<T>(lbias[n + j + 8]);
-    }
-    E::template store<T>(l, h, n + j, m, M, N, rp, y);
+  float lo = 0.f, hi = 0.f;
+  for (int s = 0; s < S; ++s) {
+    lo += part[((size_t)s * M + m) * N + n];
+    hi += part[((size_t)s * M + m) * N + n + 8];
   }
+  if constexpr (HAS_BIAS) {
+    lo += qmm_float<T>(lbias[n]);
+    hi += qmm_float<T>(lbias[n + 8]);
+  }
+  E::template store<T>(lo, hi, n, m, M, N, rp, y);
 }
 
 }  // namespace bbqmm
@@ -1379,7 +1347,7 @@ def plan_qmm_reduce(
             inputs=[part] + ([bias] if bias is not None else []) + (rope.inputs() if rope is not None else []),
             output_shapes=[_pair_shape(pair, rope, m, n)],
             output_dtypes=[dtype],
-            grid=(m * n // 8, 1, 1),  # 4 pairs a thread
+            grid=(m * n // 2, 1, 1),
             threadgroup=(256, 1, 1),
             template=[("T", dtype)] + (rope.template() if rope is not None else []),
         )
@@ -1389,7 +1357,7 @@ def plan_qmm_reduce(
         + ([residual.reshape(m, n)] if residual is not None else []),
         output_shapes=[(m, n)],
         output_dtypes=[dtype],
-        grid=(m * n // 4, 1, 1),  # 4 outputs a thread
+        grid=(m * n, 1, 1),
         threadgroup=(256, 1, 1),
         template=[("T", dtype)],
     )

@@ -315,7 +315,7 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=9, bits=4, group_size=32, n=256, k=512, res=True, blocks=3, ns=3, wf=2),
         dict(m=3, bits=8, group_size=32, n=64, k=512, split=2, bias=True, ns=2, wf=2, dtype=mx.bfloat16),
         dict(m=20, bits=4, group_size=64, n=128, k=512, glu_pair=True, ns=4, wf=2, lop3=False),
-        # many K-slices: the reduce kernels add four slices' partials a round, then the rest
+        # many K-slices summed by the reduce kernels (plain and pair epilogue)
         dict(m=4, bits=4, group_size=32, n=64, k=1024, split=7, res=True),
         dict(m=3, bits=4, group_size=32, n=64, k=768, split=6, glu_pair=True, bias=True, dtype=mx.bfloat16),
     ]

@@ -81,6 +81,16 @@ for what in "$@"; do
     qmm-decode-prof) part "qmm-decode-prof${TAG:+-$TAG}" 150 env OUT="$R/qmm-decode-prof${TAG:+-$TAG}" \
             QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 QMM_BUDGET_S=130 \
             python3 scripts/h200_qmm.py ;;
+    # the register-heavy matmuls' grids (M = 17-64) in one wave, BB_QMM_MT4_WAVE=1, against the default
+    ab-wave) for v in 0 1; do
+               part "qmm-decode-prof-wave$v" 150 env BB_QMM_MT4_WAVE=$v OUT="$R/qmm-decode-prof-wave$v" \
+                 QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 \
+                 QMM_BUDGET_S=130 python3 scripts/h200_qmm.py
+             done
+             for v in 0 1; do
+               part "scaling-quick-wave$v" 150 env BB_QMM_MT4_WAVE=$v python3 -m batchbench "${M[@]}" -c 140000 \
+                 -npp 4096 -ntg 32 -npl 16,32 -fa on --csv "$R/scaling-quick-wave$v.csv"
+             done ;;
     # whole decode steps of the benchmark's TG loop under the profiler: host latency and gaps per step
     step-trace) part "step-trace${TAG:+-$TAG}" 240 env OUT="$R/step-trace${TAG:+-$TAG}" \
             python3 scripts/h200_step_trace.py ${TRACE_B:-1 8 32} ;;
@@ -88,7 +98,7 @@ for what in "$@"; do
             python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof step-trace tune-balance qmm-step)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave step-trace tune-balance qmm-step)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

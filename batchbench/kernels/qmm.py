@@ -1048,14 +1048,32 @@ def _resident_blocks(cfg: QmmConfig, k: int, bits: int) -> int:
     SM, not the two assumed here: Nsight Compute saw one (results/h200-2026-11-29-s5/run2-ncu.txt,
     M=32, 133 registers then); a grid sized for it is not measured yet (docs/perf-notes.md)."""
     per_sm = 3 if (cfg.mt == 1 and (cfg.p == 1 or cfg.ns)) else 2  # the ring: ~72 registers at mt=1
+    if _one_wave(cfg):
+        per_sm = 1
     per_sm = max(1, per_sm * 256 // (32 * cfg.wn * cfg.wk))  # the estimates are for 256 threads
     per_sm = max(1, min(per_sm, SMEM_PER_SM // (cfg.smem(k, bits) + 1024)))
     return per_sm * sm_count()
 
 
+# Four or more token tiles without the ring (M = 17-64: q/k/v, o_proj and down_proj) take
+# 150-175 registers (nvcc sm_90a), so one 256-thread block fits an SM, while the grid above
+# assumes two. Down at M=32 then launches 14 K-slices x 19 blocks = 266 blocks: three waves on
+# 132 SMs, the last of 2 blocks. BB_QMM_MT4_WAVE=1 sizes these grids for one block per SM and
+# rounds the blocks per K-slice down, so that the grid is one wave (down: 14 x 9 = 126 blocks
+# of 6-7 tiles). Off by default until the H200 has measured it (session part ab-wave).
+MT4_WAVE = os.environ.get("BB_QMM_MT4_WAVE", "0") == "1"
+
+
+def _one_wave(cfg: QmmConfig) -> bool:
+    return MT4_WAVE and cfg.mt >= 4 and cfg.ns == 0
+
+
 def persistent(cfg: QmmConfig, k: int, bits: int) -> QmmConfig:
     """cfg with the persistent grid: the blocks resident on the GPU, shared over its K-slices."""
-    return replace(cfg, blocks=-(-_resident_blocks(cfg, k, bits) // cfg.s))
+    resident = _resident_blocks(cfg, k, bits)
+    if _one_wave(cfg):
+        return replace(cfg, blocks=max(1, resident // cfg.s))
+    return replace(cfg, blocks=-(-resident // cfg.s))
 
 
 # mt -> (wn, wk, p). p chunks per load stage, two stages in flight: p=2 keeps the registers

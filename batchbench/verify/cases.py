@@ -256,9 +256,15 @@ def qmm_case(
     if norm:
         xf = xf / np.sqrt((xf**2).mean(axis=1, keepdims=True) + 1e-5) * _f64(nw)
     want = xf @ wd.T + lb64 + (_f64(rs) if res else 0.0)
+    scale = max(1.0, float(np.abs(want).max()))
     if glu_pair:
         g, u = want[:, : n // 2], want[:, n // 2 :]
-        want = g / (1.0 + np.exp(-g)) * u
+        sg = 1.0 / (1.0 + np.exp(-g))
+        want = g * sg * u
+        # g and u carry the matmul's error (relative to the largest of them) into the
+        # product, each scaled by the product's sensitivity to it: d/dg = silu'(g) u, d/du = silu(g)
+        sens = np.abs(sg * (1.0 + g * (1.0 - sg)) * u) + np.abs(g * sg)
+        scale = max(scale * max(1.0, float(sens.max())), float(np.abs(want).max()))
     is_split = launch.output_dtypes[0] == mx.float32
     kernels = [(kspec, launch)]
     if is_split:
@@ -272,7 +278,7 @@ def qmm_case(
             y = execute(rspec, rlaunch)[0][0]
         return y.astype(np.float64)
 
-    atol = QMM_RTOL[dtype] * max(1.0, float(np.abs(want).max()))
+    atol = QMM_RTOL[dtype] * scale
     name = (
         f"qmm-cuda-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-M{m}-N{n}-K{k}-b{bits}-g{group_size}"
         f"{'-split' + str(split) if split else ''}{'-bias' if bias else ''}"

@@ -81,14 +81,14 @@ for what in "$@"; do
     qmm-decode-prof) part "qmm-decode-prof${TAG:+-$TAG}" 150 env OUT="$R/qmm-decode-prof${TAG:+-$TAG}" \
             QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 QMM_BUDGET_S=130 \
             python3 scripts/h200_qmm.py ;;
-    # the register-heavy matmuls' grids (M = 17-64) in one wave, BB_QMM_MT4_WAVE=1, against the default
+    # the 4-bit matmuls' persistent grids in one wave (BB_QMM_ONE_WAVE=1) against the default
     ab-wave) for v in 0 1; do
-               part "qmm-decode-prof-wave$v" 150 env BB_QMM_MT4_WAVE=$v OUT="$R/qmm-decode-prof-wave$v" \
+               part "qmm-decode-prof-wave$v" 150 env BB_QMM_ONE_WAVE=$v OUT="$R/qmm-decode-prof-wave$v" \
                  QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 \
                  QMM_BUDGET_S=130 python3 scripts/h200_qmm.py
              done
              for v in 0 1; do
-               part "scaling-quick-wave$v" 150 env BB_QMM_MT4_WAVE=$v python3 -m batchbench "${M[@]}" -c 140000 \
+               part "scaling-quick-wave$v" 150 env BB_QMM_ONE_WAVE=$v python3 -m batchbench "${M[@]}" -c 140000 \
                  -npp 4096 -ntg 32 -npl 16,32 -fa on --csv "$R/scaling-quick-wave$v.csv"
              done ;;
     # whole decode steps of the benchmark's TG loop under the profiler: host latency and gaps per step

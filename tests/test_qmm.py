@@ -390,23 +390,24 @@ def test_long_k_at_one_token_takes_one_block_per_tile():
 
 
 @pytest.mark.parametrize("switch", [False, True])
-def test_register_heavy_grids_in_one_wave_when_switched_on(monkeypatch, switch):
-    """Four or more token tiles without the ring fit one 256-thread block per SM. With
-    BB_QMM_MT4_WAVE their persistent grid is one wave: at most one block per SM, at most
-    s - 1 SMs idle; off, it assumes two blocks per SM (the down projection at M=32: 266 blocks,
-    three waves on 132 SMs)."""
-    monkeypatch.setattr(qmm, "MT4_WAVE", switch)
+def test_persistent_grids_in_one_wave_when_switched_on(monkeypatch, switch):
+    """With BB_QMM_ONE_WAVE a persistent grid never asks for more blocks than fit: one 256-thread
+    block per SM for four or more token tiles without the ring (150-175 registers), two
+    otherwise, at most s - 1 of them unused. Off, the blocks per K-slice round up (the down
+    projection at M=32: 266 blocks, three rounds on 132 SMs)."""
+    monkeypatch.setattr(qmm, "ONE_WAVE", switch)
     sms = qmm.sm_count()
-    heavy = 0
     for n, k in MODEL_SHAPES + [(4608, 3584), (37888, 3584)]:
-        for m in range(17, qmm.MAX_M + 1):
+        for m in range(1, qmm.MAX_M + 1):
             c = qmm.choose_config(m, n, k, 4)
-            if c.mt < 4 or c.ns or c.blocks <= 0:
+            if c.blocks <= 0 or not switch:
                 continue
-            heavy += 1
-            blocks = c.blocks * c.s  # blocks the launch asks for (some K-slices may have fewer tiles)
-            if switch:
-                assert sms - c.s < blocks <= sms, (m, n, k, c)
-    assert heavy > 0
+            fits = qmm._resident_blocks(c, k, 4)
+            if c.mt >= 4 and not c.ns:
+                assert fits == sms * max(1, 256 // (32 * c.wn * c.wk)), (m, n, k, c)
+            asked = c.blocks * c.s  # K-slices with fewer tiles than blocks launch fewer
+            assert fits - c.s < asked <= fits, (m, n, k, c)
     down = qmm.choose_config(32, 3584, 18944, 4)
     assert down.grid_blocks(3584) * down.s == (126 if switch else 266)
+    down16 = qmm.choose_config(16, 3584, 18944, 4)
+    assert down16.grid_blocks(3584) * down16.s == (259 if switch else 266)

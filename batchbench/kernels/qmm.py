@@ -1055,23 +1055,27 @@ def _resident_blocks(cfg: QmmConfig, k: int, bits: int) -> int:
     return per_sm * sm_count()
 
 
-# Four or more token tiles without the ring (M = 17-64: q/k/v, o_proj and down_proj) take
-# 150-175 registers (nvcc sm_90a), so one 256-thread block fits an SM, while the grid above
-# assumes two. Down at M=32 then launches 14 K-slices x 19 blocks = 266 blocks: three waves on
-# 132 SMs, the last of 2 blocks. BB_QMM_MT4_WAVE=1 sizes these grids for one block per SM and
-# rounds the blocks per K-slice down, so that the grid is one wave (down: 14 x 9 = 126 blocks
-# of 6-7 tiles). Off by default until the H200 has measured it (session part ab-wave).
-MT4_WAVE = os.environ.get("BB_QMM_MT4_WAVE", "0") == "1"
+# Persistent grids in one wave (BB_QMM_ONE_WAVE=1; off by default until the H200 has measured
+# it, session part ab-wave):
+# - four or more token tiles without the ring (M = 17-64: q/k/v, o_proj, down_proj) take
+#   150-175 registers (nvcc sm_90a), so one 256-thread block fits an SM, not the two assumed
+#   above: their grids are sized for one;
+# - the blocks per K-slice are rounded down, so that S slices never ask for more blocks than
+#   fit (rounded up, down at M=16 asks for 7 x 38 = 266 of 264).
+# Down at M=32 now asks for 14 x 19 = 266 blocks of ~3 tiles: three rounds on 132 SMs, the last
+# of 2 blocks; in one wave it is 14 x 9 = 126 blocks of 6-7 tiles.
+ONE_WAVE = os.environ.get("BB_QMM_ONE_WAVE", "0") == "1"
 
 
 def _one_wave(cfg: QmmConfig) -> bool:
-    return MT4_WAVE and cfg.mt >= 4 and cfg.ns == 0
+    """Register-heavy: sized for one block per SM under BB_QMM_ONE_WAVE."""
+    return ONE_WAVE and cfg.mt >= 4 and cfg.ns == 0
 
 
 def persistent(cfg: QmmConfig, k: int, bits: int) -> QmmConfig:
     """cfg with the persistent grid: the blocks resident on the GPU, shared over its K-slices."""
     resident = _resident_blocks(cfg, k, bits)
-    if _one_wave(cfg):
+    if ONE_WAVE:
         return replace(cfg, blocks=max(1, resident // cfg.s))
     return replace(cfg, blocks=-(-resident // cfg.s))
 

@@ -81,13 +81,13 @@ for what in "$@"; do
     qmm-decode-prof) part "qmm-decode-prof${TAG:+-$TAG}" 150 env OUT="$R/qmm-decode-prof${TAG:+-$TAG}" \
             QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 QMM_BUDGET_S=130 \
             python3 scripts/h200_qmm.py ;;
-    # the 4-bit matmuls' persistent grids in one wave (BB_QMM_ONE_WAVE=1) against the default
-    ab-wave) for v in 0 1; do
+    # the 4-bit matmuls' persistent grids in one wave (BB_QMM_ONE_WAVE=1, 2: K-slices balanced) against the default
+    ab-wave) for v in 0 1 2; do
                part "qmm-decode-prof-wave$v" 150 env BB_QMM_ONE_WAVE=$v OUT="$R/qmm-decode-prof-wave$v" \
                  QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 \
                  QMM_BUDGET_S=130 python3 scripts/h200_qmm.py
              done
-             for v in 0 1; do
+             for v in 0 1 2; do
                part "scaling-quick-wave$v" 150 env BB_QMM_ONE_WAVE=$v python3 -m batchbench "${M[@]}" -c 140000 \
                  -npp 4096 -ntg 32 -npl 16,32 -fa on --csv "$R/scaling-quick-wave$v.csv"
              done ;;

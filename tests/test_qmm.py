@@ -10,8 +10,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+
 from mlx.utils import tree_flatten
 
+from batchbench import SettingError
 from batchbench.kernels import qmm
 
 MODEL_SHAPES = [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944), (152064, 3584), (896, 896), (128, 896), (4864, 896), (896, 4864)]
@@ -389,17 +391,21 @@ def test_long_k_at_one_token_takes_one_block_per_tile():
     assert qmm.choose_config(2, 3584, 18944, 4).blocks > 0
 
 
-@pytest.mark.parametrize("switch", [False, True])
+@pytest.mark.parametrize("switch", [0, 1, 2])
 def test_persistent_grids_in_one_wave_when_switched_on(monkeypatch, switch):
     """With BB_QMM_ONE_WAVE a persistent grid never asks for more blocks than fit: one 256-thread
     block per SM for four or more token tiles without the ring (150-175 registers), two
     otherwise, at most s - 1 of them unused. Off, the blocks per K-slice round up (the down
-    projection at M=32: 266 blocks, three rounds on 132 SMs)."""
+    projection at M=32: 266 blocks, three rounds on 132 SMs). With 2 the register-heavy ones
+    also pick their K-slices for the least work on the busiest block, in shared memory that
+    one block per SM has."""
     monkeypatch.setattr(qmm, "ONE_WAVE", switch)
     sms = qmm.sm_count()
     for n, k in MODEL_SHAPES + [(4608, 3584), (37888, 3584)]:
+        nch = k // 128
         for m in range(1, qmm.MAX_M + 1):
             c = qmm.choose_config(m, n, k, 4)
+            assert 1 <= c.s <= nch and c.smem(k, 4) <= qmm.SMEM_PER_SM, (m, n, k, c)
             if c.blocks <= 0 or not switch:
                 continue
             fits = qmm._resident_blocks(c, k, 4)
@@ -408,6 +414,14 @@ def test_persistent_grids_in_one_wave_when_switched_on(monkeypatch, switch):
             asked = c.blocks * c.s  # K-slices with fewer tiles than blocks launch fewer
             assert fits - c.s < asked <= fits, (m, n, k, c)
     down = qmm.choose_config(32, 3584, 18944, 4)
-    assert down.grid_blocks(3584) * down.s == (126 if switch else 266)
+    assert (down.s, down.grid_blocks(3584) * down.s) == {0: (14, 266), 1: (14, 126), 2: (9, 126)}[switch]
     down16 = qmm.choose_config(16, 3584, 18944, 4)
     assert down16.grid_blocks(3584) * down16.s == (259 if switch else 266)
+
+
+def test_one_wave_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("BB_QMM_ONE_WAVE", "3")
+    with pytest.raises(SettingError, match="BB_QMM_ONE_WAVE must be 0, 1 or 2"):
+        qmm._one_wave_setting()
+    monkeypatch.setenv("BB_QMM_ONE_WAVE", "2")
+    assert qmm._one_wave_setting() == 2

@@ -39,7 +39,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from batchbench import backend
+from batchbench import SettingError, backend
 from batchbench.kernels import spec as kspec
 from batchbench.kernels.rope import ROPE_HEADER, angle_template, inverse_order, pair_layout, rope_pair_order  # noqa: F401 (rope_pair_order: re-export)
 from batchbench.kernels.spec import KernelSpec, Launch
@@ -1055,21 +1055,53 @@ def _resident_blocks(cfg: QmmConfig, k: int, bits: int) -> int:
     return per_sm * sm_count()
 
 
-# Persistent grids in one wave (BB_QMM_ONE_WAVE=1; off by default until the H200 has measured
+# Persistent grids in one wave (BB_QMM_ONE_WAVE; off by default until the H200 has measured
 # it, session part ab-wave):
-# - four or more token tiles without the ring (M = 17-64: q/k/v, o_proj, down_proj) take
+# - 1: four or more token tiles without the ring (M = 17-64: q/k/v, o_proj, down_proj) take
 #   150-175 registers (nvcc sm_90a), so one 256-thread block fits an SM, not the two assumed
-#   above: their grids are sized for one;
-# - the blocks per K-slice are rounded down, so that S slices never ask for more blocks than
-#   fit (rounded up, down at M=16 asks for 7 x 38 = 266 of 264).
+#   above: their grids are sized for one. And the blocks per K-slice are rounded down, so that
+#   S slices never ask for more blocks than fit (rounded up, down at M=16 asks for 7 x 38 = 266
+#   of 264).
+# - 2: as 1, and those register-heavy matmuls pick their K-slices for the least work on the
+#   busiest block (tiles it walks x chunks per slice) instead of the smallest x slice under
+#   SMEM_BUDGET, which assumed two blocks per SM: down at M=32 9 slices of 14 blocks, at most
+#   4 tiles x 17 chunks, against 14 x 9 at most 7 x 11.
 # Down at M=32 now asks for 14 x 19 = 266 blocks of ~3 tiles: three rounds on 132 SMs, the last
-# of 2 blocks; in one wave it is 14 x 9 = 126 blocks of 6-7 tiles.
-ONE_WAVE = os.environ.get("BB_QMM_ONE_WAVE", "0") == "1"
+# of 2 blocks; in one wave (1) it is 14 x 9 = 126 blocks of 6-7 tiles.
+def _one_wave_setting() -> int:
+    v = os.environ.get("BB_QMM_ONE_WAVE", "0")
+    if v not in ("0", "1", "2"):
+        raise SettingError(f"BB_QMM_ONE_WAVE must be 0, 1 or 2, not {v!r}")
+    return int(v)
+
+
+ONE_WAVE = _one_wave_setting()
 
 
 def _one_wave(cfg: QmmConfig) -> bool:
     """Register-heavy: sized for one block per SM under BB_QMM_ONE_WAVE."""
-    return ONE_WAVE and cfg.mt >= 4 and cfg.ns == 0
+    return ONE_WAVE > 0 and cfg.mt >= 4 and cfg.ns == 0
+
+
+def _balanced_slices(cfg: QmmConfig, n: int, k: int, bits: int) -> QmmConfig:
+    """cfg with the K-slices (at least cfg.s's floor of 2 where it split) whose one-wave grid
+    gives the busiest block the fewest tiles x chunks, its shared memory fitting one block per
+    SM; ties to fewer slices (fewer fp32 partials)."""
+    nch = k // (128 if bits == 4 else 64)
+    tiles = n // (16 * cfg.wn * cfg.wf)
+    per_slice_sms = sm_count() * max(1, 256 // (32 * cfg.wn * cfg.wk))
+    best, best_work = cfg, None
+    for s in range(2, nch + 1):
+        c = replace(cfg, s=s)
+        if c.smem(k, bits) > SMEM_PER_SM - SMEM_STEP:
+            continue
+        blocks = per_slice_sms // s
+        if blocks < 1:
+            break
+        work = -(-tiles // min(blocks, tiles)) * -(-nch // s)
+        if best_work is None or work < best_work:
+            best, best_work = c, work
+    return best
 
 
 def persistent(cfg: QmmConfig, k: int, bits: int) -> QmmConfig:
@@ -1148,6 +1180,8 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
             c = replace(c, wn=4, wk=2)
         if c.smem(k, bits) <= SMEM_PER_SM - SMEM_STEP:
             cfg = c
+    if ONE_WAVE == 2 and _one_wave(cfg) and cfg.s > 1:
+        cfg = _balanced_slices(cfg, n, k, bits)
     if PERSIST and not (m == 1 and (cfg.s > 1 or k > 8192)):
         # one block per tile for the long-K down projection at M=1: split, 31 us vs 33
         # persistent; one K-slice, 25.6 vs 28.1 (H200 tune, results/h200-2026-11-29-s9/call3)

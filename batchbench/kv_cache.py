@@ -8,6 +8,7 @@ Cell metadata (position, set of sequence ids) lives on the host, as in llama.cpp
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -179,6 +180,7 @@ class KVCache:
         self._write_cells = mx.zeros((0,), mx.int32)
         self._write_decode = False
         self._staging: Staging | None = None  # made on the first decode step
+        self.window_floor = 0  # decode windows at least this many cells (see rehearsal)
 
     # --- bookkeeping (llama_kv_cache / llama_kv_cells) ---------------------------------
     def _streams(self, seq_ids: np.ndarray) -> list[int]:
@@ -379,6 +381,37 @@ class KVCache:
         last = max(streams)
         return last * self.kv_size + self.n_kv(last)
 
+    def decode_windows(self, seq_ids: np.ndarray, steps: int, *, flash: bool, skip: bool) -> list[int]:
+        """The distinct decode windows (cells) of the next `steps` decode steps of one token for
+        each sequence in seq_ids, ascending: each step appends to its streams' used range, as
+        find_slot does on a cache filled from empty. (Own-block placement may go further.)"""
+        if flash and skip and skipped_cells_are_free():
+            return [self.n_cells]
+        seq_ids = np.asarray(seq_ids, np.int64)
+        last = max(self._streams(seq_ids))
+        per_step = len(seq_ids) if self.unified else int((seq_ids == last).sum())
+        out = set()
+        for i in range(1, steps + 1):
+            used = min(self.kv_size, self.used[last] + i * per_step)
+            n = last * self.kv_size + min(self.kv_size, max(PAD, pad_to(used, PAD)))
+            out.add(min(pad_to(n, SKIP_WINDOW_PAD), self.n_cells))
+        return sorted(out)
+
+    @contextmanager
+    def rehearsal(self, p0: int, window: int):
+        """Decode steps inside it leave the cache as they found it (their cells, from position p0
+        on, removed; the allocation head, used ranges and sequence tails restored), with decode
+        windows of at least `window` cells: the bench runs one untimed step per window shape of
+        a TG phase so that a compiled decode step is traced before the timing, not inside it."""
+        head, used, tail = list(self.head), list(self.used), self._tail.copy()
+        self.window_floor = window
+        try:
+            yield
+        finally:
+            self.window_floor = 0
+            self.seq_rm(-1, p0)
+            self.head, self.used, self._tail = head, used, tail
+
     def _sync_device(self) -> None:
         """Bring the device mirror of the cell metadata up to date (see `_upload_step` for a
         decode step's cells)."""
@@ -501,7 +534,7 @@ class KVCache:
             # Steady shapes (see SKIP_WINDOW_PAD): with skipping, the GPU kernels pay nothing for
             # masked cells; without (or on the pure-MLX twin) they cost little.
             whole = flash and skip and skipped_cells_are_free()
-            n = self.n_cells if whole else min(pad_to(n, SKIP_WINDOW_PAD), self.n_cells)
+            n = self.n_cells if whole else min(pad_to(max(n, self.window_floor), SKIP_WINDOW_PAD), self.n_cells)
             live = self._live_parts(seq_ids, n) if flash and skip else {}
             dev = self._upload_step(dict(positions=positions, cells=cells, seq=seq_ids, tokens=tokens,
                                          out_rows=out_rows, **live))

@@ -214,6 +214,7 @@ def test_prepare_ahead_keeps_every_step_and_overlaps_the_wait(model, monkeypatch
 
         r.prepare, r.submit = prepare, sub
         monkeypatch.setattr(bench, "_sync", sync)
+        monkeypatch.setattr(bench, "rehearse_tg", lambda *a: None)  # only the timed steps here
         p = bench.BenchParams(n_ctx=512, npp=[19], ntg=[4], npl=[3])
         bench.run_config(r, np.random.default_rng(5), model.args.vocab_size, 19, 4, 3, p)
         monkeypatch.setattr(bench, "_sync", real_sync)
@@ -297,3 +298,55 @@ def test_segment_setting_defaults_by_backend_and_env(monkeypatch):
     monkeypatch.delenv("BATCHBENCH_EVAL_EVERY")
     monkeypatch.setattr(backend, "BACKEND", "cpu")
     assert backend._segments() == ()
+
+
+@pytest.mark.parametrize("unified,mode,tgs", [(True, Mode("no-skip", skip=False), False),
+                                              (False, Mode("split", False), False),
+                                              (True, Mode("no-skip", skip=False), True),
+                                              (True, Mode("skip"), False)])
+@pytest.mark.parametrize("rehearse", [True, False])
+def test_timed_tg_phase_traces_no_new_window(model, monkeypatch, unified, mode, tgs, rehearse):
+    """A compiled decode step is traced again for every new window shape. The bench rehearses
+    each window a TG phase will use (one untimed step, undone), so that no trace lands inside
+    the timed phase; without the rehearsal one does. The rehearsal leaves the cache as it was."""
+    from batchbench import bench, kv_cache
+
+    monkeypatch.setattr(kv_cache, "SKIP_WINDOW_PAD", 64)  # small contexts reach new windows
+    traced = []
+    orig = CompiledDecode._segment
+
+    def counting(self, *key):
+        seg = orig(self, *key)
+
+        def traced_segment(*args):
+            traced.append(tuple(args[3].shape))  # the mask: [tokens, window]
+            return seg(*args)
+        return traced_segment
+
+    monkeypatch.setattr(CompiledDecode, "_segment", counting)
+    states = []
+    real = bench.rehearse_tg
+
+    def rehearse_then_mark(runner, *a):
+        c = runner.cache
+        before = (c.pos.copy(), c.bits.copy(), list(c.head), list(c.used))
+        if rehearse:
+            real(runner, *a)
+        after = (c.pos, c.bits, c.head, c.used)
+        states.append(all(np.array_equal(x, y) for x, y in zip(before, after)))
+        traced.append("tg")  # what follows is the timed TG phase
+
+    monkeypatch.setattr(bench, "rehearse_tg", rehearse_then_mark)
+    runner = new_runner(model, 2, unified, mode, kv_size=1024, compiled=True)
+    p = bench.BenchParams(n_ctx=2048, npp=[100, 300, 120], ntg=[10], npl=[2], is_tg_separate=tgs)
+    bench.warmup(runner, model.args.vocab_size, p.npp, p.npl, tgs, np.random.default_rng(0))
+    in_tg = []
+    for pp in p.npp:
+        traced.clear()
+        bench.run_config(runner, np.random.default_rng(pp), model.args.vocab_size, pp, 10, 2, p)
+        in_tg.append(len(traced) - traced.index("tg") - 1)
+    assert all(states)
+    if rehearse:
+        assert in_tg == [0, 0, 0], in_tg
+    else:  # the check can fail: without the rehearsal the TG phase traced (on the CPU twin the
+        assert sum(in_tg) > 0, in_tg  # windows follow the context with skipping too)

@@ -210,9 +210,9 @@ def _run_config(runner: Runner, rng, n_vocab: int, pp: int, tg: int, pl: int, p:
 def rehearse_tg(runner: Runner, pp: int, tg: int, pl: int, tgs: bool) -> None:
     """One untimed decode step for each decode-window shape the TG phase will use that no
     rehearsal has used yet, undone after (KVCache.rehearsal). A compiled decode step is traced
-    again for each new window shape (tens of ms on the H200); without skipping, and on one cache
-    per sequence, the window follows the context (2048-cell steps), so the first config to reach
-    a shape paid its trace inside the timed TG phase. Windows of skipping GPU kernels span the
+    again for each new window shape (tens of ms on the H200); without skipping, and on the CPU
+    twin, the window follows the context (2048-cell steps), so the first config to reach a
+    shape paid its trace inside the timed TG phase. Windows of skipping GPU kernels span the
     whole cache: one shape, traced in the warm-up."""
     if runner.step is None or tg == 0:
         return

@@ -218,9 +218,14 @@ def rehearse_tg(runner: Runner, pp: int, tg: int, pl: int, tgs: bool) -> None:
         return
     cache, mode = runner.cache, runner.mode
     # -tgs decodes one sequence at a time: on the unified cache the phase appends pl * tg cells
-    # to its one stream, on split caches tg to each sequence's own
-    steps = tg * pl if tgs and cache.unified else tg
-    for ids in ([np.array([j]) for j in range(pl)] if tgs else [np.arange(pl)]):
+    # to its one stream (any sequence stands for all), on split caches tg to each sequence's own
+    if not tgs:
+        groups, steps = [np.arange(pl)], tg
+    elif cache.unified:
+        groups, steps = [np.array([0])], tg * pl
+    else:
+        groups, steps = [np.array([j]) for j in range(pl)], tg
+    for ids in groups:
         for window in cache.decode_windows(ids, steps, flash=mode.flash, skip=mode.skip):
             if (len(ids), window) in runner.traced:
                 continue

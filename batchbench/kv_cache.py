@@ -373,9 +373,10 @@ class KVCache:
         return arr[:n]
 
     # --- attention window and mask ------------------------------------------------------
-    def n_kv(self, stream: int) -> int:
-        """llama.cpp get_n_kv: used range padded to 256, at least 256, at most kv_size."""
-        return min(self.kv_size, max(PAD, pad_to(self.used[stream], PAD)))
+    def n_kv(self, stream: int, used: int | None = None) -> int:
+        """llama.cpp get_n_kv: used range padded to 256, at least 256, at most kv_size (`used`:
+        that many cells in use instead of the stream's own count)."""
+        return min(self.kv_size, max(PAD, pad_to(self.used[stream] if used is None else used, PAD)))
 
     def window_end(self, streams) -> int:
         last = max(streams)
@@ -385,17 +386,20 @@ class KVCache:
         """The distinct decode windows (cells) of the next `steps` decode steps of one token for
         each sequence in seq_ids, ascending: each step appends to its streams' used range, as
         find_slot does on a cache filled from empty. (Own-block placement may go further.)"""
-        if flash and skip and skipped_cells_are_free():
-            return [self.n_cells]
         seq_ids = np.asarray(seq_ids, np.int64)
         last = max(self._streams(seq_ids))
         per_step = len(seq_ids) if self.unified else int((seq_ids == last).sum())
-        out = set()
-        for i in range(1, steps + 1):
-            used = min(self.kv_size, self.used[last] + i * per_step)
-            n = last * self.kv_size + min(self.kv_size, max(PAD, pad_to(used, PAD)))
-            out.add(min(pad_to(n, SKIP_WINDOW_PAD), self.n_cells))
-        return sorted(out)
+        return sorted({self._decode_window(last * self.kv_size + self.n_kv(last, self.used[last] + i * per_step),
+                                           flash, skip)
+                       for i in range(1, steps + 1)})
+
+    def _decode_window(self, n: int, flash: bool, skip: bool) -> int:
+        """The cells a decode step's attention spans for window end n. Steady shapes (see
+        SKIP_WINDOW_PAD): with skipping, the GPU kernels pay nothing for masked cells; without
+        (or on the pure-MLX twin) they cost little."""
+        if flash and skip and skipped_cells_are_free():
+            return self.n_cells
+        return min(pad_to(max(n, self.window_floor), SKIP_WINDOW_PAD), self.n_cells)
 
     @contextmanager
     def rehearsal(self, p0: int, window: int):
@@ -531,10 +535,7 @@ class KVCache:
         out_rows = None if out_rows is None else np.asarray(out_rows, np.int32)
         self._write_decode = decode and flash  # the flash decode path: the attention kernel
         if decode:
-            # Steady shapes (see SKIP_WINDOW_PAD): with skipping, the GPU kernels pay nothing for
-            # masked cells; without (or on the pure-MLX twin) they cost little.
-            whole = flash and skip and skipped_cells_are_free()
-            n = self.n_cells if whole else min(pad_to(max(n, self.window_floor), SKIP_WINDOW_PAD), self.n_cells)
+            n = self._decode_window(n, flash, skip)
             live = self._live_parts(seq_ids, n) if flash and skip else {}
             dev = self._upload_step(dict(positions=positions, cells=cells, seq=seq_ids, tokens=tokens,
                                          out_rows=out_rows, **live))

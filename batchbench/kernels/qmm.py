@@ -1084,18 +1084,17 @@ def _one_wave(cfg: QmmConfig) -> bool:
 
 
 def _balanced_slices(cfg: QmmConfig, n: int, k: int, bits: int) -> QmmConfig:
-    """cfg with the K-slices (at least cfg.s's floor of 2 where it split) whose one-wave grid
-    gives the busiest block the fewest tiles x chunks, its shared memory fitting one block per
-    SM; ties to fewer slices (fewer fp32 partials)."""
+    """cfg (split over K) with the number of K-slices (2 or more) whose one-wave grid gives the
+    busiest block the fewest tiles x chunks, its shared memory fitting one block per SM; ties
+    to fewer slices (fewer fp32 partials)."""
     nch = k // (128 if bits == 4 else 64)
     tiles = n // (16 * cfg.wn * cfg.wf)
-    per_slice_sms = sm_count() * max(1, 256 // (32 * cfg.wn * cfg.wk))
     best, best_work = cfg, None
     for s in range(2, nch + 1):
         c = replace(cfg, s=s)
         if c.smem(k, bits) > SMEM_PER_SM - SMEM_STEP:
             continue
-        blocks = per_slice_sms // s
+        blocks = _resident_blocks(c, k, bits) // s  # what persistent() gives each slice
         if blocks < 1:
             break
         work = -(-tiles // min(blocks, tiles)) * -(-nch // s)

@@ -91,6 +91,10 @@ for what in "$@"; do
                part "scaling-quick-wave$v" 150 env BB_QMM_ONE_WAVE=$v python3 -m batchbench "${M[@]}" -c 140000 \
                  -npp 4096 -ntg 32 -npl 16,32 -fa on --csv "$R/scaling-quick-wave$v.csv"
              done ;;
+    # skip against no-skip where the host sets the pace (B <= 2), repeated: is skipping's
+    # whole-cache window a cost there? (session 14's sweep read no-skip 1.11-1.18x at B = 1-2)
+    skip-small) part skip-small 200 python3 -m batchbench "${M[@]}" -c 140000 -npp 4096 -ntg 128 \
+            -npl 1,2 -fa on --ab skip -r 3 --csv "$R/skip-small.csv" ;;
     # whole decode steps of the benchmark's TG loop under the profiler: host latency and gaps per step
     step-trace) part "step-trace${TAG:+-$TAG}" 240 env OUT="$R/step-trace${TAG:+-$TAG}" \
             python3 scripts/h200_step_trace.py ${TRACE_B:-1 8 32} ;;
@@ -98,7 +102,7 @@ for what in "$@"; do
             python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave step-trace tune-balance qmm-step)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave skip-small step-trace tune-balance qmm-step)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -114,9 +114,11 @@ def test_configs_fit_the_gpu():
                 c = qmm.choose_config(m, n, k, bits)
                 assert n % (16 * c.wn) == 0 and 8 * c.mt >= m and c.mrows >= m
                 assert 1 <= c.s <= nch and 32 * c.wn * c.wk <= 1024
-                # the x slice keeps to the budget, except with the ring's halved K-slices
-                # (one block per SM) or when every slice is one chunk
-                assert c.xbytes(k, bits) <= qmm.SMEM_BUDGET or c.s == nch or (c.ns and c.mt == 4)
+                # the x slice keeps to the budget, except with the ring's halved K-slices or
+                # the one-wave grids' balanced K-slices (one block per SM both) or when every
+                # slice is one chunk
+                assert (c.xbytes(k, bits) <= qmm.SMEM_BUDGET or c.s == nch or (c.ns and c.mt == 4)
+                        or (qmm.ONE_WAVE == 2 and qmm._one_wave(c))), (m, n, k, bits, c)
                 assert c.ns == 0 or qmm.ring_ok(bits, 32)
                 assert 0 <= c.blocks and c.grid_blocks(n) <= n // (16 * c.wn)
                 assert c.smem(k, bits) <= 227 * 1024
@@ -392,8 +394,8 @@ def test_long_k_at_one_token_takes_one_block_per_tile():
 
 
 @pytest.mark.parametrize("switch", [0, 1, 2])
-def test_persistent_grids_in_one_wave_when_switched_on(monkeypatch, switch):
-    """With BB_QMM_ONE_WAVE a persistent grid never asks for more blocks than fit: one 256-thread
+def test_persistent_grids_in_one_wave_unless_switched_off(monkeypatch, switch):
+    """With BB_QMM_ONE_WAVE (2 by default) a persistent grid never asks for more blocks than fit: one 256-thread
     block per SM for four or more token tiles without the ring (150-175 registers), two
     otherwise, at most s - 1 of them unused. Off, the blocks per K-slice round up (the down
     projection at M=32: 266 blocks, three rounds on 132 SMs). With 2 the register-heavy ones
@@ -423,5 +425,7 @@ def test_one_wave_setting_is_checked(monkeypatch):
     monkeypatch.setenv("BB_QMM_ONE_WAVE", "3")
     with pytest.raises(SettingError, match="BB_QMM_ONE_WAVE must be 0, 1 or 2"):
         qmm._one_wave_setting()
-    monkeypatch.setenv("BB_QMM_ONE_WAVE", "2")
-    assert qmm._one_wave_setting() == 2
+    monkeypatch.setenv("BB_QMM_ONE_WAVE", "0")
+    assert qmm._one_wave_setting() == 0
+    monkeypatch.delenv("BB_QMM_ONE_WAVE")
+    assert qmm._one_wave_setting() == 2  # the default since the H200 A/B of session 14

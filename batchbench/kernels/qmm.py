@@ -1046,7 +1046,7 @@ def _resident_blocks(cfg: QmmConfig, k: int, bits: int) -> int:
     sm_90a counts ~76 registers per thread with one chunk per stage and one token tile, 114-128
     with two (two 256-thread blocks). Four token tiles take 166, which leaves one block per
     SM, not the two assumed here: Nsight Compute saw one (results/h200-2026-11-29-s5/run2-ncu.txt,
-    M=32, 133 registers then); a grid sized for it is not measured yet (docs/perf-notes.md)."""
+    M=32, 133 registers then); BB_QMM_ONE_WAVE (below) sizes those grids for one."""
     per_sm = 3 if (cfg.mt == 1 and (cfg.p == 1 or cfg.ns)) else 2  # the ring: ~72 registers at mt=1
     if _one_wave(cfg):
         per_sm = 1
@@ -1055,8 +1055,7 @@ def _resident_blocks(cfg: QmmConfig, k: int, bits: int) -> int:
     return per_sm * sm_count()
 
 
-# Persistent grids in one wave (BB_QMM_ONE_WAVE; off by default until the H200 has measured
-# it, session part ab-wave):
+# Persistent grids in one wave (BB_QMM_ONE_WAVE, default 2; 0 restores the old grids for A/B):
 # - 1: four or more token tiles without the ring (M = 17-64: q/k/v, o_proj, down_proj) take
 #   150-175 registers (nvcc sm_90a), so one 256-thread block fits an SM, not the two assumed
 #   above: their grids are sized for one. And the blocks per K-slice are rounded down, so that
@@ -1066,10 +1065,11 @@ def _resident_blocks(cfg: QmmConfig, k: int, bits: int) -> int:
 #   busiest block (tiles it walks x chunks per slice) instead of the smallest x slice under
 #   SMEM_BUDGET, which assumed two blocks per SM: down at M=32 9 slices of 14 blocks, at most
 #   4 tiles x 17 chunks, against 14 x 9 at most 7 x 11.
-# Down at M=32 now asks for 14 x 19 = 266 blocks of ~3 tiles: three rounds on 132 SMs, the last
-# of 2 blocks; in one wave (1) it is 14 x 9 = 126 blocks of 6-7 tiles.
+# H200, 7B decode step without attention at B=32 (results/h200-2026-11-29-s14/call2, one call):
+# kernel time 4.197 ms (0) -> 3.926 (1) -> 3.806 (2); down at M=32 41.4 -> 37.1 -> 32.9 us,
+# q/k/v and o 14.9 -> 12.4-12.5 us; B=1 and B=8 unchanged (no matmul there has four tiles).
 def _one_wave_setting() -> int:
-    v = os.environ.get("BB_QMM_ONE_WAVE", "0")
+    v = os.environ.get("BB_QMM_ONE_WAVE", "2")
     if v not in ("0", "1", "2"):
         raise SettingError(f"BB_QMM_ONE_WAVE must be 0, 1 or 2, not {v!r}")
     return int(v)

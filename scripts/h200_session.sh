@@ -91,6 +91,14 @@ for what in "$@"; do
                part "scaling-quick-wave$v" 150 env BB_QMM_ONE_WAVE=$v python3 -m batchbench "${M[@]}" -c 140000 \
                  -npp 4096 -ntg 32 -npl 16,32 -fa on --csv "$R/scaling-quick-wave$v.csv"
              done ;;
+    # both weight stages in flight before the x staging (BB_QMM_PRELOAD2=1 everywhere, auto: where
+    # measured faster) against one (0), twice each; PRELOAD_AB="0 1 0 1" by default
+    ab-preload) for v in ${PRELOAD_AB:-0 1 0 1}; do
+               i=$((${i:-0} + 1))
+               part "qmm-decode-prof-preload$v-$i" 150 env BB_QMM_PRELOAD2=$v OUT="$R/qmm-decode-prof-preload$v-$i" \
+                 QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 \
+                 QMM_BUDGET_S=130 python3 scripts/h200_qmm.py
+             done ;;
     # skip against no-skip where the host sets the pace (B <= 2), repeated: is skipping's
     # whole-cache window a cost there? (session 14's sweep read no-skip 1.11-1.18x at B = 1-2)
     skip-small) part skip-small 200 python3 -m batchbench "${M[@]}" -c 140000 -npp 4096 -ntg 128 \
@@ -102,7 +110,7 @@ for what in "$@"; do
             python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave skip-small step-trace tune-balance qmm-step)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-preload skip-small step-trace tune-balance qmm-step)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

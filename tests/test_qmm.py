@@ -429,3 +429,29 @@ def test_one_wave_setting_is_checked(monkeypatch):
     assert qmm._one_wave_setting() == 0
     monkeypatch.delenv("BB_QMM_ONE_WAVE")
     assert qmm._one_wave_setting() == 2  # the default since the H200 A/B of session 14
+
+
+def test_second_stage_preloaded_where_the_h200_measured_it_faster(monkeypatch):
+    """Both register stages in flight before the x staging where a warp walks more than one
+    round of chunks or a persistent block many tiles (one token tile), and for the long-K down
+    projection at any M; never with the ring. BB_QMM_PRELOAD2=0 / 1 turn it off / on everywhere."""
+    monkeypatch.setattr(qmm, "PRELOAD2", "auto")
+    down, gate_up, qkv, o, lm_head = (3584, 18944), (37888, 3584), (4608, 3584), (3584, 3584), (152064, 3584)
+    assert all(qmm.choose_config(m, *down, 4).pre for m in (1, 8, 16, 32, 64))
+    assert qmm.choose_config(8, *gate_up, 4).pre and not qmm.choose_config(1, *gate_up, 4).pre
+    assert qmm.choose_config(1, *lm_head, 4).pre  # 36 tiles a persistent block
+    assert not any(qmm.choose_config(m, *shape, 4).pre for m in (1, 8, 32) for shape in (qkv, o))
+    ring = qmm.choose_config(32, *gate_up, 4)
+    assert ring.ns and not ring.pre
+    for setting, want in (("0", False), ("1", True)):
+        monkeypatch.setattr(qmm, "PRELOAD2", setting)
+        assert {qmm.choose_config(m, *shape, 4).pre for m in (1, 8, 32) for shape in (down, qkv, o)} == {want}
+        assert not qmm.choose_config(32, *gate_up, 4).pre
+
+
+def test_preload_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("BB_QMM_PRELOAD2", "yes")
+    with pytest.raises(SettingError, match="BB_QMM_PRELOAD2 must be auto, 0 or 1"):
+        qmm._preload_setting()
+    monkeypatch.delenv("BB_QMM_PRELOAD2")
+    assert qmm._preload_setting() == "auto"

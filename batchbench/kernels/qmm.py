@@ -494,7 +494,7 @@ struct QmmStage {
 // and K % 256 == 0 (a warp's 32 staging granules then lie in one row).
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
 // E: QmmPlain, or a pair epilogue (QmmRopeCfg, QmmGluPair) that stores rows n and n + 8 together.
-template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool SPLIT, bool HAS_BIAS,
+template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool PRE, bool SPLIT, bool HAS_BIAS,
           bool HAS_RES, bool GLU, bool NORM, int DQ, typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
@@ -607,6 +607,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   } else {
     at_tile(tile);
     load(sA, wc0);
+    if constexpr (PRE) load(sB, wc0 + P);  // both stages in flight over the staging
   }
 
   {  // stage this K-slice of x (all M rows) in smem, 16-byte granules, swizzled for 4-bit
@@ -791,17 +792,20 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       }
     } else {
       // Two stages: while one stage's chunks are multiplied, the next stage's loads are in flight.
+      // (PRE: stage B was loaded before the loop or at the end of the last round.)
       for (int c0 = wc0; c0 < wc1; c0 += 2 * P) {
-        load(sB, c0 + P);
+        if constexpr (!PRE) load(sB, c0 + P);
         compute(sA, c0);
         load(sA, c0 + 2 * P);
         compute(sB, c0 + P);
+        if constexpr (PRE) load(sB, c0 + 3 * P);
       }
     }
     const int next = tile + gridDim.x;
     if (NS == 0 && next < NTILE) {  // the next tile's first weights load during this tile's reduction
       at_tile(next);
       load(sA, wc0);
+      if constexpr (PRE) load(sB, wc0 + P);
     }
 
     // Reduce the WK warps of each feature tile through smem.
@@ -902,7 +906,7 @@ X_ASYNC = os.environ.get("BB_QMM_X_ASYNC", "1") == "1"
 QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + kspec.compact(QMM_HEADER)
 
 _SRC_MAIN = (
-    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"
+    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"
     " {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
     " w_shape[1] * 32 / BITS, {rope});"
 )
@@ -978,6 +982,7 @@ class QmmConfig:
     blocks: int = 0  # blocks along N per K-slice, each walking every blocks-th tile (0: one per tile)
     ns: int = 0  # ring slots per warp (cp.async pipeline in shared memory); 0: register stages
     wf: int = 1  # 16-row feature tiles per warp (2 needs the ring)
+    pre: bool = False  # register stages: both in flight before the x staging and each next tile (see _preload)
 
     def xbytes(self, k: int, bits: int) -> int:
         """Shared memory of the staged x slice."""
@@ -1148,6 +1153,38 @@ def _load_depth(m: int, mt: int, n: int, k: int, p: int) -> int:
     return p
 
 
+# Both register stages in flight before the x staging and before each next tile's reduction
+# (QmmConfig.pre), not one: BB_QMM_PRELOAD2=auto (where _preload finds it), 1 (every register-
+# stage kernel) or 0 (none).
+def _preload_setting() -> str:
+    v = os.environ.get("BB_QMM_PRELOAD2", "auto")
+    if v not in ("auto", "0", "1"):
+        raise SettingError(f"BB_QMM_PRELOAD2 must be auto, 0 or 1, not {v!r}")
+    return v
+
+
+PRELOAD2 = _preload_setting()
+PRELOAD_TILES = 16  # tiles per persistent block from which the next tile's preload pays
+
+
+def _preload(cfg: QmmConfig, n: int, k: int, bits: int) -> bool:
+    """Where the H200 measured the second stage's preload faster (results/h200-2026-11-29-s14/
+    call7, two runs each way): warps with more than one round of chunks (down at M = 1, 8, 32
+    20.9 -> 20.4, 22.6 -> 22.1, 33.0 -> 32.5 us; gate/up at M=8 40.0 -> 38.9) and persistent
+    blocks of many tiles (lm_head at M=1 104 -> 102). With one round or less it lost: gate/up
+    at M=1 30.6 -> 31.1. At four token tiles q/k/v and o lost together (12.5 -> 13.0 us, o with
+    7 chunks a warp), so above one token tile only the long-K down projection takes it."""
+    if cfg.ns or PRELOAD2 == "0":
+        return False
+    if PRELOAD2 == "1":
+        return True
+    nch = k // (128 if bits == 4 else 64)
+    per_warp = -(-(-(-nch // cfg.s)) // cfg.wk)
+    tiles = n // (16 * cfg.wn * cfg.wf)
+    per_block = -(-tiles // cfg.grid_blocks(n))
+    return (per_warp > 2 * cfg.p or per_block >= PRELOAD_TILES) and (cfg.mt == 1 or k > 8192)
+
+
 def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
     mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     wn, wk, p = _WIDE_TILES[mt] if m > 1 and n >= _WIDE_N else _TILES[mt]
@@ -1185,7 +1222,7 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
         # one block per tile for the long-K down projection at M=1: split, 31 us vs 33
         # persistent; one K-slice, 25.6 vs 28.1 (H200 tune, results/h200-2026-11-29-s9/call3)
         cfg = persistent(cfg, k, bits)
-    return cfg
+    return replace(cfg, pre=_preload(cfg, n, k, bits))
 
 
 def _shape_info(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: int, bits: int,
@@ -1347,7 +1384,8 @@ def plan_quantized_matmul(
         threadgroup=(nt, 1, 1),
         template=[
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
-            ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("WF", cfg.wf), ("SPLIT", split),
+            ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("WF", cfg.wf), ("PRE", cfg.pre and not cfg.ns),
+            ("SPLIT", split),
             ("DQ", 1 if (_lop3(cfg, n, k) if lop3 is None else lop3) else 0),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1]))] if norm is not None else [])

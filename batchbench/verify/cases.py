@@ -221,12 +221,16 @@ def qmm_case(
     glu_pair: bool = False,
     ns: int = 0,
     wf: int = 1,
+    wk: int = 0,
+    pre: bool | None = None,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
     glu_pair: w is [gate; up] (n/2 rows each) with its rows in glu_pair_order, and the
     result is silu(x @ gate.T) * (x @ up.T) [m, n/2]. ns: ring slots per warp (the cp.async
-    pipeline; 0 keeps the register stages); wf: 16-row feature tiles per warp (2 needs ns)."""
+    pipeline; 0 keeps the register stages); wf: 16-row feature tiles per warp (2 needs ns);
+    wk: warps along K (0: choose_config's), fewer for longer runs of chunks per warp; pre: both
+    register stages loaded ahead (None: choose_config's)."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -240,9 +244,10 @@ def qmm_case(
     rs = mx.array(rng.standard_normal((m, n)).astype(np.float32) * 4).astype(dtype) if res else None
     nw = mx.array(rng.uniform(0.5, 1.5, (k,)).astype(np.float32)).astype(dtype) if norm else None
     cfg = None
-    if split or blocks or ns:
+    if split or blocks or ns or wk or pre is not None:
         base = Q.choose_config(m, n, k, bits)
-        cfg = replace(base, s=split or base.s, blocks=blocks, ns=ns, wf=wf)
+        cfg = replace(base, s=split or base.s, blocks=blocks, ns=ns, wf=wf, wk=wk or base.wk,
+                      pre=base.pre if pre is None else pre)
     kspec, launch = Q.plan_quantized_matmul(
         "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
         norm=(nw, 1e-5) if norm else None, config=cfg,
@@ -284,7 +289,8 @@ def qmm_case(
         f"{'-split' + str(split) if split else ''}{'-bias' if bias else ''}"
         f"{'-res' if res else ''}{'-glu' if glu else ''}{'-norm' if norm else ''}"
         f"{'-blocks' + str(blocks) if blocks else ''}{'' if lop3 else '-prmt'}{'-glupair' if glu_pair else ''}"
-        f"{'-ring' + str(ns) if ns else ''}{'-wf' + str(wf) if wf > 1 else ''}"
+        f"{'-ring' + str(ns) if ns else ''}{'-wf' + str(wf) if wf > 1 else ''}{'-wk' + str(wk) if wk else ''}"
+        f"{'' if pre is None else '-pre' + str(int(pre))}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -324,8 +330,14 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         # many K-slices summed by the reduce kernels (plain and pair epilogue)
         dict(m=4, bits=4, group_size=32, n=64, k=1024, split=7, res=True),
         dict(m=3, bits=4, group_size=32, n=64, k=768, split=6, glu_pair=True, bias=True, dtype=mx.bfloat16),
+        # register stages over several rounds (9 chunks a warp, the last round partial) and on
+        # into a persistent block's next tile, with the norm: one stage loaded ahead, and both
+        dict(m=3, bits=4, group_size=32, n=64, k=2304, split=1, norm=True, res=True, blocks=2, wk=2, pre=False),
+        dict(m=6, bits=8, group_size=32, n=64, k=1152, split=1, res=True, blocks=2, wk=2, pre=True,
+             dtype=mx.bfloat16),
     ]
-    if quick:  # the first two, the ring after a split K and across persistent tiles, many slices
+    if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
+               # register stages over several rounds
         specs = specs[:2] + [s for s in specs if (s.get("ns") and (s.get("split") or s.get("blocks", 0) > 2))
-                             or s.get("split", 0) > 5]
+                             or s.get("split", 0) > 5 or s.get("wk")]
     return [qmm_case(rng, **s) for s in specs]

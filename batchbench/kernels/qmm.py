@@ -1178,8 +1178,8 @@ def _preload(cfg: QmmConfig, n: int, k: int, bits: int) -> bool:
         return False
     if PRELOAD2 == "1":
         return True
-    nch = k // (128 if bits == 4 else 64)
-    per_warp = -(-(-(-nch // cfg.s)) // cfg.wk)
+    per_slice = -(-(k // (128 if bits == 4 else 64)) // cfg.s)  # chunks of the longest K-slice
+    per_warp = -(-per_slice // cfg.wk)
     tiles = n // (16 * cfg.wn * cfg.wf)
     per_block = -(-tiles // cfg.grid_blocks(n))
     return (per_warp > 2 * cfg.p or per_block >= PRELOAD_TILES) and (cfg.mt == 1 or k > 8192)

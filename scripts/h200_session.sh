@@ -9,6 +9,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-out}
 R=$OUT/run
 mkdir -p "$R"
+# which code ran: match with `bash scripts/tree_hash.sh <commit>` (git metadata there may be stale)
+[ -f "$R/tree.txt" ] || bash scripts/tree_hash.sh > "$R/tree.txt" 2>/dev/null || true
 part() {  # name, seconds, command...
   local name=$1 t=$2
   shift 2

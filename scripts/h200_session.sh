@@ -101,6 +101,13 @@ for what in "$@"; do
                  QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 \
                  QMM_BUDGET_S=130 python3 scripts/h200_qmm.py
              done ;;
+    # the fused RMSNorm's sums of squares after the staging (BB_QMM_NORM_PASS=1) against inside it
+    ab-norm-pass) for v in 0 1 0 1; do
+               i=$((${i:-0} + 1))
+               part "qmm-decode-prof-normpass$v-$i" 150 env BB_QMM_NORM_PASS=$v OUT="$R/qmm-decode-prof-normpass$v-$i" \
+                 QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 \
+                 QMM_BUDGET_S=130 python3 scripts/h200_qmm.py
+             done ;;
     # skip against no-skip where the host sets the pace (B <= 2), repeated: is skipping's
     # whole-cache window a cost there? (session 14's sweep read no-skip 1.11-1.18x at B = 1-2)
     skip-small) part skip-small 200 python3 -m batchbench "${M[@]}" -c 140000 -npp 4096 -ntg 128 \
@@ -112,7 +119,7 @@ for what in "$@"; do
             python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-preload skip-small step-trace tune-balance qmm-step)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-preload ab-norm-pass skip-small step-trace tune-balance qmm-step)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -148,6 +148,24 @@ def test_cp_async_copies_land_only_at_their_wait(kernel, old, new):
         case.verify(_edit_executor(old, new))
 
 
+@pytest.mark.parametrize("spec", [
+    dict(m=3, bits=4, group_size=32, norm=True, bias=True),
+    dict(m=9, bits=4, group_size=32, norm=True, res=True, lop3=False),  # two groups of 8 rows
+    dict(m=5, bits=8, n=160, k=512, norm=True, res=True, blocks=4, dtype=mx.bfloat16),  # x by cp.async
+    dict(m=3, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2),
+])
+def test_qmm_norm_sums_after_staging_emulated(monkeypatch, spec):
+    """BB_QMM_NORM_PASS (prepared for an H200 A/B, off by default): the fused RMSNorm takes its
+    sums of squares in a pass over the staged rows, not inside the staging loop."""
+    from batchbench.kernels import qmm as Q
+
+    toolchain.need(toolchain.host_cxx)
+    monkeypatch.setattr(Q, "QMM_HEADER", "#define BB_QMM_NORM_PASS 1\n" + Q.QMM_HEADER)
+    case = qmm_case(np.random.default_rng(SEED), **spec)
+    assert "BB_QMM_NORM_PASS 1" in case.kernels[0][0].header
+    _verify(case)
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_attention_timeline_build_stamps_every_block(splits):
     """The diagnostic build (phase timestamps after the split records) keeps the result, and

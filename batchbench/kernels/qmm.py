@@ -63,6 +63,9 @@ QMM_HEADER = r"""
 #ifndef BB_QMM_X_ASYNC
 #define BB_QMM_X_ASYNC 1
 #endif
+#ifndef BB_QMM_NORM_PASS
+#define BB_QMM_NORM_PASS 0
+#endif
 
 namespace bbqmm {
 
@@ -403,6 +406,32 @@ __device__ __forceinline__ float qmm_sumsq8(uint4 v) {
   return ss;
 }
 
+// The fused RMSNorm's sums of squares from the staged rows (BB_QMM_NORM_PASS), instead of a warp
+// reduction per granule inside the staging loop: each thread sums its columns for 8 rows at a
+// time in registers, then one warp reduction per row. wss: one partial per warp and row.
+template <typename T, int NT>
+__device__ __forceinline__ void qmm_norm_sums(const uint16_t* xs, const int XS, float* wss, const int MP,
+                                              const int M, const int K, const int tid) {
+  const int gpr = K / 8, lane = tid & 31, wid = tid >> 5;
+  for (int m0 = 0; m0 < M; m0 += 8) {
+    float ss[8];
+#pragma unroll
+    for (int r = 0; r < 8; ++r) ss[r] = 0.f;
+    for (int pj = tid; pj < gpr; pj += NT) {  // all staged granules: the 4-bit swizzle permutes them
+#pragma unroll
+      for (int r = 0; r < 8; ++r)
+        if (m0 + r < M) ss[r] += qmm_sumsq8<T>(*reinterpret_cast<const uint4*>(xs + (m0 + r) * XS + pj * 8));
+    }
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) ss[r] += __shfl_xor_sync(0xffffffffu, ss[r], o);
+      if (lane == 0 && m0 + r < M) wss[wid * MP + m0 + r] = ss[r];
+    }
+  }
+  __syncthreads();
+}
+
 // Pair epilogues (E): the rows of each 16-row tile are stored in an order where row n
 // (n % 16 < 8) and row n + 8 belong together, so that one thread sums both and stores them
 // together. Both values are first rounded to T, as the unfused path stores them.
@@ -614,7 +643,10 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     const int gpr = nch * CK / 8;
     const int xrow = GLU ? 2 * K : K;
     const uint4* xg = reinterpret_cast<const uint4*>(x);
-    if constexpr (NORM) {
+    // The norm's sums of squares: in the staging loop (a warp reduction per granule), or with
+    // BB_QMM_NORM_PASS in one pass over the staged rows after it (qmm_norm_sums).
+    constexpr bool SUMS_IN_LOOP = NORM && !BB_QMM_NORM_PASS;
+    if constexpr (SUMS_IN_LOOP) {
       for (int m = lane; m < M; m += 32) wss[wid * MP + m] = 0.f;
       __syncwarp();
     }
@@ -622,7 +654,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     // every copy of the block in flight at once (H200: down M=32 45.4 -> 41.6 us). Otherwise
     // through registers: cp.async and then an in-place pass lost (o_proj M=8 7.8 -> 9.4 us),
     // and so did loading 4 or 8 granules a thread before storing any (o_proj M=32 14.9 -> 21.3).
-    constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !NORM && !LOP3;
+    constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !SUMS_IN_LOOP && !LOP3;
     if constexpr (ASYNC) {
       for (int i = tid; i < M * gpr; i += NT) {
         const int m = i / gpr, j = i - m * gpr;
@@ -638,7 +670,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
         uint4 v = xg[gi];
         if constexpr (GLU) v = qmm_glu8<T>(v, xg[gi + K / 8]);
-        if constexpr (NORM) {  // gpr % 32 == 0: the warp's 32 granules are one row
+        if constexpr (SUMS_IN_LOOP) {  // gpr % 32 == 0: the warp's 32 granules are one row
           float ss = qmm_sumsq8<T>(v);
 #pragma unroll
           for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
@@ -650,6 +682,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     }
   }
   __syncthreads();
+  if constexpr (NORM && BB_QMM_NORM_PASS) qmm_norm_sums<T, NT>(xs, XS, wss, MP, M, K, tid);
   if constexpr (NORM) qmm_rms_norm<T, BITS, NT, LOP3>(xs, XS, nw, wss, MP, eps, M, K, tid);
 
   // This lane's x row per token tile, as a 16-byte granule index into xs. Rows past M read
@@ -902,8 +935,13 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
 # x copied unchanged is staged by cp.async; BB_QMM_X_ASYNC=0 stages all x through registers
 # (A/B runs).
 X_ASYNC = os.environ.get("BB_QMM_X_ASYNC", "1") == "1"
+# BB_QMM_NORM_PASS=1: the fused RMSNorm takes its sums of squares in one pass over the staged
+# rows instead of a warp reduction per granule while staging (and x copied unchanged then goes by
+# cp.async, bf16 and 8-bit). Prepared for an A/B (session part ab-norm-pass), not yet measured.
+NORM_PASS = os.environ.get("BB_QMM_NORM_PASS", "0") == "1"
 # MLX hashes the source on every launch: compacted. The RoPE epilogue uses bbrope::rotate.
-QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + kspec.compact(QMM_HEADER)
+QMM_HEADER = (ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n")
+              + ("#define BB_QMM_NORM_PASS 1\n" if NORM_PASS else "") + kspec.compact(QMM_HEADER))
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"

@@ -650,7 +650,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       for (int m = lane; m < M; m += 32) wss[wid * MP + m] = 0.f;
       __syncwarp();
     }
-    // x that is copied unchanged (no norm, no gate product, no lop3 reordering): cp.async,
+    // x that is copied unchanged (no norm sums on the way, no gate product, no lop3 reordering): cp.async,
     // every copy of the block in flight at once (H200: down M=32 45.4 -> 41.6 us). Otherwise
     // through registers: cp.async and then an in-place pass lost (o_proj M=8 7.8 -> 9.4 us),
     // and so did loading 4 or 8 granules a thread before storing any (o_proj M=32 14.9 -> 21.3).
@@ -1007,6 +1007,11 @@ def _reduce_spec(has_bias: bool, has_res: bool = False, pair: str = "") -> Kerne
     return KernelSpec("cuda", "bb_qmm_red" + _suffix(has_bias, has_res), names, ("y",), src, QMM_HEADER)
 
 
+def chunk_k(bits: int) -> int:
+    """k of one chunk: a warp's 16 rows x 4 lanes x 16 bytes (128 at 4 bits, 64 at 8)."""
+    return 128 if bits == 4 else 64
+
+
 @dataclass(frozen=True)
 class QmmConfig:
     """Launch geometry of one (M, N, K, bits) class; see `choose_config`."""
@@ -1024,9 +1029,15 @@ class QmmConfig:
 
     def xbytes(self, k: int, bits: int) -> int:
         """Shared memory of the staged x slice."""
-        ck = 128 if bits == 4 else 64
-        nch = k // ck
-        return self.mrows * (-(-nch // self.s) * ck + (16 if bits == 4 else 8)) * 2
+        return self.mrows * (self.slice_chunks(k, bits) * chunk_k(bits) + (16 if bits == 4 else 8)) * 2
+
+    def slice_chunks(self, k: int, bits: int) -> int:
+        """Chunks of the longest K-slice."""
+        return -(-(k // chunk_k(bits)) // self.s)
+
+    def tiles(self, n: int) -> int:
+        """Feature tiles of one block (16 * wn * wf rows each)."""
+        return n // (16 * self.wn * self.wf)
 
     def smem(self, k: int, bits: int) -> int:
         """x slice and reduction area side by side (a block reduces one tile while x stays),
@@ -1035,7 +1046,7 @@ class QmmConfig:
                 + self.wn * self.wk * self.ns * self.wf * RING_SLOT)
 
     def grid_blocks(self, n: int) -> int:
-        tiles = n // (16 * self.wn * self.wf)
+        tiles = self.tiles(n)
         return tiles if self.blocks <= 0 else min(tiles, self.blocks)
 
 
@@ -1080,7 +1091,7 @@ RING_SLOT = 1024 + 32 * 8  # bytes: weights of one chunk, scales and biases (<= 
 def ring_ok(bits: int, group_size: int) -> bool:
     """The ring copies a row's scales of one chunk in one 4- to 16-byte cp.async: the chunk
     (128 k at 4 bits, 64 at 8) must hold at least two whole groups."""
-    ck = 128 if bits == 4 else 64
+    ck = chunk_k(bits)
     return ck % group_size == 0 and ck // group_size >= 2
 
 
@@ -1130,8 +1141,8 @@ def _balanced_slices(cfg: QmmConfig, n: int, k: int, bits: int) -> QmmConfig:
     """cfg (split over K) with the number of K-slices (2 or more) whose one-wave grid gives the
     busiest block the fewest tiles x chunks, its shared memory fitting one block per SM; ties
     to fewer slices (fewer fp32 partials)."""
-    nch = k // (128 if bits == 4 else 64)
-    tiles = n // (16 * cfg.wn * cfg.wf)
+    nch = k // chunk_k(bits)
+    tiles = cfg.tiles(n)
     best, best_work = cfg, None
     for s in range(2, nch + 1):
         c = replace(cfg, s=s)
@@ -1216,10 +1227,8 @@ def _preload(cfg: QmmConfig, n: int, k: int, bits: int) -> bool:
         return False
     if PRELOAD2 == "1":
         return True
-    per_slice = -(-(k // (128 if bits == 4 else 64)) // cfg.s)  # chunks of the longest K-slice
-    per_warp = -(-per_slice // cfg.wk)
-    tiles = n // (16 * cfg.wn * cfg.wf)
-    per_block = -(-tiles // cfg.grid_blocks(n))
+    per_warp = -(-cfg.slice_chunks(k, bits) // cfg.wk)
+    per_block = -(-cfg.tiles(n) // cfg.grid_blocks(n))
     return (per_warp > 2 * cfg.p or per_block >= PRELOAD_TILES) and (cfg.mt == 1 or k > 8192)
 
 
@@ -1228,7 +1237,7 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
     wn, wk, p = _WIDE_TILES[mt] if m > 1 and n >= _WIDE_N else _TILES[mt]
     while n % (16 * wn):  # keep the block's warps: trade warps along N for warps along K
         wn, wk = wn // 2, wk * 2
-    nch = k // (128 if bits == 4 else 64)
+    nch = k // chunk_k(bits)
     p = _load_depth(m, mt, n, k, p)
     cfg = QmmConfig(mt, wn, wk, p, 1, 1 << (m - 1).bit_length(), ns=RING)
     while cfg.xbytes(k, bits) > SMEM_BUDGET and cfg.s < nch:
@@ -1313,7 +1322,7 @@ def covered(m: int, n: int, k: int, x_dtype, scales, biases, group_size: int, bi
         and biases.dtype == x_dtype
         and 1 <= m <= MAX_M
         and n % 16 == 0
-        and k % (128 if bits == 4 else 64) == 0
+        and k % chunk_k(bits) == 0
     )
 
 

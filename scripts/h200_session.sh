@@ -20,6 +20,14 @@ part() {  # name, seconds, command...
   tail -n "${TAIL:-14}" "$R/$name.txt"
 }
 M=(-m preset:qwen2.5-7b --quant q4_0)
+# the decode step of the 7B shape (attention excluded) with its CUPTI kernel time and top kernels:
+# decode_prof NAME [SETTING=VALUE ...] (settings for an A/B go into the environment)
+decode_prof() {
+  local name=$1
+  shift
+  part "$name" 150 env "$@" OUT="$R/$name" QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues \
+    QMM_DECODE_PROFILE=1 QMM_BUDGET_S=130 python3 scripts/h200_qmm.py
+}
 for what in "$@"; do
   case $what in
     verify) part verify-gpu 300 python3 -m batchbench.verify.gpu ;;
@@ -79,15 +87,10 @@ for what in "$@"; do
             -npl "${NPL:-8,32}" -fa on --ab own --csv "$R/ab-own.csv" ;;
     # do thread-block clusters (compile-time __cluster_dims__) work through mx.fast.cuda_kernel?
     cluster-probe) part cluster-probe 60 python3 scripts/h200_cluster_probe.py ;;
-    # the decode step of the 7B shape (attention excluded) with its CUPTI kernel time and top kernels
-    qmm-decode-prof) part "qmm-decode-prof${TAG:+-$TAG}" 150 env OUT="$R/qmm-decode-prof${TAG:+-$TAG}" \
-            QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 QMM_BUDGET_S=130 \
-            python3 scripts/h200_qmm.py ;;
+    qmm-decode-prof) decode_prof "qmm-decode-prof${TAG:+-$TAG}" ;;
     # the 4-bit matmuls' persistent grids in one wave (BB_QMM_ONE_WAVE=1, 2: K-slices balanced) against the default
     ab-wave) for v in 0 1 2; do
-               part "qmm-decode-prof-wave$v" 150 env BB_QMM_ONE_WAVE=$v OUT="$R/qmm-decode-prof-wave$v" \
-                 QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 \
-                 QMM_BUDGET_S=130 python3 scripts/h200_qmm.py
+               decode_prof "qmm-decode-prof-wave$v" BB_QMM_ONE_WAVE=$v
              done
              for v in 0 1 2; do
                part "scaling-quick-wave$v" 150 env BB_QMM_ONE_WAVE=$v python3 -m batchbench "${M[@]}" -c 140000 \
@@ -95,18 +98,16 @@ for what in "$@"; do
              done ;;
     # both weight stages in flight before the x staging (BB_QMM_PRELOAD2=1 everywhere, auto: where
     # measured faster) against one (0), twice each; PRELOAD_AB="0 1 0 1" by default
-    ab-preload) for v in ${PRELOAD_AB:-0 1 0 1}; do
-               i=$((${i:-0} + 1))
-               part "qmm-decode-prof-preload$v-$i" 150 env BB_QMM_PRELOAD2=$v OUT="$R/qmm-decode-prof-preload$v-$i" \
-                 QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 \
-                 QMM_BUDGET_S=130 python3 scripts/h200_qmm.py
+    ab-preload) i=0
+             for v in ${PRELOAD_AB:-0 1 0 1}; do
+               i=$((i + 1))
+               decode_prof "qmm-decode-prof-preload$v-$i" BB_QMM_PRELOAD2=$v
              done ;;
     # the fused RMSNorm's sums of squares after the staging (BB_QMM_NORM_PASS=1) against inside it
-    ab-norm-pass) for v in 0 1 0 1; do
-               i=$((${i:-0} + 1))
-               part "qmm-decode-prof-normpass$v-$i" 150 env BB_QMM_NORM_PASS=$v OUT="$R/qmm-decode-prof-normpass$v-$i" \
-                 QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues QMM_DECODE_PROFILE=1 \
-                 QMM_BUDGET_S=130 python3 scripts/h200_qmm.py
+    ab-norm-pass) i=0
+             for v in 0 1 0 1; do
+               i=$((i + 1))
+               decode_prof "qmm-decode-prof-normpass$v-$i" BB_QMM_NORM_PASS=$v
              done ;;
     # skip against no-skip where the host sets the pace (B <= 2), repeated: is skipping's
     # whole-cache window a cost there? (session 14's sweep read no-skip 1.11-1.18x at B = 1-2)

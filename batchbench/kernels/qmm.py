@@ -938,7 +938,14 @@ X_ASYNC = os.environ.get("BB_QMM_X_ASYNC", "1") == "1"
 # BB_QMM_NORM_PASS=1: the fused RMSNorm takes its sums of squares in one pass over the staged
 # rows instead of a warp reduction per granule while staging (and x copied unchanged then goes by
 # cp.async, bf16 and 8-bit). Prepared for an A/B (session part ab-norm-pass), not yet measured.
-NORM_PASS = os.environ.get("BB_QMM_NORM_PASS", "0") == "1"
+def _norm_pass_setting() -> bool:
+    v = os.environ.get("BB_QMM_NORM_PASS", "0")
+    if v not in ("0", "1"):
+        raise SettingError(f"BB_QMM_NORM_PASS must be 0 or 1, not {v!r}")
+    return v == "1"
+
+
+NORM_PASS = _norm_pass_setting()
 # MLX hashes the source on every launch: compacted. The RoPE epilogue uses bbrope::rotate.
 QMM_HEADER = (ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n")
               + ("#define BB_QMM_NORM_PASS 1\n" if NORM_PASS else "") + kspec.compact(QMM_HEADER))

@@ -421,16 +421,6 @@ def test_persistent_grids_in_one_wave_unless_switched_off(monkeypatch, switch):
     assert down16.grid_blocks(3584) * down16.s == (259 if switch else 266)
 
 
-def test_one_wave_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("BB_QMM_ONE_WAVE", "3")
-    with pytest.raises(SettingError, match="BB_QMM_ONE_WAVE must be 0, 1 or 2"):
-        qmm._one_wave_setting()
-    monkeypatch.setenv("BB_QMM_ONE_WAVE", "0")
-    assert qmm._one_wave_setting() == 0
-    monkeypatch.delenv("BB_QMM_ONE_WAVE")
-    assert qmm._one_wave_setting() == 2  # the default since the H200 A/B of session 14
-
-
 def test_second_stage_preloaded_where_the_h200_measured_it_faster(monkeypatch):
     """Both register stages in flight before the x staging where a warp walks more than one
     round of chunks or a persistent block many tiles (one token tile), and for the long-K down
@@ -449,9 +439,27 @@ def test_second_stage_preloaded_where_the_h200_measured_it_faster(monkeypatch):
         assert not qmm.choose_config(32, *gate_up, 4).pre
 
 
-def test_preload_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("BB_QMM_PRELOAD2", "yes")
-    with pytest.raises(SettingError, match="BB_QMM_PRELOAD2 must be auto, 0 or 1"):
-        qmm._preload_setting()
-    monkeypatch.delenv("BB_QMM_PRELOAD2")
-    assert qmm._preload_setting() == "auto"
+@pytest.mark.parametrize("var,default,allowed", [
+    ("BB_QMM_ONE_WAVE", "2", ("0", "1", "2")),  # 2: the default since the H200 A/B of session 14
+    ("BB_QMM_PRELOAD2", "auto", ("auto", "0", "1")),
+    ("BB_QMM_NORM_PASS", "0", ("0", "1", "2")),
+    ("BB_QMM_NW_EARLY", "0", ("0", "1")),
+])
+def test_choice_settings_are_checked(monkeypatch, var, default, allowed):
+    monkeypatch.setenv(var, "3x")
+    with pytest.raises(SettingError, match=f"{var} must be one of {', '.join(allowed)}, not '3x'"):
+        qmm._choice_setting(var, default, allowed)
+    for v in allowed:
+        monkeypatch.setenv(var, v)
+        assert qmm._choice_setting(var, default, allowed) == v
+    monkeypatch.delenv(var)
+    assert qmm._choice_setting(var, default, allowed) == default
+
+
+def test_rows_setting_is_checked(monkeypatch):
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv("BB_QMM_NORM_PASS_M", bad)
+        with pytest.raises(SettingError, match="BB_QMM_NORM_PASS_M must be a whole number >= 1"):
+            qmm._rows_setting("BB_QMM_NORM_PASS_M", 2)
+    monkeypatch.setenv("BB_QMM_NORM_PASS_M", "4")
+    assert qmm._rows_setting("BB_QMM_NORM_PASS_M", 2) == 4

@@ -148,21 +148,38 @@ def test_cp_async_copies_land_only_at_their_wait(kernel, old, new):
         case.verify(_edit_executor(old, new))
 
 
-@pytest.mark.parametrize("spec", [
-    dict(m=3, bits=4, group_size=32, norm=True, bias=True),
-    dict(m=9, bits=4, group_size=32, norm=True, res=True, lop3=False),  # two groups of 8 rows
-    dict(m=5, bits=8, n=160, k=512, norm=True, res=True, blocks=4, dtype=mx.bfloat16),  # x by cp.async
-    dict(m=3, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2),
+_PASS = "#define BB_QMM_NORM_PASS 1\n"
+_PASS_FROM_4 = "#define BB_QMM_NORM_PASS 2\n#define BB_QMM_NORM_PASS_M 4\n"
+_NW_EARLY = "#define BB_QMM_NW_EARLY 1\n"
+
+
+@pytest.mark.parametrize("defines,spec", [
+    (_PASS, dict(m=3, bits=4, group_size=32, norm=True, bias=True)),
+    (_PASS, dict(m=9, bits=4, group_size=32, norm=True, res=True, lop3=False)),  # two groups of 8 rows
+    (_PASS, dict(m=5, bits=8, n=160, k=512, norm=True, res=True, blocks=4, dtype=mx.bfloat16)),  # x by cp.async
+    (_PASS, dict(m=3, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2)),
+    # auto: sums in the staging loop below 4 rows, in the pass from 4 rows on
+    (_PASS_FROM_4, dict(m=3, bits=4, group_size=32, norm=True, bias=True)),
+    (_PASS_FROM_4, dict(m=5, bits=8, n=160, k=512, norm=True, res=True, blocks=4, dtype=mx.bfloat16)),
+    # norm weights loaded before the staging: all of them (K <= 16 threads' worth), and with one
+    # warp (32 threads, K=1024) two granules a thread early and the other two in the norm's loop
+    (_NW_EARLY, dict(m=3, bits=4, group_size=32, norm=True, bias=True)),
+    (_NW_EARLY, dict(m=2, bits=4, group_size=32, n=32, k=1024, norm=True, wk=1, dtype=mx.bfloat16)),
+    (_NW_EARLY + _PASS, dict(m=9, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2)),
 ])
-def test_qmm_norm_sums_after_staging_emulated(monkeypatch, spec):
-    """BB_QMM_NORM_PASS (prepared for an H200 A/B, off by default): the fused RMSNorm takes its
-    sums of squares in a pass over the staged rows, not inside the staging loop."""
+def test_qmm_norm_variants_emulated(monkeypatch, defines, spec):
+    """The fused RMSNorm's A/B variants (H200 session 15): sums of squares in a pass over the
+    staged rows (BB_QMM_NORM_PASS=1, or =2 from BB_QMM_NORM_PASS_M rows on) instead of inside
+    the staging loop, and the norm weights loaded ahead (BB_QMM_NW_EARLY)."""
     from batchbench.kernels import qmm as Q
 
     toolchain.need(toolchain.host_cxx)
-    monkeypatch.setattr(Q, "QMM_HEADER", "#define BB_QMM_NORM_PASS 1\n" + Q.QMM_HEADER)
+    monkeypatch.setattr(Q, "QMM_HEADER", defines + Q.QMM_HEADER)
     case = qmm_case(np.random.default_rng(SEED), **spec)
-    assert "BB_QMM_NORM_PASS 1" in case.kernels[0][0].header
+    header, launch = case.kernels[0][0].header, case.kernels[0][1]
+    assert header.startswith(defines)
+    if spec.get("wk") == 1:
+        assert launch.threadgroup[0] == 32 and spec["k"] // 8 > 2 * 32  # the norm loop loads the rest
     _verify(case)
 
 

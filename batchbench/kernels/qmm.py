@@ -66,6 +66,12 @@ QMM_HEADER = r"""
 #ifndef BB_QMM_NORM_PASS
 #define BB_QMM_NORM_PASS 0
 #endif
+#ifndef BB_QMM_NORM_PASS_M
+#define BB_QMM_NORM_PASS_M 2
+#endif
+#ifndef BB_QMM_NW_EARLY
+#define BB_QMM_NW_EARLY 0
+#endif
 
 namespace bbqmm {
 
@@ -360,17 +366,25 @@ __device__ __forceinline__ uint4 qmm_glu8(uint4 g, uint4 u) {
 // RMSNorm of the staged rows in place (the block holds whole rows: one K-slice):
 // x * rsqrt(mean(x^2) + eps) * nw, in fp32 with one rounding, as mx.fast.rms_norm. The sums
 // of squares were taken while staging (wss: one partial per warp and row, fixed order).
-template <typename T, int BITS, int NT, bool PERM>
+template <typename T, int BITS, int NT, bool PERM, int NWR>
 __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T* __restrict__ nw,
-                                             const float* wss, const int MP, const float eps,
-                                             const int M, const int K, const int tid) {
+                                             const uint4 (&nwr)[NWR], const float* wss, const int MP,
+                                             const float eps, const int M, const int K, const int tid) {
   const int gpr = K / 8;
   const uint4* nwg = reinterpret_cast<const uint4*>(nw);
   // Column by column: one load of the norm weights serves every row (a loop over all
-  // granules waited an L2 round trip per granule: 14 a thread at M=8, K=3584).
-  for (int pj = tid; pj < gpr; pj += NT) {
+  // granules waited an L2 round trip per granule: 14 a thread at M=8, K=3584). The first
+  // NWR granules of a thread were loaded before the x staging (qmm_nw_early).
+  for (int pj = tid, i = 0; pj < gpr; pj += NT, ++i) {
     const int j = BITS == 4 ? (pj ^ ((pj >> 3) & 1)) : pj;  // the swizzle is an involution
-    uint4 wv = nwg[j];
+    uint4 wv;
+    if (BB_QMM_NW_EARLY && i < NWR) {
+#pragma unroll
+      for (int e = 0; e < NWR; ++e)  // static register indices
+        if (e == i) wv = nwr[e];
+    } else {
+      wv = nwg[j];
+    }
     if constexpr (PERM) wv = qmm_perm8(wv);  // the staged x granules are reordered
     for (int m = 0; m < M; ++m) {
       float ss = 0.f;
@@ -391,6 +405,18 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
     }
   }
   __syncthreads();
+}
+
+// The norm weights' granules qmm_rms_norm gives this thread (pj = tid + i * NT), loaded before
+// the x staging (BB_QMM_NW_EARLY) so that their L2 round trip overlaps it instead of following
+// the barrier after it.
+template <int BITS, int NT, int NWR>
+__device__ __forceinline__ void qmm_nw_early(const uint4* nwg, uint4 (&nwr)[NWR], const int K, const int tid) {
+#pragma unroll
+  for (int i = 0; i < NWR; ++i) {
+    const int pj = tid + i * NT;
+    if (pj < K / 8) nwr[i] = nwg[BITS == 4 ? (pj ^ ((pj >> 3) & 1)) : pj];
+  }
 }
 
 // Sum of squares of one 16-byte granule of x, in fp32.
@@ -638,15 +664,20 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     load(sA, wc0);
     if constexpr (PRE) load(sB, wc0 + P);  // both stages in flight over the staging
   }
+  constexpr int NWR = NORM && BB_QMM_NW_EARLY ? 2 : 1;  // 2: K <= 16 * NT (4096 at 256 threads)
+  uint4 nwr[NWR];
+  if constexpr (NORM && BB_QMM_NW_EARLY) qmm_nw_early<BITS, NT, NWR>(reinterpret_cast<const uint4*>(nw), nwr, K, tid);
 
+  // The norm's sums of squares: in the staging loop (a warp reduction per granule), or with
+  // BB_QMM_NORM_PASS in one pass over the staged rows after it (qmm_norm_sums); 2: the pass
+  // from BB_QMM_NORM_PASS_M rows on (M is a launch value, not a template parameter).
+  constexpr bool MAY_LOOP = NORM && BB_QMM_NORM_PASS != 1;
+  const bool sums_in_loop = MAY_LOOP && !(BB_QMM_NORM_PASS == 2 && M >= BB_QMM_NORM_PASS_M);
   {  // stage this K-slice of x (all M rows) in smem, 16-byte granules, swizzled for 4-bit
     const int gpr = nch * CK / 8;
     const int xrow = GLU ? 2 * K : K;
     const uint4* xg = reinterpret_cast<const uint4*>(x);
-    // The norm's sums of squares: in the staging loop (a warp reduction per granule), or with
-    // BB_QMM_NORM_PASS in one pass over the staged rows after it (qmm_norm_sums).
-    constexpr bool SUMS_IN_LOOP = NORM && !BB_QMM_NORM_PASS;
-    if constexpr (SUMS_IN_LOOP) {
+    if (sums_in_loop) {
       for (int m = lane; m < M; m += 32) wss[wid * MP + m] = 0.f;
       __syncwarp();
     }
@@ -654,7 +685,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     // every copy of the block in flight at once (H200: down M=32 45.4 -> 41.6 us). Otherwise
     // through registers: cp.async and then an in-place pass lost (o_proj M=8 7.8 -> 9.4 us),
     // and so did loading 4 or 8 granules a thread before storing any (o_proj M=32 14.9 -> 21.3).
-    constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !SUMS_IN_LOOP && !LOP3;
+    constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !MAY_LOOP && !LOP3;
     if constexpr (ASYNC) {
       for (int i = tid; i < M * gpr; i += NT) {
         const int m = i / gpr, j = i - m * gpr;
@@ -670,7 +701,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
         uint4 v = xg[gi];
         if constexpr (GLU) v = qmm_glu8<T>(v, xg[gi + K / 8]);
-        if constexpr (SUMS_IN_LOOP) {  // gpr % 32 == 0: the warp's 32 granules are one row
+        if (MAY_LOOP && sums_in_loop) {  // gpr % 32 == 0: the warp's 32 granules are one row
           float ss = qmm_sumsq8<T>(v);
 #pragma unroll
           for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
@@ -682,8 +713,10 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     }
   }
   __syncthreads();
-  if constexpr (NORM && BB_QMM_NORM_PASS) qmm_norm_sums<T, NT>(xs, XS, wss, MP, M, K, tid);
-  if constexpr (NORM) qmm_rms_norm<T, BITS, NT, LOP3>(xs, XS, nw, wss, MP, eps, M, K, tid);
+  if constexpr (NORM) {
+    if (!sums_in_loop) qmm_norm_sums<T, NT>(xs, XS, wss, MP, M, K, tid);
+  }
+  if constexpr (NORM) qmm_rms_norm<T, BITS, NT, LOP3, NWR>(xs, XS, nw, nwr, wss, MP, eps, M, K, tid);
 
   // This lane's x row per token tile, as a 16-byte granule index into xs. Rows past M read
   // row M - 1: they only feed output columns that are never stored, and an unpredicated
@@ -937,18 +970,32 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
 X_ASYNC = os.environ.get("BB_QMM_X_ASYNC", "1") == "1"
 # BB_QMM_NORM_PASS=1: the fused RMSNorm takes its sums of squares in one pass over the staged
 # rows instead of a warp reduction per granule while staging (and x copied unchanged then goes by
-# cp.async, bf16 and 8-bit). Prepared for an A/B (session part ab-norm-pass), not yet measured.
-def _norm_pass_setting() -> bool:
-    v = os.environ.get("BB_QMM_NORM_PASS", "0")
-    if v not in ("0", "1"):
-        raise SettingError(f"BB_QMM_NORM_PASS must be 0 or 1, not {v!r}")
-    return v == "1"
+# cp.async, bf16 and 8-bit); 2: the pass from BB_QMM_NORM_PASS_M rows of x on (H200, session 15:
+# gate/up and q/k/v faster at M=8, slower at M=1).
+# BB_QMM_NW_EARLY=1: the norm weights are loaded into registers before the x staging.
+def _choice_setting(var: str, default: str, allowed: tuple[str, ...]) -> str:
+    """A BB_QMM_* setting from the environment; a bad value is a one-line SettingError."""
+    v = os.environ.get(var, default)
+    if v not in allowed:
+        raise SettingError(f"{var} must be one of {', '.join(allowed)}, not {v!r}")
+    return v
 
 
-NORM_PASS = _norm_pass_setting()
+def _rows_setting(var: str, default: int) -> int:
+    v = os.environ.get(var, str(default))
+    if not v.isdigit() or int(v) < 1:
+        raise SettingError(f"{var} must be a whole number >= 1, not {v!r}")
+    return int(v)
+
+
+NORM_PASS = int(_choice_setting("BB_QMM_NORM_PASS", "0", ("0", "1", "2")))
+NORM_PASS_M = _rows_setting("BB_QMM_NORM_PASS_M", 2)
+NW_EARLY = _choice_setting("BB_QMM_NW_EARLY", "0", ("0", "1")) == "1"
 # MLX hashes the source on every launch: compacted. The RoPE epilogue uses bbrope::rotate.
 QMM_HEADER = (ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n")
-              + ("#define BB_QMM_NORM_PASS 1\n" if NORM_PASS else "") + kspec.compact(QMM_HEADER))
+              + (f"#define BB_QMM_NORM_PASS {NORM_PASS}\n" if NORM_PASS else "")
+              + (f"#define BB_QMM_NORM_PASS_M {NORM_PASS_M}\n" if NORM_PASS == 2 else "")
+              + ("#define BB_QMM_NW_EARLY 1\n" if NW_EARLY else "") + kspec.compact(QMM_HEADER))
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"
@@ -1129,14 +1176,7 @@ def _resident_blocks(cfg: QmmConfig, k: int, bits: int) -> int:
 # H200, 7B decode step without attention at B=32 (results/h200-2026-11-29-s14/call2, one call):
 # kernel time 4.197 ms (0) -> 3.926 (1) -> 3.806 (2); down at M=32 41.4 -> 37.1 -> 32.9 us,
 # q/k/v and o 14.9 -> 12.4-12.5 us; B=1 and B=8 unchanged (no matmul there has four tiles).
-def _one_wave_setting() -> int:
-    v = os.environ.get("BB_QMM_ONE_WAVE", "2")
-    if v not in ("0", "1", "2"):
-        raise SettingError(f"BB_QMM_ONE_WAVE must be 0, 1 or 2, not {v!r}")
-    return int(v)
-
-
-ONE_WAVE = _one_wave_setting()
+ONE_WAVE = int(_choice_setting("BB_QMM_ONE_WAVE", "2", ("0", "1", "2")))
 
 
 def _one_wave(cfg: QmmConfig) -> bool:
@@ -1212,14 +1252,7 @@ def _load_depth(m: int, mt: int, n: int, k: int, p: int) -> int:
 # Both register stages in flight before the x staging and before each next tile's reduction
 # (QmmConfig.pre), not one: BB_QMM_PRELOAD2=auto (where _preload finds it), 1 (every register-
 # stage kernel) or 0 (none).
-def _preload_setting() -> str:
-    v = os.environ.get("BB_QMM_PRELOAD2", "auto")
-    if v not in ("auto", "0", "1"):
-        raise SettingError(f"BB_QMM_PRELOAD2 must be auto, 0 or 1, not {v!r}")
-    return v
-
-
-PRELOAD2 = _preload_setting()
+PRELOAD2 = _choice_setting("BB_QMM_PRELOAD2", "auto", ("auto", "0", "1"))
 PRELOAD_TILES = 16  # tiles per persistent block from which the next tile's preload pays
 
 

@@ -442,8 +442,8 @@ def test_second_stage_preloaded_where_the_h200_measured_it_faster(monkeypatch):
 @pytest.mark.parametrize("var,default,allowed", [
     ("BB_QMM_ONE_WAVE", "2", ("0", "1", "2")),  # 2: the default since the H200 A/B of session 14
     ("BB_QMM_PRELOAD2", "auto", ("auto", "0", "1")),
-    ("BB_QMM_NORM_PASS", "0", ("0", "1", "2")),
-    ("BB_QMM_NW_EARLY", "0", ("0", "1")),
+    ("BB_QMM_NORM_PASS", "auto", ("auto", "0", "1")),
+    ("BB_QMM_NW_EARLY", "auto", ("auto", "0", "1")),
 ])
 def test_choice_settings_are_checked(monkeypatch, var, default, allowed):
     monkeypatch.setenv(var, "3x")
@@ -454,12 +454,3 @@ def test_choice_settings_are_checked(monkeypatch, var, default, allowed):
         assert qmm._choice_setting(var, default, allowed) == v
     monkeypatch.delenv(var)
     assert qmm._choice_setting(var, default, allowed) == default
-
-
-def test_rows_setting_is_checked(monkeypatch):
-    for bad in ("0", "-2", "two"):
-        monkeypatch.setenv("BB_QMM_NORM_PASS_M", bad)
-        with pytest.raises(SettingError, match="BB_QMM_NORM_PASS_M must be a whole number >= 1"):
-            qmm._rows_setting("BB_QMM_NORM_PASS_M", 2)
-    monkeypatch.setenv("BB_QMM_NORM_PASS_M", "4")
-    assert qmm._rows_setting("BB_QMM_NORM_PASS_M", 2) == 4

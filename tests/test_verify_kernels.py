@@ -148,39 +148,50 @@ def test_cp_async_copies_land_only_at_their_wait(kernel, old, new):
         case.verify(_edit_executor(old, new))
 
 
-_PASS = "#define BB_QMM_NORM_PASS 1\n"
-_PASS_FROM_4 = "#define BB_QMM_NORM_PASS 2\n#define BB_QMM_NORM_PASS_M 4\n"
-_NW_EARLY = "#define BB_QMM_NW_EARLY 1\n"
-
-
-@pytest.mark.parametrize("defines,spec", [
-    (_PASS, dict(m=3, bits=4, group_size=32, norm=True, bias=True)),
-    (_PASS, dict(m=9, bits=4, group_size=32, norm=True, res=True, lop3=False)),  # two groups of 8 rows
-    (_PASS, dict(m=5, bits=8, n=160, k=512, norm=True, res=True, blocks=4, dtype=mx.bfloat16)),  # x by cp.async
-    (_PASS, dict(m=3, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2)),
-    # auto: sums in the staging loop below 4 rows, in the pass from 4 rows on
-    (_PASS_FROM_4, dict(m=3, bits=4, group_size=32, norm=True, bias=True)),
-    (_PASS_FROM_4, dict(m=5, bits=8, n=160, k=512, norm=True, res=True, blocks=4, dtype=mx.bfloat16)),
+@pytest.mark.parametrize("settings,spec", [
+    ("1/0", dict(m=3, bits=4, group_size=32, norm=True, bias=True)),
+    ("1/0", dict(m=9, bits=4, group_size=32, norm=True, res=True, lop3=False)),  # two groups of 8 rows
+    ("1/0", dict(m=5, bits=8, n=160, k=512, norm=True, res=True, blocks=4, dtype=mx.bfloat16)),  # x by cp.async
+    ("1/0", dict(m=3, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2)),
     # norm weights loaded before the staging: all of them (K <= 16 threads' worth), and with one
     # warp (32 threads, K=1024) two granules a thread early and the other two in the norm's loop
-    (_NW_EARLY, dict(m=3, bits=4, group_size=32, norm=True, bias=True)),
-    (_NW_EARLY, dict(m=2, bits=4, group_size=32, n=32, k=1024, norm=True, wk=1, dtype=mx.bfloat16)),
-    (_NW_EARLY + _PASS, dict(m=9, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2)),
+    ("0/1", dict(m=3, bits=4, group_size=32, norm=True, bias=True)),
+    ("0/1", dict(m=2, bits=4, group_size=32, n=32, k=1024, norm=True, wk=1, dtype=mx.bfloat16)),
+    ("1/1", dict(m=9, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2)),
+    ("0/0", dict(m=9, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2)),
 ])
-def test_qmm_norm_variants_emulated(monkeypatch, defines, spec):
-    """The fused RMSNorm's A/B variants (H200 session 15): sums of squares in a pass over the
-    staged rows (BB_QMM_NORM_PASS=1, or =2 from BB_QMM_NORM_PASS_M rows on) instead of inside
-    the staging loop, and the norm weights loaded ahead (BB_QMM_NW_EARLY)."""
+def test_qmm_norm_variants_emulated(monkeypatch, settings, spec):
+    """The fused RMSNorm's variants, each forced (BB_QMM_NORM_PASS / BB_QMM_NW_EARLY; the
+    default picks them by M): sums of squares in a pass over the staged rows instead of inside
+    the staging loop, and the norm weights loaded before the staging."""
     from batchbench.kernels import qmm as Q
 
     toolchain.need(toolchain.host_cxx)
-    monkeypatch.setattr(Q, "QMM_HEADER", defines + Q.QMM_HEADER)
+    npass, early = settings.split("/")
+    monkeypatch.setattr(Q, "NORM_PASS", npass)
+    monkeypatch.setattr(Q, "NW_EARLY", early)
     case = qmm_case(np.random.default_rng(SEED), **spec)
-    header, launch = case.kernels[0][0].header, case.kernels[0][1]
-    assert header.startswith(defines)
+    launch = case.kernels[0][1]
+    template = dict(launch.template)
+    assert (template["NPASS"], template["NEARLY"]) == (npass == "1", early == "1")
     if spec.get("wk") == 1:
         assert launch.threadgroup[0] == 32 and spec["k"] // 8 > 2 * 32  # the norm loop loads the rest
     _verify(case)
+
+
+def test_qmm_norm_variant_by_rows(monkeypatch):
+    """auto: the sums' pass from 4 rows of x on; the weights early except for the gate/up pair
+    at one row with its sums in the staging loop (the H200 measured each of these)."""
+    from batchbench.kernels import qmm as Q
+
+    monkeypatch.setattr(Q, "NORM_PASS", "auto")
+    monkeypatch.setattr(Q, "NW_EARLY", "auto")
+    assert [Q.norm_variant(m, False) for m in (1, 2, 3, 4, 8, 64)] == [(False, True)] * 3 + [(True, True)] * 3
+    assert [Q.norm_variant(m, True) for m in (1, 2, 4)] == [(False, False), (False, True), (True, True)]
+    monkeypatch.setattr(Q, "NORM_PASS", "1")
+    assert Q.norm_variant(1, True) == (True, True)
+    monkeypatch.setattr(Q, "NW_EARLY", "0")
+    assert Q.norm_variant(8, False) == (True, False)
 
 
 @pytest.mark.parametrize("splits", [1, 4])

@@ -63,15 +63,6 @@ QMM_HEADER = r"""
 #ifndef BB_QMM_X_ASYNC
 #define BB_QMM_X_ASYNC 1
 #endif
-#ifndef BB_QMM_NORM_PASS
-#define BB_QMM_NORM_PASS 0
-#endif
-#ifndef BB_QMM_NORM_PASS_M
-#define BB_QMM_NORM_PASS_M 2
-#endif
-#ifndef BB_QMM_NW_EARLY
-#define BB_QMM_NW_EARLY 0
-#endif
 
 namespace bbqmm {
 
@@ -366,19 +357,19 @@ __device__ __forceinline__ uint4 qmm_glu8(uint4 g, uint4 u) {
 // RMSNorm of the staged rows in place (the block holds whole rows: one K-slice):
 // x * rsqrt(mean(x^2) + eps) * nw, in fp32 with one rounding, as mx.fast.rms_norm. The sums
 // of squares were taken while staging (wss: one partial per warp and row, fixed order).
-template <typename T, int BITS, int NT, bool PERM, int NWR>
+template <typename T, int BITS, int NT, bool PERM, bool EARLY, int NWR>
 __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T* __restrict__ nw,
                                              const uint4 (&nwr)[NWR], const float* wss, const int MP,
                                              const float eps, const int M, const int K, const int tid) {
   const int gpr = K / 8;
   const uint4* nwg = reinterpret_cast<const uint4*>(nw);
   // Column by column: one load of the norm weights serves every row (a loop over all
-  // granules waited an L2 round trip per granule: 14 a thread at M=8, K=3584). The first
-  // NWR granules of a thread were loaded before the x staging (qmm_nw_early).
+  // granules waited an L2 round trip per granule: 14 a thread at M=8, K=3584). EARLY: the
+  // first NWR granules of a thread were loaded before the x staging (qmm_nw_early).
   for (int pj = tid, i = 0; pj < gpr; pj += NT, ++i) {
     const int j = BITS == 4 ? (pj ^ ((pj >> 3) & 1)) : pj;  // the swizzle is an involution
     uint4 wv;
-    if (BB_QMM_NW_EARLY && i < NWR) {
+    if (EARLY && i < NWR) {
 #pragma unroll
       for (int e = 0; e < NWR; ++e)  // static register indices
         if (e == i) wv = nwr[e];
@@ -408,8 +399,8 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
 }
 
 // The norm weights' granules qmm_rms_norm gives this thread (pj = tid + i * NT), loaded before
-// the x staging (BB_QMM_NW_EARLY) so that their L2 round trip overlaps it instead of following
-// the barrier after it.
+// the x staging (NEARLY) so that their L2 round trip overlaps it instead of following the
+// barrier after it.
 template <int BITS, int NT, int NWR>
 __device__ __forceinline__ void qmm_nw_early(const uint4* nwg, uint4 (&nwr)[NWR], const int K, const int tid) {
 #pragma unroll
@@ -432,7 +423,7 @@ __device__ __forceinline__ float qmm_sumsq8(uint4 v) {
   return ss;
 }
 
-// The fused RMSNorm's sums of squares from the staged rows (BB_QMM_NORM_PASS), instead of a warp
+// The fused RMSNorm's sums of squares from the staged rows (NPASS), instead of a warp
 // reduction per granule inside the staging loop: each thread sums its columns for 8 rows at a
 // time in registers, then one warp reduction per row. wss: one partial per warp and row.
 template <typename T, int NT>
@@ -550,7 +541,7 @@ struct QmmStage {
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
 // E: QmmPlain, or a pair epilogue (QmmRopeCfg, QmmGluPair) that stores rows n and n + 8 together.
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool PRE, bool SPLIT, bool HAS_BIAS,
-          bool HAS_RES, bool GLU, bool NORM, int DQ, typename E, typename O>
+          bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
@@ -664,20 +655,20 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     load(sA, wc0);
     if constexpr (PRE) load(sB, wc0 + P);  // both stages in flight over the staging
   }
-  constexpr int NWR = NORM && BB_QMM_NW_EARLY ? 2 : 1;  // 2: K <= 16 * NT (4096 at 256 threads)
+  // The norm's weights: with NEARLY, a thread's first granules are in flight over the staging.
+  constexpr bool EARLY = NORM && NEARLY;
+  constexpr int NWR = EARLY ? 2 : 1;  // 2: all of them for K <= 16 * NT (4096 at 256 threads)
   uint4 nwr[NWR];
-  if constexpr (NORM && BB_QMM_NW_EARLY) qmm_nw_early<BITS, NT, NWR>(reinterpret_cast<const uint4*>(nw), nwr, K, tid);
+  if constexpr (EARLY) qmm_nw_early<BITS, NT, NWR>(reinterpret_cast<const uint4*>(nw), nwr, K, tid);
 
-  // The norm's sums of squares: in the staging loop (a warp reduction per granule), or with
-  // BB_QMM_NORM_PASS in one pass over the staged rows after it (qmm_norm_sums); 2: the pass
-  // from BB_QMM_NORM_PASS_M rows on (M is a launch value, not a template parameter).
-  constexpr bool MAY_LOOP = NORM && BB_QMM_NORM_PASS != 1;
-  const bool sums_in_loop = MAY_LOOP && !(BB_QMM_NORM_PASS == 2 && M >= BB_QMM_NORM_PASS_M);
   {  // stage this K-slice of x (all M rows) in smem, 16-byte granules, swizzled for 4-bit
     const int gpr = nch * CK / 8;
     const int xrow = GLU ? 2 * K : K;
     const uint4* xg = reinterpret_cast<const uint4*>(x);
-    if (sums_in_loop) {
+    // The norm's sums of squares: in the staging loop (a warp reduction per granule), or with
+    // NPASS in one pass over the staged rows after it (qmm_norm_sums).
+    constexpr bool SUMS_IN_LOOP = NORM && !NPASS;
+    if constexpr (SUMS_IN_LOOP) {
       for (int m = lane; m < M; m += 32) wss[wid * MP + m] = 0.f;
       __syncwarp();
     }
@@ -685,7 +676,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     // every copy of the block in flight at once (H200: down M=32 45.4 -> 41.6 us). Otherwise
     // through registers: cp.async and then an in-place pass lost (o_proj M=8 7.8 -> 9.4 us),
     // and so did loading 4 or 8 granules a thread before storing any (o_proj M=32 14.9 -> 21.3).
-    constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !MAY_LOOP && !LOP3;
+    constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !SUMS_IN_LOOP && !LOP3;
     if constexpr (ASYNC) {
       for (int i = tid; i < M * gpr; i += NT) {
         const int m = i / gpr, j = i - m * gpr;
@@ -701,7 +692,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
         uint4 v = xg[gi];
         if constexpr (GLU) v = qmm_glu8<T>(v, xg[gi + K / 8]);
-        if (MAY_LOOP && sums_in_loop) {  // gpr % 32 == 0: the warp's 32 granules are one row
+        if constexpr (SUMS_IN_LOOP) {  // gpr % 32 == 0: the warp's 32 granules are one row
           float ss = qmm_sumsq8<T>(v);
 #pragma unroll
           for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
@@ -713,10 +704,8 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     }
   }
   __syncthreads();
-  if constexpr (NORM) {
-    if (!sums_in_loop) qmm_norm_sums<T, NT>(xs, XS, wss, MP, M, K, tid);
-  }
-  if constexpr (NORM) qmm_rms_norm<T, BITS, NT, LOP3, NWR>(xs, XS, nw, nwr, wss, MP, eps, M, K, tid);
+  if constexpr (NORM && NPASS) qmm_norm_sums<T, NT>(xs, XS, wss, MP, M, K, tid);
+  if constexpr (NORM) qmm_rms_norm<T, BITS, NT, LOP3, EARLY, NWR>(xs, XS, nw, nwr, wss, MP, eps, M, K, tid);
 
   // This lane's x row per token tile, as a 16-byte granule index into xs. Rows past M read
   // row M - 1: they only feed output columns that are never stored, and an unpredicated
@@ -968,11 +957,6 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
 # x copied unchanged is staged by cp.async; BB_QMM_X_ASYNC=0 stages all x through registers
 # (A/B runs).
 X_ASYNC = os.environ.get("BB_QMM_X_ASYNC", "1") == "1"
-# BB_QMM_NORM_PASS=1: the fused RMSNorm takes its sums of squares in one pass over the staged
-# rows instead of a warp reduction per granule while staging (and x copied unchanged then goes by
-# cp.async, bf16 and 8-bit); 2: the pass from BB_QMM_NORM_PASS_M rows of x on (H200, session 15:
-# gate/up and q/k/v faster at M=8, slower at M=1).
-# BB_QMM_NW_EARLY=1: the norm weights are loaded into registers before the x staging.
 def _choice_setting(var: str, default: str, allowed: tuple[str, ...]) -> str:
     """A BB_QMM_* setting from the environment; a bad value is a one-line SettingError."""
     v = os.environ.get(var, default)
@@ -981,21 +965,30 @@ def _choice_setting(var: str, default: str, allowed: tuple[str, ...]) -> str:
     return v
 
 
-def _rows_setting(var: str, default: int) -> int:
-    v = os.environ.get(var, str(default))
-    if not v.isdigit() or int(v) < 1:
-        raise SettingError(f"{var} must be a whole number >= 1, not {v!r}")
-    return int(v)
+# The fused RMSNorm's two variants (template parameters, chosen per launch by `norm_variant`):
+# BB_QMM_NORM_PASS, its sums of squares in one pass over the staged rows instead of a warp
+# reduction per granule inside the staging loop; BB_QMM_NW_EARLY, its weights loaded before the
+# x staging. auto: where the H200 measured them faster (`norm_variant`); 0 / 1: nowhere / everywhere.
+NORM_PASS = _choice_setting("BB_QMM_NORM_PASS", "auto", ("auto", "0", "1"))
+NW_EARLY = _choice_setting("BB_QMM_NW_EARLY", "auto", ("auto", "0", "1"))
+NORM_PASS_ROWS = 4  # auto: the pass from this many rows of x on
 
 
-NORM_PASS = int(_choice_setting("BB_QMM_NORM_PASS", "0", ("0", "1", "2")))
-NORM_PASS_M = _rows_setting("BB_QMM_NORM_PASS_M", 2)
-NW_EARLY = _choice_setting("BB_QMM_NW_EARLY", "0", ("0", "1")) == "1"
+def norm_variant(m: int, glu_pair: bool) -> tuple[bool, bool]:
+    """(sums in a pass, weights early) for a fused RMSNorm at M = m.
+
+    H200, 7B decode step without attention, per kernel (results/h200-2026-11-29-s15/call4):
+    the pass wins at M=8 (gate/up 38.8 -> 37.8 us, q/k/v 17.2 -> 15.7 with the weights early),
+    is even at M=4 and loses at M=1 (30.6 -> 31.3, 10.5 -> 11.2). The weights early win from
+    M=2 (M=2: 32.9 -> 32.3, 11.7 -> 11.2) and for q/k/v at M=1 (10.5 -> 10.0), but the gate/up
+    pair at M=1 with its sums in the staging loop went 30.6 -> 34.1 us."""
+    npass = NORM_PASS == "1" or (NORM_PASS == "auto" and m >= NORM_PASS_ROWS)
+    early = NW_EARLY == "1" or (NW_EARLY == "auto" and not (m == 1 and glu_pair and not npass))
+    return npass, early
+
+
 # MLX hashes the source on every launch: compacted. The RoPE epilogue uses bbrope::rotate.
-QMM_HEADER = (ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n")
-              + (f"#define BB_QMM_NORM_PASS {NORM_PASS}\n" if NORM_PASS else "")
-              + (f"#define BB_QMM_NORM_PASS_M {NORM_PASS_M}\n" if NORM_PASS == 2 else "")
-              + ("#define BB_QMM_NW_EARLY 1\n" if NW_EARLY else "") + kspec.compact(QMM_HEADER))
+QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + kspec.compact(QMM_HEADER)
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"
@@ -1042,7 +1035,7 @@ def _main_spec(has_bias: bool, has_res: bool = False, glu: bool = False, norm: b
     names = ("x", "w", "scales", "biases") + (("lbias",) if has_bias else ()) + (
         ("res",) if has_res else ()) + (("nw",) if norm else ()) + (_ROPE_INPUTS if pair == "rope" else ())
     src = _SRC_MAIN.format(
-        glu="true" if glu else "false", norm="true" if norm else "false",
+        glu="true" if glu else "false", norm="true, NPASS, NEARLY" if norm else "false, false, false",
         nw="nw" if norm else "(const T*)nullptr", eps="__int_as_float(EPS_BITS)" if norm else "0.f",
         **_pair_args(pair), **_epilogue(has_bias, has_res),
     )
@@ -1475,7 +1468,8 @@ def plan_quantized_matmul(
             ("SPLIT", split),
             ("DQ", 1 if (_lop3(cfg, n, k) if lop3 is None else lop3) else 0),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
-        ] + ([("EPS_BITS", kspec.f32_bits(norm[1]))] if norm is not None else [])
+        ] + ([("EPS_BITS", kspec.f32_bits(norm[1])), *zip(("NPASS", "NEARLY"), norm_variant(m, glu_pair))]
+             if norm is not None else [])
         + (rope.template() if rope_here else []),
     )
     spec = _main_spec(has_bias, has_res, glu, norm is not None, pair_here)

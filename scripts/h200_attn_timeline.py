@@ -5,8 +5,10 @@ Runs the timeline build of the kernel (`plan_decode_attention(..., timeline=True
 of every block stamps %globaltimer at entry, list filled, first K/V block landed, walk done,
 warps merged, split counted, end) on bench-attention's unified problem, and prints for each
 phase the min / median / max over blocks of its time since the earliest entry, in us.
-The last of REPS launches is read (the first compiles). Kernel time by CUPTI is not taken here:
-the stamps add a few stores, so compare phases, not totals, with `bench-attention`.
+The last of REPS launches is read (the first compiles). With CUDA it also prints the kernel time
+by CUPTI of the timeline build and of the plain build, each over REPS separate launches: the
+difference between the plain build's and the span of the stamps is what no block accounts for
+(the launch, and blocks starting or finishing after the stamps).
 
 Run: PYTHONPATH=. python3 scripts/h200_attn_timeline.py [B x ctx ...]   e.g. 2x4096 32x8192
 Without CUDA it runs the same source in the CPU emulator (default 2x256): a dry run of the
@@ -41,6 +43,9 @@ def timeline(b: int, ctx: int) -> None:
         from batchbench.verify import emulate
 
         ws = emulate(ks, launch, schedules=("forward",)).raw_outputs[1]
+    if mx.cuda.is_available():
+        plain = A.plan_decode_attention("cuda", q, k, v, mask, scale=1 / math.sqrt(ba.D), live_blocks=live)
+        cupti = [_kernel_us(*plan) for plan in ((ks, launch), plain)]
     st = A.read_timeline(ws, launch).astype(np.int64)
     t0 = st[:, 1].min()
     blocks, splits = st.shape[0], launch.grid[1]
@@ -59,6 +64,17 @@ def timeline(b: int, ctx: int) -> None:
     d = lambda a, b_: np.median((st[:, b_] - st[:, a])[(st[:, a] > 0) & (st[:, b_] > 0)]) / 1e3  # noqa: E731
     print(f"  per block, median us: entry->list {d(1, 2):.2f}, list->first K/V {d(2, 3):.2f}, "
           f"first K/V->walk done {d(3, 4):.2f}, walk->merged {d(4, 5):.2f}, merged->end {d(5, 7):.2f}")
+    if mx.cuda.is_available():
+        print(f"  kernel time by CUPTI, mean of {REPS} launches: timeline build "
+              + " / plain build ".join("-" if t is None else f"{t:.2f} us" for t in cupti))
+
+
+def _kernel_us(ks, launch) -> float | None:
+    def run():
+        for _ in range(REPS):
+            mx.eval(*kspec.run(ks, launch))
+
+    return ba.kernel_time_us(run, REPS)
 
 
 def main() -> None:

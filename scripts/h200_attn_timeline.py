@@ -18,7 +18,9 @@ script, where every stamp reads its phase number.
 from __future__ import annotations
 
 import math
+import os
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -28,6 +30,7 @@ from batchbench.kernels import attention as A
 from batchbench.kernels import spec as kspec
 
 REPS = 5
+OUT = os.environ.get("OUT")  # with CUDA: every block's stamps of launches 2..REPS as CSV here
 
 
 def timeline(b: int, ctx: int) -> None:
@@ -35,10 +38,13 @@ def timeline(b: int, ctx: int) -> None:
     k, v = layers[0][0], layers[0][1]
     ks, launch = A.plan_decode_attention("cuda", q, k, v, mask, scale=1 / math.sqrt(ba.D), live_blocks=live,
                                          timeline=True)
+    raw = []  # every launch after the first: (launch, stamps)
     if mx.cuda.is_available():
-        for _ in range(REPS):
+        for i in range(REPS):
             out, ws = kspec.run(ks, launch)
             mx.eval(out, ws)
+            if i:
+                raw.append((i, A.read_timeline(ws, launch).astype(np.int64)))
     else:
         from batchbench.verify import emulate
 
@@ -47,6 +53,8 @@ def timeline(b: int, ctx: int) -> None:
         plain = A.plan_decode_attention("cuda", q, k, v, mask, scale=1 / math.sqrt(ba.D), live_blocks=live)
         cupti = [_kernel_us(*plan) for plan in ((ks, launch), plain)]
     st = A.read_timeline(ws, launch).astype(np.int64)
+    if OUT and raw:
+        _write_raw(Path(OUT) / f"attn-timeline-{b}x{ctx}.csv", raw, launch)
     t0 = st[:, 1].min()
     blocks, splits = st.shape[0], launch.grid[1]
     sms = len(set(st[:, 0].tolist()))
@@ -67,6 +75,21 @@ def timeline(b: int, ctx: int) -> None:
     if mx.cuda.is_available():
         print(f"  kernel time by CUPTI, mean of {REPS} launches: timeline build "
               + " / plain build ".join("-" if t is None else f"{t:.2f} us" for t in cupti))
+
+
+def _write_raw(path: Path, raw: list, launch) -> None:
+    """Every block's stamps, us since its launch's first entry, with its (row, kv head chunk,
+    split) and SM: which blocks walk slowly, and whether it is the SM or the data."""
+    splits, heads = launch.grid[1], launch.grid[0] // launch.threadgroup[0]
+    lines = ["launch,block,row,head,split,sm," + ",".join(A.STAMP_PHASES)]
+    for i, st in raw:
+        t0 = st[:, 1].min()
+        for blk, r in enumerate(st):
+            row, rest = divmod(blk, heads * splits)
+            head, split = divmod(rest, splits)
+            rel = ",".join(f"{(t - t0) / 1e3:.3f}" if t > 0 else "" for t in r[1:])
+            lines.append(f"{i},{blk},{row},{head},{split},{r[0]},{rel}")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _kernel_us(ks, launch) -> float | None:

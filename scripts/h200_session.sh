@@ -55,7 +55,7 @@ for what in "$@"; do
     tune-m32) part "qmm-tune-m32" 240 env OUT="$R" TUNE_GRID=m32 TUNE_M=32 TUNE_BUDGET_S=220 \
             python3 scripts/h200_qmm_tune.py ;;
     # per-block phase timestamps of the attention kernel (timeline build)
-    attn-timeline) part attn-timeline 120 python3 scripts/h200_attn_timeline.py ${ATTN_CASES:-1x4096 2x4096 8x8192 32x8192} ;;
+    attn-timeline) part attn-timeline 120 env OUT="$R" python3 scripts/h200_attn_timeline.py ${ATTN_CASES:-1x4096 2x4096 8x8192 32x8192} ;;
     # bench-attention at small B under launch-geometry settings (the kernel's env knobs)
     attn-sweep) for v in "BB_ATTN_WAVE=1" "BB_ATTN_WAVE=0.5" "BB_ATTN_WAVE=2" "BB_ATTN_STAGES=3" \
                          "BB_ATTN_WARPS=2 BB_ATTN_STAGES=4" "BB_ATTN_WARPS=8 BB_ATTN_STAGES=1"; do

@@ -45,9 +45,9 @@ def timeline(b: int, ctx: int) -> None:
             out, ws = kspec.run(ks, launch)
             mx.eval(out, ws)
             kept.append(ws)
-        # Read on the host only after the last launch: MLX's CUDA buffers are managed memory, and
-        # a buffer read here and then reused for the next launch's ws stalls that launch ~80 us
-        # on page migration (seen in session 15's first try).
+        # Read on the host only after the last launch: read after each one, the next launch
+        # stalled ~80 us on its first writes to ws (session 15, call10; as if MLX reused the
+        # buffer just read and its pages migrated back from the host).
         raw = [(i, A.read_timeline(w, launch).astype(np.int64)) for i, w in enumerate(kept) if i]
     else:
         from batchbench.verify import emulate

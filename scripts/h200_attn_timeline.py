@@ -76,9 +76,33 @@ def timeline(b: int, ctx: int) -> None:
     d = lambda a, b_: np.median((st[:, b_] - st[:, a])[(st[:, a] > 0) & (st[:, b_] > 0)]) / 1e3  # noqa: E731
     print(f"  per block, median us: entry->list {d(1, 2):.2f}, list->first K/V {d(2, 3):.2f}, "
           f"first K/V->walk done {d(3, 4):.2f}, walk->merged {d(4, 5):.2f}, merged->end {d(5, 7):.2f}")
+    if len(raw) > 1:
+        print("  " + _by_sm(raw))
     if mx.cuda.is_available():
         print(f"  kernel time by CUPTI, mean of {REPS} launches: timeline build "
               + " / plain build ".join("-" if t is None else f"{t:.2f} us" for t in cupti))
+
+
+def _walks(st: np.ndarray) -> dict[int, float]:
+    """SM -> us from the first K/V block landed to the walk done, for blocks that walked."""
+    ok = (st[:, 3] > 0) & (st[:, 4] > 0)
+    return {int(sm): (w4 - w3) / 1e3 for sm, w3, w4 in zip(st[ok, 0], st[ok, 3], st[ok, 4])}
+
+
+def _by_sm(raw: list) -> str:
+    """Is a slow walk the SM's or the block's? Blocks do equal work; session 15 found the walk
+    time following the SM (same SM, same time, whichever block it ran)."""
+    per = [_walks(st) for _, st in raw]
+    common = sorted(set.intersection(*(set(p) for p in per)))
+    if len(common) < 3:
+        return "walk by SM: too few SMs in every launch"
+    a = np.array([[p[sm] for sm in common] for p in per])
+    corr = np.corrcoef(a)[np.triu_indices(len(per), 1)]
+    mean = a.mean(axis=0)
+    order = np.argsort(mean)
+    return (f"walk by SM over launches 2..{REPS}: correlation {corr.min():.2f}-{corr.max():.2f}; "
+            f"mean per SM {mean.min():.1f}-{mean.max():.1f} us (median {np.median(mean):.1f}); "
+            f"fastest SMs {[common[i] for i in order[:6]]}, slowest {[common[i] for i in order[-6:]]}")
 
 
 def _write_raw(path: Path, raw: list, launch) -> None:

@@ -354,6 +354,13 @@ __device__ __forceinline__ uint4 qmm_glu8(uint4 g, uint4 u) {
   return make_uint4(r[0], r[1], r[2], r[3]);
 }
 
+// Where x granule j of a row is staged: at 4 bits, granules 8t + 0..7 swap in pairs at odd t
+// (conflict-free 16-byte reads by the mma lanes). An involution: also staged -> source.
+template <int BITS>
+__device__ __forceinline__ int qmm_swz(const int j) {
+  return BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
+}
+
 // RMSNorm of the staged rows in place (the block holds whole rows: one K-slice):
 // x * rsqrt(mean(x^2) + eps) * nw, in fp32 with one rounding, as mx.fast.rms_norm. The sums
 // of squares were taken while staging (wss: one partial per warp and row, fixed order).
@@ -367,7 +374,7 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
   // granules waited an L2 round trip per granule: 14 a thread at M=8, K=3584). EARLY: the
   // first NWR granules of a thread were loaded before the x staging (qmm_nw_early).
   for (int pj = tid, i = 0; pj < gpr; pj += NT, ++i) {
-    const int j = BITS == 4 ? (pj ^ ((pj >> 3) & 1)) : pj;  // the swizzle is an involution
+    const int j = qmm_swz<BITS>(pj);  // the staged granule's source
     uint4 wv;
     if (EARLY && i < NWR) {
 #pragma unroll
@@ -406,7 +413,7 @@ __device__ __forceinline__ void qmm_nw_early(const uint4* nwg, uint4 (&nwr)[NWR]
 #pragma unroll
   for (int i = 0; i < NWR; ++i) {
     const int pj = tid + i * NT;
-    if (pj < K / 8) nwr[i] = nwg[BITS == 4 ? (pj ^ ((pj >> 3) & 1)) : pj];
+    if (pj < K / 8) nwr[i] = nwg[qmm_swz<BITS>(pj)];
   }
 }
 
@@ -680,7 +687,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     if constexpr (ASYNC) {
       for (int i = tid; i < M * gpr; i += NT) {
         const int m = i / gpr, j = i - m * gpr;
-        const int pj = BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
+        const int pj = qmm_swz<BITS>(j);
         qmm_cp_async<16>(xs + m * XS + pj * 8, xg + ((size_t)m * xrow + k0) / 8 + j);
       }
       qmm_cp_commit();
@@ -688,7 +695,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     } else {
       for (int i = tid; i < M * gpr; i += NT) {
         const int m = i / gpr, j = i - m * gpr;
-        const int pj = BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
+        const int pj = qmm_swz<BITS>(j);
         const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
         uint4 v = xg[gi];
         if constexpr (GLU) v = qmm_glu8<T>(v, xg[gi + K / 8]);

@@ -104,19 +104,13 @@ for what in "$@"; do
                decode_prof "qmm-decode-prof-preload$v-$i" BB_QMM_PRELOAD2=$v
              done ;;
     # the fused RMSNorm's variants at B = 1, 2, 4, 8 (DECODE_B): NORM_AB lists BB_QMM_NORM_PASS/BB_QMM_NW_EARLY
-    # pairs, by default each of the four twice, interleaved
+    # pairs, by default each of the four twice, interleaved (session 15's check of the per-launch
+    # choice: NORM_AB="auto/auto 0/0 auto/auto 0/0" DECODE_B=1,2,4,8,32)
     ab-norm) i=0
              for v in ${NORM_AB:-0/0 1/0 0/1 1/1 0/0 1/0 0/1 1/1}; do
                i=$((i + 1))
                decode_prof "qmm-decode-prof-norm${v/\//-}-$i" BB_QMM_NORM_PASS="${v%/*}" BB_QMM_NW_EARLY="${v#*/}" \
                  QMM_DECODE_B="${DECODE_B:-1,2,4,8}"
-             done ;;
-    # the fused RMSNorm's variants as chosen per launch (auto) against neither (0/0), twice each
-    ab-norm-auto) i=0
-             for v in auto/auto 0/0 auto/auto 0/0; do
-               i=$((i + 1))
-               decode_prof "qmm-decode-prof-norm${v/\//-}-$i" BB_QMM_NORM_PASS="${v%/*}" BB_QMM_NW_EARLY="${v#*/}" \
-                 QMM_DECODE_B="${DECODE_B:-1,2,4,8,32}"
              done ;;
     # skip against no-skip where the host sets the pace (B <= 2), repeated: is skipping's
     # whole-cache window a cost there? (session 14's sweep read no-skip 1.11-1.18x at B = 1-2)
@@ -129,7 +123,7 @@ for what in "$@"; do
             python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-preload ab-norm ab-norm-auto skip-small step-trace tune-balance qmm-step)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-preload ab-norm skip-small step-trace tune-balance qmm-step)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

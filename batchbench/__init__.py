@@ -15,3 +15,27 @@ __version__ = "0.1.0"
 
 class SettingError(ValueError):
     """A BATCHBENCH_* environment setting that cannot be read (the CLI prints it as one line)."""
+
+
+ON_OFF = ("0", "1")  # the allowed values of a switch
+
+
+def env_choice(var: str, default: str, allowed: tuple[str, ...]) -> str:
+    """A setting from the environment that takes one of `allowed`, or `default`; any other
+    value is a one-line SettingError, not a silent default."""
+    v = os.environ.get(var, default)
+    if v not in allowed:
+        raise SettingError(f"{var} must be one of {', '.join(allowed)}, not {v!r}")
+    return v
+
+
+def env_number(var: str, default, kind=int):
+    """A numeric tuning setting from the environment, or `default`; a bad value is a one-line
+    SettingError (the CLI prints it), not a traceback."""
+    v = os.environ.get(var)
+    if v is None:
+        return default
+    try:
+        return kind(v)
+    except ValueError:
+        raise SettingError(f"{var} must be a number, not {v!r}") from None

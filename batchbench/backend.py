@@ -17,7 +17,7 @@ def _detect() -> str:
     forced = os.environ.get("BATCHBENCH_BACKEND")
     if forced:
         if forced not in ("cuda", "metal", "cpu"):
-            raise ValueError(f"BATCHBENCH_BACKEND must be cuda, metal or cpu, not {forced!r}")
+            raise SettingError(f"BATCHBENCH_BACKEND must be cuda, metal or cpu, not {forced!r}")
         return forced
     if mx.default_device() == mx.cpu:
         return "cpu"

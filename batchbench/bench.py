@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Iterator
@@ -12,7 +11,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from batchbench import backend
+from batchbench import ON_OFF, backend, env_choice
 from batchbench.decode_step import CompiledDecode
 from batchbench.formats import BenchRow
 from batchbench.kv_cache import BLOCK, KVCache, pad_to
@@ -65,7 +64,7 @@ def make_row(pp: int, tg: int, pl: int, pps: bool, kv_unified: bool, t_pp, t_tg)
 
 
 # BATCHBENCH_PREP_AHEAD=0: prepare each decode step only after the previous one finished (A/B runs).
-PREP_AHEAD = os.environ.get("BATCHBENCH_PREP_AHEAD", "1") == "1"
+PREP_AHEAD = env_choice("BATCHBENCH_PREP_AHEAD", "1", ON_OFF) == "1"
 
 
 class Runner:
@@ -76,7 +75,7 @@ class Runner:
         self.model, self.cache, self.mode = model, cache, mode
         self.n_batch, self.n_ubatch = n_batch, min(n_batch, n_ubatch)
         if compiled is None:
-            compiled = os.environ.get("BATCHBENCH_COMPILE_STEP", "1") == "1"
+            compiled = env_choice("BATCHBENCH_COMPILE_STEP", "1", ON_OFF) == "1"
         self.step = (CompiledDecode(model, cache, backend.DECODE_EVAL_EVERY, backend.DECODE_FIRST_SEGMENT,
                                     sizes=backend.DECODE_SEGMENTS)
                      if compiled else None)
@@ -123,7 +122,7 @@ class Runner:
 # of the step, since each one is enqueued before the logits' last kernel on the same stream.
 # mx.synchronize() on top waits once more, for a host callback MLX enqueues after it: on the
 # H200 0.13-0.32 ms per step (results/h200-2026-11-29-s10). BATCHBENCH_FULL_SYNC=1 keeps it (A/B runs).
-FULL_SYNC = os.environ.get("BATCHBENCH_FULL_SYNC") == "1"
+FULL_SYNC = env_choice("BATCHBENCH_FULL_SYNC", "0", ON_OFF) == "1"
 
 
 def _sync(x: mx.array | None) -> None:
@@ -137,7 +136,7 @@ def _sync(x: mx.array | None) -> None:
 # Python's cyclic garbage collector stays off while a config is timed, as `timeit` does: a
 # full collection over the model's and MLX's objects takes milliseconds, and a decode step
 # at B <= 4 takes ~3.5 ms. BATCHBENCH_GC=1 keeps it on (A/B runs).
-KEEP_GC = os.environ.get("BATCHBENCH_GC") == "1"
+KEEP_GC = env_choice("BATCHBENCH_GC", "0", ON_OFF) == "1"
 
 
 @contextlib.contextmanager

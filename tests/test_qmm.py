@@ -13,7 +13,7 @@ import pytest
 
 from mlx.utils import tree_flatten
 
-from batchbench import SettingError
+from batchbench import SettingError, env_choice, env_number
 from batchbench.kernels import qmm
 
 MODEL_SHAPES = [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944), (152064, 3584), (896, 896), (128, 896), (4864, 896), (896, 4864)]
@@ -439,18 +439,30 @@ def test_second_stage_preloaded_where_the_h200_measured_it_faster(monkeypatch):
         assert not qmm.choose_config(32, *gate_up, 4).pre
 
 
-@pytest.mark.parametrize("var,default,allowed", [
-    ("BB_QMM_ONE_WAVE", "2", ("0", "1", "2")),  # 2: the default since the H200 A/B of session 14
-    ("BB_QMM_PRELOAD2", "auto", ("auto", "0", "1")),
-    ("BB_QMM_NORM_PASS", "auto", ("auto", "0", "1")),
-    ("BB_QMM_NW_EARLY", "auto", ("auto", "0", "1")),
-])
-def test_choice_settings_are_checked(monkeypatch, var, default, allowed):
-    monkeypatch.setenv(var, "3x")
-    with pytest.raises(SettingError, match=f"{var} must be one of {', '.join(allowed)}, not '3x'"):
-        qmm._choice_setting(var, default, allowed)
+def test_env_settings_are_checked(monkeypatch):
+    """The BB_QMM_* (and BB_ATTN_*) settings go through these two readers: a value they do not
+    take is a one-line SettingError, not a silent default (which variable takes what is checked
+    end to end in test_cli's bad environment settings)."""
+    allowed = ("auto", "0", "1")
+    monkeypatch.setenv("BB_TEST_SETTING", "3x")
+    with pytest.raises(SettingError, match="BB_TEST_SETTING must be one of auto, 0, 1, not '3x'"):
+        env_choice("BB_TEST_SETTING", "auto", allowed)
+    with pytest.raises(SettingError, match="BB_TEST_SETTING must be a number, not '3x'"):
+        env_number("BB_TEST_SETTING", 2)
     for v in allowed:
-        monkeypatch.setenv(var, v)
-        assert qmm._choice_setting(var, default, allowed) == v
-    monkeypatch.delenv(var)
-    assert qmm._choice_setting(var, default, allowed) == default
+        monkeypatch.setenv("BB_TEST_SETTING", v)
+        assert env_choice("BB_TEST_SETTING", "auto", allowed) == v
+    monkeypatch.setenv("BB_TEST_SETTING", "0.5")
+    assert env_number("BB_TEST_SETTING", 1.0, float) == 0.5
+    monkeypatch.delenv("BB_TEST_SETTING")
+    assert env_choice("BB_TEST_SETTING", "auto", allowed) == "auto"
+    assert env_number("BB_TEST_SETTING", 7) == 7
+
+
+def test_sm_count_setting(monkeypatch):
+    """BATCHBENCH_SMS sizes the persistent grids (read when a config is chosen, on CUDA)."""
+    monkeypatch.setenv("BATCHBENCH_SMS", "100")
+    assert qmm.sm_count() == 100
+    monkeypatch.setenv("BATCHBENCH_SMS", "many")
+    with pytest.raises(SettingError, match="BATCHBENCH_SMS must be a number, not 'many'"):
+        qmm.sm_count()

@@ -20,7 +20,7 @@ from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
-from batchbench import SettingError, backend
+from batchbench import backend, env_number
 from batchbench.kernels import spec
 from batchbench.kernels.spec import KernelSpec, Launch
 
@@ -34,22 +34,10 @@ HEADS_PER_TILE = 16  # query heads of one GQA group in one mma tile
 CONFIG = {"cuda": (4, 2), "metal": (1, 1)}
 
 
-def _env_number(var: str, default, kind=int):
-    """A BB_ATTN_* tuning setting from the environment, or `default`; a bad value is a
-    one-line SettingError (the CLI prints it), not a traceback."""
-    v = os.environ.get(var)
-    if v is None:
-        return default
-    try:
-        return kind(v)
-    except ValueError:
-        raise SettingError(f"{var} must be a number, not {v!r}") from None
-
-
 def _config(backend_name: str) -> tuple[int, int]:
     """CONFIG, or BB_ATTN_WARPS / BB_ATTN_STAGES from the environment (tuning runs)."""
     warps, stages = CONFIG[backend_name]
-    return _env_number("BB_ATTN_WARPS", warps), _env_number("BB_ATTN_STAGES", stages)
+    return env_number("BB_ATTN_WARPS", warps), env_number("BB_ATTN_STAGES", stages)
 
 
 LiveBlocks = Tuple[mx.array, mx.array]
@@ -228,21 +216,21 @@ def decode_attention_ref(
 def _n_sms() -> int:
     """Thread blocks that fit the GPU in one wave (one block per SM at our shared memory)."""
     if os.environ.get("BB_ATTN_SMS"):
-        return max(1, _env_number("BB_ATTN_SMS", 1))
+        return max(1, env_number("BB_ATTN_SMS", 1))
     return 132 if backend.BACKEND != "metal" else 32
 
 
 # Thread blocks per launch, in waves of one block per SM (BB_ATTN_WAVE, tuning runs).
-WAVE = _env_number("BB_ATTN_WAVE", 1.0, float)
+WAVE = env_number("BB_ATTN_WAVE", 1.0, float)
 # Fewest 32-cell blocks of the window per split (BB_ATTN_MIN_BLOCKS, tuning runs). A split
 # pays a fixed prologue (live list, first copies) and a share of the merge; below a few
 # blocks each, more splits cost more than the SMs they add (H200, B=1: 4096 cells on 33
 # splits 12.1 us, on 17 splits 10.0 us). Only a short window (one sequence) is affected:
 # the window holds every sequence's cells, so at B >= 2 it is B times a row's list.
-MIN_BLOCKS = _env_number("BB_ATTN_MIN_BLOCKS", 8)
+MIN_BLOCKS = env_number("BB_ATTN_MIN_BLOCKS", 8)
 # 1: a whole block's 32 mask values ride in its K/V pipeline stage; 0: the walk loads them
 # from global memory per block, as before (A/B runs).
-MASK_STAGE = _env_number("BB_ATTN_MASK_STAGE", 1)
+MASK_STAGE = env_number("BB_ATTN_MASK_STAGE", 1)
 
 
 def choose_splits(pairs: int, n_blk: int, warps: int, d: int = 128) -> int:

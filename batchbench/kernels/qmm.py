@@ -39,7 +39,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from batchbench import SettingError, backend
+from batchbench import ON_OFF, backend, env_choice, env_number
 from batchbench.kernels import spec as kspec
 from batchbench.kernels.rope import ROPE_HEADER, angle_template, inverse_order, pair_layout, rope_pair_order  # noqa: F401 (rope_pair_order: re-export)
 from batchbench.kernels.spec import KernelSpec, Launch
@@ -963,21 +963,13 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
 """
 # x copied unchanged is staged by cp.async; BB_QMM_X_ASYNC=0 stages all x through registers
 # (A/B runs).
-X_ASYNC = os.environ.get("BB_QMM_X_ASYNC", "1") == "1"
-def _choice_setting(var: str, default: str, allowed: tuple[str, ...]) -> str:
-    """A BB_QMM_* setting from the environment; a bad value is a one-line SettingError."""
-    v = os.environ.get(var, default)
-    if v not in allowed:
-        raise SettingError(f"{var} must be one of {', '.join(allowed)}, not {v!r}")
-    return v
-
-
+X_ASYNC = env_choice("BB_QMM_X_ASYNC", "1", ON_OFF) == "1"
 # The fused RMSNorm's two variants (template parameters, chosen per launch by `norm_variant`):
 # BB_QMM_NORM_PASS, its sums of squares in one pass over the staged rows instead of a warp
 # reduction per granule inside the staging loop; BB_QMM_NW_EARLY, its weights loaded before the
 # x staging. auto: where the H200 measured them faster (`norm_variant`); 0 / 1: nowhere / everywhere.
-NORM_PASS = _choice_setting("BB_QMM_NORM_PASS", "auto", ("auto", "0", "1"))
-NW_EARLY = _choice_setting("BB_QMM_NW_EARLY", "auto", ("auto", "0", "1"))
+NORM_PASS = env_choice("BB_QMM_NORM_PASS", "auto", ("auto", "0", "1"))
+NW_EARLY = env_choice("BB_QMM_NW_EARLY", "auto", ("auto", "0", "1"))
 NORM_PASS_ROWS = 4  # auto: the pass from this many rows of x on
 
 
@@ -1107,9 +1099,8 @@ class QmmConfig:
 def sm_count() -> int:
     """Streaming multiprocessors of the GPU (MLX does not report it): BATCHBENCH_SMS, else
     by device name, else 132 (H100/H200). Only sizes the persistent grid; any value is correct."""
-    v = os.environ.get("BATCHBENCH_SMS")
-    if v:
-        return max(1, int(v))
+    if os.environ.get("BATCHBENCH_SMS"):
+        return max(1, env_number("BATCHBENCH_SMS", 1))
     try:
         name = str(mx.device_info().get("device_name", ""))
     except Exception:  # noqa: BLE001 - older MLX
@@ -1123,22 +1114,22 @@ def sm_count() -> int:
 
 # Persistent blocks (each walks several feature tiles, staging x once): on by default,
 # BB_QMM_PERSIST=0 launches one block per tile as before (A/B runs).
-PERSIST = os.environ.get("BB_QMM_PERSIST", "1") == "1"
-FUSE_NORM = os.environ.get("BB_QMM_FUSE_NORM", "1") == "1"
+PERSIST = env_choice("BB_QMM_PERSIST", "1", ON_OFF) == "1"
+FUSE_NORM = env_choice("BB_QMM_FUSE_NORM", "1", ON_OFF) == "1"
 # Pair epilogues on CUDA (fuse_quantized_projections orders the rows for them): RoPE and the
 # K/V write in the q/k/v projection (project_rope_store), silu(gate) * up in the gate/up
 # projection (FusedQuantizedLinear.glu). BB_QMM_ROPE=0 / BB_QMM_GLU_PAIR=0 keep the separate
 # RoPE kernel / the gate product in the down projection's x staging (A/B runs).
-FUSE_ROPE = os.environ.get("BB_QMM_ROPE", "1") == "1"
-GLU_PAIR = os.environ.get("BB_QMM_GLU_PAIR", "1") == "1"
+FUSE_ROPE = env_choice("BB_QMM_ROPE", "1", ON_OFF) == "1"
+GLU_PAIR = env_choice("BB_QMM_GLU_PAIR", "1", ON_OFF) == "1"
 # fp16 4-bit dequantization: "lop3" (AND-OR extraction of {k, k + 4} pairs, x staged reordered)
 # where `_lop3` finds it faster, or "prmt" (byte permutes of adjacent pairs) everywhere.
-DEQUANT_LOP3 = os.environ.get("BB_QMM_DQ", "lop3") == "lop3"
+DEQUANT_LOP3 = env_choice("BB_QMM_DQ", "lop3", ("lop3", "prmt")) == "lop3"
 SMEM_PER_SM = 227 * 1024
 # Ring pipeline (QmmConfig.ns): BB_QMM_RING=n gives every covered call n slots per warp.
-RING = int(os.environ.get("BB_QMM_RING", "0"))
+RING = env_number("BB_QMM_RING", 0)
 # ... else the ring where the H200 measured it faster (choose_config); BB_QMM_RING_WIDE=0: nowhere
-RING_WIDE = os.environ.get("BB_QMM_RING_WIDE", "1") == "1"
+RING_WIDE = env_choice("BB_QMM_RING_WIDE", "1", ON_OFF) == "1"
 RING_SLOT = 1024 + 32 * 8  # bytes: weights of one chunk, scales and biases (<= 8 bytes a row)
 
 
@@ -1176,7 +1167,7 @@ def _resident_blocks(cfg: QmmConfig, k: int, bits: int) -> int:
 # H200, 7B decode step without attention at B=32 (results/h200-2026-11-29-s14/call2, one call):
 # kernel time 4.197 ms (0) -> 3.926 (1) -> 3.806 (2); down at M=32 41.4 -> 37.1 -> 32.9 us,
 # q/k/v and o 14.9 -> 12.4-12.5 us; B=1 and B=8 unchanged (no matmul there has four tiles).
-ONE_WAVE = int(_choice_setting("BB_QMM_ONE_WAVE", "2", ("0", "1", "2")))
+ONE_WAVE = int(env_choice("BB_QMM_ONE_WAVE", "2", ("0", "1", "2")))
 
 
 def _one_wave(cfg: QmmConfig) -> bool:
@@ -1223,7 +1214,7 @@ _WIDE_TILES = {1: (4, 2, 2), 2: (4, 2, 2), 4: (8, 1, 2), 8: (8, 1, 1)}
 _RING_SPLIT_K_N = 65536  # the ring's wide matrices below this width take warps along K (choose_config)
 LONG_K_CHUNKS = 12  # chunks per warp above which K is split over two blocks (down_proj, M=1)
 # BB_QMM_LONG_K_SPLIT=0: keep one K-slice there (one launch less per layer: no reduce kernel)
-LONG_K_SPLIT = os.environ.get("BB_QMM_LONG_K_SPLIT", "1") == "1"
+LONG_K_SPLIT = env_choice("BB_QMM_LONG_K_SPLIT", "1", ON_OFF) == "1"
 
 
 def _lop3(cfg: QmmConfig, n: int, k: int) -> bool:
@@ -1252,7 +1243,7 @@ def _load_depth(m: int, mt: int, n: int, k: int, p: int) -> int:
 # Both register stages in flight before the x staging and before each next tile's reduction
 # (QmmConfig.pre), not one: BB_QMM_PRELOAD2=auto (where _preload finds it), 1 (every register-
 # stage kernel) or 0 (none).
-PRELOAD2 = _choice_setting("BB_QMM_PRELOAD2", "auto", ("auto", "0", "1"))
+PRELOAD2 = env_choice("BB_QMM_PRELOAD2", "auto", ("auto", "0", "1"))
 PRELOAD_TILES = 16  # tiles per persistent block from which the next tile's preload pays
 
 
@@ -1546,7 +1537,7 @@ def plan_qmm_reduce(
 
 
 # Rows of x from which CUDA dequantizes and uses cuBLAS instead (0: never).
-DEQUANT_MIN_M = int(os.environ.get("BB_QMM_DEQUANT_MIN_M", "256"))
+DEQUANT_MIN_M = env_number("BB_QMM_DEQUANT_MIN_M", 256)
 
 
 def _silu_mul(x: mx.array) -> mx.array:

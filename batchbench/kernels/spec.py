@@ -17,6 +17,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from batchbench import ON_OFF, env_choice
+
 
 @dataclass(frozen=True)
 class KernelSpec:
@@ -84,7 +86,7 @@ def compact(src: str) -> str:
 # source at every launch. Handing it `#include "<file>"` instead keeps both to ~100 bytes; the
 # file name carries the header's hash, so a changed header is a new module. BATCHBENCH_KERNEL_INCLUDE=0
 # passes headers inline.
-INCLUDE_HEADERS = os.environ.get("BATCHBENCH_KERNEL_INCLUDE", "1") == "1"
+INCLUDE_HEADERS = env_choice("BATCHBENCH_KERNEL_INCLUDE", "1", ON_OFF) == "1"
 _INCLUDE_MIN = 1024
 
 

@@ -403,12 +403,35 @@ def _decode_time(model: nn.Module, bsz: int, fused: bool) -> float:
             h = step(h)
         mx.eval(h)
 
+    def chain_async():  # as a decode loop runs: step i+1 is built while the GPU runs step i
+        h = h0
+        for _ in range(8):
+            h = step(h)
+            mx.async_eval(h)
+        mx.eval(h)
+
     chain()
     chain()
     wall = statistics.median(timeit(chain, 10)) / 8
+    chain_async()
+    wall_async = statistics.median(timeit(chain_async, 10)) / 8
+    LAST_WALL_ASYNC[0] = wall_async
     if DECODE_PROFILE:
         _decode_kernels(chain, bsz, wall)
+    log(f"    B={bsz}: wall {wall * 1e3:.3f} ms as one graph of 8 steps, {wall_async * 1e3:.3f} ms with each step "
+        f"evaluated asynchronously")
     return wall
+
+
+LAST_WALL_ASYNC = [float("nan")]
+# QMM_PREFETCH_AB="0 end:16 start:16 ...": the epilogues' decode step under each cross-kernel
+# prefetch setting (mode:MB, relinked in this process), in this order, per batch size.
+PREFETCH_AB = os.environ.get("QMM_PREFETCH_AB", "").split()
+
+
+def _decode_order(model: nn.Module) -> list:
+    """The epilogue variant's matmuls in the order its step runs them."""
+    return [m for L in model.layers for m in (L.qkv_p, L.o_proj, L.gate_up_p, L.down_proj)] + [model.lm_head]
 
 
 # QMM_DECODE_PROFILE=1: also the CUPTI kernel time of a step (the rest of its wall time is
@@ -479,17 +502,28 @@ def section_decode(gs: int) -> None:
                     L.kc = mx.zeros((1, model.rope["n_kv_heads"], 64, d), mx.float16)
                     L.vc = mx.zeros_like(L.kc)
                     del L.q_proj, L.k_proj, L.v_proj, L.gate_proj, L.up_proj  # keep memory flat
+                log(f"prefetch links (BB_QMM_PREFETCH={qmm.PREFETCH}, {qmm.PREFETCH_MB} MB): "
+                    f"{qmm.link_prefetch(_decode_order(model))}")
         except Exception as e:  # noqa: BLE001
             err_note(f"prepare decode {variant}", e)
             break
         for b in targets if variant in DECODE else ():
-            try:
-                ms = _decode_time(model, b, "epilogues" if variant == "ours_epilogues" else variant == "ours_fused") * 1e3
-                rows[b][variant + "_ms"] = ms
-                log(f"  {variant:10} B={b:<3} {ms:7.3f} ms  ({b / ms * 1e3:8.1f} t/s)  target {targets[b] or '-'} ms")
-            except Exception as e:  # noqa: BLE001
-                err_note(f"decode {variant} B={b}", e)
-            save()
+            settings = PREFETCH_AB if variant == "ours_epilogues" and PREFETCH_AB else [None]
+            for i, pf in enumerate(settings):
+                try:
+                    tag = ""
+                    if pf is not None:
+                        mode, _, mb = pf.partition(":")
+                        n = qmm.link_prefetch(_decode_order(model), mode, float(mb or qmm.PREFETCH_MB))
+                        tag = f" prefetch {pf} ({n} links)"
+                    ms = _decode_time(model, b, "epilogues" if variant == "ours_epilogues" else variant == "ours_fused") * 1e3
+                    key = variant + ("" if pf is None else f"_pf{pf}_{i}")
+                    rows[b][key + "_ms"] = ms
+                    rows[b][key + "_async_ms"] = LAST_WALL_ASYNC[0] * 1e3
+                    log(f"  {variant:10} B={b:<3} {ms:7.3f} ms  ({b / ms * 1e3:8.1f} t/s)  target {targets[b] or '-'} ms{tag}")
+                except Exception as e:  # noqa: BLE001
+                    err_note(f"decode {variant} B={b} {pf or ''}", e)
+                save()
     RES["decode"].extend(rows.values())
     del model
 

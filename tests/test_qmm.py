@@ -466,3 +466,65 @@ def test_sm_count_setting(monkeypatch):
     monkeypatch.setenv("BATCHBENCH_SMS", "many")
     with pytest.raises(SettingError, match="BATCHBENCH_SMS must be a number, not 'many'"):
         qmm.sm_count()
+
+
+def _fast_7b_like(seed: int = 0):
+    """preset:small at 4 bits (it has an output head), fused and swapped as batchbench loads it on CUDA."""
+    from batchbench import presets
+
+    model, _ = presets.make_preset("small", mx.float16, "q4_0", seed=seed)
+    qmm.fuse_quantized_projections(model, pair_order=True)
+    qmm.use_fast_quantized_linears(model)
+    return model
+
+
+def test_prefetch_links_follow_the_decode_order():
+    """Each matmul prefetches the leading rows of the one a decode step runs next: q/k/v ->
+    o -> gate/up -> down -> the next layer's q/k/v, the last down -> the output head."""
+    model = _fast_7b_like()
+    layers = model.layers
+    order = [m for L in layers for m in (L.self_attn.qkv_proj, L.self_attn.o_proj, L.mlp.gate_up_proj,
+                                         L.mlp.down_proj)] + [model.lm_head]
+    assert qmm.link_model_prefetch(model, "0") == 0
+    assert all(qmm._prefetch(m) is None for m in order)
+    assert qmm.link_model_prefetch(model, "end", 1e6) == len(order) - 1
+    for cur, nxt in zip(order, order[1:]):
+        pf = qmm._prefetch(cur)
+        assert pf.mode == 2
+        for got, full in zip(pf.inputs(), (nxt["weight"], nxt["scales"], nxt["biases"])):
+            assert got.shape == full.shape  # all rows fit in 1 TB
+            np.testing.assert_array_equal(np.array(got), np.array(full))
+    assert qmm._prefetch(model.lm_head) is None
+    # a cap in MB keeps whole leading rows: weights, scales and biases of the same rows
+    assert qmm.link_model_prefetch(model, "start", 0.05) == len(order) - 1
+    down = layers[0].mlp.down_proj
+    row = down["weight"].shape[1] * 4 + 2 * down["scales"].shape[1] * 2
+    pf = qmm._prefetch(layers[0].mlp.gate_up_proj)
+    assert pf.mode == 1 and pf.w.shape[0] == pf.scales.shape[0] == pf.biases.shape[0] == 50_000 // row
+    np.testing.assert_array_equal(np.array(pf.scales), np.array(down["scales"][: 50_000 // row]))
+
+
+def test_cuda_dispatch_passes_the_prefetch(cuda_dispatch):
+    """A linked matmul hands the next one's rows to its main kernel (not to the reduce kernel
+    of a split K), under its own kernel name; the same call unlinked plans as before."""
+    model = _fast_7b_like(seed=1)
+    L = model.layers[0]
+    x = mx.zeros((1, 8, model.args.hidden_size), mx.float16)
+    L.self_attn.o_proj(x)
+    plain = cuda_dispatch[-1][0]
+    assert not plain.name.endswith("_pf2") and "pfw" not in plain.input_names
+    qmm.link_model_prefetch(model, "end", 1e6)
+    cuda_dispatch.clear()
+    L.self_attn.o_proj(x)
+    ks, launch = cuda_dispatch[0]
+    assert ks.name == plain.name + "_pf2" and ks.input_names[-3:] == ("pfw", "pfs", "pfb")
+    nxt = L.mlp.gate_up_proj
+    assert [a.shape for a in launch.inputs[-3:]] == [nxt["weight"].shape, nxt["scales"].shape, nxt["biases"].shape]
+    assert "QmmPf{{(const char*)pfw" in ks.source
+    for red_spec, _ in cuda_dispatch[1:]:
+        assert "pfw" not in red_spec.input_names
+    # down_proj at M=8 splits K: its prefetch rides on the main kernel only
+    cuda_dispatch.clear()
+    h = mx.zeros((1, 8, model.args.intermediate_size), mx.float16)
+    L.mlp.down_proj(h)
+    assert "pfw" in cuda_dispatch[0][0].input_names

@@ -67,13 +67,11 @@ def _cache_bytes(cfg: dict, modes: list[Mode], n_ctx: int, n_seq_max: int, value
 def load(values: dict, dtype):
     """Load the model named by -m (default preset), checking memory first; quantized linears
     then run through batchbench's decode matmul (MLX's own kernels where it has none)."""
-    from batchbench.kernels.qmm import fuse_quantized_projections, link_model_prefetch, use_fast_quantized_linears
+    from batchbench.kernels.qmm import fuse_quantized_projections, use_fast_quantized_linears
 
     model, cfg, name, quant, n_ctx_train = _load(values, dtype)
     fuse_quantized_projections(model)
     use_fast_quantized_linears(model)
-    if backend.BACKEND == "cuda":
-        link_model_prefetch(model)
     return model, cfg, name, quant, n_ctx_train
 
 

@@ -423,15 +423,8 @@ def _decode_time(model: nn.Module, bsz: int, fused: bool) -> float:
     return wall
 
 
+# The last _decode_time's wall with each step evaluated asynchronously (s)
 LAST_WALL_ASYNC = [float("nan")]
-# QMM_PREFETCH_AB="0 end:16 start:16 ...": the epilogues' decode step under each cross-kernel
-# prefetch setting (mode:MB, relinked in this process), in this order, per batch size.
-PREFETCH_AB = os.environ.get("QMM_PREFETCH_AB", "").split()
-
-
-def _decode_order(model: nn.Module) -> list:
-    """The epilogue variant's matmuls in the order its step runs them."""
-    return [m for L in model.layers for m in (L.qkv_p, L.o_proj, L.gate_up_p, L.down_proj)] + [model.lm_head]
 
 
 # QMM_DECODE_PROFILE=1: also the CUPTI kernel time of a step (the rest of its wall time is
@@ -502,28 +495,18 @@ def section_decode(gs: int) -> None:
                     L.kc = mx.zeros((1, model.rope["n_kv_heads"], 64, d), mx.float16)
                     L.vc = mx.zeros_like(L.kc)
                     del L.q_proj, L.k_proj, L.v_proj, L.gate_proj, L.up_proj  # keep memory flat
-                log(f"prefetch links (BB_QMM_PREFETCH={qmm.PREFETCH}, {qmm.PREFETCH_MB} MB): "
-                    f"{qmm.link_prefetch(_decode_order(model))}")
         except Exception as e:  # noqa: BLE001
             err_note(f"prepare decode {variant}", e)
             break
         for b in targets if variant in DECODE else ():
-            settings = PREFETCH_AB if variant == "ours_epilogues" and PREFETCH_AB else [None]
-            for i, pf in enumerate(settings):
-                try:
-                    tag = ""
-                    if pf is not None:
-                        mode, _, mb = pf.partition(":")
-                        n = qmm.link_prefetch(_decode_order(model), mode, float(mb or qmm.PREFETCH_MB))
-                        tag = f" prefetch {pf} ({n} links)"
-                    ms = _decode_time(model, b, "epilogues" if variant == "ours_epilogues" else variant == "ours_fused") * 1e3
-                    key = variant + ("" if pf is None else f"_pf{pf}_{i}")
-                    rows[b][key + "_ms"] = ms
-                    rows[b][key + "_async_ms"] = LAST_WALL_ASYNC[0] * 1e3
-                    log(f"  {variant:10} B={b:<3} {ms:7.3f} ms  ({b / ms * 1e3:8.1f} t/s)  target {targets[b] or '-'} ms{tag}")
-                except Exception as e:  # noqa: BLE001
-                    err_note(f"decode {variant} B={b} {pf or ''}", e)
-                save()
+            try:
+                ms = _decode_time(model, b, "epilogues" if variant == "ours_epilogues" else variant == "ours_fused") * 1e3
+                rows[b][variant + "_ms"] = ms
+                rows[b][variant + "_async_ms"] = LAST_WALL_ASYNC[0] * 1e3
+                log(f"  {variant:10} B={b:<3} {ms:7.3f} ms  ({b / ms * 1e3:8.1f} t/s)  target {targets[b] or '-'} ms")
+            except Exception as e:  # noqa: BLE001
+                err_note(f"decode {variant} B={b}", e)
+            save()
     RES["decode"].extend(rows.values())
     del model
 
@@ -603,10 +586,10 @@ def summary(copy_bw: float) -> None:
             f"| {r['matrix']} | {r['N']}x{r['K']} | {r['M']} | {g(p, 'ours')} / {g(r, 'ours_chain')} / {g(r, 'ours_indep')} | {pct} | "
             f"{g(p, 'mlx')} / {g(r, 'mlx_chain')} | {g(p, 'f16')} / {g(r, 'f16_chain')} | {g(r, 'floor')} |"
         )
-    lines += ["", "| group | B | MLX ms | ours ms | ours fused ms | ours + norm/glu/residual ms | target ms |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| group | B | MLX ms | ours ms | ours fused ms | ours + norm/glu/residual ms (one graph / async steps) | target ms |", "|---|---|---|---|---|---|---|"]
     for r in RES["decode"]:
         g = lambda k: f"{r[k]:.3f}" if r.get(k) else "-"  # noqa: E731
-        lines.append(f"| {r['gs']} | {r['B']} | {g('mlx_ms')} | {g('ours_ms')} | {g('ours_fused_ms')} | {g('ours_epilogues_ms')} | {r['target_ms'] or '-'} |")
+        lines.append(f"| {r['gs']} | {r['B']} | {g('mlx_ms')} | {g('ours_ms')} | {g('ours_fused_ms')} | {g('ours_epilogues_ms')} / {g('ours_epilogues_async_ms')} | {r['target_ms'] or '-'} |")
     bad = [r for r in RES["correctness"] if not r.get("ok")]
     lines += ["", f"correctness: {len(RES['correctness']) - len(bad)}/{len(RES['correctness'])} cases ok; "
               f"max rel err fp16 {max([r['err'] for r in RES['correctness'] if r.get('dtype') == 'float16' and r.get('err') is not None] or [float('nan')]):.2e}, "

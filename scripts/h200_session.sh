@@ -25,8 +25,8 @@ M=(-m preset:qwen2.5-7b --quant q4_0)
 decode_prof() {
   local name=$1
   shift
-  part "$name" "${PART_S:-150}" env "$@" OUT="$R/$name" QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues \
-    QMM_DECODE_PROFILE=1 QMM_BUDGET_S=$((${PART_S:-150} - 20)) python3 scripts/h200_qmm.py
+  part "$name" 150 env "$@" OUT="$R/$name" QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues \
+    QMM_DECODE_PROFILE=1 QMM_BUDGET_S=130 python3 scripts/h200_qmm.py
 }
 for what in "$@"; do
   case $what in
@@ -112,10 +112,6 @@ for what in "$@"; do
                decode_prof "qmm-decode-prof-norm${v/\//-}-$i" BB_QMM_NORM_PASS="${v%/*}" BB_QMM_NW_EARLY="${v#*/}" \
                  QMM_DECODE_B="${DECODE_B:-1,2,4,8}"
              done ;;
-    # the cross-kernel L2 prefetch (BB_QMM_PREFETCH mode:MB), each setting relinked in one process,
-    # per batch size in the order given (PF_AB), with each step's wall also taken asynchronously
-    ab-prefetch) PART_S=${PART_S:-300} decode_prof "qmm-decode-prof-prefetch${TAG:+-$TAG}" \
-               QMM_PREFETCH_AB="${PF_AB:-0 end:8 end:24 start:8 0 end:8 end:24 start:8}" QMM_DECODE_B="${DECODE_B:-1,8,32}" ;;
     # skip against no-skip where the host sets the pace (B <= 2), repeated: is skipping's
     # whole-cache window a cost there? (session 14's sweep read no-skip 1.11-1.18x at B = 1-2)
     skip-small) part skip-small 200 python3 -m batchbench "${M[@]}" -c 140000 -npp 4096 -ntg 128 \
@@ -127,7 +123,7 @@ for what in "$@"; do
             python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-preload ab-norm ab-prefetch skip-small step-trace tune-balance qmm-step)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-preload ab-norm skip-small step-trace tune-balance qmm-step)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -524,31 +524,6 @@ struct QmmGluPair {
 };
 
 // One warp's weights for P chunks in flight: two feature rows (g, g + 8), 16 bytes each.
-// The next matmul's leading weight, scale and bias bytes (pointers and byte counts), which
-// this kernel asks L2 to fetch (PF = 1 at each block's start, 2 at its end): HBM then works
-// through this kernel's tail and the launch gap, and the next kernel's first loads hit L2.
-struct QmmPf {
-  const char* p[3];
-  uint32_t n[3];
-};
-
-__device__ __forceinline__ void qmm_prefetch_l2(const char* p, uint32_t bytes) {
-#ifndef BB_PORTABLE
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
-
-// This block's share of pf: one contiguous piece of 128-byte lines per lane of the calling warp.
-__device__ __forceinline__ void qmm_prefetch(const QmmPf& pf, const int lane) {
-  const uint32_t parts = gridDim.x * gridDim.y * 32u, part = (blockIdx.y * gridDim.x + blockIdx.x) * 32u + lane;
-#pragma unroll
-  for (int i = 0; i < 3; ++i) {
-    const uint64_t lines = pf.n[i] / 128u;
-    const uint32_t l0 = (uint32_t)(lines * part / parts), l1 = (uint32_t)(lines * (part + 1) / parts);
-    if (l1 > l0) qmm_prefetch_l2(pf.p[i] + (size_t)l0 * 128u, (l1 - l0) * 128u);
-  }
-}
-
 template <int P>
 struct QmmStage {
   uint4 wa[P], wb[P];
@@ -572,16 +547,15 @@ struct QmmStage {
 // and K % 256 == 0 (a warp's 32 staging granules then lie in one row).
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
 // E: QmmPlain, or a pair epilogue (QmmRopeCfg, QmmGluPair) that stores rows n and n + 8 together.
-// PF: prefetch pf into L2 (qmm_prefetch) at each block's start (1) or end (2), or not (0).
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool PRE, bool SPLIT, bool HAS_BIAS,
-          bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, int PF, typename E, typename O>
+          bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
                                            const T* __restrict__ lbias, const T* __restrict__ res,
                                            const T* __restrict__ nw, const float eps,
                                            O* __restrict__ out, const int M, const int N,
-                                           const int K, const QmmRope<T> rp, const QmmPf pf) {
+                                           const int K, const QmmRope<T> rp) {
   constexpr bool BF16 = is_bf16<T>::value;
   constexpr bool LOP3 = DQ == 1 && BITS == 4 && !BF16;
   constexpr int KT = 128 / BITS;            // k per lane per 16-byte load: 32 or 16
@@ -652,10 +626,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   };
   QmmStage<P> sA, sB;
   int tile = blockIdx.x;
-  if (tile >= NTILE) {
-    if (PF && wid == 0) qmm_prefetch(pf, lane);
-    return;
-  }
+  if (tile >= NTILE) return;
 
   unsigned char* ring = reinterpret_cast<unsigned char*>(red + WK * MP * RS) + wid * NS * SLOTB;
   int ptile = wc1 > wc0 ? tile : NTILE, pc = wc0;  // the next chunk the ring requests
@@ -691,7 +662,6 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     load(sA, wc0);
     if constexpr (PRE) load(sB, wc0 + P);  // both stages in flight over the staging
   }
-  if (PF == 1 && wid == 0) qmm_prefetch(pf, lane);
   // The norm's weights: with NEARLY, a thread's first granules are in flight over the staging.
   constexpr bool EARLY = NORM && NEARLY;
   constexpr int NWR = EARLY ? 2 : 1;  // 2: all of them for K <= 16 * NT (4096 at 256 threads)
@@ -948,7 +918,6 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     __syncthreads();  // the reduction area is rewritten by the next tile
     tile = next;
   }
-  if (PF == 2 && wid == 0) qmm_prefetch(pf, lane);
 }
 
 // y[m, n] = sum_s part[s, m, n] (+ bias[n]) (+ res[m, n]), cast to the activation dtype.
@@ -1022,14 +991,9 @@ QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + k
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"
-    " {pf_mode}, {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
-    " w_shape[1] * 32 / BITS, {rope}, {pf});"
+    " {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
+    " w_shape[1] * 32 / BITS, {rope});"
 )
-# The prefetch's inputs (`Prefetch`): the next matmul's leading rows of weights, scales, biases.
-_PF_INPUTS = ("pfw", "pfs", "pfb")
-_PF_ARG = ("bbqmm::QmmPf{{(const char*)pfw, (const char*)pfs, (const char*)pfb},"
-           " {(uint32_t)((size_t)pfw_shape[0] * pfw_shape[1] * 4), (uint32_t)((size_t)pfs_shape[0] * pfs_shape[1] * 2),"
-           " (uint32_t)((size_t)pfb_shape[0] * pfb_shape[1] * 2)}}")
 _SRC_REDUCE = (
     "bbqmm::qmm_reduce<T, {has_bias}, {has_res}>"
     "(part, {lbias}, {res}, y, part_shape[0], part_shape[1], part_shape[2]);"
@@ -1066,18 +1030,16 @@ def _suffix(has_bias: bool, has_res: bool, glu: bool = False, norm: bool = False
 
 
 def _main_spec(has_bias: bool, has_res: bool = False, glu: bool = False, norm: bool = False,
-               pair: str = "", prefetch: int = 0) -> KernelSpec:
+               pair: str = "") -> KernelSpec:
     names = ("x", "w", "scales", "biases") + (("lbias",) if has_bias else ()) + (
-        ("res",) if has_res else ()) + (("nw",) if norm else ()) + (_ROPE_INPUTS if pair == "rope" else ()) + (
-        _PF_INPUTS if prefetch else ())
+        ("res",) if has_res else ()) + (("nw",) if norm else ()) + (_ROPE_INPUTS if pair == "rope" else ())
     src = _SRC_MAIN.format(
         glu="true" if glu else "false", norm="true, NPASS, NEARLY" if norm else "false, false, false",
         nw="nw" if norm else "(const T*)nullptr", eps="__int_as_float(EPS_BITS)" if norm else "0.f",
-        pf_mode=prefetch, pf=_PF_ARG if prefetch else "bbqmm::QmmPf{}",
         **_pair_args(pair), **_epilogue(has_bias, has_res),
     )
-    return KernelSpec("cuda", "bb_qmm" + _suffix(has_bias, has_res, glu, norm, pair)
-                      + (f"_pf{prefetch}" if prefetch else ""), names, ("y",), src, QMM_HEADER)
+    return KernelSpec("cuda", "bb_qmm" + _suffix(has_bias, has_res, glu, norm, pair), names, ("y",), src,
+                      QMM_HEADER)
 
 
 def _reduce_spec(has_bias: bool, has_res: bool = False, pair: str = "") -> KernelSpec:
@@ -1160,10 +1122,6 @@ FUSE_NORM = env_choice("BB_QMM_FUSE_NORM", "1", ON_OFF) == "1"
 # RoPE kernel / the gate product in the down projection's x staging (A/B runs).
 FUSE_ROPE = env_choice("BB_QMM_ROPE", "1", ON_OFF) == "1"
 GLU_PAIR = env_choice("BB_QMM_GLU_PAIR", "1", ON_OFF) == "1"
-# Cross-kernel L2 prefetch (`link_prefetch`): each decode matmul asks L2 for the leading
-# BB_QMM_PREFETCH_MB of the next matmul's weights, at each block's start or end (0: never).
-PREFETCH = env_choice("BB_QMM_PREFETCH", "0", ("0", "start", "end"))
-PREFETCH_MB = env_number("BB_QMM_PREFETCH_MB", 16.0, float)
 # fp16 4-bit dequantization: "lop3" (AND-OR extraction of {k, k + 4} pairs, x staged reordered)
 # where `_lop3` finds it faster, or "prmt" (byte permutes of adjacent pairs) everywhere.
 DEQUANT_LOP3 = env_choice("BB_QMM_DQ", "lop3", ("lop3", "prmt")) == "lop3"
@@ -1433,49 +1391,6 @@ class RopeStore:
                 ("TRAD", bool(self.traditional)), *angle_template(self.base, self.scale)]
 
 
-@dataclass(frozen=True)
-class Prefetch:
-    """The next matmul's leading rows (weights, scales, biases: views of its arrays), which the
-    kernel asks L2 to fetch at each block's start (mode 1) or end (mode 2)."""
-
-    w: mx.array
-    scales: mx.array
-    biases: mx.array
-    mode: int
-
-    def inputs(self) -> list[mx.array]:
-        return [self.w, self.scales, self.biases]
-
-
-def prefetch_of(layer: nn.Module, mode: str | None = None, mb: float | None = None) -> Prefetch | None:
-    """What a matmul just before `layer` prefetches: its first rows, up to `mb` MB (the rows
-    that every block of its grid takes first). None for layers the kernel does not read."""
-    mode = PREFETCH if mode is None else mode
-    mb = PREFETCH_MB if mb is None else mb
-    if mode == "0" or mb <= 0 or not isinstance(layer, (QuantizedLinear, FusedQuantizedLinear)):
-        return None
-    w, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
-    if biases is None or layer.bits not in _BITS:
-        return None
-    row = w.shape[1] * 4 + (scales.shape[1] * scales.dtype.size) * 2
-    rows = max(1, min(w.shape[0], int(mb * 1e6 // row)))
-    pf = Prefetch(w[:rows], scales[:rows], biases[:rows], 1 if mode == "start" else 2)
-    mx.eval(pf.inputs())  # views of the same buffers, made once, not per call
-    return pf
-
-
-def link_prefetch(layers: list[nn.Module], mode: str | None = None, mb: float | None = None) -> int:
-    """Each of `layers` (in the order a decode step runs them) prefetches the next one's
-    leading weights into L2 when it runs on the custom kernel; returns the links made."""
-    made = 0
-    for cur, nxt in zip(layers, layers[1:]):
-        if isinstance(cur, (QuantizedLinear, FusedQuantizedLinear)):
-            pf = prefetch_of(nxt, mode, mb)
-            object.__setattr__(cur, "_prefetch", pf)  # a plain attribute, not a parameter
-            made += pf is not None
-    return made
-
-
 def glu_pair_order(n_ff: int) -> list[int]:
     """Row order of a fused [gate; up] weight (n_ff rows each) for the gate product epilogue:
     new row j is old row order[j]; 16-row tile t holds gate rows 8t..8t+7, then the same up rows."""
@@ -1501,7 +1416,6 @@ def plan_quantized_matmul(
     lop3: bool | None = None,
     rope: RopeStore | None = None,
     glu_pair: bool = False,
-    prefetch: Prefetch | None = None,
 ) -> tuple[KernelSpec, Launch]:
     """The main kernel's spec and launch (x taken as [M, K], or [M, 2K] with glu). With
     config.s > 1 its output is fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y
@@ -1539,7 +1453,6 @@ def plan_quantized_matmul(
     inputs += ([bias] if has_bias else []) + ([residual.reshape(m, n)] if has_res else [])
     inputs += [norm[0]] if norm is not None else []
     inputs += rope.inputs() if rope_here else []
-    inputs += prefetch.inputs() if prefetch is not None else []
     out_shape = (cfg.s, m, n) if split else _pair_shape(pair, rope, m, n)
     launch = Launch(
         inputs=inputs,
@@ -1557,7 +1470,7 @@ def plan_quantized_matmul(
              if norm is not None else [])
         + (rope.template() if rope_here else []),
     )
-    spec = _main_spec(has_bias, has_res, glu, norm is not None, pair_here, prefetch.mode if prefetch else 0)
+    spec = _main_spec(has_bias, has_res, glu, norm is not None, pair_here)
     return replace(spec, shared_memory=smem), launch
 
 
@@ -1644,12 +1557,10 @@ def quantized_matmul(
     residual: mx.array | None = None,
     glu: bool = False,
     norm: tuple[mx.array, float] | None = None,
-    prefetch: Prefetch | None = None,
 ) -> mx.array:
     """x @ dequantize(w, scales, biases).T (+ bias) (+ residual): MLX affine layout,
     transpose=True. glu: x is [..., 2K] = [gate | up] and the product uses silu(gate) * up.
-    norm (weight, eps): the product uses mx.fast.rms_norm(x, weight, eps). prefetch: what the
-    custom kernel asks L2 to fetch for the next matmul (`link_prefetch`); never changes y.
+    norm (weight, eps): the product uses mx.fast.rms_norm(x, weight, eps).
 
     Custom CUDA kernel when `backend.BACKEND == "cuda"` and the shape is covered (bias,
     residual, the gate product and the norm fused in where they fit), otherwise MLX ops."""
@@ -1658,8 +1569,7 @@ def quantized_matmul(
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
     lead = x.shape[:-1]
     if _on_kernel(m, n, k, x, scales, biases, group_size, bits):
-        y = _run_kernel(x, w, scales, biases, group_size, bits, m, n, k, bias, residual, glu, norm,
-                        prefetch=prefetch)
+        y = _run_kernel(x, w, scales, biases, group_size, bits, m, n, k, bias, residual, glu, norm)
         return y.reshape(*lead, n)
     if norm is not None:
         x = mx.fast.rms_norm(x, norm[0], norm[1])
@@ -1682,8 +1592,7 @@ def quantized_matmul(
 
 
 def _run_kernel(x, w, scales, biases, group_size: int, bits: int, m: int, n: int, k: int, bias, residual,
-                glu: bool, norm, rope: RopeStore | None = None, glu_pair: bool = False,
-                prefetch: Prefetch | None = None) -> mx.array:
+                glu: bool, norm, rope: RopeStore | None = None, glu_pair: bool = False) -> mx.array:
     """The custom kernel (and its reduce kernel after a split K) on a covered call."""
     cfg = choose_config(m, n, k, bits)
     # Each block normalizes its rows itself, once: the sums of squares are taken while x is
@@ -1698,7 +1607,7 @@ def _run_kernel(x, w, scales, biases, group_size: int, bits: int, m: int, n: int
         residual = residual.astype(x.dtype)
     ks, launch = plan_quantized_matmul(
         "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
-        residual=residual, glu=glu, norm=norm, config=cfg, rope=rope, glu_pair=glu_pair, prefetch=prefetch,
+        residual=residual, glu=glu, norm=norm, config=cfg, rope=rope, glu_pair=glu_pair,
     )
     (y,) = kspec.run(ks, launch)
     if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
@@ -1720,7 +1629,7 @@ def project_rope_store(layer: "FusedQuantizedLinear", x: mx.array, norm: nn.RMSN
     if not _on_kernel(m, n, k, x, scales, biases, layer.group_size, layer.bits):
         return None
     return _run_kernel(x, w, scales, biases, layer.group_size, layer.bits, m, n, k, layer.get("bias"), None,
-                       False, _norm_args(norm), rope, prefetch=_prefetch(layer))
+                       False, _norm_args(norm), rope)
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -1739,7 +1648,6 @@ class QuantizedLinear(nn.QuantizedLinear):
             residual=residual,
             glu=glu,
             norm=norm,
-            prefetch=_prefetch(self),
         )
 
     @classmethod
@@ -1749,10 +1657,6 @@ class QuantizedLinear(nn.QuantizedLinear):
         new.__dict__.update(layer.__dict__)
         dict.update(new, layer)
         return new
-
-
-def _prefetch(layer: nn.Module) -> Prefetch | None:
-    return layer.__dict__.get("_prefetch")
 
 
 def _norm_args(norm: nn.Module | None) -> tuple[mx.array, float] | None:
@@ -1852,7 +1756,7 @@ class FusedQuantizedLinear(nn.Module):
         m, n, k = _shape_info(x, w, scales, biases, self.group_size, self.bits)
         if _on_kernel(m, n, k, x, scales, biases, self.group_size, self.bits):
             y = _run_kernel(x, w, scales, biases, self.group_size, self.bits, m, n, k, self.get("bias"), None,
-                            False, _norm_args(norm), glu_pair=True, prefetch=_prefetch(self))
+                            False, _norm_args(norm), glu_pair=True)
             return y.reshape(*x.shape[:-1], n // 2)
         y = quantized_matmul(x, w, scales, biases, group_size=self.group_size, bits=self.bits,
                              bias=self.get("bias"), norm=_norm_args(norm))
@@ -1865,7 +1769,7 @@ class FusedQuantizedLinear(nn.Module):
         y = quantized_matmul(
             x, self["weight"], self["scales"], self["biases"],
             group_size=self.group_size, bits=self.bits, bias=self.get("bias"),
-            norm=_norm_args(norm), prefetch=_prefetch(self),
+            norm=_norm_args(norm),
         )
         return y if self._unorder is None or stored_order else mx.take(y, self._unorder, axis=-1)
 
@@ -1902,21 +1806,3 @@ def fuse_quantized_projections(model: nn.Module, pair_order: bool | None = None)
                 parent.pop(n)
             fused += 1
     return fused
-
-
-_DECODE_ORDER = (("self_attn", ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj")),
-                 ("mlp", ("gate_up_proj", "gate_proj", "up_proj", "down_proj")))
-
-
-def link_model_prefetch(model: nn.Module, mode: str | None = None, mb: float | None = None) -> int:
-    """`link_prefetch` over a Llama/Qwen-family model's linears in the order a decode step runs
-    them (each layer's projections, then the output head); returns the links made."""
-    order = []
-    for layer in getattr(model, "layers", []):
-        for part, names in _DECODE_ORDER:
-            parent = getattr(layer, part, None)
-            order += [parent[n] for n in names if parent is not None and n in parent]
-    if "lm_head" in model:
-        order.append(model["lm_head"])
-    return link_prefetch(order, mode, mb)
-

@@ -223,7 +223,6 @@ def qmm_case(
     wf: int = 1,
     wk: int = 0,
     pre: bool | None = None,
-    prefetch: int = 0,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
@@ -231,8 +230,7 @@ def qmm_case(
     result is silu(x @ gate.T) * (x @ up.T) [m, n/2]. ns: ring slots per warp (the cp.async
     pipeline; 0 keeps the register stages); wf: 16-row feature tiles per warp (2 needs ns);
     wk: warps along K (0: choose_config's), fewer for longer runs of chunks per warp; pre: both
-    register stages loaded ahead (None: choose_config's). prefetch: the L2 prefetch of a next
-    matmul's leading rows at each block's start (1) or end (2), which must not change y."""
+    register stages loaded ahead (None: choose_config's)."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -255,7 +253,6 @@ def qmm_case(
         norm=(nw, 1e-5) if norm else None, config=cfg,
         lop3=None if lop3 else False,  # False: the byte-permute dequantization
         glu_pair=glu_pair,
-        prefetch=_next_matmul(rng, k, group_size, bits, dtype, prefetch) if prefetch else None,
     )
     xf = _f64(x)
     if glu:
@@ -293,16 +290,9 @@ def qmm_case(
         f"{'-res' if res else ''}{'-glu' if glu else ''}{'-norm' if norm else ''}"
         f"{'-blocks' + str(blocks) if blocks else ''}{'' if lop3 else '-prmt'}{'-glupair' if glu_pair else ''}"
         f"{'-ring' + str(ns) if ns else ''}{'-wf' + str(wf) if wf > 1 else ''}{'-wk' + str(wk) if wk else ''}"
-        f"{'' if pre is None else '-pre' + str(int(pre))}{'-pf' + str(prefetch) if prefetch else ''}"
+        f"{'' if pre is None else '-pre' + str(int(pre))}"
     )
     return Case(name, kernels, run, want, atol)
-
-
-def _next_matmul(rng: np.random.Generator, k: int, group_size: int, bits: int, dtype, mode: int) -> "Q.Prefetch":
-    """A next matmul's leading rows to prefetch (rows not a multiple of a 128-byte line)."""
-    w = mx.array(rng.standard_normal((40, k)).astype(np.float32)).astype(dtype)
-    wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
-    return Q.Prefetch(wq[:37], sc[:37], bi[:37], mode)
 
 
 def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
@@ -345,12 +335,9 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=3, bits=4, group_size=32, n=64, k=2304, split=1, norm=True, res=True, blocks=2, wk=2, pre=False),
         dict(m=6, bits=8, group_size=32, n=64, k=1152, split=1, res=True, blocks=2, wk=2, pre=True,
              dtype=mx.bfloat16),
-        # the next matmul's rows prefetched into L2 at each block's start, and at its end
-        dict(m=3, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2, prefetch=1),
-        dict(m=2, bits=4, group_size=32, n=208, k=512, res=True, blocks=3, prefetch=2),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds
         specs = specs[:2] + [s for s in specs if (s.get("ns") and (s.get("split") or s.get("blocks", 0) > 2))
-                             or s.get("split", 0) > 5 or s.get("wk") or s.get("prefetch")]
+                             or s.get("split", 0) > 5 or s.get("wk")]
     return [qmm_case(rng, **s) for s in specs]

@@ -112,12 +112,6 @@ for what in "$@"; do
                decode_prof "qmm-decode-prof-norm${v/\//-}-$i" BB_QMM_NORM_PASS="${v%/*}" BB_QMM_NW_EARLY="${v#*/}" \
                  QMM_DECODE_B="${DECODE_B:-1,2,4,8}"
              done ;;
-    # stream-K for the one-K-slice matmuls at M <= 8 (BB_QMM_STREAM_K=1) against the default, twice each
-    ab-stream-k) i=0
-             for v in ${SK_AB:-0 1 0 1}; do
-               i=$((i + 1))
-               decode_prof "qmm-decode-prof-sk$v-$i" BB_QMM_STREAM_K=$v QMM_DECODE_B="${DECODE_B:-1,2,4,8}"
-             done ;;
     # skip against no-skip where the host sets the pace (B <= 2), repeated: is skipping's
     # whole-cache window a cost there? (session 14's sweep read no-skip 1.11-1.18x at B = 1-2)
     skip-small) part skip-small 200 python3 -m batchbench "${M[@]}" -c 140000 -npp 4096 -ntg 128 \
@@ -129,7 +123,7 @@ for what in "$@"; do
             python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-preload ab-norm ab-stream-k skip-small step-trace tune-balance qmm-step)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-preload ab-norm skip-small step-trace tune-balance qmm-step)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

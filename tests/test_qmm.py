@@ -466,31 +466,3 @@ def test_sm_count_setting(monkeypatch):
     monkeypatch.setenv("BATCHBENCH_SMS", "many")
     with pytest.raises(SettingError, match="BATCHBENCH_SMS must be a number, not 'many'"):
         qmm.sm_count()
-
-
-def test_stream_k_where_tiles_do_not_share_out(monkeypatch, cuda_dispatch):
-    """BB_QMM_STREAM_K=1: one-K-slice matmuls at M <= 8 whose tiles do not divide evenly over two
-    blocks per SM cut tiles x chunks over exactly that many blocks, with a tile counter input and
-    an fp32 workspace output for the parts; even ones (lm_head) and split-K ones keep their grid."""
-    monkeypatch.setattr(qmm, "STREAM_K", True)
-    monkeypatch.setattr(qmm, "sm_count", lambda: 132)
-    qkv = qmm.choose_config(1, 4608, 3584, 4)
-    assert qkv.sk and qkv.blocks == 264 and qkv.grid_blocks(4608) == 264  # 288 tiles
-    down = qmm.choose_config(1, 3584, 18944, 4)
-    assert down.sk and down.grid_blocks(3584) == 264  # 224 tiles, not one block per tile
-    assert not qmm.choose_config(1, 152064, 3584, 4).sk  # 9504 tiles = 36 x 264
-    assert not qmm.choose_config(8, 3584, 18944, 4).sk  # K split over blocks
-    assert not qmm.choose_config(32, 4608, 3584, 4).sk  # four token tiles
-    monkeypatch.setattr(qmm, "STREAM_K", False)
-    assert not qmm.choose_config(1, 4608, 3584, 4).sk
-    x = mx.zeros((1, 3584), mx.float16)
-    w = mx.zeros((4608, 3584 // 8), mx.uint32)
-    s = mx.zeros((4608, 3584 // 32), mx.float16)
-    ks, launch = qmm.plan_quantized_matmul("cuda", x, w, s, s, group_size=32, bits=4, config=qkv)
-    assert ks.name.endswith("_sk") and ks.input_names[-1] == "skcnt" and ks.output_names == ("y", "skws")
-    assert launch.inputs[-1].dtype == mx.int32 and launch.inputs[-1].size >= 288
-    assert not np.array(launch.inputs[-1]).any()  # counters start at zero
-    assert launch.grid[0] == 264 * launch.threadgroup[0]
-    # parts of a tile: at least 2 (28 chunks over 30.5 per block), never more than sk_parts
-    assert launch.output_shapes[1] == (288 * qkv.sk_parts(4608, 3584, 4) * 1 * 16,)
-    assert qkv.sk_parts(4608, 3584, 4) == 2 and down.sk_parts(3584, 18944, 4) == 3

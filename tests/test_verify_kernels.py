@@ -231,7 +231,6 @@ def test_cuda_kernels_compile_for_sm90a():
         attention_case("cuda", rng, dtype=mx.float16, d=128, g=7, timeline=True).kernels[0],  # %globaltimer
         *qmm_case(rng, m=3, bits=4).kernels,
         *qmm_case(rng, m=5, bits=8, dtype=mx.bfloat16, split=2, bias=True).kernels,
-        *qmm_case(rng, m=3, bits=4, group_size=32, n=96, norm=True, glu_pair=True, sk=7).kernels,  # stream-K
     ])
 
 

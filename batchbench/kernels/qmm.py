@@ -524,20 +524,6 @@ struct QmmGluPair {
 };
 
 // One warp's weights for P chunks in flight: two feature rows (g, g + 8), 16 bytes each.
-// Stream-K: most blocks sharing one tile of NCH units (every block holds >= U / G units).
-__host__ __device__ __forceinline__ int qmm_sk_parts(const long U, const int NCH, const int G) {
-  const int q = (int)(U / G);
-  return (NCH + q - 1) / q + 1;
-}
-
-// Stream-K (qmm_kernel's SK): the block whose units [b * U / G, (b + 1) * U / G) hold unit x
-// (U >= G, so one step up corrects the estimate).
-__device__ __forceinline__ int qmm_sk_block(const long U, const long x, const int G) {
-  int b = (int)(x * G / U);
-  if ((long)(b + 1) * U / G <= x) ++b;
-  return b;
-}
-
 template <int P>
 struct QmmStage {
   uint4 wa[P], wb[P];
@@ -561,21 +547,15 @@ struct QmmStage {
 // and K % 256 == 0 (a warp's 32 staging granules then lie in one row).
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
 // E: QmmPlain, or a pair epilogue (QmmRopeCfg, QmmGluPair) that stores rows n and n + 8 together.
-// SK (stream-K; one K-slice, register stages, WF = 1): the N/BN tiles x K/CK chunks are one range
-// of units cut evenly over the grid, so every block (and SM) reads the same bytes whatever the tile
-// count. A block's range covers whole tiles and parts of at most two more; a part's fp32 sums go
-// to skws [tiles][SKP][M][BN] (slot: block - the tile's first block), and the last part to finish
-// (skcnt[tile], left at zero) adds them and runs the epilogue.
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool PRE, bool SPLIT, bool HAS_BIAS,
-          bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, bool SK, typename E, typename O>
+          bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
                                            const T* __restrict__ lbias, const T* __restrict__ res,
                                            const T* __restrict__ nw, const float eps,
                                            O* __restrict__ out, const int M, const int N,
-                                           const int K, const QmmRope<T> rp,
-                                           float* __restrict__ skws, int* __restrict__ skcnt) {
+                                           const int K, const QmmRope<T> rp) {
   constexpr bool BF16 = is_bf16<T>::value;
   constexpr bool LOP3 = DQ == 1 && BITS == 4 && !BF16;
   constexpr int KT = 128 / BITS;            // k per lane per 16-byte load: 32 or 16
@@ -613,21 +593,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   const int cs0 = s * NCH / S, cs1 = (s + 1) * NCH / S;
   const int nch = cs1 - cs0;
   const int k0 = cs0 * CK;
-  int wc0 = cs0 + wk * nch / WK, wc1 = cs0 + (wk + 1) * nch / WK;
-  // SK: this block's units [u, u_end) of U = NTILE * NCH; the current piece is chunks [pc0, pc1)
-  // of `tile`, the warps' runs of it [wc0, wc1).
-  const long U = (long)(N / (16 * WN * WF)) * NCH;
-  long u = SK ? (long)blockIdx.x * U / gridDim.x : 0;
-  const long u_end = SK ? (long)(blockIdx.x + 1) * U / gridDim.x : 0;
-  const int SKP = SK ? qmm_sk_parts(U, NCH, gridDim.x) : 1;
-  int pc0 = cs0, pc1 = cs1;
-  auto piece = [&](const long at) {  // the piece of this block's range that starts at unit `at`
-    pc0 = (int)(at % NCH);
-    pc1 = (int)min((long)NCH, pc0 + (u_end - at));
-    wc0 = pc0 + wk * (pc1 - pc0) / WK;
-    wc1 = pc0 + (wk + 1) * (pc1 - pc0) / WK;
-  };
-  if constexpr (SK) piece(u);
+  const int wc0 = cs0 + wk * nch / WK, wc1 = cs0 + (wk + 1) * nch / WK;
 
   const uint32_t* w0;
   const uint32_t* w1;
@@ -659,8 +625,8 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     }
   };
   QmmStage<P> sA, sB;
-  int tile = SK ? (int)(u / NCH) : blockIdx.x;
-  if (tile >= NTILE || (SK && u >= u_end)) return;
+  int tile = blockIdx.x;
+  if (tile >= NTILE) return;
 
   unsigned char* ring = reinterpret_cast<unsigned char*>(red + WK * MP * RS) + wid * NS * SLOTB;
   int ptile = wc1 > wc0 ? tile : NTILE, pc = wc0;  // the next chunk the ring requests
@@ -897,14 +863,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         if constexpr (PRE) load(sB, c0 + 3 * P);
       }
     }
-    // SK: whether this piece is the whole tile, and its slot among the tile's pieces
-    const bool whole = !SK || (pc0 == 0 && pc1 == NCH);
-    const int slot = SK ? blockIdx.x - qmm_sk_block(U, (long)tile * NCH, gridDim.x) : 0;
-    if constexpr (SK) {
-      u += pc1 - pc0;
-      if (u < u_end) piece(u);
-    }
-    const int next = SK ? (u < u_end ? tile + 1 : NTILE) : tile + gridDim.x;
+    const int next = tile + gridDim.x;
     if (NS == 0 && next < NTILE) {  // the next tile's first weights load during this tile's reduction
       at_tile(next);
       load(sA, wc0);
@@ -923,53 +882,16 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         red[(wk * MP + m + 1) * RS + r + 8] = acc[f][tt][3];
       }
     __syncthreads();
-    // The tile's sum for (row m, feature r): its WK warps' parts, or with SK after a part, every
-    // part's sums from skws.
-    bool from_ws = false;
-    int parts = 1;
-    const float* wsum = nullptr;
-    if constexpr (SK) {
-      if (!whole) {
-        float* mine = skws + ((size_t)tile * SKP + slot) * M * BN;
-        for (int e = tid; e < M * BN; e += NT) {
-          const int m = e / BN, r = e - m * BN;
-          float v = 0.f;
-#pragma unroll
-          for (int q = 0; q < WK; ++q) v += red[(q * MP + m) * RS + r];
-          mine[e] = v;
-        }
-        __threadfence();
-        __syncthreads();
-        __shared__ int sk_last;
-        const long t0 = (long)tile * NCH;
-        parts = qmm_sk_block(U, t0 + NCH - 1, gridDim.x) - qmm_sk_block(U, t0, gridDim.x) + 1;
-        if (tid == 0) sk_last = atomicAdd(skcnt + tile, 1) == parts - 1;
-        __syncthreads();
-        if (sk_last) {
-          __threadfence();
-          from_ws = true;
-          wsum = skws + (size_t)tile * SKP * M * BN;
-          if (tid == 0) atomicExch(skcnt + tile, 0);  // ready for the next launch
-        }
-      }
-    }
-    auto tsum = [&](const int m, const int r) -> float {
-      float v = 0.f;
-      if (SK && from_ws) {
-        for (int q = 0; q < parts; ++q) v += __ldcg(wsum + ((size_t)q * M + m) * BN + r);
-      } else {
-#pragma unroll
-        for (int q = 0; q < WK; ++q) v += red[(q * MP + m) * RS + r];
-      }
-      return v;
-    };
-    if (SK && !whole && !from_ws) {
-      // another block finishes this tile
-    } else if constexpr (E::PAIR && !SPLIT) {
+    if constexpr (E::PAIR && !SPLIT) {
       for (int e = tid; e < M * (BN / 2); e += NT) {
         const int m = e / (BN / 2), pr = e - m * (BN / 2);
         const int r = (pr >> 3) * 16 + (pr & 7);  // the pair's rows r and r + 8 of this tile
-        float lo = tsum(m, r), hi = tsum(m, r + 8);
+        float lo = 0.f, hi = 0.f;
+#pragma unroll
+        for (int q = 0; q < WK; ++q) {
+          lo += red[(q * MP + m) * RS + r];
+          hi += red[(q * MP + m) * RS + r + 8];
+        }
         const int n = n0 + r;
         if constexpr (HAS_BIAS) {
           lo += qmm_float<T>(lbias[n]);
@@ -980,7 +902,9 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     } else
     for (int e = tid; e < M * BN; e += NT) {
       const int m = e / BN, r = e - m * BN;
-      float v = tsum(m, r);
+      float v = 0.f;
+#pragma unroll
+      for (int q = 0; q < WK; ++q) v += red[(q * MP + m) * RS + r];
       const int n = n0 + r;
       if constexpr (SPLIT) {
         out[((size_t)s * M + m) * N + n] = qmm_cast<O, T>(v);
@@ -1067,8 +991,8 @@ QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + k
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"
-    " {sk}, {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
-    " w_shape[1] * 32 / BITS, {rope}, {sk_args});"
+    " {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
+    " w_shape[1] * 32 / BITS, {rope});"
 )
 _SRC_REDUCE = (
     "bbqmm::qmm_reduce<T, {has_bias}, {has_res}>"
@@ -1106,19 +1030,16 @@ def _suffix(has_bias: bool, has_res: bool, glu: bool = False, norm: bool = False
 
 
 def _main_spec(has_bias: bool, has_res: bool = False, glu: bool = False, norm: bool = False,
-               pair: str = "", sk: bool = False) -> KernelSpec:
+               pair: str = "") -> KernelSpec:
     names = ("x", "w", "scales", "biases") + (("lbias",) if has_bias else ()) + (
-        ("res",) if has_res else ()) + (("nw",) if norm else ()) + (_ROPE_INPUTS if pair == "rope" else ()) + (
-        ("skcnt",) if sk else ())
+        ("res",) if has_res else ()) + (("nw",) if norm else ()) + (_ROPE_INPUTS if pair == "rope" else ())
     src = _SRC_MAIN.format(
         glu="true" if glu else "false", norm="true, NPASS, NEARLY" if norm else "false, false, false",
         nw="nw" if norm else "(const T*)nullptr", eps="__int_as_float(EPS_BITS)" if norm else "0.f",
-        sk="true" if sk else "false",
-        sk_args="skws, const_cast<int*>(reinterpret_cast<const int*>(skcnt))" if sk else "nullptr, nullptr",
         **_pair_args(pair), **_epilogue(has_bias, has_res),
     )
-    return KernelSpec("cuda", "bb_qmm" + _suffix(has_bias, has_res, glu, norm, pair) + ("_sk" if sk else ""), names,
-                      ("y", "skws") if sk else ("y",), src, QMM_HEADER)
+    return KernelSpec("cuda", "bb_qmm" + _suffix(has_bias, has_res, glu, norm, pair), names, ("y",), src,
+                      QMM_HEADER)
 
 
 def _reduce_spec(has_bias: bool, has_res: bool = False, pair: str = "") -> KernelSpec:
@@ -1151,7 +1072,6 @@ class QmmConfig:
     ns: int = 0  # ring slots per warp (cp.async pipeline in shared memory); 0: register stages
     wf: int = 1  # 16-row feature tiles per warp (2 needs the ring)
     pre: bool = False  # register stages: both in flight before the x staging and each next tile (see _preload)
-    sk: bool = False  # stream-K: tiles x chunks cut evenly over `blocks` blocks (qmm_kernel's SK)
 
     def xbytes(self, k: int, bits: int) -> int:
         """Shared memory of the staged x slice."""
@@ -1173,13 +1093,7 @@ class QmmConfig:
 
     def grid_blocks(self, n: int) -> int:
         tiles = self.tiles(n)
-        return self.blocks if self.sk else tiles if self.blocks <= 0 else min(tiles, self.blocks)
-
-    def sk_parts(self, n: int, k: int, bits: int) -> int:
-        """Stream-K: most blocks that share one tile (qmm_sk_parts)."""
-        nch = k // chunk_k(bits)
-        q = self.tiles(n) * nch // self.blocks
-        return -(-nch // q) + 1
+        return tiles if self.blocks <= 0 else min(tiles, self.blocks)
 
 
 def sm_count() -> int:
@@ -1301,9 +1215,6 @@ _RING_SPLIT_K_N = 65536  # the ring's wide matrices below this width take warps 
 LONG_K_CHUNKS = 12  # chunks per warp above which K is split over two blocks (down_proj, M=1)
 # BB_QMM_LONG_K_SPLIT=0: keep one K-slice there (one launch less per layer: no reduce kernel)
 LONG_K_SPLIT = env_choice("BB_QMM_LONG_K_SPLIT", "1", ON_OFF) == "1"
-# Stream-K (QmmConfig.sk) for one-K-slice matmuls at M <= 8 whose tiles do not share out evenly
-# over the resident blocks (q/k/v: 288 tiles on 264 blocks, o_proj and down: 224 on 132 SMs).
-STREAM_K = env_choice("BB_QMM_STREAM_K", "0", ON_OFF) == "1"
 
 
 def _lop3(cfg: QmmConfig, n: int, k: int) -> bool:
@@ -1389,12 +1300,6 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
         # one block per tile for the long-K down projection at M=1: split, 31 us vs 33
         # persistent; one K-slice, 25.6 vs 28.1 (H200 tune, results/h200-2026-11-29-s9/call3)
         cfg = persistent(cfg, k, bits)
-    if STREAM_K and cfg.mt == 1 and cfg.s == 1 and not cfg.ns and cfg.wf == 1:
-        # two blocks per SM: the stream-K kernels take 96-122 registers (nvcc sm_90a), even
-        # where the plain one fits three (down at M=1, 78)
-        g = min(_resident_blocks(cfg, k, bits), 2 * sm_count())
-        if cfg.tiles(n) % g and cfg.tiles(n) * (k // chunk_k(bits)) >= g:
-            cfg = replace(cfg, blocks=g, sk=True)
     return replace(cfg, pre=_preload(cfg, n, k, bits))
 
 
@@ -1548,16 +1453,11 @@ def plan_quantized_matmul(
     inputs += ([bias] if has_bias else []) + ([residual.reshape(m, n)] if has_res else [])
     inputs += [norm[0]] if norm is not None else []
     inputs += rope.inputs() if rope_here else []
-    sk = cfg.sk and not split and not cfg.ns and cfg.wf == 1
-    if sk:
-        from batchbench.kernels.attention import _counter_array  # zeroed, left zeroed
-
-        inputs.append(_counter_array(cfg.tiles(n)))
     out_shape = (cfg.s, m, n) if split else _pair_shape(pair, rope, m, n)
     launch = Launch(
         inputs=inputs,
-        output_shapes=[out_shape] + ([(cfg.tiles(n) * cfg.sk_parts(n, k, bits) * m * 16 * cfg.wn,)] if sk else []),
-        output_dtypes=[mx.float32 if split else x.dtype] + ([mx.float32] if sk else []),
+        output_shapes=[out_shape],
+        output_dtypes=[mx.float32 if split else x.dtype],
         grid=(cfg.grid_blocks(n) * nt, cfg.s, 1),
         threadgroup=(nt, 1, 1),
         template=[
@@ -1570,7 +1470,7 @@ def plan_quantized_matmul(
              if norm is not None else [])
         + (rope.template() if rope_here else []),
     )
-    spec = _main_spec(has_bias, has_res, glu, norm is not None, pair_here, sk)
+    spec = _main_spec(has_bias, has_res, glu, norm is not None, pair_here)
     return replace(spec, shared_memory=smem), launch
 
 
@@ -1709,7 +1609,7 @@ def _run_kernel(x, w, scales, biases, group_size: int, bits: int, m: int, n: int
         "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
         residual=residual, glu=glu, norm=norm, config=cfg, rope=rope, glu_pair=glu_pair,
     )
-    y = kspec.run(ks, launch)[0]  # (with stream-K its workspace comes second)
+    (y,) = kspec.run(ks, launch)
     if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
         rs, rl = plan_qmm_reduce(y, x.dtype, bias, residual, rope=rope, glu_pair=glu_pair)
         (y,) = kspec.run(rs, rl)

@@ -223,7 +223,6 @@ def qmm_case(
     wf: int = 1,
     wk: int = 0,
     pre: bool | None = None,
-    sk: int = 0,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
@@ -231,8 +230,7 @@ def qmm_case(
     result is silu(x @ gate.T) * (x @ up.T) [m, n/2]. ns: ring slots per warp (the cp.async
     pipeline; 0 keeps the register stages); wf: 16-row feature tiles per warp (2 needs ns);
     wk: warps along K (0: choose_config's), fewer for longer runs of chunks per warp; pre: both
-    register stages loaded ahead (None: choose_config's). sk: stream-K over that many blocks
-    (tiles x chunks cut evenly; parts of a tile summed by its last part)."""
+    register stages loaded ahead (None: choose_config's)."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -246,12 +244,10 @@ def qmm_case(
     rs = mx.array(rng.standard_normal((m, n)).astype(np.float32) * 4).astype(dtype) if res else None
     nw = mx.array(rng.uniform(0.5, 1.5, (k,)).astype(np.float32)).astype(dtype) if norm else None
     cfg = None
-    if split or blocks or ns or wk or pre is not None or sk:
+    if split or blocks or ns or wk or pre is not None:
         base = Q.choose_config(m, n, k, bits)
         cfg = replace(base, s=split or base.s, blocks=blocks, ns=ns, wf=wf, wk=wk or base.wk,
                       pre=base.pre if pre is None else pre)
-        if sk:
-            cfg = replace(cfg, s=1, blocks=sk, sk=True)
     kspec, launch = Q.plan_quantized_matmul(
         "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
         norm=(nw, 1e-5) if norm else None, config=cfg,
@@ -281,8 +277,6 @@ def qmm_case(
         kernels.append(Q.plan_qmm_reduce(part0, dtype, lb, rs, glu_pair=glu_pair))
 
     def run(execute: Executor) -> np.ndarray:
-        if sk:  # twice: the first launch must leave its tile counters at zero for the second
-            execute(kspec, launch)
         y = execute(kspec, launch)[0][0]
         if is_split:
             rspec, rlaunch = Q.plan_qmm_reduce(mx.array(y), dtype, lb, rs, glu_pair=glu_pair)
@@ -296,7 +290,7 @@ def qmm_case(
         f"{'-res' if res else ''}{'-glu' if glu else ''}{'-norm' if norm else ''}"
         f"{'-blocks' + str(blocks) if blocks else ''}{'' if lop3 else '-prmt'}{'-glupair' if glu_pair else ''}"
         f"{'-ring' + str(ns) if ns else ''}{'-wf' + str(wf) if wf > 1 else ''}{'-wk' + str(wk) if wk else ''}"
-        f"{'' if pre is None else '-pre' + str(int(pre))}{'-sk' + str(sk) if sk else ''}"
+        f"{'' if pre is None else '-pre' + str(int(pre))}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -341,16 +335,9 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=3, bits=4, group_size=32, n=64, k=2304, split=1, norm=True, res=True, blocks=2, wk=2, pre=False),
         dict(m=6, bits=8, group_size=32, n=64, k=1152, split=1, res=True, blocks=2, wk=2, pre=True,
              dtype=mx.bfloat16),
-        # stream-K: tiles x chunks cut evenly over the blocks, so tiles are shared by 2-3 blocks
-        # (the last to finish adds the parts): with the norm; the gate product pair epilogue; long
-        # runs of chunks with bias and residual and both stages ahead; 8-bit bf16
-        dict(m=1, bits=4, group_size=32, n=208, k=512, norm=True, sk=5),
-        dict(m=3, bits=4, group_size=32, n=96, norm=True, glu_pair=True, sk=7),
-        dict(m=2, bits=4, group_size=32, n=64, k=2304, res=True, bias=True, sk=3, wk=2, pre=True),
-        dict(m=5, bits=8, group_size=32, n=160, k=512, res=True, sk=6, dtype=mx.bfloat16),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds
         specs = specs[:2] + [s for s in specs if (s.get("ns") and (s.get("split") or s.get("blocks", 0) > 2))
-                             or s.get("split", 0) > 5 or s.get("wk") or s.get("sk")]
+                             or s.get("split", 0) > 5 or s.get("wk")]
     return [qmm_case(rng, **s) for s in specs]

@@ -7,6 +7,7 @@
 set -euo pipefail
 if [ $# -gt 0 ]; then
   d=$(mktemp -d)
+  trap 'rm -rf "$d"' EXIT
   git archive "$1" batchbench scripts pyproject.toml | tar -x -C "$d"
   cd "$d"
 fi

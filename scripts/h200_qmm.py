@@ -63,6 +63,51 @@ if SMALL:
     SHAPES = [(name, n // 8, k // 8) for name, n, k in SHAPES]
 
 
+# QMM_PATCH: other launch geometries for an A/B of the decode step, without touching the
+# package. "name:M:field=value,...;..." with name in PATCH_SHAPES, M one batch size (or a-b),
+# fields of QmmConfig (pre 0/1, blocks=persist: the persistent grid of the patched config).
+# Each patched config is checked against mx.dequantize + float32 before the step is timed.
+PATCH_SHAPES = {"o": (3584, 3584), "qkv": (4608, 3584), "gu": (37888, 3584), "down": (3584, 18944),
+                "lm": (152064, 3584)}
+
+
+def _parse_patch(text: str) -> list[tuple[tuple[int, int], tuple[int, int], dict]]:
+    rules = []
+    for part in filter(None, (t.strip() for t in text.split(";"))):
+        name, ms, fields = part.split(":")
+        lo, _, hi = ms.partition("-")
+        ch = {}
+        for kv in fields.split(","):
+            key, val = kv.split("=")
+            ch[key] = val if val == "persist" else bool(int(val)) if key == "pre" else int(val)
+        rules.append((PATCH_SHAPES[name], (int(lo), int(hi or lo)), ch))
+    return rules
+
+
+PATCH = _parse_patch(os.environ.get("QMM_PATCH", ""))
+_choose = qmm.choose_config
+
+
+def _patched_choose(m: int, n: int, k: int, bits: int):
+    from dataclasses import replace
+
+    cfg = _choose(m, n, k, bits)
+    for (pn, pk), (lo, hi), ch in PATCH:
+        if (n, k) == (pn, pk) and lo <= m <= hi:
+            fields = {key: v for key, v in ch.items() if key != "blocks"}
+            cfg = replace(cfg, **fields)
+            blocks = ch.get("blocks")
+            if blocks == "persist":
+                cfg = qmm.persistent(cfg, k, bits)
+            elif blocks is not None:
+                cfg = replace(cfg, blocks=blocks)
+    return cfg
+
+
+if PATCH:
+    qmm.choose_config = _patched_choose
+
+
 def log(*a) -> None:
     s = " ".join(str(x) for x in a)
     print(s, flush=True)
@@ -443,7 +488,7 @@ def _decode_kernels(chain, bsz: int, wall: float) -> None:
         span = (ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]) / 8 if ks else 0.0
         by: dict = {}
         for e in ks:
-            key = e["name"][:60]
+            key = e["name"][:110]  # long enough to tell launch geometries apart
             n, d = by.get(key, (0, 0.0))
             by[key] = (n + 1, d + e["dur"])
         log(f"    B={bsz}: kernels {len(ks) / 8:.0f} per step, kernel time {tot / 1e3:.3f} ms, GPU span "
@@ -454,8 +499,35 @@ def _decode_kernels(chain, bsz: int, wall: float) -> None:
         err_note(f"decode profile B={bsz}", e)
 
 
+def check_patch(gs: int) -> None:
+    """Each QMM_PATCH config against mx.dequantize + float32 (plain product, fp16)."""
+    from batchbench.kernels import spec as kspec
+
+    for (n, k), (lo, hi), ch in PATCH:
+        for m in sorted({lo, hi}):
+            try:
+                cfg = qmm.choose_config(m, n, k, 4)
+                w = make_weights(n, k, seed=n + k + m)
+                wq, sc, bi = mx.quantize(w, group_size=gs, bits=4)
+                x = mx.random.normal((m, k)).astype(mx.float16)
+                ref = x.astype(mx.float32) @ mx.dequantize(wq, sc, bi, group_size=gs, bits=4).astype(mx.float32).T
+                ks, launch = qmm.plan_quantized_matmul("cuda", x, wq, sc, bi, group_size=gs, bits=4, config=cfg)
+                (y,) = kspec.run(ks, launch)
+                if cfg.s > 1:
+                    rs, rl = qmm.plan_qmm_reduce(y, x.dtype)
+                    (y,) = kspec.run(rs, rl)
+                err = relerr(y, ref)
+                log(f"  patch {n}x{k} M={m}: {cfg} grid {cfg.grid_blocks(n)}: rel err {err:.2e} "
+                    f"{'ok' if err < 5e-3 else 'WRONG'}")
+                RES["correctness"].append(dict(patch=str(cfg), N=n, K=k, M=m, dtype="float16", err=err, ok=err < 5e-3))
+            except Exception as e:  # noqa: BLE001
+                err_note(f"patch check {n}x{k} M={m}", e)
+
+
 def section_decode(gs: int) -> None:
     log(f"\n== decode step, Qwen2.5-7B shape, 4-bit g{gs}, attention excluded; ms per step (median of 10, chain of 8) ==")
+    if PATCH:
+        check_patch(gs)
     if left() < 50:
         log(f"  (skipped: {left():.0f} s left)")
         return

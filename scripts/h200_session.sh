@@ -96,6 +96,11 @@ for what in "$@"; do
                part "scaling-quick-wave$v" 150 env BB_QMM_ONE_WAVE=$v python3 -m batchbench "${M[@]}" -c 140000 \
                  -npp 4096 -ntg 32 -npl 16,32 -fa on --csv "$R/scaling-quick-wave$v.csv"
              done ;;
+    # launch geometries of the decode step's matmuls (scripts/h200_qmm.py's QMM_PATCH), each
+    # checked against mx.dequantize first: CFG_AB="tag@patch ..." ("base@": no patch), at DECODE_B
+    ab-cfg) for v in ${CFG_AB:-base@}; do
+               decode_prof "qmm-decode-prof-${v%%@*}" QMM_PATCH="${v#*@}" QMM_DECODE_B="${DECODE_B:-1}"
+             done ;;
     # both weight stages in flight before the x staging (BB_QMM_PRELOAD2=1 everywhere, auto: where
     # measured faster) against one (0), twice each; PRELOAD_AB="0 1 0 1" by default
     ab-preload) i=0
@@ -123,7 +128,7 @@ for what in "$@"; do
             python3 scripts/h200_qmm.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-preload ab-norm skip-small step-trace tune-balance qmm-step)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -393,6 +393,21 @@ def test_long_k_at_one_token_takes_one_block_per_tile():
     assert qmm.choose_config(2, 3584, 18944, 4).blocks > 0
 
 
+def test_one_token_geometries_measured_in_session_17():
+    """At M=1: q/k/v (288 tiles, 264 resident 256-thread blocks) runs one 128-thread block per
+    tile with 4 chunks a stage; o_proj (224 tiles, one round already), gate/up and lm_head (many
+    tiles) and every M above 1 keep 8 warps along K. The long-K down projection takes two
+    chunks a stage, one block per tile, both stages preloaded."""
+    qkv = qmm.choose_config(1, 4608, 3584, 4)
+    assert (qkv.wk, qkv.p, qkv.blocks, qkv.grid_blocks(4608), qkv.pre) == (4, 4, 0, 288, False)
+    assert qkv.grid_blocks(4608) <= qmm.NARROW_PER_SM * qmm.sm_count()
+    for m, n, k in [(2, 4608, 3584), (8, 4608, 3584), (1, 3584, 3584), (1, 37888, 3584), (1, 152064, 3584),
+                    (1, 4608, 8192)]:  # K too long for 8 chunks a warp at 4 warps
+        assert qmm.choose_config(m, n, k, 4).wk != 4 or qmm.choose_config(m, n, k, 4).wn != 1, (m, n, k)
+    down = qmm.choose_config(1, 3584, 18944, 4)
+    assert (down.p, down.blocks, down.pre, down.s) == (2, 0, True, 1)
+
+
 @pytest.mark.parametrize("switch", [0, 1, 2])
 def test_persistent_grids_in_one_wave_unless_switched_off(monkeypatch, switch):
     """With BB_QMM_ONE_WAVE (2 by default) a persistent grid never asks for more blocks than fit: one 256-thread

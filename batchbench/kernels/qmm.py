@@ -1230,11 +1230,13 @@ def _lop3(cfg: QmmConfig, n: int, k: int) -> bool:
 def _load_depth(m: int, mt: int, n: int, k: int, p: int) -> int:
     """Chunks per load stage, two stages in flight, persistent blocks (H200 sweep,
     results/h200-2026-11-29-s3/qmm-tune.json): two chunks win at M=1 (gate/up 44.2 -> 41.2 us,
-    lm_head 171 -> 153 us) except for the long-K down projection, and for wide or long
-    matrices at M=32 (gate/up 126 -> 101 us, down 84 -> 62 us); narrow matrices at M=32
-    keep three (o_proj 21.5 us)."""
+    lm_head 171 -> 153 us), and for wide or long matrices at M=32 (gate/up 126 -> 101 us,
+    down 84 -> 62 us); narrow matrices at M=32 keep three (o_proj 21.5 us). The long-K down
+    projection at M=1 took one chunk on the persistent grid then; on today's grid (one block
+    per tile, both stages preloaded) two win: 20.2 -> 19.0 us in the decode step, three 19.7
+    (results/h200-2026-11-29-s17, two runs each)."""
     if m == 1:
-        return 1 if k > 8192 else 2
+        return 2
     if mt >= 4:
         return 2 if n >= _WIDE_N or k > 8192 else 3
     return p
@@ -1261,6 +1263,27 @@ def _preload(cfg: QmmConfig, n: int, k: int, bits: int) -> bool:
     per_warp = -(-cfg.slice_chunks(k, bits) // cfg.wk)
     per_block = -(-cfg.tiles(n) // cfg.grid_blocks(n))
     return (per_warp > 2 * cfg.p or per_block >= PRELOAD_TILES) and (cfg.mt == 1 or k > 8192)
+
+
+# One token, one K-slice of at most 8 chunks a warp at 4 warps along K, and more 16-row tiles
+# than two 256-thread blocks per SM hold but no more than three 128-thread blocks (~164
+# registers at 4 chunks a stage): q/k/v of the 7B shape, 288 tiles where 264 blocks fit. One
+# 128-thread block per tile runs them in one round, each warp's 7 chunks in flight at once.
+# H200 decode step (results/h200-2026-11-29-s17/call4, two runs each): q/k/v at M=1 10.1 ->
+# 9.8 us. Not taken: at M = 2 / 4 / 8 it lost (11.2 -> 11.5, 12.7 -> 14.0, 15.6 -> 18.7 us),
+# and o_proj (224 tiles, one round already) lost too (6.2 -> 6.7, call4 `owk4`).
+NARROW_WK, NARROW_P, NARROW_PER_SM = 4, 4, 3
+
+
+def _one_round_narrow(m: int, n: int, k: int, bits: int, cfg: QmmConfig) -> QmmConfig | None:
+    if m != 1 or cfg.s != 1 or cfg.ns or cfg.wn != 1 or cfg.wk != 2 * NARROW_WK:
+        return None
+    tiles = n // 16
+    if not (_resident_blocks(cfg, k, bits) < tiles <= NARROW_PER_SM * sm_count()):
+        return None
+    if k // chunk_k(bits) > 2 * NARROW_P * NARROW_WK:
+        return None
+    return replace(cfg, wk=NARROW_WK, p=NARROW_P, blocks=0)
 
 
 def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
@@ -1296,6 +1319,9 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
             cfg = c
     if ONE_WAVE == 2 and _one_wave(cfg) and cfg.s > 1:
         cfg = _balanced_slices(cfg, n, k, bits)
+    narrow = _one_round_narrow(m, n, k, bits, cfg)
+    if narrow is not None:
+        return replace(narrow, pre=_preload(narrow, n, k, bits))
     if PERSIST and not (m == 1 and (cfg.s > 1 or k > 8192)):
         # one block per tile for the long-K down projection at M=1: split, 31 us vs 33
         # persistent; one K-slice, 25.6 vs 28.1 (H200 tune, results/h200-2026-11-29-s9/call3)

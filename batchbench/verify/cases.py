@@ -223,6 +223,7 @@ def qmm_case(
     wf: int = 1,
     wk: int = 0,
     pre: bool | None = None,
+    p: int = 0,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
@@ -230,7 +231,8 @@ def qmm_case(
     result is silu(x @ gate.T) * (x @ up.T) [m, n/2]. ns: ring slots per warp (the cp.async
     pipeline; 0 keeps the register stages); wf: 16-row feature tiles per warp (2 needs ns);
     wk: warps along K (0: choose_config's), fewer for longer runs of chunks per warp; pre: both
-    register stages loaded ahead (None: choose_config's)."""
+    register stages loaded ahead (None: choose_config's); p: chunks per register stage (0:
+    choose_config's)."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -244,9 +246,9 @@ def qmm_case(
     rs = mx.array(rng.standard_normal((m, n)).astype(np.float32) * 4).astype(dtype) if res else None
     nw = mx.array(rng.uniform(0.5, 1.5, (k,)).astype(np.float32)).astype(dtype) if norm else None
     cfg = None
-    if split or blocks or ns or wk or pre is not None:
+    if split or blocks or ns or wk or p or pre is not None:
         base = Q.choose_config(m, n, k, bits)
-        cfg = replace(base, s=split or base.s, blocks=blocks, ns=ns, wf=wf, wk=wk or base.wk,
+        cfg = replace(base, s=split or base.s, blocks=blocks, ns=ns, wf=wf, wk=wk or base.wk, p=p or base.p,
                       pre=base.pre if pre is None else pre)
     kspec, launch = Q.plan_quantized_matmul(
         "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
@@ -290,7 +292,7 @@ def qmm_case(
         f"{'-res' if res else ''}{'-glu' if glu else ''}{'-norm' if norm else ''}"
         f"{'-blocks' + str(blocks) if blocks else ''}{'' if lop3 else '-prmt'}{'-glupair' if glu_pair else ''}"
         f"{'-ring' + str(ns) if ns else ''}{'-wf' + str(wf) if wf > 1 else ''}{'-wk' + str(wk) if wk else ''}"
-        f"{'' if pre is None else '-pre' + str(int(pre))}"
+        f"{'' if pre is None else '-pre' + str(int(pre))}{'-p' + str(p) if p else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -335,6 +337,9 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=3, bits=4, group_size=32, n=64, k=2304, split=1, norm=True, res=True, blocks=2, wk=2, pre=False),
         dict(m=6, bits=8, group_size=32, n=64, k=1152, split=1, res=True, blocks=2, wk=2, pre=True,
              dtype=mx.bfloat16),
+        # q/k/v's geometry at one token (choose_config's narrow rule): 4 warps along K, 4 chunks
+        # a stage, one block per tile, 7 chunks a warp (the second stage partly empty), the norm
+        dict(m=1, bits=4, group_size=32, n=48, k=3584, split=1, norm=True, wk=4, p=4, pre=False),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds

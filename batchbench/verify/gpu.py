@@ -27,7 +27,7 @@ from batchbench.kernels import spec as kspec_mod
 from batchbench.kernels.spec import KernelSpec, Launch
 from batchbench.verify import cases as C
 from batchbench.verify.mask_cases import mask_cases
-from batchbench.verify.rope_cases import qmm_rope_cases, rope_cases
+from batchbench.verify.rope_cases import qmm_rope_case, qmm_rope_cases, rope_cases
 
 
 def _np(x) -> np.ndarray:
@@ -51,6 +51,15 @@ def gpu_executor(portable: bool) -> C.Executor:
     return execute
 
 
+def model_shape_cases(rng: np.random.Generator) -> list[C.Case]:
+    """The 7B shapes at one token with choose_config's own geometry (too large for the CPU
+    emulator): q/k/v with the norm and RoPE (4 warps along K, one block per tile) and the
+    down projection with the residual (two chunks a stage over 148 chunks, one block per tile)."""
+    return [qmm_rope_case(rng, m=1, n_heads=28, n_kv_heads=4, head_dim=128, k=3584, group_size=32,
+                          bias=True, norm=True),
+            C.qmm_case(rng, m=1, n=3584, k=18944, group_size=32, res=True)]
+
+
 def main() -> int:
     if not mx.cuda.is_available():
         print("batchbench.verify.gpu: this MLX has no CUDA back-end; nothing to do")
@@ -62,7 +71,7 @@ def main() -> int:
     # (each case compiles its kernels twice with NVRTC: the full run takes minutes).
     quick = os.environ.get("BATCHBENCH_VERIFY_QUICK") == "1"
     cases = (C.attention_cases("cuda", rng, quick=quick) + C.qmm_cases(rng) + rope_cases(rng, quick=quick)
-             + qmm_rope_cases(rng)
+             + qmm_rope_cases(rng) + model_shape_cases(rng)
              + mask_cases(rng))
     # BATCHBENCH_VERIFY_ONLY=attn,rope: only these kinds of case (attn, qmm, qmm-rope, rope, mask)
     only = [k.strip() for k in os.environ.get("BATCHBENCH_VERIFY_ONLY", "").split(",") if k.strip()]

@@ -406,6 +406,11 @@ def test_one_token_geometries_measured_in_session_17():
         assert qmm.choose_config(m, n, k, 4).wk != 4 or qmm.choose_config(m, n, k, 4).wn != 1, (m, n, k)
     down = qmm.choose_config(1, 3584, 18944, 4)
     assert (down.p, down.blocks, down.pre, down.s) == (2, 0, True, 1)
+    # the vocabulary projection: 4 warps along N (even share: 2376 four-tile blocks on 264),
+    # gate/up keeps one (its 2368 tiles in fours would fall 2.24 to a block)
+    lm, gate_up = qmm.choose_config(1, 152064, 3584, 4), qmm.choose_config(1, 37888, 3584, 4)
+    assert (lm.wn, lm.wk, lm.p, lm.grid_blocks(152064)) == (4, 2, 2, 264)
+    assert (gate_up.wn, gate_up.wk) == (1, 8)
 
 
 @pytest.mark.parametrize("switch", [0, 1, 2])
@@ -444,7 +449,7 @@ def test_second_stage_preloaded_where_the_h200_measured_it_faster(monkeypatch):
     down, gate_up, qkv, o, lm_head = (3584, 18944), (37888, 3584), (4608, 3584), (3584, 3584), (152064, 3584)
     assert all(qmm.choose_config(m, *down, 4).pre for m in (1, 8, 16, 32, 64))
     assert qmm.choose_config(8, *gate_up, 4).pre and not qmm.choose_config(1, *gate_up, 4).pre
-    assert qmm.choose_config(1, *lm_head, 4).pre  # 36 tiles a persistent block
+    assert qmm.choose_config(1, *lm_head, 4).pre  # 14 chunks a warp, 9 four-tile blocks a persistent block
     assert not any(qmm.choose_config(m, *shape, 4).pre for m in (1, 8, 32) for shape in (qkv, o))
     ring = qmm.choose_config(32, *gate_up, 4)
     assert ring.ns and not ring.pre

@@ -1211,6 +1211,12 @@ _TILES = {1: (1, 8, 2), 2: (2, 4, 2), 4: (4, 2, 2), 8: (4, 2, 1)}
 # M=32 gate/up 113 -> 104 us).
 _WIDE_N = 16384
 _WIDE_TILES = {1: (4, 2, 2), 2: (4, 2, 2), 4: (8, 1, 2), 8: (8, 1, 1)}
+# The vocabulary projection takes them at one token too: 2376 four-tile blocks share out as 9
+# per persistent block and each warp walks 14 chunks a tile instead of 3.5 (H200 decode step,
+# results/h200-2026-11-29-s17/call6, two runs each: lm_head 102.1-102.5 -> 97.2-97.3 us; two
+# warps along N 111 us). gate/up (2368 tiles) keeps one warp along N at M=1: in fours its tiles
+# would fall 2.24 to a block.
+_VOCAB_N = 65536
 _RING_SPLIT_K_N = 65536  # the ring's wide matrices below this width take warps along K (choose_config)
 LONG_K_CHUNKS = 12  # chunks per warp above which K is split over two blocks (down_proj, M=1)
 # BB_QMM_LONG_K_SPLIT=0: keep one K-slice there (one launch less per layer: no reduce kernel)
@@ -1288,7 +1294,7 @@ def _one_round_narrow(m: int, n: int, k: int, bits: int, cfg: QmmConfig) -> QmmC
 
 def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
     mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
-    wn, wk, p = _WIDE_TILES[mt] if m > 1 and n >= _WIDE_N else _TILES[mt]
+    wn, wk, p = _WIDE_TILES[mt] if (m > 1 and n >= _WIDE_N) or n >= _VOCAB_N else _TILES[mt]
     while n % (16 * wn):  # keep the block's warps: trade warps along N for warps along K
         wn, wk = wn // 2, wk * 2
     nch = k // chunk_k(bits)

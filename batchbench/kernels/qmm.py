@@ -1282,12 +1282,14 @@ NARROW_WK, NARROW_P, NARROW_PER_SM = 4, 4, 3
 
 
 def _one_round_narrow(m: int, n: int, k: int, bits: int, cfg: QmmConfig) -> QmmConfig | None:
-    if m != 1 or cfg.s != 1 or cfg.ns or cfg.wn != 1 or cfg.wk != 2 * NARROW_WK:
+    """cfg (one token tile, 1 x 8 warps, one K-slice, register stages) on 128-thread blocks,
+    one per tile, where that fits the rule above; else None."""
+    if m != 1 or cfg.s != 1 or cfg.ns or (cfg.wn, cfg.wk) != (1, 8):
         return None
     tiles = n // 16
     if not (_resident_blocks(cfg, k, bits) < tiles <= NARROW_PER_SM * sm_count()):
         return None
-    if k // chunk_k(bits) > 2 * NARROW_P * NARROW_WK:
+    if k // chunk_k(bits) > 2 * NARROW_P * NARROW_WK:  # a warp's chunks must fit both stages
         return None
     return replace(cfg, wk=NARROW_WK, p=NARROW_P, blocks=0)
 

@@ -16,6 +16,10 @@ are skipped (and say so) when the time budget (env QMM_BUDGET_S, default 240 s) 
    lm_head, whole step under mx.compile, chain of 8 dependent steps, median of 10; MLX's
    nn.QuantizedLinear vs ours (use_fast_quantized_linears) vs ours with q/k/v and gate/up fused.
 4. kernel time from a torch.profiler (CUPTI) trace: sum of kernel durations per call.
+
+QMM_PATCH="name:M:field=value,...;..." runs the matmuls of one shape and range of M with another
+launch geometry (see PATCH_SHAPES below), each checked against mx.dequantize first; the session
+part `ab-cfg` (scripts/h200_session.sh) times a list of them in the decode step.
 """
 
 from __future__ import annotations

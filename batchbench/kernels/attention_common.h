@@ -352,10 +352,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     }
   }
 
-  const long pair = (long)row * (n_kv_heads * HC) + bx; // (row, kv head, head chunk)
   const bool wsplit = WSPLIT && LIVE && n_split > 1;
-  const long w_at = pair * n_split; // this pair's weights in wt; its rates w_rates further on
-  const long w_rates = (long)n_rows * n_kv_heads * HC * n_split;
   int w_lo = 0, w_hi = 0;
   long w_t0 = 0;
 
@@ -384,7 +381,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     if (wsplit) {
       // This split's share [w_lo, w_hi), its warps round-robin inside it. The share depends
       // on the count, so the first entries load one round trip later than without weights.
-      bb_attn_wshare(wt + w_at, n_split, split, count, &w_lo, &w_hi);
+      const long w_pair = (long)row * (n_kv_heads * HC) + bx; // `pair` below
+      bb_attn_wshare(wt + w_pair * n_split, n_split, split, count, &w_lo, &w_hi);
       cur.base = w_lo + warp;
       cur.step = W;
       count = w_hi;
@@ -607,6 +605,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   bb_sync_block();
 
   BB_STAMP(5);
+  const long pair = (long)row * (n_kv_heads * HC) + bx; // (row, kv head, head chunk)
   if (n_split == 1) {
     for (int i = tid; i < GH * D; i += W * 32) {
       const int r = i / D, d = i % D;
@@ -621,6 +620,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       }
     }
   } else {
+    // WSPLIT: the pair's weights in wt, and its splits' walk rates w_rates further on.
+    const long w_at = pair * n_split, w_rates = (long)n_rows * n_kv_heads * HC * n_split;
     // This split's partial record (REC above).
     BB_GLOBAL float* rec = ws + (pair * n_split + split) * REC;
     for (int i = tid; i < GH * D; i += W * 32) {

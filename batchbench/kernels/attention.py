@@ -271,43 +271,35 @@ def _dummy_weights() -> mx.array:
 
 
 _COUNTER_POOL = 16
-_counters: dict[int, list] = {}
+_pools: dict[tuple, list] = {}
 
 
-def _counter_array(n: int) -> mx.array:
-    """A zeroed int32 buffer of >= n counters; the kernel leaves it zeroed again.
-
-    Kernels that run concurrently must not share counters, so calls rotate over a pool
-    (MLX may overlap independent launches; a chain of dependent layers never overlaps).
-    """
-    size = max(64, 1 << (max(n, 1) - 1).bit_length())
-    entry = _counters.get(size)
+def _pooled(key: tuple, make) -> mx.array:
+    """The next of _COUNTER_POOL buffers made by `make()` for `key`, in rotation. Kernels that
+    run concurrently must not share a buffer they write (MLX may overlap independent
+    launches; a chain of dependent layers never overlaps)."""
+    entry = _pools.get(key)
     if entry is None:
-        arrays = [mx.zeros((size,), dtype=mx.int32) for _ in range(_COUNTER_POOL)]
+        arrays = [make() for _ in range(_COUNTER_POOL)]
         mx.eval(arrays)
-        entry = _counters[size] = [arrays, 0]
+        entry = _pools[key] = [arrays, 0]
     arrays, i = entry
     entry[1] = (i + 1) % _COUNTER_POOL
     return arrays[i]
 
 
-_tables: dict[int, list] = {}
+def _counter_array(n: int) -> mx.array:
+    """A zeroed int32 buffer of >= n counters; the kernel leaves it zeroed again."""
+    size = max(64, 1 << (max(n, 1) - 1).bit_length())
+    return _pooled(("counters", size), lambda: mx.zeros((size,), dtype=mx.int32))
 
 
 def _weight_table(n: int) -> mx.array:
     """float32 [2n] for n (pair, split) slots: weights (1.0 to start), then walk rates. The
-    kernel updates the weights in place for the next launch. Calls rotate over a pool, as the
-    counters do: a launch's splits must all read the same weights, so concurrent kernels must
-    not share a table."""
-    entry = _tables.get(n)
-    if entry is None:
-        arrays = [mx.concatenate([mx.ones((n,), mx.float32), mx.zeros((max(n, _MIN_ELEMS),), mx.float32)])
-                  for _ in range(_COUNTER_POOL)]
-        mx.eval(arrays)
-        entry = _tables[n] = [arrays, 0]
-    arrays, i = entry
-    entry[1] = (i + 1) % _COUNTER_POOL
-    return arrays[i]
+    kernel updates the weights in place for the next launch; a launch's splits must all read
+    the same weights, hence the pool."""
+    return _pooled(("weights", n), lambda: mx.concatenate(
+        [mx.ones((n,), mx.float32), mx.zeros((max(n, _MIN_ELEMS),), mx.float32)]))
 
 
 _live_memo: list = [None, None, None]  # (blocks, counts, packed): layers reuse one packing

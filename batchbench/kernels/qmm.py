@@ -1286,10 +1286,9 @@ def _one_round_narrow(m: int, n: int, k: int, bits: int, cfg: QmmConfig) -> QmmC
     one per tile, where that fits the rule above; else None."""
     if m != 1 or cfg.s != 1 or cfg.ns or (cfg.wn, cfg.wk) != (1, 8):
         return None
-    tiles = n // 16
-    if not (_resident_blocks(cfg, k, bits) < tiles <= NARROW_PER_SM * sm_count()):
+    if not (_resident_blocks(cfg, k, bits) < cfg.tiles(n) <= NARROW_PER_SM * sm_count()):
         return None
-    if k // chunk_k(bits) > 2 * NARROW_P * NARROW_WK:  # a warp's chunks must fit both stages
+    if cfg.slice_chunks(k, bits) > 2 * NARROW_P * NARROW_WK:  # a warp's chunks must fit both stages
         return None
     return replace(cfg, wk=NARROW_WK, p=NARROW_P, blocks=0)
 

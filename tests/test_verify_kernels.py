@@ -194,13 +194,15 @@ def test_qmm_norm_variant_by_rows(monkeypatch):
     assert Q.norm_variant(8, False) == (True, False)
 
 
-def _weighted_case(monkeypatch, backend, rng, splits, table, d=64, g=4):
+def _weighted_case(monkeypatch, backend, rng, splits, table=None, d=64, g=4):
     """A live-list case over two rows of 2500 cells (79 blocks each) with the weighted splits
-    on and `table` (n -> float32 [>= 2n]) as the kernel's weight table."""
+    on and `table` (n -> float32 [>= 2n]; None: the kernel's own, weights 1) as the kernel's
+    weight table."""
     from batchbench.kernels import attention as A
 
     monkeypatch.setattr(A, "WSPLIT", True)
-    monkeypatch.setattr(A, "_weight_table", table)
+    if table is not None:
+        monkeypatch.setattr(A, "_weight_table", table)
     vis = np.zeros((2, 5000), dtype=bool)
     vis[0, :2500] = vis[1, 2500:] = True
     case = attention_case(backend, rng, d=d, g=g, hkv=2, splits=splits, live="exact", visible=vis)
@@ -243,9 +245,7 @@ def test_weighted_splits_learn_from_walk_rates(monkeypatch, backend):
     toolchain.need(toolchain.host_cxx)
     rng = np.random.default_rng(SEED)
     splits = 4
-    case, kspec, launch, at = _weighted_case(
-        monkeypatch, backend, rng, splits,
-        lambda n: mx.array(np.concatenate([np.ones(n, np.float32), np.zeros(max(n, 8), np.float32)])))
+    case, kspec, launch, at = _weighted_case(monkeypatch, backend, rng, splits)
     fake = dataclasses.replace(kspec, header="#define BB_FAKE_CLOCK 1\n" + kspec.header, name=kspec.name + "_fc")
     rate = 1.0 / (1.0 + np.arange(splits))
     w = np.ones((launch.grid[2] * launch.grid[0] // launch.threadgroup[0], splits))  # pairs x splits
@@ -310,9 +310,8 @@ def test_weighted_split_kernels_compile(monkeypatch):
     toolchain.need(toolchain.nvcc)
     toolchain.need(toolchain.clang)
     rng = np.random.default_rng(SEED)
-    ones = lambda n: mx.array(np.concatenate([np.ones(n, np.float32), np.zeros(max(n, 8), np.float32)]))  # noqa: E731
-    assert_compile_for_sm90a([_weighted_case(monkeypatch, "cuda", rng, 4, ones, d=128, g=7)[0].kernels[0]])
-    for r in check_all([_weighted_case(monkeypatch, "metal", rng, 4, ones, d=128, g=7)[0].kernels[0]]):
+    assert_compile_for_sm90a([_weighted_case(monkeypatch, "cuda", rng, 4, d=128, g=7)[0].kernels[0]])
+    for r in check_all([_weighted_case(monkeypatch, "metal", rng, 4, d=128, g=7)[0].kernels[0]]):
         assert r.ok, f"{r.kernel_name} does not compile against the Metal stand-in:\n{r.log}"
 
 

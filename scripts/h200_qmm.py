@@ -17,6 +17,7 @@ are skipped (and say so) when the time budget (env QMM_BUDGET_S, default 240 s) 
    nn.QuantizedLinear vs ours (use_fast_quantized_linears) vs ours with q/k/v and gate/up fused.
 4. kernel time from a torch.profiler (CUPTI) trace: sum of kernel durations per call.
 
+QMM_HOT=1 times every call on the same weights (L2-hot where they fit) instead of rotating copies.
 QMM_PATCH="name:M:field=value,...;..." runs the matmuls of one shape and range of M with another
 launch geometry (see PATCH_SHAPES below), each checked against mx.dequantize first; the session
 part `ab-cfg` (scripts/h200_session.sh) times a list of them in the decode step.
@@ -260,8 +261,15 @@ def section_correctness(weights: dict) -> None:
 
 
 # --------------------------------------------------------------------------- kernel timing
+# QMM_HOT=1: every call reads the same weights (L2-resident where they fit in its 50 MB), to
+# see how much of a kernel's time is not the weight read itself
+HOT = os.environ.get("QMM_HOT") == "1"
+
+
 def _copies(arrs: list[mx.array], nbytes: int) -> list[list[mx.array]]:
     r = max(1, min(256, math.ceil(320e6 / nbytes)))
+    if HOT:
+        return [arrs] * max(r, 8)
     out = [arrs] + [[a + 0 for a in arrs] for _ in range(r - 1)]
     mx.eval(out)
     return out

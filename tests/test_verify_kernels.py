@@ -194,76 +194,6 @@ def test_qmm_norm_variant_by_rows(monkeypatch):
     assert Q.norm_variant(8, False) == (True, False)
 
 
-def _weighted_case(monkeypatch, backend, rng, splits, table=None, d=64, g=4):
-    """A live-list case over two rows of 2500 cells (79 blocks each) with the weighted splits
-    on and `table` (n -> float32 [>= 2n]; None: the kernel's own, weights 1) as the kernel's
-    weight table."""
-    from batchbench.kernels import attention as A
-
-    monkeypatch.setattr(A, "WSPLIT", True)
-    if table is not None:
-        monkeypatch.setattr(A, "_weight_table", table)
-    vis = np.zeros((2, 5000), dtype=bool)
-    vis[0, :2500] = vis[1, 2500:] = True
-    case = attention_case(backend, rng, d=d, g=g, hkv=2, splits=splits, live="exact", visible=vis)
-    kspec, launch = case.kernels[0]
-    assert dict(launch.template)["WSPLIT"] and launch.grid[1] == splits
-    return case, kspec, launch, list(kspec.input_names).index("wt")
-
-
-@pytest.mark.parametrize("backend,splits", [("cuda", 4), ("cuda", 19), ("metal", 4)])
-def test_weighted_splits_emulated_any_table(monkeypatch, backend, splits):
-    """BB_ATTN_WSPLIT: each split takes a contiguous share of its row's live list in proportion
-    to its weight. Any table gives the float64 result: weights past the clamp, zero, negative,
-    NaN (splits without a block included); without a timer (the portable build, Metal) every
-    split reports its rate as unknown and the weights stay as they were."""
-    toolchain.need(toolchain.host_cxx)
-    rng = np.random.default_rng(SEED + splits)
-    made = []
-
-    def table(n):
-        w = rng.choice(np.array([0.0, -1.0, np.nan, 1e-3, 0.3, 1.0, 2.5, 40.0], np.float32), n)
-        t = np.concatenate([w, np.zeros(max(n, 8), np.float32)])
-        made.append(t)
-        return mx.array(t)
-
-    case, kspec, launch, at = _weighted_case(monkeypatch, backend, rng, splits, table)
-    verify_emulated(case, SEED)
-    res = emulate(kspec, launch)
-    n = launch.grid[1] * launch.grid[2] * launch.grid[0] // launch.threadgroup[0]  # (pair, split) slots
-    after = res.inputs_after[at]
-    assert np.array_equal(after[:n].view(np.uint8), made[-1][:n].view(np.uint8))
-    assert np.all(after[n:2 * n] == -1.0)
-
-
-@pytest.mark.parametrize("backend", ["cuda", "metal"])
-def test_weighted_splits_learn_from_walk_rates(monkeypatch, backend):
-    """With a stand-in timer under which split s walks at 1 / (1 + s) of split 0's speed
-    (BB_FAKE_CLOCK), each pair's last split moves the weights halfway from the old ones (mean
-    1) toward the rates (mean 1). The next launch, on the uneven shares that gives, still
-    matches float64 and moves them further the same way."""
-    toolchain.need(toolchain.host_cxx)
-    rng = np.random.default_rng(SEED)
-    splits = 4
-    case, kspec, launch, at = _weighted_case(monkeypatch, backend, rng, splits)
-    fake = dataclasses.replace(kspec, header="#define BB_FAKE_CLOCK 1\n" + kspec.header, name=kspec.name + "_fc")
-    rate = 1.0 / (1.0 + np.arange(splits))
-    w = np.ones((launch.grid[2] * launch.grid[0] // launch.threadgroup[0], splits))  # pairs x splits
-    for _ in range(2):
-        res = emulate(fake, launch)
-        got = np.asarray(res[0], np.float64).transpose(0, 2, 1, 3)
-        assert np.abs(got - case.expected).max() <= case.atol
-        assert not np.any(res.inputs_after[list(kspec.input_names).index("counters")])
-        table = res.inputs_after[at]
-        q = np.clip(np.floor(w * 256), 16, 4096) / 256  # the kernel's integer weights
-        w = 0.5 * splits * (q / q.sum(axis=1, keepdims=True) + rate / rate.sum())
-        np.testing.assert_allclose(table[: w.size].reshape(w.shape), w, rtol=1e-5)
-        assert np.all(np.diff(w, axis=1) < 0)
-        inputs = list(launch.inputs)
-        inputs[at] = mx.array(table)
-        launch = dataclasses.replace(launch, inputs=inputs)
-
-
 @pytest.mark.parametrize("splits", [1, 4])
 def test_attention_timeline_build_stamps_every_block(splits):
     """The diagnostic build (phase timestamps after the split records) keeps the result, and
@@ -302,17 +232,6 @@ def test_cuda_kernels_compile_for_sm90a():
         *qmm_case(rng, m=3, bits=4).kernels,
         *qmm_case(rng, m=5, bits=8, dtype=mx.bfloat16, split=2, bias=True).kernels,
     ])
-
-
-def test_weighted_split_kernels_compile(monkeypatch):
-    """The weighted-split build (BB_ATTN_WSPLIT) at the 7B shape: sm_90a SASS without spills
-    (clock64 for the walk time), and the Metal source against the stand-in."""
-    toolchain.need(toolchain.nvcc)
-    toolchain.need(toolchain.clang)
-    rng = np.random.default_rng(SEED)
-    assert_compile_for_sm90a([_weighted_case(monkeypatch, "cuda", rng, 4, d=128, g=7)[0].kernels[0]])
-    for r in check_all([_weighted_case(monkeypatch, "metal", rng, 4, d=128, g=7)[0].kernels[0]]):
-        assert r.ok, f"{r.kernel_name} does not compile against the Metal stand-in:\n{r.log}"
 
 
 def test_metal_kernels_compile(cases):

@@ -20,7 +20,7 @@ from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
-from batchbench import ON_OFF, backend, env_choice, env_number
+from batchbench import backend, env_number
 from batchbench.kernels import spec
 from batchbench.kernels.spec import KernelSpec, Launch
 
@@ -59,9 +59,8 @@ _FLOATS = (mx.float16, mx.bfloat16, mx.float32)
 
 _CUDA_BODY = """
   extern __shared__ __align__(16) unsigned char bb_smem[];
-  bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE, WSPLIT>(
-      q, k, v, mask, live, const_cast<int*>(reinterpret_cast<const int*>(counters)),
-      const_cast<float*>(wt), out, ws,
+  bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE>(
+      q, k, v, mask, live, const_cast<int*>(reinterpret_cast<const int*>(counters)), out, ws,
       q_shape[2], k_shape[1], k_shape[2], mask_shape[1], live_shape[1],
       __int_as_float(SCALE_BITS), (int)blockIdx.x, (int)blockIdx.y, (int)gridDim.y,
       (int)blockIdx.z, (int)(threadIdx.x & 31), (int)(threadIdx.x >> 5), bb_smem);
@@ -69,8 +68,8 @@ _CUDA_BODY = """
 
 _METAL_BODY = """
   threadgroup uint4 bb_smem[(bb_attn_smem_bytes<D, W, STAGES, sizeof(T), (G < 16 ? G : 16)>() + 15) / 16];
-  bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE, WSPLIT>(
-      q, k, v, mask, live, (device int*)counters, (device float*)wt, out, ws,
+  bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE>(
+      q, k, v, mask, live, (device int*)counters, out, ws,
       q_shape[2], k_shape[1], k_shape[2], mask_shape[1], live_shape[1],
       as_type<float>(SCALE_BITS), (int)threadgroup_position_in_grid.x,
       (int)threadgroup_position_in_grid.y, (int)threadgroups_per_grid.y,
@@ -232,12 +231,6 @@ MIN_BLOCKS = env_number("BB_ATTN_MIN_BLOCKS", 8)
 # 1: a whole block's 32 mask values ride in its K/V pipeline stage; 0: the walk loads them
 # from global memory per block, as before (A/B runs).
 MASK_STAGE = env_number("BB_ATTN_MASK_STAGE", 1)
-# 1: with live lists and more than one split, each split takes a contiguous share of its row's
-# list in proportion to a weight that the pair's last split learns from the splits' walk rates
-# (attention_common.h, WSPLIT; CUDA times the walks, Metal has no timer and keeps equal
-# shares). 0: the round-robin shares (the default). Prepared in the seventeenth session for the
-# B >= 8 imbalance between SMs (docs/perf-notes.md); not yet measured on the H200.
-WSPLIT = env_choice("BB_ATTN_WSPLIT", "0", ON_OFF) == "1"
 
 
 def choose_splits(pairs: int, n_blk: int, warps: int, d: int = 128) -> int:
@@ -263,43 +256,25 @@ def _dummy_live() -> mx.array:
     return a
 
 
-@functools.lru_cache(maxsize=None)
-def _dummy_weights() -> mx.array:
-    a = mx.ones((_MIN_ELEMS,), dtype=mx.float32)
-    mx.eval(a)
-    return a
-
-
 _COUNTER_POOL = 16
-_pools: dict[tuple, list] = {}
-
-
-def _pooled(key: tuple, make) -> mx.array:
-    """The next of _COUNTER_POOL buffers made by `make()` for `key`, in rotation. Kernels that
-    run concurrently must not share a buffer they write (MLX may overlap independent
-    launches; a chain of dependent layers never overlaps)."""
-    entry = _pools.get(key)
-    if entry is None:
-        arrays = [make() for _ in range(_COUNTER_POOL)]
-        mx.eval(arrays)
-        entry = _pools[key] = [arrays, 0]
-    arrays, i = entry
-    entry[1] = (i + 1) % _COUNTER_POOL
-    return arrays[i]
+_counters: dict[int, list] = {}
 
 
 def _counter_array(n: int) -> mx.array:
-    """A zeroed int32 buffer of >= n counters; the kernel leaves it zeroed again."""
+    """A zeroed int32 buffer of >= n counters; the kernel leaves it zeroed again.
+
+    Kernels that run concurrently must not share counters, so calls rotate over a pool
+    (MLX may overlap independent launches; a chain of dependent layers never overlaps).
+    """
     size = max(64, 1 << (max(n, 1) - 1).bit_length())
-    return _pooled(("counters", size), lambda: mx.zeros((size,), dtype=mx.int32))
-
-
-def _weight_table(n: int) -> mx.array:
-    """float32 [2n] for n (pair, split) slots: weights (1.0 to start), then walk rates. The
-    kernel updates the weights in place for the next launch; a launch's splits must all read
-    the same weights, hence the pool."""
-    return _pooled(("weights", n), lambda: mx.concatenate(
-        [mx.ones((n,), mx.float32), mx.zeros((max(n, _MIN_ELEMS),), mx.float32)]))
+    entry = _counters.get(size)
+    if entry is None:
+        arrays = [mx.zeros((size,), dtype=mx.int32) for _ in range(_COUNTER_POOL)]
+        mx.eval(arrays)
+        entry = _counters[size] = [arrays, 0]
+    arrays, i = entry
+    entry[1] = (i + 1) % _COUNTER_POOL
+    return arrays[i]
 
 
 _live_memo: list = [None, None, None]  # (blocks, counts, packed): layers reuse one packing
@@ -378,7 +353,6 @@ def plan_decode_attention(
     live = pack_live_blocks(live_blocks) if use_live else _dummy_live()
     pairs = t * hkv * hc
     n_split = choose_splits(pairs, n_blk, warps, d)
-    wsplit = WSPLIT and use_live and n_split > 1
     ws_size = pairs * n_split * record_floats(gh, d) if n_split > 1 else 4
     smem = smem_bytes(d, warps, stages, q.dtype.size, gh)
     header, body = kernel_source(backend_name)
@@ -392,7 +366,7 @@ def plan_decode_attention(
     kspec = KernelSpec(
         backend=backend_name,
         name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_tl' if timeline else ''}{'' if MASK_STAGE else '_ms0'}",
-        input_names=("q", "k", "v", "mask", "live", "counters", "wt"),
+        input_names=("q", "k", "v", "mask", "live", "counters"),
         output_names=("out", "ws"),
         source=body,
         header=header,
@@ -400,8 +374,7 @@ def plan_decode_attention(
         shared_memory=smem if backend_name == "cuda" else 0,
     )
     launch = Launch(
-        inputs=[q, k, v, mask, live, _counter_array(pairs),
-                _weight_table(pairs * n_split) if wsplit else _dummy_weights()],
+        inputs=[q, k, v, mask, live, _counter_array(pairs)],
         # token-major [1, T, Hq, D]: the o projection reads it as [T, Hq*D] without a copy
         output_shapes=[(1, t, hq, d), (ws_size,)],
         output_dtypes=[q.dtype, mx.float32],
@@ -416,7 +389,6 @@ def plan_decode_attention(
             ("STAGES", stages),
             ("SKIP", bool(skip)),
             ("LIVE", use_live),
-            ("WSPLIT", wsplit),
             ("SCALE_BITS", spec.f32_bits(scale)),
         ],
     )

@@ -220,54 +220,6 @@ BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_SHARED MT* mt
   }
 }
 
-// Weighted splits (WSPLIT; live lists and more than one split): split s of a (row, kv head)
-// takes a contiguous share of the row's live list in proportion to weight s of the pair's
-// n_split weights in `wt`, which the pair's last split updates from every split's walk rate
-// for the next launch. Splits on faster SMs then take more blocks (the block-to-SM mapping
-// repeats from launch to launch). Any positive table is correct; only the speed depends on it.
-// Weights are rounded to integers (1.0 -> 256, kept to 16..4096) so that neighbouring splits
-// compute their common boundary exactly.
-BB_FN int bb_attn_wq(float w) {
-  const float x = (w > 0.0f ? w : 1.0f) * 256.0f; // NaN fails w > 0 as well
-  return x < 16.0f ? 16 : (x > 4096.0f ? 4096 : (int)x);
-}
-BB_FN void bb_attn_wshare(BB_GLOBAL const float* w, int n, int split, int count, BB_THREAD int* lo,
-                          BB_THREAD int* hi) {
-  int below = 0, mine = 0, total = 0;
-  for (int j = 0; j < n; ++j) {
-    const int qw = bb_attn_wq(bb_load_coherent(w + j));
-    below += j < split ? qw : 0;
-    mine = j == split ? qw : mine;
-    total += qw;
-  }
-  *lo = (int)(((long)count * below) / total);
-  *hi = (int)(((long)count * (below + mine)) / total);
-}
-// The last split's update: halfway from the old weights (scaled to mean 1) toward the splits'
-// rates (blocks per tick, scaled to mean 1). Unchanged when any rate is unknown (<= 0: no
-// timer, or a split without blocks). At the fixed point the weights follow the SMs' speeds
-// (a split's fixed cost cancels out).
-BB_FN void bb_attn_wupdate(BB_GLOBAL float* w, BB_GLOBAL const float* rate, int n) {
-  float rs = 0.0f, ws = 0.0f;
-  for (int j = 0; j < n; ++j) {
-    const float r = bb_load_coherent(rate + j);
-    if (!(r > 0.0f)) {
-      return;
-    }
-    rs += r;
-    ws += bb_attn_wq(w[j]) * (1.0f / 256.0f);
-  }
-  for (int j = 0; j < n; ++j) {
-    const float nw = 0.5f * n * (bb_attn_wq(w[j]) * (1.0f / 256.0f) / ws + bb_load_coherent(rate + j) / rs);
-    w[j] = nw < 0.0625f ? 0.0625f : (nw > 16.0f ? 16.0f : nw);
-  }
-}
-#ifdef BB_FAKE_CLOCK // tests: split s walks its blocks at 1 / (1 + s) of split 0's speed
-#define BB_WALK_TICKS(t0, s, blocks) ((long)(blocks) * (1 + (s)))
-#else
-#define BB_WALK_TICKS(t0, s, blocks) (bb_clock() - (t0))
-#endif
-
 // Phase timestamps (diagnostic builds only: attention.py's `timeline`, CUDA). Thread 0 of every
 // block writes BB_STAMPS pairs of 32-bit words after the split records in ws: its SM id, then
 // the global timer at entry (1), list filled (2), first K/V block landed (3), walk done (4),
@@ -286,11 +238,10 @@ BB_FN void bb_attn_wupdate(BB_GLOBAL float* w, BB_GLOBAL const float* rate, int 
   } while (0)
 #endif
 
-template <typename T, typename MT, int D, int G, int W, int STAGES, bool SKIP, bool LIVE, bool WSPLIT,
+template <typename T, typename MT, int D, int G, int W, int STAGES, bool SKIP, bool LIVE,
           typename MaskPtr, typename LivePtr>
 BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL const T* v,
                           MaskPtr mask, LivePtr live, BB_GLOBAL int* counters,
-                          BB_GLOBAL float* wt, // WSPLIT: weights [pairs][n_split], then rates
                           BB_GLOBAL T* out, BB_GLOBAL float* ws,
                           int n_rows,     // T: token rows (q.shape[2])
                           int n_kv_heads, // Hkv
@@ -352,10 +303,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     }
   }
 
-  const bool wsplit = WSPLIT && LIVE && n_split > 1;
-  int w_lo = 0, w_hi = 0;
-  long w_t0 = 0;
-
   BBCursor<MT, MaskPtr, LivePtr, SKIP, LIVE> cur;
   cur.mrow = mrow;
   cur.lrow = LIVE ? live + (long)row * live_stride : live;
@@ -370,28 +317,12 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   cur.step = n_split * W;
   cur.ahead = -1;
   if (LIVE) {
-    if (!wsplit) {
-      const int fi = 1 + cur.base + lane * cur.step;
-      if (fi < live_stride) {
-        cur.ahead = cur.lrow[fi];
-      }
+    const int fi = 1 + cur.base + lane * cur.step;
+    if (fi < live_stride) {
+      cur.ahead = cur.lrow[fi];
     }
     int count = bb_mini(cur.lrow[0], live_stride - 1);
     count = count < 0 ? 0 : count;
-    if (wsplit) {
-      // This split's share [w_lo, w_hi), its warps round-robin inside it. The share depends
-      // on the count, so the first entries load one round trip later than without weights.
-      const long w_pair = (long)row * (n_kv_heads * HC) + bx; // `pair` below
-      bb_attn_wshare(wt + w_pair * n_split, n_split, split, count, &w_lo, &w_hi);
-      cur.base = w_lo + warp;
-      cur.step = W;
-      count = w_hi;
-      const int fi = 1 + cur.base + lane * cur.step;
-      if (fi < live_stride) {
-        cur.ahead = cur.lrow[fi];
-      }
-      w_t0 = bb_clock();
-    }
     cur.src_end = count - cur.base > 0 ? (count - cur.base + cur.step - 1) / cur.step : 0;
   } else {
     cur.src_end = n_blk - cur.base > 0 ? (n_blk - cur.base + cur.step - 1) / cur.step : 0;
@@ -620,8 +551,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       }
     }
   } else {
-    // WSPLIT: the pair's weights in wt, and its splits' walk rates w_rates further on.
-    const long w_at = pair * n_split, w_rates = (long)n_rows * n_kv_heads * HC * n_split;
     // This split's partial record (REC above).
     BB_GLOBAL float* rec = ws + (pair * n_split + split) * REC;
     for (int i = tid; i < GH * D; i += W * 32) {
@@ -635,10 +564,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     if (tid < GH) {
       rec[GH * D + tid * 2 + 0] = row_s[tid * 2 + 0];
       rec[GH * D + tid * 2 + 1] = row_s[tid * 2 + 1];
-    }
-    if (wsplit && tid == 0) { // this split's walk rate, for the last split's weight update
-      const long ticks = BB_WALK_TICKS(w_t0, split, w_hi - w_lo);
-      wt[w_rates + w_at + split] = ticks > 0 && w_hi > w_lo ? (float)(w_hi - w_lo) / (float)ticks : -1.0f;
     }
     // Every thread's record writes are ordered before the count by the barrier and the
     // release of thread 0's atomic (bb_split_arrive); the last block acquires them there.
@@ -737,9 +662,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         }
       }
       if (tid == 0) {
-        if (wsplit) {
-          bb_attn_wupdate(wt + w_at, wt + w_rates + w_at, n_split);
-        }
         bb_atomic_store(counters + pair, 0); // ready for the next launch
       }
     }

@@ -125,13 +125,6 @@ BB_FN void bb_split_acquire() {}
 BB_FN void bb_atomic_store(int* p, int v) { atomicExch(p, v); }
 // Partials written by other blocks: read through L2, never a stale L1 line.
 BB_FN float bb_load_coherent(const float* p) { return __ldcg(p); }
-// Cycles on this SM (weighted splits time their walk; start and end run on one SM). The
-// portable build has no timer: 0, so the split weights are never updated there.
-#ifdef BB_PORTABLE
-BB_FN long bb_clock() { return 0; }
-#else
-BB_FN long bb_clock() { return (long)clock64(); }
-#endif
 
 // ---- phase timestamps (diagnostic builds, BB_TIMELINE) ------------------------
 

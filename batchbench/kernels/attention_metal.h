@@ -120,8 +120,6 @@ BB_FN int bb_split_arrive(device int* p) {
 }
 BB_FN void bb_split_acquire() { bb_fence_device(); }
 BB_FN float bb_load_coherent(device const float* p) { return *(device const volatile float*)p; }
-// No timer a shader can read: the weighted splits keep their weights (see attention_cuda.h).
-BB_FN long bb_clock() { return 0; }
 
 // ---- copies (synchronous) ---------------------------------------------------
 

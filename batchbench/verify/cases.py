@@ -80,7 +80,6 @@ def attention_case(
     visible: np.ndarray | None = None,
     splits: int | None = None,
     timeline: bool = False,
-    wsplit: bool = False,
 ) -> Case:
     """Decode attention over a unified-cache layout (attention_cases.make_layout).
 
@@ -88,8 +87,7 @@ def attention_case(
     (owned blocks of the row's sequence, as the cache bookkeeping gives them). splits: plan
     for a GPU small enough to give that many KV splits (few splits: each warp walks many
     blocks through its pipeline; one split writes the output without the merge). timeline:
-    the diagnostic build that also writes phase stamps (CUDA). wsplit: the weighted splits
-    (BB_ATTN_WSPLIT) with the kernel's own weight table."""
+    the diagnostic build that also writes phase stamps (CUDA)."""
     layout = dict(kind="contiguous", n_seq=3, max_prompt=70) if layout is None else layout
     if visible is None:
         lay = make_layout(rng, **layout)
@@ -117,7 +115,6 @@ def attention_case(
     # The cases' windows are short; the production floor of blocks per split would leave
     # most of them one split and the merge untested.
     saved_min, A.MIN_BLOCKS = A.MIN_BLOCKS, 1
-    saved_ws, A.WSPLIT = A.WSPLIT, wsplit or A.WSPLIT
     try:
         if sms is not None:
             os.environ["BB_ATTN_SMS"] = str(sms)
@@ -126,7 +123,6 @@ def attention_case(
         )
     finally:
         A.MIN_BLOCKS = saved_min
-        A.WSPLIT = saved_ws
         if sms is not None:
             if saved is None:
                 os.environ.pop("BB_ATTN_SMS", None)
@@ -157,7 +153,7 @@ def attention_case(
     name = (
         f"attn-{backend}-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-D{d}-G{g}-{mask_kind}"
         f"-{'skip' if skip else 'noskip'}{'-live-' + live if live else ''}-{lname}-T{t}N{n}"
-        f"-splits{launch.grid[1]}{'-wsplit' if dict(launch.template).get('WSPLIT') else ''}"
+        f"-splits{launch.grid[1]}"
     )
     return Case(name, [(kspec, launch)], run, want, ATTN_TOL[dtype], [dead_rows_zero, counters_reset])
 
@@ -178,14 +174,10 @@ def attention_cases(backend: str, rng: np.random.Generator, quick: bool = False)
     # two items per thread (G=7, D=128).
     many = dict(dtype=mx.float16, d=128, g=7, splits=19, live="exact",
                 layout=dict(kind="contiguous", n_seq=2, max_prompt=200, max_tg=40, tail=333))
-    # Weighted splits (BB_ATTN_WSPLIT): contiguous shares of each row's live list by a learned
-    # weight (on a GPU with a timer the second run of a case already walks updated shares).
-    weighted = dict(dtype=mx.float16, d=128, g=7, splits=4, live="exact", wsplit=True,
-                    layout=dict(kind="contiguous", n_seq=2, max_prompt=200, max_tg=40, tail=333))
     if quick:
-        specs = specs[:2] + [many, weighted]
+        specs = specs[:2] + [many]
     else:
-        specs += [many, weighted]
+        specs.append(many)
         # Few splits: long walks through the per-warp pipeline; one split writes the output.
         specs.append(dict(dtype=mx.float16, d=64, g=4, splits=1,
                           layout=dict(kind="contiguous", n_seq=2, max_prompt=200, max_tg=40)))

@@ -101,6 +101,10 @@ for what in "$@"; do
     ab-cfg) for v in ${CFG_AB:-base@}; do
                decode_prof "qmm-decode-prof-${v%%@*}" QMM_PATCH="${v#*@}" QMM_DECODE_B="${DECODE_B:-1}"
              done ;;
+    # decode-step A/B of environment settings: ENV_AB="tag@VAR=val,VAR2=val tag2@..." at DECODE_B
+    ab-env) for v in ${ENV_AB:-base@}; do
+               decode_prof "qmm-decode-prof-${v%%@*}" QMM_DECODE_B="${DECODE_B:-1}" $(echo "${v#*@}" | tr ',' ' ')
+             done ;;
     # both weight stages in flight before the x staging (BB_QMM_PRELOAD2=1 everywhere, auto: where
     # measured faster) against one (0), twice each; PRELOAD_AB="0 1 0 1" by default
     ab-preload) i=0
@@ -140,7 +144,7 @@ for what in "$@"; do
                --section SchedulerStats --print-details all python3 scripts/h200_ncu.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

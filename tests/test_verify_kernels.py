@@ -179,6 +179,29 @@ def test_qmm_norm_variants_emulated(monkeypatch, settings, spec):
     _verify(case)
 
 
+@pytest.mark.parametrize("spec", [
+    dict(m=3, bits=4, group_size=32, bias=True, res=True),  # every output element preloaded
+    dict(m=33, bits=4, n=128, bias=True, res=True),  # more outputs than threads: the rest load late
+    dict(m=1, bits=4, group_size=32, n=208, k=512, norm=True, bias=True, res=True, blocks=3),  # per tile
+    dict(m=3, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2),
+    dict(rope=True, m=1, bias=True, norm=True),  # q, k and v rows: angle and cell preloaded
+    dict(rope=True, m=11, dtype=mx.bfloat16, norm=True, bias=True, k=512),
+])
+def test_qmm_epilogue_preload_emulated(monkeypatch, spec):
+    """BB_QMM_EPI_PRE: the bias, residual, RoPE angle and cache cell of a thread's first
+    epilogue element load before the tile's main loop; results against float64 as without."""
+    from batchbench.kernels import qmm as Q
+    from batchbench.verify.rope_cases import qmm_rope_case
+
+    toolchain.need(toolchain.host_cxx)
+    monkeypatch.setattr(Q, "EPI_PRE", True)
+    spec = dict(spec)
+    rng = np.random.default_rng(SEED)
+    case = qmm_rope_case(rng, **spec) if spec.pop("rope", False) else qmm_case(rng, **spec)
+    assert dict(case.kernels[0][1].template)["EPRE"]
+    _verify(case)
+
+
 def test_qmm_norm_variant_by_rows(monkeypatch):
     """auto: the sums' pass from 4 rows of x on; the weights early except for the gate/up pair
     at one row with its sums in the staging loop (the H200 measured each of these)."""

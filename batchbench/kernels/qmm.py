@@ -481,15 +481,30 @@ struct QmmRope {
 
 struct QmmPlain {
   static constexpr bool PAIR = false;
+  struct Prep {};
 };
 
 template <int D, int HQ, int HKV, bool TRAD>
 struct QmmRopeCfg {
   static constexpr bool PAIR = true;
+  static constexpr int P = D / 2, TPH = D / 16;  // rotation pairs and 16-row tiles per head
+  // What the store needs besides the sums: the rotation of q and k rows, the cache cell of k and v.
+  struct Prep {
+    float c, s;
+    int cell;
+  };
+  template <typename T>
+  static __device__ __forceinline__ Prep prep(const int n, const int m, const QmmRope<T>& rp) {
+    const int tile = n >> 4, h = tile / TPH;
+    Prep p{1.f, 0.f, 0};
+    if (h < HQ + HKV) bbrope::angle(p.c, p.s, (tile - h * TPH) * 8 + (n & 7), P, rp.pos[m], rp.log2_base, rp.scale);
+    if (h >= HQ) p.cell = rp.cells[m];
+    return p;
+  }
   template <typename T>
   static __device__ __forceinline__ void store(float lo, float hi, const int n, const int m, const int M,
-                                               const int N, const QmmRope<T>& rp, T* __restrict__ q) {
-    constexpr int P = D / 2, TPH = D / 16;  // rotation pairs and 16-row tiles per head
+                                               const int N, const QmmRope<T>& rp, T* __restrict__ q,
+                                               const Prep& p) {
     const int tile = n >> 4, rr = n & 7;
     const int h = tile / TPH, jt = tile - h * TPH;
     lo = qmm_float<T>(qmm_cast<T, T>(lo));
@@ -500,12 +515,12 @@ struct QmmRopeCfg {
       const int i = jt * 8 + rr;
       dlo = TRAD ? 2 * i : i;
       dhi = TRAD ? 2 * i + 1 : i + P;
-      bbrope::rotate(lo, hi, i, P, rp.pos[m], rp.log2_base, rp.scale);
-      dst = h < HQ ? q + ((size_t)h * M + m) * D : rp.kc + ((size_t)(h - HQ) * rp.nc + rp.cells[m]) * D;
+      bbrope::turn(lo, hi, p.c, p.s);
+      dst = h < HQ ? q + ((size_t)h * M + m) * D : rp.kc + ((size_t)(h - HQ) * rp.nc + p.cell) * D;
     } else {
       dlo = jt * 16 + rr;
       dhi = dlo + 8;
-      dst = rp.vc + ((size_t)(h - HQ - HKV) * rp.nc + rp.cells[m]) * D;
+      dst = rp.vc + ((size_t)(h - HQ - HKV) * rp.nc + p.cell) * D;
     }
     dst[dlo] = qmm_cast<T, T>(lo);
     dst[dhi] = qmm_cast<T, T>(hi);
@@ -514,9 +529,14 @@ struct QmmRopeCfg {
 
 struct QmmGluPair {
   static constexpr bool PAIR = true;
+  struct Prep {};
+  template <typename T>
+  static __device__ __forceinline__ Prep prep(const int, const int, const QmmRope<T>&) {
+    return {};
+  }
   template <typename T>
   static __device__ __forceinline__ void store(float g, float u, const int n, const int m, const int M,
-                                               const int N, const QmmRope<T>&, T* __restrict__ out) {
+                                               const int N, const QmmRope<T>&, T* __restrict__ out, const Prep&) {
     g = qmm_float<T>(qmm_cast<T, T>(g));
     u = qmm_float<T>(qmm_cast<T, T>(u));
     out[(size_t)m * (N / 2) + (n >> 4) * 8 + (n & 7)] = qmm_cast<T, T>(g / (1.f + expf(-g)) * u);
@@ -548,7 +568,7 @@ struct QmmStage {
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
 // E: QmmPlain, or a pair epilogue (QmmRopeCfg, QmmGluPair) that stores rows n and n + 8 together.
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool PRE, bool SPLIT, bool HAS_BIAS,
-          bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, typename E, typename O>
+          bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, bool EPRE, typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
@@ -839,6 +859,27 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
 
   for (;;) {
     const int n0 = tile * BN;
+    // EPRE: the operands of this thread's first epilogue element (bias, residual; the RoPE angle
+    // and cache cell) load while the tile is multiplied instead of after its reduction.
+    float pb0 = 0.f, pb1 = 0.f;  // bias of rows n and n + 8 (pair), or bias and residual (plain)
+    typename E::Prep pp{};
+    if constexpr (EPRE && !SPLIT) {
+      if constexpr (E::PAIR) {
+        if (tid < M * (BN / 2)) {
+          const int m = tid / (BN / 2), pr = tid - m * (BN / 2);
+          const int n = n0 + (pr >> 3) * 16 + (pr & 7);
+          if constexpr (HAS_BIAS) {
+            pb0 = qmm_float<T>(lbias[n]);
+            pb1 = qmm_float<T>(lbias[n + 8]);
+          }
+          pp = E::template prep<T>(n, m, rp);
+        }
+      } else if (tid < M * BN) {
+        const int m = tid / BN, n = n0 + tid - m * BN;
+        if constexpr (HAS_BIAS) pb0 = qmm_float<T>(lbias[n]);
+        if constexpr (HAS_RES) pb1 = qmm_float<T>(res[(size_t)m * N + n]);
+      }
+    }
 #pragma unroll
     for (int f = 0; f < WF; ++f)
 #pragma unroll
@@ -893,11 +934,12 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
           hi += red[(q * MP + m) * RS + r + 8];
         }
         const int n = n0 + r;
+        const bool pre = EPRE && e == tid;
         if constexpr (HAS_BIAS) {
-          lo += qmm_float<T>(lbias[n]);
-          hi += qmm_float<T>(lbias[n + 8]);
+          lo += pre ? pb0 : qmm_float<T>(lbias[n]);
+          hi += pre ? pb1 : qmm_float<T>(lbias[n + 8]);
         }
-        E::template store<T>(lo, hi, n, m, M, N, rp, out);
+        E::template store<T>(lo, hi, n, m, M, N, rp, out, pre ? pp : E::template prep<T>(n, m, rp));
       }
     } else
     for (int e = tid; e < M * BN; e += NT) {
@@ -909,8 +951,9 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       if constexpr (SPLIT) {
         out[((size_t)s * M + m) * N + n] = qmm_cast<O, T>(v);
       } else {
-        if constexpr (HAS_BIAS) v += qmm_float<T>(lbias[n]);
-        if constexpr (HAS_RES) v += qmm_float<T>(res[(size_t)m * N + n]);
+        const bool pre = EPRE && e == tid;
+        if constexpr (HAS_BIAS) v += pre ? pb0 : qmm_float<T>(lbias[n]);
+        if constexpr (HAS_RES) v += pre ? pb1 : qmm_float<T>(res[(size_t)m * N + n]);
         out[(size_t)m * N + n] = qmm_cast<O, T>(v);
       }
     }
@@ -954,7 +997,7 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
     lo += qmm_float<T>(lbias[n]);
     hi += qmm_float<T>(lbias[n + 8]);
   }
-  E::template store<T>(lo, hi, n, m, M, N, rp, y);
+  E::template store<T>(lo, hi, n, m, M, N, rp, y, E::template prep<T>(n, m, rp));
 }
 
 }  // namespace bbqmm
@@ -971,6 +1014,9 @@ X_ASYNC = env_choice("BB_QMM_X_ASYNC", "1", ON_OFF) == "1"
 NORM_PASS = env_choice("BB_QMM_NORM_PASS", "auto", ("auto", "0", "1"))
 NW_EARLY = env_choice("BB_QMM_NW_EARLY", "auto", ("auto", "0", "1"))
 NORM_PASS_ROWS = 4  # auto: the pass from this many rows of x on
+# BB_QMM_EPI_PRE=1: each tile's epilogue operands (bias, residual, RoPE angle and cache cell of a
+# thread's first output) load before the tile's main loop instead of after its reduction.
+EPI_PRE = env_choice("BB_QMM_EPI_PRE", "0", ON_OFF) == "1"
 
 
 def norm_variant(m: int, glu_pair: bool) -> tuple[bool, bool]:
@@ -990,7 +1036,7 @@ def norm_variant(m: int, glu_pair: bool) -> tuple[bool, bool]:
 QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + kspec.compact(QMM_HEADER)
 
 _SRC_MAIN = (
-    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ,"
+    "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ, EPRE,"
     " {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
     " w_shape[1] * 32 / BITS, {rope});"
 )
@@ -1496,7 +1542,7 @@ def plan_quantized_matmul(
         template=[
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
             ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("WF", cfg.wf), ("PRE", cfg.pre and not cfg.ns),
-            ("SPLIT", split),
+            ("SPLIT", split), ("EPRE", EPI_PRE and not split),
             ("DQ", 1 if (_lop3(cfg, n, k) if lop3 is None else lop3) else 0),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1])), *zip(("NPASS", "NEARLY"), norm_variant(m, glu_pair))]

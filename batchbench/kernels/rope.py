@@ -40,15 +40,24 @@ __device__ __forceinline__ void from_f(float f, __nv_bfloat16* o) { *o = __float
 
 // Rotates the pair (x1, x2), pair i of P = D/2, at position pos: the same fp32 steps as
 // mlx/backend/cuda/rope.cu (full-range sinf/cosf: theta reaches ~1e5). The q/k/v matmul's
-// RoPE epilogue (bbqmm::QmmRopeCfg) calls it too.
-__device__ __forceinline__ void rotate(float& x1, float& x2, const int i, const int P, const int pos,
-                                       const float log2_base, const float scale) {
+// RoPE epilogue (bbqmm::QmmRopeCfg) calls its two halves apart: the angle before the sums.
+__device__ __forceinline__ void angle(float& c, float& s, const int i, const int P, const int pos,
+                                      const float log2_base, const float scale) {
   const float inv_freq = exp2f(-((float)i / (float)P) * log2_base);
   const float theta = (scale * (float)pos) * inv_freq;
-  const float c = cosf(theta), s = sinf(theta);
+  c = cosf(theta);
+  s = sinf(theta);
+}
+__device__ __forceinline__ void turn(float& x1, float& x2, const float c, const float s) {
   const float a = x1 * c - x2 * s, b = x1 * s + x2 * c;
   x1 = a;
   x2 = b;
+}
+__device__ __forceinline__ void rotate(float& x1, float& x2, const int i, const int P, const int pos,
+                                       const float log2_base, const float scale) {
+  float c, s;
+  angle(c, s, i, P, pos, log2_base, scale);
+  turn(x1, x2, c, s);
 }
 
 // Thread (x, y): pair i of head h (q heads, then k heads, then v heads) of token y.

@@ -187,18 +187,20 @@ def test_qmm_norm_variants_emulated(monkeypatch, settings, spec):
     dict(rope=True, m=1, bias=True, norm=True),  # q, k and v rows: angle and cell preloaded
     dict(rope=True, m=11, dtype=mx.bfloat16, norm=True, bias=True, k=512),
 ])
-def test_qmm_epilogue_preload_emulated(monkeypatch, spec):
+@pytest.mark.parametrize("pre", [True, False])
+def test_qmm_epilogue_preload_emulated(monkeypatch, spec, pre):
     """BB_QMM_EPI_PRE: the bias, residual, RoPE angle and cache cell of a thread's first
-    epilogue element load before the tile's main loop; results against float64 as without."""
+    epilogue element load before the tile's main loop (1, the default) or after the
+    reduction (0); both against float64."""
     from batchbench.kernels import qmm as Q
     from batchbench.verify.rope_cases import qmm_rope_case
 
     toolchain.need(toolchain.host_cxx)
-    monkeypatch.setattr(Q, "EPI_PRE", True)
+    monkeypatch.setattr(Q, "EPI_PRE", pre)
     spec = dict(spec)
     rng = np.random.default_rng(SEED)
     case = qmm_rope_case(rng, **spec) if spec.pop("rope", False) else qmm_case(rng, **spec)
-    assert dict(case.kernels[0][1].template)["EPRE"]
+    assert dict(case.kernels[0][1].template)["EPRE"] == pre
     _verify(case)
 
 

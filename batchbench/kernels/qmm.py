@@ -1014,9 +1014,12 @@ X_ASYNC = env_choice("BB_QMM_X_ASYNC", "1", ON_OFF) == "1"
 NORM_PASS = env_choice("BB_QMM_NORM_PASS", "auto", ("auto", "0", "1"))
 NW_EARLY = env_choice("BB_QMM_NW_EARLY", "auto", ("auto", "0", "1"))
 NORM_PASS_ROWS = 4  # auto: the pass from this many rows of x on
-# BB_QMM_EPI_PRE=1: each tile's epilogue operands (bias, residual, RoPE angle and cache cell of a
-# thread's first output) load before the tile's main loop instead of after its reduction.
-EPI_PRE = env_choice("BB_QMM_EPI_PRE", "0", ON_OFF) == "1"
+# Each tile's epilogue operands (bias, residual, RoPE angle and cache cell of a thread's first
+# output) load before the tile's main loop instead of after its reduction (BB_QMM_EPI_PRE=0: after).
+# H200 decode step, two runs each way (results/h200-2026-11-29-s18/call6): kernel time B=1
+# 1.961-1.963 -> 1.944-1.947 ms (q/k/v 9.9-10.0 -> 9.7 us, down 19.2 -> 19.0, o 6.2 -> 6.1),
+# B=8 2.548-2.563 -> 2.524-2.527 (q/k/v 15.5-15.6 -> 14.7).
+EPI_PRE = env_choice("BB_QMM_EPI_PRE", "1", ON_OFF) == "1"
 
 
 def norm_variant(m: int, glu_pair: bool) -> tuple[bool, bool]:

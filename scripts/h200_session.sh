@@ -136,12 +136,13 @@ for what in "$@"; do
                part "qmm-hot$v" 150 env OUT="$R/qmm-hot$v" QMM_HOT=$v QMM_SECTIONS=profile QMM_VARIANTS=ours \
                  QMM_BUDGET_S=130 python3 scripts/h200_qmm.py
              done ;;
-    # Nsight Compute on the decode step's matmuls (scripts/h200_ncu.py; NCU_M, NCU_NAMES pick them)
+    # Nsight Compute on the decode step's matmuls (scripts/h200_ncu.py; NCU_M, NCU_NAMES pick them;
+    # NCU_EXTRA: more ncu options, e.g. "--section SourceCounters")
     ncu-qmm) part "ncu-qmm${TAG:+-$TAG}" 240 env PARTS=qmm NCU_M="${NCU_M:-1}" NCU_NAMES="${NCU_NAMES:-qkv,o,down}" \
                "$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1 || echo ncu)" \
                --clock-control none --kernel-name regex:bb_qmm --launch-skip 0 --section SpeedOfLight \
                --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
-               --section SchedulerStats --print-details all python3 scripts/h200_ncu.py ;;
+               --section SchedulerStats ${NCU_EXTRA:-} --print-details all python3 scripts/h200_ncu.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
             "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env)" ;;

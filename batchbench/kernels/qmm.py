@@ -364,11 +364,23 @@ __device__ __forceinline__ int qmm_swz(const int j) {
 // RMSNorm of the staged rows in place (the block holds whole rows: one K-slice):
 // x * rsqrt(mean(x^2) + eps) * nw, in fp32 with one rounding, as mx.fast.rms_norm. The sums
 // of squares were taken while staging (wss: one partial per warp and row, fixed order).
-template <typename T, int BITS, int NT, bool PERM, bool EARLY, int NWR>
+template <typename T, int BITS, int NT, bool PERM, bool EARLY, int NWR, int MP>
 __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T* __restrict__ nw,
-                                             const uint4 (&nwr)[NWR], const float* wss, const int MP,
+                                             const uint4 (&nwr)[NWR], const float* wss,
                                              const float eps, const int M, const int K, const int tid) {
   const int gpr = K / 8;
+  // Row m's scale is computed once, by lane m of every warp, and shuffled to the lanes that
+  // scale the row (before: 8 shared loads and adds, a division and an rsqrt per granule and row).
+  // A warp's lanes walk the same granules (K % 256 == 0): the shuffle sees the whole warp.
+  constexpr bool RS_LANE = MP <= 32;
+  const int lane = tid & 31;
+  float rs_lane = 0.f;
+  if (RS_LANE && lane < M) {
+    float ss = 0.f;
+#pragma unroll
+    for (int q = 0; q < NT / 32; ++q) ss += wss[q * MP + lane];
+    rs_lane = rsqrtf(ss / (float)K + eps);
+  }
   const uint4* nwg = reinterpret_cast<const uint4*>(nw);
   // Column by column: one load of the norm weights serves every row (a loop over all
   // granules waited an L2 round trip per granule: 14 a thread at M=8, K=3584). EARLY: the
@@ -384,11 +396,7 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
       wv = nwg[j];
     }
     if constexpr (PERM) wv = qmm_perm8(wv);  // the staged x granules are reordered
-    for (int m = 0; m < M; ++m) {
-      float ss = 0.f;
-#pragma unroll
-      for (int q = 0; q < NT / 32; ++q) ss += wss[q * MP + m];
-      const float rs = rsqrtf(ss / (float)K + eps);
+    auto scale_row = [&](const int m, const float rs) {
       uint4* p = reinterpret_cast<uint4*>(xs + m * XS + pj * 8);
       const uint4 v = *p;
       const uint32_t u[4] = {v.x, v.y, v.z, v.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
@@ -400,6 +408,16 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
         r[q] = qmm_pack2<T>(f.x * rs * g.x, f.y * rs * g.y);
       }
       *p = make_uint4(r[0], r[1], r[2], r[3]);
+    };
+    for (int m = 0; m < M; ++m) {
+      if constexpr (RS_LANE) {
+        scale_row(m, __shfl_sync(0xffffffffu, rs_lane, m));
+      } else {
+        float ss = 0.f;
+#pragma unroll
+        for (int q = 0; q < NT / 32; ++q) ss += wss[q * MP + m];
+        scale_row(m, rsqrtf(ss / (float)K + eps));
+      }
     }
   }
   __syncthreads();
@@ -690,8 +708,22 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
 
   {  // stage this K-slice of x (all M rows) in smem, 16-byte granules, swizzled for 4-bit
     const int gpr = nch * CK / 8;
-    const int xrow = GLU ? 2 * K : K;
+    const int xr8 = (GLU ? 2 * K : K) / 8, k08 = k0 / 8;  // granules: a row of x, the slice's start
     const uint4* xg = reinterpret_cast<const uint4*>(x);
+    // Thread tid takes granules tid, tid + NT, ... of the M x gpr slice: (m, j) steps by NT
+    // without a division per granule (one each cost ~30 instructions: 14 granules a thread at
+    // M=8, K=3584, all of a block's warps issuing them before its first product).
+    // (A K-slice can hold no chunk: then gpr == 0 and there is nothing to stage.)
+    const int mstep = gpr > 0 ? NT / gpr : 0, jstep = NT - mstep * gpr;
+    const int m_first = gpr > 0 ? tid / gpr : M, j_first = tid - m_first * gpr;
+    auto next_granule = [&](int& m, int& j) {
+      j += jstep;
+      m += mstep;
+      if (j >= gpr) {
+        j -= gpr;
+        ++m;
+      }
+    };
     // The norm's sums of squares: in the staging loop (a warp reduction per granule), or with
     // NPASS in one pass over the staged rows after it (qmm_norm_sums).
     constexpr bool SUMS_IN_LOOP = NORM && !NPASS;
@@ -705,34 +737,49 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     // and so did loading 4 or 8 granules a thread before storing any (o_proj M=32 14.9 -> 21.3).
     constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !SUMS_IN_LOOP && !LOP3;
     if constexpr (ASYNC) {
-      for (int i = tid; i < M * gpr; i += NT) {
-        const int m = i / gpr, j = i - m * gpr;
+      for (int m = m_first, j = j_first; m < M; next_granule(m, j)) {
         const int pj = qmm_swz<BITS>(j);
-        qmm_cp_async<16>(xs + m * XS + pj * 8, xg + ((size_t)m * xrow + k0) / 8 + j);
+        qmm_cp_async<16>(xs + m * XS + pj * 8, xg + m * xr8 + k08 + j);
       }
       qmm_cp_commit();
       qmm_cp_wait<0>();  // also the ring's first requests, which the first chunk needs anyway
     } else {
-      for (int i = tid; i < M * gpr; i += NT) {
-        const int m = i / gpr, j = i - m * gpr;
-        const int pj = qmm_swz<BITS>(j);
-        const size_t gi = ((size_t)m * xrow + k0) / 8 + j;
-        uint4 v = xg[gi];
-        if constexpr (GLU) v = qmm_glu8<T>(v, xg[gi + K / 8]);
-        if constexpr (SUMS_IN_LOOP) {  // gpr % 32 == 0: the warp's 32 granules are one row
-          float ss = qmm_sumsq8<T>(v);
+      // XU granules a thread in flight at once, then each is finished and stored.
+      constexpr int XU = 4;
+      for (int m = m_first, j = j_first; m < M;) {
+        int mu[XU], ju[XU];
+        uint4 v[XU], vu[GLU ? XU : 1];
 #pragma unroll
-          for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-          if (lane == 0) wss[wid * MP + m] += ss;
+        for (int u = 0; u < XU; ++u) {
+          mu[u] = m;
+          ju[u] = j;
+          if (m < M) {
+            const int gi = m * xr8 + k08 + j;
+            v[u] = xg[gi];
+            if constexpr (GLU) vu[u] = xg[gi + K / 8];
+          }
+          next_granule(m, j);
         }
-        if constexpr (LOP3) v = qmm_perm8(v);
-        *reinterpret_cast<uint4*>(xs + m * XS + pj * 8) = v;
+#pragma unroll
+        for (int u = 0; u < XU; ++u) {
+          if (mu[u] >= M) break;  // whole warps: a warp's lanes share a row where it matters
+          uint4 w = v[u];
+          if constexpr (GLU) w = qmm_glu8<T>(w, vu[u]);
+          if constexpr (SUMS_IN_LOOP) {  // gpr % 32 == 0: the warp's 32 granules are one row
+            float ss = qmm_sumsq8<T>(w);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            if (lane == 0) wss[wid * MP + mu[u]] += ss;
+          }
+          if constexpr (LOP3) w = qmm_perm8(w);
+          *reinterpret_cast<uint4*>(xs + mu[u] * XS + qmm_swz<BITS>(ju[u]) * 8) = w;
+        }
       }
     }
   }
   __syncthreads();
   if constexpr (NORM && NPASS) qmm_norm_sums<T, NT>(xs, XS, wss, MP, M, K, tid);
-  if constexpr (NORM) qmm_rms_norm<T, BITS, NT, LOP3, EARLY, NWR>(xs, XS, nw, nwr, wss, MP, eps, M, K, tid);
+  if constexpr (NORM) qmm_rms_norm<T, BITS, NT, LOP3, EARLY, NWR, MP>(xs, XS, nw, nwr, wss, eps, M, K, tid);
 
   // This lane's x row per token tile, as a 16-byte granule index into xs. Rows past M read
   // row M - 1: they only feed output columns that are never stored, and an unpredicated

@@ -7,8 +7,9 @@
       python3 scripts/h200_ncu.py
 
 The 4-bit matmuls of the Qwen2.5-7B shape at M=1 with the model's fused epilogues (q/k/v with
-the RMSNorm and bias, o with the residual, gate/up with the RMSNorm, down with the gate
-product and the residual, lm_head with the RMSNorm), at M=32 gate/up and down, and the
+the RMSNorm and bias, o with the residual, gate/up with the RMSNorm, down with the residual
+on the gate product as the decode step gives it (before session 18 this script's down formed
+the product in its x staging, as the step no longer does), lm_head with the RMSNorm), at M=32 gate/up and down, and the
 attention kernel at B=1 x 4096, B=2 x 4096 and B=32 x 8192 cells with live lists.
 Each is launched twice (the first compiles; profile both: ncu flushes caches before each).
 PARTS=qmm or PARTS=attn picks one half. NCU_M=32 and NCU_NAMES=gate_up,down pick matmuls;
@@ -47,12 +48,12 @@ def run_qmm() -> None:
     norm = (mx.ones((H,), mx.float16), 1e-6)
     for m in NCU_M:
         x = mx.random.normal((m, H)).astype(mx.float16)
-        xg = mx.random.normal((m, 2 * FF)).astype(mx.float16)
+        xg = mx.random.normal((m, FF)).astype(mx.float16)  # silu(gate) * up, from gate/up's epilogue
         res = mx.random.normal((m, H)).astype(mx.float16)
         cases = [("qkv", 4608, H, dict(norm=norm, bias=mx.zeros((4608,), mx.float16)), x),
                  ("o", H, H, dict(residual=res), x),
                  ("gate_up", 2 * FF, H, dict(norm=norm), x),
-                 ("down", H, FF, dict(glu=True, residual=res), xg),
+                 ("down", H, FF, dict(residual=res), xg),
                  ("lm_head", V, H, dict(norm=norm), x)]
         for name, n, k, kw, xin in cases:
             if NCU_NAMES and name not in NCU_NAMES.split(","):

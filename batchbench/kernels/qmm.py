@@ -712,7 +712,10 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     const uint4* xg = reinterpret_cast<const uint4*>(x);
     // Thread tid takes granules tid, tid + NT, ... of the M x gpr slice: (m, j) steps by NT
     // without a division per granule (one each cost ~30 instructions: 14 granules a thread at
-    // M=8, K=3584, all of a block's warps issuing them before its first product).
+    // M=8, K=3584, all of a block's warps issuing them before its first product). With the
+    // norm's row scales shuffled (qmm_rms_norm), H200 decode step at B=8, two runs each way
+    // (results/h200-2026-11-29-s18/call15): 2.524-2.525 -> 2.423-2.430 ms (gate/up 37.5 ->
+    // 35.6 us, q/k/v 14.7 -> 13.7, down 22.1 -> 21.7, o_proj 7.7 -> 7.6).
     // (A K-slice can hold no chunk: then gpr == 0 and there is nothing to stage.)
     const int mstep = gpr > 0 ? NT / gpr : 0, jstep = NT - mstep * gpr;
     const int m_first = gpr > 0 ? tid / gpr : M, j_first = tid - m_first * gpr;

@@ -372,15 +372,15 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
   // Row m's scale is computed once, by lane m of every warp, and shuffled to the lanes that
   // scale the row (before: 8 shared loads and adds, a division and an rsqrt per granule and row).
   // A warp's lanes walk the same granules (K % 256 == 0): the shuffle sees the whole warp.
-  constexpr bool RS_LANE = MP <= 32;
-  const int lane = tid & 31;
-  float rs_lane = 0.f;
-  if (RS_LANE && lane < M) {
+  auto row_scale = [&](const int m) {
     float ss = 0.f;
 #pragma unroll
-    for (int q = 0; q < NT / 32; ++q) ss += wss[q * MP + lane];
-    rs_lane = rsqrtf(ss / (float)K + eps);
-  }
+    for (int q = 0; q < NT / 32; ++q) ss += wss[q * MP + m];
+    return rsqrtf(ss / (float)K + eps);
+  };
+  constexpr bool RS_LANE = MP <= 32;
+  const int lane = tid & 31;
+  const float rs_lane = RS_LANE && lane < M ? row_scale(lane) : 0.f;
   const uint4* nwg = reinterpret_cast<const uint4*>(nw);
   // Column by column: one load of the norm weights serves every row (a loop over all
   // granules waited an L2 round trip per granule: 14 a thread at M=8, K=3584). EARLY: the
@@ -413,10 +413,7 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
       if constexpr (RS_LANE) {
         scale_row(m, __shfl_sync(0xffffffffu, rs_lane, m));
       } else {
-        float ss = 0.f;
-#pragma unroll
-        for (int q = 0; q < NT / 32; ++q) ss += wss[q * MP + m];
-        scale_row(m, rsqrtf(ss / (float)K + eps));
+        scale_row(m, row_scale(m));
       }
     }
   }
@@ -486,6 +483,9 @@ __device__ __forceinline__ void qmm_norm_sums(const uint16_t* xs, const int XS, 
 //   8t..8t+7, then the same up rows). The pair gives silu(gate) * up in fp32, one rounding,
 //   as qmm_glu8: out is [M, N/2], the down projection's input.
 // QmmPlain: no pairing.
+// Pair pr of a tile (or of a row of tiles) is its rows r and r + 8: r = 16 (pr / 8) + pr % 8.
+__device__ __forceinline__ int qmm_pair_row(const int pr) { return (pr >> 3) * 16 + (pr & 7); }
+
 template <typename T>
 struct QmmRope {
   const int32_t* pos;
@@ -916,8 +916,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     if constexpr (EPRE && !SPLIT) {
       if constexpr (E::PAIR) {
         if (tid < M * (BN / 2)) {
-          const int m = tid / (BN / 2), pr = tid - m * (BN / 2);
-          const int n = n0 + (pr >> 3) * 16 + (pr & 7);
+          const int m = tid / (BN / 2), n = n0 + qmm_pair_row(tid - m * (BN / 2));
           if constexpr (HAS_BIAS) {
             pb0 = qmm_float<T>(lbias[n]);
             pb1 = qmm_float<T>(lbias[n + 8]);
@@ -975,8 +974,8 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     __syncthreads();
     if constexpr (E::PAIR && !SPLIT) {
       for (int e = tid; e < M * (BN / 2); e += NT) {
-        const int m = e / (BN / 2), pr = e - m * (BN / 2);
-        const int r = (pr >> 3) * 16 + (pr & 7);  // the pair's rows r and r + 8 of this tile
+        const int m = e / (BN / 2);
+        const int r = qmm_pair_row(e - m * (BN / 2));  // the pair's rows r and r + 8 of this tile
         float lo = 0.f, hi = 0.f;
 #pragma unroll
         for (int q = 0; q < WK; ++q) {
@@ -1036,8 +1035,8 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
                                                 const QmmRope<T> rp) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= M * (N / 2)) return;
-  const int m = i / (N / 2), pr = i - m * (N / 2);
-  const int n = (pr >> 3) * 16 + (pr & 7);
+  const int m = i / (N / 2);
+  const int n = qmm_pair_row(i - m * (N / 2));
   float lo = 0.f, hi = 0.f;
   for (int s = 0; s < S; ++s) {
     lo += part[((size_t)s * M + m) * N + n];

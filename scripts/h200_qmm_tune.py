@@ -175,9 +175,10 @@ def run_cfg(x, sets, cfg):
     for w, sc, b in sets:
         ks, launch = qmm.plan_quantized_matmul("cuda", x, w, sc, b, group_size=32, bits=4, config=cfg,
                                                norm=norm, lop3=lop3, glu_pair=gp)
-        (y,) = kspec.run(ks, launch)
+        y, *ss = kspec.run(ks, launch)  # with a norm over a split K, also the sums of squares
         if cfg.s > 1:
-            rs, rl = qmm.plan_qmm_reduce(y, x.dtype, glu_pair=gp)
+            rs, rl = qmm.plan_qmm_reduce(y, x.dtype, glu_pair=gp,
+                                         norm=(ss[0], x.shape[-1], norm[1]) if ss else None)
             (y,) = kspec.run(rs, rl)
         outs.append(y)
     return outs

@@ -293,9 +293,12 @@ def test_fallback_gate_product_and_residual(dtype):
         qmm.quantized_matmul(gu[:, :k], wq, s, b, group_size=gs, bits=4, glu=True)
 
 
-def test_cuda_dispatch_fuses_rms_norm_when_one_k_slice(cuda_dispatch):
-    """The norm runs inside the matmul when a block holds whole rows of x (one K-slice);
-    otherwise mx.fast.rms_norm runs first and the kernel gets the normalized x."""
+@pytest.mark.parametrize("norm_split", [True, False])
+def test_cuda_dispatch_fuses_rms_norm(cuda_dispatch, monkeypatch, norm_split):
+    """The norm runs inside the matmul: whole rows of x in a block (one K-slice), or folded over
+    a split K (the K-slices' sums of squares go to the reduce kernel, which scales by the row's
+    rsqrt). BB_QMM_NORM_SPLIT=0: over a split K, mx.fast.rms_norm runs first instead."""
+    monkeypatch.setattr(qmm, "NORM_SPLIT", norm_split)
     n, k, gs = 512, 1024, 32
     wq, s, b = _quantized(n, k, 4, gs, mx.float16, seed=1)
     nw = mx.ones((k,), mx.float16)
@@ -303,12 +306,20 @@ def test_cuda_dispatch_fuses_rms_norm_when_one_k_slice(cuda_dispatch):
     spec1, l1 = cuda_dispatch[-1]
     assert spec1.name == "bb_qmm_n" and spec1.input_names[-1] == "nw" and l1.grid[1] == 1
     assert dict(l1.template)["EPS_BITS"] == np.array(1e-6, np.float32).view(np.int32)
-    kk = 18944  # 64 rows of this x do not fit one block: K is split, so no fused norm
+    kk = 18944  # 64 rows of this x do not fit one block: K is split
     wq, s, b = _quantized(n, kk, 4, gs, mx.float16, seed=2)
+    del cuda_dispatch[:]
     qmm.quantized_matmul(mx.zeros((64, kk), mx.float16), wq, s, b, group_size=gs, bits=4,
                          norm=(mx.ones((kk,), mx.float16), 1e-6))
-    spec2, l2 = [c for c in cuda_dispatch if c[0].name.startswith("bb_qmm") and "red" not in c[0].name][-1]
-    assert not spec2.name.endswith("_n") and "nw" not in spec2.input_names and l2.grid[1] > 1
+    (spec2, l2), (rspec, rl) = [c for c in cuda_dispatch if c[0].name.startswith("bb_qmm")]
+    assert l2.grid[1] > 1 and rspec.name.startswith("bb_qmm_red")
+    if norm_split:
+        assert spec2.name == "bb_qmm_nf" and spec2.input_names[-1] == "nw" and spec2.output_names == ("y", "ss")
+        assert l2.output_shapes[1] == (l2.grid[1], 64) and dict(l2.template)["NPASS"]
+        assert rspec.input_names[:2] == ("part", "ss") and rl.inputs[1].shape == (l2.grid[1], 64)
+        assert dict(rl.template)["NK"] == kk and dict(rl.template)["EPS_BITS"] == dict(l2.template)["EPS_BITS"]
+    else:
+        assert spec2.name == "bb_qmm" and "nw" not in spec2.input_names and "ss" not in rspec.input_names
 
 
 def test_fallback_rms_norm():

@@ -159,6 +159,10 @@ def test_cp_async_copies_land_only_at_their_wait(kernel, old, new):
     ("0/1", dict(m=2, bits=4, group_size=32, n=32, k=1024, norm=True, wk=1, dtype=mx.bfloat16)),
     ("1/1", dict(m=9, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2)),
     ("0/0", dict(m=9, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2)),
+    # folded over a split K (always the pass): each slice's norm weights from its own offset, in the
+    # norm's loop (odd chunks a slice), and one warp with two granules early and the rest in the loop
+    ("0/0", dict(m=16, bits=4, group_size=32, n=64, k=1280, split=4, norm=True, bias=True)),
+    ("0/1", dict(m=2, bits=4, group_size=32, n=32, k=2048, split=2, norm=True, wk=1)),
 ])
 def test_qmm_norm_variants_emulated(monkeypatch, settings, spec):
     """The fused RMSNorm's variants, each forced (BB_QMM_NORM_PASS / BB_QMM_NW_EARLY; the
@@ -173,7 +177,9 @@ def test_qmm_norm_variants_emulated(monkeypatch, settings, spec):
     case = qmm_case(np.random.default_rng(SEED), **spec)
     launch = case.kernels[0][1]
     template = dict(launch.template)
-    assert (template["NPASS"], template["NEARLY"]) == (npass == "1", early == "1")
+    folded = spec.get("split", 1) > 1
+    assert (template["NPASS"], template["NEARLY"]) == (npass == "1" or folded, early == "1")
+    assert (len(launch.output_shapes) == 2) == folded
     if spec.get("wk") == 1:
         assert launch.threadgroup[0] == 32 and spec["k"] // 8 > 2 * 32  # the norm loop loads the rest
     _verify(case)
@@ -201,6 +207,28 @@ def test_qmm_epilogue_preload_emulated(monkeypatch, spec, pre):
     rng = np.random.default_rng(SEED)
     case = qmm_rope_case(rng, **spec) if spec.pop("rope", False) else qmm_case(rng, **spec)
     assert dict(case.kernels[0][1].template)["EPRE"] == pre
+    _verify(case)
+
+
+@pytest.mark.parametrize("spec", [
+    dict(m=8, bits=4, group_size=32, norm=True, res=True),
+    dict(m=4, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2),
+    dict(m=16, bits=4, group_size=32, n=64, k=1280, split=4, norm=True, bias=True),  # folded over K-slices
+    dict(rope=True, m=9, norm=True, bias=True, k=768),
+])
+def test_qmm_norm_async_emulated(monkeypatch, spec):
+    """BB_QMM_NORM_ASYNC=1: fp16 4-bit x under a norm whose sums take a pass comes by cp.async,
+    unreordered, and the norm's pass does the lop3 reordering as it rewrites each granule."""
+    from batchbench.kernels import qmm as Q
+    from batchbench.verify.rope_cases import qmm_rope_case
+
+    toolchain.need(toolchain.host_cxx)
+    monkeypatch.setattr(Q, "QMM_HEADER", "#define BB_QMM_NORM_ASYNC 1\n" + Q.QMM_HEADER)
+    spec = dict(spec)
+    rng = np.random.default_rng(SEED)
+    case = qmm_rope_case(rng, **spec) if spec.pop("rope", False) else qmm_case(rng, **spec)
+    template = dict(case.kernels[0][1].template)
+    assert template["DQ"] == 1 and template["NPASS"] and "BB_QMM_NORM_ASYNC 1" in case.kernels[0][0].header
     _verify(case)
 
 

@@ -63,6 +63,9 @@ QMM_HEADER = r"""
 #ifndef BB_QMM_X_ASYNC
 #define BB_QMM_X_ASYNC 1
 #endif
+#ifndef BB_QMM_NORM_ASYNC
+#define BB_QMM_NORM_ASYNC 0
+#endif
 
 namespace bbqmm {
 
@@ -361,10 +364,14 @@ __device__ __forceinline__ int qmm_swz(const int j) {
   return BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
 }
 
-// RMSNorm of the staged rows in place (the block holds whole rows: one K-slice):
-// x * rsqrt(mean(x^2) + eps) * nw, in fp32 with one rounding, as mx.fast.rms_norm. The sums
-// of squares were taken while staging (wss: one partial per warp and row, fixed order).
-template <typename T, int BITS, int NT, bool PERM, bool EARLY, int NWR, int MP>
+// RMSNorm of the staged rows in place: x * rsqrt(mean(x^2) + eps) * nw, in fp32 with one
+// rounding, as mx.fast.rms_norm. The sums of squares were taken while staging (wss: one partial
+// per warp and row, fixed order). K: the staged length (a K-slice of nw, the mean over it).
+// UNI: K / 8 need not be a multiple of 32 (a K-slice of an odd number of chunks): whole warps
+// walk the granules, so that the row scales' shuffle sees every lane. The lop3 dequantization's
+// granule order (qmm_perm8): PERM, x was staged reordered (the norm weights are reordered to
+// match); POUT, x was staged as it is and each granule is reordered on its way back.
+template <typename T, int BITS, int NT, bool PERM, bool EARLY, int NWR, int MP, bool UNI, bool POUT>
 __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T* __restrict__ nw,
                                              const uint4 (&nwr)[NWR], const float* wss,
                                              const float eps, const int M, const int K, const int tid) {
@@ -385,14 +392,16 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
   // Column by column: one load of the norm weights serves every row (a loop over all
   // granules waited an L2 round trip per granule: 14 a thread at M=8, K=3584). EARLY: the
   // first NWR granules of a thread were loaded before the x staging (qmm_nw_early).
-  for (int pj = tid, i = 0; pj < gpr; pj += NT, ++i) {
+  for (int pb = UNI ? tid - lane : tid, i = 0; pb < gpr; pb += NT, ++i) {
+    const int pj = UNI ? pb + lane : pb;
+    const bool live = !UNI || pj < gpr;
     const int j = qmm_swz<BITS>(pj);  // the staged granule's source
-    uint4 wv;
+    uint4 wv;  // a lane past the slice's end takes no value and stores nothing
     if (EARLY && i < NWR) {
 #pragma unroll
       for (int e = 0; e < NWR; ++e)  // static register indices
         if (e == i) wv = nwr[e];
-    } else {
+    } else if (live) {
       wv = nwg[j];
     }
     if constexpr (PERM) wv = qmm_perm8(wv);  // the staged x granules are reordered
@@ -407,12 +416,14 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
         const float2 g = qmm_to_float2(ww[q], is_bf16<T>::value);
         r[q] = qmm_pack2<T>(f.x * rs * g.x, f.y * rs * g.y);
       }
-      *p = make_uint4(r[0], r[1], r[2], r[3]);
+      const uint4 o = make_uint4(r[0], r[1], r[2], r[3]);
+      *p = POUT ? qmm_perm8(o) : o;
     };
     for (int m = 0; m < M; ++m) {
       if constexpr (RS_LANE) {
-        scale_row(m, __shfl_sync(0xffffffffu, rs_lane, m));
-      } else {
+        const float rs = __shfl_sync(0xffffffffu, rs_lane, m);
+        if (live) scale_row(m, rs);
+      } else if (live) {
         scale_row(m, row_scale(m));
       }
     }
@@ -581,8 +592,12 @@ struct QmmStage {
 // while the current one is reduced. SPLIT: write fp32 partials [S, M, N] instead of y.
 // GLU: x is [M, 2K] = [gate | up] and the input is silu(gate) * up (the MLP's down projection).
 // HAS_RES: y += res[M, N] (the residual add after o_proj / down_proj).
-// NORM: the input is rms_norm(x) * nw[K] (eps), computed on the staged x: needs one K-slice
-// and K % 256 == 0 (a warp's 32 staging granules then lie in one row).
+// NORM: the input is rms_norm(x) * nw[K] (eps), computed on the staged x; K % 256 == 0 (a warp's
+// 32 staging granules then lie in one row). With SPLIT (needs NPASS) the norm is folded: the
+// row scale is a scalar, y = rsqrt(mean(x^2) + eps) * ((x * nw) @ W^T), so each K-slice
+// normalizes its x by its own sums (the staged values keep rms_norm's magnitude), writes its
+// partials times the inverse of that scale and its sums of squares to ssout [S, M], and the
+// reduce kernel scales the summed partials by the whole row's rsqrt.
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
 // E: QmmPlain, or a pair epilogue (QmmRopeCfg, QmmGluPair) that stores rows n and n + 8 together.
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool PRE, bool SPLIT, bool HAS_BIAS,
@@ -592,8 +607,8 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
                                            const T* __restrict__ biases,
                                            const T* __restrict__ lbias, const T* __restrict__ res,
                                            const T* __restrict__ nw, const float eps,
-                                           O* __restrict__ out, const int M, const int N,
-                                           const int K, const QmmRope<T> rp) {
+                                           O* __restrict__ out, float* __restrict__ ssout,
+                                           const int M, const int N, const int K, const QmmRope<T> rp) {
   constexpr bool BF16 = is_bf16<T>::value;
   constexpr bool LOP3 = DQ == 1 && BITS == 4 && !BF16;
   constexpr int KT = 128 / BITS;            // k per lane per 16-byte load: 32 or 16
@@ -623,6 +638,9 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   uint16_t* xs = reinterpret_cast<uint16_t*>(qmm_smem);
   float* red = reinterpret_cast<float*>(xs + M * XS);
   __shared__ float wss[NORM ? (NT / 32) * MP : 1];
+  constexpr bool FOLD = NORM && SPLIT;
+  static_assert(!FOLD || NPASS, "qmm: a norm over a K-slice takes its sums in a pass");
+  __shared__ float rinv[FOLD ? MP : 1];  // FOLD: the inverse of each row's scale in this K-slice
 
   const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
   const int wn = wid % WN, wk = wid / WN;
@@ -632,6 +650,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   const int nch = cs1 - cs0;
   const int k0 = cs0 * CK;
   const int wc0 = cs0 + wk * nch / WK, wc1 = cs0 + (wk + 1) * nch / WK;
+  const int nk0 = FOLD ? k0 : 0, nkl = FOLD ? nch * CK : K;  // the norm's part of K: start, length
 
   const uint32_t* w0;
   const uint32_t* w1;
@@ -704,8 +723,18 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   constexpr bool EARLY = NORM && NEARLY;
   constexpr int NWR = EARLY ? 2 : 1;  // 2: all of them for K <= 16 * NT (4096 at 256 threads)
   uint4 nwr[NWR];
-  if constexpr (EARLY) qmm_nw_early<BITS, NT, NWR>(reinterpret_cast<const uint4*>(nw), nwr, K, tid);
+  if constexpr (EARLY) qmm_nw_early<BITS, NT, NWR>(reinterpret_cast<const uint4*>(nw + nk0), nwr, nkl, tid);
 
+  // The norm's sums of squares: in the staging loop (a warp reduction per granule), or with
+  // NPASS in one pass over the staged rows after it (qmm_norm_sums).
+  constexpr bool SUMS_IN_LOOP = NORM && !NPASS;
+  // x that is copied unchanged (no norm sums on the way, no gate product, no lop3 reordering): cp.async,
+  // every copy of the block in flight at once (H200: down M=32 45.4 -> 41.6 us). Otherwise
+  // through registers: cp.async and then an in-place pass lost (o_proj M=8 7.8 -> 9.4 us),
+  // and so did loading 4 or 8 granules a thread before storing any (o_proj M=32 14.9 -> 21.3).
+  // BB_QMM_NORM_ASYNC: a norm whose sums take a pass rewrites every staged granule anyway, so
+  // its pass can do the lop3 reordering and x can come by cp.async.
+  constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !SUMS_IN_LOOP && (!LOP3 || (NORM && BB_QMM_NORM_ASYNC));
   {  // stage this K-slice of x (all M rows) in smem, 16-byte granules, swizzled for 4-bit
     const int gpr = nch * CK / 8;
     const int xr8 = (GLU ? 2 * K : K) / 8, k08 = k0 / 8;  // granules: a row of x, the slice's start
@@ -727,18 +756,10 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         ++m;
       }
     };
-    // The norm's sums of squares: in the staging loop (a warp reduction per granule), or with
-    // NPASS in one pass over the staged rows after it (qmm_norm_sums).
-    constexpr bool SUMS_IN_LOOP = NORM && !NPASS;
     if constexpr (SUMS_IN_LOOP) {
       for (int m = lane; m < M; m += 32) wss[wid * MP + m] = 0.f;
       __syncwarp();
     }
-    // x that is copied unchanged (no norm sums on the way, no gate product, no lop3 reordering): cp.async,
-    // every copy of the block in flight at once (H200: down M=32 45.4 -> 41.6 us). Otherwise
-    // through registers: cp.async and then an in-place pass lost (o_proj M=8 7.8 -> 9.4 us),
-    // and so did loading 4 or 8 granules a thread before storing any (o_proj M=32 14.9 -> 21.3).
-    constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !SUMS_IN_LOOP && !LOP3;
     if constexpr (ASYNC) {
       for (int m = m_first, j = j_first; m < M; next_granule(m, j)) {
         const int pj = qmm_swz<BITS>(j);
@@ -781,8 +802,19 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     }
   }
   __syncthreads();
-  if constexpr (NORM && NPASS) qmm_norm_sums<T, NT>(xs, XS, wss, MP, M, K, tid);
-  if constexpr (NORM) qmm_rms_norm<T, BITS, NT, LOP3, EARLY, NWR, MP>(xs, XS, nw, nwr, wss, eps, M, K, tid);
+  if constexpr (NORM && NPASS) qmm_norm_sums<T, NT>(xs, XS, wss, MP, M, nkl, tid);
+  if constexpr (FOLD) {  // read after qmm_rms_norm's barrier
+    for (int m = tid; m < M; m += NT) {
+      float ss = 0.f;
+#pragma unroll
+      for (int q = 0; q < NT / 32; ++q) ss += wss[q * MP + m];
+      rinv[m] = sqrtf(ss / (float)max(nkl, 1) + eps);  // a slice may hold no chunk
+      if (blockIdx.x == 0) ssout[s * M + m] = ss;
+    }
+  }
+  if constexpr (NORM)  // the lop3 reordering: done in the staging (x through registers), else by this pass
+    qmm_rms_norm<T, BITS, NT, LOP3 && !ASYNC, EARLY, NWR, MP, FOLD, LOP3 && ASYNC>(xs, XS, nw + nk0, nwr, wss, eps, M,
+                                                                                nkl, tid);
 
   // This lane's x row per token tile, as a 16-byte granule index into xs. Rows past M read
   // row M - 1: they only feed output columns that are never stored, and an unpredicated
@@ -998,7 +1030,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       for (int q = 0; q < WK; ++q) v += red[(q * MP + m) * RS + r];
       const int n = n0 + r;
       if constexpr (SPLIT) {
-        out[((size_t)s * M + m) * N + n] = qmm_cast<O, T>(v);
+        out[((size_t)s * M + m) * N + n] = qmm_cast<O, T>(FOLD ? v * rinv[m] : v);
       } else {
         const bool pre = EPRE && e == tid;
         if constexpr (HAS_BIAS) v += pre ? pb0 : qmm_float<T>(lbias[n]);
@@ -1012,27 +1044,42 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   }
 }
 
-// y[m, n] = sum_s part[s, m, n] (+ bias[n]) (+ res[m, n]), cast to the activation dtype.
-template <typename T, bool HAS_BIAS, bool HAS_RES>
+// A folded norm's row scale after a split K (see NORM in qmm_kernel): the sums of squares of
+// the K-slices ss [S, M] over the row length K.
+struct QmmNormSums {
+  const float* ss;
+  int K;
+  float eps;
+  __device__ __forceinline__ float scale(const int m, const int S, const int M) const {
+    float q = 0.f;
+    for (int s = 0; s < S; ++s) q += ss[s * M + m];
+    return rsqrtf(q / (float)K + eps);
+  }
+};
+
+// y[m, n] = sum_s part[s, m, n] (* the norm's row scale) (+ bias[n]) (+ res[m, n]), cast to the
+// activation dtype.
+template <typename T, bool HAS_BIAS, bool HAS_RES, bool NORM>
 __device__ __forceinline__ void qmm_reduce(const float* __restrict__ part,
                                            const T* __restrict__ lbias,
                                            const T* __restrict__ res, T* __restrict__ y,
-                                           const int S, const int M, const int N) {
+                                           const int S, const int M, const int N, const QmmNormSums ns) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= M * N) return;
   float v = 0.f;
   for (int s = 0; s < S; ++s) v += part[(size_t)s * M * N + i];
+  if constexpr (NORM) v *= ns.scale(i / N, S, M);
   if constexpr (HAS_BIAS) v += qmm_float<T>(lbias[i % N]);
   if constexpr (HAS_RES) v += qmm_float<T>(res[i]);
   y[i] = qmm_cast<T, T>(v);
 }
 
 // A pair epilogue after a split K: one thread per pair (rows n, n + 8 of a token).
-template <typename T, bool HAS_BIAS, typename E>
+template <typename T, bool HAS_BIAS, bool NORM, typename E>
 __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
                                                 const T* __restrict__ lbias, T* __restrict__ y,
                                                 const int S, const int M, const int N,
-                                                const QmmRope<T> rp) {
+                                                const QmmRope<T> rp, const QmmNormSums ns) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= M * (N / 2)) return;
   const int m = i / (N / 2);
@@ -1041,6 +1088,11 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
   for (int s = 0; s < S; ++s) {
     lo += part[((size_t)s * M + m) * N + n];
     hi += part[((size_t)s * M + m) * N + n + 8];
+  }
+  if constexpr (NORM) {
+    const float rs = ns.scale(m, S, M);
+    lo *= rs;
+    hi *= rs;
   }
   if constexpr (HAS_BIAS) {
     lo += qmm_float<T>(lbias[n]);
@@ -1056,6 +1108,9 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
 # x copied unchanged is staged by cp.async; BB_QMM_X_ASYNC=0 stages all x through registers
 # (A/B runs).
 X_ASYNC = env_choice("BB_QMM_X_ASYNC", "1", ON_OFF) == "1"
+# A fused norm with its sums in a pass (NPASS) takes x by cp.async too, its pass doing the lop3
+# reordering (BB_QMM_NORM_ASYNC=1).
+NORM_ASYNC = env_choice("BB_QMM_NORM_ASYNC", "0", ON_OFF) == "1"
 # The fused RMSNorm's two variants (template parameters, chosen per launch by `norm_variant`):
 # BB_QMM_NORM_PASS, its sums of squares in one pass over the staged rows instead of a warp
 # reduction per granule inside the staging loop; BB_QMM_NW_EARLY, its weights loaded before the
@@ -1085,21 +1140,24 @@ def norm_variant(m: int, glu_pair: bool) -> tuple[bool, bool]:
 
 
 # MLX hashes the source on every launch: compacted. The RoPE epilogue uses bbrope::rotate.
-QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + kspec.compact(QMM_HEADER)
+QMM_HEADER = (ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n")
+              + ("#define BB_QMM_NORM_ASYNC 1\n" if NORM_ASYNC else "") + kspec.compact(QMM_HEADER))
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ, EPRE,"
-    " {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, x_shape[0], w_shape[0],"
+    " {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, {ss}, x_shape[0], w_shape[0],"
     " w_shape[1] * 32 / BITS, {rope});"
 )
 _SRC_REDUCE = (
-    "bbqmm::qmm_reduce<T, {has_bias}, {has_res}>"
-    "(part, {lbias}, {res}, y, part_shape[0], part_shape[1], part_shape[2]);"
+    "bbqmm::qmm_reduce<T, {has_bias}, {has_res}, {norm}>"
+    "(part, {lbias}, {res}, y, part_shape[0], part_shape[1], part_shape[2], {sums});"
 )
 _SRC_REDUCE_PAIR = (
-    "bbqmm::qmm_reduce_pair<T, {has_bias}, {pair_t}>"
-    "(part, {lbias}, y, part_shape[0], part_shape[1], part_shape[2], {rope});"
+    "bbqmm::qmm_reduce_pair<T, {has_bias}, {norm}, {pair_t}>"
+    "(part, {lbias}, y, part_shape[0], part_shape[1], part_shape[2], {rope}, {sums});"
 )
+# A folded norm's sums after a split K: the main kernel's second output, the row length, eps.
+_NORM_SUMS_ARG = "bbqmm::QmmNormSums{ss, NK, __int_as_float(EPS_BITS)}"
 # Pair epilogues (rows n and n + 8 of a tile stored together): "rope" (RoPE and the K/V write
 # of the q/k/v projection, RopeStore) and "glu" (silu(gate) * up of the gate/up projection).
 _PAIR_TYPES = {"": "bbqmm::QmmPlain", "rope": "bbqmm::QmmRopeCfg<RD, HQ, HKV, TRAD>",
@@ -1128,27 +1186,33 @@ def _suffix(has_bias: bool, has_res: bool, glu: bool = False, norm: bool = False
 
 
 def _main_spec(has_bias: bool, has_res: bool = False, glu: bool = False, norm: bool = False,
-               pair: str = "") -> KernelSpec:
+               pair: str = "", fold: bool = False) -> KernelSpec:
+    """fold: the norm over a split K (its sums of squares are a second output, "ss")."""
     names = ("x", "w", "scales", "biases") + (("lbias",) if has_bias else ()) + (
         ("res",) if has_res else ()) + (("nw",) if norm else ()) + (_ROPE_INPUTS if pair == "rope" else ())
     src = _SRC_MAIN.format(
         glu="true" if glu else "false", norm="true, NPASS, NEARLY" if norm else "false, false, false",
         nw="nw" if norm else "(const T*)nullptr", eps="__int_as_float(EPS_BITS)" if norm else "0.f",
-        **_pair_args(pair), **_epilogue(has_bias, has_res),
+        ss="ss" if fold else "(float*)nullptr", **_pair_args(pair), **_epilogue(has_bias, has_res),
     )
-    return KernelSpec("cuda", "bb_qmm" + _suffix(has_bias, has_res, glu, norm, pair), names, ("y",), src,
-                      QMM_HEADER)
+    name = "bb_qmm" + _suffix(has_bias, has_res, glu, norm, pair) + ("f" if fold else "")
+    return KernelSpec("cuda", name, names, ("y", "ss") if fold else ("y",), src, QMM_HEADER)
 
 
-def _reduce_spec(has_bias: bool, has_res: bool = False, pair: str = "") -> KernelSpec:
+def _reduce_spec(has_bias: bool, has_res: bool = False, pair: str = "", norm: bool = False) -> KernelSpec:
+    """norm: the summed partials are scaled by a folded norm's row scale (QmmNormSums)."""
+    head = ("part",) + (("ss",) if norm else ())
+    fmt = dict(norm="true" if norm else "false",
+               sums=_NORM_SUMS_ARG if norm else "bbqmm::QmmNormSums{nullptr, 1, 0.f}")
     if pair:
-        names = ("part",) + (("lbias",) if has_bias else ()) + (_ROPE_INPUTS if pair == "rope" else ())
-        src = _SRC_REDUCE_PAIR.format(**_pair_args(pair), **_epilogue(has_bias, False))
-        return KernelSpec("cuda", "bb_qmm_red" + _suffix(has_bias, False, pair=pair), names, ("y",), src,
-                          QMM_HEADER)
-    names = ("part",) + (("lbias",) if has_bias else ()) + (("res",) if has_res else ())
-    src = _SRC_REDUCE.format(**_epilogue(has_bias, has_res))
-    return KernelSpec("cuda", "bb_qmm_red" + _suffix(has_bias, has_res), names, ("y",), src, QMM_HEADER)
+        names = head + (("lbias",) if has_bias else ()) + (_ROPE_INPUTS if pair == "rope" else ())
+        src = _SRC_REDUCE_PAIR.format(**_pair_args(pair), **_epilogue(has_bias, False), **fmt)
+        return KernelSpec("cuda", "bb_qmm_red" + _suffix(has_bias, False, norm=norm, pair=pair), names, ("y",),
+                          src, QMM_HEADER)
+    names = head + (("lbias",) if has_bias else ()) + (("res",) if has_res else ())
+    src = _SRC_REDUCE.format(**_epilogue(has_bias, has_res), **fmt)
+    return KernelSpec("cuda", "bb_qmm_red" + _suffix(has_bias, has_res, norm=norm), names, ("y",), src,
+                      QMM_HEADER)
 
 
 def chunk_k(bits: int) -> int:
@@ -1214,6 +1278,7 @@ def sm_count() -> int:
 # BB_QMM_PERSIST=0 launches one block per tile as before (A/B runs).
 PERSIST = env_choice("BB_QMM_PERSIST", "1", ON_OFF) == "1"
 FUSE_NORM = env_choice("BB_QMM_FUSE_NORM", "1", ON_OFF) == "1"
+NORM_SPLIT = env_choice("BB_QMM_NORM_SPLIT", "1", ON_OFF) == "1"
 # Pair epilogues on CUDA (fuse_quantized_projections orders the rows for them): RoPE and the
 # K/V write in the q/k/v projection (project_rope_store), silu(gate) * up in the gate/up
 # projection (FusedQuantizedLinear.glu). BB_QMM_ROPE=0 / BB_QMM_GLU_PAIR=0 keep the separate
@@ -1553,7 +1618,9 @@ def plan_quantized_matmul(
     (bias and residual are then added there). lop3 forces the fp16 4-bit dequantization
     (None: where `_lop3` measured it faster). Pair epilogues (after a split K, the reduce
     kernel's): rope, the output is q and k/v go to the cache (`RopeStore`); glu_pair, the
-    rows are in `glu_pair_order` and the output is silu(gate) * up [M, N/2]."""
+    rows are in `glu_pair_order` and the output is silu(gate) * up [M, N/2]. norm with a split
+    K: a second output, the K-slices' sums of squares [S, M] fp32, for the reduce kernel's
+    `norm` (the norm is folded: see NORM in the kernel)."""
     if backend_name != "cuda":
         raise ValueError(f"quantized_matmul has a custom kernel only on cuda, not {backend_name!r}")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
@@ -1569,8 +1636,9 @@ def plan_quantized_matmul(
         raise ValueError(f"quantized_matmul: config {cfg} does not fit N={n} (wf 2 needs the ring, "
                          f"N a multiple of 16 * wn * wf)")
     split = cfg.s > 1
-    if norm is not None and (split or glu or k % 256):
-        raise ValueError("quantized_matmul: the fused RMSNorm needs one K-slice, K % 256 == 0 and no glu")
+    if norm is not None and (glu or k % 256):
+        raise ValueError("quantized_matmul: the fused RMSNorm needs K % 256 == 0 and no glu")
+    fold = norm is not None and split
     has_bias = bias is not None and not split
     has_res = residual is not None and not split
     pair = _check_pair(rope, glu_pair, m, n, x.dtype, glu, residual)
@@ -1585,10 +1653,12 @@ def plan_quantized_matmul(
     inputs += [norm[0]] if norm is not None else []
     inputs += rope.inputs() if rope_here else []
     out_shape = (cfg.s, m, n) if split else _pair_shape(pair, rope, m, n)
+    # over a K-slice the norm takes its sums in the pass after the staging (qmm_rms_norm's UNI)
+    npass, early = norm_variant(m, glu_pair) if norm is not None else (False, False)
     launch = Launch(
         inputs=inputs,
-        output_shapes=[out_shape],
-        output_dtypes=[mx.float32 if split else x.dtype],
+        output_shapes=[out_shape] + ([(cfg.s, m)] if fold else []),
+        output_dtypes=[mx.float32 if split else x.dtype] + ([mx.float32] if fold else []),
         grid=(cfg.grid_blocks(n) * nt, cfg.s, 1),
         threadgroup=(nt, 1, 1),
         template=[
@@ -1597,11 +1667,11 @@ def plan_quantized_matmul(
             ("SPLIT", split), ("EPRE", EPI_PRE and not split),
             ("DQ", 1 if (_lop3(cfg, n, k) if lop3 is None else lop3) else 0),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
-        ] + ([("EPS_BITS", kspec.f32_bits(norm[1])), *zip(("NPASS", "NEARLY"), norm_variant(m, glu_pair))]
+        ] + ([("EPS_BITS", kspec.f32_bits(norm[1])), ("NPASS", npass or fold), ("NEARLY", early)]
              if norm is not None else [])
         + (rope.template() if rope_here else []),
     )
-    spec = _main_spec(has_bias, has_res, glu, norm is not None, pair_here)
+    spec = _main_spec(has_bias, has_res, glu, norm is not None, pair_here, fold)
     return replace(spec, shared_memory=smem), launch
 
 
@@ -1642,29 +1712,41 @@ def plan_qmm_reduce(
     part: mx.array, dtype, bias: mx.array | None = None, residual: mx.array | None = None,
     rope: RopeStore | None = None,
     glu_pair: bool = False,
+    norm: tuple[mx.array, int, float] | None = None,
 ) -> tuple[KernelSpec, Launch]:
+    """y from the fp32 partials [S, M, N] of a split K. norm: (the main kernel's sums of
+    squares [S, M], K, eps) of a folded RMSNorm."""
     s, m, n = part.shape
     pair = _check_pair(rope, glu_pair, m, n, dtype, False, residual)
+    head = [part]
+    norm_t = []
+    if norm is not None:
+        ss, k, eps = norm
+        if tuple(ss.shape) != (s, m) or ss.dtype != mx.float32:
+            raise ValueError(f"quantized_matmul: the norm's sums must be [{s}, {m}] float32, got "
+                             f"{tuple(ss.shape)} {ss.dtype}")
+        head.append(ss)
+        norm_t = [("NK", int(k)), ("EPS_BITS", kspec.f32_bits(eps))]
     if pair:
         launch = Launch(
-            inputs=[part] + ([bias] if bias is not None else []) + (rope.inputs() if rope is not None else []),
+            inputs=head + ([bias] if bias is not None else []) + (rope.inputs() if rope is not None else []),
             output_shapes=[_pair_shape(pair, rope, m, n)],
             output_dtypes=[dtype],
             grid=(m * n // 2, 1, 1),
             threadgroup=(256, 1, 1),
-            template=[("T", dtype)] + (rope.template() if rope is not None else []),
+            template=[("T", dtype)] + norm_t + (rope.template() if rope is not None else []),
         )
-        return _reduce_spec(bias is not None, pair=pair), launch
+        return _reduce_spec(bias is not None, pair=pair, norm=norm is not None), launch
     launch = Launch(
-        inputs=[part] + ([bias] if bias is not None else [])
+        inputs=head + ([bias] if bias is not None else [])
         + ([residual.reshape(m, n)] if residual is not None else []),
         output_shapes=[(m, n)],
         output_dtypes=[dtype],
         grid=(m * n, 1, 1),
         threadgroup=(256, 1, 1),
-        template=[("T", dtype)],
+        template=[("T", dtype)] + norm_t,
     )
-    return _reduce_spec(bias is not None, residual is not None), launch
+    return _reduce_spec(bias is not None, residual is not None, norm=norm is not None), launch
 
 
 # Rows of x from which CUDA dequantizes and uses cuBLAS instead (0: never).
@@ -1727,10 +1809,11 @@ def _run_kernel(x, w, scales, biases, group_size: int, bits: int, m: int, n: int
     """The custom kernel (and its reduce kernel after a split K) on a covered call."""
     cfg = choose_config(m, n, k, bits)
     # Each block normalizes its rows itself, once: the sums of squares are taken while x is
-    # staged and a persistent block stages x once for all its tiles. Needs one K-slice and
-    # K % 256 == 0; BB_QMM_FUSE_NORM=0 keeps the separate rms_norm launch (A/B runs).
+    # staged and a persistent block stages x once for all its tiles (over a split K, per
+    # K-slice, finished by the reduce kernel). Needs K % 256 == 0; BB_QMM_FUSE_NORM=0 keeps the
+    # separate rms_norm launch, BB_QMM_NORM_SPLIT=0 keeps it where K is split (A/B runs).
     fuse_norm = FUSE_NORM and norm is not None and norm[0].dtype == x.dtype and k % 256 == 0
-    if norm is not None and not (fuse_norm and cfg.s == 1):
+    if norm is not None and not (fuse_norm and (cfg.s == 1 or NORM_SPLIT)):
         x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
     if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
         bias = bias.reshape(n).astype(x.dtype)
@@ -1740,9 +1823,10 @@ def _run_kernel(x, w, scales, biases, group_size: int, bits: int, m: int, n: int
         "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
         residual=residual, glu=glu, norm=norm, config=cfg, rope=rope, glu_pair=glu_pair,
     )
-    (y,) = kspec.run(ks, launch)
+    y, *ss = kspec.run(ks, launch)
     if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
-        rs, rl = plan_qmm_reduce(y, x.dtype, bias, residual, rope=rope, glu_pair=glu_pair)
+        rs, rl = plan_qmm_reduce(y, x.dtype, bias, residual, rope=rope, glu_pair=glu_pair,
+                                 norm=(ss[0], k, norm[1]) if ss else None)
         (y,) = kspec.run(rs, rl)
     return y
 

@@ -202,6 +202,12 @@ def attention_cases(backend: str, rng: np.random.Generator, quick: bool = False)
     return cases
 
 
+def folded_norm(outs: list[mx.array], k: int, eps: float = 1e-5):
+    """The reduce kernel's norm argument after a split K: the sums of squares the main kernel
+    wrote as its second output (a norm folded over the K-slices), else None."""
+    return (outs[1], k, eps) if len(outs) > 1 else None
+
+
 def qmm_case(
     rng: np.random.Generator,
     *,
@@ -275,13 +281,16 @@ def qmm_case(
     is_split = launch.output_dtypes[0] == mx.float32
     kernels = [(kspec, launch)]
     if is_split:
-        part0 = mx.zeros(launch.output_shapes[0], dtype=mx.float32)
-        kernels.append(Q.plan_qmm_reduce(part0, dtype, lb, rs, glu_pair=glu_pair))
+        zeros = [mx.zeros(shape, dtype=mx.float32) for shape in launch.output_shapes]
+        kernels.append(Q.plan_qmm_reduce(zeros[0], dtype, lb, rs, glu_pair=glu_pair, norm=folded_norm(zeros, k)))
 
     def run(execute: Executor) -> np.ndarray:
-        y = execute(kspec, launch)[0][0]
+        outs = execute(kspec, launch)[0]
+        y = outs[0]
         if is_split:
-            rspec, rlaunch = Q.plan_qmm_reduce(mx.array(y), dtype, lb, rs, glu_pair=glu_pair)
+            parts = [mx.array(o) for o in outs]
+            rspec, rlaunch = Q.plan_qmm_reduce(parts[0], dtype, lb, rs, glu_pair=glu_pair,
+                                               norm=folded_norm(parts, k))
             y = execute(rspec, rlaunch)[0][0]
         return y.astype(np.float64)
 
@@ -340,9 +349,17 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         # q/k/v's geometry at one token (choose_config's narrow rule): 4 warps along K, 4 chunks
         # a stage, one block per tile, 7 chunks a warp (the second stage partly empty), the norm
         dict(m=1, bits=4, group_size=32, n=48, k=3584, split=1, norm=True, wk=4, p=4, pre=False),
+        # the norm folded over a split K (sums per K-slice, scaled in the reduce kernel): slices of
+        # an odd number of chunks (a warp's granules span two rows), with bias, 8-bit with the
+        # residual, an empty slice, the gate/up pair on the ring at 32 rows, more than 32 rows
+        dict(m=16, bits=4, group_size=32, n=64, k=1280, split=4, norm=True, bias=True),
+        dict(m=5, bits=8, group_size=64, n=64, k=768, split=5, norm=True, res=True, dtype=mx.bfloat16),
+        dict(m=3, bits=4, group_size=32, n=64, k=256, split=3, norm=True),
+        dict(m=32, bits=4, group_size=32, n=128, k=1280, split=2, norm=True, glu_pair=True, ns=4),
+        dict(m=40, bits=4, group_size=64, n=64, k=768, split=3, norm=True, bias=True, dtype=mx.bfloat16),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds
         specs = specs[:2] + [s for s in specs if (s.get("ns") and (s.get("split") or s.get("blocks", 0) > 2))
-                             or s.get("split", 0) > 5 or s.get("wk")]
+                             or s.get("split", 0) > 5 or s.get("wk") or (s.get("norm") and s.get("split", 0) > 1)]
     return [qmm_case(rng, **s) for s in specs]

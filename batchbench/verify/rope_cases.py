@@ -10,7 +10,7 @@ import numpy as np
 
 from batchbench.kernels import qmm as Q
 from batchbench.kernels import rope as R
-from batchbench.verify.cases import QMM_RTOL, Case, Executor, _f64
+from batchbench.verify.cases import QMM_RTOL, Case, Executor, _f64, folded_norm
 from batchbench.verify.emulate import to_numpy
 
 # Half an ulp of the output dtype, relative to the largest output (|rotated| <= sqrt(2) max|x|).
@@ -164,13 +164,14 @@ def qmm_rope_case(
     want = np.concatenate([q_ref.ravel(), after[0].ravel(), after[1].ravel()])
     kernels = [(kspec, launch)]
     if is_split:
-        kernels.append(Q.plan_qmm_reduce(mx.zeros(launch.output_shapes[0], dtype=mx.float32), dtype, lb_p,
-                                         rope=rope))
+        zeros = [mx.zeros(shape, dtype=mx.float32) for shape in launch.output_shapes]
+        kernels.append(Q.plan_qmm_reduce(zeros[0], dtype, lb_p, rope=rope, norm=folded_norm(zeros, k)))
 
     def run(execute: Executor) -> np.ndarray:
         outs, inputs = execute(kspec, launch)
         if is_split:
-            rspec, rlaunch = Q.plan_qmm_reduce(mx.array(outs[0]), dtype, lb_p, rope=rope)
+            parts = [mx.array(o) for o in outs]
+            rspec, rlaunch = Q.plan_qmm_reduce(parts[0], dtype, lb_p, rope=rope, norm=folded_norm(parts, k))
             outs, inputs = execute(rspec, rlaunch)
         kc, vc = (_values(inputs[i], dtype) for i in (-2, -1))
         return np.concatenate([outs[0].astype(np.float64).ravel(), kc.ravel(), vc.ravel()])
@@ -191,6 +192,7 @@ def qmm_rope_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=5, dtype=mx.bfloat16, traditional=True, n_heads=7, n_kv_heads=1),
         dict(m=3, head_dim=128, n_heads=2, n_kv_heads=1, bits=8, group_size=64, bias=True, split=2),
         dict(m=11, dtype=mx.bfloat16, norm=True, bias=True, k=512),
+        dict(m=9, norm=True, bias=True, k=768, split=3),  # the norm folded over the K-slices
     ]
     return [qmm_rope_case(rng, **s) for s in (specs[:1] if quick else specs)]
 

@@ -66,6 +66,9 @@ QMM_HEADER = r"""
 #ifndef BB_QMM_NORM_ASYNC
 #define BB_QMM_NORM_ASYNC 0
 #endif
+#ifndef BB_QMM_PERM_READ
+#define BB_QMM_PERM_READ 0
+#endif
 
 namespace bbqmm {
 
@@ -732,9 +735,13 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   // every copy of the block in flight at once (H200: down M=32 45.4 -> 41.6 us). Otherwise
   // through registers: cp.async and then an in-place pass lost (o_proj M=8 7.8 -> 9.4 us),
   // and so did loading 4 or 8 granules a thread before storing any (o_proj M=32 14.9 -> 21.3).
-  // BB_QMM_NORM_ASYNC: a norm whose sums take a pass rewrites every staged granule anyway, so
-  // its pass can do the lop3 reordering and x can come by cp.async.
-  constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !SUMS_IN_LOOP && (!LOP3 || (NORM && BB_QMM_NORM_ASYNC));
+  // The lop3 dequantization's granule order (qmm_perm8) is made in the staging through registers,
+  // or x comes by cp.async as it is and: BB_QMM_NORM_ASYNC, a norm whose sums take a pass (it
+  // rewrites every staged granule anyway) reorders on the way back; BB_QMM_PERM_READ, the other
+  // kernels reorder each granule as the product reads it (4 PRMT a granule and token tile).
+  constexpr bool BY_PASS = LOP3 && NORM && BB_QMM_NORM_ASYNC;
+  constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !SUMS_IN_LOOP && (!LOP3 || BY_PASS || BB_QMM_PERM_READ);
+  constexpr bool XP_PASS = ASYNC && BY_PASS, XP_READ = ASYNC && LOP3 && !BY_PASS;
   {  // stage this K-slice of x (all M rows) in smem, 16-byte granules, swizzled for 4-bit
     const int gpr = nch * CK / 8;
     const int xr8 = (GLU ? 2 * K : K) / 8, k08 = k0 / 8;  // granules: a row of x, the slice's start
@@ -812,9 +819,9 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       if (blockIdx.x == 0) ssout[s * M + m] = ss;
     }
   }
-  if constexpr (NORM)  // the lop3 reordering: done in the staging (x through registers), else by this pass
-    qmm_rms_norm<T, BITS, NT, LOP3 && !ASYNC, EARLY, NWR, MP, FOLD, LOP3 && ASYNC>(xs, XS, nw + nk0, nwr, wss, eps, M,
-                                                                                nkl, tid);
+  if constexpr (NORM)  // the lop3 reordering: made in the staging (PERM: nw follows it), by this pass, or on read
+    qmm_rms_norm<T, BITS, NT, LOP3 && !ASYNC, EARLY, NWR, MP, FOLD, XP_PASS>(xs, XS, nw + nk0, nwr, wss, eps, M, nkl,
+                                                                          tid);
 
   // This lane's x row per token tile, as a 16-byte granule index into xs. Rows past M read
   // row M - 1: they only feed output columns that are never stored, and an unpredicated
@@ -874,7 +881,8 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         }
 #pragma unroll
         for (int tt = 0; tt < MT; ++tt) {
-          const uint4 xv = (xs4 + ((wd & 1) ? xd[tt] : xe[tt]) + jc)[wd & 2];
+          uint4 xv = (xs4 + ((wd & 1) ? xd[tt] : xe[tt]) + jc)[wd & 2];
+          if constexpr (XP_READ) xv = qmm_perm8(xv);
 #pragma unroll
           for (int f = 0; f < WF; ++f) {
             qmm_mma<BF16>(acc[f][tt], A0[f][0], A1[f][0], A0[f][1], A1[f][1], xv.x, xv.y);
@@ -1111,6 +1119,8 @@ X_ASYNC = env_choice("BB_QMM_X_ASYNC", "1", ON_OFF) == "1"
 # A fused norm with its sums in a pass (NPASS) takes x by cp.async too, its pass doing the lop3
 # reordering (BB_QMM_NORM_ASYNC=1).
 NORM_ASYNC = env_choice("BB_QMM_NORM_ASYNC", "0", ON_OFF) == "1"
+# The other fp16 4-bit kernels take x by cp.async too and reorder it as they read it (BB_QMM_PERM_READ=1).
+PERM_READ = env_choice("BB_QMM_PERM_READ", "0", ON_OFF) == "1"
 # The fused RMSNorm's two variants (template parameters, chosen per launch by `norm_variant`):
 # BB_QMM_NORM_PASS, its sums of squares in one pass over the staged rows instead of a warp
 # reduction per granule inside the staging loop; BB_QMM_NW_EARLY, its weights loaded before the
@@ -1141,7 +1151,8 @@ def norm_variant(m: int, glu_pair: bool) -> tuple[bool, bool]:
 
 # MLX hashes the source on every launch: compacted. The RoPE epilogue uses bbrope::rotate.
 QMM_HEADER = (ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n")
-              + ("#define BB_QMM_NORM_ASYNC 1\n" if NORM_ASYNC else "") + kspec.compact(QMM_HEADER))
+              + ("#define BB_QMM_NORM_ASYNC 1\n" if NORM_ASYNC else "")
+              + ("#define BB_QMM_PERM_READ 1\n" if PERM_READ else "") + kspec.compact(QMM_HEADER))
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ, EPRE,"

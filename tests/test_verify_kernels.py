@@ -210,33 +210,6 @@ def test_qmm_epilogue_preload_emulated(monkeypatch, spec, pre):
     _verify(case)
 
 
-@pytest.mark.parametrize("spec", [
-    dict(m=8, bits=4, group_size=32, norm=True, res=True),
-    dict(m=4, bits=4, group_size=32, n=96, norm=True, glu_pair=True, blocks=2),
-    dict(m=16, bits=4, group_size=32, n=64, k=1280, split=4, norm=True, bias=True),  # folded over K-slices
-    dict(rope=True, m=9, norm=True, bias=True, k=768),
-    dict(m=1, bits=4, group_size=32, n=208, k=512, norm=True, blocks=3),  # sums in the staging loop
-    dict(m=8, bits=4, group_size=32, n=208, k=512, bias=True, res=True, blocks=3),  # no norm
-    dict(m=3, bits=4, group_size=32, n=96, glu_pair=True, blocks=2, ns=5),  # the ring
-])
-@pytest.mark.parametrize("order", ["NORM_ASYNC", "PERM_READ", "NORM_ASYNC PERM_READ"])
-def test_qmm_x_order_emulated(monkeypatch, spec, order):
-    """Where fp16 4-bit x gets the lop3 granule order: BB_QMM_NORM_ASYNC=1, x under a norm whose
-    sums take a pass comes by cp.async and the pass reorders each granule as it rewrites it;
-    BB_QMM_PERM_READ=1, x comes by cp.async and the product reorders each granule it reads."""
-    from batchbench.kernels import qmm as Q
-    from batchbench.verify.rope_cases import qmm_rope_case
-
-    toolchain.need(toolchain.host_cxx)
-    defines = "".join(f"#define BB_QMM_{o} 1\n" for o in order.split())
-    monkeypatch.setattr(Q, "QMM_HEADER", defines + Q.QMM_HEADER)
-    spec = dict(spec)
-    rng = np.random.default_rng(SEED)
-    case = qmm_rope_case(rng, **spec) if spec.pop("rope", False) else qmm_case(rng, **spec)
-    assert dict(case.kernels[0][1].template)["DQ"] == 1 and case.kernels[0][0].header.startswith(defines)
-    _verify(case)
-
-
 def test_qmm_norm_variant_by_rows(monkeypatch):
     """auto: the sums' pass from 4 rows of x on; the weights early except for the gate/up pair
     at one row with its sums in the staging loop (the H200 measured each of these)."""

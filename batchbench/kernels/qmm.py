@@ -63,12 +63,6 @@ QMM_HEADER = r"""
 #ifndef BB_QMM_X_ASYNC
 #define BB_QMM_X_ASYNC 1
 #endif
-#ifndef BB_QMM_NORM_ASYNC
-#define BB_QMM_NORM_ASYNC 0
-#endif
-#ifndef BB_QMM_PERM_READ
-#define BB_QMM_PERM_READ 0
-#endif
 
 namespace bbqmm {
 
@@ -371,10 +365,8 @@ __device__ __forceinline__ int qmm_swz(const int j) {
 // rounding, as mx.fast.rms_norm. The sums of squares were taken while staging (wss: one partial
 // per warp and row, fixed order). K: the staged length (a K-slice of nw, the mean over it).
 // UNI: K / 8 need not be a multiple of 32 (a K-slice of an odd number of chunks): whole warps
-// walk the granules, so that the row scales' shuffle sees every lane. The lop3 dequantization's
-// granule order (qmm_perm8): PERM, x was staged reordered (the norm weights are reordered to
-// match); POUT, x was staged as it is and each granule is reordered on its way back.
-template <typename T, int BITS, int NT, bool PERM, bool EARLY, int NWR, int MP, bool UNI, bool POUT>
+// walk the granules, so that the row scales' shuffle sees every lane.
+template <typename T, int BITS, int NT, bool PERM, bool EARLY, int NWR, int MP, bool UNI>
 __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T* __restrict__ nw,
                                              const uint4 (&nwr)[NWR], const float* wss,
                                              const float eps, const int M, const int K, const int tid) {
@@ -419,8 +411,7 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
         const float2 g = qmm_to_float2(ww[q], is_bf16<T>::value);
         r[q] = qmm_pack2<T>(f.x * rs * g.x, f.y * rs * g.y);
       }
-      const uint4 o = make_uint4(r[0], r[1], r[2], r[3]);
-      *p = POUT ? qmm_perm8(o) : o;
+      *p = make_uint4(r[0], r[1], r[2], r[3]);
     };
     for (int m = 0; m < M; ++m) {
       if constexpr (RS_LANE) {
@@ -735,13 +726,10 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   // every copy of the block in flight at once (H200: down M=32 45.4 -> 41.6 us). Otherwise
   // through registers: cp.async and then an in-place pass lost (o_proj M=8 7.8 -> 9.4 us),
   // and so did loading 4 or 8 granules a thread before storing any (o_proj M=32 14.9 -> 21.3).
-  // The lop3 dequantization's granule order (qmm_perm8) is made in the staging through registers,
-  // or x comes by cp.async as it is and: BB_QMM_NORM_ASYNC, a norm whose sums take a pass (it
-  // rewrites every staged granule anyway) reorders on the way back; BB_QMM_PERM_READ, the other
-  // kernels reorder each granule as the product reads it (4 PRMT a granule and token tile).
-  constexpr bool BY_PASS = LOP3 && NORM && BB_QMM_NORM_ASYNC;
-  constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !SUMS_IN_LOOP && (!LOP3 || BY_PASS || BB_QMM_PERM_READ);
-  constexpr bool XP_PASS = ASYNC && BY_PASS, XP_READ = ASYNC && LOP3 && !BY_PASS;
+  // H200, decode step without attention (results/h200-2026-11-30-s19/call3): with the lop3 order made
+  // in the norm's pass instead (x by cp.async), B=8 2.430 -> 2.475 ms; made as the product reads
+  // each granule, 2.554 (B=32 4.05 -> 4.20).
+  constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !SUMS_IN_LOOP && !LOP3;
   {  // stage this K-slice of x (all M rows) in smem, 16-byte granules, swizzled for 4-bit
     const int gpr = nch * CK / 8;
     const int xr8 = (GLU ? 2 * K : K) / 8, k08 = k0 / 8;  // granules: a row of x, the slice's start
@@ -775,8 +763,12 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       qmm_cp_commit();
       qmm_cp_wait<0>();  // also the ring's first requests, which the first chunk needs anyway
     } else {
-      // XU granules a thread in flight at once, then each is finished and stored.
-      constexpr int XU = 4;
+      // XU granules a thread in flight at once, then each is finished and stored. One for the
+      // gate/up pair at one row (sums in this loop, norm weights late): H200 decode step, two runs
+      // each way (results/h200-2026-11-30-s19/call5), XU=4 there 30.7 -> 34.6 us (B=1 1.950 ->
+      // 2.055 ms) and XU=1 31.0; everywhere else XU=4 measured faster than XU=1 (B=2 2.110 ->
+      // 2.075-2.079, q/k/v at B=1 9.7 -> 9.3 us).
+      constexpr int XU = SUMS_IN_LOOP && !EARLY ? 1 : 4;
       for (int m = m_first, j = j_first; m < M;) {
         int mu[XU], ju[XU];
         uint4 v[XU], vu[GLU ? XU : 1];
@@ -819,9 +811,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       if (blockIdx.x == 0) ssout[s * M + m] = ss;
     }
   }
-  if constexpr (NORM)  // the lop3 reordering: made in the staging (PERM: nw follows it), by this pass, or on read
-    qmm_rms_norm<T, BITS, NT, LOP3 && !ASYNC, EARLY, NWR, MP, FOLD, XP_PASS>(xs, XS, nw + nk0, nwr, wss, eps, M, nkl,
-                                                                          tid);
+  if constexpr (NORM) qmm_rms_norm<T, BITS, NT, LOP3, EARLY, NWR, MP, FOLD>(xs, XS, nw + nk0, nwr, wss, eps, M, nkl, tid);
 
   // This lane's x row per token tile, as a 16-byte granule index into xs. Rows past M read
   // row M - 1: they only feed output columns that are never stored, and an unpredicated
@@ -881,8 +871,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         }
 #pragma unroll
         for (int tt = 0; tt < MT; ++tt) {
-          uint4 xv = (xs4 + ((wd & 1) ? xd[tt] : xe[tt]) + jc)[wd & 2];
-          if constexpr (XP_READ) xv = qmm_perm8(xv);
+          const uint4 xv = (xs4 + ((wd & 1) ? xd[tt] : xe[tt]) + jc)[wd & 2];
 #pragma unroll
           for (int f = 0; f < WF; ++f) {
             qmm_mma<BF16>(acc[f][tt], A0[f][0], A1[f][0], A0[f][1], A1[f][1], xv.x, xv.y);
@@ -1116,11 +1105,6 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
 # x copied unchanged is staged by cp.async; BB_QMM_X_ASYNC=0 stages all x through registers
 # (A/B runs).
 X_ASYNC = env_choice("BB_QMM_X_ASYNC", "1", ON_OFF) == "1"
-# A fused norm with its sums in a pass (NPASS) takes x by cp.async too, its pass doing the lop3
-# reordering (BB_QMM_NORM_ASYNC=1).
-NORM_ASYNC = env_choice("BB_QMM_NORM_ASYNC", "0", ON_OFF) == "1"
-# The other fp16 4-bit kernels take x by cp.async too and reorder it as they read it (BB_QMM_PERM_READ=1).
-PERM_READ = env_choice("BB_QMM_PERM_READ", "0", ON_OFF) == "1"
 # The fused RMSNorm's two variants (template parameters, chosen per launch by `norm_variant`):
 # BB_QMM_NORM_PASS, its sums of squares in one pass over the staged rows instead of a warp
 # reduction per granule inside the staging loop; BB_QMM_NW_EARLY, its weights loaded before the
@@ -1150,9 +1134,7 @@ def norm_variant(m: int, glu_pair: bool) -> tuple[bool, bool]:
 
 
 # MLX hashes the source on every launch: compacted. The RoPE epilogue uses bbrope::rotate.
-QMM_HEADER = (ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n")
-              + ("#define BB_QMM_NORM_ASYNC 1\n" if NORM_ASYNC else "")
-              + ("#define BB_QMM_PERM_READ 1\n" if PERM_READ else "") + kspec.compact(QMM_HEADER))
+QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + kspec.compact(QMM_HEADER)
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ, EPRE,"
@@ -1289,7 +1271,11 @@ def sm_count() -> int:
 # BB_QMM_PERSIST=0 launches one block per tile as before (A/B runs).
 PERSIST = env_choice("BB_QMM_PERSIST", "1", ON_OFF) == "1"
 FUSE_NORM = env_choice("BB_QMM_FUSE_NORM", "1", ON_OFF) == "1"
-NORM_SPLIT = env_choice("BB_QMM_NORM_SPLIT", "1", ON_OFF) == "1"
+# The norm folded over a split K (BB_QMM_NORM_SPLIT=1) measured slower than its separate launch:
+# H200 decode step without attention, two runs each way (results/h200-2026-11-30-s19/call2):
+# B=16 3.395-3.402 -> 3.588-3.593 ms, B=32 3.819 -> 4.047-4.052 (q/k/v at M=32 14.4 -> 20.7 us,
+# gate/up 47.5 -> 54.4, their reduces +1.2-1.6 each, against 2 x 3.5 us of rms_norm saved).
+NORM_SPLIT = env_choice("BB_QMM_NORM_SPLIT", "0", ON_OFF) == "1"
 # Pair epilogues on CUDA (fuse_quantized_projections orders the rows for them): RoPE and the
 # K/V write in the q/k/v projection (project_rope_store), silu(gate) * up in the gate/up
 # projection (FusedQuantizedLinear.glu). BB_QMM_ROPE=0 / BB_QMM_GLU_PAIR=0 keep the separate

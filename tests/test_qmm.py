@@ -6,6 +6,7 @@ by planning launches with BACKEND forced to "cuda" and a stubbed `spec.run`.
 
 from __future__ import annotations
 
+import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -497,3 +498,19 @@ def test_sm_count_setting(monkeypatch):
     monkeypatch.setenv("BATCHBENCH_SMS", "many")
     with pytest.raises(SettingError, match="BATCHBENCH_SMS must be a number, not 'many'"):
         qmm.sm_count()
+
+
+def test_config_larger_than_shared_memory_is_refused():
+    """An explicit config whose x slice does not fit an SM's shared memory is a clear error, not
+    a failed launch (H200: down at M=8 on one K-slice needs 303 KB; MLX's graph said "invalid
+    argument"); choose_config's own configs all fit."""
+    m, n, k = 8, 3584, 18944
+    wq = mx.zeros((n, k // 8), mx.uint32)
+    s = b = mx.zeros((n, k // 32), mx.float16)
+    x = mx.zeros((m, k), mx.float16)
+    big = dataclasses.replace(qmm.choose_config(m, n, k, 4), s=1)
+    with pytest.raises(ValueError, match="shared memory"):
+        qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, config=big)
+    for mm in (1, 2, 8, 16, 32, 64):
+        for nn, kk in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (152064, 3584)):
+            assert qmm.choose_config(mm, nn, kk, 4).smem(kk, 4) <= qmm.SMEM_PER_SM

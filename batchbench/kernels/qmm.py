@@ -1632,6 +1632,9 @@ def plan_quantized_matmul(
     if cfg.wf not in (1, 2) or (cfg.wf == 2 and not cfg.ns) or n % (16 * cfg.wn * cfg.wf):
         raise ValueError(f"quantized_matmul: config {cfg} does not fit N={n} (wf 2 needs the ring, "
                          f"N a multiple of 16 * wn * wf)")
+    if cfg.smem(k, bits) > SMEM_PER_SM:  # a launch would fail inside MLX's graph with "invalid argument"
+        raise ValueError(f"quantized_matmul: config {cfg} needs {cfg.smem(k, bits)} bytes of shared memory for "
+                         f"K={k}, more than an SM has ({SMEM_PER_SM}): more K-slices (s) or fewer rows")
     split = cfg.s > 1
     if norm is not None and (glu or k % 256):
         raise ValueError("quantized_matmul: the fused RMSNorm needs K % 256 == 0 and no glu")

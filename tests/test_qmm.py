@@ -514,3 +514,26 @@ def test_config_larger_than_shared_memory_is_refused():
     for mm in (1, 2, 8, 16, 32, 64):
         for nn, kk in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (152064, 3584)):
             assert qmm.choose_config(mm, nn, kk, 4).smem(kk, 4) <= qmm.SMEM_PER_SM
+
+
+def test_folded_norm_needs_its_scratch(cuda_dispatch, monkeypatch):
+    """A norm folded over a split K keeps per-segment sums of squares (8 granules of x each) in
+    the reduction area: the decode shapes fit; a long slice on a one-warp block does not, and
+    then the planner refuses it and the dispatch runs rms_norm first instead."""
+    for m in (16, 32, 64):
+        for n in (4608, 37888):
+            assert qmm.choose_config(m, n, 3584, 4).fold_fits(3584, 4)
+    m, n, k = 9, 32, 8192
+    cfg = dataclasses.replace(qmm.choose_config(m, n, k, 4), wn=1, wk=1, s=2, blocks=0, ns=0)
+    assert not cfg.fold_fits(k, 4)  # 32 chunks a slice: 64 segments > 1 x (16 + 4)
+    wq = mx.zeros((n, k // 8), mx.uint32)
+    s = b = mx.zeros((n, k // 32), mx.float16)
+    nw = (mx.ones((k,), mx.float16), 1e-6)
+    with pytest.raises(ValueError, match="fold_fits"):
+        qmm.plan_quantized_matmul("cuda", mx.zeros((m, k), mx.float16), wq, s, b, group_size=32, bits=4,
+                                  norm=nw, config=cfg)
+    monkeypatch.setattr(qmm, "NORM_SPLIT", True)
+    monkeypatch.setattr(qmm, "choose_config", lambda *a: cfg)
+    qmm.quantized_matmul(mx.zeros((m, k), mx.float16), wq, s, b, group_size=32, bits=4, norm=nw)
+    spec, launch = [c for c in cuda_dispatch if c[0].name.startswith("bb_qmm") and "red" not in c[0].name][-1]
+    assert spec.name == "bb_qmm" and "nw" not in spec.input_names and launch.grid[1] == 2

@@ -361,12 +361,10 @@ __device__ __forceinline__ int qmm_swz(const int j) {
   return BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
 }
 
-// RMSNorm of the staged rows in place: x * rsqrt(mean(x^2) + eps) * nw, in fp32 with one
-// rounding, as mx.fast.rms_norm. The sums of squares were taken while staging (wss: one partial
-// per warp and row, fixed order). K: the staged length (a K-slice of nw, the mean over it).
-// UNI: K / 8 need not be a multiple of 32 (a K-slice of an odd number of chunks): whole warps
-// walk the granules, so that the row scales' shuffle sees every lane.
-template <typename T, int BITS, int NT, bool PERM, bool EARLY, int NWR, int MP, bool UNI>
+// RMSNorm of the staged rows in place (the block holds whole rows: one K-slice):
+// x * rsqrt(mean(x^2) + eps) * nw, in fp32 with one rounding, as mx.fast.rms_norm. The sums
+// of squares were taken while staging (wss: one partial per warp and row, fixed order).
+template <typename T, int BITS, int NT, bool PERM, bool EARLY, int NWR, int MP>
 __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T* __restrict__ nw,
                                              const uint4 (&nwr)[NWR], const float* wss,
                                              const float eps, const int M, const int K, const int tid) {
@@ -387,16 +385,14 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
   // Column by column: one load of the norm weights serves every row (a loop over all
   // granules waited an L2 round trip per granule: 14 a thread at M=8, K=3584). EARLY: the
   // first NWR granules of a thread were loaded before the x staging (qmm_nw_early).
-  for (int pb = UNI ? tid - lane : tid, i = 0; pb < gpr; pb += NT, ++i) {
-    const int pj = UNI ? pb + lane : pb;
-    const bool live = !UNI || pj < gpr;
+  for (int pj = tid, i = 0; pj < gpr; pj += NT, ++i) {
     const int j = qmm_swz<BITS>(pj);  // the staged granule's source
-    uint4 wv;  // a lane past the slice's end takes no value and stores nothing
+    uint4 wv;
     if (EARLY && i < NWR) {
 #pragma unroll
       for (int e = 0; e < NWR; ++e)  // static register indices
         if (e == i) wv = nwr[e];
-    } else if (live) {
+    } else {
       wv = nwg[j];
     }
     if constexpr (PERM) wv = qmm_perm8(wv);  // the staged x granules are reordered
@@ -415,9 +411,8 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
     };
     for (int m = 0; m < M; ++m) {
       if constexpr (RS_LANE) {
-        const float rs = __shfl_sync(0xffffffffu, rs_lane, m);
-        if (live) scale_row(m, rs);
-      } else if (live) {
+        scale_row(m, __shfl_sync(0xffffffffu, rs_lane, m));
+      } else {
         scale_row(m, row_scale(m));
       }
     }
@@ -471,6 +466,73 @@ __device__ __forceinline__ void qmm_norm_sums(const uint16_t* xs, const int XS, 
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) ss[r] += __shfl_xor_sync(0xffffffffu, ss[r], o);
       if (lane == 0 && m0 + r < M) wss[wid * MP + m0 + r] = ss[r];
+    }
+  }
+  __syncthreads();
+}
+
+// The RMSNorm of one K-slice of the staged rows (a norm folded over a split K, see NORM in
+// qmm_kernel): every thread takes (row, granule) pairs of the slice, where qmm_norm_sums and
+// qmm_rms_norm give each thread all rows of a granule (a short slice of many rows left most
+// threads idle: q/k/v at 32 rows, 7 slices, has 64 granules a row for 256 threads).
+// Sums of squares per 8-granule segment (an 8-lane group of a warp lies in one row and segment:
+// K / 8 is a multiple of 8) go to part [K / 64, MP] (scratch: the reduction area, unused before
+// the first tile's reduction), then each row's: its scale in this slice (rs), the inverse (ri),
+// and, from block 0 of the slice, the sums for the reduce kernel (ssout [S, M]). K: the slice's
+// length. The staged x is then scaled by rs and nw (nw: the slice's part), four granules a
+// thread in flight.
+template <typename T, int BITS, int NT, bool PERM>
+__device__ __forceinline__ void qmm_norm_slice(uint16_t* xs, const int XS, const T* __restrict__ nw, float* part,
+                                               const int MP, float* rs, float* ri, float* __restrict__ ssout,
+                                               const float eps, const int M, const int K, const int tid) {
+  const int gpr = K / 8, total = M * gpr, lane = tid & 31;
+  for (int b = tid - lane; b < total; b += NT) {  // whole warps: the shuffles see every lane
+    const int i = b + lane;
+    const int m = i < total ? i / gpr : 0, pj = i - m * gpr;
+    float ss = i < total ? qmm_sumsq8<T>(*reinterpret_cast<const uint4*>(xs + m * XS + pj * 8)) : 0.f;
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((lane & 7) == 0 && i < total) part[(pj >> 3) * MP + m] = ss;
+  }
+  __syncthreads();
+  for (int m = tid; m < M; m += NT) {
+    float ss = 0.f;
+    for (int q = 0; q < gpr / 8; ++q) ss += part[q * MP + m];
+    const float var = ss / (float)max(K, 1) + eps;  // a slice may hold no chunk
+    rs[m] = rsqrtf(var);
+    ri[m] = sqrtf(var);
+    if (blockIdx.x == 0) ssout[blockIdx.y * M + m] = ss;
+  }
+  __syncthreads();
+  const uint4* nwg = reinterpret_cast<const uint4*>(nw);
+  for (int i0 = tid; i0 < total; i0 += 4 * NT) {
+    int off[4];
+    uint4 v[4], g[4];
+    float r[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int i = i0 + u * NT;
+      if (i < total) {
+        const int m = i / gpr, pj = i - m * gpr;
+        off[u] = m * XS + pj * 8;
+        v[u] = *reinterpret_cast<const uint4*>(xs + off[u]);
+        g[u] = nwg[qmm_swz<BITS>(pj)];
+        r[u] = rs[m];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (i0 + u * NT >= total) break;
+      const uint4 w = PERM ? qmm_perm8(g[u]) : g[u];  // the staged x granules are reordered
+      const uint32_t xu[4] = {v[u].x, v[u].y, v[u].z, v[u].w}, wu[4] = {w.x, w.y, w.z, w.w};
+      uint32_t o[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 f = qmm_to_float2(xu[q], is_bf16<T>::value);
+        const float2 h = qmm_to_float2(wu[q], is_bf16<T>::value);
+        o[q] = qmm_pack2<T>(f.x * r[u] * h.x, f.y * r[u] * h.y);
+      }
+      *reinterpret_cast<uint4*>(xs + off[u]) = make_uint4(o[0], o[1], o[2], o[3]);
     }
   }
   __syncthreads();
@@ -589,9 +651,9 @@ struct QmmStage {
 // NORM: the input is rms_norm(x) * nw[K] (eps), computed on the staged x; K % 256 == 0 (a warp's
 // 32 staging granules then lie in one row). With SPLIT (needs NPASS) the norm is folded: the
 // row scale is a scalar, y = rsqrt(mean(x^2) + eps) * ((x * nw) @ W^T), so each K-slice
-// normalizes its x by its own sums (the staged values keep rms_norm's magnitude), writes its
-// partials times the inverse of that scale and its sums of squares to ssout [S, M], and the
-// reduce kernel scales the summed partials by the whole row's rsqrt.
+// normalizes its x by its own sums (qmm_norm_slice: the staged values keep rms_norm's
+// magnitude), writes its partials times the inverse of that scale and its sums of squares to
+// ssout [S, M], and the reduce kernel scales the summed partials by the whole row's rsqrt.
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
 // E: QmmPlain, or a pair epilogue (QmmRopeCfg, QmmGluPair) that stores rows n and n + 8 together.
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool PRE, bool SPLIT, bool HAS_BIAS,
@@ -631,10 +693,10 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   extern __shared__ uint4 qmm_smem[];
   uint16_t* xs = reinterpret_cast<uint16_t*>(qmm_smem);
   float* red = reinterpret_cast<float*>(xs + M * XS);
-  __shared__ float wss[NORM ? (NT / 32) * MP : 1];
   constexpr bool FOLD = NORM && SPLIT;
-  static_assert(!FOLD || NPASS, "qmm: a norm over a K-slice takes its sums in a pass");
-  __shared__ float rinv[FOLD ? MP : 1];  // FOLD: the inverse of each row's scale in this K-slice
+  __shared__ float wss[NORM && !FOLD ? (NT / 32) * MP : 1];
+  static_assert(!FOLD || NPASS, "qmm: a norm over a K-slice takes its sums after the staging");
+  __shared__ float rsc[FOLD ? MP : 1], rinv[FOLD ? MP : 1];  // FOLD: each row's scale in this K-slice, its inverse
 
   const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
   const int wn = wid % WN, wk = wid / WN;
@@ -644,7 +706,6 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   const int nch = cs1 - cs0;
   const int k0 = cs0 * CK;
   const int wc0 = cs0 + wk * nch / WK, wc1 = cs0 + (wk + 1) * nch / WK;
-  const int nk0 = FOLD ? k0 : 0, nkl = FOLD ? nch * CK : K;  // the norm's part of K: start, length
 
   const uint32_t* w0;
   const uint32_t* w1;
@@ -714,10 +775,10 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     if constexpr (PRE) load(sB, wc0 + P);  // both stages in flight over the staging
   }
   // The norm's weights: with NEARLY, a thread's first granules are in flight over the staging.
-  constexpr bool EARLY = NORM && NEARLY;
+  constexpr bool EARLY = NORM && NEARLY && !FOLD;
   constexpr int NWR = EARLY ? 2 : 1;  // 2: all of them for K <= 16 * NT (4096 at 256 threads)
   uint4 nwr[NWR];
-  if constexpr (EARLY) qmm_nw_early<BITS, NT, NWR>(reinterpret_cast<const uint4*>(nw + nk0), nwr, nkl, tid);
+  if constexpr (EARLY) qmm_nw_early<BITS, NT, NWR>(reinterpret_cast<const uint4*>(nw), nwr, K, tid);
 
   // The norm's sums of squares: in the staging loop (a warp reduction per granule), or with
   // NPASS in one pass over the staged rows after it (qmm_norm_sums).
@@ -801,17 +862,12 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     }
   }
   __syncthreads();
-  if constexpr (NORM && NPASS) qmm_norm_sums<T, NT>(xs, XS, wss, MP, M, nkl, tid);
-  if constexpr (FOLD) {  // read after qmm_rms_norm's barrier
-    for (int m = tid; m < M; m += NT) {
-      float ss = 0.f;
-#pragma unroll
-      for (int q = 0; q < NT / 32; ++q) ss += wss[q * MP + m];
-      rinv[m] = sqrtf(ss / (float)max(nkl, 1) + eps);  // a slice may hold no chunk
-      if (blockIdx.x == 0) ssout[s * M + m] = ss;
-    }
+  if constexpr (FOLD) {
+    qmm_norm_slice<T, BITS, NT, LOP3>(xs, XS, nw + k0, red, MP, rsc, rinv, ssout, eps, M, nch * CK, tid);
+  } else if constexpr (NORM) {
+    if constexpr (NPASS) qmm_norm_sums<T, NT>(xs, XS, wss, MP, M, K, tid);
+    qmm_rms_norm<T, BITS, NT, LOP3, EARLY, NWR, MP>(xs, XS, nw, nwr, wss, eps, M, K, tid);
   }
-  if constexpr (NORM) qmm_rms_norm<T, BITS, NT, LOP3, EARLY, NWR, MP, FOLD>(xs, XS, nw + nk0, nwr, wss, eps, M, nkl, tid);
 
   // This lane's x row per token tile, as a 16-byte granule index into xs. Rows past M read
   // row M - 1: they only feed output columns that are never stored, and an unpredicated
@@ -1246,6 +1302,11 @@ class QmmConfig:
         return (self.xbytes(k, bits) + self.wk * 8 * self.mt * (16 * self.wn * self.wf + 4) * 4
                 + self.wn * self.wk * self.ns * self.wf * RING_SLOT)
 
+    def fold_fits(self, k: int, bits: int) -> bool:
+        """A norm folded over this split K fits: its per-segment sums (8 granules of x each) of
+        the longest K-slice fit the reduction area it borrows (qmm_norm_slice)."""
+        return self.slice_chunks(k, bits) * chunk_k(bits) // 64 <= self.wk * (16 * self.wn * self.wf + 4)
+
     def grid_blocks(self, n: int) -> int:
         tiles = self.tiles(n)
         return tiles if self.blocks <= 0 else min(tiles, self.blocks)
@@ -1636,8 +1697,9 @@ def plan_quantized_matmul(
         raise ValueError(f"quantized_matmul: config {cfg} needs {cfg.smem(k, bits)} bytes of shared memory for "
                          f"K={k}, more than an SM has ({SMEM_PER_SM}): more K-slices (s) or fewer rows")
     split = cfg.s > 1
-    if norm is not None and (glu or k % 256):
-        raise ValueError("quantized_matmul: the fused RMSNorm needs K % 256 == 0 and no glu")
+    if norm is not None and (glu or k % 256 or (split and not cfg.fold_fits(k, bits))):
+        raise ValueError("quantized_matmul: the fused RMSNorm needs K % 256 == 0, no glu and, over a split K, "
+                         "its sums' scratch within the reduction area (QmmConfig.fold_fits)")
     fold = norm is not None and split
     has_bias = bias is not None and not split
     has_res = residual is not None and not split
@@ -1813,7 +1875,7 @@ def _run_kernel(x, w, scales, biases, group_size: int, bits: int, m: int, n: int
     # K-slice, finished by the reduce kernel). Needs K % 256 == 0; BB_QMM_FUSE_NORM=0 keeps the
     # separate rms_norm launch, BB_QMM_NORM_SPLIT=0 keeps it where K is split (A/B runs).
     fuse_norm = FUSE_NORM and norm is not None and norm[0].dtype == x.dtype and k % 256 == 0
-    if norm is not None and not (fuse_norm and (cfg.s == 1 or NORM_SPLIT)):
+    if norm is not None and not (fuse_norm and (cfg.s == 1 or (NORM_SPLIT and cfg.fold_fits(k, bits)))):
         x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
     if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
         bias = bias.reshape(n).astype(x.dtype)

@@ -1335,7 +1335,8 @@ FUSE_NORM = env_choice("BB_QMM_FUSE_NORM", "1", ON_OFF) == "1"
 # The norm folded over a split K (BB_QMM_NORM_SPLIT=1) measured slower than its separate launch:
 # H200 decode step without attention, two runs each way (results/h200-2026-11-30-s19/call2):
 # B=16 3.395-3.402 -> 3.588-3.593 ms, B=32 3.819 -> 4.047-4.052 (q/k/v at M=32 14.4 -> 20.7 us,
-# gate/up 47.5 -> 54.4, their reduces +1.2-1.6 each, against 2 x 3.5 us of rms_norm saved).
+# gate/up 47.5 -> 54.4, their reduces +1.2-1.6 each, against 2 x 3.5 us of rms_norm saved); with
+# qmm_norm_slice's passes (call11) B=32 3.798-3.803 -> 4.153-4.156 (q/k/v 18.3, gate/up 60.7).
 NORM_SPLIT = env_choice("BB_QMM_NORM_SPLIT", "0", ON_OFF) == "1"
 # Pair epilogues on CUDA (fuse_quantized_projections orders the rows for them): RoPE and the
 # K/V write in the q/k/v projection (project_rope_store), silu(gate) * up in the gate/up

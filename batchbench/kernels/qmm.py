@@ -361,6 +361,20 @@ __device__ __forceinline__ int qmm_swz(const int j) {
   return BITS == 4 ? (j ^ ((j >> 3) & 1)) : j;
 }
 
+// One granule of x normalized: x * rs * nw in fp32, one rounding (as mx.fast.rms_norm).
+template <typename T>
+__device__ __forceinline__ uint4 qmm_norm8(const uint4 v, const uint4 w, const float rs) {
+  const uint32_t u[4] = {v.x, v.y, v.z, v.w}, ww[4] = {w.x, w.y, w.z, w.w};
+  uint32_t r[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float2 f = qmm_to_float2(u[q], is_bf16<T>::value);
+    const float2 g = qmm_to_float2(ww[q], is_bf16<T>::value);
+    r[q] = qmm_pack2<T>(f.x * rs * g.x, f.y * rs * g.y);
+  }
+  return make_uint4(r[0], r[1], r[2], r[3]);
+}
+
 // RMSNorm of the staged rows in place (the block holds whole rows: one K-slice):
 // x * rsqrt(mean(x^2) + eps) * nw, in fp32 with one rounding, as mx.fast.rms_norm. The sums
 // of squares were taken while staging (wss: one partial per warp and row, fixed order).
@@ -398,16 +412,7 @@ __device__ __forceinline__ void qmm_rms_norm(uint16_t* xs, const int XS, const T
     if constexpr (PERM) wv = qmm_perm8(wv);  // the staged x granules are reordered
     auto scale_row = [&](const int m, const float rs) {
       uint4* p = reinterpret_cast<uint4*>(xs + m * XS + pj * 8);
-      const uint4 v = *p;
-      const uint32_t u[4] = {v.x, v.y, v.z, v.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
-      uint32_t r[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float2 f = qmm_to_float2(u[q], is_bf16<T>::value);
-        const float2 g = qmm_to_float2(ww[q], is_bf16<T>::value);
-        r[q] = qmm_pack2<T>(f.x * rs * g.x, f.y * rs * g.y);
-      }
-      *p = make_uint4(r[0], r[1], r[2], r[3]);
+      *p = qmm_norm8<T>(*p, wv, rs);
     };
     for (int m = 0; m < M; ++m) {
       if constexpr (RS_LANE) {
@@ -523,16 +528,8 @@ __device__ __forceinline__ void qmm_norm_slice(uint16_t* xs, const int XS, const
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       if (i0 + u * NT >= total) break;
-      const uint4 w = PERM ? qmm_perm8(g[u]) : g[u];  // the staged x granules are reordered
-      const uint32_t xu[4] = {v[u].x, v[u].y, v[u].z, v[u].w}, wu[4] = {w.x, w.y, w.z, w.w};
-      uint32_t o[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float2 f = qmm_to_float2(xu[q], is_bf16<T>::value);
-        const float2 h = qmm_to_float2(wu[q], is_bf16<T>::value);
-        o[q] = qmm_pack2<T>(f.x * r[u] * h.x, f.y * r[u] * h.y);
-      }
-      *reinterpret_cast<uint4*>(xs + off[u]) = make_uint4(o[0], o[1], o[2], o[3]);
+      // the staged x granules are reordered
+      *reinterpret_cast<uint4*>(xs + off[u]) = qmm_norm8<T>(v[u], PERM ? qmm_perm8(g[u]) : g[u], r[u]);
     }
   }
   __syncthreads();

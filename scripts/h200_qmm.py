@@ -426,7 +426,11 @@ def _forward(model: nn.Module, h: mx.array, fused) -> mx.array:
         for L in model.layers:
             rs = qmm.RopeStore(model.pos[:b], model.cells[:b], L.kc, L.vc, **model.rope)
             q = qmm.project_rope_store(L.qkv_p, h[None], norm, rs)
-            a = q.transpose(0, 2, 1, 3).reshape(b, -1)  # attention excluded
+            # Attention excluded. batchbench's attention kernel writes token-major [1, T, Hq, D],
+            # which o_proj reads as [T, Hq * D] without a copy; q's memory read that way stands in
+            # for it (scrambled values, as good as any for timing). Until session 19 this was a
+            # transpose copy the real step does not run (1.6-2.0 us a layer at B = 2-8).
+            a = q.reshape(b, -1)
             h = L.o_proj(a, residual=h)
             h = L.down_proj(L.gate_up_p.glu(h, norm=norm), residual=h)
         logits = model.lm_head(mx.fast.rms_norm(h, w, 1e-6))

@@ -21,6 +21,7 @@ def cuda_dispatch(monkeypatch):
 
     monkeypatch.setattr(backend, "BACKEND", "cuda")
     monkeypatch.setattr(kspec, "run", fake_run)
+    monkeypatch.setenv("BATCHBENCH_SMEM_KB", "227")  # an H200's shared memory a block (the CPU reports none)
     return calls
 
 

@@ -1325,6 +1325,31 @@ def sm_count() -> int:
     return 132
 
 
+# Shared memory a block may take, by compute capability (CUDA's opt-in maximum per block).
+_SMEM_BY_ARCH = {"sm_75": 64, "sm_80": 163, "sm_86": 99, "sm_87": 163, "sm_89": 99, "sm_90": 227,
+                 "sm_100": 227, "sm_120": 99}
+_STATIC_SMEM = 3 * 1024  # the kernel's static shared arrays (norm sums, row scales) at most
+
+
+def smem_per_block() -> int:
+    """Bytes of shared memory one block of this GPU may take: BATCHBENCH_SMEM_KB, else by the
+    architecture MLX reports (99 KB for one not in the table), else 227 KB (the H100/H200 the
+    configs were tuned on). A 4-bit matmul whose config needs more runs mx.quantized_matmul."""
+    if os.environ.get("BATCHBENCH_SMEM_KB"):
+        return max(1, env_number("BATCHBENCH_SMEM_KB", 1)) * 1024
+    try:
+        arch = str(mx.device_info().get("architecture", ""))
+    except Exception:  # noqa: BLE001 - older MLX
+        arch = ""
+    return (_SMEM_BY_ARCH.get(arch, 99) if arch else 227) * 1024
+
+
+def fits_device(m: int, n: int, k: int, bits: int) -> bool:
+    """The launch choose_config gives this shape fits a block's shared memory on this GPU."""
+    smem = -(-choose_config(m, n, k, bits).smem(k, bits) // SMEM_STEP) * SMEM_STEP
+    return smem + _STATIC_SMEM <= smem_per_block()
+
+
 # Persistent blocks (each walks several feature tiles, staging x once): on by default,
 # BB_QMM_PERSIST=0 launches one block per tile as before (A/B runs).
 PERSIST = env_choice("BB_QMM_PERSIST", "1", ON_OFF) == "1"
@@ -1590,8 +1615,10 @@ def _shape_info(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: 
 
 
 def _on_kernel(m: int, n: int, k: int, x: mx.array, scales, biases, group_size: int, bits: int) -> bool:
-    """True when this call runs the custom kernel: the CUDA back-end and a covered shape."""
-    return backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, group_size, bits)
+    """True when this call runs the custom kernel: the CUDA back-end, a covered shape and a launch
+    that fits this GPU's shared memory (the configs were tuned on the H200's 227 KB a block)."""
+    return (backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, group_size, bits)
+            and fits_device(m, n, k, bits))
 
 
 def covered(m: int, n: int, k: int, x_dtype, scales, biases, group_size: int, bits: int) -> bool:
@@ -1693,7 +1720,7 @@ def plan_quantized_matmul(
                          f"N a multiple of 16 * wn * wf)")
     if cfg.smem(k, bits) > SMEM_PER_SM:  # a launch would fail inside MLX's graph with "invalid argument"
         raise ValueError(f"quantized_matmul: config {cfg} needs {cfg.smem(k, bits)} bytes of shared memory for "
-                         f"K={k}, more than an SM has ({SMEM_PER_SM}): more K-slices (s) or fewer rows")
+                         f"K={k}, more than a block may take ({SMEM_PER_SM}): more K-slices (s) or fewer rows")
     split = cfg.s > 1
     if norm is not None and (glu or k % 256 or (split and not cfg.fold_fits(k, bits))):
         raise ValueError("quantized_matmul: the fused RMSNorm needs K % 256 == 0, no glu and, over a split K, "

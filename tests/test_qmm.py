@@ -543,7 +543,11 @@ def test_folded_norm_needs_its_scratch(cuda_dispatch, monkeypatch):
 def test_shared_memory_a_block_by_architecture(monkeypatch, arch, kb):
     monkeypatch.delenv("BATCHBENCH_SMEM_KB", raising=False)
     monkeypatch.setattr(mx, "device_info", lambda: {"architecture": arch, "device_name": "x"})
-    assert qmm.smem_per_block() == kb * 1024
+    qmm._device_arch.cache_clear()
+    try:
+        assert qmm.smem_per_block() == kb * 1024
+    finally:
+        qmm._device_arch.cache_clear()
     monkeypatch.setenv("BATCHBENCH_SMEM_KB", "lots")
     with pytest.raises(SettingError, match="BATCHBENCH_SMEM_KB"):
         qmm.smem_per_block()

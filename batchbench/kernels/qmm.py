@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import functools
 import os
 
 import mlx.core as mx
@@ -1337,11 +1338,17 @@ def smem_per_block() -> int:
     configs were tuned on). A 4-bit matmul whose config needs more runs mx.quantized_matmul."""
     if os.environ.get("BATCHBENCH_SMEM_KB"):
         return max(1, env_number("BATCHBENCH_SMEM_KB", 1)) * 1024
-    try:
-        arch = str(mx.device_info().get("architecture", ""))
-    except Exception:  # noqa: BLE001 - older MLX
-        arch = ""
+    arch = _device_arch()
     return (_SMEM_BY_ARCH.get(arch, 99) if arch else 227) * 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _device_arch() -> str:
+    """The GPU's architecture as MLX reports it (asked once: every matmul call checks its fit)."""
+    try:
+        return str(mx.device_info().get("architecture", ""))
+    except Exception:  # noqa: BLE001 - older MLX
+        return ""
 
 
 def fits_device(m: int, n: int, k: int, bits: int) -> bool:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 
 import functools
 import os
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -529,7 +530,7 @@ __device__ __forceinline__ void qmm_norm_slice(uint16_t* xs, const int XS, const
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       if (i0 + u * NT >= total) break;
-      // the staged x granules are reordered
+      // PERM: x was staged in the lop3 order, so the norm weights take it too
       *reinterpret_cast<uint4*>(xs + off[u]) = qmm_norm8<T>(v[u], PERM ? qmm_perm8(g[u]) : g[u], r[u]);
     }
   }
@@ -1300,6 +1301,11 @@ class QmmConfig:
         return (self.xbytes(k, bits) + self.wk * 8 * self.mt * (16 * self.wn * self.wf + 4) * 4
                 + self.wn * self.wk * self.ns * self.wf * RING_SLOT)
 
+    def launch_smem(self, k: int, bits: int) -> int:
+        """Dynamic shared memory of the launch: smem rounded up to SMEM_STEP (kernels of one
+        config then share a compiled kernel across shapes; the size is in its name)."""
+        return -(-self.smem(k, bits) // SMEM_STEP) * SMEM_STEP
+
     def fold_fits(self, k: int, bits: int) -> bool:
         """A norm folded over this split K fits: its per-segment sums (8 granules of x each) of
         the longest K-slice fit the reduction area it borrows (qmm_norm_slice)."""
@@ -1351,10 +1357,12 @@ def _device_arch() -> str:
         return ""
 
 
-def fits_device(m: int, n: int, k: int, bits: int) -> bool:
-    """The launch choose_config gives this shape fits a block's shared memory on this GPU."""
-    smem = -(-choose_config(m, n, k, bits).smem(k, bits) // SMEM_STEP) * SMEM_STEP
-    return smem + _STATIC_SMEM <= smem_per_block()
+def fits_device(cfg: "QmmConfig", k: int, bits: int) -> bool:
+    """A launch of cfg fits a block's shared memory on this GPU."""
+    return cfg.launch_smem(k, bits) + _STATIC_SMEM <= smem_per_block()
+
+
+_NOTED_TOO_BIG: set[tuple[int, int, int]] = set()
 
 
 # Persistent blocks (each walks several feature tiles, staging x once): on by default,
@@ -1621,11 +1629,22 @@ def _shape_info(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: 
     return m, n, k
 
 
-def _on_kernel(m: int, n: int, k: int, x: mx.array, scales, biases, group_size: int, bits: int) -> bool:
-    """True when this call runs the custom kernel: the CUDA back-end, a covered shape and a launch
-    that fits this GPU's shared memory (the configs were tuned on the H200's 227 KB a block)."""
-    return (backend.BACKEND == "cuda" and covered(m, n, k, x.dtype, scales, biases, group_size, bits)
-            and fits_device(m, n, k, bits))
+def _kernel_config(m: int, n: int, k: int, x: mx.array, scales, biases, group_size: int,
+                   bits: int) -> QmmConfig | None:
+    """The launch config where this call runs the custom kernel: the CUDA back-end, a covered
+    shape and a launch that fits this GPU's shared memory (the configs were tuned on the H200's
+    227 KB a block; one that does not fit says so on stderr, once a shape); None: MLX runs it."""
+    if backend.BACKEND != "cuda" or not covered(m, n, k, x.dtype, scales, biases, group_size, bits):
+        return None
+    cfg = choose_config(m, n, k, bits)
+    if fits_device(cfg, k, bits):
+        return cfg
+    if (n, k, bits) not in _NOTED_TOO_BIG:
+        _NOTED_TOO_BIG.add((n, k, bits))
+        print(f"note: the {bits}-bit matmul N={n} K={k} at M={m} needs {cfg.launch_smem(k, bits) // 1024} KB of "
+              f"shared memory a block, this GPU gives {smem_per_block() // 1024} KB: mx.quantized_matmul runs it "
+              f"(BATCHBENCH_SMEM_KB sets the limit)", file=sys.stderr)
+    return None
 
 
 def covered(m: int, n: int, k: int, x_dtype, scales, biases, group_size: int, bits: int) -> bool:
@@ -1740,7 +1759,7 @@ def plan_quantized_matmul(
     rope_here = pair_here == "rope"
     # Shapes share compiled kernels: N and K are runtime values and the dynamic smem size is
     # rounded up to 8 KiB steps (it is part of the kernel name, see the template below).
-    smem = -(-cfg.smem(k, bits) // SMEM_STEP) * SMEM_STEP
+    smem = cfg.launch_smem(k, bits)
     nt = 32 * cfg.wn * cfg.wk
     inputs = [x.reshape(m, 2 * k if glu else k), w, scales, biases]
     inputs += ([bias] if has_bias else []) + ([residual.reshape(m, n)] if has_res else [])
@@ -1875,8 +1894,9 @@ def quantized_matmul(
         raise ValueError("quantized_matmul: glu and norm do not combine")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
     lead = x.shape[:-1]
-    if _on_kernel(m, n, k, x, scales, biases, group_size, bits):
-        y = _run_kernel(x, w, scales, biases, group_size, bits, m, n, k, bias, residual, glu, norm)
+    cfg = _kernel_config(m, n, k, x, scales, biases, group_size, bits)
+    if cfg is not None:
+        y = _run_kernel(cfg, x, w, scales, biases, group_size, bits, m, n, k, bias, residual, glu, norm)
         return y.reshape(*lead, n)
     if norm is not None:
         x = mx.fast.rms_norm(x, norm[0], norm[1])
@@ -1898,10 +1918,9 @@ def quantized_matmul(
     return y if residual is None else residual + y
 
 
-def _run_kernel(x, w, scales, biases, group_size: int, bits: int, m: int, n: int, k: int, bias, residual,
-                glu: bool, norm, rope: RopeStore | None = None, glu_pair: bool = False) -> mx.array:
-    """The custom kernel (and its reduce kernel after a split K) on a covered call."""
-    cfg = choose_config(m, n, k, bits)
+def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int, m: int, n: int, k: int, bias,
+                residual, glu: bool, norm, rope: RopeStore | None = None, glu_pair: bool = False) -> mx.array:
+    """The custom kernel (and its reduce kernel after a split K) on a call _kernel_config gave cfg."""
     # Each block normalizes its rows itself, once: the sums of squares are taken while x is
     # staged and a persistent block stages x once for all its tiles (over a split K, per
     # K-slice, finished by the reduce kernel). Needs K % 256 == 0; BB_QMM_FUSE_NORM=0 keeps the
@@ -1935,9 +1954,10 @@ def project_rope_store(layer: "FusedQuantizedLinear", x: mx.array, norm: nn.RMSN
         return None
     w, scales, biases = layer["weight"], layer["scales"], layer["biases"]
     m, n, k = _shape_info(x, w, scales, biases, layer.group_size, layer.bits)
-    if not _on_kernel(m, n, k, x, scales, biases, layer.group_size, layer.bits):
+    cfg = _kernel_config(m, n, k, x, scales, biases, layer.group_size, layer.bits)
+    if cfg is None:
         return None
-    return _run_kernel(x, w, scales, biases, layer.group_size, layer.bits, m, n, k, layer.get("bias"), None,
+    return _run_kernel(cfg, x, w, scales, biases, layer.group_size, layer.bits, m, n, k, layer.get("bias"), None,
                        False, _norm_args(norm), rope)
 
 
@@ -2063,8 +2083,9 @@ class FusedQuantizedLinear(nn.Module):
         if not self.glu_paired:
             return _silu_mul(self.fused(x, norm))
         m, n, k = _shape_info(x, w, scales, biases, self.group_size, self.bits)
-        if _on_kernel(m, n, k, x, scales, biases, self.group_size, self.bits):
-            y = _run_kernel(x, w, scales, biases, self.group_size, self.bits, m, n, k, self.get("bias"), None,
+        cfg = _kernel_config(m, n, k, x, scales, biases, self.group_size, self.bits)
+        if cfg is not None:
+            y = _run_kernel(cfg, x, w, scales, biases, self.group_size, self.bits, m, n, k, self.get("bias"), None,
                             False, _norm_args(norm), glu_pair=True)
             return y.reshape(*x.shape[:-1], n // 2)
         y = quantized_matmul(x, w, scales, biases, group_size=self.group_size, bits=self.bits,

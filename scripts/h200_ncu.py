@@ -9,8 +9,9 @@
 The 4-bit matmuls of the Qwen2.5-7B shape at M=1 with the model's fused epilogues (q/k/v with
 the RMSNorm and bias, o with the residual, gate/up with the RMSNorm, down with the residual
 on the gate product as the decode step gives it (before session 18 this script's down formed
-the product in its x staging, as the step no longer does), lm_head with the RMSNorm), at M=32 gate/up and down, and the
-attention kernel at B=1 x 4096, B=2 x 4096 and B=32 x 8192 cells with live lists.
+the product in its x staging, as the step no longer does), lm_head with the RMSNorm), at M=32
+gate/up and down, and the attention kernel at B=1 x 4096, B=2 x 4096 and B=32 x 8192 cells
+with live lists.
 Each is launched twice (the first compiles; profile both: ncu flushes caches before each).
 PARTS=qmm or PARTS=attn picks one half. NCU_M=32 and NCU_NAMES=gate_up,down pick matmuls;
 NCU_WF=2 also runs each picked matmul with two feature tiles per warp (QmmConfig.wf, the ring).

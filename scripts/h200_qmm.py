@@ -64,6 +64,9 @@ VARIANTS = os.environ.get("QMM_VARIANTS", "ours,mlx,f16").split(",")
 DECODE = os.environ.get("QMM_DECODE", "mlx,ours,ours_fused,ours_epilogues").split(",")
 # QMM_SMALL=1: shapes / 8 and 2 layers, to dry-run the script logic on a CPU.
 SMALL = os.environ.get("QMM_SMALL") == "1"
+# QMM_NORM_OUT_XL=1: in the decode step, the down projection's reduce (after a split K) also
+# writes the next layer's input norm, which batchbench's model does not do (yet): its potential.
+NORM_OUT_XL = os.environ.get("QMM_NORM_OUT_XL") == "1"
 if SMALL:
     SHAPES = [(name, n // 8, k // 8) for name, n, k in SHAPES]
 
@@ -423,16 +426,23 @@ def _forward(model: nn.Module, h: mx.array, fused) -> mx.array:
         norm = nn.RMSNorm(w.shape[0], eps=1e-6)
         norm.weight = w
         b = h.shape[0]
+        x_n, x_norm = h, norm  # the next matmul's input and the norm it still applies
         for L in model.layers:
             rs = qmm.RopeStore(model.pos[:b], model.cells[:b], L.kc, L.vc, **model.rope)
-            q = qmm.project_rope_store(L.qkv_p, h[None], norm, rs)
+            q = qmm.project_rope_store(L.qkv_p, x_n[None], x_norm, rs)
             # Attention excluded. batchbench's attention kernel writes token-major [1, T, Hq, D],
             # which o_proj reads as [T, Hq * D] without a copy; q's memory read that way stands in
             # for it (scrambled values, as good as any for timing). Until session 19 this was a
             # transpose copy the real step does not run (1.6-2.0 us a layer at B = 2-8).
             a = q.reshape(b, -1)
-            h = L.o_proj(a, residual=h)
-            h = L.down_proj(L.gate_up_p.glu(h, norm=norm), residual=h)
+            # as TransformerBlock.post: after a split K o_proj's reduce also writes the MLP's norm
+            h, x_n, x_norm = qmm.linear_norm(L.o_proj, a, residual=h, norm=norm)
+            gu = L.gate_up_p.glu(x_n, norm=x_norm)
+            if NORM_OUT_XL:  # not in the model: down's reduce also writes the next layer's norm
+                h, x_n, x_norm = qmm.linear_norm(L.down_proj, gu, residual=h, norm=norm)
+            else:
+                h = L.down_proj(gu, residual=h)
+                x_n, x_norm = h, norm
         logits = model.lm_head(mx.fast.rms_norm(h, w, 1e-6))
         return mx.fast.rms_norm(h + 1e-3 * logits[..., :1], w, 1e-6)
     for L in model.layers:

@@ -573,3 +573,65 @@ def test_matmul_too_big_for_the_gpu_runs_mlx(cuda_dispatch, monkeypatch, capsys)
     assert "mx.quantized_matmul runs it" in capsys.readouterr().err
     want = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=32, bits=4)
     assert np.array_equal(np.array(got), np.array(want))
+
+
+def _qlinear(n, k, seed, dtype=mx.float16):
+    lin = nn.QuantizedLinear(k, n, bias=False, group_size=32, bits=4)
+    lin.weight, lin.scales, lin.biases = _quantized(n, k, 4, 32, dtype, seed)
+    return qmm.QuantizedLinear.from_quantized(lin)
+
+
+@pytest.mark.parametrize("m,switch,fused", [(32, True, True), (2, True, False), (32, False, False)])
+def test_linear_norm_writes_the_next_norm_in_the_reduce(cuda_dispatch, monkeypatch, m, switch, fused):
+    """o_proj with its residual, then the MLP's RMSNorm: after a split K (M=32 on the 7B shape)
+    the reduce kernel writes norm(h) beside h and the MLP gets no norm to apply; with one
+    K-slice (M=2, no reduce) or BB_QMM_NORM_OUT=0 the MLP keeps the norm (fused in its launch)."""
+    monkeypatch.setattr(qmm, "NORM_OUT", switch)
+    n = k = 3584
+    layer = _qlinear(n, k, seed=11)
+    norm = nn.RMSNorm(n, eps=1e-6)
+    norm.weight = norm.weight.astype(mx.float16)
+    x, res = mx.zeros((1, m, k), mx.float16), mx.zeros((1, m, n), mx.float16)
+    h, x_n, left = qmm.linear_norm(layer, x, residual=res, norm=norm)
+    last, ll = cuda_dispatch[-1]
+    assert h.shape == x_n.shape == (1, m, n)
+    if fused:
+        assert last.name == "bb_qmm_redn_r" and last.output_names == ("y", "yn") and left is None
+        assert ll.inputs[-1] is norm.weight and ll.grid == (m * ll.threadgroup[0], 1, 1)
+        assert dict(ll.template)["EPS_BITS"] == np.array(1e-6, np.float32).view(np.int32)
+        assert x_n is not h
+    else:
+        assert left is norm and x_n is h and not last.name.startswith("bb_qmm_redn")
+
+
+def test_linear_norm_off_cuda_leaves_the_norm_to_the_next_layer():
+    """On the CPU (and for layers that are not ours) h = layer(x) + residual as `linear`, and the
+    norm is handed on untouched."""
+    layer = _qlinear(96, 256, seed=12)
+    rng = np.random.default_rng(12)
+    x = mx.array(rng.standard_normal((1, 3, 256)).astype(np.float32)).astype(mx.float16)
+    res = mx.array(rng.standard_normal((1, 3, 96)).astype(np.float32)).astype(mx.float16)
+    norm = nn.RMSNorm(96)
+    for lay in (layer, nn.Linear(256, 96)):
+        lay = lay if isinstance(lay, qmm.QuantizedLinear) else lay.update(
+            {"weight": lay.weight.astype(mx.float16), "bias": lay.bias.astype(mx.float16)})
+        h, x_n, left = qmm.linear_norm(lay, x, residual=res, norm=norm)
+        assert x_n is h and left is norm
+        assert np.array_equal(np.array(h), np.array(qmm.linear(lay, x, residual=res)))
+
+
+def test_reduce_norm_refuses_what_it_cannot_do():
+    part = mx.zeros((2, 4, 64), mx.float32)
+    nw = mx.ones((64,), mx.float16)
+    spec, launch = qmm.plan_qmm_reduce(part, mx.float16, norm_out=(nw, 1e-5))
+    assert launch.threadgroup == (32, 1, 1) and dict(launch.template)["NG"] == 1
+    with pytest.raises(ValueError, match="output norm's weight"):
+        qmm.plan_qmm_reduce(part, mx.float16, norm_out=(mx.ones((32,), mx.float16), 1e-5))
+    with pytest.raises(ValueError, match="output norm's weight"):
+        qmm.plan_qmm_reduce(part, mx.float16, norm_out=(nw.astype(mx.float32), 1e-5))
+    with pytest.raises(ValueError, match="plain epilogue"):
+        qmm.plan_qmm_reduce(part, mx.float16, glu_pair=True, norm_out=(nw, 1e-5))
+    wide = mx.zeros((2, 1, 8 * qmm.REDUCE_NORM_THREADS * qmm.REDUCE_NORM_MAX_NG + 8), mx.float32)
+    with pytest.raises(ValueError, match="N % 8"):
+        qmm.plan_qmm_reduce(wide, mx.float16, norm_out=(mx.ones((wide.shape[2],), mx.float16), 1e-5))
+    assert qmm._reduce_norm_geometry(3584) == (448, 1) and qmm._reduce_norm_geometry(4352) == (512, 2)

@@ -1138,6 +1138,68 @@ __device__ __forceinline__ void qmm_reduce(const float* __restrict__ part,
   y[i] = qmm_cast<T, T>(v);
 }
 
+// qmm_reduce (same sums, same order, same y) for one row m = blockIdx.x a block, and also
+// yn = rms_norm(y) * nw of that row for the next layer that normalizes it (qmm_norm8 on y as
+// rounded to T), so that layer needs no rms_norm launch of its own. NG granules of 8 a thread.
+template <typename T, bool HAS_BIAS, bool HAS_RES, int NG>
+__device__ __forceinline__ void qmm_reduce_norm(const float* __restrict__ part,
+                                                const T* __restrict__ lbias,
+                                                const T* __restrict__ res, const T* __restrict__ nw,
+                                                T* __restrict__ y, T* __restrict__ yn,
+                                                const int S, const int M, const int N, const float eps) {
+  __shared__ float wsum[32];
+  const int m = blockIdx.x, tid = threadIdx.x, nt = blockDim.x, G = N / 8;
+  const int lane = tid & 31, wid = tid >> 5;
+  uint4 hv[NG], wv[NG];
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < NG; ++i) {
+    const int gi = tid + i * nt;
+    if (gi >= G) break;
+    wv[i] = reinterpret_cast<const uint4*>(nw)[gi];  // in flight with the partials
+    float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int s = 0; s < S; ++s) {
+      const float4* p = reinterpret_cast<const float4*>(part + ((size_t)s * M + m) * N) + 2 * gi;
+      const float4 a = p[0], b = p[1];
+      v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
+      v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
+    }
+    auto add8 = [&](const uint4 g) {
+      const uint32_t u[4] = {g.x, g.y, g.z, g.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 f = qmm_to_float2(u[q], is_bf16<T>::value);
+        v[2 * q] += f.x;
+        v[2 * q + 1] += f.y;
+      }
+    };
+    if constexpr (HAS_BIAS) add8(reinterpret_cast<const uint4*>(lbias)[gi]);
+    if constexpr (HAS_RES) add8(reinterpret_cast<const uint4*>(res + (size_t)m * N)[gi]);
+    hv[i] = make_uint4(qmm_pack2<T>(v[0], v[1]), qmm_pack2<T>(v[2], v[3]), qmm_pack2<T>(v[4], v[5]),
+                       qmm_pack2<T>(v[6], v[7]));
+    reinterpret_cast<uint4*>(y + (size_t)m * N)[gi] = hv[i];
+    ss += qmm_sumsq8<T>(hv[i]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (lane == 0) wsum[wid] = ss;
+  __syncthreads();
+  if (wid == 0) {
+    float t = lane < (nt >> 5) ? wsum[lane] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    if (lane == 0) wsum[0] = rsqrtf(t / (float)N + eps);
+  }
+  __syncthreads();
+  const float rs = wsum[0];
+#pragma unroll
+  for (int i = 0; i < NG; ++i) {
+    const int gi = tid + i * nt;
+    if (gi >= G) break;
+    reinterpret_cast<uint4*>(yn + (size_t)m * N)[gi] = qmm_norm8<T>(hv[i], wv[i], rs);
+  }
+}
+
 // A pair epilogue after a split K: one thread per pair (rows n, n + 8 of a token).
 template <typename T, bool HAS_BIAS, bool NORM, typename E>
 __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
@@ -1217,6 +1279,10 @@ _SRC_REDUCE = (
     "bbqmm::qmm_reduce<T, {has_bias}, {has_res}, {norm}>"
     "(part, {lbias}, {res}, y, part_shape[0], part_shape[1], part_shape[2], {sums});"
 )
+_SRC_REDUCE_NORM = (
+    "bbqmm::qmm_reduce_norm<T, {has_bias}, {has_res}, NG>"
+    "(part, {lbias}, {res}, nw, y, yn, part_shape[0], part_shape[1], part_shape[2], __int_as_float(EPS_BITS));"
+)
 _SRC_REDUCE_PAIR = (
     "bbqmm::qmm_reduce_pair<T, {has_bias}, {norm}, {pair_t}>"
     "(part, {lbias}, y, part_shape[0], part_shape[1], part_shape[2], {rope}, {sums});"
@@ -1278,6 +1344,13 @@ def _reduce_spec(has_bias: bool, has_res: bool = False, pair: str = "", norm: bo
     src = _SRC_REDUCE.format(**_epilogue(has_bias, has_res), **fmt)
     return KernelSpec("cuda", "bb_qmm_red" + _suffix(has_bias, has_res, norm=norm), names, ("y",), src,
                       QMM_HEADER)
+
+
+def _reduce_norm_spec(has_bias: bool, has_res: bool) -> KernelSpec:
+    """The reduce that also writes the row's RMSNorm for the next layer (`qmm_reduce_norm`)."""
+    names = ("part",) + (("lbias",) if has_bias else ()) + (("res",) if has_res else ()) + ("nw",)
+    src = _SRC_REDUCE_NORM.format(**_epilogue(has_bias, has_res))
+    return KernelSpec("cuda", "bb_qmm_redn" + _suffix(has_bias, has_res), names, ("y", "yn"), src, QMM_HEADER)
 
 
 def chunk_k(bits: int) -> int:
@@ -1392,6 +1465,10 @@ FUSE_NORM = env_choice("BB_QMM_FUSE_NORM", "1", ON_OFF) == "1"
 # gate/up 47.5 -> 54.4, their reduces +1.2-1.6 each, against 2 x 3.5 us of rms_norm saved); with
 # qmm_norm_slice's passes (call11) B=32 3.798-3.803 -> 4.153-4.156 (q/k/v 18.3, gate/up 60.7).
 NORM_SPLIT = env_choice("BB_QMM_NORM_SPLIT", "0", ON_OFF) == "1"
+# Where a 4-bit matmul with a residual splits K (M > 8 on the 7B shape) and the next layer
+# normalizes its output, the reduce kernel writes that RMSNorm too (qmm_reduce_norm, linear_norm),
+# instead of a separate rms_norm launch; BB_QMM_NORM_OUT=0 keeps the separate launch (A/B runs).
+NORM_OUT = env_choice("BB_QMM_NORM_OUT", "1", ON_OFF) == "1"
 # Pair epilogues on CUDA (fuse_quantized_projections orders the rows for them): RoPE and the
 # K/V write in the q/k/v projection (project_rope_store), silu(gate) * up in the gate/up
 # projection (FusedQuantizedLinear.glu). BB_QMM_ROPE=0 / BB_QMM_GLU_PAIR=0 keep the separate
@@ -1838,16 +1915,52 @@ def _check_rope(rope: RopeStore, m: int, n: int, dtype) -> None:
 
 
 
+REDUCE_NORM_THREADS = 512  # qmm_reduce_norm: threads of its block (one row of y)
+REDUCE_NORM_MAX_NG = 8  # granules of 8 a thread it holds in registers
+
+
+def _reduce_norm_geometry(n: int) -> tuple[int, int]:
+    """(threads, granules a thread) of qmm_reduce_norm for rows of n."""
+    g = n // 8
+    nt = min(REDUCE_NORM_THREADS, -(-g // 32) * 32)
+    return nt, -(-g // nt)
+
+
+def reduce_norm_ok(n: int) -> bool:
+    return n % 8 == 0 and n // 8 <= REDUCE_NORM_THREADS * REDUCE_NORM_MAX_NG
+
+
 def plan_qmm_reduce(
     part: mx.array, dtype, bias: mx.array | None = None, residual: mx.array | None = None,
     rope: RopeStore | None = None,
     glu_pair: bool = False,
     norm: tuple[mx.array, int, float] | None = None,
+    norm_out: tuple[mx.array, float] | None = None,
 ) -> tuple[KernelSpec, Launch]:
     """y from the fp32 partials [S, M, N] of a split K. norm: (the main kernel's sums of
-    squares [S, M], K, eps) of a folded RMSNorm."""
+    squares [S, M], K, eps) of a folded RMSNorm. norm_out (weight [N], eps): a second output,
+    mx.fast.rms_norm(y, weight, eps), from one block per row (`qmm_reduce_norm`)."""
     s, m, n = part.shape
     pair = _check_pair(rope, glu_pair, m, n, dtype, False, residual)
+    if norm_out is not None:
+        nw, eps = norm_out
+        if pair or norm is not None or not reduce_norm_ok(n):
+            raise ValueError(f"quantized_matmul: the norm of the output needs a plain epilogue and N % 8 == 0, "
+                             f"N <= {8 * REDUCE_NORM_THREADS * REDUCE_NORM_MAX_NG}, got N={n}")
+        if nw.shape != (n,) or nw.dtype != dtype:
+            raise ValueError(f"quantized_matmul: the output norm's weight must be [{n}] {dtype}, got "
+                             f"{tuple(nw.shape)} {nw.dtype}")
+        nt, ng = _reduce_norm_geometry(n)
+        launch = Launch(
+            inputs=[part] + ([bias] if bias is not None else [])
+            + ([residual.reshape(m, n)] if residual is not None else []) + [nw],
+            output_shapes=[(m, n), (m, n)],
+            output_dtypes=[dtype, dtype],
+            grid=(m * nt, 1, 1),
+            threadgroup=(nt, 1, 1),
+            template=[("T", dtype), ("NG", ng), ("EPS_BITS", kspec.f32_bits(eps))],
+        )
+        return _reduce_norm_spec(bias is not None, residual is not None), launch
     head = [part]
     norm_t = []
     if norm is not None:
@@ -1900,10 +2013,13 @@ def quantized_matmul(
     residual: mx.array | None = None,
     glu: bool = False,
     norm: tuple[mx.array, float] | None = None,
-) -> mx.array:
+    norm_out: tuple[mx.array, float] | None = None,
+):
     """x @ dequantize(w, scales, biases).T (+ bias) (+ residual): MLX affine layout,
     transpose=True. glu: x is [..., 2K] = [gate | up] and the product uses silu(gate) * up.
     norm (weight, eps): the product uses mx.fast.rms_norm(x, weight, eps).
+    norm_out (weight, eps): returns (y, y_n) with y_n = mx.fast.rms_norm(y, weight, eps) where
+    the launch that makes y also wrote it (the reduce kernel after a split K), else (y, None).
 
     Custom CUDA kernel when `backend.BACKEND == "cuda"` and the shape is covered (bias,
     residual, the gate product and the norm fused in where they fit), otherwise MLX ops."""
@@ -1913,8 +2029,12 @@ def quantized_matmul(
     lead = x.shape[:-1]
     cfg = _kernel_config(m, n, k, x, scales, biases, group_size, bits)
     if cfg is not None:
-        y = _run_kernel(cfg, x, w, scales, biases, group_size, bits, m, n, k, bias, residual, glu, norm)
-        return y.reshape(*lead, n)
+        y = _run_kernel(cfg, x, w, scales, biases, group_size, bits, m, n, k, bias, residual, glu, norm,
+                        norm_out=norm_out)
+        if norm_out is None:
+            return y.reshape(*lead, n)
+        y, yn = y
+        return y.reshape(*lead, n), None if yn is None else yn.reshape(*lead, n)
     if norm is not None:
         x = mx.fast.rms_norm(x, norm[0], norm[1])
     if glu:
@@ -1932,12 +2052,15 @@ def quantized_matmul(
         )
         if bias is not None:
             y = y + bias
-    return y if residual is None else residual + y
+    y = y if residual is None else residual + y
+    return y if norm_out is None else (y, None)
 
 
 def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int, m: int, n: int, k: int, bias,
-                residual, glu: bool, norm, rope: RopeStore | None = None, glu_pair: bool = False) -> mx.array:
-    """The custom kernel (and its reduce kernel after a split K) on a call _kernel_config gave cfg."""
+                residual, glu: bool, norm, rope: RopeStore | None = None, glu_pair: bool = False,
+                norm_out: tuple[mx.array, float] | None = None):
+    """The custom kernel (and its reduce kernel after a split K) on a call _kernel_config gave cfg.
+    With norm_out (weight, eps): (y, rms_norm(y) where the reduce kernel wrote it, else None)."""
     # Each block normalizes its rows itself, once: the sums of squares are taken while x is
     # staged and a persistent block stages x once for all its tiles (over a split K, per
     # K-slice, finished by the reduce kernel). Needs K % 256 == 0; BB_QMM_FUSE_NORM=0 keeps the
@@ -1954,11 +2077,16 @@ def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int
         residual=residual, glu=glu, norm=norm, config=cfg, rope=rope, glu_pair=glu_pair,
     )
     y, *ss = kspec.run(ks, launch)
+    yn = None
     if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
+        out_norm = norm_out if (NORM_OUT and norm_out is not None and not ss and rope is None and not glu_pair
+                                and reduce_norm_ok(n) and norm_out[0].shape == (n,)
+                                and norm_out[0].dtype == x.dtype) else None
         rs, rl = plan_qmm_reduce(y, x.dtype, bias, residual, rope=rope, glu_pair=glu_pair,
-                                 norm=(ss[0], k, norm[1]) if ss else None)
-        (y,) = kspec.run(rs, rl)
-    return y
+                                 norm=(ss[0], k, norm[1]) if ss else None, norm_out=out_norm)
+        y, *yn = kspec.run(rs, rl)
+        yn = yn[0] if yn else None
+    return y if norm_out is None else (y, yn)
 
 
 def project_rope_store(layer: "FusedQuantizedLinear", x: mx.array, norm: nn.RMSNorm | None,
@@ -1982,7 +2110,8 @@ class QuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear whose matmul (bias fused) goes through `quantized_matmul`."""
 
     def __call__(self, x: mx.array, *, residual: mx.array | None = None, glu: bool = False,
-                 norm: tuple[mx.array, float] | None = None) -> mx.array:
+                 norm: tuple[mx.array, float] | None = None, norm_out: tuple[mx.array, float] | None = None):
+        """With norm_out: (y, y_n or None), as `quantized_matmul`."""
         return quantized_matmul(
             x,
             self["weight"],
@@ -1994,6 +2123,7 @@ class QuantizedLinear(nn.QuantizedLinear):
             residual=residual,
             glu=glu,
             norm=norm,
+            norm_out=norm_out,
         )
 
     @classmethod
@@ -2019,6 +2149,19 @@ def linear(layer: nn.Module, x: mx.array, *, residual: mx.array | None = None,
         x = norm(x)
     y = layer(_silu_mul(x) if glu else x)
     return y if residual is None else residual + y
+
+
+def linear_norm(layer: nn.Module, x: mx.array, *, residual: mx.array,
+                norm: nn.RMSNorm) -> tuple[mx.array, mx.array, nn.RMSNorm | None]:
+    """(h, x_n, norm_left) for h = layer(x) + residual followed by a layer that takes norm(h):
+    where the launch that makes h can write norm(h) too (our CUDA kernel's reduce after a split
+    K), x_n = norm(h) and norm_left = None; elsewhere x_n = h and norm_left = norm, for the next
+    layer to apply (fused into its own launch where it can)."""
+    if isinstance(layer, QuantizedLinear) and NORM_OUT:
+        h, hn = layer(x, residual=residual, norm_out=_norm_args(norm))
+        return (h, hn, None) if hn is not None else (h, h, norm)
+    h = linear(layer, x, residual=residual)
+    return h, h, norm
 
 
 def _swappable(m: nn.Module) -> bool:

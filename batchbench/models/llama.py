@@ -8,7 +8,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from batchbench.kernels.qmm import linear
+from batchbench.kernels.qmm import linear, linear_norm
 from batchbench.kernels.rope import qkv_rope
 from batchbench.models.base import BaseModelArgs, QKVProjection, attention
 
@@ -112,8 +112,10 @@ class TransformerBlock(nn.Module):
 
     def post(self, x: mx.array, attn: mx.array) -> mx.array:
         a = self.self_attn
-        h = linear(a.o_proj, attn.transpose(0, 2, 1, 3).reshape(1, x.shape[1], -1), residual=x)
-        return self.mlp(h, residual=h, norm=self.post_attention_layernorm)
+        # h and the MLP's input norm(h): on CUDA after a split K (B > 8 on 7B shapes) one launch
+        h, x_n, norm = linear_norm(a.o_proj, attn.transpose(0, 2, 1, 3).reshape(1, x.shape[1], -1), residual=x,
+                                   norm=self.post_attention_layernorm)
+        return self.mlp(x_n, residual=h, norm=norm)
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
         a = self.self_attn

@@ -230,6 +230,7 @@ def qmm_case(
     wk: int = 0,
     pre: bool | None = None,
     p: int = 0,
+    norm_out: bool = False,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
@@ -238,7 +239,9 @@ def qmm_case(
     pipeline; 0 keeps the register stages); wf: 16-row feature tiles per warp (2 needs ns);
     wk: warps along K (0: choose_config's), fewer for longer runs of chunks per warp; pre: both
     register stages loaded ahead (None: choose_config's); p: chunks per register stage (0:
-    choose_config's)."""
+    choose_config's); norm_out: the reduce kernel after a split K also writes the RMSNorm of y
+    (the result is then [y | rms_norm(y) * r], r the reference's row RMS, so both halves share
+    one tolerance)."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -279,10 +282,18 @@ def qmm_case(
         sens = np.abs(sg * (1.0 + g * (1.0 - sg)) * u) + np.abs(g * sg)
         scale = max(scale * max(1.0, float(sens.max())), float(np.abs(want).max()))
     is_split = launch.output_dtypes[0] == mx.float32
+    if norm_out and not is_split:
+        raise ValueError("qmm_case: norm_out needs a split K (the reduce kernel writes it)")
+    nwo = mx.array(rng.uniform(0.5, 1.0, (n,)).astype(np.float32)).astype(dtype) if norm_out else None
+    out_norm = (nwo, 1e-5) if norm_out else None
+    row_rms = np.sqrt((want**2).mean(axis=1, keepdims=True) + 1e-5)
+    if norm_out:
+        want = np.concatenate([want, want * _f64(nwo)], axis=1)
     kernels = [(kspec, launch)]
     if is_split:
         zeros = [mx.zeros(shape, dtype=mx.float32) for shape in launch.output_shapes]
-        kernels.append(Q.plan_qmm_reduce(zeros[0], dtype, lb, rs, glu_pair=glu_pair, norm=folded_norm(zeros, k)))
+        kernels.append(Q.plan_qmm_reduce(zeros[0], dtype, lb, rs, glu_pair=glu_pair, norm=folded_norm(zeros, k),
+                                         norm_out=out_norm))
 
     def run(execute: Executor) -> np.ndarray:
         outs = execute(kspec, launch)[0]
@@ -290,8 +301,11 @@ def qmm_case(
         if is_split:
             parts = [mx.array(o) for o in outs]
             rspec, rlaunch = Q.plan_qmm_reduce(parts[0], dtype, lb, rs, glu_pair=glu_pair,
-                                               norm=folded_norm(parts, k))
-            y = execute(rspec, rlaunch)[0][0]
+                                               norm=folded_norm(parts, k), norm_out=out_norm)
+            routs = execute(rspec, rlaunch)[0]
+            y = routs[0]
+            if norm_out:
+                return np.concatenate([y.astype(np.float64), routs[1].astype(np.float64) * row_rms], axis=1)
         return y.astype(np.float64)
 
     atol = QMM_RTOL[dtype] * scale
@@ -301,7 +315,7 @@ def qmm_case(
         f"{'-res' if res else ''}{'-glu' if glu else ''}{'-norm' if norm else ''}"
         f"{'-blocks' + str(blocks) if blocks else ''}{'' if lop3 else '-prmt'}{'-glupair' if glu_pair else ''}"
         f"{'-ring' + str(ns) if ns else ''}{'-wf' + str(wf) if wf > 1 else ''}{'-wk' + str(wk) if wk else ''}"
-        f"{'' if pre is None else '-pre' + str(int(pre))}{'-p' + str(p) if p else ''}"
+        f"{'' if pre is None else '-pre' + str(int(pre))}{'-p' + str(p) if p else ''}{'-normout' if norm_out else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -357,9 +371,16 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=3, bits=4, group_size=32, n=64, k=256, split=3, norm=True),
         dict(m=32, bits=4, group_size=32, n=128, k=1280, split=2, norm=True, glu_pair=True, ns=4),
         dict(m=40, bits=4, group_size=64, n=64, k=768, split=3, norm=True, bias=True, dtype=mx.bfloat16),
+        # the reduce that also writes the next layer's RMSNorm of y (one block a row): a warp of
+        # 8 granules, two granules a thread with the second round partial (N = 4352), bf16 + bias
+        dict(m=3, bits=4, group_size=32, n=64, k=512, split=2, res=True, norm_out=True),
+        dict(m=17, bits=4, group_size=32, n=4352, k=256, split=2, res=True, norm_out=True),
+        dict(m=5, bits=8, group_size=64, n=128, k=768, split=3, res=True, bias=True, norm_out=True,
+             dtype=mx.bfloat16),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds
         specs = specs[:2] + [s for s in specs if (s.get("ns") and (s.get("split") or s.get("blocks", 0) > 2))
-                             or s.get("split", 0) > 5 or s.get("wk") or (s.get("norm") and s.get("split", 0) > 1)]
+                             or s.get("split", 0) > 5 or s.get("wk") or (s.get("norm") and s.get("split", 0) > 1)
+                             or s.get("norm_out")]
     return [qmm_case(rng, **s) for s in specs]

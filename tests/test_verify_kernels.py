@@ -210,24 +210,6 @@ def test_qmm_epilogue_preload_emulated(monkeypatch, spec, pre):
     _verify(case)
 
 
-@pytest.mark.parametrize("spec", [
-    dict(m=1, bits=4, group_size=32, n=208, k=512, norm=True, glu_pair=True, blocks=3),  # sums in the loop
-    dict(m=3, bits=4, group_size=32, n=64, k=1024, split=2, res=True, glu=True),  # the gate product, a K-slice
-    dict(m=5, bits=8, group_size=32, n=160, k=768, norm=True, bias=True, blocks=4, dtype=mx.bfloat16),
-])
-@pytest.mark.parametrize("stagger", [1, 4])
-def test_qmm_staggered_x_staging_emulated(monkeypatch, spec, stagger):
-    """BB_QMM_STAGGER (A/B switch): each block stages its rows of x from granule 32 * block on,
-    wrapping (4: with four granules a thread in flight everywhere); against float64."""
-    from batchbench.kernels import qmm as Q
-
-    toolchain.need(toolchain.host_cxx)
-    monkeypatch.setattr(Q, "QMM_HEADER", f"#define BB_QMM_STAGGER {stagger}\n" + Q.QMM_HEADER)
-    case = qmm_case(np.random.default_rng(SEED), **spec)
-    assert f"BB_QMM_STAGGER {stagger}" in case.kernels[0][0].header
-    _verify(case)
-
-
 def test_qmm_norm_variant_by_rows(monkeypatch):
     """auto: the sums' pass from 4 rows of x on; the weights early except for the gate/up pair
     at one row with its sums in the staging loop (the H200 measured each of these)."""

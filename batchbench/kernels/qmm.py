@@ -65,9 +65,6 @@ QMM_HEADER = r"""
 #ifndef BB_QMM_X_ASYNC
 #define BB_QMM_X_ASYNC 1
 #endif
-#ifndef BB_QMM_STAGGER
-#define BB_QMM_STAGGER 0
-#endif
 
 namespace bbqmm {
 
@@ -831,25 +828,16 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       // each way (results/h200-2026-11-30-s19/call5), XU=4 there 30.7 -> 34.6 us (B=1 1.950 ->
       // 2.055 ms) and XU=1 31.0; everywhere else XU=4 measured faster than XU=1 (B=2 2.110 ->
       // 2.075-2.079, q/k/v at B=1 9.7 -> 9.3 us).
-      constexpr int XU = BB_QMM_STAGGER == 4 ? 4 : SUMS_IN_LOOP && !EARLY ? 1 : 4;
-      // BB_QMM_STAGGER (A/B runs): block b stages its row granules from 32 * b on, wrapping, so
-      // that the blocks do not all ask for the same few lines of x at once. A multiple of 32 keeps
-      // a warp's granules in one row where the sums need it.
-      const int rot = BB_QMM_STAGGER && gpr % 32 == 0 ? (32 * blockIdx.x) % gpr : 0;
+      constexpr int XU = SUMS_IN_LOOP && !EARLY ? 1 : 4;
       for (int m = m_first, j = j_first; m < M;) {
         int mu[XU], ju[XU];
         uint4 v[XU], vu[GLU ? XU : 1];
 #pragma unroll
         for (int u = 0; u < XU; ++u) {
-          if (BB_QMM_STAGGER) {
-            const int jr = j + rot;
-            ju[u] = jr >= gpr ? jr - gpr : jr;
-          } else {
-            ju[u] = j;
-          }
           mu[u] = m;
+          ju[u] = j;
           if (m < M) {
-            const int gi = m * xr8 + k08 + ju[u];
+            const int gi = m * xr8 + k08 + j;
             v[u] = xg[gi];
             if constexpr (GLU) vu[u] = xg[gi + K / 8];
           }
@@ -1234,10 +1222,6 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
 # x copied unchanged is staged by cp.async; BB_QMM_X_ASYNC=0 stages all x through registers
 # (A/B runs).
 X_ASYNC = env_choice("BB_QMM_X_ASYNC", "1", ON_OFF) == "1"
-# The register staging of x from a rotated start per block (1), also with 4 granules a thread in
-# flight everywhere (4); 0: from the start, 4 in flight except for the gate/up pair at one row.
-# A/B switch for the gate/up pair at M=1, which loses ~3.5 us to 4 loads in flight (session 19).
-STAGGER = int(env_choice("BB_QMM_STAGGER", "0", ("0", "1", "4")))
 # The fused RMSNorm's two variants (template parameters, chosen per launch by `norm_variant`):
 # BB_QMM_NORM_PASS, its sums of squares in one pass over the staged rows instead of a warp
 # reduction per granule inside the staging loop; BB_QMM_NW_EARLY, its weights loaded before the
@@ -1267,8 +1251,7 @@ def norm_variant(m: int, glu_pair: bool) -> tuple[bool, bool]:
 
 
 # MLX hashes the source on every launch: compacted. The RoPE epilogue uses bbrope::rotate.
-QMM_HEADER = (ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n")
-              + (f"#define BB_QMM_STAGGER {STAGGER}\n" if STAGGER else "") + kspec.compact(QMM_HEADER))
+QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + kspec.compact(QMM_HEADER)
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ, EPRE,"

@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from batchbench.kernels.attention import PackedLive
 from batchbench.kv_cache import AttentionPlan, KVCache, store_qkv
+from batchbench.models.base import residual
 
 
 class _Slot:
@@ -93,8 +94,8 @@ class CompiledDecode:
                 h = model.model.embed_tokens(h)
             for layer, slot in zip(model.model.layers[a:b], slots):
                 h = layer(h, plan, slot)
-            if b == n_layers:
-                h = model.head(h, plan)
+            # between segments only the residual stream passes (the next one normalizes it)
+            h = model.head(h, plan) if b == n_layers else residual(h)
             return [h] + [x for s in slots for x in (s.keys, s.values)]
 
         return segment

@@ -64,9 +64,6 @@ VARIANTS = os.environ.get("QMM_VARIANTS", "ours,mlx,f16").split(",")
 DECODE = os.environ.get("QMM_DECODE", "mlx,ours,ours_fused,ours_epilogues").split(",")
 # QMM_SMALL=1: shapes / 8 and 2 layers, to dry-run the script logic on a CPU.
 SMALL = os.environ.get("QMM_SMALL") == "1"
-# QMM_NORM_OUT_XL=1: in the decode step, the down projection's reduce (after a split K) also
-# writes the next layer's input norm, which batchbench's model does not do (yet): its potential.
-NORM_OUT_XL = os.environ.get("QMM_NORM_OUT_XL") == "1"
 if SMALL:
     SHAPES = [(name, n // 8, k // 8) for name, n, k in SHAPES]
 
@@ -435,15 +432,12 @@ def _forward(model: nn.Module, h: mx.array, fused) -> mx.array:
             # for it (scrambled values, as good as any for timing). Until session 19 this was a
             # transpose copy the real step does not run (1.6-2.0 us a layer at B = 2-8).
             a = q.reshape(b, -1)
-            # as TransformerBlock.post: after a split K o_proj's reduce also writes the MLP's norm
+            # as TransformerBlock: after a split K the reduce kernels of o_proj and down_proj also
+            # write the RMSNorm the next matmul needs (qmm.linear_norm)
             h, x_n, x_norm = qmm.linear_norm(L.o_proj, a, residual=h, norm=norm)
-            gu = L.gate_up_p.glu(x_n, norm=x_norm)
-            if NORM_OUT_XL:  # not in the model: down's reduce also writes the next layer's norm
-                h, x_n, x_norm = qmm.linear_norm(L.down_proj, gu, residual=h, norm=norm)
-            else:
-                h = L.down_proj(gu, residual=h)
-                x_n, x_norm = h, norm
-        logits = model.lm_head(mx.fast.rms_norm(h, w, 1e-6))
+            h, x_n, x_norm = qmm.linear_norm(L.down_proj, L.gate_up_p.glu(x_n, norm=x_norm), residual=h, norm=norm)
+        # as Model.head (until session 20: a separate rms_norm launch before lm_head at every B)
+        logits = qmm.linear(model.lm_head, x_n, norm=x_norm)
         return mx.fast.rms_norm(h + 1e-3 * logits[..., :1], w, 1e-6)
     for L in model.layers:
         x = mx.fast.rms_norm(h, w, 1e-6)

@@ -350,3 +350,37 @@ def test_timed_tg_phase_traces_no_new_window(model, monkeypatch, unified, mode, 
         assert in_tg == [0, 0, 0], in_tg
     else:  # the check can fail: without the rehearsal the TG phase traced (on the CPU twin the
         assert sum(in_tg) > 0, in_tg  # windows follow the context with skipping too)
+
+
+@pytest.mark.parametrize("compiled", [False, True, "segments"])
+def test_norms_written_by_the_previous_launch_keep_logits(monkeypatch, compiled):
+    """Where a matmul's reduce kernel writes the next RMSNorm (qmm.linear_norm on CUDA after a
+    split K), each layer hands the next a Hidden whose x_n is already normalized: o_proj for the
+    MLP, down_proj for the next layer's q/k/v, the last one for the head. Here every call
+    "fuses" (the norm applied at once by MLX ops), with a different random weight per norm so
+    that one applied twice, skipped or mixed up changes the logits."""
+    from batchbench.kernels import qmm
+    from batchbench.models import llama
+
+    m, _ = make_preset("tiny", mx.float32, seed=6)
+    rng = np.random.default_rng(6)
+    norms = [m.model.norm] + [n for l in m.model.layers for n in (l.input_layernorm, l.post_attention_layernorm)]
+    for n in norms:
+        n.weight = mx.array(rng.uniform(0.5, 1.5, n.weight.shape).astype(np.float32))
+    prompts = [rng.integers(0, 512, 19) for _ in range(2)]
+    steps = [rng.integers(0, 512, 2) for _ in range(3)]
+    before = run_batched(new_runner(m, 2, n_ubatch=64, compiled=compiled), prompts, steps)
+    ref = reference_logits(m, list(prompts[0]))
+    fused = []
+
+    def fusing(layer, x, *, residual, norm, glu=False):
+        fused.append(norm)
+        h = qmm.linear(layer, x, residual=residual, glu=glu)
+        return h, norm(h), None
+
+    monkeypatch.setattr(llama, "linear_norm", fusing)
+    after = run_batched(new_runner(m, 2, n_ubatch=64, compiled=compiled), prompts, steps)
+    np.testing.assert_allclose(after, before, **TOL)
+    np.testing.assert_allclose(reference_logits(m, list(prompts[0])), ref, **TOL)
+    # every norm but the first layer's input norm (its input is the embedding)
+    assert {id(n) for n in fused} == {id(n) for n in norms if n is not m.model.layers[0].input_layernorm}

@@ -1448,9 +1448,10 @@ FUSE_NORM = env_choice("BB_QMM_FUSE_NORM", "1", ON_OFF) == "1"
 # gate/up 47.5 -> 54.4, their reduces +1.2-1.6 each, against 2 x 3.5 us of rms_norm saved); with
 # qmm_norm_slice's passes (call11) B=32 3.798-3.803 -> 4.153-4.156 (q/k/v 18.3, gate/up 60.7).
 NORM_SPLIT = env_choice("BB_QMM_NORM_SPLIT", "0", ON_OFF) == "1"
-# Where a 4-bit matmul with a residual splits K (M > 8 on the 7B shape) and the next layer
-# normalizes its output, the reduce kernel writes that RMSNorm too (qmm_reduce_norm, linear_norm),
-# instead of a separate rms_norm launch; BB_QMM_NORM_OUT=0 keeps the separate launch (A/B runs).
+# Where a 4-bit matmul with a residual splits K (o_proj at M > 8, down_proj at M > 2 on the 7B
+# shape) and the next layer normalizes its output, the reduce kernel writes that RMSNorm too
+# (qmm_reduce_norm, linear_norm): no separate rms_norm launch at M > 8, and at M <= 8 the next
+# q/k/v matmul runs without its fused norm. BB_QMM_NORM_OUT=0: neither (A/B runs).
 NORM_OUT = env_choice("BB_QMM_NORM_OUT", "1", ON_OFF) == "1"
 # Pair epilogues on CUDA (fuse_quantized_projections orders the rows for them): RoPE and the
 # K/V write in the q/k/v projection (project_rope_store), silu(gate) * up in the gate/up
@@ -2134,16 +2135,16 @@ def linear(layer: nn.Module, x: mx.array, *, residual: mx.array | None = None,
     return y if residual is None else residual + y
 
 
-def linear_norm(layer: nn.Module, x: mx.array, *, residual: mx.array,
-                norm: nn.RMSNorm) -> tuple[mx.array, mx.array, nn.RMSNorm | None]:
-    """(h, x_n, norm_left) for h = layer(x) + residual followed by a layer that takes norm(h):
+def linear_norm(layer: nn.Module, x: mx.array, *, residual: mx.array | None, norm: nn.RMSNorm,
+                glu: bool = False) -> tuple[mx.array, mx.array, nn.RMSNorm | None]:
+    """(h, x_n, norm_left) for h = layer(x) (+ residual) followed by a layer that takes norm(h):
     where the launch that makes h can write norm(h) too (our CUDA kernel's reduce after a split
     K), x_n = norm(h) and norm_left = None; elsewhere x_n = h and norm_left = norm, for the next
-    layer to apply (fused into its own launch where it can)."""
+    layer to apply (fused into its own launch where it can). glu as in `linear`."""
     if isinstance(layer, QuantizedLinear) and NORM_OUT:
-        h, hn = layer(x, residual=residual, norm_out=_norm_args(norm))
+        h, hn = layer(x, residual=residual, glu=glu, norm_out=_norm_args(norm))
         return (h, hn, None) if hn is not None else (h, h, norm)
-    h = linear(layer, x, residual=residual)
+    h = linear(layer, x, residual=residual, glu=glu)
     return h, h, norm
 
 

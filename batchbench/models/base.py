@@ -15,6 +15,27 @@ from batchbench.kernels.rope import pair_layout
 
 
 @dataclass
+class Hidden:
+    """The residual stream h between two layers, with the next layer's input as far as it is
+    computed: x_n = norm(h) where the launch that made h also wrote it (qmm.linear_norm; then
+    norm is None), else x_n = h and norm the RMSNorm the next layer still applies."""
+
+    h: mx.array
+    x_n: mx.array
+    norm: Any
+
+
+def hidden_parts(x, norm) -> tuple[mx.array, mx.array, Any]:
+    """(h, x_n, norm) of a layer input: a Hidden, or a plain h that `norm` still normalizes."""
+    return (x.h, x.x_n, x.norm) if isinstance(x, Hidden) else (x, x, norm)
+
+
+def residual(x) -> mx.array:
+    """The residual stream h of a layer output (Hidden or plain)."""
+    return x.h if isinstance(x, Hidden) else x
+
+
+@dataclass
 class BaseModelArgs:
     @classmethod
     def from_dict(cls, params: dict[str, Any]):

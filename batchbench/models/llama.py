@@ -10,7 +10,7 @@ import mlx.nn as nn
 
 from batchbench.kernels.qmm import linear, linear_norm
 from batchbench.kernels.rope import qkv_rope
-from batchbench.models.base import BaseModelArgs, QKVProjection, attention
+from batchbench.models.base import BaseModelArgs, Hidden, QKVProjection, attention, hidden_parts, residual
 
 
 @dataclass
@@ -90,16 +90,23 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array, residual: mx.array | None = None,
-                 norm: nn.RMSNorm | None = None) -> mx.array:
+                 norm: nn.RMSNorm | None = None, next_norm: nn.RMSNorm | None = None):
         """down(silu(gate(n)) * up(n)) (+ residual) with n = norm(x); with fused projections
-        the norm, the gate product and the residual add happen inside the matmul launches."""
+        the norm, the gate product and the residual add happen inside the matmul launches.
+        With next_norm (the next layer's input norm): a Hidden (`linear_norm`)."""
+        glu = False
         if "gate_up_proj" in self:
             gu = self.gate_up_proj
             if gu.glu_paired:  # the gate product is the gate/up launch's epilogue
-                return linear(self.down_proj, gu.glu(x, norm=norm), residual=residual)
-            return linear(self.down_proj, gu.fused(x, norm=norm), residual=residual, glu=True)
-        x = x if norm is None else norm(x)
-        return linear(self.down_proj, nn.silu(self.gate_proj(x)) * self.up_proj(x), residual=residual)
+                a = gu.glu(x, norm=norm)
+            else:
+                a, glu = gu.fused(x, norm=norm), True
+        else:
+            x = x if norm is None else norm(x)
+            a = nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        if next_norm is None:
+            return linear(self.down_proj, a, residual=residual, glu=glu)
+        return Hidden(*linear_norm(self.down_proj, a, residual=residual, norm=next_norm, glu=glu))
 
 
 class TransformerBlock(nn.Module):
@@ -110,19 +117,25 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def post(self, x: mx.array, attn: mx.array) -> mx.array:
+    next_norm = None  # the next layer's input norm (LlamaModel sets it): outputs are then Hidden
+
+    def post(self, x: mx.array, attn: mx.array):
         a = self.self_attn
-        # h and the MLP's input norm(h): on CUDA after a split K (B > 8 on 7B shapes) one launch
+        # h and the MLP's input norm(h), and the MLP's output and the next layer's input norm of
+        # it: each one launch on CUDA where K is split (linear_norm)
         h, x_n, norm = linear_norm(a.o_proj, attn.transpose(0, 2, 1, 3).reshape(1, x.shape[1], -1), residual=x,
                                    norm=self.post_attention_layernorm)
-        return self.mlp(x_n, residual=h, norm=norm)
+        return self.mlp(x_n, residual=h, norm=norm, next_norm=self.next_norm)
 
-    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+    def __call__(self, x, mask, cache):
+        """x: the residual stream (mx.array, or the previous layer's Hidden); a Hidden out
+        where next_norm is set."""
+        h, x_n, norm = hidden_parts(x, self.input_layernorm)
         a = self.self_attn
         # The projection, RoPE and the K/V write are one step of the cache: on CUDA one kernel,
         # writing the cache in place.
-        q, keys, values = cache.store_qkv(QKVProjection(a, x, self.input_layernorm), mask.positions, a.rope)
-        return self.post(x, attention(q, keys, values, a.scale, mask))
+        q, keys, values = cache.store_qkv(QKVProjection(a, x_n, norm), mask.positions, a.rope)
+        return self.post(h, attention(q, keys, values, a.scale, mask))
 
 
 class LlamaModel(nn.Module):
@@ -131,13 +144,17 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        # Each layer hands the next one its input norm where a launch can write it (Hidden).
+        # Plain attributes, not parameters: weight loading updates these modules in place.
+        for layer, nxt in zip(self.layers, [l.input_layernorm for l in self.layers[1:]] + [self.norm]):
+            object.__setattr__(layer, "next_norm", nxt)
 
     def __call__(self, tokens: mx.array, mask, cache) -> mx.array:
         h = self.embed_tokens(tokens)
         for i, (layer, c) in enumerate(zip(self.layers, cache.layers), 1):
             h = layer(h, mask, c)
             if mask.eval_every and i % mask.eval_every == 0 and i < len(self.layers):
-                mx.async_eval(h)  # the GPU starts on these layers while Python builds the rest
+                mx.async_eval(residual(h))  # the GPU starts on these layers while Python builds the rest
         return h
 
 
@@ -154,13 +171,15 @@ class Model(nn.Module):
         """tokens [1, T]; returns logits [n_out, vocab] for the rows in `mask.out_rows`."""
         return self.head(self.model(tokens, mask, cache), mask)
 
-    def head(self, h: mx.array, mask) -> mx.array:
-        """Final norm and output projection of the rows in `mask.out_rows`."""
+    def head(self, h, mask) -> mx.array:
+        """Final norm and output projection of the rows in `mask.out_rows` (h: the last layer's
+        output, plain or Hidden)."""
+        _, h, norm = hidden_parts(h, self.model.norm)
         if mask.out_rows is not None:
             h = h[:, mask.out_rows]
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(self.model.norm(h))[0]
-        return linear(self.lm_head, h, norm=self.model.norm)[0]  # the norm fused where it can be
+            return self.model.embed_tokens.as_linear(h if norm is None else norm(h))[0]
+        return linear(self.lm_head, h, norm=norm)[0]  # the norm fused where it can be
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}

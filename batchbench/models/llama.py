@@ -149,7 +149,8 @@ class LlamaModel(nn.Module):
         for layer, nxt in zip(self.layers, [l.input_layernorm for l in self.layers[1:]] + [self.norm]):
             object.__setattr__(layer, "next_norm", nxt)
 
-    def __call__(self, tokens: mx.array, mask, cache) -> mx.array:
+    def __call__(self, tokens: mx.array, mask, cache) -> mx.array | Hidden:
+        """The last layer's output: a Hidden where it carries the final norm's input (Model.head)."""
         h = self.embed_tokens(tokens)
         for i, (layer, c) in enumerate(zip(self.layers, cache.layers), 1):
             h = layer(h, mask, c)

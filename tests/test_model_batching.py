@@ -352,13 +352,17 @@ def test_timed_tg_phase_traces_no_new_window(model, monkeypatch, unified, mode, 
         assert sum(in_tg) > 0, in_tg  # windows follow the context with skipping too)
 
 
+@pytest.mark.parametrize("pending", [False, True])
 @pytest.mark.parametrize("compiled", [False, True, "segments"])
-def test_norms_written_by_the_previous_launch_keep_logits(monkeypatch, compiled):
+def test_norms_written_by_the_previous_launch_keep_logits(monkeypatch, compiled, pending):
     """Where a matmul's reduce kernel writes the next RMSNorm (qmm.linear_norm on CUDA after a
     split K), each layer hands the next a Hidden whose x_n is already normalized: o_proj for the
     MLP, down_proj for the next layer's q/k/v, the last one for the head. Here every call
     "fuses" (the norm applied at once by MLX ops), with a different random weight per norm so
-    that one applied twice, skipped or mixed up changes the logits."""
+    that one applied twice, skipped or mixed up changes the logits. pending: as on one K-slice
+    with BB_QMM_NORM_PRE, the producer hands on h * weight and its 16-column sums of squares
+    (qmm.PendingNorm), which every consumer here applies by MLX ops (the head after taking
+    its output rows in prefill)."""
     from batchbench.kernels import qmm
     from batchbench.models import llama
 
@@ -376,6 +380,9 @@ def test_norms_written_by_the_previous_launch_keep_logits(monkeypatch, compiled)
     def fusing(layer, x, *, residual, norm, glu=False):
         fused.append(norm)
         h = qmm.linear(layer, x, residual=residual, glu=glu)
+        if pending:
+            ss = (h.astype(mx.float32) ** 2).reshape(-1, h.shape[-1] // 16, 16).sum(axis=-1).T
+            return h, h * norm.weight, qmm.PendingNorm(ss, norm.eps)
         return h, norm(h), None
 
     monkeypatch.setattr(llama, "linear_norm", fusing)

@@ -635,3 +635,49 @@ def test_reduce_norm_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="N % 8"):
         qmm.plan_qmm_reduce(wide, mx.float16, norm_out=(mx.ones((wide.shape[2],), mx.float16), 1e-5))
     assert qmm._reduce_norm_geometry(3584) == (448, 1) and qmm._reduce_norm_geometry(4352) == (512, 2)
+
+
+@pytest.mark.parametrize("switch", [True, False])
+def test_norm_split_with_its_producer_on_one_k_slice(cuda_dispatch, monkeypatch, switch):
+    """BB_QMM_NORM_PRE: o_proj at M=1 (one K-slice) writes h, h * weight and its tiles' sums of
+    squares; the next matmul takes them as a PendingNorm (NPRE, no norm passes of its own), or
+    applies it by MLX ops where it splits K. Off: the norm is handed on, as before."""
+    monkeypatch.setattr(qmm, "NORM_PRE", switch)
+    n = k = 3584
+    layer = _qlinear(n, k, seed=13)
+    norm = nn.RMSNorm(n, eps=1e-6)
+    norm.weight = norm.weight.astype(mx.float16)
+    h, x_n, left = qmm.linear_norm(layer, mx.zeros((1, 1, k), mx.float16), residual=mx.zeros((1, 1, n), mx.float16),
+                                   norm=norm)
+    spec, launch = cuda_dispatch[-1]
+    if not switch:
+        assert left is norm and x_n is h and spec.name == "bb_qmm_r"
+        return
+    assert spec.name == "bb_qmm_r_no" and spec.output_names == ("y", "yw", "ssp") and launch.inputs[-1] is norm.weight
+    assert isinstance(left, qmm.PendingNorm) and left.ss.shape == (n // 16, 1) and left.eps == pytest.approx(1e-6)
+    assert x_n.shape == h.shape == (1, 1, n) and x_n is not h
+    wq, s, b = _quantized(4608, k, 4, 32, mx.float16, seed=14)
+    qmm.quantized_matmul(x_n, wq, s, b, group_size=32, bits=4, norm=qmm._norm_args(left))
+    spec, launch = cuda_dispatch[-1]
+    assert spec.name == "bb_qmm_np" and spec.input_names[-1] == "pss" and launch.inputs[-1] is left.ss
+    assert dict(launch.template)["EPS_BITS"] == np.array(1e-6, np.float32).view(np.int32)
+    # a consumer that splits K (M=32) cannot take it: x * rs by MLX ops first, a plain matmul
+    pending = qmm.PendingNorm(mx.ones((n // 16, 32), mx.float32), 1e-6)
+    del cuda_dispatch[:]
+    qmm.quantized_matmul(mx.ones((32, k), mx.float16), wq, s, b, group_size=32, bits=4, norm=pending)
+    assert [c[0].name for c in cuda_dispatch] == ["bb_qmm", "bb_qmm_red"]
+
+
+def test_pending_norm_applied_by_mlx_ops_is_the_rms_norm():
+    """What a consumer without the kernel does with a PendingNorm: x * rsqrt(mean(y^2) + eps)
+    with x = y * weight, i.e. mx.fast.rms_norm(y, weight, eps); take_rows keeps rows' sums."""
+    rng = np.random.default_rng(15)
+    y = mx.array(rng.standard_normal((1, 5, 256)).astype(np.float32))
+    wt = mx.array(rng.uniform(0.5, 1.5, (256,)).astype(np.float32))
+    ss = (y[0] ** 2).reshape(5, 16, 16).sum(axis=-1).T
+    pn = qmm.PendingNorm(ss, 1e-5)
+    want = mx.fast.rms_norm(y, wt, 1e-5)
+    np.testing.assert_allclose(np.array(pn(y * wt)), np.array(want), rtol=1e-5, atol=1e-5)
+    rows = mx.array([4, 1])
+    np.testing.assert_allclose(np.array(pn.take_rows(rows)((y * wt)[:, rows])), np.array(want[:, rows]),
+                               rtol=1e-5, atol=1e-5)

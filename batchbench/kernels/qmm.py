@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 import functools
 import os
 import sys
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -654,16 +655,34 @@ struct QmmStage {
 // magnitude), writes its partials times the inverse of that scale and its sums of squares to
 // ssout [S, M], and the reduce kernel scales the summed partials by the whole row's rsqrt.
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
+// NOUT / NPRE operands (see qmm_kernel). nw: the next norm's weights; yw, ssp: NOUT's outputs,
+// y * nw [M, N] and the sums of squares of y [N / BN tiles, M]; pss: NPRE's input, such sums of
+// the producer's tiles [K / 16, M] (its tiles are 16 rows: NOUT needs BN == 16 for a consumer).
+template <typename T>
+struct QmmNormIO {
+  const T* nw;
+  T* yw;
+  float* ssp;
+  const float* pss;
+  int pt;  // rows of pss
+};
+
 // E: QmmPlain, or a pair epilogue (QmmRopeCfg, QmmGluPair) that stores rows n and n + 8 together.
+// The next layer's RMSNorm split between two launches of one K-slice (QmmNormIO): NOUT, this
+// launch (plain epilogue, tiles of 16 or 32 rows) also writes y * nw and each tile's sums of
+// squares of y per row; NPRE, this launch's x is such a y * nw: it scales its sums by each
+// row's rsqrt(mean + eps) from those partial sums before the bias (no norm passes over x).
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool PRE, bool SPLIT, bool HAS_BIAS,
-          bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, bool EPRE, typename E, typename O>
+          bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, bool EPRE, bool NOUT, bool NPRE,
+          typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
                                            const T* __restrict__ lbias, const T* __restrict__ res,
                                            const T* __restrict__ nw, const float eps,
                                            O* __restrict__ out, float* __restrict__ ssout,
-                                           const int M, const int N, const int K, const QmmRope<T> rp) {
+                                           const int M, const int N, const int K, const QmmRope<T> rp,
+                                           const QmmNormIO<T> nio) {
   constexpr bool BF16 = is_bf16<T>::value;
   constexpr bool LOP3 = DQ == 1 && BITS == 4 && !BF16;
   constexpr int KT = 128 / BITS;            // k per lane per 16-byte load: 32 or 16
@@ -696,6 +715,9 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   __shared__ float wss[NORM && !FOLD ? (NT / 32) * MP : 1];
   static_assert(!FOLD || NPASS, "qmm: a norm over a K-slice takes its sums after the staging");
   __shared__ float rsc[FOLD ? MP : 1], rinv[FOLD ? MP : 1];  // FOLD: each row's scale in this K-slice, its inverse
+  __shared__ float rsn[NPRE ? MP : 1];  // NPRE: each row's rsqrt(mean(y^2) + eps) of the producer's y
+  static_assert(!(NPRE && (NORM || SPLIT)), "qmm: a norm split with the producer needs one K-slice, no norm of its own");
+  static_assert(!(NOUT && (SPLIT || E::PAIR || (BN != 16 && BN != 32))), "qmm: NOUT needs a plain epilogue and 16 or 32-row tiles");
 
   const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
   const int wn = wid % WN, wk = wid / WN;
@@ -778,6 +800,18 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   constexpr int NWR = EARLY ? 2 : 1;  // 2: all of them for K <= 16 * NT (4096 at 256 threads)
   uint4 nwr[NWR];
   if constexpr (EARLY) qmm_nw_early<BITS, NT, NWR>(reinterpret_cast<const uint4*>(nw), nwr, K, tid);
+
+  // NPRE: each row's scale from the producer's per-tile sums (the barrier after the staging
+  // publishes it; the first weights are in flight meanwhile).
+  if constexpr (NPRE) {
+    for (int m = wid; m < M; m += NT / 32) {
+      float q = 0.f;
+      for (int t = lane; t < nio.pt; t += 32) q += nio.pss[(size_t)t * M + m];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+      if (lane == 0) rsn[m] = rsqrtf(q / (float)K + eps);
+    }
+  }
 
   // The norm's sums of squares: in the staging loop (a warp reduction per granule), or with
   // NPASS in one pass over the staged rows after it (qmm_norm_sums).
@@ -996,6 +1030,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     // EPRE: the operands of this thread's first epilogue element (bias, residual; the RoPE angle
     // and cache cell) load while the tile is multiplied instead of after its reduction.
     float pb0 = 0.f, pb1 = 0.f;  // bias of rows n and n + 8 (pair), or bias and residual (plain)
+    float pb2 = 0.f;  // NOUT: the next norm's weight
     typename E::Prep pp{};
     if constexpr (EPRE && !SPLIT) {
       if constexpr (E::PAIR) {
@@ -1011,6 +1046,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         const int m = tid / BN, n = n0 + tid - m * BN;
         if constexpr (HAS_BIAS) pb0 = qmm_float<T>(lbias[n]);
         if constexpr (HAS_RES) pb1 = qmm_float<T>(res[(size_t)m * N + n]);
+        if constexpr (NOUT) pb2 = qmm_float<T>(nio.nw[n]);
       }
     }
 #pragma unroll
@@ -1068,6 +1104,10 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         }
         const int n = n0 + r;
         const bool pre = EPRE && e == tid;
+        if constexpr (NPRE) {
+          lo *= rsn[m];
+          hi *= rsn[m];
+        }
         if constexpr (HAS_BIAS) {
           lo += pre ? pb0 : qmm_float<T>(lbias[n]);
           hi += pre ? pb1 : qmm_float<T>(lbias[n + 8]);
@@ -1085,9 +1125,21 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         out[((size_t)s * M + m) * N + n] = qmm_cast<O, T>(FOLD ? v * rinv[m] : v);
       } else {
         const bool pre = EPRE && e == tid;
+        if constexpr (NPRE) v *= rsn[m];
         if constexpr (HAS_BIAS) v += pre ? pb0 : qmm_float<T>(lbias[n]);
         if constexpr (HAS_RES) v += pre ? pb1 : qmm_float<T>(res[(size_t)m * N + n]);
         out[(size_t)m * N + n] = qmm_cast<O, T>(v);
+        if constexpr (NOUT) {
+          // y * nw, and the sum of squares of this tile's row m: its BN outputs are BN lanes of
+          // one warp (NT % 32 == 0, M * BN % BN == 0), all in this iteration or none.
+          const float hf = qmm_float<T>(qmm_cast<T, T>(v));
+          nio.yw[(size_t)m * N + n] = qmm_cast<T, T>(hf * (pre ? pb2 : qmm_float<T>(nio.nw[n])));
+          const unsigned gmask = BN == 32 ? 0xffffffffu : 0xffffu << (lane & 16);
+          float q = hf * hf;
+#pragma unroll
+          for (int o = BN / 2; o > 0; o >>= 1) q += __shfl_xor_sync(gmask, q, o);
+          if (r == 0) nio.ssp[(size_t)tile * M + m] = q;
+        }
       }
     }
     if (next >= NTILE) break;
@@ -1255,8 +1307,8 @@ QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + k
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ, EPRE,"
-    " {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, {ss}, x_shape[0], w_shape[0],"
-    " w_shape[1] * 32 / BITS, {rope});"
+    " {nout}, {npre}, {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, {ss}, x_shape[0], w_shape[0],"
+    " w_shape[1] * 32 / BITS, {rope}, {nio});"
 )
 _SRC_REDUCE = (
     "bbqmm::qmm_reduce<T, {has_bias}, {has_res}, {norm}>"
@@ -1300,17 +1352,26 @@ def _suffix(has_bias: bool, has_res: bool, glu: bool = False, norm: bool = False
 
 
 def _main_spec(has_bias: bool, has_res: bool = False, glu: bool = False, norm: bool = False,
-               pair: str = "", fold: bool = False) -> KernelSpec:
-    """fold: the norm over a split K (its sums of squares are a second output, "ss")."""
+               pair: str = "", fold: bool = False, nout: bool = False, npre: bool = False) -> KernelSpec:
+    """fold: the norm over a split K (its sums of squares are a second output, "ss"). nout: also
+    y * nw2 ("yw") and each tile's sums of squares ("ssp") for the next launch; npre: x is such
+    a y * nw, scaled by the rows' scales from the producer's sums ("pss") (see QmmNormIO)."""
     names = ("x", "w", "scales", "biases") + (("lbias",) if has_bias else ()) + (
-        ("res",) if has_res else ()) + (("nw",) if norm else ()) + (_ROPE_INPUTS if pair == "rope" else ())
+        ("res",) if has_res else ()) + (("nw",) if norm else ()) + (_ROPE_INPUTS if pair == "rope" else ()) + (
+        ("nw2",) if nout else ()) + (("pss",) if npre else ())
+    nio = ("bbqmm::QmmNormIO<T>{" + ("nw2, yw, ssp" if nout else "nullptr, nullptr, nullptr")
+           + (", pss, (int)pss_shape[0]}" if npre else ", nullptr, 0}"))
     src = _SRC_MAIN.format(
         glu="true" if glu else "false", norm="true, NPASS, NEARLY" if norm else "false, false, false",
-        nw="nw" if norm else "(const T*)nullptr", eps="__int_as_float(EPS_BITS)" if norm else "0.f",
-        ss="ss" if fold else "(float*)nullptr", **_pair_args(pair), **_epilogue(has_bias, has_res),
+        nw="nw" if norm else "(const T*)nullptr",
+        eps="__int_as_float(EPS_BITS)" if norm or npre else "0.f",
+        ss="ss" if fold else "(float*)nullptr", nout="true" if nout else "false", npre="true" if npre else "false",
+        nio=nio, **_pair_args(pair), **_epilogue(has_bias, has_res),
     )
-    name = "bb_qmm" + _suffix(has_bias, has_res, glu, norm, pair) + ("f" if fold else "")
-    return KernelSpec("cuda", name, names, ("y", "ss") if fold else ("y",), src, QMM_HEADER)
+    name = "bb_qmm" + _suffix(has_bias, has_res, glu, norm, pair) + ("f" if fold else "") + (
+        "_no" if nout else "") + ("_np" if npre else "")
+    outs = ("y",) + (("ss",) if fold else ()) + (("yw", "ssp") if nout else ())
+    return KernelSpec("cuda", name, names, outs, src, QMM_HEADER)
 
 
 def _reduce_spec(has_bias: bool, has_res: bool = False, pair: str = "", norm: bool = False) -> KernelSpec:
@@ -1453,6 +1514,12 @@ NORM_SPLIT = env_choice("BB_QMM_NORM_SPLIT", "0", ON_OFF) == "1"
 # (qmm_reduce_norm, linear_norm): no separate rms_norm launch at M > 8, and at M <= 8 the next
 # q/k/v matmul runs without its fused norm. BB_QMM_NORM_OUT=0: neither (A/B runs).
 NORM_OUT = env_choice("BB_QMM_NORM_OUT", "1", ON_OFF) == "1"
+# The same where such a matmul runs on one K-slice (o_proj at M <= 8, down_proj at M <= 2 on the
+# 7B shape): a row spans many blocks, so its epilogue writes y * nw and each tile's sums of
+# squares, and the next matmul (one K-slice too) scales its sums by the rows' rsqrt instead of
+# normalizing x in its prologue (PendingNorm; NOUT / NPRE in qmm_kernel). Off by default: not
+# yet measured on a GPU (BB_QMM_NORM_PRE=1 turns it on).
+NORM_PRE = env_choice("BB_QMM_NORM_PRE", "0", ON_OFF) == "1"
 # Pair epilogues on CUDA (fuse_quantized_projections orders the rows for them): RoPE and the
 # K/V write in the q/k/v projection (project_rope_store), silu(gate) * up in the gate/up
 # projection (FusedQuantizedLinear.glu). BB_QMM_ROPE=0 / BB_QMM_GLU_PAIR=0 keep the separate
@@ -1799,6 +1866,8 @@ def plan_quantized_matmul(
     lop3: bool | None = None,
     rope: RopeStore | None = None,
     glu_pair: bool = False,
+    norm_next: tuple[mx.array, float] | None = None,
+    prenorm: "PendingNorm | None" = None,
 ) -> tuple[KernelSpec, Launch]:
     """The main kernel's spec and launch (x taken as [M, K], or [M, 2K] with glu). With
     config.s > 1 its output is fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y
@@ -1807,7 +1876,10 @@ def plan_quantized_matmul(
     kernel's): rope, the output is q and k/v go to the cache (`RopeStore`); glu_pair, the
     rows are in `glu_pair_order` and the output is silu(gate) * up [M, N/2]. norm with a split
     K: a second output, the K-slices' sums of squares [S, M] fp32, for the reduce kernel's
-    `norm` (the norm is folded: see NORM in the kernel)."""
+    `norm` (the norm is folded: see NORM in the kernel). One K-slice only: norm_next (weight,
+    eps), two more outputs, y * weight [M, N] and each tile's sums of squares of y [tiles, M]
+    fp32 (NOUT); prenorm, x is such a y * weight and the outputs are scaled by the rows'
+    rsqrt(mean + eps) from its sums (NPRE)."""
     if backend_name != "cuda":
         raise ValueError(f"quantized_matmul has a custom kernel only on cuda, not {backend_name!r}")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
@@ -1830,6 +1902,15 @@ def plan_quantized_matmul(
         raise ValueError("quantized_matmul: the fused RMSNorm needs K % 256 == 0, no glu and, over a split K, "
                          "its sums' scratch within the reduction area (QmmConfig.fold_fits)")
     fold = norm is not None and split
+    bn = 16 * cfg.wn * cfg.wf
+    if norm_next is not None and (split or glu_pair or rope is not None or bn not in (16, 32)
+                                  or norm_next[0].shape != (n,) or norm_next[0].dtype != x.dtype):
+        raise ValueError(f"quantized_matmul: writing the next norm's parts needs one K-slice, a plain epilogue, "
+                         f"tiles of 16 or 32 rows and a weight [{n}] {x.dtype} (config {cfg})")
+    if prenorm is not None and (split or norm is not None or prenorm.ss.dtype != mx.float32
+                                or prenorm.ss.ndim != 2 or prenorm.ss.shape[1] != m):
+        raise ValueError(f"quantized_matmul: a pending norm needs one K-slice, no norm of its own and sums "
+                         f"[tiles, {m}] float32 (config {cfg})")
     has_bias = bias is not None and not split
     has_res = residual is not None and not split
     pair = _check_pair(rope, glu_pair, m, n, x.dtype, glu, residual)
@@ -1843,13 +1924,15 @@ def plan_quantized_matmul(
     inputs += ([bias] if has_bias else []) + ([residual.reshape(m, n)] if has_res else [])
     inputs += [norm[0]] if norm is not None else []
     inputs += rope.inputs() if rope_here else []
+    inputs += ([norm_next[0]] if norm_next is not None else []) + ([prenorm.ss] if prenorm is not None else [])
     out_shape = (cfg.s, m, n) if split else _pair_shape(pair, rope, m, n)
     # over a K-slice the norm takes its sums in the pass after the staging (qmm_rms_norm's UNI)
     npass, early = norm_variant(m, glu_pair) if norm is not None else (False, False)
     launch = Launch(
         inputs=inputs,
-        output_shapes=[out_shape] + ([(cfg.s, m)] if fold else []),
-        output_dtypes=[mx.float32 if split else x.dtype] + ([mx.float32] if fold else []),
+        output_shapes=[out_shape] + ([(cfg.s, m)] if fold else []) + ([(m, n), (n // bn, m)] if norm_next else []),
+        output_dtypes=[mx.float32 if split else x.dtype] + ([mx.float32] if fold else [])
+        + ([x.dtype, mx.float32] if norm_next else []),
         grid=(cfg.grid_blocks(n) * nt, cfg.s, 1),
         threadgroup=(nt, 1, 1),
         template=[
@@ -1860,9 +1943,11 @@ def plan_quantized_matmul(
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1])), ("NPASS", npass or fold), ("NEARLY", early)]
              if norm is not None else [])
+        + ([("EPS_BITS", kspec.f32_bits(prenorm.eps))] if prenorm is not None else [])
         + (rope.template() if rope_here else []),
     )
-    spec = _main_spec(has_bias, has_res, glu, norm is not None, pair_here, fold)
+    spec = _main_spec(has_bias, has_res, glu, norm is not None, pair_here, fold, norm_next is not None,
+                      prenorm is not None)
     return replace(spec, shared_memory=smem), launch
 
 
@@ -1996,14 +2081,16 @@ def quantized_matmul(
     bias: mx.array | None = None,
     residual: mx.array | None = None,
     glu: bool = False,
-    norm: tuple[mx.array, float] | None = None,
+    norm: "tuple[mx.array, float] | PendingNorm | None" = None,
     norm_out: tuple[mx.array, float] | None = None,
 ):
     """x @ dequantize(w, scales, biases).T (+ bias) (+ residual): MLX affine layout,
     transpose=True. glu: x is [..., 2K] = [gate | up] and the product uses silu(gate) * up.
     norm (weight, eps): the product uses mx.fast.rms_norm(x, weight, eps).
     norm_out (weight, eps): returns (y, y_n) with y_n = mx.fast.rms_norm(y, weight, eps) where
-    the launch that makes y also wrote it (the reduce kernel after a split K), else (y, None).
+    the launch that makes y also wrote it (the reduce kernel after a split K), NormParts where
+    it wrote its share of it (one K-slice, BB_QMM_NORM_PRE), else (y, None). norm may also be
+    a PendingNorm (x is then a producer's y * weight).
 
     Custom CUDA kernel when `backend.BACKEND == "cuda"` and the shape is covered (bias,
     residual, the gate product and the norm fused in where they fit), otherwise MLX ops."""
@@ -2018,9 +2105,11 @@ def quantized_matmul(
         if norm_out is None:
             return y.reshape(*lead, n)
         y, yn = y
+        if isinstance(yn, NormParts):
+            return y.reshape(*lead, n), NormParts(yn.x.reshape(*lead, n), yn.norm)
         return y.reshape(*lead, n), None if yn is None else yn.reshape(*lead, n)
     if norm is not None:
-        x = mx.fast.rms_norm(x, norm[0], norm[1])
+        x = norm(x) if isinstance(norm, PendingNorm) else mx.fast.rms_norm(x, norm[0], norm[1])
     if glu:
         x = _silu_mul(x)
     if backend.BACKEND == "cuda" and DEQUANT_MIN_M and m >= DEQUANT_MIN_M and biases is not None:
@@ -2049,6 +2138,13 @@ def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int
     # staged and a persistent block stages x once for all its tiles (over a split K, per
     # K-slice, finished by the reduce kernel). Needs K % 256 == 0; BB_QMM_FUSE_NORM=0 keeps the
     # separate rms_norm launch, BB_QMM_NORM_SPLIT=0 keeps it where K is split (A/B runs).
+    prenorm = None
+    if isinstance(norm, PendingNorm):  # the producer's share is done: x is y * weight
+        if cfg.s == 1:
+            prenorm = norm
+        else:
+            x = norm(x)
+        norm = None
     fuse_norm = FUSE_NORM and norm is not None and norm[0].dtype == x.dtype and k % 256 == 0
     if norm is not None and not (fuse_norm and (cfg.s == 1 or (NORM_SPLIT and cfg.fold_fits(k, bits)))):
         x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
@@ -2056,11 +2152,17 @@ def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int
         bias = bias.reshape(n).astype(x.dtype)
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.astype(x.dtype)
+    norm_next = norm_out if (NORM_PRE and norm_out is not None and cfg.s == 1 and rope is None and not glu_pair
+                             and 16 * cfg.wn * cfg.wf in (16, 32) and norm_out[0].shape == (n,)
+                             and norm_out[0].dtype == x.dtype) else None
     ks, launch = plan_quantized_matmul(
         "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
         residual=residual, glu=glu, norm=norm, config=cfg, rope=rope, glu_pair=glu_pair,
+        norm_next=norm_next, prenorm=prenorm,
     )
     y, *ss = kspec.run(ks, launch)
+    if norm_next is not None:
+        return y, NormParts(ss[0], PendingNorm(ss[1], float(norm_next[1])))
     yn = None
     if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
         out_norm = norm_out if (NORM_OUT and norm_out is not None and not ss and rope is None and not glu_pair
@@ -2119,8 +2221,33 @@ class QuantizedLinear(nn.QuantizedLinear):
         return new
 
 
-def _norm_args(norm: nn.Module | None) -> tuple[mx.array, float] | None:
-    return None if norm is None else (norm.weight, norm.eps)
+@dataclass(frozen=True)
+class PendingNorm:
+    """An RMSNorm split between two launches of one K-slice (BB_QMM_NORM_PRE): the producer
+    wrote x = y * weight and ss, its tiles' sums of squares of y [tiles, M] fp32; what is left
+    is scaling each row by rsqrt(mean(y^2) + eps). Passed where an nn.RMSNorm would be: our
+    kernel takes it as NPRE, anything else calls it on x (MLX ops)."""
+
+    ss: mx.array
+    eps: float
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rs = mx.rsqrt(self.ss.sum(axis=0) / x.shape[-1] + self.eps)
+        return (x.astype(mx.float32) * rs.reshape(*x.shape[:-1], 1)).astype(x.dtype)
+
+    def take_rows(self, rows: mx.array) -> "PendingNorm":
+        return PendingNorm(self.ss[:, rows], self.eps)
+
+
+class NormParts(NamedTuple):
+    """A producer's share of the next RMSNorm (see PendingNorm): x = y * weight, and the rest."""
+
+    x: mx.array
+    norm: PendingNorm
+
+
+def _norm_args(norm) -> tuple[mx.array, float] | PendingNorm | None:
+    return None if norm is None else norm if isinstance(norm, PendingNorm) else (norm.weight, norm.eps)
 
 
 def linear(layer: nn.Module, x: mx.array, *, residual: mx.array | None = None,
@@ -2143,6 +2270,8 @@ def linear_norm(layer: nn.Module, x: mx.array, *, residual: mx.array | None, nor
     layer to apply (fused into its own launch where it can). glu as in `linear`."""
     if isinstance(layer, QuantizedLinear) and NORM_OUT:
         h, hn = layer(x, residual=residual, glu=glu, norm_out=_norm_args(norm))
+        if isinstance(hn, NormParts):
+            return h, hn.x, hn.norm
         return (h, hn, None) if hn is not None else (h, h, norm)
     h = linear(layer, x, residual=residual, glu=glu)
     return h, h, norm

@@ -178,6 +178,8 @@ class Model(nn.Module):
         _, h, norm = hidden_parts(h, self.model.norm)
         if mask.out_rows is not None:
             h = h[:, mask.out_rows]
+            if hasattr(norm, "take_rows"):  # a norm its producer left pending per row (qmm.PendingNorm)
+                norm = norm.take_rows(mask.out_rows)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h if norm is None else norm(h))[0]
         return linear(self.lm_head, h, norm=norm)[0]  # the norm fused where it can be

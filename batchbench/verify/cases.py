@@ -231,17 +231,24 @@ def qmm_case(
     pre: bool | None = None,
     p: int = 0,
     norm_out: bool = False,
+    norm_next: bool = False,
+    prenorm: bool = False,
+    wn: int = 0,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
     glu_pair: w is [gate; up] (n/2 rows each) with its rows in glu_pair_order, and the
     result is silu(x @ gate.T) * (x @ up.T) [m, n/2]. ns: ring slots per warp (the cp.async
     pipeline; 0 keeps the register stages); wf: 16-row feature tiles per warp (2 needs ns);
-    wk: warps along K (0: choose_config's), fewer for longer runs of chunks per warp; pre: both
+    wk: warps along K (0: choose_config's), fewer for longer runs of chunks per warp (wn: along
+    N); pre: both
     register stages loaded ahead (None: choose_config's); p: chunks per register stage (0:
     choose_config's); norm_out: the reduce kernel after a split K also writes the RMSNorm of y
     (the result is then [y | rms_norm(y) * r], r the reference's row RMS, so both halves share
-    one tolerance)."""
+    one tolerance). One K-slice: norm_next, the kernel also writes y * nw2 and each 16- or
+    32-row tile's sums of squares of y (the result is then [y | y * nw2 | each tile's RMS of y]);
+    prenorm (with norm), x reaches the kernel as round(x * nw) with its 16-column sums of squares
+    (a PendingNorm), as a producer's norm_next wrote them."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -255,15 +262,25 @@ def qmm_case(
     rs = mx.array(rng.standard_normal((m, n)).astype(np.float32) * 4).astype(dtype) if res else None
     nw = mx.array(rng.uniform(0.5, 1.5, (k,)).astype(np.float32)).astype(dtype) if norm else None
     cfg = None
-    if split or blocks or ns or wk or p or pre is not None:
+    if split or blocks or ns or wk or p or wn or pre is not None:
         base = Q.choose_config(m, n, k, bits)
         cfg = replace(base, s=split or base.s, blocks=blocks, ns=ns, wf=wf, wk=wk or base.wk, p=p or base.p,
+                      wn=wn or base.wn,
                       pre=base.pre if pre is None else pre)
+    if prenorm and not norm:
+        raise ValueError("qmm_case: prenorm is the norm split with its producer (norm=True)")
+    nw2 = mx.array(rng.uniform(0.5, 1.5, (n,)).astype(np.float32)).astype(dtype) if norm_next else None
+    x_in, pending = x, None
+    if prenorm:  # what a producer's NOUT epilogue hands on (16-row tiles)
+        xs = np.array(x.astype(mx.float32)).astype(np.float64)
+        ss = (xs**2).reshape(m, k // 16, 16).sum(axis=2).T
+        pending = Q.PendingNorm(mx.array(ss.astype(np.float32)), 1e-5)
+        x_in = (x.astype(mx.float32) * nw.astype(mx.float32)).astype(dtype)
     kspec, launch = Q.plan_quantized_matmul(
-        "cuda", x, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
-        norm=(nw, 1e-5) if norm else None, config=cfg,
+        "cuda", x_in, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
+        norm=(nw, 1e-5) if norm and not prenorm else None, config=cfg,
         lop3=None if lop3 else False,  # False: the byte-permute dequantization
-        glu_pair=glu_pair,
+        glu_pair=glu_pair, norm_next=(nw2, 1e-5) if norm_next else None, prenorm=pending,
     )
     xf = _f64(x)
     if glu:
@@ -289,6 +306,13 @@ def qmm_case(
     row_rms = np.sqrt((want**2).mean(axis=1, keepdims=True) + 1e-5)
     if norm_out:
         want = np.concatenate([want, want * _f64(nwo)], axis=1)
+    used = cfg or Q.choose_config(m, n, k, bits)
+    bn = 16 * used.wn * used.wf
+    if norm_next:
+        if is_split:
+            raise ValueError("qmm_case: norm_next needs one K-slice")
+        tile_rms = np.sqrt((want**2).reshape(m, n // bn, bn).mean(axis=2))
+        want = np.concatenate([want, want * _f64(nw2), tile_rms], axis=1)
     kernels = [(kspec, launch)]
     if is_split:
         zeros = [mx.zeros(shape, dtype=mx.float32) for shape in launch.output_shapes]
@@ -306,6 +330,9 @@ def qmm_case(
             y = routs[0]
             if norm_out:
                 return np.concatenate([y.astype(np.float64), routs[1].astype(np.float64) * row_rms], axis=1)
+        if norm_next:
+            tiles = np.sqrt(outs[2].astype(np.float64).T / bn)
+            return np.concatenate([y.astype(np.float64), outs[1].astype(np.float64), tiles], axis=1)
         return y.astype(np.float64)
 
     atol = QMM_RTOL[dtype] * scale
@@ -314,8 +341,9 @@ def qmm_case(
         f"{'-split' + str(split) if split else ''}{'-bias' if bias else ''}"
         f"{'-res' if res else ''}{'-glu' if glu else ''}{'-norm' if norm else ''}"
         f"{'-blocks' + str(blocks) if blocks else ''}{'' if lop3 else '-prmt'}{'-glupair' if glu_pair else ''}"
-        f"{'-ring' + str(ns) if ns else ''}{'-wf' + str(wf) if wf > 1 else ''}{'-wk' + str(wk) if wk else ''}"
+        f"{'-ring' + str(ns) if ns else ''}{'-wf' + str(wf) if wf > 1 else ''}{'-wk' + str(wk) if wk else ''}{'-wn' + str(wn) if wn else ''}"
         f"{'' if pre is None else '-pre' + str(int(pre))}{'-p' + str(p) if p else ''}{'-normout' if norm_out else ''}"
+        f"{'-nnext' if norm_next else ''}{'-prenorm' if prenorm else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -377,10 +405,21 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=17, bits=4, group_size=32, n=4352, k=256, split=2, res=True, norm_out=True),
         dict(m=5, bits=8, group_size=64, n=128, k=768, split=3, res=True, bias=True, norm_out=True,
              dtype=mx.bfloat16),
+        # the next norm split with its producer on one K-slice (BB_QMM_NORM_PRE): the producer's
+        # y * nw2 and tile sums (16-row tiles over persistent blocks, 32-row tiles, bf16 + bias,
+        # the gate product), the consumer's row scales (plain, gate/up pair, 8-bit, many tiles)
+        dict(m=1, bits=4, group_size=32, n=208, k=512, res=True, blocks=3, norm_next=True),
+        dict(m=8, bits=4, group_size=32, n=128, k=256, split=1, res=True, wk=2, norm_next=True),
+        dict(m=3, bits=4, group_size=32, n=128, k=512, split=1, res=True, wn=2, wk=2, norm_next=True),
+        dict(m=3, bits=4, group_size=64, n=96, k=512, res=True, bias=True, glu=True, norm_next=True,
+             dtype=mx.bfloat16),
+        dict(m=2, bits=4, group_size=32, n=64, k=1024, split=1, norm=True, prenorm=True, bias=True),
+        dict(m=6, bits=4, group_size=32, n=96, k=512, norm=True, prenorm=True, glu_pair=True, blocks=2),
+        dict(m=1, bits=8, group_size=32, n=64, k=3584, split=1, norm=True, prenorm=True, dtype=mx.bfloat16),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds
         specs = specs[:2] + [s for s in specs if (s.get("ns") and (s.get("split") or s.get("blocks", 0) > 2))
                              or s.get("split", 0) > 5 or s.get("wk") or (s.get("norm") and s.get("split", 0) > 1)
-                             or s.get("norm_out")]
+                             or s.get("norm_out") or s.get("norm_next") or s.get("prenorm")]
     return [qmm_case(rng, **s) for s in specs]

@@ -122,11 +122,13 @@ def qmm_rope_case(
     n_cells: int = 40,
     base: float = 1e6,
     scale: float = 1.0,
+    prenorm: bool = False,
 ) -> Case:
     """The q/k/v projection with the RoPE + K/V-write epilogue (qmm's RopeStore): weight rows
     in rope_pair_order, against float64 projection + rotation of the rows in their own order;
     the result is q, then both cache buffers (cells not written must keep their values).
-    split: K over that many blocks, the epilogue then in the reduce kernel."""
+    split: K over that many blocks, the epilogue then in the reduce kernel. prenorm (with norm):
+    x reaches the kernel as round(x * nw) with its 16-column sums of squares (a PendingNorm)."""
     width = (n_heads + 2 * n_kv_heads) * head_dim
     w = mx.array(rng.standard_normal((width, k)).astype(np.float32) / np.sqrt(k)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
@@ -146,9 +148,14 @@ def qmm_rope_case(
     cfg = None
     if split:
         cfg = replace(Q.choose_config(m, width, k, bits), s=split, blocks=0, ns=0, wf=1)
-    norm_arg = (nw, 1e-5) if norm else None
-    kspec, launch = Q.plan_quantized_matmul("cuda", x, wq_p, sc_p, bi_p, group_size=group_size, bits=bits,
-                                            bias=lb_p, norm=norm_arg, config=cfg, rope=rope)
+    norm_arg = (nw, 1e-5) if norm and not prenorm else None
+    x_in, pending = x, None
+    if prenorm:  # as a producer's NOUT epilogue hands it on
+        ss = (_f64(x)[0] ** 2).reshape(m, k // 16, 16).sum(axis=2).T
+        pending = Q.PendingNorm(mx.array(ss.astype(np.float32)), 1e-5)
+        x_in = (x.astype(mx.float32) * nw.astype(mx.float32)).astype(dtype)
+    kspec, launch = Q.plan_quantized_matmul("cuda", x_in, wq_p, sc_p, bi_p, group_size=group_size, bits=bits,
+                                            bias=lb_p, norm=norm_arg, config=cfg, rope=rope, prenorm=pending)
     is_split = launch.output_dtypes[0] == mx.float32
 
     xf = _f64(x)[0]
@@ -173,14 +180,15 @@ def qmm_rope_case(
             parts = [mx.array(o) for o in outs]
             rspec, rlaunch = Q.plan_qmm_reduce(parts[0], dtype, lb_p, rope=rope, norm=folded_norm(parts, k))
             outs, inputs = execute(rspec, rlaunch)
-        kc, vc = (_values(inputs[i], dtype) for i in (-2, -1))
+        tail = 1 if prenorm and not is_split else 0  # the pending norm's sums come after the cache buffers
+        kc, vc = (_values(inputs[i - tail], dtype) for i in (-2, -1))
         return np.concatenate([outs[0].astype(np.float64).ravel(), kc.ravel(), vc.ravel()])
 
     atol = QMM_RTOL[dtype] * max(1.0, float(np.abs(qkv).max())) * np.sqrt(2) + rope_tolerance(qkv, pos, scale, dtype)
     name = (
         f"qmm-rope-cuda-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-M{m}-D{head_dim}-Hq{n_heads}-Hkv{n_kv_heads}"
         f"-K{k}-b{bits}-{'trad' if traditional else 'half'}{'-bias' if bias else ''}{'-norm' if norm else ''}"
-        f"{'-split' + str(split) if split else ''}"
+        f"{'-split' + str(split) if split else ''}{'-prenorm' if prenorm else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -193,8 +201,9 @@ def qmm_rope_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=3, head_dim=128, n_heads=2, n_kv_heads=1, bits=8, group_size=64, bias=True, split=2),
         dict(m=11, dtype=mx.bfloat16, norm=True, bias=True, k=512),
         dict(m=9, norm=True, bias=True, k=768, split=3),  # the norm folded over the K-slices
+        dict(m=4, norm=True, bias=True, k=512, prenorm=True),  # the norm split with its producer
     ]
-    quick_specs = specs[:1] + [s for s in specs if s.get("split") and s.get("norm")]  # and the folded norm
+    quick_specs = specs[:1] + [s for s in specs if (s.get("split") and s.get("norm")) or s.get("prenorm")]
     return [qmm_rope_case(rng, **s) for s in (quick_specs if quick else specs)]
 
 

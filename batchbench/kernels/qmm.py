@@ -657,7 +657,7 @@ struct QmmStage {
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
 // NOUT / NPRE operands (see qmm_kernel). nw: the next norm's weights; yw, ssp: NOUT's outputs,
 // y * nw [M, N] and the sums of squares of y [N / BN tiles, M]; pss: NPRE's input, such sums of
-// the producer's tiles [K / 16, M] (its tiles are 16 rows: NOUT needs BN == 16 for a consumer).
+// a producer's tiles [pt, M] (of any tile size: the consumer sums all pt rows of a column).
 template <typename T>
 struct QmmNormIO {
   const T* nw;

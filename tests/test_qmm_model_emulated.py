@@ -1,0 +1,64 @@
+"""The tiny model (fp16, q4_0) decoding with the 4-bit matmul's CUDA kernels emulated on the CPU,
+prompts and decode steps, against the same model on MLX ops: the kernels as the model chains
+them (fused norms, the gate product, residuals, the norm left pending between launches)."""
+
+import types
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from batchbench.bench import Mode, Runner
+from batchbench.kernels import qmm
+from batchbench.kernels import spec as kspec
+from batchbench.kv_cache import KVCache
+from batchbench.presets import make_preset
+from batchbench.verify import toolchain
+from batchbench.verify.emulate import emulate
+from test_model_batching import run_batched
+
+
+def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list) -> np.ndarray:
+    model, _ = make_preset("tiny", mx.float16, "q4_0", seed=4)
+    rng = np.random.default_rng(6)
+    for layer in model.model.layers:  # a weight per norm, so that a misplaced one shows
+        for n in (layer.input_layernorm, layer.post_attention_layernorm):
+            n.weight = mx.array(rng.uniform(0.5, 1.5, n.weight.shape).astype(np.float32)).astype(mx.float16)
+    # no RoPE / K-V-write pair epilogue: it writes the cache in place, which emulation cannot
+    qmm.fuse_quantized_projections(model, pair_order=False)
+    qmm.use_fast_quantized_linears(model)
+
+    def emulated(ks, launch):
+        launched.append(ks.name)
+        res = emulate(ks, launch, schedules=("forward",))
+        return [mx.array(o).astype(dt) for o, dt in zip(res.outputs, launch.output_dtypes)]
+
+    # only qmm sees CUDA: attention, RoPE and masks stay on their MLX twins
+    monkeypatch.setattr(qmm, "backend", types.SimpleNamespace(BACKEND="cuda" if cuda else "cpu"))
+    monkeypatch.setattr(qmm, "NORM_PRE", norm_pre)
+    monkeypatch.setattr(kspec, "run", emulated)
+    a = model.args
+    cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, 512, 2, True, mx.float16)
+    runner = Runner(model, cache, Mode("t", True), 2048, 64, compiled=False)
+    prompts = [rng.integers(0, 512, 7) for _ in range(2)]
+    steps = [rng.integers(0, 512, 2) for _ in range(2)]
+    return run_batched(runner, prompts, steps)
+
+
+@pytest.mark.parametrize("norm_pre", [False, True])
+def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre):
+    """Logits within fp16 rounding of the MLX-op model, and the kernels that were meant to run
+    did (norm_pre: o_proj and down_proj write y * weight and tile sums, q/k/v, gate/up and
+    lm_head take them; else each consumer normalizes x itself)."""
+    toolchain.need(toolchain.host_cxx)
+    ref = _logits(monkeypatch, False, False, [])
+    launched: list[str] = []
+    got = _logits(monkeypatch, True, norm_pre, launched)
+    assert np.isfinite(got).all()
+    assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
+    if norm_pre:
+        assert {"bb_qmm_r_no", "bb_qmm_r_g_no", "bb_qmm_b_np", "bb_qmm_np"} <= set(launched)
+        assert "bb_qmm_n" not in launched
+    else:
+        assert {"bb_qmm_r", "bb_qmm_r_g", "bb_qmm_b_n", "bb_qmm_n"} <= set(launched)
+        assert not any(name.endswith(("_no", "_np")) for name in launched)

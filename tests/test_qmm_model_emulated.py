@@ -3,6 +3,7 @@ prompts and decode steps, against the same model on MLX ops: the kernels as the 
 them (fused norms, the gate product, residuals, the norm left pending between launches)."""
 
 import types
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -18,7 +19,7 @@ from batchbench.verify.emulate import emulate
 from test_model_batching import run_batched
 
 
-def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list) -> np.ndarray:
+def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidden: bool = False) -> np.ndarray:
     model, _ = make_preset("tiny", mx.float16, "q4_0", seed=4)
     rng = np.random.default_rng(6)
     for layer in model.model.layers:  # a weight per norm, so that a misplaced one shows
@@ -37,6 +38,10 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list) -> np.ndarr
     monkeypatch.setattr(qmm, "backend", types.SimpleNamespace(BACKEND="cuda" if cuda else "cpu"))
     monkeypatch.setattr(qmm, "NORM_PRE", norm_pre)
     monkeypatch.setattr(kspec, "run", emulated)
+    if split_hidden:  # o_proj and down_proj (N = hidden) on two K-slices, as at M > 8 on the 7B shape
+        choose = qmm.choose_config
+        monkeypatch.setattr(qmm, "choose_config", lambda m, n, k, bits: (
+            replace(choose(m, n, k, bits), s=2, blocks=0) if n == model.args.hidden_size else choose(m, n, k, bits)))
     a = model.args
     cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, 512, 2, True, mx.float16)
     runner = Runner(model, cache, Mode("t", True), 2048, 64, compiled=False)
@@ -45,18 +50,24 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list) -> np.ndarr
     return run_batched(runner, prompts, steps)
 
 
-@pytest.mark.parametrize("norm_pre", [False, True])
-def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre):
+@pytest.mark.parametrize("norm_pre,split_hidden", [(False, False), (True, False), (False, True)])
+def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split_hidden):
     """Logits within fp16 rounding of the MLX-op model, and the kernels that were meant to run
-    did (norm_pre: o_proj and down_proj write y * weight and tile sums, q/k/v, gate/up and
-    lm_head take them; else each consumer normalizes x itself)."""
+    did. norm_pre: o_proj and down_proj write y * weight and tile sums, q/k/v, gate/up and
+    lm_head take them. split_hidden: o_proj and down_proj split K and their reduce kernel
+    writes the next norm (BB_QMM_NORM_OUT), so the consumers run plain. Else each consumer
+    normalizes x itself."""
     toolchain.need(toolchain.host_cxx)
     ref = _logits(monkeypatch, False, False, [])
     launched: list[str] = []
-    got = _logits(monkeypatch, True, norm_pre, launched)
+    got = _logits(monkeypatch, True, norm_pre, launched, split_hidden)
     assert np.isfinite(got).all()
     assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
-    if norm_pre:
+    if split_hidden:
+        assert {"bb_qmm_redn_r", "bb_qmm_b", "bb_qmm"} <= set(launched)
+        # layer 0's q/k/v normalizes its x (the embedding) itself, layer 1's takes down's norm
+        assert launched.count("bb_qmm_b_n") == launched.count("bb_qmm_b") > 0
+    elif norm_pre:
         assert {"bb_qmm_r_no", "bb_qmm_r_g_no", "bb_qmm_b_np", "bb_qmm_np"} <= set(launched)
         assert "bb_qmm_n" not in launched
     else:

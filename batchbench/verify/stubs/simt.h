@@ -858,6 +858,14 @@ inline void* alloc_guarded(size_t size, size_t* map_size, void** map_base) {
   return p;
 }
 
+inline void release_stacks() {
+  if (g_stacks) {
+    munmap(g_stacks, g_stacks_map);
+  }
+  g_stacks = nullptr;
+  g_stacks_map = g_stack_bytes = 0;
+}
+
 inline void ensure_stacks(int n, size_t kb) {
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   const size_t each = ((kb * 1024 + page - 1) / page) * page + page; // + guard page below
@@ -1041,6 +1049,10 @@ inline int launch(const LaunchCfg& cfg, void (*body)(void*), void* ctx, char* er
   g_cur = nullptr;
   remove_handlers();
   free(order);
+  // Every loaded kernel library has its own stacks, two mappings each (stack, guard page): kept
+  // between runs they add up to vm.max_map_count (65530) in a process that emulates ~100
+  // kernels, and the next mmap fails. So they go with the run.
+  release_stacks();
   if (rc) {
     snprintf(err, errlen, "%s", g_err[0] ? g_err : "emulation failed");
   }

@@ -365,6 +365,7 @@ def test_norms_written_by_the_previous_launch_keep_logits(monkeypatch, compiled,
     its output rows in prefill)."""
     from batchbench.kernels import qmm
     from batchbench.models import llama
+    from batchbench.verify.cases import producer_share
 
     m, _ = make_preset("tiny", mx.float32, seed=6)
     rng = np.random.default_rng(6)
@@ -381,8 +382,7 @@ def test_norms_written_by_the_previous_launch_keep_logits(monkeypatch, compiled,
         fused.append(norm)
         h = qmm.linear(layer, x, residual=residual, glu=glu)
         if pending:
-            ss = (h.astype(mx.float32) ** 2).reshape(-1, h.shape[-1] // 16, 16).sum(axis=-1).T
-            return h, h * norm.weight, qmm.PendingNorm(ss, norm.eps)
+            return (h, *producer_share(h, norm.weight, norm.eps))
         return h, norm(h), None
 
     monkeypatch.setattr(llama, "linear_norm", fusing)

@@ -635,6 +635,18 @@ struct QmmStage {
   uint32_t sa[P], sb[P], ba[P], bb[P];
 };
 
+// NOUT / NPRE operands (see qmm_kernel). nw: the next norm's weights; yw, ssp: NOUT's outputs,
+// y * nw [M, N] and the sums of squares of y [N / BN tiles, M]; pss: NPRE's input, such sums of
+// a producer's tiles [pt, M] (of any tile size: the consumer sums all pt rows of a column).
+template <typename T>
+struct QmmNormIO {
+  const T* nw;
+  T* yw;
+  float* ssp;
+  const float* pss;
+  int pt;  // rows of pss
+};
+
 // T: activation dtype; BITS 4|8; GS group size; MT token tiles of 8 (M <= 8*MT);
 // WN x WK warps per block (features x K); P chunks per load stage, two stages in flight
 // (the next P chunks load while the current ones are multiplied); NS > 0 instead streams
@@ -655,18 +667,6 @@ struct QmmStage {
 // magnitude), writes its partials times the inverse of that scale and its sums of squares to
 // ssout [S, M], and the reduce kernel scales the summed partials by the whole row's rsqrt.
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
-// NOUT / NPRE operands (see qmm_kernel). nw: the next norm's weights; yw, ssp: NOUT's outputs,
-// y * nw [M, N] and the sums of squares of y [N / BN tiles, M]; pss: NPRE's input, such sums of
-// a producer's tiles [pt, M] (of any tile size: the consumer sums all pt rows of a column).
-template <typename T>
-struct QmmNormIO {
-  const T* nw;
-  T* yw;
-  float* ssp;
-  const float* pss;
-  int pt;  // rows of pss
-};
-
 // E: QmmPlain, or a pair epilogue (QmmRopeCfg, QmmGluPair) that stores rows n and n + 8 together.
 // The next layer's RMSNorm split between two launches of one K-slice (QmmNormIO): NOUT, this
 // launch (plain epilogue, tiles of 16 or 32 rows) also writes y * nw and each tile's sums of
@@ -1903,8 +1903,8 @@ def plan_quantized_matmul(
                          "its sums' scratch within the reduction area (QmmConfig.fold_fits)")
     fold = norm is not None and split
     bn = 16 * cfg.wn * cfg.wf
-    if norm_next is not None and (split or glu_pair or rope is not None or bn not in (16, 32)
-                                  or norm_next[0].shape != (n,) or norm_next[0].dtype != x.dtype):
+    if norm_next is not None and not (_norm_parts_fit(cfg, glu_pair or rope is not None)
+                                      and _norm_weight_ok(norm_next[0], n, x.dtype)):
         raise ValueError(f"quantized_matmul: writing the next norm's parts needs one K-slice, a plain epilogue, "
                          f"tiles of 16 or 32 rows and a weight [{n}] {x.dtype} (config {cfg})")
     if prenorm is not None and (split or norm is not None or prenorm.ss.dtype != mx.float32
@@ -1926,7 +1926,7 @@ def plan_quantized_matmul(
     inputs += rope.inputs() if rope_here else []
     inputs += ([norm_next[0]] if norm_next is not None else []) + ([prenorm.ss] if prenorm is not None else [])
     out_shape = (cfg.s, m, n) if split else _pair_shape(pair, rope, m, n)
-    # over a K-slice the norm takes its sums in the pass after the staging (qmm_rms_norm's UNI)
+    # over a K-slice (fold) the norm takes its sums in a pass after the staging (qmm_norm_slice)
     npass, early = norm_variant(m, glu_pair) if norm is not None else (False, False)
     launch = Launch(
         inputs=inputs,
@@ -1995,8 +1995,19 @@ def _reduce_norm_geometry(n: int) -> tuple[int, int]:
     return nt, -(-g // nt)
 
 
-def reduce_norm_ok(n: int) -> bool:
-    return n % 8 == 0 and n // 8 <= REDUCE_NORM_THREADS * REDUCE_NORM_MAX_NG
+def _reduce_norm_fits(n: int, pair: bool, folded: bool) -> bool:
+    """qmm_reduce_norm can finish this split K: a plain epilogue, no folded norm, rows it holds."""
+    return not pair and not folded and n % 8 == 0 and n // 8 <= REDUCE_NORM_THREADS * REDUCE_NORM_MAX_NG
+
+
+def _norm_parts_fit(cfg: QmmConfig, pair: bool) -> bool:
+    """The main kernel can write the next norm's parts (NOUT): one K-slice, a plain epilogue,
+    tiles of 16 or 32 rows (a tile's row is then one warp's lanes)."""
+    return cfg.s == 1 and not pair and 16 * cfg.wn * cfg.wf in (16, 32)
+
+
+def _norm_weight_ok(weight: mx.array, n: int, dtype) -> bool:
+    return weight.shape == (n,) and weight.dtype == dtype
 
 
 def plan_qmm_reduce(
@@ -2013,10 +2024,10 @@ def plan_qmm_reduce(
     pair = _check_pair(rope, glu_pair, m, n, dtype, False, residual)
     if norm_out is not None:
         nw, eps = norm_out
-        if pair or norm is not None or not reduce_norm_ok(n):
+        if not _reduce_norm_fits(n, bool(pair), norm is not None):
             raise ValueError(f"quantized_matmul: the norm of the output needs a plain epilogue and N % 8 == 0, "
                              f"N <= {8 * REDUCE_NORM_THREADS * REDUCE_NORM_MAX_NG}, got N={n}")
-        if nw.shape != (n,) or nw.dtype != dtype:
+        if not _norm_weight_ok(nw, n, dtype):
             raise ValueError(f"quantized_matmul: the output norm's weight must be [{n}] {dtype}, got "
                              f"{tuple(nw.shape)} {nw.dtype}")
         nt, ng = _reduce_norm_geometry(n)
@@ -2133,7 +2144,7 @@ def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int
                 residual, glu: bool, norm, rope: RopeStore | None = None, glu_pair: bool = False,
                 norm_out: tuple[mx.array, float] | None = None):
     """The custom kernel (and its reduce kernel after a split K) on a call _kernel_config gave cfg.
-    With norm_out (weight, eps): (y, rms_norm(y) where the reduce kernel wrote it, else None)."""
+    With norm_out (weight, eps): (y, y_n) as `quantized_matmul` returns them."""
     # Each block normalizes its rows itself, once: the sums of squares are taken while x is
     # staged and a persistent block stages x once for all its tiles (over a split K, per
     # K-slice, finished by the reduce kernel). Needs K % 256 == 0; BB_QMM_FUSE_NORM=0 keeps the
@@ -2152,9 +2163,9 @@ def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int
         bias = bias.reshape(n).astype(x.dtype)
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.astype(x.dtype)
-    norm_next = norm_out if (NORM_PRE and norm_out is not None and cfg.s == 1 and rope is None and not glu_pair
-                             and 16 * cfg.wn * cfg.wf in (16, 32) and norm_out[0].shape == (n,)
-                             and norm_out[0].dtype == x.dtype) else None
+    pair = glu_pair or rope is not None
+    norm_next = norm_out if (NORM_PRE and norm_out is not None and _norm_parts_fit(cfg, pair)
+                             and _norm_weight_ok(norm_out[0], n, x.dtype)) else None
     ks, launch = plan_quantized_matmul(
         "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
         residual=residual, glu=glu, norm=norm, config=cfg, rope=rope, glu_pair=glu_pair,
@@ -2165,9 +2176,8 @@ def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int
         return y, NormParts(ss[0], PendingNorm(ss[1], float(norm_next[1])))
     yn = None
     if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
-        out_norm = norm_out if (NORM_OUT and norm_out is not None and not ss and rope is None and not glu_pair
-                                and reduce_norm_ok(n) and norm_out[0].shape == (n,)
-                                and norm_out[0].dtype == x.dtype) else None
+        out_norm = norm_out if (NORM_OUT and norm_out is not None and _reduce_norm_fits(n, pair, bool(ss))
+                                and _norm_weight_ok(norm_out[0], n, x.dtype)) else None
         rs, rl = plan_qmm_reduce(y, x.dtype, bias, residual, rope=rope, glu_pair=glu_pair,
                                  norm=(ss[0], k, norm[1]) if ss else None, norm_out=out_norm)
         y, *yn = kspec.run(rs, rl)

@@ -208,6 +208,14 @@ def folded_norm(outs: list[mx.array], k: int, eps: float = 1e-5):
     return (outs[1], k, eps) if len(outs) > 1 else None
 
 
+def producer_share(y: mx.array, weight: mx.array, eps: float) -> tuple[mx.array, Q.PendingNorm]:
+    """What a producer's NOUT epilogue hands on for y [..., M, K] (BB_QMM_NORM_PRE): y * weight
+    rounded to y's dtype, and the sums of squares of y's 16-column tiles [K / 16, M] fp32."""
+    yf = y.astype(mx.float32)
+    ss = (yf**2).reshape(-1, y.shape[-1] // 16, 16).sum(axis=-1).T
+    return (yf * weight.astype(mx.float32)).astype(y.dtype), Q.PendingNorm(ss, eps)
+
+
 def qmm_case(
     rng: np.random.Generator,
     *,
@@ -270,12 +278,7 @@ def qmm_case(
     if prenorm and not norm:
         raise ValueError("qmm_case: prenorm is the norm split with its producer (norm=True)")
     nw2 = mx.array(rng.uniform(0.5, 1.5, (n,)).astype(np.float32)).astype(dtype) if norm_next else None
-    x_in, pending = x, None
-    if prenorm:  # what a producer's NOUT epilogue hands on (16-row tiles)
-        xs = np.array(x.astype(mx.float32)).astype(np.float64)
-        ss = (xs**2).reshape(m, k // 16, 16).sum(axis=2).T
-        pending = Q.PendingNorm(mx.array(ss.astype(np.float32)), 1e-5)
-        x_in = (x.astype(mx.float32) * nw.astype(mx.float32)).astype(dtype)
+    x_in, pending = producer_share(x, nw, 1e-5) if prenorm else (x, None)
     kspec, launch = Q.plan_quantized_matmul(
         "cuda", x_in, wq, sc, bi, group_size=group_size, bits=bits, bias=lb, residual=rs, glu=glu,
         norm=(nw, 1e-5) if norm and not prenorm else None, config=cfg,

@@ -10,7 +10,7 @@ import numpy as np
 
 from batchbench.kernels import qmm as Q
 from batchbench.kernels import rope as R
-from batchbench.verify.cases import QMM_RTOL, Case, Executor, _f64, folded_norm
+from batchbench.verify.cases import QMM_RTOL, Case, Executor, _f64, folded_norm, producer_share
 from batchbench.verify.emulate import to_numpy
 
 # Half an ulp of the output dtype, relative to the largest output (|rotated| <= sqrt(2) max|x|).
@@ -149,11 +149,7 @@ def qmm_rope_case(
     if split:
         cfg = replace(Q.choose_config(m, width, k, bits), s=split, blocks=0, ns=0, wf=1)
     norm_arg = (nw, 1e-5) if norm and not prenorm else None
-    x_in, pending = x, None
-    if prenorm:  # as a producer's NOUT epilogue hands it on
-        ss = (_f64(x)[0] ** 2).reshape(m, k // 16, 16).sum(axis=2).T
-        pending = Q.PendingNorm(mx.array(ss.astype(np.float32)), 1e-5)
-        x_in = (x.astype(mx.float32) * nw.astype(mx.float32)).astype(dtype)
+    x_in, pending = producer_share(x, nw, 1e-5) if prenorm else (x, None)
     kspec, launch = Q.plan_quantized_matmul("cuda", x_in, wq_p, sc_p, bi_p, group_size=group_size, bits=bits,
                                             bias=lb_p, norm=norm_arg, config=cfg, rope=rope, prenorm=pending)
     is_split = launch.output_dtypes[0] == mx.float32

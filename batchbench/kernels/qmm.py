@@ -803,10 +803,24 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
 
   // NPRE: each row's scale from the producer's per-tile sums (the barrier after the staging
   // publishes it; the first weights are in flight meanwhile).
+  // A lane's partials load PU at a time, all in flight at once (pt <= 256: one round). A plain
+  // loop over pt, which nvcc unrolled for 16 and 4 at a time, left 224 partials (7 a lane) a few
+  // round trips to L2 in a row: H200 decode step (results/h200-2026-11-30-s21/call2), the
+  // gate/up pair at M=1 29.4 us plain, 30.7 with its norm fused, 33.5 with NPRE.
   if constexpr (NPRE) {
+    constexpr int PU = 8;
     for (int m = wid; m < M; m += NT / 32) {
       float q = 0.f;
-      for (int t = lane; t < nio.pt; t += 32) q += nio.pss[(size_t)t * M + m];
+      for (int t0 = lane; t0 < nio.pt; t0 += 32 * PU) {
+        float v[PU];
+#pragma unroll
+        for (int u = 0; u < PU; ++u) {
+          const int t = t0 + 32 * u;
+          v[u] = t < nio.pt ? nio.pss[(size_t)t * M + m] : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < PU; ++u) q += v[u];
+      }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
       if (lane == 0) rsn[m] = rsqrtf(q / (float)K + eps);

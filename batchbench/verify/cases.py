@@ -419,6 +419,8 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=2, bits=4, group_size=32, n=64, k=1024, split=1, norm=True, prenorm=True, bias=True),
         dict(m=6, bits=4, group_size=32, n=96, k=512, norm=True, prenorm=True, glu_pair=True, blocks=2),
         dict(m=1, bits=8, group_size=32, n=64, k=3584, split=1, norm=True, prenorm=True, dtype=mx.bfloat16),
+        # K = 4608: 288 producer tiles, a lane's partials in two rounds of loads
+        dict(m=3, bits=4, group_size=32, n=32, k=4608, split=1, norm=True, prenorm=True),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds

@@ -88,9 +88,10 @@ for what in "$@"; do
     # do thread-block clusters (compile-time __cluster_dims__) work through mx.fast.cuda_kernel?
     cluster-probe) part cluster-probe 60 python3 scripts/h200_cluster_probe.py ;;
     qmm-decode-prof) decode_prof "qmm-decode-prof${TAG:+-$TAG}" ;;
-    # session 20's plan for BB_QMM_NORM_PRE (~8 min): its kernels on the GPU, the model with it
-    # against the pure-MLX twins, then the decode step at B = 1-8 with it off / on, twice, and
-    # what the fused norm costs each consumer (BB_QMM_FUSE_NORM=0: a separate rms_norm)
+    # BB_QMM_NORM_PRE's checks and A/B (~10 min, more than one call's limit: session 21 ran it
+    # as two): its kernels on the GPU, the model with it against the pure-MLX twins, then the
+    # decode step at B = 1-8 with it off / on, twice, and what the fused norm costs each
+    # consumer (BB_QMM_FUSE_NORM=0: a separate rms_norm)
     norm-pre) part verify-gpu-quick-normpre 200 env BB_QMM_NORM_PRE=1 BATCHBENCH_VERIFY_QUICK=1 \
                 BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope OUT="$R" python3 -m batchbench.verify.gpu
               part model-check-normpre 200 env BB_QMM_NORM_PRE=1 MODEL_CHECK_CASES="1:64:2,2:64:2,4:40:2" \

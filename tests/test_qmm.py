@@ -585,8 +585,10 @@ def _qlinear(n, k, seed, dtype=mx.float16):
 def test_linear_norm_writes_the_next_norm_in_the_reduce(cuda_dispatch, monkeypatch, m, switch, fused):
     """o_proj with its residual, then the MLP's RMSNorm: after a split K (M=32 on the 7B shape)
     the reduce kernel writes norm(h) beside h and the MLP gets no norm to apply; with one
-    K-slice (M=2, no reduce) or BB_QMM_NORM_OUT=0 the MLP keeps the norm (fused in its launch)."""
+    K-slice (M=2, no reduce) or BB_QMM_NORM_OUT=0 the MLP keeps the norm (fused in its launch).
+    BB_QMM_NORM_PRE is off here: what it does at one K-slice is the next test's."""
     monkeypatch.setattr(qmm, "NORM_OUT", switch)
+    monkeypatch.setattr(qmm, "NORM_PRE", False)
     n = k = 3584
     layer = _qlinear(n, k, seed=11)
     norm = nn.RMSNorm(n, eps=1e-6)

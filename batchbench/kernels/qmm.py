@@ -1531,9 +1531,12 @@ NORM_OUT = env_choice("BB_QMM_NORM_OUT", "1", ON_OFF) == "1"
 # The same where such a matmul runs on one K-slice (o_proj at M <= 8, down_proj at M <= 2 on the
 # 7B shape): a row spans many blocks, so its epilogue writes y * nw and each tile's sums of
 # squares, and the next matmul (one K-slice too) scales its sums by the rows' rsqrt instead of
-# normalizing x in its prologue (PendingNorm; NOUT / NPRE in qmm_kernel). Off by default: not
-# yet measured on a GPU (BB_QMM_NORM_PRE=1 turns it on).
-NORM_PRE = env_choice("BB_QMM_NORM_PRE", "0", ON_OFF) == "1"
+# normalizing x in its prologue (PendingNorm; NOUT / NPRE in qmm_kernel). H200 decode step,
+# kernel time, two runs each way (results/h200-2026-11-30-s21/call6): B=1 1.937-1.941 -> 1.895-1.898
+# ms, B=2 2.070-2.076 -> 2.037-2.041, B=4 2.139-2.145 -> 2.099-2.104, B=8 2.305-2.306 ->
+# 2.233-2.236 (gate/up at M=1 30.7 -> 29.8 us, q/k/v 9.3 -> 8.3; o_proj and down +0.2-0.3).
+# BB_QMM_NORM_PRE=0: the norm fused in the consumer's prologue as before (A/B runs).
+NORM_PRE = env_choice("BB_QMM_NORM_PRE", "1", ON_OFF) == "1"
 # Pair epilogues on CUDA (fuse_quantized_projections orders the rows for them): RoPE and the
 # K/V write in the q/k/v projection (project_rope_store), silu(gate) * up in the gate/up
 # projection (FusedQuantizedLinear.glu). BB_QMM_ROPE=0 / BB_QMM_GLU_PAIR=0 keep the separate

@@ -88,15 +88,15 @@ for what in "$@"; do
     # do thread-block clusters (compile-time __cluster_dims__) work through mx.fast.cuda_kernel?
     cluster-probe) part cluster-probe 60 python3 scripts/h200_cluster_probe.py ;;
     qmm-decode-prof) decode_prof "qmm-decode-prof${TAG:+-$TAG}" ;;
-    # BB_QMM_NORM_PRE's checks and A/B (~10 min, more than one call's limit: session 21 ran it
-    # as two): its kernels on the GPU, the model with it against the pure-MLX twins, then the
-    # decode step at B = 1-8 with it off / on, twice, and what the fused norm costs each
-    # consumer (BB_QMM_FUSE_NORM=0: a separate rms_norm)
+    # BB_QMM_NORM_PRE's checks (~5 min): its kernels on the GPU (verify-quick), the model with it
+    # against the pure-MLX twins; norm-pre-ab (~5 min): the decode step at B = 1-8 with it off /
+    # on, twice, and what the fused norm costs each consumer (BB_QMM_FUSE_NORM=0: a separate
+    # rms_norm). One call's limit (600 s) holds one of the two (session 21 ran them as one part)
     norm-pre) part verify-gpu-quick-normpre 200 env BB_QMM_NORM_PRE=1 BATCHBENCH_VERIFY_QUICK=1 \
                 BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope OUT="$R" python3 -m batchbench.verify.gpu
               part model-check-normpre 200 env BB_QMM_NORM_PRE=1 MODEL_CHECK_CASES="1:64:2,2:64:2,4:40:2" \
-                python3 scripts/gpu_model_check.py qwen2.5-1.5b
-              for v in off@0 on@1 off2@0 on2@1; do
+                python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
+    norm-pre-ab) for v in off@0 on@1 off2@0 on2@1; do
                 decode_prof "qmm-decode-prof-pre-${v%%@*}" QMM_DECODE_B=1,2,4,8 BB_QMM_NORM_PRE="${v#*@}"
               done
               decode_prof "qmm-decode-prof-nofuse" QMM_DECODE_B=1,2,8 BB_QMM_FUSE_NORM=0 ;;
@@ -157,7 +157,7 @@ for what in "$@"; do
                --section SchedulerStats ${NCU_EXTRA:-} --print-details all python3 scripts/h200_ncu.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -805,8 +805,9 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   // publishes it; the first weights are in flight meanwhile).
   // A lane's partials load PU at a time, all in flight at once (pt <= 256: one round). A plain
   // loop over pt, which nvcc unrolled for 16 and 4 at a time, left 224 partials (7 a lane) a few
-  // round trips to L2 in a row: H200 decode step (results/h200-2026-11-30-s21/call2), the
-  // gate/up pair at M=1 29.4 us plain, 30.7 with its norm fused, 33.5 with NPRE.
+  // round trips to L2 in a row: H200 decode step, the gate/up pair at M=1 29.4 us plain, 30.7
+  // with its norm fused, 33.5 with NPRE so, 29.8 with NPRE now (results/h200-2026-11-30-s21/
+  // call2, call3, call6).
   if constexpr (NPRE) {
     constexpr int PU = 8;
     for (int m = wid; m < M; m += NT / 32) {

@@ -100,6 +100,14 @@ for what in "$@"; do
                 decode_prof "qmm-decode-prof-pre-${v%%@*}" QMM_DECODE_B=1,2,4,8 BB_QMM_NORM_PRE="${v#*@}"
               done
               decode_prof "qmm-decode-prof-nofuse" QMM_DECODE_B=1,2,8 BB_QMM_FUSE_NORM=0 ;;
+    # seven warps along K instead of eight where K = 3584 (28 chunks of 128: 3.5 a warp with eight,
+    # so half the warps wait at each tile's barrier; four with seven): the gate/up pair at M=1,
+    # o_proj at M = 1-8 and q/k/v at M = 2-8, whose configs take eight warps along K there
+    # (~4 min: the decode step at DECODE_B, default 1, 2, 8, twice each way)
+    ab-wk) P7="gu:1:wk=7,blocks=persist;o:1-8:wk=7,blocks=persist;qkv:2-8:wk=7,blocks=persist"
+           for v in base@ w7@$P7 base2@ w7b@$P7; do
+             decode_prof "qmm-decode-prof-${v%%@*}" QMM_PATCH="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,8}"
+           done ;;
     # the 4-bit matmuls' persistent grids in one wave (BB_QMM_ONE_WAVE=1, 2: K-slices balanced) against the default
     ab-wave) for v in 0 1 2; do
                decode_prof "qmm-decode-prof-wave$v" BB_QMM_ONE_WAVE=$v
@@ -157,7 +165,7 @@ for what in "$@"; do
                --section SchedulerStats ${NCU_EXTRA:-} --print-details all python3 scripts/h200_ncu.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -421,6 +421,11 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=1, bits=8, group_size=32, n=64, k=3584, split=1, norm=True, prenorm=True, dtype=mx.bfloat16),
         # K = 4608: 288 producer tiles, a lane's partials in two rounds of loads
         dict(m=3, bits=4, group_size=32, n=32, k=4608, split=1, norm=True, prenorm=True),
+        # seven warps along K (224 threads): the 28 chunks of K = 3584 four a warp, as the gate/up
+        # pair and o_proj would take them at M = 1 (the warp-count A/B of h200_session's ab-wk)
+        dict(m=1, bits=4, group_size=32, n=64, k=3584, split=1, wk=7, norm=True, prenorm=True, glu_pair=True,
+             blocks=2),
+        dict(m=5, bits=4, group_size=32, n=64, k=3584, split=1, wk=7, res=True, norm_next=True, blocks=2),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds

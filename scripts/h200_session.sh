@@ -108,6 +108,16 @@ for what in "$@"; do
            for v in base@ w7@$P7 base2@ w7b@$P7; do
              decode_prof "qmm-decode-prof-${v%%@*}" QMM_PATCH="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,8}"
            done ;;
+    # BB_QMM_DQ=lop3b (one token's weights dequantized without their bias; prepared in session 21,
+    # never run on a GPU): its cases on the GPU, the 1.5B model at B=1 against its twins, then the
+    # decode step at B = 1, 2 (B=2 keeps the plain lop3: a control), twice each way (~6 min)
+    ab-dq) part verify-gpu-quick-lop3b 200 env BB_QMM_DQ=lop3b BATCHBENCH_VERIFY_QUICK=1 BATCHBENCH_VERIFY_ONLY=qmm \
+             OUT="$R" python3 -m batchbench.verify.gpu
+           part model-check-lop3b 150 env BB_QMM_DQ=lop3b MODEL_CHECK_CASES="1:64:2" \
+             python3 scripts/gpu_model_check.py qwen2.5-1.5b
+           for v in base@lop3 b@lop3b base2@lop3 b2@lop3b; do
+             decode_prof "qmm-decode-prof-dq-${v%%@*}" QMM_DECODE_B=1,2 BB_QMM_DQ="${v#*@}"
+           done ;;
     # the 4-bit matmuls' persistent grids in one wave (BB_QMM_ONE_WAVE=1, 2: K-slices balanced) against the default
     ab-wave) for v in 0 1 2; do
                decode_prof "qmm-decode-prof-wave$v" BB_QMM_ONE_WAVE=$v
@@ -165,7 +175,7 @@ for what in "$@"; do
                --section SchedulerStats ${NCU_EXTRA:-} --print-details all python3 scripts/h200_ncu.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

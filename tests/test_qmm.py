@@ -683,3 +683,28 @@ def test_pending_norm_applied_by_mlx_ops_is_the_rms_norm():
     rows = mx.array([4, 1])
     np.testing.assert_allclose(np.array(pn.take_rows(rows)((y * wt)[:, rows])), np.array(want[:, rows]),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["lop3", "lop3b"])
+def test_bias_sums_dequantization_only_at_one_token(cuda_dispatch, monkeypatch, mode):
+    """BB_QMM_DQ=lop3b: one token's fp16 4-bit matmul dequantizes without the bias (DQ = 2) and
+    stages one float per 32 k of x beside the reduction area; at two tokens, with a fused norm
+    or in bf16 it keeps the plain lop3 (DQ = 1). Forced where it cannot run: a one-line error."""
+    monkeypatch.setattr(qmm, "DQ_MODE", mode)
+    n, k = 4608, 3584
+    wq, s, b = _quantized(n, k, 4, 32, mx.float16, seed=16)
+    dq = {}
+    for m in (1, 2):
+        qmm.quantized_matmul(mx.zeros((m, k), mx.float16), wq, s, b, group_size=32, bits=4)
+        spec, launch = cuda_dispatch[-1]
+        dq[m] = dict(launch.template)["DQ"]
+        cfg = qmm.choose_config(m, n, k, 4)
+        extra = k // 32 * 4 if dq[m] == 2 else 0
+        assert spec.shared_memory == -(-(cfg.smem(k, 4) + extra) // qmm.SMEM_STEP) * qmm.SMEM_STEP
+    assert dq == ({1: 2, 2: 1} if mode == "lop3b" else {1: 1, 2: 1})
+    qmm.quantized_matmul(mx.zeros((1, k), mx.float16), wq, s, b, group_size=32, bits=4,
+                         norm=(mx.ones((k,), mx.float16), 1e-6))
+    assert dict(cuda_dispatch[-1][1].template)["DQ"] == 1
+    x = mx.zeros((2, k), mx.float16)
+    with pytest.raises(ValueError, match="without the bias needs one token"):
+        qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, bias_sums=True)

@@ -289,6 +289,56 @@ __device__ __forceinline__ uint32_t qmm_scale16(uint32_t s2) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// DQ = 2 ("lop3b", qmm_kernel's BSUM): the lop3 dequantization without the bias. One HFMA2
+// makes s * code from 1024 + code with c2 = -1024 * s (exact: a power of two times s, for
+// |s| < 64), rounded once from the exact product; the bias enters the sums as b times the sum
+// of the x values the weights meet (fp32). Two instructions a pair of weights instead of three.
+__device__ __forceinline__ uint32_t qmm_dq_magic_nb(uint32_t v, uint32_t s2, uint32_t c2) {
+#ifdef BB_PORTABLE
+  const float2 h = qmm_to_float2(v, false), s = qmm_to_float2(s2, false), c = qmm_to_float2(c2, false);
+  __half2 r = __floats2half2_rn(fmaf(h.x, s.x, c.x), fmaf(h.y, s.y, c.y));  // h * s is exact in fp32
+  return *reinterpret_cast<uint32_t*>(&r);
+#else
+  __half2 h = __hfma2(*reinterpret_cast<__half2*>(&v), *reinterpret_cast<__half2*>(&s2),
+                      *reinterpret_cast<__half2*>(&c2));
+  return *reinterpret_cast<uint32_t*>(&h);
+#endif
+}
+
+// -1024 * s in both halves of an fp16 pair (exact for |s| < 64).
+__device__ __forceinline__ uint32_t qmm_m1024(uint32_t s2) {
+#ifdef BB_PORTABLE
+  const float2 f = qmm_to_float2(s2, false);
+  __half2 h = __floats2half2_rn(f.x * -1024.0f, f.y * -1024.0f);
+#else
+  const uint32_t k = 0xE400E400u;  // -1024 in both halves
+  __half2 h = __hmul2(*reinterpret_cast<__half2*>(&s2), *reinterpret_cast<const __half2*>(&k));
+#endif
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+__device__ __forceinline__ void qmm_dq4_lop3_nb(uint32_t u, uint32_t s2, uint32_t s16, uint32_t c2, uint32_t c16,
+                                                uint32_t (&A)[4]) {
+  const uint32_t magic = 0x64006400u;
+  const uint32_t u8 = u >> 8;
+  A[0] = qmm_dq_magic_nb(qmm_and_or(u, 0x000F000Fu, magic), s2, c2);
+  A[1] = qmm_dq_magic_nb(qmm_and_or(u, 0x00F000F0u, magic), s16, c16);
+  A[2] = qmm_dq_magic_nb(qmm_and_or(u8, 0x000F000Fu, magic), s2, c2);
+  A[3] = qmm_dq_magic_nb(qmm_and_or(u8, 0x00F000F0u, magic), s16, c16);
+}
+
+// The sum of a granule's 8 fp16 values in fp32.
+__device__ __forceinline__ float qmm_sum8(uint4 v) {
+  const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+  float r = 0.f;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float2 f = qmm_to_float2(u[q], false);
+    r += f.x + f.y;
+  }
+  return r;
+}
+
 // A granule of 8 halves x0..x7 reordered as {x0, x4}, {x1, x5}, {x2, x6}, {x3, x7}.
 __device__ __forceinline__ uint4 qmm_perm8(uint4 v) {
   return make_uint4(qmm_prmt(v.x, v.z, 0x5410u), qmm_prmt(v.x, v.z, 0x7632u),
@@ -684,7 +734,10 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
                                            const int M, const int N, const int K, const QmmRope<T> rp,
                                            const QmmNormIO<T> nio) {
   constexpr bool BF16 = is_bf16<T>::value;
-  constexpr bool LOP3 = DQ == 1 && BITS == 4 && !BF16;
+  constexpr bool LOP3 = (DQ == 1 || DQ == 2) && BITS == 4 && !BF16;
+  // DQ = 2: the weights dequantized without their bias; each lane adds bias times the sum of
+  // the 32 x values its 16 bytes meet (one token: the spans' sums are staged beside x).
+  constexpr bool BSUM = DQ == 2;
   constexpr int KT = 128 / BITS;            // k per lane per 16-byte load: 32 or 16
   constexpr int CK = 4 * KT;                // k per chunk (4 lanes per feature row)
   constexpr int BN = 16 * WN * WF;
@@ -711,6 +764,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   extern __shared__ uint4 qmm_smem[];
   uint16_t* xs = reinterpret_cast<uint16_t*>(qmm_smem);
   float* red = reinterpret_cast<float*>(xs + M * XS);
+  float* sxs = red + WK * MP * RS;  // BSUM: x's 32-k span sums of this K-slice (where the ring would be)
   constexpr bool FOLD = NORM && SPLIT;
   __shared__ float wss[NORM && !FOLD ? (NT / 32) * MP : 1];
   static_assert(!FOLD || NPASS, "qmm: a norm over a K-slice takes its sums after the staging");
@@ -916,6 +970,14 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     if constexpr (NPASS) qmm_norm_sums<T, NT>(xs, XS, wss, MP, M, K, tid);
     qmm_rms_norm<T, BITS, NT, LOP3, EARLY, NWR, MP>(xs, XS, nw, nwr, wss, eps, M, K, tid);
   }
+  if constexpr (BSUM) {  // the staged row's 32-k spans: 4 granules each (the swizzle stays within them)
+    static_assert(!BSUM || (LOP3 && MT == 1 && WF == 1 && NS == 0 && !NORM),
+                  "qmm: the bias sums need the fp16 4-bit lop3 path, one token, register stages, no fused norm");
+    const uint4* xs4s = reinterpret_cast<const uint4*>(xs);
+    for (int i = tid; i < nch * (CK / 32); i += NT)
+      sxs[i] = qmm_sum8(xs4s[4 * i]) + qmm_sum8(xs4s[4 * i + 1]) + qmm_sum8(xs4s[4 * i + 2]) + qmm_sum8(xs4s[4 * i + 3]);
+    __syncthreads();
+  }
 
   // This lane's x row per token tile, as a 16-byte granule index into xs. Rows past M read
   // row M - 1: they only feed output columns that are never stored, and an unpredicated
@@ -934,12 +996,14 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   }
 
   float acc[WF][MT][4];
+  float bs0 = 0.f, bs1 = 0.f;  // BSUM: this lane's bias terms of rows g and g + 8 (token 0)
 
   // One chunk c of WF feature tiles: rows g (wa, scale sa, bias ba) and g + 8 (wb, sb, bb) of
   // each, times the staged x.
   auto mul = [&](const uint4 (&wa)[WF], const uint4 (&wb)[WF], const uint32_t (&sa)[WF],
                  const uint32_t (&ba)[WF], const uint32_t (&sb)[WF], const uint32_t (&bb)[WF], const int c) {
     uint32_t s0[WF], b0[WF], s1[WF], b1[WF], s0h[WF], s1h[WF], u0[WF][4], u1[WF][4];
+    uint32_t c0[WF], c0h[WF], c1[WF], c1h[WF];  // BSUM: -1024 times each scale
 #pragma unroll
     for (int f = 0; f < WF; ++f) {
       s0[f] = qmm_dup16(sa[f]);
@@ -951,6 +1015,15 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         s0h[f] = qmm_scale16(s0[f]);
         s1h[f] = qmm_scale16(s1[f]);
       }
+      if constexpr (BSUM) {
+        c0[f] = qmm_m1024(s0[f]);
+        c0h[f] = qmm_m1024(s0h[f]);
+        c1[f] = qmm_m1024(s1[f]);
+        c1h[f] = qmm_m1024(s1h[f]);
+        const float sx = sxs[(c - cs0) * (CK / 32) + t];  // the sum of the 32 x values of this lane's 16 bytes
+        bs0 += qmm_to_float2(ba[f], false).x * sx;
+        bs1 += qmm_to_float2(bb[f], false).x * sx;
+      }
       u0[f][0] = wa[f].x; u0[f][1] = wa[f].y; u0[f][2] = wa[f].z; u0[f][3] = wa[f].w;
       u1[f][0] = wb[f].x; u1[f][1] = wb[f].y; u1[f][2] = wb[f].z; u1[f][3] = wb[f].w;
     }
@@ -961,7 +1034,10 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         uint32_t A0[WF][4], A1[WF][4];
 #pragma unroll
         for (int f = 0; f < WF; ++f) {
-          if constexpr (LOP3) {
+          if constexpr (BSUM) {
+            qmm_dq4_lop3_nb(u0[f][wd], s0[f], s0h[f], c0[f], c0h[f], A0[f]);
+            qmm_dq4_lop3_nb(u1[f][wd], s1[f], s1h[f], c1[f], c1h[f], A1[f]);
+          } else if constexpr (LOP3) {
             qmm_dq4_lop3(u0[f][wd], s0[f], s0h[f], b0[f], A0[f]);
             qmm_dq4_lop3(u1[f][wd], s1[f], s1h[f], b1[f], A1[f]);
           } else {
@@ -1068,6 +1144,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     for (int f = 0; f < WF; ++f)
 #pragma unroll
       for (int tt = 0; tt < MT; ++tt) acc[f][tt][0] = acc[f][tt][1] = acc[f][tt][2] = acc[f][tt][3] = 0.f;
+    bs0 = bs1 = 0.f;
     if constexpr (NS > 0) {
       for (int c = wc0; c < wc1; ++c) {
         __syncwarp();  // every lane is done with the slot refilled now (multiplied last step)
@@ -1095,6 +1172,16 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       if constexpr (PRE) load(sB, wc0 + P);
     }
 
+    if constexpr (BSUM) {  // the quad's 4 lanes hold the tile rows' bias terms of 4 spans a chunk
+      bs0 += __shfl_xor_sync(0xffffffffu, bs0, 1);
+      bs0 += __shfl_xor_sync(0xffffffffu, bs0, 2);
+      bs1 += __shfl_xor_sync(0xffffffffu, bs1, 1);
+      bs1 += __shfl_xor_sync(0xffffffffu, bs1, 2);
+      if (t == 0) {  // token 0 of rows g and g + 8
+        acc[0][0][0] += bs0;
+        acc[0][0][2] += bs1;
+      }
+    }
     // Reduce the WK warps of each feature tile through smem.
 #pragma unroll
     for (int f = 0; f < WF; ++f)
@@ -1546,7 +1633,11 @@ FUSE_ROPE = env_choice("BB_QMM_ROPE", "1", ON_OFF) == "1"
 GLU_PAIR = env_choice("BB_QMM_GLU_PAIR", "1", ON_OFF) == "1"
 # fp16 4-bit dequantization: "lop3" (AND-OR extraction of {k, k + 4} pairs, x staged reordered)
 # where `_lop3` finds it faster, or "prmt" (byte permutes of adjacent pairs) everywhere.
-DEQUANT_LOP3 = env_choice("BB_QMM_DQ", "lop3", ("lop3", "prmt")) == "lop3"
+# "lop3b": lop3, and at one token the weights without their bias (two instructions a pair of
+# weights instead of three; the bias times x's 32-k sums added in fp32: `_bias_sums_fit`).
+# Prepared, not yet measured on a GPU.
+DQ_MODE = env_choice("BB_QMM_DQ", "lop3", ("lop3", "prmt", "lop3b"))
+DEQUANT_LOP3 = DQ_MODE != "prmt"
 SMEM_PER_SM = 227 * 1024
 # Ring pipeline (QmmConfig.ns): BB_QMM_RING=n gives every covered call n slots per warp.
 RING = env_number("BB_QMM_RING", 0)
@@ -1886,6 +1977,7 @@ def plan_quantized_matmul(
     glu_pair: bool = False,
     norm_next: tuple[mx.array, float] | None = None,
     prenorm: "PendingNorm | None" = None,
+    bias_sums: bool | None = None,
 ) -> tuple[KernelSpec, Launch]:
     """The main kernel's spec and launch (x taken as [M, K], or [M, 2K] with glu). With
     config.s > 1 its output is fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y
@@ -1897,7 +1989,8 @@ def plan_quantized_matmul(
     `norm` (the norm is folded: see NORM in the kernel). One K-slice only: norm_next (weight,
     eps), two more outputs, y * weight [M, N] and each tile's sums of squares of y [tiles, M]
     fp32 (NOUT); prenorm, x is such a y * weight and the outputs are scaled by the rows'
-    rsqrt(mean + eps) from its sums (NPRE)."""
+    rsqrt(mean + eps) from its sums (NPRE). bias_sums: the lop3 dequantization without the bias,
+    which enters as bias times x's 32-k sums (None: BB_QMM_DQ=lop3b, where `_bias_sums_fit`)."""
     if backend_name != "cuda":
         raise ValueError(f"quantized_matmul has a custom kernel only on cuda, not {backend_name!r}")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
@@ -1912,8 +2005,15 @@ def plan_quantized_matmul(
     if cfg.wf not in (1, 2) or (cfg.wf == 2 and not cfg.ns) or n % (16 * cfg.wn * cfg.wf):
         raise ValueError(f"quantized_matmul: config {cfg} does not fit N={n} (wf 2 needs the ring, "
                          f"N a multiple of 16 * wn * wf)")
-    if cfg.smem(k, bits) > SMEM_PER_SM:  # a launch would fail inside MLX's graph with "invalid argument"
-        raise ValueError(f"quantized_matmul: config {cfg} needs {cfg.smem(k, bits)} bytes of shared memory for "
+    use_lop3 = _lop3(cfg, n, k) if lop3 is None else lop3
+    bsum_ok = use_lop3 and _bias_sums_fit(cfg, m, bits, x.dtype, norm)
+    if bias_sums and not bsum_ok:
+        raise ValueError(f"quantized_matmul: the dequantization without the bias needs one token, fp16 4-bit "
+                         f"lop3, register stages, one feature tile a warp and no fused norm (config {cfg})")
+    bsum = bsum_ok and (DQ_MODE == "lop3b" if bias_sums is None else bias_sums)
+    need = cfg.smem(k, bits) + (_bias_sums_bytes(cfg, k, bits) if bsum else 0)
+    if need > SMEM_PER_SM:  # a launch would fail inside MLX's graph with "invalid argument"
+        raise ValueError(f"quantized_matmul: config {cfg} needs {need} bytes of shared memory for "
                          f"K={k}, more than a block may take ({SMEM_PER_SM}): more K-slices (s) or fewer rows")
     split = cfg.s > 1
     if norm is not None and (glu or k % 256 or (split and not cfg.fold_fits(k, bits))):
@@ -1936,7 +2036,7 @@ def plan_quantized_matmul(
     rope_here = pair_here == "rope"
     # Shapes share compiled kernels: N and K are runtime values and the dynamic smem size is
     # rounded up to 8 KiB steps (it is part of the kernel name, see the template below).
-    smem = cfg.launch_smem(k, bits)
+    smem = -(-need // SMEM_STEP) * SMEM_STEP if bsum else cfg.launch_smem(k, bits)
     nt = 32 * cfg.wn * cfg.wk
     inputs = [x.reshape(m, 2 * k if glu else k), w, scales, biases]
     inputs += ([bias] if has_bias else []) + ([residual.reshape(m, n)] if has_res else [])
@@ -1957,7 +2057,7 @@ def plan_quantized_matmul(
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
             ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("WF", cfg.wf), ("PRE", cfg.pre and not cfg.ns),
             ("SPLIT", split), ("EPRE", EPI_PRE and not split),
-            ("DQ", 1 if (_lop3(cfg, n, k) if lop3 is None else lop3) else 0),
+            ("DQ", 2 if bsum else 1 if use_lop3 else 0),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1])), ("NPASS", npass or fold), ("NEARLY", early)]
              if norm is not None else [])
@@ -2026,6 +2126,17 @@ def _norm_parts_fit(cfg: QmmConfig, pair: bool) -> bool:
 
 def _norm_weight_ok(weight: mx.array, n: int, dtype) -> bool:
     return weight.shape == (n,) and weight.dtype == dtype
+
+
+def _bias_sums_fit(cfg: QmmConfig, m: int, bits: int, dtype, norm) -> bool:
+    """The lop3 dequantization without the bias (DQ = 2) can run: one token, fp16 4-bit, register
+    stages with one feature tile a warp, no fused norm (its sums are of the staged x as it is)."""
+    return m == 1 and cfg.mt == 1 and bits == 4 and dtype == mx.float16 and not cfg.ns and cfg.wf == 1 and norm is None
+
+
+def _bias_sums_bytes(cfg: QmmConfig, k: int, bits: int) -> int:
+    """Shared memory of DQ = 2's sums: one float per 32 k of the longest K-slice."""
+    return cfg.slice_chunks(k, bits) * chunk_k(bits) // 32 * 4
 
 
 def plan_qmm_reduce(

@@ -242,6 +242,7 @@ def qmm_case(
     norm_next: bool = False,
     prenorm: bool = False,
     wn: int = 0,
+    bias_sums: bool = False,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
@@ -256,7 +257,8 @@ def qmm_case(
     one tolerance). One K-slice: norm_next, the kernel also writes y * nw2 and each 16- or
     32-row tile's sums of squares of y (the result is then [y | y * nw2 | each tile's RMS of y]);
     prenorm (with norm), x reaches the kernel as round(x * nw) with its 16-column sums of squares
-    (a PendingNorm), as a producer's norm_next wrote them."""
+    (a PendingNorm), as a producer's norm_next wrote them. bias_sums: the lop3 dequantization
+    without the bias (DQ = 2, one token), the bias entering through x's 32-k sums."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -284,6 +286,7 @@ def qmm_case(
         norm=(nw, 1e-5) if norm and not prenorm else None, config=cfg,
         lop3=None if lop3 else False,  # False: the byte-permute dequantization
         glu_pair=glu_pair, norm_next=(nw2, 1e-5) if norm_next else None, prenorm=pending,
+        bias_sums=bias_sums or None,
     )
     xf = _f64(x)
     if glu:
@@ -346,7 +349,7 @@ def qmm_case(
         f"{'-blocks' + str(blocks) if blocks else ''}{'' if lop3 else '-prmt'}{'-glupair' if glu_pair else ''}"
         f"{'-ring' + str(ns) if ns else ''}{'-wf' + str(wf) if wf > 1 else ''}{'-wk' + str(wk) if wk else ''}{'-wn' + str(wn) if wn else ''}"
         f"{'' if pre is None else '-pre' + str(int(pre))}{'-p' + str(p) if p else ''}{'-normout' if norm_out else ''}"
-        f"{'-nnext' if norm_next else ''}{'-prenorm' if prenorm else ''}"
+        f"{'-nnext' if norm_next else ''}{'-prenorm' if prenorm else ''}{'-bsum' if bias_sums else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -426,10 +429,18 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=1, bits=4, group_size=32, n=64, k=3584, split=1, wk=7, norm=True, prenorm=True, glu_pair=True,
              blocks=2),
         dict(m=5, bits=4, group_size=32, n=64, k=3584, split=1, wk=7, res=True, norm_next=True, blocks=2),
+        # one token, the weights dequantized without their bias (BB_QMM_DQ=lop3b): the bias enters
+        # as bias times x's 32-k sums; groups of 32, 64 (over a split K) and 128 (persistent blocks,
+        # the next norm's parts), the gate/up pair with a pending norm
+        dict(m=1, bits=4, group_size=32, n=64, k=512, bias=True, bias_sums=True),
+        dict(m=1, bits=4, group_size=64, n=64, k=1024, split=2, bias_sums=True),
+        dict(m=1, bits=4, group_size=128, n=208, k=512, res=True, blocks=3, norm_next=True, bias_sums=True),
+        dict(m=1, bits=4, group_size=32, n=96, k=512, norm=True, prenorm=True, glu_pair=True, blocks=2,
+             bias_sums=True),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds
         specs = specs[:2] + [s for s in specs if (s.get("ns") and (s.get("split") or s.get("blocks", 0) > 2))
                              or s.get("split", 0) > 5 or s.get("wk") or (s.get("norm") and s.get("split", 0) > 1)
-                             or s.get("norm_out") or s.get("norm_next") or s.get("prenorm")]
+                             or s.get("norm_out") or s.get("norm_next") or s.get("prenorm") or s.get("bias_sums")]
     return [qmm_case(rng, **s) for s in specs]

@@ -19,7 +19,8 @@ from batchbench.verify.emulate import emulate
 from test_model_batching import run_batched
 
 
-def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidden: bool = False) -> np.ndarray:
+def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidden: bool = False,
+            dq_mode: str = "lop3", n_seq: int = 2) -> np.ndarray:
     model, _ = make_preset("tiny", mx.float16, "q4_0", seed=4)
     rng = np.random.default_rng(6)
     for layer in model.model.layers:  # a weight per norm, so that a misplaced one shows
@@ -30,13 +31,14 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
     qmm.use_fast_quantized_linears(model)
 
     def emulated(ks, launch):
-        launched.append(ks.name)
+        launched.append((ks.name, dict(launch.template).get("DQ")))
         res = emulate(ks, launch, schedules=("forward",))
         return [mx.array(o).astype(dt) for o, dt in zip(res.outputs, launch.output_dtypes)]
 
     # only qmm sees CUDA: attention, RoPE and masks stay on their MLX twins
     monkeypatch.setattr(qmm, "backend", types.SimpleNamespace(BACKEND="cuda" if cuda else "cpu"))
     monkeypatch.setattr(qmm, "NORM_PRE", norm_pre)
+    monkeypatch.setattr(qmm, "DQ_MODE", dq_mode)
     monkeypatch.setattr(kspec, "run", emulated)
     if split_hidden:  # o_proj and down_proj (N = hidden) on two K-slices, as at M > 8 on the 7B shape
         choose = qmm.choose_config
@@ -45,22 +47,30 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
     a = model.args
     cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, 512, 2, True, mx.float16)
     runner = Runner(model, cache, Mode("t", True), 2048, 64, compiled=False)
-    prompts = [rng.integers(0, 512, 7) for _ in range(2)]
-    steps = [rng.integers(0, 512, 2) for _ in range(2)]
+    prompts = [rng.integers(0, 512, 7) for _ in range(n_seq)]
+    steps = [rng.integers(0, 512, n_seq) for _ in range(2)]
     return run_batched(runner, prompts, steps)
 
 
-@pytest.mark.parametrize("norm_pre,split_hidden", [(False, False), (True, False), (False, True)])
-def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split_hidden):
+@pytest.mark.parametrize("norm_pre,split_hidden,lop3b", [(False, False, False), (True, False, False),
+                                                        (False, True, False), (True, False, True)])
+def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split_hidden, lop3b):
     """Logits within fp16 rounding of the MLX-op model, and the kernels that were meant to run
     did. norm_pre: o_proj and down_proj write y * weight and tile sums, q/k/v, gate/up and
     lm_head take them. split_hidden: o_proj and down_proj split K and their reduce kernel
     writes the next norm (BB_QMM_NORM_OUT), so the consumers run plain. Else each consumer
-    normalizes x itself."""
+    normalizes x itself. lop3b (one sequence): the decode steps' matmuls (one token) dequantize
+    their weights without the bias (BB_QMM_DQ=lop3b, DQ = 2), the prompt's with it."""
     toolchain.need(toolchain.host_cxx)
-    ref = _logits(monkeypatch, False, False, [])
-    launched: list[str] = []
-    got = _logits(monkeypatch, True, norm_pre, launched, split_hidden)
+    n_seq = 1 if lop3b else 2
+    ref = _logits(monkeypatch, False, False, [], n_seq=n_seq)
+    runs: list[tuple[str, int]] = []
+    got = _logits(monkeypatch, True, norm_pre, runs, split_hidden, "lop3b" if lop3b else "lop3", n_seq)
+    launched = [name for name, _ in runs]
+    if lop3b:  # a decode step's 9 launches at one token take DQ = 2, but layer 0's q/k/v (its norm
+        # fused: the embedding has no producer that wrote its parts); the prompt's 7 rows keep DQ = 1
+        # but for lm_head, which takes the last row only
+        assert sum(dq == 2 for _, dq in runs) == 2 * 8 + 1 and {dq for _, dq in runs} == {1, 2}
     assert np.isfinite(got).all()
     assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
     if split_hidden:

@@ -1734,6 +1734,23 @@ _RING_SPLIT_K_N = 65536  # the ring's wide matrices below this width take warps 
 LONG_K_CHUNKS = 12  # chunks per warp above which K is split over two blocks (down_proj, M=1)
 # BB_QMM_LONG_K_SPLIT=0: keep one K-slice there (one launch less per layer: no reduce kernel)
 LONG_K_SPLIT = env_choice("BB_QMM_LONG_K_SPLIT", "1", ON_OFF) == "1"
+# One token tile on register stages and one K-slice: with 8 warps along K and K = 3584 (28 chunks)
+# half the warps take 4 chunks and half 3, and all wait for the slowest at each tile's barrier.
+# BB_QMM_WK_DIVIDE=1 takes the most warps along K, down to 3/4 of them, that divide the chunks
+# (7 at K = 3584: the gate/up pair at M=1, o_proj at M = 1-8, q/k/v at M = 2-8; 6 at K = 1536).
+# Prepared, not yet measured on a GPU (h200_session.sh ab-wk times those sites).
+WK_DIVIDE = env_choice("BB_QMM_WK_DIVIDE", "0", ON_OFF) == "1"
+
+
+def _dividing_wk(cfg: QmmConfig, k: int, bits: int) -> QmmConfig:
+    """cfg with the most warps along K (down to 3/4 of cfg.wk) that divide the chunks evenly."""
+    nch = k // chunk_k(bits)
+    if cfg.mt != 1 or cfg.s != 1 or cfg.ns or nch % cfg.wk == 0:
+        return cfg
+    for wk in range(cfg.wk - 1, (3 * cfg.wk + 3) // 4 - 1, -1):
+        if nch % wk == 0:
+            return replace(cfg, wk=wk)
+    return cfg
 
 
 def _lop3(cfg: QmmConfig, n: int, k: int) -> bool:
@@ -1842,6 +1859,8 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
     narrow = _one_round_narrow(m, n, k, bits, cfg)
     if narrow is not None:
         return replace(narrow, pre=_preload(narrow, n, k, bits))
+    if WK_DIVIDE:
+        cfg = _dividing_wk(cfg, k, bits)
     if PERSIST and not (m == 1 and (cfg.s > 1 or k > 8192)):
         # one block per tile for the long-K down projection at M=1: split, 31 us vs 33
         # persistent; one K-slice, 25.6 vs 28.1 (H200 tune, results/h200-2026-11-29-s9/call3)

@@ -429,6 +429,8 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=1, bits=4, group_size=32, n=64, k=3584, split=1, wk=7, norm=True, prenorm=True, glu_pair=True,
              blocks=2),
         dict(m=5, bits=4, group_size=32, n=64, k=3584, split=1, wk=7, res=True, norm_next=True, blocks=2),
+        # six (192 threads) at K = 1536, as BB_QMM_WK_DIVIDE gives the 1.5B model's o_proj
+        dict(m=2, bits=4, group_size=32, n=64, k=1536, split=1, wk=6, norm=True, bias=True, blocks=2),
         # one token, the weights dequantized without their bias (BB_QMM_DQ=lop3b): the bias enters
         # as bias times x's 32-k sums; groups of 32, 64 (over a split K) and 128 (persistent blocks,
         # the next norm's parts), the gate/up pair with a pending norm

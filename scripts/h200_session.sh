@@ -100,13 +100,12 @@ for what in "$@"; do
                 decode_prof "qmm-decode-prof-pre-${v%%@*}" QMM_DECODE_B=1,2,4,8 BB_QMM_NORM_PRE="${v#*@}"
               done
               decode_prof "qmm-decode-prof-nofuse" QMM_DECODE_B=1,2,8 BB_QMM_FUSE_NORM=0 ;;
-    # seven warps along K instead of eight where K = 3584 (28 chunks of 128: 3.5 a warp with eight,
-    # so half the warps wait at each tile's barrier; four with seven): the gate/up pair at M=1,
-    # o_proj at M = 1-8 and q/k/v at M = 2-8, whose configs take eight warps along K there
-    # (~4 min: the decode step at DECODE_B, default 1, 2, 8, twice each way)
-    ab-wk) P7="gu:1:wk=7,blocks=persist;o:1-8:wk=7,blocks=persist;qkv:2-8:wk=7,blocks=persist"
-           for v in base@ w7@$P7 base2@ w7b@$P7; do
-             decode_prof "qmm-decode-prof-${v%%@*}" QMM_PATCH="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,8}"
+    # BB_QMM_WK_DIVIDE=1: seven warps along K instead of eight where K = 3584 (28 chunks of 128:
+    # 3.5 a warp with eight, so half the warps wait at each tile's barrier; four with seven): the
+    # gate/up pair at M=1, o_proj at M = 1-8 and q/k/v at M = 2-8 (~4 min: the decode step at
+    # DECODE_B, default 1, 2, 8, twice each way)
+    ab-wk) for v in base@0 wd@1 base2@0 wd2@1; do
+             decode_prof "qmm-decode-prof-${v%%@*}" BB_QMM_WK_DIVIDE="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,8}"
            done ;;
     # BB_QMM_DQ=lop3b (one token's weights dequantized without their bias; prepared in session 21,
     # never run on a GPU): its cases on the GPU, the 1.5B model at B=1 against its twins, then the

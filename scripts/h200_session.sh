@@ -107,15 +107,21 @@ for what in "$@"; do
     ab-wk) for v in base@0 wd@1 base2@0 wd2@1; do
              decode_prof "qmm-decode-prof-${v%%@*}" BB_QMM_WK_DIVIDE="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,8}"
            done ;;
-    # BB_QMM_DQ=lop3b (one token's weights dequantized without their bias; prepared in session 21,
-    # never run on a GPU): its cases on the GPU, the 1.5B model at B=1 against its twins, then the
-    # decode step at B = 1, 2 (B=2 keeps the plain lop3: a control), twice each way (~6 min)
-    ab-dq) part verify-gpu-quick-lop3b 200 env BB_QMM_DQ=lop3b BATCHBENCH_VERIFY_QUICK=1 BATCHBENCH_VERIFY_ONLY=qmm \
+    # session 21's three prepared switches, none run on a GPU yet. prep-check (~4 min): verify-quick
+    # (qmm, qmm-rope) and the 1.5B model against its pure-MLX twins (B = 1, 16) with all three on;
+    # then each A/B alone, the decode step twice each way: ab-dq (BB_QMM_DQ=lop3b, one token's
+    # weights dequantized without their bias; B = 1, 2, B=2 a control, ~3 min), ab-wk (above),
+    # ab-redvec (BB_QMM_RED_VEC=1, four pairs a thread in the pair reduce; B = 16, 32, ~3 min)
+    prep-check) P3="BB_QMM_DQ=lop3b BB_QMM_WK_DIVIDE=1 BB_QMM_RED_VEC=1"
+           part verify-gpu-quick-prep 200 env $P3 BATCHBENCH_VERIFY_QUICK=1 BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope \
              OUT="$R" python3 -m batchbench.verify.gpu
-           part model-check-lop3b 150 env BB_QMM_DQ=lop3b MODEL_CHECK_CASES="1:64:2" \
-             python3 scripts/gpu_model_check.py qwen2.5-1.5b
-           for v in base@lop3 b@lop3b base2@lop3 b2@lop3b; do
+           part model-check-prep 200 env $P3 MODEL_CHECK_CASES="1:64:2,16:16:2" \
+             python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
+    ab-dq) for v in base@lop3 b@lop3b base2@lop3 b2@lop3b; do
              decode_prof "qmm-decode-prof-dq-${v%%@*}" QMM_DECODE_B=1,2 BB_QMM_DQ="${v#*@}"
+           done ;;
+    ab-redvec) for v in base@0 rv@1 base2@0 rv2@1; do
+             decode_prof "qmm-decode-prof-redvec-${v%%@*}" QMM_DECODE_B=16,32 BB_QMM_RED_VEC="${v#*@}"
            done ;;
     # the 4-bit matmuls' persistent grids in one wave (BB_QMM_ONE_WAVE=1, 2: K-slices balanced) against the default
     ab-wave) for v in 0 1 2; do
@@ -174,7 +180,7 @@ for what in "$@"; do
                --section SchedulerStats ${NCU_EXTRA:-} --print-details all python3 scripts/h200_ncu.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -1342,31 +1342,62 @@ __device__ __forceinline__ void qmm_reduce_norm(const float* __restrict__ part,
   }
 }
 
-// A pair epilogue after a split K: one thread per pair (rows n, n + 8 of a token).
-template <typename T, bool HAS_BIAS, bool NORM, typename E>
+// A pair epilogue after a split K: one thread per pair (rows n, n + 8 of a token), or with PV = 4
+// four (rows n0..n0 + 3 and n0 + 8..n0 + 11 by two 16-byte loads a K-slice; (N / 2) % 4 == 0).
+// Each pair's sums are the same, in the same order, either way.
+template <typename T, bool HAS_BIAS, bool NORM, typename E, int PV>
 __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
                                                 const T* __restrict__ lbias, T* __restrict__ y,
                                                 const int S, const int M, const int N,
                                                 const QmmRope<T> rp, const QmmNormSums ns) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= M * (N / 2)) return;
-  const int m = i / (N / 2);
-  const int n = qmm_pair_row(i - m * (N / 2));
-  float lo = 0.f, hi = 0.f;
-  for (int s = 0; s < S; ++s) {
-    lo += part[((size_t)s * M + m) * N + n];
-    hi += part[((size_t)s * M + m) * N + n + 8];
+  static_assert(PV == 1 || PV == 4, "qmm: one or four pairs a thread");
+  if constexpr (PV == 1) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= M * (N / 2)) return;
+    const int m = i / (N / 2);
+    const int n = qmm_pair_row(i - m * (N / 2));
+    float lo = 0.f, hi = 0.f;
+    for (int s = 0; s < S; ++s) {
+      lo += part[((size_t)s * M + m) * N + n];
+      hi += part[((size_t)s * M + m) * N + n + 8];
+    }
+    if constexpr (NORM) {
+      const float rs = ns.scale(m, S, M);
+      lo *= rs;
+      hi *= rs;
+    }
+    if constexpr (HAS_BIAS) {
+      lo += qmm_float<T>(lbias[n]);
+      hi += qmm_float<T>(lbias[n + 8]);
+    }
+    E::template store<T>(lo, hi, n, m, M, N, rp, y, E::template prep<T>(n, m, rp));
+  } else {
+    const int j0 = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (j0 >= M * (N / 2)) return;
+    const int m = j0 / (N / 2);
+    const int n0 = qmm_pair_row(j0 - m * (N / 2));  // j0 % 4 == 0: pairs j0..j0 + 3 are rows n0..n0 + 3
+    float lo[4] = {0.f, 0.f, 0.f, 0.f}, hi[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int s = 0; s < S; ++s) {
+      const float* p = part + ((size_t)s * M + m) * N + n0;
+      const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 8);
+      lo[0] += a.x; lo[1] += a.y; lo[2] += a.z; lo[3] += a.w;
+      hi[0] += b.x; hi[1] += b.y; hi[2] += b.z; hi[3] += b.w;
+    }
+    const float rs = NORM ? ns.scale(m, S, M) : 1.f;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int n = n0 + u;
+      if constexpr (NORM) {
+        lo[u] *= rs;
+        hi[u] *= rs;
+      }
+      if constexpr (HAS_BIAS) {
+        lo[u] += qmm_float<T>(lbias[n]);
+        hi[u] += qmm_float<T>(lbias[n + 8]);
+      }
+      E::template store<T>(lo[u], hi[u], n, m, M, N, rp, y, E::template prep<T>(n, m, rp));
+    }
   }
-  if constexpr (NORM) {
-    const float rs = ns.scale(m, S, M);
-    lo *= rs;
-    hi *= rs;
-  }
-  if constexpr (HAS_BIAS) {
-    lo += qmm_float<T>(lbias[n]);
-    hi += qmm_float<T>(lbias[n + 8]);
-  }
-  E::template store<T>(lo, hi, n, m, M, N, rp, y, E::template prep<T>(n, m, rp));
 }
 
 }  // namespace bbqmm
@@ -1421,7 +1452,7 @@ _SRC_REDUCE_NORM = (
     "(part, {lbias}, {res}, nw, y, yn, part_shape[0], part_shape[1], part_shape[2], __int_as_float(EPS_BITS));"
 )
 _SRC_REDUCE_PAIR = (
-    "bbqmm::qmm_reduce_pair<T, {has_bias}, {norm}, {pair_t}>"
+    "bbqmm::qmm_reduce_pair<T, {has_bias}, {norm}, {pair_t}, PV>"
     "(part, {lbias}, y, part_shape[0], part_shape[1], part_shape[2], {rope}, {sums});"
 )
 # A folded norm's sums after a split K: the main kernel's second output, the row length, eps.
@@ -1740,6 +1771,10 @@ LONG_K_SPLIT = env_choice("BB_QMM_LONG_K_SPLIT", "1", ON_OFF) == "1"
 # (7 at K = 3584: the gate/up pair at M=1, o_proj at M = 1-8, q/k/v at M = 2-8; 6 at K = 1536).
 # Prepared, not yet measured on a GPU (h200_session.sh ab-wk times those sites).
 WK_DIVIDE = env_choice("BB_QMM_WK_DIVIDE", "0", ON_OFF) == "1"
+# The pair reduce after a split K (the gate/up pair and q/k/v with RoPE at M > 8: 5.7 and 3.3 us
+# at M=32) reads two 4-byte partials a thread and K-slice; BB_QMM_RED_VEC=1: four pairs a thread
+# by two 16-byte loads (the same sums in the same order). Prepared, not yet measured on a GPU.
+RED_VEC = env_choice("BB_QMM_RED_VEC", "0", ON_OFF) == "1"
 
 
 def _dividing_wk(cfg: QmmConfig, k: int, bits: int) -> QmmConfig:
@@ -2199,13 +2234,14 @@ def plan_qmm_reduce(
         head.append(ss)
         norm_t = [("NK", int(k)), ("EPS_BITS", kspec.f32_bits(eps))]
     if pair:
+        pv = 4 if RED_VEC and (n // 2) % 4 == 0 else 1
         launch = Launch(
             inputs=head + ([bias] if bias is not None else []) + (rope.inputs() if rope is not None else []),
             output_shapes=[_pair_shape(pair, rope, m, n)],
             output_dtypes=[dtype],
-            grid=(m * n // 2, 1, 1),
+            grid=(m * (n // 2) // pv, 1, 1),
             threadgroup=(256, 1, 1),
-            template=[("T", dtype)] + norm_t + (rope.template() if rope is not None else []),
+            template=[("T", dtype), ("PV", pv)] + norm_t + (rope.template() if rope is not None else []),
         )
         return _reduce_spec(bias is not None, pair=pair, norm=norm is not None), launch
     launch = Launch(

@@ -738,6 +738,8 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   // DQ = 2: the weights dequantized without their bias; each lane adds bias times the sum of
   // the 32 x values its 16 bytes meet (one token: the spans' sums are staged beside x).
   constexpr bool BSUM = DQ == 2;
+  static_assert(!BSUM || (LOP3 && MT == 1 && WF == 1 && NS == 0 && !NORM),
+                "qmm: the bias sums need the fp16 4-bit lop3 path, one token tile, register stages, no fused norm");
   constexpr int KT = 128 / BITS;            // k per lane per 16-byte load: 32 or 16
   constexpr int CK = 4 * KT;                // k per chunk (4 lanes per feature row)
   constexpr int BN = 16 * WN * WF;
@@ -860,8 +862,8 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   // A lane's partials load PU at a time, all in flight at once (pt <= 256: one round). A plain
   // loop over pt, which nvcc unrolled for 16 and 4 at a time, left 224 partials (7 a lane) a few
   // round trips to L2 in a row: H200 decode step, the gate/up pair at M=1 29.4 us plain, 30.7
-  // with its norm fused, 33.5 with NPRE so, 29.8 with NPRE now (results/h200-2026-11-30-s21/
-  // call2, call3, call6).
+  // with its norm fused, 33.5 with NPRE and that loop, 29.8 with these loads
+  // (results/h200-2026-11-30-s21/call2, call3, call6).
   if constexpr (NPRE) {
     constexpr int PU = 8;
     for (int m = wid; m < M; m += NT / 32) {
@@ -971,8 +973,6 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     qmm_rms_norm<T, BITS, NT, LOP3, EARLY, NWR, MP>(xs, XS, nw, nwr, wss, eps, M, K, tid);
   }
   if constexpr (BSUM) {  // the staged row's 32-k spans: 4 granules each (the swizzle stays within them)
-    static_assert(!BSUM || (LOP3 && MT == 1 && WF == 1 && NS == 0 && !NORM),
-                  "qmm: the bias sums need the fp16 4-bit lop3 path, one token, register stages, no fused norm");
     const uint4* xs4s = reinterpret_cast<const uint4*>(xs);
     for (int i = tid; i < nch * (CK / 32); i += NT)
       sxs[i] = qmm_sum8(xs4s[4 * i]) + qmm_sum8(xs4s[4 * i + 1]) + qmm_sum8(xs4s[4 * i + 2]) + qmm_sum8(xs4s[4 * i + 3]);

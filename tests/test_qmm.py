@@ -715,14 +715,14 @@ def test_warps_along_k_that_divide_the_chunks(monkeypatch):
     not divide the chunks: the most warps, down to 3/4 of them, that do (K = 3584: 28 chunks,
     7 warps; K = 1536: 12 chunks, 6). Chunk counts no such warp count divides, split K and
     several token tiles keep their config; off, nothing changes."""
-    monkeypatch.setattr(qmm, "WK_DIVIDE", False)
-    off = {s: qmm.choose_config(m, n, k, 4) for s, (m, n, k) in
-           dict(gu1=(1, 37888, 3584), o8=(8, 3584, 3584), down1=(1, 3584, 18944), down8=(8, 3584, 18944),
-                o32=(32, 3584, 3584), o15=(1, 1536, 1536), qkv1=(1, 4608, 3584)).items()}
-    monkeypatch.setattr(qmm, "WK_DIVIDE", True)
-    on = {s: qmm.choose_config(m, n, k, 4) for s, (m, n, k) in
-          dict(gu1=(1, 37888, 3584), o8=(8, 3584, 3584), down1=(1, 3584, 18944), down8=(8, 3584, 18944),
-               o32=(32, 3584, 3584), o15=(1, 1536, 1536), qkv1=(1, 4608, 3584)).items()}
+    shapes = dict(gu1=(1, 37888, 3584), o8=(8, 3584, 3584), down1=(1, 3584, 18944), down8=(8, 3584, 18944),
+                  o32=(32, 3584, 3584), o15=(1, 1536, 1536), qkv1=(1, 4608, 3584))
+
+    def configs(switch: bool) -> dict:
+        monkeypatch.setattr(qmm, "WK_DIVIDE", switch)
+        return {s: qmm.choose_config(m, n, k, 4) for s, (m, n, k) in shapes.items()}
+
+    off, on = configs(False), configs(True)
     assert {s: c.wk for s, c in off.items()} == dict(gu1=8, o8=8, down1=8, down8=8, o32=2, o15=8, qkv1=4)
     assert {s: c.wk for s, c in on.items()} == dict(gu1=7, o8=7, down1=8, down8=8, o32=2, o15=6, qkv1=4)
     for s in ("down1", "down8", "o32", "qkv1"):

@@ -12,11 +12,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from batchbench.kernels import qmm as Q
 from batchbench.kernels.spec import KernelSpec, Launch
 from batchbench.verify import RaceError, emulate, toolchain
 from batchbench.verify.compile import check_all
 from batchbench.verify.cases import attention_case, attention_cases, qmm_case, qmm_cases
 from batchbench.verify.emulate import prebuild
+from batchbench.verify.rope_cases import qmm_rope_case
 from conftest import assert_compile_for_sm90a, verify_emulated
 
 SEED = int(os.environ.get("BATCHBENCH_VERIFY_SEED", np.random.SeedSequence().entropy % (1 << 32)))
@@ -168,7 +170,6 @@ def test_qmm_norm_variants_emulated(monkeypatch, settings, spec):
     """The fused RMSNorm's variants, each forced (BB_QMM_NORM_PASS / BB_QMM_NW_EARLY; the
     default picks them by M): sums of squares in a pass over the staged rows instead of inside
     the staging loop, and the norm weights loaded before the staging."""
-    from batchbench.kernels import qmm as Q
 
     toolchain.need(toolchain.host_cxx)
     npass, early = settings.split("/")
@@ -198,8 +199,6 @@ def test_qmm_epilogue_preload_emulated(monkeypatch, spec, pre):
     """BB_QMM_EPI_PRE: the bias, residual, RoPE angle and cache cell of a thread's first
     epilogue element load before the tile's main loop (1, the default) or after the
     reduction (0); both against float64."""
-    from batchbench.kernels import qmm as Q
-    from batchbench.verify.rope_cases import qmm_rope_case
 
     toolchain.need(toolchain.host_cxx)
     monkeypatch.setattr(Q, "EPI_PRE", pre)
@@ -213,7 +212,6 @@ def test_qmm_epilogue_preload_emulated(monkeypatch, spec, pre):
 def test_qmm_norm_variant_by_rows(monkeypatch):
     """auto: the sums' pass from 4 rows of x on; the weights early except for the gate/up pair
     at one row with its sums in the staging loop (the H200 measured each of these)."""
-    from batchbench.kernels import qmm as Q
 
     monkeypatch.setattr(Q, "NORM_PASS", "auto")
     monkeypatch.setattr(Q, "NW_EARLY", "auto")
@@ -297,10 +295,6 @@ def test_pair_reduce_four_pairs_a_thread_is_bit_identical(monkeypatch):
     """BB_QMM_RED_VEC: the pair reduce after a split K with four pairs a thread (16-byte loads)
     sums the same partials in the same order as one pair a thread: bit-identical y for the gate
     product (with and without bias, odd M, 2-7 slices); the RoPE pair through it against float64."""
-    from batchbench.kernels import qmm as Q
-    from batchbench.verify.emulate import emulate
-    from batchbench.verify.rope_cases import qmm_rope_case
-
     toolchain.need(toolchain.host_cxx)
     rng = np.random.default_rng(SEED)
     for s, m, n, bias in [(2, 32, 256, False), (3, 5, 96, True), (7, 17, 64, False)]:

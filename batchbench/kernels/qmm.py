@@ -1568,10 +1568,11 @@ class QmmConfig:
         return (self.xbytes(k, bits) + self.wk * 8 * self.mt * (16 * self.wn * self.wf + 4) * 4
                 + self.wn * self.wk * self.ns * self.wf * RING_SLOT)
 
-    def launch_smem(self, k: int, bits: int) -> int:
-        """Dynamic shared memory of the launch: smem rounded up to SMEM_STEP (kernels of one
-        config then share a compiled kernel across shapes; the size is in its name)."""
-        return -(-self.smem(k, bits) // SMEM_STEP) * SMEM_STEP
+    def launch_smem(self, k: int, bits: int, extra: int = 0) -> int:
+        """Dynamic shared memory of the launch: smem (+ extra bytes, e.g. the bias sums of
+        DQ = 2) rounded up to SMEM_STEP (kernels of one config then share a compiled kernel
+        across shapes; the size is in its name)."""
+        return -(-(self.smem(k, bits) + extra) // SMEM_STEP) * SMEM_STEP
 
     def fold_fits(self, k: int, bits: int) -> bool:
         """A norm folded over this split K fits: its per-segment sums (8 granules of x each) of
@@ -1624,9 +1625,9 @@ def _device_arch() -> str:
         return ""
 
 
-def fits_device(cfg: "QmmConfig", k: int, bits: int) -> bool:
-    """A launch of cfg fits a block's shared memory on this GPU."""
-    return cfg.launch_smem(k, bits) + _STATIC_SMEM <= smem_per_block()
+def fits_device(cfg: "QmmConfig", k: int, bits: int, extra: int = 0) -> bool:
+    """A launch of cfg (+ extra bytes) fits a block's shared memory on this GPU."""
+    return cfg.launch_smem(k, bits, extra) + _STATIC_SMEM <= smem_per_block()
 
 
 _NOTED_TOO_BIG: set[tuple[int, int, int]] = set()
@@ -1945,11 +1946,13 @@ def _kernel_config(m: int, n: int, k: int, x: mx.array, scales, biases, group_si
     if backend.BACKEND != "cuda" or not covered(m, n, k, x.dtype, scales, biases, group_size, bits):
         return None
     cfg = choose_config(m, n, k, bits)
-    if fits_device(cfg, k, bits):
+    # BB_QMM_DQ=lop3b at one token may add its bias sums (at most: plan_quantized_matmul decides)
+    extra = _bias_sums_bytes(cfg, k, bits) if DQ_MODE == "lop3b" and m == 1 else 0
+    if fits_device(cfg, k, bits, extra):
         return cfg
     if (n, k, bits) not in _NOTED_TOO_BIG:
         _NOTED_TOO_BIG.add((n, k, bits))
-        print(f"note: the {bits}-bit matmul N={n} K={k} at M={m} needs {cfg.launch_smem(k, bits) // 1024} KB of "
+        print(f"note: the {bits}-bit matmul N={n} K={k} at M={m} needs {cfg.launch_smem(k, bits, extra) // 1024} KB of "
               f"shared memory a block, this GPU gives {smem_per_block() // 1024} KB: mx.quantized_matmul runs it "
               f"(BATCHBENCH_SMEM_KB sets the limit)", file=sys.stderr)
     return None
@@ -2065,7 +2068,8 @@ def plan_quantized_matmul(
         raise ValueError(f"quantized_matmul: the dequantization without the bias needs one token, fp16 4-bit "
                          f"lop3, register stages, one feature tile a warp and no fused norm (config {cfg})")
     bsum = bsum_ok and (DQ_MODE == "lop3b" if bias_sums is None else bias_sums)
-    need = cfg.smem(k, bits) + (_bias_sums_bytes(cfg, k, bits) if bsum else 0)
+    extra = _bias_sums_bytes(cfg, k, bits) if bsum else 0
+    need = cfg.smem(k, bits) + extra
     if need > SMEM_PER_SM:  # a launch would fail inside MLX's graph with "invalid argument"
         raise ValueError(f"quantized_matmul: config {cfg} needs {need} bytes of shared memory for "
                          f"K={k}, more than a block may take ({SMEM_PER_SM}): more K-slices (s) or fewer rows")
@@ -2090,7 +2094,7 @@ def plan_quantized_matmul(
     rope_here = pair_here == "rope"
     # Shapes share compiled kernels: N and K are runtime values and the dynamic smem size is
     # rounded up to 8 KiB steps (it is part of the kernel name, see the template below).
-    smem = -(-need // SMEM_STEP) * SMEM_STEP if bsum else cfg.launch_smem(k, bits)
+    smem = cfg.launch_smem(k, bits, extra)
     nt = 32 * cfg.wn * cfg.wk
     inputs = [x.reshape(m, 2 * k if glu else k), w, scales, biases]
     inputs += ([bias] if has_bias else []) + ([residual.reshape(m, n)] if has_res else [])

@@ -107,6 +107,16 @@ for what in "$@"; do
     ab-wk) for v in base@0 wd@1 base2@0 wd2@1; do
              decode_prof "qmm-decode-prof-${v%%@*}" BB_QMM_WK_DIVIDE="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,8}"
            done ;;
+    # BB_QMM_WK_DIVIDE=narrow (o_proj and q/k/v only: session 22's ab-wk lost on the gate/up
+    # pair): ab-wkn (~4 min) the decode step at B = 1, 2, 4, 8, twice each way; wkn-check (~4 min)
+    # verify-quick (qmm, qmm-rope) and the 1.5B model against its pure-MLX twins with it on
+    ab-wkn) for v in base@0 wn@narrow base2@0 wn2@narrow; do
+             decode_prof "qmm-decode-prof-wkn-${v%%@*}" BB_QMM_WK_DIVIDE="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,4,8}"
+           done ;;
+    wkn-check) part verify-gpu-quick-wkn 200 env BB_QMM_WK_DIVIDE=narrow BATCHBENCH_VERIFY_QUICK=1 \
+             BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope OUT="$R" python3 -m batchbench.verify.gpu
+           part model-check-wkn 200 env BB_QMM_WK_DIVIDE=narrow MODEL_CHECK_CASES="1:64:2,2:64:2,8:32:2" \
+             python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
     # session 21's three prepared switches, none run on a GPU yet. prep-check (~4 min): verify-quick
     # (qmm, qmm-rope) and the 1.5B model against its pure-MLX twins (B = 1, 16) with all three on;
     # then each A/B alone, the decode step twice each way: ab-dq (BB_QMM_DQ=lop3b, one token's

@@ -714,18 +714,20 @@ def test_warps_along_k_that_divide_the_chunks(monkeypatch):
     """BB_QMM_WK_DIVIDE: one token tile, one K-slice, register stages, and the warps along K do
     not divide the chunks: the most warps, down to 3/4 of them, that do (K = 3584: 28 chunks,
     7 warps; K = 1536: 12 chunks, 6). Chunk counts no such warp count divides, split K and
-    several token tiles keep their config; off, nothing changes."""
+    several token tiles keep their config; off, nothing changes; `narrow` leaves matrices of
+    _WIDE_N features or more (the gate/up pair) as they are."""
     shapes = dict(gu1=(1, 37888, 3584), o8=(8, 3584, 3584), down1=(1, 3584, 18944), down8=(8, 3584, 18944),
                   o32=(32, 3584, 3584), o15=(1, 1536, 1536), qkv1=(1, 4608, 3584))
 
-    def configs(switch: bool) -> dict:
+    def configs(switch: str) -> dict:
         monkeypatch.setattr(qmm, "WK_DIVIDE", switch)
         return {s: qmm.choose_config(m, n, k, 4) for s, (m, n, k) in shapes.items()}
 
-    off, on = configs(False), configs(True)
+    off, on, narrow = configs("0"), configs("1"), configs("narrow")
     assert {s: c.wk for s, c in off.items()} == dict(gu1=8, o8=8, down1=8, down8=8, o32=2, o15=8, qkv1=4)
     assert {s: c.wk for s, c in on.items()} == dict(gu1=7, o8=7, down1=8, down8=8, o32=2, o15=6, qkv1=4)
     for s in ("down1", "down8", "o32", "qkv1"):
         assert on[s] == off[s]
+    assert narrow == dict(on, gu1=off["gu1"])
     # the persistent grid is sized for the new block (two 224-thread blocks an SM)
     assert on["gu1"].blocks == qmm.persistent(dataclasses.replace(on["gu1"], blocks=0), 3584, 4).blocks

@@ -1770,8 +1770,11 @@ LONG_K_SPLIT = env_choice("BB_QMM_LONG_K_SPLIT", "1", ON_OFF) == "1"
 # half the warps take 4 chunks and half 3, and all wait for the slowest at each tile's barrier.
 # BB_QMM_WK_DIVIDE=1 takes the most warps along K, down to 3/4 of them, that divide the chunks
 # (7 at K = 3584: the gate/up pair at M=1, o_proj at M = 1-8, q/k/v at M = 2-8; 6 at K = 1536).
-# Prepared, not yet measured on a GPU (h200_session.sh ab-wk times those sites).
-WK_DIVIDE = env_choice("BB_QMM_WK_DIVIDE", "0", ON_OFF) == "1"
+# H200 decode step (results/h200-2026-11-30-s22/call2, two runs each way): o_proj gained at
+# every M (M = 1 / 2 / 8: 6.5 -> 6.2, 7.1 -> 6.9, 7.8-7.9 -> 7.7 us), q/k/v at M=8 (10.2 ->
+# 9.9) but not at M=2 (9.6 -> 9.7), and the gate/up pair at M=1 lost (29.6 -> 30.3).
+# BB_QMM_WK_DIVIDE=narrow: only matrices narrower than _WIDE_N (o_proj, q/k/v).
+WK_DIVIDE = env_choice("BB_QMM_WK_DIVIDE", "0", ON_OFF + ("narrow",))
 # The pair reduce after a split K (the gate/up pair and q/k/v with RoPE at M > 8: 5.7 and 3.3 us
 # at M=32) reads two 4-byte partials a thread and K-slice; BB_QMM_RED_VEC=1: four pairs a thread
 # by two 16-byte loads (the same sums in the same order). Prepared, not yet measured on a GPU.
@@ -1895,7 +1898,7 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
     narrow = _one_round_narrow(m, n, k, bits, cfg)
     if narrow is not None:
         return replace(narrow, pre=_preload(narrow, n, k, bits))
-    if WK_DIVIDE:
+    if WK_DIVIDE == "1" or (WK_DIVIDE == "narrow" and n < _WIDE_N):
         cfg = _dividing_wk(cfg, k, bits)
     if PERSIST and not (m == 1 and (cfg.s > 1 or k > 8192)):
         # one block per tile for the long-K down projection at M=1: split, 31 us vs 33

@@ -117,8 +117,13 @@ for what in "$@"; do
              BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope OUT="$R" python3 -m batchbench.verify.gpu
            part model-check-wkn 200 env BB_QMM_WK_DIVIDE=narrow MODEL_CHECK_CASES="1:64:2,2:64:2,8:32:2" \
              python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
-    # session 21's three prepared switches, none run on a GPU yet. prep-check (~4 min): verify-quick
-    # (qmm, qmm-rope) and the 1.5B model against its pure-MLX twins (B = 1, 16) with all three on;
+    # BB_QMM_RED_VEC=glu (session 22's ab-redvec: the gate product's reduce gained, the RoPE
+    # pair's lost): ab-redglu (~3 min) the decode step at B = 16, 32, twice each way
+    ab-redglu) for v in base@0 rg@glu base2@0 rg2@glu; do
+             decode_prof "qmm-decode-prof-redglu-${v%%@*}" QMM_DECODE_B=16,32 BB_QMM_RED_VEC="${v#*@}"
+           done ;;
+    # session 21's three prepared switches (measured in session 22, results/h200-2026-11-30-s22).
+    # prep-check (~4 min): verify-quick (qmm, qmm-rope) and the 1.5B model against its pure-MLX twins (B = 1, 16) with all three on;
     # then each A/B alone, the decode step twice each way: ab-dq (BB_QMM_DQ=lop3b, one token's
     # weights dequantized without their bias; B = 1, 2, B=2 a control, ~3 min), ab-wk (above),
     # ab-redvec (BB_QMM_RED_VEC=1, four pairs a thread in the pair reduce; B = 16, 32, ~3 min)

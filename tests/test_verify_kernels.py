@@ -294,19 +294,25 @@ def test_compile_checks_reject_broken_sources():
 def test_pair_reduce_four_pairs_a_thread_is_bit_identical(monkeypatch):
     """BB_QMM_RED_VEC: the pair reduce after a split K with four pairs a thread (16-byte loads)
     sums the same partials in the same order as one pair a thread: bit-identical y for the gate
-    product (with and without bias, odd M, 2-7 slices); the RoPE pair through it against float64."""
+    product (with and without bias, odd M, 2-7 slices); the RoPE pair through it against float64.
+    `glu` takes four pairs a thread for the gate product only."""
     toolchain.need(toolchain.host_cxx)
     rng = np.random.default_rng(SEED)
     for s, m, n, bias in [(2, 32, 256, False), (3, 5, 96, True), (7, 17, 64, False)]:
         part = mx.array(rng.standard_normal((s, m, n)).astype(np.float32))
         b = mx.array(rng.standard_normal((n,)).astype(np.float32)).astype(mx.float16) if bias else None
         ys = []
-        for vec in (False, True):
+        for vec in ("0", "1", "glu"):
             monkeypatch.setattr(Q, "RED_VEC", vec)
             ks, launch = Q.plan_qmm_reduce(part, mx.float16, b, glu_pair=True)
-            assert dict(launch.template)["PV"] == (4 if vec else 1)
-            assert launch.grid[0] == m * n // 2 // (4 if vec else 1)
+            pv = 1 if vec == "0" else 4
+            assert dict(launch.template)["PV"] == pv
+            assert launch.grid[0] == m * n // 2 // pv
             ys.append(np.array(emulate(ks, launch, schedules=("forward",)).outputs[0]))
-        assert np.array_equal(ys[0], ys[1]), (s, m, n, bias)
-    monkeypatch.setattr(Q, "RED_VEC", True)
-    _verify(qmm_rope_case(rng, m=9, norm=True, bias=True, k=768, split=3))
+        assert np.array_equal(ys[0], ys[1]) and np.array_equal(ys[0], ys[2]), (s, m, n, bias)
+    for vec, pv in (("1", 4), ("glu", 1)):
+        monkeypatch.setattr(Q, "RED_VEC", vec)
+        case = qmm_rope_case(rng, m=9, norm=True, bias=True, k=768, split=3)
+        assert [dict(launch.template)["PV"] for _, launch in case.kernels[1:]] == [pv], vec
+        if vec == "1":
+            _verify(case)

@@ -1667,7 +1667,9 @@ GLU_PAIR = env_choice("BB_QMM_GLU_PAIR", "1", ON_OFF) == "1"
 # where `_lop3` finds it faster, or "prmt" (byte permutes of adjacent pairs) everywhere.
 # "lop3b": lop3, and at one token the weights without their bias (two instructions a pair of
 # weights instead of three; the bias times x's 32-k sums added in fp32: `_bias_sums_fit`).
-# Prepared, not yet measured on a GPU.
+# Much slower on the H200 although nvcc's main loop is shorter and spills nothing (s22/call2,
+# two runs each way): B=1 decode step 1.887-1.888 -> 2.232-2.236 ms (down 19.2 -> 24.7 us,
+# q/k/v 8.2 -> 12.1, gate/up 29.6 -> 32.8). Cause not found; kept as an off switch.
 DQ_MODE = env_choice("BB_QMM_DQ", "lop3", ("lop3", "prmt", "lop3b"))
 DEQUANT_LOP3 = DQ_MODE != "prmt"
 SMEM_PER_SM = 227 * 1024
@@ -1773,12 +1775,18 @@ LONG_K_SPLIT = env_choice("BB_QMM_LONG_K_SPLIT", "1", ON_OFF) == "1"
 # H200 decode step (results/h200-2026-11-30-s22/call2, two runs each way): o_proj gained at
 # every M (M = 1 / 2 / 8: 6.5 -> 6.2, 7.1 -> 6.9, 7.8-7.9 -> 7.7 us), q/k/v at M=8 (10.2 ->
 # 9.9) but not at M=2 (9.6 -> 9.7), and the gate/up pair at M=1 lost (29.6 -> 30.3).
-# BB_QMM_WK_DIVIDE=narrow: only matrices narrower than _WIDE_N (o_proj, q/k/v).
-WK_DIVIDE = env_choice("BB_QMM_WK_DIVIDE", "0", ON_OFF + ("narrow",))
+# Default `narrow`: only matrices narrower than _WIDE_N (o_proj, q/k/v). Decode step, kernel
+# time at B = 1 / 2 / 4 / 8 (s22/call5, two runs each way): 1.900-1.896 / 2.045-2.040 /
+# 2.099-2.100 / 2.236-2.242 -> 1.889 / 2.040-2.031 / 2.092-2.091 / 2.216-2.224 ms.
+WK_DIVIDE = env_choice("BB_QMM_WK_DIVIDE", "narrow", ON_OFF + ("narrow",))
 # The pair reduce after a split K (the gate/up pair and q/k/v with RoPE at M > 8: 5.7 and 3.3 us
 # at M=32) reads two 4-byte partials a thread and K-slice; BB_QMM_RED_VEC=1: four pairs a thread
-# by two 16-byte loads (the same sums in the same order). Prepared, not yet measured on a GPU.
-RED_VEC = env_choice("BB_QMM_RED_VEC", "0", ON_OFF) == "1"
+# by two 16-byte loads (the same sums in the same order). Slower on the H200 (s22/call3, two runs
+# each way, decode step kernel time): B=16 3.194-3.195 -> 3.216-3.217 ms, B=32 3.585-3.587 ->
+# 3.607-3.613. The gate product's reduce gained (M = 16 / 32: 3.2 -> 2.8, 5.8 -> 4.7 us), the
+# RoPE pair's lost more (2.6 -> 3.6, 3.3 -> 4.5). BB_QMM_RED_VEC=glu: the gate product's only;
+# prepared, not yet run on a GPU (h200_session.sh ab-redglu).
+RED_VEC = env_choice("BB_QMM_RED_VEC", "0", ON_OFF + ("glu",))
 
 
 def _dividing_wk(cfg: QmmConfig, k: int, bits: int) -> QmmConfig:
@@ -2241,7 +2249,7 @@ def plan_qmm_reduce(
         head.append(ss)
         norm_t = [("NK", int(k)), ("EPS_BITS", kspec.f32_bits(eps))]
     if pair:
-        pv = 4 if RED_VEC and (n // 2) % 4 == 0 else 1
+        pv = 4 if (RED_VEC == "1" or (RED_VEC == "glu" and pair == "glu")) and (n // 2) % 4 == 0 else 1
         launch = Launch(
             inputs=head + ([bias] if bias is not None else []) + (rope.inputs() if rope is not None else []),
             output_shapes=[_pair_shape(pair, rope, m, n)],

@@ -122,6 +122,18 @@ for what in "$@"; do
     ab-redglu) for v in base@0 rg@glu base2@0 rg2@glu; do
              decode_prof "qmm-decode-prof-redglu-${v%%@*}" QMM_DECODE_B=16,32 BB_QMM_RED_VEC="${v#*@}"
            done ;;
+    # BB_QMM_SB_PACK=1 (each layer's scales and biases also packed as (scale, bias) pairs: the
+    # register-stage matmuls load one word a row and chunk instead of two halves; nvcc: 84-93
+    # registers instead of 114-120 at M=1). sbpack-check (~4 min): verify-quick (qmm, qmm-rope)
+    # and the 1.5B model against its pure-MLX twins with it on; ab-sbpack (~4 min): the decode
+    # step at DECODE_B (default 1, 2, 8, 32), twice each way
+    sbpack-check) part verify-gpu-quick-sbpack 200 env BB_QMM_SB_PACK=1 BATCHBENCH_VERIFY_QUICK=1 \
+             BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope OUT="$R" python3 -m batchbench.verify.gpu
+           part model-check-sbpack 200 env BB_QMM_SB_PACK=1 MODEL_CHECK_CASES="1:64:2,8:32:2,32:16:2" \
+             python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
+    ab-sbpack) for v in base@0 sp@1 base2@0 sp2@1; do
+             decode_prof "qmm-decode-prof-sbpack-${v%%@*}" BB_QMM_SB_PACK="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,8,32}"
+           done ;;
     # session 21's three prepared switches (measured in session 22, results/h200-2026-11-30-s22).
     # prep-check (~4 min): verify-quick (qmm, qmm-rope) and the 1.5B model against its pure-MLX twins (B = 1, 16) with all three on;
     # then each A/B alone, the decode step twice each way: ab-dq (BB_QMM_DQ=lop3b, one token's

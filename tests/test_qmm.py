@@ -731,3 +731,26 @@ def test_warps_along_k_that_divide_the_chunks(monkeypatch):
     assert narrow == dict(on, gu1=off["gu1"])
     # the persistent grid is sized for the new block (two 224-thread blocks an SM)
     assert on["gu1"].blocks == qmm.persistent(dataclasses.replace(on["gu1"], blocks=0), 3584, 4).blocks
+
+
+def test_packed_scales_and_biases_take_the_register_stages():
+    """BB_QMM_SB_PACK: `pack_scales_biases` puts each group's (scale, bias) in one 4-byte word,
+    scale in the low half; a register-stage launch reads it in place of the two arrays (SBP),
+    a ring launch keeps the two; a packed array of the wrong shape or dtype is a one-line error."""
+    rng = np.random.default_rng(3)
+    w = mx.array(rng.standard_normal((64, 512)).astype(np.float32)).astype(mx.float16)
+    wq, s, b = mx.quantize(w, group_size=32, bits=4)
+    packed = qmm.pack_scales_biases(s, b)
+    words = np.array(packed).view(np.uint32)[..., 0]
+    assert words.shape == s.shape
+    assert np.array_equal(words & 0xFFFF, np.array(s).view(np.uint16))
+    assert np.array_equal(words >> 16, np.array(b).view(np.uint16))
+    x = mx.zeros((1, 512), mx.float16)
+    for ns, sbp in ((0, True), (4, False)):
+        cfg = dataclasses.replace(qmm.choose_config(1, 64, 512, 4), ns=ns)
+        _, launch = qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, config=cfg, packed=packed)
+        assert dict(launch.template)["SBP"] is sbp
+        assert (launch.inputs[2] is packed and launch.inputs[3] is packed) is sbp
+    for bad in (packed[:32], packed.astype(mx.bfloat16), mx.stack([s, b, b], axis=-1)):
+        with pytest.raises(ValueError, match="packed scales and biases must be"):
+            qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, packed=bad)

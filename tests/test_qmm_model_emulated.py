@@ -20,23 +20,24 @@ from test_model_batching import run_batched
 
 
 def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidden: bool = False,
-            dq_mode: str = "lop3", n_seq: int = 2) -> np.ndarray:
+            dq_mode: str = "lop3", n_seq: int = 2, sb_pack: bool = False) -> np.ndarray:
     model, _ = make_preset("tiny", mx.float16, "q4_0", seed=4)
     rng = np.random.default_rng(6)
     for layer in model.model.layers:  # a weight per norm, so that a misplaced one shows
         for n in (layer.input_layernorm, layer.post_attention_layernorm):
             n.weight = mx.array(rng.uniform(0.5, 1.5, n.weight.shape).astype(np.float32)).astype(mx.float16)
+    # only qmm sees CUDA: attention, RoPE and masks stay on their MLX twins
+    monkeypatch.setattr(qmm, "backend", types.SimpleNamespace(BACKEND="cuda" if cuda else "cpu"))
+    monkeypatch.setattr(qmm, "SB_PACK", sb_pack)  # read by the swaps below
     # no RoPE / K-V-write pair epilogue: it writes the cache in place, which emulation cannot
     qmm.fuse_quantized_projections(model, pair_order=False)
     qmm.use_fast_quantized_linears(model)
 
     def emulated(ks, launch):
-        launched.append((ks.name, dict(launch.template).get("DQ")))
+        launched.append((ks.name, dict(launch.template).get("DQ"), dict(launch.template).get("SBP")))
         res = emulate(ks, launch, schedules=("forward",))
         return [mx.array(o).astype(dt) for o, dt in zip(res.outputs, launch.output_dtypes)]
 
-    # only qmm sees CUDA: attention, RoPE and masks stay on their MLX twins
-    monkeypatch.setattr(qmm, "backend", types.SimpleNamespace(BACKEND="cuda" if cuda else "cpu"))
     monkeypatch.setattr(qmm, "NORM_PRE", norm_pre)
     monkeypatch.setattr(qmm, "DQ_MODE", dq_mode)
     monkeypatch.setattr(kspec, "run", emulated)
@@ -52,25 +53,30 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
     return run_batched(runner, prompts, steps)
 
 
-@pytest.mark.parametrize("norm_pre,split_hidden,lop3b", [(False, False, False), (True, False, False),
-                                                        (False, True, False), (True, False, True)])
-def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split_hidden, lop3b):
+@pytest.mark.parametrize("norm_pre,split_hidden,lop3b,sb_pack", [
+    (False, False, False, False), (True, False, False, False), (False, True, False, False),
+    (True, False, True, False), (True, True, False, True)])
+def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split_hidden, lop3b, sb_pack):
     """Logits within fp16 rounding of the MLX-op model, and the kernels that were meant to run
     did. norm_pre: o_proj and down_proj write y * weight and tile sums, q/k/v, gate/up and
     lm_head take them. split_hidden: o_proj and down_proj split K and their reduce kernel
     writes the next norm (BB_QMM_NORM_OUT), so the consumers run plain. Else each consumer
     normalizes x itself. lop3b (one sequence): the decode steps' matmuls (one token) dequantize
-    their weights without the bias (BB_QMM_DQ=lop3b, DQ = 2), the prompt's with it."""
+    their weights without the bias (BB_QMM_DQ=lop3b, DQ = 2), the prompt's with it. sb_pack:
+    every layer's scales and biases packed as pairs at the swap (BB_QMM_SB_PACK), which every
+    main kernel here reads (register stages); the MLX-op model keeps the two arrays."""
     toolchain.need(toolchain.host_cxx)
     n_seq = 1 if lop3b else 2
     ref = _logits(monkeypatch, False, False, [], n_seq=n_seq)
-    runs: list[tuple[str, int]] = []
-    got = _logits(monkeypatch, True, norm_pre, runs, split_hidden, "lop3b" if lop3b else "lop3", n_seq)
-    launched = [name for name, _ in runs]
+    runs: list[tuple[str, int, bool | None]] = []
+    got = _logits(monkeypatch, True, norm_pre, runs, split_hidden, "lop3b" if lop3b else "lop3", n_seq, sb_pack)
+    launched = [name for name, *_ in runs]
+    main = [sbp for name, dq, sbp in runs if dq is not None]  # the main kernels (reduces have no DQ)
+    assert main and all(sbp is sb_pack for sbp in main)
     if lop3b:  # a decode step's 9 launches at one token take DQ = 2, but layer 0's q/k/v (its norm
         # fused: the embedding has no producer that wrote its parts); the prompt's 7 rows keep DQ = 1
         # but for lm_head, which takes the last row only
-        assert sum(dq == 2 for _, dq in runs) == 2 * 8 + 1 and {dq for _, dq in runs} == {1, 2}
+        assert sum(dq == 2 for _, dq, _ in runs) == 2 * 8 + 1 and {dq for _, dq, _ in runs} == {1, 2}
     assert np.isfinite(got).all()
     assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
     if split_hidden:

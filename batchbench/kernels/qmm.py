@@ -152,6 +152,7 @@ __device__ __forceinline__ uint32_t qmm_and_or(uint32_t a, uint32_t b, uint32_t 
 
 // A 16-bit value (zero-extended) in both halves of a word.
 __device__ __forceinline__ uint32_t qmm_dup16(uint32_t v) { return qmm_prmt(v, v, 0x1010u); }
+__device__ __forceinline__ uint32_t qmm_hi16(uint32_t v) { return qmm_prmt(v, v, 0x3232u); }
 
 __device__ __forceinline__ float qmm_u2f(uint32_t u) {
 #ifdef BB_PORTABLE
@@ -724,7 +725,7 @@ struct QmmNormIO {
 // row's rsqrt(mean + eps) from those partial sums before the bias (no norm passes over x).
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool PRE, bool SPLIT, bool HAS_BIAS,
           bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, bool EPRE, bool NOUT, bool NPRE,
-          typename E, typename O>
+          bool SBP, typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
@@ -738,6 +739,10 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   // DQ = 2: the weights dequantized without their bias; each lane adds bias times the sum of
   // the 32 x values its 16 bytes meet (one token: the spans' sums are staged beside x).
   constexpr bool BSUM = DQ == 2;
+  // SBP: scales and biases packed at load time as one 4-byte (scale, bias) pair a group
+  // (`pack_scales_biases`, passed as both `scales` and `biases`): one load a row and chunk
+  // instead of two, one L2 sector instead of two for the quad's 4 groups.
+  static_assert(!SBP || NS == 0, "qmm: packed scales and biases take the register stages");
   static_assert(!BSUM || (LOP3 && MT == 1 && WF == 1 && NS == 0 && !NORM),
                 "qmm: the bias sums need the fp16 4-bit lop3 path, one token tile, register stages, no fused norm");
   constexpr int KT = 128 / BITS;            // k per lane per 16-byte load: 32 or 16
@@ -788,14 +793,19 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   const uint32_t* w1;
   const uint16_t* sc0;
   const uint16_t* bi0;
+  const uint32_t* sp0;  // SBP
   auto at_tile = [&](int tile) {
     const int r0 = tile * BN + wn * 16 + g;
     w0 = w + (size_t)r0 * KW + t * (KT * BITS / 32);
     w1 = w0 + (size_t)8 * KW;
     // When a chunk spans whole groups, the lane's group is c * CK / GS + t * KT / GS
     const size_t g0 = (size_t)r0 * NG + (CK % GS == 0 ? t * KT / GS : 0);
-    sc0 = reinterpret_cast<const uint16_t*>(scales) + g0;
-    bi0 = reinterpret_cast<const uint16_t*>(biases) + g0;
+    if constexpr (SBP) {
+      sp0 = reinterpret_cast<const uint32_t*>(scales) + g0;
+    } else {
+      sc0 = reinterpret_cast<const uint16_t*>(scales) + g0;
+      bi0 = reinterpret_cast<const uint16_t*>(biases) + g0;
+    }
   };
 
   auto load = [&](QmmStage<P>& st, int c0) {
@@ -806,10 +816,15 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         st.wa[p] = qmm_ld_stream(w0 + c * (CK * BITS / 32));
         st.wb[p] = qmm_ld_stream(w1 + c * (CK * BITS / 32));
         const int grp = CK % GS == 0 ? c * (CK / GS) : (c * CK + t * KT) / GS;
-        st.sa[p] = sc0[grp];
-        st.ba[p] = bi0[grp];
-        st.sb[p] = sc0[grp + 8 * NG];
-        st.bb[p] = bi0[grp + 8 * NG];
+        if constexpr (SBP) {  // the bias in the high half: mul takes it from there
+          st.sa[p] = st.ba[p] = sp0[grp];
+          st.sb[p] = st.bb[p] = sp0[grp + 8 * NG];
+        } else {
+          st.sa[p] = sc0[grp];
+          st.ba[p] = bi0[grp];
+          st.sb[p] = sc0[grp + 8 * NG];
+          st.bb[p] = bi0[grp + 8 * NG];
+        }
       }
     }
   };
@@ -1007,9 +1022,9 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
 #pragma unroll
     for (int f = 0; f < WF; ++f) {
       s0[f] = qmm_dup16(sa[f]);
-      b0[f] = qmm_dup16(ba[f]);
+      b0[f] = SBP ? qmm_hi16(ba[f]) : qmm_dup16(ba[f]);
       s1[f] = qmm_dup16(sb[f]);
-      b1[f] = qmm_dup16(bb[f]);
+      b1[f] = SBP ? qmm_hi16(bb[f]) : qmm_dup16(bb[f]);
       s0h[f] = s1h[f] = 0u;
       if constexpr (LOP3) {
         s0h[f] = qmm_scale16(s0[f]);
@@ -1021,8 +1036,8 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         c1[f] = qmm_m1024(s1[f]);
         c1h[f] = qmm_m1024(s1h[f]);
         const float sx = sxs[(c - cs0) * (CK / 32) + t];  // the sum of the 32 x values of this lane's 16 bytes
-        bs0 += qmm_to_float2(ba[f], false).x * sx;
-        bs1 += qmm_to_float2(bb[f], false).x * sx;
+        bs0 += (SBP ? qmm_to_float2(ba[f], false).y : qmm_to_float2(ba[f], false).x) * sx;
+        bs1 += (SBP ? qmm_to_float2(bb[f], false).y : qmm_to_float2(bb[f], false).x) * sx;
       }
       u0[f][0] = wa[f].x; u0[f][1] = wa[f].y; u0[f][2] = wa[f].z; u0[f][3] = wa[f].w;
       u1[f][0] = wb[f].x; u1[f][1] = wb[f].y; u1[f][2] = wb[f].z; u1[f][3] = wb[f].w;
@@ -1440,7 +1455,7 @@ QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + k
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ, EPRE,"
-    " {nout}, {npre}, {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, {ss}, x_shape[0], w_shape[0],"
+    " {nout}, {npre}, SBP, {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, {ss}, x_shape[0], w_shape[0],"
     " w_shape[1] * 32 / BITS, {rope}, {nio});"
 )
 _SRC_REDUCE = (
@@ -1787,6 +1802,20 @@ WK_DIVIDE = env_choice("BB_QMM_WK_DIVIDE", "narrow", ON_OFF + ("narrow",))
 # RoPE pair's lost more (2.6 -> 3.6, 3.3 -> 4.5). BB_QMM_RED_VEC=glu: the gate product's only;
 # prepared, not yet run on a GPU (h200_session.sh ab-redglu).
 RED_VEC = env_choice("BB_QMM_RED_VEC", "0", ON_OFF + ("glu",))
+# The register-stage kernels load a row's scale and bias of a chunk as two 2-byte loads from two
+# arrays: the quad's 4 lanes touch two L2 sectors for 8 + 8 useful bytes (ncu, the gate/up pair
+# at M=1: 4.36 M L2 sectors against 2.77 M ideal, results/h200-2026-11-30-s21/call4).
+# BB_QMM_SB_PACK=1: each swapped layer also keeps its scales and biases packed as (scale, bias)
+# pairs (`pack_scales_biases`, ~25% more bytes than the 4-bit weights take for groups of 32,
+# held beside the originals, which the twins, prefill and the ring kernels read), and those
+# kernels take one 4-byte load a row and chunk. Prepared, not yet run on a GPU.
+SB_PACK = env_choice("BB_QMM_SB_PACK", "0", ON_OFF) == "1"
+
+
+def pack_scales_biases(scales: mx.array, biases: mx.array) -> mx.array:
+    """[N, G] scales and biases as [N, G, 2] (scale, bias) pairs: one 4-byte word a group, the
+    scale in its low half (the kernel's SBP)."""
+    return mx.stack([scales, biases], axis=-1)
 
 
 def _dividing_wk(cfg: QmmConfig, k: int, bits: int) -> QmmConfig:
@@ -2046,6 +2075,7 @@ def plan_quantized_matmul(
     norm_next: tuple[mx.array, float] | None = None,
     prenorm: "PendingNorm | None" = None,
     bias_sums: bool | None = None,
+    packed: mx.array | None = None,
 ) -> tuple[KernelSpec, Launch]:
     """The main kernel's spec and launch (x taken as [M, K], or [M, 2K] with glu). With
     config.s > 1 its output is fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y
@@ -2058,7 +2088,9 @@ def plan_quantized_matmul(
     eps), two more outputs, y * weight [M, N] and each tile's sums of squares of y [tiles, M]
     fp32 (NOUT); prenorm, x is such a y * weight and the outputs are scaled by the rows'
     rsqrt(mean + eps) from its sums (NPRE). bias_sums: the lop3 dequantization without the bias,
-    which enters as bias times x's 32-k sums (None: BB_QMM_DQ=lop3b, where `_bias_sums_fit`)."""
+    which enters as bias times x's 32-k sums (None: BB_QMM_DQ=lop3b, where `_bias_sums_fit`).
+    packed: `pack_scales_biases(scales, biases)`, which register-stage configs read instead of
+    the two arrays (SBP); the ring reads the two."""
     if backend_name != "cuda":
         raise ValueError(f"quantized_matmul has a custom kernel only on cuda, not {backend_name!r}")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
@@ -2070,6 +2102,10 @@ def plan_quantized_matmul(
     cfg = config or choose_config(m, n, k, bits)
     if cfg.ns and not ring_ok(bits, group_size):
         cfg = replace(cfg, ns=0, wf=1)
+    if packed is not None and (tuple(packed.shape) != (*scales.shape, 2) or packed.dtype != scales.dtype):
+        raise ValueError(f"quantized_matmul: packed scales and biases must be {[*scales.shape, 2]} {scales.dtype}, "
+                         f"got {list(packed.shape)} {packed.dtype}")
+    sbp = packed is not None and not cfg.ns
     if cfg.wf not in (1, 2) or (cfg.wf == 2 and not cfg.ns) or n % (16 * cfg.wn * cfg.wf):
         raise ValueError(f"quantized_matmul: config {cfg} does not fit N={n} (wf 2 needs the ring, "
                          f"N a multiple of 16 * wn * wf)")
@@ -2107,7 +2143,7 @@ def plan_quantized_matmul(
     # rounded up to 8 KiB steps (it is part of the kernel name, see the template below).
     smem = cfg.launch_smem(k, bits, extra)
     nt = 32 * cfg.wn * cfg.wk
-    inputs = [x.reshape(m, 2 * k if glu else k), w, scales, biases]
+    inputs = [x.reshape(m, 2 * k if glu else k), w] + ([packed, packed] if sbp else [scales, biases])
     inputs += ([bias] if has_bias else []) + ([residual.reshape(m, n)] if has_res else [])
     inputs += [norm[0]] if norm is not None else []
     inputs += rope.inputs() if rope_here else []
@@ -2126,7 +2162,7 @@ def plan_quantized_matmul(
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
             ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("WF", cfg.wf), ("PRE", cfg.pre and not cfg.ns),
             ("SPLIT", split), ("EPRE", EPI_PRE and not split),
-            ("DQ", 2 if bsum else 1 if use_lop3 else 0),
+            ("DQ", 2 if bsum else 1 if use_lop3 else 0), ("SBP", sbp),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1])), ("NPASS", npass or fold), ("NEARLY", early)]
              if norm is not None else [])
@@ -2293,6 +2329,7 @@ def quantized_matmul(
     glu: bool = False,
     norm: "tuple[mx.array, float] | PendingNorm | None" = None,
     norm_out: tuple[mx.array, float] | None = None,
+    packed: mx.array | None = None,
 ):
     """x @ dequantize(w, scales, biases).T (+ bias) (+ residual): MLX affine layout,
     transpose=True. glu: x is [..., 2K] = [gate | up] and the product uses silu(gate) * up.
@@ -2300,7 +2337,8 @@ def quantized_matmul(
     norm_out (weight, eps): returns (y, y_n) with y_n = mx.fast.rms_norm(y, weight, eps) where
     the launch that makes y also wrote it (the reduce kernel after a split K), NormParts where
     it wrote its share of it (one K-slice, BB_QMM_NORM_PRE), else (y, None). norm may also be
-    a PendingNorm (x is then a producer's y * weight).
+    a PendingNorm (x is then a producer's y * weight). packed: `pack_scales_biases(scales,
+    biases)`, which the custom kernel may read instead (BB_QMM_SB_PACK).
 
     Custom CUDA kernel when `backend.BACKEND == "cuda"` and the shape is covered (bias,
     residual, the gate product and the norm fused in where they fit), otherwise MLX ops."""
@@ -2311,7 +2349,7 @@ def quantized_matmul(
     cfg = _kernel_config(m, n, k, x, scales, biases, group_size, bits)
     if cfg is not None:
         y = _run_kernel(cfg, x, w, scales, biases, group_size, bits, m, n, k, bias, residual, glu, norm,
-                        norm_out=norm_out)
+                        norm_out=norm_out, packed=packed)
         if norm_out is None:
             return y.reshape(*lead, n)
         y, yn = y
@@ -2341,7 +2379,7 @@ def quantized_matmul(
 
 def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int, m: int, n: int, k: int, bias,
                 residual, glu: bool, norm, rope: RopeStore | None = None, glu_pair: bool = False,
-                norm_out: tuple[mx.array, float] | None = None):
+                norm_out: tuple[mx.array, float] | None = None, packed: mx.array | None = None):
     """The custom kernel (and its reduce kernel after a split K) on a call _kernel_config gave cfg.
     With norm_out (weight, eps): (y, y_n) as `quantized_matmul` returns them."""
     # Each block normalizes its rows itself, once: the sums of squares are taken while x is
@@ -2368,7 +2406,7 @@ def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int
     ks, launch = plan_quantized_matmul(
         "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
         residual=residual, glu=glu, norm=norm, config=cfg, rope=rope, glu_pair=glu_pair,
-        norm_next=norm_next, prenorm=prenorm,
+        norm_next=norm_next, prenorm=prenorm, packed=packed,
     )
     y, *ss = kspec.run(ks, launch)
     if norm_next is not None:
@@ -2398,7 +2436,7 @@ def project_rope_store(layer: "FusedQuantizedLinear", x: mx.array, norm: nn.RMSN
     if cfg is None:
         return None
     return _run_kernel(cfg, x, w, scales, biases, layer.group_size, layer.bits, m, n, k, layer.get("bias"), None,
-                       False, _norm_args(norm), rope)
+                       False, _norm_args(norm), rope, packed=layer.get("packed"))
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -2419,15 +2457,25 @@ class QuantizedLinear(nn.QuantizedLinear):
             glu=glu,
             norm=norm,
             norm_out=norm_out,
+            packed=self.get("packed"),
         )
 
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedLinear) -> "QuantizedLinear":
-        """Same arrays and settings, no copy (nn.QuantizedLinear's __init__ would quantize noise)."""
+        """Same arrays and settings, no copy (nn.QuantizedLinear's __init__ would quantize noise);
+        with BB_QMM_SB_PACK=1 on CUDA, also the packed scales and biases ("packed")."""
         new = cls.__new__(cls)
         new.__dict__.update(layer.__dict__)
         dict.update(new, layer)
+        _add_packed(new)
         return new
+
+
+def _add_packed(layer: nn.Module) -> None:
+    """layer["packed"] = its scales and biases as pairs, where BB_QMM_SB_PACK=1 asks for them on CUDA."""
+    if SB_PACK and backend.BACKEND == "cuda" and layer.get("biases") is not None:
+        layer["packed"] = pack_scales_biases(layer["scales"], layer["biases"])
+        mx.eval(layer["packed"])
 
 
 @dataclass(frozen=True)
@@ -2555,6 +2603,7 @@ class FusedQuantizedLinear(nn.Module):
                 if name in self:
                     self[name] = mx.take(self[name], ix, axis=0)
             object.__setattr__(self, "_unorder", inverse_order(order))
+        _add_packed(self)
         mx.eval(self.parameters())
         self.freeze()
 
@@ -2568,10 +2617,10 @@ class FusedQuantizedLinear(nn.Module):
         cfg = _kernel_config(m, n, k, x, scales, biases, self.group_size, self.bits)
         if cfg is not None:
             y = _run_kernel(cfg, x, w, scales, biases, self.group_size, self.bits, m, n, k, self.get("bias"), None,
-                            False, _norm_args(norm), glu_pair=True)
+                            False, _norm_args(norm), glu_pair=True, packed=self.get("packed"))
             return y.reshape(*x.shape[:-1], n // 2)
         y = quantized_matmul(x, w, scales, biases, group_size=self.group_size, bits=self.bits,
-                             bias=self.get("bias"), norm=_norm_args(norm))
+                             bias=self.get("bias"), norm=_norm_args(norm), packed=self.get("packed"))
         y = y.reshape(*x.shape[:-1], n // 16, 2, 8)  # the paired rows: [gate 8 | up 8] per tile
         return (nn.silu(y[..., 0, :]) * y[..., 1, :]).reshape(*x.shape[:-1], n // 2)
 
@@ -2581,7 +2630,7 @@ class FusedQuantizedLinear(nn.Module):
         y = quantized_matmul(
             x, self["weight"], self["scales"], self["biases"],
             group_size=self.group_size, bits=self.bits, bias=self.get("bias"),
-            norm=_norm_args(norm),
+            norm=_norm_args(norm), packed=self.get("packed"),
         )
         return y if self._unorder is None or stored_order else mx.take(y, self._unorder, axis=-1)
 

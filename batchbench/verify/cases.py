@@ -243,6 +243,7 @@ def qmm_case(
     prenorm: bool = False,
     wn: int = 0,
     bias_sums: bool = False,
+    packed: bool = False,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
@@ -258,7 +259,8 @@ def qmm_case(
     32-row tile's sums of squares of y (the result is then [y | y * nw2 | each tile's RMS of y]);
     prenorm (with norm), x reaches the kernel as round(x * nw) with its 16-column sums of squares
     (a PendingNorm), as a producer's norm_next wrote them. bias_sums: the lop3 dequantization
-    without the bias (DQ = 2, one token), the bias entering through x's 32-k sums."""
+    without the bias (DQ = 2, one token), the bias entering through x's 32-k sums. packed: the
+    kernel reads the scales and biases as (scale, bias) pairs (`pack_scales_biases`, SBP)."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -286,8 +288,10 @@ def qmm_case(
         norm=(nw, 1e-5) if norm and not prenorm else None, config=cfg,
         lop3=None if lop3 else False,  # False: the byte-permute dequantization
         glu_pair=glu_pair, norm_next=(nw2, 1e-5) if norm_next else None, prenorm=pending,
-        bias_sums=bias_sums or None,
+        bias_sums=bias_sums or None, packed=Q.pack_scales_biases(sc, bi) if packed else None,
     )
+    if packed and not dict(launch.template)["SBP"]:
+        raise ValueError("qmm_case: packed scales and biases need the register stages (ns=0)")
     xf = _f64(x)
     if glu:
         g, u = xf[:, :k], xf[:, k:]
@@ -350,6 +354,7 @@ def qmm_case(
         f"{'-ring' + str(ns) if ns else ''}{'-wf' + str(wf) if wf > 1 else ''}{'-wk' + str(wk) if wk else ''}{'-wn' + str(wn) if wn else ''}"
         f"{'' if pre is None else '-pre' + str(int(pre))}{'-p' + str(p) if p else ''}{'-normout' if norm_out else ''}"
         f"{'-nnext' if norm_next else ''}{'-prenorm' if prenorm else ''}{'-bsum' if bias_sums else ''}"
+        f"{'-packed' if packed else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -439,10 +444,21 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=1, bits=4, group_size=128, n=208, k=512, res=True, blocks=3, norm_next=True, bias_sums=True),
         dict(m=1, bits=4, group_size=32, n=96, k=512, norm=True, prenorm=True, glu_pair=True, blocks=2,
              bias_sums=True),
+        # scales and biases packed as (scale, bias) pairs (BB_QMM_SB_PACK): lop3 and byte-permute
+        # 4-bit, 8-bit bf16 with groups of 128 over a split K (a chunk inside a group), persistent
+        # blocks with the next norm's parts, the gate/up pair with a pending norm, the bias sums
+        dict(m=1, bits=4, group_size=32, n=64, k=512, bias=True, packed=True),
+        dict(m=2, bits=4, group_size=64, n=64, k=512, res=True, lop3=False, packed=True),
+        dict(m=3, bits=8, group_size=128, n=64, k=1024, split=2, bias=True, dtype=mx.bfloat16, packed=True),
+        dict(m=1, bits=4, group_size=32, n=208, k=512, res=True, blocks=3, norm_next=True, packed=True),
+        dict(m=1, bits=4, group_size=32, n=96, k=512, norm=True, prenorm=True, glu_pair=True, blocks=2,
+             packed=True),
+        dict(m=1, bits=4, group_size=32, n=64, k=512, bias=True, bias_sums=True, packed=True),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds
         specs = specs[:2] + [s for s in specs if (s.get("ns") and (s.get("split") or s.get("blocks", 0) > 2))
                              or s.get("split", 0) > 5 or s.get("wk") or (s.get("norm") and s.get("split", 0) > 1)
-                             or s.get("norm_out") or s.get("norm_next") or s.get("prenorm") or s.get("bias_sums")]
+                             or s.get("norm_out") or s.get("norm_next") or s.get("prenorm") or s.get("bias_sums")
+                             or s.get("packed")]
     return [qmm_case(rng, **s) for s in specs]

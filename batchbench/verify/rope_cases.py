@@ -123,12 +123,14 @@ def qmm_rope_case(
     base: float = 1e6,
     scale: float = 1.0,
     prenorm: bool = False,
+    packed: bool = False,
 ) -> Case:
     """The q/k/v projection with the RoPE + K/V-write epilogue (qmm's RopeStore): weight rows
     in rope_pair_order, against float64 projection + rotation of the rows in their own order;
     the result is q, then both cache buffers (cells not written must keep their values).
     split: K over that many blocks, the epilogue then in the reduce kernel. prenorm (with norm):
-    x reaches the kernel as round(x * nw) with its 16-column sums of squares (a PendingNorm)."""
+    x reaches the kernel as round(x * nw) with its 16-column sums of squares (a PendingNorm).
+    packed: the scales and biases as (scale, bias) pairs (`pack_scales_biases`)."""
     width = (n_heads + 2 * n_kv_heads) * head_dim
     w = mx.array(rng.standard_normal((width, k)).astype(np.float32) / np.sqrt(k)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
@@ -151,7 +153,8 @@ def qmm_rope_case(
     norm_arg = (nw, 1e-5) if norm and not prenorm else None
     x_in, pending = producer_share(x, nw, 1e-5) if prenorm else (x, None)
     kspec, launch = Q.plan_quantized_matmul("cuda", x_in, wq_p, sc_p, bi_p, group_size=group_size, bits=bits,
-                                            bias=lb_p, norm=norm_arg, config=cfg, rope=rope, prenorm=pending)
+                                            bias=lb_p, norm=norm_arg, config=cfg, rope=rope, prenorm=pending,
+                                            packed=Q.pack_scales_biases(sc_p, bi_p) if packed else None)
     is_split = launch.output_dtypes[0] == mx.float32
 
     xf = _f64(x)[0]
@@ -184,7 +187,7 @@ def qmm_rope_case(
     name = (
         f"qmm-rope-cuda-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-M{m}-D{head_dim}-Hq{n_heads}-Hkv{n_kv_heads}"
         f"-K{k}-b{bits}-{'trad' if traditional else 'half'}{'-bias' if bias else ''}{'-norm' if norm else ''}"
-        f"{'-split' + str(split) if split else ''}{'-prenorm' if prenorm else ''}"
+        f"{'-split' + str(split) if split else ''}{'-prenorm' if prenorm else ''}{'-packed' if packed else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -198,8 +201,10 @@ def qmm_rope_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=11, dtype=mx.bfloat16, norm=True, bias=True, k=512),
         dict(m=9, norm=True, bias=True, k=768, split=3),  # the norm folded over the K-slices
         dict(m=4, norm=True, bias=True, k=512, prenorm=True),  # the norm split with its producer
+        dict(m=2, norm=True, bias=True, k=512, packed=True),  # scales and biases as pairs (BB_QMM_SB_PACK)
     ]
-    quick_specs = specs[:1] + [s for s in specs if (s.get("split") and s.get("norm")) or s.get("prenorm")]
+    quick_specs = specs[:1] + [s for s in specs if (s.get("split") and s.get("norm")) or s.get("prenorm")
+                               or s.get("packed")]
     return [qmm_rope_case(rng, **s) for s in (quick_specs if quick else specs)]
 
 

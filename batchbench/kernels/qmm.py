@@ -1805,9 +1805,9 @@ RED_VEC = env_choice("BB_QMM_RED_VEC", "0", ON_OFF + ("glu",))
 # The register-stage kernels load a row's scale and bias of a chunk as two 2-byte loads from two
 # arrays: the quad's 4 lanes touch two L2 sectors for 8 + 8 useful bytes (ncu, the gate/up pair
 # at M=1: 4.36 M L2 sectors against 2.77 M ideal, results/h200-2026-11-30-s21/call4).
-# BB_QMM_SB_PACK=1: each swapped layer also keeps its scales and biases packed as (scale, bias)
-# pairs (`pack_scales_biases`, ~25% more bytes than the 4-bit weights take for groups of 32,
-# held beside the originals, which the twins, prefill and the ring kernels read), and those
+# BB_QMM_SB_PACK=1: each swapped or fused layer also keeps its scales and biases packed as
+# (scale, bias) pairs (`pack_scales_biases`: 25% of the 4-bit weights' bytes more at groups of
+# 32, beside the two arrays, which the twins, prefill and the ring kernels read), and those
 # kernels take one 4-byte load a row and chunk. Prepared, not yet run on a GPU.
 SB_PACK = env_choice("BB_QMM_SB_PACK", "0", ON_OFF) == "1"
 

@@ -123,8 +123,8 @@ for what in "$@"; do
              decode_prof "qmm-decode-prof-redglu-${v%%@*}" QMM_DECODE_B=16,32 BB_QMM_RED_VEC="${v#*@}"
            done ;;
     # BB_QMM_SB_PACK=1 (each layer's scales and biases also packed as (scale, bias) pairs: the
-    # register-stage matmuls load one word a row and chunk instead of two halves; nvcc: 84-93
-    # registers instead of 114-120 at M=1). sbpack-check (~4 min): verify-quick (qmm, qmm-rope)
+    # matmuls load one word a row and chunk instead of two halves; nvcc: 84-93 registers instead
+    # of 114-120 for gate/up, down and o_proj at M=1). sbpack-check (~4 min): verify-quick (qmm, qmm-rope)
     # and the 1.5B model against its pure-MLX twins with it on; ab-sbpack (~4 min): the decode
     # step at DECODE_B (default 1, 2, 8, 32), twice each way
     sbpack-check) part verify-gpu-quick-sbpack 200 env BB_QMM_SB_PACK=1 BATCHBENCH_VERIFY_QUICK=1 \

@@ -733,10 +733,11 @@ def test_warps_along_k_that_divide_the_chunks(monkeypatch):
     assert on["gu1"].blocks == qmm.persistent(dataclasses.replace(on["gu1"], blocks=0), 3584, 4).blocks
 
 
-def test_packed_scales_and_biases_take_the_register_stages():
+def test_packed_scales_and_biases_replace_the_two_arrays():
     """BB_QMM_SB_PACK: `pack_scales_biases` puts each group's (scale, bias) in one 4-byte word,
-    scale in the low half; a register-stage launch reads it in place of the two arrays (SBP),
-    a ring launch keeps the two; a packed array of the wrong shape or dtype is a one-line error."""
+    scale in the low half; a launch with them reads that array in place of the two (SBP), on
+    register stages and on the ring; a packed array of the wrong shape or dtype is a one-line
+    error."""
     rng = np.random.default_rng(3)
     w = mx.array(rng.standard_normal((64, 512)).astype(np.float32)).astype(mx.float16)
     wq, s, b = mx.quantize(w, group_size=32, bits=4)
@@ -746,11 +747,13 @@ def test_packed_scales_and_biases_take_the_register_stages():
     assert np.array_equal(words & 0xFFFF, np.array(s).view(np.uint16))
     assert np.array_equal(words >> 16, np.array(b).view(np.uint16))
     x = mx.zeros((1, 512), mx.float16)
-    for ns, sbp in ((0, True), (4, False)):
+    for ns in (0, 4):
         cfg = dataclasses.replace(qmm.choose_config(1, 64, 512, 4), ns=ns)
-        _, launch = qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, config=cfg, packed=packed)
-        assert dict(launch.template)["SBP"] is sbp
-        assert (launch.inputs[2] is packed and launch.inputs[3] is packed) is sbp
+        for p, sbp in ((packed, True), (None, False)):
+            _, launch = qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, config=cfg, packed=p)
+            assert dict(launch.template)["SBP"] is sbp
+            want = (packed, packed) if sbp else (s, b)
+            assert all(got is arr for got, arr in zip(launch.inputs[2:4], want))
     for bad in (packed[:32], packed.astype(mx.bfloat16), mx.stack([s, b, b], axis=-1)):
         with pytest.raises(ValueError, match="packed scales and biases must be"):
             qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, packed=bad)

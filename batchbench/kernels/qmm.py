@@ -741,8 +741,9 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   constexpr bool BSUM = DQ == 2;
   // SBP: scales and biases packed at load time as one 4-byte (scale, bias) pair a group
   // (`pack_scales_biases`, passed as both `scales` and `biases`): one load a row and chunk
-  // instead of two, one L2 sector instead of two for the quad's 4 groups.
-  static_assert(!SBP || NS == 0, "qmm: packed scales and biases take the register stages");
+  // instead of two, one L2 sector instead of two for the quad's 4 groups. The ring copies a
+  // row's pairs of a chunk (2 * SB bytes) in two halves, where it copied the scales and the
+  // biases, into the same slot bytes.
   static_assert(!BSUM || (LOP3 && MT == 1 && WF == 1 && NS == 0 && !NORM),
                 "qmm: the bias sums need the fp16 4-bit lop3 path, one token tile, register stages, no fused norm");
   constexpr int KT = 128 / BITS;            // k per lane per 16-byte load: 32 or 16
@@ -844,10 +845,11 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
           unsigned char* d = ring + slot * SLOTB + f * FSLOT;
           qmm_cp_async<16>(d + lane * 16, src);
           qmm_cp_async<16>(d + 512 + lane * 16, src + (size_t)8 * KW);
-          // lane t copies scales (t even) or biases (t odd) of row g (t < 2) or g + 8
-          const T* sbase = (t & 1) ? biases : scales;
-          qmm_cp_async<SB>(d + 1024 + ((g + 8 * (t >> 1)) * 2 + (t & 1)) * SB,
-                           sbase + (size_t)(r0 + 8 * (t >> 1)) * NG + (size_t)pc * (CK / GS));
+          // lane t copies scales (t even) or biases (t odd) of row g (t < 2) or g + 8; SBP: the
+          // first (t even) or second half of the row's pairs
+          const size_t sr = (size_t)(r0 + 8 * (t >> 1)) * NG + (size_t)pc * (CK / GS);
+          const T* ssrc = SBP ? scales + 2 * sr + (t & 1) * (SB / 2) : ((t & 1) ? biases : scales) + sr;
+          qmm_cp_async<SB>(d + 1024 + ((g + 8 * (t >> 1)) * 2 + (t & 1)) * SB, ssrc);
         }
         if (++pc == wc1) {
           pc = wc0;
@@ -1121,11 +1123,17 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       const unsigned char* d = ring + slot * SLOTB + f * FSLOT;
       wa[f] = *reinterpret_cast<const uint4*>(d + lane * 16);
       wb[f] = *reinterpret_cast<const uint4*>(d + 512 + lane * 16);
-      const uint16_t* sc = reinterpret_cast<const uint16_t*>(d + 1024);
-      sa[f] = sc[(g * 2) * (SB / 2) + q];
-      ba[f] = sc[(g * 2 + 1) * (SB / 2) + q];
-      sb[f] = sc[((g + 8) * 2) * (SB / 2) + q];
-      bb[f] = sc[((g + 8) * 2 + 1) * (SB / 2) + q];
+      if constexpr (SBP) {  // a row's 2 * SB bytes of pairs: word q is group q's
+        const uint32_t* sp = reinterpret_cast<const uint32_t*>(d + 1024);
+        sa[f] = ba[f] = sp[g * (SB / 2) + q];
+        sb[f] = bb[f] = sp[(g + 8) * (SB / 2) + q];
+      } else {
+        const uint16_t* sc = reinterpret_cast<const uint16_t*>(d + 1024);
+        sa[f] = sc[(g * 2) * (SB / 2) + q];
+        ba[f] = sc[(g * 2 + 1) * (SB / 2) + q];
+        sb[f] = sc[((g + 8) * 2) * (SB / 2) + q];
+        bb[f] = sc[((g + 8) * 2 + 1) * (SB / 2) + q];
+      }
     }
     mul(wa, wb, sa, ba, sb, bb, c);
   };
@@ -1807,8 +1815,9 @@ RED_VEC = env_choice("BB_QMM_RED_VEC", "0", ON_OFF + ("glu",))
 # at M=1: 4.36 M L2 sectors against 2.77 M ideal, results/h200-2026-11-30-s21/call4).
 # BB_QMM_SB_PACK=1: each swapped or fused layer also keeps its scales and biases packed as
 # (scale, bias) pairs (`pack_scales_biases`: 25% of the 4-bit weights' bytes more at groups of
-# 32, beside the two arrays, which the twins, prefill and the ring kernels read), and those
-# kernels take one 4-byte load a row and chunk. Prepared, not yet run on a GPU.
+# 32, beside the two arrays, which the twins and prefill read), and those kernels take one
+# 4-byte load a row and chunk (the ring: one sector a row instead of two, the same copies).
+# Prepared, not yet run on a GPU.
 SB_PACK = env_choice("BB_QMM_SB_PACK", "0", ON_OFF) == "1"
 
 
@@ -2089,8 +2098,8 @@ def plan_quantized_matmul(
     fp32 (NOUT); prenorm, x is such a y * weight and the outputs are scaled by the rows'
     rsqrt(mean + eps) from its sums (NPRE). bias_sums: the lop3 dequantization without the bias,
     which enters as bias times x's 32-k sums (None: BB_QMM_DQ=lop3b, where `_bias_sums_fit`).
-    packed: `pack_scales_biases(scales, biases)`, which register-stage configs read instead of
-    the two arrays (SBP); the ring reads the two."""
+    packed: `pack_scales_biases(scales, biases)`, which the kernel then reads instead of the two
+    arrays (SBP)."""
     if backend_name != "cuda":
         raise ValueError(f"quantized_matmul has a custom kernel only on cuda, not {backend_name!r}")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
@@ -2105,7 +2114,7 @@ def plan_quantized_matmul(
     if packed is not None and (tuple(packed.shape) != (*scales.shape, 2) or packed.dtype != scales.dtype):
         raise ValueError(f"quantized_matmul: packed scales and biases must be {[*scales.shape, 2]} {scales.dtype}, "
                          f"got {list(packed.shape)} {packed.dtype}")
-    sbp = packed is not None and not cfg.ns
+    sbp = packed is not None
     if cfg.wf not in (1, 2) or (cfg.wf == 2 and not cfg.ns) or n % (16 * cfg.wn * cfg.wf):
         raise ValueError(f"quantized_matmul: config {cfg} does not fit N={n} (wf 2 needs the ring, "
                          f"N a multiple of 16 * wn * wf)")

@@ -290,8 +290,6 @@ def qmm_case(
         glu_pair=glu_pair, norm_next=(nw2, 1e-5) if norm_next else None, prenorm=pending,
         bias_sums=bias_sums or None, packed=Q.pack_scales_biases(sc, bi) if packed else None,
     )
-    if packed and not dict(launch.template)["SBP"]:
-        raise ValueError("qmm_case: packed scales and biases need the register stages (ns=0)")
     xf = _f64(x)
     if glu:
         g, u = xf[:, :k], xf[:, k:]
@@ -446,7 +444,9 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
              bias_sums=True),
         # scales and biases packed as (scale, bias) pairs (BB_QMM_SB_PACK): lop3 and byte-permute
         # 4-bit, 8-bit bf16 with groups of 128 over a split K (a chunk inside a group), persistent
-        # blocks with the next norm's parts, the gate/up pair with a pending norm, the bias sums
+        # blocks with the next norm's parts, the gate/up pair with a pending norm, the bias sums;
+        # the ring with 4 and 8 bytes of pairs a row and chunk, two feature tiles a warp, across
+        # persistent tiles and after a split K, the gate/up pair at 32 rows with a folded norm
         dict(m=1, bits=4, group_size=32, n=64, k=512, bias=True, packed=True),
         dict(m=2, bits=4, group_size=64, n=64, k=512, res=True, lop3=False, packed=True),
         dict(m=3, bits=8, group_size=128, n=64, k=1024, split=2, bias=True, dtype=mx.bfloat16, packed=True),
@@ -454,6 +454,10 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=1, bits=4, group_size=32, n=96, k=512, norm=True, prenorm=True, glu_pair=True, blocks=2,
              packed=True),
         dict(m=1, bits=4, group_size=32, n=64, k=512, bias=True, bias_sums=True, packed=True),
+        dict(m=9, bits=8, group_size=32, n=160, k=512, res=True, blocks=4, ns=4, dtype=mx.bfloat16, packed=True),
+        dict(m=9, bits=4, group_size=32, n=256, k=512, res=True, blocks=3, ns=3, wf=2, packed=True),
+        dict(m=33, bits=4, group_size=64, n=128, k=768, split=3, bias=True, ns=2, lop3=False, packed=True),
+        dict(m=32, bits=4, group_size=32, n=128, k=1280, split=2, norm=True, glu_pair=True, ns=4, packed=True),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds

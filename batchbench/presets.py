@@ -54,14 +54,15 @@ def param_count(cfg: dict) -> int:
     return L * per_layer + v * h + head + h
 
 
-def weight_bytes(cfg: dict, dtype=mx.float16, quant: str = "none") -> int:
-    """Bytes of weights on the device (embedding stays in `dtype`, linears quantized)."""
+def weight_bytes(cfg: dict, dtype=mx.float16, quant: str = "none", packed: bool = False) -> int:
+    """Bytes of weights on the device (embedding stays in `dtype`, linears quantized). packed:
+    the linears also keep their scales and biases as pairs (BB_QMM_SB_PACK on CUDA)."""
     bits = QUANTS[quant]
     n = param_count(cfg)
     emb = cfg["vocab_size"] * cfg["hidden_size"]
     if bits is None:
         return n * dtype.size
-    per_weight = bits / 8 + 2 * 2 / GROUP_SIZE  # packed bits + fp16 scale and bias per group
+    per_weight = bits / 8 + 2 * 2 / GROUP_SIZE * (2 if packed else 1)  # bits + fp16 scale and bias a group
     return int(emb * dtype.size + (n - emb) * per_weight)
 
 

@@ -75,12 +75,19 @@ def load(values: dict, dtype):
     return model, cfg, name, quant, n_ctx_train
 
 
+def _weight_bytes(cfg: dict, dtype, quant: str) -> int:
+    """A preset's weights as the swaps will hold them (BB_QMM_SB_PACK adds packed pairs on CUDA)."""
+    from batchbench.kernels import qmm
+
+    return presets.weight_bytes(cfg, dtype, quant, packed=qmm.SB_PACK and backend.BACKEND == "cuda")
+
+
 def _load(values: dict, dtype):
     spec = values["model"] or f"preset:{presets.DEFAULT_PRESET}"
     if spec.startswith("preset:"):
         name = spec.split(":", 1)[1]
         cfg = presets.preset_config(name)
-        check_fits(presets.weight_bytes(cfg, dtype, values["quant"]), f"preset {name}")
+        check_fits(_weight_bytes(cfg, dtype, values["quant"]), f"preset {name}")
         model, cfg = presets.make_preset(name, dtype, values["quant"])
         return model, cfg, spec, values["quant"], cfg["max_position_embeddings"]
     if values["quant"] != "none":
@@ -135,7 +142,7 @@ def run_from_cli(values: dict, explicit: set[str], command: str) -> int:
         # Weights and caches of a preset are known before anything is built: check them together.
         cfg = presets.preset_config(spec.split(":", 1)[1])
         n_ctx = values["ctx_size"] or cfg["max_position_embeddings"]
-        need = presets.weight_bytes(cfg, dtype, values["quant"])
+        need = _weight_bytes(cfg, dtype, values["quant"])
         check_fits(need + _cache_bytes(cfg, modes, n_ctx, n_seq_max, values, dtype), f"{spec} with its KV cache")
     model, cfg, model_name, quant, n_ctx_train = load(values, dtype)
     n_ctx = values["ctx_size"] or n_ctx_train

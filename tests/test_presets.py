@@ -34,6 +34,10 @@ def test_seven_b_shape_sizes():
     emb = cfg["vocab_size"] * cfg["hidden_size"]
     expect = (param_count(cfg) - emb) * 5 / 8 + emb * 2
     assert weight_bytes(cfg, mx.float16, "q4_0") == pytest.approx(expect, rel=1e-6)
+    # BB_QMM_SB_PACK keeps each group's scale and bias a second time, as pairs
+    packed = expect + (param_count(cfg) - emb) * 4 / 32
+    assert weight_bytes(cfg, mx.float16, "q4_0", packed=True) == pytest.approx(packed, rel=1e-6)
+    assert weight_bytes(cfg, mx.float16, "none", packed=True) == param_count(cfg) * 2
 
 
 def test_seeded_presets_repeat():

@@ -67,9 +67,12 @@ def _cache_bytes(cfg: dict, modes: list[Mode], n_ctx: int, n_seq_max: int, value
 def load(values: dict, dtype):
     """Load the model named by -m (default preset), checking memory first; quantized linears
     then run through batchbench's decode matmul (MLX's own kernels where it has none)."""
+    from batchbench.kernels import qmm
     from batchbench.kernels.qmm import fuse_quantized_projections, use_fast_quantized_linears
 
     model, cfg, name, quant, n_ctx_train = _load(values, dtype)
+    if qmm.SB_PACK and backend.BACKEND == "cuda":  # a model file's pairs are known only now
+        check_fits(mx.get_active_memory() + qmm.packed_bytes(model), f"{name} with packed scales (BB_QMM_SB_PACK)")
     fuse_quantized_projections(model)
     use_fast_quantized_linears(model)
     return model, cfg, name, quant, n_ctx_train

@@ -757,3 +757,37 @@ def test_packed_scales_and_biases_replace_the_two_arrays():
     for bad in (packed[:32], packed.astype(mx.bfloat16), mx.stack([s, b, b], axis=-1)):
         with pytest.raises(ValueError, match="packed scales and biases must be"):
             qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, packed=bad)
+
+
+def test_packed_bytes_count_every_quantized_linear():
+    """`packed_bytes`: what BB_QMM_SB_PACK adds, each quantized linear's scales and biases again;
+    the preset's estimate (weight_bytes with packed) agrees with it."""
+    from batchbench.presets import make_preset, weight_bytes
+
+    model, cfg = make_preset("tiny", mx.float16, "q4_0")
+    layers = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert layers and qmm.packed_bytes(model) == sum(l["scales"].nbytes * 2 for l in layers)
+    extra = weight_bytes(cfg, mx.float16, "q4_0", packed=True) - weight_bytes(cfg, mx.float16, "q4_0")
+    assert extra == pytest.approx(qmm.packed_bytes(model), rel=0.01)
+
+
+def test_packing_is_checked_against_memory_before_it_is_made(monkeypatch):
+    """With BB_QMM_SB_PACK on CUDA, `run.load` checks the packed pairs against the free memory
+    before the swaps make them: a clear MemoryError naming them."""
+    from batchbench import run
+    from batchbench.presets import make_preset
+
+    checked = []
+
+    def check_fits(needed: int, what: str) -> None:
+        checked.append(what)
+        raise MemoryError(f"{what} needs about {needed} bytes")
+
+    monkeypatch.setattr(qmm, "SB_PACK", True)
+    monkeypatch.setattr(run.backend, "BACKEND", "cuda")
+    monkeypatch.setattr(run, "_load", lambda values, dtype: (
+        make_preset("tiny", mx.float16, "q4_0")[0], {}, "tiny", "q4_0", 512))
+    monkeypatch.setattr(run, "check_fits", check_fits)
+    with pytest.raises(MemoryError, match="packed scales"):
+        run.load({}, mx.float16)
+    assert len(checked) == 1

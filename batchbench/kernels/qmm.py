@@ -1821,6 +1821,12 @@ RED_VEC = env_choice("BB_QMM_RED_VEC", "0", ON_OFF + ("glu",))
 SB_PACK = env_choice("BB_QMM_SB_PACK", "0", ON_OFF) == "1"
 
 
+def packed_bytes(model: nn.Module) -> int:
+    """What BB_QMM_SB_PACK's pairs add to `model`: each quantized linear's scales and biases again."""
+    return sum(m["scales"].nbytes + m["biases"].nbytes for _, m in model.named_modules()
+               if isinstance(m, nn.QuantizedLinear) and m.get("biases") is not None)
+
+
 def pack_scales_biases(scales: mx.array, biases: mx.array) -> mx.array:
     """[N, G] scales and biases as [N, G, 2] (scale, bias) pairs: one 4-byte word a group, the
     scale in its low half (the kernel's SBP)."""

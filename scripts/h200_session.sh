@@ -124,9 +124,9 @@ for what in "$@"; do
            done ;;
     # BB_QMM_SB_PACK=1 (each layer's scales and biases also packed as (scale, bias) pairs: the
     # matmuls load one word a row and chunk instead of two halves; nvcc: 84-93 registers instead
-    # of 114-120 for gate/up, down and o_proj at M=1). sbpack-check (~4 min): verify-quick (qmm, qmm-rope)
-    # and the 1.5B model against its pure-MLX twins with it on; ab-sbpack (~4 min): the decode
-    # step at DECODE_B (default 1, 2, 8, 32), twice each way
+    # of 114-120 for gate/up, down and o_proj at M=1). sbpack-check (~4 min): verify-quick (qmm,
+    # qmm-rope) and the 1.5B model against its pure-MLX twins with it on; ab-sbpack (~4 min):
+    # the decode step at DECODE_B (default 1, 2, 8, 32), twice each way
     sbpack-check) part verify-gpu-quick-sbpack 200 env BB_QMM_SB_PACK=1 BATCHBENCH_VERIFY_QUICK=1 \
              BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope OUT="$R" python3 -m batchbench.verify.gpu
            part model-check-sbpack 200 env BB_QMM_SB_PACK=1 MODEL_CHECK_CASES="1:64:2,8:32:2,32:16:2" \
@@ -135,7 +135,8 @@ for what in "$@"; do
              decode_prof "qmm-decode-prof-sbpack-${v%%@*}" BB_QMM_SB_PACK="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,8,32}"
            done ;;
     # session 21's three prepared switches (measured in session 22, results/h200-2026-11-30-s22).
-    # prep-check (~4 min): verify-quick (qmm, qmm-rope) and the 1.5B model against its pure-MLX twins (B = 1, 16) with all three on;
+    # prep-check (~4 min): verify-quick (qmm, qmm-rope) and the 1.5B model against its pure-MLX
+    # twins (B = 1, 16) with all three on;
     # then each A/B alone, the decode step twice each way: ab-dq (BB_QMM_DQ=lop3b, one token's
     # weights dequantized without their bias; B = 1, 2, B=2 a control, ~3 min), ab-wk (above),
     # ab-redvec (BB_QMM_RED_VEC=1, four pairs a thread in the pair reduce; B = 16, 32, ~3 min)

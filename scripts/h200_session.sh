@@ -134,6 +134,11 @@ for what in "$@"; do
     ab-sbpack) for v in base@0 sp@1 base2@0 sp2@1; do
              decode_prof "qmm-decode-prof-sbpack-${v%%@*}" BB_QMM_SB_PACK="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,8,32}"
            done ;;
+    # with the packing, down at M = 1-2 on three chunks a stage (nvcc: 128 registers, two blocks
+    # an SM; unpacked 152, one block: measured slower in session 17) against two (~3 min)
+    ab-sbpack-p3) for v in sp@ p3@down:1-2:p=3 sp2@ p32@down:1-2:p=3; do
+             decode_prof "qmm-decode-prof-sbpack-${v%%@*}" BB_QMM_SB_PACK=1 QMM_PATCH="${v#*@}" QMM_DECODE_B=1,2
+           done ;;
     # session 21's three prepared switches (measured in session 22, results/h200-2026-11-30-s22).
     # prep-check (~4 min): verify-quick (qmm, qmm-rope) and the 1.5B model against its pure-MLX
     # twins (B = 1, 16) with all three on;

@@ -458,6 +458,8 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=9, bits=4, group_size=32, n=256, k=512, res=True, blocks=3, ns=3, wf=2, packed=True),
         dict(m=33, bits=4, group_size=64, n=128, k=768, split=3, bias=True, ns=2, lop3=False, packed=True),
         dict(m=32, bits=4, group_size=32, n=128, k=1280, split=2, norm=True, glu_pair=True, ns=4, packed=True),
+        # down_proj's K at one token on three chunks a stage (h200_session's ab-sbpack-p3)
+        dict(m=1, bits=4, group_size=32, n=32, k=18944, split=1, res=True, p=3, packed=True),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds

@@ -1038,8 +1038,8 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         c1[f] = qmm_m1024(s1[f]);
         c1h[f] = qmm_m1024(s1h[f]);
         const float sx = sxs[(c - cs0) * (CK / 32) + t];  // the sum of the 32 x values of this lane's 16 bytes
-        bs0 += (SBP ? qmm_to_float2(ba[f], false).y : qmm_to_float2(ba[f], false).x) * sx;
-        bs1 += (SBP ? qmm_to_float2(bb[f], false).y : qmm_to_float2(bb[f], false).x) * sx;
+        bs0 += qmm_to_float2(b0[f], false).x * sx;  // b0, b1: the biases in both halves
+        bs1 += qmm_to_float2(b1[f], false).x * sx;
       }
       u0[f][0] = wa[f].x; u0[f][1] = wa[f].y; u0[f][2] = wa[f].z; u0[f][3] = wa[f].w;
       u1[f][0] = wb[f].x; u1[f][1] = wb[f].y; u1[f][2] = wb[f].z; u1[f][3] = wb[f].w;

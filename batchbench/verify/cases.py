@@ -251,9 +251,8 @@ def qmm_case(
     result is silu(x @ gate.T) * (x @ up.T) [m, n/2]. ns: ring slots per warp (the cp.async
     pipeline; 0 keeps the register stages); wf: 16-row feature tiles per warp (2 needs ns);
     wk: warps along K (0: choose_config's), fewer for longer runs of chunks per warp (wn: along
-    N); pre: both
-    register stages loaded ahead (None: choose_config's); p: chunks per register stage (0:
-    choose_config's); norm_out: the reduce kernel after a split K also writes the RMSNorm of y
+    N); pre: both register stages loaded ahead (None: choose_config's); p: chunks per register
+    stage (0: choose_config's); norm_out: the reduce kernel after a split K also writes the RMSNorm of y
     (the result is then [y | rms_norm(y) * r], r the reference's row RMS, so both halves share
     one tolerance). One K-slice: norm_next, the kernel also writes y * nw2 and each 16- or
     32-row tile's sums of squares of y (the result is then [y | y * nw2 | each tile's RMS of y]);
@@ -427,8 +426,8 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=1, bits=8, group_size=32, n=64, k=3584, split=1, norm=True, prenorm=True, dtype=mx.bfloat16),
         # K = 4608: 288 producer tiles, a lane's partials in two rounds of loads
         dict(m=3, bits=4, group_size=32, n=32, k=4608, split=1, norm=True, prenorm=True),
-        # seven warps along K (224 threads): the 28 chunks of K = 3584 four a warp, as the gate/up
-        # pair and o_proj would take them at M = 1 (the warp-count A/B of h200_session's ab-wk)
+        # seven warps along K (224 threads): the 28 chunks of K = 3584 four a warp, as
+        # BB_QMM_WK_DIVIDE=1 gives the gate/up pair and o_proj at M = 1 (the default, narrow: o_proj)
         dict(m=1, bits=4, group_size=32, n=64, k=3584, split=1, wk=7, norm=True, prenorm=True, glu_pair=True,
              blocks=2),
         dict(m=5, bits=4, group_size=32, n=64, k=3584, split=1, wk=7, res=True, norm_next=True, blocks=2),

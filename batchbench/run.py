@@ -71,7 +71,7 @@ def load(values: dict, dtype):
     from batchbench.kernels.qmm import fuse_quantized_projections, use_fast_quantized_linears
 
     model, cfg, name, quant, n_ctx_train = _load(values, dtype)
-    if qmm.SB_PACK and backend.BACKEND == "cuda":  # a model file's pairs are known only now
+    if qmm.packs_scales():  # a model file's pairs are known only now
         check_fits(mx.get_active_memory() + qmm.packed_bytes(model), f"{name} with packed scales (BB_QMM_SB_PACK)")
     fuse_quantized_projections(model)
     use_fast_quantized_linears(model)
@@ -82,7 +82,7 @@ def _weight_bytes(cfg: dict, dtype, quant: str) -> int:
     """A preset's weights as the swaps will hold them (BB_QMM_SB_PACK adds packed pairs on CUDA)."""
     from batchbench.kernels import qmm
 
-    return presets.weight_bytes(cfg, dtype, quant, packed=qmm.SB_PACK and backend.BACKEND == "cuda")
+    return presets.weight_bytes(cfg, dtype, quant, packed=qmm.packs_scales())
 
 
 def _load(values: dict, dtype):

@@ -1821,6 +1821,11 @@ RED_VEC = env_choice("BB_QMM_RED_VEC", "0", ON_OFF + ("glu",))
 SB_PACK = env_choice("BB_QMM_SB_PACK", "0", ON_OFF) == "1"
 
 
+def packs_scales() -> bool:
+    """The swaps keep packed scales and biases (BB_QMM_SB_PACK=1, read only by the CUDA kernels)."""
+    return SB_PACK and backend.BACKEND == "cuda"
+
+
 def packed_bytes(model: nn.Module) -> int:
     """What BB_QMM_SB_PACK's pairs add to `model`: each quantized linear's scales and biases again."""
     return sum(m["scales"].nbytes + m["biases"].nbytes for _, m in model.named_modules()
@@ -2488,7 +2493,7 @@ class QuantizedLinear(nn.QuantizedLinear):
 
 def _add_packed(layer: nn.Module) -> None:
     """layer["packed"] = its scales and biases as pairs, where BB_QMM_SB_PACK=1 asks for them on CUDA."""
-    if SB_PACK and backend.BACKEND == "cuda" and layer.get("biases") is not None:
+    if packs_scales() and layer.get("biases") is not None:
         layer["packed"] = pack_scales_biases(layer["scales"], layer["biases"])
         mx.eval(layer["packed"])
 

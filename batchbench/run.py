@@ -18,6 +18,7 @@ from batchbench.memory import activation_bytes, check_fits, kv_bytes
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 KV_TYPES = {"f16", "bf16", "f32"}
+PACK_OFF = "BB_QMM_SB_PACK=0 leaves them out"
 
 
 def _modes(values: dict, fa: int) -> list[Mode]:
@@ -72,17 +73,20 @@ def load(values: dict, dtype):
 
     model, cfg, name, quant, n_ctx_train = _load(values, dtype)
     if qmm.packs_scales():  # a model file's pairs are known only now
-        check_fits(mx.get_active_memory() + qmm.packed_bytes(model), f"{name} with packed scales (BB_QMM_SB_PACK)")
+        check_fits(mx.get_active_memory() + qmm.packed_bytes(model), f"{name} with packed scales ({PACK_OFF})")
     fuse_quantized_projections(model)
     use_fast_quantized_linears(model)
     return model, cfg, name, quant, n_ctx_train
 
 
-def _weight_bytes(cfg: dict, dtype, quant: str) -> int:
-    """A preset's weights as the swaps will hold them (BB_QMM_SB_PACK adds packed pairs on CUDA)."""
+def _weight_bytes(cfg: dict, dtype, quant: str) -> tuple[int, str]:
+    """A preset's weights as the swaps will hold them, and what a memory error adds about the
+    packed pairs that BB_QMM_SB_PACK keeps on CUDA."""
     from batchbench.kernels import qmm
 
-    return presets.weight_bytes(cfg, dtype, quant, packed=qmm.packs_scales())
+    packed = qmm.packs_scales() and quant != "none"
+    note = f" with packed scales ({PACK_OFF})" if packed else ""
+    return presets.weight_bytes(cfg, dtype, quant, packed=packed), note
 
 
 def _load(values: dict, dtype):
@@ -90,7 +94,8 @@ def _load(values: dict, dtype):
     if spec.startswith("preset:"):
         name = spec.split(":", 1)[1]
         cfg = presets.preset_config(name)
-        check_fits(_weight_bytes(cfg, dtype, values["quant"]), f"preset {name}")
+        need, note = _weight_bytes(cfg, dtype, values["quant"])
+        check_fits(need, f"preset {name}{note}")
         model, cfg = presets.make_preset(name, dtype, values["quant"])
         return model, cfg, spec, values["quant"], cfg["max_position_embeddings"]
     if values["quant"] != "none":
@@ -145,8 +150,8 @@ def run_from_cli(values: dict, explicit: set[str], command: str) -> int:
         # Weights and caches of a preset are known before anything is built: check them together.
         cfg = presets.preset_config(spec.split(":", 1)[1])
         n_ctx = values["ctx_size"] or cfg["max_position_embeddings"]
-        need = _weight_bytes(cfg, dtype, values["quant"])
-        check_fits(need + _cache_bytes(cfg, modes, n_ctx, n_seq_max, values, dtype), f"{spec} with its KV cache")
+        need, note = _weight_bytes(cfg, dtype, values["quant"])
+        check_fits(need + _cache_bytes(cfg, modes, n_ctx, n_seq_max, values, dtype), f"{spec}{note} and its KV cache")
     model, cfg, model_name, quant, n_ctx_train = load(values, dtype)
     n_ctx = values["ctx_size"] or n_ctx_train
     check_fits(mx.get_active_memory() + _cache_bytes(cfg, modes, n_ctx, n_seq_max, values, dtype),

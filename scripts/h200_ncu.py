@@ -11,7 +11,8 @@ the RMSNorm and bias, o with the residual, gate/up with the RMSNorm, down with t
 on the gate product as the decode step gives it (before session 18 this script's down formed
 the product in its x staging, as the step no longer does), lm_head with the RMSNorm), at M=32
 gate/up and down, and the attention kernel at B=1 x 4096, B=2 x 4096 and B=32 x 8192 cells
-with live lists.
+with live lists. The matmuls read packed scales and biases where the model's layers hold them
+(BB_QMM_SB_PACK, on by default on CUDA; before session 23 this script never passed them).
 Each is launched twice (the first compiles; profile both: ncu flushes caches before each).
 PARTS=qmm or PARTS=attn picks one half. NCU_M=32 and NCU_NAMES=gate_up,down pick matmuls;
 NCU_WF=2 also runs each picked matmul with two feature tiles per warp (QmmConfig.wf, the ring).
@@ -62,6 +63,8 @@ def run_qmm() -> None:
             if not NCU_NAMES and m == 32 and name not in ("gate_up", "down"):
                 continue
             w, s, b = qweights(n, k)
+            if qmm.packs_scales():  # as the model's layers hold them (BB_QMM_SB_PACK)
+                kw = dict(kw, packed=qmm.pack_scales_biases(s, b))
             cfg = qmm.choose_config(m, n, k, 4)
             print(f"qmm {name} M={m}: {cfg}", flush=True)
             for _ in range(2):

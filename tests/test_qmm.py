@@ -791,3 +791,28 @@ def test_packing_is_checked_against_memory_before_it_is_made(monkeypatch):
     with pytest.raises(MemoryError, match="packed scales"):
         run.load({}, mx.float16)
     assert len(checked) == 1
+
+
+@pytest.mark.parametrize("pack,quant", [(True, "q4_0"), (False, "q4_0"), (True, "none")])
+def test_preset_memory_check_counts_the_packed_pairs_and_says_how_to_drop_them(monkeypatch, pack, quant):
+    """A preset's memory check before anything is built: with BB_QMM_SB_PACK on CUDA (the default
+    there) it counts the packed pairs of the quantized linears, and its error says how to leave
+    them out; unquantized presets and other back-ends have none."""
+    from batchbench import run
+    from batchbench.presets import preset_config, weight_bytes
+
+    checked = []
+
+    def check_fits(needed: int, what: str) -> None:
+        checked.append((needed, what))
+        raise MemoryError(what)
+
+    monkeypatch.setattr(qmm, "SB_PACK", pack)
+    monkeypatch.setattr(run.backend, "BACKEND", "cuda")
+    monkeypatch.setattr(run, "check_fits", check_fits)
+    with pytest.raises(MemoryError):
+        run._load({"model": "preset:qwen2.5-7b", "quant": quant}, mx.float16)
+    (needed, what), = checked
+    packed = pack and quant != "none"
+    assert needed == weight_bytes(preset_config("qwen2.5-7b"), mx.float16, quant, packed=packed)
+    assert ("BB_QMM_SB_PACK=0" in what) == packed

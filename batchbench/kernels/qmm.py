@@ -1807,9 +1807,10 @@ WK_DIVIDE = env_choice("BB_QMM_WK_DIVIDE", "narrow", ON_OFF + ("narrow",))
 # by two 16-byte loads (the same sums in the same order). Slower on the H200 (s22/call3, two runs
 # each way, decode step kernel time): B=16 3.194-3.195 -> 3.216-3.217 ms, B=32 3.585-3.587 ->
 # 3.607-3.613. The gate product's reduce gained (M = 16 / 32: 3.2 -> 2.8, 5.8 -> 4.7 us), the
-# RoPE pair's lost more (2.6 -> 3.6, 3.3 -> 4.5). BB_QMM_RED_VEC=glu: the gate product's only;
-# prepared, not yet run on a GPU (h200_session.sh ab-redglu).
-RED_VEC = env_choice("BB_QMM_RED_VEC", "0", ON_OFF + ("glu",))
+# RoPE pair's lost more (2.6 -> 3.6, 3.3 -> 4.5). Default `glu`: the gate product's only;
+# decode step, kernel time (s23/call2, two runs each way): B=16 3.212 -> 3.200-3.202 ms, B=32
+# 3.603 -> 3.554-3.581.
+RED_VEC = env_choice("BB_QMM_RED_VEC", "glu", ON_OFF + ("glu",))
 # The register-stage kernels load a row's scale and bias of a chunk as two 2-byte loads from two
 # arrays: the quad's 4 lanes touch two L2 sectors for 8 + 8 useful bytes (ncu, the gate/up pair
 # at M=1: 4.36 M L2 sectors against 2.77 M ideal, results/h200-2026-11-30-s21/call4).
@@ -1817,8 +1818,10 @@ RED_VEC = env_choice("BB_QMM_RED_VEC", "0", ON_OFF + ("glu",))
 # (scale, bias) pairs (`pack_scales_biases`: 25% of the 4-bit weights' bytes more at groups of
 # 32, beside the two arrays, which the twins and prefill read), and those kernels take one
 # 4-byte load a row and chunk (the ring: one sector a row instead of two, the same copies).
-# Prepared, not yet run on a GPU.
-SB_PACK = env_choice("BB_QMM_SB_PACK", "0", ON_OFF) == "1"
+# On by default: decode step, kernel time (s23/call2, two runs each way): B = 1 / 2 / 8 / 32
+# 1.900 / 2.042-2.046 / 2.202-2.206 / 3.588-3.613 -> 1.869-1.871 / 2.028-2.030 / 2.186-2.187 /
+# 3.492-3.494 ms. BB_QMM_SB_PACK=0 saves the packed copy's memory.
+SB_PACK = env_choice("BB_QMM_SB_PACK", "1", ON_OFF) == "1"
 
 
 def packs_scales() -> bool:

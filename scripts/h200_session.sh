@@ -134,6 +134,11 @@ for what in "$@"; do
     ab-sbpack) for v in base@0 sp@1 base2@0 sp2@1; do
              decode_prof "qmm-decode-prof-sbpack-${v%%@*}" BB_QMM_SB_PACK="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,8,32}"
            done ;;
+    # BB_QMM_SB_PACK=norope (session 23: q/k/v with its RoPE epilogue lost 0.3-0.4 us at M = 1, 2,
+    # 8 with the pairs, every other matmul gained): those calls read the two arrays (~2.5 min)
+    ab-norope) for v in sp@1 nr@norope sp2@1 nr2@norope; do
+             decode_prof "qmm-decode-prof-norope-${v%%@*}" BB_QMM_SB_PACK="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,8}"
+           done ;;
     # with the packing, down at M = 1-2 on three chunks a stage (nvcc: 128 registers, two blocks
     # an SM; unpacked 152, one block: measured slower in session 17) against two (~3 min)
     ab-sbpack-p3) for v in sp@ p3@down:1-2:p=3 sp2@ p32@down:1-2:p=3; do
@@ -213,7 +218,7 @@ for what in "$@"; do
                --section SchedulerStats ${NCU_EXTRA:-} --print-details all python3 scripts/h200_ncu.py ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

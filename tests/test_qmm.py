@@ -783,7 +783,7 @@ def test_packing_is_checked_against_memory_before_it_is_made(monkeypatch):
         checked.append(what)
         raise MemoryError(f"{what} needs about {needed} bytes")
 
-    monkeypatch.setattr(qmm, "SB_PACK", True)
+    monkeypatch.setattr(qmm, "SB_PACK", "1")
     monkeypatch.setattr(run.backend, "BACKEND", "cuda")
     monkeypatch.setattr(run, "_load", lambda values, dtype: (
         make_preset("tiny", mx.float16, "q4_0")[0], {}, "tiny", "q4_0", 512))
@@ -807,7 +807,7 @@ def test_preset_memory_check_counts_the_packed_pairs_and_says_how_to_drop_them(m
         checked.append((needed, what))
         raise MemoryError(what)
 
-    monkeypatch.setattr(qmm, "SB_PACK", pack)
+    monkeypatch.setattr(qmm, "SB_PACK", "1" if pack else "0")
     monkeypatch.setattr(run.backend, "BACKEND", "cuda")
     monkeypatch.setattr(run, "check_fits", check_fits)
     with pytest.raises(MemoryError):
@@ -816,3 +816,30 @@ def test_preset_memory_check_counts_the_packed_pairs_and_says_how_to_drop_them(m
     packed = pack and quant != "none"
     assert needed == weight_bytes(preset_config("qwen2.5-7b"), mx.float16, quant, packed=packed)
     assert ("BB_QMM_SB_PACK=0" in what) == packed
+
+
+@pytest.mark.parametrize("mode", ["1", "norope"])
+def test_norope_reads_the_two_arrays_only_where_rope_is_the_matmuls_epilogue(monkeypatch, mode):
+    """BB_QMM_SB_PACK=norope: the layers keep their pairs, but q/k/v whose RoPE epilogue is in the
+    matmul (one K-slice) gets the two arrays; over a split K (RoPE in the reduce) and without
+    RoPE the kernel gets the pairs, as with 1."""
+    x = mx.zeros((1, 512), mx.float16)
+    wq, s, b = mx.quantize(mx.zeros((256, 512), mx.float16), group_size=32, bits=4)
+    packed = qmm.pack_scales_biases(s, b)
+    seen = []
+
+    class Planned(Exception):
+        pass
+
+    def plan(*args, packed=None, config=None, **kw):
+        seen.append((config.s, kw["rope"] is not None, packed is not None))
+        raise Planned
+
+    monkeypatch.setattr(qmm, "SB_PACK", mode)
+    monkeypatch.setattr(qmm, "plan_quantized_matmul", plan)
+    one = qmm.QmmConfig(mt=1, wn=2, wk=4, p=2, s=1, mrows=1)
+    split = dataclasses.replace(one, s=2)
+    for cfg, rope in ((one, object()), (split, object()), (one, None)):
+        with pytest.raises(Planned):
+            qmm._run_kernel(cfg, x, wq, s, b, 32, 4, 1, 256, 512, None, None, False, None, rope=rope, packed=packed)
+    assert seen == [(1, True, mode == "1"), (2, True, True), (1, False, True)]

@@ -28,7 +28,7 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
             n.weight = mx.array(rng.uniform(0.5, 1.5, n.weight.shape).astype(np.float32)).astype(mx.float16)
     # only qmm sees CUDA: attention, RoPE and masks stay on their MLX twins
     monkeypatch.setattr(qmm, "backend", types.SimpleNamespace(BACKEND="cuda" if cuda else "cpu"))
-    monkeypatch.setattr(qmm, "SB_PACK", sb_pack)  # read by the swaps below
+    monkeypatch.setattr(qmm, "SB_PACK", "1" if sb_pack else "0")  # read by the swaps below
     # no RoPE / K-V-write pair epilogue: it writes the cache in place, which emulation cannot
     qmm.fuse_quantized_projections(model, pair_order=False)
     qmm.use_fast_quantized_linears(model)

@@ -1820,13 +1820,15 @@ RED_VEC = env_choice("BB_QMM_RED_VEC", "glu", ON_OFF + ("glu",))
 # 4-byte load a row and chunk (the ring: one sector a row instead of two, the same copies).
 # On by default: decode step, kernel time (s23/call2, two runs each way): B = 1 / 2 / 8 / 32
 # 1.900 / 2.042-2.046 / 2.202-2.206 / 3.588-3.613 -> 1.869-1.871 / 2.028-2.030 / 2.186-2.187 /
-# 3.492-3.494 ms. BB_QMM_SB_PACK=0 saves the packed copy's memory.
-SB_PACK = env_choice("BB_QMM_SB_PACK", "1", ON_OFF) == "1"
+# 3.492-3.494 ms. BB_QMM_SB_PACK=0 saves the packed copy's memory. Every matmul gained but q/k/v
+# with its RoPE epilogue on one K-slice (M <= 8 in the 7B shape: 8.3 -> 8.6-8.7 us at M=1, 9.9
+# -> 10.3 at M=8); `norope` keeps the pairs but reads the two arrays there (not yet timed).
+SB_PACK = env_choice("BB_QMM_SB_PACK", "1", ON_OFF + ("norope",))
 
 
 def packs_scales() -> bool:
-    """The swaps keep packed scales and biases (BB_QMM_SB_PACK=1, read only by the CUDA kernels)."""
-    return SB_PACK and backend.BACKEND == "cuda"
+    """The swaps keep packed scales and biases (BB_QMM_SB_PACK, read only by the CUDA kernels)."""
+    return SB_PACK != "0" and backend.BACKEND == "cuda"
 
 
 def packed_bytes(model: nn.Module) -> int:
@@ -2424,6 +2426,8 @@ def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.astype(x.dtype)
     pair = glu_pair or rope is not None
+    if rope is not None and cfg.s == 1 and SB_PACK == "norope":
+        packed = None
     norm_next = norm_out if (NORM_PRE and norm_out is not None and _norm_parts_fit(cfg, pair)
                              and _norm_weight_ok(norm_out[0], n, x.dtype)) else None
     ks, launch = plan_quantized_matmul(
@@ -2486,7 +2490,7 @@ class QuantizedLinear(nn.QuantizedLinear):
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedLinear) -> "QuantizedLinear":
         """Same arrays and settings, no copy (nn.QuantizedLinear's __init__ would quantize noise);
-        with BB_QMM_SB_PACK=1 on CUDA, also the packed scales and biases ("packed")."""
+        with BB_QMM_SB_PACK (1, norope) on CUDA, also the packed scales and biases ("packed")."""
         new = cls.__new__(cls)
         new.__dict__.update(layer.__dict__)
         dict.update(new, layer)
@@ -2495,7 +2499,7 @@ class QuantizedLinear(nn.QuantizedLinear):
 
 
 def _add_packed(layer: nn.Module) -> None:
-    """layer["packed"] = its scales and biases as pairs, where BB_QMM_SB_PACK=1 asks for them on CUDA."""
+    """layer["packed"] = its scales and biases as pairs, where BB_QMM_SB_PACK (1, norope) asks for them on CUDA."""
     if packs_scales() and layer.get("biases") is not None:
         layer["packed"] = pack_scales_biases(layer["scales"], layer["biases"])
         mx.eval(layer["packed"])

@@ -793,8 +793,9 @@ def test_packing_is_checked_against_memory_before_it_is_made(monkeypatch):
     assert len(checked) == 1
 
 
-@pytest.mark.parametrize("pack,quant", [(True, "q4_0"), (False, "q4_0"), (True, "none")])
-def test_preset_memory_check_counts_the_packed_pairs_and_says_how_to_drop_them(monkeypatch, pack, quant):
+@pytest.mark.parametrize("pack,quant,back", [(True, "q4_0", "cuda"), (False, "q4_0", "cuda"), (True, "none", "cuda"),
+                                             (True, "q4_0", "cpu")])
+def test_preset_memory_check_counts_the_packed_pairs_and_says_how_to_drop_them(monkeypatch, pack, quant, back):
     """A preset's memory check before anything is built: with BB_QMM_SB_PACK on CUDA (the default
     there) it counts the packed pairs of the quantized linears, and its error says how to leave
     them out; unquantized presets and other back-ends have none."""
@@ -808,12 +809,12 @@ def test_preset_memory_check_counts_the_packed_pairs_and_says_how_to_drop_them(m
         raise MemoryError(what)
 
     monkeypatch.setattr(qmm, "SB_PACK", "1" if pack else "0")
-    monkeypatch.setattr(run.backend, "BACKEND", "cuda")
+    monkeypatch.setattr(run.backend, "BACKEND", back)
     monkeypatch.setattr(run, "check_fits", check_fits)
     with pytest.raises(MemoryError):
         run._load({"model": "preset:qwen2.5-7b", "quant": quant}, mx.float16)
     (needed, what), = checked
-    packed = pack and quant != "none"
+    packed = pack and quant != "none" and back == "cuda"
     assert needed == weight_bytes(preset_config("qwen2.5-7b"), mx.float16, quant, packed=packed)
     assert ("BB_QMM_SB_PACK=0" in what) == packed
 

@@ -1820,10 +1820,10 @@ RED_VEC = env_choice("BB_QMM_RED_VEC", "glu", ON_OFF + ("glu",))
 # 4-byte load a row and chunk (the ring: one sector a row instead of two, the same copies).
 # On by default: decode step, kernel time (s23/call2, two runs each way): B = 1 / 2 / 8 / 32
 # 1.900 / 2.042-2.046 / 2.202-2.206 / 3.588-3.613 -> 1.869-1.871 / 2.028-2.030 / 2.186-2.187 /
-# 3.492-3.494 ms. BB_QMM_SB_PACK=0 saves the packed copy's memory. Every matmul gained but q/k/v
-# with its RoPE epilogue on one K-slice (M <= 8 in the 7B shape: 8.3 -> 8.6-8.7 us at M=1, 9.9
-# -> 10.3 at M=8). Default `norope`: the layers keep the pairs but those calls read the two
-# arrays. 1 -> norope (s23/call9, two runs each way): B=1 1.851-1.856 -> 1.839-1.846 ms, B=8
+# 3.492-3.494 ms. BB_QMM_SB_PACK=0 saves the packed copy's memory. At M = 1, 2, 8, 32 every
+# matmul gained but q/k/v with its RoPE epilogue on one K-slice (M <= 8 in the 7B shape: 8.3
+# -> 8.6-8.7 us at M=1, 9.9 -> 10.3 at M=8). Default `norope`: the layers keep the pairs but
+# those calls read the two arrays. 1 -> norope (s23/call9, two runs each way): B=1 1.851-1.856 -> 1.839-1.846 ms, B=8
 # 2.172 -> 2.157-2.163 (q/k/v 8.6 -> 8.2-8.3 us at M=1, 10.4 -> 9.9 at M=8).
 SB_PACK = env_choice("BB_QMM_SB_PACK", "norope", ON_OFF + ("norope",))
 

@@ -15,6 +15,7 @@ with live lists. The matmuls read packed scales and biases where the model's lay
 (BB_QMM_SB_PACK, on by default on CUDA; before session 23 this script never passed them).
 Each is launched twice (the first compiles; profile both: ncu flushes caches before each).
 PARTS=qmm or PARTS=attn picks one half. NCU_M=32 and NCU_NAMES=gate_up,down pick matmuls;
+NCU_NAMES=qkv_rope adds q/k/v with its RoPE epilogue as the decode step runs it (not by default);
 NCU_WF=2 also runs each picked matmul with two feature tiles per warp (QmmConfig.wf, the ring).
 """
 
@@ -78,6 +79,36 @@ def run_qmm() -> None:
                     for _ in range(2):
                         mx.eval(kspec.run(ks, launch))
             del w, s, b
+        if "qkv_rope" in NCU_NAMES.split(",") and m <= 32:
+            run_qkv_rope(m)
+
+
+def run_qkv_rope(m: int) -> None:
+    """q/k/v with its RoPE + K/V-write epilogue as the decode step runs it: the fused layer (rows
+    in rope_pair_order, packed pairs as BB_QMM_SB_PACK keeps them) on x = o_proj's y * weight
+    with its pending norm (BB_QMM_NORM_PRE)."""
+    import mlx.nn as nn
+
+    from batchbench.verify.cases import producer_share
+
+    rope = dict(n_heads=28, n_kv_heads=4, head_dim=128, base=1e6, scale=1.0, traditional=False)
+    parts = []
+    for n in (3584, 512, 512):
+        layer = nn.QuantizedLinear(H, n, bias=True, group_size=32, bits=4)
+        layer.weight, layer.scales, layer.biases = qweights(n, H)
+        layer.bias = mx.zeros((n,), mx.float16)
+        parts.append(layer)
+    fused = qmm.FusedQuantizedLinear(parts, rope)
+    x, pending = producer_share(mx.random.normal((1, m, H)).astype(mx.float16), mx.ones((H,), mx.float16), 1e-6)
+    keys, values = (mx.zeros((1, 4, 64, 128), mx.float16) for _ in range(2))
+    store = qmm.RopeStore(mx.arange(m, dtype=mx.int32), mx.arange(m, dtype=mx.int32), keys, values, **rope)
+    print(f"qmm qkv_rope M={m}: {qmm.choose_config(m, fused['weight'].shape[0], H, 4)}, "
+          f"packed {'packed' in fused}, SB_PACK {qmm.SB_PACK}", flush=True)
+    for _ in range(2):
+        q = qmm.project_rope_store(fused, x, pending, store)
+        if q is None:
+            raise SystemExit("qkv_rope: the RoPE kernel does not cover this call")
+        mx.eval(q, keys, values)
 
 
 def run_attn() -> None:

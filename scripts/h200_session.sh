@@ -28,6 +28,14 @@ decode_prof() {
   part "$name" 150 env "$@" OUT="$R/$name" QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues \
     QMM_DECODE_PROFILE=1 QMM_BUDGET_S=130 python3 scripts/h200_qmm.py
 }
+# Nsight Compute of h200_ncu.py's 4-bit matmuls (NCU_M, NCU_NAMES, NCU_EXTRA): ncu_qmm NAME
+ncu_qmm() {
+  part "$1" 240 env PARTS=qmm NCU_M="${NCU_M:-1}" NCU_NAMES="${NCU_NAMES:-qkv,o,down}" \
+    "$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1 || echo ncu)" \
+    --clock-control none --kernel-name regex:bb_qmm --launch-skip 0 --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section SchedulerStats ${NCU_EXTRA:-} --print-details all python3 scripts/h200_ncu.py
+}
 for what in "$@"; do
   case $what in
     verify) part verify-gpu 300 python3 -m batchbench.verify.gpu ;;
@@ -211,14 +219,17 @@ for what in "$@"; do
              done ;;
     # Nsight Compute on the decode step's matmuls (scripts/h200_ncu.py; NCU_M, NCU_NAMES pick them;
     # NCU_EXTRA: more ncu options, e.g. "--section SourceCounters")
-    ncu-qmm) part "ncu-qmm${TAG:+-$TAG}" 240 env PARTS=qmm NCU_M="${NCU_M:-1}" NCU_NAMES="${NCU_NAMES:-qkv,o,down}" \
-               "$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1 || echo ncu)" \
-               --clock-control none --kernel-name regex:bb_qmm --launch-skip 0 --section SpeedOfLight \
-               --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
-               --section SchedulerStats ${NCU_EXTRA:-} --print-details all python3 scripts/h200_ncu.py ;;
+    ncu-qmm) ncu_qmm "ncu-qmm${TAG:+-$TAG}" ;;
+    # the packed pairs under Nsight Compute (session 23: they slowed q/k/v with its RoPE epilogue at
+    # M <= 8, and gate/up and q/k/v + o at M=16): NCU_NAMES (default qkv_rope) at NCU_M (default 1)
+    # with BB_QMM_SB_PACK 0 and 1, source counters included (~1 min at M=1)
+    ncu-sbpack) for v in 0 1; do
+             BB_QMM_SB_PACK=$v NCU_NAMES="${NCU_NAMES:-qkv_rope}" NCU_EXTRA="--section SourceCounters" \
+               ncu_qmm "ncu-sbpack-${NCU_M:-1}-$v"
+           done ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -133,11 +133,13 @@ for what in "$@"; do
     # BB_QMM_SB_PACK=1 (each layer's scales and biases also packed as (scale, bias) pairs: the
     # matmuls load one word a row and chunk instead of two halves; nvcc: 84-93 registers instead
     # of 114-120 for gate/up, down and o_proj at M=1). sbpack-check (~4 min): verify-quick (qmm,
-    # qmm-rope) and the 1.5B model against its pure-MLX twins with it on; ab-sbpack (~4 min):
+    # qmm-rope) and the 1.5B model against its pure-MLX twins with BB_QMM_SB_PACK=$SB_PACK (default
+    # norope; session 23's three model cases took more than 200 s); ab-sbpack (~4 min):
     # the decode step at DECODE_B (default 1, 2, 8, 32), twice each way
-    sbpack-check) part verify-gpu-quick-sbpack 200 env BB_QMM_SB_PACK=1 BATCHBENCH_VERIFY_QUICK=1 \
+    sbpack-check) v=${SB_PACK:-norope}
+           part "verify-gpu-quick-sbpack-$v" 200 env BB_QMM_SB_PACK="$v" BATCHBENCH_VERIFY_QUICK=1 \
              BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope OUT="$R" python3 -m batchbench.verify.gpu
-           part model-check-sbpack 200 env BB_QMM_SB_PACK=1 MODEL_CHECK_CASES="1:64:2,8:32:2,32:16:2" \
+           part "model-check-sbpack-$v" 330 env BB_QMM_SB_PACK="$v" MODEL_CHECK_CASES="1:64:2,8:32:2,32:16:2" \
              python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
     ab-sbpack) for v in base@0 sp@1 base2@0 sp2@1; do
              decode_prof "qmm-decode-prof-sbpack-${v%%@*}" BB_QMM_SB_PACK="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,8,32}"

@@ -36,6 +36,24 @@ ncu_qmm() {
     --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats ${NCU_EXTRA:-} --print-details all python3 scripts/h200_ncu.py
 }
+# the decode step at each LABEL@VALUE of one setting in turn (A/B runs): ab_switch PREFIX VAR B LABEL@VALUE ...
+# (B: QMM_DECODE_B; other settings go into the environment before the call)
+ab_switch() {
+  local prefix=$1 var=$2 b=$3 v
+  shift 3
+  for v in "$@"; do
+    decode_prof "$prefix-${v%%@*}" "$var=${v#*@}" QMM_DECODE_B="$b"
+  done
+}
+# verify-quick (qmm, qmm-rope) and the 1.5B model against its pure-MLX twins with SETTING=VALUE ... on:
+# switch_check TAG MODEL_SECONDS MODEL_CHECK_CASES SETTING=VALUE ...
+switch_check() {
+  local tag=$1 model_s=$2 cases=$3
+  shift 3
+  part "verify-gpu-quick-$tag" 200 env "$@" BATCHBENCH_VERIFY_QUICK=1 BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope \
+    OUT="$R" python3 -m batchbench.verify.gpu
+  part "model-check-$tag" "$model_s" env "$@" MODEL_CHECK_CASES="$cases" python3 scripts/gpu_model_check.py qwen2.5-1.5b
+}
 for what in "$@"; do
   case $what in
     verify) part verify-gpu 300 python3 -m batchbench.verify.gpu ;;
@@ -100,77 +118,47 @@ for what in "$@"; do
     # against the pure-MLX twins; norm-pre-ab (~5 min): the decode step at B = 1-8 with it off /
     # on, twice, and what the fused norm costs each consumer (BB_QMM_FUSE_NORM=0: a separate
     # rms_norm). One call's limit (600 s) holds one of the two (session 21 ran them as one part)
-    norm-pre) part verify-gpu-quick-normpre 200 env BB_QMM_NORM_PRE=1 BATCHBENCH_VERIFY_QUICK=1 \
-                BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope OUT="$R" python3 -m batchbench.verify.gpu
-              part model-check-normpre 200 env BB_QMM_NORM_PRE=1 MODEL_CHECK_CASES="1:64:2,2:64:2,4:40:2" \
-                python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
-    norm-pre-ab) for v in off@0 on@1 off2@0 on2@1; do
-                decode_prof "qmm-decode-prof-pre-${v%%@*}" QMM_DECODE_B=1,2,4,8 BB_QMM_NORM_PRE="${v#*@}"
-              done
+    norm-pre) switch_check normpre 200 "1:64:2,2:64:2,4:40:2" BB_QMM_NORM_PRE=1 ;;
+    norm-pre-ab) ab_switch qmm-decode-prof-pre BB_QMM_NORM_PRE 1,2,4,8 off@0 on@1 off2@0 on2@1
               decode_prof "qmm-decode-prof-nofuse" QMM_DECODE_B=1,2,8 BB_QMM_FUSE_NORM=0 ;;
     # BB_QMM_WK_DIVIDE=1: seven warps along K instead of eight where K = 3584 (28 chunks of 128:
     # 3.5 a warp with eight, so half the warps wait at each tile's barrier; four with seven): the
     # gate/up pair at M=1, o_proj at M = 1-8 and q/k/v at M = 2-8 (~4 min: the decode step at
     # DECODE_B, default 1, 2, 8, twice each way)
-    ab-wk) for v in base@0 wd@1 base2@0 wd2@1; do
-             decode_prof "qmm-decode-prof-${v%%@*}" BB_QMM_WK_DIVIDE="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,8}"
-           done ;;
+    ab-wk) ab_switch qmm-decode-prof BB_QMM_WK_DIVIDE "${DECODE_B:-1,2,8}" base@0 wd@1 base2@0 wd2@1 ;;
     # BB_QMM_WK_DIVIDE=narrow (o_proj and q/k/v only: session 22's ab-wk lost on the gate/up
     # pair): ab-wkn (~4 min) the decode step at B = 1, 2, 4, 8, twice each way; wkn-check (~4 min)
     # verify-quick (qmm, qmm-rope) and the 1.5B model against its pure-MLX twins with it on
-    ab-wkn) for v in base@0 wn@narrow base2@0 wn2@narrow; do
-             decode_prof "qmm-decode-prof-wkn-${v%%@*}" BB_QMM_WK_DIVIDE="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,4,8}"
-           done ;;
-    wkn-check) part verify-gpu-quick-wkn 200 env BB_QMM_WK_DIVIDE=narrow BATCHBENCH_VERIFY_QUICK=1 \
-             BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope OUT="$R" python3 -m batchbench.verify.gpu
-           part model-check-wkn 200 env BB_QMM_WK_DIVIDE=narrow MODEL_CHECK_CASES="1:64:2,2:64:2,8:32:2" \
-             python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
+    ab-wkn) ab_switch qmm-decode-prof-wkn BB_QMM_WK_DIVIDE "${DECODE_B:-1,2,4,8}" \
+             base@0 wn@narrow base2@0 wn2@narrow ;;
+    wkn-check) switch_check wkn 200 "1:64:2,2:64:2,8:32:2" BB_QMM_WK_DIVIDE=narrow ;;
     # BB_QMM_RED_VEC=glu (session 22's ab-redvec: the gate product's reduce gained, the RoPE
     # pair's lost): ab-redglu (~3 min) the decode step at B = 16, 32, twice each way
-    ab-redglu) for v in base@0 rg@glu base2@0 rg2@glu; do
-             decode_prof "qmm-decode-prof-redglu-${v%%@*}" QMM_DECODE_B=16,32 BB_QMM_RED_VEC="${v#*@}"
-           done ;;
+    ab-redglu) ab_switch qmm-decode-prof-redglu BB_QMM_RED_VEC 16,32 base@0 rg@glu base2@0 rg2@glu ;;
     # BB_QMM_SB_PACK=1 (each layer's scales and biases also packed as (scale, bias) pairs: the
     # matmuls load one word a row and chunk instead of two halves; nvcc: 84-93 registers instead
     # of 114-120 for gate/up, down and o_proj at M=1). sbpack-check (~4 min): verify-quick (qmm,
     # qmm-rope) and the 1.5B model against its pure-MLX twins with BB_QMM_SB_PACK=$SB_PACK (default
     # norope; session 23's three model cases took more than 200 s); ab-sbpack (~4 min):
     # the decode step at DECODE_B (default 1, 2, 8, 32), twice each way
-    sbpack-check) v=${SB_PACK:-norope}
-           part "verify-gpu-quick-sbpack-$v" 200 env BB_QMM_SB_PACK="$v" BATCHBENCH_VERIFY_QUICK=1 \
-             BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope OUT="$R" python3 -m batchbench.verify.gpu
-           part "model-check-sbpack-$v" 330 env BB_QMM_SB_PACK="$v" MODEL_CHECK_CASES="1:64:2,8:32:2,32:16:2" \
-             python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
-    ab-sbpack) for v in base@0 sp@1 base2@0 sp2@1; do
-             decode_prof "qmm-decode-prof-sbpack-${v%%@*}" BB_QMM_SB_PACK="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,2,8,32}"
-           done ;;
+    sbpack-check) switch_check "sbpack-${SB_PACK:-norope}" 330 "1:64:2,8:32:2,32:16:2" BB_QMM_SB_PACK="${SB_PACK:-norope}" ;;
+    ab-sbpack) ab_switch qmm-decode-prof-sbpack BB_QMM_SB_PACK "${DECODE_B:-1,2,8,32}" base@0 sp@1 base2@0 sp2@1 ;;
     # BB_QMM_SB_PACK=norope (session 23: q/k/v with its RoPE epilogue lost 0.3-0.4 us at M = 1, 2,
     # 8 with the pairs, every other matmul gained): those calls read the two arrays (~2.5 min)
-    ab-norope) for v in sp@1 nr@norope sp2@1 nr2@norope; do
-             decode_prof "qmm-decode-prof-norope-${v%%@*}" BB_QMM_SB_PACK="${v#*@}" QMM_DECODE_B="${DECODE_B:-1,8}"
-           done ;;
+    ab-norope) ab_switch qmm-decode-prof-norope BB_QMM_SB_PACK "${DECODE_B:-1,8}" sp@1 nr@norope sp2@1 nr2@norope ;;
     # with the packing, down at M = 1-2 on three chunks a stage (nvcc: 128 registers, two blocks
     # an SM; unpacked 152, one block: measured slower in session 17) against two (~3 min)
-    ab-sbpack-p3) for v in sp@ p3@down:1-2:p=3 sp2@ p32@down:1-2:p=3; do
-             decode_prof "qmm-decode-prof-sbpack-${v%%@*}" BB_QMM_SB_PACK=1 QMM_PATCH="${v#*@}" QMM_DECODE_B=1,2
-           done ;;
+    ab-sbpack-p3) BB_QMM_SB_PACK=1 ab_switch qmm-decode-prof-sbpack QMM_PATCH 1,2 \
+             sp@ p3@down:1-2:p=3 sp2@ p32@down:1-2:p=3 ;;
     # session 21's three prepared switches (measured in session 22, results/h200-2026-11-30-s22).
     # prep-check (~4 min): verify-quick (qmm, qmm-rope) and the 1.5B model against its pure-MLX
     # twins (B = 1, 16) with all three on;
     # then each A/B alone, the decode step twice each way: ab-dq (BB_QMM_DQ=lop3b, one token's
     # weights dequantized without their bias; B = 1, 2, B=2 a control, ~3 min), ab-wk (above),
     # ab-redvec (BB_QMM_RED_VEC=1, four pairs a thread in the pair reduce; B = 16, 32, ~3 min)
-    prep-check) P3="BB_QMM_DQ=lop3b BB_QMM_WK_DIVIDE=1 BB_QMM_RED_VEC=1"
-           part verify-gpu-quick-prep 200 env $P3 BATCHBENCH_VERIFY_QUICK=1 BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope \
-             OUT="$R" python3 -m batchbench.verify.gpu
-           part model-check-prep 200 env $P3 MODEL_CHECK_CASES="1:64:2,16:16:2" \
-             python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
-    ab-dq) for v in base@lop3 b@lop3b base2@lop3 b2@lop3b; do
-             decode_prof "qmm-decode-prof-dq-${v%%@*}" QMM_DECODE_B=1,2 BB_QMM_DQ="${v#*@}"
-           done ;;
-    ab-redvec) for v in base@0 rv@1 base2@0 rv2@1; do
-             decode_prof "qmm-decode-prof-redvec-${v%%@*}" QMM_DECODE_B=16,32 BB_QMM_RED_VEC="${v#*@}"
-           done ;;
+    prep-check) switch_check prep 200 "1:64:2,16:16:2" BB_QMM_DQ=lop3b BB_QMM_WK_DIVIDE=1 BB_QMM_RED_VEC=1 ;;
+    ab-dq) ab_switch qmm-decode-prof-dq BB_QMM_DQ 1,2 base@lop3 b@lop3b base2@lop3 b2@lop3b ;;
+    ab-redvec) ab_switch qmm-decode-prof-redvec BB_QMM_RED_VEC 16,32 base@0 rv@1 base2@0 rv2@1 ;;
     # the 4-bit matmuls' persistent grids in one wave (BB_QMM_ONE_WAVE=1, 2: K-slices balanced) against the default
     ab-wave) for v in 0 1 2; do
                decode_prof "qmm-decode-prof-wave$v" BB_QMM_ONE_WAVE=$v

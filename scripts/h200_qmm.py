@@ -424,7 +424,10 @@ def _forward(model: nn.Module, h: mx.array, fused) -> mx.array:
         norm.weight = w
         b = h.shape[0]
         x_n, x_norm = h, norm  # the next matmul's input and the norm it still applies
+        h_in, outs = h, []
         for L in model.layers:
+            if INDEP:  # each layer starts from the step's input: nothing orders the layers
+                h, x_n, x_norm = h_in, h_in, norm
             rs = qmm.RopeStore(model.pos[:b], model.cells[:b], L.kc, L.vc, **model.rope)
             q = qmm.project_rope_store(L.qkv_p, x_n[None], x_norm, rs)
             # Attention excluded. batchbench's attention kernel writes token-major [1, T, Hq, D],
@@ -436,6 +439,10 @@ def _forward(model: nn.Module, h: mx.array, fused) -> mx.array:
             # write the RMSNorm the next matmul needs (qmm.linear_norm)
             h, x_n, x_norm = qmm.linear_norm(L.o_proj, a, residual=h, norm=norm)
             h, x_n, x_norm = qmm.linear_norm(L.down_proj, L.gate_up_p.glu(x_n, norm=x_norm), residual=h, norm=norm)
+            outs.append(h)
+        if INDEP:
+            h = mx.sum(mx.stack(outs), axis=0)
+            x_n, x_norm = h, norm
         # as Model.head (until session 20: a separate rms_norm launch before lm_head at every B)
         logits = qmm.linear(model.lm_head, x_n, norm=x_norm)
         return mx.fast.rms_norm(h + 1e-3 * logits[..., :1], w, 1e-6)
@@ -489,6 +496,11 @@ def _decode_time(model: nn.Module, bsz: int, fused: bool) -> tuple[float, float]
     return wall, wall_async
 
 
+# QMM_DECODE_INDEP=1: the "epilogues" step with its layers independent (each starts from the
+# step's input; their outputs are summed at the end). The same kernels, but MLX's graph may run
+# several layers at once: the GPU span then shows what overlapping one matmul's ramp and tail
+# with the next one's (a persistent layer, perf-notes step 4) could gain at most.
+INDEP = os.environ.get("QMM_DECODE_INDEP") == "1"
 # QMM_DECODE_PROFILE=1: also the CUPTI kernel time of a step (the rest of its wall time is
 # launch gaps and host time) and the kernels that take it, by name.
 DECODE_PROFILE = os.environ.get("QMM_DECODE_PROFILE") == "1"

@@ -210,6 +210,9 @@ for what in "$@"; do
     # Nsight Compute on the decode step's matmuls (scripts/h200_ncu.py; NCU_M, NCU_NAMES pick them;
     # NCU_EXTRA: more ncu options, e.g. "--section SourceCounters")
     ncu-qmm) ncu_qmm "ncu-qmm${TAG:+-$TAG}" ;;
+    # the decode step with its layers chained (as always) and independent (QMM_DECODE_INDEP=1: MLX may
+    # run several layers at once); the GPU spans bound what overlapping the matmuls could gain
+    ab-indep) ab_switch qmm-decode-prof-indep QMM_DECODE_INDEP "${DECODE_B:-1,8,32}" dep@0 indep@1 dep2@0 indep2@1 ;;
     # the cost of a grid-wide barrier in one persistent launch (1-3 blocks an SM, N = 0-32; ~20 s)
     barrier-probe) part barrier-probe 120 python3 scripts/h200_barrier_probe.py ;;
     # the packed pairs under Nsight Compute (session 23: they slowed q/k/v with its RoPE epilogue at
@@ -221,7 +224,7 @@ for what in "$@"; do
            done ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

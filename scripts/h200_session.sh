@@ -213,6 +213,9 @@ for what in "$@"; do
     # the decode step with its layers chained (as always) and independent (QMM_DECODE_INDEP=1: MLX may
     # run several layers at once); the GPU spans bound what overlapping the matmuls could gain
     ab-indep) ab_switch qmm-decode-prof-indep QMM_DECODE_INDEP "${DECODE_B:-1,8,32}" dep@0 indep@1 dep2@0 indep2@1 ;;
+    # one launch a matmul against one persistent launch a layer, on plain streaming reads of the 7B
+    # layer's bytes (scripts/h200_phase_probe.py, ~1 min)
+    phase-probe) part phase-probe 150 env BLOCKS_PER_SM="${BLOCKS_PER_SM:-1,2,3}" python3 scripts/h200_phase_probe.py ;;
     # the cost of a grid-wide barrier in one persistent launch (1-3 blocks an SM, N = 0-32; ~20 s)
     barrier-probe) part barrier-probe 120 python3 scripts/h200_barrier_probe.py ;;
     # the packed pairs under Nsight Compute (session 23: they slowed q/k/v with its RoPE epilogue at
@@ -224,7 +227,7 @@ for what in "$@"; do
            done ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

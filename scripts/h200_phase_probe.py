@@ -154,7 +154,7 @@ def measure(w: mx.array, layout: str, layers: int, blocks: int, reps: int) -> di
     torch = _torch_cuda()
     from torch.profiler import ProfilerActivity, profile
 
-    ktimes, spans = [], []
+    ktimes, spans, phases = [], [], []
     for _ in range(reps):
         mx.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -164,8 +164,13 @@ def measure(w: mx.array, layout: str, layers: int, blocks: int, reps: int) -> di
         ks = sorted((e for e in trace_events(prof) if e.get("cat") == "kernel"), key=lambda e: e["ts"])
         mine = [e for e in ks if "bb_phase_probe" in e.get("name", "")]
         ktimes.append(sum(float(e["dur"]) for e in mine) / layers)
+        if layout == "launches":  # each phase's own launch, in order: o, gate/up, down, q/k/v, o, ...
+            k = len(PHASES)
+            phases.append([sum(float(e["dur"]) for e in mine[j::k]) / layers for j in range(k)])
         spans.append((ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]) / layers if ks else 0.0)
-    return dict(ok=ok, kernel=statistics.median(ktimes), span=statistics.median(spans), launches=len(launches))
+    each = [statistics.median(col) for col in zip(*phases)] if phases else []
+    return dict(ok=ok, kernel=statistics.median(ktimes), span=statistics.median(spans), launches=len(launches),
+                each=each)
 
 
 def _sms() -> int:
@@ -203,6 +208,9 @@ def main() -> None:
                 continue
             print(f"| {per_sm} | {layout} | {r['launches']} | {'yes' if r['ok'] else 'NO'} | {r['kernel']:.2f} | "
                   f"{r['span']:.2f} | {per_layer / r['span'] / 1e6:.2f} |", flush=True)
+            if r["each"]:
+                print("|  | " + ", ".join(f"{name} {us:.2f} us" for (name, _), us in zip(PHASES, r["each"]))
+                      + " | | | | | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,35 @@ GAVE_UP = 0x80000000
 # offs: phase starts in 16-byte words (phases + 1 entries, padded); prev: the previous launch's
 # out; out[0]: the barrier count; out[1 + p * G + b]: block b's word of phase p (bit 31: a spin
 # gave up, the blocks were not co-resident)
+# ALU=1: each 4-byte word also goes through what the 4-bit matmul does with it at M=1 without
+# its mma (three shifts, four LOP3 to (1024 + q) half pairs, HFMA2 by the scale with -1024 s,
+# HADD2 of the bias, HFMA2 with a pair of x read from shared memory: ~20 instructions a word)
+ALU_WORD = """
+      {
+        const uint4 xv = xsm[(c + (int)(i & 15)) & 63];
+        const __half2 xs[4] = {*reinterpret_cast<const __half2*>(&xv.x), *reinterpret_cast<const __half2*>(&xv.y),
+                               *reinterpret_cast<const __half2*>(&xv.z), *reinterpret_cast<const __half2*>(&xv.w)};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          unsigned int t = ((wd >> (4 * j)) & 0x000f000fu) | 0x64006400u;
+          const __half2 m = *reinterpret_cast<const __half2*>(&t);
+          a2 = __hfma2(__hadd2(__hfma2(m, s2, n2), b2), xs[j], a2);
+        }
+      }
+"""
+
+
+def fold(alu: bool) -> str:
+    if not alu:
+        return "acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;"
+    words = "".join(f"{{ const unsigned int wd = v[u].{f}; const int c = {n};{ALU_WORD}}}" for n, f in enumerate("xyzw"))
+    return "{" + words + "}"
+
+
+def source(alu: bool) -> str:
+    return SOURCE.replace("@FOLD@", fold(alu))
+
+
 SOURCE = f"""
   const int nphase = meta[0];
   const int mode = meta[1];
@@ -53,7 +82,18 @@ SOURCE = f"""
   const long long stride = (long long)G * blockDim.x;
   const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   __shared__ unsigned int red[32];
+  __shared__ uint4 xsm[64];
   unsigned int acc = __ldcg(prev + 1 + blockIdx.x);
+  if (threadIdx.x < 64) {{
+    const __half2 h = __float2half2_rn(0.25f + 0.001f * (float)threadIdx.x);
+    const unsigned int hb = *reinterpret_cast<const unsigned int*>(&h);
+    xsm[threadIdx.x] = make_uint4(hb, hb ^ 1u, hb ^ 2u, hb ^ 3u);
+  }}
+  __syncthreads();
+  const __half2 s2 = __float2half2_rn(1e-3f * (float)(1 + (acc & 1u)));
+  const __half2 n2 = __hmul2(s2, __float2half2_rn(-1024.f));
+  const __half2 b2 = __float2half2_rn(-8e-3f * (float)(1 + (acc & 2u)));
+  __half2 a2 = __float2half2_rn(0.f);
   unsigned int flag = 0u;
   for (int p = 0; p < nphase; ++p) {{
     const long long b1 = offs[p + 1];
@@ -86,12 +126,13 @@ SOURCE = f"""
     }}
     for (;;) {{
 #pragma unroll
-      for (int u = 0; u < {UNROLL}; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+      for (int u = 0; u < {UNROLL}; ++u) @FOLD@
       i += {UNROLL} * stride;
       if (i >= b1) break;
 #pragma unroll
       for (int u = 0; u < {UNROLL}; ++u) v[u] = i + u * stride < b1 ? __ldcs(W + i + u * stride) : make_uint4(0, 0, 0, 0);
     }}
+    acc ^= *reinterpret_cast<const unsigned int*>(&a2);
     for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = acc;
     __syncthreads();
@@ -103,8 +144,9 @@ SOURCE = f"""
     __syncthreads();
   }}
 """
-SPEC = kspec.KernelSpec(backend="cuda", name="bb_phase_probe", input_names=("w", "meta", "offs", "prev"),
-                        output_names=("out",), source=SOURCE)
+SPECS = {alu: kspec.KernelSpec(backend="cuda", name=f"bb_phase_probe{'_alu' if alu else ''}",
+                               input_names=("w", "meta", "offs", "prev"), output_names=("out",), source=source(alu))
+         for alu in (False, True)}
 
 
 def words(nbytes: int) -> int:
@@ -146,7 +188,7 @@ def plan(layout: str, layers: int, blocks: int) -> list[tuple[list[int], int, in
     return [(sizes, 0, mode)]
 
 
-def measure(w: mx.array, layout: str, layers: int, blocks: int, reps: int) -> dict:
+def measure(w: mx.array, layout: str, layers: int, blocks: int, reps: int, alu: bool = False) -> dict:
     first = mx.zeros((1 + blocks,), dtype=mx.uint32)
     launches = plan(layout, layers, blocks)
     made = [consts(phases, start, mode) for phases, start, mode in launches]
@@ -154,7 +196,7 @@ def measure(w: mx.array, layout: str, layers: int, blocks: int, reps: int) -> di
     def run() -> list[mx.array]:
         prev, outs = first, []
         for (phases, _, mode), const in zip(launches, made):
-            prev = kspec.run(SPEC, launch(w, phases, mode, const, prev, blocks))[0]
+            prev = kspec.run(SPECS[alu], launch(w, phases, mode, const, prev, blocks))[0]
             outs.append(prev)
         mx.eval(outs)
         return outs
@@ -207,21 +249,23 @@ def main() -> None:
     mb = [f"{name} {b * 5 / 8 / 1e6:.1f}" for name, b in PHASES]
     print(f"{sms} SMs, {THREADS} threads a block, {UNROLL} 16-byte loads a thread in flight; {layers} layers of "
           f"{', '.join(mb)} MB ({total * 16 / 1e9:.2f} GB)")
-    print("| blocks a SM | layout | launches | all co-resident | kernel us a layer | span us a layer | TB/s by span |")
-    print("|---|---|---|---|---|---|---|")
+    print("| ALU | blocks a SM | layout | launches | all co-resident | kernel us a layer | span us a layer | "
+          "TB/s by kernel time |")
+    print("|---|---|---|---|---|---|---|---|")
     per_layer = total * 16 / layers
-    for per_sm in (int(v) for v in os.environ.get("BLOCKS_PER_SM", "2").split(",")):
-        for layout in os.environ.get("LAYOUTS", "launches,layer,layer-pre,all,all-pre").split(","):
-            try:
-                r = measure(w, layout, layers, per_sm * sms, int(os.environ.get("REPS", "5")))
-            except Exception as e:  # noqa: BLE001 (a probe: report and go on)
-                print(f"| {per_sm} | {layout} | failed: {str(e)[:200]} | | | | |", flush=True)
-                continue
-            print(f"| {per_sm} | {layout} | {r['launches']} | {'yes' if r['ok'] else 'NO'} | {r['kernel']:.2f} | "
-                  f"{r['span']:.2f} | {per_layer / r['span'] / 1e6:.2f} |", flush=True)
-            if r["each"]:
-                print("|  | " + ", ".join(f"{name} {us:.2f} us" for (name, _), us in zip(PHASES, r["each"]))
-                      + " | | | | | |", flush=True)
+    for alu in (v == "1" for v in os.environ.get("ALU", "0,1").split(",")):
+        for per_sm in (int(v) for v in os.environ.get("BLOCKS_PER_SM", "2").split(",")):
+            for layout in os.environ.get("LAYOUTS", "launches,layer,layer-pre,all,all-pre").split(","):
+                try:
+                    r = measure(w, layout, layers, per_sm * sms, int(os.environ.get("REPS", "5")), alu)
+                except Exception as e:  # noqa: BLE001 (a probe: report and go on)
+                    print(f"| {int(alu)} | {per_sm} | {layout} | failed: {str(e)[:200]} | | | | |", flush=True)
+                    continue
+                print(f"| {int(alu)} | {per_sm} | {layout} | {r['launches']} | {'yes' if r['ok'] else 'NO'} | "
+                      f"{r['kernel']:.2f} | {r['span']:.2f} | {per_layer / r['kernel'] / 1e6:.2f} |", flush=True)
+                if r["each"]:
+                    print("| | | " + ", ".join(f"{name} {us:.2f} us" for (name, _), us in zip(PHASES, r["each"]))
+                          + " | | | | | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ Kernel time is the sum of the probe's own kernels (CUPTI; MLX's fills of the bar
 excluded), GPU span from the first kernel's start to the last one's end, per layer.
 
     PYTHONPATH=. python3 scripts/h200_phase_probe.py      # on a CUDA machine
-    BLOCKS_PER_SM=2 LAYERS=28 ...                          # the defaults
+    BLOCKS_PER_SM=2 LAYERS=28 ALU=0,1,2 ...                # the defaults
 """
 
 from __future__ import annotations
@@ -63,14 +63,31 @@ ALU_WORD = """
 """
 
 
-def fold(alu: bool) -> str:
+# ALU=2: what an int8 path would do with each word (llama.cpp's mmvq: activations quantized to
+# int8): two LOP3 and a shift make the 8 codes 8 bytes, two DP4A take them against 8 int8 x values
+# read from shared memory (an LDS.64), and each 4 words (a group of 32) convert the integer sum
+# and apply the group's scale and bias (an LDS of the pair, I2F, two FFMA): ~7 instructions a word
+X8_WORD = """
+      {
+        const uint2 xq = xsm8[(c + (int)(i & 15)) & 63];
+        idot = __dp4a((int)(wd & 0x0f0f0f0fu), (int)xq.x, idot);
+        idot = __dp4a((int)((wd >> 4) & 0x0f0f0f0fu), (int)xq.y, idot);
+      }
+"""
+
+
+def fold(alu: int) -> str:
     if not alu:
         return "acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;"
-    words = "".join(f"{{ const unsigned int wd = v[u].{f}; const int c = {n};{ALU_WORD}}}" for n, f in enumerate("xyzw"))
-    return "{" + words + "}"
+    word = ALU_WORD if alu == 1 else X8_WORD
+    words = "".join(f"{{ const unsigned int wd = v[u].{f}; const int c = {n};{word}}}" for n, f in enumerate("xyzw"))
+    if alu == 1:
+        return "{" + words + "}"
+    return ("{ int idot = 0;" + words + "const float2 sb = __half22float2(xsb[(int)(i & 63)]);"
+            " yf = fmaf(sb.x, (float)idot, yf); yf = fmaf(sb.y, sxf, yf); }")
 
 
-def source(alu: bool) -> str:
+def source(alu: int) -> str:
     return SOURCE.replace("@FOLD@", fold(alu))
 
 
@@ -83,17 +100,23 @@ SOURCE = f"""
   const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   __shared__ unsigned int red[32];
   __shared__ uint4 xsm[64];
+  __shared__ uint2 xsm8[64];
+  __shared__ __half2 xsb[64];
   unsigned int acc = __ldcg(prev + 1 + blockIdx.x);
   if (threadIdx.x < 64) {{
     const __half2 h = __float2half2_rn(0.25f + 0.001f * (float)threadIdx.x);
     const unsigned int hb = *reinterpret_cast<const unsigned int*>(&h);
     xsm[threadIdx.x] = make_uint4(hb, hb ^ 1u, hb ^ 2u, hb ^ 3u);
+    xsm8[threadIdx.x] = make_uint2(0x01fe03fcu ^ threadIdx.x, 0x05fa07f8u ^ threadIdx.x);
+    xsb[threadIdx.x] = __floats2half2_rn(1e-3f * (float)(1 + threadIdx.x), -8e-3f);
   }}
   __syncthreads();
   const __half2 s2 = __float2half2_rn(1e-3f * (float)(1 + (acc & 1u)));
   const __half2 n2 = __hmul2(s2, __float2half2_rn(-1024.f));
   const __half2 b2 = __float2half2_rn(-8e-3f * (float)(1 + (acc & 2u)));
   __half2 a2 = __float2half2_rn(0.f);
+  float yf = 0.f;
+  const float sxf = 0.5f + (float)(acc & 7u);
   unsigned int flag = 0u;
   for (int p = 0; p < nphase; ++p) {{
     const long long b1 = offs[p + 1];
@@ -132,7 +155,7 @@ SOURCE = f"""
 #pragma unroll
       for (int u = 0; u < {UNROLL}; ++u) v[u] = i + u * stride < b1 ? __ldcs(W + i + u * stride) : make_uint4(0, 0, 0, 0);
     }}
-    acc ^= *reinterpret_cast<const unsigned int*>(&a2);
+    acc ^= *reinterpret_cast<const unsigned int*>(&a2) ^ __float_as_uint(yf);
     for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = acc;
     __syncthreads();
@@ -144,9 +167,9 @@ SOURCE = f"""
     __syncthreads();
   }}
 """
-SPECS = {alu: kspec.KernelSpec(backend="cuda", name=f"bb_phase_probe{'_alu' if alu else ''}",
+SPECS = {alu: kspec.KernelSpec(backend="cuda", name=f"bb_phase_probe{('', '_alu', '_x8')[alu]}",
                                input_names=("w", "meta", "offs", "prev"), output_names=("out",), source=source(alu))
-         for alu in (False, True)}
+         for alu in (0, 1, 2)}
 
 
 def words(nbytes: int) -> int:
@@ -188,7 +211,7 @@ def plan(layout: str, layers: int, blocks: int) -> list[tuple[list[int], int, in
     return [(sizes, 0, mode)]
 
 
-def measure(w: mx.array, layout: str, layers: int, blocks: int, reps: int, alu: bool = False) -> dict:
+def measure(w: mx.array, layout: str, layers: int, blocks: int, reps: int, alu: int = 0) -> dict:
     first = mx.zeros((1 + blocks,), dtype=mx.uint32)
     launches = plan(layout, layers, blocks)
     made = [consts(phases, start, mode) for phases, start, mode in launches]
@@ -253,7 +276,7 @@ def main() -> None:
           "TB/s by kernel time |")
     print("|---|---|---|---|---|---|---|---|")
     per_layer = total * 16 / layers
-    for alu in (v == "1" for v in os.environ.get("ALU", "0,1").split(",")):
+    for alu in (int(v) for v in os.environ.get("ALU", "0,1,2").split(",")):
         for per_sm in (int(v) for v in os.environ.get("BLOCKS_PER_SM", "2").split(",")):
             for layout in os.environ.get("LAYOUTS", "launches,layer,layer-pre,all,all-pre").split(","):
                 try:

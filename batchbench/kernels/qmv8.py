@@ -1,0 +1,259 @@
+"""4-bit matrix-vector products for decode with the activations in int8 (off by default,
+`BB_QMM_X8=1`; CUDA only, a pure-MLX twin elsewhere and as the test oracle).
+
+Why: at M=1 the fp16 path (`qmm`) is bound by instruction issue, not by the weight read. On the
+H200 (session 24, `scripts/h200_phase_probe.py`) a plain streaming read of the 7B layer's
+4-bit weights takes 42.6 us a layer; with the fp16 path's work on each 4-byte word (~19
+instructions: codes to fp16, scale and bias, a product) 67 us; with what an int8 path does
+(~7: two LOP3 and a shift make the 8 codes bytes, two DP4A take them against int8 x, one
+conversion and scaling a group) 46 us. `qmm`'s kernels take 62 us. This is llama.cpp's mmvq
+idea (Q4 weights against q8_1 activations).
+
+The numbers change: x is quantized to int8 per group of 32 (scale max|x| / 127, round to
+nearest even), so y carries that rounding as well as the weights'. What stays exact: the codes'
+products with the int8 x (integer sums), and the bias term, which takes the group's exact sum of
+x. Per group g of 32 k and row n:
+
+    y[m, n] = sum_g scales[n, g] * (d[m, g] * sum_k code[n, k] * xq[m, k] + e8[m, g]) + biases[n, g] * sx[m, g]
+
+with d = max|x_g| / 127, xq = rint(x / d), sx = sum(x_g) and e8 = 8 * (sx - d * sum_k xq) in fp32.
+The e8 term makes x's rounding error meet code - 8 (about the weight minus its group's mean)
+rather than the code (0..15), which halves the error on random weights.
+
+The kernel: one warp a run of rows (contiguous rows a warp, so every SM gets the same bytes),
+each lane a group of 32 k at a time (one 16-byte load a row = the group's four words), R rows
+and U groups of loads in flight a lane. Each block first quantizes x into shared memory (each
+word's even k in one int, its odd k in the next, as the codes come out of `& 0x0f0f0f0f` and
+`>> 4`). No epilogues yet: a plain product, M = 1..4, 4-bit, group 32, fp16 or bf16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from batchbench import backend, env_choice
+from batchbench.kernels import spec as kspec
+from batchbench.kernels.spec import KernelSpec, Launch
+
+X8 = env_choice("BB_QMM_X8", "0", ("0", "1"))
+GROUP = 32
+MAX_M = 4
+THREADS = 256
+BLOCKS_PER_SM = 3
+
+HEADER = r"""
+#ifndef BB_QMV8_HEADER
+#define BB_QMV8_HEADER
+// x [MT, K] -> per group of 32: int8 codes (each 8-k word as its even k's four bytes, then its odd
+// k's), the scale d = max|x| / 127, the exact sum sx and e8 = 8 (sx - d * sum(codes)), all in
+// shared memory. e8 centres the weight codes: s * (d * dot + e8) = s * d * dot(code - 8, xq) + 8 s sx,
+// so x's rounding meets code - 8 (about w - mean(w)) instead of code (0..15).
+template <typename T, int K, int MT>
+__device__ __forceinline__ void bb_qmv8_stage(const T* __restrict__ x, int* xq, float* xd, float* xs, float* xe) {
+  constexpr int G = K / 32;
+  for (int t = threadIdx.x; t < MT * G; t += blockDim.x) {
+    const int m = t / G, g = t - m * G;
+    const T* xr = x + (size_t)m * K + g * 32;
+    float v[32];
+    float amax = 0.f, sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      v[i] = (float)xr[i];
+      amax = fmaxf(amax, fabsf(v[i]));
+      sum += v[i];
+    }
+    const float d = amax / 127.f;
+    int* dst = xq + m * (K / 4) + g * 8;
+    int sq = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // the group's four words
+      unsigned int ev = 0u, od = 0u;
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        const int qe = d > 0.f ? __float2int_rn(v[8 * j + 2 * n] / d) : 0;
+        const int qo = d > 0.f ? __float2int_rn(v[8 * j + 2 * n + 1] / d) : 0;
+        sq += qe + qo;
+        ev |= ((unsigned int)qe & 255u) << (8 * n);
+        od |= ((unsigned int)qo & 255u) << (8 * n);
+      }
+      dst[2 * j] = (int)ev;
+      dst[2 * j + 1] = (int)od;
+    }
+    xd[t] = d;
+    xs[t] = sum;
+    xe[t] = 8.f * (sum - d * (float)sq);
+  }
+}
+
+// The 8 codes of a word against its 8 int8 x values (even k in xe, odd k in xo).
+__device__ __forceinline__ int bb_qmv8_dot(unsigned int u, int xe, int xo, int acc) {
+  acc = __dp4a((int)(u & 0x0f0f0f0fu), xe, acc);
+  return __dp4a((int)((u >> 4) & 0x0f0f0f0fu), xo, acc);
+}
+
+template <typename T, int K, int MT, int R, int U>
+__device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned int* __restrict__ w,
+                                        const T* __restrict__ scales, const T* __restrict__ biases,
+                                        T* __restrict__ y, const int N) {
+  constexpr int G = K / 32;
+  extern __shared__ uint4 bb_qmv8_smem[];
+  int* xq = reinterpret_cast<int*>(bb_qmv8_smem);
+  float* xd = reinterpret_cast<float*>(xq + MT * (K / 4));
+  float* xs = xd + MT * G;
+  float* xe = xs + MT * G;
+  bb_qmv8_stage<T, K, MT>(x, xq, xd, xs, xe);
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (blockDim.x >> 5);
+  const int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int rb = (int)((long long)gw * N / warps), re = (int)((long long)(gw + 1) * N / warps);
+  const uint4* w4 = reinterpret_cast<const uint4*>(w);
+  for (int r0 = rb; r0 < re; r0 += R) {
+    float acc[R][MT];
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+      for (int m = 0; m < MT; ++m) acc[i][m] = 0.f;
+    for (int g0 = lane; g0 < G; g0 += 32 * U) {
+      uint4 q[U][R];
+      float sc[U][R], bi[U][R];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          const int g = g0 + 32 * u;
+          const bool ok = g < G && r0 + i < re;
+          const size_t o = (size_t)(r0 + i) * G + g;
+          q[u][i] = ok ? w4[o] : make_uint4(0u, 0u, 0u, 0u);
+          sc[u][i] = ok ? (float)scales[o] : 0.f;
+          bi[u][i] = ok ? (float)biases[o] : 0.f;
+        }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int g = g0 + 32 * u;
+        if (g >= G) break;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          const int4* xg = reinterpret_cast<const int4*>(xq + m * (K / 4) + g * 8);
+          const int4 a = xg[0], b = xg[1];
+          const float d = xd[m * G + g], s = xs[m * G + g], e = xe[m * G + g];
+#pragma unroll
+          for (int i = 0; i < R; ++i) {
+            int dot = bb_qmv8_dot(q[u][i].x, a.x, a.y, 0);
+            dot = bb_qmv8_dot(q[u][i].y, a.z, a.w, dot);
+            dot = bb_qmv8_dot(q[u][i].z, b.x, b.y, dot);
+            dot = bb_qmv8_dot(q[u][i].w, b.z, b.w, dot);
+            acc[i][m] = fmaf(sc[u][i], fmaf(d, (float)dot, e), fmaf(bi[u][i], s, acc[i][m]));
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        float v = acc[i][m];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0 && r0 + i < re) y[(size_t)m * N + r0 + i] = (T)v;
+      }
+  }
+}
+#endif  // BB_QMV8_HEADER
+"""
+SOURCE = "bb_qmv8<T, K, MT, R, U>(x, w, scales, biases, y, w_shape[0]);"
+
+
+@dataclass(frozen=True)
+class X8Config:
+    r: int  # rows a warp step
+    u: int  # groups of loads in flight a lane (each R 16-byte loads)
+    blocks: int  # blocks of THREADS
+
+
+def choose_config(m: int, n: int, k: int, sms: int | None = None) -> X8Config:
+    """~8 16-byte loads in flight a lane: two rows of a short K (a row's groups fit one lane
+    step), one row of a long K; every SM busy (BLOCKS_PER_SM blocks of 8 warps)."""
+    from batchbench.kernels.qmm import sm_count
+
+    g = k // GROUP
+    u = max(1, min(8, -(-g // 32)))
+    r = 2 if u <= 4 and n >= 8 * (sms or sm_count()) * BLOCKS_PER_SM * 2 else 1
+    return X8Config(r=r, u=u, blocks=(sms or sm_count()) * BLOCKS_PER_SM)
+
+
+def covered(m: int, k: int, dtype, group_size: int, bits: int, biases) -> bool:
+    return (1 <= m <= MAX_M and bits == 4 and group_size == GROUP and k % GROUP == 0 and biases is not None
+            and dtype in (mx.float16, mx.bfloat16))
+
+
+def smem_bytes(m: int, k: int) -> int:
+    return m * k + 3 * m * (k // GROUP) * 4
+
+
+def plan(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
+         config: X8Config | None = None) -> tuple[KernelSpec, Launch]:
+    """The CUDA kernel and launch for x [M, K] against w [N, K / 8] (4-bit, group 32)."""
+    m, k = x.shape
+    n = w.shape[0]
+    cfg = config or choose_config(m, n, k)
+    spec = KernelSpec("cuda", f"bb_qmv8_{k}_{m}", ("x", "w", "scales", "biases"), ("y",), SOURCE,
+                      kspec.compact(HEADER), shared_memory=smem_bytes(m, k))
+    launch = Launch(inputs=[x, w, scales, biases], output_shapes=[(m, n)], output_dtypes=[x.dtype],
+                    grid=(cfg.blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+                    template=[("T", x.dtype), ("K", k), ("MT", m), ("R", cfg.r), ("U", cfg.u)])
+    return spec, launch
+
+
+def quantize_x(x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """(codes [M, K] int32, d, sx, e8 [M, G] float32) as the kernel makes them."""
+    m, k = x.shape
+    xg = x.astype(mx.float32).reshape(m, k // GROUP, GROUP)
+    d = mx.max(mx.abs(xg), axis=-1) / 127.0
+    safe = mx.where(d > 0, d, 1.0)[..., None]
+    codes = mx.where(d[..., None] > 0, mx.round(xg / safe), 0.0).astype(mx.int32)
+    sx = mx.sum(xg, axis=-1)
+    e8 = 8.0 * (sx - d * mx.sum(codes, axis=-1).astype(mx.float32))
+    return codes.reshape(m, k), d, sx, e8
+
+
+def unpack_codes(w: mx.array) -> mx.array:
+    """4-bit codes [N, K] int32 of MLX's affine layout (k at bits 4 * (k % 8) of word k // 8)."""
+    shifts = mx.arange(0, 32, 4, dtype=mx.uint32)
+    return ((w[..., None] >> shifts) & 15).astype(mx.int32).reshape(w.shape[0], -1)
+
+
+def twin(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+    """The kernel's arithmetic in MLX ops (integer group sums exact, the rest fp32)."""
+    m, k = x.shape
+    n = w.shape[0]
+    codes, d, sx, e8 = quantize_x(x)
+    qw = unpack_codes(w).reshape(n, k // GROUP, GROUP)
+    qx = codes.reshape(m, k // GROUP, GROUP)
+    # integer sums per (m, n, g): exact in fp32 while |sum| < 2^24 (32 * 15 * 127 is far below)
+    dots = mx.einsum("mgk,ngk->mng", qx.astype(mx.float32), qw.astype(mx.float32))
+    s, b = scales.astype(mx.float32), biases.astype(mx.float32)
+    y = mx.sum(s[None] * (d[:, None, :] * dots + e8[:, None, :]) + b[None] * sx[:, None, :], axis=-1)
+    return y.astype(x.dtype)
+
+
+def quantized_matvec_x8(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *,
+                        group_size: int = GROUP, bits: int = 4) -> mx.array:
+    """y = x @ dequantize(w)^T with x quantized to int8 per group of 32 (see the module doc).
+    x [..., K] with at most MAX_M rows; the CUDA kernel on CUDA, the twin elsewhere."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if not covered(m, k, x.dtype, group_size, bits, biases):
+        raise ValueError(f"quantized_matvec_x8: needs 1..{MAX_M} rows, 4-bit group-32 weights with biases and fp16 "
+                         f"or bf16 x, got {m} rows, {bits}-bit group {group_size}, {x.dtype}")
+    if w.shape[1] * 8 != k or scales.shape != (w.shape[0], k // GROUP) or scales.dtype != x.dtype:
+        raise ValueError(f"quantized_matvec_x8: weights {tuple(w.shape)} / scales {tuple(scales.shape)} "
+                         f"{scales.dtype} do not match x [.., {k}] {x.dtype}")
+    if backend.BACKEND == "cuda":
+        y = kspec.run(*plan(x2, w, scales, biases))[0]
+    else:
+        y = twin(x2, w, scales, biases)
+    return y.reshape(*lead, w.shape[0])

@@ -1,0 +1,109 @@
+"""The int8-activation matrix-vector kernel (`batchbench.kernels.qmv8`, BB_QMM_X8) against the
+fp16 path (`qmm.quantized_matmul`, packed scale/bias pairs as the layers hold them) on the 7B
+matrices: error against float32 (dequantized weights, exact x), error of the kernel against its
+twin, and kernel time (CUPTI, a dependent chain over rotating weight copies, so nothing stays in
+L2), with the weight-read floor at 3.86 TB/s.
+
+    PYTHONPATH=. python3 scripts/h200_x8.py          # on a CUDA machine; X8_M=1,2,4 (default 1,2)
+    X8_BPS=2,3,4 ...                                 # blocks an SM to try (default 3)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+from dataclasses import replace
+
+import mlx.core as mx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from batchbench import backend  # noqa: E402
+from batchbench.bench_attention import _torch_cuda, trace_events  # noqa: E402
+from batchbench.kernels import qmm, qmv8  # noqa: E402
+from batchbench.kernels import spec as qmm_kspec  # noqa: E402
+
+SHAPES = [("o_proj", 3584, 3584), ("q/k/v", 4608, 3584), ("gate/up", 37888, 3584), ("down", 3584, 18944),
+          ("lm_head", 152064, 3584)]
+FLOOR_TBS = 3.86
+
+
+def rel(a: mx.array, b: mx.array) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return float(mx.max(mx.abs(a - b)).item() / max(float(mx.max(mx.abs(b)).item()), 1e-30))
+
+
+def kernel_us(fn, x0: mx.array, sets: list, names: tuple[str, ...], reps: int = 5) -> float:
+    """Median over reps of the summed kernel time (kernels whose name holds one of `names`) of
+    one call per weight set, each call's x made from the previous call's y (a dependent chain)."""
+    torch = _torch_cuda()
+    from torch.profiler import ProfilerActivity, profile
+
+    def chain():
+        x = x0
+        for ws in sets:
+            y = fn(x, *ws)
+            x = x0 + (y[:, :1] * 0).astype(x0.dtype)
+        mx.eval(x)
+
+    chain()
+    mx.synchronize()
+    out = []
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            chain()
+            mx.synchronize()
+            torch.cuda.synchronize()
+        ks = [e for e in trace_events(prof) if e.get("cat") == "kernel" and any(n in e.get("name", "") for n in names)]
+        out.append(sum(float(e["dur"]) for e in ks) / len(sets))
+    return statistics.median(out)
+
+
+def main() -> None:
+    if backend.BACKEND != "cuda" or _torch_cuda() is None:
+        print("h200_x8: needs MLX's CUDA back-end and torch (CUPTI)")
+        return
+    ms = [int(v) for v in os.environ.get("X8_M", "1,2").split(",")]
+    print(f"mlx {mx.__version__}; 4-bit group 32, fp16; floor = weight + scale/bias bytes at {FLOOR_TBS} TB/s")
+    print("| matrix | N x K | M | x8 config | fp16 path us | x8 us | floor us | x8 err vs fp32 | fp16 path err | "
+          "x8 vs twin |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, n, k in SHAPES:
+        w = (mx.random.normal((n, k)) * 0.02).astype(mx.float16)
+        wq, s, b = mx.quantize(w, group_size=32, bits=4)
+        del w
+        nbytes = wq.nbytes + s.nbytes + b.nbytes
+        copies = max(2, min(24, math.ceil(600e6 / nbytes)))
+        sets = [(wq, s, b)] + [tuple(a + 0 for a in (wq, s, b)) for _ in range(copies - 1)]
+        mx.eval(sets)
+        packs = [qmm.pack_scales_biases(ss, bb) if qmm.packs_scales() else None for _, ss, bb in sets]
+        mx.eval([p for p in packs if p is not None])
+        deq = mx.dequantize(wq, s, b, group_size=32, bits=4).astype(mx.float32)
+        for m in ms:
+            x0 = mx.random.normal((m, k)).astype(mx.float16)
+            ref = x0.astype(mx.float32) @ deq.T
+            y8 = qmv8.quantized_matvec_x8(x0, wq, s, b)
+            yq = qmm.quantized_matmul(x0, wq, s, b, group_size=32, bits=4)
+            e8, eq, et = rel(y8, ref), rel(yq, ref), rel(y8, qmv8.twin(x0, wq, s, b))
+
+            def fp16_path(x, wq_, s_, b_, _p={id(t[0]): p for t, p in zip(sets, packs)}):
+                kw = {} if _p.get(id(wq_)) is None else dict(packed=_p[id(wq_)])
+                return qmm.quantized_matmul(x, wq_, s_, b_, group_size=32, bits=4, **kw)
+
+            t16 = kernel_us(fp16_path, x0, sets, ("bb_qmm",))
+            base = qmv8.choose_config(m, n, k)
+            for bps in (int(v) for v in os.environ.get("X8_BPS", "3").split(",")):
+                cfg = replace(base, blocks=qmm.sm_count() * bps)
+
+                def x8(x, a, c, d, _cfg=cfg):
+                    return qmm_kspec.run(*qmv8.plan(x, a, c, d, _cfg))[0]
+
+                t8 = kernel_us(x8, x0, sets, ("bb_qmv8",))
+                print(f"| {name} | {n} x {k} | {m} | R={cfg.r} U={cfg.u} {bps}/SM | {t16:.1f} | {t8:.1f} | "
+                      f"{nbytes / FLOOR_TBS / 1e6:.1f} | {e8:.1e} | {eq:.1e} | {et:.1e} |", flush=True)
+        del sets, packs, deq
+
+
+if __name__ == "__main__":
+    main()

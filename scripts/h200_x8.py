@@ -14,7 +14,6 @@ import math
 import os
 import statistics
 import sys
-from dataclasses import replace
 
 import mlx.core as mx
 
@@ -22,7 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from batchbench import backend  # noqa: E402
 from batchbench.bench_attention import _torch_cuda, trace_events  # noqa: E402
 from batchbench.kernels import qmm, qmv8  # noqa: E402
-from batchbench.kernels import spec as qmm_kspec  # noqa: E402
 
 SHAPES = [("o_proj", 3584, 3584), ("q/k/v", 4608, 3584), ("gate/up", 37888, 3584), ("down", 3584, 18944),
           ("lm_head", 152064, 3584)]
@@ -66,8 +64,8 @@ def main() -> None:
         return
     ms = [int(v) for v in os.environ.get("X8_M", "1,2").split(",")]
     print(f"mlx {mx.__version__}; 4-bit group 32, fp16; floor = weight + scale/bias bytes at {FLOOR_TBS} TB/s")
-    print("| matrix | N x K | M | x8 config | fp16 path us | x8 us | floor us | x8 err vs fp32 | fp16 path err | "
-          "x8 vs twin |")
+    print("| matrix | N x K | M | x8 config | fp16 path us | x8 us (with fill and convert) | floor us | x8 err vs fp32 | "
+          "fp16 path err | x8 vs twin |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, n, k in SHAPES:
         w = (mx.random.normal((n, k)) * 0.02).astype(mx.float16)
@@ -92,15 +90,17 @@ def main() -> None:
                 return qmm.quantized_matmul(x, wq_, s_, b_, group_size=32, bits=4, **kw)
 
             t16 = kernel_us(fp16_path, x0, sets, ("bb_qmm",))
-            base = qmv8.choose_config(m, n, k)
             for bps in (int(v) for v in os.environ.get("X8_BPS", "3").split(",")):
-                cfg = replace(base, blocks=qmm.sm_count() * bps)
+                qmv8.BLOCKS_PER_SM = bps
+                cfg = qmv8.choose_config(m, n, k)
 
                 def x8(x, a, c, d, _cfg=cfg):
-                    return qmm_kspec.run(*qmv8.plan(x, a, c, d, _cfg))[0]
+                    return qmv8.run(x, a, c, d, _cfg)
 
-                t8 = kernel_us(x8, x0, sets, ("bb_qmv8",))
-                print(f"| {name} | {n} x {k} | {m} | R={cfg.r} U={cfg.u} {bps}/SM | {t16:.1f} | {t8:.1f} | "
+                t8 = kernel_us(x8, x0, sets, ("bb_qmv8",))  # with p > 1 MLX's zero fill and fp32 -> fp16 not counted
+                t8all = kernel_us(x8, x0, sets, ("bb_qmv8", "fill", "copy")) if cfg.p > 1 else t8
+                print(f"| {name} | {n} x {k} | {m} | R={cfg.r} U={cfg.u} P={cfg.p} {bps}/SM | {t16:.1f} | "
+                      f"{t8:.1f}{'' if cfg.p == 1 else f' ({t8all:.1f})'} | "
                       f"{nbytes / FLOOR_TBS / 1e6:.1f} | {e8:.1e} | {eq:.1e} | {et:.1e} |", flush=True)
         del sets, packs, deq
 

@@ -80,13 +80,16 @@ def test_off_cuda_the_call_is_the_twin_and_bad_input_is_refused():
         qmv8.quantized_matvec_x8(x, w64, s64, b64, group_size=64)
 
 
-# (M, N, K, dtype, config): whole rows over more warps than rows (some idle), two rows a step with
-# a zero x row, rows in parts (atomics: one schedule), parts with uneven group counts and bf16
+# (M, N, K, dtype, config): a warp a row over more warps than rows (some idle); two rows a step
+# with a zero x row (bf16); 128 lanes a row, 4 rows a slot, a block's rows not a multiple of its
+# slots; 256 lanes a row with fewer groups than lanes (K = 2080: 65), and with a second round of
+# loads for one lane (K = 8224: 257 groups)
 EMULATED = [
     (1, 37, 256, mx.float16, qmv8.X8Config(r=1, u=1, blocks=6)),
     (3, 21, 1024, mx.bfloat16, qmv8.X8Config(r=2, u=1, blocks=1)),
-    (2, 6, 1024, mx.float16, qmv8.X8Config(r=4, u=1, blocks=2, p=3)),
-    (1, 5, 2080, mx.bfloat16, qmv8.X8Config(r=1, u=2, blocks=1, p=4)),
+    (2, 13, 3584, mx.float16, qmv8.X8Config(r=4, u=1, blocks=2, lpr=128)),
+    (1, 7, 2080, mx.bfloat16, qmv8.X8Config(r=2, u=1, blocks=2, lpr=256)),
+    (1, 9, 8224, mx.float16, qmv8.X8Config(r=3, u=1, blocks=2, lpr=256)),
 ]
 
 
@@ -98,8 +101,7 @@ def test_kernel_emulated_matches_twin(m, n, k, dtype, cfg):
     if m == 3:
         x = mx.concatenate([x[:1], mx.zeros_like(x[:1]), x[2:]])
     spec, launch = qmv8.plan(x, wq, s, b, cfg)
-    schedules = ("forward",) if cfg.p > 1 else ("forward", "reverse")
-    got = emulate(spec, launch, schedules=schedules).outputs[0].astype(np.float64)
+    got = emulate(spec, launch).outputs[0].astype(np.float64)
     want = _f64(qmv8.twin(x, wq, s, b))
     tol = (2e-3 if dtype == mx.float16 else 1.6e-2) * np.abs(want).max()
     assert np.abs(got - want).max() <= tol
@@ -117,5 +119,6 @@ def test_kernel_compiles_for_sm90a_at_the_7b_shapes():
             x = mx.zeros((m, k), mx.float16)
             w, s = mx.zeros((n, k // 8), mx.uint32), mx.zeros((n, k // 32), mx.float16)
             items.append(qmv8.plan(x, w, s, s, qmv8.choose_config(m, n, k, sms=132)))
-    assert {qmv8.choose_config(1, n, 3584, sms=132).p for n in (3584, 37888)} == {1, 3}
+    assert [qmv8.choose_config(1, n, k, sms=132).lpr for n, k in ((37888, 3584), (3584, 3584), (3584, 18944))] \
+        == [32, 128, 256]
     assert_compile_for_sm90a(items)

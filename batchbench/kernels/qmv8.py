@@ -23,19 +23,20 @@ rather than the code (0..15): on one random case (N=64, K=256) the error fell fr
 6.0e-3 of max|y|. On the H200 the error against float32 is 4-6e-3 of max|y| on the 7B
 matrices, against 2-4e-4 for the fp16 path.
 
-The kernel: work units are (row, part of the row's groups); each warp takes a contiguous run of
-units, so every SM reads the same bytes. A lane takes one group of 32 k at a time (one 16-byte
-load = the group's four words), R units and U groups of loads in flight. Each block first
+The kernel: each block takes a contiguous run of rows, so every SM reads the same bytes. Its
+threads form slots of LPR lanes: a warp a row where rows are many (gate/up, lm_head), 128 or
+256 lanes sharing a row's groups where they are few (o_proj, q/k/v, down: one warp a row left
+1-2 rows a warp). A lane takes one group of 32 k of a row at a time (one 16-byte load = the
+group's four words); a step loads R rows x U groups a lane before any product. Each block first
 quantizes x into shared memory (each word's even k in one int, its odd k in the next, as the
-codes come out of `& 0x0f0f0f0f` and `>> 4`). With parts (p > 1) a row's partial sums meet in
-a float32 output through atomics (summation order varies run to run) and are converted after.
-No epilogues: a plain product, M = 1..4, 4-bit, group 32, fp16 or bf16.
+codes come out of `& 0x0f0f0f0f` and `>> 4`). No epilogues: a plain product, M = 1..4, 4-bit,
+group 32, fp16 or bf16.
 
-Measured on the H200 (session 24, M=1, kernel time, results/h200-2026-11-30-s24): gate/up
-26.8-26.9 us against 29.1-29.2 on the fp16 path, lm_head 87.3-89.4 against 97.6-98.0 (its
-floor at 3.86 TB/s: 88.2). Slower where rows are few: down 27.2-30.0 against 18.8, o_proj
-10.3-10.6 against 5.4 (with parts; whole rows, 1-2 a warp: 27.6 and 7.5), q/k/v 8.9-9.9
-against 8.0. Not wired into the model: the short-and-wide matrices need another split.
+Measured on the H200 (session 24, M=1, kernel time, results/h200-2026-11-30-s24), a warp a
+row: gate/up 26.8-26.9 us against 29.1-29.2 on the fp16 path, lm_head 87.3-89.4 against
+97.6-98.0 (its floor at 3.86 TB/s: 88.2); slower where rows are few (down 27.6 against 18.8,
+o_proj 7.5 against 5.4, q/k/v 8.9 against 8.0), and with rows in parts summed by atomics (down
+27.2-30.0), which this version replaces by slots of 128-256 lanes. Not wired into the model.
 """
 
 from __future__ import annotations
@@ -103,76 +104,72 @@ __device__ __forceinline__ int bb_qmv8_dot(unsigned int u, int xe, int xo, int a
   return __dp4a((int)((u >> 4) & 0x0f0f0f0fu), xo, acc);
 }
 
-template <typename T, typename OutT, int K, int MT, int R, int U, int P>
+// Each block takes a contiguous run of rows (every SM reads the same bytes). Its threads form
+// slots of LPR lanes (32: a warp a row, 128 or 256: warps share a row's groups); a slot takes R
+// rows a step, each lane U groups of each (one 16-byte load a row and group), all loads of a
+// step in flight before the products. With LPR > 32 the warps' sums meet in shared memory
+// (double-buffered: one barrier a step).
+template <typename T, int K, int MT, int R, int U, int LPR>
 __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned int* __restrict__ w,
                                         const T* __restrict__ scales, const T* __restrict__ biases,
-                                        OutT* __restrict__ y, const int N) {
+                                        T* __restrict__ y, const int N) {
   constexpr int G = K / 32;
+  constexpr int WPS = LPR / 32;  // warps a slot
   extern __shared__ uint4 bb_qmv8_smem[];
   int* xq = reinterpret_cast<int*>(bb_qmv8_smem);
   float* xd = reinterpret_cast<float*>(xq + MT * (K / 4));
   float* xs = xd + MT * G;
   float* xe = xs + MT * G;
+  float* red = xe + MT * G;  // [2][slots][WPS][R][MT] (LPR > 32)
   bb_qmv8_stage<T, K, MT>(x, xq, xd, xs, xe);
   __syncthreads();
-  // units: (row, part) with P parts of a row's groups, a contiguous run of units a warp (every
-  // SM gets the same bytes); R units a step, U groups of loads in flight a lane and unit
-  constexpr int GP = (G + P - 1) / P;  // groups of the longest part
-  const int lane = threadIdx.x & 31;
-  const int warps = gridDim.x * (blockDim.x >> 5);
-  const int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const long long units = (long long)N * P;
-  const long long ub = (long long)gw * units / warps, ue = (long long)(gw + 1) * units / warps;
+  const int slots = blockDim.x / LPR;
+  const int slot = threadIdx.x / LPR, sl = threadIdx.x - slot * LPR;
+  const int lane = threadIdx.x & 31, wis = sl >> 5;
+  const int rb = (int)((long long)blockIdx.x * N / gridDim.x);
+  const int re = (int)((long long)(blockIdx.x + 1) * N / gridDim.x);
   const uint4* w4 = reinterpret_cast<const uint4*>(w);
-  for (long long u0 = ub; u0 < ue; u0 += R) {
-    int row[R], gb[R], ge[R];
-#pragma unroll
-    for (int i = 0; i < R; ++i) {
-      const long long un = u0 + i;
-      const bool live = un < ue;
-      row[i] = live ? (int)(un / P) : 0;
-      const int part = live ? (int)(un - (long long)row[i] * P) : 0;
-      gb[i] = part * G / P;
-      ge[i] = live ? (part + 1) * G / P : gb[i];
-    }
+  int buf = 0;
+  for (int r0 = rb; r0 < re; r0 += slots * R) {
+    const int rs = r0 + slot * R;
     float acc[R][MT];
 #pragma unroll
     for (int i = 0; i < R; ++i)
 #pragma unroll
       for (int m = 0; m < MT; ++m) acc[i][m] = 0.f;
-    for (int l0 = lane; l0 < GP; l0 += 32 * U) {
+    for (int g0 = sl; g0 < G; g0 += LPR * U) {
       uint4 q[U][R];
       float sc[U][R], bi[U][R];
 #pragma unroll
       for (int u = 0; u < U; ++u)
 #pragma unroll
         for (int i = 0; i < R; ++i) {
-          const int g = gb[i] + l0 + 32 * u;
-          const bool ok = g < ge[i];
-          const size_t o = (size_t)row[i] * G + g;
+          const int g = g0 + LPR * u;
+          const bool ok = g < G && rs + i < re;
+          const size_t o = (size_t)(rs + i) * G + g;
           q[u][i] = ok ? w4[o] : make_uint4(0u, 0u, 0u, 0u);
           sc[u][i] = ok ? (float)scales[o] : 0.f;
           bi[u][i] = ok ? (float)biases[o] : 0.f;
         }
 #pragma unroll
-      for (int u = 0; u < U; ++u)
+      for (int u = 0; u < U; ++u) {
+        const int g = g0 + LPR * u;
+        if (g >= G) break;
 #pragma unroll
-        for (int i = 0; i < R; ++i) {
-          const int g = gb[i] + l0 + 32 * u;
-          if (g < ge[i]) {
+        for (int m = 0; m < MT; ++m) {
+          const int4* xg = reinterpret_cast<const int4*>(xq + m * (K / 4) + g * 8);
+          const int4 a = xg[0], b = xg[1];
+          const float d = xd[m * G + g], s = xs[m * G + g], e = xe[m * G + g];
 #pragma unroll
-            for (int m = 0; m < MT; ++m) {
-              const int4* xg = reinterpret_cast<const int4*>(xq + m * (K / 4) + g * 8);
-              const int4 a = xg[0], b = xg[1];
-              const float d = xd[m * G + g], s = xs[m * G + g], e = xe[m * G + g];
-              int dot = bb_qmv8_dot(q[u][i].x, a.x, a.y, 0);
-              dot = bb_qmv8_dot(q[u][i].y, a.z, a.w, dot);
-              dot = bb_qmv8_dot(q[u][i].z, b.x, b.y, dot);
-              dot = bb_qmv8_dot(q[u][i].w, b.z, b.w, dot);
-              acc[i][m] = fmaf(sc[u][i], fmaf(d, (float)dot, e), fmaf(bi[u][i], s, acc[i][m]));
-            }
+          for (int i = 0; i < R; ++i) {
+            int dot = bb_qmv8_dot(q[u][i].x, a.x, a.y, 0);
+            dot = bb_qmv8_dot(q[u][i].y, a.z, a.w, dot);
+            dot = bb_qmv8_dot(q[u][i].z, b.x, b.y, dot);
+            dot = bb_qmv8_dot(q[u][i].w, b.z, b.w, dot);
+            acc[i][m] = fmaf(sc[u][i], fmaf(d, (float)dot, e), fmaf(bi[u][i], s, acc[i][m]));
           }
         }
+      }
     }
 #pragma unroll
     for (int i = 0; i < R; ++i)
@@ -181,43 +178,57 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
         float v = acc[i][m];
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0 && u0 + i < ue) {
-          if constexpr (P == 1) {
-            y[(size_t)m * N + row[i]] = (OutT)v;
-          } else {
-            atomicAdd(y + (size_t)m * N + row[i], v);  // y: float32, zeroed by the launch
-          }
+        if constexpr (LPR == 32) {
+          if (lane == 0 && rs + i < re) y[(size_t)m * N + rs + i] = (T)v;
+        } else {
+          if (lane == 0) red[(((buf * slots + slot) * WPS + wis) * R + i) * MT + m] = v;
         }
       }
+    if constexpr (LPR > 32) {
+      __syncthreads();
+      for (int t = threadIdx.x; t < slots * R * MT; t += blockDim.x) {
+        const int m = t % MT, i = (t / MT) % R, j = t / (MT * R);
+        const int row = r0 + j * R + i;
+        if (row < re) {
+          float v = 0.f;
+#pragma unroll
+          for (int k = 0; k < WPS; ++k) v += red[(((buf * slots + j) * WPS + k) * R + i) * MT + m];
+          y[(size_t)m * N + row] = (T)v;
+        }
+      }
+      buf ^= 1;
+    }
   }
 }
 #endif  // BB_QMV8_HEADER
 """
-SOURCE = "bb_qmv8<T, OutT, K, MT, R, U, P>(x, w, scales, biases, y, w_shape[0]);"
+SOURCE = "bb_qmv8<T, K, MT, R, U, LPR>(x, w, scales, biases, y, w_shape[0]);"
 
 
 @dataclass(frozen=True)
 class X8Config:
-    r: int  # units (row, part) a warp step
-    u: int  # groups of loads in flight a lane and unit (each a 16-byte load)
+    r: int  # rows a slot and step
+    u: int  # groups a lane and row in one step (each a 16-byte load)
     blocks: int  # blocks of THREADS
-    p: int = 1  # parts of a row's groups (> 1: fp32 output summed with atomics, then converted)
+    lpr: int = 32  # lanes a row (32, 128 or 256): a slot
 
 
 def choose_config(m: int, n: int, k: int, sms: int | None = None) -> X8Config:
-    """Contiguous runs of (row, part) units a warp, so every SM reads the same bytes. Rows whole
-    (p = 1) where there are at least two a warp; else each row in parts, enough for ~4 units a
-    warp (rows alone left 1 or 2 a warp: down 27.6 us against 18.9 on the fp16 path). Up to 8
-    16-byte loads in flight a lane."""
+    """A warp a row where there are eight rows a warp or more (gate/up, lm_head); else a row's
+    groups over 128 or 256 lanes (a warp a row left down at 27 us against 18.8 on the fp16 path:
+    one or two rows a warp). R rows a step so that ~8 16-byte loads are in flight a lane and a
+    block's rows fit its slots."""
     from batchbench.kernels.qmm import sm_count
 
     blocks = (sms or sm_count()) * BLOCKS_PER_SM
     warps = blocks * THREADS // 32
     g = k // GROUP
-    p = 1 if n >= 2 * warps else min(max(1, g // 16), -(-4 * warps // n))
-    u = max(1, min(8, -(-(-(-g // p)) // 32)))
-    r = max(1, min(4, 8 // u)) if p > 1 else (2 if u <= 4 else 1)
-    return X8Config(r=r, u=u, blocks=blocks, p=p)
+    lpr = 32 if n >= 8 * warps else (256 if g > 128 else 128)
+    u = max(1, min(8, -(-g // lpr)))
+    slots = THREADS // lpr
+    rows = -(-n // blocks)
+    r = max(1, min(max(1, 8 // u), -(-rows // slots)))
+    return X8Config(r=r, u=u, blocks=blocks, lpr=lpr)
 
 
 def covered(m: int, k: int, dtype, group_size: int, bits: int, biases) -> bool:
@@ -225,32 +236,31 @@ def covered(m: int, k: int, dtype, group_size: int, bits: int, biases) -> bool:
             and dtype in (mx.float16, mx.bfloat16))
 
 
-def smem_bytes(m: int, k: int) -> int:
-    return m * k + 3 * m * (k // GROUP) * 4
+def smem_bytes(m: int, k: int, cfg: X8Config) -> int:
+    red = 2 * THREADS // 32 * cfg.r * m * 4 if cfg.lpr > 32 else 0
+    return m * k + 3 * m * (k // GROUP) * 4 + red
 
 
 def plan(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
          config: X8Config | None = None) -> tuple[KernelSpec, Launch]:
-    """The CUDA kernel and launch for x [M, K] against w [N, K / 8] (4-bit, group 32). With
-    config.p > 1 the output is float32 (see `run`)."""
+    """The CUDA kernel and launch for x [M, K] against w [N, K / 8] (4-bit, group 32)."""
     m, k = x.shape
     n = w.shape[0]
     cfg = config or choose_config(m, n, k)
-    out_t = x.dtype if cfg.p == 1 else mx.float32
-    spec = KernelSpec("cuda", f"bb_qmv8_{k}_{m}", ("x", "w", "scales", "biases"), ("y",), SOURCE,
-                      kspec.compact(HEADER), shared_memory=smem_bytes(m, k))
-    launch = Launch(inputs=[x, w, scales, biases], output_shapes=[(m, n)], output_dtypes=[out_t],
+    if cfg.lpr not in (32, 64, 128, 256):
+        raise ValueError(f"qmv8: lanes a row must be 32, 64, 128 or 256, got {cfg.lpr}")
+    smem = smem_bytes(m, k, cfg)
+    spec = KernelSpec("cuda", f"bb_qmv8_{smem}", ("x", "w", "scales", "biases"), ("y",), SOURCE,
+                      kspec.compact(HEADER), shared_memory=smem)
+    launch = Launch(inputs=[x, w, scales, biases], output_shapes=[(m, n)], output_dtypes=[x.dtype],
                     grid=(cfg.blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-                    template=[("T", x.dtype), ("OutT", out_t), ("K", k), ("MT", m), ("R", cfg.r), ("U", cfg.u),
-                              ("P", cfg.p)],
-                    init_value=0.0 if cfg.p > 1 else None)
+                    template=[("T", x.dtype), ("K", k), ("MT", m), ("R", cfg.r), ("U", cfg.u), ("LPR", cfg.lpr)])
     return spec, launch
 
 
 def run(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, config: X8Config | None = None) -> mx.array:
     """The CUDA kernel on x [M, K]; y [M, N] in x's dtype."""
-    y = kspec.run(*plan(x, w, scales, biases, config))[0]
-    return y if y.dtype == x.dtype else y.astype(x.dtype)
+    return kspec.run(*plan(x, w, scales, biases, config))[0]
 
 
 def quantize_x(x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:

@@ -16,7 +16,8 @@ so nothing stays in L2):
   depend on nothing), which is what the persistent layer would do;
 - `all` / `all-pre`: the 112 phases in one launch.
 Kernel time is the sum of the probe's own kernels (CUPTI; MLX's fills of the barrier counts
-excluded), GPU span from the first kernel's start to the last one's end, per layer.
+excluded), GPU span from the first kernel's start to the last one's end, per layer. ALU=1 and
+ALU=2 add, on each loaded word, the work of the fp16 path and of an int8 path (see `fold`).
 
     PYTHONPATH=. python3 scripts/h200_phase_probe.py      # on a CUDA machine
     BLOCKS_PER_SM=2 LAYERS=28 ALU=0,1,2 ...                # the defaults
@@ -33,6 +34,7 @@ import mlx.core as mx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from batchbench import backend  # noqa: E402
 from batchbench.bench_attention import _torch_cuda, trace_events  # noqa: E402
+from batchbench.kernels import qmm  # noqa: E402
 from batchbench.kernels import spec as kspec  # noqa: E402
 
 THREADS = 256
@@ -249,22 +251,11 @@ def measure(w: mx.array, layout: str, layers: int, blocks: int, reps: int, alu: 
                 each=each)
 
 
-def _sms() -> int:
-    if "SMS" in os.environ:
-        return int(os.environ["SMS"])
-    try:
-        import torch
-
-        return torch.cuda.get_device_properties(0).multi_processor_count
-    except Exception:  # noqa: BLE001 (no torch: the H200's count)
-        return 132
-
-
 def main() -> None:
     if backend.BACKEND != "cuda" or _torch_cuda() is None:
         print("h200_phase_probe: needs MLX's CUDA back-end and torch (CUPTI)")
         return
-    sms = _sms()
+    sms = qmm.sm_count()  # BATCHBENCH_SMS overrides
     layers = int(os.environ.get("LAYERS", "28"))
     total = sum(words(b * 5 // 8) for _, b in PHASES) * layers
     w = mx.zeros((total * 4,), dtype=mx.uint32)

@@ -216,7 +216,7 @@ for what in "$@"; do
     # one launch a matmul against one persistent launch a layer, on plain streaming reads of the 7B
     # layer's bytes (scripts/h200_phase_probe.py, ~1 min)
     phase-probe) part phase-probe 150 env BLOCKS_PER_SM="${BLOCKS_PER_SM:-1,2,3}" python3 scripts/h200_phase_probe.py ;;
-    # the int8-activation matrix-vector kernel (BB_QMM_X8) against the fp16 path on the 7B matrices
+    # the int8-activation matrix-vector kernel (kernels/qmv8.py) against the fp16 path on the 7B matrices
     x8) part x8 200 env X8_BPS="${X8_BPS:-2,4}" python3 scripts/h200_x8.py ;;
     # the cost of a grid-wide barrier in one persistent launch (1-3 blocks an SM, N = 0-32; ~20 s)
     barrier-probe) part barrier-probe 120 python3 scripts/h200_barrier_probe.py ;;

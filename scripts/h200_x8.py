@@ -1,4 +1,4 @@
-"""The int8-activation matrix-vector kernel (`batchbench.kernels.qmv8`, BB_QMM_X8) against the
+"""The int8-activation matrix-vector kernel (`batchbench.kernels.qmv8`, an experiment) against the
 fp16 path (`qmm.quantized_matmul`, packed scale/bias pairs as the layers hold them) on the 7B
 matrices: error against float32 (dequantized weights, exact x), error of the kernel against its
 twin, and kernel time (CUPTI, a dependent chain over rotating weight copies, so nothing stays in

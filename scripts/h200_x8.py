@@ -5,7 +5,8 @@ twin, and kernel time (CUPTI, a dependent chain over rotating weight copies, so 
 L2), with the weight-read floor at 3.86 TB/s.
 
     PYTHONPATH=. python3 scripts/h200_x8.py          # on a CUDA machine; X8_M=1,2,4 (default 1,2)
-    X8_BPS=2,3,4 ...                                 # blocks an SM to try (default 3)
+    X8_BPS=2,4 ...                                   # blocks an SM to try (default 2)
+Then the kernel with one row a block (K = 3584, 18944): little but each block's x quantization.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main() -> None:
                 return qmm.quantized_matmul(x, wq_, s_, b_, group_size=32, bits=4, **kw)
 
             t16 = kernel_us(fp16_path, x0, sets, ("bb_qmm",))
-            for bps in (int(v) for v in os.environ.get("X8_BPS", "3").split(",")):
+            for bps in (int(v) for v in os.environ.get("X8_BPS", "2").split(",")):
                 qmv8.BLOCKS_PER_SM = bps
                 cfg = qmv8.choose_config(m, n, k)
 
@@ -102,6 +103,17 @@ def main() -> None:
                       f"{t8:.1f} | "
                       f"{nbytes / FLOOR_TBS / 1e6:.1f} | {e8:.1e} | {eq:.1e} | {et:.1e} |", flush=True)
         del sets, packs, deq
+    # every block quantizes x before its products: with one row a block the kernel is little else
+    print("\n| K | M | blocks | one row a block: x8 us |\n|---|---|---|---|")
+    for k in (3584, 18944):
+        for m in ms:
+            qmv8.BLOCKS_PER_SM = int(os.environ.get("X8_BPS", "2").split(",")[0])
+            blocks = qmm.sm_count() * qmv8.BLOCKS_PER_SM
+            w = (mx.random.normal((blocks, k)) * 0.02).astype(mx.float16)
+            wq, s, b = mx.quantize(w, group_size=32, bits=4)
+            x0 = mx.random.normal((m, k)).astype(mx.float16)
+            t = kernel_us(lambda x, a, c, d: qmv8.run(x, a, c, d), x0, [(wq, s, b)] * 8, ("bb_qmv8",))
+            print(f"| {k} | {m} | {blocks} | {t:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ down 27.8 against 18.6, o_proj 7.4 against 5.5, q/k/v 9.4-9.6 against 7.9. Shari
 128-256 lanes changed nothing there against a warp a row (call15: 27.6, 7.5, 8.9), so the split
 is not the cause; the suspect, unmeasured: each block quantizes x before it issues any weight
 load (a thread a group: 32 scalar loads and 32 divisions), ~K / 32 groups on 256 threads, longest
-at down's K. Branch `x8-prefetch` issues the first loads before that and quantizes with 16-byte
-loads and one division a group (emulated, compiled: 93-152 registers; not run on a GPU). Not
-wired into the model.
+at down's K. Branch `x8-prefetch` issues the first loads before that, quantizes with 16-byte
+loads and one division a group, and adds the decode step's epilogues (emulated and compiled,
+not run on a GPU). Not wired into the model.
 """
 
 from __future__ import annotations

@@ -29,9 +29,11 @@ def _definition(x, wq, s, b) -> np.ndarray:
     words = np.array(wq).astype(np.uint64)
     codes = ((words[..., None] >> (4 * np.arange(8, dtype=np.uint64))) & 15).reshape(words.shape[0], k)
     xg = xf.reshape(m, k // 32, 32).astype(np.float32)
-    d = (np.abs(xg).max(axis=-1) / np.float32(127)).astype(np.float32)
+    amax = np.abs(xg).max(axis=-1)
+    d = (amax / np.float32(127)).astype(np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
-        xq = np.where(d[..., None] > 0, np.rint(xg / d[..., None]), 0).astype(np.float64)
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    xq = np.rint(xg * inv[..., None]).astype(np.float64)
     sx = xg.astype(np.float64).sum(axis=-1)
     dots = np.einsum("mgk,ngk->mng", xq, codes.reshape(-1, k // 32, 32).astype(np.float64))
     e8 = 8 * (sx - d * xq.sum(axis=-1))

@@ -32,16 +32,17 @@ quantizes x into shared memory (each word's even k in one int, its odd k in the 
 codes come out of `& 0x0f0f0f0f` and `>> 4`). No epilogues: a plain product, M = 1..4, 4-bit,
 group 32, fp16 or bf16.
 
-Measured on the H200 (session 24, M=1, kernel time, results/h200-2026-11-30-s24/call19, this
-code, 2 blocks an SM): gate/up 26.3 us against 28.8 on the fp16 path, lm_head 87.8 against
+Measured on the H200 (session 24, M=1, kernel time, results/h200-2026-11-30-s24/call19, main's
+version of this file at fd0812a, 2 blocks an SM): gate/up 26.3 us against 28.8 on the fp16 path, lm_head 87.8 against
 95.8 (85.6 at 4 blocks an SM; the floor at 3.86 TB/s is 88.2); slower where rows are few:
 down 27.8 against 18.6, o_proj 7.4 against 5.5, q/k/v 9.4-9.6 against 7.9. Sharing a row over
 128-256 lanes changed nothing there against a warp a row (call15: 27.6, 7.5, 8.9), so the split
 is not the cause; the suspect, unmeasured: each block quantizes x before it issues any weight
 load (a thread a group: 32 scalar loads and 32 divisions), ~K / 32 groups on 256 threads, longest
-at down's K. Branch `x8-prefetch` issues the first loads before that, quantizes with 16-byte
-loads and one division a group, and adds the decode step's epilogues (emulated and compiled,
-not run on a GPU). Not wired into the model.
+at down's K. This version (branch `x8-prefetch`) issues each step's loads before the x staging
+(the first step) or before the previous step's reduce, and quantizes with 16-byte loads and one
+division a group: emulated and compiled (93-152 registers), not run on a GPU. Not wired into
+the model.
 """
 
 from __future__ import annotations

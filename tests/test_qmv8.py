@@ -124,3 +124,64 @@ def test_kernel_compiles_for_sm90a_at_the_7b_shapes():
     assert [qmv8.choose_config(1, n, k, sms=132).lpr for n, k in ((37888, 3584), (3584, 3584), (3584, 18944))] \
         == [32, 128, 256]
     assert_compile_for_sm90a(items)
+
+
+def _epilogue_definition(x, wq, s, b, nw=None, eps=1e-5, residual=None, glu=False) -> np.ndarray:
+    xf = _f64(x)
+    if nw is not None:
+        xf = xf / np.sqrt((xf ** 2).mean(axis=-1, keepdims=True) + eps) * _f64(nw)
+    y = _definition(mx.array(xf.astype(np.float32)), wq, s, b)
+    if glu:
+        t = y.reshape(y.shape[0], -1, 2, 8)
+        gate, up = t[:, :, 0], t[:, :, 1]
+        y = (gate / (1 + np.exp(-gate)) * up).reshape(y.shape[0], -1)
+    if residual is not None:
+        y = y + _f64(residual)
+    return y
+
+
+# (M, N, K, dtype, config, norm, residual, glu): lm_head (norm), o_proj / down (residual), the
+# gate/up pair (norm + glu) a warp a pair and over 128 lanes, bf16
+EPILOGUES = [
+    (2, 40, 512, mx.float16, qmv8.X8Config(r=2, u=1, blocks=3), True, False, False),
+    (1, 24, 1024, mx.float16, qmv8.X8Config(r=3, u=1, blocks=2, lpr=256), False, True, False),
+    (3, 48, 512, mx.bfloat16, qmv8.X8Config(r=2, u=1, blocks=2), True, False, True),
+    (1, 64, 3584, mx.float16, qmv8.X8Config(r=3, u=1, blocks=2, lpr=128), True, False, True),
+]
+
+
+@pytest.mark.parametrize("m,n,k,dtype,cfg,norm,res,glu", EPILOGUES)
+def test_epilogues_emulated_match_twin_and_definition(m, n, k, dtype, cfg, norm, res, glu):
+    toolchain.need(toolchain.host_cxx)
+    rng = np.random.default_rng()
+    x, wq, s, b = _problem(rng, m, n, k, dtype)
+    nw = mx.array(rng.uniform(0.5, 1.5, k).astype(np.float32)).astype(dtype) if norm else None
+    n_out = n // 2 if glu else n
+    residual = mx.array(rng.standard_normal((m, n_out)).astype(np.float32)).astype(dtype) if res else None
+    epi = qmv8.Epilogue(norm=(nw, 1e-5) if norm else None, residual=residual, glu_pair=glu)
+    spec, launch = qmv8.plan(x, wq, s, b, cfg, epi)
+    got = emulate(spec, launch).outputs[0].astype(np.float64)
+    twin = _f64(qmv8.twin(x, wq, s, b, epi))
+    want = _epilogue_definition(x, wq, s, b, nw, 1e-5, residual, glu)
+    assert got.shape == (m, n_out)
+    tol = (2e-3 if dtype == mx.float16 else 1.6e-2) * np.abs(want).max()
+    assert np.abs(got - twin).max() <= tol
+    assert np.abs(twin - want).max() <= tol
+
+
+def test_glu_pairs_follow_the_fused_layers_row_order():
+    """silu(gate) * up from the pair kernel's twin equals the same product of two plain matvecs
+    on the gate and up weights, with the rows stored as qmm.glu_pair_order stores them."""
+    from batchbench.kernels import qmm
+
+    rng = np.random.default_rng()
+    ff, k = 32, 256
+    x, wg, sg, bg = _problem(rng, 1, ff, k, mx.float16)
+    _, wu, su, bu = _problem(rng, 1, ff, k, mx.float16)
+    order = mx.array(qmm.glu_pair_order(ff))
+    w, s, b = (mx.take(mx.concatenate([a, c]), order, axis=0) for a, c in ((wg, wu), (sg, su), (bg, bu)))
+    got = _f64(qmv8.quantized_matvec_x8(x, w, s, b, glu_pair=True))
+    g = _f64(qmv8.twin(x, wg, sg, bg)).astype(np.float64)
+    u = _f64(qmv8.twin(x, wu, su, bu)).astype(np.float64)
+    want = g / (1 + np.exp(-g)) * u
+    assert np.abs(got - want).max() <= 5e-3 * np.abs(want).max()

@@ -29,8 +29,9 @@ threads form slots of LPR lanes: a warp a row where rows are many (gate/up, lm_h
 1-2 rows a warp). A lane takes one group of 32 k of a row at a time (one 16-byte load = the
 group's four words); a step loads R rows x U groups a lane before any product. Each block first
 quantizes x into shared memory (each word's even k in one int, its odd k in the next, as the
-codes come out of `& 0x0f0f0f0f` and `>> 4`). No epilogues: a plain product, M = 1..4, 4-bit,
-group 32, fp16 or bf16.
+codes come out of `& 0x0f0f0f0f` and `>> 4`). Epilogues for the decode step (`Epilogue`): the
+RMSNorm of x in that prologue, the gate product of paired gate/up rows (qmm.glu_pair_order),
+a residual. M = 1..4, 4-bit, group 32, fp16 or bf16.
 
 Measured on the H200 (session 24, M=1, kernel time, results/h200-2026-11-30-s24/call19, main's
 version of this file at fd0812a, 2 blocks an SM): gate/up 26.3 us against 28.8 on the fp16 path, lm_head 87.8 against
@@ -41,8 +42,10 @@ is not the cause; the suspect, unmeasured: each block quantizes x before it issu
 load (a thread a group: 32 scalar loads and 32 divisions), ~K / 32 groups on 256 threads, longest
 at down's K. This version (branch `x8-prefetch`) issues each step's loads before the x staging
 (the first step) or before the previous step's reduce, and quantizes with 16-byte loads and one
-division a group: emulated and compiled (93-152 registers), not run on a GPU. Not wired into
-the model.
+division a group, and has the epilogues: emulated and compiled (93-127 registers at the 7B
+shapes, 114 for the gate/up pair), not run on a GPU. Not wired into the model;
+`scripts/h200_qmm.py` runs the decode step with it (`QMM_X8=gu,down,o,lm`, session part
+`ab-x8`).
 """
 
 from __future__ import annotations
@@ -67,9 +70,35 @@ HEADER = r"""
 // k's), the scale d = max|x| / 127, the exact sum sx and e8 = 8 (sx - d * sum(codes)), all in
 // shared memory. e8 centres the weight codes: s * (d * dot + e8) = s * d * dot(code - 8, xq) + 8 s sx,
 // so x's rounding meets code - 8 (about w - mean(w)) instead of code (0..15).
-template <typename T, int K, int MT>
-__device__ __forceinline__ void bb_qmv8_stage(const T* __restrict__ x, int* xq, float* xd, float* xs, float* xe) {
+// NORM: x is first RMS-normalised, x * rsqrt(mean(x^2) + eps) * nw, in fp32 (a block-wide sum of
+// squares a token, then the groups).
+template <typename T, int K, int MT, bool NORM>
+__device__ __forceinline__ void bb_qmv8_stage(const T* __restrict__ x, const T* __restrict__ nw, float eps, int* xq,
+                                              float* xd, float* xs, float* xe) {
   constexpr int G = K / 32;
+  __shared__ float rinv[MT];
+  __shared__ float part[32];
+  if constexpr (NORM) {
+    for (int m = 0; m < MT; ++m) {
+      float ss = 0.f;
+      for (int c = threadIdx.x; c < K / 8; c += blockDim.x) {
+        const uint4 u = reinterpret_cast<const uint4*>(x + (size_t)m * K)[c];
+        const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) ss = fmaf((float)e[i], (float)e[i], ss);
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        float t = 0.f;
+        for (int k = 0; k < (int)(blockDim.x >> 5); ++k) t += part[k];
+        rinv[m] = rsqrtf(t / (float)K + eps);
+      }
+      __syncthreads();
+    }
+  }
   for (int t = threadIdx.x; t < MT * G; t += blockDim.x) {
     const int m = t / G, g = t - m * G;
     const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)m * K + g * 32);
@@ -79,9 +108,12 @@ __device__ __forceinline__ void bb_qmv8_stage(const T* __restrict__ x, int* xq, 
     for (int c = 0; c < 4; ++c) {
       const uint4 u = xr[c];
       const T* e = reinterpret_cast<const T*>(&u);
+      uint4 un = u;
+      if constexpr (NORM) un = reinterpret_cast<const uint4*>(nw + g * 32)[c];
+      const T* en = reinterpret_cast<const T*>(&un);
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        v[8 * c + i] = (float)e[i];
+        v[8 * c + i] = NORM ? (float)e[i] * rinv[m] * (float)en[i] : (float)e[i];
         amax = fmaxf(amax, fabsf(v[8 * c + i]));
         sum += v[8 * c + i];
       }
@@ -116,59 +148,73 @@ __device__ __forceinline__ int bb_qmv8_dot(unsigned int u, int xe, int xo, int a
   return __dp4a((int)((u >> 4) & 0x0f0f0f0fu), xo, acc);
 }
 
-// Each block takes a contiguous run of rows (every SM reads the same bytes). Its threads form
-// slots of LPR lanes (32: a warp a row, 128 or 256: warps share a row's groups); a slot takes R
-// rows a step, each lane U groups of each (one 16-byte load a row and group), all loads of a
-// step in flight before the products. With LPR > 32 the warps' sums meet in shared memory
-// (double-buffered: one barrier a step).
-template <typename T, int K, int MT, int R, int U, int LPR>
+// Each block takes a contiguous run of units (every SM reads the same bytes): a unit is a row,
+// or with GLU a (gate, up) pair of rows (glu_pair_order: each 16-row tile is 8 gate rows, then
+// their 8 up rows) and its output silu(gate) * up. Its threads form slots of LPR lanes (32: a
+// warp a unit, 128 or 256: warps share a unit's groups); a slot takes R units a step, each lane
+// U groups of each row (one 16-byte load a row and group), all loads of a step in flight before
+// the products; the next step's go out before this step's reduce, the first step's before the x
+// staging (weights need no x). With LPR > 32 the warps' sums meet in shared memory
+// (double-buffered: one barrier a step). RES adds res [MT, N / (GLU ? 2 : 1)] to the output.
+template <typename T, int K, int MT, int R, int U, int LPR, bool NORM, bool RES, bool GLU>
 __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned int* __restrict__ w,
                                         const T* __restrict__ scales, const T* __restrict__ biases,
-                                        T* __restrict__ y, const int N) {
+                                        const T* __restrict__ nw, const T* __restrict__ res,
+                                        T* __restrict__ y, const int N, const float eps) {
   constexpr int G = K / 32;
   constexpr int WPS = LPR / 32;  // warps a slot
+  constexpr int NR = GLU ? 2 : 1;  // rows a unit
+  constexpr int RR = R * NR;      // rows a slot and step
   extern __shared__ uint4 bb_qmv8_smem[];
   int* xq = reinterpret_cast<int*>(bb_qmv8_smem);
   float* xd = reinterpret_cast<float*>(xq + MT * (K / 4));
   float* xs = xd + MT * G;
   float* xe = xs + MT * G;
-  float* red = xe + MT * G;  // [2][slots][WPS][R][MT] (LPR > 32)
+  float* red = xe + MT * G;  // [2][slots][WPS][RR][MT] (LPR > 32)
+  const int NU = N / NR;
   const int slots = blockDim.x / LPR;
   const int slot = threadIdx.x / LPR, sl = threadIdx.x - slot * LPR;
   const int lane = threadIdx.x & 31, wis = sl >> 5;
-  const int rb = (int)((long long)blockIdx.x * N / gridDim.x);
-  const int re = (int)((long long)(blockIdx.x + 1) * N / gridDim.x);
+  const int ub = (int)((long long)blockIdx.x * NU / gridDim.x);
+  const int ue = (int)((long long)(blockIdx.x + 1) * NU / gridDim.x);
   const uint4* w4 = reinterpret_cast<const uint4*>(w);
-  uint4 q[U][R];
-  float sc[U][R], bi[U][R];
-  // one step's loads for a slot's rows from rs, groups from g0 (weights need no x: the first
-  // step's go out before the x staging, each next step's before the current one's reduce)
-  auto load = [&](int rs, int g0) {
+  uint4 q[U][RR];
+  float sc[U][RR], bi[U][RR];
+  // one step's loads for a slot's units from ps, groups from g0
+  auto load = [&](int ps, int g0) {
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
-      for (int i = 0; i < R; ++i) {
+      for (int i = 0; i < RR; ++i) {
+        const int p = ps + i / NR, h = i % NR;
         const int g = g0 + LPR * u;
-        const bool ok = g < G && rs + i < re;
-        const size_t o = (size_t)(rs + i) * G + g;
+        const bool ok = g < G && p < ue;
+        const int row = GLU ? (p >> 3) * 16 + h * 8 + (p & 7) : p;
+        const size_t o = (size_t)row * G + g;
         q[u][i] = ok ? w4[o] : make_uint4(0u, 0u, 0u, 0u);
         sc[u][i] = ok ? (float)scales[o] : 0.f;
         bi[u][i] = ok ? (float)biases[o] : 0.f;
       }
   };
-  load(rb + slot * R, sl);
-  bb_qmv8_stage<T, K, MT>(x, xq, xd, xs, xe);
+  // the output of unit p for token m from its rows' sums
+  auto store = [&](int m, int p, float a0, float a1) {
+    float v = GLU ? a0 / (1.f + expf(-a0)) * a1 : a0;
+    if constexpr (RES) v += (float)res[(size_t)m * NU + p];
+    y[(size_t)m * NU + p] = (T)v;
+  };
+  load(ub + slot * R, sl);
+  bb_qmv8_stage<T, K, MT, NORM>(x, nw, eps, xq, xd, xs, xe);
   __syncthreads();
   int buf = 0;
-  for (int r0 = rb; r0 < re; r0 += slots * R) {
-    const int rs = r0 + slot * R;
-    float acc[R][MT];
+  for (int r0 = ub; r0 < ue; r0 += slots * R) {
+    const int ps = r0 + slot * R;
+    float acc[RR][MT];
 #pragma unroll
-    for (int i = 0; i < R; ++i)
+    for (int i = 0; i < RR; ++i)
 #pragma unroll
       for (int m = 0; m < MT; ++m) acc[i][m] = 0.f;
     for (int g0 = sl; g0 < G; g0 += LPR * U) {
-      if (g0 != sl) load(rs, g0);
+      if (g0 != sl) load(ps, g0);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int g = g0 + LPR * u;
@@ -179,7 +225,7 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
           const int4 a = xg[0], b = xg[1];
           const float d = xd[m * G + g], s = xs[m * G + g], e = xe[m * G + g];
 #pragma unroll
-          for (int i = 0; i < R; ++i) {
+          for (int i = 0; i < RR; ++i) {
             int dot = bb_qmv8_dot(q[u][i].x, a.x, a.y, 0);
             dot = bb_qmv8_dot(q[u][i].y, a.z, a.w, dot);
             dot = bb_qmv8_dot(q[u][i].z, b.x, b.y, dot);
@@ -189,30 +235,41 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
         }
       }
     }
-    if (r0 + slots * R < re) load(rs + slots * R, sl);
+    if (r0 + slots * R < ue) load(ps + slots * R, sl);
 #pragma unroll
-    for (int i = 0; i < R; ++i)
+    for (int i = 0; i < RR; ++i)
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         float v = acc[i][m];
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if constexpr (LPR == 32) {
-          if (lane == 0 && rs + i < re) y[(size_t)m * N + rs + i] = (T)v;
-        } else {
-          if (lane == 0) red[(((buf * slots + slot) * WPS + wis) * R + i) * MT + m] = v;
+        acc[i][m] = v;
+        if constexpr (LPR > 32) {
+          if (lane == 0) red[(((buf * slots + slot) * WPS + wis) * RR + i) * MT + m] = v;
         }
       }
-    if constexpr (LPR > 32) {
+    if constexpr (LPR == 32) {
+      if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < R; ++i)
+#pragma unroll
+          for (int m = 0; m < MT; ++m)
+            if (ps + i < ue) store(m, ps + i, acc[i * NR][m], acc[i * NR + NR - 1][m]);
+      }
+    } else {
       __syncthreads();
       for (int t = threadIdx.x; t < slots * R * MT; t += blockDim.x) {
         const int m = t % MT, i = (t / MT) % R, j = t / (MT * R);
-        const int row = r0 + j * R + i;
-        if (row < re) {
-          float v = 0.f;
+        const int p = r0 + j * R + i;
+        if (p < ue) {
+          float v[NR];
 #pragma unroll
-          for (int k = 0; k < WPS; ++k) v += red[(((buf * slots + j) * WPS + k) * R + i) * MT + m];
-          y[(size_t)m * N + row] = (T)v;
+          for (int h = 0; h < NR; ++h) {
+            v[h] = 0.f;
+#pragma unroll
+            for (int k = 0; k < WPS; ++k) v[h] += red[(((buf * slots + j) * WPS + k) * RR + i * NR + h) * MT + m];
+          }
+          store(m, p, v[0], v[NR - 1]);
         }
       }
       buf ^= 1;
@@ -221,7 +278,12 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
 }
 #endif  // BB_QMV8_HEADER
 """
-SOURCE = "bb_qmv8<T, K, MT, R, U, LPR>(x, w, scales, biases, y, w_shape[0]);"
+
+
+def source(norm: bool, res: bool) -> str:
+    return ("bb_qmv8<T, K, MT, R, U, LPR, NORM, RES, GLU>(x, w, scales, biases, "
+            f"{'nw' if norm else '(const T*)nullptr'}, {'res' if res else '(const T*)nullptr'}, y, w_shape[0], "
+            "__int_as_float(EPS_BITS));")
 
 
 @dataclass(frozen=True)
@@ -232,11 +294,11 @@ class X8Config:
     lpr: int = 32  # lanes a row (32, 128 or 256): a slot
 
 
-def choose_config(m: int, n: int, k: int, sms: int | None = None) -> X8Config:
+def choose_config(m: int, n: int, k: int, sms: int | None = None, rows_a_unit: int = 1) -> X8Config:
     """A warp a row where there are eight rows a warp or more (gate/up, lm_head); else a row's
     groups over 128 or 256 lanes (a warp a row left down at 27 us against 18.8 on the fp16 path:
-    one or two rows a warp). R rows a step so that ~8 16-byte loads are in flight a lane and a
-    block's rows fit its slots."""
+    one or two rows a warp). n counts units (rows, or gate/up pairs of rows_a_unit = 2). R units
+    a step so that ~8 16-byte loads are in flight a lane and a block's units fit its slots."""
     from batchbench.kernels.qmm import sm_count
 
     blocks = (sms or sm_count()) * BLOCKS_PER_SM
@@ -246,7 +308,7 @@ def choose_config(m: int, n: int, k: int, sms: int | None = None) -> X8Config:
     u = max(1, min(8, -(-g // lpr)))
     slots = THREADS // lpr
     rows = -(-n // blocks)
-    r = max(1, min(max(1, 8 // u), -(-rows // slots)))
+    r = max(1, min(max(1, 8 // (u * rows_a_unit)), -(-rows // slots)))
     return X8Config(r=r, u=u, blocks=blocks, lpr=lpr)
 
 
@@ -255,31 +317,50 @@ def covered(m: int, k: int, dtype, group_size: int, bits: int, biases) -> bool:
             and dtype in (mx.float16, mx.bfloat16))
 
 
-def smem_bytes(m: int, k: int, cfg: X8Config) -> int:
-    red = 2 * THREADS // 32 * cfg.r * m * 4 if cfg.lpr > 32 else 0
+def smem_bytes(m: int, k: int, cfg: X8Config, glu: bool = False) -> int:
+    red = 2 * THREADS // 32 * cfg.r * (2 if glu else 1) * m * 4 if cfg.lpr > 32 else 0
     return m * k + 3 * m * (k // GROUP) * 4 + red
 
 
+@dataclass(frozen=True)
+class Epilogue:
+    """What the kernel does around the product: norm (weight [K], eps) on x first, the gate
+    product of paired rows (glu_pair_order, output [M, N / 2]), a residual added to the output."""
+
+    norm: tuple[mx.array, float] | None = None
+    residual: mx.array | None = None
+    glu_pair: bool = False
+
+
 def plan(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
-         config: X8Config | None = None) -> tuple[KernelSpec, Launch]:
+         config: X8Config | None = None, epi: Epilogue = Epilogue()) -> tuple[KernelSpec, Launch]:
     """The CUDA kernel and launch for x [M, K] against w [N, K / 8] (4-bit, group 32)."""
     m, k = x.shape
     n = w.shape[0]
-    cfg = config or choose_config(m, n, k)
+    nr = 2 if epi.glu_pair else 1
+    if epi.glu_pair and n % 16:
+        raise ValueError(f"qmv8: the gate/up pair needs N % 16 == 0, got {n}")
+    cfg = config or choose_config(m, n // nr, k, rows_a_unit=nr)
     if cfg.lpr not in (32, 64, 128, 256):
         raise ValueError(f"qmv8: lanes a row must be 32, 64, 128 or 256, got {cfg.lpr}")
-    smem = smem_bytes(m, k, cfg)
-    spec = KernelSpec("cuda", f"bb_qmv8_{smem}", ("x", "w", "scales", "biases"), ("y",), SOURCE,
+    smem = smem_bytes(m, k, cfg, epi.glu_pair)
+    norm, res = epi.norm is not None, epi.residual is not None
+    names = ("x", "w", "scales", "biases") + (("nw",) if norm else ()) + (("res",) if res else ())
+    spec = KernelSpec("cuda", f"bb_qmv8_{smem}" + "_n" * norm + "_r" * res, names, ("y",), source(norm, res),
                       kspec.compact(HEADER), shared_memory=smem)
-    launch = Launch(inputs=[x, w, scales, biases], output_shapes=[(m, n)], output_dtypes=[x.dtype],
+    inputs = [x, w, scales, biases] + ([epi.norm[0]] if norm else []) + ([epi.residual.reshape(m, n // nr)] if res else [])
+    eps = epi.norm[1] if norm else 0.0
+    launch = Launch(inputs=inputs, output_shapes=[(m, n // nr)], output_dtypes=[x.dtype],
                     grid=(cfg.blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-                    template=[("T", x.dtype), ("K", k), ("MT", m), ("R", cfg.r), ("U", cfg.u), ("LPR", cfg.lpr)])
+                    template=[("T", x.dtype), ("K", k), ("MT", m), ("R", cfg.r), ("U", cfg.u), ("LPR", cfg.lpr),
+                              ("NORM", norm), ("RES", res), ("GLU", epi.glu_pair), ("EPS_BITS", kspec.f32_bits(eps))])
     return spec, launch
 
 
-def run(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, config: X8Config | None = None) -> mx.array:
-    """The CUDA kernel on x [M, K]; y [M, N] in x's dtype."""
-    return kspec.run(*plan(x, w, scales, biases, config))[0]
+def run(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, config: X8Config | None = None,
+        epi: Epilogue = Epilogue()) -> mx.array:
+    """The CUDA kernel on x [M, K]; y [M, N] (glu_pair: [M, N / 2]) in x's dtype."""
+    return kspec.run(*plan(x, w, scales, biases, config, epi))[0]
 
 
 def quantize_x(x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
@@ -301,24 +382,37 @@ def unpack_codes(w: mx.array) -> mx.array:
     return ((w[..., None] >> shifts) & 15).astype(mx.int32).reshape(w.shape[0], -1)
 
 
-def twin(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+def twin(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, epi: Epilogue = Epilogue()) -> mx.array:
     """The kernel's arithmetic in MLX ops (integer group sums exact, the rest fp32)."""
     m, k = x.shape
     n = w.shape[0]
-    codes, d, sx, e8 = quantize_x(x)
+    xf = x.astype(mx.float32)
+    if epi.norm is not None:
+        nw, eps = epi.norm
+        xf = xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps) * nw.astype(mx.float32)
+    codes, d, sx, e8 = quantize_x(xf)
     qw = unpack_codes(w).reshape(n, k // GROUP, GROUP)
     qx = codes.reshape(m, k // GROUP, GROUP)
     # integer sums per (m, n, g): exact in fp32 while |sum| < 2^24 (32 * 15 * 127 is far below)
     dots = mx.einsum("mgk,ngk->mng", qx.astype(mx.float32), qw.astype(mx.float32))
     s, b = scales.astype(mx.float32), biases.astype(mx.float32)
     y = mx.sum(s[None] * (d[:, None, :] * dots + e8[:, None, :]) + b[None] * sx[:, None, :], axis=-1)
+    if epi.glu_pair:  # each 16-row tile: 8 gate rows, then their 8 up rows
+        y = y.reshape(m, n // 16, 2, 8)
+        gate, up = y[:, :, 0, :], y[:, :, 1, :]
+        y = (gate / (1 + mx.exp(-gate)) * up).reshape(m, n // 2)
+    if epi.residual is not None:
+        y = y + epi.residual.reshape(y.shape).astype(mx.float32)
     return y.astype(x.dtype)
 
 
 def quantized_matvec_x8(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *,
-                        group_size: int = GROUP, bits: int = 4) -> mx.array:
+                        group_size: int = GROUP, bits: int = 4, norm: tuple[mx.array, float] | None = None,
+                        residual: mx.array | None = None, glu_pair: bool = False) -> mx.array:
     """y = x @ dequantize(w)^T with x quantized to int8 per group of 32 (see the module doc).
-    x [..., K] with at most MAX_M rows; the CUDA kernel on CUDA, the twin elsewhere."""
+    x [..., K] with at most MAX_M rows; norm (weight, eps): RMSNorm of x first; glu_pair: rows in
+    glu_pair_order, output silu(gate) * up [..., N / 2]; residual added to the output. The CUDA
+    kernel on CUDA, the twin elsewhere."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -328,8 +422,14 @@ def quantized_matvec_x8(x: mx.array, w: mx.array, scales: mx.array, biases: mx.a
     if w.shape[1] * 8 != k or scales.shape != (w.shape[0], k // GROUP) or scales.dtype != x.dtype:
         raise ValueError(f"quantized_matvec_x8: weights {tuple(w.shape)} / scales {tuple(scales.shape)} "
                          f"{scales.dtype} do not match x [.., {k}] {x.dtype}")
+    n_out = w.shape[0] // (2 if glu_pair else 1)
+    if norm is not None and (tuple(norm[0].shape) != (k,) or norm[0].dtype != x.dtype):
+        raise ValueError(f"quantized_matvec_x8: the norm weight must be [{k}] {x.dtype}")
+    if residual is not None and residual.size != m * n_out:
+        raise ValueError(f"quantized_matvec_x8: the residual must hold {m} x {n_out} values, got {tuple(residual.shape)}")
+    epi = Epilogue(norm=norm, residual=residual, glu_pair=glu_pair)
     if backend.BACKEND == "cuda":
-        y = run(x2, w, scales, biases)
+        y = run(x2, w, scales, biases, epi=epi)
     else:
-        y = twin(x2, w, scales, biases)
-    return y.reshape(*lead, w.shape[0])
+        y = twin(x2, w, scales, biases, epi)
+    return y.reshape(*lead, n_out)

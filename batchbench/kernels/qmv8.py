@@ -33,17 +33,17 @@ codes come out of `& 0x0f0f0f0f` and `>> 4`). Epilogues for the decode step (`Ep
 RMSNorm of x in that prologue, the gate product of paired gate/up rows (qmm.glu_pair_order),
 a residual. M = 1..4, 4-bit, group 32, fp16 or bf16.
 
-Measured on the H200 (session 24, M=1, kernel time, results/h200-2026-11-30-s24/call19, main's
-version of this file at fd0812a, 2 blocks an SM): gate/up 26.3 us against 28.8 on the fp16 path, lm_head 87.8 against
-95.8 (85.6 at 4 blocks an SM; the floor at 3.86 TB/s is 88.2); slower where rows are few:
+Measured on the H200 (session 24, M=1, kernel time, results/h200-2026-11-30-s24/call19, the
+version of this file at fd0812a, 2 blocks an SM): gate/up 26.3 us against 28.8 on the fp16
+path, lm_head 87.8 against 95.8 (85.6 at 4 blocks an SM; the floor at 3.86 TB/s is 88.2); slower where rows are few:
 down 27.8 against 18.6, o_proj 7.4 against 5.5, q/k/v 9.4-9.6 against 7.9. Sharing a row over
 128-256 lanes changed nothing there against a warp a row (call15: 27.6, 7.5, 8.9), so the split
 is not the cause; the suspect, unmeasured: each block quantizes x before it issues any weight
 load (a thread a group: 32 scalar loads and 32 divisions), ~K / 32 groups on 256 threads, longest
-at down's K. This version (branch `x8-prefetch`) issues each step's loads before the x staging
+at down's K. This version (after fd0812a, not run on a GPU) issues each step's loads before the x staging
 (the first step) or before the previous step's reduce, and quantizes with 16-byte loads and one
 division a group, and has the epilogues: emulated and compiled (93-127 registers at the 7B
-shapes, 114 for the gate/up pair), not run on a GPU. Not wired into the model;
+shapes, 114 for the gate/up pair). Not wired into the model;
 `scripts/h200_qmm.py` runs the decode step with it (`QMM_X8=gu,down,o,lm`, session part
 `ab-x8`).
 """

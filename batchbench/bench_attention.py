@@ -82,8 +82,9 @@ def trace_events(prof, path: Optional[str] = None) -> list[dict]:
     return [e for e in ev if e.get("ph") == "X"]
 
 
-def kernel_time_us(run: Callable[[], None], n_layers: int) -> Optional[float]:
-    """Sum of CUDA kernel durations of one `run()` per layer, or None without torch/CUDA."""
+def kernel_time_us(run: Callable[[], None], n_layers: int, names: tuple[str, ...] = ()) -> Optional[float]:
+    """Sum of CUDA kernel durations of one `run()` per layer, or None without torch/CUDA. names:
+    only the kernels whose name holds one of them (a chain's glue ops left out)."""
     torch = _torch_cuda()
     if torch is None or backend.BACKEND != "cuda":
         return None
@@ -95,7 +96,8 @@ def kernel_time_us(run: Callable[[], None], n_layers: int) -> Optional[float]:
         run()
         mx.synchronize()
         torch.cuda.synchronize()
-    total = sum(float(e.get("dur", 0.0)) for e in trace_events(prof) if e.get("cat") == "kernel")
+    total = sum(float(e.get("dur", 0.0)) for e in trace_events(prof) if e.get("cat") == "kernel"
+                and (not names or any(n in e.get("name", "") for n in names)))
     return total / n_layers
 
 

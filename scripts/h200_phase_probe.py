@@ -40,7 +40,8 @@ from batchbench.kernels import spec as kspec  # noqa: E402
 THREADS = 256
 UNROLL = 8
 H, FF = 3584, 18944
-# bytes of one 4-bit group-32 matrix with fp16 scales and biases (0.625 bytes a weight)
+# each phase's matrix in weights (4-bit with fp16 scales and biases a group of 32: 0.625 bytes a
+# weight, `plan`)
 PHASES = (("o", H * H), ("gate_up", 2 * FF * H), ("down", H * FF), ("qkv", 4608 * H))
 GAVE_UP = 0x80000000
 # meta: [phases, mode (0 none, 1 barrier then loads, 2 first loads then barrier)];
@@ -175,7 +176,7 @@ SPECS = {alu: kspec.KernelSpec(backend="cuda", name=f"bb_phase_probe{('', '_alu'
 
 
 def words(nbytes: int) -> int:
-    """16-byte words of a phase, rounded up to whole rounds of the grid's loads."""
+    """16-byte words of a phase's bytes (rounded up)."""
     return -(-nbytes // 16)
 
 

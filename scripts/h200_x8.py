@@ -20,7 +20,7 @@ import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from batchbench import backend  # noqa: E402
-from batchbench.bench_attention import _torch_cuda, trace_events  # noqa: E402
+from batchbench.bench_attention import _torch_cuda, kernel_time_us  # noqa: E402
 from batchbench.kernels import qmm, qmv8  # noqa: E402
 
 SHAPES = [("o_proj", 3584, 3584), ("q/k/v", 4608, 3584), ("gate/up", 37888, 3584), ("down", 3584, 18944),
@@ -36,8 +36,6 @@ def rel(a: mx.array, b: mx.array) -> float:
 def kernel_us(fn, x0: mx.array, sets: list, names: tuple[str, ...], reps: int = 5) -> float:
     """Median over reps of the summed kernel time (kernels whose name holds one of `names`) of
     one call per weight set, each call's x made from the previous call's y (a dependent chain)."""
-    torch = _torch_cuda()
-    from torch.profiler import ProfilerActivity, profile
 
     def chain():
         x = x0
@@ -46,17 +44,7 @@ def kernel_us(fn, x0: mx.array, sets: list, names: tuple[str, ...], reps: int = 
             x = x0 + (y[:, :1] * 0).astype(x0.dtype)
         mx.eval(x)
 
-    chain()
-    mx.synchronize()
-    out = []
-    for _ in range(reps):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            chain()
-            mx.synchronize()
-            torch.cuda.synchronize()
-        ks = [e for e in trace_events(prof) if e.get("cat") == "kernel" and any(n in e.get("name", "") for n in names)]
-        out.append(sum(float(e["dur"]) for e in ks) / len(sets))
-    return statistics.median(out)
+    return statistics.median(kernel_time_us(chain, len(sets), names) for _ in range(reps))
 
 
 def main() -> None:
@@ -76,8 +64,9 @@ def main() -> None:
         copies = max(2, min(24, math.ceil(600e6 / nbytes)))
         sets = [(wq, s, b)] + [tuple(a + 0 for a in (wq, s, b)) for _ in range(copies - 1)]
         mx.eval(sets)
-        packs = [qmm.pack_scales_biases(ss, bb) if qmm.packs_scales() else None for _, ss, bb in sets]
-        mx.eval([p for p in packs if p is not None])
+        # the fp16 path reads the packed pairs where the layers hold them (BB_QMM_SB_PACK)
+        sets16 = [(a, c, d, qmm.pack_scales_biases(c, d) if qmm.packs_scales() else None) for a, c, d in sets]
+        mx.eval([t[3] for t in sets16 if t[3] is not None])
         deq = mx.dequantize(wq, s, b, group_size=32, bits=4).astype(mx.float32)
         for m in ms:
             x0 = mx.random.normal((m, k)).astype(mx.float16)
@@ -85,24 +74,16 @@ def main() -> None:
             y8 = qmv8.quantized_matvec_x8(x0, wq, s, b)
             yq = qmm.quantized_matmul(x0, wq, s, b, group_size=32, bits=4)
             e8, eq, et = rel(y8, ref), rel(yq, ref), rel(y8, qmv8.twin(x0, wq, s, b))
-
-            def fp16_path(x, wq_, s_, b_, _p={id(t[0]): p for t, p in zip(sets, packs)}):
-                kw = {} if _p.get(id(wq_)) is None else dict(packed=_p[id(wq_)])
-                return qmm.quantized_matmul(x, wq_, s_, b_, group_size=32, bits=4, **kw)
-
-            t16 = kernel_us(fp16_path, x0, sets, ("bb_qmm",))
+            t16 = kernel_us(lambda x, a, c, d, p: qmm.quantized_matmul(x, a, c, d, group_size=32, bits=4, packed=p),
+                            x0, sets16, ("bb_qmm",))
             for bps in (int(v) for v in os.environ.get("X8_BPS", "2").split(",")):
                 qmv8.BLOCKS_PER_SM = bps
                 cfg = qmv8.choose_config(m, n, k)
-
-                def x8(x, a, c, d, _cfg=cfg):
-                    return qmv8.run(x, a, c, d, _cfg)
-
-                t8 = kernel_us(x8, x0, sets, ("bb_qmv8",))
+                t8 = kernel_us(lambda x, a, c, d, _cfg=cfg: qmv8.run(x, a, c, d, _cfg), x0, sets, ("bb_qmv8",))
                 print(f"| {name} | {n} x {k} | {m} | R={cfg.r} U={cfg.u} LPR={cfg.lpr} {bps}/SM | {t16:.1f} | "
                       f"{t8:.1f} | "
                       f"{nbytes / FLOOR_TBS / 1e6:.1f} | {e8:.1e} | {eq:.1e} | {et:.1e} |", flush=True)
-        del sets, packs, deq
+        del sets, sets16, deq
     # every block quantizes x before its products: with one row a block the kernel is little else
     print("\n| K | M | blocks | one row a block: x8 us |\n|---|---|---|---|")
     for k in (3584, 18944):
@@ -112,7 +93,7 @@ def main() -> None:
             w = (mx.random.normal((blocks, k)) * 0.02).astype(mx.float16)
             wq, s, b = mx.quantize(w, group_size=32, bits=4)
             x0 = mx.random.normal((m, k)).astype(mx.float16)
-            t = kernel_us(lambda x, a, c, d: qmv8.run(x, a, c, d), x0, [(wq, s, b)] * 8, ("bb_qmv8",))
+            t = kernel_us(qmv8.run, x0, [(wq, s, b)] * 8, ("bb_qmv8",))
             print(f"| {k} | {m} | {blocks} | {t:.1f} |", flush=True)
 
 

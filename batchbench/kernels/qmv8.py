@@ -288,10 +288,10 @@ def source(norm: bool, res: bool) -> str:
 
 @dataclass(frozen=True)
 class X8Config:
-    r: int  # rows a slot and step
+    r: int  # units (rows, or gate/up pairs of rows) a slot and step
     u: int  # groups a lane and row in one step (each a 16-byte load)
     blocks: int  # blocks of THREADS
-    lpr: int = 32  # lanes a row (32, 128 or 256): a slot
+    lpr: int = 32  # lanes a unit (32, 64, 128 or 256): a slot
 
 
 def choose_config(m: int, n: int, k: int, sms: int | None = None, rows_a_unit: int = 1) -> X8Config:

@@ -438,6 +438,8 @@ def _forward(model: nn.Module, h: mx.array, fused) -> mx.array:
             # as TransformerBlock: after a split K the reduce kernels of o_proj and down_proj also
             # write the RMSNorm the next matmul needs (qmm.linear_norm)
             x8 = X8 if b <= qmv8.MAX_M else set()
+            if X8 and not x8:
+                _x8_note(f"QMM_X8 ignored at B={b}: the int8 kernel takes at most {qmv8.MAX_M} rows")
             if "o" in x8:
                 h = _x8(L.o_proj, a, residual=h)
                 x_n, x_norm = h, norm
@@ -446,6 +448,8 @@ def _forward(model: nn.Module, h: mx.array, fused) -> mx.array:
             if "gu" in x8 and L.gate_up_p.glu_paired:  # h's RMSNorm in the kernel's prologue (rows paired: CUDA)
                 act = _x8(L.gate_up_p, h, norm=(norm.weight, 1e-6), glu_pair=True)
             else:
+                if "gu" in x8:
+                    _x8_note("QMM_X8=gu: gate/up rows not paired (off CUDA), the fp16 path runs it")
                 act = L.gate_up_p.glu(x_n, norm=x_norm)
             if "down" in x8:
                 h = _x8(L.down_proj, act, residual=h)
@@ -478,6 +482,13 @@ def _forward(model: nn.Module, h: mx.array, fused) -> mx.array:
         h = h + L.down_proj(nn.silu(g) * u)
     logits = model.lm_head(mx.fast.rms_norm(h, w, 1e-6))
     return mx.fast.rms_norm(h + 1e-3 * logits[..., :1], w, 1e-6)
+
+
+def _x8_note(msg: str, _said: set = set()) -> None:
+    """A QMM_X8 fallback, said once on stderr."""
+    if msg not in _said:
+        _said.add(msg)
+        print(f"h200_qmm: {msg}", file=sys.stderr, flush=True)
 
 
 def _x8(layer, x: mx.array, **epi) -> mx.array:

@@ -41,7 +41,7 @@ import mlx.nn as nn  # noqa: E402
 
 from batchbench import backend  # noqa: E402
 from batchbench.bench_attention import trace_events  # noqa: E402
-from batchbench.kernels import qmm, qmv8  # noqa: E402
+from batchbench.kernels import qmm  # noqa: E402
 
 OUT = os.environ.get("OUT")
 T0 = time.time()
@@ -437,34 +437,15 @@ def _forward(model: nn.Module, h: mx.array, fused) -> mx.array:
             a = q.reshape(b, -1)
             # as TransformerBlock: after a split K the reduce kernels of o_proj and down_proj also
             # write the RMSNorm the next matmul needs (qmm.linear_norm)
-            x8 = X8 if b <= qmv8.MAX_M else set()
-            if X8 and not x8:
-                _x8_note(f"QMM_X8 ignored at B={b}: the int8 kernel takes at most {qmv8.MAX_M} rows")
-            if "o" in x8:
-                h = _x8(L.o_proj, a, residual=h)
-                x_n, x_norm = h, norm
-            else:
-                h, x_n, x_norm = qmm.linear_norm(L.o_proj, a, residual=h, norm=norm)
-            if "gu" in x8 and L.gate_up_p.glu_paired:  # h's RMSNorm in the kernel's prologue (rows paired: CUDA)
-                act = _x8(L.gate_up_p, h, norm=(norm.weight, 1e-6), glu_pair=True)
-            else:
-                if "gu" in x8:
-                    _x8_note("QMM_X8=gu: gate/up rows not paired (off CUDA), the fp16 path runs it")
-                act = L.gate_up_p.glu(x_n, norm=x_norm)
-            if "down" in x8:
-                h = _x8(L.down_proj, act, residual=h)
-                x_n, x_norm = h, norm
-            else:
-                h, x_n, x_norm = qmm.linear_norm(L.down_proj, act, residual=h, norm=norm)
+            h, x_n, x_norm = qmm.linear_norm(L.o_proj, a, residual=h, norm=norm)
+            act = L.gate_up_p.glu(x_n, norm=x_norm)
+            h, x_n, x_norm = qmm.linear_norm(L.down_proj, act, residual=h, norm=norm)
             outs.append(h)
         if INDEP:
             h = mx.sum(mx.stack(outs), axis=0)
             x_n, x_norm = h, norm
         # as Model.head (until session 20: a separate rms_norm launch before lm_head at every B)
-        if "lm" in X8 and b <= qmv8.MAX_M:
-            logits = _x8(model.lm_head, h, norm=(w, 1e-6))
-        else:
-            logits = qmm.linear(model.lm_head, x_n, norm=x_norm)
+        logits = qmm.linear(model.lm_head, x_n, norm=x_norm)
         return mx.fast.rms_norm(h + 1e-3 * logits[..., :1], w, 1e-6)
     for L in model.layers:
         x = mx.fast.rms_norm(h, w, 1e-6)
@@ -482,18 +463,6 @@ def _forward(model: nn.Module, h: mx.array, fused) -> mx.array:
         h = h + L.down_proj(nn.silu(g) * u)
     logits = model.lm_head(mx.fast.rms_norm(h, w, 1e-6))
     return mx.fast.rms_norm(h + 1e-3 * logits[..., :1], w, 1e-6)
-
-
-def _x8_note(msg: str, _said: set = set()) -> None:
-    """A QMM_X8 fallback, said once on stderr."""
-    if msg not in _said:
-        _said.add(msg)
-        print(f"h200_qmm: {msg}", file=sys.stderr, flush=True)
-
-
-def _x8(layer, x: mx.array, **epi) -> mx.array:
-    """The int8-activation kernel (batchbench.kernels.qmv8) on a layer's 4-bit weights."""
-    return qmv8.quantized_matvec_x8(x, layer["weight"], layer["scales"], layer["biases"], **epi)
 
 
 def _decode_time(model: nn.Module, bsz: int, fused: bool) -> tuple[float, float]:
@@ -533,12 +502,6 @@ def _decode_time(model: nn.Module, bsz: int, fused: bool) -> tuple[float, float]
 # several layers at once: the GPU span then shows what overlapping one matmul's ramp and tail
 # with the next one's (a persistent layer, perf-notes step 4) could gain at most.
 INDEP = os.environ.get("QMM_DECODE_INDEP") == "1"
-# QMM_X8=gu,down,o,lm: those matmuls of the "epilogues" step through the int8-activation kernel
-# (batchbench.kernels.qmv8, B <= 4; its norm, gate product and residual in the kernel), the rest
-# as before; q/k/v keeps its RoPE kernel
-X8 = set(os.environ.get("QMM_X8", "").split(",")) - {""}
-if X8 - {"gu", "down", "o", "lm"}:
-    raise SystemExit(f"QMM_X8 takes gu, down, o, lm; got {os.environ.get('QMM_X8')}")
 # QMM_DECODE_PROFILE=1: also the CUPTI kernel time of a step (the rest of its wall time is
 # launch gaps and host time) and the kernels that take it, by name.
 DECODE_PROFILE = os.environ.get("QMM_DECODE_PROFILE") == "1"

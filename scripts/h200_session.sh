@@ -218,8 +218,15 @@ for what in "$@"; do
     phase-probe) part phase-probe 150 env BLOCKS_PER_SM="${BLOCKS_PER_SM:-1,2,3}" python3 scripts/h200_phase_probe.py ;;
     # the int8-activation matrix-vector kernel (kernels/qmv8.py) against the fp16 path on the 7B matrices
     x8) part x8 200 env X8_BPS="${X8_BPS:-2,4}" python3 scripts/h200_x8.py ;;
-    # the decode step with the int8-activation kernel for gate/up, down, o_proj, lm_head (B = 1, 2; QMM_X8)
-    ab-x8) ab_switch qmm-decode-prof-x8 QMM_X8 "${DECODE_B:-1,2}" base@ all@gu,down,o,lm gulm@gu,lm base2@ all2@gu,down,o,lm ;;
+    # the decode step with BB_QMM_X8 off and on (the int8-activation kernel where qmm dispatches
+    # to it; B = 1, 2, 4), twice
+    ab-x8) ab_switch qmm-decode-prof-x8 BB_QMM_X8 "${DECODE_B:-1,2,4}" base@0 x8@1 base2@0 x82@1 ;;
+    # the 1.5B model against its twins (the fp16 path) with BB_QMM_X8 off and on; the last case
+    # compares 200 decode steps' argmax (teacher-forced random tokens)
+    model-x8) for v in 0 1; do
+             part "model-check-x8-$v" 200 env BB_QMM_X8=$v MODEL_CHECK_CASES="${X8_CASES:-1:300:2,2:64:2,4:64:2,1:32:200}" \
+               python3 scripts/gpu_model_check.py qwen2.5-1.5b
+           done ;;
     # the cost of a grid-wide barrier in one persistent launch (1-3 blocks an SM, N = 0-32; ~20 s)
     barrier-probe) part barrier-probe 120 python3 scripts/h200_barrier_probe.py ;;
     # the packed pairs under Nsight Compute (session 23: they slowed q/k/v with its RoPE epilogue at
@@ -231,7 +238,7 @@ for what in "$@"; do
            done ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe x8 ab-x8)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe x8 ab-x8 model-x8)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -12,6 +12,7 @@ Then the kernel with one row a block (K = 3584, 18944): little but each block's 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 import os
 import statistics
 import sys
@@ -73,19 +74,23 @@ def main() -> None:
             ref = x0.astype(mx.float32) @ deq.T
             y8 = qmv8.quantized_matvec_x8(x0, wq, s, b)
             yq = qmm.quantized_matmul(x0, wq, s, b, group_size=32, bits=4)
-            e8, eq, et = rel(y8, ref), rel(yq, ref), rel(y8, qmv8.twin(x0, wq, s, b))
+            e8, eq = rel(y8, ref), rel(yq, ref)
             t16 = kernel_us(lambda x, a, c, d, p: qmm.quantized_matmul(x, a, c, d, group_size=32, bits=4, packed=p),
                             x0, sets16, ("bb_qmm",))
             for bps in (int(v) for v in os.environ.get("X8_BPS", "2").split(",")):
                 qmv8.BLOCKS_PER_SM = bps
-                cfg = qmv8.choose_config(m, n, k)
-                t8 = kernel_us(lambda x, a, c, d, _cfg=cfg: qmv8.run(x, a, c, d, _cfg), x0, sets, ("bb_qmv8",))
-                print(f"| {name} | {n} x {k} | {m} | R={cfg.r} U={cfg.u} LPR={cfg.lpr} {bps}/SM | {t16:.1f} | "
-                      f"{t8:.1f} | "
-                      f"{nbytes / FLOOR_TBS / 1e6:.1f} | {e8:.1e} | {eq:.1e} | {et:.1e} |", flush=True)
+                chosen = qmv8.choose_config(m, n, k)
+                # x in registers (chosen where a row is one step) against the shared staging
+                for cfg in [chosen] + ([replace(chosen, xreg=False)] if chosen.xreg else []):
+                    t8 = kernel_us(lambda x, a, c, d, _cfg=cfg: qmv8.run(x, a, c, d, _cfg), x0, sets, ("bb_qmv8",))
+                    et = rel(qmv8.run(x0, wq, s, b, cfg), qmv8.twin(x0, wq, s, b))
+                    print(f"| {name} | {n} x {k} | {m} | R={cfg.r} U={cfg.u} LPR={cfg.lpr}{' xreg' * cfg.xreg} "
+                          f"{bps}/SM | {t16:.1f} | {t8:.1f} | "
+                          f"{nbytes / FLOOR_TBS / 1e6:.1f} | {e8:.1e} | {eq:.1e} | {et:.1e} |", flush=True)
         del sets, sets16, deq
+    epilogue_check(ms)
     # every block quantizes x before its products: with one row a block the kernel is little else
-    print("\n| K | M | blocks | one row a block: x8 us |\n|---|---|---|---|")
+    print("\n| K | M | blocks | config | one row a block: x8 us |\n|---|---|---|---|---|")
     for k in (3584, 18944):
         for m in ms:
             qmv8.BLOCKS_PER_SM = int(os.environ.get("X8_BPS", "2").split(",")[0])
@@ -93,9 +98,35 @@ def main() -> None:
             w = (mx.random.normal((blocks, k)) * 0.02).astype(mx.float16)
             wq, s, b = mx.quantize(w, group_size=32, bits=4)
             x0 = mx.random.normal((m, k)).astype(mx.float16)
-            t = kernel_us(qmv8.run, x0, [(wq, s, b)] * 8, ("bb_qmv8",))
-            print(f"| {k} | {m} | {blocks} | {t:.1f} |", flush=True)
+            chosen = qmv8.choose_config(m, blocks, k)
+            for cfg in [chosen] + ([replace(chosen, xreg=False)] if chosen.xreg else []):
+                t = kernel_us(lambda x, a, c, d, _cfg=cfg: qmv8.run(x, a, c, d, _cfg), x0, [(wq, s, b)] * 8,
+                              ("bb_qmv8",))
+                print(f"| {k} | {m} | {blocks} | LPR={cfg.lpr} U={cfg.u}{' xreg' * cfg.xreg} | {t:.1f} |", flush=True)
 
+
+def epilogue_check(ms: list[int]) -> None:
+    """The decode step's chain on the GPU against the twins: down_proj with its residual writing
+    the next norm's share (y, y * weight, per-block sums), gate/up (paired rows) taking it."""
+    print("\n| M | down: y / y*w / sums vs twin | gate/up on the share vs twin | ... vs its norm in the prologue |")
+    print("|---|---|---|---|")
+    for m in ms:
+        wd, sd, bd = mx.quantize((mx.random.normal((3584, 18944)) * 0.02).astype(mx.float16), group_size=32, bits=4)
+        order = mx.array(qmm.glu_pair_order(18944))
+        wg, sg, bg = (mx.take(a, order, axis=0) for a in mx.quantize(
+            (mx.random.normal((37888, 3584)) * 0.02).astype(mx.float16), group_size=32, bits=4))
+        a = mx.random.normal((m, 18944)).astype(mx.float16)
+        res = mx.random.normal((m, 3584)).astype(mx.float16)
+        nw = mx.random.uniform(0.5, 1.5, (3584,)).astype(mx.float16)
+        epi = qmv8.Epilogue(residual=res, norm_out=nw)
+        y, yw, ss = qmv8.run(a, wd, sd, bd, epi=epi)
+        ty, tyw, tss = qmv8.twin(a, wd, sd, bd, epi)
+        e_down = [rel(y, ty), rel(yw, tyw), rel(mx.sum(ss, axis=0), tss[0])]
+        pre = qmv8.Epilogue(prenorm=(ss, 1e-6), glu_pair=True)
+        g = qmv8.run(yw, wg, sg, bg, epi=pre)
+        tg = qmv8.twin(yw, wg, sg, bg, pre)
+        gn = qmv8.run(y, wg, sg, bg, epi=qmv8.Epilogue(norm=(nw, 1e-6), glu_pair=True))
+        print(f"| {m} | {' / '.join(f'{e:.1e}' for e in e_down)} | {rel(g, tg):.1e} | {rel(g, gn):.1e} |", flush=True)
 
 if __name__ == "__main__":
     main()

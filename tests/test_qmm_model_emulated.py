@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from batchbench.bench import Mode, Runner
-from batchbench.kernels import qmm
+from batchbench.kernels import qmm, qmv8
 from batchbench.kernels import spec as kspec
 from batchbench.kv_cache import KVCache
 from batchbench.presets import make_preset
@@ -20,7 +20,7 @@ from test_model_batching import run_batched
 
 
 def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidden: bool = False,
-            dq_mode: str = "lop3", n_seq: int = 2, sb_pack: bool = False) -> np.ndarray:
+            dq_mode: str = "lop3", n_seq: int = 2, sb_pack: bool = False, x8: bool = False) -> np.ndarray:
     model, _ = make_preset("tiny", mx.float16, "q4_0", seed=4)
     rng = np.random.default_rng(6)
     for layer in model.model.layers:  # a weight per norm, so that a misplaced one shows
@@ -28,9 +28,13 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
             n.weight = mx.array(rng.uniform(0.5, 1.5, n.weight.shape).astype(np.float32)).astype(mx.float16)
     # only qmm sees CUDA: attention, RoPE and masks stay on their MLX twins
     monkeypatch.setattr(qmm, "backend", types.SimpleNamespace(BACKEND="cuda" if cuda else "cpu"))
+    monkeypatch.setattr(qmv8, "backend", types.SimpleNamespace(BACKEND="cuda" if cuda else "cpu"))
+    monkeypatch.setattr(qmm, "X8", x8)
     monkeypatch.setattr(qmm, "SB_PACK", "1" if sb_pack else "0")  # read by the swaps below
-    # no RoPE / K-V-write pair epilogue: it writes the cache in place, which emulation cannot
-    qmm.fuse_quantized_projections(model, pair_order=False)
+    # no RoPE / K-V-write pair epilogue: it writes the cache in place, which emulation cannot;
+    # with x8 the gate/up rows paired (the int8 kernel's gate product), as on CUDA
+    monkeypatch.setattr(qmm, "FUSE_ROPE", False)
+    qmm.fuse_quantized_projections(model, pair_order=x8)
     qmm.use_fast_quantized_linears(model)
 
     def emulated(ks, launch):
@@ -89,3 +93,29 @@ def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split
     else:
         assert {"bb_qmm_r", "bb_qmm_r_g", "bb_qmm_b_n", "bb_qmm_n"} <= set(launched)
         assert not any(name.endswith(("_no", "_np")) for name in launched)
+
+
+def test_model_decodes_with_int8_activations_emulated(monkeypatch):
+    """BB_QMM_X8=1, one sequence: the decode steps' o_proj, gate/up, down_proj and lm_head (one
+    token each) run the int8-activation kernel (emulated) with their epilogues chained as on
+    the fp16 path: down_proj and o_proj write the next norm's share (NOUT), gate/up, lm_head
+    and the fp16 q/k/v kernel take it (NPRE); x in registers where a row is one step. Logits
+    stay near the MLX-op model's (int8 x adds ~1e-2 of max|y| a matmul, not fp16 rounding)."""
+    toolchain.need(toolchain.host_cxx)
+    monkeypatch.setenv("BATCHBENCH_SMS", "4")  # 8 blocks a launch: fewer emulated threads
+    ref = _logits(monkeypatch, False, True, [], n_seq=1)
+    runs: list = []
+    got = _logits(monkeypatch, True, True, runs, n_seq=1, x8=True)
+    launched = [name for name, *_ in runs]
+    x8 = [n for n in launched if n.startswith("bb_qmv8")]
+    # a decode step: o_proj (residual, share out), gate/up (share in), down (residual, share
+    # out) a layer, and lm_head (share in); two layers, two steps, plus the prompt's lm_head
+    assert len(x8) == 2 * (3 * 2 + 1) + 1
+    # o_proj and down_proj: 128 lanes a row, x in registers, the share out; gate/up and lm_head
+    # (the prompt's too: its down_proj's fp16 kernel wrote the share) take a share in
+    assert sum(n.endswith("_r_o_x") for n in x8) == 2 * 2 * 2
+    assert sum(n.endswith("_p") for n in x8) == 2 * 2 + 3
+    assert "bb_qmm_b_np" in launched  # layer 1's q/k/v takes down_proj's share
+    assert np.isfinite(got).all()
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert rel < 2e-2

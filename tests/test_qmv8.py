@@ -185,3 +185,86 @@ def test_glu_pairs_follow_the_fused_layers_row_order():
     u = _f64(qmv8.twin(x, wu, su, bu)).astype(np.float64)
     want = g / (1 + np.exp(-g)) * u
     assert np.abs(got - want).max() <= 5e-3 * np.abs(want).max()
+
+
+# x quantized by each lane into registers (XREG): 128 lanes a row with fewer groups than lanes
+# (K = 3584: 112), 256 lanes and two groups a lane with a partial second round (K = 8224: 257),
+# a residual; with the next norm's share written (NOUT) and with a producer's share as x (NPRE)
+XREG = [
+    (1, 24, 3584, mx.float16, qmv8.X8Config(r=4, u=1, blocks=3, lpr=128, xreg=True), False, False),
+    (1, 9, 8224, mx.bfloat16, qmv8.X8Config(r=2, u=2, blocks=2, lpr=256, xreg=True), True, False),
+    (1, 16, 1024, mx.float16, qmv8.X8Config(r=3, u=1, blocks=2, lpr=32, xreg=True), False, True),
+    (2, 20, 2048, mx.float16, qmv8.X8Config(r=2, u=1, blocks=3, lpr=64, xreg=True), True, True),
+]
+
+
+def _pending(rng, m, k, dtype, eps=1e-5):
+    """A producer's share of x's norm as qmm.PendingNorm holds it: x * weight, and sums of
+    squares of x split over 5 partials; with the x it stands for and the weight."""
+    y = mx.array(rng.standard_normal((m, k)).astype(np.float32) * 2).astype(dtype)
+    nw = mx.array(rng.uniform(0.5, 1.5, k).astype(np.float32)).astype(dtype)
+    yf = y.astype(mx.float32)
+    parts = mx.stack([mx.sum(c * c, axis=-1) for c in mx.split(yf, 4, axis=-1)] + [mx.zeros((m,))])
+    return (yf * nw.astype(mx.float32)).astype(dtype), (parts, eps), y, nw
+
+
+@pytest.mark.parametrize("m,n,k,dtype,cfg,res,pre", XREG)
+def test_x_in_registers_and_norm_shares_emulated(m, n, k, dtype, cfg, res, pre):
+    toolchain.need(toolchain.host_cxx)
+    rng = np.random.default_rng()
+    x, wq, s, b = _problem(rng, m, n, k, dtype)
+    prenorm = None
+    if pre:
+        x, prenorm, y_prod, _ = _pending(rng, m, k, dtype)
+    residual = mx.array(rng.standard_normal((m, n)).astype(np.float32)).astype(dtype) if res else None
+    onw = mx.array(rng.uniform(0.5, 1.5, n).astype(np.float32)).astype(dtype)
+    epi = qmv8.Epilogue(residual=residual, prenorm=prenorm, norm_out=onw)
+    spec, launch = qmv8.plan(x, wq, s, b, cfg, epi)
+    y, yw, ss = (o.astype(np.float64) for o in emulate(spec, launch).outputs)
+    ty, tyw, tss = (_f64(o) for o in qmv8.twin(x, wq, s, b, epi))
+    if pre:  # x * rsqrt(mean of the producer's y^2 + eps), x being the rounded y * weight
+        ms = _f64(prenorm[0]).sum(axis=0) / k
+        np.testing.assert_allclose(ms, (_f64(y_prod) ** 2).mean(axis=-1), rtol=1e-5)
+        xn = mx.array((_f64(x) / np.sqrt(ms + 1e-5)[:, None]).astype(np.float32))
+        want = _epilogue_definition(xn, wq, s, b, None, 1e-5, residual)
+    else:
+        want = _epilogue_definition(x, wq, s, b, None, 1e-5, residual)
+    tol = (2e-3 if dtype == mx.float16 else 1.6e-2) * np.abs(want).max()
+    assert np.abs(y - ty).max() <= tol and np.abs(ty - want).max() <= tol
+    # the next norm's share: y * weight of the y written, and per-block sums that add up to y's
+    assert ss.shape == (cfg.blocks, m)
+    assert np.abs(yw - y * _f64(onw)).max() <= tol * 1.5 + 1e-6
+    assert np.allclose(ss.sum(axis=0), (y ** 2).sum(axis=-1), rtol=1e-4)
+    assert np.allclose(tss[0], (ty ** 2).sum(axis=-1), rtol=1e-4)
+
+
+def test_producer_share_then_consumer_is_the_norm():
+    """A down_proj-like launch writing the next norm's share (NOUT) and a consumer taking it as
+    x (NPRE) give what the consumer gives on the RMSNorm of the producer's y (twins, CPU)."""
+    rng = np.random.default_rng()
+    a, w1, s1, b1 = _problem(rng, 2, 256, 512, mx.float16)
+    _, w2, s2, b2 = _problem(rng, 2, 64, 256, mx.float16)
+    nw = mx.array(rng.uniform(0.5, 1.5, 256).astype(np.float32)).astype(mx.float16)
+    y, yw, ss = qmv8.quantized_matvec_x8(a, w1, s1, b1, norm_out=nw)
+    chained = _f64(qmv8.quantized_matvec_x8(yw, w2, s2, b2, prenorm=(ss, 1e-6)))
+    direct = _f64(qmv8.quantized_matvec_x8(y, w2, s2, b2, norm=(nw, 1e-6)))
+    assert np.abs(chained - direct).max() <= 2e-2 * np.abs(direct).max()
+    with pytest.raises(ValueError, match="prenorm"):
+        qmv8.quantized_matvec_x8(yw, w2, s2, b2, prenorm=(ss, 1e-6), norm=(nw, 1e-6))
+    with pytest.raises(ValueError, match="output norm weight"):
+        qmv8.quantized_matvec_x8(a, w1, s1, b1, norm_out=nw[:8])
+
+
+def test_registers_where_a_row_is_one_step_at_one_token():
+    """choose_config keeps x in registers for o_proj, q/k/v and down_proj at M=1 on 132 SMs
+    (128 or 256 lanes a row cover its groups), not at M=2, not a warp a row (gate/up, lm_head),
+    not with a block-wide norm; plan refuses it where a row takes two steps."""
+    cfg = {(n, k): qmv8.choose_config(1, n, k, sms=132) for n, k in ((3584, 3584), (4608, 3584), (3584, 18944),
+                                                                    (18944, 3584), (152064, 3584))}
+    assert [c.xreg for c in cfg.values()] == [True, True, True, False, False]
+    assert not qmv8.choose_config(2, 3584, 18944, sms=132).xreg
+    assert not qmv8.choose_config(1, 3584, 3584, sms=132, block_norm=True).xreg
+    x = mx.zeros((1, 8224), mx.float16)
+    w, s = mx.zeros((8, 1028), mx.uint32), mx.zeros((8, 257), mx.float16)
+    with pytest.raises(ValueError, match="registers"):
+        qmv8.plan(x, w, s, s, qmv8.X8Config(r=1, u=1, blocks=1, lpr=256, xreg=True))

@@ -43,6 +43,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from batchbench import ON_OFF, backend, env_choice, env_number
+from batchbench.kernels import qmv8
 from batchbench.kernels import spec as kspec
 from batchbench.kernels.rope import ROPE_HEADER, angle_template, inverse_order, pair_layout, rope_pair_order  # noqa: F401 (rope_pair_order: re-export)
 from batchbench.kernels.spec import KernelSpec, Launch
@@ -2343,6 +2344,48 @@ def _silu_mul(x: mx.array) -> mx.array:
     return nn.silu(g) * u
 
 
+# BB_QMM_X8=1: on CUDA, decode matmuls of 1..4 tokens with 4-bit group-32 weights and no bias
+# take x in int8 (batchbench.kernels.qmv8, llama.cpp's q8_1 activations): at M=1 every such
+# matmul, at M=2..4 those with many rows (gate/up, lm_head), where session 25 measured it faster.
+# Their norm, gate product, residual and the next norm's share stay fused. The numbers change:
+# 4-6e-3 of max|y| from float32 against 2-4e-4 on the fp16 path. Default 0 (off).
+X8 = env_choice("BB_QMM_X8", "0", ON_OFF) == "1"
+
+
+def _x8_takes(m: int, n: int, k: int, x: mx.array, scales, biases, group_size: int, bits: int, bias,
+              rows_a_unit: int = 1) -> bool:
+    if not (X8 and backend.BACKEND == "cuda" and bias is None and scales.dtype == x.dtype
+            and qmv8.covered(m, k, x.dtype, group_size, bits, biases)):
+        return False
+    return m == 1 or qmv8.choose_config(m, n // rows_a_unit, k, rows_a_unit=rows_a_unit).lpr == 32
+
+
+def _x8_run(x: mx.array, w, scales, biases, n_out: int, residual, norm, norm_out=None, glu_pair: bool = False):
+    """The int8-activation kernel on x [..., K] with the epilogues `quantized_matmul` takes; y,
+    or with norm_out (y, NormParts | None) as `quantized_matmul` returns them."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    kw: dict = {}
+    if isinstance(norm, PendingNorm):
+        kw["prenorm"] = (norm.ss, norm.eps)
+    elif norm is not None:
+        if _norm_weight_ok(norm[0], k, x.dtype):
+            kw["norm"] = norm
+        else:
+            x = mx.fast.rms_norm(x, norm[0], norm[1])
+    if residual is not None:
+        kw["residual"] = residual.astype(x.dtype)
+    share = norm_out is not None and NORM_PRE and _norm_weight_ok(norm_out[0], n_out, x.dtype)
+    if share:
+        kw["norm_out"] = norm_out[0]
+    out = qmv8.quantized_matvec_x8(x, w, scales, biases, glu_pair=glu_pair, **kw)
+    if norm_out is None:
+        return out
+    if share:
+        y, yw, ss = out
+        return y, NormParts(yw, PendingNorm(ss, float(norm_out[1])))
+    return out, None
+
+
 def quantized_matmul(
     x: mx.array,
     w: mx.array,
@@ -2373,6 +2416,8 @@ def quantized_matmul(
         raise ValueError("quantized_matmul: glu and norm do not combine")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
     lead = x.shape[:-1]
+    if not glu and _x8_takes(m, n, k, x, scales, biases, group_size, bits, bias):
+        return _x8_run(x, w, scales, biases, n, residual, norm, norm_out)
     cfg = _kernel_config(m, n, k, x, scales, biases, group_size, bits)
     if cfg is not None:
         y = _run_kernel(cfg, x, w, scales, biases, group_size, bits, m, n, k, bias, residual, glu, norm,
@@ -2643,6 +2688,8 @@ class FusedQuantizedLinear(nn.Module):
         if not self.glu_paired:
             return _silu_mul(self.fused(x, norm))
         m, n, k = _shape_info(x, w, scales, biases, self.group_size, self.bits)
+        if _x8_takes(m, n, k, x, scales, biases, self.group_size, self.bits, self.get("bias"), rows_a_unit=2):
+            return _x8_run(x, w, scales, biases, n // 2, None, _norm_args(norm), glu_pair=True)
         cfg = _kernel_config(m, n, k, x, scales, biases, self.group_size, self.bits)
         if cfg is not None:
             y = _run_kernel(cfg, x, w, scales, biases, self.group_size, self.bits, m, n, k, self.get("bias"), None,

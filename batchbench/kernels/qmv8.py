@@ -66,19 +66,76 @@ BLOCKS_PER_SM = 2  # session 24 (call19): 4 lost on down (33.9 against 27.8 us) 
 HEADER = r"""
 #ifndef BB_QMV8_HEADER
 #define BB_QMV8_HEADER
-// x [MT, K] -> per group of 32: int8 codes (each 8-k word as its even k's four bytes, then its odd
-// k's), the scale d = max|x| / 127, the exact sum sx and e8 = 8 (sx - d * sum(codes)), all in
-// shared memory. e8 centres the weight codes: s * (d * dot + e8) = s * d * dot(code - 8, xq) + 8 s sx,
-// so x's rounding meets code - 8 (about w - mean(w)) instead of code (0..15).
-// NORM: x is first RMS-normalised, x * rsqrt(mean(x^2) + eps) * nw, in fp32 (a block-wide sum of
-// squares a token, then the groups).
-template <typename T, int K, int MT, bool NORM>
-__device__ __forceinline__ void bb_qmv8_stage(const T* __restrict__ x, const T* __restrict__ nw, float eps, int* xq,
+// One group of 32 x values (four 16-byte loads) to int8 codes, each word's even k's four bytes in
+// out[2j], its odd k's in out[2j + 1] (as the weight codes come out of & 0x0f0f0f0f and >> 4), the
+// scale d = max|x| / 127, the exact sum sx and e8 = 8 (sx - d * sum(codes)). e8 centres the weight
+// codes: s * (d * dot + e8) = s * d * dot(code - 8, xq) + 8 s sx, so x's rounding meets code - 8
+// (about w - mean(w)) instead of code (0..15). NM 1 (NORM): x * rinv * nw first; 2 (NPRE): x * rinv.
+template <typename T, int NM>
+__device__ __forceinline__ void bb_qmv8_group(const T* __restrict__ xg, const T* __restrict__ nwg, float rinv,
+                                              int out[8], float& d, float& sum, float& e8) {
+  const uint4* xr = reinterpret_cast<const uint4*>(xg);
+  float v[32];
+  float amax = 0.f;
+  sum = 0.f;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const uint4 u = xr[c];
+    const T* e = reinterpret_cast<const T*>(&u);
+    uint4 un = u;
+    if constexpr (NM == 1) un = reinterpret_cast<const uint4*>(nwg)[c];
+    const T* en = reinterpret_cast<const T*>(&un);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float f = (float)e[i];
+      if constexpr (NM == 1) f = f * rinv * (float)en[i];
+      if constexpr (NM == 2) f = f * rinv;
+      v[8 * c + i] = f;
+      amax = fmaxf(amax, fabsf(f));
+      sum += f;
+    }
+  }
+  d = amax / 127.f;
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;  // one division a group
+  int sq = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {  // the group's four words
+    unsigned int ev = 0u, od = 0u;
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      const int qe = __float2int_rn(v[8 * j + 2 * n] * inv);
+      const int qo = __float2int_rn(v[8 * j + 2 * n + 1] * inv);
+      sq += qe + qo;
+      ev |= ((unsigned int)qe & 255u) << (8 * n);
+      od |= ((unsigned int)qo & 255u) << (8 * n);
+    }
+    out[2 * j] = (int)ev;
+    out[2 * j + 1] = (int)od;
+  }
+  e8 = 8.f * (sum - d * (float)sq);
+}
+
+// NPRE: rsqrt(mean(y^2) + eps) of each token from a producer's partial sums of squares pss
+// [npt, MT] (its tiles or blocks), summed by one warp a token; lane 0 of each warp gets it.
+template <int MT>
+__device__ __forceinline__ float bb_qmv8_pre_rinv(const float* __restrict__ pss, int npt, int m, int K, float eps) {
+  float q = 0.f;
+  for (int t = threadIdx.x & 31; t < npt; t += 32) q += pss[(size_t)t * MT + m];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+  return rsqrtf(q / (float)K + eps);
+}
+
+// x [MT, K] -> every group's codes, d, sx and e8 in shared memory, a thread a group. NM as in
+// bb_qmv8_group: NORM takes a block-wide sum of squares a token first, NPRE the producer's sums.
+template <typename T, int K, int MT, int NM>
+__device__ __forceinline__ void bb_qmv8_stage(const T* __restrict__ x, const T* __restrict__ nw,
+                                              const float* __restrict__ pss, int npt, float eps, int* xq,
                                               float* xd, float* xs, float* xe) {
   constexpr int G = K / 32;
   __shared__ float rinv[MT];
   __shared__ float part[32];
-  if constexpr (NORM) {
+  if constexpr (NM == 1) {
     for (int m = 0; m < MT; ++m) {
       float ss = 0.f;
       for (int c = threadIdx.x; c < K / 8; c += blockDim.x) {
@@ -99,46 +156,17 @@ __device__ __forceinline__ void bb_qmv8_stage(const T* __restrict__ x, const T* 
       __syncthreads();
     }
   }
+  if constexpr (NM == 2) {
+    for (int m = threadIdx.x >> 5; m < MT; m += blockDim.x >> 5) {
+      const float r = bb_qmv8_pre_rinv<MT>(pss, npt, m, K, eps);
+      if ((threadIdx.x & 31) == 0) rinv[m] = r;
+    }
+    __syncthreads();
+  }
   for (int t = threadIdx.x; t < MT * G; t += blockDim.x) {
     const int m = t / G, g = t - m * G;
-    const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)m * K + g * 32);
-    float v[32];
-    float amax = 0.f, sum = 0.f;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const uint4 u = xr[c];
-      const T* e = reinterpret_cast<const T*>(&u);
-      uint4 un = u;
-      if constexpr (NORM) un = reinterpret_cast<const uint4*>(nw + g * 32)[c];
-      const T* en = reinterpret_cast<const T*>(&un);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        v[8 * c + i] = NORM ? (float)e[i] * rinv[m] * (float)en[i] : (float)e[i];
-        amax = fmaxf(amax, fabsf(v[8 * c + i]));
-        sum += v[8 * c + i];
-      }
-    }
-    const float d = amax / 127.f;
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;  // one division a group
-    int* dst = xq + m * (K / 4) + g * 8;
-    int sq = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {  // the group's four words
-      unsigned int ev = 0u, od = 0u;
-#pragma unroll
-      for (int n = 0; n < 4; ++n) {
-        const int qe = __float2int_rn(v[8 * j + 2 * n] * inv);
-        const int qo = __float2int_rn(v[8 * j + 2 * n + 1] * inv);
-        sq += qe + qo;
-        ev |= ((unsigned int)qe & 255u) << (8 * n);
-        od |= ((unsigned int)qo & 255u) << (8 * n);
-      }
-      dst[2 * j] = (int)ev;
-      dst[2 * j + 1] = (int)od;
-    }
-    xd[t] = d;
-    xs[t] = sum;
-    xe[t] = 8.f * (sum - d * (float)sq);
+    bb_qmv8_group<T, NM>(x + (size_t)m * K + g * 32, nw + g * 32, NM ? rinv[m] : 1.f, xq + m * (K / 4) + g * 8,
+                         xd[t], xs[t], xe[t]);
   }
 }
 
@@ -153,24 +181,35 @@ __device__ __forceinline__ int bb_qmv8_dot(unsigned int u, int xe, int xo, int a
 // their 8 up rows) and its output silu(gate) * up. Its threads form slots of LPR lanes (32: a
 // warp a unit, 128 or 256: warps share a unit's groups); a slot takes R units a step, each lane
 // U groups of each row (one 16-byte load a row and group), all loads of a step in flight before
-// the products; the next step's go out before this step's reduce, the first step's before the x
-// staging (weights need no x). With LPR > 32 the warps' sums meet in shared memory
+// the products; the next step's go out before this step's reduce, the first step's before x is
+// quantized (weights need no x). With LPR > 32 the warps' sums meet in shared memory
 // (double-buffered: one barrier a step). RES adds res [MT, N / (GLU ? 2 : 1)] to the output.
-template <typename T, int K, int MT, int R, int U, int LPR, bool NORM, bool RES, bool GLU>
+// XREG: where one step covers a row (LPR * U >= G) a lane only ever meets its own U groups of
+// x, so it quantizes those into registers itself: no shared x, no barrier before the products
+// (the block-wide staging held down_proj, K = 18944, at 16.5 us against a 11 us floor).
+// NPRE: x is a producer's y * nw and pss its sums of squares (qmm.PendingNorm). NOUT: also
+// yw = y * onw and this block's sums of squares of y, ss [gridDim.x, MT]: the next norm's share.
+template <typename T, int K, int MT, int R, int U, int LPR, bool NORM, bool RES, bool GLU, bool NPRE, bool NOUT,
+          bool XREG>
 __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned int* __restrict__ w,
                                         const T* __restrict__ scales, const T* __restrict__ biases,
                                         const T* __restrict__ nw, const T* __restrict__ res,
-                                        T* __restrict__ y, const int N, const float eps) {
+                                        const T* __restrict__ onw, const float* __restrict__ pss, const int npt,
+                                        T* __restrict__ y, T* __restrict__ yw, float* __restrict__ ss,
+                                        const int N, const float eps) {
   constexpr int G = K / 32;
   constexpr int WPS = LPR / 32;  // warps a slot
   constexpr int NR = GLU ? 2 : 1;  // rows a unit
   constexpr int RR = R * NR;      // rows a slot and step
+  constexpr int NM = NORM ? 1 : (NPRE ? 2 : 0);
+  static_assert(!(NORM && NPRE), "qmv8: one norm of x");
+  static_assert(!XREG || (!NORM && LPR * U >= G), "qmv8: x in registers needs one step a row and no block norm");
   extern __shared__ uint4 bb_qmv8_smem[];
   int* xq = reinterpret_cast<int*>(bb_qmv8_smem);
   float* xd = reinterpret_cast<float*>(xq + MT * (K / 4));
   float* xs = xd + MT * G;
   float* xe = xs + MT * G;
-  float* red = xe + MT * G;  // [2][slots][WPS][RR][MT] (LPR > 32)
+  float* red = XREG ? reinterpret_cast<float*>(bb_qmv8_smem) : xe + MT * G;  // [2][slots][WPS][RR][MT] (LPR > 32)
   const int NU = N / NR;
   const int slots = blockDim.x / LPR;
   const int slot = threadIdx.x / LPR, sl = threadIdx.x - slot * LPR;
@@ -180,6 +219,12 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
   const uint4* w4 = reinterpret_cast<const uint4*>(w);
   uint4 q[U][RR];
   float sc[U][RR], bi[U][RR];
+  constexpr int XU = XREG ? U : 1, XM = XREG ? MT : 1;
+  int xc[XU][XM][8];
+  float xdr[XU][XM], xsr[XU][XM], xer[XU][XM];
+  float ssq[NOUT ? MT : 1];
+#pragma unroll
+  for (int m = 0; m < (NOUT ? MT : 1); ++m) ssq[m] = 0.f;
   // one step's loads for a slot's units from ps, groups from g0
   auto load = [&](int ps, int g0) {
 #pragma unroll
@@ -200,11 +245,35 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
   auto store = [&](int m, int p, float a0, float a1) {
     float v = GLU ? a0 / (1.f + expf(-a0)) * a1 : a0;
     if constexpr (RES) v += (float)res[(size_t)m * NU + p];
-    y[(size_t)m * NU + p] = (T)v;
+    const T t = (T)v;
+    y[(size_t)m * NU + p] = t;
+    if constexpr (NOUT) {
+      const float hf = (float)t;
+      yw[(size_t)m * NU + p] = (T)(hf * (float)onw[p]);
+      ssq[m] = fmaf(hf, hf, ssq[m]);
+    }
   };
   load(ub + slot * R, sl);
-  bb_qmv8_stage<T, K, MT, NORM>(x, nw, eps, xq, xd, xs, xe);
-  __syncthreads();
+  if constexpr (XREG) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const float rv = NPRE ? bb_qmv8_pre_rinv<MT>(pss, npt, m, K, eps) : 1.f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int g = sl + LPR * u;
+        if (g < G) {
+          bb_qmv8_group<T, NM>(x + (size_t)m * K + g * 32, nullptr, rv, xc[u][m], xdr[u][m], xsr[u][m], xer[u][m]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) xc[u][m][j] = 0;
+          xdr[u][m] = xsr[u][m] = xer[u][m] = 0.f;
+        }
+      }
+    }
+  } else {
+    bb_qmv8_stage<T, K, MT, NM>(x, nw, pss, npt, eps, xq, xd, xs, xe);
+    __syncthreads();
+  }
   int buf = 0;
   for (int r0 = ub; r0 < ue; r0 += slots * R) {
     const int ps = r0 + slot * R;
@@ -221,9 +290,22 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
         if (g >= G) break;
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-          const int4* xg = reinterpret_cast<const int4*>(xq + m * (K / 4) + g * 8);
-          const int4 a = xg[0], b = xg[1];
-          const float d = xd[m * G + g], s = xs[m * G + g], e = xe[m * G + g];
+          int4 a, b;
+          float d, s, e;
+          if constexpr (XREG) {
+            a = make_int4(xc[u][m][0], xc[u][m][1], xc[u][m][2], xc[u][m][3]);
+            b = make_int4(xc[u][m][4], xc[u][m][5], xc[u][m][6], xc[u][m][7]);
+            d = xdr[u][m];
+            s = xsr[u][m];
+            e = xer[u][m];
+          } else {
+            const int4* xg = reinterpret_cast<const int4*>(xq + m * (K / 4) + g * 8);
+            a = xg[0];
+            b = xg[1];
+            d = xd[m * G + g];
+            s = xs[m * G + g];
+            e = xe[m * G + g];
+          }
 #pragma unroll
           for (int i = 0; i < RR; ++i) {
             int dot = bb_qmv8_dot(q[u][i].x, a.x, a.y, 0);
@@ -269,10 +351,33 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
 #pragma unroll
             for (int k = 0; k < WPS; ++k) v[h] += red[(((buf * slots + j) * WPS + k) * RR + i * NR + h) * MT + m];
           }
-          store(m, p, v[0], v[NR - 1]);
+          if constexpr (NOUT) {
+            // m is t % MT: unrolled over MT so that ssq stays in registers
+#pragma unroll
+            for (int mm = 0; mm < MT; ++mm)
+              if (mm == m) store(mm, p, v[0], v[NR - 1]);
+          } else {
+            store(m, p, v[0], v[NR - 1]);
+          }
         }
       }
       buf ^= 1;
+    }
+  }
+  if constexpr (NOUT) {
+    __shared__ float nsum[32][MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      float v = ssq[m];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) nsum[threadIdx.x >> 5][m] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < MT) {
+      float t = 0.f;
+      for (int k = 0; k < (int)(blockDim.x >> 5); ++k) t += nsum[k][threadIdx.x];
+      ss[(size_t)blockIdx.x * MT + threadIdx.x] = t;
     }
   }
 }
@@ -280,10 +385,17 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
 """
 
 
-def source(norm: bool, res: bool) -> str:
-    return ("bb_qmv8<T, K, MT, R, U, LPR, NORM, RES, GLU>(x, w, scales, biases, "
-            f"{'nw' if norm else '(const T*)nullptr'}, {'res' if res else '(const T*)nullptr'}, y, w_shape[0], "
-            "__int_as_float(EPS_BITS));")
+def source(norm: bool, res: bool, pre: bool = False, nout: bool = False) -> str:
+    return ("bb_qmv8<T, K, MT, R, U, LPR, NORM, RES, GLU, NPRE, NOUT, XREG>(x, w, scales, biases, "
+            f"{'nw' if norm else '(const T*)nullptr'}, {'res' if res else '(const T*)nullptr'}, "
+            f"{'onw' if nout else '(const T*)nullptr'}, {'pss' if pre else '(const float*)nullptr'}, "
+            f"{'pss_shape[0]' if pre else '0'}, y, {'yw' if nout else '(T*)nullptr'}, "
+            f"{'ss' if nout else '(float*)nullptr'}, w_shape[0], __int_as_float(EPS_BITS));")
+
+
+# x in registers (XREG) up to this many rows: a lane keeps U groups x M rows of codes (11 registers
+# each), which at M = 2 on down_proj (U = 3) would be 66 on top of the weights' ~36.
+XREG_MAX_M = 1
 
 
 @dataclass(frozen=True)
@@ -292,13 +404,17 @@ class X8Config:
     u: int  # groups a lane and row in one step (each a 16-byte load)
     blocks: int  # blocks of THREADS
     lpr: int = 32  # lanes a unit (32, 64, 128 or 256): a slot
+    xreg: bool = False  # each lane quantizes its own groups of x into registers (needs lpr * u >= K / 32)
 
 
-def choose_config(m: int, n: int, k: int, sms: int | None = None, rows_a_unit: int = 1) -> X8Config:
+def choose_config(m: int, n: int, k: int, sms: int | None = None, rows_a_unit: int = 1,
+                  block_norm: bool = False) -> X8Config:
     """A warp a row where there are eight rows a warp or more (gate/up, lm_head); else a row's
     groups over 128 or 256 lanes (a warp a row left down at 27 us against 18.8 on the fp16 path:
     one or two rows a warp). n counts units (rows, or gate/up pairs of rows_a_unit = 2). R units
-    a step so that ~8 16-byte loads are in flight a lane and a block's units fit its slots."""
+    a step so that ~8 16-byte loads are in flight a lane and a block's units fit its slots.
+    x in registers where a row is one step, rows are shared by 128 or more lanes (a warp a row
+    would quantize every group in every warp) and x needs no block-wide norm (block_norm)."""
     from batchbench.kernels.qmm import sm_count
 
     blocks = (sms or sm_count()) * BLOCKS_PER_SM
@@ -309,7 +425,8 @@ def choose_config(m: int, n: int, k: int, sms: int | None = None, rows_a_unit: i
     slots = THREADS // lpr
     rows = -(-n // blocks)
     r = max(1, min(max(1, 8 // (u * rows_a_unit)), -(-rows // slots)))
-    return X8Config(r=r, u=u, blocks=blocks, lpr=lpr)
+    xreg = m <= XREG_MAX_M and lpr >= 128 and lpr * u >= g and not block_norm
+    return X8Config(r=r, u=u, blocks=blocks, lpr=lpr, xreg=xreg)
 
 
 def covered(m: int, k: int, dtype, group_size: int, bits: int, biases) -> bool:
@@ -319,17 +436,22 @@ def covered(m: int, k: int, dtype, group_size: int, bits: int, biases) -> bool:
 
 def smem_bytes(m: int, k: int, cfg: X8Config, glu: bool = False) -> int:
     red = 2 * THREADS // 32 * cfg.r * (2 if glu else 1) * m * 4 if cfg.lpr > 32 else 0
-    return m * k + 3 * m * (k // GROUP) * 4 + red
+    return red if cfg.xreg else m * k + 3 * m * (k // GROUP) * 4 + red
 
 
 @dataclass(frozen=True)
 class Epilogue:
-    """What the kernel does around the product: norm (weight [K], eps) on x first, the gate
-    product of paired rows (glu_pair_order, output [M, N / 2]), a residual added to the output."""
+    """What the kernel does around the product: norm (weight [K], eps) on x first, or prenorm
+    (sums of squares [P, M] float32, eps): x is a producer's y * weight and the rows still need
+    rsqrt(mean(y^2) + eps) (qmm.PendingNorm); the gate product of paired rows (glu_pair_order,
+    output [M, N / 2]); a residual added to the output; norm_out (the next norm's weight
+    [N_out]): also y * weight and the sums of squares of y, the next norm's share."""
 
     norm: tuple[mx.array, float] | None = None
     residual: mx.array | None = None
     glu_pair: bool = False
+    prenorm: tuple[mx.array, float] | None = None
+    norm_out: mx.array | None = None
 
 
 def plan(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
@@ -340,27 +462,41 @@ def plan(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
     nr = 2 if epi.glu_pair else 1
     if epi.glu_pair and n % 16:
         raise ValueError(f"qmv8: the gate/up pair needs N % 16 == 0, got {n}")
-    cfg = config or choose_config(m, n // nr, k, rows_a_unit=nr)
+    norm, res, pre, nout = (epi.norm is not None, epi.residual is not None, epi.prenorm is not None,
+                            epi.norm_out is not None)
+    if norm and pre:
+        raise ValueError("qmv8: norm and prenorm do not combine")
+    cfg = config or choose_config(m, n // nr, k, rows_a_unit=nr, block_norm=norm)
     if cfg.lpr not in (32, 64, 128, 256):
         raise ValueError(f"qmv8: lanes a row must be 32, 64, 128 or 256, got {cfg.lpr}")
+    if cfg.xreg and (norm or cfg.lpr * cfg.u < k // GROUP):
+        raise ValueError("qmv8: x in registers needs lpr * u >= K / 32 and no norm of x")
     smem = smem_bytes(m, k, cfg, epi.glu_pair)
-    norm, res = epi.norm is not None, epi.residual is not None
-    names = ("x", "w", "scales", "biases") + (("nw",) if norm else ()) + (("res",) if res else ())
-    spec = KernelSpec("cuda", f"bb_qmv8_{smem}" + "_n" * norm + "_r" * res, names, ("y",), source(norm, res),
-                      kspec.compact(HEADER), shared_memory=smem)
-    inputs = [x, w, scales, biases] + ([epi.norm[0]] if norm else []) + ([epi.residual.reshape(m, n // nr)] if res else [])
-    eps = epi.norm[1] if norm else 0.0
-    launch = Launch(inputs=inputs, output_shapes=[(m, n // nr)], output_dtypes=[x.dtype],
+    names = (("x", "w", "scales", "biases") + (("nw",) if norm else ()) + (("res",) if res else ())
+             + (("onw",) if nout else ()) + (("pss",) if pre else ()))
+    spec = KernelSpec("cuda", f"bb_qmv8_{smem}" + "_n" * norm + "_r" * res + "_p" * pre + "_o" * nout
+                      + "_x" * cfg.xreg, names, ("y", "yw", "ss") if nout else ("y",),
+                      source(norm, res, pre, nout), kspec.compact(HEADER), shared_memory=smem)
+    n_out = n // nr
+    inputs = ([x, w, scales, biases] + ([epi.norm[0]] if norm else []) + ([epi.residual.reshape(m, n_out)] if res else [])
+              + ([epi.norm_out] if nout else []) + ([epi.prenorm[0]] if pre else []))
+    eps = epi.norm[1] if norm else epi.prenorm[1] if pre else 0.0
+    launch = Launch(inputs=inputs,
+                    output_shapes=[(m, n_out)] + ([(m, n_out), (cfg.blocks, m)] if nout else []),
+                    output_dtypes=[x.dtype] + ([x.dtype, mx.float32] if nout else []),
                     grid=(cfg.blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
                     template=[("T", x.dtype), ("K", k), ("MT", m), ("R", cfg.r), ("U", cfg.u), ("LPR", cfg.lpr),
-                              ("NORM", norm), ("RES", res), ("GLU", epi.glu_pair), ("EPS_BITS", kspec.f32_bits(eps))])
+                              ("NORM", norm), ("RES", res), ("GLU", epi.glu_pair), ("NPRE", pre), ("NOUT", nout),
+                              ("XREG", cfg.xreg), ("EPS_BITS", kspec.f32_bits(eps))])
     return spec, launch
 
 
 def run(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, config: X8Config | None = None,
-        epi: Epilogue = Epilogue()) -> mx.array:
-    """The CUDA kernel on x [M, K]; y [M, N] (glu_pair: [M, N / 2]) in x's dtype."""
-    return kspec.run(*plan(x, w, scales, biases, config, epi))[0]
+        epi: Epilogue = Epilogue()):
+    """The CUDA kernel on x [M, K]: y [M, N] (glu_pair: [M, N / 2]) in x's dtype; with
+    epi.norm_out, (y, y * weight, sums of squares [blocks, M] float32)."""
+    out = kspec.run(*plan(x, w, scales, biases, config, epi))
+    return tuple(out) if epi.norm_out is not None else out[0]
 
 
 def quantize_x(x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
@@ -382,14 +518,18 @@ def unpack_codes(w: mx.array) -> mx.array:
     return ((w[..., None] >> shifts) & 15).astype(mx.int32).reshape(w.shape[0], -1)
 
 
-def twin(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, epi: Epilogue = Epilogue()) -> mx.array:
-    """The kernel's arithmetic in MLX ops (integer group sums exact, the rest fp32)."""
+def twin(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, epi: Epilogue = Epilogue()):
+    """The kernel's arithmetic in MLX ops (integer group sums exact, the rest fp32); returns
+    what `run` returns (the sums of squares as one partial, [1, M])."""
     m, k = x.shape
     n = w.shape[0]
     xf = x.astype(mx.float32)
     if epi.norm is not None:
         nw, eps = epi.norm
         xf = xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps) * nw.astype(mx.float32)
+    if epi.prenorm is not None:
+        pss, eps = epi.prenorm
+        xf = xf * mx.rsqrt(mx.sum(pss, axis=0) / k + eps)[:, None]
     codes, d, sx, e8 = quantize_x(xf)
     qw = unpack_codes(w).reshape(n, k // GROUP, GROUP)
     qx = codes.reshape(m, k // GROUP, GROUP)
@@ -403,16 +543,23 @@ def twin(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, epi: Epil
         y = (gate / (1 + mx.exp(-gate)) * up).reshape(m, n // 2)
     if epi.residual is not None:
         y = y + epi.residual.reshape(y.shape).astype(mx.float32)
-    return y.astype(x.dtype)
+    y = y.astype(x.dtype)
+    if epi.norm_out is None:
+        return y
+    hf = y.astype(mx.float32)
+    return y, (hf * epi.norm_out.astype(mx.float32)).astype(x.dtype), mx.sum(hf * hf, axis=-1)[None]
 
 
 def quantized_matvec_x8(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *,
                         group_size: int = GROUP, bits: int = 4, norm: tuple[mx.array, float] | None = None,
-                        residual: mx.array | None = None, glu_pair: bool = False) -> mx.array:
+                        residual: mx.array | None = None, glu_pair: bool = False,
+                        prenorm: tuple[mx.array, float] | None = None, norm_out: mx.array | None = None):
     """y = x @ dequantize(w)^T with x quantized to int8 per group of 32 (see the module doc).
-    x [..., K] with at most MAX_M rows; norm (weight, eps): RMSNorm of x first; glu_pair: rows in
-    glu_pair_order, output silu(gate) * up [..., N / 2]; residual added to the output. The CUDA
-    kernel on CUDA, the twin elsewhere."""
+    x [..., K] with at most MAX_M rows; norm (weight, eps): RMSNorm of x first; prenorm (sums
+    of squares [P, M] float32, eps): x is a producer's y * weight, scaled by rsqrt(mean + eps)
+    first; glu_pair: rows in glu_pair_order, output silu(gate) * up [..., N / 2]; residual added
+    to the output; norm_out (weight [N_out]): returns (y, y * weight, sums of squares [P, M]
+    float32), the next norm's share. The CUDA kernel on CUDA, the twin elsewhere."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -425,11 +572,16 @@ def quantized_matvec_x8(x: mx.array, w: mx.array, scales: mx.array, biases: mx.a
     n_out = w.shape[0] // (2 if glu_pair else 1)
     if norm is not None and (tuple(norm[0].shape) != (k,) or norm[0].dtype != x.dtype):
         raise ValueError(f"quantized_matvec_x8: the norm weight must be [{k}] {x.dtype}")
+    if prenorm is not None and (norm is not None or prenorm[0].ndim != 2 or prenorm[0].shape[1] != m
+                                or prenorm[0].dtype != mx.float32):
+        raise ValueError(f"quantized_matvec_x8: prenorm needs sums [P, {m}] float32 and no norm")
+    if norm_out is not None and (tuple(norm_out.shape) != (n_out,) or norm_out.dtype != x.dtype):
+        raise ValueError(f"quantized_matvec_x8: the output norm weight must be [{n_out}] {x.dtype}")
     if residual is not None and residual.size != m * n_out:
         raise ValueError(f"quantized_matvec_x8: the residual must hold {m} x {n_out} values, got {tuple(residual.shape)}")
-    epi = Epilogue(norm=norm, residual=residual, glu_pair=glu_pair)
-    if backend.BACKEND == "cuda":
-        y = run(x2, w, scales, biases, epi=epi)
-    else:
-        y = twin(x2, w, scales, biases, epi)
-    return y.reshape(*lead, n_out)
+    epi = Epilogue(norm=norm, residual=residual, glu_pair=glu_pair, prenorm=prenorm, norm_out=norm_out)
+    out = run(x2, w, scales, biases, epi=epi) if backend.BACKEND == "cuda" else twin(x2, w, scales, biases, epi)
+    if norm_out is None:
+        return out.reshape(*lead, n_out)
+    y, yw, ss = out
+    return y.reshape(*lead, n_out), yw.reshape(*lead, n_out), ss

@@ -5,11 +5,13 @@ every custom kernel swapped for its pure-MLX twin, both on the GPU. Unified cach
 
 Run: PYTHONPATH=. python3 scripts/gpu_model_check.py [preset]   (default qwen2.5-1.5b, q4_0, fp16)
 MODEL_CHECK_CASES="B:PP:TG,..." replaces the default cases (1:300:2, 2:64:2, 3:517:2), e.g.
-"32:16:2" on qwen2.5-7b for the M=32 matmul paths of the 7B shape.
+"32:16:2" on qwen2.5-7b for the M=32 matmul paths of the 7B shape. MODEL_CHECK_KERNELS=1 also
+lists the custom kernels each case's graphs called (e.g. the int8 kernels under BB_QMM_X8=1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -19,6 +21,7 @@ import numpy as np
 from batchbench import backend
 from batchbench.bench import Mode, Runner
 from batchbench.kernels import qmm
+from batchbench.kernels import spec as kspec
 from batchbench.kv_cache import KVCache
 from batchbench.models import base
 from batchbench.presets import make_preset
@@ -39,6 +42,27 @@ def decode_logits(model, B: int, pp: int, tg: int) -> np.ndarray:
                       sync=True)
         out.append(np.array(lg.astype(mx.float32)))
     return np.stack(out)
+
+
+@contextlib.contextmanager
+def count_kernels():
+    """With MODEL_CHECK_KERNELS=1, the custom kernels the model's graphs call (spec name -> calls
+    while tracing; compiled segments trace once), to show which paths ran."""
+    counts: dict[str, int] = {}
+    if os.environ.get("MODEL_CHECK_KERNELS") != "1":
+        yield counts
+        return
+    run = kspec.run
+
+    def counted(spec, launch):
+        counts[spec.name] = counts.get(spec.name, 0) + 1
+        return run(spec, launch)
+
+    kspec.run = counted
+    try:
+        yield counts
+    finally:
+        kspec.run = run
 
 
 def reset_compiled(model) -> None:
@@ -67,7 +91,11 @@ def main() -> int:
     for B, pp, tg in cases:
         backend.BACKEND = "cuda" if mx.cuda.is_available() else "cpu"
         reset_compiled(model)
-        ours = decode_logits(model, B, pp, tg)
+        with count_kernels() as built:
+            ours = decode_logits(model, B, pp, tg)
+        if built:
+            print(f"B={B}: custom kernels traced (name x calls): "
+                  + ", ".join(f"{k} x{v}" for k, v in sorted(built.items())))
         backend.BACKEND = "cpu"  # every custom kernel -> its pure-MLX twin; MLX stays on the GPU
         reset_compiled(model)
         ref = decode_logits(model, B, pp, tg)

@@ -219,12 +219,13 @@ for what in "$@"; do
     # the int8-activation matrix-vector kernel (kernels/qmv8.py) against the fp16 path on the 7B matrices
     x8) part x8 200 env X8_BPS="${X8_BPS:-2,4}" python3 scripts/h200_x8.py ;;
     # the decode step with BB_QMM_X8 off and on (the int8-activation kernel where qmm dispatches
-    # to it; B = 1, 2, 4), twice
-    ab-x8) ab_switch qmm-decode-prof-x8 BB_QMM_X8 "${DECODE_B:-1,2,4}" base@0 x8@1 base2@0 x82@1 ;;
+    # to it; B = 1, 2, 3), twice
+    ab-x8) ab_switch qmm-decode-prof-x8 BB_QMM_X8 "${DECODE_B:-1,2,3}" base@0 x8@1 base2@0 x82@1 ;;
     # the 1.5B model against its twins (the fp16 path) with BB_QMM_X8 off and on; the last case
     # compares 200 decode steps' argmax (teacher-forced random tokens)
-    model-x8) for v in 0 1; do
-             part "model-check-x8-$v" 200 env BB_QMM_X8=$v MODEL_CHECK_CASES="${X8_CASES:-1:300:2,2:64:2,4:64:2,1:32:200}" \
+    model-x8) for v in ${X8_MODEL_V:-0 1}; do
+             part "model-check-x8-$v" 240 env BB_QMM_X8=$v MODEL_CHECK_KERNELS=1 \
+               MODEL_CHECK_CASES="${X8_CASES:-1:300:2,2:64:2,4:64:2,1:32:200}" \
                python3 scripts/gpu_model_check.py qwen2.5-1.5b
            done ;;
     # the cost of a grid-wide barrier in one persistent launch (1-3 blocks an SM, N = 0-32; ~20 s)

@@ -99,7 +99,7 @@ def test_model_decodes_with_int8_activations_emulated(monkeypatch):
     """BB_QMM_X8=1, one sequence: the decode steps' o_proj, gate/up, down_proj and lm_head (one
     token each) run the int8-activation kernel (emulated) with their epilogues chained as on
     the fp16 path: down_proj and o_proj write the next norm's share (NOUT), gate/up, lm_head
-    and the fp16 q/k/v kernel take it (NPRE); x in registers where a row is one step. Logits
+    and the fp16 q/k/v kernel take it (NPRE). Logits
     stay near the MLX-op model's (int8 x adds ~1e-2 of max|y| a matmul, not fp16 rounding)."""
     toolchain.need(toolchain.host_cxx)
     monkeypatch.setenv("BATCHBENCH_SMS", "4")  # 8 blocks a launch: fewer emulated threads
@@ -111,9 +111,9 @@ def test_model_decodes_with_int8_activations_emulated(monkeypatch):
     # a decode step: o_proj (residual, share out), gate/up (share in), down (residual, share
     # out) a layer, and lm_head (share in); two layers, two steps, plus the prompt's lm_head
     assert len(x8) == 2 * (3 * 2 + 1) + 1
-    # o_proj and down_proj: 128 lanes a row, x in registers, the share out; gate/up and lm_head
-    # (the prompt's too: its down_proj's fp16 kernel wrote the share) take a share in
-    assert sum(n.endswith("_r_o_x") for n in x8) == 2 * 2 * 2
+    # o_proj and down_proj: the residual and the share out; gate/up and lm_head (the prompt's
+    # too: its down_proj's fp16 kernel wrote the share) take a share in
+    assert sum(n.endswith("_r_o") for n in x8) == 2 * 2 * 2
     assert sum(n.endswith("_p") for n in x8) == 2 * 2 + 3
     assert "bb_qmm_b_np" in launched  # layer 1's q/k/v takes down_proj's share
     assert np.isfinite(got).all()

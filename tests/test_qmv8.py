@@ -189,12 +189,16 @@ def test_glu_pairs_follow_the_fused_layers_row_order():
 
 # x quantized by each lane into registers (XREG): 128 lanes a row with fewer groups than lanes
 # (K = 3584: 112), 256 lanes and two groups a lane with a partial second round (K = 8224: 257),
-# a residual; with the next norm's share written (NOUT) and with a producer's share as x (NPRE)
+# a residual; with the next norm's share written (NOUT) and with a producer's share as x (NPRE);
+# the last two with x staged in shared memory (a warp a row: the residuals and norm weights of a
+# step's outputs loaded by lanes 0..R*M-1 and passed to lane 0)
 XREG = [
     (1, 24, 3584, mx.float16, qmv8.X8Config(r=4, u=1, blocks=3, lpr=128, xreg=True), False, False),
     (1, 9, 8224, mx.bfloat16, qmv8.X8Config(r=2, u=2, blocks=2, lpr=256, xreg=True), True, False),
     (1, 16, 1024, mx.float16, qmv8.X8Config(r=3, u=1, blocks=2, lpr=32, xreg=True), False, True),
     (2, 20, 2048, mx.float16, qmv8.X8Config(r=2, u=1, blocks=3, lpr=64, xreg=True), True, True),
+    (3, 20, 512, mx.float16, qmv8.X8Config(r=2, u=1, blocks=3), True, False),  # lanes hand lane 0 its operands
+    (4, 22, 1024, mx.bfloat16, qmv8.X8Config(r=3, u=1, blocks=2, lpr=128), True, True),  # staged x, NPRE
 ]
 
 
@@ -256,14 +260,15 @@ def test_producer_share_then_consumer_is_the_norm():
 
 
 def test_registers_where_a_row_is_one_step_at_one_token():
-    """choose_config keeps x in registers for o_proj, q/k/v and down_proj at M=1 on 132 SMs
-    (128 or 256 lanes a row cover its groups), not at M=2, not a warp a row (gate/up, lm_head),
-    not with a block-wide norm; plan refuses it where a row takes two steps."""
+    """choose_config keeps x in registers for down_proj at M=1 on 132 SMs (256 lanes a row cover
+    its 592 groups, which the staging would take three to a thread), not for o_proj and q/k/v
+    (112 groups: one a thread), not at M=2, not a warp a row (gate/up, lm_head), not with a
+    block-wide norm; plan refuses it where a row takes two steps."""
     cfg = {(n, k): qmv8.choose_config(1, n, k, sms=132) for n, k in ((3584, 3584), (4608, 3584), (3584, 18944),
                                                                     (18944, 3584), (152064, 3584))}
-    assert [c.xreg for c in cfg.values()] == [True, True, True, False, False]
+    assert [c.xreg for c in cfg.values()] == [False, False, True, False, False]
     assert not qmv8.choose_config(2, 3584, 18944, sms=132).xreg
-    assert not qmv8.choose_config(1, 3584, 3584, sms=132, block_norm=True).xreg
+    assert not qmv8.choose_config(1, 3584, 18944, sms=132, block_norm=True).xreg
     x = mx.zeros((1, 8224), mx.float16)
     w, s = mx.zeros((8, 1028), mx.uint32), mx.zeros((8, 257), mx.float16)
     with pytest.raises(ValueError, match="registers"):

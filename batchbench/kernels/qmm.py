@@ -877,13 +877,13 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
 
   // NPRE: each row's scale from the producer's per-tile sums (the barrier after the staging
   // publishes it; the first weights are in flight meanwhile).
-  // A lane's partials load PU at a time, all in flight at once (pt <= 256: one round). A plain
+  // A lane's partials load PU at a time, all in flight at once (pt <= 384: one round). A plain
   // loop over pt, which nvcc unrolled for 16 and 4 at a time, left 224 partials (7 a lane) a few
   // round trips to L2 in a row: H200 decode step, the gate/up pair at M=1 29.4 us plain, 30.7
   // with its norm fused, 33.5 with NPRE and that loop, 29.8 with these loads
   // (results/h200-2026-11-30-s21/call2, call3, call6).
   if constexpr (NPRE) {
-    constexpr int PU = 8;
+    constexpr int PU = 12;  // one round up to 384 partials (qmv8's producers write one a block: 264 on an H200)
     for (int m = wid; m < M; m += NT / 32) {
       float q = 0.f;
       for (int t0 = lane; t0 < nio.pt; t0 += 32 * PU) {
@@ -2344,12 +2344,15 @@ def _silu_mul(x: mx.array) -> mx.array:
     return nn.silu(g) * u
 
 
-# BB_QMM_X8=1: on CUDA, decode matmuls of 1..4 tokens with 4-bit group-32 weights and no bias
-# take x in int8 (batchbench.kernels.qmv8, llama.cpp's q8_1 activations): at M=1 every such
-# matmul, at M=2..4 those with many rows (gate/up, lm_head), where session 25 measured it faster.
-# Their norm, gate product, residual and the next norm's share stay fused. The numbers change:
-# 4-6e-3 of max|y| from float32 against 2-4e-4 on the fp16 path. Default 0 (off).
+# BB_QMM_X8=1: on CUDA, decode matmuls of one or two tokens with 4-bit group-32 weights and no
+# bias take x in int8 (batchbench.kernels.qmv8, llama.cpp's q8_1 activations): at M=1 every such
+# matmul, at M=2 those with many rows (gate/up, lm_head), where session 25 measured it faster
+# (at M=2 down_proj, o_proj and q/k/v were slower; at M=4 gate/up 37.9 us against 30.6 and
+# lm_head 122.7 against 98.1). Their norm, gate product, residual and the next norm's share
+# stay fused. The numbers change: 4-6e-3 of max|y| from float32 against 2-4e-4 on the fp16
+# path. Default 0 (off).
 X8 = env_choice("BB_QMM_X8", "0", ON_OFF) == "1"
+X8_MANY_ROWS_MAX_M = 2
 
 
 def _x8_takes(m: int, n: int, k: int, x: mx.array, scales, biases, group_size: int, bits: int, bias,
@@ -2357,7 +2360,8 @@ def _x8_takes(m: int, n: int, k: int, x: mx.array, scales, biases, group_size: i
     if not (X8 and backend.BACKEND == "cuda" and bias is None and scales.dtype == x.dtype
             and qmv8.covered(m, k, x.dtype, group_size, bits, biases)):
         return False
-    return m == 1 or qmv8.choose_config(m, n // rows_a_unit, k, rows_a_unit=rows_a_unit).lpr == 32
+    return m == 1 or (m <= X8_MANY_ROWS_MAX_M
+                       and qmv8.choose_config(m, n // rows_a_unit, k, rows_a_unit=rows_a_unit).lpr == 32)
 
 
 def _x8_run(x: mx.array, w, scales, biases, n_out: int, residual, norm, norm_out=None, glu_pair: bool = False):

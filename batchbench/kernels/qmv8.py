@@ -72,15 +72,14 @@ HEADER = r"""
 // codes: s * (d * dot + e8) = s * d * dot(code - 8, xq) + 8 s sx, so x's rounding meets code - 8
 // (about w - mean(w)) instead of code (0..15). NM 1 (NORM): x * rinv * nw first; 2 (NPRE): x * rinv.
 template <typename T, int NM>
-__device__ __forceinline__ void bb_qmv8_group(const T* __restrict__ xg, const T* __restrict__ nwg, float rinv,
-                                              int out[8], float& d, float& sum, float& e8) {
-  const uint4* xr = reinterpret_cast<const uint4*>(xg);
+__device__ __forceinline__ void bb_qmv8_quant(const uint4 raw[4], const T* __restrict__ nwg, float rinv, int out[8],
+                                              float& d, float& sum, float& e8) {
   float v[32];
   float amax = 0.f;
   sum = 0.f;
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
-    const uint4 u = xr[c];
+    const uint4 u = raw[c];
     const T* e = reinterpret_cast<const T*>(&u);
     uint4 un = u;
     if constexpr (NM == 1) un = reinterpret_cast<const uint4*>(nwg)[c];
@@ -115,12 +114,32 @@ __device__ __forceinline__ void bb_qmv8_group(const T* __restrict__ xg, const T*
   e8 = 8.f * (sum - d * (float)sq);
 }
 
+template <typename T, int NM>
+__device__ __forceinline__ void bb_qmv8_group(const T* __restrict__ xg, const T* __restrict__ nwg, float rinv,
+                                              int out[8], float& d, float& sum, float& e8) {
+  uint4 raw[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) raw[c] = reinterpret_cast<const uint4*>(xg)[c];
+  bb_qmv8_quant<T, NM>(raw, nwg, rinv, out, d, sum, e8);
+}
+
 // NPRE: rsqrt(mean(y^2) + eps) of each token from a producer's partial sums of squares pss
 // [npt, MT] (its tiles or blocks), summed by one warp a token; lane 0 of each warp gets it.
+// All of a lane's loads go out at once up to 16 * 32 partials (a loop with a runtime count kept
+// them a few round trips to L2 apart).
 template <int MT>
 __device__ __forceinline__ float bb_qmv8_pre_rinv(const float* __restrict__ pss, int npt, int m, int K, float eps) {
+  const int lane = threadIdx.x & 31;
+  float v[16];
+#pragma unroll
+  for (int u = 0; u < 16; ++u) {
+    const int t = lane + 32 * u;
+    v[u] = t < npt ? pss[(size_t)t * MT + m] : 0.f;
+  }
   float q = 0.f;
-  for (int t = threadIdx.x & 31; t < npt; t += 32) q += pss[(size_t)t * MT + m];
+#pragma unroll
+  for (int u = 0; u < 16; ++u) q += v[u];
+  for (int t = lane + 512; t < npt; t += 32) q += pss[(size_t)t * MT + m];
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
   return rsqrtf(q / (float)K + eps);
@@ -156,14 +175,26 @@ __device__ __forceinline__ void bb_qmv8_stage(const T* __restrict__ x, const T* 
       __syncthreads();
     }
   }
+  int t1 = threadIdx.x;
   if constexpr (NM == 2) {
+    // a thread's first group is loaded before the partial sums are, both in flight together
+    uint4 raw[4];
+    const int m0 = threadIdx.x / G, g0 = threadIdx.x - m0 * G;
+    if (threadIdx.x < MT * G) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) raw[c] = reinterpret_cast<const uint4*>(x + (size_t)m0 * K + g0 * 32)[c];
+    }
     for (int m = threadIdx.x >> 5; m < MT; m += blockDim.x >> 5) {
       const float r = bb_qmv8_pre_rinv<MT>(pss, npt, m, K, eps);
       if ((threadIdx.x & 31) == 0) rinv[m] = r;
     }
     __syncthreads();
+    if (threadIdx.x < MT * G)
+      bb_qmv8_quant<T, NM>(raw, nullptr, rinv[m0], xq + m0 * (K / 4) + g0 * 8, xd[threadIdx.x], xs[threadIdx.x],
+                           xe[threadIdx.x]);
+    t1 += blockDim.x;
   }
-  for (int t = threadIdx.x; t < MT * G; t += blockDim.x) {
+  for (int t = t1; t < MT * G; t += blockDim.x) {
     const int m = t / G, g = t - m * G;
     bb_qmv8_group<T, NM>(x + (size_t)m * K + g * 32, nw + g * 32, NM ? rinv[m] : 1.f, xq + m * (K / 4) + g * 8,
                          xd[t], xs[t], xe[t]);
@@ -242,16 +273,27 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
       }
   };
   // the output of unit p for token m from its rows' sums
-  auto store = [&](int m, int p, float a0, float a1) {
+  // (pr, pn: the residual and the output norm's weight, loaded at the step's start)
+  auto store = [&](int m, int p, float a0, float a1, float pr, float pn) {
     float v = GLU ? a0 / (1.f + expf(-a0)) * a1 : a0;
-    if constexpr (RES) v += (float)res[(size_t)m * NU + p];
+    if constexpr (RES) v += pr;
     const T t = (T)v;
     y[(size_t)m * NU + p] = t;
     if constexpr (NOUT) {
       const float hf = (float)t;
-      yw[(size_t)m * NU + p] = (T)(hf * (float)onw[p]);
+      yw[(size_t)m * NU + p] = (T)(hf * pn);
       ssq[m] = fmaf(hf, hf, ssq[m]);
     }
+  };
+  // A step's residual and norm weights go out with its products, not after its reduce: thread
+  // (LPR > 32) or lane (LPR == 32) e holds those of the step's output e (unit e / MT, token e % MT).
+  auto preload = [&](int r0, float& pr, float& pn) {
+    const int e = LPR > 32 ? (int)threadIdx.x : lane;
+    const int m = e % MT, i = (e / MT) % R, j = e / (MT * R);
+    const int p = LPR > 32 ? r0 + j * R + i : r0 + slot * R + e / MT;
+    const bool ok = (LPR > 32 ? e < slots * R * MT : e < R * MT) && p < ue;
+    if constexpr (RES) pr = ok ? (float)res[(size_t)m * NU + p] : 0.f;
+    if constexpr (NOUT) pn = ok ? (float)onw[p] : 0.f;
   };
   load(ub + slot * R, sl);
   if constexpr (XREG) {
@@ -277,6 +319,8 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
   int buf = 0;
   for (int r0 = ub; r0 < ue; r0 += slots * R) {
     const int ps = r0 + slot * R;
+    float pr = 0.f, pn = 0.f;
+    if constexpr (RES || NOUT) preload(r0, pr, pn);
     float acc[RR][MT];
 #pragma unroll
     for (int i = 0; i < RR; ++i)
@@ -331,13 +375,15 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
         }
       }
     if constexpr (LPR == 32) {
-      if (lane == 0) {
+      static_assert(LPR > 32 || R * MT <= 32, "qmv8: a warp's lanes hold a step's epilogue operands");
 #pragma unroll
-        for (int i = 0; i < R; ++i)
+      for (int i = 0; i < R; ++i)
 #pragma unroll
-          for (int m = 0; m < MT; ++m)
-            if (ps + i < ue) store(m, ps + i, acc[i * NR][m], acc[i * NR + NR - 1][m]);
-      }
+        for (int m = 0; m < MT; ++m) {
+          const float r = RES ? __shfl_sync(0xffffffffu, pr, i * MT + m) : 0.f;
+          const float nn = NOUT ? __shfl_sync(0xffffffffu, pn, i * MT + m) : 0.f;
+          if (lane == 0 && ps + i < ue) store(m, ps + i, acc[i * NR][m], acc[i * NR + NR - 1][m], r, nn);
+        }
     } else {
       __syncthreads();
       for (int t = threadIdx.x; t < slots * R * MT; t += blockDim.x) {
@@ -351,13 +397,18 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
 #pragma unroll
             for (int k = 0; k < WPS; ++k) v[h] += red[(((buf * slots + j) * WPS + k) * RR + i * NR + h) * MT + m];
           }
+          float r = pr, nn = pn;  // preloaded for t == threadIdx.x, the only round where blockDim covers it
+          if (t != (int)threadIdx.x) {
+            if constexpr (RES) r = (float)res[(size_t)m * NU + p];
+            if constexpr (NOUT) nn = (float)onw[p];
+          }
           if constexpr (NOUT) {
             // m is t % MT: unrolled over MT so that ssq stays in registers
 #pragma unroll
             for (int mm = 0; mm < MT; ++mm)
-              if (mm == m) store(mm, p, v[0], v[NR - 1]);
+              if (mm == m) store(mm, p, v[0], v[NR - 1], r, nn);
           } else {
-            store(m, p, v[0], v[NR - 1]);
+            store(m, p, v[0], v[NR - 1], r, nn);
           }
         }
       }
@@ -414,7 +465,9 @@ def choose_config(m: int, n: int, k: int, sms: int | None = None, rows_a_unit: i
     one or two rows a warp). n counts units (rows, or gate/up pairs of rows_a_unit = 2). R units
     a step so that ~8 16-byte loads are in flight a lane and a block's units fit its slots.
     x in registers where a row is one step, rows are shared by 128 or more lanes (a warp a row
-    would quantize every group in every warp) and x needs no block-wide norm (block_norm)."""
+    would quantize every group in every warp), the block's staging would take more than one
+    group a thread and x needs no block-wide norm (block_norm). Session 25 (H200, M=1): down_proj
+    (592 groups) 16.4 -> 15.0 us with x in registers, o_proj (112) 5.1 -> 5.3."""
     from batchbench.kernels.qmm import sm_count
 
     blocks = (sms or sm_count()) * BLOCKS_PER_SM
@@ -425,7 +478,7 @@ def choose_config(m: int, n: int, k: int, sms: int | None = None, rows_a_unit: i
     slots = THREADS // lpr
     rows = -(-n // blocks)
     r = max(1, min(max(1, 8 // (u * rows_a_unit)), -(-rows // slots)))
-    xreg = m <= XREG_MAX_M and lpr >= 128 and lpr * u >= g and not block_norm
+    xreg = m <= XREG_MAX_M and lpr >= 128 and lpr * u >= g and m * g > THREADS and not block_norm
     return X8Config(r=r, u=u, blocks=blocks, lpr=lpr, xreg=xreg)
 
 

@@ -273,3 +273,34 @@ def test_registers_where_a_row_is_one_step_at_one_token():
     w, s = mx.zeros((8, 1028), mx.uint32), mx.zeros((8, 257), mx.float16)
     with pytest.raises(ValueError, match="registers"):
         qmv8.plan(x, w, s, s, qmv8.X8Config(r=1, u=1, blocks=1, lpr=256, xreg=True))
+
+
+def test_bb_qmm_x8_takes_the_calls_session_25_measured_faster(monkeypatch):
+    """With BB_QMM_X8=1 on CUDA (132 SMs), qmm sends every 7B decode matmul without a bias at one
+    token to the int8 kernel, at two tokens only those with many rows (the gate/up pair, lm_head),
+    none at three; a bias, 8-bit weights, another back-end or the setting off keep the fp16 path."""
+    import types
+
+    from batchbench.kernels import qmm
+
+    monkeypatch.setenv("BATCHBENCH_SMS", "132")
+    monkeypatch.setattr(qmm, "backend", types.SimpleNamespace(BACKEND="cuda"))
+    monkeypatch.setattr(qmm, "X8", True)
+    shapes = {"o": (3584, 3584, 1), "gate/up": (37888, 3584, 2), "down": (3584, 18944, 1),
+              "lm_head": (152064, 3584, 1)}
+
+    def takes(m, n, k, unit, bias=None, bits=4, dtype=mx.float16):
+        x = mx.zeros((m, k), dtype)
+        s = mx.zeros((1, 1), dtype)
+        return qmm._x8_takes(m, n, k, x, s, s, 32, bits, bias, rows_a_unit=unit)
+
+    assert [name for name, v in shapes.items() if takes(1, *v)] == list(shapes)
+    assert [name for name, v in shapes.items() if takes(2, *v)] == ["gate/up", "lm_head"]
+    assert not any(takes(3, *v) for v in shapes.values())
+    assert not takes(1, 3584, 3584, 1, bias=mx.zeros((3584,), mx.float16))
+    assert not takes(1, 3584, 3584, 1, bits=8)
+    monkeypatch.setattr(qmm, "X8", False)
+    assert not takes(1, 3584, 3584, 1)
+    monkeypatch.setattr(qmm, "X8", True)
+    monkeypatch.setattr(qmm, "backend", types.SimpleNamespace(BACKEND="metal"))
+    assert not takes(1, 3584, 3584, 1)

@@ -1,14 +1,14 @@
-"""4-bit matrix-vector products for decode with the activations in int8: an experiment, not
-used by the model (`scripts/h200_x8.py` times it). CUDA kernel, with a pure-MLX twin elsewhere
-and as the test oracle.
+"""4-bit matrix-vector products for decode with the activations in int8 (llama.cpp's mmvq
+idea: Q4 weights against q8_1 activations). CUDA kernel, with a pure-MLX twin elsewhere and as
+the test oracle. The model's decode matmuls of one or two tokens take it on CUDA with
+BB_QMM_X8=1 (qmm's dispatch: `qmm._x8_takes`); off by default.
 
 Why: at M=1 the fp16 path (`qmm`) is bound by instruction issue, not by the weight read. On the
 H200 (session 24, `scripts/h200_phase_probe.py`) a plain streaming read of the 7B layer's
 4-bit weights takes 42.6 us a layer; with the fp16 path's work on each 4-byte word (~19
 instructions: codes to fp16, scale and bias, a product) 67 us; with what an int8 path does
 (~7: two LOP3 and a shift make the 8 codes bytes, two DP4A take them against int8 x, one
-conversion and scaling a group) 46 us. `qmm`'s kernels take 62 us. This is llama.cpp's mmvq
-idea (Q4 weights against q8_1 activations).
+conversion and scaling a group) 46 us. `qmm`'s kernels take 62 us.
 
 The numbers change: x is quantized to int8 per group of 32 (scale max|x| / 127, round to
 nearest even), so y carries that rounding as well as the weights'. What stays exact: the codes'
@@ -20,32 +20,29 @@ x. Per group g of 32 k and row n:
 with d = max|x_g| / 127, xq = rint(x * (127 / max|x_g|)), sx = sum(x_g) and e8 = 8 * (sx - d * sum_k xq) in fp32.
 The e8 term makes x's rounding error meet code - 8 (about the weight minus its group's mean)
 rather than the code (0..15): on one random case (N=64, K=256) the error fell from 1.8e-2 to
-6.0e-3 of max|y|. On the H200 the error against float32 is 4-6e-3 of max|y| on the 7B
-matrices, against 2-4e-4 for the fp16 path.
+6.0e-3 of max|y|. On the H200 the error against float32 is 4.6-5.8e-3 of max|y| on the 7B
+matrices, against 2.7-4.3e-4 for the fp16 path.
 
 The kernel: each block takes a contiguous run of rows, so every SM reads the same bytes. Its
 threads form slots of LPR lanes: a warp a row where rows are many (gate/up, lm_head), 128 or
 256 lanes sharing a row's groups where they are few (o_proj, q/k/v, down: one warp a row left
 1-2 rows a warp). A lane takes one group of 32 k of a row at a time (one 16-byte load = the
-group's four words); a step loads R rows x U groups a lane before any product. Each block first
-quantizes x into shared memory (each word's even k in one int, its odd k in the next, as the
-codes come out of `& 0x0f0f0f0f` and `>> 4`). Epilogues for the decode step (`Epilogue`): the
-RMSNorm of x in that prologue, the gate product of paired gate/up rows (qmm.glu_pair_order),
-a residual. M = 1..4, 4-bit, group 32, fp16 or bf16.
+group's four words); a step loads R rows x U groups a lane before any product, and the first
+step's loads go out before x is quantized. x is quantized into shared memory by the whole
+block (each word's even k in one int, its odd k in the next, as the codes come out of
+`& 0x0f0f0f0f` and `>> 4`), or, where one step covers a row and the staging would take several
+groups a thread (down_proj at M=1), by each lane for its own groups into registers (XREG).
+Epilogues for the decode step (`Epilogue`): the RMSNorm of x in that prologue, or a producer's
+share of it (x = y * weight and its partial sums of squares, qmm.PendingNorm); the gate product
+of paired gate/up rows (qmm.glu_pair_order); a residual; and the next norm's share out (y *
+weight and each block's sums of squares). M = 1..4, 4-bit, group 32, fp16 or bf16.
 
-Measured on the H200 (session 24, M=1, kernel time, results/h200-2026-11-30-s24/call19, the
-version of this file at fd0812a, 2 blocks an SM): gate/up 26.3 us against 28.8 on the fp16
-path, lm_head 87.8 against 95.8 (85.6 at 4 blocks an SM; the floor at 3.86 TB/s is 88.2); slower where rows are few:
-down 27.8 against 18.6, o_proj 7.4 against 5.5, q/k/v 9.4-9.6 against 7.9. Sharing a row over
-128-256 lanes changed nothing there against a warp a row (call15: 27.6, 7.5, 8.9), so the split
-is not the cause; the suspect, unmeasured: each block quantizes x before it issues any weight
-load (a thread a group: 32 scalar loads and 32 divisions), ~K / 32 groups on 256 threads, longest
-at down's K. This version (after fd0812a, not run on a GPU) issues each step's loads before the x staging
-(the first step) or before the previous step's reduce, and quantizes with 16-byte loads and one
-division a group, and has the epilogues: emulated and compiled (93-127 registers at the 7B
-shapes, 114 for the gate/up pair). Not wired into the model;
-`scripts/h200_qmm.py` runs the decode step with it (`QMM_X8=gu,down,o,lm`, session part
-`ab-x8`).
+Measured on the H200 (session 25, `results/h200-2026-11-30-s25/`, M=1, kernel time, 2 blocks an
+SM): gate/up 23.9 us against 29.2 on the fp16 path, lm_head 82.5 against 97.7, down 15.0
+against 18.9, o_proj 5.1 against 5.5, q/k/v 7.6 against 8.0; at M=2 only gate/up and lm_head
+are faster. The decode step of the 7B shape (attention excluded) with BB_QMM_X8=1: B=1 1.873
+-> 1.603-1.605 ms, B=2 1.99 -> 1.80. q/k/v stays on the fp16 kernel, whose epilogue rotates q
+and k and writes the cache (this kernel has no RoPE or bias epilogue).
 """
 
 from __future__ import annotations

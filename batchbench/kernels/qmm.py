@@ -597,7 +597,7 @@ __device__ __forceinline__ void qmm_norm_slice(uint16_t* xs, const int XS, const
 //   or k head holds 8 rotation pairs, v heads keep their order). The pair is rotated and
 //   written to q [HQ, M, D], or k / v into the cache buffers [HKV, nc, D] at cells[m], in
 //   place (the buffers come in as inputs: see qkv_rope_store in batchbench/kernels/rope.py).
-//   The rotation is the separate kernel's (bbrope::rotate; the RoPE header comes first).
+//   bbrope::PairRope does it (the RoPE header comes first), as qmv8's q/k/v epilogue does.
 // - QmmGluPair: the gate/up projection (rows in qmm.glu_pair_order: tile t holds gate rows
 //   8t..8t+7, then the same up rows). The pair gives silu(gate) * up in fp32, one rounding,
 //   as qmm_glu8: out is [M, N/2], the down projection's input.
@@ -606,15 +606,7 @@ __device__ __forceinline__ void qmm_norm_slice(uint16_t* xs, const int XS, const
 __device__ __forceinline__ int qmm_pair_row(const int pr) { return (pr >> 3) * 16 + (pr & 7); }
 
 template <typename T>
-struct QmmRope {
-  const int32_t* pos;
-  const int32_t* cells;
-  T* kc;
-  T* vc;
-  int nc;  // cells per kv head in the cache buffers
-  float log2_base;
-  float scale;
-};
+using QmmRope = bbrope::RopeIO<T>;
 
 struct QmmPlain {
   static constexpr bool PAIR = false;
@@ -624,43 +616,17 @@ struct QmmPlain {
 template <int D, int HQ, int HKV, bool TRAD>
 struct QmmRopeCfg {
   static constexpr bool PAIR = true;
-  static constexpr int P = D / 2, TPH = D / 16;  // rotation pairs and 16-row tiles per head
-  // What the store needs besides the sums: the rotation of q and k rows, the cache cell of k and v.
-  struct Prep {
-    float c, s;
-    int cell;
-  };
+  using R = bbrope::PairRope<D, HQ, HKV, TRAD>;
+  using Prep = typename R::Prep;
   template <typename T>
   static __device__ __forceinline__ Prep prep(const int n, const int m, const QmmRope<T>& rp) {
-    const int tile = n >> 4, h = tile / TPH;
-    Prep p{1.f, 0.f, 0};
-    if (h < HQ + HKV) bbrope::angle(p.c, p.s, (tile - h * TPH) * 8 + (n & 7), P, rp.pos[m], rp.log2_base, rp.scale);
-    if (h >= HQ) p.cell = rp.cells[m];
-    return p;
+    return R::template prep<T>(n, m, rp);
   }
   template <typename T>
   static __device__ __forceinline__ void store(float lo, float hi, const int n, const int m, const int M,
                                                const int N, const QmmRope<T>& rp, T* __restrict__ q,
                                                const Prep& p) {
-    const int tile = n >> 4, rr = n & 7;
-    const int h = tile / TPH, jt = tile - h * TPH;
-    lo = qmm_float<T>(qmm_cast<T, T>(lo));
-    hi = qmm_float<T>(qmm_cast<T, T>(hi));
-    T* dst;
-    int dlo, dhi;
-    if (h < HQ + HKV) {
-      const int i = jt * 8 + rr;
-      dlo = TRAD ? 2 * i : i;
-      dhi = TRAD ? 2 * i + 1 : i + P;
-      bbrope::turn(lo, hi, p.c, p.s);
-      dst = h < HQ ? q + ((size_t)h * M + m) * D : rp.kc + ((size_t)(h - HQ) * rp.nc + p.cell) * D;
-    } else {
-      dlo = jt * 16 + rr;
-      dhi = dlo + 8;
-      dst = rp.vc + ((size_t)(h - HQ - HKV) * rp.nc + p.cell) * D;
-    }
-    dst[dlo] = qmm_cast<T, T>(lo);
-    dst[dhi] = qmm_cast<T, T>(hi);
+    R::template store<T>(lo, hi, n, m, M, rp, q, p);
   }
 };
 

@@ -96,6 +96,66 @@ __device__ __forceinline__ void qkv_rope(const T* __restrict__ qkv, const int32_
   from_f(x2, o + i2);
 }
 
+// The q/k/v matmul's RoPE epilogue (qmm's QmmRopeCfg, qmv8's ROPE) on one pair of its output
+// rows stored in rope_pair_order: rows n and n + 8 of n's 16-row tile (n % 16 < 8). q heads go
+// rotated into q [HQ, M, D]; k heads rotated, and v heads as they are, into the cache buffers
+// [HKV, nc, D] at cell cells[m]. prep (the angle and the cell) needs only n and m, so a matmul
+// can take it before its sums. lo and hi are rounded to T before the rotation, as the unfused
+// path rounds the matmul's output.
+template <typename T>
+struct RopeIO {
+  const int32_t* pos;
+  const int32_t* cells;
+  T* kc;
+  T* vc;
+  int nc;  // cells per kv head in the cache buffers
+  float log2_base;
+  float scale;
+};
+
+template <int D, int HQ, int HKV, bool TRAD>
+struct PairRope {
+  static constexpr int P = D / 2, TPH = D / 16;  // rotation pairs and 16-row tiles per head
+  struct Prep {
+    float c, s;
+    int cell;
+  };
+  template <typename T>
+  static __device__ __forceinline__ Prep prep(const int n, const int m, const RopeIO<T>& rp) {
+    const int tile = n >> 4, h = tile / TPH;
+    Prep p{1.f, 0.f, 0};
+    if (h < HQ + HKV) angle(p.c, p.s, (tile - h * TPH) * 8 + (n & 7), P, rp.pos[m], rp.log2_base, rp.scale);
+    if (h >= HQ) p.cell = rp.cells[m];
+    return p;
+  }
+  template <typename T>
+  static __device__ __forceinline__ void store(float lo, float hi, const int n, const int m, const int M,
+                                               const RopeIO<T>& rp, T* __restrict__ q, const Prep& p) {
+    const int tile = n >> 4, rr = n & 7;
+    const int h = tile / TPH, jt = tile - h * TPH;
+    T tl, th;
+    from_f(lo, &tl);
+    from_f(hi, &th);
+    lo = to_f(tl);
+    hi = to_f(th);
+    T* dst;
+    int dlo, dhi;
+    if (h < HQ + HKV) {
+      const int i = jt * 8 + rr;
+      dlo = TRAD ? 2 * i : i;
+      dhi = TRAD ? 2 * i + 1 : i + P;
+      turn(lo, hi, p.c, p.s);
+      dst = h < HQ ? q + ((size_t)h * M + m) * D : rp.kc + ((size_t)(h - HQ) * rp.nc + p.cell) * D;
+    } else {
+      dlo = jt * 16 + rr;
+      dhi = dlo + 8;
+      dst = rp.vc + ((size_t)(h - HQ - HKV) * rp.nc + p.cell) * D;
+    }
+    from_f(lo, dst + dlo);
+    from_f(hi, dst + dhi);
+  }
+};
+
 }  // namespace bbrope
 #endif  // BB_ROPE_HEADER
 """

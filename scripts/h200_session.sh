@@ -221,7 +221,9 @@ for what in "$@"; do
     # the decode step with BB_QMM_X8 off and on (the int8-activation kernel where qmm dispatches
     # to it; B = 1, 2, 3), twice
     ab-x8) ab_switch qmm-decode-prof-x8 BB_QMM_X8 "${DECODE_B:-1,2,3}" base@0 x8@1 base2@0 x82@1 ;;
-    # the 1.5B model against its twins (the fp16 path) with BB_QMM_X8 off and on; the last case
+    # q/k/v with its RoPE epilogue through the int8 kernel too (BB_QMM_X8=qkv) against =1, twice
+    ab-x8qkv) ab_switch qmm-decode-prof-x8qkv BB_QMM_X8 "${DECODE_B:-1,2}" x8@1 qkv@qkv x82@1 qkv2@qkv ;;
+    # the 1.5B model against its twins (the fp16 path) with BB_QMM_X8 off and on (X8_MODEL_V); the last case
     # compares 200 decode steps' argmax (teacher-forced random tokens)
     model-x8) for v in ${X8_MODEL_V:-0 1}; do
              part "model-check-x8-$v" 240 env BB_QMM_X8=$v MODEL_CHECK_KERNELS=1 \
@@ -239,7 +241,7 @@ for what in "$@"; do
            done ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe x8 ab-x8 model-x8)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe x8 ab-x8 model-x8 ab-x8qkv)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

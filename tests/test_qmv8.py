@@ -121,6 +121,15 @@ def test_kernel_compiles_for_sm90a_at_the_7b_shapes():
             x = mx.zeros((m, k), mx.float16)
             w, s = mx.zeros((n, k // 8), mx.uint32), mx.zeros((n, k // 32), mx.float16)
             items.append(qmv8.plan(x, w, s, s, qmv8.choose_config(m, n, k, sms=132)))
+    # q/k/v with its bias and RoPE epilogue, x a producer's norm share (BB_QMM_X8=qkv)
+    from batchbench.kernels import qmm
+
+    n, k = 36 * 128, 3584
+    x, kc = mx.zeros((1, k), mx.float16), mx.zeros((1, 4, 64, 128), mx.float16)
+    w, s = mx.zeros((n, k // 8), mx.uint32), mx.zeros((n, k // 32), mx.float16)
+    rs = qmm.RopeStore(mx.zeros((1,), mx.int32), mx.zeros((1,), mx.int32), kc, kc, 28, 4, 128, 1e6, 1.0, False)
+    epi = qmv8.Epilogue(bias=mx.zeros((n,), mx.float16), rope=rs, prenorm=(mx.zeros((264, 1)), 1e-6))
+    items.append(qmv8.plan(x, w, s, s, qmv8.choose_config(1, n // 2, k, sms=132, rows_a_unit=2), epi))
     assert [qmv8.choose_config(1, n, k, sms=132).lpr for n, k in ((37888, 3584), (3584, 3584), (3584, 18944))] \
         == [32, 128, 256]
     assert_compile_for_sm90a(items)
@@ -304,3 +313,100 @@ def test_bb_qmm_x8_takes_the_calls_session_25_measured_faster(monkeypatch):
     monkeypatch.setattr(qmm, "X8", True)
     monkeypatch.setattr(qmm, "backend", types.SimpleNamespace(BACKEND="metal"))
     assert not takes(1, 3584, 3584, 1)
+
+
+# (M, dtype, traditional, Hq, Hkv, D, config): the q/k/v projection with its bias and the RoPE
+# pair epilogue (q rotated out, k rotated and v into the cache at the tokens' cells): a warp a
+# pair with lane 0 handed each output's angle and cell, and 128 lanes a pair with x in registers
+ROPE = [
+    (1, mx.float16, False, 4, 2, 64, qmv8.X8Config(r=2, u=2, blocks=3)),
+    (2, mx.bfloat16, True, 4, 1, 32, qmv8.X8Config(r=3, u=1, blocks=2, lpr=128, xreg=True)),
+]
+
+
+@pytest.mark.parametrize("m,dtype,trad,hq,hkv,d,cfg", ROPE)
+def test_qkv_rope_epilogue_emulated(m, dtype, trad, hq, hkv, d, cfg):
+    from batchbench.kernels import qmm
+    from batchbench.kernels import rope as R
+    from batchbench.verify.rope_cases import _values, rope_reference, rope_tolerance
+
+    toolchain.need(toolchain.host_cxx)
+    rng = np.random.default_rng()
+    n, k, nc = (hq + 2 * hkv) * d, 256, 23
+    x, wq, s, b = _problem(rng, m, n, k, dtype)
+    bias = mx.array(rng.standard_normal(n).astype(np.float32) * 0.5).astype(dtype)
+    order = mx.array(R.rope_pair_order(hq, hkv, d, trad))
+    wq, s, b, bias = (mx.take(a, order, axis=0) for a in (wq, s, b, bias))
+    pos = rng.integers(0, 20000, m).astype(np.int32)
+    cells = rng.choice(nc, size=m, replace=False).astype(np.int32)
+    kc = mx.array(rng.standard_normal((1, hkv, nc, d)).astype(np.float32)).astype(dtype)
+    vc = mx.array(rng.standard_normal((1, hkv, nc, d)).astype(np.float32)).astype(dtype)
+    rs = qmm.RopeStore(mx.array(pos), mx.array(cells), kc, vc, hq, hkv, d, 10000.0, 1.0, trad)
+    spec, launch = qmv8.plan(x, wq, s, b, cfg, qmv8.Epilogue(bias=bias, rope=rs))
+    res = emulate(spec, launch)
+    got_q = res.outputs[0].astype(np.float64)
+    got_k, got_v = (_values(res.inputs_after[i], dtype).astype(np.float64).reshape(kc.shape) for i in (7, 8))
+    # the twin's projection (bias added, rows in pair order) put back in order, rotated in float64
+    y = R.unpair(qmv8.twin(x, wq, s, b, qmv8.Epilogue(bias=bias)), hq, hkv, d, trad)
+    yf = _f64(y)
+    want_q, want_k, want_v = rope_reference(yf[None], pos, n_heads=hq, n_kv_heads=hkv, head_dim=d,
+                                            base=10000.0, scale=1.0, traditional=trad)
+    tol = (2e-3 if dtype == mx.float16 else 1.6e-2) * np.abs(yf).max() + rope_tolerance(yf, pos, 1.0, dtype)
+    assert got_q.shape == (1, hq, m, d)
+    assert np.abs(got_q - want_q).max() <= tol
+    k_before, v_before = _f64(kc), _f64(vc)
+    for t, c in enumerate(cells):
+        assert np.abs(got_k[0, :, c] - want_k[0, :, t]).max() <= tol
+        assert np.abs(got_v[0, :, c] - want_v[0, :, t]).max() <= tol
+    rest = np.setdiff1d(np.arange(nc), cells)
+    assert np.array_equal(got_k[0, :, rest], k_before[0, :, rest])
+    assert np.array_equal(got_v[0, :, rest], v_before[0, :, rest])
+
+
+def test_bb_qmm_x8_qkv_sends_one_token_q_k_v_with_rope_to_the_int8_kernel(monkeypatch):
+    """BB_QMM_X8=qkv: project_rope_store hands a one-token q/k/v projection (its bias, the RoPE
+    store, its norm) to the int8 kernel; two tokens, or BB_QMM_X8=1, keep the fp16 kernel."""
+    import types
+
+    import mlx.nn as nn
+
+    from batchbench.kernels import qmm
+    from batchbench.kernels import spec as kspec
+
+    monkeypatch.setenv("BATCHBENCH_SMS", "132")
+    monkeypatch.setattr(qmm, "backend", types.SimpleNamespace(BACKEND="cuda"))
+    monkeypatch.setattr(qmv8, "backend", types.SimpleNamespace(BACKEND="cuda"))
+    monkeypatch.setattr(qmm, "X8", True)
+    calls = []
+
+    def x8_run(x, w, s, b, config=None, epi=qmv8.Epilogue()):
+        calls.append(("x8", epi))
+        return mx.zeros((1, 28, x.shape[0], 128), x.dtype)
+
+    def fp16_run(spec, launch):
+        calls.append(("fp16", spec.name))
+        return [mx.zeros(sh, dt) for sh, dt in zip(launch.output_shapes, launch.output_dtypes)]
+
+    monkeypatch.setattr(qmv8, "run", x8_run)
+    monkeypatch.setattr(kspec, "run", fp16_run)
+    hq, hkv, d, k = 28, 4, 128, 256
+    layers = []
+    for n in (hq * d, hkv * d, hkv * d):
+        ql = nn.QuantizedLinear(k, n, bias=True, group_size=32, bits=4)
+        ql.scales, ql.biases, ql.bias = (a.astype(mx.float16) for a in (ql.scales, ql.biases, ql.bias))
+        layers.append(ql)
+    fused = qmm.FusedQuantizedLinear(layers, rope=dict(n_heads=hq, n_kv_heads=hkv, head_dim=d, base=1e6,
+                                                       scale=1.0, traditional=False))
+    kc = mx.zeros((1, hkv, 8, d), mx.float16)
+    norm = nn.RMSNorm(k)
+    norm.weight = mx.ones((k,), mx.float16)
+    for mode, m, want in (("qkv", 1, "x8"), ("qkv", 2, "fp16"), ("1", 1, "fp16")):
+        monkeypatch.setattr(qmm, "X8_QKV", mode == "qkv")
+        calls.clear()
+        rs = qmm.RopeStore(mx.arange(m), mx.arange(m), kc, kc, hq, hkv, d, 1e6, 1.0, False)
+        qmm.project_rope_store(fused, mx.zeros((1, m, k), mx.float16), norm, rs)
+        assert calls and calls[0][0] == want, (mode, m, calls)
+        if want == "x8":
+            epi = calls[0][1]
+            assert epi.rope is rs and epi.norm is not None
+            assert tuple(epi.bias.shape) == ((hq + 2 * hkv) * d,)

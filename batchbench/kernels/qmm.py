@@ -2316,8 +2316,11 @@ def _silu_mul(x: mx.array) -> mx.array:
 # (at M=2 down_proj, o_proj and q/k/v were slower; at M=4 gate/up 37.9 us against 30.6 and
 # lm_head 122.7 against 98.1). Their norm, gate product, residual and the next norm's share
 # stay fused. The numbers change: 4-6e-3 of max|y| from float32 against 2-4e-4 on the fp16
-# path. Default 0 (off).
-X8 = env_choice("BB_QMM_X8", "0", ON_OFF) == "1"
+# path. Default 0 (off). qkv: also the one-token q/k/v projection with its bias and RoPE + K/V
+# write epilogue (prepared: emulated and compiled, not yet run on a GPU).
+X8_MODE = env_choice("BB_QMM_X8", "0", ON_OFF + ("qkv",))
+X8 = X8_MODE != "0"
+X8_QKV = X8_MODE == "qkv"
 X8_MANY_ROWS_MAX_M = 2
 
 
@@ -2330,7 +2333,8 @@ def _x8_takes(m: int, n: int, k: int, x: mx.array, scales, biases, group_size: i
                        and qmv8.choose_config(m, n // rows_a_unit, k, rows_a_unit=rows_a_unit).lpr == 32)
 
 
-def _x8_run(x: mx.array, w, scales, biases, n_out: int, residual, norm, norm_out=None, glu_pair: bool = False):
+def _x8_run(x: mx.array, w, scales, biases, n_out: int, residual, norm, norm_out=None, glu_pair: bool = False,
+            bias=None, rope: "RopeStore | None" = None):
     """The int8-activation kernel on x [..., K] with the epilogues `quantized_matmul` takes; y,
     or with norm_out (y, NormParts | None) as `quantized_matmul` returns them."""
     lead, k = x.shape[:-1], x.shape[-1]
@@ -2347,7 +2351,9 @@ def _x8_run(x: mx.array, w, scales, biases, n_out: int, residual, norm, norm_out
     share = norm_out is not None and NORM_PRE and _norm_weight_ok(norm_out[0], n_out, x.dtype)
     if share:
         kw["norm_out"] = norm_out[0]
-    out = qmv8.quantized_matvec_x8(x, w, scales, biases, glu_pair=glu_pair, **kw)
+    if bias is not None:
+        kw["bias"] = bias.reshape(-1).astype(x.dtype)
+    out = qmv8.quantized_matvec_x8(x, w, scales, biases, glu_pair=glu_pair, rope=rope, **kw)
     if norm_out is None:
         return out
     if share:
@@ -2476,6 +2482,8 @@ def project_rope_store(layer: "FusedQuantizedLinear", x: mx.array, norm: nn.RMSN
         return None
     w, scales, biases = layer["weight"], layer["scales"], layer["biases"]
     m, n, k = _shape_info(x, w, scales, biases, layer.group_size, layer.bits)
+    if X8_QKV and m == 1 and _x8_takes(m, n, k, x, scales, biases, layer.group_size, layer.bits, None, rows_a_unit=2):
+        return _x8_run(x, w, scales, biases, n, None, _norm_args(norm), bias=layer.get("bias"), rope=rope)
     cfg = _kernel_config(m, n, k, x, scales, biases, layer.group_size, layer.bits)
     if cfg is None:
         return None

@@ -41,8 +41,10 @@ Measured on the H200 (session 25, `results/h200-2026-11-30-s25/`, M=1, kernel ti
 SM): gate/up 23.9 us against 29.2 on the fp16 path, lm_head 82.5 against 97.7, down 15.0
 against 18.9, o_proj 5.1 against 5.5, q/k/v 7.6 against 8.0; at M=2 only gate/up and lm_head
 are faster. The decode step of the 7B shape (attention excluded) with BB_QMM_X8=1: B=1 1.873
--> 1.603-1.605 ms, B=2 1.99 -> 1.80. q/k/v stays on the fp16 kernel, whose epilogue rotates q
-and k and writes the cache (this kernel has no RoPE or bias epilogue).
+-> 1.603-1.605 ms, B=2 1.99 -> 1.80. There q/k/v ran on the fp16 kernel, whose epilogue rotates q
+and k and writes the cache. This kernel now has that epilogue too (a bias, and bbrope::PairRope
+on each pair of rows, as the fp16 kernel's QmmRopeCfg): BB_QMM_X8=qkv, emulated and compiled,
+not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import mlx.core as mx
 
 from batchbench import backend
 from batchbench.kernels import spec as kspec
+from batchbench.kernels.rope import ROPE_HEADER
 from batchbench.kernels.spec import KernelSpec, Launch
 
 GROUP = 32
@@ -204,6 +207,16 @@ __device__ __forceinline__ int bb_qmv8_dot(unsigned int u, int xe, int xo, int a
   return __dp4a((int)((u >> 4) & 0x0f0f0f0fu), xo, acc);
 }
 
+// The q/k/v epilogue (RC): bb_qmv8_rope rotates each pair of rows and writes q and the cache
+// (bbrope::PairRope, as qmm's QmmRopeCfg); bb_qmv8_norope: none.
+template <int D, int HQ, int HKV, bool TRAD>
+struct bb_qmv8_rope : bbrope::PairRope<D, HQ, HKV, TRAD> {
+  static constexpr bool ON = true;
+};
+struct bb_qmv8_norope {
+  static constexpr bool ON = false;
+};
+
 // Each block takes a contiguous run of units (every SM reads the same bytes): a unit is a row,
 // or with GLU a (gate, up) pair of rows (glu_pair_order: each 16-row tile is 8 gate rows, then
 // their 8 up rows) and its output silu(gate) * up. Its threads form slots of LPR lanes (32: a
@@ -217,20 +230,25 @@ __device__ __forceinline__ int bb_qmv8_dot(unsigned int u, int xe, int xo, int a
 // (the block-wide staging held down_proj, K = 18944, at 16.5 us against a 11 us floor).
 // NPRE: x is a producer's y * nw and pss its sums of squares (qmm.PendingNorm). NOUT: also
 // yw = y * onw and this block's sums of squares of y, ss [gridDim.x, MT]: the next norm's share.
+// BIAS adds lbias [N] to each row's sum. RC::ON: a unit is a pair of rows in rope_pair_order, and
+// y is q [HQ, MT, D] (k and v go into rp's cache buffers).
 template <typename T, int K, int MT, int R, int U, int LPR, bool NORM, bool RES, bool GLU, bool NPRE, bool NOUT,
-          bool XREG>
+          bool XREG, bool BIAS, typename RC>
 __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned int* __restrict__ w,
                                         const T* __restrict__ scales, const T* __restrict__ biases,
                                         const T* __restrict__ nw, const T* __restrict__ res,
                                         const T* __restrict__ onw, const float* __restrict__ pss, const int npt,
+                                        const T* __restrict__ lbias, const bbrope::RopeIO<T> rp,
                                         T* __restrict__ y, T* __restrict__ yw, float* __restrict__ ss,
                                         const int N, const float eps) {
   constexpr int G = K / 32;
   constexpr int WPS = LPR / 32;  // warps a slot
-  constexpr int NR = GLU ? 2 : 1;  // rows a unit
+  constexpr bool PAIRED = GLU || RC::ON;
+  constexpr int NR = PAIRED ? 2 : 1;  // rows a unit
   constexpr int RR = R * NR;      // rows a slot and step
   constexpr int NM = NORM ? 1 : (NPRE ? 2 : 0);
   static_assert(!(NORM && NPRE), "qmv8: one norm of x");
+  static_assert(!(GLU && RC::ON) && !(RC::ON && (RES || NOUT)), "qmv8: the RoPE pair takes no other epilogue");
   static_assert(!XREG || (!NORM && LPR * U >= G), "qmv8: x in registers needs one step a row and no block norm");
   extern __shared__ uint4 bb_qmv8_smem[];
   int* xq = reinterpret_cast<int*>(bb_qmv8_smem);
@@ -262,7 +280,7 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
         const int p = ps + i / NR, h = i % NR;
         const int g = g0 + LPR * u;
         const bool ok = g < G && p < ue;
-        const int row = GLU ? (p >> 3) * 16 + h * 8 + (p & 7) : p;
+        const int row = PAIRED ? (p >> 3) * 16 + h * 8 + (p & 7) : p;
         const size_t o = (size_t)row * G + g;
         q[u][i] = ok ? w4[o] : make_uint4(0u, 0u, 0u, 0u);
         sc[u][i] = ok ? (float)scales[o] : 0.f;
@@ -270,27 +288,57 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
       }
   };
   // the output of unit p for token m from its rows' sums
-  // (pr, pn: the residual and the output norm's weight, loaded at the step's start)
-  auto store = [&](int m, int p, float a0, float a1, float pr, float pn) {
+  // What a step's stores take besides the sums, loaded (and the RoPE angle taken) at its start.
+  struct Ops {
+    float res, nw, b0, b1, c, s;
+    int cell;
+  };
+  // (the first row of unit p; with pairs its partner is 8 rows on)
+  auto row0 = [&](int p) { return PAIRED ? (p >> 3) * 16 + (p & 7) : p; };
+  auto store = [&](int m, int p, float a0, float a1, const Ops& o) {
+    if constexpr (BIAS) {
+      a0 += o.b0;
+      a1 += o.b1;
+    }
+    if constexpr (RC::ON) {
+      RC::template store<T>(a0, a1, row0(p), m, MT, rp, y, typename RC::Prep{o.c, o.s, o.cell});
+      return;
+    }
     float v = GLU ? a0 / (1.f + expf(-a0)) * a1 : a0;
-    if constexpr (RES) v += pr;
+    if constexpr (RES) v += o.res;
     const T t = (T)v;
     y[(size_t)m * NU + p] = t;
     if constexpr (NOUT) {
       const float hf = (float)t;
-      yw[(size_t)m * NU + p] = (T)(hf * pn);
+      yw[(size_t)m * NU + p] = (T)(hf * o.nw);
       ssq[m] = fmaf(hf, hf, ssq[m]);
     }
   };
-  // A step's residual and norm weights go out with its products, not after its reduce: thread
-  // (LPR > 32) or lane (LPR == 32) e holds those of the step's output e (unit e / MT, token e % MT).
-  auto preload = [&](int r0, float& pr, float& pn) {
+  auto ops_of = [&](int m, int p) {
+    Ops o{0.f, 0.f, 0.f, 0.f, 1.f, 0.f, 0};
+    if constexpr (RES) o.res = (float)res[(size_t)m * NU + p];
+    if constexpr (NOUT) o.nw = (float)onw[p];
+    if constexpr (BIAS) {
+      o.b0 = (float)lbias[row0(p)];
+      if constexpr (PAIRED) o.b1 = (float)lbias[row0(p) + 8];
+    }
+    if constexpr (RC::ON) {
+      const typename RC::Prep q = RC::template prep<T>(row0(p), m, rp);
+      o.c = q.c;
+      o.s = q.s;
+      o.cell = q.cell;
+    }
+    return o;
+  };
+  constexpr bool OPS = RES || NOUT || BIAS || RC::ON;
+  // A step's store operands go out with its products, not after its reduce: thread (LPR > 32)
+  // or lane (LPR == 32) e holds those of the step's output e (unit e / MT, token e % MT).
+  auto preload = [&](int r0) {
     const int e = LPR > 32 ? (int)threadIdx.x : lane;
     const int m = e % MT, i = (e / MT) % R, j = e / (MT * R);
     const int p = LPR > 32 ? r0 + j * R + i : r0 + slot * R + e / MT;
     const bool ok = (LPR > 32 ? e < slots * R * MT : e < R * MT) && p < ue;
-    if constexpr (RES) pr = ok ? (float)res[(size_t)m * NU + p] : 0.f;
-    if constexpr (NOUT) pn = ok ? (float)onw[p] : 0.f;
+    return ok ? ops_of(m, p) : Ops{0.f, 0.f, 0.f, 0.f, 1.f, 0.f, 0};
   };
   load(ub + slot * R, sl);
   if constexpr (XREG) {
@@ -316,8 +364,8 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
   int buf = 0;
   for (int r0 = ub; r0 < ue; r0 += slots * R) {
     const int ps = r0 + slot * R;
-    float pr = 0.f, pn = 0.f;
-    if constexpr (RES || NOUT) preload(r0, pr, pn);
+    Ops pre{0.f, 0.f, 0.f, 0.f, 1.f, 0.f, 0};
+    if constexpr (OPS) pre = preload(r0);
     float acc[RR][MT];
 #pragma unroll
     for (int i = 0; i < RR; ++i)
@@ -377,9 +425,20 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
       for (int i = 0; i < R; ++i)
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-          const float r = RES ? __shfl_sync(0xffffffffu, pr, i * MT + m) : 0.f;
-          const float nn = NOUT ? __shfl_sync(0xffffffffu, pn, i * MT + m) : 0.f;
-          if (lane == 0 && ps + i < ue) store(m, ps + i, acc[i * NR][m], acc[i * NR + NR - 1][m], r, nn);
+          const int src = i * MT + m;
+          Ops o{0.f, 0.f, 0.f, 0.f, 1.f, 0.f, 0};
+          if constexpr (RES) o.res = __shfl_sync(0xffffffffu, pre.res, src);
+          if constexpr (NOUT) o.nw = __shfl_sync(0xffffffffu, pre.nw, src);
+          if constexpr (BIAS) {
+            o.b0 = __shfl_sync(0xffffffffu, pre.b0, src);
+            o.b1 = __shfl_sync(0xffffffffu, pre.b1, src);
+          }
+          if constexpr (RC::ON) {
+            o.c = __shfl_sync(0xffffffffu, pre.c, src);
+            o.s = __shfl_sync(0xffffffffu, pre.s, src);
+            o.cell = __shfl_sync(0xffffffffu, pre.cell, src);
+          }
+          if (lane == 0 && ps + i < ue) store(m, ps + i, acc[i * NR][m], acc[i * NR + NR - 1][m], o);
         }
     } else {
       __syncthreads();
@@ -394,18 +453,15 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
 #pragma unroll
             for (int k = 0; k < WPS; ++k) v[h] += red[(((buf * slots + j) * WPS + k) * RR + i * NR + h) * MT + m];
           }
-          float r = pr, nn = pn;  // preloaded for t == threadIdx.x, the only round where blockDim covers it
-          if (t != (int)threadIdx.x) {
-            if constexpr (RES) r = (float)res[(size_t)m * NU + p];
-            if constexpr (NOUT) nn = (float)onw[p];
-          }
+          // preloaded for t == threadIdx.x, the only round where blockDim covers them all
+          const Ops o = t == (int)threadIdx.x ? pre : ops_of(m, p);
           if constexpr (NOUT) {
             // m is t % MT: unrolled over MT so that ssq stays in registers
 #pragma unroll
             for (int mm = 0; mm < MT; ++mm)
-              if (mm == m) store(mm, p, v[0], v[NR - 1], r, nn);
+              if (mm == m) store(mm, p, v[0], v[NR - 1], o);
           } else {
-            store(m, p, v[0], v[NR - 1], r, nn);
+            store(m, p, v[0], v[NR - 1], o);
           }
         }
       }
@@ -431,13 +487,24 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
 }
 #endif  // BB_QMV8_HEADER
 """
+HEADER = ROPE_HEADER + kspec.compact(HEADER)  # MLX hashes the source on every launch
 
 
-def source(norm: bool, res: bool, pre: bool = False, nout: bool = False) -> str:
-    return ("bb_qmv8<T, K, MT, R, U, LPR, NORM, RES, GLU, NPRE, NOUT, XREG>(x, w, scales, biases, "
+# The RoPE epilogue's operands (as qmm's): positions and cells [M] int32, the layer's K and V
+# cache buffers, written in place through a const_cast (see rope.qkv_rope_store).
+_ROPE_IO = ("bbrope::RopeIO<T>{pos, cells, const_cast<T*>(kc), const_cast<T*>(vc), (int)kc_shape[2], "
+            "__int_as_float(LOG2_BASE_BITS), __int_as_float(SCALE_BITS)}")
+
+
+def source(norm: bool, res: bool, pre: bool = False, nout: bool = False, bias: bool = False,
+           rope: bool = False) -> str:
+    rc = "bb_qmv8_rope<RD, HQ, HKV, TRAD>" if rope else "bb_qmv8_norope"
+    return (f"bb_qmv8<T, K, MT, R, U, LPR, NORM, RES, GLU, NPRE, NOUT, XREG, {'true' if bias else 'false'}, {rc}>("
+            "x, w, scales, biases, "
             f"{'nw' if norm else '(const T*)nullptr'}, {'res' if res else '(const T*)nullptr'}, "
             f"{'onw' if nout else '(const T*)nullptr'}, {'pss' if pre else '(const float*)nullptr'}, "
-            f"{'pss_shape[0]' if pre else '0'}, y, {'yw' if nout else '(T*)nullptr'}, "
+            f"{'pss_shape[0]' if pre else '0'}, {'lbias' if bias else '(const T*)nullptr'}, "
+            f"{_ROPE_IO if rope else 'bbrope::RopeIO<T>{}'}, y, {'yw' if nout else '(T*)nullptr'}, "
             f"{'ss' if nout else '(float*)nullptr'}, w_shape[0], __int_as_float(EPS_BITS));")
 
 
@@ -495,13 +562,17 @@ class Epilogue:
     (sums of squares [P, M] float32, eps): x is a producer's y * weight and the rows still need
     rsqrt(mean(y^2) + eps) (qmm.PendingNorm); the gate product of paired rows (glu_pair_order,
     output [M, N / 2]); a residual added to the output; norm_out (the next norm's weight
-    [N_out]): also y * weight and the sums of squares of y, the next norm's share."""
+    [N_out]): also y * weight and the sums of squares of y, the next norm's share; bias [N];
+    rope (a qmm.RopeStore): rows in rope_pair_order, q [1, Hq, M, D] out rotated, k and v
+    written into its cache buffers at its cells (no residual, norm share or gate product)."""
 
     norm: tuple[mx.array, float] | None = None
     residual: mx.array | None = None
     glu_pair: bool = False
     prenorm: tuple[mx.array, float] | None = None
     norm_out: mx.array | None = None
+    bias: mx.array | None = None  # [N], added to each row's sum (before a pair epilogue)
+    rope: object | None = None  # a qmm.RopeStore: the q/k/v RoPE pair epilogue (rows in rope_pair_order)
 
 
 def plan(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
@@ -514,8 +585,16 @@ def plan(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
         raise ValueError(f"qmv8: the gate/up pair needs N % 16 == 0, got {n}")
     norm, res, pre, nout = (epi.norm is not None, epi.residual is not None, epi.prenorm is not None,
                             epi.norm_out is not None)
+    bias, rope = epi.bias is not None, epi.rope is not None
     if norm and pre:
         raise ValueError("qmv8: norm and prenorm do not combine")
+    if rope:
+        if epi.glu_pair or res or nout or n % 16 or n != epi.rope.width:
+            raise ValueError(f"qmv8: the RoPE pair takes N = (Hq + 2 Hkv) * D rows in rope_pair_order and no "
+                             f"gate product, residual or norm share; got N={n}")
+        nr = 2
+    if bias and tuple(epi.bias.shape) != (n,):
+        raise ValueError(f"qmv8: the bias must be [{n}], got {tuple(epi.bias.shape)}")
     cfg = config or choose_config(m, n // nr, k, rows_a_unit=nr, block_norm=norm)
     if cfg.lpr not in (32, 64, 128, 256):
         raise ValueError(f"qmv8: lanes a row must be 32, 64, 128 or 256, got {cfg.lpr}")
@@ -523,21 +602,25 @@ def plan(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
         raise ValueError("qmv8: x in registers needs lpr * u >= K / 32 and no norm of x")
     smem = smem_bytes(m, k, cfg, epi.glu_pair)
     names = (("x", "w", "scales", "biases") + (("nw",) if norm else ()) + (("res",) if res else ())
-             + (("onw",) if nout else ()) + (("pss",) if pre else ()))
+             + (("onw",) if nout else ()) + (("pss",) if pre else ()) + (("lbias",) if bias else ())
+             + (("pos", "cells", "kc", "vc") if rope else ()))
     spec = KernelSpec("cuda", f"bb_qmv8_{smem}" + "_n" * norm + "_r" * res + "_p" * pre + "_o" * nout
-                      + "_x" * cfg.xreg, names, ("y", "yw", "ss") if nout else ("y",),
-                      source(norm, res, pre, nout), kspec.compact(HEADER), shared_memory=smem)
+                      + "_x" * cfg.xreg + "_b" * bias + "_rope" * rope, names, ("y", "yw", "ss") if nout else ("y",),
+                      source(norm, res, pre, nout, bias, rope), HEADER, shared_memory=smem)
     n_out = n // nr
     inputs = ([x, w, scales, biases] + ([epi.norm[0]] if norm else []) + ([epi.residual.reshape(m, n_out)] if res else [])
-              + ([epi.norm_out] if nout else []) + ([epi.prenorm[0]] if pre else []))
+              + ([epi.norm_out] if nout else []) + ([epi.prenorm[0]] if pre else [])
+              + ([epi.bias.astype(x.dtype)] if bias else []) + (epi.rope.inputs() if rope else []))
     eps = epi.norm[1] if norm else epi.prenorm[1] if pre else 0.0
+    y_shape = (1, epi.rope.n_heads, m, epi.rope.head_dim) if rope else (m, n_out)
     launch = Launch(inputs=inputs,
-                    output_shapes=[(m, n_out)] + ([(m, n_out), (cfg.blocks, m)] if nout else []),
+                    output_shapes=[y_shape] + ([(m, n_out), (cfg.blocks, m)] if nout else []),
                     output_dtypes=[x.dtype] + ([x.dtype, mx.float32] if nout else []),
                     grid=(cfg.blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
                     template=[("T", x.dtype), ("K", k), ("MT", m), ("R", cfg.r), ("U", cfg.u), ("LPR", cfg.lpr),
                               ("NORM", norm), ("RES", res), ("GLU", epi.glu_pair), ("NPRE", pre), ("NOUT", nout),
-                              ("XREG", cfg.xreg), ("EPS_BITS", kspec.f32_bits(eps))])
+                              ("XREG", cfg.xreg), ("EPS_BITS", kspec.f32_bits(eps))]
+                    + (epi.rope.template() if rope else []))
     return spec, launch
 
 
@@ -570,7 +653,11 @@ def unpack_codes(w: mx.array) -> mx.array:
 
 def twin(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, epi: Epilogue = Epilogue()):
     """The kernel's arithmetic in MLX ops (integer group sums exact, the rest fp32); returns
-    what `run` returns (the sums of squares as one partial, [1, M])."""
+    what `run` returns (the sums of squares as one partial, [1, M]). With a bias; not the RoPE
+    epilogue (take its y, rows in rope_pair_order, to `rope.unpair` and `rope.qkv_rope`)."""
+    if epi.rope is not None:
+        raise ValueError("qmv8.twin: no RoPE epilogue; the twin of that is twin(...) with the bias, "
+                         "then rope.unpair and rope.qkv_rope")
     m, k = x.shape
     n = w.shape[0]
     xf = x.astype(mx.float32)
@@ -587,6 +674,8 @@ def twin(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, epi: Epil
     dots = mx.einsum("mgk,ngk->mng", qx.astype(mx.float32), qw.astype(mx.float32))
     s, b = scales.astype(mx.float32), biases.astype(mx.float32)
     y = mx.sum(s[None] * (d[:, None, :] * dots + e8[:, None, :]) + b[None] * sx[:, None, :], axis=-1)
+    if epi.bias is not None:
+        y = y + epi.bias.astype(mx.float32)
     if epi.glu_pair:  # each 16-row tile: 8 gate rows, then their 8 up rows
         y = y.reshape(m, n // 16, 2, 8)
         gate, up = y[:, :, 0, :], y[:, :, 1, :]
@@ -603,13 +692,16 @@ def twin(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, epi: Epil
 def quantized_matvec_x8(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *,
                         group_size: int = GROUP, bits: int = 4, norm: tuple[mx.array, float] | None = None,
                         residual: mx.array | None = None, glu_pair: bool = False,
-                        prenorm: tuple[mx.array, float] | None = None, norm_out: mx.array | None = None):
+                        prenorm: tuple[mx.array, float] | None = None, norm_out: mx.array | None = None,
+                        bias: mx.array | None = None, rope=None):
     """y = x @ dequantize(w)^T with x quantized to int8 per group of 32 (see the module doc).
     x [..., K] with at most MAX_M rows; norm (weight, eps): RMSNorm of x first; prenorm (sums
     of squares [P, M] float32, eps): x is a producer's y * weight, scaled by rsqrt(mean + eps)
     first; glu_pair: rows in glu_pair_order, output silu(gate) * up [..., N / 2]; residual added
     to the output; norm_out (weight [N_out]): returns (y, y * weight, sums of squares [P, M]
-    float32), the next norm's share. The CUDA kernel on CUDA, the twin elsewhere."""
+    float32), the next norm's share; bias [N]; rope (a qmm.RopeStore, CUDA only): returns q
+    [1, Hq, M, D] rotated and writes k and v into its cache buffers. The CUDA kernel on CUDA,
+    the twin elsewhere."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -629,7 +721,14 @@ def quantized_matvec_x8(x: mx.array, w: mx.array, scales: mx.array, biases: mx.a
         raise ValueError(f"quantized_matvec_x8: the output norm weight must be [{n_out}] {x.dtype}")
     if residual is not None and residual.size != m * n_out:
         raise ValueError(f"quantized_matvec_x8: the residual must hold {m} x {n_out} values, got {tuple(residual.shape)}")
-    epi = Epilogue(norm=norm, residual=residual, glu_pair=glu_pair, prenorm=prenorm, norm_out=norm_out)
+    if bias is not None and tuple(bias.shape) != (w.shape[0],):
+        raise ValueError(f"quantized_matvec_x8: the bias must be [{w.shape[0]}], got {tuple(bias.shape)}")
+    epi = Epilogue(norm=norm, residual=residual, glu_pair=glu_pair, prenorm=prenorm, norm_out=norm_out, bias=bias,
+                   rope=rope)
+    if rope is not None:
+        if backend.BACKEND != "cuda":
+            raise ValueError("quantized_matvec_x8: the RoPE epilogue is the CUDA kernel's only")
+        return run(x2, w, scales, biases, epi=epi)
     out = run(x2, w, scales, biases, epi=epi) if backend.BACKEND == "cuda" else twin(x2, w, scales, biases, epi)
     if norm_out is None:
         return out.reshape(*lead, n_out)

@@ -2313,7 +2313,7 @@ def _silu_mul(x: mx.array) -> mx.array:
 # BB_QMM_X8=1: on CUDA, decode matmuls of one or two tokens with 4-bit group-32 weights and no
 # bias take x in int8 (batchbench.kernels.qmv8, llama.cpp's q8_1 activations): at M=1 every such
 # matmul, at M=2 those with many rows (gate/up, lm_head), where session 25 measured it faster
-# (at M=2 down_proj, o_proj and q/k/v were slower; at M=4 gate/up 37.9 us against 30.6 and
+# (at M=2 down_proj was even, o_proj and q/k/v slower; at M=4 gate/up 37.9 us against 30.6 and
 # lm_head 122.7 against 98.1). Their norm, gate product, residual and the next norm's share
 # stay fused. The numbers change: 4-6e-3 of max|y| from float32 against 2-4e-4 on the fp16
 # path. Default 0 (off). qkv: also the one-token q/k/v projection with its bias and RoPE + K/V
@@ -2337,7 +2337,7 @@ def _x8_run(x: mx.array, w, scales, biases, n_out: int, residual, norm, norm_out
             bias=None, rope: "RopeStore | None" = None):
     """The int8-activation kernel on x [..., K] with the epilogues `quantized_matmul` takes; y,
     or with norm_out (y, NormParts | None) as `quantized_matmul` returns them."""
-    lead, k = x.shape[:-1], x.shape[-1]
+    k = x.shape[-1]
     kw: dict = {}
     if isinstance(norm, PendingNorm):
         kw["prenorm"] = (norm.ss, norm.eps)

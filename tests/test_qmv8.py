@@ -9,6 +9,7 @@ import pytest
 
 from batchbench.kernels import qmv8
 from batchbench.verify import emulate, toolchain
+from batchbench.verify.qmv8_cases import definition, epilogue_definition, qmv8_cases
 
 
 def _problem(rng: np.random.Generator, m: int, n: int, k: int, dtype):
@@ -23,21 +24,8 @@ def _f64(a: mx.array) -> np.ndarray:
 
 
 def _definition(x, wq, s, b) -> np.ndarray:
-    """y from the module doc's formula, in float64 NumPy (codes unpacked from the words here)."""
-    xf = _f64(x)
-    m, k = xf.shape
-    words = np.array(wq).astype(np.uint64)
-    codes = ((words[..., None] >> (4 * np.arange(8, dtype=np.uint64))) & 15).reshape(words.shape[0], k)
-    xg = xf.reshape(m, k // 32, 32).astype(np.float32)
-    amax = np.abs(xg).max(axis=-1)
-    d = (amax / np.float32(127)).astype(np.float32)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-    xq = np.rint(xg * inv[..., None]).astype(np.float64)
-    sx = xg.astype(np.float64).sum(axis=-1)
-    dots = np.einsum("mgk,ngk->mng", xq, codes.reshape(-1, k // 32, 32).astype(np.float64))
-    e8 = 8 * (sx - d * xq.sum(axis=-1))
-    return ((d[:, None, :] * dots + e8[:, None, :]) * _f64(s)[None] + _f64(b)[None] * sx[:, None, :]).sum(axis=-1)
+    """y from the module doc's formula, in float64 NumPy (qmv8_cases.definition)."""
+    return definition(_f64(x), wq, s, b)
 
 
 @pytest.mark.parametrize("m,n,k,dtype", [(1, 48, 256, mx.float16), (3, 20, 1024, mx.bfloat16), (4, 7, 96, mx.float16)])
@@ -130,23 +118,22 @@ def test_kernel_compiles_for_sm90a_at_the_7b_shapes():
     rs = qmm.RopeStore(mx.zeros((1,), mx.int32), mx.zeros((1,), mx.int32), kc, kc, 28, 4, 128, 1e6, 1.0, False)
     epi = qmv8.Epilogue(bias=mx.zeros((n,), mx.float16), rope=rs, prenorm=(mx.zeros((264, 1)), 1e-6))
     items.append(qmv8.plan(x, w, s, s, qmv8.choose_config(1, n // 2, k, sms=132, rows_a_unit=2), epi))
+    # and the decode step's epilogues at the 7B shapes: down_proj with its residual and share
+    # out (x in registers), the gate/up pair taking a share
+    res, onw = mx.zeros((1, 3584), mx.float16), mx.zeros((3584,), mx.float16)
+    x, w, s = mx.zeros((1, 18944), mx.float16), mx.zeros((3584, 18944 // 8), mx.uint32), mx.zeros((3584, 592), mx.float16)
+    items.append(qmv8.plan(x, w, s, s, qmv8.choose_config(1, 3584, 18944, sms=132),
+                           qmv8.Epilogue(residual=res, norm_out=onw)))
+    x, w, s = mx.zeros((1, 3584), mx.float16), mx.zeros((37888, 448), mx.uint32), mx.zeros((37888, 112), mx.float16)
+    items.append(qmv8.plan(x, w, s, s, qmv8.choose_config(1, 18944, 3584, sms=132, rows_a_unit=2),
+                           qmv8.Epilogue(prenorm=(mx.zeros((264, 1)), 1e-6), glu_pair=True)))
     assert [qmv8.choose_config(1, n, k, sms=132).lpr for n, k in ((37888, 3584), (3584, 3584), (3584, 18944))] \
         == [32, 128, 256]
     assert_compile_for_sm90a(items)
 
 
 def _epilogue_definition(x, wq, s, b, nw=None, eps=1e-5, residual=None, glu=False) -> np.ndarray:
-    xf = _f64(x)
-    if nw is not None:
-        xf = xf / np.sqrt((xf ** 2).mean(axis=-1, keepdims=True) + eps) * _f64(nw)
-    y = _definition(mx.array(xf.astype(np.float32)), wq, s, b)
-    if glu:
-        t = y.reshape(y.shape[0], -1, 2, 8)
-        gate, up = t[:, :, 0], t[:, :, 1]
-        y = (gate / (1 + np.exp(-gate)) * up).reshape(y.shape[0], -1)
-    if residual is not None:
-        y = y + _f64(residual)
-    return y
+    return epilogue_definition(_f64(x), wq, s, b, nw, eps, residual, glu)
 
 
 # (M, N, K, dtype, config, norm, residual, glu): lm_head (norm), o_proj / down (residual), the
@@ -410,3 +397,21 @@ def test_bb_qmm_x8_qkv_sends_one_token_q_k_v_with_rope_to_the_int8_kernel(monkey
             epi = calls[0][1]
             assert epi.rope is rs and epi.norm is not None
             assert tuple(epi.bias.shape) == ((hq + 2 * hkv) * d,)
+
+
+N_CASES = len(qmv8_cases(np.random.default_rng(0)))
+
+
+@pytest.fixture(scope="module")
+def verify_cases():
+    return qmv8_cases(np.random.default_rng(25))
+
+
+@pytest.mark.parametrize("i", range(N_CASES))
+def test_verify_cases_emulated_match_float64(verify_cases, i):
+    """The cases `python -m batchbench.verify.gpu` runs on CUDA (BATCHBENCH_VERIFY_ONLY=qmv8),
+    emulated here against their float64 expectations."""
+    from conftest import verify_emulated
+
+    toolchain.need(toolchain.host_cxx)
+    verify_emulated(verify_cases[i], 25)

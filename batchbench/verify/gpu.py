@@ -27,6 +27,8 @@ from batchbench.kernels import spec as kspec_mod
 from batchbench.kernels.spec import KernelSpec, Launch
 from batchbench.verify import cases as C
 from batchbench.verify.mask_cases import mask_cases
+from batchbench.verify.qmv8_cases import model_shape_cases as qmv8_model_shape_cases
+from batchbench.verify.qmv8_cases import qmv8_cases
 from batchbench.verify.rope_cases import qmm_rope_case, qmm_rope_cases, rope_cases
 
 
@@ -72,14 +74,14 @@ def main() -> int:
     quick = os.environ.get("BATCHBENCH_VERIFY_QUICK") == "1"
     cases = (C.attention_cases("cuda", rng, quick=quick) + C.qmm_cases(rng) + rope_cases(rng, quick=quick)
              + qmm_rope_cases(rng) + model_shape_cases(rng)
-             + mask_cases(rng))
-    # BATCHBENCH_VERIFY_ONLY=attn,rope: only these kinds of case (attn, qmm, qmm-rope, rope, mask)
+             + mask_cases(rng) + qmv8_cases(rng, quick=quick) + qmv8_model_shape_cases(rng))
+    # BATCHBENCH_VERIFY_ONLY=attn,rope: only these kinds of case (attn, qmm, qmm-rope, rope, mask, qmv8)
     only = [k.strip() for k in os.environ.get("BATCHBENCH_VERIFY_ONLY", "").split(",") if k.strip()]
     if only:
         cases = [c for c in cases if any(c.name.startswith(f"{k}-cuda-") for k in only)]
         if not cases:
             print(f"batchbench.verify.gpu: BATCHBENCH_VERIFY_ONLY={','.join(only)} selects no case "
-                  "(kinds: attn, qmm, qmm-rope, rope, mask)", file=sys.stderr)
+                  "(kinds: attn, qmm, qmm-rope, rope, mask, qmv8)", file=sys.stderr)
             return 2
     variants = ("ptx",) if quick else ("ptx", "portable")
     rows = []

@@ -368,7 +368,8 @@ def test_bb_qmm_x8_qkv_sends_one_token_q_k_v_with_rope_to_the_int8_kernel(monkey
 
     def x8_run(x, w, s, b, config=None, epi=qmv8.Epilogue()):
         calls.append(("x8", epi))
-        return mx.zeros((1, 28, x.shape[0], 128), x.dtype)
+        _, launch = qmv8.plan(x, w, s, b, config, epi)  # the launch it would make (shapes checked)
+        return mx.zeros(launch.output_shapes[0], x.dtype)
 
     def fp16_run(spec, launch):
         calls.append(("fp16", spec.name))
@@ -397,6 +398,9 @@ def test_bb_qmm_x8_qkv_sends_one_token_q_k_v_with_rope_to_the_int8_kernel(monkey
             epi = calls[0][1]
             assert epi.rope is rs and epi.norm is not None
             assert tuple(epi.bias.shape) == ((hq + 2 * hkv) * d,)
+            _, launch = qmv8.plan(mx.zeros((1, k), mx.float16), fused["weight"], fused["scales"], fused["biases"],
+                                  None, epi)
+            assert launch.output_shapes[0] == (1, hq, 1, d)
 
 
 N_CASES = len(qmv8_cases(np.random.default_rng(0)))

@@ -264,6 +264,11 @@ def test_registers_where_a_row_is_one_step_at_one_token():
                                                                     (18944, 3584), (152064, 3584))}
     assert [c.xreg for c in cfg.values()] == [False, False, True, False, False]
     assert not qmv8.choose_config(2, 3584, 18944, sms=132).xreg
+    # a block's units in one step where that takes at most 10 loads a lane: q/k/v's 9 pairs a
+    # block as 5 a slot (two slots), not 4 + 1; gate/up (72 pairs a block) keeps 8 loads a lane
+    assert qmv8.choose_config(1, 2304, 3584, sms=132, rows_a_unit=2).r == 5
+    assert qmv8.choose_config(1, 18944, 3584, sms=132, rows_a_unit=2).r == 1
+    assert [c.r for c in cfg.values()] == [7, 9, 2, 2, 2]
     assert not qmv8.choose_config(1, 3584, 18944, sms=132, block_norm=True).xreg
     x = mx.zeros((1, 8224), mx.float16)
     w, s = mx.zeros((8, 1028), mx.uint32), mx.zeros((8, 257), mx.float16)

@@ -527,7 +527,8 @@ def choose_config(m: int, n: int, k: int, sms: int | None = None, rows_a_unit: i
     """A warp a row where there are eight rows a warp or more (gate/up, lm_head); else a row's
     groups over 128 or 256 lanes (a warp a row left down at 27 us against 18.8 on the fp16 path:
     one or two rows a warp). n counts units (rows, or gate/up pairs of rows_a_unit = 2). R units
-    a step so that ~8 16-byte loads are in flight a lane and a block's units fit its slots.
+    a step so that ~8 16-byte loads are in flight a lane (up to 10 where that makes a block's
+    units one step) and a block's units fit its slots.
     x in registers where a row is one step, rows are shared by 128 or more lanes (a warp a row
     would quantize every group in every warp), the block's staging would take more than one
     group a thread and x needs no block-wide norm (block_norm). Session 25 (H200, M=1): down_proj
@@ -541,7 +542,10 @@ def choose_config(m: int, n: int, k: int, sms: int | None = None, rows_a_unit: i
     u = max(1, min(8, -(-g // lpr)))
     slots = THREADS // lpr
     rows = -(-n // blocks)
-    r = max(1, min(max(1, 8 // (u * rows_a_unit)), -(-rows // slots)))
+    one_step = -(-rows // slots)  # units a slot takes for the block's run to be one step
+    # up to 10 loads a lane where that makes the run one step (q/k/v pairs: 5 instead of 4,
+    # whose second step held one pair: a whole load round for it; not yet measured)
+    r = one_step if one_step * u * rows_a_unit <= 10 else max(1, min(max(1, 8 // (u * rows_a_unit)), one_step))
     xreg = m <= XREG_MAX_M and lpr >= 128 and lpr * u >= g and m * g > THREADS and not block_norm
     return X8Config(r=r, u=u, blocks=blocks, lpr=lpr, xreg=xreg)
 

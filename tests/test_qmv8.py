@@ -424,3 +424,21 @@ def test_verify_cases_emulated_match_float64(verify_cases, i):
 
     toolchain.need(toolchain.host_cxx)
     verify_emulated(verify_cases[i], 25)
+
+
+def test_pairs_get_the_reduce_area_of_two_rows_a_unit():
+    """With LPR > 32 the warps' sums of a step go through shared memory, RR = 2R rows for a
+    gate/up or RoPE pair: both pair epilogues plan the same area, twice a plain launch's."""
+    from batchbench.kernels import qmm
+
+    m, k, n = 1, 256, (4 + 2 * 2) * 64
+    x = mx.zeros((m, k), mx.float16)
+    w, s = mx.zeros((n, k // 8), mx.uint32), mx.zeros((n, k // 32), mx.float16)
+    kc = mx.zeros((1, 2, 8, 64), mx.float16)
+    rs = qmm.RopeStore(mx.zeros((m,), mx.int32), mx.zeros((m,), mx.int32), kc, kc, 4, 2, 64, 1e4, 1.0, False)
+    for cfg in (qmv8.X8Config(r=3, u=1, blocks=2, lpr=128, xreg=True), qmv8.X8Config(r=2, u=1, blocks=2, lpr=256)):
+        plain = qmv8.plan(x, w, s, s, cfg)[0].shared_memory
+        glu = qmv8.plan(x, w, s, s, cfg, qmv8.Epilogue(glu_pair=True))[0].shared_memory
+        rope = qmv8.plan(x, w, s, s, cfg, qmv8.Epilogue(rope=rs))[0].shared_memory
+        red = plain - (0 if cfg.xreg else m * k + 3 * m * (k // 32) * 4)
+        assert glu == rope == plain + red and red > 0

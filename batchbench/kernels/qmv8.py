@@ -290,8 +290,8 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
   // the output of unit p for token m from its rows' sums
   // What a step's stores take besides the sums, loaded (and the RoPE angle taken) at its start.
   struct Ops {
-    float res, nw, b0, b1, c, s;
-    int cell;
+    float res = 0.f, nw = 0.f, b0 = 0.f, b1 = 0.f, c = 1.f, s = 0.f;
+    int cell = 0;
   };
   // (the first row of unit p; with pairs its partner is 8 rows on)
   auto row0 = [&](int p) { return PAIRED ? (p >> 3) * 16 + (p & 7) : p; };
@@ -315,7 +315,7 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
     }
   };
   auto ops_of = [&](int m, int p) {
-    Ops o{0.f, 0.f, 0.f, 0.f, 1.f, 0.f, 0};
+    Ops o{};
     if constexpr (RES) o.res = (float)res[(size_t)m * NU + p];
     if constexpr (NOUT) o.nw = (float)onw[p];
     if constexpr (BIAS) {
@@ -338,7 +338,7 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
     const int m = e % MT, i = (e / MT) % R, j = e / (MT * R);
     const int p = LPR > 32 ? r0 + j * R + i : r0 + slot * R + e / MT;
     const bool ok = (LPR > 32 ? e < slots * R * MT : e < R * MT) && p < ue;
-    return ok ? ops_of(m, p) : Ops{0.f, 0.f, 0.f, 0.f, 1.f, 0.f, 0};
+    return ok ? ops_of(m, p) : Ops{};
   };
   load(ub + slot * R, sl);
   if constexpr (XREG) {
@@ -364,7 +364,7 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
   int buf = 0;
   for (int r0 = ub; r0 < ue; r0 += slots * R) {
     const int ps = r0 + slot * R;
-    Ops pre{0.f, 0.f, 0.f, 0.f, 1.f, 0.f, 0};
+    Ops pre{};
     if constexpr (OPS) pre = preload(r0);
     float acc[RR][MT];
 #pragma unroll
@@ -426,7 +426,7 @@ __device__ __forceinline__ void bb_qmv8(const T* __restrict__ x, const unsigned 
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
           const int src = i * MT + m;
-          Ops o{0.f, 0.f, 0.f, 0.f, 1.f, 0.f, 0};
+          Ops o{};
           if constexpr (RES) o.res = __shfl_sync(0xffffffffu, pre.res, src);
           if constexpr (NOUT) o.nw = __shfl_sync(0xffffffffu, pre.nw, src);
           if constexpr (BIAS) {
@@ -555,8 +555,10 @@ def covered(m: int, k: int, dtype, group_size: int, bits: int, biases) -> bool:
             and dtype in (mx.float16, mx.bfloat16))
 
 
-def smem_bytes(m: int, k: int, cfg: X8Config, glu: bool = False) -> int:
-    red = 2 * THREADS // 32 * cfg.r * (2 if glu else 1) * m * 4 if cfg.lpr > 32 else 0
+def smem_bytes(m: int, k: int, cfg: X8Config, pair: bool = False) -> int:
+    """Dynamic shared memory: x's codes and group constants (unless x is in registers), and with
+    LPR > 32 the warps' sums [2][slots][warps a slot][R rows (2R with pairs)][M]."""
+    red = 2 * THREADS // 32 * cfg.r * (2 if pair else 1) * m * 4 if cfg.lpr > 32 else 0
     return red if cfg.xreg else m * k + 3 * m * (k // GROUP) * 4 + red
 
 
@@ -604,7 +606,7 @@ def plan(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
         raise ValueError(f"qmv8: lanes a row must be 32, 64, 128 or 256, got {cfg.lpr}")
     if cfg.xreg and (norm or cfg.lpr * cfg.u < k // GROUP):
         raise ValueError("qmv8: x in registers needs lpr * u >= K / 32 and no norm of x")
-    smem = smem_bytes(m, k, cfg, epi.glu_pair)
+    smem = smem_bytes(m, k, cfg, nr == 2)  # a gate/up or RoPE pair: two rows a unit
     names = (("x", "w", "scales", "biases") + (("nw",) if norm else ()) + (("res",) if res else ())
              + (("onw",) if nout else ()) + (("pss",) if pre else ()) + (("lbias",) if bias else ())
              + (("pos", "cells", "kc", "vc") if rope else ()))

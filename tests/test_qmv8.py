@@ -276,10 +276,11 @@ def test_registers_where_a_row_is_one_step_at_one_token():
         qmv8.plan(x, w, s, s, qmv8.X8Config(r=1, u=1, blocks=1, lpr=256, xreg=True))
 
 
-def test_bb_qmm_x8_takes_the_calls_session_25_measured_faster(monkeypatch):
+def test_bb_qmm_x8_takes_the_calls_session_25_measured_faster(monkeypatch, capsys):
     """With BB_QMM_X8=1 on CUDA (132 SMs), qmm sends every 7B decode matmul without a bias at one
     token to the int8 kernel, at two tokens only those with many rows (the gate/up pair, lm_head),
-    none at three; a bias, 8-bit weights, another back-end or the setting off keep the fp16 path."""
+    none at three; a bias, 8-bit weights, a launch too big for the GPU's shared memory, another
+    back-end or the setting off keep the fp16 path."""
     import types
 
     from batchbench.kernels import qmm
@@ -300,6 +301,12 @@ def test_bb_qmm_x8_takes_the_calls_session_25_measured_faster(monkeypatch):
     assert not any(takes(3, *v) for v in shapes.values())
     assert not takes(1, 3584, 3584, 1, bias=mx.zeros((3584,), mx.float16))
     assert not takes(1, 3584, 3584, 1, bits=8)
+    # a launch that does not fit the GPU's shared memory runs the fp16 path, and says so once
+    monkeypatch.setenv("BATCHBENCH_SMEM_KB", "16")
+    monkeypatch.setattr(qmm, "_NOTED_TOO_BIG", set())
+    assert takes(1, *shapes["gate/up"]) and not takes(1, *shapes["down"]) and not takes(1, *shapes["down"])
+    assert capsys.readouterr().err.count("int8-activation matmul N=3584 K=18944 at M=1 needs 28 KB") == 1
+    monkeypatch.delenv("BATCHBENCH_SMEM_KB")
     monkeypatch.setattr(qmm, "X8", False)
     assert not takes(1, 3584, 3584, 1)
     monkeypatch.setattr(qmm, "X8", True)

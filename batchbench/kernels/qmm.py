@@ -1620,7 +1620,7 @@ def fits_device(cfg: "QmmConfig", k: int, bits: int, extra: int = 0) -> bool:
     return cfg.launch_smem(k, bits, extra) + _STATIC_SMEM <= smem_per_block()
 
 
-_NOTED_TOO_BIG: set[tuple[int, int, int]] = set()
+_NOTED_TOO_BIG: set[tuple] = set()  # shapes whose launch did not fit, said once on stderr
 
 
 # Persistent blocks (each walks several feature tiles, staging x once): on by default,
@@ -2329,8 +2329,20 @@ def _x8_takes(m: int, n: int, k: int, x: mx.array, scales, biases, group_size: i
     if not (X8 and backend.BACKEND == "cuda" and bias is None and scales.dtype == x.dtype
             and qmv8.covered(m, k, x.dtype, group_size, bits, biases)):
         return False
-    return m == 1 or (m <= X8_MANY_ROWS_MAX_M
-                       and qmv8.choose_config(m, n // rows_a_unit, k, rows_a_unit=rows_a_unit).lpr == 32)
+    cfg = qmv8.choose_config(m, n // rows_a_unit, k, rows_a_unit=rows_a_unit)
+    if m > 1 and (m > X8_MANY_ROWS_MAX_M or cfg.lpr != 32):
+        return False
+    # as _kernel_config: the launch must fit this GPU's shared memory (x staged: a launch with a
+    # norm of x cannot keep it in registers)
+    need = qmv8.smem_bytes(m, k, replace(cfg, xreg=False), rows_a_unit == 2) + _STATIC_SMEM
+    if need <= smem_per_block():
+        return True
+    if ("x8", n, k, m) not in _NOTED_TOO_BIG:
+        _NOTED_TOO_BIG.add(("x8", n, k, m))
+        print(f"note: the int8-activation matmul N={n} K={k} at M={m} needs {need // 1024} KB of shared memory a "
+              f"block, this GPU gives {smem_per_block() // 1024} KB: the fp16 path runs it (BATCHBENCH_SMEM_KB sets "
+              f"the limit)", file=sys.stderr)
+    return False
 
 
 def _x8_run(x: mx.array, w, scales, biases, n_out: int, residual, norm, norm_out=None, glu_pair: bool = False,

@@ -9,18 +9,9 @@ import pytest
 
 from batchbench.kernels import qmv8
 from batchbench.verify import emulate, toolchain
+from batchbench.verify.cases import _f64
 from batchbench.verify.qmv8_cases import definition, epilogue_definition, qmv8_cases
-
-
-def _problem(rng: np.random.Generator, m: int, n: int, k: int, dtype):
-    w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05).astype(dtype)
-    wq, s, b = mx.quantize(w, group_size=32, bits=4)
-    x = mx.array(rng.standard_normal((m, k)).astype(np.float32) * rng.uniform(0.5, 3.0)).astype(dtype)
-    return x, wq, s, b
-
-
-def _f64(a: mx.array) -> np.ndarray:
-    return np.array(a.astype(mx.float32)).astype(np.float64)
+from batchbench.verify.qmv8_cases import problem as _problem
 
 
 def _definition(x, wq, s, b) -> np.ndarray:

@@ -54,7 +54,8 @@ def epilogue_definition(x: np.ndarray, wq, scales, biases, nw=None, eps: float =
     return y
 
 
-def _problem(rng: np.random.Generator, m: int, n: int, k: int, dtype):
+def problem(rng: np.random.Generator, m: int, n: int, k: int, dtype):
+    """Random x [M, K] (a random scale) and 4-bit group-32 weights (wq, scales, biases) of N rows."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05).astype(dtype)
     wq, s, b = mx.quantize(w, group_size=32, bits=4)
     x = mx.array(rng.standard_normal((m, k)).astype(np.float32) * rng.uniform(0.5, 3.0)).astype(dtype)
@@ -72,7 +73,7 @@ def qmv8_case(rng: np.random.Generator, *, m: int, n: int, k: int, dtype=mx.floa
     """One launch with the chosen epilogues. pre: x is a producer's share (x * weight and
     partial sums of squares, qmm.PendingNorm) of the x it stands for; nout: the result also
     holds y * weight of the next norm and the blocks' sums of squares added up."""
-    x, wq, s, b = _problem(rng, m, n, k, dtype)
+    x, wq, s, b = problem(rng, m, n, k, dtype)
     n_out = n // 2 if glu else n
     nw = mx.array(rng.uniform(0.5, 1.5, k).astype(np.float32)).astype(dtype) if norm or pre else None
     xf = _f64(x)
@@ -114,7 +115,7 @@ def qmv8_rope_case(rng: np.random.Generator, *, m: int, dtype=mx.float16, n_head
     and v written into cache buffers at the tokens' cells (the result holds q and both buffers,
     so rows that must stay untouched are compared too)."""
     n = (n_heads + 2 * n_kv_heads) * head_dim
-    x, wq, s, b = _problem(rng, m, n, k, dtype)
+    x, wq, s, b = problem(rng, m, n, k, dtype)
     bias = mx.array(rng.standard_normal(n).astype(np.float32) * 0.5).astype(dtype)
     order = mx.array(R.rope_pair_order(n_heads, n_kv_heads, head_dim, traditional))
     wq, s, b, bias = (mx.take(a, order, axis=0) for a in (wq, s, b, bias))

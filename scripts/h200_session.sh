@@ -221,8 +221,9 @@ for what in "$@"; do
     # the decode step with BB_QMM_X8 off and on (the int8-activation kernel where qmm dispatches
     # to it; B = 1, 2, 3), twice
     ab-x8) ab_switch qmm-decode-prof-x8 BB_QMM_X8 "${DECODE_B:-1,2,3}" base@0 x8@1 base2@0 x82@1 ;;
-    # q/k/v with its RoPE epilogue through the int8 kernel too (BB_QMM_X8=qkv) against =1, twice
-    ab-x8qkv) ab_switch qmm-decode-prof-x8qkv BB_QMM_X8 "${DECODE_B:-1,2}" x8@1 qkv@qkv x82@1 qkv2@qkv ;;
+    # q/k/v with its RoPE epilogue through the int8 kernel too (BB_QMM_X8=1) against without
+    # (noqkv), twice; session 25 ran this with the value `qkv`, which is now 1
+    ab-x8qkv) ab_switch qmm-decode-prof-x8qkv BB_QMM_X8 "${DECODE_B:-1,2}" x8@noqkv qkv@1 x82@noqkv qkv2@1 ;;
     # the 1.5B model against its twins (the fp16 path) with BB_QMM_X8 off and on (X8_MODEL_V); the last case
     # compares 200 decode steps' argmax (teacher-forced random tokens)
     model-x8) for v in ${X8_MODEL_V:-0 1}; do

@@ -7,6 +7,8 @@ L2), with the weight-read floor at 3.86 TB/s.
     PYTHONPATH=. python3 scripts/h200_x8.py          # on a CUDA machine; X8_M=1,2,4 (default 1,2)
     X8_BPS=2,4 ...                                   # blocks an SM to try (default 2)
 Then the kernel with one row a block (K = 3584, 18944): little but each block's x quantization.
+    X8_SWEEP="down:256:3:4:x,o_proj:64:2:4" ...        # only these geometries, at X8_M, beside the chosen
+Each X8_SWEEP entry is matrix:LPR:U:R[:x][:bBLOCKS_PER_SM] (x: x in registers).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def main() -> None:
         print("h200_x8: needs MLX's CUDA back-end and torch (CUPTI)")
         return
     ms = [int(v) for v in os.environ.get("X8_M", "1,2").split(",")]
+    if os.environ.get("X8_SWEEP"):
+        sweep(os.environ["X8_SWEEP"], ms)
+        return
     print(f"mlx {mx.__version__}; 4-bit group 32, fp16; floor = weight + scale/bias bytes at {FLOOR_TBS} TB/s")
     print("| matrix | N x K | M | x8 config | fp16 path us | x8 us | floor us | x8 err vs fp32 | fp16 path err | "
           "x8 vs twin |")
@@ -106,6 +111,40 @@ def main() -> None:
                 t = kernel_us(lambda x, a, c, d, _cfg=cfg: qmv8.run(x, a, c, d, _cfg), x0, [(wq, s, b)] * 8,
                               ("bb_qmv8",))
                 print(f"| {k} | {m} | {blocks} | LPR={cfg.lpr} U={cfg.u}{' xreg' * cfg.xreg} | {t:.1f} |", flush=True)
+
+
+def sweep(spec: str, ms: list[int]) -> None:
+    """Kernel time of the given geometries against choose_config's, on the named 7B matrices."""
+    wanted: dict[str, list[tuple]] = {}
+    for entry in spec.split(","):
+        name, lpr, u, r, *flags = entry.split(":")
+        bps = next((int(f[1:]) for f in flags if f.startswith("b")), 2)
+        wanted.setdefault(name, []).append((int(lpr), int(u), int(r), "x" in flags, bps))
+    print("| matrix | N x K | M | config | x8 us | floor us | x8 vs twin |\n|---|---|---|---|---|---|---|")
+    for name, n, k in SHAPES:
+        if name not in wanted:
+            continue
+        wq, s, b = mx.quantize((mx.random.normal((n, k)) * 0.02).astype(mx.float16), group_size=32, bits=4)
+        nbytes = wq.nbytes + s.nbytes + b.nbytes
+        copies = max(2, min(24, math.ceil(600e6 / nbytes)))
+        sets = [(wq, s, b)] + [tuple(a + 0 for a in (wq, s, b)) for _ in range(copies - 1)]
+        mx.eval(sets)
+        for m in ms:
+            x0 = mx.random.normal((m, k)).astype(mx.float16)
+            qmv8.BLOCKS_PER_SM = 2
+            cfgs = [("chosen", qmv8.choose_config(m, n, k))]
+            for lpr, u, r, xreg, bps in wanted[name]:
+                cfgs.append(("", qmv8.X8Config(r=r, u=u, blocks=qmm.sm_count() * bps, lpr=lpr, xreg=xreg)))
+            for tag, cfg in cfgs:
+                try:
+                    t8 = kernel_us(lambda x, a, c, d, _cfg=cfg: qmv8.run(x, a, c, d, _cfg), x0, sets, ("bb_qmv8",))
+                    et = f"{rel(qmv8.run(x0, wq, s, b, cfg), qmv8.twin(x0, wq, s, b)):.1e}"
+                except Exception as e:  # a geometry the kernel rejects: say so and go on
+                    t8, et = float("nan"), f"rejected: {str(e).splitlines()[0][:80]}"
+                print(f"| {name} | {n} x {k} | {m} | R={cfg.r} U={cfg.u} LPR={cfg.lpr}{' xreg' * cfg.xreg} "
+                      f"{cfg.blocks // qmm.sm_count()}/SM {tag} | {t8:.1f} | {nbytes / FLOOR_TBS / 1e6:.1f} | {et} |",
+                      flush=True)
+        del sets
 
 
 def epilogue_check(ms: list[int]) -> None:

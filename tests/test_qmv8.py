@@ -100,7 +100,7 @@ def test_kernel_compiles_for_sm90a_at_the_7b_shapes():
             x = mx.zeros((m, k), mx.float16)
             w, s = mx.zeros((n, k // 8), mx.uint32), mx.zeros((n, k // 32), mx.float16)
             items.append(qmv8.plan(x, w, s, s, qmv8.choose_config(m, n, k, sms=132)))
-    # q/k/v with its bias and RoPE epilogue, x a producer's norm share (BB_QMM_X8=qkv)
+    # q/k/v with its bias and RoPE epilogue, x a producer's norm share (BB_QMM_X8=1)
     from batchbench.kernels import qmm
 
     n, k = 36 * 128, 3584
@@ -267,6 +267,24 @@ def test_registers_where_a_row_is_one_step_at_one_token():
         qmv8.plan(x, w, s, s, qmv8.X8Config(r=1, u=1, blocks=1, lpr=256, xreg=True))
 
 
+@pytest.mark.parametrize("value,want", [(None, ("1", True, True)), ("0", ("0", False, False)),
+                                        ("1", ("1", True, True)), ("noqkv", ("noqkv", True, False))])
+def test_bb_qmm_x8_values(value, want):
+    """BB_QMM_X8 is on by default (q/k/v included), 0 turns it off, noqkv keeps q/k/v on the fp16
+    kernel; read once, when qmm is first imported (a fresh interpreter each)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "BB_QMM_X8"}
+    if value is not None:
+        env["BB_QMM_X8"] = value
+    r = subprocess.run([sys.executable, "-c", "from batchbench.kernels import qmm; print(qmm.X8_MODE, qmm.X8, qmm.X8_QKV)"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [want[0], str(want[1]), str(want[2])]
+
+
 def test_bb_qmm_x8_takes_the_calls_session_25_measured_faster(monkeypatch, capsys):
     """With BB_QMM_X8=1 on CUDA (132 SMs), qmm sends every 7B decode matmul without a bias at one
     token to the int8 kernel, at two tokens only those with many rows (the gate/up pair, lm_head),
@@ -354,8 +372,8 @@ def test_qkv_rope_epilogue_emulated(m, dtype, trad, hq, hkv, d, cfg):
 
 
 def test_bb_qmm_x8_qkv_sends_one_token_q_k_v_with_rope_to_the_int8_kernel(monkeypatch):
-    """BB_QMM_X8=qkv: project_rope_store hands a one-token q/k/v projection (its bias, the RoPE
-    store, its norm) to the int8 kernel; two tokens, or BB_QMM_X8=1, keep the fp16 kernel."""
+    """BB_QMM_X8=1: project_rope_store hands a one-token q/k/v projection (its bias, the RoPE
+    store, its norm) to the int8 kernel; two tokens, or BB_QMM_X8=noqkv, keep the fp16 kernel."""
     import types
 
     import mlx.nn as nn
@@ -391,8 +409,8 @@ def test_bb_qmm_x8_qkv_sends_one_token_q_k_v_with_rope_to_the_int8_kernel(monkey
     kc = mx.zeros((1, hkv, 8, d), mx.float16)
     norm = nn.RMSNorm(k)
     norm.weight = mx.ones((k,), mx.float16)
-    for mode, m, want in (("qkv", 1, "x8"), ("qkv", 2, "fp16"), ("1", 1, "fp16")):
-        monkeypatch.setattr(qmm, "X8_QKV", mode == "qkv")
+    for mode, m, want in (("1", 1, "x8"), ("1", 2, "fp16"), ("noqkv", 1, "fp16")):
+        monkeypatch.setattr(qmm, "X8_QKV", mode == "1")
         calls.clear()
         rs = qmm.RopeStore(mx.arange(m), mx.arange(m), kc, kc, hq, hkv, d, 1e6, 1.0, False)
         qmm.project_rope_store(fused, mx.zeros((1, m, k), mx.float16), norm, rs)

@@ -2310,17 +2310,18 @@ def _silu_mul(x: mx.array) -> mx.array:
     return nn.silu(g) * u
 
 
-# BB_QMM_X8=1: on CUDA, decode matmuls of one or two tokens with 4-bit group-32 weights and no
-# bias take x in int8 (batchbench.kernels.qmv8, llama.cpp's q8_1 activations): at M=1 every such
-# matmul, at M=2 those with many rows (gate/up, lm_head), where session 25 measured it faster
-# (at M=2 down_proj was even, o_proj and q/k/v slower; at M=4 gate/up 37.9 us against 30.6 and
-# lm_head 122.7 against 98.1). Their norm, gate product, residual and the next norm's share
-# stay fused. The numbers change: 4-6e-3 of max|y| from float32 against 2-4e-4 on the fp16
-# path. Default 0 (off). qkv: also the one-token q/k/v projection with its bias and RoPE + K/V
-# write epilogue (prepared: emulated and compiled, not yet run on a GPU).
-X8_MODE = env_choice("BB_QMM_X8", "0", ON_OFF + ("qkv",))
+# BB_QMM_X8 (default 1): on CUDA, decode matmuls of one or two tokens with 4-bit group-32
+# weights take x in int8 (batchbench.kernels.qmv8, llama.cpp's q8_1 activations, which its CUDA
+# decode uses by default too): at M=1 every such matmul, the q/k/v projection with its bias and
+# RoPE + K/V-write epilogue included, at M=2 those with many rows (gate/up, lm_head), where
+# sessions 25-26 measured it faster (at M=2 down_proj was even, o_proj and q/k/v slower; at M=4
+# gate/up 37.9 us against 30.6 and lm_head 122.7 against 98.1). Their norm, gate product,
+# residual and the next norm's share stay fused. The numbers change: 4-6e-3 of max|y| from
+# float32 against 2-4e-4 on the fp16 path. 0: the fp16 path everywhere; noqkv: as 1 but q/k/v
+# on the fp16 kernel (session 25's set, for A/B runs).
+X8_MODE = env_choice("BB_QMM_X8", "1", ON_OFF + ("noqkv",))
 X8 = X8_MODE != "0"
-X8_QKV = X8_MODE == "qkv"
+X8_QKV = X8_MODE == "1"
 X8_MANY_ROWS_MAX_M = 2
 
 

@@ -1,7 +1,7 @@
 """4-bit matrix-vector products for decode with the activations in int8 (llama.cpp's mmvq
 idea: Q4 weights against q8_1 activations). CUDA kernel, with a pure-MLX twin elsewhere and as
-the test oracle. The model's decode matmuls of one or two tokens take it on CUDA with
-BB_QMM_X8=1 (qmm's dispatch: `qmm._x8_takes`); off by default.
+the test oracle. The model's decode matmuls of one or two tokens take it on CUDA (qmm's dispatch:
+`qmm._x8_takes`; BB_QMM_X8, on by default since session 26; 0 turns it off).
 
 Why: at M=1 the fp16 path (`qmm`) is bound by instruction issue, not by the weight read. On the
 H200 (session 24, `scripts/h200_phase_probe.py`) a plain streaming read of the 7B layer's
@@ -42,9 +42,9 @@ SM): gate/up 23.9 us against 29.2 on the fp16 path, lm_head 82.5 against 97.7, d
 against 18.9, o_proj 5.1 against 5.5, q/k/v 7.6 against 8.0; at M=2 only gate/up and lm_head
 are faster. The decode step of the 7B shape (attention excluded) with BB_QMM_X8=1: B=1 1.873
 -> 1.603-1.605 ms, B=2 1.99 -> 1.80. There q/k/v ran on the fp16 kernel, whose epilogue rotates q
-and k and writes the cache. This kernel now has that epilogue too (a bias, and bbrope::PairRope
-on each pair of rows, as the fp16 kernel's QmmRopeCfg): BB_QMM_X8=qkv, emulated and compiled,
-not yet run on a GPU.
+and k and writes the cache. This kernel has that epilogue too (a bias, and bbrope::PairRope on
+each pair of rows, as the fp16 kernel's QmmRopeCfg); session 26 (`results/h200-2026-11-30-s26/`)
+ran it: q/k/v in the step 8.5 -> 6.8 us, B=1 1.604 -> 1.556-1.558 ms (BB_QMM_X8=noqkv against 1).
 """
 
 from __future__ import annotations

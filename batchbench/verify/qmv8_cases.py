@@ -177,7 +177,7 @@ def qmv8_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
 def model_shape_cases(rng: np.random.Generator) -> list[Case]:
     """The 7B shapes at one token with choose_config's geometry on the real GPU (too large for
     the emulator): down_proj with x in registers, the residual and the share out; the gate/up
-    pair taking a share; q/k/v with the bias and RoPE (BB_QMM_X8=qkv)."""
+    pair taking a share; q/k/v with the bias and RoPE."""
     from batchbench.kernels.qmm import sm_count
 
     sms = sm_count()

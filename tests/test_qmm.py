@@ -386,9 +386,11 @@ def test_glu_paired_rows_give_the_gate_product():
 
 
 @pytest.mark.parametrize("m,split", [(1, False), (24, True)])
-def test_cuda_dispatch_gate_product_in_the_gate_up_epilogue(cuda_dispatch, m, split):
+def test_cuda_dispatch_gate_product_in_the_gate_up_epilogue(cuda_dispatch, monkeypatch, m, split):
     """On CUDA the paired gate/up launch returns silu(gate) * up [M, F] (after a split K its
-    reduce kernel does), and the down projection then takes x as it is (no gate product)."""
+    reduce kernel does), and the down projection then takes x as it is (no gate product). The
+    fp16 kernels: BB_QMM_X8=0 (on, one token goes to the int8 kernel: test_qmv8)."""
+    monkeypatch.setattr(qmm, "X8", False)
     _, paired, _ = _paired_mlp(f=1024, k=4096)
     h = paired.glu(mx.zeros((1, m, 4096), mx.float16))
     assert h.shape == (1, m, 1024)
@@ -643,8 +645,10 @@ def test_reduce_norm_refuses_what_it_cannot_do():
 def test_norm_split_with_its_producer_on_one_k_slice(cuda_dispatch, monkeypatch, switch):
     """BB_QMM_NORM_PRE: o_proj at M=1 (one K-slice) writes h, h * weight and its tiles' sums of
     squares; the next matmul takes them as a PendingNorm (NPRE, no norm passes of its own), or
-    applies it by MLX ops where it splits K. Off: the norm is handed on, as before."""
+    applies it by MLX ops where it splits K. Off: the norm is handed on, as before. The fp16
+    kernels: BB_QMM_X8=0."""
     monkeypatch.setattr(qmm, "NORM_PRE", switch)
+    monkeypatch.setattr(qmm, "X8", False)
     n = k = 3584
     layer = _qlinear(n, k, seed=13)
     norm = nn.RMSNorm(n, eps=1e-6)
@@ -689,8 +693,10 @@ def test_pending_norm_applied_by_mlx_ops_is_the_rms_norm():
 def test_bias_sums_dequantization_only_at_one_token(cuda_dispatch, monkeypatch, mode):
     """BB_QMM_DQ=lop3b: one token's fp16 4-bit matmul dequantizes without the bias (DQ = 2) and
     stages one float per 32 k of x beside the reduction area; at two tokens, with a fused norm
-    or in bf16 it keeps the plain lop3 (DQ = 1). Forced where it cannot run: a one-line error."""
+    or in bf16 it keeps the plain lop3 (DQ = 1). Forced where it cannot run: a one-line error.
+    The fp16 kernels: BB_QMM_X8=0."""
     monkeypatch.setattr(qmm, "DQ_MODE", mode)
+    monkeypatch.setattr(qmm, "X8", False)
     n, k = 4608, 3584
     wq, s, b = _quantized(n, k, 4, 32, mx.float16, seed=16)
     dq = {}

@@ -57,7 +57,8 @@ switch_check() {
 for what in "$@"; do
   case $what in
     verify) part verify-gpu 300 python3 -m batchbench.verify.gpu ;;
-    verify-quick) part "verify-gpu-quick${TAG:+-$TAG}" 200 env BATCHBENCH_VERIFY_QUICK=1 OUT="$R" python3 -m batchbench.verify.gpu ;;
+    # 98 cases (session 26): more than 200 s; rows print as cases end
+    verify-quick) part "verify-gpu-quick${TAG:+-$TAG}" 420 env BATCHBENCH_VERIFY_QUICK=1 OUT="$R" python3 -m batchbench.verify.gpu ;;
     modelcheck) part model-check 150 python3 scripts/gpu_model_check.py small ;;
     overhead) part overhead 150 env OUT="$R" OPS=0 python3 scripts/h200_overhead.py 1 32 ;;
     ops) part ops 150 env OUT="$R" OPS=1 python3 scripts/h200_overhead.py 1 ;;

@@ -316,3 +316,18 @@ def test_pair_reduce_four_pairs_a_thread_is_bit_identical(monkeypatch):
         assert [dict(launch.template)["PV"] for _, launch in case.kernels[1:]] == [pv], vec
         if vec == "1":
             _verify(case)
+
+
+def test_gpu_verify_row_lines_say_pass_and_failure():
+    """batchbench.verify.gpu prints each case's line as the case ends (a run cut short by a time
+    limit keeps them): its error and tolerance, or ERROR and the exception's first words."""
+    from batchbench.verify.gpu import _row_line
+
+    ok = {"case": "qmv8-cuda-fp16-M1", "atol": 1.3e-2, "ptx": {"ok": True, "max_err": 9.83e-4}}
+    line = _row_line(ok)
+    assert line.startswith("qmv8-cuda-fp16-M1") and "9.83e-04" in line and "1.3e-02" in line and "\n" not in line
+    bad = {"case": "attn-cuda-x", "atol": 1e-3, "ptx": {"ok": True, "max_err": 1e-4},
+           "portable": {"ok": False, "error": "RuntimeError: launch failed"}, "ptx_vs_portable": None}
+    head, err = _row_line(bad).split("\n")
+    assert "ERROR" in head and "1.00e-04" in head
+    assert err.strip() == "portable: RuntimeError: launch failed"

@@ -62,6 +62,20 @@ def model_shape_cases(rng: np.random.Generator) -> list[C.Case]:
             C.qmm_case(rng, m=1, n=3584, k=18944, group_size=32, res=True)]
 
 
+def _row_line(r: dict) -> str:
+    """A case's line of the table (and its errors' lines)."""
+    def cell(v):
+        d = r.get(v, {})
+        return f"{d['max_err']:9.2e}" if d.get("ok") else "    ERROR"
+    diff = r.get("ptx_vs_portable")
+    line = (f"{r['case'][:78]:78s} {cell('ptx')} {cell('portable') if 'portable' in r else '        -'} "
+            f"{'' if diff is None else f'{diff:10.2e}':>10s} {r['atol']:8.1e}")
+    for v in ("ptx", "portable"):
+        if not r.get(v, {}).get("ok", True):
+            line += f"\n    {v}: {r[v]['error'][:300]}"
+    return line
+
+
 def main() -> int:
     if not mx.cuda.is_available():
         print("batchbench.verify.gpu: this MLX has no CUDA back-end; nothing to do")
@@ -86,6 +100,9 @@ def main() -> int:
     variants = ("ptx",) if quick else ("ptx", "portable")
     rows = []
     failures = 0
+    # each row as its case ends, so that a run cut short by a time limit keeps what it checked
+    print(f"\nbatchbench.verify.gpu (seed {seed}, mlx {mx.__version__}, {len(cases)} cases)", flush=True)
+    print(f"{'case':78s} {'ptx err':>9s} {'portable':>9s} {'|ptx-port|':>10s} {'tol':>8s}", flush=True)
     for case in cases:
         row = {"case": case.name, "atol": case.atol}
         results = {}
@@ -105,19 +122,8 @@ def main() -> int:
         if "ptx" in results and "portable" in results:
             row["ptx_vs_portable"] = float(np.abs(results["ptx"] - results["portable"]).max())
         rows.append(row)
+        print(_row_line(row), flush=True)
 
-    print(f"\nbatchbench.verify.gpu (seed {seed}, mlx {mx.__version__})")
-    print(f"{'case':78s} {'ptx err':>9s} {'portable':>9s} {'|ptx-port|':>10s} {'tol':>8s}")
-    for r in rows:
-        def cell(v):
-            d = r.get(v, {})
-            return f"{d['max_err']:9.2e}" if d.get("ok") else "    ERROR"
-        diff = r.get("ptx_vs_portable")
-        print(f"{r['case'][:78]:78s} {cell('ptx')} {cell('portable') if 'portable' in r else '        -'} "
-              f"{'' if diff is None else f'{diff:10.2e}':>10s} {r['atol']:8.1e}")
-        for v in ("ptx", "portable"):
-            if not r.get(v, {}).get("ok", True):
-                print(f"    {v}: {r[v]['error'][:300]}")
     print("FAILED" if failures else f"all cases within tolerance ({', '.join(variants)})")
     out = os.environ.get("OUT")
     if out:

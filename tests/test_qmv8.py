@@ -466,9 +466,10 @@ def test_q4_0_gguf_one_token_decode_takes_the_int8_kernel(tmp_path, monkeypatch,
     CUDA with the 4-bit matmuls of a decode step in the int8 kernel (o_proj, the gate/up pair,
     down_proj, lm_head) under BB_QMM_X8=1, and none in it under 0. Here only the matmuls see
     CUDA, so the model projects q/k/v without the RoPE store epilogue, and a plain projection
-    with a bias stays on the fp16 kernel (with RoPE it takes the int8 kernel:
-    test_bb_qmm_x8_qkv_sends_one_token_q_k_v_with_rope_to_the_int8_kernel); the prompt's layers (7 tokens) stay on the fp16 kernels (its lm_head takes the last
-    token only). Launches are recorded, not run."""
+    with a bias stays on the fp16 kernel (with RoPE it takes the int8 kernel: the test
+    test_bb_qmm_x8_qkv_sends_one_token_q_k_v_with_rope_to_the_int8_kernel). The prompt's layers
+    (7 tokens) stay on the fp16 kernels; its lm_head takes the last token only. Launches are
+    recorded, not run."""
     import types
 
     from batchbench.bench import Mode, Runner

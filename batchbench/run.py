@@ -76,6 +76,9 @@ def load(values: dict, dtype):
         check_fits(mx.get_active_memory() + qmm.packed_bytes(model), f"{name} with packed scales ({PACK_OFF})")
     fuse_quantized_projections(model)
     use_fast_quantized_linears(model)
+    note = qmm.x8_note(model)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     return model, cfg, name, quant, n_ctx_train
 
 

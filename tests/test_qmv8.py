@@ -517,3 +517,26 @@ def test_q4_0_gguf_one_token_decode_takes_the_int8_kernel(tmp_path, monkeypatch,
     assert len(x8) == 3 * layers + 1, step
     assert [n for n in step if n.startswith("bb_qmm")] == [n for n in step if n.startswith("bb_qmm_b")], step
     assert len([n for n in step if n.startswith("bb_qmm_b")]) == layers
+
+
+def test_a_run_says_when_activations_go_int8(monkeypatch):
+    """On CUDA with BB_QMM_X8 on, a model with 4-bit group-32 layers gets a one-line note (its
+    numbers differ from MLX's own kernels); not with the setting off, on the CPU, or with 8-bit
+    layers."""
+    import types
+
+    from batchbench.kernels import qmm
+    from batchbench.presets import make_preset
+
+    q4, _ = make_preset("tiny", mx.float16, "q4_0")
+    q8, _ = make_preset("tiny", mx.float16, "q8_0")
+    monkeypatch.setattr(qmm, "backend", types.SimpleNamespace(BACKEND="cuda"))
+    monkeypatch.setattr(qmm, "X8", True)
+    note = qmm.x8_note(q4)
+    assert note and "int8" in note and "BB_QMM_X8=0" in note and "\n" not in note
+    assert qmm.x8_note(q8) is None
+    monkeypatch.setattr(qmm, "X8", False)
+    assert qmm.x8_note(q4) is None
+    monkeypatch.setattr(qmm, "X8", True)
+    monkeypatch.setattr(qmm, "backend", types.SimpleNamespace(BACKEND="cpu"))
+    assert qmm.x8_note(q4) is None

@@ -2621,6 +2621,18 @@ def use_fast_quantized_linears(model: nn.Module) -> int:
     return len(swaps)
 
 
+def x8_note(model: nn.Module) -> str | None:
+    """The stderr note for a run whose decode matmuls quantize x to int8 (BB_QMM_X8 on CUDA with
+    4-bit group-32 layers): the numbers differ from MLX's own kernels, so a run says so once."""
+    if not (X8 and backend.BACKEND == "cuda"):
+        return None
+    if not any(getattr(m, "bits", None) == 4 and getattr(m, "group_size", None) == qmv8.GROUP
+               for _, m in model.named_modules()):
+        return None
+    return ("decode matmuls of 1-2 tokens quantize activations to int8 per group of 32, as llama.cpp's "
+            "CUDA decode does (BB_QMM_X8=0: fp16 activations)")
+
+
 class FusedQuantizedLinear(nn.Module):
     """Several quantized linears on the same input (q/k/v, gate/up) as one matmul launch.
 

@@ -50,6 +50,17 @@ def kernel_us(fn, x0: mx.array, sets: list, names: tuple[str, ...], reps: int = 
     return statistics.median(kernel_time_us(chain, len(sets), names) for _ in range(reps))
 
 
+def weight_sets(n: int, k: int):
+    """Random 4-bit group-32 weights (wq, scales, biases) of N x K, their bytes, and enough copies
+    of them (the first being wq, s, b) for a chain whose weights do not stay in L2."""
+    wq, s, b = mx.quantize((mx.random.normal((n, k)) * 0.02).astype(mx.float16), group_size=32, bits=4)
+    nbytes = wq.nbytes + s.nbytes + b.nbytes
+    copies = max(2, min(24, math.ceil(600e6 / nbytes)))
+    sets = [(wq, s, b)] + [tuple(a + 0 for a in (wq, s, b)) for _ in range(copies - 1)]
+    mx.eval(sets)
+    return wq, s, b, nbytes, sets
+
+
 def main() -> None:
     if backend.BACKEND != "cuda" or _torch_cuda() is None:
         print("h200_x8: needs MLX's CUDA back-end and torch (CUPTI)")
@@ -63,13 +74,7 @@ def main() -> None:
           "x8 vs twin |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, n, k in SHAPES:
-        w = (mx.random.normal((n, k)) * 0.02).astype(mx.float16)
-        wq, s, b = mx.quantize(w, group_size=32, bits=4)
-        del w
-        nbytes = wq.nbytes + s.nbytes + b.nbytes
-        copies = max(2, min(24, math.ceil(600e6 / nbytes)))
-        sets = [(wq, s, b)] + [tuple(a + 0 for a in (wq, s, b)) for _ in range(copies - 1)]
-        mx.eval(sets)
+        wq, s, b, nbytes, sets = weight_sets(n, k)
         # the fp16 path reads the packed pairs where the layers hold them (BB_QMM_SB_PACK)
         sets16 = [(a, c, d, qmm.pack_scales_biases(c, d) if qmm.packs_scales() else None) for a, c, d in sets]
         mx.eval([t[3] for t in sets16 if t[3] is not None])
@@ -124,11 +129,7 @@ def sweep(spec: str, ms: list[int]) -> None:
     for name, n, k in SHAPES:
         if name not in wanted:
             continue
-        wq, s, b = mx.quantize((mx.random.normal((n, k)) * 0.02).astype(mx.float16), group_size=32, bits=4)
-        nbytes = wq.nbytes + s.nbytes + b.nbytes
-        copies = max(2, min(24, math.ceil(600e6 / nbytes)))
-        sets = [(wq, s, b)] + [tuple(a + 0 for a in (wq, s, b)) for _ in range(copies - 1)]
-        mx.eval(sets)
+        wq, s, b, nbytes, sets = weight_sets(n, k)
         for m in ms:
             x0 = mx.random.normal((m, k)).astype(mx.float16)
             qmv8.BLOCKS_PER_SM = 2

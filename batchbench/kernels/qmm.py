@@ -1623,6 +1623,13 @@ def fits_device(cfg: "QmmConfig", k: int, bits: int, extra: int = 0) -> bool:
 _NOTED_TOO_BIG: set[tuple] = set()  # shapes whose launch did not fit, said once on stderr
 
 
+def _note_once(key: tuple, msg: str) -> None:
+    """A launch that does not fit this GPU says so on stderr once a shape."""
+    if key not in _NOTED_TOO_BIG:
+        _NOTED_TOO_BIG.add(key)
+        print(f"note: {msg}", file=sys.stderr)
+
+
 # Persistent blocks (each walks several feature tiles, staging x once): on by default,
 # BB_QMM_PERSIST=0 launches one block per tile as before (A/B runs).
 PERSIST = env_choice("BB_QMM_PERSIST", "1", ON_OFF) == "1"
@@ -1984,11 +1991,9 @@ def _kernel_config(m: int, n: int, k: int, x: mx.array, scales, biases, group_si
     extra = _bias_sums_bytes(cfg, k, bits) if DQ_MODE == "lop3b" and m == 1 else 0
     if fits_device(cfg, k, bits, extra):
         return cfg
-    if (n, k, bits) not in _NOTED_TOO_BIG:
-        _NOTED_TOO_BIG.add((n, k, bits))
-        print(f"note: the {bits}-bit matmul N={n} K={k} at M={m} needs {cfg.launch_smem(k, bits, extra) // 1024} KB of "
-              f"shared memory a block, this GPU gives {smem_per_block() // 1024} KB: mx.quantized_matmul runs it "
-              f"(BATCHBENCH_SMEM_KB sets the limit)", file=sys.stderr)
+    _note_once((n, k, bits), f"the {bits}-bit matmul N={n} K={k} at M={m} needs {cfg.launch_smem(k, bits, extra) // 1024} "
+               f"KB of shared memory a block, this GPU gives {smem_per_block() // 1024} KB: mx.quantized_matmul runs "
+               f"it (BATCHBENCH_SMEM_KB sets the limit)")
     return None
 
 
@@ -2338,11 +2343,9 @@ def _x8_takes(m: int, n: int, k: int, x: mx.array, scales, biases, group_size: i
     need = qmv8.smem_bytes(m, k, replace(cfg, xreg=False), rows_a_unit == 2) + _STATIC_SMEM
     if need <= smem_per_block():
         return True
-    if ("x8", n, k, m) not in _NOTED_TOO_BIG:
-        _NOTED_TOO_BIG.add(("x8", n, k, m))
-        print(f"note: the int8-activation matmul N={n} K={k} at M={m} needs {need // 1024} KB of shared memory a "
-              f"block, this GPU gives {smem_per_block() // 1024} KB: the fp16 path runs it (BATCHBENCH_SMEM_KB sets "
-              f"the limit)", file=sys.stderr)
+    _note_once(("x8", n, k, m), f"the int8-activation matmul N={n} K={k} at M={m} needs {need // 1024} KB of shared "
+               f"memory a block, this GPU gives {smem_per_block() // 1024} KB: the fp16 path runs it "
+               f"(BATCHBENCH_SMEM_KB sets the limit)")
     return False
 
 

@@ -461,62 +461,45 @@ def test_pairs_get_the_reduce_area_of_two_rows_a_unit():
 
 
 @pytest.mark.parametrize("x8_mode", ["1", "0"])
-def test_q4_0_gguf_one_token_decode_takes_the_int8_kernel(tmp_path, monkeypatch, x8_mode):
+def test_q4_0_gguf_one_token_decode_takes_the_int8_kernel(tmp_path, monkeypatch, cuda_dispatch, x8_mode):
     """A Q4_0 GGUF file (exported, loaded back as MLX's affine layout) decodes one sequence on
-    CUDA with the 4-bit matmuls of a decode step in the int8 kernel (o_proj, the gate/up pair,
-    down_proj, lm_head) under BB_QMM_X8=1, and none in it under 0. Here only the matmuls see
-    CUDA, so the model projects q/k/v without the RoPE store epilogue, and a plain projection
-    with a bias stays on the fp16 kernel (with RoPE it takes the int8 kernel: the test
-    test_bb_qmm_x8_qkv_sends_one_token_q_k_v_with_rope_to_the_int8_kernel). The prompt's layers
-    (7 tokens) stay on the fp16 kernels; its lm_head takes the last token only. Launches are
-    recorded, not run."""
-    import types
-
+    CUDA with every 4-bit matmul of a decode step in the int8 kernel (q/k/v with its RoPE
+    epilogue, o_proj, the gate/up pair, down_proj, lm_head) under BB_QMM_X8=1, and none in it
+    under 0. The prompt's layers (7 tokens) stay on the fp16 kernels; its lm_head takes the last
+    token only. Launches are recorded, not run (conftest's cuda_dispatch)."""
     from batchbench.bench import Mode, Runner
     from batchbench.kernels import qmm
-    from batchbench.kernels import spec as kspec
     from batchbench.kv_cache import KVCache
     from batchbench.loaders import load_model
     from batchbench.loaders.export_gguf import export_gguf
 
     path = str(tmp_path / "tiny-q4_0.gguf")
     export_gguf("tiny", path, "q4_0")
-    loaded = load_model(path, dtype=mx.float16)
-    model, a = loaded.model, loaded.model.args
+    model = load_model(path, dtype=mx.float16).model
+    a = model.args
     monkeypatch.setenv("BATCHBENCH_SMS", "132")
-    monkeypatch.setenv("BATCHBENCH_SMEM_KB", "227")
-    # only the matmuls see CUDA: attention and masks stay on their MLX twins
-    monkeypatch.setattr(qmm, "backend", types.SimpleNamespace(BACKEND="cuda"))
-    monkeypatch.setattr(qmv8, "backend", types.SimpleNamespace(BACKEND="cuda"))
     monkeypatch.setattr(qmm, "X8", x8_mode != "0")
     monkeypatch.setattr(qmm, "X8_QKV", x8_mode == "1")
-    launched: list[str] = []
-
-    def record(ks, launch):
-        launched.append(ks.name)
-        return [mx.zeros(sh, dt) for sh, dt in zip(launch.output_shapes, launch.output_dtypes)]
-
-    monkeypatch.setattr(kspec, "run", record)
     qmm.fuse_quantized_projections(model)
     qmm.use_fast_quantized_linears(model)
     cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, 512, 1, True, mx.float16)
     runner = Runner(model, cache, Mode("t", True), 2048, 64, compiled=False)
     runner.decode(np.arange(7), np.arange(7), np.zeros(7, np.int64), np.zeros(7, bool), sync=True)
-    prompt = list(launched)
-    launched.clear()
+    prompt = [ks.name for ks, _ in cuda_dispatch]
+    cuda_dispatch.clear()
     runner.decode(np.array([3]), np.array([7]), np.array([0]), np.ones(1, bool), sync=True)
-    step = list(launched)
-    assert sum(n.startswith("bb_qmm") for n in prompt) >= 4 * a.num_hidden_layers, prompt
+    step = [ks.name for ks, _ in cuda_dispatch]
+    layers = a.num_hidden_layers
+    assert sum(n.startswith("bb_qmm") for n in prompt) >= 4 * layers, prompt
     assert sum(n.startswith("bb_qmv8") for n in prompt) == (x8_mode != "0"), prompt
     x8 = [n for n in step if n.startswith("bb_qmv8")]
-    layers = a.num_hidden_layers
     if x8_mode == "0":
-        assert not x8 and step, step
+        assert not x8 and sum(n.startswith("bb_qmm") for n in step) >= 4 * layers, step
         return
-    # per layer o_proj, gate/up, down_proj; then lm_head (untied); q/k/v (a bias) on bb_qmm_b*
-    assert len(x8) == 3 * layers + 1, step
-    assert [n for n in step if n.startswith("bb_qmm")] == [n for n in step if n.startswith("bb_qmm_b")], step
-    assert len([n for n in step if n.startswith("bb_qmm_b")]) == layers
+    # per layer q/k/v (RoPE), o_proj, gate/up, down_proj; then lm_head (untied); no fp16 matmul
+    assert len(x8) == 4 * layers + 1, step
+    assert sum(n.endswith("_rope") for n in x8) == layers
+    assert not [n for n in step if n.startswith("bb_qmm")], step
 
 
 def test_a_run_says_when_activations_go_int8(monkeypatch):

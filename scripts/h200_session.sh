@@ -28,11 +28,12 @@ decode_prof() {
   part "$name" 150 env "$@" OUT="$R/$name" QMM_SECTIONS=decode QMM_VARIANTS=ours QMM_DECODE=ours_epilogues \
     QMM_DECODE_PROFILE=1 QMM_BUDGET_S=130 python3 scripts/h200_qmm.py
 }
-# Nsight Compute of h200_ncu.py's 4-bit matmuls (NCU_M, NCU_NAMES, NCU_EXTRA): ncu_qmm NAME
+# Nsight Compute of h200_ncu.py's 4-bit matmuls (NCU_M, NCU_NAMES, NCU_EXTRA; NCU_KERNEL=bb_qm also
+# takes the int8 kernel's bb_qmv8 launches): ncu_qmm NAME
 ncu_qmm() {
   part "$1" 240 env PARTS=qmm NCU_M="${NCU_M:-1}" NCU_NAMES="${NCU_NAMES:-qkv,o,down}" \
     "$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1 || echo ncu)" \
-    --clock-control none --kernel-name regex:bb_qmm --launch-skip 0 --section SpeedOfLight \
+    --clock-control none --kernel-name "regex:${NCU_KERNEL:-bb_qmm}" --launch-skip 0 --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats ${NCU_EXTRA:-} --print-details all python3 scripts/h200_ncu.py
 }

@@ -225,6 +225,13 @@ for what in "$@"; do
     ab-x8) ab_switch qmm-decode-prof-x8 BB_QMM_X8 "${DECODE_B:-1,2,3}" base@0 x8@1 base2@0 x82@1 ;;
     # q/k/v with its RoPE epilogue through the int8 kernel too (BB_QMM_X8=1) against without
     # (noqkv), twice; session 25 ran this with the value `qkv`, which is now 1
+    # the subnormal dequantization (BB_QMM_DQ=sub: two instructions a pair of fp16 weights) against
+    # lop3, twice each way
+    ab-sub) ab_switch qmm-decode-prof-sub BB_QMM_DQ "${DECODE_B:-1,2,8,32}" base@lop3 sub@sub base2@lop3 sub2@sub ;;
+    # the 1.5B model against its twins with BB_QMM_DQ=sub (B >= 3: the fp16 kernels; the last case
+    # compares 100 steps' argmax)
+    model-sub) part model-check-sub 240 env BB_QMM_DQ=sub MODEL_CHECK_KERNELS=1 \
+                 MODEL_CHECK_CASES="${SUB_CASES:-3:64:2,8:64:2,32:32:2,8:32:100}" python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
     ab-x8qkv) ab_switch qmm-decode-prof-x8qkv BB_QMM_X8 "${DECODE_B:-1,2}" x8@noqkv qkv@1 x82@noqkv qkv2@1 ;;
     # the 1.5B model against its twins (the fp16 path) with BB_QMM_X8 off and on (X8_MODEL_V); the last case
     # compares 200 decode steps' argmax (teacher-forced random tokens)
@@ -244,7 +251,7 @@ for what in "$@"; do
            done ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe x8 ab-x8 model-x8 ab-x8qkv)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe x8 ab-x8 model-x8 ab-x8qkv ab-sub model-sub)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -850,3 +850,87 @@ def test_norope_reads_the_two_arrays_only_where_rope_is_the_matmuls_epilogue(mon
         with pytest.raises(Planned):
             qmm._run_kernel(cfg, x, wq, s, b, 32, 4, 1, 256, 512, None, None, False, None, rope=rope, packed=packed)
     assert seen == [(1, True, mode == "1"), (2, True, True), (1, False, True)]
+
+
+def test_subnormal_dequantization_only_where_it_is_exact(monkeypatch):
+    """BB_QMM_DQ=sub (the default): the fp16 4-bit lop3 path takes DQ = 3 when the caller knows
+    max |scales| < 2 (s * 2^15 must stay finite in fp16) and the scales come packed; unknown or
+    larger scales, unpacked scales, bf16, the byte-permute path or BB_QMM_DQ=lop3 keep DQ = 1 / 0.
+    Asked for where it cannot run: a one-line error."""
+    monkeypatch.setattr(qmm, "DQ_MODE", "sub")
+    m, n, k = 8, 37888, 3584
+    wq = mx.zeros((n, k // 8), mx.uint32)
+    s = b = mx.zeros((n, k // 32), mx.float16)
+    packed = mx.zeros((n, k // 32, 2), mx.float16)
+    x = mx.zeros((m, k), mx.float16)
+
+    def dq(**kw):
+        _, launch = qmm.plan_quantized_matmul("cuda", kw.pop("x", x), wq, kw.pop("s", s), kw.pop("b", b),
+                                              group_size=32, bits=4, **kw)
+        return dict(launch.template)["DQ"]
+
+    assert dq(packed=packed, scale_max=1.99) == 3
+    assert dq(packed=packed, scale_max=2.0) == 1
+    assert dq(packed=packed) == 1
+    assert dq(scale_max=0.5) == 1
+    assert dq(scale_max=0.5, sub=True) == 3  # forced: the unpacked variant runs too (verify cases)
+    assert dq(packed=packed, scale_max=0.5, lop3=False) == 0
+    bf = mx.zeros((n, k // 32), mx.bfloat16)
+    assert dq(x=x.astype(mx.bfloat16), s=bf, b=bf, packed=packed.astype(mx.bfloat16), scale_max=0.5) == 1
+    with pytest.raises(ValueError, match="subnormal dequantization needs"):
+        dq(packed=packed, sub=True)
+    monkeypatch.setattr(qmm, "DQ_MODE", "lop3")
+    assert dq(packed=packed, scale_max=0.5) == 1
+
+
+@pytest.mark.parametrize("factor,want", [(1.0, 3), (80.0, 1)])
+def test_swapped_layers_note_their_scale_bound(cuda_dispatch, monkeypatch, factor, want):
+    """On CUDA with BB_QMM_DQ=sub a swapped layer notes max |scales| once; its matmuls at 8 tokens
+    then take the subnormal dequantization, unless a scale reaches 2 (weights of std 0.05 give
+    scales near 0.02; times 80 some pass 2)."""
+    monkeypatch.setattr(qmm, "DQ_MODE", "sub")
+    monkeypatch.setattr(qmm, "SB_PACK", "1")
+    monkeypatch.setattr(qmm, "X8", False)
+    n, k = 512, 3584
+    wq, s, b = _quantized(n, k, 4, 32, mx.float16, seed=21)
+    layer = nn.QuantizedLinear(k, n, bias=False, group_size=32, bits=4)
+    layer.weight, layer.scales, layer.biases = wq, s * factor, b * factor
+    fast = qmm.QuantizedLinear.from_quantized(layer)
+    assert fast.scale_max == pytest.approx(float(mx.max(mx.abs(layer.scales)).item()))
+    assert (fast.scale_max < 2) == (want == 3)
+    fast(mx.zeros((8, k), mx.float16))
+    assert dict(cuda_dispatch[-1][1].template)["DQ"] == want
+
+
+@pytest.mark.parametrize("value,want", [(None, "sub"), ("lop3", "lop3"), ("sub", "sub")])
+def test_bb_qmm_dq_values(value, want):
+    """BB_QMM_DQ is read once, when qmm is first imported (a fresh interpreter each); sub is the
+    default."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "BB_QMM_DQ"}
+    if value is not None:
+        env["BB_QMM_DQ"] = value
+    r = subprocess.run([sys.executable, "-c", "from batchbench.kernels import qmm; print(qmm.DQ_MODE)"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [want]
+
+
+def test_lop3_everywhere_switch(monkeypatch):
+    """BB_QMM_LOP3_ALL=1: the long-K down projection at M=32 on register stages takes the lop3
+    dequantization too (DQ = 1, and with packed scales below 2 the subnormal one, DQ = 3)."""
+    m, n, k = 32, 3584, 18944
+    wq = mx.zeros((n, k // 8), mx.uint32)
+    s = b = mx.zeros((n, k // 32), mx.float16)
+    packed = mx.zeros((n, k // 32, 2), mx.float16)
+    x = mx.zeros((m, k), mx.float16)
+    monkeypatch.setattr(qmm, "DQ_MODE", "sub")
+    got = {}
+    for on in (False, True):
+        monkeypatch.setattr(qmm, "LOP3_ALL", on)
+        got[on] = [dict(qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, **kw)[1].template)["DQ"]
+                   for kw in ({}, dict(packed=packed, scale_max=0.5))]
+    assert got == {False: [0, 0], True: [1, 3]}

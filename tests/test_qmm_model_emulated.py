@@ -31,6 +31,7 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
     monkeypatch.setattr(qmv8, "backend", types.SimpleNamespace(BACKEND="cuda" if cuda else "cpu"))
     monkeypatch.setattr(qmm, "X8", x8)
     monkeypatch.setattr(qmm, "SB_PACK", "1" if sb_pack else "0")  # read by the swaps below
+    monkeypatch.setattr(qmm, "DQ_MODE", dq_mode)  # sub: the swaps also note each layer's scale_max
     # no RoPE / K-V-write pair epilogue: it writes the cache in place, which emulation cannot;
     # with x8 the gate/up rows paired (the int8 kernel's gate product), as on CUDA
     monkeypatch.setattr(qmm, "FUSE_ROPE", False)
@@ -43,7 +44,6 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
         return [mx.array(o).astype(dt) for o, dt in zip(res.outputs, launch.output_dtypes)]
 
     monkeypatch.setattr(qmm, "NORM_PRE", norm_pre)
-    monkeypatch.setattr(qmm, "DQ_MODE", dq_mode)
     monkeypatch.setattr(kspec, "run", emulated)
     if split_hidden:  # o_proj and down_proj (N = hidden) on two K-slices, as at M > 8 on the 7B shape
         choose = qmm.choose_config
@@ -57,10 +57,11 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
     return run_batched(runner, prompts, steps)
 
 
-@pytest.mark.parametrize("norm_pre,split_hidden,lop3b,sb_pack", [
-    (False, False, False, False), (True, False, False, False), (False, True, False, False),
-    (True, False, True, False), (True, True, False, True)])
-def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split_hidden, lop3b, sb_pack):
+@pytest.mark.parametrize("norm_pre,split_hidden,dq,sb_pack", [
+    (False, False, "lop3", False), (True, False, "lop3", False), (False, True, "lop3", False),
+    (True, False, "lop3b", False), (True, True, "lop3", True), (True, False, "sub", True),
+    (False, True, "sub", True)])
+def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split_hidden, dq, sb_pack):
     """Logits within fp16 rounding of the MLX-op model, and the kernels that were meant to run
     did. norm_pre: o_proj and down_proj write y * weight and tile sums, q/k/v, gate/up and
     lm_head take them. split_hidden: o_proj and down_proj split K and their reduce kernel
@@ -68,19 +69,24 @@ def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split
     normalizes x itself. lop3b (one sequence): the decode steps' matmuls (one token) dequantize
     their weights without the bias (BB_QMM_DQ=lop3b, DQ = 2), the prompt's with it. sb_pack:
     every layer's scales and biases packed as pairs at the swap (BB_QMM_SB_PACK), which every
-    main kernel here reads (register stages); the MLX-op model keeps the two arrays."""
+    main kernel here reads (register stages); the MLX-op model keeps the two arrays. sub (packed):
+    every main kernel dequantizes through fp16 subnormals (BB_QMM_DQ=sub, DQ = 3), the swaps
+    having found the q4_0 scales below 2."""
     toolchain.need(toolchain.host_cxx)
+    lop3b = dq == "lop3b"
     n_seq = 1 if lop3b else 2
     ref = _logits(monkeypatch, False, False, [], n_seq=n_seq)
     runs: list[tuple[str, int, bool | None]] = []
-    got = _logits(monkeypatch, True, norm_pre, runs, split_hidden, "lop3b" if lop3b else "lop3", n_seq, sb_pack)
+    got = _logits(monkeypatch, True, norm_pre, runs, split_hidden, dq, n_seq, sb_pack)
     launched = [name for name, *_ in runs]
     main = [sbp for name, dq, sbp in runs if dq is not None]  # the main kernels (reduces have no DQ)
     assert main and all(sbp is sb_pack for sbp in main)
     if lop3b:  # a decode step's 9 launches at one token take DQ = 2, but layer 0's q/k/v (its norm
         # fused: the embedding has no producer that wrote its parts); the prompt's 7 rows keep DQ = 1
         # but for lm_head, which takes the last row only
-        assert sum(dq == 2 for _, dq, _ in runs) == 2 * 8 + 1 and {dq for _, dq, _ in runs} == {1, 2}
+        assert sum(d == 2 for _, d, _ in runs) == 2 * 8 + 1 and {d for _, d, _ in runs} == {1, 2}
+    main_dq = {d for _, d, _ in runs if d is not None}
+    assert main_dq == ({3} if dq == "sub" else {1, 2} if lop3b else {1})
     assert np.isfinite(got).all()
     assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
     if split_hidden:

@@ -329,6 +329,47 @@ __device__ __forceinline__ void qmm_dq4_lop3_nb(uint32_t u, uint32_t s2, uint32_
   A[3] = qmm_dq_magic_nb(qmm_and_or(u8, 0x00F000F0u, magic), s16, c16);
 }
 
+// DQ = 3 ("sub"): the lop3 dequantization in two instructions a pair of weights, bias kept.
+// Masked without the 1024 magic, a half's bits are a subnormal: bits 0-3 read code * 2^-24,
+// bits 4-7 code * 2^-20. One HFMA2 with S = s * 2^15 (lo) or s * 2^11 (hi) and B = b * 2^-9
+// makes (s * code + b) * 2^-9, rounded once from the exact product (powers of two scale
+// exactly); the accumulators are multiplied by 2^9 after the products (qmm_kernel's SUB). S
+// overflows fp16 for |s| >= 2, so callers take this only for layers whose scales are below
+// that (`quantized_matmul`'s scale_max). Below 2^-14 the result keeps a fixed step of 2^-24,
+// i.e. 2^-15 in weight units: finer than fp16's own step for |w| >= 2^-5.
+__device__ __forceinline__ uint32_t qmm_hfma2_sub(uint32_t v, uint32_t s2, uint32_t b2) {
+#ifdef BB_PORTABLE
+  const float2 h = qmm_to_float2(v, false), s = qmm_to_float2(s2, false), b = qmm_to_float2(b2, false);
+  __half2 r = __floats2half2_rn(fmaf(h.x, s.x, b.x), fmaf(h.y, s.y, b.y));
+  return *reinterpret_cast<uint32_t*>(&r);
+#else
+  uint32_t d;  // no .ftz: the operand and the result may be subnormal
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(v), "r"(s2), "r"(b2));
+  return d;
+#endif
+}
+
+// s2 * c (both halves; c a power of two given as its fp16 pair), no flush of subnormal s.
+__device__ __forceinline__ uint32_t qmm_hmul2_pow2(uint32_t s2, uint32_t c2) {
+#ifdef BB_PORTABLE
+  const float2 f = qmm_to_float2(s2, false), c = qmm_to_float2(c2, false);
+  __half2 h = __floats2half2_rn(f.x * c.x, f.y * c.y);
+  return *reinterpret_cast<uint32_t*>(&h);
+#else
+  uint32_t d;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(s2), "r"(c2));
+  return d;
+#endif
+}
+
+__device__ __forceinline__ void qmm_dq4_sub(uint32_t u, uint32_t slo, uint32_t shi, uint32_t b2, uint32_t (&A)[4]) {
+  const uint32_t u8 = u >> 8;
+  A[0] = qmm_hfma2_sub(u & 0x000F000Fu, slo, b2);
+  A[1] = qmm_hfma2_sub(u & 0x00F000F0u, shi, b2);
+  A[2] = qmm_hfma2_sub(u8 & 0x000F000Fu, slo, b2);
+  A[3] = qmm_hfma2_sub(u8 & 0x00F000F0u, shi, b2);
+}
+
 // The sum of a granule's 8 fp16 values in fp32.
 __device__ __forceinline__ float qmm_sum8(uint4 v) {
   const uint32_t u[4] = {v.x, v.y, v.z, v.w};
@@ -702,7 +743,8 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
                                            const int M, const int N, const int K, const QmmRope<T> rp,
                                            const QmmNormIO<T> nio) {
   constexpr bool BF16 = is_bf16<T>::value;
-  constexpr bool LOP3 = (DQ == 1 || DQ == 2) && BITS == 4 && !BF16;
+  constexpr bool LOP3 = (DQ == 1 || DQ == 2 || DQ == 3) && BITS == 4 && !BF16;
+  constexpr bool SUB = DQ == 3 && LOP3;  // qmm_dq4_sub: the products come out scaled by 2^-9
   // DQ = 2: the weights dequantized without their bias; each lane adds bias times the sum of
   // the 32 x values its 16 bytes meet (one token: the spans' sums are staged beside x).
   constexpr bool BSUM = DQ == 2;
@@ -990,12 +1032,29 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     uint32_t c0[WF], c0h[WF], c1[WF], c1h[WF];  // BSUM: -1024 times each scale
 #pragma unroll
     for (int f = 0; f < WF; ++f) {
-      s0[f] = qmm_dup16(sa[f]);
-      b0[f] = SBP ? qmm_hi16(ba[f]) : qmm_dup16(ba[f]);
-      s1[f] = qmm_dup16(sb[f]);
-      b1[f] = SBP ? qmm_hi16(bb[f]) : qmm_dup16(bb[f]);
       s0h[f] = s1h[f] = 0u;
-      if constexpr (LOP3) {
+      if constexpr (SUB && SBP) {  // one multiply makes the pair (s * 2^15, b * 2^-9)
+        const uint32_t qa = qmm_hmul2_pow2(sa[f], 0x18007800u), qb = qmm_hmul2_pow2(sb[f], 0x18007800u);
+        s0[f] = qmm_dup16(qa);
+        b0[f] = qmm_hi16(qa);
+        s1[f] = qmm_dup16(qb);
+        b1[f] = qmm_hi16(qb);
+      } else {
+        s0[f] = qmm_dup16(sa[f]);
+        b0[f] = SBP ? qmm_hi16(ba[f]) : qmm_dup16(ba[f]);
+        s1[f] = qmm_dup16(sb[f]);
+        b1[f] = SBP ? qmm_hi16(bb[f]) : qmm_dup16(bb[f]);
+      }
+      if constexpr (SUB) {  // S = s * 2^15 (lo codes), s * 2^11 (hi codes), B = b * 2^-9
+        if constexpr (!SBP) {
+          s0[f] = qmm_hmul2_pow2(s0[f], 0x78007800u);
+          s1[f] = qmm_hmul2_pow2(s1[f], 0x78007800u);
+          b0[f] = qmm_hmul2_pow2(b0[f], 0x18001800u);
+          b1[f] = qmm_hmul2_pow2(b1[f], 0x18001800u);
+        }
+        s0h[f] = qmm_hmul2_pow2(s0[f], 0x2C002C00u);  // 2^-4: exact while s * 2^11 is normal
+        s1h[f] = qmm_hmul2_pow2(s1[f], 0x2C002C00u);
+      } else if constexpr (LOP3) {
         s0h[f] = qmm_scale16(s0[f]);
         s1h[f] = qmm_scale16(s1[f]);
       }
@@ -1021,6 +1080,9 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
           if constexpr (BSUM) {
             qmm_dq4_lop3_nb(u0[f][wd], s0[f], s0h[f], c0[f], c0h[f], A0[f]);
             qmm_dq4_lop3_nb(u1[f][wd], s1[f], s1h[f], c1[f], c1h[f], A1[f]);
+          } else if constexpr (SUB) {
+            qmm_dq4_sub(u0[f][wd], s0[f], s0h[f], b0[f], A0[f]);
+            qmm_dq4_sub(u1[f][wd], s1[f], s1h[f], b1[f], A1[f]);
           } else if constexpr (LOP3) {
             qmm_dq4_lop3(u0[f][wd], s0[f], s0h[f], b0[f], A0[f]);
             qmm_dq4_lop3(u1[f][wd], s1[f], s1h[f], b1[f], A1[f]);
@@ -1171,6 +1233,14 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         acc[0][0][0] += bs0;
         acc[0][0][2] += bs1;
       }
+    }
+    if constexpr (SUB) {
+#pragma unroll
+      for (int f = 0; f < WF; ++f)
+#pragma unroll
+        for (int tt = 0; tt < MT; ++tt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[f][tt][i] *= 512.f;
     }
     // Reduce the WK warps of each feature tile through smem.
 #pragma unroll
@@ -1667,7 +1737,16 @@ GLU_PAIR = env_choice("BB_QMM_GLU_PAIR", "1", ON_OFF) == "1"
 # Much slower on the H200 although nvcc's main loop is shorter and spills nothing (s22/call2,
 # two runs each way): B=1 decode step 1.887-1.888 -> 2.232-2.236 ms (down 19.2 -> 24.7 us,
 # q/k/v 8.2 -> 12.1, gate/up 29.6 -> 32.8). Cause not found; kept as an off switch.
-DQ_MODE = env_choice("BB_QMM_DQ", "lop3", ("lop3", "prmt", "lop3b"))
+# "sub" (the default): lop3, and where the caller knows every scale is below SUB_SCALE_LIMIT in
+# magnitude (the swapped layers check once: `scale_max`) and the scales come packed, two
+# instructions a pair of weights with the bias kept (qmm_dq4_sub: the codes read as fp16
+# subnormals, no magic to subtract). H200 decode step, two runs each way (s27/call4): B=2
+# 1.790-1.792 -> 1.771-1.773 ms, B=8 2.162-2.165 -> 2.107-2.109, B=32 3.468-3.475 -> 3.387-3.391.
+DQ_MODE = env_choice("BB_QMM_DQ", "sub", ("lop3", "prmt", "lop3b", "sub"))
+SUB_SCALE_LIMIT = 2.0  # s * 2^15 must stay finite in fp16
+# BB_QMM_LOP3_ALL=1: lop3 (and so sub) also where `_lop3` keeps the byte permutes (the long-K down
+# projection at M=32 on register stages, where x is then staged through registers, reordered)
+LOP3_ALL = env_choice("BB_QMM_LOP3_ALL", "0", ON_OFF) == "1"
 DEQUANT_LOP3 = DQ_MODE != "prmt"
 SMEM_PER_SM = 227 * 1024
 # Ring pipeline (QmmConfig.ns): BB_QMM_RING=n gives every covered call n slots per warp.
@@ -1837,7 +1916,7 @@ def _lop3(cfg: QmmConfig, n: int, k: int) -> bool:
     wide or long matrices at M=32 lose with it (gate/up 102 -> 123 us, down 63 -> 82) with the
     register stages, but win with the ring (results/h200-2026-11-29-s7, M=32: gate/up 79.9 ->
     75.2 us, lm_head 247 -> 234)."""
-    return DEQUANT_LOP3 and (cfg.mt == 1 or cfg.ns > 0 or (n < _WIDE_N and k <= 8192))
+    return DEQUANT_LOP3 and (LOP3_ALL or cfg.mt == 1 or cfg.ns > 0 or (n < _WIDE_N and k <= 8192))
 
 
 def _load_depth(m: int, mt: int, n: int, k: int, p: int) -> int:
@@ -2075,6 +2154,8 @@ def plan_quantized_matmul(
     prenorm: "PendingNorm | None" = None,
     bias_sums: bool | None = None,
     packed: mx.array | None = None,
+    scale_max: float | None = None,
+    sub: bool | None = None,
 ) -> tuple[KernelSpec, Launch]:
     """The main kernel's spec and launch (x taken as [M, K], or [M, 2K] with glu). With
     config.s > 1 its output is fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y
@@ -2089,7 +2170,9 @@ def plan_quantized_matmul(
     rsqrt(mean + eps) from its sums (NPRE). bias_sums: the lop3 dequantization without the bias,
     which enters as bias times x's 32-k sums (None: BB_QMM_DQ=lop3b, where `_bias_sums_fit`).
     packed: `pack_scales_biases(scales, biases)`, which the kernel then reads instead of the two
-    arrays (SBP)."""
+    arrays (SBP). scale_max: max |scales| where the caller knows it; below SUB_SCALE_LIMIT and
+    with BB_QMM_DQ=sub the fp16 4-bit lop3 dequantization takes two instructions a pair (DQ = 3;
+    sub=True asks for it whatever BB_QMM_DQ says, False keeps it off)."""
     if backend_name != "cuda":
         raise ValueError(f"quantized_matmul has a custom kernel only on cuda, not {backend_name!r}")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
@@ -2114,6 +2197,14 @@ def plan_quantized_matmul(
         raise ValueError(f"quantized_matmul: the dequantization without the bias needs one token, fp16 4-bit "
                          f"lop3, register stages, one feature tile a warp and no fused norm (config {cfg})")
     bsum = bsum_ok and (DQ_MODE == "lop3b" if bias_sums is None else bias_sums)
+    can_sub = sub_ok(use_lop3 and not bsum, x.dtype, bits, scale_max)
+    if sub and not can_sub:
+        raise ValueError(f"quantized_matmul: the subnormal dequantization needs fp16 4-bit lop3 weights (no bias "
+                         f"sums) and scales known below {SUB_SCALE_LIMIT} (scale_max={scale_max}, config {cfg})")
+    # Taken by itself only with the packed pairs: unpacked, the scales and biases take three
+    # more HMUL2 a chunk, and the q/k/v projections with RoPE (unpacked under the default
+    # BB_QMM_SB_PACK=norope) lost 0.2-0.4 us with it on the H200 (results/h200-2026-11-30-s27/call4).
+    sub = can_sub and (DQ_MODE == "sub" and sbp if sub is None else sub)
     extra = _bias_sums_bytes(cfg, k, bits) if bsum else 0
     need = cfg.smem(k, bits) + extra
     if need > SMEM_PER_SM:  # a launch would fail inside MLX's graph with "invalid argument"
@@ -2161,7 +2252,7 @@ def plan_quantized_matmul(
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
             ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("WF", cfg.wf), ("PRE", cfg.pre and not cfg.ns),
             ("SPLIT", split), ("EPRE", EPI_PRE and not split),
-            ("DQ", 2 if bsum else 1 if use_lop3 else 0), ("SBP", sbp),
+            ("DQ", 3 if sub else 2 if bsum else 1 if use_lop3 else 0), ("SBP", sbp),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1])), ("NPASS", npass or fold), ("NEARLY", early)]
              if norm is not None else [])
@@ -2171,6 +2262,13 @@ def plan_quantized_matmul(
     spec = _main_spec(has_bias, has_res, glu, norm is not None, pair_here, fold, norm_next is not None,
                       prenorm is not None)
     return replace(spec, shared_memory=smem), launch
+
+
+def sub_ok(lop3: bool, dtype, bits: int, scale_max: float | None) -> bool:
+    """The subnormal dequantization (DQ = 3) can run: the fp16 4-bit lop3 path and scales known to
+    stay below SUB_SCALE_LIMIT (BB_QMM_DQ=sub then takes it)."""
+    return (lop3 and dtype == mx.float16 and bits == 4 and scale_max is not None
+            and scale_max < SUB_SCALE_LIMIT)
 
 
 def _pair_shape(pair: str, rope: RopeStore | None, m: int, n: int) -> tuple[int, ...]:
@@ -2392,6 +2490,7 @@ def quantized_matmul(
     norm: "tuple[mx.array, float] | PendingNorm | None" = None,
     norm_out: tuple[mx.array, float] | None = None,
     packed: mx.array | None = None,
+    scale_max: float | None = None,
 ):
     """x @ dequantize(w, scales, biases).T (+ bias) (+ residual): MLX affine layout,
     transpose=True. glu: x is [..., 2K] = [gate | up] and the product uses silu(gate) * up.
@@ -2400,7 +2499,8 @@ def quantized_matmul(
     the launch that makes y also wrote it (the reduce kernel after a split K), NormParts where
     it wrote its share of it (one K-slice, BB_QMM_NORM_PRE), else (y, None). norm may also be
     a PendingNorm (x is then a producer's y * weight). packed: `pack_scales_biases(scales,
-    biases)`, which the custom kernel may read instead (BB_QMM_SB_PACK).
+    biases)`, which the custom kernel may read instead (BB_QMM_SB_PACK). scale_max: max |scales|
+    where the caller knows it (`plan_quantized_matmul`).
 
     Custom CUDA kernel when `backend.BACKEND == "cuda"` and the shape is covered (bias,
     residual, the gate product and the norm fused in where they fit), otherwise MLX ops."""
@@ -2413,7 +2513,7 @@ def quantized_matmul(
     cfg = _kernel_config(m, n, k, x, scales, biases, group_size, bits)
     if cfg is not None:
         y = _run_kernel(cfg, x, w, scales, biases, group_size, bits, m, n, k, bias, residual, glu, norm,
-                        norm_out=norm_out, packed=packed)
+                        norm_out=norm_out, packed=packed, scale_max=scale_max)
         if norm_out is None:
             return y.reshape(*lead, n)
         y, yn = y
@@ -2443,7 +2543,8 @@ def quantized_matmul(
 
 def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int, m: int, n: int, k: int, bias,
                 residual, glu: bool, norm, rope: RopeStore | None = None, glu_pair: bool = False,
-                norm_out: tuple[mx.array, float] | None = None, packed: mx.array | None = None):
+                norm_out: tuple[mx.array, float] | None = None, packed: mx.array | None = None,
+                scale_max: float | None = None):
     """The custom kernel (and its reduce kernel after a split K) on a call _kernel_config gave cfg.
     With norm_out (weight, eps): (y, y_n) as `quantized_matmul` returns them."""
     # Each block normalizes its rows itself, once: the sums of squares are taken while x is
@@ -2472,7 +2573,7 @@ def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int
     ks, launch = plan_quantized_matmul(
         "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
         residual=residual, glu=glu, norm=norm, config=cfg, rope=rope, glu_pair=glu_pair,
-        norm_next=norm_next, prenorm=prenorm, packed=packed,
+        norm_next=norm_next, prenorm=prenorm, packed=packed, scale_max=scale_max,
     )
     y, *ss = kspec.run(ks, launch)
     if norm_next is not None:
@@ -2504,7 +2605,8 @@ def project_rope_store(layer: "FusedQuantizedLinear", x: mx.array, norm: nn.RMSN
     if cfg is None:
         return None
     return _run_kernel(cfg, x, w, scales, biases, layer.group_size, layer.bits, m, n, k, layer.get("bias"), None,
-                       False, _norm_args(norm), rope, packed=layer.get("packed"))
+                       False, _norm_args(norm), rope, packed=layer.get("packed"),
+                       scale_max=getattr(layer, "scale_max", None))
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -2526,6 +2628,7 @@ class QuantizedLinear(nn.QuantizedLinear):
             norm=norm,
             norm_out=norm_out,
             packed=self.get("packed"),
+            scale_max=getattr(self, "scale_max", None),
         )
 
     @classmethod
@@ -2540,10 +2643,14 @@ class QuantizedLinear(nn.QuantizedLinear):
 
 
 def _add_packed(layer: nn.Module) -> None:
-    """layer["packed"] = its scales and biases as pairs, where BB_QMM_SB_PACK (1, norope) asks for them on CUDA."""
+    """layer["packed"] = its scales and biases as pairs, where BB_QMM_SB_PACK (1, norope) asks for them on CUDA;
+    with BB_QMM_DQ=sub on CUDA also layer.scale_max, max |scales| (once: the kernels then know whether
+    the subnormal dequantization may take the layer)."""
     if packs_scales() and layer.get("biases") is not None:
         layer["packed"] = pack_scales_biases(layer["scales"], layer["biases"])
         mx.eval(layer["packed"])
+    if DQ_MODE == "sub" and backend.BACKEND == "cuda" and layer["scales"].dtype == mx.float16:
+        object.__setattr__(layer, "scale_max", mx.max(mx.abs(layer["scales"])).item())
 
 
 @dataclass(frozen=True)
@@ -2699,10 +2806,12 @@ class FusedQuantizedLinear(nn.Module):
         cfg = _kernel_config(m, n, k, x, scales, biases, self.group_size, self.bits)
         if cfg is not None:
             y = _run_kernel(cfg, x, w, scales, biases, self.group_size, self.bits, m, n, k, self.get("bias"), None,
-                            False, _norm_args(norm), glu_pair=True, packed=self.get("packed"))
+                            False, _norm_args(norm), glu_pair=True, packed=self.get("packed"),
+                            scale_max=getattr(self, "scale_max", None))
             return y.reshape(*x.shape[:-1], n // 2)
         y = quantized_matmul(x, w, scales, biases, group_size=self.group_size, bits=self.bits,
-                             bias=self.get("bias"), norm=_norm_args(norm), packed=self.get("packed"))
+                             bias=self.get("bias"), norm=_norm_args(norm), packed=self.get("packed"),
+                             scale_max=getattr(self, "scale_max", None))
         y = y.reshape(*x.shape[:-1], n // 16, 2, 8)  # the paired rows: [gate 8 | up 8] per tile
         return (nn.silu(y[..., 0, :]) * y[..., 1, :]).reshape(*x.shape[:-1], n // 2)
 
@@ -2712,7 +2821,7 @@ class FusedQuantizedLinear(nn.Module):
         y = quantized_matmul(
             x, self["weight"], self["scales"], self["biases"],
             group_size=self.group_size, bits=self.bits, bias=self.get("bias"),
-            norm=_norm_args(norm), packed=self.get("packed"),
+            norm=_norm_args(norm), packed=self.get("packed"), scale_max=getattr(self, "scale_max", None),
         )
         return y if self._unorder is None or stored_order else mx.take(y, self._unorder, axis=-1)
 

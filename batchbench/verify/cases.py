@@ -244,6 +244,8 @@ def qmm_case(
     wn: int = 0,
     bias_sums: bool = False,
     packed: bool = False,
+    sub: bool = False,
+    wscale: float = 1.0,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
@@ -259,8 +261,10 @@ def qmm_case(
     prenorm (with norm), x reaches the kernel as round(x * nw) with its 16-column sums of squares
     (a PendingNorm), as a producer's norm_next wrote them. bias_sums: the lop3 dequantization
     without the bias (DQ = 2, one token), the bias entering through x's 32-k sums. packed: the
-    kernel reads the scales and biases as (scale, bias) pairs (`pack_scales_biases`, SBP)."""
-    w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
+    kernel reads the scales and biases as (scale, bias) pairs (`pack_scales_biases`, SBP). sub: the
+    subnormal dequantization (DQ = 3, scale_max passed); wscale: the weights' standard deviation
+    (0.02 puts most dequantized weights where sub's results are fp16 subnormals)."""
+    w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * wscale).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
     lb = mx.array(rng.standard_normal((n,)).astype(np.float32)).astype(dtype) if bias else None
@@ -288,6 +292,7 @@ def qmm_case(
         lop3=None if lop3 else False,  # False: the byte-permute dequantization
         glu_pair=glu_pair, norm_next=(nw2, 1e-5) if norm_next else None, prenorm=pending,
         bias_sums=bias_sums or None, packed=Q.pack_scales_biases(sc, bi) if packed else None,
+        scale_max=float(mx.max(mx.abs(sc)).item()) if sub else None, sub=True if sub else False,
     )
     xf = _f64(x)
     if glu:
@@ -351,7 +356,7 @@ def qmm_case(
         f"{'-ring' + str(ns) if ns else ''}{'-wf' + str(wf) if wf > 1 else ''}{'-wk' + str(wk) if wk else ''}{'-wn' + str(wn) if wn else ''}"
         f"{'' if pre is None else '-pre' + str(int(pre))}{'-p' + str(p) if p else ''}{'-normout' if norm_out else ''}"
         f"{'-nnext' if norm_next else ''}{'-prenorm' if prenorm else ''}{'-bsum' if bias_sums else ''}"
-        f"{'-packed' if packed else ''}"
+        f"{'-packed' if packed else ''}{'-sub' if sub else ''}{'-w' + format(wscale, 'g') if wscale != 1.0 else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -459,11 +464,26 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=32, bits=4, group_size=32, n=128, k=1280, split=2, norm=True, glu_pair=True, ns=4, packed=True),
         # down_proj's K at one token on three chunks a stage (h200_session's ab-sbpack-p3)
         dict(m=1, bits=4, group_size=32, n=32, k=18944, split=1, res=True, p=3, packed=True),
+        # the subnormal dequantization (BB_QMM_DQ=sub), weights of std 0.02 (most dequantized
+        # weights fp16 subnormals there) and 1: one token with a bias, the gate/up pair at 8 rows
+        # with a pending norm, a split K with its residual, groups of 64 and 128 unpacked, two
+        # token tiles, the ring with two feature tiles a warp, 32 rows with a folded norm
+        dict(m=1, bits=4, group_size=32, n=64, k=512, bias=True, packed=True, sub=True, wscale=0.02),
+        dict(m=8, bits=4, group_size=32, n=96, k=512, norm=True, prenorm=True, glu_pair=True, blocks=2,
+             packed=True, sub=True, wscale=0.02),
+        dict(m=8, bits=4, group_size=32, n=64, k=1024, split=4, res=True, packed=True, sub=True),
+        dict(m=5, bits=4, group_size=64, n=128, k=512, bias=True, sub=True, wscale=0.02),
+        dict(m=3, bits=4, group_size=128, n=64, k=1024, res=True, sub=True),
+        dict(m=13, bits=4, group_size=32, n=128, k=512, res=True, packed=True, sub=True, wscale=0.02),
+        dict(m=20, bits=4, group_size=32, n=256, k=512, res=True, blocks=3, ns=3, wf=2, packed=True, sub=True,
+             wscale=0.02),
+        dict(m=32, bits=4, group_size=32, n=128, k=1280, split=2, norm=True, glu_pair=True, ns=4, packed=True,
+             sub=True),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds
         specs = specs[:2] + [s for s in specs if (s.get("ns") and (s.get("split") or s.get("blocks", 0) > 2))
                              or s.get("split", 0) > 5 or s.get("wk") or (s.get("norm") and s.get("split", 0) > 1)
                              or s.get("norm_out") or s.get("norm_next") or s.get("prenorm") or s.get("bias_sums")
-                             or s.get("packed")]
+                             or s.get("packed") or s.get("sub")]
     return [qmm_case(rng, **s) for s in specs]

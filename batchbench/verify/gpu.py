@@ -56,10 +56,15 @@ def gpu_executor(portable: bool) -> C.Executor:
 def model_shape_cases(rng: np.random.Generator) -> list[C.Case]:
     """The 7B shapes at one token with choose_config's own geometry (too large for the CPU
     emulator): q/k/v with the norm and RoPE (4 warps along K, one block per tile) and the
-    down projection with the residual (two chunks a stage over 148 chunks, one block per tile)."""
+    down projection with the residual (two chunks a stage over 148 chunks, one block per tile);
+    at 8 tokens with the subnormal dequantization (BB_QMM_DQ=sub), the gate/up pair with a
+    pending norm and down_proj over its split K, weights of std 0.02."""
     return [qmm_rope_case(rng, m=1, n_heads=28, n_kv_heads=4, head_dim=128, k=3584, group_size=32,
                           bias=True, norm=True),
-            C.qmm_case(rng, m=1, n=3584, k=18944, group_size=32, res=True)]
+            C.qmm_case(rng, m=1, n=3584, k=18944, group_size=32, res=True),
+            C.qmm_case(rng, m=8, n=2 * 18944, k=3584, group_size=32, norm=True, prenorm=True, glu_pair=True,
+                       packed=True, sub=True, wscale=0.02),
+            C.qmm_case(rng, m=8, n=3584, k=18944, group_size=32, res=True, packed=True, sub=True, wscale=0.02)]
 
 
 def _row_line(r: dict) -> str:
@@ -96,6 +101,13 @@ def main() -> int:
         if not cases:
             print(f"batchbench.verify.gpu: BATCHBENCH_VERIFY_ONLY={','.join(only)} selects no case "
                   "(kinds: attn, qmm, qmm-rope, rope, mask, qmv8)", file=sys.stderr)
+            return 2
+    # BATCHBENCH_VERIFY_MATCH=-sub: only cases whose name contains it
+    match = os.environ.get("BATCHBENCH_VERIFY_MATCH", "")
+    if match:
+        cases = [c for c in cases if match in c.name]
+        if not cases:
+            print(f"batchbench.verify.gpu: BATCHBENCH_VERIFY_MATCH={match} selects no case", file=sys.stderr)
             return 2
     variants = ("ptx",) if quick else ("ptx", "portable")
     rows = []

@@ -919,18 +919,30 @@ def test_bb_qmm_dq_values(value, want):
     assert r.stdout.split() == [want]
 
 
-def test_lop3_everywhere_switch(monkeypatch):
-    """BB_QMM_LOP3_ALL=1: the long-K down projection at M=32 on register stages takes the lop3
-    dequantization too (DQ = 1, and with packed scales below 2 the subnormal one, DQ = 3)."""
+def test_sub_takes_the_long_k_narrow_matrices(monkeypatch):
+    """With BB_QMM_DQ=sub, packed scales below 2: the long-K down projection at M=32 on register
+    stages (byte permutes under lop3) takes the subnormal dequantization (DQ = 3); without what
+    sub needs, or with lop3 asked off, it keeps the byte permutes (DQ = 0). Wide matrices at two
+    token tiles keep theirs (not measured with sub)."""
     m, n, k = 32, 3584, 18944
     wq = mx.zeros((n, k // 8), mx.uint32)
     s = b = mx.zeros((n, k // 32), mx.float16)
     packed = mx.zeros((n, k // 32, 2), mx.float16)
     x = mx.zeros((m, k), mx.float16)
+
+    def dq(mode, **kw):
+        monkeypatch.setattr(qmm, "DQ_MODE", mode)
+        return dict(qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, **kw)[1].template)["DQ"]
+
+    assert dq("sub", packed=packed, scale_max=0.5) == 3
+    assert dq("sub", packed=packed, scale_max=2.5) == 0
+    assert dq("sub", scale_max=0.5) == 0
+    assert dq("sub", packed=packed, scale_max=0.5, lop3=False) == 0
+    assert dq("lop3", packed=packed, scale_max=0.5) == 0
+    n2, m2 = 37888, 16  # gate/up at M=16: two token tiles, register stages, byte permutes
+    wq2, s2 = mx.zeros((n2, 3584 // 8), mx.uint32), mx.zeros((n2, 3584 // 32), mx.float16)
     monkeypatch.setattr(qmm, "DQ_MODE", "sub")
-    got = {}
-    for on in (False, True):
-        monkeypatch.setattr(qmm, "LOP3_ALL", on)
-        got[on] = [dict(qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, **kw)[1].template)["DQ"]
-                   for kw in ({}, dict(packed=packed, scale_max=0.5))]
-    assert got == {False: [0, 0], True: [1, 3]}
+    _, launch = qmm.plan_quantized_matmul("cuda", mx.zeros((m2, 3584), mx.float16), wq2, s2, s2, group_size=32,
+                                          bits=4, packed=mx.zeros((n2, 3584 // 32, 2), mx.float16), scale_max=0.5)
+    cfg = qmm.choose_config(m2, n2, 3584, 4)
+    assert cfg.mt == 2 and cfg.ns == 0 and dict(launch.template)["DQ"] == 0

@@ -1744,9 +1744,6 @@ GLU_PAIR = env_choice("BB_QMM_GLU_PAIR", "1", ON_OFF) == "1"
 # 1.790-1.792 -> 1.771-1.773 ms, B=8 2.162-2.165 -> 2.107-2.109, B=32 3.468-3.475 -> 3.387-3.391.
 DQ_MODE = env_choice("BB_QMM_DQ", "sub", ("lop3", "prmt", "lop3b", "sub"))
 SUB_SCALE_LIMIT = 2.0  # s * 2^15 must stay finite in fp16
-# BB_QMM_LOP3_ALL=1: lop3 (and so sub) also where `_lop3` keeps the byte permutes (the long-K down
-# projection at M=32 on register stages, where x is then staged through registers, reordered)
-LOP3_ALL = env_choice("BB_QMM_LOP3_ALL", "0", ON_OFF) == "1"
 DEQUANT_LOP3 = DQ_MODE != "prmt"
 SMEM_PER_SM = 227 * 1024
 # Ring pipeline (QmmConfig.ns): BB_QMM_RING=n gives every covered call n slots per warp.
@@ -1916,7 +1913,7 @@ def _lop3(cfg: QmmConfig, n: int, k: int) -> bool:
     wide or long matrices at M=32 lose with it (gate/up 102 -> 123 us, down 63 -> 82) with the
     register stages, but win with the ring (results/h200-2026-11-29-s7, M=32: gate/up 79.9 ->
     75.2 us, lm_head 247 -> 234)."""
-    return DEQUANT_LOP3 and (LOP3_ALL or cfg.mt == 1 or cfg.ns > 0 or (n < _WIDE_N and k <= 8192))
+    return DEQUANT_LOP3 and (cfg.mt == 1 or cfg.ns > 0 or (n < _WIDE_N and k <= 8192))
 
 
 def _load_depth(m: int, mt: int, n: int, k: int, p: int) -> int:
@@ -2192,6 +2189,12 @@ def plan_quantized_matmul(
         raise ValueError(f"quantized_matmul: config {cfg} does not fit N={n} (wf 2 needs the ring, "
                          f"N a multiple of 16 * wn * wf)")
     use_lop3 = _lop3(cfg, n, k) if lop3 is None else lop3
+    wants_sub = (DQ_MODE == "sub" and sbp) if sub is None else sub
+    if lop3 is None and not use_lop3 and DEQUANT_LOP3 and wants_sub and n < _WIDE_N and sub_ok(True, x.dtype, bits, scale_max):
+        # The long-K narrow matrices (down_proj at M = 17-64) keep the byte permutes against lop3,
+        # but not against sub: H200 decode step at B=32, two runs each way (s27/call7), down 30.8-30.9
+        # -> 29.8 us, step 3.406-3.409 -> 3.373-3.378 ms.
+        use_lop3 = True
     bsum_ok = use_lop3 and _bias_sums_fit(cfg, m, bits, x.dtype, norm)
     if bias_sums and not bsum_ok:
         raise ValueError(f"quantized_matmul: the dequantization without the bias needs one token, fp16 4-bit "

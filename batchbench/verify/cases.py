@@ -479,6 +479,8 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
              wscale=0.02),
         dict(m=32, bits=4, group_size=32, n=128, k=1280, split=2, norm=True, glu_pair=True, ns=4, packed=True,
              sub=True),
+        # ... and the long-K narrow matrix at 4+ token tiles on register stages (down_proj at M = 17-64)
+        dict(m=20, bits=4, group_size=32, n=64, k=9216, split=6, res=True, packed=True, sub=True, wscale=0.02),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds

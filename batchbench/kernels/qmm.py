@@ -18,7 +18,9 @@ loads 16 contiguous bytes of two feature rows per chunk, which fall inside one q
 group, so it needs one scale and one bias per row. The k order inside an mma is free, so
 the lane's nibbles map to mma k-slots such that its x operand is 16 bytes of x staged in
 shared memory (swizzled: conflict-free 16-byte reads; for the fp16 "lop3" dequantization the
-8 halves of a granule are reordered to the {k, k+4} pairs it produces). Warps reduce through
+8 halves of a granule are reordered to the {k, k+4} pairs it produces). Where a layer's scales
+come packed and all lie below 2 (BB_QMM_DQ=sub, the default), lop3's codes are read as fp16
+subnormals instead: two instructions a pair of weights, bias included (qmm_dq4_sub). Warps reduce through
 shared memory; with S > 1 slices the block writes fp32 partials and a small second kernel
 sums them, adds the bias and the residual, and casts.
 

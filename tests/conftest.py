@@ -52,3 +52,19 @@ def assert_compile_for_sm90a(items: list) -> None:
         assert r.spill_stores == 0, f"{r.kernel_name} spills registers:\n{r.log}"
         host_headers = [w for w in r.warnings if "host header" in w]
         assert not host_headers, "\n".join(host_headers)
+
+
+def qmm_setting_read(var: str, value: str | None, expr: str) -> list[str]:
+    """`expr` printed by a fresh interpreter that imports qmm with the environment variable `var`
+    set to `value` (None: unset): settings are read once, at the first import."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != var}
+    if value is not None:
+        env[var] = value
+    r = subprocess.run([sys.executable, "-c", f"from batchbench.kernels import qmm; print({expr})"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()

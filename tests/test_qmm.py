@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 
 from batchbench import SettingError, env_choice, env_number
 from batchbench.kernels import qmm
+from conftest import qmm_setting_read
 
 MODEL_SHAPES = [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944), (152064, 3584), (896, 896), (128, 896), (4864, 896), (896, 4864)]
 
@@ -906,17 +907,7 @@ def test_swapped_layers_note_their_scale_bound(cuda_dispatch, monkeypatch, facto
 def test_bb_qmm_dq_values(value, want):
     """BB_QMM_DQ is read once, when qmm is first imported (a fresh interpreter each); sub is the
     default."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "BB_QMM_DQ"}
-    if value is not None:
-        env["BB_QMM_DQ"] = value
-    r = subprocess.run([sys.executable, "-c", "from batchbench.kernels import qmm; print(qmm.DQ_MODE)"],
-                       capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == [want]
+    assert qmm_setting_read("BB_QMM_DQ", value, "qmm.DQ_MODE") == [want]
 
 
 def test_sub_takes_the_long_k_narrow_matrices(monkeypatch):

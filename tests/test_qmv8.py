@@ -12,6 +12,7 @@ from batchbench.verify import emulate, toolchain
 from batchbench.verify.cases import _f64
 from batchbench.verify.qmv8_cases import definition, epilogue_definition, qmv8_cases
 from batchbench.verify.qmv8_cases import problem as _problem
+from conftest import qmm_setting_read
 
 
 def _definition(x, wq, s, b) -> np.ndarray:
@@ -272,17 +273,8 @@ def test_registers_where_a_row_is_one_step_at_one_token():
 def test_bb_qmm_x8_values(value, want):
     """BB_QMM_X8 is on by default (q/k/v included), 0 turns it off, noqkv keeps q/k/v on the fp16
     kernel; read once, when qmm is first imported (a fresh interpreter each)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "BB_QMM_X8"}
-    if value is not None:
-        env["BB_QMM_X8"] = value
-    r = subprocess.run([sys.executable, "-c", "from batchbench.kernels import qmm; print(qmm.X8_MODE, qmm.X8, qmm.X8_QKV)"],
-                       capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == [want[0], str(want[1]), str(want[2])]
+    got = qmm_setting_read("BB_QMM_X8", value, "qmm.X8_MODE, qmm.X8, qmm.X8_QKV")
+    assert got == [want[0], str(want[1]), str(want[2])]
 
 
 def test_bb_qmm_x8_takes_the_calls_session_25_measured_faster(monkeypatch, capsys):

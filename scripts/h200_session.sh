@@ -223,8 +223,6 @@ for what in "$@"; do
     # the decode step with BB_QMM_X8 off and on (the int8-activation kernel where qmm dispatches
     # to it; B = 1, 2, 3), twice
     ab-x8) ab_switch qmm-decode-prof-x8 BB_QMM_X8 "${DECODE_B:-1,2,3}" base@0 x8@1 base2@0 x82@1 ;;
-    # q/k/v with its RoPE epilogue through the int8 kernel too (BB_QMM_X8=1) against without
-    # (noqkv), twice; session 25 ran this with the value `qkv`, which is now 1
     # the subnormal dequantization (BB_QMM_DQ=sub: two instructions a pair of fp16 weights) against
     # lop3, twice each way
     ab-sub) ab_switch qmm-decode-prof-sub BB_QMM_DQ "${DECODE_B:-1,2,8,32}" base@lop3 sub@sub base2@lop3 sub2@sub ;;
@@ -232,6 +230,8 @@ for what in "$@"; do
     # compares 100 steps' argmax)
     model-sub) part model-check-sub 240 env BB_QMM_DQ=sub MODEL_CHECK_KERNELS=1 \
                  MODEL_CHECK_CASES="${SUB_CASES:-3:64:2,8:64:2,32:32:2,8:32:100}" python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
+    # q/k/v with its RoPE epilogue through the int8 kernel too (BB_QMM_X8=1) against without
+    # (noqkv), twice; session 25 ran this with the value `qkv`, which is now 1
     ab-x8qkv) ab_switch qmm-decode-prof-x8qkv BB_QMM_X8 "${DECODE_B:-1,2}" x8@noqkv qkv@1 x82@noqkv qkv2@1 ;;
     # the 1.5B model against its twins (the fp16 path) with BB_QMM_X8 off and on (X8_MODEL_V); the last case
     # compares 200 decode steps' argmax (teacher-forced random tokens)

@@ -337,8 +337,9 @@ __device__ __forceinline__ void qmm_dq4_lop3_nb(uint32_t u, uint32_t s2, uint32_
 // makes (s * code + b) * 2^-9, rounded once from the exact product (powers of two scale
 // exactly); the accumulators are multiplied by 2^9 after the products (qmm_kernel's SUB). S
 // overflows fp16 for |s| >= 2, so callers take this only for layers whose scales are below
-// that (`quantized_matmul`'s scale_max). Below 2^-14 the result keeps a fixed step of 2^-24,
-// i.e. 2^-15 in weight units: finer than fp16's own step for |w| >= 2^-5.
+// that (`quantized_matmul`'s scale_max). Below 2^-14 the result is subnormal, with a fixed step
+// of 2^-24: weights below 2^-5 in magnitude round to steps of 2^-15 (fp16's own step at 2^-5),
+// larger ones as in fp16.
 __device__ __forceinline__ uint32_t qmm_hfma2_sub(uint32_t v, uint32_t s2, uint32_t b2) {
 #ifdef BB_PORTABLE
   const float2 h = qmm_to_float2(v, false), s = qmm_to_float2(s2, false), b = qmm_to_float2(b2, false);
@@ -2191,6 +2192,9 @@ def plan_quantized_matmul(
         raise ValueError(f"quantized_matmul: config {cfg} does not fit N={n} (wf 2 needs the ring, "
                          f"N a multiple of 16 * wn * wf)")
     use_lop3 = _lop3(cfg, n, k) if lop3 is None else lop3
+    # sub taken by itself only with the packed pairs: unpacked, the scales and biases take three
+    # more HMUL2 a chunk, and the q/k/v projections with RoPE (unpacked under the default
+    # BB_QMM_SB_PACK=norope) lost 0.2-0.4 us with it on the H200 (results/h200-2026-11-30-s27/call4).
     wants_sub = (DQ_MODE == "sub" and sbp) if sub is None else sub
     if lop3 is None and not use_lop3 and DEQUANT_LOP3 and wants_sub and n < _WIDE_N and sub_ok(True, x.dtype, bits, scale_max):
         # The long-K narrow matrices (down_proj at M = 17-64) keep the byte permutes against lop3,
@@ -2206,10 +2210,7 @@ def plan_quantized_matmul(
     if sub and not can_sub:
         raise ValueError(f"quantized_matmul: the subnormal dequantization needs fp16 4-bit lop3 weights (no bias "
                          f"sums) and scales known below {SUB_SCALE_LIMIT} (scale_max={scale_max}, config {cfg})")
-    # Taken by itself only with the packed pairs: unpacked, the scales and biases take three
-    # more HMUL2 a chunk, and the q/k/v projections with RoPE (unpacked under the default
-    # BB_QMM_SB_PACK=norope) lost 0.2-0.4 us with it on the H200 (results/h200-2026-11-30-s27/call4).
-    sub = can_sub and (DQ_MODE == "sub" and sbp if sub is None else sub)
+    sub = can_sub and wants_sub
     extra = _bias_sums_bytes(cfg, k, bits) if bsum else 0
     need = cfg.smem(k, bits) + extra
     if need > SMEM_PER_SM:  # a launch would fail inside MLX's graph with "invalid argument"

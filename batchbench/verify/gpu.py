@@ -54,8 +54,8 @@ def gpu_executor(portable: bool) -> C.Executor:
 
 
 def model_shape_cases(rng: np.random.Generator) -> list[C.Case]:
-    """The 7B shapes at one token with choose_config's own geometry (too large for the CPU
-    emulator): q/k/v with the norm and RoPE (4 warps along K, one block per tile) and the
+    """The 7B shapes with choose_config's own geometry (too large for the CPU emulator). At one
+    token: q/k/v with the norm and RoPE (4 warps along K, one block per tile) and the
     down projection with the residual (two chunks a stage over 148 chunks, one block per tile);
     at 8 tokens with the subnormal dequantization (BB_QMM_DQ=sub), the gate/up pair with a
     pending norm and down_proj over its split K, weights of std 0.02."""

@@ -54,15 +54,18 @@ def param_count(cfg: dict) -> int:
     return L * per_layer + v * h + head + h
 
 
-def weight_bytes(cfg: dict, dtype=mx.float16, quant: str = "none", packed: bool = False) -> int:
+def weight_bytes(cfg: dict, dtype=mx.float16, quant: str = "none", packed: bool = False,
+                 wpacked: bool = False) -> int:
     """Bytes of weights on the device (embedding stays in `dtype`, linears quantized). packed:
-    the linears also keep their scales and biases as pairs (BB_QMM_SB_PACK on CUDA)."""
+    the linears also keep their scales and biases as pairs (BB_QMM_SB_PACK on CUDA); wpacked,
+    their weights repacked (BB_QMM_WPACK on CUDA)."""
     bits = QUANTS[quant]
     n = param_count(cfg)
     emb = cfg["vocab_size"] * cfg["hidden_size"]
     if bits is None:
         return n * dtype.size
-    per_weight = bits / 8 + 2 * 2 / GROUP_SIZE * (2 if packed else 1)  # bits + fp16 scale and bias a group
+    # bits (twice with wpacked) + fp16 scale and bias a group (twice with packed)
+    per_weight = bits / 8 * (2 if wpacked else 1) + 2 * 2 / GROUP_SIZE * (2 if packed else 1)
     return int(emb * dtype.size + (n - emb) * per_weight)
 
 

@@ -19,6 +19,7 @@ from batchbench.memory import activation_bytes, check_fits, kv_bytes
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 KV_TYPES = {"f16", "bf16", "f32"}
 PACK_OFF = "BB_QMM_SB_PACK=0 leaves them out"
+WPACK_OFF = "BB_QMM_WPACK=0 leaves them out"
 
 
 def _modes(values: dict, fa: int) -> list[Mode]:
@@ -72,8 +73,9 @@ def load(values: dict, dtype):
     from batchbench.kernels.qmm import fuse_quantized_projections, use_fast_quantized_linears
 
     model, cfg, name, quant, n_ctx_train = _load(values, dtype)
-    if qmm.packs_scales():  # a model file's pairs are known only now
-        check_fits(mx.get_active_memory() + qmm.packed_bytes(model), f"{name} with packed scales ({PACK_OFF})")
+    extra = qmm.packed_bytes(model)  # a model file's extra copies are known only now
+    if extra:
+        check_fits(mx.get_active_memory() + extra, f"{name}{_packed_note(qmm.packs_scales(), qmm.packs_weights())}")
     fuse_quantized_projections(model)
     use_fast_quantized_linears(model)
     note = qmm.x8_note(model)
@@ -88,8 +90,14 @@ def _weight_bytes(cfg: dict, dtype, quant: str) -> tuple[int, str]:
     from batchbench.kernels import qmm
 
     packed = qmm.packs_scales() and quant != "none"
-    note = f" with packed scales ({PACK_OFF})" if packed else ""
-    return presets.weight_bytes(cfg, dtype, quant, packed=packed), note
+    wpacked = qmm.packs_weights() and quant != "none"
+    return presets.weight_bytes(cfg, dtype, quant, packed=packed, wpacked=wpacked), _packed_note(packed, wpacked)
+
+
+def _packed_note(packed: bool, wpacked: bool) -> str:
+    """What a memory error adds about the swaps' extra copies."""
+    parts = ([f"packed scales ({PACK_OFF})"] if packed else []) + ([f"repacked weights ({WPACK_OFF})"] if wpacked else [])
+    return f" with {' and '.join(parts)}" if parts else ""
 
 
 def _load(values: dict, dtype):

@@ -766,21 +766,32 @@ def test_packed_scales_and_biases_replace_the_two_arrays():
             qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, packed=bad)
 
 
-def test_packed_bytes_count_every_quantized_linear():
-    """`packed_bytes`: what BB_QMM_SB_PACK adds, each quantized linear's scales and biases again;
-    the preset's estimate (weight_bytes with packed) agrees with it."""
+@pytest.mark.parametrize("sb_pack,wpack", [("1", False), ("0", True), ("1", True), ("0", False)])
+def test_packed_bytes_count_every_quantized_linear(monkeypatch, sb_pack, wpack):
+    """`packed_bytes` on CUDA: what the swaps' copies add, each quantized linear's scales and biases
+    again (BB_QMM_SB_PACK) and its weights again (BB_QMM_WPACK); the preset's estimate
+    (weight_bytes with packed, wpacked) agrees with it. Another back-end: nothing."""
     from batchbench.presets import make_preset, weight_bytes
 
+    monkeypatch.setattr(qmm, "SB_PACK", sb_pack)
+    monkeypatch.setattr(qmm, "WPACK", wpack)
     model, cfg = make_preset("tiny", mx.float16, "q4_0")
     layers = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
-    assert layers and qmm.packed_bytes(model) == sum(l["scales"].nbytes * 2 for l in layers)
-    extra = weight_bytes(cfg, mx.float16, "q4_0", packed=True) - weight_bytes(cfg, mx.float16, "q4_0")
-    assert extra == pytest.approx(qmm.packed_bytes(model), rel=0.01)
+    assert layers and qmm.packed_bytes(model) == 0  # the CPU back-end
+    monkeypatch.setattr(qmm.backend, "BACKEND", "cuda")
+    want = (sum(l["scales"].nbytes * 2 for l in layers) if sb_pack == "1" else 0) + \
+        (sum(l["weight"].nbytes for l in layers) if wpack else 0)
+    assert qmm.packed_bytes(model) == want
+    extra = (weight_bytes(cfg, mx.float16, "q4_0", packed=sb_pack == "1", wpacked=wpack)
+             - weight_bytes(cfg, mx.float16, "q4_0"))
+    assert extra == pytest.approx(want, rel=0.01, abs=0)
 
 
-def test_packing_is_checked_against_memory_before_it_is_made(monkeypatch):
-    """With BB_QMM_SB_PACK on CUDA, `run.load` checks the packed pairs against the free memory
-    before the swaps make them: a clear MemoryError naming them."""
+@pytest.mark.parametrize("sb_pack,wpack,named", [("1", False, "packed scales"), ("0", True, "repacked weights"),
+                                                 ("1", True, "packed scales .*BB_QMM_SB_PACK=0.* and repacked weights")])
+def test_packing_is_checked_against_memory_before_it_is_made(monkeypatch, sb_pack, wpack, named):
+    """With BB_QMM_SB_PACK or BB_QMM_WPACK on CUDA, `run.load` checks the copies against the free
+    memory before the swaps make them: a clear MemoryError naming them."""
     from batchbench import run
     from batchbench.presets import make_preset
 
@@ -790,22 +801,25 @@ def test_packing_is_checked_against_memory_before_it_is_made(monkeypatch):
         checked.append(what)
         raise MemoryError(f"{what} needs about {needed} bytes")
 
-    monkeypatch.setattr(qmm, "SB_PACK", "1")
+    monkeypatch.setattr(qmm, "SB_PACK", sb_pack)
+    monkeypatch.setattr(qmm, "WPACK", wpack)
     monkeypatch.setattr(run.backend, "BACKEND", "cuda")
     monkeypatch.setattr(run, "_load", lambda values, dtype: (
         make_preset("tiny", mx.float16, "q4_0")[0], {}, "tiny", "q4_0", 512))
     monkeypatch.setattr(run, "check_fits", check_fits)
-    with pytest.raises(MemoryError, match="packed scales"):
+    with pytest.raises(MemoryError, match=f"tiny with {named} .*leaves them out"):
         run.load({}, mx.float16)
     assert len(checked) == 1
 
 
-@pytest.mark.parametrize("pack,quant,back", [(True, "q4_0", "cuda"), (False, "q4_0", "cuda"), (True, "none", "cuda"),
-                                             (True, "q4_0", "cpu")])
-def test_preset_memory_check_counts_the_packed_pairs_and_says_how_to_drop_them(monkeypatch, pack, quant, back):
+@pytest.mark.parametrize("pack,quant,back,wpack", [(True, "q4_0", "cuda", False), (False, "q4_0", "cuda", False),
+                                                   (True, "none", "cuda", True), (True, "q4_0", "cpu", True),
+                                                   (True, "q4_0", "cuda", True), (False, "q4_0", "cuda", True)])
+def test_preset_memory_check_counts_the_packed_pairs_and_says_how_to_drop_them(monkeypatch, pack, quant, back, wpack):
     """A preset's memory check before anything is built: with BB_QMM_SB_PACK on CUDA (the default
-    there) it counts the packed pairs of the quantized linears, and its error says how to leave
-    them out; unquantized presets and other back-ends have none."""
+    there) it counts the packed pairs of the quantized linears, with BB_QMM_WPACK their repacked
+    weights, and its error says how to leave each out; unquantized presets and other back-ends
+    have none."""
     from batchbench import run
     from batchbench.presets import preset_config, weight_bytes
 
@@ -816,14 +830,17 @@ def test_preset_memory_check_counts_the_packed_pairs_and_says_how_to_drop_them(m
         raise MemoryError(what)
 
     monkeypatch.setattr(qmm, "SB_PACK", "1" if pack else "0")
+    monkeypatch.setattr(qmm, "WPACK", wpack)
     monkeypatch.setattr(run.backend, "BACKEND", back)
     monkeypatch.setattr(run, "check_fits", check_fits)
     with pytest.raises(MemoryError):
         run._load({"model": "preset:qwen2.5-7b", "quant": quant}, mx.float16)
     (needed, what), = checked
     packed = pack and quant != "none" and back == "cuda"
-    assert needed == weight_bytes(preset_config("qwen2.5-7b"), mx.float16, quant, packed=packed)
+    wpacked = wpack and quant != "none" and back == "cuda"
+    assert needed == weight_bytes(preset_config("qwen2.5-7b"), mx.float16, quant, packed=packed, wpacked=wpacked)
     assert ("BB_QMM_SB_PACK=0" in what) == packed
+    assert ("BB_QMM_WPACK=0" in what) == wpacked
 
 
 @pytest.mark.parametrize("mode", ["1", "norope"])
@@ -937,3 +954,54 @@ def test_sub_takes_the_long_k_narrow_matrices(monkeypatch):
                                           bits=4, packed=mx.zeros((n2, 3584 // 32, 2), mx.float16), scale_max=0.5)
     cfg = qmm.choose_config(m2, n2, 3584, 4)
     assert cfg.mt == 2 and cfg.ns == 0 and dict(launch.template)["DQ"] == 0
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_weights_puts_each_lane_s_16_bytes_in_load_order(bits):
+    """`pack_weights`: per 16-row block and chunk (64 bytes a row), 1 KB with rows 0-7 first, each
+    row's 64 bytes as lanes 4 * row + t take them; shape and dtype kept. Shapes the kernel does
+    not cover: a one-line error."""
+    n, k = 48, 3 * qmm.chunk_k(bits)
+    kw = k * bits // 32
+    w = mx.array(np.arange(n * kw, dtype=np.uint32).reshape(n, kw))
+    got = np.array(qmm.pack_weights(w, bits)).reshape(-1)
+    src = np.array(w)
+    want = np.empty(n * kw, np.uint32)
+    nch = k // qmm.chunk_k(bits)
+    for r in range(n):
+        for c in range(nch):
+            for t in range(4):
+                lane = 4 * (r % 8) + t
+                at = ((r // 16 * nch + c) * 2 + (r % 16) // 8) * 128 + lane * 4
+                want[at:at + 4] = src[r, c * 16 + t * 4:c * 16 + t * 4 + 4]
+    np.testing.assert_array_equal(got, want)
+    assert qmm.pack_weights(w, bits).shape == w.shape and qmm.pack_weights(w, bits).dtype == mx.uint32
+    with pytest.raises(ValueError, match="pack_weights: needs N % 16 == 0"):
+        qmm.pack_weights(w[:40], bits)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_swapped_layers_keep_repacked_weights_for_the_fp16_kernel(cuda_dispatch, monkeypatch, on):
+    """BB_QMM_WPACK=1 on CUDA: a swapped layer keeps `pack_weights` of its weights, which the fp16
+    kernel reads (WP); the int8 kernel (one token) still reads MLX's layout. Off: no copy."""
+    monkeypatch.setattr(qmm, "WPACK", on)
+    monkeypatch.setattr(qmm, "X8", True)
+    n, k = 512, 3584
+    wq, s, b = _quantized(n, k, 4, 32, mx.float16, seed=22)
+    layer = nn.QuantizedLinear(k, n, bias=False, group_size=32, bits=4)
+    layer.weight, layer.scales, layer.biases = wq, s, b
+    fast = qmm.QuantizedLinear.from_quantized(layer)
+    assert ("wpack" in fast) == on
+    fast(mx.zeros((8, k), mx.float16))
+    spec, launch = cuda_dispatch[-1]
+    assert dict(launch.template)["WP"] == on
+    assert launch.inputs[1] is (fast["wpack"] if on else fast["weight"])
+    fast(mx.zeros((1, k), mx.float16))
+    spec, launch = cuda_dispatch[-1]
+    assert spec.name.startswith("bb_qmv8") and launch.inputs[1] is fast["weight"]
+
+
+@pytest.mark.parametrize("value,want", [(None, "False"), ("1", "True"), ("0", "False")])
+def test_bb_qmm_wpack_values(value, want):
+    """BB_QMM_WPACK is off by default; read once, when qmm is first imported."""
+    assert qmm_setting_read("BB_QMM_WPACK", value, "qmm.WPACK") == [want]

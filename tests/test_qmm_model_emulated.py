@@ -20,7 +20,8 @@ from test_model_batching import run_batched
 
 
 def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidden: bool = False,
-            dq_mode: str = "lop3", n_seq: int = 2, sb_pack: bool = False, x8: bool = False) -> np.ndarray:
+            dq_mode: str = "lop3", n_seq: int = 2, sb_pack: bool = False, x8: bool = False,
+            wpack: bool = False) -> np.ndarray:
     model, _ = make_preset("tiny", mx.float16, "q4_0", seed=4)
     rng = np.random.default_rng(6)
     for layer in model.model.layers:  # a weight per norm, so that a misplaced one shows
@@ -32,6 +33,7 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
     monkeypatch.setattr(qmm, "X8", x8)
     monkeypatch.setattr(qmm, "SB_PACK", "1" if sb_pack else "0")  # read by the swaps below
     monkeypatch.setattr(qmm, "DQ_MODE", dq_mode)  # sub: the swaps also note each layer's scale_max
+    monkeypatch.setattr(qmm, "WPACK", wpack)  # the swaps also repack the weights
     # no RoPE / K-V-write pair epilogue: it writes the cache in place, which emulation cannot;
     # with x8 the gate/up rows paired (the int8 kernel's gate product), as on CUDA
     monkeypatch.setattr(qmm, "FUSE_ROPE", False)
@@ -39,7 +41,8 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
     qmm.use_fast_quantized_linears(model)
 
     def emulated(ks, launch):
-        launched.append((ks.name, dict(launch.template).get("DQ"), dict(launch.template).get("SBP")))
+        launched.append((ks.name, dict(launch.template).get("DQ"), dict(launch.template).get("SBP"),
+                         dict(launch.template).get("WP")))
         res = emulate(ks, launch, schedules=("forward",))
         return [mx.array(o).astype(dt) for o, dt in zip(res.outputs, launch.output_dtypes)]
 
@@ -57,11 +60,11 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
     return run_batched(runner, prompts, steps)
 
 
-@pytest.mark.parametrize("norm_pre,split_hidden,dq,sb_pack", [
-    (False, False, "lop3", False), (True, False, "lop3", False), (False, True, "lop3", False),
-    (True, False, "lop3b", False), (True, True, "lop3", True), (True, False, "sub", True),
-    (False, True, "sub", True)])
-def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split_hidden, dq, sb_pack):
+@pytest.mark.parametrize("norm_pre,split_hidden,dq,sb_pack,wpack", [
+    (False, False, "lop3", False, False), (True, False, "lop3", False, False), (False, True, "lop3", False, False),
+    (True, False, "lop3b", False, False), (True, True, "lop3", True, False), (True, False, "sub", True, False),
+    (False, True, "sub", True, True)])
+def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split_hidden, dq, sb_pack, wpack):
     """Logits within fp16 rounding of the MLX-op model, and the kernels that were meant to run
     did. norm_pre: o_proj and down_proj write y * weight and tile sums, q/k/v, gate/up and
     lm_head take them. split_hidden: o_proj and down_proj split K and their reduce kernel
@@ -71,21 +74,22 @@ def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split
     every layer's scales and biases packed as pairs at the swap (BB_QMM_SB_PACK), which every
     main kernel here reads (register stages); the MLX-op model keeps the two arrays. sub (packed):
     every main kernel dequantizes through fp16 subnormals (BB_QMM_DQ=sub, DQ = 3), the swaps
-    having found the q4_0 scales below 2."""
+    having found the q4_0 scales below 2. wpack: every main kernel reads the weights repacked at
+    the swap (BB_QMM_WPACK, WP)."""
     toolchain.need(toolchain.host_cxx)
     lop3b = dq == "lop3b"
     n_seq = 1 if lop3b else 2
     ref = _logits(monkeypatch, False, False, [], n_seq=n_seq)
-    runs: list[tuple[str, int, bool | None]] = []
-    got = _logits(monkeypatch, True, norm_pre, runs, split_hidden, dq, n_seq, sb_pack)
+    runs: list[tuple[str, int, bool | None, bool | None]] = []
+    got = _logits(monkeypatch, True, norm_pre, runs, split_hidden, dq, n_seq, sb_pack, wpack=wpack)
     launched = [name for name, *_ in runs]
-    main = [sbp for name, dq, sbp in runs if dq is not None]  # the main kernels (reduces have no DQ)
-    assert main and all(sbp is sb_pack for sbp in main)
+    main = [(sbp, wp) for name, d, sbp, wp in runs if d is not None]  # the main kernels (reduces have no DQ)
+    assert main and all(sbp is sb_pack and wp is wpack for sbp, wp in main)
     if lop3b:  # a decode step's 9 launches at one token take DQ = 2, but layer 0's q/k/v (its norm
         # fused: the embedding has no producer that wrote its parts); the prompt's 7 rows keep DQ = 1
         # but for lm_head, which takes the last row only
-        assert sum(d == 2 for _, d, _ in runs) == 2 * 8 + 1 and {d for _, d, _ in runs} == {1, 2}
-    main_dq = {d for _, d, _ in runs if d is not None}
+        assert sum(r[1] == 2 for r in runs) == 2 * 8 + 1 and {r[1] for r in runs} == {1, 2}
+    main_dq = {r[1] for r in runs if r[1] is not None}
     assert main_dq == ({3} if dq == "sub" else {1, 2} if lop3b else {1})
     assert np.isfinite(got).all()
     assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()

@@ -736,7 +736,7 @@ struct QmmNormIO {
 // row's rsqrt(mean + eps) from those partial sums before the bias (no norm passes over x).
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool PRE, bool SPLIT, bool HAS_BIAS,
           bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, bool EPRE, bool NOUT, bool NPRE,
-          bool SBP, typename E, typename O>
+          bool SBP, bool WP, typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
@@ -777,6 +777,9 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   const int NCHS = (NCH + S - 1) / S;       // most chunks in one K-slice
   const int XS = NCHS * CK + (BITS == 4 ? 16 : 8);  // x row stride in smem (halves)
   const int KW = K * BITS / 32;             // words per weight row
+  // WP: the weights repacked at load time (`pack_weights`): each 16-row block's chunk is 1 KB
+  // in lane order, so a warp's load is 512 contiguous bytes (MLX's layout: 64 bytes of 8 rows)
+  constexpr int CSTEP = WP ? 256 : CK * BITS / 32;  // words from one chunk of a lane's rows to the next
   const int NG = K / GS;
   const int NTILE = N / BN;
 
@@ -809,8 +812,13 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   const uint32_t* sp0;  // SBP
   auto at_tile = [&](int tile) {
     const int r0 = tile * BN + wn * 16 + g;
-    w0 = w + (size_t)r0 * KW + t * (KT * BITS / 32);
-    w1 = w0 + (size_t)8 * KW;
+    if constexpr (WP) {  // the 16-row block's chunks, 1 KB each: rows g of all lanes, then rows g + 8
+      w0 = w + (size_t)(tile * (BN / 16) + wn) * NCH * 256 + lane * 4;
+      w1 = w0 + 128;
+    } else {
+      w0 = w + (size_t)r0 * KW + t * (KT * BITS / 32);
+      w1 = w0 + (size_t)8 * KW;
+    }
     // When a chunk spans whole groups, the lane's group is c * CK / GS + t * KT / GS
     const size_t g0 = (size_t)r0 * NG + (CK % GS == 0 ? t * KT / GS : 0);
     if constexpr (SBP) {
@@ -826,8 +834,8 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     for (int p = 0; p < P; ++p) {
       const int c = c0 + p;
       if (c < wc1) {
-        st.wa[p] = qmm_ld_stream(w0 + c * (CK * BITS / 32));
-        st.wb[p] = qmm_ld_stream(w1 + c * (CK * BITS / 32));
+        st.wa[p] = qmm_ld_stream(w0 + c * CSTEP);
+        st.wb[p] = qmm_ld_stream(w1 + c * CSTEP);
         const int grp = CK % GS == 0 ? c * (CK / GS) : (c * CK + t * KT) / GS;
         if constexpr (SBP) {  // the bias in the high half: mul takes it from there
           st.sa[p] = st.ba[p] = sp0[grp];
@@ -853,10 +861,11 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
 #pragma unroll
         for (int f = 0; f < WF; ++f) {
           const int r0 = ptile * BN + (wn * WF + f) * 16 + g;
-          const uint32_t* src = w + (size_t)r0 * KW + t * (KT * BITS / 32) + (size_t)pc * (CK * BITS / 32);
+          const uint32_t* src = WP ? w + ((size_t)(ptile * (BN / 16) + wn * WF + f) * NCH + pc) * 256 + lane * 4
+                                   : w + (size_t)r0 * KW + t * (KT * BITS / 32) + (size_t)pc * CSTEP;
           unsigned char* d = ring + slot * SLOTB + f * FSLOT;
           qmm_cp_async<16>(d + lane * 16, src);
-          qmm_cp_async<16>(d + 512 + lane * 16, src + (size_t)8 * KW);
+          qmm_cp_async<16>(d + 512 + lane * 16, src + (WP ? (size_t)128 : (size_t)8 * KW));
           // lane t copies scales (t even) or biases (t odd) of row g (t < 2) or g + 8; SBP: the
           // first (t even) or second half of the row's pairs
           const size_t sr = (size_t)(r0 + 8 * (t >> 1)) * NG + (size_t)pc * (CK / GS);
@@ -1503,7 +1512,7 @@ QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + k
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ, EPRE,"
-    " {nout}, {npre}, SBP, {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, {ss}, x_shape[0], w_shape[0],"
+    " {nout}, {npre}, SBP, WP, {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, {ss}, x_shape[0], w_shape[0],"
     " w_shape[1] * 32 / BITS, {rope}, {nio});"
 )
 _SRC_REDUCE = (
@@ -1887,9 +1896,33 @@ def packs_scales() -> bool:
 
 
 def packed_bytes(model: nn.Module) -> int:
-    """What BB_QMM_SB_PACK's pairs add to `model`: each quantized linear's scales and biases again."""
-    return sum(m["scales"].nbytes + m["biases"].nbytes for _, m in model.named_modules()
-               if isinstance(m, nn.QuantizedLinear) and m.get("biases") is not None)
+    """What the swaps' extra copies add to `model`: each quantized linear's scales and biases again
+    (BB_QMM_SB_PACK's pairs) and, with BB_QMM_WPACK, its weights again."""
+    layers = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear) and m.get("biases") is not None]
+    return (sum(m["scales"].nbytes + m["biases"].nbytes for m in layers) if packs_scales() else 0) + \
+        (sum(m["weight"].nbytes for m in layers) if packs_weights() else 0)
+
+
+# BB_QMM_WPACK=1: the swaps on CUDA also keep each quantized linear's weights repacked for the
+# fp16-activation kernel (`pack_weights`: a warp's 16-byte loads then read 512 contiguous bytes
+# instead of 64 bytes of 8 rows each); the weights are then held twice. An A/B switch.
+WPACK = env_choice("BB_QMM_WPACK", "0", ON_OFF) == "1"
+
+
+def packs_weights() -> bool:
+    """The swaps keep repacked weights (BB_QMM_WPACK, read only by the CUDA kernels)."""
+    return WPACK and backend.BACKEND == "cuda"
+
+
+def pack_weights(w: mx.array, bits: int) -> mx.array:
+    """MLX's [N, K * bits / 32] uint32 weights in the kernel's load order (its WP layout): per 16-row
+    block and chunk (128 k at 4 bits, 64 at 8: 64 bytes a row), rows 0-7 then rows 8-15, each as
+    lane 4 * (row % 8) + t holds them (bytes 16 t .. 16 t + 15 of the row's chunk). Same shape."""
+    n, kw = w.shape
+    nch = kw * 32 // bits // chunk_k(bits)
+    if n % 16 or kw != nch * 16:
+        raise ValueError(f"pack_weights: needs N % 16 == 0 and K a multiple of {chunk_k(bits)}, got {n} x {kw} words")
+    return w.reshape(n // 16, 2, 8, nch, 4, 4).transpose(0, 3, 1, 2, 4, 5).reshape(n, kw)
 
 
 def pack_scales_biases(scales: mx.array, biases: mx.array) -> mx.array:
@@ -2156,6 +2189,7 @@ def plan_quantized_matmul(
     packed: mx.array | None = None,
     scale_max: float | None = None,
     sub: bool | None = None,
+    wpack: mx.array | None = None,
 ) -> tuple[KernelSpec, Launch]:
     """The main kernel's spec and launch (x taken as [M, K], or [M, 2K] with glu). With
     config.s > 1 its output is fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y
@@ -2172,7 +2206,8 @@ def plan_quantized_matmul(
     packed: `pack_scales_biases(scales, biases)`, which the kernel then reads instead of the two
     arrays (SBP). scale_max: max |scales| where the caller knows it; below SUB_SCALE_LIMIT and
     with BB_QMM_DQ=sub the fp16 4-bit lop3 dequantization takes two instructions a pair (DQ = 3;
-    sub=True asks for it whatever BB_QMM_DQ says, False keeps it off)."""
+    sub=True asks for it whatever BB_QMM_DQ says, False keeps it off). wpack: `pack_weights(w, bits)`,
+    which the kernel then reads instead of w (WP)."""
     if backend_name != "cuda":
         raise ValueError(f"quantized_matmul has a custom kernel only on cuda, not {backend_name!r}")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
@@ -2188,6 +2223,9 @@ def plan_quantized_matmul(
         raise ValueError(f"quantized_matmul: packed scales and biases must be {[*scales.shape, 2]} {scales.dtype}, "
                          f"got {list(packed.shape)} {packed.dtype}")
     sbp = packed is not None
+    if wpack is not None and (wpack.shape != w.shape or wpack.dtype != w.dtype):
+        raise ValueError(f"quantized_matmul: repacked weights must be {list(w.shape)} {w.dtype}, "
+                         f"got {list(wpack.shape)} {wpack.dtype}")
     if cfg.wf not in (1, 2) or (cfg.wf == 2 and not cfg.ns) or n % (16 * cfg.wn * cfg.wf):
         raise ValueError(f"quantized_matmul: config {cfg} does not fit N={n} (wf 2 needs the ring, "
                          f"N a multiple of 16 * wn * wf)")
@@ -2239,7 +2277,8 @@ def plan_quantized_matmul(
     # rounded up to 8 KiB steps (it is part of the kernel name, see the template below).
     smem = cfg.launch_smem(k, bits, extra)
     nt = 32 * cfg.wn * cfg.wk
-    inputs = [x.reshape(m, 2 * k if glu else k), w] + ([packed, packed] if sbp else [scales, biases])
+    inputs = [x.reshape(m, 2 * k if glu else k), w if wpack is None else wpack]
+    inputs += [packed, packed] if sbp else [scales, biases]
     inputs += ([bias] if has_bias else []) + ([residual.reshape(m, n)] if has_res else [])
     inputs += [norm[0]] if norm is not None else []
     inputs += rope.inputs() if rope_here else []
@@ -2258,7 +2297,7 @@ def plan_quantized_matmul(
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
             ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("WF", cfg.wf), ("PRE", cfg.pre and not cfg.ns),
             ("SPLIT", split), ("EPRE", EPI_PRE and not split),
-            ("DQ", 3 if sub else 2 if bsum else 1 if use_lop3 else 0), ("SBP", sbp),
+            ("DQ", 3 if sub else 2 if bsum else 1 if use_lop3 else 0), ("SBP", sbp), ("WP", wpack is not None),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1])), ("NPASS", npass or fold), ("NEARLY", early)]
              if norm is not None else [])
@@ -2497,6 +2536,7 @@ def quantized_matmul(
     norm_out: tuple[mx.array, float] | None = None,
     packed: mx.array | None = None,
     scale_max: float | None = None,
+    wpack: mx.array | None = None,
 ):
     """x @ dequantize(w, scales, biases).T (+ bias) (+ residual): MLX affine layout,
     transpose=True. glu: x is [..., 2K] = [gate | up] and the product uses silu(gate) * up.
@@ -2506,7 +2546,8 @@ def quantized_matmul(
     it wrote its share of it (one K-slice, BB_QMM_NORM_PRE), else (y, None). norm may also be
     a PendingNorm (x is then a producer's y * weight). packed: `pack_scales_biases(scales,
     biases)`, which the custom kernel may read instead (BB_QMM_SB_PACK). scale_max: max |scales|
-    where the caller knows it (`plan_quantized_matmul`).
+    where the caller knows it (`plan_quantized_matmul`). wpack: `pack_weights(w, bits)`, which the
+    fp16-activation kernel then reads (BB_QMM_WPACK).
 
     Custom CUDA kernel when `backend.BACKEND == "cuda"` and the shape is covered (bias,
     residual, the gate product and the norm fused in where they fit), otherwise MLX ops."""
@@ -2519,7 +2560,7 @@ def quantized_matmul(
     cfg = _kernel_config(m, n, k, x, scales, biases, group_size, bits)
     if cfg is not None:
         y = _run_kernel(cfg, x, w, scales, biases, group_size, bits, m, n, k, bias, residual, glu, norm,
-                        norm_out=norm_out, packed=packed, scale_max=scale_max)
+                        norm_out=norm_out, packed=packed, scale_max=scale_max, wpack=wpack)
         if norm_out is None:
             return y.reshape(*lead, n)
         y, yn = y
@@ -2550,7 +2591,7 @@ def quantized_matmul(
 def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int, m: int, n: int, k: int, bias,
                 residual, glu: bool, norm, rope: RopeStore | None = None, glu_pair: bool = False,
                 norm_out: tuple[mx.array, float] | None = None, packed: mx.array | None = None,
-                scale_max: float | None = None):
+                scale_max: float | None = None, wpack: mx.array | None = None):
     """The custom kernel (and its reduce kernel after a split K) on a call _kernel_config gave cfg.
     With norm_out (weight, eps): (y, y_n) as `quantized_matmul` returns them."""
     # Each block normalizes its rows itself, once: the sums of squares are taken while x is
@@ -2579,7 +2620,7 @@ def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int
     ks, launch = plan_quantized_matmul(
         "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
         residual=residual, glu=glu, norm=norm, config=cfg, rope=rope, glu_pair=glu_pair,
-        norm_next=norm_next, prenorm=prenorm, packed=packed, scale_max=scale_max,
+        norm_next=norm_next, prenorm=prenorm, packed=packed, scale_max=scale_max, wpack=wpack,
     )
     y, *ss = kspec.run(ks, launch)
     if norm_next is not None:
@@ -2612,7 +2653,7 @@ def project_rope_store(layer: "FusedQuantizedLinear", x: mx.array, norm: nn.RMSN
         return None
     return _run_kernel(cfg, x, w, scales, biases, layer.group_size, layer.bits, m, n, k, layer.get("bias"), None,
                        False, _norm_args(norm), rope, packed=layer.get("packed"),
-                       scale_max=getattr(layer, "scale_max", None))
+                       scale_max=getattr(layer, "scale_max", None), wpack=layer.get("wpack"))
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -2634,7 +2675,7 @@ class QuantizedLinear(nn.QuantizedLinear):
             norm=norm,
             norm_out=norm_out,
             packed=self.get("packed"),
-            scale_max=getattr(self, "scale_max", None),
+            scale_max=getattr(self, "scale_max", None), wpack=self.get("wpack"),
         )
 
     @classmethod
@@ -2651,12 +2692,17 @@ class QuantizedLinear(nn.QuantizedLinear):
 def _add_packed(layer: nn.Module) -> None:
     """layer["packed"] = its scales and biases as pairs, where BB_QMM_SB_PACK (1, norope) asks for them on CUDA;
     with BB_QMM_DQ=sub on CUDA also layer.scale_max, max |scales| (once: the kernels then know whether
-    the subnormal dequantization may take the layer)."""
+    the subnormal dequantization may take the layer); with BB_QMM_WPACK on CUDA layer["wpack"],
+    its weights in the kernel's load order."""
     if packs_scales() and layer.get("biases") is not None:
         layer["packed"] = pack_scales_biases(layer["scales"], layer["biases"])
         mx.eval(layer["packed"])
     if DQ_MODE == "sub" and backend.BACKEND == "cuda" and layer["scales"].dtype == mx.float16:
         object.__setattr__(layer, "scale_max", mx.max(mx.abs(layer["scales"])).item())
+    n, kw = layer["weight"].shape
+    if packs_weights() and layer.bits in _BITS and n % 16 == 0 and (kw * 32 // layer.bits) % chunk_k(layer.bits) == 0:
+        layer["wpack"] = pack_weights(layer["weight"], layer.bits)
+        mx.eval(layer["wpack"])
 
 
 @dataclass(frozen=True)
@@ -2813,11 +2859,11 @@ class FusedQuantizedLinear(nn.Module):
         if cfg is not None:
             y = _run_kernel(cfg, x, w, scales, biases, self.group_size, self.bits, m, n, k, self.get("bias"), None,
                             False, _norm_args(norm), glu_pair=True, packed=self.get("packed"),
-                            scale_max=getattr(self, "scale_max", None))
+                            scale_max=getattr(self, "scale_max", None), wpack=self.get("wpack"))
             return y.reshape(*x.shape[:-1], n // 2)
         y = quantized_matmul(x, w, scales, biases, group_size=self.group_size, bits=self.bits,
                              bias=self.get("bias"), norm=_norm_args(norm), packed=self.get("packed"),
-                             scale_max=getattr(self, "scale_max", None))
+                             scale_max=getattr(self, "scale_max", None), wpack=self.get("wpack"))
         y = y.reshape(*x.shape[:-1], n // 16, 2, 8)  # the paired rows: [gate 8 | up 8] per tile
         return (nn.silu(y[..., 0, :]) * y[..., 1, :]).reshape(*x.shape[:-1], n // 2)
 
@@ -2827,7 +2873,7 @@ class FusedQuantizedLinear(nn.Module):
         y = quantized_matmul(
             x, self["weight"], self["scales"], self["biases"],
             group_size=self.group_size, bits=self.bits, bias=self.get("bias"),
-            norm=_norm_args(norm), packed=self.get("packed"), scale_max=getattr(self, "scale_max", None),
+            norm=_norm_args(norm), packed=self.get("packed"), scale_max=getattr(self, "scale_max", None), wpack=self.get("wpack"),
         )
         return y if self._unorder is None or stored_order else mx.take(y, self._unorder, axis=-1)
 

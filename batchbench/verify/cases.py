@@ -246,6 +246,7 @@ def qmm_case(
     packed: bool = False,
     sub: bool = False,
     wscale: float = 1.0,
+    wpack: bool = False,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
@@ -263,7 +264,8 @@ def qmm_case(
     without the bias (DQ = 2, one token), the bias entering through x's 32-k sums. packed: the
     kernel reads the scales and biases as (scale, bias) pairs (`pack_scales_biases`, SBP). sub: the
     subnormal dequantization (DQ = 3, scale_max passed); wscale: the weights' standard deviation
-    (0.02 puts most dequantized weights where sub's results are fp16 subnormals)."""
+    (0.02 puts most dequantized weights where sub's results are fp16 subnormals). wpack: the
+    kernel reads the weights repacked in its load order (`pack_weights`, WP)."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * wscale).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -293,6 +295,7 @@ def qmm_case(
         glu_pair=glu_pair, norm_next=(nw2, 1e-5) if norm_next else None, prenorm=pending,
         bias_sums=bias_sums or None, packed=Q.pack_scales_biases(sc, bi) if packed else None,
         scale_max=float(mx.max(mx.abs(sc)).item()) if sub else None, sub=True if sub else False,
+        wpack=Q.pack_weights(wq, bits) if wpack else None,
     )
     xf = _f64(x)
     if glu:
@@ -357,6 +360,7 @@ def qmm_case(
         f"{'' if pre is None else '-pre' + str(int(pre))}{'-p' + str(p) if p else ''}{'-normout' if norm_out else ''}"
         f"{'-nnext' if norm_next else ''}{'-prenorm' if prenorm else ''}{'-bsum' if bias_sums else ''}"
         f"{'-packed' if packed else ''}{'-sub' if sub else ''}{'-w' + format(wscale, 'g') if wscale != 1.0 else ''}"
+        f"{'-wpack' if wpack else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -481,11 +485,24 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
              sub=True),
         # ... and the long-K narrow matrix at 4+ token tiles on register stages (down_proj at M = 17-64)
         dict(m=20, bits=4, group_size=32, n=64, k=9216, split=6, res=True, packed=True, sub=True, wscale=0.02),
+        # the weights repacked in the kernel's load order (BB_QMM_WPACK): one token with several
+        # persistent tiles and the next norm's parts, the gate/up pair at 8 rows (sub), a split K
+        # at two token tiles, 8-bit bf16 over a split K, the ring with two feature tiles a warp
+        # across persistent tiles, the ring at 32 rows after a split K (sub), byte permutes
+        dict(m=1, bits=4, group_size=32, n=208, k=512, res=True, blocks=3, norm_next=True, packed=True, wpack=True),
+        dict(m=8, bits=4, group_size=32, n=96, k=512, norm=True, prenorm=True, glu_pair=True, blocks=2,
+             packed=True, sub=True, wscale=0.02, wpack=True),
+        dict(m=13, bits=4, group_size=64, n=64, k=1024, split=2, bias=True, wpack=True),
+        dict(m=3, bits=8, group_size=128, n=64, k=1024, split=2, bias=True, dtype=mx.bfloat16, wpack=True),
+        dict(m=9, bits=4, group_size=32, n=256, k=512, res=True, blocks=3, ns=3, wf=2, packed=True, wpack=True),
+        dict(m=32, bits=4, group_size=32, n=128, k=1280, split=2, norm=True, glu_pair=True, ns=4, packed=True,
+             sub=True, wpack=True),
+        dict(m=5, bits=4, group_size=64, n=64, k=512, res=True, lop3=False, wpack=True),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds
         specs = specs[:2] + [s for s in specs if (s.get("ns") and (s.get("split") or s.get("blocks", 0) > 2))
                              or s.get("split", 0) > 5 or s.get("wk") or (s.get("norm") and s.get("split", 0) > 1)
                              or s.get("norm_out") or s.get("norm_next") or s.get("prenorm") or s.get("bias_sums")
-                             or s.get("packed") or s.get("sub")]
+                             or s.get("packed") or s.get("sub") or s.get("wpack")]
     return [qmm_case(rng, **s) for s in specs]

@@ -2652,8 +2652,7 @@ def project_rope_store(layer: "FusedQuantizedLinear", x: mx.array, norm: nn.RMSN
     if cfg is None:
         return None
     return _run_kernel(cfg, x, w, scales, biases, layer.group_size, layer.bits, m, n, k, layer.get("bias"), None,
-                       False, _norm_args(norm), rope, packed=layer.get("packed"),
-                       scale_max=getattr(layer, "scale_max", None), wpack=layer.get("wpack"))
+                       False, _norm_args(norm), rope, **layer_extras(layer))
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -2674,8 +2673,7 @@ class QuantizedLinear(nn.QuantizedLinear):
             glu=glu,
             norm=norm,
             norm_out=norm_out,
-            packed=self.get("packed"),
-            scale_max=getattr(self, "scale_max", None), wpack=self.get("wpack"),
+            **layer_extras(self),
         )
 
     @classmethod
@@ -2687,6 +2685,11 @@ class QuantizedLinear(nn.QuantizedLinear):
         dict.update(new, layer)
         _add_packed(new)
         return new
+
+
+def layer_extras(layer: nn.Module) -> dict:
+    """What a swapped layer's `_add_packed` made for the kernels, as `quantized_matmul`'s keywords."""
+    return dict(packed=layer.get("packed"), scale_max=getattr(layer, "scale_max", None), wpack=layer.get("wpack"))
 
 
 def _add_packed(layer: nn.Module) -> None:
@@ -2858,12 +2861,10 @@ class FusedQuantizedLinear(nn.Module):
         cfg = _kernel_config(m, n, k, x, scales, biases, self.group_size, self.bits)
         if cfg is not None:
             y = _run_kernel(cfg, x, w, scales, biases, self.group_size, self.bits, m, n, k, self.get("bias"), None,
-                            False, _norm_args(norm), glu_pair=True, packed=self.get("packed"),
-                            scale_max=getattr(self, "scale_max", None), wpack=self.get("wpack"))
+                            False, _norm_args(norm), glu_pair=True, **layer_extras(self))
             return y.reshape(*x.shape[:-1], n // 2)
         y = quantized_matmul(x, w, scales, biases, group_size=self.group_size, bits=self.bits,
-                             bias=self.get("bias"), norm=_norm_args(norm), packed=self.get("packed"),
-                             scale_max=getattr(self, "scale_max", None), wpack=self.get("wpack"))
+                             bias=self.get("bias"), norm=_norm_args(norm), **layer_extras(self))
         y = y.reshape(*x.shape[:-1], n // 16, 2, 8)  # the paired rows: [gate 8 | up 8] per tile
         return (nn.silu(y[..., 0, :]) * y[..., 1, :]).reshape(*x.shape[:-1], n // 2)
 
@@ -2873,7 +2874,7 @@ class FusedQuantizedLinear(nn.Module):
         y = quantized_matmul(
             x, self["weight"], self["scales"], self["biases"],
             group_size=self.group_size, bits=self.bits, bias=self.get("bias"),
-            norm=_norm_args(norm), packed=self.get("packed"), scale_max=getattr(self, "scale_max", None), wpack=self.get("wpack"),
+            norm=_norm_args(norm), **layer_extras(self),
         )
         return y if self._unorder is None or stored_order else mx.take(y, self._unorder, axis=-1)
 

@@ -17,6 +17,8 @@ Each is launched twice (the first compiles; profile both: ncu flushes caches bef
 PARTS=qmm or PARTS=attn picks one half. NCU_M=32 and NCU_NAMES=gate_up,down pick matmuls;
 NCU_NAMES=qkv_rope adds q/k/v with its RoPE epilogue as the decode step runs it (not by default);
 NCU_WF=2 also runs each picked matmul with two feature tiles per warp (QmmConfig.wf, the ring).
+NCU_WPACK=1 also runs each picked matmul on weights repacked in the kernel's load order
+(qmm.pack_weights, as BB_QMM_WPACK keeps them), right after the plain one.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ PARTS = os.environ.get("PARTS", "qmm,attn").split(",")
 NCU_M = [int(m) for m in os.environ.get("NCU_M", "1,32").split(",")]
 NCU_NAMES = os.environ.get("NCU_NAMES", "")
 NCU_WF = int(os.environ.get("NCU_WF", "1"))
+NCU_WPACK = os.environ.get("NCU_WPACK", "0") == "1"
 
 
 def qweights(n: int, k: int):
@@ -70,6 +73,11 @@ def run_qmm() -> None:
             print(f"qmm {name} M={m}: {cfg}", flush=True)
             for _ in range(2):
                 mx.eval(qmm.quantized_matmul(xin, w, s, b, group_size=32, bits=4, **kw))
+            if NCU_WPACK:
+                print(f"qmm {name} M={m} (repacked weights): {cfg}", flush=True)
+                wp = qmm.pack_weights(w, 4)
+                for _ in range(2):
+                    mx.eval(qmm.quantized_matmul(xin, w, s, b, group_size=32, bits=4, wpack=wp, **kw))
             if NCU_WF > 1 and cfg.ns > 0:
                 # the same matmul without its epilogue, then with NCU_WF feature tiles per warp
                 for c in (cfg, qmm.persistent(replace(cfg, wf=NCU_WF, ns=min(cfg.ns, 3)), k, 4)):

@@ -498,6 +498,9 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=32, bits=4, group_size=32, n=128, k=1280, split=2, norm=True, glu_pair=True, ns=4, packed=True,
              sub=True, wpack=True),
         dict(m=5, bits=4, group_size=64, n=64, k=512, res=True, lop3=False, wpack=True),
+        # the gate/up pair at 8 rows on 128-thread blocks (2 x 2 warps), as perf-notes' balanced A/B runs it
+        dict(m=8, bits=4, group_size=32, n=128, k=512, norm=True, prenorm=True, glu_pair=True, wn=2, wk=2, blocks=3,
+             packed=True, sub=True, wscale=0.02, wpack=True),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds

@@ -1919,9 +1919,9 @@ def pack_weights(w: mx.array, bits: int) -> mx.array:
     block and chunk (128 k at 4 bits, 64 at 8: 64 bytes a row), rows 0-7 then rows 8-15, each as
     lane 4 * (row % 8) + t holds them (bytes 16 t .. 16 t + 15 of the row's chunk). Same shape."""
     n, kw = w.shape
-    nch = kw * 32 // bits // chunk_k(bits)
-    if n % 16 or kw != nch * 16:
+    if not tiles_fit(n, kw * 32 // bits, bits):
         raise ValueError(f"pack_weights: needs N % 16 == 0 and K a multiple of {chunk_k(bits)}, got {n} x {kw} words")
+    nch = kw * 32 // bits // chunk_k(bits)
     return w.reshape(n // 16, 2, 8, nch, 4, 4).transpose(0, 3, 1, 2, 4, 5).reshape(n, kw)
 
 
@@ -2119,9 +2119,14 @@ def covered(m: int, n: int, k: int, x_dtype, scales, biases, group_size: int, bi
         and scales.dtype == x_dtype
         and biases.dtype == x_dtype
         and 1 <= m <= MAX_M
-        and n % 16 == 0
-        and k % chunk_k(bits) == 0
+        and tiles_fit(n, k, bits)
     )
+
+
+def tiles_fit(n: int, k: int, bits: int) -> bool:
+    """N in whole 16-row tiles and K in whole chunks: what the kernel's (and `pack_weights`'s)
+    layout needs."""
+    return n % 16 == 0 and k % chunk_k(bits) == 0
 
 
 @dataclass(frozen=True)
@@ -2234,7 +2239,8 @@ def plan_quantized_matmul(
     # more HMUL2 a chunk, and the q/k/v projections with RoPE (unpacked under the default
     # BB_QMM_SB_PACK=norope) lost 0.2-0.4 us with it on the H200 (results/h200-2026-11-30-s27/call4).
     wants_sub = (DQ_MODE == "sub" and sbp) if sub is None else sub
-    if lop3 is None and not use_lop3 and DEQUANT_LOP3 and wants_sub and n < _WIDE_N and sub_ok(True, x.dtype, bits, scale_max):
+    sub_fits = sub_ok(x.dtype, bits, scale_max)
+    if lop3 is None and not use_lop3 and DEQUANT_LOP3 and wants_sub and n < _WIDE_N and sub_fits:
         # The long-K narrow matrices (down_proj at M = 17-64) keep the byte permutes against lop3,
         # but not against sub: H200 decode step at B=32, two runs each way (s27/call7), down 30.8-30.9
         # -> 29.8 us, step 3.406-3.409 -> 3.373-3.378 ms.
@@ -2244,7 +2250,7 @@ def plan_quantized_matmul(
         raise ValueError(f"quantized_matmul: the dequantization without the bias needs one token, fp16 4-bit "
                          f"lop3, register stages, one feature tile a warp and no fused norm (config {cfg})")
     bsum = bsum_ok and (DQ_MODE == "lop3b" if bias_sums is None else bias_sums)
-    can_sub = sub_ok(use_lop3 and not bsum, x.dtype, bits, scale_max)
+    can_sub = use_lop3 and not bsum and sub_fits
     if sub and not can_sub:
         raise ValueError(f"quantized_matmul: the subnormal dequantization needs fp16 4-bit lop3 weights (no bias "
                          f"sums) and scales known below {SUB_SCALE_LIMIT} (scale_max={scale_max}, config {cfg})")
@@ -2309,11 +2315,10 @@ def plan_quantized_matmul(
     return replace(spec, shared_memory=smem), launch
 
 
-def sub_ok(lop3: bool, dtype, bits: int, scale_max: float | None) -> bool:
-    """The subnormal dequantization (DQ = 3) can run: the fp16 4-bit lop3 path and scales known to
-    stay below SUB_SCALE_LIMIT (BB_QMM_DQ=sub then takes it)."""
-    return (lop3 and dtype == mx.float16 and bits == 4 and scale_max is not None
-            and scale_max < SUB_SCALE_LIMIT)
+def sub_ok(dtype, bits: int, scale_max: float | None) -> bool:
+    """The subnormal dequantization (DQ = 3) can run on the lop3 path: fp16 4-bit weights whose
+    scales are known to stay below SUB_SCALE_LIMIT (BB_QMM_DQ=sub then takes it)."""
+    return dtype == mx.float16 and bits == 4 and scale_max is not None and scale_max < SUB_SCALE_LIMIT
 
 
 def _pair_shape(pair: str, rope: RopeStore | None, m: int, n: int) -> tuple[int, ...]:
@@ -2700,10 +2705,11 @@ def _add_packed(layer: nn.Module) -> None:
     if packs_scales() and layer.get("biases") is not None:
         layer["packed"] = pack_scales_biases(layer["scales"], layer["biases"])
         mx.eval(layer["packed"])
-    if DQ_MODE == "sub" and backend.BACKEND == "cuda" and layer["scales"].dtype == mx.float16:
+    # sub is taken only with the pairs: without them the bound (a device sync a layer) goes unused
+    if DQ_MODE == "sub" and layer.get("packed") is not None and layer["scales"].dtype == mx.float16:
         object.__setattr__(layer, "scale_max", mx.max(mx.abs(layer["scales"])).item())
     n, kw = layer["weight"].shape
-    if packs_weights() and layer.bits in _BITS and n % 16 == 0 and (kw * 32 // layer.bits) % chunk_k(layer.bits) == 0:
+    if packs_weights() and layer.bits in _BITS and tiles_fit(n, kw * 32 // layer.bits, layer.bits):
         layer["wpack"] = pack_weights(layer["weight"], layer.bits)
         mx.eval(layer["wpack"])
 

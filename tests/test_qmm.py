@@ -1001,7 +1001,7 @@ def test_swapped_layers_keep_repacked_weights_for_the_fp16_kernel(cuda_dispatch,
     assert spec.name.startswith("bb_qmv8") and launch.inputs[1] is fast["weight"]
 
 
-@pytest.mark.parametrize("value,want", [(None, "False"), ("1", "True"), ("0", "False")])
+@pytest.mark.parametrize("value,want", [(None, "True"), ("1", "True"), ("0", "False")])
 def test_bb_qmm_wpack_values(value, want):
-    """BB_QMM_WPACK is off by default; read once, when qmm is first imported."""
+    """BB_QMM_WPACK is on by default; read once, when qmm is first imported."""
     assert qmm_setting_read("BB_QMM_WPACK", value, "qmm.WPACK") == [want]

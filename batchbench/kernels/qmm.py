@@ -1903,10 +1903,11 @@ def packed_bytes(model: nn.Module) -> int:
         (sum(m["weight"].nbytes for m in layers) if packs_weights() else 0)
 
 
-# BB_QMM_WPACK=1: the swaps on CUDA also keep each quantized linear's weights repacked for the
-# fp16-activation kernel (`pack_weights`: a warp's 16-byte loads then read 512 contiguous bytes
-# instead of 64 bytes of 8 rows each); the weights are then held twice. An A/B switch.
-WPACK = env_choice("BB_QMM_WPACK", "0", ON_OFF) == "1"
+# BB_QMM_WPACK (on by default): the swaps on CUDA also keep each quantized linear's weights
+# repacked for the fp16-activation kernel (`pack_weights`: a warp's 16-byte loads then read 512
+# contiguous bytes instead of 64 bytes of 8 rows each). The int8 kernel and prefill still read
+# MLX's layout, so the weights are held twice; 0 trades the speed at M >= 2 for that memory.
+WPACK = env_choice("BB_QMM_WPACK", "1", ON_OFF) == "1"
 
 
 def packs_weights() -> bool:

@@ -774,7 +774,7 @@ def test_packed_bytes_count_every_quantized_linear(monkeypatch, sb_pack, wpack):
     from batchbench.presets import make_preset, weight_bytes
 
     monkeypatch.setattr(qmm, "SB_PACK", sb_pack)
-    monkeypatch.setattr(qmm, "WPACK", wpack)
+    monkeypatch.setattr(qmm, "WPACK", "1" if wpack else "0")
     model, cfg = make_preset("tiny", mx.float16, "q4_0")
     layers = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
     assert layers and qmm.packed_bytes(model) == 0  # the CPU back-end
@@ -802,7 +802,7 @@ def test_packing_is_checked_against_memory_before_it_is_made(monkeypatch, sb_pac
         raise MemoryError(f"{what} needs about {needed} bytes")
 
     monkeypatch.setattr(qmm, "SB_PACK", sb_pack)
-    monkeypatch.setattr(qmm, "WPACK", wpack)
+    monkeypatch.setattr(qmm, "WPACK", "1" if wpack else "0")
     monkeypatch.setattr(run.backend, "BACKEND", "cuda")
     monkeypatch.setattr(run, "_load", lambda values, dtype: (
         make_preset("tiny", mx.float16, "q4_0")[0], {}, "tiny", "q4_0", 512))
@@ -830,7 +830,7 @@ def test_preset_memory_check_counts_the_packed_pairs_and_says_how_to_drop_them(m
         raise MemoryError(what)
 
     monkeypatch.setattr(qmm, "SB_PACK", "1" if pack else "0")
-    monkeypatch.setattr(qmm, "WPACK", wpack)
+    monkeypatch.setattr(qmm, "WPACK", "1" if wpack else "0")
     monkeypatch.setattr(run.backend, "BACKEND", back)
     monkeypatch.setattr(run, "check_fits", check_fits)
     with pytest.raises(MemoryError):
@@ -980,28 +980,68 @@ def test_pack_weights_puts_each_lane_s_16_bytes_in_load_order(bits):
         qmm.pack_weights(w[:40], bits)
 
 
-@pytest.mark.parametrize("on", [True, False])
-def test_swapped_layers_keep_repacked_weights_for_the_fp16_kernel(cuda_dispatch, monkeypatch, on):
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_pack_pairs_puts_a_block_s_chunk_of_pairs_together_in_row_order(group_size):
+    """`pack_pairs`: per 16-row block and chunk (128 k at 4 bits), the chunk's CPG pairs of rows
+    0-15 in row order, as a ring slot holds them; shape and dtype kept. Groups that straddle
+    chunks (8 bits, group 128), or rows that are not whole tiles: a one-line error."""
+    n, k, bits = 48, 3 * qmm.chunk_k(4), 4
+    ng = k // group_size
+    src = np.arange(n * ng * 2, dtype=np.float16).reshape(n, ng, 2)
+    got = np.array(qmm.pack_pairs(mx.array(src), bits, group_size)).reshape(-1, 2)
+    cpg, nch = qmm.chunk_k(bits) // group_size, k // qmm.chunk_k(bits)
+    want = np.empty((n * ng, 2), np.float16)
+    for r in range(n):
+        for q in range(ng):
+            c, j = divmod(q, cpg)
+            want[((r // 16 * nch + c) * 16 + r % 16) * cpg + j] = src[r, q]
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="pack_pairs: needs N % 16 == 0"):
+        qmm.pack_pairs(mx.array(src[:40]), bits, group_size)
+    with pytest.raises(ValueError, match="groups dividing it"):
+        qmm.pack_pairs(mx.zeros((16, 2, 2), mx.float16), 8, 128)
+
+
+@pytest.mark.parametrize("mode", ["1", "0", "pairs"])
+def test_swapped_layers_keep_repacked_weights_for_the_fp16_kernel(cuda_dispatch, monkeypatch, mode):
     """BB_QMM_WPACK=1 on CUDA: a swapped layer keeps `pack_weights` of its weights, which the fp16
-    kernel reads (WP); the int8 kernel (one token) still reads MLX's layout. Off: no copy."""
-    monkeypatch.setattr(qmm, "WPACK", on)
+    kernel reads (WP = 1); the int8 kernel (one token) still reads MLX's layout. Off: no copy.
+    pairs: the packed pairs are `pack_pairs`' in place of the row-order ones (WP = 2)."""
+    monkeypatch.setattr(qmm, "WPACK", mode)
+    monkeypatch.setattr(qmm, "SB_PACK", "1")
     monkeypatch.setattr(qmm, "X8", True)
+    on = mode != "0"
     n, k = 512, 3584
     wq, s, b = _quantized(n, k, 4, 32, mx.float16, seed=22)
     layer = nn.QuantizedLinear(k, n, bias=False, group_size=32, bits=4)
     layer.weight, layer.scales, layer.biases = wq, s, b
     fast = qmm.QuantizedLinear.from_quantized(layer)
     assert ("wpack" in fast) == on
+    rows = np.array(qmm.pack_scales_biases(s, b))
+    want_pairs = np.array(qmm.pack_pairs(mx.array(rows), 4, 32)) if mode == "pairs" else rows
+    np.testing.assert_array_equal(np.array(fast["packed"]), want_pairs)
     fast(mx.zeros((8, k), mx.float16))
     spec, launch = cuda_dispatch[-1]
-    assert dict(launch.template)["WP"] == on
-    assert launch.inputs[1] is (fast["wpack"] if on else fast["weight"])
+    assert dict(launch.template)["WP"] == {"0": 0, "1": 1, "pairs": 2}[mode]
+    assert launch.inputs[1] is (fast["wpack"] if on else fast["weight"]) and launch.inputs[2] is fast["packed"]
     fast(mx.zeros((1, k), mx.float16))
     spec, launch = cuda_dispatch[-1]
     assert spec.name.startswith("bb_qmv8") and launch.inputs[1] is fast["weight"]
 
 
-@pytest.mark.parametrize("value,want", [(None, "True"), ("1", "True"), ("0", "False")])
+def test_repacked_pairs_need_what_their_layout_assumes():
+    """ppack without the repacked weights or the pairs, or with groups that straddle a chunk:
+    a one-line error, not a kernel reading the wrong bytes."""
+    n, k = 64, 512
+    x = mx.zeros((8, k), mx.float16)
+    wq, s, b = _quantized(n, k, 4, 32, mx.float16, seed=3)
+    packed = qmm.pack_pairs(qmm.pack_scales_biases(s, b), 4, 32)
+    for kw in (dict(packed=packed), dict(wpack=qmm.pack_weights(wq, 4))):
+        with pytest.raises(ValueError, match="repacked pairs come with"):
+            qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, ppack=True, **kw)
+
+
+@pytest.mark.parametrize("value,want", [(None, "pairs"), ("1", "1"), ("0", "0"), ("pairs", "pairs")])
 def test_bb_qmm_wpack_values(value, want):
-    """BB_QMM_WPACK is on by default; read once, when qmm is first imported."""
+    """BB_QMM_WPACK is pairs (weights and pairs repacked) by default; read once, when qmm is first imported."""
     assert qmm_setting_read("BB_QMM_WPACK", value, "qmm.WPACK") == [want]

@@ -21,7 +21,7 @@ from test_model_batching import run_batched
 
 def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidden: bool = False,
             dq_mode: str = "lop3", n_seq: int = 2, sb_pack: bool = False, x8: bool = False,
-            wpack: bool = False) -> np.ndarray:
+            wpack: str = "0") -> np.ndarray:
     model, _ = make_preset("tiny", mx.float16, "q4_0", seed=4)
     rng = np.random.default_rng(6)
     for layer in model.model.layers:  # a weight per norm, so that a misplaced one shows
@@ -33,7 +33,7 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
     monkeypatch.setattr(qmm, "X8", x8)
     monkeypatch.setattr(qmm, "SB_PACK", "1" if sb_pack else "0")  # read by the swaps below
     monkeypatch.setattr(qmm, "DQ_MODE", dq_mode)  # sub: the swaps also note each layer's scale_max
-    monkeypatch.setattr(qmm, "WPACK", wpack)  # the swaps also repack the weights
+    monkeypatch.setattr(qmm, "WPACK", wpack)  # the swaps also repack the weights (and with pairs the pairs)
     # no RoPE / K-V-write pair epilogue: it writes the cache in place, which emulation cannot;
     # with x8 the gate/up rows paired (the int8 kernel's gate product), as on CUDA
     monkeypatch.setattr(qmm, "FUSE_ROPE", False)
@@ -61,9 +61,9 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
 
 
 @pytest.mark.parametrize("norm_pre,split_hidden,dq,sb_pack,wpack", [
-    (False, False, "lop3", False, False), (True, False, "lop3", False, False), (False, True, "lop3", False, False),
-    (True, False, "lop3b", False, False), (True, True, "lop3", True, False), (True, False, "sub", True, False),
-    (False, True, "sub", True, True)])
+    (False, False, "lop3", False, "0"), (True, False, "lop3", False, "0"), (False, True, "lop3", False, "0"),
+    (True, False, "lop3b", False, "0"), (True, True, "lop3", True, "0"), (True, False, "sub", True, "0"),
+    (False, True, "sub", True, "1"), (True, False, "sub", True, "pairs")])
 def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split_hidden, dq, sb_pack, wpack):
     """Logits within fp16 rounding of the MLX-op model, and the kernels that were meant to run
     did. norm_pre: o_proj and down_proj write y * weight and tile sums, q/k/v, gate/up and
@@ -74,8 +74,8 @@ def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split
     every layer's scales and biases packed as pairs at the swap (BB_QMM_SB_PACK), which every
     main kernel here reads (register stages); the MLX-op model keeps the two arrays. sub (packed):
     every main kernel dequantizes through fp16 subnormals (BB_QMM_DQ=sub, DQ = 3), the swaps
-    having found the q4_0 scales below 2. wpack: every main kernel reads the weights repacked at
-    the swap (BB_QMM_WPACK, WP)."""
+    having found the q4_0 scales below 2. wpack 1: every main kernel reads the weights repacked at
+    the swap (BB_QMM_WPACK, WP = 1); pairs: the packed pairs too (WP = 2)."""
     toolchain.need(toolchain.host_cxx)
     lop3b = dq == "lop3b"
     n_seq = 1 if lop3b else 2
@@ -84,7 +84,7 @@ def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split
     got = _logits(monkeypatch, True, norm_pre, runs, split_hidden, dq, n_seq, sb_pack, wpack=wpack)
     launched = [name for name, *_ in runs]
     main = [(sbp, wp) for name, d, sbp, wp in runs if d is not None]  # the main kernels (reduces have no DQ)
-    assert main and all(sbp is sb_pack and wp is wpack for sbp, wp in main)
+    assert main and all(sbp is sb_pack and wp == {"0": 0, "1": 1, "pairs": 2}[wpack] for sbp, wp in main)
     if lop3b:  # a decode step's 9 launches at one token take DQ = 2, but layer 0's q/k/v (its norm
         # fused: the embedding has no producer that wrote its parts); the prompt's 7 rows keep DQ = 1
         # but for lm_head, which takes the last row only

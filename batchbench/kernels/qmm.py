@@ -736,7 +736,7 @@ struct QmmNormIO {
 // row's rsqrt(mean + eps) from those partial sums before the bias (no norm passes over x).
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool PRE, bool SPLIT, bool HAS_BIAS,
           bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, bool EPRE, bool NOUT, bool NPRE,
-          bool SBP, bool WP, typename E, typename O>
+          bool SBP, int WP, typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
@@ -780,6 +780,12 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   // WP: the weights repacked at load time (`pack_weights`): each 16-row block's chunk is 1 KB
   // in lane order, so a warp's load is 512 contiguous bytes (MLX's layout: 64 bytes of 8 rows)
   constexpr int CSTEP = WP ? 256 : CK * BITS / 32;  // words from one chunk of a lane's rows to the next
+  // WP = 2: the pairs (SBP) repacked too (`pack_pairs`): each 16-row block's chunk is its rows'
+  // CPG pairs in row order, 64 * CPG contiguous bytes (the ring slot's order) where MLX's layout
+  // has 4 * CPG bytes of each of 16 rows
+  constexpr bool PR = WP == 2;
+  constexpr int CPG = CK % GS == 0 ? CK / GS : 1;  // pairs of a row in one chunk
+  static_assert(!PR || (SBP && CK % GS == 0), "qmm: repacked pairs need the pairs and whole groups in a chunk");
   const int NG = K / GS;
   const int NTILE = N / BN;
 
@@ -821,7 +827,10 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
     }
     // When a chunk spans whole groups, the lane's group is c * CK / GS + t * KT / GS
     const size_t g0 = (size_t)r0 * NG + (CK % GS == 0 ? t * KT / GS : 0);
-    if constexpr (SBP) {
+    if constexpr (PR) {  // word g * CPG + q of the block's chunk, rows g + 8 at 8 * CPG
+      sp0 = reinterpret_cast<const uint32_t*>(scales) + (size_t)(tile * (BN / 16) + wn) * NCH * 16 * CPG
+            + g * CPG + t * KT / GS;
+    } else if constexpr (SBP) {
       sp0 = reinterpret_cast<const uint32_t*>(scales) + g0;
     } else {
       sc0 = reinterpret_cast<const uint16_t*>(scales) + g0;
@@ -837,7 +846,10 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         st.wa[p] = qmm_ld_stream(w0 + c * CSTEP);
         st.wb[p] = qmm_ld_stream(w1 + c * CSTEP);
         const int grp = CK % GS == 0 ? c * (CK / GS) : (c * CK + t * KT) / GS;
-        if constexpr (SBP) {  // the bias in the high half: mul takes it from there
+        if constexpr (PR) {
+          st.sa[p] = st.ba[p] = sp0[c * 16 * CPG];
+          st.sb[p] = st.bb[p] = sp0[c * 16 * CPG + 8 * CPG];
+        } else if constexpr (SBP) {  // the bias in the high half: mul takes it from there
           st.sa[p] = st.ba[p] = sp0[grp];
           st.sb[p] = st.bb[p] = sp0[grp + 8 * NG];
         } else {
@@ -868,9 +880,12 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
           qmm_cp_async<16>(d + 512 + lane * 16, src + (WP ? (size_t)128 : (size_t)8 * KW));
           // lane t copies scales (t even) or biases (t odd) of row g (t < 2) or g + 8; SBP: the
           // first (t even) or second half of the row's pairs
+          // PR: the block's chunk holds the slot's bytes in the slot's order
+          const int so = ((g + 8 * (t >> 1)) * 2 + (t & 1)) * SB;
           const size_t sr = (size_t)(r0 + 8 * (t >> 1)) * NG + (size_t)pc * (CK / GS);
-          const T* ssrc = SBP ? scales + 2 * sr + (t & 1) * (SB / 2) : ((t & 1) ? biases : scales) + sr;
-          qmm_cp_async<SB>(d + 1024 + ((g + 8 * (t >> 1)) * 2 + (t & 1)) * SB, ssrc);
+          const T* ssrc = PR ? scales + ((size_t)(ptile * (BN / 16) + wn * WF + f) * NCH + pc) * 16 * SB + so / 2
+                          : SBP ? scales + 2 * sr + (t & 1) * (SB / 2) : ((t & 1) ? biases : scales) + sr;
+          qmm_cp_async<SB>(d + 1024 + so, ssrc);
         }
         if (++pc == wc1) {
           pc = wc0;
@@ -1903,16 +1918,19 @@ def packed_bytes(model: nn.Module) -> int:
         (sum(m["weight"].nbytes for m in layers) if packs_weights() else 0)
 
 
-# BB_QMM_WPACK (on by default): the swaps on CUDA also keep each quantized linear's weights
-# repacked for the fp16-activation kernel (`pack_weights`: a warp's 16-byte loads then read 512
-# contiguous bytes instead of 64 bytes of 8 rows each). The int8 kernel and prefill still read
-# MLX's layout, so the weights are held twice; 0 trades the speed at M >= 2 for that memory.
-WPACK = env_choice("BB_QMM_WPACK", "1", ON_OFF) == "1"
+# BB_QMM_WPACK: the swaps on CUDA also keep each quantized linear's weights repacked for the
+# fp16-activation kernel (`pack_weights`: a warp's 16-byte loads then read 512 contiguous bytes
+# instead of 64 bytes of 8 rows each). The int8 kernel and prefill still read MLX's layout, so
+# the weights are held twice; 0 trades the speed at M >= 2 for that memory. pairs (the default):
+# the packed (scale, bias) pairs too, in place (`pack_pairs`; only that kernel reads them);
+# 1: the weights alone. H200 decode step, two runs each way (results/h200-2026-11-30-s28/call4),
+# 1 -> pairs: B=2 1.71 -> 1.69 ms, B=8 1.99 -> 1.96, B=32 3.27 -> 3.16.
+WPACK = env_choice("BB_QMM_WPACK", "pairs", ON_OFF + ("pairs",))
 
 
 def packs_weights() -> bool:
     """The swaps keep repacked weights (BB_QMM_WPACK, read only by the CUDA kernels)."""
-    return WPACK and backend.BACKEND == "cuda"
+    return WPACK != "0" and backend.BACKEND == "cuda"
 
 
 def pack_weights(w: mx.array, bits: int) -> mx.array:
@@ -1924,6 +1942,24 @@ def pack_weights(w: mx.array, bits: int) -> mx.array:
         raise ValueError(f"pack_weights: needs N % 16 == 0 and K a multiple of {chunk_k(bits)}, got {n} x {kw} words")
     nch = kw * 32 // bits // chunk_k(bits)
     return w.reshape(n // 16, 2, 8, nch, 4, 4).transpose(0, 3, 1, 2, 4, 5).reshape(n, kw)
+
+
+def pairs_fit(n: int, k: int, bits: int, group_size: int) -> bool:
+    """`pack_pairs` can lay out this matrix: whole tiles and chunks, whole groups in a chunk."""
+    return tiles_fit(n, k, bits) and chunk_k(bits) % group_size == 0
+
+
+def pack_pairs(packed: mx.array, bits: int, group_size: int) -> mx.array:
+    """`pack_scales_biases`' [N, G, 2] pairs in the kernel's load order (its WP = 2 layout): per
+    16-row block and chunk, the chunk's pairs of rows 0-15 in row order (a ring slot's bytes).
+    Same shape; `pack_weights`' weights come with it."""
+    n, ng = packed.shape[:2]
+    k = ng * group_size
+    if not pairs_fit(n, k, bits, group_size):
+        raise ValueError(f"pack_pairs: needs N % 16 == 0, K a multiple of {chunk_k(bits)} and groups "
+                         f"dividing it, got {n} x {k} in groups of {group_size}")
+    cpg = chunk_k(bits) // group_size
+    return packed.reshape(n // 16, 16, ng // cpg, cpg, 2).transpose(0, 2, 1, 3, 4).reshape(packed.shape)
 
 
 def pack_scales_biases(scales: mx.array, biases: mx.array) -> mx.array:
@@ -2196,6 +2232,7 @@ def plan_quantized_matmul(
     scale_max: float | None = None,
     sub: bool | None = None,
     wpack: mx.array | None = None,
+    ppack: bool = False,
 ) -> tuple[KernelSpec, Launch]:
     """The main kernel's spec and launch (x taken as [M, K], or [M, 2K] with glu). With
     config.s > 1 its output is fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y
@@ -2213,7 +2250,8 @@ def plan_quantized_matmul(
     arrays (SBP). scale_max: max |scales| where the caller knows it; below SUB_SCALE_LIMIT and
     with BB_QMM_DQ=sub the fp16 4-bit lop3 dequantization takes two instructions a pair (DQ = 3;
     sub=True asks for it whatever BB_QMM_DQ says, False keeps it off). wpack: `pack_weights(w, bits)`,
-    which the kernel then reads instead of w (WP)."""
+    which the kernel then reads instead of w (WP). ppack: packed is `pack_pairs` of the pairs
+    (needs wpack; WP = 2)."""
     if backend_name != "cuda":
         raise ValueError(f"quantized_matmul has a custom kernel only on cuda, not {backend_name!r}")
     m, n, k = _shape_info(x, w, scales, biases, group_size, bits, glu)
@@ -2232,6 +2270,9 @@ def plan_quantized_matmul(
     if wpack is not None and (wpack.shape != w.shape or wpack.dtype != w.dtype):
         raise ValueError(f"quantized_matmul: repacked weights must be {list(w.shape)} {w.dtype}, "
                          f"got {list(wpack.shape)} {wpack.dtype}")
+    if ppack and (wpack is None or not sbp or chunk_k(bits) % group_size):
+        raise ValueError("quantized_matmul: repacked pairs come with the packed pairs, the repacked weights "
+                         f"and whole groups in a chunk ({chunk_k(bits)} k), got group_size {group_size}")
     if cfg.wf not in (1, 2) or (cfg.wf == 2 and not cfg.ns) or n % (16 * cfg.wn * cfg.wf):
         raise ValueError(f"quantized_matmul: config {cfg} does not fit N={n} (wf 2 needs the ring, "
                          f"N a multiple of 16 * wn * wf)")
@@ -2304,7 +2345,8 @@ def plan_quantized_matmul(
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
             ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("WF", cfg.wf), ("PRE", cfg.pre and not cfg.ns),
             ("SPLIT", split), ("EPRE", EPI_PRE and not split),
-            ("DQ", 3 if sub else 2 if bsum else 1 if use_lop3 else 0), ("SBP", sbp), ("WP", wpack is not None),
+            ("DQ", 3 if sub else 2 if bsum else 1 if use_lop3 else 0), ("SBP", sbp),
+            ("WP", 0 if wpack is None else 2 if ppack else 1),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1])), ("NPASS", npass or fold), ("NEARLY", early)]
              if norm is not None else [])
@@ -2543,6 +2585,7 @@ def quantized_matmul(
     packed: mx.array | None = None,
     scale_max: float | None = None,
     wpack: mx.array | None = None,
+    ppack: bool = False,
 ):
     """x @ dequantize(w, scales, biases).T (+ bias) (+ residual): MLX affine layout,
     transpose=True. glu: x is [..., 2K] = [gate | up] and the product uses silu(gate) * up.
@@ -2553,7 +2596,7 @@ def quantized_matmul(
     a PendingNorm (x is then a producer's y * weight). packed: `pack_scales_biases(scales,
     biases)`, which the custom kernel may read instead (BB_QMM_SB_PACK). scale_max: max |scales|
     where the caller knows it (`plan_quantized_matmul`). wpack: `pack_weights(w, bits)`, which the
-    fp16-activation kernel then reads (BB_QMM_WPACK).
+    fp16-activation kernel then reads (BB_QMM_WPACK); ppack: packed is `pack_pairs` of the pairs.
 
     Custom CUDA kernel when `backend.BACKEND == "cuda"` and the shape is covered (bias,
     residual, the gate product and the norm fused in where they fit), otherwise MLX ops."""
@@ -2566,7 +2609,7 @@ def quantized_matmul(
     cfg = _kernel_config(m, n, k, x, scales, biases, group_size, bits)
     if cfg is not None:
         y = _run_kernel(cfg, x, w, scales, biases, group_size, bits, m, n, k, bias, residual, glu, norm,
-                        norm_out=norm_out, packed=packed, scale_max=scale_max, wpack=wpack)
+                        norm_out=norm_out, packed=packed, scale_max=scale_max, wpack=wpack, ppack=ppack)
         if norm_out is None:
             return y.reshape(*lead, n)
         y, yn = y
@@ -2597,7 +2640,7 @@ def quantized_matmul(
 def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int, m: int, n: int, k: int, bias,
                 residual, glu: bool, norm, rope: RopeStore | None = None, glu_pair: bool = False,
                 norm_out: tuple[mx.array, float] | None = None, packed: mx.array | None = None,
-                scale_max: float | None = None, wpack: mx.array | None = None):
+                scale_max: float | None = None, wpack: mx.array | None = None, ppack: bool = False):
     """The custom kernel (and its reduce kernel after a split K) on a call _kernel_config gave cfg.
     With norm_out (weight, eps): (y, y_n) as `quantized_matmul` returns them."""
     # Each block normalizes its rows itself, once: the sums of squares are taken while x is
@@ -2620,13 +2663,14 @@ def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int
         residual = residual.astype(x.dtype)
     pair = glu_pair or rope is not None
     if rope is not None and cfg.s == 1 and SB_PACK == "norope":
-        packed = None
+        packed, ppack = None, False
     norm_next = norm_out if (NORM_PRE and norm_out is not None and _norm_parts_fit(cfg, pair)
                              and _norm_weight_ok(norm_out[0], n, x.dtype)) else None
     ks, launch = plan_quantized_matmul(
         "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
         residual=residual, glu=glu, norm=norm, config=cfg, rope=rope, glu_pair=glu_pair,
         norm_next=norm_next, prenorm=prenorm, packed=packed, scale_max=scale_max, wpack=wpack,
+        ppack=ppack,
     )
     y, *ss = kspec.run(ks, launch)
     if norm_next is not None:
@@ -2695,14 +2739,16 @@ class QuantizedLinear(nn.QuantizedLinear):
 
 def layer_extras(layer: nn.Module) -> dict:
     """What a swapped layer's `_add_packed` made for the kernels, as `quantized_matmul`'s keywords."""
-    return dict(packed=layer.get("packed"), scale_max=getattr(layer, "scale_max", None), wpack=layer.get("wpack"))
+    return dict(packed=layer.get("packed"), scale_max=getattr(layer, "scale_max", None), wpack=layer.get("wpack"),
+                ppack=getattr(layer, "ppack", False))
 
 
 def _add_packed(layer: nn.Module) -> None:
     """layer["packed"] = its scales and biases as pairs, where BB_QMM_SB_PACK (1, norope) asks for them on CUDA;
     with BB_QMM_DQ=sub on CUDA also layer.scale_max, max |scales| (once: the kernels then know whether
     the subnormal dequantization may take the layer); with BB_QMM_WPACK on CUDA layer["wpack"],
-    its weights in the kernel's load order."""
+    its weights in the kernel's load order, and with BB_QMM_WPACK=pairs its pairs in that order
+    too (in place of the row-order ones: nothing else reads them; layer.ppack)."""
     if packs_scales() and layer.get("biases") is not None:
         layer["packed"] = pack_scales_biases(layer["scales"], layer["biases"])
         mx.eval(layer["packed"])
@@ -2713,6 +2759,11 @@ def _add_packed(layer: nn.Module) -> None:
     if packs_weights() and layer.bits in _BITS and tiles_fit(n, kw * 32 // layer.bits, layer.bits):
         layer["wpack"] = pack_weights(layer["weight"], layer.bits)
         mx.eval(layer["wpack"])
+        if WPACK == "pairs" and layer.get("packed") is not None and pairs_fit(n, kw * 32 // layer.bits, layer.bits,
+                                                                                layer.group_size):
+            layer["packed"] = pack_pairs(layer["packed"], layer.bits, layer.group_size)
+            mx.eval(layer["packed"])
+            object.__setattr__(layer, "ppack", True)
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,7 @@ def qmm_case(
     sub: bool = False,
     wscale: float = 1.0,
     wpack: bool = False,
+    ppack: bool = False,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
@@ -265,7 +266,8 @@ def qmm_case(
     kernel reads the scales and biases as (scale, bias) pairs (`pack_scales_biases`, SBP). sub: the
     subnormal dequantization (DQ = 3, scale_max passed); wscale: the weights' standard deviation
     (0.02 puts most dequantized weights where sub's results are fp16 subnormals). wpack: the
-    kernel reads the weights repacked in its load order (`pack_weights`, WP)."""
+    kernel reads the weights repacked in its load order (`pack_weights`, WP); ppack (with packed
+    and wpack): the pairs too (`pack_pairs`, WP = 2)."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * wscale).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -293,7 +295,9 @@ def qmm_case(
         norm=(nw, 1e-5) if norm and not prenorm else None, config=cfg,
         lop3=None if lop3 else False,  # False: the byte-permute dequantization
         glu_pair=glu_pair, norm_next=(nw2, 1e-5) if norm_next else None, prenorm=pending,
-        bias_sums=bias_sums or None, packed=Q.pack_scales_biases(sc, bi) if packed else None,
+        bias_sums=bias_sums or None,
+        packed=(Q.pack_pairs(Q.pack_scales_biases(sc, bi), bits, group_size) if ppack else Q.pack_scales_biases(sc, bi))
+        if packed else None, ppack=ppack,
         scale_max=float(mx.max(mx.abs(sc)).item()) if sub else None, sub=True if sub else False,
         wpack=Q.pack_weights(wq, bits) if wpack else None,
     )
@@ -360,7 +364,7 @@ def qmm_case(
         f"{'' if pre is None else '-pre' + str(int(pre))}{'-p' + str(p) if p else ''}{'-normout' if norm_out else ''}"
         f"{'-nnext' if norm_next else ''}{'-prenorm' if prenorm else ''}{'-bsum' if bias_sums else ''}"
         f"{'-packed' if packed else ''}{'-sub' if sub else ''}{'-w' + format(wscale, 'g') if wscale != 1.0 else ''}"
-        f"{'-wpack' if wpack else ''}"
+        f"{'-wpack' if wpack else ''}{'-pairs' if ppack else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -501,6 +505,23 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         # the gate/up pair at 8 rows on 128-thread blocks (2 x 2 warps), as perf-notes' balanced A/B runs it
         dict(m=8, bits=4, group_size=32, n=128, k=512, norm=True, prenorm=True, glu_pair=True, wn=2, wk=2, blocks=3,
              packed=True, sub=True, wscale=0.02, wpack=True),
+        # ... and the pairs repacked too (BB_QMM_WPACK=pairs, WP = 2): register stages at one token
+        # over persistent tiles, the gate/up pair at 8 rows (sub), groups of 64 over a split K,
+        # 8-bit bf16 (two groups a chunk), the ring with two feature tiles a warp, the ring at 32
+        # rows after a split K (sub), the ring in groups of 64, byte permutes
+        dict(m=1, bits=4, group_size=32, n=208, k=512, res=True, blocks=3, norm_next=True, packed=True, wpack=True,
+             ppack=True),
+        dict(m=8, bits=4, group_size=32, n=96, k=512, norm=True, prenorm=True, glu_pair=True, blocks=2,
+             packed=True, sub=True, wscale=0.02, wpack=True, ppack=True),
+        dict(m=13, bits=4, group_size=64, n=64, k=1024, split=2, bias=True, packed=True, wpack=True, ppack=True),
+        dict(m=3, bits=8, group_size=32, n=64, k=1024, split=2, bias=True, dtype=mx.bfloat16, packed=True,
+             wpack=True, ppack=True),
+        dict(m=9, bits=4, group_size=32, n=256, k=512, res=True, blocks=3, ns=3, wf=2, packed=True, wpack=True,
+             ppack=True),
+        dict(m=32, bits=4, group_size=32, n=128, k=1280, split=2, norm=True, glu_pair=True, ns=4, packed=True,
+             sub=True, wpack=True, ppack=True),
+        dict(m=20, bits=4, group_size=64, n=128, k=1024, res=True, blocks=2, ns=3, packed=True, wpack=True, ppack=True),
+        dict(m=5, bits=4, group_size=64, n=64, k=512, res=True, lop3=False, packed=True, wpack=True, ppack=True),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds

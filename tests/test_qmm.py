@@ -1045,3 +1045,54 @@ def test_repacked_pairs_need_what_their_layout_assumes():
 def test_bb_qmm_wpack_values(value, want):
     """BB_QMM_WPACK is pairs (weights and pairs repacked) by default; read once, when qmm is first imported."""
     assert qmm_setting_read("BB_QMM_WPACK", value, "qmm.WPACK") == [want]
+
+
+def test_phases_take_the_split_gate_up_at_four_token_tiles(monkeypatch):
+    """BB_QMM_PHASES=1: where the ring's wide matrices below lm_head's width split K over 2 blocks
+    at M = 17-32 (gate/up), one persistent block walks its tiles over both halves of K instead
+    (s=1, ph=2), with room for every tile's sums it walks; lm_head, down and M <= 16 keep their
+    configs. Off (the default): unchanged."""
+    monkeypatch.setenv("BATCHBENCH_SMS", "132")
+    monkeypatch.setenv("BATCHBENCH_SMEM_KB", "227")
+    off = {m: qmm.choose_config(m, 37888, 3584, 4) for m in (16, 17, 32)}
+    monkeypatch.setattr(qmm, "PHASES", True)
+    for m in (17, 32):
+        c = qmm.choose_config(m, 37888, 3584, 4)
+        assert off[m].s == 2 and off[m].ph == 1 and off[m].ns
+        assert (c.s, c.ph, c.ns, c.blocks) == (1, 2, off[m].ns, 132)
+        assert c.ptiles == -(-c.tiles(37888) // 132) and c.smem(3584, 4) <= qmm.SMEM_PER_SM - qmm.SMEM_STEP
+        assert c.xbytes(3584, 4) == off[m].xbytes(3584, 4)  # x's half, as each K-slice staged it
+    assert qmm.choose_config(16, 37888, 3584, 4) == off[16]
+    for n, k in ((152064, 3584), (3584, 18944), (4608, 3584)):
+        assert qmm.choose_config(32, n, k, 4).ph == 1
+
+
+def test_phased_launch_writes_y_itself_and_needs_what_it_assumes(cuda_dispatch, monkeypatch):
+    """A phased config: one launch (no reduce kernel), its output y in the activation dtype (the
+    gate product here), PH in the template, x's half in its shared memory plus the tiles' sums.
+    Configs it does not fit: a one-line error."""
+    monkeypatch.setenv("BATCHBENCH_SMS", "132")
+    monkeypatch.setattr(qmm, "PHASES", True)
+    m, n, k = 32, 37888, 3584
+    x = mx.zeros((m, k), mx.float16)
+    wq, s, b = _quantized(n, k, 4, 32, mx.float16, seed=5)
+    cfg = qmm.choose_config(m, n, k, 4)
+    spec, launch = qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, glu_pair=True)
+    assert dict(launch.template)["PH"] == 2 and launch.output_dtypes == [mx.float16]
+    assert launch.output_shapes == [(m, n // 2)] and launch.grid[1] == 1
+    assert spec.shared_memory == cfg.launch_smem(k, 4)
+    y = qmm.quantized_matmul(x, wq, s, b, group_size=32, bits=4)
+    assert y.shape == (m, n) and len(cuda_dispatch) == 1 and dict(cuda_dispatch[0][1].template)["PH"] == 2
+    bad = [dataclasses.replace(cfg, ptiles=cfg.ptiles - 1), dataclasses.replace(cfg, ns=0), dataclasses.replace(cfg, s=2)]
+    for c in bad:
+        with pytest.raises(ValueError, match="K in phases needs"):
+            qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, config=c)
+    with pytest.raises(ValueError, match="K in phases needs"):
+        qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, config=cfg,
+                                  norm=(mx.ones((k,), mx.float16), 1e-5))
+
+
+@pytest.mark.parametrize("value,want", [(None, "False"), ("1", "True"), ("0", "False")])
+def test_bb_qmm_phases_values(value, want):
+    """BB_QMM_PHASES is off by default; read once, when qmm is first imported."""
+    assert qmm_setting_read("BB_QMM_PHASES", value, "qmm.PHASES") == [want]

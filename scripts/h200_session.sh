@@ -245,15 +245,6 @@ for what in "$@"; do
                  part model-check-pairs 240 env BB_QMM_WPACK=pairs MODEL_CHECK_KERNELS=1 \
                    MODEL_CHECK_CASES="${PAIRS_CASES:-2:64:2,8:64:2,32:32:2,8:32:100}" python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
     ab-pairs) ab_switch qmm-decode-prof-pairs BB_QMM_WPACK "${DECODE_B:-2,8,32}" wp@1 pr@pairs wp2@1 pr2@pairs ;;
-    # K in phases of one block (BB_QMM_PHASES' configs, as patches checked against mx.dequantize
-    # first): the -ph verify.gpu cases, then gate/up at M=32 split (base), phased on 4 x 2 warps
-    # (ph) and on 2 x 4 warps (phw: 32-row tiles, 9 a block, as even as the split's), twice each
-    phases-ab) part verify-gpu-quick-ph 120 env BATCHBENCH_VERIFY_QUICK=1 BATCHBENCH_VERIFY_ONLY=qmm \
-                 BATCHBENCH_VERIFY_MATCH=-ph OUT="$R" python3 -m batchbench.verify.gpu
-               for v in base@ ph@gu:32:s=1,ph=2,blocks=persist,ptiles=5 phw@gu:32:s=1,ph=2,wn=2,wk=4,blocks=persist,ptiles=9 \
-                        base2@ ph2@gu:32:s=1,ph=2,blocks=persist,ptiles=5 phw2@gu:32:s=1,ph=2,wn=2,wk=4,blocks=persist,ptiles=9; do
-                 decode_prof "qmm-decode-prof-${v%%@*}" QMM_PATCH="${v#*@}" QMM_DECODE_B="${DECODE_B:-32}"
-               done ;;
     # q/k/v with its RoPE epilogue through the int8 kernel too (BB_QMM_X8=1) against without
     # (noqkv), twice; session 25 ran this with the value `qkv`, which is now 1
     ab-x8qkv) ab_switch qmm-decode-prof-x8qkv BB_QMM_X8 "${DECODE_B:-1,2}" x8@noqkv qkv@1 x82@noqkv qkv2@1 ;;
@@ -275,7 +266,7 @@ for what in "$@"; do
            done ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe x8 ab-x8 model-x8 ab-x8qkv ab-sub model-sub wpack-check ab-wpack pairs-check ab-pairs phases-ab)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe x8 ab-x8 model-x8 ab-x8qkv ab-sub model-sub wpack-check ab-wpack pairs-check ab-pairs)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

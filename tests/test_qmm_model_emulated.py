@@ -21,7 +21,7 @@ from test_model_batching import run_batched
 
 def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidden: bool = False,
             dq_mode: str = "lop3", n_seq: int = 2, sb_pack: bool = False, x8: bool = False,
-            wpack: str = "0", phases: bool = False) -> np.ndarray:
+            wpack: str = "0") -> np.ndarray:
     model, _ = make_preset("tiny", mx.float16, "q4_0", seed=4)
     rng = np.random.default_rng(6)
     for layer in model.model.layers:  # a weight per norm, so that a misplaced one shows
@@ -42,7 +42,7 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
 
     def emulated(ks, launch):
         launched.append((ks.name, dict(launch.template).get("DQ"), dict(launch.template).get("SBP"),
-                         dict(launch.template).get("WP"), dict(launch.template).get("PH")))
+                         dict(launch.template).get("WP")))
         res = emulate(ks, launch, schedules=("forward",))
         return [mx.array(o).astype(dt) for o, dt in zip(res.outputs, launch.output_dtypes)]
 
@@ -52,16 +52,6 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
         choose = qmm.choose_config
         monkeypatch.setattr(qmm, "choose_config", lambda m, n, k, bits: (
             replace(choose(m, n, k, bits), s=2, blocks=0) if n == model.args.hidden_size else choose(m, n, k, bits)))
-    if phases:  # gate/up walks K's two halves in one block of 3 (the ring), as BB_QMM_PHASES runs it at M = 17-32
-        choose2 = qmm.choose_config
-
-        def phased(m, n, k, bits):
-            c = choose2(m, n, k, bits)
-            if n != 2 * model.args.intermediate_size:
-                return c
-            c = replace(c, s=1, ph=2, ns=3, wf=1, wn=2, wk=1, blocks=3, pre=False)
-            return replace(c, ptiles=-(-c.tiles(n) // c.grid_blocks(n)))
-        monkeypatch.setattr(qmm, "choose_config", phased)
     a = model.args
     cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, 512, 2, True, mx.float16)
     runner = Runner(model, cache, Mode("t", True), 2048, 64, compiled=False)
@@ -90,10 +80,10 @@ def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split
     lop3b = dq == "lop3b"
     n_seq = 1 if lop3b else 2
     ref = _logits(monkeypatch, False, False, [], n_seq=n_seq)
-    runs: list[tuple[str, int, bool | None, int | None, int | None]] = []
+    runs: list[tuple[str, int, bool | None, bool | None]] = []
     got = _logits(monkeypatch, True, norm_pre, runs, split_hidden, dq, n_seq, sb_pack, wpack=wpack)
     launched = [name for name, *_ in runs]
-    main = [(sbp, wp) for name, d, sbp, wp, _ in runs if d is not None]  # the main kernels (reduces have no DQ)
+    main = [(sbp, wp) for name, d, sbp, wp in runs if d is not None]  # the main kernels (reduces have no DQ)
     assert main and all(sbp is sb_pack and wp == {"0": 0, "1": 1, "pairs": 2}[wpack] for sbp, wp in main)
     if lop3b:  # a decode step's 9 launches at one token take DQ = 2, but layer 0's q/k/v (its norm
         # fused: the embedding has no producer that wrote its parts); the prompt's 7 rows keep DQ = 1
@@ -139,18 +129,3 @@ def test_model_decodes_with_int8_activations_emulated(monkeypatch):
     assert np.isfinite(got).all()
     rel = np.abs(got - ref).max() / np.abs(ref).max()
     assert rel < 2e-2
-
-
-def test_model_decodes_with_k_in_phases_emulated(monkeypatch):
-    """gate/up with K walked in two phases by each block (BB_QMM_PHASES' kernel, emulated), its
-    consumers plain (o_proj and down_proj split, their reduce writes the next norm): logits within
-    fp16 rounding of the MLX-op model, and every gate/up launch ran with PH = 2 and no reduce."""
-    toolchain.need(toolchain.host_cxx)
-    ref = _logits(monkeypatch, False, False, [])
-    runs: list = []
-    got = _logits(monkeypatch, True, False, runs, split_hidden=True, phases=True)
-    phased = [name for name, *_, ph in runs if ph == 2]
-    # gate/up a layer, two layers: the prompt and two steps
-    assert len(phased) == 2 * 3 and set(phased) == {"bb_qmm"}
-    assert np.isfinite(got).all()
-    assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()

@@ -736,7 +736,7 @@ struct QmmNormIO {
 // row's rsqrt(mean + eps) from those partial sums before the bias (no norm passes over x).
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool PRE, bool SPLIT, bool HAS_BIAS,
           bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, bool EPRE, bool NOUT, bool NPRE,
-          bool SBP, int WP, int PH, typename E, typename O>
+          bool SBP, int WP, typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
@@ -774,7 +774,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   static_assert(NS == 0 || (CK % GS == 0 && (SB == 4 || SB == 8 || SB == 16)), "qmm: ring needs 4-16 scale bytes per chunk");
   const int S = gridDim.y;
   const int NCH = K / CK;
-  const int NCHS = (NCH + S * PH - 1) / (S * PH);  // most chunks in one K-slice (phase)
+  const int NCHS = (NCH + S - 1) / S;       // most chunks in one K-slice
   const int XS = NCHS * CK + (BITS == 4 ? 16 : 8);  // x row stride in smem (halves)
   const int KW = K * BITS / 32;             // words per weight row
   // WP: the weights repacked at load time (`pack_weights`): each 16-row block's chunk is 1 KB
@@ -801,29 +801,15 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   __shared__ float rsn[NPRE ? MP : 1];  // NPRE: each row's rsqrt(mean(y^2) + eps) of the producer's y
   static_assert(!(NPRE && (NORM || SPLIT)), "qmm: a norm split with the producer needs one K-slice, no norm of its own");
   static_assert(!(NOUT && (SPLIT || E::PAIR || (BN != 16 && BN != 32))), "qmm: NOUT needs a plain epilogue and 16 or 32-row tiles");
-  // PH > 1: one block walks its tiles PH times, over the PH parts of K in turn, with x's part
-  // staged anew before each walk (x for all of K would not fit). The sums of the parts before
-  // the last wait in shared memory (pst: each tile's M x BN floats after the ring), and the
-  // last part's walk adds them and runs the epilogue: no fp32 partials in global memory and no
-  // reduce kernel, where S K-slices over blocks would need both.
-  static_assert(PH == 1 || (!SPLIT && NS > 0 && !NORM && !BSUM && !NOUT && !NPRE),
-                "qmm: K in phases needs one K-slice, the ring, no norm of its own, no bias sums, no norm parts");
 
   const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
   const int wn = wid % WN, wk = wid / WN;
   const int g = lane >> 2, t = lane & 3;
   const int s = blockIdx.y;
-  // This block's part of K: K-slice s, phase ph (chunks cs0 .. cs0 + nch; this warp's wc0 .. wc1)
-  int cs0, nch, k0, wc0, wc1;
-  auto chunks = [&](const int ph, int& c0, int& n, int& a, int& b) {
-    const int sp = s * PH + ph;
-    c0 = sp * NCH / (S * PH);
-    n = (sp + 1) * NCH / (S * PH) - c0;
-    a = c0 + wk * n / WK;
-    b = c0 + (wk + 1) * n / WK;
-  };
-  chunks(0, cs0, nch, wc0, wc1);
-  k0 = cs0 * CK;
+  const int cs0 = s * NCH / S, cs1 = (s + 1) * NCH / S;
+  const int nch = cs1 - cs0;
+  const int k0 = cs0 * CK;
+  const int wc0 = cs0 + wk * nch / WK, wc1 = cs0 + (wk + 1) * nch / WK;
 
   const uint32_t* w0;
   const uint32_t* w1;
@@ -881,7 +867,6 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
 
   unsigned char* ring = reinterpret_cast<unsigned char*>(red + WK * MP * RS) + wid * NS * SLOTB;
   int ptile = wc1 > wc0 ? tile : NTILE, pc = wc0;  // the next chunk the ring requests
-  int pph = 0, pw0 = wc0, pw1 = wc1;  // PH: the requests' phase and this warp's chunks in it
   auto request = [&](int slot) {
     if constexpr (NS > 0) {
       if (ptile < NTILE) {
@@ -902,17 +887,9 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
                           : SBP ? scales + 2 * sr + (t & 1) * (SB / 2) : ((t & 1) ? biases : scales) + sr;
           qmm_cp_async<SB>(d + 1024 + so, ssrc);
         }
-        if (++pc == pw1) {
-          pc = pw0;
+        if (++pc == wc1) {
+          pc = wc0;
           ptile += gridDim.x;
-          if constexpr (PH > 1) {
-            if (ptile >= NTILE && pph + 1 < PH) {  // on to the next part of K, from the first tile
-              int c0, n;
-              chunks(++pph, c0, n, pw0, pw1);
-              pc = pw0;
-              ptile = blockIdx.x;
-            }
-          }
         }
       }
       qmm_cp_commit();
@@ -971,9 +948,6 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   // in the norm's pass instead (x by cp.async), B=8 2.430 -> 2.475 ms; made as the product reads
   // each granule, 2.554 (B=32 4.05 -> 4.20).
   constexpr bool ASYNC = BB_QMM_X_ASYNC && !GLU && !SUMS_IN_LOOP && !LOP3;
-  int slot = 0;  // the ring slot of the next chunk to multiply
-  int ph = 0;  // PH: the part of K being walked (each part starts here again, at its x)
-bb_qmm_phase:
   {  // stage this K-slice of x (all M rows) in smem, 16-byte granules, swizzled for 4-bit
     const int gpr = nch * CK / 8;
     const int xr8 = (GLU ? 2 * K : K) / 8, k08 = k0 / 8;  // granules: a row of x, the slice's start
@@ -1219,8 +1193,7 @@ bb_qmm_phase:
     }
     mul(wa, wb, sa, ba, sb, bb, c);
   };
-  int tl = 0;  // PH: the tile's place in this block's walk
-  float* pst = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(red + WK * MP * RS) + (NT / 32) * NS * SLOTB);
+  int slot = 0;  // the ring slot of the next chunk to multiply
 
   for (;;) {
     const int n0 = tile * BN;
@@ -1308,16 +1281,7 @@ bb_qmm_phase:
         red[(wk * MP + m + 1) * RS + r + 8] = acc[f][tt][3];
       }
     __syncthreads();
-    if (PH > 1 && ph + 1 < PH) {  // a part of K before the last: its sums wait in pst
-      for (int e = tid; e < M * BN; e += NT) {
-        const int m = e / BN, r = e - m * BN;
-        float v = 0.f;
-#pragma unroll
-        for (int q = 0; q < WK; ++q) v += red[(q * MP + m) * RS + r];
-        float* ps = pst + ((size_t)tl * M + m) * BN + r;
-        *ps = ph == 0 ? v : *ps + v;
-      }
-    } else if constexpr (E::PAIR && !SPLIT) {
+    if constexpr (E::PAIR && !SPLIT) {
       for (int e = tid; e < M * (BN / 2); e += NT) {
         const int m = e / (BN / 2);
         const int r = qmm_pair_row(e - m * (BN / 2));  // the pair's rows r and r + 8 of this tile
@@ -1326,10 +1290,6 @@ bb_qmm_phase:
         for (int q = 0; q < WK; ++q) {
           lo += red[(q * MP + m) * RS + r];
           hi += red[(q * MP + m) * RS + r + 8];
-        }
-        if constexpr (PH > 1) {
-          lo += pst[((size_t)tl * M + m) * BN + r];
-          hi += pst[((size_t)tl * M + m) * BN + r + 8];
         }
         const int n = n0 + r;
         const bool pre = EPRE && e == tid;
@@ -1349,7 +1309,6 @@ bb_qmm_phase:
       float v = 0.f;
 #pragma unroll
       for (int q = 0; q < WK; ++q) v += red[(q * MP + m) * RS + r];
-      if constexpr (PH > 1) v += pst[((size_t)tl * M + m) * BN + r];
       const int n = n0 + r;
       if constexpr (SPLIT) {
         out[((size_t)s * M + m) * N + n] = qmm_cast<O, T>(FOLD ? v * rinv[m] : v);
@@ -1372,23 +1331,9 @@ bb_qmm_phase:
         }
       }
     }
-    if constexpr (PH == 1) {
-      if (next >= NTILE) break;
-    } else if (next >= NTILE) {
-      if (ph + 1 == PH) break;
-      // the next part of K: its x replaces this part's once every warp is past its last
-      // product, and the walk starts again at the block's first tile (a jump back to the
-      // staging: with the staging as a lambda called twice, nvcc gave the one-part kernels other
-      // registers, gate/up at M=8 94 -> 96)
-      __syncthreads();
-      chunks(++ph, cs0, nch, wc0, wc1);
-      k0 = cs0 * CK;
-      tile = blockIdx.x;
-      goto bb_qmm_phase;
-    }
+    if (next >= NTILE) break;
     __syncthreads();  // the reduction area is rewritten by the next tile
     tile = next;
-    ++tl;
   }
 }
 
@@ -1582,7 +1527,7 @@ QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + k
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ, EPRE,"
-    " {nout}, {npre}, SBP, WP, PH, {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, {ss}, x_shape[0], w_shape[0],"
+    " {nout}, {npre}, SBP, WP, {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, {ss}, x_shape[0], w_shape[0],"
     " w_shape[1] * 32 / BITS, {rope}, {nio});"
 )
 _SRC_REDUCE = (
@@ -1691,16 +1636,14 @@ class QmmConfig:
     ns: int = 0  # ring slots per warp (cp.async pipeline in shared memory); 0: register stages
     wf: int = 1  # 16-row feature tiles per warp (2 needs the ring)
     pre: bool = False  # register stages: both in flight before the x staging and each next tile (see _preload)
-    ph: int = 1  # phases: a block walks its tiles over K in ph parts, x's part staged anew (ring, s == 1)
-    ptiles: int = 0  # ph > 1: tiles a block walks, whose sums of the earlier parts it keeps in smem
 
     def xbytes(self, k: int, bits: int) -> int:
-        """Shared memory of the staged x slice (one phase's part of it)."""
+        """Shared memory of the staged x slice."""
         return self.mrows * (self.slice_chunks(k, bits) * chunk_k(bits) + (16 if bits == 4 else 8)) * 2
 
     def slice_chunks(self, k: int, bits: int) -> int:
-        """Chunks of the longest K-slice (of one phase's part of it)."""
-        return -(-(k // chunk_k(bits)) // (self.s * self.ph))
+        """Chunks of the longest K-slice."""
+        return -(-(k // chunk_k(bits)) // self.s)
 
     def tiles(self, n: int) -> int:
         """Feature tiles of one block (16 * wn * wf rows each)."""
@@ -1708,11 +1651,9 @@ class QmmConfig:
 
     def smem(self, k: int, bits: int) -> int:
         """x slice and reduction area side by side (a block reduces one tile while x stays),
-        then the warps' rings (slots of 1 KiB of weights and up to 256 bytes of scales), then with
-        phases the earlier parts' sums of each tile the block walks."""
+        then the warps' rings (slots of 1 KiB of weights and up to 256 bytes of scales)."""
         return (self.xbytes(k, bits) + self.wk * 8 * self.mt * (16 * self.wn * self.wf + 4) * 4
-                + self.wn * self.wk * self.ns * self.wf * RING_SLOT
-                + (self.ptiles * self.mrows * 16 * self.wn * self.wf * 4 if self.ph > 1 else 0))
+                + self.wn * self.wk * self.ns * self.wf * RING_SLOT)
 
     def launch_smem(self, k: int, bits: int, extra: int = 0) -> int:
         """Dynamic shared memory of the launch: smem (+ extra bytes, e.g. the bias sums of
@@ -2108,22 +2049,6 @@ def _one_round_narrow(m: int, n: int, k: int, bits: int, cfg: QmmConfig) -> QmmC
     return replace(cfg, wk=NARROW_WK, p=NARROW_P, blocks=0)
 
 
-# BB_QMM_PHASES=1: the ring's wide matrices below lm_head's width at four token tiles (gate/up at
-# M = 17-32), which split K over 2 blocks for x's shared memory, walk their tiles twice in one
-# block instead, over K's two halves (QmmConfig.ph): no fp32 partials, no reduce kernel. An A/B
-# switch until measured.
-PHASES = env_choice("BB_QMM_PHASES", "0", ON_OFF) == "1"
-
-
-def _phased(cfg: QmmConfig, n: int, k: int, bits: int) -> QmmConfig | None:
-    """cfg's K-slices as phases of one persistent block, where its tiles' sums fit beside x."""
-    c = persistent(replace(cfg, s=1, ph=cfg.s, blocks=0), k, bits)
-    c = replace(c, ptiles=-(-c.tiles(n) // c.grid_blocks(n)))
-    if k // chunk_k(bits) // c.ph < c.wk or c.smem(k, bits) > SMEM_PER_SM - SMEM_STEP:
-        return None
-    return c
-
-
 def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
     mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     wn, wk, p = _WIDE_TILES[mt] if (m > 1 and n >= _WIDE_N) or n >= _VOCAB_N else _TILES[mt]
@@ -2162,10 +2087,6 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
         return replace(narrow, pre=_preload(narrow, n, k, bits))
     if WK_DIVIDE == "1" or (WK_DIVIDE == "narrow" and n < _WIDE_N):
         cfg = _dividing_wk(cfg, k, bits)
-    if PHASES and PERSIST and cfg.ns and cfg.s == 2 and cfg.mt == 4 and n < _VOCAB_N:
-        phased = _phased(cfg, n, k, bits)
-        if phased is not None:
-            return phased
     if PERSIST and not (m == 1 and (cfg.s > 1 or k > 8192)):
         # one block per tile for the long-K down projection at M=1: split, 31 us vs 33
         # persistent; one K-slice, 25.6 vs 28.1 (H200 tune, results/h200-2026-11-29-s9/call3)
@@ -2395,11 +2316,6 @@ def plan_quantized_matmul(
                                 or prenorm.ss.ndim != 2 or prenorm.ss.shape[1] != m):
         raise ValueError(f"quantized_matmul: a pending norm needs one K-slice, no norm of its own and sums "
                          f"[tiles, {m}] float32 (config {cfg})")
-    if cfg.ph > 1 and (split or not cfg.ns or norm is not None or bsum or norm_next is not None
-                       or prenorm is not None or k // chunk_k(bits) // cfg.ph < cfg.wk
-                       or cfg.ptiles < -(-cfg.tiles(n) // cfg.grid_blocks(n))):
-        raise ValueError(f"quantized_matmul: K in phases needs one K-slice, the ring, no norm, no bias sums, no norm "
-                         f"parts, a chunk a warp in each phase and room for every tile's sums (config {cfg})")
     has_bias = bias is not None and not split
     has_res = residual is not None and not split
     pair = _check_pair(rope, glu_pair, m, n, x.dtype, glu, residual)
@@ -2428,7 +2344,7 @@ def plan_quantized_matmul(
         template=[
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
             ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("WF", cfg.wf), ("PRE", cfg.pre and not cfg.ns),
-            ("SPLIT", split), ("EPRE", EPI_PRE and not split), ("PH", cfg.ph),
+            ("SPLIT", split), ("EPRE", EPI_PRE and not split),
             ("DQ", 3 if sub else 2 if bsum else 1 if use_lop3 else 0), ("SBP", sbp),
             ("WP", 0 if wpack is None else 2 if ppack else 1),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel

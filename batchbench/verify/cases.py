@@ -248,7 +248,6 @@ def qmm_case(
     wscale: float = 1.0,
     wpack: bool = False,
     ppack: bool = False,
-    ph: int = 1,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
@@ -268,8 +267,7 @@ def qmm_case(
     subnormal dequantization (DQ = 3, scale_max passed); wscale: the weights' standard deviation
     (0.02 puts most dequantized weights where sub's results are fp16 subnormals). wpack: the
     kernel reads the weights repacked in its load order (`pack_weights`, WP); ppack (with packed
-    and wpack): the pairs too (`pack_pairs`, WP = 2). ph: one block walks its tiles over K in ph
-    phases (one K-slice, the ring; the earlier phases' sums kept in shared memory)."""
+    and wpack): the pairs too (`pack_pairs`, WP = 2)."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * wscale).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -283,13 +281,11 @@ def qmm_case(
     rs = mx.array(rng.standard_normal((m, n)).astype(np.float32) * 4).astype(dtype) if res else None
     nw = mx.array(rng.uniform(0.5, 1.5, (k,)).astype(np.float32)).astype(dtype) if norm else None
     cfg = None
-    if split or blocks or ns or wk or p or wn or pre is not None or ph > 1:
+    if split or blocks or ns or wk or p or wn or pre is not None:
         base = Q.choose_config(m, n, k, bits)
-        cfg = replace(base, s=1 if ph > 1 else split or base.s, blocks=blocks, ns=ns, wf=wf, wk=wk or base.wk,
-                      p=p or base.p, wn=wn or base.wn,
-                      pre=base.pre if pre is None else pre, ph=ph, ptiles=0)
-        if ph > 1:
-            cfg = replace(cfg, ptiles=-(-cfg.tiles(n) // cfg.grid_blocks(n)))
+        cfg = replace(base, s=split or base.s, blocks=blocks, ns=ns, wf=wf, wk=wk or base.wk, p=p or base.p,
+                      wn=wn or base.wn,
+                      pre=base.pre if pre is None else pre)
     if prenorm and not norm:
         raise ValueError("qmm_case: prenorm is the norm split with its producer (norm=True)")
     nw2 = mx.array(rng.uniform(0.5, 1.5, (n,)).astype(np.float32)).astype(dtype) if norm_next else None
@@ -368,7 +364,7 @@ def qmm_case(
         f"{'' if pre is None else '-pre' + str(int(pre))}{'-p' + str(p) if p else ''}{'-normout' if norm_out else ''}"
         f"{'-nnext' if norm_next else ''}{'-prenorm' if prenorm else ''}{'-bsum' if bias_sums else ''}"
         f"{'-packed' if packed else ''}{'-sub' if sub else ''}{'-w' + format(wscale, 'g') if wscale != 1.0 else ''}"
-        f"{'-wpack' if wpack else ''}{'-pairs' if ppack else ''}{'-ph' + str(ph) if ph > 1 else ''}"
+        f"{'-wpack' if wpack else ''}{'-pairs' if ppack else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -526,15 +522,6 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
              sub=True, wpack=True, ppack=True),
         dict(m=20, bits=4, group_size=64, n=128, k=1024, res=True, blocks=2, ns=3, packed=True, wpack=True, ppack=True),
         dict(m=5, bits=4, group_size=64, n=64, k=512, res=True, lop3=False, packed=True, wpack=True, ppack=True),
-        # K in phases of one block (BB_QMM_PHASES): the gate/up pair at 32 rows as the 7B step runs it
-        # (sub, packed and repacked, a warp's chunks uneven), 20 rows with a bias and a residual over
-        # persistent tiles, three phases at two token tiles in groups of 64, two feature tiles a warp
-        dict(m=32, bits=4, group_size=32, n=256, k=1280, glu_pair=True, ns=4, blocks=3, packed=True, sub=True,
-             wscale=0.02, wpack=True, ppack=True, ph=2),
-        dict(m=20, bits=4, group_size=32, n=192, k=1024, bias=True, res=True, ns=3, blocks=2, ph=2),
-        dict(m=9, bits=4, group_size=64, n=128, k=1536, res=True, ns=3, blocks=1, packed=True, ph=3),
-        dict(m=9, bits=4, group_size=32, n=256, k=1024, res=True, ns=3, wf=2, blocks=3, packed=True, wpack=True,
-             ppack=True, ph=2),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds

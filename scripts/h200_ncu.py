@@ -18,7 +18,8 @@ PARTS=qmm or PARTS=attn picks one half. NCU_M=32 and NCU_NAMES=gate_up,down pick
 NCU_NAMES=qkv_rope adds q/k/v with its RoPE epilogue as the decode step runs it (not by default);
 NCU_WF=2 also runs each picked matmul with two feature tiles per warp (QmmConfig.wf, the ring).
 NCU_WPACK=1 also runs each picked matmul on weights repacked in the kernel's load order
-(qmm.pack_weights, as BB_QMM_WPACK keeps them), right after the plain one.
+(qmm.pack_weights, as BB_QMM_WPACK keeps them; with its default, pairs, the packed scales and
+biases too: qmm.pack_pairs), right after the plain one.
 """
 
 from __future__ import annotations
@@ -75,9 +76,11 @@ def run_qmm() -> None:
                 mx.eval(qmm.quantized_matmul(xin, w, s, b, group_size=32, bits=4, **kw))
             if NCU_WPACK:
                 print(f"qmm {name} M={m} (repacked weights): {cfg}", flush=True)
-                wp = qmm.pack_weights(w, 4)
+                kwp = dict(kw, wpack=qmm.pack_weights(w, 4))
+                if "packed" in kw and qmm.WPACK == "pairs":
+                    kwp.update(packed=qmm.pack_pairs(kw["packed"], 4, 32), ppack=True)
                 for _ in range(2):
-                    mx.eval(qmm.quantized_matmul(xin, w, s, b, group_size=32, bits=4, wpack=wp, **kw))
+                    mx.eval(qmm.quantized_matmul(xin, w, s, b, group_size=32, bits=4, **kwp))
             if NCU_WF > 1 and cfg.ns > 0:
                 # the same matmul without its epilogue, then with NCU_WF feature tiles per warp
                 for c in (cfg, qmm.persistent(replace(cfg, wf=NCU_WF, ns=min(cfg.ns, 3)), k, 4)):

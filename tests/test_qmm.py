@@ -996,6 +996,8 @@ def test_pack_pairs_puts_a_block_s_chunk_of_pairs_together_in_row_order(group_si
             c, j = divmod(q, cpg)
             want[((r // 16 * nch + c) * 16 + r % 16) * cpg + j] = src[r, q]
     np.testing.assert_array_equal(got, want)
+    packed = qmm.pack_pairs(mx.array(src), bits, group_size)
+    assert packed.shape == src.shape and packed.dtype == mx.float16
     with pytest.raises(ValueError, match="pack_pairs: needs N % 16 == 0"):
         qmm.pack_pairs(mx.array(src[:40]), bits, group_size)
     with pytest.raises(ValueError, match="groups dividing it"):

@@ -2749,21 +2749,23 @@ def _add_packed(layer: nn.Module) -> None:
     the subnormal dequantization may take the layer); with BB_QMM_WPACK on CUDA layer["wpack"],
     its weights in the kernel's load order, and with BB_QMM_WPACK=pairs its pairs in that order
     too (in place of the row-order ones: nothing else reads them; layer.ppack)."""
+    n, kw = layer["weight"].shape
+    k = kw * 32 // layer.bits
+    wpacks = packs_weights() and layer.bits in _BITS and tiles_fit(n, k, layer.bits)
     if packs_scales() and layer.get("biases") is not None:
-        layer["packed"] = pack_scales_biases(layer["scales"], layer["biases"])
+        packed = pack_scales_biases(layer["scales"], layer["biases"])
+        if wpacks and WPACK == "pairs" and pairs_fit(n, k, layer.bits, layer.group_size):
+            # made in the load order directly: the row-order pairs are never materialized
+            packed = pack_pairs(packed, layer.bits, layer.group_size)
+            object.__setattr__(layer, "ppack", True)
+        layer["packed"] = packed
         mx.eval(layer["packed"])
     # sub is taken only with the pairs: without them the bound (a device sync a layer) goes unused
     if DQ_MODE == "sub" and layer.get("packed") is not None and layer["scales"].dtype == mx.float16:
         object.__setattr__(layer, "scale_max", mx.max(mx.abs(layer["scales"])).item())
-    n, kw = layer["weight"].shape
-    if packs_weights() and layer.bits in _BITS and tiles_fit(n, kw * 32 // layer.bits, layer.bits):
+    if wpacks:
         layer["wpack"] = pack_weights(layer["weight"], layer.bits)
         mx.eval(layer["wpack"])
-        if WPACK == "pairs" and layer.get("packed") is not None and pairs_fit(n, kw * 32 // layer.bits, layer.bits,
-                                                                                layer.group_size):
-            layer["packed"] = pack_pairs(layer["packed"], layer.bits, layer.group_size)
-            mx.eval(layer["packed"])
-            object.__setattr__(layer, "ppack", True)
 
 
 @dataclass(frozen=True)

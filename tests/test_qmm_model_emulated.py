@@ -80,7 +80,7 @@ def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split
     lop3b = dq == "lop3b"
     n_seq = 1 if lop3b else 2
     ref = _logits(monkeypatch, False, False, [], n_seq=n_seq)
-    runs: list[tuple[str, int, bool | None, bool | None]] = []
+    runs: list[tuple[str, int, bool | None, int | None]] = []
     got = _logits(monkeypatch, True, norm_pre, runs, split_hidden, dq, n_seq, sb_pack, wpack=wpack)
     launched = [name for name, *_ in runs]
     main = [(sbp, wp) for name, d, sbp, wp in runs if d is not None]  # the main kernels (reduces have no DQ)

@@ -126,11 +126,15 @@ def test_configs_fit_the_gpu():
                 assert c.smem(k, bits) <= 227 * 1024
 
 
-def test_ring_where_measured_and_dropped_for_large_groups():
+def test_ring_where_measured_and_dropped_for_large_groups(monkeypatch):
     wide = qmm.choose_config(32, 37888, 3584, 4)
     assert wide.ns == 4 and wide.s == 2  # the H200's pick for wide matrices at M=32
     assert qmm.choose_config(1, 37888, 3584, 4).ns == 0  # slower at one token
-    assert qmm.choose_config(32, 3584, 18944, 4).ns == 0  # slower on the long-K down projection
+    # the long-K down projection: on the ring with the repacked weights, not on MLX's layout
+    assert qmm.choose_config(32, 3584, 18944, 4).ns == 4
+    monkeypatch.setattr(qmm, "WPACK", "0")
+    assert qmm.choose_config(32, 3584, 18944, 4).ns == 0
+    monkeypatch.setattr(qmm, "WPACK", "pairs")
     assert qmm.ring_ok(4, 32) and qmm.ring_ok(4, 64) and qmm.ring_ok(8, 32)
     assert not qmm.ring_ok(4, 128) and not qmm.ring_ok(8, 64)
     # a group too large for the ring's scale copies: the plan falls back to register stages
@@ -351,12 +355,15 @@ def test_norm_fused_when_rows_fit_a_block(cuda_dispatch, monkeypatch, m, k, swit
     assert spec.name.endswith("_n") == fused
 
 
-@pytest.mark.parametrize("m,n,k,lop3", [(1, 37888, 3584, 1), (8, 3584, 18944, 1), (32, 3584, 3584, 1),
-                                        (32, 37888, 3584, 1), (32, 3584, 18944, 0)])
-def test_dequant_variant_follows_the_sweep(m, n, k, lop3):
+@pytest.mark.parametrize("m,n,k,lop3,wpack", [(1, 37888, 3584, 1, "pairs"), (8, 3584, 18944, 1, "pairs"),
+                                              (32, 3584, 3584, 1, "pairs"), (32, 37888, 3584, 1, "pairs"),
+                                              (32, 3584, 18944, 1, "pairs"), (32, 3584, 18944, 0, "0")])
+def test_dequant_variant_follows_the_sweep(monkeypatch, m, n, k, lop3, wpack):
     """fp16 4-bit: the lop3 dequantization at one token tile, for narrow matrices and with the
-    ring (wide matrices at M=32); the byte-permute one for the long-K down projection at M=32
-    with register stages (measured slower there with lop3)."""
+    ring (wide matrices at M=32, and the long-K down projection there with the repacked
+    weights); the byte-permute one for that down projection on register stages (BB_QMM_WPACK=0:
+    measured slower there with lop3)."""
+    monkeypatch.setattr(qmm, "WPACK", wpack)
     wq = mx.zeros((n, k // 8), mx.uint32)  # shapes are all the plan looks at
     s = b = mx.zeros((n, k // 32), mx.float16)
     _, launch = qmm.plan_quantized_matmul("cuda", mx.zeros((m, k), mx.float16), wq, s, b, group_size=32, bits=4)
@@ -450,6 +457,9 @@ def test_persistent_grids_in_one_wave_unless_switched_off(monkeypatch, switch):
                 assert fits == sms * max(1, 256 // (32 * c.wn * c.wk)), (m, n, k, c)
             asked = c.blocks * c.s  # K-slices with fewer tiles than blocks launch fewer
             assert fits - c.s < asked <= fits, (m, n, k, c)
+    down = qmm.choose_config(32, 3584, 18944, 4)  # on the ring: one block an SM
+    assert (down.s, down.grid_blocks(3584) * down.s) == {0: (14, 140), 1: (14, 126), 2: (9, 126)}[switch]
+    monkeypatch.setattr(qmm, "WPACK", "0")  # register stages: two
     down = qmm.choose_config(32, 3584, 18944, 4)
     assert (down.s, down.grid_blocks(3584) * down.s) == {0: (14, 266), 1: (14, 126), 2: (9, 126)}[switch]
     down16 = qmm.choose_config(16, 3584, 18944, 4)
@@ -462,7 +472,11 @@ def test_second_stage_preloaded_where_the_h200_measured_it_faster(monkeypatch):
     projection at any M; never with the ring. BB_QMM_PRELOAD2=0 / 1 turn it off / on everywhere."""
     monkeypatch.setattr(qmm, "PRELOAD2", "auto")
     down, gate_up, qkv, o, lm_head = (3584, 18944), (37888, 3584), (4608, 3584), (3584, 3584), (152064, 3584)
-    assert all(qmm.choose_config(m, *down, 4).pre for m in (1, 8, 16, 32, 64))
+    assert all(qmm.choose_config(m, *down, 4).pre for m in (1, 8, 16, 64))
+    assert qmm.choose_config(32, *down, 4).ns  # the ring there (with BB_QMM_WPACK)
+    monkeypatch.setattr(qmm, "WPACK", "0")
+    assert qmm.choose_config(32, *down, 4).pre
+    monkeypatch.setattr(qmm, "WPACK", "pairs")
     assert qmm.choose_config(8, *gate_up, 4).pre and not qmm.choose_config(1, *gate_up, 4).pre
     assert qmm.choose_config(1, *lm_head, 4).pre  # 14 chunks a warp, 9 four-tile blocks a persistent block
     assert not any(qmm.choose_config(m, *shape, 4).pre for m in (1, 8, 32) for shape in (qkv, o))
@@ -470,8 +484,9 @@ def test_second_stage_preloaded_where_the_h200_measured_it_faster(monkeypatch):
     assert ring.ns and not ring.pre
     for setting, want in (("0", False), ("1", True)):
         monkeypatch.setattr(qmm, "PRELOAD2", setting)
-        assert {qmm.choose_config(m, *shape, 4).pre for m in (1, 8, 32) for shape in (down, qkv, o)} == {want}
-        assert not qmm.choose_config(32, *gate_up, 4).pre
+        assert {qmm.choose_config(m, *shape, 4).pre for m in (1, 8, 32) for shape in (down, qkv, o)
+                if not qmm.choose_config(m, *shape, 4).ns} == {want}
+        assert not qmm.choose_config(32, *gate_up, 4).pre and not qmm.choose_config(32, *down, 4).pre
 
 
 def test_env_settings_are_checked(monkeypatch):
@@ -937,6 +952,7 @@ def test_sub_takes_the_long_k_narrow_matrices(monkeypatch):
     s = b = mx.zeros((n, k // 32), mx.float16)
     packed = mx.zeros((n, k // 32, 2), mx.float16)
     x = mx.zeros((m, k), mx.float16)
+    monkeypatch.setattr(qmm, "WPACK", "0")  # register stages (with the repacked weights: the ring)
 
     def dq(mode, **kw):
         monkeypatch.setattr(qmm, "DQ_MODE", mode)

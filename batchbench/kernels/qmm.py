@@ -1208,71 +1208,13 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   };
   int slot = 0;  // the ring slot of the next chunk to multiply
 
-  // EPRE: the operands of this thread's first epilogue element (bias, residual; the RoPE angle
-  // and cache cell) load while the tile is multiplied instead of after its reduction.
-  float pb0 = 0.f, pb1 = 0.f;  // bias of rows n and n + 8 (pair), or bias and residual (plain)
-  float pb2 = 0.f;  // NOUT: the next norm's weight
-  typename E::Prep pp{};
-  // A tile row's sum over the WK warps (the reduction area), or with FIX (fp) the K-slices'
-  // sum that the finishing block gathered into the area's first rows.
-  auto val = [&](const bool fp, const int m, const int r) -> float {
-    if (FIX && fp) return red[m * RS + r];
-    float v = 0.f;
-#pragma unroll
-    for (int q = 0; q < WK; ++q) v += red[(q * MP + m) * RS + r];
-    return v;
-  };
-  // The tile's outputs: the epilogue on its final sums.
-  auto finish = [&](const bool fp, const int n0) {
-    if constexpr (!SPLIT || FIX) {
-      if constexpr (E::PAIR) {
-        for (int e = tid; e < M * (BN / 2); e += NT) {
-          const int m = e / (BN / 2);
-          const int r = qmm_pair_row(e - m * (BN / 2));  // the pair's rows r and r + 8 of this tile
-          float lo = val(fp, m, r), hi = val(fp, m, r + 8);
-          const int n = n0 + r;
-          const bool pre = EPRE && e == tid;
-          if constexpr (NPRE) {
-            lo *= rsn[m];
-            hi *= rsn[m];
-          }
-          if constexpr (HAS_BIAS) {
-            lo += pre ? pb0 : qmm_float<T>(lbias[n]);
-            hi += pre ? pb1 : qmm_float<T>(lbias[n + 8]);
-          }
-          E::template store<T>(lo, hi, n, m, M, N, rp, out, pre ? pp : E::template prep<T>(n, m, rp));
-        }
-      } else {
-        for (int e = tid; e < M * BN; e += NT) {
-          const int m = e / BN, r = e - m * BN;
-          float v = val(fp, m, r);
-          const int n = n0 + r;
-          const bool pre = EPRE && e == tid;
-          if constexpr (NPRE) v *= rsn[m];
-          if constexpr (HAS_BIAS) v += pre ? pb0 : qmm_float<T>(lbias[n]);
-          if constexpr (HAS_RES) v += pre ? pb1 : qmm_float<T>(res[(size_t)m * N + n]);
-          out[(size_t)m * N + n] = qmm_cast<O, T>(v);
-          if constexpr (NOUT) {
-            // y * nw, and the sum of squares of row m over SSW columns: one warp's 32 lanes or
-            // half of them (NT % 32 == 0 and BN % SSW == 0: all of them in this iteration or none).
-            constexpr int SSW = BN == 16 ? 16 : 32;
-            const float hf = qmm_float<T>(qmm_cast<T, T>(v));
-            nio.yw[(size_t)m * N + n] = qmm_cast<T, T>(hf * (pre ? pb2 : qmm_float<T>(nio.nw[n])));
-            const unsigned gmask = SSW == 32 ? 0xffffffffu : 0xffffu << (lane & 16);
-            float q = hf * hf;
-#pragma unroll
-            for (int o = SSW / 2; o > 0; o >>= 1) q += __shfl_xor_sync(gmask, q, o);
-            if (r % SSW == 0) nio.ssp[(size_t)(n / SSW) * M + m] = q;
-          }
-        }
-      }
-    }
-  };
-
   for (;;) {
     const int n0 = tile * BN;
-    pb0 = pb1 = pb2 = 0.f;
-    pp = typename E::Prep{};
+    // EPRE: the operands of this thread's first epilogue element (bias, residual; the RoPE angle
+    // and cache cell) load while the tile is multiplied instead of after its reduction.
+    float pb0 = 0.f, pb1 = 0.f;  // bias of rows n and n + 8 (pair), or bias and residual (plain)
+    float pb2 = 0.f;  // NOUT: the next norm's weight
+    typename E::Prep pp{};
     if constexpr (EPRE && !SPLIT) {
       if constexpr (E::PAIR) {
         if (tid < M * (BN / 2)) {
@@ -1352,6 +1294,66 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         red[(wk * MP + m + 1) * RS + r + 8] = acc[f][tt][3];
       }
     __syncthreads();
+    // A tile row's sum over the WK warps (the reduction area), or with FIX (fp) over the S
+    // K-slices' partials in L2, in the order qmm_reduce sums them.
+    auto val = [&](const bool fp, const int m, const int r) -> float {
+      float v = 0.f;
+      if constexpr (FIX) {
+        if (fp) {
+          for (int q = 0; q < S; ++q) v += __ldcg(fx.part + ((size_t)q * M + m) * N + n0 + r);
+          return v;
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < WK; ++q) v += red[(q * MP + m) * RS + r];
+      return v;
+    };
+    // The tile's outputs: the epilogue on its final sums.
+    auto finish = [&](const bool fp) {
+      if constexpr (!SPLIT || FIX) {
+        if constexpr (E::PAIR) {
+          for (int e = tid; e < M * (BN / 2); e += NT) {
+            const int m = e / (BN / 2);
+            const int r = qmm_pair_row(e - m * (BN / 2));  // the pair's rows r and r + 8 of this tile
+            float lo = val(fp, m, r), hi = val(fp, m, r + 8);
+            const int n = n0 + r;
+            const bool pre = EPRE && e == tid;
+            if constexpr (NPRE) {
+              lo *= rsn[m];
+              hi *= rsn[m];
+            }
+            if constexpr (HAS_BIAS) {
+              lo += pre ? pb0 : qmm_float<T>(lbias[n]);
+              hi += pre ? pb1 : qmm_float<T>(lbias[n + 8]);
+            }
+            E::template store<T>(lo, hi, n, m, M, N, rp, out, pre ? pp : E::template prep<T>(n, m, rp));
+          }
+        } else {
+          for (int e = tid; e < M * BN; e += NT) {
+            const int m = e / BN, r = e - m * BN;
+            float v = val(fp, m, r);
+            const int n = n0 + r;
+            const bool pre = EPRE && e == tid;
+            if constexpr (NPRE) v *= rsn[m];
+            if constexpr (HAS_BIAS) v += pre ? pb0 : qmm_float<T>(lbias[n]);
+            if constexpr (HAS_RES) v += pre ? pb1 : qmm_float<T>(res[(size_t)m * N + n]);
+            out[(size_t)m * N + n] = qmm_cast<O, T>(v);
+            if constexpr (NOUT) {
+              // y * nw, and the sum of squares of row m over SSW columns: one warp's 32 lanes or
+              // half of them (NT % 32 == 0 and BN % SSW == 0: all of them in this iteration or none).
+              constexpr int SSW = BN == 16 ? 16 : 32;
+              const float hf = qmm_float<T>(qmm_cast<T, T>(v));
+              nio.yw[(size_t)m * N + n] = qmm_cast<T, T>(hf * (pre ? pb2 : qmm_float<T>(nio.nw[n])));
+              const unsigned gmask = SSW == 32 ? 0xffffffffu : 0xffffu << (lane & 16);
+              float q = hf * hf;
+#pragma unroll
+              for (int o = SSW / 2; o > 0; o >>= 1) q += __shfl_xor_sync(gmask, q, o);
+              if (r % SSW == 0) nio.ssp[(size_t)(n / SSW) * M + m] = q;
+            }
+          }
+        }
+      }
+    };
     if constexpr (SPLIT) {
       float* const part = FIX ? fx.part : reinterpret_cast<float*>(out);
       for (int e = tid; e < M * BN; e += NT) {
@@ -1359,55 +1361,28 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         const float v = val(false, m, r);
         part[((size_t)s * M + m) * N + n0 + r] = FOLD ? v * rinv[m] : v;
       }
+      if constexpr (FIX) {
+        // The last K-slice to finish the tile finishes it (no reduce launch): each thread's
+        // partials are visible device-wide before its block counts itself in.
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) {
+          const bool last = atomicAdd(fx.cnt + tile, 1) == S - 1;
+          if (last) fx.cnt[tile] = 0;  // every K-slice has counted: ready for the next launch
+          fxlast = last;
+        }
+        __syncthreads();
+        if (fxlast) {
+          __threadfence();
+          finish(true);
+        }
+      }
     } else {
-      finish(false, n0);
+      finish(false);
     }
     if (next >= NTILE) break;
     __syncthreads();  // the reduction area is rewritten by the next tile
     tile = next;
-  }
-  if constexpr (FIX) {
-    // Each tile's last K-slice finishes it. The counting waits until this block has written all
-    // its partials and has no loads in flight (a fence inside the walk would wait for the next
-    // tile's weights): thread 0's fence releases the block's stores (ordered by the barrier).
-    __syncthreads();
-    if (tid == 0) __threadfence();
-    for (int t = blockIdx.x; t < NTILE; t += gridDim.x) {
-      if (tid == 0) {
-        const bool last = atomicAdd(fx.cnt + t, 1) == S - 1;
-        if (last) {
-          fx.cnt[t] = 0;  // every K-slice has counted: ready for the next launch
-          __threadfence();  // acquire: the other K-slices' partials
-        }
-        fxlast = last;
-      }
-      __syncthreads();
-      if (fxlast) {
-        // The tile's S partials summed into the reduction area, four columns a thread with up
-        // to 8 K-slices' loads in flight, in the order qmm_reduce sums them.
-        const int n0 = t * BN;
-        for (int e4 = tid; e4 < M * (BN / 4); e4 += NT) {
-          const int m = e4 / (BN / 4), r = (e4 - m * (BN / 4)) * 4;
-          const float* p = fx.part + (size_t)m * N + n0 + r;
-          float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma unroll 8
-          for (int q = 0; q < S; ++q) {
-            const float4 u = __ldcg(reinterpret_cast<const float4*>(p + (size_t)q * M * N));
-            a0 += u.x;
-            a1 += u.y;
-            a2 += u.z;
-            a3 += u.w;
-          }
-          red[m * RS + r] = a0;
-          red[m * RS + r + 1] = a1;
-          red[m * RS + r + 2] = a2;
-          red[m * RS + r + 3] = a3;
-        }
-        __syncthreads();
-        finish(true, n0);
-      }
-      __syncthreads();  // fxlast and the reduction area are rewritten for the next tile
-    }
   }
 }
 

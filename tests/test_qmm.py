@@ -264,52 +264,6 @@ def test_cuda_kernel_under_cpu_emulation(m, n, k, bits, gs, dtype, bias, cfg):
     assert err < (2e-3 if dtype == mx.float16 else 1.5e-2), err
 
 
-@pytest.mark.parametrize("m,n,k,bits,dtype,cfg,kind", [
-    (5, 64, 1280, 4, mx.float16, qmm.QmmConfig(1, 1, 8, 4, 3, 8), "res"),  # uneven K-slices
-    (32, 256, 1024, 4, mx.float16, qmm.QmmConfig(4, 4, 2, 2, 4, 32, blocks=2, ns=4), "glu_pair"),  # ring, persistent
-    (9, 128, 768, 8, mx.bfloat16, qmm.QmmConfig(2, 2, 2, 2, 3, 16, blocks=1), "bias"),
-])
-def test_split_finished_in_its_launch_matches_the_reduce_kernel(m, n, k, bits, dtype, cfg, kind):
-    """BB_QMM_FIX: the last K-slice of each tile sums the partials in the reduce kernel's order
-    and runs the same epilogue, so y is bit for bit the two-launch y (both block schedules of
-    the emulator), and the tile counters are zero again after the launch."""
-    from batchbench.verify import toolchain
-    from batchbench.verify.emulate import emulate
-
-    toolchain.need(toolchain.host_cxx)
-    gs = 32
-    wq, s, b = _quantized(n, k, bits, gs, dtype, seed=m + n)
-    rng = np.random.default_rng(k)
-    x = mx.array(rng.standard_normal((m, k)).astype(np.float32)).astype(dtype)
-    lb = mx.array(rng.standard_normal(n).astype(np.float32)).astype(dtype) if kind == "bias" else None
-    res = mx.array(rng.standard_normal((m, n)).astype(np.float32)).astype(dtype) if kind == "res" else None
-    kw = dict(group_size=gs, bits=bits, bias=lb, residual=res, config=cfg, glu_pair=kind == "glu_pair")
-    ks, launch = qmm.plan_quantized_matmul("cuda", x, wq, s, b, **kw)
-    part = emulate(ks, launch)[0]
-    rs, rl = qmm.plan_qmm_reduce(mx.array(part), dtype, lb, res, glu_pair=kind == "glu_pair")
-    two = emulate(rs, rl)[0]
-    counters = qmm.tile_counters(n)
-    fks, flaunch = qmm.plan_quantized_matmul("cuda", x, wq, s, b, counters=counters, **kw)
-    assert fks.name.endswith("_fx") and flaunch.output_dtypes == [dtype, mx.float32]
-    one = emulate(fks, flaunch)
-    assert np.array_equal(np.asarray(one[0]), np.asarray(two), equal_nan=False)
-    assert np.array_equal(np.asarray(one[1]), np.asarray(part))  # the same partials
-    assert not np.asarray(one.inputs_after[-1]).any()  # the counters, left zero
-
-
-def test_tile_counters_are_checked():
-    x = mx.zeros((32, 1024), mx.float16)
-    wq, s, b = _quantized(256, 1024, 4, 32, mx.float16, seed=1)
-    cfg = qmm.QmmConfig(4, 4, 2, 2, 4, 32)
-    for bad in (mx.zeros((8,), mx.int32), mx.zeros((16,), mx.float32), mx.zeros((4, 4), mx.int32)):
-        with pytest.raises(ValueError, match="tile counters"):
-            qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, config=cfg, counters=bad)
-    # one K-slice: nothing to finish, the counters go unused
-    ks, _ = qmm.plan_quantized_matmul("cuda", x, wq, s, b, group_size=32, bits=4, config=dataclasses.replace(cfg, s=1),
-                                      counters=qmm.tile_counters(256))
-    assert "cnt" not in ks.input_names
-
-
 @pytest.mark.parametrize("m,k", [(1, 1024), (8, 4096)])  # one launch; K split (reduce adds them)
 def test_cuda_dispatch_fuses_gate_product_and_residual(cuda_dispatch, m, k):
     n, gs = 512, 32
@@ -439,21 +393,18 @@ def test_glu_paired_rows_give_the_gate_product():
     assert not mx.array_equal(paired["weight"], plain["weight"])
 
 
-@pytest.mark.parametrize("m,split,fix", [(1, False, True), (24, True, True), (24, True, False)])
-def test_cuda_dispatch_gate_product_in_the_gate_up_epilogue(cuda_dispatch, monkeypatch, m, split, fix):
-    """On CUDA the paired gate/up launch returns silu(gate) * up [M, F] (after a split K the
-    launch finishes it with the layer's tile counters, or with BB_QMM_FIX=0 its reduce kernel
-    does), and the down projection then takes x as it is (no gate product). The fp16 kernels:
-    BB_QMM_X8=0 (on, one token goes to the int8 kernel: test_qmv8)."""
+@pytest.mark.parametrize("m,split", [(1, False), (24, True)])
+def test_cuda_dispatch_gate_product_in_the_gate_up_epilogue(cuda_dispatch, monkeypatch, m, split):
+    """On CUDA the paired gate/up launch returns silu(gate) * up [M, F] (after a split K its
+    reduce kernel does), and the down projection then takes x as it is (no gate product). The
+    fp16 kernels: BB_QMM_X8=0 (on, one token goes to the int8 kernel: test_qmv8)."""
     monkeypatch.setattr(qmm, "X8", False)
-    monkeypatch.setattr(qmm, "FIX", fix)  # read by the layers' swaps too
     _, paired, _ = _paired_mlp(f=1024, k=4096)
-    assert (paired.get("counters") is not None) == fix
     h = paired.glu(mx.zeros((1, m, 4096), mx.float16))
     assert h.shape == (1, m, 1024)
     names = [s.name for s, _ in cuda_dispatch]
-    assert names == (["bb_qmm_glu"] if not split else ["bb_qmm_glu_fx"] if fix else ["bb_qmm", "bb_qmm_red_glu"]), names
-    assert cuda_dispatch[-1][1].output_shapes[0] == (m, 1024)  # (then the partials, with FIX)
+    assert names == (["bb_qmm_glu"] if not split else ["bb_qmm", "bb_qmm_red_glu"]), names
+    assert cuda_dispatch[-1][1].output_shapes == [(m, 1024)]
 
 
 def test_long_k_at_one_token_takes_one_block_per_tile():
@@ -653,11 +604,9 @@ def test_linear_norm_writes_the_next_norm_in_the_reduce(cuda_dispatch, monkeypat
     """o_proj with its residual, then the MLP's RMSNorm: after a split K (M=32 on the 7B shape)
     the reduce kernel writes norm(h) beside h and the MLP gets no norm to apply; with one
     K-slice (M=2, no reduce) or BB_QMM_NORM_OUT=0 the MLP keeps the norm (fused in its launch).
-    BB_QMM_NORM_PRE is off here: what it does at one K-slice is the next test's; so is BB_QMM_FIX
-    (the split finished in the launch: test_norm_split_over_a_split_finished_in_its_launch)."""
+    BB_QMM_NORM_PRE is off here: what it does at one K-slice is the next test's."""
     monkeypatch.setattr(qmm, "NORM_OUT", switch)
     monkeypatch.setattr(qmm, "NORM_PRE", False)
-    monkeypatch.setattr(qmm, "FIX", False)
     n = k = 3584
     layer = _qlinear(n, k, seed=11)
     norm = nn.RMSNorm(n, eps=1e-6)
@@ -739,35 +688,6 @@ def test_norm_split_with_its_producer_on_one_k_slice(cuda_dispatch, monkeypatch,
     del cuda_dispatch[:]
     qmm.quantized_matmul(mx.ones((32, k), mx.float16), wq, s, b, group_size=32, bits=4, norm=pending)
     assert [c[0].name for c in cuda_dispatch] == ["bb_qmm", "bb_qmm_red"]
-
-
-def test_norm_split_over_a_split_finished_in_its_launch(cuda_dispatch, monkeypatch):
-    """BB_QMM_FIX with BB_QMM_NORM_PRE: o_proj at M=32 (two K-slices, 64-row tiles) finishes its
-    split in its own launch and writes h, h * weight and the sums of squares of each 32 columns;
-    a consumer that splits K with its own counters takes them (NPRE) in one launch too."""
-    monkeypatch.setattr(qmm, "FIX", True)
-    n = k = 3584
-    layer = _qlinear(n, k, seed=13)
-    assert layer["counters"].shape == (n // 16,) and layer["counters"].dtype == mx.int32
-    norm = nn.RMSNorm(n, eps=1e-6)
-    norm.weight = norm.weight.astype(mx.float16)
-    h, x_n, left = qmm.linear_norm(layer, mx.zeros((1, 32, k), mx.float16),
-                                   residual=mx.zeros((1, 32, n), mx.float16), norm=norm)
-    (spec, launch), = cuda_dispatch  # no reduce launch
-    assert launch.grid[1] > 1 and 16 * dict(launch.template)["WN"] == 64
-    assert spec.name == "bb_qmm_r_no_fx" and spec.output_names == ("y", "part", "yw", "ssp")
-    assert launch.inputs[-1] is layer["counters"]
-    assert isinstance(left, qmm.PendingNorm) and left.ss.shape == (n // 32, 32)
-    wq, s, b = _quantized(4608, k, 4, 32, mx.float16, seed=14)
-    del cuda_dispatch[:]
-    qmm.quantized_matmul(x_n, wq, s, b, group_size=32, bits=4, norm=qmm._norm_args(left),
-                         counters=qmm.tile_counters(4608))
-    (spec, launch), = cuda_dispatch
-    assert launch.grid[1] > 1 and spec.name == "bb_qmm_np_fx" and spec.input_names[-2:] == ("pss", "cnt")
-    monkeypatch.setattr(qmm, "FIX", False)  # off: the counters go unused, the reduce kernels run
-    del cuda_dispatch[:]
-    qmm.linear_norm(layer, mx.zeros((1, 32, k), mx.float16), residual=mx.zeros((1, 32, n), mx.float16), norm=norm)
-    assert [c[0].name for c in cuda_dispatch] == ["bb_qmm", "bb_qmm_redn_r"]
 
 
 def test_pending_norm_applied_by_mlx_ops_is_the_rms_norm():
@@ -1143,9 +1063,3 @@ def test_repacked_pairs_need_what_their_layout_assumes():
 def test_bb_qmm_wpack_values(value, want):
     """BB_QMM_WPACK is pairs (weights and pairs repacked) by default; read once, when qmm is first imported."""
     assert qmm_setting_read("BB_QMM_WPACK", value, "qmm.WPACK") == [want]
-
-
-@pytest.mark.parametrize("value,want", [(None, "True"), ("1", "True"), ("0", "False")])
-def test_bb_qmm_fix_values(value, want):
-    """BB_QMM_FIX is on by default (a split K finished in its own launch); read once, at import."""
-    assert qmm_setting_read("BB_QMM_FIX", value, "qmm.FIX") == [want]

@@ -21,7 +21,7 @@ from test_model_batching import run_batched
 
 def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidden: bool = False,
             dq_mode: str = "lop3", n_seq: int = 2, sb_pack: bool = False, x8: bool = False,
-            wpack: str = "0", fix: bool = False, split_all: bool = False) -> np.ndarray:
+            wpack: str = "0") -> np.ndarray:
     model, _ = make_preset("tiny", mx.float16, "q4_0", seed=4)
     rng = np.random.default_rng(6)
     for layer in model.model.layers:  # a weight per norm, so that a misplaced one shows
@@ -34,7 +34,6 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
     monkeypatch.setattr(qmm, "SB_PACK", "1" if sb_pack else "0")  # read by the swaps below
     monkeypatch.setattr(qmm, "DQ_MODE", dq_mode)  # sub: the swaps also note each layer's scale_max
     monkeypatch.setattr(qmm, "WPACK", wpack)  # the swaps also repack the weights (and with pairs the pairs)
-    monkeypatch.setattr(qmm, "FIX", fix)  # the swaps also give each layer its tile counters
     # no RoPE / K-V-write pair epilogue: it writes the cache in place, which emulation cannot;
     # with x8 the gate/up rows paired (the int8 kernel's gate product), as on CUDA
     monkeypatch.setattr(qmm, "FUSE_ROPE", False)
@@ -49,11 +48,10 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
 
     monkeypatch.setattr(qmm, "NORM_PRE", norm_pre)
     monkeypatch.setattr(kspec, "run", emulated)
-    if split_hidden or split_all:  # o_proj and down_proj (N = hidden), or all, on two K-slices (7B: M > 8)
+    if split_hidden:  # o_proj and down_proj (N = hidden) on two K-slices, as at M > 8 on the 7B shape
         choose = qmm.choose_config
         monkeypatch.setattr(qmm, "choose_config", lambda m, n, k, bits: (
-            replace(choose(m, n, k, bits), s=2, blocks=0) if split_all or n == model.args.hidden_size
-            else choose(m, n, k, bits)))
+            replace(choose(m, n, k, bits), s=2, blocks=0) if n == model.args.hidden_size else choose(m, n, k, bits)))
     a = model.args
     cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, 512, 2, True, mx.float16)
     runner = Runner(model, cache, Mode("t", True), 2048, 64, compiled=False)
@@ -105,30 +103,6 @@ def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split
     else:
         assert {"bb_qmm_r", "bb_qmm_r_g", "bb_qmm_b_n", "bb_qmm_n"} <= set(launched)
         assert not any(name.endswith(("_no", "_np")) for name in launched)
-
-
-@pytest.mark.parametrize("split_all", [False, True])
-def test_model_decodes_with_splits_finished_in_their_launches(monkeypatch, split_all):
-    """BB_QMM_FIX (the swaps give each layer its tile counters): o_proj and down_proj on two
-    K-slices, or every matmul, finish the split in their own launch and no reduce kernel runs;
-    with the norm split between launches (BB_QMM_NORM_PRE) o_proj and down_proj write the next
-    norm's share over the split (NOUT) and the consumers take it (NPRE), split ones included.
-    Logits within fp16 rounding of the MLX-op model."""
-    toolchain.need(toolchain.host_cxx)
-    ref = _logits(monkeypatch, False, False, [])
-    runs: list = []
-    got = _logits(monkeypatch, True, True, runs, split_hidden=True, dq_mode="sub", sb_pack=True, wpack="pairs",
-                  fix=True, split_all=split_all)
-    launched = set(name for name, *_ in runs)
-    assert {"bb_qmm_r_no_fx", "bb_qmm_r_g_no_fx"} <= launched  # o_proj, down_proj (its gate product)
-    assert not any(name.startswith("bb_qmm_red") for name in launched)
-    if split_all:  # q/k/v (layer 0's after its own rms_norm), gate/up and lm_head split too
-        assert all(name.endswith("_fx") for name in launched)
-        assert {"bb_qmm_b_fx", "bb_qmm_b_np_fx", "bb_qmm_np_fx"} <= launched
-    else:
-        assert {"bb_qmm_b_np", "bb_qmm_np"} <= launched
-    assert np.isfinite(got).all()
-    assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
 
 
 def test_model_decodes_with_int8_activations_emulated(monkeypatch):

@@ -698,9 +698,8 @@ struct QmmStage {
 };
 
 // NOUT / NPRE operands (see qmm_kernel). nw: the next norm's weights; yw, ssp: NOUT's outputs,
-// y * nw [M, N] and the sums of squares of y over spans of SSW columns [N / SSW, M] (SSW: 16
-// for 16-row tiles, else 32); pss: NPRE's input, such sums of a producer [pt, M] (of any span:
-// the consumer sums all pt rows of a column).
+// y * nw [M, N] and the sums of squares of y [N / BN tiles, M]; pss: NPRE's input, such sums of
+// a producer's tiles [pt, M] (of any tile size: the consumer sums all pt rows of a column).
 template <typename T>
 struct QmmNormIO {
   const T* nw;
@@ -708,13 +707,6 @@ struct QmmNormIO {
   float* ssp;
   const float* pss;
   int pt;  // rows of pss
-};
-
-// FIX: a split K finished in the same launch (see qmm_kernel). part: the fp32 partials
-// [S, M, N]; cnt: one counter a feature tile, zero before the launch and left zero after it.
-struct QmmFix {
-  float* part;
-  int* cnt;
 };
 
 // T: activation dtype; BITS 4|8; GS group size; MT token tiles of 8 (M <= 8*MT);
@@ -727,9 +719,7 @@ struct QmmFix {
 // weight shape N x K (N % (16*WN) == 0, K % (512/BITS) == 0, checked by the launcher);
 // gridDim.y = S K-slices. The block walks feature tiles blockIdx.x, + gridDim.x, ...: x is
 // staged (and normalized) once per block, and the first loads of the next tile are in flight
-// while the current one is reduced. SPLIT: write fp32 partials [S, M, N] instead of y; with
-// FIX also y: the last K-slice to finish a tile (a counter a tile) sums its partials and runs
-// the epilogue, so no reduce kernel follows.
+// while the current one is reduced. SPLIT: write fp32 partials [S, M, N] instead of y.
 // GLU: x is [M, 2K] = [gate | up] and the input is silu(gate) * up (the MLP's down projection).
 // HAS_RES: y += res[M, N] (the residual add after o_proj / down_proj).
 // NORM: the input is rms_norm(x) * nw[K] (eps), computed on the staged x; K % 256 == 0 (a warp's
@@ -740,13 +730,13 @@ struct QmmFix {
 // ssout [S, M], and the reduce kernel scales the summed partials by the whole row's rsqrt.
 // DQ = 1: fp16 4-bit weights take qmm_dq4_lop3 (x staged reordered to match); else qmm_pair4.
 // E: QmmPlain, or a pair epilogue (QmmRopeCfg, QmmGluPair) that stores rows n and n + 8 together.
-// The next layer's RMSNorm split between two launches of one K-slice or FIX (QmmNormIO): NOUT,
-// this launch (plain epilogue, tiles of 16 or 32 rows; with FIX 16 or 32k) also writes y * nw
-// and its sums of squares of y per row and span; NPRE, this launch's x is such a y * nw: it scales its sums by each
+// The next layer's RMSNorm split between two launches of one K-slice (QmmNormIO): NOUT, this
+// launch (plain epilogue, tiles of 16 or 32 rows) also writes y * nw and each tile's sums of
+// squares of y per row; NPRE, this launch's x is such a y * nw: it scales its sums by each
 // row's rsqrt(mean + eps) from those partial sums before the bias (no norm passes over x).
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool PRE, bool SPLIT, bool HAS_BIAS,
           bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, bool EPRE, bool NOUT, bool NPRE,
-          bool SBP, int WP, bool FIX, typename E, typename O>
+          bool SBP, int WP, typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
@@ -754,7 +744,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
                                            const T* __restrict__ nw, const float eps,
                                            O* __restrict__ out, float* __restrict__ ssout,
                                            const int M, const int N, const int K, const QmmRope<T> rp,
-                                           const QmmNormIO<T> nio, const QmmFix fx) {
+                                           const QmmNormIO<T> nio) {
   constexpr bool BF16 = is_bf16<T>::value;
   constexpr bool LOP3 = (DQ == 1 || DQ == 2 || DQ == 3) && BITS == 4 && !BF16;
   constexpr bool SUB = DQ == 3 && LOP3;  // qmm_dq4_sub: the products come out scaled by 2^-9
@@ -809,11 +799,8 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   static_assert(!FOLD || NPASS, "qmm: a norm over a K-slice takes its sums after the staging");
   __shared__ float rsc[FOLD ? MP : 1], rinv[FOLD ? MP : 1];  // FOLD: each row's scale in this K-slice, its inverse
   __shared__ float rsn[NPRE ? MP : 1];  // NPRE: each row's rsqrt(mean(y^2) + eps) of the producer's y
-  static_assert(!(NPRE && (NORM || (SPLIT && !FIX))), "qmm: a norm split with the producer needs one K-slice (or FIX), no norm of its own");
-  static_assert(!(NOUT && ((SPLIT && !FIX) || E::PAIR || (BN != 16 && BN % 32 != 0))),
-                "qmm: NOUT needs one K-slice (or FIX), a plain epilogue and tiles of 16 or 32k rows");
-  static_assert(!FIX || (SPLIT && !FOLD), "qmm: FIX finishes a split K without a folded norm");
-  __shared__ bool fxlast;  // FIX: this block is the tile's last K-slice
+  static_assert(!(NPRE && (NORM || SPLIT)), "qmm: a norm split with the producer needs one K-slice, no norm of its own");
+  static_assert(!(NOUT && (SPLIT || E::PAIR || (BN != 16 && BN != 32))), "qmm: NOUT needs a plain epilogue and 16 or 32-row tiles");
 
   const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
   const int wn = wid % WN, wk = wid / WN;
@@ -1294,91 +1281,55 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
         red[(wk * MP + m + 1) * RS + r + 8] = acc[f][tt][3];
       }
     __syncthreads();
-    // A tile row's sum over the WK warps (the reduction area), or with FIX (fp) over the S
-    // K-slices' partials in L2, in the order qmm_reduce sums them.
-    auto val = [&](const bool fp, const int m, const int r) -> float {
-      float v = 0.f;
-      if constexpr (FIX) {
-        if (fp) {
-          for (int q = 0; q < S; ++q) v += __ldcg(fx.part + ((size_t)q * M + m) * N + n0 + r);
-          return v;
+    if constexpr (E::PAIR && !SPLIT) {
+      for (int e = tid; e < M * (BN / 2); e += NT) {
+        const int m = e / (BN / 2);
+        const int r = qmm_pair_row(e - m * (BN / 2));  // the pair's rows r and r + 8 of this tile
+        float lo = 0.f, hi = 0.f;
+#pragma unroll
+        for (int q = 0; q < WK; ++q) {
+          lo += red[(q * MP + m) * RS + r];
+          hi += red[(q * MP + m) * RS + r + 8];
         }
+        const int n = n0 + r;
+        const bool pre = EPRE && e == tid;
+        if constexpr (NPRE) {
+          lo *= rsn[m];
+          hi *= rsn[m];
+        }
+        if constexpr (HAS_BIAS) {
+          lo += pre ? pb0 : qmm_float<T>(lbias[n]);
+          hi += pre ? pb1 : qmm_float<T>(lbias[n + 8]);
+        }
+        E::template store<T>(lo, hi, n, m, M, N, rp, out, pre ? pp : E::template prep<T>(n, m, rp));
       }
+    } else
+    for (int e = tid; e < M * BN; e += NT) {
+      const int m = e / BN, r = e - m * BN;
+      float v = 0.f;
 #pragma unroll
       for (int q = 0; q < WK; ++q) v += red[(q * MP + m) * RS + r];
-      return v;
-    };
-    // The tile's outputs: the epilogue on its final sums.
-    auto finish = [&](const bool fp) {
-      if constexpr (!SPLIT || FIX) {
-        if constexpr (E::PAIR) {
-          for (int e = tid; e < M * (BN / 2); e += NT) {
-            const int m = e / (BN / 2);
-            const int r = qmm_pair_row(e - m * (BN / 2));  // the pair's rows r and r + 8 of this tile
-            float lo = val(fp, m, r), hi = val(fp, m, r + 8);
-            const int n = n0 + r;
-            const bool pre = EPRE && e == tid;
-            if constexpr (NPRE) {
-              lo *= rsn[m];
-              hi *= rsn[m];
-            }
-            if constexpr (HAS_BIAS) {
-              lo += pre ? pb0 : qmm_float<T>(lbias[n]);
-              hi += pre ? pb1 : qmm_float<T>(lbias[n + 8]);
-            }
-            E::template store<T>(lo, hi, n, m, M, N, rp, out, pre ? pp : E::template prep<T>(n, m, rp));
-          }
-        } else {
-          for (int e = tid; e < M * BN; e += NT) {
-            const int m = e / BN, r = e - m * BN;
-            float v = val(fp, m, r);
-            const int n = n0 + r;
-            const bool pre = EPRE && e == tid;
-            if constexpr (NPRE) v *= rsn[m];
-            if constexpr (HAS_BIAS) v += pre ? pb0 : qmm_float<T>(lbias[n]);
-            if constexpr (HAS_RES) v += pre ? pb1 : qmm_float<T>(res[(size_t)m * N + n]);
-            out[(size_t)m * N + n] = qmm_cast<O, T>(v);
-            if constexpr (NOUT) {
-              // y * nw, and the sum of squares of row m over SSW columns: one warp's 32 lanes or
-              // half of them (NT % 32 == 0 and BN % SSW == 0: all of them in this iteration or none).
-              constexpr int SSW = BN == 16 ? 16 : 32;
-              const float hf = qmm_float<T>(qmm_cast<T, T>(v));
-              nio.yw[(size_t)m * N + n] = qmm_cast<T, T>(hf * (pre ? pb2 : qmm_float<T>(nio.nw[n])));
-              const unsigned gmask = SSW == 32 ? 0xffffffffu : 0xffffu << (lane & 16);
-              float q = hf * hf;
+      const int n = n0 + r;
+      if constexpr (SPLIT) {
+        out[((size_t)s * M + m) * N + n] = qmm_cast<O, T>(FOLD ? v * rinv[m] : v);
+      } else {
+        const bool pre = EPRE && e == tid;
+        if constexpr (NPRE) v *= rsn[m];
+        if constexpr (HAS_BIAS) v += pre ? pb0 : qmm_float<T>(lbias[n]);
+        if constexpr (HAS_RES) v += pre ? pb1 : qmm_float<T>(res[(size_t)m * N + n]);
+        out[(size_t)m * N + n] = qmm_cast<O, T>(v);
+        if constexpr (NOUT) {
+          // y * nw, and the sum of squares of this tile's row m: its BN outputs are BN lanes of
+          // one warp (NT % 32 == 0, M * BN % BN == 0), all in this iteration or none.
+          const float hf = qmm_float<T>(qmm_cast<T, T>(v));
+          nio.yw[(size_t)m * N + n] = qmm_cast<T, T>(hf * (pre ? pb2 : qmm_float<T>(nio.nw[n])));
+          const unsigned gmask = BN == 32 ? 0xffffffffu : 0xffffu << (lane & 16);
+          float q = hf * hf;
 #pragma unroll
-              for (int o = SSW / 2; o > 0; o >>= 1) q += __shfl_xor_sync(gmask, q, o);
-              if (r % SSW == 0) nio.ssp[(size_t)(n / SSW) * M + m] = q;
-            }
-          }
+          for (int o = BN / 2; o > 0; o >>= 1) q += __shfl_xor_sync(gmask, q, o);
+          if (r == 0) nio.ssp[(size_t)tile * M + m] = q;
         }
       }
-    };
-    if constexpr (SPLIT) {
-      float* const part = FIX ? fx.part : reinterpret_cast<float*>(out);
-      for (int e = tid; e < M * BN; e += NT) {
-        const int m = e / BN, r = e - m * BN;
-        const float v = val(false, m, r);
-        part[((size_t)s * M + m) * N + n0 + r] = FOLD ? v * rinv[m] : v;
-      }
-      if constexpr (FIX) {
-        // The last K-slice to finish the tile finishes it (no reduce launch): each thread's
-        // partials are visible device-wide before its block counts itself in.
-        __threadfence();
-        __syncthreads();
-        if (tid == 0) {
-          const bool last = atomicAdd(fx.cnt + tile, 1) == S - 1;
-          if (last) fx.cnt[tile] = 0;  // every K-slice has counted: ready for the next launch
-          fxlast = last;
-        }
-        __syncthreads();
-        if (fxlast) {
-          __threadfence();
-          finish(true);
-        }
-      }
-    } else {
-      finish(false);
     }
     if (next >= NTILE) break;
     __syncthreads();  // the reduction area is rewritten by the next tile
@@ -1576,8 +1527,8 @@ QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + k
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ, EPRE,"
-    " {nout}, {npre}, SBP, WP, {fix}, {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, {ss}, x_shape[0],"
-    " w_shape[0], w_shape[1] * 32 / BITS, {rope}, {nio}, {fx});"
+    " {nout}, {npre}, SBP, WP, {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, {ss}, x_shape[0], w_shape[0],"
+    " w_shape[1] * 32 / BITS, {rope}, {nio});"
 )
 _SRC_REDUCE = (
     "bbqmm::qmm_reduce<T, {has_bias}, {has_res}, {norm}>"
@@ -1621,15 +1572,13 @@ def _suffix(has_bias: bool, has_res: bool, glu: bool = False, norm: bool = False
 
 
 def _main_spec(has_bias: bool, has_res: bool = False, glu: bool = False, norm: bool = False,
-               pair: str = "", fold: bool = False, nout: bool = False, npre: bool = False,
-               fix: bool = False) -> KernelSpec:
+               pair: str = "", fold: bool = False, nout: bool = False, npre: bool = False) -> KernelSpec:
     """fold: the norm over a split K (its sums of squares are a second output, "ss"). nout: also
     y * nw2 ("yw") and each tile's sums of squares ("ssp") for the next launch; npre: x is such
-    a y * nw, scaled by the rows' scales from the producer's sums ("pss") (see QmmNormIO). fix:
-    a split K finished in the launch (its partials "part", the tiles' counters "cnt", QmmFix)."""
+    a y * nw, scaled by the rows' scales from the producer's sums ("pss") (see QmmNormIO)."""
     names = ("x", "w", "scales", "biases") + (("lbias",) if has_bias else ()) + (
         ("res",) if has_res else ()) + (("nw",) if norm else ()) + (_ROPE_INPUTS if pair == "rope" else ()) + (
-        ("nw2",) if nout else ()) + (("pss",) if npre else ()) + (("cnt",) if fix else ())
+        ("nw2",) if nout else ()) + (("pss",) if npre else ())
     nio = ("bbqmm::QmmNormIO<T>{" + ("nw2, yw, ssp" if nout else "nullptr, nullptr, nullptr")
            + (", pss, (int)pss_shape[0]}" if npre else ", nullptr, 0}"))
     src = _SRC_MAIN.format(
@@ -1637,13 +1586,11 @@ def _main_spec(has_bias: bool, has_res: bool = False, glu: bool = False, norm: b
         nw="nw" if norm else "(const T*)nullptr",
         eps="__int_as_float(EPS_BITS)" if norm or npre else "0.f",
         ss="ss" if fold else "(float*)nullptr", nout="true" if nout else "false", npre="true" if npre else "false",
-        nio=nio, fix="true" if fix else "false",
-        fx="bbqmm::QmmFix{part, (int*)cnt}" if fix else "bbqmm::QmmFix{nullptr, nullptr}",
-        **_pair_args(pair), **_epilogue(has_bias, has_res),
+        nio=nio, **_pair_args(pair), **_epilogue(has_bias, has_res),
     )
     name = "bb_qmm" + _suffix(has_bias, has_res, glu, norm, pair) + ("f" if fold else "") + (
-        "_no" if nout else "") + ("_np" if npre else "") + ("_fx" if fix else "")
-    outs = ("y",) + (("part",) if fix else ()) + (("ss",) if fold else ()) + (("yw", "ssp") if nout else ())
+        "_no" if nout else "") + ("_np" if npre else "")
+    outs = ("y",) + (("ss",) if fold else ()) + (("yw", "ssp") if nout else ())
     return KernelSpec("cuda", name, names, outs, src, QMM_HEADER)
 
 
@@ -1980,23 +1927,10 @@ def packed_bytes(model: nn.Module) -> int:
 # 1 -> pairs: B=2 1.71 -> 1.69 ms, B=8 1.99 -> 1.96, B=32 3.27 -> 3.16.
 WPACK = env_choice("BB_QMM_WPACK", "pairs", ON_OFF + ("pairs",))
 
-# BB_QMM_FIX (default 1): the swaps on CUDA give each quantized linear one int32 counter a 16-row
-# tile (`tile_counters`), with which a split K is finished in the matmul's own launch (FIX: the
-# last K-slice to finish a tile sums the partials and runs the epilogue) instead of a reduce
-# launch; the next norm's share (NOUT) then comes from that launch too. 0: the reduce kernels.
-FIX = env_choice("BB_QMM_FIX", "1", ON_OFF) == "1"
-
 
 def packs_weights() -> bool:
     """The swaps keep repacked weights (BB_QMM_WPACK, read only by the CUDA kernels)."""
     return WPACK != "0" and backend.BACKEND == "cuda"
-
-
-def tile_counters(n: int) -> mx.array:
-    """The zeros a split K finished in its own launch counts its K-slices in (one a 16-row tile
-    of an N-row weight). A launch leaves them zero; two launches must not use one array at the
-    same time, so each layer holds its own (`_add_packed`)."""
-    return mx.zeros((n // 16,), mx.int32)
 
 
 def pack_weights(w: mx.array, bits: int) -> mx.array:
@@ -2307,14 +2241,10 @@ def plan_quantized_matmul(
     sub: bool | None = None,
     wpack: mx.array | None = None,
     ppack: bool = False,
-    counters: mx.array | None = None,
 ) -> tuple[KernelSpec, Launch]:
     """The main kernel's spec and launch (x taken as [M, K], or [M, 2K] with glu). With
     config.s > 1 its output is fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y
-    (bias and residual are then added there); with counters as well (int32 zeros, one a
-    16-row tile at least, which no other launch uses meanwhile and the kernel leaves zero) the
-    launch finishes the split itself (FIX): its outputs are y and the partials, and norm_next
-    and prenorm may come with it. lop3 forces the fp16 4-bit dequantization
+    (bias and residual are then added there). lop3 forces the fp16 4-bit dequantization
     (None: where `_lop3` measured it faster). Pair epilogues (after a split K, the reduce
     kernel's): rope, the output is q and k/v go to the cache (`RopeStore`); glu_pair, the
     rows are in `glu_pair_order` and the output is silu(gate) * up [M, N/2]. norm with a split
@@ -2381,29 +2311,23 @@ def plan_quantized_matmul(
         raise ValueError(f"quantized_matmul: config {cfg} needs {need} bytes of shared memory for "
                          f"K={k}, more than a block may take ({SMEM_PER_SM}): more K-slices (s) or fewer rows")
     split = cfg.s > 1
-    if counters is not None and (counters.dtype != mx.int32 or counters.ndim != 1 or counters.shape[0] < n // 16):
-        raise ValueError(f"quantized_matmul: the tile counters must be int32 [>= {n // 16}], got "
-                         f"{tuple(counters.shape)} {counters.dtype}")
     if norm is not None and (glu or k % 256 or (split and not cfg.fold_fits(k, bits))):
         raise ValueError("quantized_matmul: the fused RMSNorm needs K % 256 == 0, no glu and, over a split K, "
                          "its sums' scratch within the reduction area (QmmConfig.fold_fits)")
     fold = norm is not None and split
-    fix = split and counters is not None and not fold
-    done = not split or fix  # the epilogue runs in this launch
     bn = 16 * cfg.wn * cfg.wf
-    if norm_next is not None and not (_norm_parts_fit(cfg, glu_pair or rope is not None, fix)
+    if norm_next is not None and not (_norm_parts_fit(cfg, glu_pair or rope is not None)
                                       and _norm_weight_ok(norm_next[0], n, x.dtype)):
-        raise ValueError(f"quantized_matmul: writing the next norm's parts needs one K-slice (or the tile "
-                         f"counters), a plain epilogue, tiles of 16 or 32k rows and a weight [{n}] {x.dtype} "
-                         f"(config {cfg})")
-    if prenorm is not None and (not done or norm is not None or prenorm.ss.dtype != mx.float32
+        raise ValueError(f"quantized_matmul: writing the next norm's parts needs one K-slice, a plain epilogue, "
+                         f"tiles of 16 or 32 rows and a weight [{n}] {x.dtype} (config {cfg})")
+    if prenorm is not None and (split or norm is not None or prenorm.ss.dtype != mx.float32
                                 or prenorm.ss.ndim != 2 or prenorm.ss.shape[1] != m):
-        raise ValueError(f"quantized_matmul: a pending norm needs one K-slice (or the tile counters), no norm of "
-                         f"its own and sums [tiles, {m}] float32 (config {cfg})")
-    has_bias = bias is not None and done
-    has_res = residual is not None and done
+        raise ValueError(f"quantized_matmul: a pending norm needs one K-slice, no norm of its own and sums "
+                         f"[tiles, {m}] float32 (config {cfg})")
+    has_bias = bias is not None and not split
+    has_res = residual is not None and not split
     pair = _check_pair(rope, glu_pair, m, n, x.dtype, glu, residual)
-    pair_here = pair if done else ""
+    pair_here = pair if not split else ""
     rope_here = pair_here == "rope"
     # Shapes share compiled kernels: N and K are runtime values and the dynamic smem size is
     # rounded up to 8 KiB steps (it is part of the kernel name, see the template below).
@@ -2415,23 +2339,20 @@ def plan_quantized_matmul(
     inputs += [norm[0]] if norm is not None else []
     inputs += rope.inputs() if rope_here else []
     inputs += ([norm_next[0]] if norm_next is not None else []) + ([prenorm.ss] if prenorm is not None else [])
-    inputs += [counters] if fix else []
-    out_shape = _pair_shape(pair, rope, m, n) if done else (cfg.s, m, n)
-    ssw = 16 if bn == 16 else 32  # NOUT: columns a sum of squares covers
+    out_shape = (cfg.s, m, n) if split else _pair_shape(pair, rope, m, n)
     # over a K-slice (fold) the norm takes its sums in a pass after the staging (qmm_norm_slice)
     npass, early = norm_variant(m, glu_pair) if norm is not None else (False, False)
     launch = Launch(
         inputs=inputs,
-        output_shapes=[out_shape] + ([(cfg.s, m, n)] if fix else []) + ([(cfg.s, m)] if fold else [])
-        + ([(m, n), (n // ssw, m)] if norm_next else []),
-        output_dtypes=[x.dtype if done else mx.float32] + ([mx.float32] if fix else []) + ([mx.float32] if fold else [])
+        output_shapes=[out_shape] + ([(cfg.s, m)] if fold else []) + ([(m, n), (n // bn, m)] if norm_next else []),
+        output_dtypes=[mx.float32 if split else x.dtype] + ([mx.float32] if fold else [])
         + ([x.dtype, mx.float32] if norm_next else []),
         grid=(cfg.grid_blocks(n) * nt, cfg.s, 1),
         threadgroup=(nt, 1, 1),
         template=[
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
             ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("WF", cfg.wf), ("PRE", cfg.pre and not cfg.ns),
-            ("SPLIT", split), ("EPRE", EPI_PRE and not split),  # (FIX is in the source: see _main_spec)
+            ("SPLIT", split), ("EPRE", EPI_PRE and not split),
             ("DQ", 3 if sub else 2 if bsum else 1 if use_lop3 else 0), ("SBP", sbp),
             ("WP", 0 if wpack is None else 2 if ppack else 1),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
@@ -2441,7 +2362,7 @@ def plan_quantized_matmul(
         + (rope.template() if rope_here else []),
     )
     spec = _main_spec(has_bias, has_res, glu, norm is not None, pair_here, fold, norm_next is not None,
-                      prenorm is not None, fix)
+                      prenorm is not None)
     return replace(spec, shared_memory=smem), launch
 
 
@@ -2500,12 +2421,10 @@ def _reduce_norm_fits(n: int, pair: bool, folded: bool) -> bool:
     return not pair and not folded and n % 8 == 0 and n // 8 <= REDUCE_NORM_THREADS * REDUCE_NORM_MAX_NG
 
 
-def _norm_parts_fit(cfg: QmmConfig, pair: bool, fix: bool = False) -> bool:
-    """The main kernel can write the next norm's parts (NOUT): a plain epilogue and one K-slice
-    with tiles of 16 or 32 rows (a tile's row is then one warp's lanes), or a split K finished
-    in the launch (fix) with tiles of 16 or a multiple of 32 rows (a sum a 32-row span)."""
-    bn = 16 * cfg.wn * cfg.wf
-    return not pair and ((cfg.s == 1 and bn in (16, 32)) or (fix and cfg.s > 1 and (bn == 16 or bn % 32 == 0)))
+def _norm_parts_fit(cfg: QmmConfig, pair: bool) -> bool:
+    """The main kernel can write the next norm's parts (NOUT): one K-slice, a plain epilogue,
+    tiles of 16 or 32 rows (a tile's row is then one warp's lanes)."""
+    return cfg.s == 1 and not pair and 16 * cfg.wn * cfg.wf in (16, 32)
 
 
 def _norm_weight_ok(weight: mx.array, n: int, dtype) -> bool:
@@ -2675,7 +2594,6 @@ def quantized_matmul(
     scale_max: float | None = None,
     wpack: mx.array | None = None,
     ppack: bool = False,
-    counters: mx.array | None = None,
 ):
     """x @ dequantize(w, scales, biases).T (+ bias) (+ residual): MLX affine layout,
     transpose=True. glu: x is [..., 2K] = [gate | up] and the product uses silu(gate) * up.
@@ -2687,8 +2605,6 @@ def quantized_matmul(
     biases)`, which the custom kernel may read instead (BB_QMM_SB_PACK). scale_max: max |scales|
     where the caller knows it (`plan_quantized_matmul`). wpack: `pack_weights(w, bits)`, which the
     fp16-activation kernel then reads (BB_QMM_WPACK); ppack: packed is `pack_pairs` of the pairs.
-    counters: `tile_counters(N)`, with which a split K finishes in its own launch (BB_QMM_FIX;
-    the array must not be in use by another launch at the same time).
 
     Custom CUDA kernel when `backend.BACKEND == "cuda"` and the shape is covered (bias,
     residual, the gate product and the norm fused in where they fit), otherwise MLX ops."""
@@ -2701,8 +2617,7 @@ def quantized_matmul(
     cfg = _kernel_config(m, n, k, x, scales, biases, group_size, bits)
     if cfg is not None:
         y = _run_kernel(cfg, x, w, scales, biases, group_size, bits, m, n, k, bias, residual, glu, norm,
-                        norm_out=norm_out, packed=packed, scale_max=scale_max, wpack=wpack, ppack=ppack,
-                        counters=counters)
+                        norm_out=norm_out, packed=packed, scale_max=scale_max, wpack=wpack, ppack=ppack)
         if norm_out is None:
             return y.reshape(*lead, n)
         y, yn = y
@@ -2733,19 +2648,16 @@ def quantized_matmul(
 def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int, m: int, n: int, k: int, bias,
                 residual, glu: bool, norm, rope: RopeStore | None = None, glu_pair: bool = False,
                 norm_out: tuple[mx.array, float] | None = None, packed: mx.array | None = None,
-                scale_max: float | None = None, wpack: mx.array | None = None, ppack: bool = False,
-                counters: mx.array | None = None):
-    """The custom kernel (and its reduce kernel after a split K, unless counters let the kernel
-    finish it: BB_QMM_FIX) on a call _kernel_config gave cfg.
+                scale_max: float | None = None, wpack: mx.array | None = None, ppack: bool = False):
+    """The custom kernel (and its reduce kernel after a split K) on a call _kernel_config gave cfg.
     With norm_out (weight, eps): (y, y_n) as `quantized_matmul` returns them."""
-    fixable = FIX and counters is not None and cfg.s > 1
     # Each block normalizes its rows itself, once: the sums of squares are taken while x is
     # staged and a persistent block stages x once for all its tiles (over a split K, per
     # K-slice, finished by the reduce kernel). Needs K % 256 == 0; BB_QMM_FUSE_NORM=0 keeps the
     # separate rms_norm launch, BB_QMM_NORM_SPLIT=0 keeps it where K is split (A/B runs).
     prenorm = None
     if isinstance(norm, PendingNorm):  # the producer's share is done: x is y * weight
-        if cfg.s == 1 or fixable:
+        if cfg.s == 1:
             prenorm = norm
         else:
             x = norm(x)
@@ -2760,22 +2672,19 @@ def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int
     pair = glu_pair or rope is not None
     if rope is not None and cfg.s == 1 and SB_PACK == "norope":
         packed, ppack = None, False
-    fix = fixable and norm is None  # (a norm folded over the split K keeps its reduce kernel)
-    norm_next = norm_out if (NORM_PRE and norm_out is not None and _norm_parts_fit(cfg, pair, fix)
+    norm_next = norm_out if (NORM_PRE and norm_out is not None and _norm_parts_fit(cfg, pair)
                              and _norm_weight_ok(norm_out[0], n, x.dtype)) else None
     ks, launch = plan_quantized_matmul(
         "cuda", x, w, scales, biases, group_size=group_size, bits=bits, bias=bias,
         residual=residual, glu=glu, norm=norm, config=cfg, rope=rope, glu_pair=glu_pair,
         norm_next=norm_next, prenorm=prenorm, packed=packed, scale_max=scale_max, wpack=wpack,
-        ppack=ppack, counters=counters if fix else None,
+        ppack=ppack,
     )
     y, *ss = kspec.run(ks, launch)
-    if fix:
-        ss = ss[1:]  # the partials
     if norm_next is not None:
         return y, NormParts(ss[0], PendingNorm(ss[1], float(norm_next[1])))
     yn = None
-    if not fix and launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
+    if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
         out_norm = norm_out if (NORM_OUT and norm_out is not None and _reduce_norm_fits(n, pair, bool(ss))
                                 and _norm_weight_ok(norm_out[0], n, x.dtype)) else None
         rs, rl = plan_qmm_reduce(y, x.dtype, bias, residual, rope=rope, glu_pair=glu_pair,
@@ -2839,7 +2748,7 @@ class QuantizedLinear(nn.QuantizedLinear):
 def layer_extras(layer: nn.Module) -> dict:
     """What a swapped layer's `_add_packed` made for the kernels, as `quantized_matmul`'s keywords."""
     return dict(packed=layer.get("packed"), scale_max=getattr(layer, "scale_max", None), wpack=layer.get("wpack"),
-                ppack=getattr(layer, "ppack", False), counters=layer.get("counters"))
+                ppack=getattr(layer, "ppack", False))
 
 
 def _add_packed(layer: nn.Module) -> None:
@@ -2847,8 +2756,7 @@ def _add_packed(layer: nn.Module) -> None:
     with BB_QMM_DQ=sub on CUDA also layer.scale_max, max |scales| (once: the kernels then know whether
     the subnormal dequantization may take the layer); with BB_QMM_WPACK on CUDA layer["wpack"],
     its weights in the kernel's load order, and with BB_QMM_WPACK=pairs its pairs in that order
-    too (in place of the row-order ones: nothing else reads them; layer.ppack); with BB_QMM_FIX on
-    CUDA layer["counters"], its `tile_counters`."""
+    too (in place of the row-order ones: nothing else reads them; layer.ppack)."""
     n, kw = layer["weight"].shape
     k = kw * 32 // layer.bits
     wpacks = packs_weights() and layer.bits in _BITS and tiles_fit(n, k, layer.bits)
@@ -2866,9 +2774,6 @@ def _add_packed(layer: nn.Module) -> None:
     if wpacks:
         layer["wpack"] = pack_weights(layer["weight"], layer.bits)
         mx.eval(layer["wpack"])
-    if FIX and backend.BACKEND == "cuda" and tiles_fit(n, k, layer.bits):
-        layer["counters"] = tile_counters(n)
-        mx.eval(layer["counters"])
 
 
 @dataclass(frozen=True)

@@ -248,7 +248,6 @@ def qmm_case(
     wscale: float = 1.0,
     wpack: bool = False,
     ppack: bool = False,
-    fix: bool = False,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
@@ -268,8 +267,7 @@ def qmm_case(
     subnormal dequantization (DQ = 3, scale_max passed); wscale: the weights' standard deviation
     (0.02 puts most dequantized weights where sub's results are fp16 subnormals). wpack: the
     kernel reads the weights repacked in its load order (`pack_weights`, WP); ppack (with packed
-    and wpack): the pairs too (`pack_pairs`, WP = 2). fix (a split K): the kernel finishes the split
-    itself (`tile_counters`, FIX), no reduce kernel; norm_next and prenorm may then come with it."""
+    and wpack): the pairs too (`pack_pairs`, WP = 2)."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * wscale).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -302,10 +300,7 @@ def qmm_case(
         if packed else None, ppack=ppack,
         scale_max=float(mx.max(mx.abs(sc)).item()) if sub else None, sub=True if sub else False,
         wpack=Q.pack_weights(wq, bits) if wpack else None,
-        counters=Q.tile_counters(n) if fix else None,
     )
-    if fix and "cnt" not in kspec.input_names:
-        raise ValueError("qmm_case: fix needs a split K without a folded norm")
     xf = _f64(x)
     if glu:
         g, u = xf[:, :k], xf[:, k:]
@@ -332,12 +327,10 @@ def qmm_case(
         want = np.concatenate([want, want * _f64(nwo)], axis=1)
     used = cfg or Q.choose_config(m, n, k, bits)
     bn = 16 * used.wn * used.wf
-    ssw = 16 if bn == 16 else 32  # the columns one sum of squares covers
-    off = 1 if fix else 0  # the partials follow y
     if norm_next:
         if is_split:
-            raise ValueError("qmm_case: norm_next needs one K-slice or fix")
-        tile_rms = np.sqrt((want**2).reshape(m, n // ssw, ssw).mean(axis=2))
+            raise ValueError("qmm_case: norm_next needs one K-slice")
+        tile_rms = np.sqrt((want**2).reshape(m, n // bn, bn).mean(axis=2))
         want = np.concatenate([want, want * _f64(nw2), tile_rms], axis=1)
     kernels = [(kspec, launch)]
     if is_split:
@@ -357,8 +350,8 @@ def qmm_case(
             if norm_out:
                 return np.concatenate([y.astype(np.float64), routs[1].astype(np.float64) * row_rms], axis=1)
         if norm_next:
-            tiles = np.sqrt(outs[2 + off].astype(np.float64).T / ssw)
-            return np.concatenate([y.astype(np.float64), outs[1 + off].astype(np.float64), tiles], axis=1)
+            tiles = np.sqrt(outs[2].astype(np.float64).T / bn)
+            return np.concatenate([y.astype(np.float64), outs[1].astype(np.float64), tiles], axis=1)
         return y.astype(np.float64)
 
     atol = QMM_RTOL[dtype] * scale
@@ -371,7 +364,7 @@ def qmm_case(
         f"{'' if pre is None else '-pre' + str(int(pre))}{'-p' + str(p) if p else ''}{'-normout' if norm_out else ''}"
         f"{'-nnext' if norm_next else ''}{'-prenorm' if prenorm else ''}{'-bsum' if bias_sums else ''}"
         f"{'-packed' if packed else ''}{'-sub' if sub else ''}{'-w' + format(wscale, 'g') if wscale != 1.0 else ''}"
-        f"{'-wpack' if wpack else ''}{'-pairs' if ppack else ''}{'-fix' if fix else ''}"
+        f"{'-wpack' if wpack else ''}{'-pairs' if ppack else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -529,26 +522,11 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
              sub=True, wpack=True, ppack=True),
         dict(m=20, bits=4, group_size=64, n=128, k=1024, res=True, blocks=2, ns=3, packed=True, wpack=True, ppack=True),
         dict(m=5, bits=4, group_size=64, n=64, k=512, res=True, lop3=False, packed=True, wpack=True, ppack=True),
-        # a split K finished in its own launch (BB_QMM_FIX): o_proj's and down_proj's shape of
-        # it at 32 rows (the residual and the next norm's parts over 64-row tiles, the down
-        # projection's gate product and ring, persistent tiles, an empty K-slice), the gate/up
-        # pair on the ring with a pending norm, a bias over 16-row tiles with their parts, 8-bit
-        # bf16, byte permutes, 33 rows
-        dict(m=32, bits=4, group_size=32, n=256, k=1024, split=3, res=True, norm_next=True, wn=4, blocks=2,
-             packed=True, sub=True, wscale=0.02, wpack=True, ppack=True, fix=True),
-        dict(m=32, bits=4, group_size=32, n=128, k=1280, split=4, glu=True, res=True, norm_next=True, ns=4,
-             blocks=1, packed=True, sub=True, wpack=True, ppack=True, fix=True),
-        dict(m=32, bits=4, group_size=32, n=256, k=512, split=2, norm=True, prenorm=True, glu_pair=True, ns=4,
-             blocks=3, packed=True, sub=True, wscale=0.02, wpack=True, ppack=True, fix=True),
-        dict(m=5, bits=4, group_size=64, n=96, k=768, split=5, bias=True, norm_next=True, wn=1, blocks=2, fix=True),
-        dict(m=9, bits=8, group_size=32, n=128, k=1024, split=3, bias=True, norm=True, prenorm=True,
-             dtype=mx.bfloat16, packed=True, fix=True),
-        dict(m=33, bits=4, group_size=64, n=128, k=768, split=3, bias=True, res=True, ns=2, lop3=False, fix=True),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds
         specs = specs[:2] + [s for s in specs if (s.get("ns") and (s.get("split") or s.get("blocks", 0) > 2))
                              or s.get("split", 0) > 5 or s.get("wk") or (s.get("norm") and s.get("split", 0) > 1)
                              or s.get("norm_out") or s.get("norm_next") or s.get("prenorm") or s.get("bias_sums")
-                             or s.get("packed") or s.get("sub") or s.get("wpack") or s.get("fix")]
+                             or s.get("packed") or s.get("sub") or s.get("wpack")]
     return [qmm_case(rng, **s) for s in specs]

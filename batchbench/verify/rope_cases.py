@@ -124,15 +124,13 @@ def qmm_rope_case(
     scale: float = 1.0,
     prenorm: bool = False,
     packed: bool = False,
-    fix: bool = False,
 ) -> Case:
     """The q/k/v projection with the RoPE + K/V-write epilogue (qmm's RopeStore): weight rows
     in rope_pair_order, against float64 projection + rotation of the rows in their own order;
     the result is q, then both cache buffers (cells not written must keep their values).
     split: K over that many blocks, the epilogue then in the reduce kernel. prenorm (with norm):
     x reaches the kernel as round(x * nw) with its 16-column sums of squares (a PendingNorm).
-    packed: the scales and biases as (scale, bias) pairs (`pack_scales_biases`). fix (a split K):
-    the kernel finishes the split itself (`tile_counters`), prenorm may then come with it."""
+    packed: the scales and biases as (scale, bias) pairs (`pack_scales_biases`)."""
     width = (n_heads + 2 * n_kv_heads) * head_dim
     w = mx.array(rng.standard_normal((width, k)).astype(np.float32) / np.sqrt(k)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
@@ -156,10 +154,7 @@ def qmm_rope_case(
     x_in, pending = producer_share(x, nw, 1e-5) if prenorm else (x, None)
     kspec, launch = Q.plan_quantized_matmul("cuda", x_in, wq_p, sc_p, bi_p, group_size=group_size, bits=bits,
                                             bias=lb_p, norm=norm_arg, config=cfg, rope=rope, prenorm=pending,
-                                            packed=Q.pack_scales_biases(sc_p, bi_p) if packed else None,
-                                            counters=Q.tile_counters(width) if fix else None)
-    if fix and "cnt" not in kspec.input_names:
-        raise ValueError("qmm_rope_case: fix needs a split K without a folded norm")
+                                            packed=Q.pack_scales_biases(sc_p, bi_p) if packed else None)
     is_split = launch.output_dtypes[0] == mx.float32
 
     xf = _f64(x)[0]
@@ -184,8 +179,7 @@ def qmm_rope_case(
             parts = [mx.array(o) for o in outs]
             rspec, rlaunch = Q.plan_qmm_reduce(parts[0], dtype, lb_p, rope=rope, norm=folded_norm(parts, k))
             outs, inputs = execute(rspec, rlaunch)
-        # the pending norm's sums and the tile counters come after the cache buffers
-        tail = 0 if is_split else int(prenorm) + int(fix)
+        tail = 1 if prenorm and not is_split else 0  # the pending norm's sums come after the cache buffers
         kc, vc = (_values(inputs[i - tail], dtype) for i in (-2, -1))
         return np.concatenate([outs[0].astype(np.float64).ravel(), kc.ravel(), vc.ravel()])
 
@@ -194,7 +188,6 @@ def qmm_rope_case(
         f"qmm-rope-cuda-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-M{m}-D{head_dim}-Hq{n_heads}-Hkv{n_kv_heads}"
         f"-K{k}-b{bits}-{'trad' if traditional else 'half'}{'-bias' if bias else ''}{'-norm' if norm else ''}"
         f"{'-split' + str(split) if split else ''}{'-prenorm' if prenorm else ''}{'-packed' if packed else ''}"
-        f"{'-fix' if fix else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -209,12 +202,9 @@ def qmm_rope_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=9, norm=True, bias=True, k=768, split=3),  # the norm folded over the K-slices
         dict(m=4, norm=True, bias=True, k=512, prenorm=True),  # the norm split with its producer
         dict(m=2, norm=True, bias=True, k=512, packed=True),  # scales and biases as pairs (BB_QMM_SB_PACK)
-        # a split K finished in its own launch (BB_QMM_FIX), with the norm pending from its producer
-        dict(m=32, norm=True, bias=True, k=512, split=2, prenorm=True, packed=True, fix=True),
-        dict(m=9, dtype=mx.bfloat16, bias=True, k=768, split=3, n_heads=7, n_kv_heads=1, fix=True),
     ]
     quick_specs = specs[:1] + [s for s in specs if (s.get("split") and s.get("norm")) or s.get("prenorm")
-                               or s.get("packed") or s.get("fix")]
+                               or s.get("packed")]
     return [qmm_rope_case(rng, **s) for s in (quick_specs if quick else specs)]
 
 

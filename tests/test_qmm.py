@@ -72,8 +72,8 @@ def test_cuda_dispatch_plans_custom_kernel(cuda_dispatch, m, bits):
     assert main.threadgroup == (nt, 1, 1) and main.grid == (n // (16 * t["WN"]) * nt, splits, 1)
     assert main_spec.shared_memory == t["SMEM"] <= 227 * 1024 and t["SMEM"] % qmm.SMEM_STEP == 0
     assert t["SPLIT"] == (splits > 1)
-    if splits > 1:  # fp32 partials, then the reduce kernel adds the bias and casts
-        assert main.output_dtypes == [mx.float32] and main.output_shapes == [(splits, m, n)]
+    if splits > 1:  # partials (fp16 with fp16 activations: BB_QMM_PART16), then the reduce kernel adds the bias and casts
+        assert main.output_dtypes == [mx.float16] and main.output_shapes == [(splits, m, n)]
         red_spec, red = cuda_dispatch[1]
         assert red_spec.name == "bb_qmm_red_b" and red.output_dtypes == [mx.float16]
         assert len(cuda_dispatch) == 2
@@ -256,7 +256,7 @@ def test_cuda_kernel_under_cpu_emulation(m, n, k, bits, gs, dtype, bias, cfg):
     res = emulate(ks, launch)
     assert res.unwritten == {"y": 0}
     y = res[0]
-    if launch.output_dtypes[0] == mx.float32:
+    if dict(launch.template)["SPLIT"]:
         rs, rl = qmm.plan_qmm_reduce(mx.array(y), dtype, lb)
         y = emulate(rs, rl)[0]
     ref = _reference(x, wq, s, b, gs, bits, lb)
@@ -638,6 +638,23 @@ def test_linear_norm_off_cuda_leaves_the_norm_to_the_next_layer():
         h, x_n, left = qmm.linear_norm(lay, x, residual=res, norm=norm)
         assert x_n is h and left is norm
         assert np.array_equal(np.array(h), np.array(qmm.linear(lay, x, residual=res)))
+
+
+@pytest.mark.parametrize("switch", [True, False])
+def test_partials_in_fp16_for_fp16_activations(monkeypatch, switch):
+    """BB_QMM_PART16: a split K's partials are fp16 with fp16 activations (not under a folded norm,
+    nor with bf16); off, fp32 everywhere. The reduce kernels take either (others: an error)."""
+    monkeypatch.setattr(qmm, "PART16", switch)
+    wq, s, b = _quantized(64, 1024, 4, 32, mx.float16, seed=3)
+    cfg = qmm.QmmConfig(1, 1, 8, 2, 2, 8)
+    for dtype, norm, want in ((mx.float16, None, mx.float16 if switch else mx.float32), (mx.bfloat16, None, mx.float32),
+                              (mx.float16, (mx.ones((1024,), mx.float16), 1e-5), mx.float32)):
+        x = mx.zeros((5, 1024), dtype)
+        sb = [a.astype(dtype) for a in (s, b)]
+        _, launch = qmm.plan_quantized_matmul("cuda", x, wq, *sb, group_size=32, bits=4, config=cfg, norm=norm)
+        assert launch.output_dtypes[0] == want and launch.output_shapes[0] == (2, 5, 64)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        qmm.plan_qmm_reduce(mx.zeros((2, 5, 64), mx.bfloat16), mx.bfloat16)
 
 
 def test_reduce_norm_refuses_what_it_cannot_do():

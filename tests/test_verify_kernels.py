@@ -7,6 +7,7 @@ Missing compilers skip these tests, unless BATCHBENCH_REQUIRE_TOOLCHAINS=1 (CI).
 
 import dataclasses
 import os
+import types
 
 import mlx.core as mx
 import numpy as np
@@ -331,3 +332,22 @@ def test_gpu_verify_row_lines_say_pass_and_failure():
     head, err = _row_line(bad).split("\n")
     assert "ERROR" in head and "1.00e-04" in head
     assert err.strip() == "portable: RuntimeError: launch failed"
+
+
+def test_gpu_case_filters():
+    """batchbench.verify.gpu's BATCHBENCH_VERIFY_ONLY (kinds) and BATCHBENCH_VERIFY_MATCH (name
+    parts, all of the comma-separated ones), and the one-line error where none is left."""
+    from batchbench.verify.gpu import select
+
+    cases = [types.SimpleNamespace(name=n) for n in (
+        "qmm-cuda-fp16-M3-split2-bias", "qmm-cuda-bf16-M3-split2", "qmm-rope-cuda-fp16-M9-split3", "attn-cuda-fp16-B2")]
+    names = lambda got: [c.name for c in got[0]]
+    assert names(select(cases, "", "")) == [c.name for c in cases]
+    assert names(select(cases, "qmm", "")) == ["qmm-cuda-fp16-M3-split2-bias", "qmm-cuda-bf16-M3-split2"]
+    assert names(select(cases, "qmm,qmm-rope", "fp16,-split")) == ["qmm-cuda-fp16-M3-split2-bias",
+                                                                    "qmm-rope-cuda-fp16-M9-split3"]
+    assert names(select(cases, " attn ", "")) == ["attn-cuda-fp16-B2"]
+    got, error = select(cases, "mask", "")
+    assert got == [] and error.startswith("BATCHBENCH_VERIFY_ONLY=mask selects no case (kinds: attn,")
+    got, error = select(cases, "qmm", "bf16,-bias")
+    assert got == [] and error == "BATCHBENCH_VERIFY_MATCH=bf16,-bias selects no case"

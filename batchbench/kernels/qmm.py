@@ -719,7 +719,8 @@ struct QmmNormIO {
 // weight shape N x K (N % (16*WN) == 0, K % (512/BITS) == 0, checked by the launcher);
 // gridDim.y = S K-slices. The block walks feature tiles blockIdx.x, + gridDim.x, ...: x is
 // staged (and normalized) once per block, and the first loads of the next tile are in flight
-// while the current one is reduced. SPLIT: write fp32 partials [S, M, N] instead of y.
+// while the current one is reduced. SPLIT: write partials [S, M, N] (fp32, or O = fp16 with
+// BB_QMM_PART16) instead of y.
 // GLU: x is [M, 2K] = [gate | up] and the input is silu(gate) * up (the MLP's down projection).
 // HAS_RES: y += res[M, N] (the residual add after o_proj / down_proj).
 // NORM: the input is rms_norm(x) * nw[K] (eps), computed on the staged x; K % 256 == 0 (a warp's
@@ -1350,17 +1351,39 @@ struct QmmNormSums {
   }
 };
 
+// A split K's partial as float: fp32, or fp16 (BB_QMM_PART16).
+template <typename P>
+__device__ __forceinline__ float qmm_part(const P v) {
+  if constexpr (sizeof(P) == 4) {
+    return v;
+  } else {
+    return qmm_float<P>(v);
+  }
+}
+
+// Four consecutive partials (16 bytes of fp32 or 8 of fp16; p 16- or 8-byte aligned).
+template <typename P>
+__device__ __forceinline__ float4 qmm_part4(const P* p) {
+  if constexpr (sizeof(P) == 4) {
+    return *reinterpret_cast<const float4*>(p);
+  } else {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    const float2 a = qmm_to_float2(u.x, is_bf16<P>::value), b = qmm_to_float2(u.y, is_bf16<P>::value);
+    return make_float4(a.x, a.y, b.x, b.y);
+  }
+}
+
 // y[m, n] = sum_s part[s, m, n] (* the norm's row scale) (+ bias[n]) (+ res[m, n]), cast to the
-// activation dtype.
-template <typename T, bool HAS_BIAS, bool HAS_RES, bool NORM>
-__device__ __forceinline__ void qmm_reduce(const float* __restrict__ part,
+// activation dtype. P: the partials' type (float, or fp16 with BB_QMM_PART16).
+template <typename T, bool HAS_BIAS, bool HAS_RES, bool NORM, typename P>
+__device__ __forceinline__ void qmm_reduce(const P* __restrict__ part,
                                            const T* __restrict__ lbias,
                                            const T* __restrict__ res, T* __restrict__ y,
                                            const int S, const int M, const int N, const QmmNormSums ns) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= M * N) return;
   float v = 0.f;
-  for (int s = 0; s < S; ++s) v += part[(size_t)s * M * N + i];
+  for (int s = 0; s < S; ++s) v += qmm_part(part[(size_t)s * M * N + i]);
   if constexpr (NORM) v *= ns.scale(i / N, S, M);
   if constexpr (HAS_BIAS) v += qmm_float<T>(lbias[i % N]);
   if constexpr (HAS_RES) v += qmm_float<T>(res[i]);
@@ -1370,8 +1393,8 @@ __device__ __forceinline__ void qmm_reduce(const float* __restrict__ part,
 // qmm_reduce (same sums, same order, same y) for one row m = blockIdx.x a block, and also
 // yn = rms_norm(y) * nw of that row for the next layer that normalizes it (qmm_norm8 on y as
 // rounded to T), so that layer needs no rms_norm launch of its own. NG granules of 8 a thread.
-template <typename T, bool HAS_BIAS, bool HAS_RES, int NG>
-__device__ __forceinline__ void qmm_reduce_norm(const float* __restrict__ part,
+template <typename T, bool HAS_BIAS, bool HAS_RES, int NG, typename P>
+__device__ __forceinline__ void qmm_reduce_norm(const P* __restrict__ part,
                                                 const T* __restrict__ lbias,
                                                 const T* __restrict__ res, const T* __restrict__ nw,
                                                 T* __restrict__ y, T* __restrict__ yn,
@@ -1388,8 +1411,8 @@ __device__ __forceinline__ void qmm_reduce_norm(const float* __restrict__ part,
     wv[i] = reinterpret_cast<const uint4*>(nw)[gi];  // in flight with the partials
     float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int s = 0; s < S; ++s) {
-      const float4* p = reinterpret_cast<const float4*>(part + ((size_t)s * M + m) * N) + 2 * gi;
-      const float4 a = p[0], b = p[1];
+      const P* p = part + ((size_t)s * M + m) * N + 8 * gi;
+      const float4 a = qmm_part4(p), b = qmm_part4(p + 4);
       v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
       v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
     }
@@ -1432,8 +1455,8 @@ __device__ __forceinline__ void qmm_reduce_norm(const float* __restrict__ part,
 // A pair epilogue after a split K: one thread per pair (rows n, n + 8 of a token), or with PV = 4
 // four (rows n0..n0 + 3 and n0 + 8..n0 + 11 by two 16-byte loads a K-slice; (N / 2) % 4 == 0).
 // Each pair's sums are the same, in the same order, either way.
-template <typename T, bool HAS_BIAS, bool NORM, typename E, int PV>
-__device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
+template <typename T, bool HAS_BIAS, bool NORM, typename E, int PV, typename P>
+__device__ __forceinline__ void qmm_reduce_pair(const P* __restrict__ part,
                                                 const T* __restrict__ lbias, T* __restrict__ y,
                                                 const int S, const int M, const int N,
                                                 const QmmRope<T> rp, const QmmNormSums ns) {
@@ -1445,8 +1468,8 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
     const int n = qmm_pair_row(i - m * (N / 2));
     float lo = 0.f, hi = 0.f;
     for (int s = 0; s < S; ++s) {
-      lo += part[((size_t)s * M + m) * N + n];
-      hi += part[((size_t)s * M + m) * N + n + 8];
+      lo += qmm_part(part[((size_t)s * M + m) * N + n]);
+      hi += qmm_part(part[((size_t)s * M + m) * N + n + 8]);
     }
     if constexpr (NORM) {
       const float rs = ns.scale(m, S, M);
@@ -1465,8 +1488,8 @@ __device__ __forceinline__ void qmm_reduce_pair(const float* __restrict__ part,
     const int n0 = qmm_pair_row(j0 - m * (N / 2));  // j0 % 4 == 0: pairs j0..j0 + 3 are rows n0..n0 + 3
     float lo[4] = {0.f, 0.f, 0.f, 0.f}, hi[4] = {0.f, 0.f, 0.f, 0.f};
     for (int s = 0; s < S; ++s) {
-      const float* p = part + ((size_t)s * M + m) * N + n0;
-      const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 8);
+      const P* p = part + ((size_t)s * M + m) * N + n0;
+      const float4 a = qmm_part4(p), b = qmm_part4(p + 8);
       lo[0] += a.x; lo[1] += a.y; lo[2] += a.z; lo[3] += a.w;
       hi[0] += b.x; hi[1] += b.y; hi[2] += b.z; hi[3] += b.w;
     }
@@ -1927,6 +1950,17 @@ def packed_bytes(model: nn.Module) -> int:
 # 1 -> pairs: B=2 1.71 -> 1.69 ms, B=8 1.99 -> 1.96, B=32 3.27 -> 3.16.
 WPACK = env_choice("BB_QMM_WPACK", "pairs", ON_OFF + ("pairs",))
 
+# BB_QMM_PART16 (default 1): with fp16 activations a split K writes its partials in fp16 instead of
+# fp32 (not under a folded norm), halving what the main kernel writes and the reduce kernel reads.
+# Each partial is then rounded once to fp16 (half an ulp of the partial, about 2.4e-4 of it)
+# before the fp32 sum. bf16 activations keep fp32 partials. 0: fp32 everywhere (A/B runs).
+PART16 = env_choice("BB_QMM_PART16", "1", ON_OFF) == "1"
+
+
+def partial_dtype(x_dtype, fold: bool = False):
+    """The dtype of a split K's partials (`BB_QMM_PART16`)."""
+    return mx.float16 if PART16 and x_dtype == mx.float16 and not fold else mx.float32
+
 
 def packs_weights() -> bool:
     """The swaps keep repacked weights (BB_QMM_WPACK, read only by the CUDA kernels)."""
@@ -2243,7 +2277,7 @@ def plan_quantized_matmul(
     ppack: bool = False,
 ) -> tuple[KernelSpec, Launch]:
     """The main kernel's spec and launch (x taken as [M, K], or [M, 2K] with glu). With
-    config.s > 1 its output is fp32 partials [S, M, N] that `plan_qmm_reduce` turns into y
+    config.s > 1 its output is partials [S, M, N] (`partial_dtype`) that `plan_qmm_reduce` turns into y
     (bias and residual are then added there). lop3 forces the fp16 4-bit dequantization
     (None: where `_lop3` measured it faster). Pair epilogues (after a split K, the reduce
     kernel's): rope, the output is q and k/v go to the cache (`RopeStore`); glu_pair, the
@@ -2345,7 +2379,7 @@ def plan_quantized_matmul(
     launch = Launch(
         inputs=inputs,
         output_shapes=[out_shape] + ([(cfg.s, m)] if fold else []) + ([(m, n), (n // bn, m)] if norm_next else []),
-        output_dtypes=[mx.float32 if split else x.dtype] + ([mx.float32] if fold else [])
+        output_dtypes=[partial_dtype(x.dtype, fold) if split else x.dtype] + ([mx.float32] if fold else [])
         + ([x.dtype, mx.float32] if norm_next else []),
         grid=(cfg.grid_blocks(n) * nt, cfg.s, 1),
         threadgroup=(nt, 1, 1),
@@ -2449,10 +2483,12 @@ def plan_qmm_reduce(
     norm: tuple[mx.array, int, float] | None = None,
     norm_out: tuple[mx.array, float] | None = None,
 ) -> tuple[KernelSpec, Launch]:
-    """y from the fp32 partials [S, M, N] of a split K. norm: (the main kernel's sums of
+    """y from the partials [S, M, N] (fp32 or fp16) of a split K. norm: (the main kernel's sums of
     squares [S, M], K, eps) of a folded RMSNorm. norm_out (weight [N], eps): a second output,
     mx.fast.rms_norm(y, weight, eps), from one block per row (`qmm_reduce_norm`)."""
     s, m, n = part.shape
+    if part.dtype not in (mx.float32, mx.float16):
+        raise ValueError(f"quantized_matmul: the partials must be float32 or float16, got {part.dtype}")
     pair = _check_pair(rope, glu_pair, m, n, dtype, False, residual)
     if norm_out is not None:
         nw, eps = norm_out
@@ -2684,7 +2720,7 @@ def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int
     if norm_next is not None:
         return y, NormParts(ss[0], PendingNorm(ss[1], float(norm_next[1])))
     yn = None
-    if launch.output_dtypes[0] == mx.float32 and x.dtype != mx.float32:
+    if dict(launch.template)["SPLIT"]:
         out_norm = norm_out if (NORM_OUT and norm_out is not None and _reduce_norm_fits(n, pair, bool(ss))
                                 and _norm_weight_ok(norm_out[0], n, x.dtype)) else None
         rs, rl = plan_qmm_reduce(y, x.dtype, bias, residual, rope=rope, glu_pair=glu_pair,

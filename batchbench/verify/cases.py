@@ -317,7 +317,7 @@ def qmm_case(
         # product, each scaled by the product's sensitivity to it: d/dg = silu'(g) u, d/du = silu(g)
         sens = np.abs(sg * (1.0 + g * (1.0 - sg)) * u) + np.abs(g * sg)
         scale = max(scale * max(1.0, float(sens.max())), float(np.abs(want).max()))
-    is_split = launch.output_dtypes[0] == mx.float32
+    is_split = bool(dict(launch.template)["SPLIT"])
     if norm_out and not is_split:
         raise ValueError("qmm_case: norm_out needs a split K (the reduce kernel writes it)")
     nwo = mx.array(rng.uniform(0.5, 1.0, (n,)).astype(np.float32)).astype(dtype) if norm_out else None
@@ -334,7 +334,7 @@ def qmm_case(
         want = np.concatenate([want, want * _f64(nw2), tile_rms], axis=1)
     kernels = [(kspec, launch)]
     if is_split:
-        zeros = [mx.zeros(shape, dtype=mx.float32) for shape in launch.output_shapes]
+        zeros = [mx.zeros(shape, dtype=dt) for shape, dt in zip(launch.output_shapes, launch.output_dtypes)]
         kernels.append(Q.plan_qmm_reduce(zeros[0], dtype, lb, rs, glu_pair=glu_pair, norm=folded_norm(zeros, k),
                                          norm_out=out_norm))
 
@@ -401,6 +401,9 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=9, bits=4, group_size=32, n=256, k=512, res=True, blocks=3, ns=3, wf=2),
         dict(m=3, bits=8, group_size=32, n=64, k=512, split=2, bias=True, ns=2, wf=2, dtype=mx.bfloat16),
         dict(m=20, bits=4, group_size=64, n=128, k=512, glu_pair=True, ns=4, wf=2, lop3=False),
+        # fp16 partials (BB_QMM_PART16) summed by the pair reduce, four pairs a thread and one
+        dict(m=24, bits=4, group_size=32, n=128, k=1024, split=3, glu_pair=True, bias=True),
+        dict(m=5, bits=4, group_size=32, n=96, k=768, split=3, glu_pair=True),
         # many K-slices summed by the reduce kernels (plain and pair epilogue)
         dict(m=4, bits=4, group_size=32, n=64, k=1024, split=7, res=True),
         dict(m=3, bits=4, group_size=32, n=64, k=768, split=6, glu_pair=True, bias=True, dtype=mx.bfloat16),

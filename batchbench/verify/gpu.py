@@ -81,6 +81,25 @@ def _row_line(r: dict) -> str:
     return line
 
 
+KINDS = ("attn", "qmm", "qmm-rope", "rope", "mask", "qmv8")
+
+
+def select(cases: list, only: str, match: str) -> tuple[list, str | None]:
+    """The cases left by BATCHBENCH_VERIFY_ONLY (kinds, e.g. attn,rope) and BATCHBENCH_VERIFY_MATCH
+    (names containing it; fp16,-split: containing all of these), and an error line where a
+    filter leaves none."""
+    kinds = [k.strip() for k in only.split(",") if k.strip()]
+    if kinds:
+        cases = [c for c in cases if any(c.name.startswith(f"{k}-cuda-") for k in kinds)]
+        if not cases:
+            return cases, f"BATCHBENCH_VERIFY_ONLY={','.join(kinds)} selects no case (kinds: {', '.join(KINDS)})"
+    if match:
+        cases = [c for c in cases if all(part in c.name for part in match.split(","))]
+        if not cases:
+            return cases, f"BATCHBENCH_VERIFY_MATCH={match} selects no case"
+    return cases, None
+
+
 def main() -> int:
     if not mx.cuda.is_available():
         print("batchbench.verify.gpu: this MLX has no CUDA back-end; nothing to do")
@@ -94,21 +113,11 @@ def main() -> int:
     cases = (C.attention_cases("cuda", rng, quick=quick) + C.qmm_cases(rng) + rope_cases(rng, quick=quick)
              + qmm_rope_cases(rng) + model_shape_cases(rng)
              + mask_cases(rng) + qmv8_cases(rng, quick=quick) + qmv8_model_shape_cases(rng))
-    # BATCHBENCH_VERIFY_ONLY=attn,rope: only these kinds of case (attn, qmm, qmm-rope, rope, mask, qmv8)
-    only = [k.strip() for k in os.environ.get("BATCHBENCH_VERIFY_ONLY", "").split(",") if k.strip()]
-    if only:
-        cases = [c for c in cases if any(c.name.startswith(f"{k}-cuda-") for k in only)]
-        if not cases:
-            print(f"batchbench.verify.gpu: BATCHBENCH_VERIFY_ONLY={','.join(only)} selects no case "
-                  "(kinds: attn, qmm, qmm-rope, rope, mask, qmv8)", file=sys.stderr)
-            return 2
-    # BATCHBENCH_VERIFY_MATCH=-sub: only cases whose name contains it
-    match = os.environ.get("BATCHBENCH_VERIFY_MATCH", "")
-    if match:
-        cases = [c for c in cases if match in c.name]
-        if not cases:
-            print(f"batchbench.verify.gpu: BATCHBENCH_VERIFY_MATCH={match} selects no case", file=sys.stderr)
-            return 2
+    cases, error = select(cases, os.environ.get("BATCHBENCH_VERIFY_ONLY", ""),
+                          os.environ.get("BATCHBENCH_VERIFY_MATCH", ""))
+    if error:
+        print(f"batchbench.verify.gpu: {error}", file=sys.stderr)
+        return 2
     variants = ("ptx",) if quick else ("ptx", "portable")
     rows = []
     failures = 0

@@ -155,7 +155,7 @@ def qmm_rope_case(
     kspec, launch = Q.plan_quantized_matmul("cuda", x_in, wq_p, sc_p, bi_p, group_size=group_size, bits=bits,
                                             bias=lb_p, norm=norm_arg, config=cfg, rope=rope, prenorm=pending,
                                             packed=Q.pack_scales_biases(sc_p, bi_p) if packed else None)
-    is_split = launch.output_dtypes[0] == mx.float32
+    is_split = bool(dict(launch.template)["SPLIT"])
 
     xf = _f64(x)[0]
     if norm:
@@ -170,7 +170,7 @@ def qmm_rope_case(
     want = np.concatenate([q_ref.ravel(), after[0].ravel(), after[1].ravel()])
     kernels = [(kspec, launch)]
     if is_split:
-        zeros = [mx.zeros(shape, dtype=mx.float32) for shape in launch.output_shapes]
+        zeros = [mx.zeros(shape, dtype=dt) for shape, dt in zip(launch.output_shapes, launch.output_dtypes)]
         kernels.append(Q.plan_qmm_reduce(zeros[0], dtype, lb_p, rope=rope, norm=folded_norm(zeros, k)))
 
     def run(execute: Executor) -> np.ndarray:

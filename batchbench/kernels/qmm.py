@@ -1953,7 +1953,8 @@ WPACK = env_choice("BB_QMM_WPACK", "pairs", ON_OFF + ("pairs",))
 # BB_QMM_PART16 (default 1): with fp16 activations a split K writes its partials in fp16 instead of
 # fp32 (not under a folded norm), halving what the main kernel writes and the reduce kernel reads.
 # Each partial is then rounded once to fp16 (half an ulp of the partial, about 2.4e-4 of it)
-# before the fp32 sum. bf16 activations keep fp32 partials. 0: fp32 everywhere (A/B runs).
+# before the fp32 sum; a partial past fp16's range (65504) turns inf even where the sum would
+# fit. bf16 activations keep fp32 partials. 0: fp32 everywhere (A/B runs).
 PART16 = env_choice("BB_QMM_PART16", "1", ON_OFF) == "1"
 
 

@@ -662,7 +662,7 @@ def test_token_groups_where_x_of_16_rows_fits_a_block(monkeypatch):
     take M=16's geometry with K whole over two token groups of blocks (grid z), one-wave
     persistent grids of half the blocks each; down_proj's K = 18944 keeps its split; M <= 16
     and M > 32 are untouched. The plan sizes grid z and refuses groups without rows."""
-    assert not qmm.TOKEN_SPLIT
+    monkeypatch.setattr(qmm, "TOKEN_SPLIT", False)
     shapes = {"qkv": (4608, 3584), "o": (3584, 3584), "gu": (37888, 3584), "lm": (152064, 3584), "down": (3584, 18944)}
     before = {(m, name): qmm.choose_config(m, *nk, 4) for name, nk in shapes.items() for m in (16, 17, 32, 33)}
     monkeypatch.setattr(qmm, "TOKEN_SPLIT", True)

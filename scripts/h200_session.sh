@@ -47,7 +47,8 @@ ab_switch() {
   done
 }
 # verify-quick (qmm, qmm-rope) and the 1.5B model against its pure-MLX twins with SETTING=VALUE ... on:
-# switch_check TAG MODEL_SECONDS MODEL_CHECK_CASES SETTING=VALUE ...
+# switch_check TAG MODEL_SECONDS MODEL_CHECK_CASES SETTING=VALUE ... (BATCHBENCH_VERIFY_MATCH among
+# them narrows the cases, MODEL_CHECK_KERNELS=1 lists the model's kernels)
 switch_check() {
   local tag=$1 model_s=$2 cases=$3
   shift 3
@@ -233,31 +234,23 @@ for what in "$@"; do
     # the weights repacked in the fp16 kernel's load order (BB_QMM_WPACK=1, prepared in session 27):
     # its verify cases against float64 and the 1.5B model against its twins, then the decode step
     # with it off and on, twice (B = 1, 2, 8, 32)
-    wpack-check) part verify-gpu-quick-wpack 200 env BATCHBENCH_VERIFY_QUICK=1 BATCHBENCH_VERIFY_ONLY=qmm \
-                   BATCHBENCH_VERIFY_MATCH=-wpack OUT="$R" python3 -m batchbench.verify.gpu
-                 part model-check-wpack 240 env BB_QMM_WPACK=1 MODEL_CHECK_KERNELS=1 \
-                   MODEL_CHECK_CASES="${WPACK_CASES:-2:64:2,8:64:2,32:32:2,8:32:100}" python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
+    wpack-check) switch_check wpack 240 "${WPACK_CASES:-2:64:2,8:64:2,32:32:2,8:32:100}" BB_QMM_WPACK=1 \
+                   BATCHBENCH_VERIFY_MATCH=-wpack MODEL_CHECK_KERNELS=1 ;;
     ab-wpack) ab_switch qmm-decode-prof-wpack BB_QMM_WPACK "${DECODE_B:-1,2,8,32}" base@0 wp@1 base2@0 wp2@1 ;;
     # the pairs repacked too (BB_QMM_WPACK=pairs): the -pairs verify.gpu cases and the 1.5B model, then
     # the decode step against the weights alone (1), twice each way
-    pairs-check) part verify-gpu-quick-pairs 200 env BATCHBENCH_VERIFY_QUICK=1 BATCHBENCH_VERIFY_ONLY=qmm \
-                   BATCHBENCH_VERIFY_MATCH=-pairs OUT="$R" python3 -m batchbench.verify.gpu
-                 part model-check-pairs 240 env BB_QMM_WPACK=pairs MODEL_CHECK_KERNELS=1 \
-                   MODEL_CHECK_CASES="${PAIRS_CASES:-2:64:2,8:64:2,32:32:2,8:32:100}" python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
+    pairs-check) switch_check pairs 240 "${PAIRS_CASES:-2:64:2,8:64:2,32:32:2,8:32:100}" BB_QMM_WPACK=pairs \
+                   BATCHBENCH_VERIFY_MATCH=-pairs MODEL_CHECK_KERNELS=1 ;;
     ab-pairs) ab_switch qmm-decode-prof-pairs BB_QMM_WPACK "${DECODE_B:-2,8,32}" wp@1 pr@pairs wp2@1 pr2@pairs ;;
     # fp16 partials after a split K (BB_QMM_PART16, session 29): the split verify.gpu cases (qmm,
     # qmm-rope) and the 1.5B model against its twins, then the decode step with it off and on, twice
-    part16-check) part verify-gpu-quick-part16 150 env BATCHBENCH_VERIFY_QUICK=1 BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope \
-                 BATCHBENCH_VERIFY_MATCH=fp16,-split OUT="$R" python3 -m batchbench.verify.gpu
-               part model-check-part16 120 env MODEL_CHECK_KERNELS=1 \
-                 MODEL_CHECK_CASES="${PART16_CASES:-32:32:2,8:32:2}" python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
+    part16-check) switch_check part16 120 "${PART16_CASES:-32:32:2,8:32:2}" BB_QMM_PART16=1 \
+                    BATCHBENCH_VERIFY_MATCH=fp16,-split MODEL_CHECK_KERNELS=1 ;;
     ab-part16) ab_switch qmm-decode-prof-part16 BB_QMM_PART16 "${DECODE_B:-8,32}" off@0 on@1 off2@0 on2@1 ;;
     # M = 17-32 over two token groups of blocks with K whole (BB_QMM_TOKEN_SPLIT=1, prepared in session
     # 29): its verify.gpu cases (-ts) and the 1.5B model with it, then the decode step off / on, twice
-    tsplit-check) part verify-gpu-quick-tsplit 150 env BATCHBENCH_VERIFY_QUICK=1 BATCHBENCH_VERIFY_ONLY=qmm,qmm-rope \
-                 BATCHBENCH_VERIFY_MATCH=-ts OUT="$R" python3 -m batchbench.verify.gpu
-               part model-check-tsplit 150 env BB_QMM_TOKEN_SPLIT=1 MODEL_CHECK_KERNELS=1 \
-                 MODEL_CHECK_CASES="${TSPLIT_CASES:-32:32:2,24:32:2}" python3 scripts/gpu_model_check.py qwen2.5-1.5b ;;
+    tsplit-check) switch_check tsplit 150 "${TSPLIT_CASES:-32:32:2,24:32:2}" BB_QMM_TOKEN_SPLIT=1 \
+                    BATCHBENCH_VERIFY_MATCH=-ts MODEL_CHECK_KERNELS=1 ;;
     ab-tsplit) ab_switch qmm-decode-prof-tsplit BB_QMM_TOKEN_SPLIT "${DECODE_B:-32}" off@0 on@1 off2@0 on2@1 ;;
     # q/k/v with its RoPE epilogue through the int8 kernel too (BB_QMM_X8=1) against without
     # (noqkv), twice; session 25 ran this with the value `qkv`, which is now 1

@@ -420,7 +420,9 @@ __device__ __forceinline__ O qmm_cast(float v) {
 
 template <typename T>
 __device__ __forceinline__ float qmm_float(T v) {
-  if constexpr (is_bf16<T>::value) {
+  if constexpr (sizeof(T) == 4) {  // fp32 partials (BB_QMM_PART16=0, bf16)
+    return v;
+  } else if constexpr (is_bf16<T>::value) {
     return __bfloat162float(v);
   } else {
     return __half2float(v);
@@ -956,7 +958,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   {  // stage this K-slice of x (all M rows) in smem, 16-byte granules, swizzled for 4-bit
     const int gpr = nch * CK / 8;
     const int xr8 = (GLU ? 2 * K : K) / 8, k08 = k0 / 8;  // granules: a row of x, the slice's start
-    const uint4* xg = reinterpret_cast<const uint4*>(x) + (size_t)m0 * ((GLU ? 2 * K : K) / 8);
+    const uint4* xg = reinterpret_cast<const uint4*>(x) + (size_t)m0 * xr8;
     // Thread tid takes granules tid, tid + NT, ... of the M x gpr slice: (m, j) steps by NT
     // without a division per granule (one each cost ~30 instructions: 14 granules a thread at
     // M=8, K=3584, all of a block's warps issuing them before its first product). With the
@@ -1355,16 +1357,6 @@ struct QmmNormSums {
   }
 };
 
-// A split K's partial as float: fp32, or fp16 (BB_QMM_PART16).
-template <typename P>
-__device__ __forceinline__ float qmm_part(const P v) {
-  if constexpr (sizeof(P) == 4) {
-    return v;
-  } else {
-    return qmm_float<P>(v);
-  }
-}
-
 // Four consecutive partials (16 bytes of fp32 or 8 of fp16; p 16- or 8-byte aligned).
 template <typename P>
 __device__ __forceinline__ float4 qmm_part4(const P* p) {
@@ -1387,7 +1379,7 @@ __device__ __forceinline__ void qmm_reduce(const P* __restrict__ part,
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= M * N) return;
   float v = 0.f;
-  for (int s = 0; s < S; ++s) v += qmm_part(part[(size_t)s * M * N + i]);
+  for (int s = 0; s < S; ++s) v += qmm_float<P>(part[(size_t)s * M * N + i]);
   if constexpr (NORM) v *= ns.scale(i / N, S, M);
   if constexpr (HAS_BIAS) v += qmm_float<T>(lbias[i % N]);
   if constexpr (HAS_RES) v += qmm_float<T>(res[i]);
@@ -1472,8 +1464,8 @@ __device__ __forceinline__ void qmm_reduce_pair(const P* __restrict__ part,
     const int n = qmm_pair_row(i - m * (N / 2));
     float lo = 0.f, hi = 0.f;
     for (int s = 0; s < S; ++s) {
-      lo += qmm_part(part[((size_t)s * M + m) * N + n]);
-      hi += qmm_part(part[((size_t)s * M + m) * N + n + 8]);
+      lo += qmm_float<P>(part[((size_t)s * M + m) * N + n]);
+      hi += qmm_float<P>(part[((size_t)s * M + m) * N + n + 8]);
     }
     if constexpr (NORM) {
       const float rs = ns.scale(m, S, M);
@@ -2332,7 +2324,7 @@ def plan_quantized_matmul(
     if wpack is not None and (wpack.shape != w.shape or wpack.dtype != w.dtype):
         raise ValueError(f"quantized_matmul: repacked weights must be {list(w.shape)} {w.dtype}, "
                          f"got {list(wpack.shape)} {wpack.dtype}")
-    if ppack and (wpack is None or not sbp or chunk_k(bits) % group_size):
+    if ppack and (wpack is None or not sbp or not pairs_fit(n, k, bits, group_size)):
         raise ValueError("quantized_matmul: repacked pairs come with the packed pairs, the repacked weights "
                          f"and whole groups in a chunk ({chunk_k(bits)} k), got group_size {group_size}")
     if cfg.wf not in (1, 2) or (cfg.wf == 2 and not cfg.ns) or n % (16 * cfg.wn * cfg.wf):
@@ -2743,7 +2735,7 @@ def _run_kernel(cfg: QmmConfig, x, w, scales, biases, group_size: int, bits: int
     if norm_next is not None:
         return y, NormParts(ss[0], PendingNorm(ss[1], float(norm_next[1])))
     yn = None
-    if dict(launch.template)["SPLIT"]:
+    if cfg.s > 1:
         out_norm = norm_out if (NORM_OUT and norm_out is not None and _reduce_norm_fits(n, pair, bool(ss))
                                 and _norm_weight_ok(norm_out[0], n, x.dtype)) else None
         rs, rl = plan_qmm_reduce(y, x.dtype, bias, residual, rope=rope, glu_pair=glu_pair,

@@ -284,8 +284,10 @@ def qmm_case(
     nw = mx.array(rng.uniform(0.5, 1.5, (k,)).astype(np.float32)).astype(dtype) if norm else None
     cfg = None
     if split or blocks or ns or wk or p or wn or pre is not None or ts > 1:
-        mt = next(t for t in (1, 2, 4, 8) if 8 * t * ts >= m)  # each group's token tiles
-        base = replace(Q.choose_config(8 * mt, n, k, bits), ts=ts) if ts > 1 else Q.choose_config(m, n, k, bits)
+        if ts > 1:  # each group takes the fewest token tiles that cover the rows
+            base = replace(Q.choose_config(8 * next(t for t in (1, 2, 4, 8) if 8 * t * ts >= m), n, k, bits), ts=ts)
+        else:
+            base = Q.choose_config(m, n, k, bits)
         cfg = replace(base, s=split or base.s, blocks=blocks, ns=ns, wf=wf, wk=wk or base.wk, p=p or base.p,
                       wn=wn or base.wn,
                       pre=base.pre if pre is None else pre)
@@ -301,7 +303,7 @@ def qmm_case(
         bias_sums=bias_sums or None,
         packed=(Q.pack_pairs(Q.pack_scales_biases(sc, bi), bits, group_size) if ppack else Q.pack_scales_biases(sc, bi))
         if packed else None, ppack=ppack,
-        scale_max=float(mx.max(mx.abs(sc)).item()) if sub else None, sub=True if sub else False,
+        scale_max=float(mx.max(mx.abs(sc)).item()) if sub else None, sub=sub,
         wpack=Q.pack_weights(wq, bits) if wpack else None,
     )
     xf = _f64(x)

@@ -657,48 +657,6 @@ def test_partials_in_fp16_for_fp16_activations(monkeypatch, switch):
         qmm.plan_qmm_reduce(mx.zeros((2, 5, 64), mx.bfloat16), mx.bfloat16)
 
 
-def test_token_groups_where_x_of_16_rows_fits_a_block(monkeypatch):
-    """BB_QMM_TOKEN_SPLIT (off by default): at M = 17-32 the 7B shape's matrices with K = 3584
-    take M=16's geometry with K whole over two token groups of blocks (grid z), one-wave
-    persistent grids of half the blocks each; down_proj's K = 18944 keeps its split; M <= 16
-    and M > 32 are untouched. The plan sizes grid z and refuses groups without rows."""
-    monkeypatch.setattr(qmm, "TOKEN_SPLIT", False)
-    shapes = {"qkv": (4608, 3584), "o": (3584, 3584), "gu": (37888, 3584), "lm": (152064, 3584), "down": (3584, 18944)}
-    before = {(m, name): qmm.choose_config(m, *nk, 4) for name, nk in shapes.items() for m in (16, 17, 32, 33)}
-    monkeypatch.setattr(qmm, "TOKEN_SPLIT", True)
-    for name, (n, k) in shapes.items():
-        for m in (16, 17, 32, 33):
-            c = qmm.choose_config(m, n, k, 4)
-            if name == "down" or m in (16, 33):
-                assert c == before[m, name], (m, name)
-                continue
-            half = qmm.choose_config(16, n, k, 4)
-            assert (c.ts, c.s, c.mt, c.mrows, c.wn, c.wk) == (2, 1, 2, 16, half.wn, half.wk), (m, name, c)
-            assert c.smem(k, 4) <= qmm.SMEM_PER_SM
-            assert c.blocks * c.ts <= qmm._resident_blocks(c, k, 4)
-    n, k = shapes["o"]
-    wq, s, b = _quantized(n, k, 4, 32, mx.float16, seed=5)
-    cfg = qmm.choose_config(20, n, k, 4)
-    _, launch = qmm.plan_quantized_matmul("cuda", mx.zeros((20, k), mx.float16), wq, s, b, group_size=32, bits=4,
-                                          config=cfg)
-    assert launch.grid[2] == 2 and launch.grid[1] == 1 and launch.output_shapes == [(20, n)]
-    for m in (33, 16):  # 33 rows do not fit two groups of 16; 16 leave the second group empty
-        with pytest.raises(ValueError, match="token groups"):
-            qmm.plan_quantized_matmul("cuda", mx.zeros((m, k), mx.float16), wq, s, b, group_size=32, bits=4, config=cfg)
-
-
-@pytest.mark.parametrize("value,want", [(None, "True"), ("1", "True"), ("0", "False")])
-def test_bb_qmm_part16_values(value, want):
-    """BB_QMM_PART16 is on by default (fp16 partials); read once, at import."""
-    assert qmm_setting_read("BB_QMM_PART16", value, "qmm.PART16") == [want]
-
-
-@pytest.mark.parametrize("value,want", [(None, "False"), ("1", "True"), ("0", "False")])
-def test_bb_qmm_token_split_values(value, want):
-    """BB_QMM_TOKEN_SPLIT is off by default (prepared, not yet measured); read once, at import."""
-    assert qmm_setting_read("BB_QMM_TOKEN_SPLIT", value, "qmm.TOKEN_SPLIT") == [want]
-
-
 def test_reduce_norm_refuses_what_it_cannot_do():
     part = mx.zeros((2, 4, 64), mx.float32)
     nw = mx.ones((64,), mx.float16)

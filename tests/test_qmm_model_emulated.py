@@ -21,7 +21,7 @@ from test_model_batching import run_batched
 
 def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidden: bool = False,
             dq_mode: str = "lop3", n_seq: int = 2, sb_pack: bool = False, x8: bool = False,
-            wpack: str = "0", token_split: bool = False) -> np.ndarray:
+            wpack: str = "0") -> np.ndarray:
     model, _ = make_preset("tiny", mx.float16, "q4_0", seed=4)
     rng = np.random.default_rng(6)
     for layer in model.model.layers:  # a weight per norm, so that a misplaced one shows
@@ -34,7 +34,6 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
     monkeypatch.setattr(qmm, "SB_PACK", "1" if sb_pack else "0")  # read by the swaps below
     monkeypatch.setattr(qmm, "DQ_MODE", dq_mode)  # sub: the swaps also note each layer's scale_max
     monkeypatch.setattr(qmm, "WPACK", wpack)  # the swaps also repack the weights (and with pairs the pairs)
-    monkeypatch.setattr(qmm, "TOKEN_SPLIT", token_split)
     # no RoPE / K-V-write pair epilogue: it writes the cache in place, which emulation cannot;
     # with x8 the gate/up rows paired (the int8 kernel's gate product), as on CUDA
     monkeypatch.setattr(qmm, "FUSE_ROPE", False)
@@ -43,7 +42,7 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
 
     def emulated(ks, launch):
         launched.append((ks.name, dict(launch.template).get("DQ"), dict(launch.template).get("SBP"),
-                         dict(launch.template).get("WP"), launch.grid[2], launch.inputs[0].shape[0]))
+                         dict(launch.template).get("WP")))
         res = emulate(ks, launch, schedules=("forward",))
         return [mx.array(o).astype(dt) for o, dt in zip(res.outputs, launch.output_dtypes)]
 
@@ -54,7 +53,7 @@ def _logits(monkeypatch, cuda: bool, norm_pre: bool, launched: list, split_hidde
         monkeypatch.setattr(qmm, "choose_config", lambda m, n, k, bits: (
             replace(choose(m, n, k, bits), s=2, blocks=0) if n == model.args.hidden_size else choose(m, n, k, bits)))
     a = model.args
-    cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, 512, max(2, n_seq), True, mx.float16)
+    cache = KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, 512, 2, True, mx.float16)
     runner = Runner(model, cache, Mode("t", True), 2048, 64, compiled=False)
     prompts = [rng.integers(0, 512, 7) for _ in range(n_seq)]
     steps = [rng.integers(0, 512, n_seq) for _ in range(2)]
@@ -81,10 +80,10 @@ def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split
     lop3b = dq == "lop3b"
     n_seq = 1 if lop3b else 2
     ref = _logits(monkeypatch, False, False, [], n_seq=n_seq)
-    runs: list[tuple[str, int, bool | None, int | None, int, int]] = []
+    runs: list[tuple[str, int, bool | None, int | None]] = []
     got = _logits(monkeypatch, True, norm_pre, runs, split_hidden, dq, n_seq, sb_pack, wpack=wpack)
     launched = [name for name, *_ in runs]
-    main = [(sbp, wp) for name, d, sbp, wp, *_ in runs if d is not None]  # the main kernels (reduces have no DQ)
+    main = [(sbp, wp) for name, d, sbp, wp in runs if d is not None]  # the main kernels (reduces have no DQ)
     assert main and all(sbp is sb_pack and wp == {"0": 0, "1": 1, "pairs": 2}[wpack] for sbp, wp in main)
     if lop3b:  # a decode step's 9 launches at one token take DQ = 2, but layer 0's q/k/v (its norm
         # fused: the embedding has no producer that wrote its parts); the prompt's 7 rows keep DQ = 1
@@ -104,27 +103,6 @@ def test_model_decodes_through_emulated_qmm_kernels(monkeypatch, norm_pre, split
     else:
         assert {"bb_qmm_r", "bb_qmm_r_g", "bb_qmm_b_n", "bb_qmm_n"} <= set(launched)
         assert not any(name.endswith(("_no", "_np")) for name in launched)
-
-
-def test_model_prefills_over_token_groups_emulated(monkeypatch):
-    """BB_QMM_TOKEN_SPLIT: three prompts of 7 tokens are 21 rows, which every matmul of the tiny
-    model (its x of 16 rows fits a block whole; on the 7B shape down_proj's does not) runs as
-    two token groups of blocks (16 + 5 rows): q/k/v, o_proj and down_proj (the gate product)
-    writing or taking the next norm's share, gate/up taking it. Logits within fp16 rounding of
-    the MLX-op model; the decode steps (3 rows) run as before."""
-    toolchain.need(toolchain.host_cxx)
-    monkeypatch.setenv("BATCHBENCH_SMS", "4")  # fewer emulated blocks
-    ref = _logits(monkeypatch, False, False, [], n_seq=3)
-    runs: list = []
-    got = _logits(monkeypatch, True, True, runs, n_seq=3, dq_mode="sub", sb_pack=True, wpack="pairs",
-                  token_split=True)
-    grouped = {name for name, *_, z, rows in runs if z == 2}
-    # q/k/v (layer 0's with its own norm), o_proj, gate/up, down_proj
-    assert grouped == {"bb_qmm_b_n", "bb_qmm_b_np", "bb_qmm_r_no", "bb_qmm_np", "bb_qmm_r_g_no"}
-    assert all(rows == 21 for name, *_, z, rows in runs if z == 2)
-    assert all(z == 1 for name, *_, z, rows in runs if rows < 17)
-    assert np.isfinite(got).all()
-    assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
 
 
 def test_model_decodes_with_int8_activations_emulated(monkeypatch):

@@ -739,14 +739,14 @@ struct QmmNormIO {
 // row's rsqrt(mean + eps) from those partial sums before the bias (no norm passes over x).
 template <typename T, int BITS, int GS, int MT, int WN, int WK, int P, int NS, int WF, bool PRE, bool SPLIT, bool HAS_BIAS,
           bool HAS_RES, bool GLU, bool NORM, bool NPASS, bool NEARLY, int DQ, bool EPRE, bool NOUT, bool NPRE,
-          bool SBP, int WP, bool TS, typename E, typename O>
+          bool SBP, int WP, typename E, typename O>
 __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ w,
                                            const T* __restrict__ scales,
                                            const T* __restrict__ biases,
                                            const T* __restrict__ lbias, const T* __restrict__ res,
                                            const T* __restrict__ nw, const float eps,
                                            O* __restrict__ out, float* __restrict__ ssout,
-                                           const int Mt, const int N, const int K, const QmmRope<T> rp,
+                                           const int M, const int N, const int K, const QmmRope<T> rp,
                                            const QmmNormIO<T> nio) {
   constexpr bool BF16 = is_bf16<T>::value;
   constexpr bool LOP3 = (DQ == 1 || DQ == 2 || DQ == 3) && BITS == 4 && !BF16;
@@ -766,10 +766,6 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   constexpr int BN = 16 * WN * WF;
   constexpr int NT = 32 * WN * WK;
   constexpr int MP = 8 * MT;
-  // TS: gridDim.z groups of MP token rows (M split over blocks instead of K, BB_QMM_TOKEN_SPLIT):
-  // this block takes rows m0 .. m0 + M - 1 of the launch's Mt; global row indices are m0 + m.
-  const int m0 = TS ? (int)blockIdx.z * MP : 0;
-  const int M = TS ? min(MP, Mt - m0) : Mt;
   constexpr int RS = BN + 4;                // reduction row stride: conflict-free fragment stores
   static_assert(GS % KT == 0, "qmm: group smaller than a lane's 16 bytes");
   // Ring slot: the warp's 32 x 16 bytes of rows g, then of rows g + 8, then scales and biases
@@ -933,7 +929,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
 #pragma unroll
         for (int u = 0; u < PU; ++u) {
           const int t = t0 + 32 * u;
-          v[u] = t < nio.pt ? nio.pss[(size_t)t * Mt + m0 + m] : 0.f;
+          v[u] = t < nio.pt ? nio.pss[(size_t)t * M + m] : 0.f;
         }
 #pragma unroll
         for (int u = 0; u < PU; ++u) q += v[u];
@@ -958,7 +954,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
   {  // stage this K-slice of x (all M rows) in smem, 16-byte granules, swizzled for 4-bit
     const int gpr = nch * CK / 8;
     const int xr8 = (GLU ? 2 * K : K) / 8, k08 = k0 / 8;  // granules: a row of x, the slice's start
-    const uint4* xg = reinterpret_cast<const uint4*>(x) + (size_t)m0 * xr8;
+    const uint4* xg = reinterpret_cast<const uint4*>(x);
     // Thread tid takes granules tid, tid + NT, ... of the M x gpr slice: (m, j) steps by NT
     // without a division per granule (one each cost ~30 instructions: 14 granules a thread at
     // M=8, K=3584, all of a block's warps issuing them before its first product). With the
@@ -1217,12 +1213,12 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
             pb0 = qmm_float<T>(lbias[n]);
             pb1 = qmm_float<T>(lbias[n + 8]);
           }
-          pp = E::template prep<T>(n, m0 + m, rp);
+          pp = E::template prep<T>(n, m, rp);
         }
       } else if (tid < M * BN) {
         const int m = tid / BN, n = n0 + tid - m * BN;
         if constexpr (HAS_BIAS) pb0 = qmm_float<T>(lbias[n]);
-        if constexpr (HAS_RES) pb1 = qmm_float<T>(res[(size_t)(m0 + m) * N + n]);
+        if constexpr (HAS_RES) pb1 = qmm_float<T>(res[(size_t)m * N + n]);
         if constexpr (NOUT) pb2 = qmm_float<T>(nio.nw[n]);
       }
     }
@@ -1308,7 +1304,7 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
           lo += pre ? pb0 : qmm_float<T>(lbias[n]);
           hi += pre ? pb1 : qmm_float<T>(lbias[n + 8]);
         }
-        E::template store<T>(lo, hi, n, m0 + m, Mt, N, rp, out, pre ? pp : E::template prep<T>(n, m0 + m, rp));
+        E::template store<T>(lo, hi, n, m, M, N, rp, out, pre ? pp : E::template prep<T>(n, m, rp));
       }
     } else
     for (int e = tid; e < M * BN; e += NT) {
@@ -1318,23 +1314,23 @@ __device__ __forceinline__ void qmm_kernel(const T* __restrict__ x, const uint32
       for (int q = 0; q < WK; ++q) v += red[(q * MP + m) * RS + r];
       const int n = n0 + r;
       if constexpr (SPLIT) {
-        out[((size_t)s * Mt + m0 + m) * N + n] = qmm_cast<O, T>(FOLD ? v * rinv[m] : v);
+        out[((size_t)s * M + m) * N + n] = qmm_cast<O, T>(FOLD ? v * rinv[m] : v);
       } else {
         const bool pre = EPRE && e == tid;
         if constexpr (NPRE) v *= rsn[m];
         if constexpr (HAS_BIAS) v += pre ? pb0 : qmm_float<T>(lbias[n]);
-        if constexpr (HAS_RES) v += pre ? pb1 : qmm_float<T>(res[(size_t)(m0 + m) * N + n]);
-        out[(size_t)(m0 + m) * N + n] = qmm_cast<O, T>(v);
+        if constexpr (HAS_RES) v += pre ? pb1 : qmm_float<T>(res[(size_t)m * N + n]);
+        out[(size_t)m * N + n] = qmm_cast<O, T>(v);
         if constexpr (NOUT) {
           // y * nw, and the sum of squares of this tile's row m: its BN outputs are BN lanes of
           // one warp (NT % 32 == 0, M * BN % BN == 0), all in this iteration or none.
           const float hf = qmm_float<T>(qmm_cast<T, T>(v));
-          nio.yw[(size_t)(m0 + m) * N + n] = qmm_cast<T, T>(hf * (pre ? pb2 : qmm_float<T>(nio.nw[n])));
+          nio.yw[(size_t)m * N + n] = qmm_cast<T, T>(hf * (pre ? pb2 : qmm_float<T>(nio.nw[n])));
           const unsigned gmask = BN == 32 ? 0xffffffffu : 0xffffu << (lane & 16);
           float q = hf * hf;
 #pragma unroll
           for (int o = BN / 2; o > 0; o >>= 1) q += __shfl_xor_sync(gmask, q, o);
-          if (r == 0) nio.ssp[(size_t)tile * Mt + m0 + m] = q;
+          if (r == 0) nio.ssp[(size_t)tile * M + m] = q;
         }
       }
     }
@@ -1546,7 +1542,7 @@ QMM_HEADER = ROPE_HEADER + ("" if X_ASYNC else "#define BB_QMM_X_ASYNC 0\n") + k
 
 _SRC_MAIN = (
     "bbqmm::qmm_kernel<T, BITS, GS, MT, WN, WK, P, NS, WF, PRE, SPLIT, {has_bias}, {has_res}, {glu}, {norm}, DQ, EPRE,"
-    " {nout}, {npre}, SBP, WP, TS, {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, {ss}, x_shape[0], w_shape[0],"
+    " {nout}, {npre}, SBP, WP, {pair_t}>(x, w, scales, biases, {lbias}, {res}, {nw}, {eps}, y, {ss}, x_shape[0], w_shape[0],"
     " w_shape[1] * 32 / BITS, {rope}, {nio});"
 )
 _SRC_REDUCE = (
@@ -1655,7 +1651,6 @@ class QmmConfig:
     ns: int = 0  # ring slots per warp (cp.async pipeline in shared memory); 0: register stages
     wf: int = 1  # 16-row feature tiles per warp (2 needs the ring)
     pre: bool = False  # register stages: both in flight before the x staging and each next tile (see _preload)
-    ts: int = 1  # token groups of 8 * mt rows over blocks (grid z; M split instead of K)
 
     def xbytes(self, k: int, bits: int) -> int:
         """Shared memory of the staged x slice."""
@@ -1866,8 +1861,8 @@ def persistent(cfg: QmmConfig, k: int, bits: int) -> QmmConfig:
     """cfg with the persistent grid: the blocks resident on the GPU, shared over its K-slices."""
     resident = _resident_blocks(cfg, k, bits)
     if ONE_WAVE:
-        return replace(cfg, blocks=max(1, resident // (cfg.s * cfg.ts)))
-    return replace(cfg, blocks=-(-resident // (cfg.s * cfg.ts)))
+        return replace(cfg, blocks=max(1, resident // cfg.s))
+    return replace(cfg, blocks=-(-resident // cfg.s))
 
 
 # mt -> (wn, wk, p). p chunks per load stage, two stages in flight: p=2 keeps the registers
@@ -1946,14 +1941,6 @@ def packed_bytes(model: nn.Module) -> int:
 # 1: the weights alone. H200 decode step, two runs each way (results/h200-2026-11-30-s28/call4),
 # 1 -> pairs: B=2 1.71 -> 1.69 ms, B=8 1.99 -> 1.96, B=32 3.27 -> 3.16.
 WPACK = env_choice("BB_QMM_WPACK", "pairs", ON_OFF + ("pairs",))
-
-# BB_QMM_TOKEN_SPLIT (default 0; prepared in session 29, not yet run on a GPU): at M = 17-32, a
-# matrix whose x of 16 rows fits a block whole runs as two token groups of 16 rows (grid z)
-# with K whole, M=16's geometry, instead of four token tiles over a split K: no partials and no
-# reduce launch (on the 7B shape q/k/v, o_proj, gate/up and lm_head; down_proj's K stays split).
-# Each weight byte is then read by two blocks, which the one-wave grids run side by side (the
-# second read meant to hit L2).
-TOKEN_SPLIT = env_choice("BB_QMM_TOKEN_SPLIT", "0", ON_OFF) == "1"
 
 # BB_QMM_PART16 (default 1): with fp16 activations a split K writes its partials in fp16 instead of
 # fp32 (not under a folded norm), halving what the main kernel writes and the reduce kernel reads.
@@ -2090,12 +2077,6 @@ def _one_round_narrow(m: int, n: int, k: int, bits: int, cfg: QmmConfig) -> QmmC
 
 
 def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
-    if TOKEN_SPLIT and 16 < m <= 32:
-        # M=16's geometry with K whole (x's 16 rows in one block, one block an SM) on two token groups
-        half = replace(choose_config(16, n, k, bits), s=1, ts=2)
-        if half.smem(k, bits) <= SMEM_PER_SM - SMEM_STEP:
-            half = persistent(half, k, bits) if half.blocks > 0 else half
-            return replace(half, pre=_preload(half, n, k, bits))
     mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     wn, wk, p = _WIDE_TILES[mt] if (m > 1 and n >= _WIDE_N) or n >= _VOCAB_N else _TILES[mt]
     while n % (16 * wn):  # keep the block's warps: trade warps along N for warps along K
@@ -2361,9 +2342,6 @@ def plan_quantized_matmul(
         raise ValueError("quantized_matmul: the fused RMSNorm needs K % 256 == 0, no glu and, over a split K, "
                          "its sums' scratch within the reduction area (QmmConfig.fold_fits)")
     fold = norm is not None and split
-    if cfg.ts < 1 or 8 * cfg.mt * cfg.ts < m or 8 * cfg.mt * (cfg.ts - 1) >= m or (cfg.ts > 1 and (fold or bsum)):
-        raise ValueError(f"quantized_matmul: config {cfg} does not fit M={m}: each of its ts token groups takes "
-                         f"8 * mt rows and needs one at least, without a norm folded over a split K or bias sums")
     bn = 16 * cfg.wn * cfg.wf
     if norm_next is not None and not (_norm_parts_fit(cfg, glu_pair or rope is not None)
                                       and _norm_weight_ok(norm_next[0], n, x.dtype)):
@@ -2396,14 +2374,14 @@ def plan_quantized_matmul(
         output_shapes=[out_shape] + ([(cfg.s, m)] if fold else []) + ([(m, n), (n // bn, m)] if norm_next else []),
         output_dtypes=[partial_dtype(x.dtype, fold) if split else x.dtype] + ([mx.float32] if fold else [])
         + ([x.dtype, mx.float32] if norm_next else []),
-        grid=(cfg.grid_blocks(n) * nt, cfg.s, cfg.ts),
+        grid=(cfg.grid_blocks(n) * nt, cfg.s, 1),
         threadgroup=(nt, 1, 1),
         template=[
             ("T", x.dtype), ("BITS", bits), ("GS", group_size), ("MT", cfg.mt), ("WN", cfg.wn),
             ("WK", cfg.wk), ("P", cfg.p), ("NS", cfg.ns), ("WF", cfg.wf), ("PRE", cfg.pre and not cfg.ns),
             ("SPLIT", split), ("EPRE", EPI_PRE and not split),
             ("DQ", 3 if sub else 2 if bsum else 1 if use_lop3 else 0), ("SBP", sbp),
-            ("WP", 0 if wpack is None else 2 if ppack else 1), ("TS", cfg.ts > 1),
+            ("WP", 0 if wpack is None else 2 if ppack else 1),
             ("SMEM", smem),  # in the kernel name: MLX sets the smem attribute once per kernel
         ] + ([("EPS_BITS", kspec.f32_bits(norm[1])), ("NPASS", npass or fold), ("NEARLY", early)]
              if norm is not None else [])

@@ -248,7 +248,6 @@ def qmm_case(
     wscale: float = 1.0,
     wpack: bool = False,
     ppack: bool = False,
-    ts: int = 1,
 ) -> Case:
     """y = x @ dequantize(w).T (+ bias) (+ res) through the CUDA kernel (and its reduce kernel
     when K is split over blocks); glu: x is [gate | up] and the product uses silu(gate) * up.
@@ -268,8 +267,7 @@ def qmm_case(
     subnormal dequantization (DQ = 3, scale_max passed); wscale: the weights' standard deviation
     (0.02 puts most dequantized weights where sub's results are fp16 subnormals). wpack: the
     kernel reads the weights repacked in its load order (`pack_weights`, WP); ppack (with packed
-    and wpack): the pairs too (`pack_pairs`, WP = 2). ts: M over that many token groups of blocks
-    (grid z, BB_QMM_TOKEN_SPLIT), each of the fewest token tiles that cover them."""
+    and wpack): the pairs too (`pack_pairs`, WP = 2)."""
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * wscale).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
     wd = _f64(mx.dequantize(wq, sc, bi, group_size=group_size, bits=bits))
@@ -283,11 +281,8 @@ def qmm_case(
     rs = mx.array(rng.standard_normal((m, n)).astype(np.float32) * 4).astype(dtype) if res else None
     nw = mx.array(rng.uniform(0.5, 1.5, (k,)).astype(np.float32)).astype(dtype) if norm else None
     cfg = None
-    if split or blocks or ns or wk or p or wn or pre is not None or ts > 1:
-        if ts > 1:  # each group takes the fewest token tiles that cover the rows
-            base = replace(Q.choose_config(8 * next(t for t in (1, 2, 4, 8) if 8 * t * ts >= m), n, k, bits), ts=ts)
-        else:
-            base = Q.choose_config(m, n, k, bits)
+    if split or blocks or ns or wk or p or wn or pre is not None:
+        base = Q.choose_config(m, n, k, bits)
         cfg = replace(base, s=split or base.s, blocks=blocks, ns=ns, wf=wf, wk=wk or base.wk, p=p or base.p,
                       wn=wn or base.wn,
                       pre=base.pre if pre is None else pre)
@@ -369,7 +364,7 @@ def qmm_case(
         f"{'' if pre is None else '-pre' + str(int(pre))}{'-p' + str(p) if p else ''}{'-normout' if norm_out else ''}"
         f"{'-nnext' if norm_next else ''}{'-prenorm' if prenorm else ''}{'-bsum' if bias_sums else ''}"
         f"{'-packed' if packed else ''}{'-sub' if sub else ''}{'-w' + format(wscale, 'g') if wscale != 1.0 else ''}"
-        f"{'-wpack' if wpack else ''}{'-pairs' if ppack else ''}{'-ts' + str(ts) if ts > 1 else ''}"
+        f"{'-wpack' if wpack else ''}{'-pairs' if ppack else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -530,21 +525,11 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
              sub=True, wpack=True, ppack=True),
         dict(m=20, bits=4, group_size=64, n=128, k=1024, res=True, blocks=2, ns=3, packed=True, wpack=True, ppack=True),
         dict(m=5, bits=4, group_size=64, n=64, k=512, res=True, lop3=False, packed=True, wpack=True, ppack=True),
-        # M over two token groups of blocks (BB_QMM_TOKEN_SPLIT), K whole: 16 + 4 rows with the next
-        # norm's parts over persistent tiles, 32 rows of the gate/up pair with a pending norm (sub,
-        # both repacks), 16 + 1 rows 8-bit bf16 with a fused norm and a bias, 8 + 4 rows on the
-        # ring, and with K split too (the down projection's gate product and residual)
-        dict(m=20, bits=4, group_size=32, n=128, k=512, split=1, res=True, norm_next=True, blocks=2, ts=2),
-        dict(m=32, bits=4, group_size=32, n=128, k=512, split=1, norm=True, prenorm=True, glu_pair=True, blocks=3,
-             packed=True, sub=True, wscale=0.02, wpack=True, ppack=True, ts=2),
-        dict(m=17, bits=8, group_size=32, n=64, k=512, split=1, norm=True, bias=True, dtype=mx.bfloat16, ts=2),
-        dict(m=12, bits=4, group_size=32, n=96, k=512, split=1, res=True, blocks=2, ns=3, ts=2),
-        dict(m=24, bits=4, group_size=32, n=64, k=1024, split=2, res=True, glu=True, packed=True, ts=2),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds
         specs = specs[:2] + [s for s in specs if (s.get("ns") and (s.get("split") or s.get("blocks", 0) > 2))
                              or s.get("split", 0) > 5 or s.get("wk") or (s.get("norm") and s.get("split", 0) > 1)
                              or s.get("norm_out") or s.get("norm_next") or s.get("prenorm") or s.get("bias_sums")
-                             or s.get("packed") or s.get("sub") or s.get("wpack") or s.get("ts")]
+                             or s.get("packed") or s.get("sub") or s.get("wpack")]
     return [qmm_case(rng, **s) for s in specs]

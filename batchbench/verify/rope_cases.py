@@ -124,15 +124,13 @@ def qmm_rope_case(
     scale: float = 1.0,
     prenorm: bool = False,
     packed: bool = False,
-    ts: int = 1,
 ) -> Case:
     """The q/k/v projection with the RoPE + K/V-write epilogue (qmm's RopeStore): weight rows
     in rope_pair_order, against float64 projection + rotation of the rows in their own order;
     the result is q, then both cache buffers (cells not written must keep their values).
     split: K over that many blocks, the epilogue then in the reduce kernel. prenorm (with norm):
     x reaches the kernel as round(x * nw) with its 16-column sums of squares (a PendingNorm).
-    packed: the scales and biases as (scale, bias) pairs (`pack_scales_biases`). ts: M over that
-    many token groups of 16 rows (grid z, BB_QMM_TOKEN_SPLIT), K whole."""
+    packed: the scales and biases as (scale, bias) pairs (`pack_scales_biases`)."""
     width = (n_heads + 2 * n_kv_heads) * head_dim
     w = mx.array(rng.standard_normal((width, k)).astype(np.float32) / np.sqrt(k)).astype(dtype)
     wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
@@ -152,8 +150,6 @@ def qmm_rope_case(
     cfg = None
     if split:
         cfg = replace(Q.choose_config(m, width, k, bits), s=split, blocks=0, ns=0, wf=1)
-    if ts > 1:
-        cfg = replace(Q.choose_config(16, width, k, bits), s=1, blocks=0, ts=ts)
     norm_arg = (nw, 1e-5) if norm and not prenorm else None
     x_in, pending = producer_share(x, nw, 1e-5) if prenorm else (x, None)
     kspec, launch = Q.plan_quantized_matmul("cuda", x_in, wq_p, sc_p, bi_p, group_size=group_size, bits=bits,
@@ -192,7 +188,6 @@ def qmm_rope_case(
         f"qmm-rope-cuda-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-M{m}-D{head_dim}-Hq{n_heads}-Hkv{n_kv_heads}"
         f"-K{k}-b{bits}-{'trad' if traditional else 'half'}{'-bias' if bias else ''}{'-norm' if norm else ''}"
         f"{'-split' + str(split) if split else ''}{'-prenorm' if prenorm else ''}{'-packed' if packed else ''}"
-        f"{'-ts' + str(ts) if ts > 1 else ''}"
     )
     return Case(name, kernels, run, want, atol)
 
@@ -207,11 +202,9 @@ def qmm_rope_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
         dict(m=9, norm=True, bias=True, k=768, split=3),  # the norm folded over the K-slices
         dict(m=4, norm=True, bias=True, k=512, prenorm=True),  # the norm split with its producer
         dict(m=2, norm=True, bias=True, k=512, packed=True),  # scales and biases as pairs (BB_QMM_SB_PACK)
-        # two token groups of 16 rows (BB_QMM_TOKEN_SPLIT), with the norm pending from its producer
-        dict(m=27, norm=True, bias=True, k=512, prenorm=True, packed=True, n_heads=7, n_kv_heads=1, n_cells=48, ts=2),
     ]
     quick_specs = specs[:1] + [s for s in specs if (s.get("split") and s.get("norm")) or s.get("prenorm")
-                               or s.get("packed") or s.get("ts")]
+                               or s.get("packed")]
     return [qmm_rope_case(rng, **s) for s in (quick_specs if quick else specs)]
 
 

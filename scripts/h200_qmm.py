@@ -90,6 +90,11 @@ def _parse_patch(text: str) -> list[tuple[tuple[int, int], tuple[int, int], dict
 
 
 PATCH = _parse_patch(os.environ.get("QMM_PATCH", ""))
+# QMM_RED_PLAIN_VEC=1: the plain split-K reduce one element a thread (qmm.PLAIN_RED_VEC), the
+# baseline of session 30's A/B; QMM_TOP: kernels listed by time in the decode profile.
+if os.environ.get("QMM_RED_PLAIN_VEC"):
+    qmm.PLAIN_RED_VEC = int(os.environ["QMM_RED_PLAIN_VEC"])
+TOP_KERNELS = int(os.environ.get("QMM_TOP", "14"))
 _choose = qmm.choose_config
 
 
@@ -526,7 +531,7 @@ def _decode_kernels(chain, bsz: int, wall: float) -> None:
             by[key] = (n + 1, d + e["dur"])
         log(f"    B={bsz}: kernels {len(ks) / 8:.0f} per step, kernel time {tot / 1e3:.3f} ms, GPU span "
             f"{span / 1e3:.3f} ms, wall {wall * 1e3:.3f} ms")
-        for key, (n, d) in sorted(by.items(), key=lambda kv: -kv[1][1])[:8]:
+        for key, (n, d) in sorted(by.items(), key=lambda kv: -kv[1][1])[:TOP_KERNELS]:
             log(f"      {d / 8 / 1e3:7.3f} ms  {n / 8:5.1f}x  {d / n:7.1f} us  {key}")
     except Exception as e:  # noqa: BLE001
         err_note(f"decode profile B={bsz}", e)

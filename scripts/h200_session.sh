@@ -247,6 +247,9 @@ for what in "$@"; do
     part16-check) switch_check part16 120 "${PART16_CASES:-32:32:2,8:32:2}" BB_QMM_PART16=1 \
                     BATCHBENCH_VERIFY_MATCH=fp16,-split MODEL_CHECK_KERNELS=1 ;;
     ab-part16) ab_switch qmm-decode-prof-part16 BB_QMM_PART16 "${DECODE_B:-8,32}" off@0 on@1 off2@0 on2@1 ;;
+    # the plain split-K reduce (lm_head's at M > 8) one element a thread against 8 (the default since
+    # session 30), twice each
+    ab-redplain) ab_switch qmm-decode-prof-redplain QMM_RED_PLAIN_VEC "${DECODE_B:-32}" v1@1 v8@8 v12@1 v82@8 ;;
     # q/k/v with its RoPE epilogue through the int8 kernel too (BB_QMM_X8=1) against without
     # (noqkv), twice; session 25 ran this with the value `qkv`, which is now 1
     ab-x8qkv) ab_switch qmm-decode-prof-x8qkv BB_QMM_X8 "${DECODE_B:-1,2}" x8@noqkv qkv@1 x82@noqkv qkv2@1 ;;
@@ -268,7 +271,7 @@ for what in "$@"; do
            done ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe x8 ab-x8 model-x8 ab-x8qkv ab-sub model-sub wpack-check ab-wpack pairs-check ab-pairs part16-check ab-part16)" ;;
+            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe x8 ab-x8 model-x8 ab-x8qkv ab-sub model-sub wpack-check ab-wpack pairs-check ab-pairs part16-check ab-part16 ab-redplain)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -319,6 +319,38 @@ def test_pair_reduce_four_pairs_a_thread_is_bit_identical(monkeypatch):
             _verify(case)
 
 
+def test_plain_reduce_eight_a_thread_is_bit_identical_and_right(monkeypatch):
+    """The plain reduce after a split K (lm_head's) with 8 elements a thread (PLAIN_RED_VEC, 16-byte
+    stores) sums the same partials in the same order as one a thread: bit-identical y for fp32 and
+    fp16 partials, with and without bias and residual, a folded norm's row scale, odd M, 2-9 slices;
+    and y matches the float64 sum within the output's rounding."""
+    toolchain.need(toolchain.host_cxx)
+    rng = np.random.default_rng(SEED)
+    for s, m, n, pdt, bias, res, norm in [(2, 32, 256, mx.float16, False, False, False),
+                                          (3, 5, 96, mx.float32, True, True, False),
+                                          (9, 17, 64, mx.float16, False, True, False),
+                                          (2, 3, 128, mx.float32, True, False, True)]:
+        part = mx.array(rng.standard_normal((s, m, n)).astype(np.float32)).astype(pdt)
+        b = mx.array(rng.standard_normal((n,)).astype(np.float32)).astype(mx.float16) if bias else None
+        r = mx.array(rng.standard_normal((m, n)).astype(np.float32)).astype(mx.float16) if res else None
+        ss = mx.array(rng.uniform(0.5, 2.0, (s, m)).astype(np.float32)) if norm else None
+        ys = []
+        for vec in (1, 8):
+            monkeypatch.setattr(Q, "PLAIN_RED_VEC", vec)
+            ks, launch = Q.plan_qmm_reduce(part, mx.float16, b, r, norm=(ss, 4 * n, 1e-5) if norm else None)
+            assert dict(launch.template)["V"] == vec and launch.grid[0] == m * n // vec
+            ys.append(np.array(emulate(ks, launch, schedules=("forward",)).outputs[0]).astype(np.float64))
+        assert np.array_equal(ys[0], ys[1]), (s, m, n, pdt, bias, res, norm)
+        want = np.array(part.astype(mx.float32), dtype=np.float64).sum(axis=0)
+        if norm:
+            want *= 1.0 / np.sqrt(np.array(ss, dtype=np.float64).sum(axis=0) / (4 * n) + 1e-5)[:, None]
+        if bias:
+            want += np.array(b.astype(mx.float32), dtype=np.float64)[None, :]
+        if res:
+            want += np.array(r.astype(mx.float32), dtype=np.float64)
+        assert np.abs(ys[1] - want).max() <= 2e-3 * max(1.0, np.abs(want).max()), (s, m, n, pdt)
+
+
 def test_gpu_verify_row_lines_say_pass_and_failure():
     """batchbench.verify.gpu prints each case's line as the case ends (a run cut short by a time
     limit keeps them): its error and tolerance, or ERROR and the exception's first words."""

@@ -1365,21 +1365,58 @@ __device__ __forceinline__ float4 qmm_part4(const P* p) {
   }
 }
 
+// v[0..7] += the 8 activations of one 16-byte granule g.
+template <typename T>
+__device__ __forceinline__ void qmm_add8(float (&v)[8], const uint4 g) {
+  const uint32_t u[4] = {g.x, g.y, g.z, g.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float2 f = qmm_to_float2(u[q], is_bf16<T>::value);
+    v[2 * q] += f.x;
+    v[2 * q + 1] += f.y;
+  }
+}
+
 // y[m, n] = sum_s part[s, m, n] (* the norm's row scale) (+ bias[n]) (+ res[m, n]), cast to the
-// activation dtype. P: the partials' type (float, or fp16 with BB_QMM_PART16).
-template <typename T, bool HAS_BIAS, bool HAS_RES, bool NORM, typename P>
+// activation dtype. P: the partials' type (float, or fp16 with BB_QMM_PART16). V: elements a
+// thread, 1 or 8 (N % 8 == 0: a granule of 8 never crosses a row; 16-byte stores, and 16- or
+// 32-byte loads a K-slice), the same sums in the same order either way.
+template <typename T, bool HAS_BIAS, bool HAS_RES, bool NORM, int V, typename P>
 __device__ __forceinline__ void qmm_reduce(const P* __restrict__ part,
                                            const T* __restrict__ lbias,
                                            const T* __restrict__ res, T* __restrict__ y,
                                            const int S, const int M, const int N, const QmmNormSums ns) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= M * N) return;
-  float v = 0.f;
-  for (int s = 0; s < S; ++s) v += qmm_float<P>(part[(size_t)s * M * N + i]);
-  if constexpr (NORM) v *= ns.scale(i / N, S, M);
-  if constexpr (HAS_BIAS) v += qmm_float<T>(lbias[i % N]);
-  if constexpr (HAS_RES) v += qmm_float<T>(res[i]);
-  y[i] = qmm_cast<T, T>(v);
+  if constexpr (V == 1) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= M * N) return;
+    float v = 0.f;
+    for (int s = 0; s < S; ++s) v += qmm_float<P>(part[(size_t)s * M * N + i]);
+    if constexpr (NORM) v *= ns.scale(i / N, S, M);
+    if constexpr (HAS_BIAS) v += qmm_float<T>(lbias[i % N]);
+    if constexpr (HAS_RES) v += qmm_float<T>(res[i]);
+    y[i] = qmm_cast<T, T>(v);
+  } else {
+    static_assert(V == 8, "qmm_reduce: 1 or 8 elements a thread");
+    const int gi = blockIdx.x * blockDim.x + threadIdx.x;  // the granule of 8
+    if (gi >= M * N / 8) return;
+    const size_t i = (size_t)gi * 8;
+    float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int s = 0; s < S; ++s) {
+      const P* p = part + (size_t)s * M * N + i;
+      const float4 a = qmm_part4(p), b = qmm_part4(p + 4);
+      v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
+      v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
+    }
+    if constexpr (NORM) {
+      const float r = ns.scale((int)(i / N), S, M);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] *= r;
+    }
+    if constexpr (HAS_BIAS) qmm_add8<T>(v, reinterpret_cast<const uint4*>(lbias)[(i % N) / 8]);
+    if constexpr (HAS_RES) qmm_add8<T>(v, reinterpret_cast<const uint4*>(res)[gi]);
+    reinterpret_cast<uint4*>(y)[gi] = make_uint4(qmm_pack2<T>(v[0], v[1]), qmm_pack2<T>(v[2], v[3]),
+                                                 qmm_pack2<T>(v[4], v[5]), qmm_pack2<T>(v[6], v[7]));
+  }
 }
 
 // qmm_reduce (same sums, same order, same y) for one row m = blockIdx.x a block, and also
@@ -1408,17 +1445,8 @@ __device__ __forceinline__ void qmm_reduce_norm(const P* __restrict__ part,
       v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
       v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
     }
-    auto add8 = [&](const uint4 g) {
-      const uint32_t u[4] = {g.x, g.y, g.z, g.w};
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float2 f = qmm_to_float2(u[q], is_bf16<T>::value);
-        v[2 * q] += f.x;
-        v[2 * q + 1] += f.y;
-      }
-    };
-    if constexpr (HAS_BIAS) add8(reinterpret_cast<const uint4*>(lbias)[gi]);
-    if constexpr (HAS_RES) add8(reinterpret_cast<const uint4*>(res + (size_t)m * N)[gi]);
+    if constexpr (HAS_BIAS) qmm_add8<T>(v, reinterpret_cast<const uint4*>(lbias)[gi]);
+    if constexpr (HAS_RES) qmm_add8<T>(v, reinterpret_cast<const uint4*>(res + (size_t)m * N)[gi]);
     hv[i] = make_uint4(qmm_pack2<T>(v[0], v[1]), qmm_pack2<T>(v[2], v[3]), qmm_pack2<T>(v[4], v[5]),
                        qmm_pack2<T>(v[6], v[7]));
     reinterpret_cast<uint4*>(y + (size_t)m * N)[gi] = hv[i];
@@ -1546,7 +1574,7 @@ _SRC_MAIN = (
     " w_shape[1] * 32 / BITS, {rope}, {nio});"
 )
 _SRC_REDUCE = (
-    "bbqmm::qmm_reduce<T, {has_bias}, {has_res}, {norm}>"
+    "bbqmm::qmm_reduce<T, {has_bias}, {has_res}, {norm}, V>"
     "(part, {lbias}, {res}, y, part_shape[0], part_shape[1], part_shape[2], {sums});"
 )
 _SRC_REDUCE_NORM = (
@@ -1903,6 +1931,10 @@ WK_DIVIDE = env_choice("BB_QMM_WK_DIVIDE", "narrow", ON_OFF + ("narrow",))
 # decode step, kernel time (s23/call2, two runs each way): B=16 3.212 -> 3.200-3.202 ms, B=32
 # 3.603 -> 3.554-3.581.
 RED_VEC = env_choice("BB_QMM_RED_VEC", "glu", ON_OFF + ("glu",))
+# The plain reduce (no pair epilogue: lm_head's, and any reduce that does not write the next
+# norm) takes 8 elements a thread where N % 8 == 0, with 16-byte stores; 1: one a thread (the
+# session-30 A/B's baseline, set by scripts/h200_qmm.py's QMM_RED_PLAIN_VEC).
+PLAIN_RED_VEC = 8
 # The register-stage kernels load a row's scale and bias of a chunk as two 2-byte loads from two
 # arrays: the quad's 4 lanes touch two L2 sectors for 8 + 8 useful bytes (ncu, the gate/up pair
 # at M=1: 4.36 M L2 sectors against 2.77 M ideal, results/h200-2026-11-30-s21/call4).
@@ -2522,14 +2554,15 @@ def plan_qmm_reduce(
             template=[("T", dtype), ("PV", pv)] + norm_t + (rope.template() if rope is not None else []),
         )
         return _reduce_spec(bias is not None, pair=pair, norm=norm is not None), launch
+    v = PLAIN_RED_VEC if n % PLAIN_RED_VEC == 0 else 1
     launch = Launch(
         inputs=head + ([bias] if bias is not None else [])
         + ([residual.reshape(m, n)] if residual is not None else []),
         output_shapes=[(m, n)],
         output_dtypes=[dtype],
-        grid=(m * n, 1, 1),
+        grid=(m * n // v, 1, 1),
         threadgroup=(256, 1, 1),
-        template=[("T", dtype)] + norm_t,
+        template=[("T", dtype), ("V", v)] + norm_t,
     )
     return _reduce_spec(bias is not None, residual is not None, norm=norm is not None), launch
 

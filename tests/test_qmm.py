@@ -130,10 +130,14 @@ def test_ring_where_measured_and_dropped_for_large_groups(monkeypatch):
     wide = qmm.choose_config(32, 37888, 3584, 4)
     assert wide.ns == 4 and wide.s == 2  # the H200's pick for wide matrices at M=32
     assert qmm.choose_config(1, 37888, 3584, 4).ns == 0  # slower at one token
-    # the long-K down projection: on the ring with the repacked weights, not on MLX's layout
-    assert qmm.choose_config(32, 3584, 18944, 4).ns == 4
+    # the narrow matrices (down, o_proj, q/k/v): on the ring with the repacked weights, not on
+    # MLX's layout; their K-slices stay those of register stages
+    narrow = [(3584, 18944), (3584, 3584), (4608, 3584)]
+    assert [qmm.choose_config(32, n, k, 4).ns for n, k in narrow] == [4, 4, 4]
+    assert [qmm.choose_config(32, n, k, 4).s for n, k in narrow] == [9, 2, 7]
+    assert [qmm.choose_config(16, n, k, 4).ns for n, k in narrow] == [0, 0, 0]  # two token tiles: not measured
     monkeypatch.setattr(qmm, "WPACK", "0")
-    assert qmm.choose_config(32, 3584, 18944, 4).ns == 0
+    assert [qmm.choose_config(32, n, k, 4).ns for n, k in narrow] == [0, 0, 0]
     monkeypatch.setattr(qmm, "WPACK", "pairs")
     assert qmm.ring_ok(4, 32) and qmm.ring_ok(4, 64) and qmm.ring_ok(8, 32)
     assert not qmm.ring_ok(4, 128) and not qmm.ring_ok(8, 64)

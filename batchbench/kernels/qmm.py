@@ -2141,11 +2141,12 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
             cfg = c
     if ONE_WAVE == 2 and _one_wave(cfg) and cfg.s > 1:
         cfg = _balanced_slices(cfg, n, k, bits)
-    if WPACK != "0" and not RING and cfg.mt == 4 and n < _WIDE_N and k > 8192 and cfg.s > 2:
-        # The long-K down projection at four token tiles on the ring, with the K-slices chosen
-        # for register stages: with the weights and pairs repacked in load order (BB_QMM_WPACK)
-        # 27.7 -> 25.6 us at M=32 (H200, results/h200-2026-11-30-s29/call2); on MLX's layout
-        # the ring had lost (60 -> 67 us, session 7)
+    if WPACK != "0" and not RING and cfg.mt == 4 and n < _WIDE_N:
+        # The narrow matrices at four token tiles on the ring, with the K-slices chosen for
+        # register stages: with the weights and pairs repacked in load order (BB_QMM_WPACK), at
+        # M=32 on the H200 the long-K down projection 27.7 -> 25.6 us (results/h200-2026-11-30-s29/
+        # call2), o_proj 10.2 -> 9.1 and q/k/v 10.7 -> 9.6 (session 30, call5); on MLX's layout
+        # the ring had lost (down 60 -> 67 us, session 7)
         c = replace(cfg, ns=4)
         if c.smem(k, bits) <= SMEM_PER_SM - SMEM_STEP:
             cfg = c

@@ -661,6 +661,12 @@ def test_partials_in_fp16_for_fp16_activations(monkeypatch, switch):
         qmm.plan_qmm_reduce(mx.zeros((2, 5, 64), mx.bfloat16), mx.bfloat16)
 
 
+@pytest.mark.parametrize("value,want", [(None, "True"), ("1", "True"), ("0", "False")])
+def test_bb_qmm_part16_values(value, want):
+    """BB_QMM_PART16 is on by default (fp16 partials); read once, at import."""
+    assert qmm_setting_read("BB_QMM_PART16", value, "qmm.PART16") == [want]
+
+
 def test_reduce_norm_refuses_what_it_cannot_do():
     part = mx.zeros((2, 4, 64), mx.float32)
     nw = mx.ones((64,), mx.float16)

@@ -1932,8 +1932,9 @@ WK_DIVIDE = env_choice("BB_QMM_WK_DIVIDE", "narrow", ON_OFF + ("narrow",))
 # 3.603 -> 3.554-3.581.
 RED_VEC = env_choice("BB_QMM_RED_VEC", "glu", ON_OFF + ("glu",))
 # The plain reduce (no pair epilogue: lm_head's, and any reduce that does not write the next
-# norm) takes 8 elements a thread where N % 8 == 0, with 16-byte stores; 1: one a thread (the
-# session-30 A/B's baseline, set by scripts/h200_qmm.py's QMM_RED_PLAIN_VEC).
+# norm) takes 8 elements a thread where N % 8 == 0, with 16-byte stores: lm_head's at M=32 22.5
+# -> 8.1 us, the B=32 decode step 3.042-3.044 -> 3.027 ms (H200, results/h200-2026-11-30-s30/
+# call5). 1: one a thread, the A/B's baseline (scripts/h200_qmm.py's QMM_RED_PLAIN_VEC).
 PLAIN_RED_VEC = 8
 # The register-stage kernels load a row's scale and bias of a chunk as two 2-byte loads from two
 # arrays: the quad's 4 lanes touch two L2 sectors for 8 + 8 useful bytes (ncu, the gate/up pair

@@ -525,6 +525,10 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
              sub=True, wpack=True, ppack=True),
         dict(m=20, bits=4, group_size=64, n=128, k=1024, res=True, blocks=2, ns=3, packed=True, wpack=True, ppack=True),
         dict(m=5, bits=4, group_size=64, n=64, k=512, res=True, lop3=False, packed=True, wpack=True, ppack=True),
+        # the ring with 7 warps along K at 8 rows (q/k/v and o_proj at M=8 with ns=4: perf-notes'
+        # next A/B), repacked weights and pairs, the subnormal dequantization and a residual
+        dict(m=8, bits=4, group_size=32, n=64, k=1792, res=True, blocks=2, ns=4, wk=7, wn=1, packed=True,
+             sub=True, wscale=0.02, wpack=True, ppack=True),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds

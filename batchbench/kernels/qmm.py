@@ -1365,6 +1365,14 @@ __device__ __forceinline__ float4 qmm_part4(const P* p) {
   }
 }
 
+// v[0..7] += the 8 consecutive partials at p (16-byte aligned for fp32, 8 for fp16).
+template <typename P>
+__device__ __forceinline__ void qmm_add_parts8(float (&v)[8], const P* p) {
+  const float4 a = qmm_part4(p), b = qmm_part4(p + 4);
+  v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
+  v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
+}
+
 // v[0..7] += the 8 activations of one 16-byte granule g.
 template <typename T>
 __device__ __forceinline__ void qmm_add8(float (&v)[8], const uint4 g) {
@@ -1401,12 +1409,7 @@ __device__ __forceinline__ void qmm_reduce(const P* __restrict__ part,
     if (gi >= M * N / 8) return;
     const size_t i = (size_t)gi * 8;
     float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int s = 0; s < S; ++s) {
-      const P* p = part + (size_t)s * M * N + i;
-      const float4 a = qmm_part4(p), b = qmm_part4(p + 4);
-      v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
-      v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
-    }
+    for (int s = 0; s < S; ++s) qmm_add_parts8(v, part + (size_t)s * M * N + i);
     if constexpr (NORM) {
       const float r = ns.scale((int)(i / N), S, M);
 #pragma unroll
@@ -1439,12 +1442,7 @@ __device__ __forceinline__ void qmm_reduce_norm(const P* __restrict__ part,
     if (gi >= G) break;
     wv[i] = reinterpret_cast<const uint4*>(nw)[gi];  // in flight with the partials
     float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int s = 0; s < S; ++s) {
-      const P* p = part + ((size_t)s * M + m) * N + 8 * gi;
-      const float4 a = qmm_part4(p), b = qmm_part4(p + 4);
-      v[0] += a.x; v[1] += a.y; v[2] += a.z; v[3] += a.w;
-      v[4] += b.x; v[5] += b.y; v[6] += b.z; v[7] += b.w;
-    }
+    for (int s = 0; s < S; ++s) qmm_add_parts8(v, part + ((size_t)s * M + m) * N + 8 * gi);
     if constexpr (HAS_BIAS) qmm_add8<T>(v, reinterpret_cast<const uint4*>(lbias)[gi]);
     if constexpr (HAS_RES) qmm_add8<T>(v, reinterpret_cast<const uint4*>(res + (size_t)m * N)[gi]);
     hv[i] = make_uint4(qmm_pack2<T>(v[0], v[1]), qmm_pack2<T>(v[2], v[3]), qmm_pack2<T>(v[4], v[5]),

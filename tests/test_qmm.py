@@ -130,6 +130,10 @@ def test_ring_where_measured_and_dropped_for_large_groups(monkeypatch):
     wide = qmm.choose_config(32, 37888, 3584, 4)
     assert wide.ns == 4 and wide.s == 2  # the H200's pick for wide matrices at M=32
     assert qmm.choose_config(1, 37888, 3584, 4).ns == 0  # slower at one token
+    # two token tiles: the wide matrices on the ring (their K-slices kept), not at M=8
+    for n in (37888, 152064):
+        assert [qmm.choose_config(m, n, 3584, 4).ns for m in (8, 9, 16)] == [0, 4, 4]
+        assert qmm.choose_config(16, n, 3584, 4).s == 2
     # the narrow matrices (down, o_proj, q/k/v): on the ring with the repacked weights, not on
     # MLX's layout; their K-slices stay those of register stages
     narrow = [(3584, 18944), (3584, 3584), (4608, 3584)]
@@ -138,6 +142,7 @@ def test_ring_where_measured_and_dropped_for_large_groups(monkeypatch):
     assert [qmm.choose_config(16, n, k, 4).ns for n, k in narrow] == [0, 0, 0]  # two token tiles: not measured
     monkeypatch.setattr(qmm, "WPACK", "0")
     assert [qmm.choose_config(32, n, k, 4).ns for n, k in narrow] == [0, 0, 0]
+    assert qmm.choose_config(16, 37888, 3584, 4).ns == 0
     monkeypatch.setattr(qmm, "WPACK", "pairs")
     assert qmm.ring_ok(4, 32) and qmm.ring_ok(4, 64) and qmm.ring_ok(8, 32)
     assert not qmm.ring_ok(4, 128) and not qmm.ring_ok(8, 64)

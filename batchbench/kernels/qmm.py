@@ -2149,6 +2149,15 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
         c = replace(cfg, ns=4)
         if c.smem(k, bits) <= SMEM_PER_SM - SMEM_STEP:
             cfg = c
+    if RING_WIDE and WPACK != "0" and not RING and cfg.mt == 2 and n >= _WIDE_N:
+        # The wide matrices at two token tiles (M = 9-16) on the ring, same K-slices: with the
+        # repacked weights, H200 decode step (results/h200-2026-11-30-s31, calls 2-3): gate/up
+        # 37.9 -> 30.4 us and lm_head 121.4 -> 97.7 at M=16; B=16 2.608-2.612 -> 2.386-2.389 ms,
+        # B=12 2.524 -> 2.294. The narrow ones lost there (down 21.8 -> 23.3, q/k/v +0.4, o_proj
+        # +0.2) and at M=8 none gained (gate/up -1.0 us, but its down and reduce +1.0)
+        c = replace(cfg, ns=4)
+        if c.smem(k, bits) <= SMEM_PER_SM - SMEM_STEP:
+            cfg = c
     narrow = _one_round_narrow(m, n, k, bits, cfg)
     if narrow is not None:
         return replace(narrow, pre=_preload(narrow, n, k, bits))

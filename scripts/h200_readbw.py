@@ -12,7 +12,9 @@ that no read hits L2 from the call before.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
+import time
 
 import mlx.core as mx
 
@@ -51,7 +53,16 @@ EMPTY = """
 
 # Attention-sized reads: the K/V bytes of issue 3's small cases, and what one launch of
 # nothing costs, at the attention kernel's grid and shared memory (one block per SM).
-SMALL_MB = [(16.8, "B=2 x 4096"), (33.6, "B=2 x 8192"), (67.1, "B=8 x 4096"), (134.2, "B=8 x 8192")]
+SMALL_MB = [(16.8, "B=2 x 4096"), (33.6, "B=2 x 8192"), (67.1, "B=8 x 4096"), (134.2, "B=8 x 8192"),
+            (536.9, "B=32 x 8192")]
+# Issue 7's per-matrix target (>= 80% of the copy bandwidth on weight bytes): the 4-bit group-32
+# bytes of each 7B matrix (weights + fp16 scale and bias a group), as scripts/h200_qmm.py counts
+# them, read by a plain streaming kernel in one launch: what no matmul of those bytes can beat.
+# READBW_SIZES=matrices runs these (and the empty launches) only; =attention, the sizes above.
+MATRICES = [("k/v_proj 512x3584", 512, 3584), ("q/o_proj 3584x3584", 3584, 3584),
+            ("q/k/v fused 4608x3584", 4608, 3584), ("gate or down 18944x3584", 18944, 3584),
+            ("gate/up fused 37888x3584", 37888, 3584), ("lm_head 152064x3584", 152064, 3584)]
+MATRIX_MB = [((n * k // 2 + 4 * n * (k // 32)) / 1e6, name) for name, n, k in MATRICES]
 ATTN_SMEM = 143360  # smem_bytes(128, 4 warps, 2 stages, fp16, 7 heads)
 
 
@@ -61,11 +72,15 @@ def _read(kernel, x: mx.array, tpb: int, blocks: int, u: int) -> mx.array:
                   output_shapes=[(blocks,)], output_dtypes=[mx.uint32])[0]
 
 
-def small_reads(kernel) -> list[str]:
+def small_reads(kernel, sizes: list[tuple[float, str]], copy_tbs: float) -> list[str]:
+    """One-launch reads of each size at four geometries; copy_tbs: the copy bandwidth the
+    last column divides by (h200_qmm.py's, by wall time)."""
     lines = ["", "## Floors for one launch (CUPTI kernel time per call, each call evaluated alone, "
              "buffers rotated past L2)", "",
-             "| what | blocks x threads | dynamic smem | us | TB/s |", "|---|---|---|---|---|"]
-    for mb, what in SMALL_MB:
+             f"% copy: the read's rate over the copy bandwidth by wall time ({copy_tbs:.2f} TB/s, "
+             "`x + 1` over 2 GiB, read + write, as scripts/h200_qmm.py measures it)", "",
+             "| what | blocks x threads | dynamic smem | us | TB/s | % copy |", "|---|---|---|---|---|---|"]
+    for mb, what in sizes:
         n = int(mb * 1e6) // 16 * 8  # fp16 elements, a multiple of 8
         sets = [mx.random.normal((n,)).astype(mx.float16) for _ in range(max(3, int(160 // mb) + 1))]
         mx.eval(sets)
@@ -75,8 +90,9 @@ def small_reads(kernel) -> list[str]:
                     mx.eval(_read(kernel, x, tpb, blocks, u))
 
             us = kernel_time_us(run, len(sets))
-            lines.append(f"| read {mb} MB ({what}), {u} loads/thread | {blocks} x {tpb} | 0 | {us:.1f} | "
-                         f"{mb * 1e6 / (us * 1e-6) / 1e12:.2f} |")
+            tbs = mb * 1e6 / (us * 1e-6) / 1e12
+            lines.append(f"| read {mb:.2f} MB ({what}), {u} loads/thread | {blocks} x {tpb} | 0 | {us:.1f} | "
+                         f"{tbs:.2f} | {100 * tbs / copy_tbs:.0f}% |")
             print(lines[-1], flush=True)
         del sets
     x = mx.zeros((1024,), dtype=mx.float32)
@@ -92,7 +108,7 @@ def small_reads(kernel) -> list[str]:
                     mx.eval(o)
 
             us = kernel_time_us(run, 16)
-            lines.append(f"| empty launch | {blocks} x 128 | {smem} | {us:.1f} | - |")
+            lines.append(f"| empty launch | {blocks} x 128 | {smem} | {us:.1f} | - | - |")
             print(lines[-1], flush=True)
     return lines
 
@@ -102,6 +118,15 @@ def main() -> None:
         print("h200_readbw: needs MLX's CUDA back-end")
         return
     kernel = mx.fast.cuda_kernel(name="bb_readbw", input_names=["x"], output_names=["out"], source=SOURCE)
+    copy_tbs = qmm_copy_bandwidth()
+    which = os.environ.get("READBW_SIZES", "all")
+    if which not in ("all", "matrices", "attention"):
+        sys.exit(f"h200_readbw: READBW_SIZES must be all, matrices or attention, not {which!r}")
+    if which == "matrices":
+        lines = [f"# One-launch reads of issue 7's matrix bytes, H200 (MLX {mx.__version__}), CUPTI kernel time"]
+        lines += small_reads(kernel, MATRIX_MB, copy_tbs)
+        _write(lines)
+        return
     nbytes = 1 << 30
     sets = [mx.random.normal((nbytes // 2,)).astype(mx.float16) for _ in range(3)]
     mx.eval(sets)
@@ -120,10 +145,27 @@ def main() -> None:
         best = max(best, tbs)
         lines.append(f"| {tpb} | {blocks} | {u} | {us:.1f} | {tbs:.2f} |")
         print(lines[-1], flush=True)
-    lines += small_reads(kernel)
+    lines += small_reads(kernel, SMALL_MB + ([] if which == "attention" else MATRIX_MB), copy_tbs)
     k_bw, w_bw = copy_bandwidth()
     lines += ["", f"best read-only: {best:.2f} TB/s; MLX copy (x*2, read+write, 1 GiB): kernel {k_bw:.2f} TB/s, wall {w_bw:.2f} TB/s"]
     print(lines[-1])
+    _write(lines)
+
+
+def qmm_copy_bandwidth() -> float:
+    """TB/s of `x + 1` over 2 GiB of fp16, read + write, median wall of 7 (h200_qmm.py's)."""
+    a = mx.zeros((1 << 30,), mx.float16)
+    mx.eval(a)
+    mx.eval(a + 1)
+    ts = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        mx.eval(a + 1)
+        ts.append(time.perf_counter() - t0)
+    return 2 * a.nbytes / statistics.median(ts) / 1e12
+
+
+def _write(lines: list[str]) -> None:
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)

@@ -531,8 +531,11 @@ def qmm_cases(rng: np.random.Generator, quick: bool = False) -> list[Case]:
              sub=True, wscale=0.02, wpack=True, ppack=True),
         # the wide matrices at two token tiles on the ring (gate/up and lm_head at M = 9-16): the
         # gate/up pair over a split K on persistent blocks, 4 x 2 warps, repacked weights and pairs
+        # (the 7B shape); with K whole and a pending norm, the gate product in the kernel (1.5B)
         dict(m=13, bits=4, group_size=32, n=256, k=1024, split=2, glu_pair=True, blocks=3, ns=4, wn=4, wk=2,
              packed=True, sub=True, wscale=0.02, wpack=True, ppack=True),
+        dict(m=13, bits=4, group_size=32, n=256, k=1024, split=1, norm=True, prenorm=True, glu_pair=True, blocks=3,
+             ns=4, wn=4, wk=2, packed=True, sub=True, wscale=0.02, wpack=True, ppack=True),
     ]
     if quick:  # the first two, the ring after a split K and across persistent tiles, many slices,
                # register stages over several rounds

@@ -57,6 +57,12 @@ SHAPES = [
     ("down", 3584, 18944),
     ("lm_head", 152064, 3584),
 ]
+# The launches the model makes of fused matrices (issue 7: "fuse what is cheap to fuse"): timed
+# beside the issue's matrices (kernel and profile sections), not in the correctness plan.
+FUSED_SHAPES = [
+    ("q/k/v fused", 4608, 3584),
+    ("gate+up fused", 37888, 3584),
+]
 M_ALL = [1, 2, 3, 7, 8, 16, 32, 33, 64]
 M_TIME = [1, 8, 32]
 # A/B runs time only what they compare: QMM_VARIANTS=ours QMM_DECODE=ours_epilogues
@@ -66,6 +72,7 @@ DECODE = os.environ.get("QMM_DECODE", "mlx,ours,ours_fused,ours_epilogues").spli
 SMALL = os.environ.get("QMM_SMALL") == "1"
 if SMALL:
     SHAPES = [(name, n // 8, k // 8) for name, n, k in SHAPES]
+    FUSED_SHAPES = [(name, n // 8, k // 8) for name, n, k in FUSED_SHAPES]
 
 
 # QMM_PATCH: other launch geometries for an A/B of the decode step, without touching the
@@ -340,7 +347,7 @@ def _variants(gs: int, bits: int, qsets: list, fsets: list) -> list:
 def section_kernels(weights: dict, copy_bw: float) -> None:
     log("\n== kernel timing, fp16 x, 4-bit g32 (Q4_0 layout); us per call ==")
     gs, bits = 32, 4
-    for name, n, k in SHAPES:
+    for name, n, k in SHAPES + FUSED_SHAPES:
         if left() < 90:
             log(f"  (skipping the rest of kernel timing: {left():.0f} s left)")
             return
@@ -643,7 +650,7 @@ def section_profile(weights: dict) -> None:
         return
     gs, bits = 32, 4
     path = os.path.join(OUT or "/tmp", "qmm_trace.json")
-    for name, n, k in SHAPES:
+    for name, n, k in SHAPES + FUSED_SHAPES:
         if left() < 8:
             log(f"  (out of time at {name})")
             break
@@ -720,7 +727,7 @@ def main() -> None:
     copy_bw = section_env()
     weights = {}
     try:
-        for i, (name, n, k) in enumerate(SHAPES):
+        for i, (name, n, k) in enumerate(SHAPES + FUSED_SHAPES):
             weights[name] = make_weights(n, k, seed=10 + i)
     except Exception as e:  # noqa: BLE001
         err_note("weights", e)

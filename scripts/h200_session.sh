@@ -172,12 +172,13 @@ for what in "$@"; do
              done ;;
     # launch geometries of the decode step's matmuls (scripts/h200_qmm.py's QMM_PATCH), each
     # checked against mx.dequantize first: CFG_AB="tag@patch ..." ("base@": no patch), at DECODE_B
+    # (files qmm-decode-prof-TAG-bB: runs at two B with the same tags keep both, session 31 lost one)
     ab-cfg) for v in ${CFG_AB:-base@}; do
-               decode_prof "qmm-decode-prof-${v%%@*}" QMM_PATCH="${v#*@}" QMM_DECODE_B="${DECODE_B:-1}"
+               decode_prof "qmm-decode-prof-${v%%@*}-b${DECODE_B:-1}" QMM_PATCH="${v#*@}" QMM_DECODE_B="${DECODE_B:-1}"
              done ;;
     # decode-step A/B of environment settings: ENV_AB="tag@VAR=val,VAR2=val tag2@..." at DECODE_B
     ab-env) for v in ${ENV_AB:-base@}; do
-               decode_prof "qmm-decode-prof-${v%%@*}" QMM_DECODE_B="${DECODE_B:-1}" $(echo "${v#*@}" | tr ',' ' ')
+               decode_prof "qmm-decode-prof-${v%%@*}-b${DECODE_B:-1}" QMM_DECODE_B="${DECODE_B:-1}" $(echo "${v#*@}" | tr ',' ' ')
              done ;;
     # both weight stages in flight before the x staging (BB_QMM_PRELOAD2=1 everywhere, auto: where
     # measured faster) against one (0), twice each; PRELOAD_AB="0 1 0 1" by default

@@ -67,6 +67,10 @@ for what in "$@"; do
     tune) part qmm-tune 200 env OUT="$R" TUNE_GRID=small TUNE_BUDGET_S=170 python3 scripts/h200_qmm_tune.py ;;
     attention) part attention 240 env OUT="$R" python3 scripts/h200_attention.py ;;
     qmm) part qmm 200 env OUT="$R" QMM_BUDGET_S=180 python3 scripts/h200_qmm.py ;;
+    # the per-matrix table alone (~60 s; the whole script's budget can run out before it, as in
+    # session 31's call6): issue 7's matrices and the model's fused launches, CUPTI kernel time
+    qmm-table) part qmm-table 180 env OUT="$R/qmm-table" QMM_SECTIONS=kernels,profile QMM_BUDGET_S=160 \
+                 python3 scripts/h200_qmm.py ;;
     seed) part seed 170 python3 -m batchbench "${M[@]}" -c 40000 -b 2048 -ub 512 -npp 0,512,4096,8192 \
             -ntg 32 -npl 2,3 -fa on --ab all --csv "$R/seed.csv" ;;
     scaling) part scaling 260 python3 -m batchbench "${M[@]}" -c 140000 -npp 4096 -ntg 32 \
@@ -272,7 +276,7 @@ for what in "$@"; do
            done ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe x8 ab-x8 model-x8 ab-x8qkv ab-sub model-sub wpack-check ab-wpack pairs-check ab-pairs part16-check ab-part16 ab-redplain)" ;;
+            "qmm-table attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe x8 ab-x8 model-x8 ab-x8qkv ab-sub model-sub wpack-check ab-wpack pairs-check ab-pairs part16-check ab-part16 ab-redplain)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

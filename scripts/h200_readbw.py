@@ -117,11 +117,11 @@ def main() -> None:
     if backend.BACKEND != "cuda":
         print("h200_readbw: needs MLX's CUDA back-end")
         return
-    kernel = mx.fast.cuda_kernel(name="bb_readbw", input_names=["x"], output_names=["out"], source=SOURCE)
-    copy_tbs = qmm_copy_bandwidth()
     which = os.environ.get("READBW_SIZES", "all")
     if which not in ("all", "matrices", "attention"):
         sys.exit(f"h200_readbw: READBW_SIZES must be all, matrices or attention, not {which!r}")
+    kernel = mx.fast.cuda_kernel(name="bb_readbw", input_names=["x"], output_names=["out"], source=SOURCE)
+    copy_tbs = qmm_copy_bandwidth()
     if which == "matrices":
         lines = [f"# One-launch reads of issue 7's matrix bytes, H200 (MLX {mx.__version__}), CUPTI kernel time"]
         lines += small_reads(kernel, MATRIX_MB, copy_tbs)

@@ -139,10 +139,14 @@ def test_ring_where_measured_and_dropped_for_large_groups(monkeypatch):
     narrow = [(3584, 18944), (3584, 3584), (4608, 3584)]
     assert [qmm.choose_config(32, n, k, 4).ns for n, k in narrow] == [4, 4, 4]
     assert [qmm.choose_config(32, n, k, 4).s for n, k in narrow] == [9, 2, 7]
-    assert [qmm.choose_config(16, n, k, 4).ns for n, k in narrow] == [0, 0, 0]  # two token tiles: not measured
+    assert [qmm.choose_config(16, n, k, 4).ns for n, k in narrow] == [0, 0, 0]  # two token tiles: slower there
     monkeypatch.setattr(qmm, "WPACK", "0")
     assert [qmm.choose_config(32, n, k, 4).ns for n, k in narrow] == [0, 0, 0]
     assert qmm.choose_config(16, 37888, 3584, 4).ns == 0
+    monkeypatch.setattr(qmm, "WPACK", "pairs")
+    monkeypatch.setattr(qmm, "RING_WIDE", False)
+    assert qmm.choose_config(16, 37888, 3584, 4).ns == 0 and qmm.choose_config(32, 37888, 3584, 4).ns == 0
+    monkeypatch.setattr(qmm, "RING_WIDE", True)
     monkeypatch.setattr(qmm, "WPACK", "pairs")
     assert qmm.ring_ok(4, 32) and qmm.ring_ok(4, 64) and qmm.ring_ok(8, 32)
     assert not qmm.ring_ok(4, 128) and not qmm.ring_ok(8, 64)

@@ -26,7 +26,8 @@ sums them, adds the bias and the residual, and casts.
 
 Weights reach registers one of two ways: two register stages of P chunks (the default), or a
 ring of `QmmConfig.ns` one-chunk slots per warp in shared memory filled by cp.async (wide
-matrices at M = 17-32, where the H200 measured it faster); on the ring a warp may also take two
+matrices at M = 9-32 and, with the weights repacked, narrow ones at M = 17-32: where the H200
+measured it faster); on the ring a warp may also take two
 16-row feature tiles (`QmmConfig.wf`), so each x fragment feeds both.
 
 Everything else (CPU, Metal, shapes or dtypes not covered) goes to `mx.quantized_matmul`.
@@ -1816,7 +1817,8 @@ DEQUANT_LOP3 = DQ_MODE != "prmt"
 SMEM_PER_SM = 227 * 1024
 # Ring pipeline (QmmConfig.ns): BB_QMM_RING=n gives every covered call n slots per warp.
 RING = env_number("BB_QMM_RING", 0)
-# ... else the ring where the H200 measured it faster (choose_config); BB_QMM_RING_WIDE=0: nowhere
+# ... else the ring where the H200 measured it faster (choose_config); BB_QMM_RING_WIDE=0: not for
+# the wide matrices (the narrow ones at M = 17-32 keep it with the repacked weights)
 RING_WIDE = env_choice("BB_QMM_RING_WIDE", "1", ON_OFF) == "1"
 RING_SLOT = 1024 + 32 * 8  # bytes: weights of one chunk, scales and biases (<= 8 bytes a row)
 

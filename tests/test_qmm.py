@@ -147,7 +147,6 @@ def test_ring_where_measured_and_dropped_for_large_groups(monkeypatch):
     monkeypatch.setattr(qmm, "RING_WIDE", False)
     assert qmm.choose_config(16, 37888, 3584, 4).ns == 0 and qmm.choose_config(32, 37888, 3584, 4).ns == 0
     monkeypatch.setattr(qmm, "RING_WIDE", True)
-    monkeypatch.setattr(qmm, "WPACK", "pairs")
     assert qmm.ring_ok(4, 32) and qmm.ring_ok(4, 64) and qmm.ring_ok(8, 32)
     assert not qmm.ring_ok(4, 128) and not qmm.ring_ok(8, 64)
     # a group too large for the ring's scale copies: the plan falls back to register stages

@@ -1865,6 +1865,11 @@ def _one_wave(cfg: QmmConfig) -> bool:
     return ONE_WAVE > 0 and cfg.mt >= 4 and cfg.ns == 0
 
 
+def _one_block_fits(cfg: QmmConfig, k: int, bits: int) -> bool:
+    """cfg's shared memory fits an SM (one block), in the launcher's allocation steps."""
+    return cfg.smem(k, bits) <= SMEM_PER_SM - SMEM_STEP
+
+
 def _balanced_slices(cfg: QmmConfig, n: int, k: int, bits: int) -> QmmConfig:
     """cfg (split over K) with the number of K-slices (2 or more) whose one-wave grid gives the
     busiest block the fewest tiles x chunks, its shared memory fitting one block per SM; ties
@@ -1874,7 +1879,7 @@ def _balanced_slices(cfg: QmmConfig, n: int, k: int, bits: int) -> QmmConfig:
     best, best_work = cfg, None
     for s in range(2, nch + 1):
         c = replace(cfg, s=s)
-        if c.smem(k, bits) > SMEM_PER_SM - SMEM_STEP:
+        if not _one_block_fits(c, k, bits):
             continue
         blocks = _resident_blocks(c, k, bits) // s  # what persistent() gives each slice
         if blocks < 1:
@@ -2138,27 +2143,24 @@ def choose_config(m: int, n: int, k: int, bits: int) -> QmmConfig:
             # two warps along K instead of eight along N below lm_head's width: gate/up 74.8 ->
             # 71.2 us at M=32 (H200 tune, results/h200-2026-11-29-s8); lm_head loses (233 -> 246)
             c = replace(c, wn=4, wk=2)
-        if c.smem(k, bits) <= SMEM_PER_SM - SMEM_STEP:
+        if _one_block_fits(c, k, bits):
             cfg = c
     if ONE_WAVE == 2 and _one_wave(cfg) and cfg.s > 1:
         cfg = _balanced_slices(cfg, n, k, bits)
-    if WPACK != "0" and not RING and cfg.mt == 4 and n < _WIDE_N:
-        # The narrow matrices at four token tiles on the ring, with the K-slices chosen for
-        # register stages: with the weights and pairs repacked in load order (BB_QMM_WPACK), at
-        # M=32 on the H200 the long-K down projection 27.7 -> 25.6 us (results/h200-2026-11-30-s29/
-        # call2), o_proj 10.2 -> 9.1 and q/k/v 10.7 -> 9.6 (session 30, call5); on MLX's layout
-        # the ring had lost (down 60 -> 67 us, session 7)
+    if WPACK != "0" and not RING and ((cfg.mt == 4 and n < _WIDE_N) or (RING_WIDE and cfg.mt == 2 and n >= _WIDE_N)):
+        # With the weights and pairs repacked in load order (BB_QMM_WPACK), the ring with the
+        # K-slices chosen for register stages, where the H200 measured it faster (on MLX's
+        # layout the ring had lost: down 60 -> 67 us at M=32, session 7):
+        # - the narrow matrices at four token tiles: at M=32 the long-K down projection 27.7 ->
+        #   25.6 us (results/h200-2026-11-30-s29/call2), o_proj 10.2 -> 9.1 and q/k/v 10.7 -> 9.6
+        #   (session 30, call5);
+        # - the wide ones at two token tiles (M = 9-16): gate/up 37.9 -> 30.4 us and lm_head
+        #   121.4 -> 97.7 at M=16, the decode step at B=16 2.608-2.612 -> 2.386-2.389 ms, B=12
+        #   2.524 -> 2.294 (results/h200-2026-11-30-s31, calls 2-3). The narrow ones lost there
+        #   (down 21.8 -> 23.3, q/k/v +0.4, o_proj +0.2), and at M=8 no matrix gained (gate/up
+        #   -1.0 us, but its down and reduce +1.0).
         c = replace(cfg, ns=4)
-        if c.smem(k, bits) <= SMEM_PER_SM - SMEM_STEP:
-            cfg = c
-    if RING_WIDE and WPACK != "0" and not RING and cfg.mt == 2 and n >= _WIDE_N:
-        # The wide matrices at two token tiles (M = 9-16) on the ring, same K-slices: with the
-        # repacked weights, H200 decode step (results/h200-2026-11-30-s31, calls 2-3): gate/up
-        # 37.9 -> 30.4 us and lm_head 121.4 -> 97.7 at M=16; B=16 2.608-2.612 -> 2.386-2.389 ms,
-        # B=12 2.524 -> 2.294. The narrow ones lost there (down 21.8 -> 23.3, q/k/v +0.4, o_proj
-        # +0.2) and at M=8 none gained (gate/up -1.0 us, but its down and reduce +1.0)
-        c = replace(cfg, ns=4)
-        if c.smem(k, bits) <= SMEM_PER_SM - SMEM_STEP:
+        if _one_block_fits(c, k, bits):
             cfg = c
     narrow = _one_round_narrow(m, n, k, bits, cfg)
     if narrow is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -111,6 +112,20 @@ def wall_time_us(run: Callable[[], None], n_layers: int, reps: int) -> float:
         mx.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best * 1e6 / n_layers
+
+
+def copy_bandwidth_median(nbytes: int = 1 << 31, reps: int = 7) -> float:
+    """MLX `x + 1` over nbytes of fp16 (read + write): bytes/s by the median wall time of reps
+    calls after one warm-up (issue 7's copy bandwidth, scripts/h200_qmm.py's and h200_readbw.py's)."""
+    a = mx.zeros((nbytes // 2,), mx.float16)
+    mx.eval(a)
+    mx.eval(a + 1)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(a + 1)
+        ts.append(time.perf_counter() - t0)
+    return 2 * a.nbytes / statistics.median(ts)
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> tuple[Optional[float], float]:

@@ -40,7 +40,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from batchbench import backend  # noqa: E402
-from batchbench.bench_attention import trace_events  # noqa: E402
+from batchbench.bench_attention import copy_bandwidth_median, trace_events  # noqa: E402
 from batchbench.kernels import qmm  # noqa: E402
 
 OUT = os.environ.get("OUT")
@@ -195,14 +195,8 @@ def section_env() -> float:
         log("WARNING: backend is not cuda: everything below measures the fallback")
     bw = float("nan")
     try:
-        a = mx.zeros((1 << (24 if SMALL else 30),), mx.float16)  # 2 GiB
-        mx.eval(a)
-        f = lambda: mx.eval(a + 1)  # noqa: E731
-        f()
-        ts = timeit(f, 7)
-        bw = 2 * a.nbytes / statistics.median(ts)
+        bw = copy_bandwidth_median(1 << (25 if SMALL else 31))  # 2 GiB
         log(f"copy bandwidth (read+write 2 GiB fp16 through MLX): {bw / 1e12:.3f} TB/s (median of 7)")
-        del a
     except Exception as e:  # noqa: BLE001
         err_note("copy bandwidth", e)
     RES["copy_bw"] = bw

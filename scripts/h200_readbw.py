@@ -12,15 +12,13 @@ that no read hits L2 from the call before.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from batchbench import backend  # noqa: E402
-from batchbench.bench_attention import copy_bandwidth, kernel_time_us  # noqa: E402
+from batchbench.bench_attention import copy_bandwidth, copy_bandwidth_median, kernel_time_us  # noqa: E402
 
 SOURCE = """
   const uint4* p = reinterpret_cast<const uint4*>(x);
@@ -121,7 +119,7 @@ def main() -> None:
     if which not in ("all", "matrices", "attention"):
         sys.exit(f"h200_readbw: READBW_SIZES must be all, matrices or attention, not {which!r}")
     kernel = mx.fast.cuda_kernel(name="bb_readbw", input_names=["x"], output_names=["out"], source=SOURCE)
-    copy_tbs = qmm_copy_bandwidth()
+    copy_tbs = copy_bandwidth_median() / 1e12  # as scripts/h200_qmm.py measures it
     if which == "matrices":
         lines = [f"# One-launch reads of issue 7's matrix bytes, H200 (MLX {mx.__version__}), CUPTI kernel time"]
         lines += small_reads(kernel, MATRIX_MB, copy_tbs)
@@ -150,19 +148,6 @@ def main() -> None:
     lines += ["", f"best read-only: {best:.2f} TB/s; MLX copy (x*2, read+write, 1 GiB): kernel {k_bw:.2f} TB/s, wall {w_bw:.2f} TB/s"]
     print(lines[-1])
     _write(lines)
-
-
-def qmm_copy_bandwidth() -> float:
-    """TB/s of `x + 1` over 2 GiB of fp16, read + write, median wall of 7 (h200_qmm.py's)."""
-    a = mx.zeros((1 << 30,), mx.float16)
-    mx.eval(a)
-    mx.eval(a + 1)
-    ts = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        mx.eval(a + 1)
-        ts.append(time.perf_counter() - t0)
-    return 2 * a.nbytes / statistics.median(ts) / 1e12
 
 
 def _write(lines: list[str]) -> None:

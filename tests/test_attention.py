@@ -8,6 +8,7 @@ import pytest
 
 from batchbench.kernels import attention as A
 from batchbench.kernels.attention_cases import additive, live_lists, make_layout, reference
+from conftest import qmm_setting_read
 
 TOL = {mx.float32: 2e-5, mx.float16: 3e-3, mx.bfloat16: 2.5e-2}
 
@@ -266,3 +267,13 @@ def test_trace_events_reads_the_complete_events_back(tmp_path):
     assert ba.trace_events(FakeProfile({"traceEvents": evs})) == want
     kept = tmp_path / "sub" / "trace.json"
     assert ba.trace_events(FakeProfile(evs), str(kept)) == want and kept.exists()
+
+
+@pytest.mark.parametrize("value,want", [(None, "False"), ("0", "False"), ("1", "True")])
+def test_bb_attn_rec32_values(value, want):
+    """BB_ATTN_REC32 is off by default (split records in the activation dtype); read once, at
+    import, and it changes the kernel's name and its record bytes."""
+    expr = ("__import__('batchbench.kernels.attention', fromlist=['x']).REC32, "
+            "__import__('batchbench.kernels.attention', fromlist=['x']).record_bytes(7, 128, 2)")
+    got = qmm_setting_read("BB_ATTN_REC32", value, expr)
+    assert got == [want, str(7 * 128 * (4 if want == "True" else 2) + 64)]

@@ -129,6 +129,10 @@ def _edit_executor(old, new):
     # staged split records
     ("attn", "bb_cp_async_wait<STAGES - 1>();", "bb_cp_async_wait<STAGES>();"),
     ("attn-merge", "bb_cp_async_wait<0>();\nbb_sync_block();", "bb_cp_async_wait<1>();\nbb_sync_block();"),
+    # the wait for the Q tile's group, and the barrier after it (each warp reads rows that
+    # other warps' threads copied)
+    ("attn-q", "bb_cp_async_wait<STAGES>();\nbb_sync_block();", "bb_sync_block();"),
+    ("attn-qbar", "bb_cp_async_wait<STAGES>();\nbb_sync_block();", "bb_cp_async_wait<STAGES>();"),
     # the matmul's wait for x copied unchanged (bf16), and its ring's wait for the oldest slot
     # (fp16: x goes through registers, so the ring's first requests are still in flight)
     ("qmm-x", "qmm_cp_wait<0>();", ""),

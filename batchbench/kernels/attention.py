@@ -20,7 +20,7 @@ from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
-from batchbench import backend, env_number
+from batchbench import ON_OFF, backend, env_choice, env_number
 from batchbench.kernels import spec
 from batchbench.kernels.spec import KernelSpec, Launch
 
@@ -87,18 +87,20 @@ def kernel_source(backend_name: str) -> tuple[str, str]:
     return spec.compact(header), body
 
 
-def record_floats(gh: int, d: int) -> int:
-    """A split's partial record in ws (bb_attn_rec): O [GH][D], then (max, sum) [GH][2] padded
-    to a multiple of 4 floats."""
-    return gh * d + (2 * gh + 3) // 4 * 4
+def record_bytes(gh: int, d: int, esize: int) -> int:
+    """A split's partial record in ws (bb_attn_rec_bytes): O [GH][D] in the activation dtype
+    (esize bytes; fp32 with BB_ATTN_REC32=1), then (max, sum) [GH][2] fp32 padded to 16 bytes."""
+    rsize = 4 if REC32 else esize
+    return gh * d * rsize + (2 * gh + 3) // 4 * 16
 
 
 def smem_bytes(d: int, warps: int, stages: int, esize: int, gh: int) -> int:
-    """Mirror of bb_attn_smem_bytes in attention_common.h: the pipeline tiles and block lists,
-    or the merge header and one split record if larger."""
-    pipeline = warps * stages * 2 * BLOCK * (d + 8) * esize + warps * LIST_CAP * 4 + warps * stages * MASK_STAGE_BYTES
+    """Mirror of bb_attn_smem_bytes in attention_common.h: the pipeline tiles, block lists,
+    mask stages and Q tile, or the merge header and one split record if larger."""
+    pipeline = (warps * stages * 2 * BLOCK * (d + 8) * esize + warps * LIST_CAP * 4 + warps * stages * MASK_STAGE_BYTES
+                + 16 * (d + 8) * esize)  # the Q tile
     merge = 4 * (warps * 16 * d + warps * 16 * 2 + 16 * 2 + MAX_SPLIT * 16) + 16
-    return max(pipeline, merge + 4 * record_floats(gh, d))
+    return max(pipeline, merge + record_bytes(gh, d, esize))
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,6 +233,10 @@ MIN_BLOCKS = env_number("BB_ATTN_MIN_BLOCKS", 8)
 # 1: a whole block's 32 mask values ride in its K/V pipeline stage; 0: the walk loads them
 # from global memory per block, as before (A/B runs).
 MASK_STAGE = env_number("BB_ATTN_MASK_STAGE", 1)
+# 1: split records hold O in fp32, not divided by the split's sum (the kernel before the
+# thirty-second session, A/B runs); 0: O / sum in the activation dtype, half the bytes the last
+# split reads.
+REC32 = env_choice("BB_ATTN_REC32", "0", ON_OFF) == "1"
 
 
 def choose_splits(pairs: int, n_blk: int, warps: int, d: int = 128) -> int:
@@ -353,11 +359,13 @@ def plan_decode_attention(
     live = pack_live_blocks(live_blocks) if use_live else _dummy_live()
     pairs = t * hkv * hc
     n_split = choose_splits(pairs, n_blk, warps, d)
-    ws_size = pairs * n_split * record_floats(gh, d) if n_split > 1 else 4
+    ws_size = pairs * n_split * record_bytes(gh, d, q.dtype.size) // 4 if n_split > 1 else 4
     smem = smem_bytes(d, warps, stages, q.dtype.size, gh)
     header, body = kernel_source(backend_name)
     if not MASK_STAGE:
         header = "#define BB_NO_MASK_STAGE 1\n" + header
+    if REC32:
+        header = "#define BB_REC32 1\n" + header
     if timeline:
         if backend_name != "cuda":
             raise ValueError("decode_attention: the timeline build exists for CUDA only")
@@ -365,7 +373,7 @@ def plan_decode_attention(
         header = "#define BB_TIMELINE 1\n" + header
     kspec = KernelSpec(
         backend=backend_name,
-        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_tl' if timeline else ''}{'' if MASK_STAGE else '_ms0'}",
+        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_tl' if timeline else ''}{'' if MASK_STAGE else '_ms0'}{'_r32' if REC32 else ''}",
         input_names=("q", "k", "v", "mask", "live", "counters"),
         output_names=("out", "ws"),
         source=body,

@@ -51,20 +51,33 @@ BB_FN void bb_mma_16816(BB_THREAD float* acc, BB_THREAD const uint32_t* a, uint3
 }
 #endif
 
+// A split's partial record in ws, in bytes: O [GH][D], then (max, sum) [GH][2] in fp32 padded
+// to 16 bytes. O is held in T divided by the split's sum: a convex combination of V rows, so T
+// holds it, and the last split reads half the bytes of fp32. (BB_REC32: O in fp32 relative to
+// the split's max, not divided; the kernel before the thirty-second session, for A/B runs.)
+#ifdef BB_REC32
+#define BB_REC_ESIZE(esize) 4
+#else
+#define BB_REC_ESIZE(esize) (esize)
+#endif
+constexpr BB_FN int bb_attn_rec_bytes(int gh, int d, int rsize) { return gh * d * rsize + ((gh * 2 + 3) & ~3) * 4; }
+
 // Shared (threadgroup) memory, in bytes; attention.py mirrors this. The walk uses the pipeline
 // tiles, the per-warp block lists and each stage's mask values. After the walk, the merge reuses the same bytes: its
 // header (o_s, ml_s, row_s, fac_s, flag_s), then the last split's staging of the split records
 // (at least one record).
-constexpr BB_FN int bb_attn_rec(int gh, int d) { return gh * d + ((gh * 2 + 3) & ~3); }
 constexpr BB_FN int bb_attn_merge_hdr(int d, int w) {
   return 4 * (w * 16 * d + w * 16 * 2 + 16 * 2 + BB_MAX_SPLIT * 16) + 16;
 }
 constexpr BB_FN int bb_attn_maxi(int a, int b) { return a > b ? a : b; }
+// The Q tile (16 rows of D, padded) after the pipeline tiles, lists and mask stages.
+constexpr BB_FN int bb_attn_qt_offset(int d, int w, int stages, int esize) {
+  return w * stages * 2 * BB_BLOCK * bb_attn_pitch(d) * esize + w * BB_LIST_CAP * 4 + w * stages * BB_MASK_STAGE;
+}
 template <int D, int W, int STAGES, int ESIZE, int GH>
 constexpr BB_FN int bb_attn_smem_bytes() {
-  return bb_attn_maxi(W * STAGES * 2 * BB_BLOCK * bb_attn_pitch(D) * ESIZE + W * BB_LIST_CAP * 4 +
-                          W * STAGES * BB_MASK_STAGE,
-                      bb_attn_merge_hdr(D, W) + 4 * bb_attn_rec(GH, D));
+  return bb_attn_maxi(bb_attn_qt_offset(D, W, STAGES, ESIZE) + 16 * bb_attn_pitch(D) * ESIZE,
+                      bb_attn_merge_hdr(D, W) + bb_attn_rec_bytes(GH, D, BB_REC_ESIZE(ESIZE)));
 }
 
 // Append the lanes with `ok` to list[at..] in lane order; returns how many were appended.
@@ -253,9 +266,14 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
                           BB_SHARED unsigned char* smem) {
   constexpr int GH = G < 16 ? G : 16; // query heads of one block (rows of the mma tile)
   constexpr int HC = (G + 15) / 16;   // head chunks per kv head
-  // A split's partial record in ws: O [GH][D] (relative to its max) then (max, sum) [GH][2],
-  // padded to a multiple of 4 floats for the merge's 16-byte copies (bb_attn_rec).
-  constexpr int REC = bb_attn_rec(GH, D);
+  // A split's partial record in ws (bb_attn_rec_bytes): O [GH][D] in RT, then (max, sum) [GH][2].
+#ifdef BB_REC32
+  typedef float RT;
+#else
+  typedef T RT;
+#endif
+  constexpr int REC = bb_attn_rec_bytes(GH, D, (int)sizeof(RT)); // bytes, a multiple of 16
+  constexpr int REC_ML = GH * D * (int)sizeof(RT);                // byte offset of (max, sum)
   constexpr int PITCH = bb_attn_pitch(D);
   constexpr int TILE = BB_BLOCK * PITCH;
   constexpr int KS = D / 16; // k-steps of Q K^T
@@ -265,7 +283,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
 
   const int tid = warp * 32 + lane;
 #ifdef BB_TIMELINE
-  const long tl_records = n_split > 1 ? (long)n_rows * n_kv_heads * HC * n_split * REC : 0;
+  const long tl_records = n_split > 1 ? (long)n_rows * n_kv_heads * HC * n_split * (REC / 4) : 0;
   const long tl_block = ((long)row * n_kv_heads * HC + bx) * n_split + split;
   BB_GLOBAL uint32_t* stamps = (BB_GLOBAL uint32_t*)(ws + tl_records) + tl_block * 2 * BB_STAMPS;
   if (tid == 0) {  // a phase this block never reaches reads 0
@@ -288,21 +306,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   BB_GLOBAL const T* vh = v + (long)kvh * n_cells * D;
   MaskPtr mrow = mask + (long)row * n_used;
 
-  // Q of the GQA group as A fragments (rows past the group are zero).
-  uint32_t qa[KS][4];
-  BB_UNROLL
-  for (int kk = 0; kk < KS; ++kk) {
-    BB_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      const int r = g + 8 * (i & 1);
-      const int col = 16 * kk + 2 * c + 8 * (i >> 1);
-      qa[kk][i] = 0u;
-      if (r < rows_valid) {
-        qa[kk][i] = *(BB_GLOBAL const uint32_t*)(q + ((long)(head0 + r) * n_rows + row) * D + col);
-      }
-    }
-  }
-
   BBCursor<MT, MaskPtr, LivePtr, SKIP, LIVE> cur;
   cur.mrow = mrow;
   cur.lrow = LIVE ? live + (long)row * live_stride : live;
@@ -316,12 +319,41 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   cur.base = split * W + warp;
   cur.step = n_split * W;
   cur.ahead = -1;
+  int count = 0;
   if (LIVE) {
     const int fi = 1 + cur.base + lane * cur.step;
     if (fi < live_stride) {
       cur.ahead = cur.lrow[fi];
     }
-    int count = bb_mini(cur.lrow[0], live_stride - 1);
+    count = cur.lrow[0];
+  }
+
+  // Q of the GQA group: its 16 rows (rows past the group zero) copied once per block into
+  // shared memory, in a commit group of their own issued after the live list's loads, and read
+  // as A fragments once the first stages are in flight. (Each warp loading its fragments from
+  // global memory queued ~1000 sector requests an SM ahead of the live list's.)
+  BB_SHARED T* qt = (BB_SHARED T*)(smem + bb_attn_qt_offset(D, W, STAGES, (int)sizeof(T)));
+  {
+    BB_GLOBAL const T* qrow = q + (long)head0 * n_rows * D + (long)row * D; // head0's row
+    if (bb_aligned16(q) && (n_rows * D * (int)sizeof(T)) % 16 == 0) {
+      constexpr int CPR = D / 8; // 16-byte chunks a row
+      for (int i = tid; i < 16 * CPR; i += W * 32) {
+        const int r = i / CPR, cc = i % CPR;
+        const bool ok = r < rows_valid;
+        bb_cp_async16(qt + r * PITCH + cc * 8, qrow + (long)(ok ? r : 0) * n_rows * D + cc * 8, ok);
+      }
+    } else { // a view at an odd offset: 4-byte words
+      for (int i = tid; i < 16 * (D / 2); i += W * 32) {
+        const int r = i / (D / 2), w2 = i % (D / 2);
+        *(BB_SHARED uint32_t*)(qt + r * PITCH + 2 * w2) =
+            r < rows_valid ? *(BB_GLOBAL const uint32_t*)(qrow + (long)r * n_rows * D + 2 * w2) : 0u;
+      }
+    }
+    bb_cp_async_commit();
+  }
+
+  if (LIVE) {
+    count = bb_mini(count, live_stride - 1);
     count = count < 0 ? 0 : count;
     cur.src_end = count - cur.base > 0 ? (count - cur.base + cur.step - 1) / cur.step : 0;
   } else {
@@ -355,6 +387,24 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     bb_cp_async_commit();
   }
   BB_STAMP(2);
+  // Q's group is the oldest of STAGES + 1; every thread's copies landed before any warp reads.
+  bb_cp_async_wait<STAGES>();
+  bb_sync_block();
+  uint32_t qa[KS][4];
+  BB_UNROLL
+  for (int kk = 0; kk < KS; kk += 2) {
+    uint32_t lo[4], hi[4]; // rows g and g + 8, columns 16 kk + {0, 8, 16, 24} + 2c
+    bb_ldsm_rows<T>(qt, PITCH, 0, 16 * kk, lo, lane);
+    bb_ldsm_rows<T>(qt, PITCH, 8, 16 * kk, hi, lane);
+    qa[kk][0] = lo[0];
+    qa[kk][1] = hi[0];
+    qa[kk][2] = lo[1];
+    qa[kk][3] = hi[1];
+    qa[kk + 1][0] = lo[2];
+    qa[kk + 1][1] = hi[2];
+    qa[kk + 1][2] = lo[3];
+    qa[kk + 1][3] = hi[3];
+  }
   int slot = 0;
 #ifdef BB_TIMELINE
   bool tl_first = true;
@@ -552,18 +602,32 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     }
   } else {
     // This split's partial record (REC above).
-    BB_GLOBAL float* rec = ws + (pair * n_split + split) * REC;
+    BB_GLOBAL unsigned char* rec = (BB_GLOBAL unsigned char*)ws + (pair * n_split + split) * (long)REC;
+#ifdef BB_REC32
     for (int i = tid; i < GH * D; i += W * 32) {
       const int r = i / D, d = i % D;
       float acc = 0.0f;
       for (int w = 0; w < W; ++w) {
         acc += o_s[(w * 16 + r) * D + d];
       }
-      rec[i] = acc;
+      ((BB_GLOBAL float*)rec)[i] = acc;
     }
+#else
+    for (int i = tid; i < GH * D / 2; i += W * 32) {
+      const int r = (2 * i) / D, d = (2 * i) % D;
+      float a0 = 0.0f, a1 = 0.0f;
+      for (int w = 0; w < W; ++w) {
+        a0 += o_s[(w * 16 + r) * D + d];
+        a1 += o_s[(w * 16 + r) * D + d + 1];
+      }
+      const float ll = row_s[r * 2 + 1];
+      const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
+      ((BB_GLOBAL uint32_t*)rec)[i] = bb_pack2<T>(a0 * inv, a1 * inv);
+    }
+#endif
     if (tid < GH) {
-      rec[GH * D + tid * 2 + 0] = row_s[tid * 2 + 0];
-      rec[GH * D + tid * 2 + 1] = row_s[tid * 2 + 1];
+      ((BB_GLOBAL float*)(rec + REC_ML))[tid * 2 + 0] = row_s[tid * 2 + 0];
+      ((BB_GLOBAL float*)(rec + REC_ML))[tid * 2 + 1] = row_s[tid * 2 + 1];
     }
     // Every thread's record writes are ordered before the count by the barrier and the
     // release of thread 0's atomic (bb_split_arrive); the last block acquires them there.
@@ -582,22 +646,23 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       // every split's (max, sum).
       bb_split_acquire();
       constexpr int HDR = bb_attn_merge_hdr(D, W);
-      constexpr int SB = (bb_attn_smem_bytes<D, W, STAGES, (int)sizeof(T), GH>() - HDR) / (4 * REC);
-      constexpr int NT4 = GH * D / 4;                 // float4 items of O
+      constexpr int SB = (bb_attn_smem_bytes<D, W, STAGES, (int)sizeof(T), GH>() - HDR) / REC;
+      constexpr int NT4 = GH * D / 4;                 // items of 4 elements of O
       constexpr int IPT = (NT4 + W * 32 - 1) / (W * 32); // items per thread
-      BB_SHARED float* stage = (BB_SHARED float*)(smem + HDR);
-      BB_GLOBAL const float* recs = ws + pair * n_split * REC;
+      BB_SHARED unsigned char* stage = smem + HDR;
+      BB_GLOBAL const unsigned char* recs = (BB_GLOBAL const unsigned char*)ws + pair * n_split * (long)REC;
       int sb = bb_mini(n_split, SB);
-      for (int i = tid; i < sb * (REC / 4); i += W * 32) {
-        bb_cp_coherent16(stage + 4 * i, recs + 4 * i);
+      for (int i = tid; i < sb * (REC / 16); i += W * 32) {
+        bb_cp_coherent16(stage + 16 * i, recs + 16 * i);
       }
       bb_cp_async_commit();
       // o_s is free again: its contents went into this block's record before the count.
       BB_SHARED float* lsum_s = o_s;  // [BB_MAX_SPLIT][16]
       for (int i = tid; i < n_split * GH; i += W * 32) {
         const int s2 = i / GH, r = i - s2 * GH;
-        fac_s[s2 * 16 + r] = bb_load_coherent(recs + s2 * REC + GH * D + r * 2);
-        lsum_s[s2 * 16 + r] = bb_load_coherent(recs + s2 * REC + GH * D + r * 2 + 1);
+        BB_GLOBAL const float* ml = (BB_GLOBAL const float*)(recs + (long)s2 * REC + REC_ML);
+        fac_s[s2 * 16 + r] = bb_load_coherent(ml + r * 2);
+        lsum_s[s2 * 16 + r] = bb_load_coherent(ml + r * 2 + 1);
       }
       bb_sync_block();
       if (tid < GH) {
@@ -614,7 +679,11 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         }
         const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
         for (int s2 = 0; s2 < n_split; ++s2) {
+#ifdef BB_REC32
           fac_s[s2 * 16 + tid] *= inv;
+#else
+          fac_s[s2 * 16 + tid] *= inv * lsum_s[s2 * 16 + tid]; // records hold O / sum
+#endif
         }
       }
       float acc[IPT][4];
@@ -626,8 +695,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         if (s0 > 0) { // the next SB records, once every thread is done with the last ones
           sb = bb_mini(n_split - s0, SB);
           bb_sync_block();
-          for (int i = tid; i < sb * (REC / 4); i += W * 32) {
-            bb_cp_coherent16(stage + 4 * i, recs + (long)s0 * REC + 4 * i);
+          for (int i = tid; i < sb * (REC / 16); i += W * 32) {
+            bb_cp_coherent16(stage + 16 * i, recs + (long)s0 * REC + 16 * i);
           }
           bb_cp_async_commit();
         }
@@ -640,11 +709,22 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
             const int r = (4 * i4) / D;
             for (int u = 0; u < sb; ++u) {
               const float f = fac_s[(s0 + u) * 16 + r];
-              const float4 pv = *(BB_SHARED const float4*)(stage + u * REC + 4 * i4);
+#ifdef BB_REC32
+              const float4 pv = *(BB_SHARED const float4*)(stage + u * REC + 16 * i4);
               acc[j][0] += f * pv.x;
               acc[j][1] += f * pv.y;
               acc[j][2] += f * pv.z;
               acc[j][3] += f * pv.w;
+#else
+              const uint2 pw = *(BB_SHARED const uint2*)(stage + u * REC + 8 * i4);
+              float p0, p1, p2, p3;
+              bb_unpack2<T>(pw.x, &p0, &p1);
+              bb_unpack2<T>(pw.y, &p2, &p3);
+              acc[j][0] += f * p0;
+              acc[j][1] += f * p1;
+              acc[j][2] += f * p2;
+              acc[j][3] += f * p3;
+#endif
             }
           }
         }

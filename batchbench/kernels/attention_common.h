@@ -15,7 +15,7 @@
 #define BB_ATTENTION_COMMON_H
 
 #define BB_BLOCK 32     // KV cells per block
-#define BB_MAX_SPLIT 64 // merge factors kept in shared memory
+#define BB_MAX_SPLIT 64 // merge factors kept in shared memory; the merge reads two splits a lane
 #define BB_LIST_CAP 256 // block ids buffered per warp
 #define BB_MASK_STAGE 128 // bytes of one block's 32 mask values in a pipeline stage (fp32 masks)
 
@@ -656,34 +656,50 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         bb_cp_coherent16(stage + 16 * i, recs + 16 * i);
       }
       bb_cp_async_commit();
-      // o_s is free again: its contents went into this block's record before the count.
-      BB_SHARED float* lsum_s = o_s;  // [BB_MAX_SPLIT][16]
-      for (int i = tid; i < n_split * GH; i += W * 32) {
-        const int s2 = i / GH, r = i - s2 * GH;
-        BB_GLOBAL const float* ml = (BB_GLOBAL const float*)(recs + (long)s2 * REC + REC_ML);
-        fac_s[s2 * 16 + r] = bb_load_coherent(ml + r * 2);
-        lsum_s[s2 * 16 + r] = bb_load_coherent(ml + r * 2 + 1);
-      }
-      bb_sync_block();
-      if (tid < GH) {
+      // Each split's weight per row: a warp per row, its lanes over the splits (two at most each),
+      // (max, sum) loaded with the records' copies and reduced by shuffles. (One thread per row
+      // looping over the splits was three chains of dependent shared-memory reads.)
+      for (int r = warp; r < GH; r += W) {
+        float ms[2], ls[2];
         float mm = NEG_INF;
-        for (int s2 = 0; s2 < n_split; ++s2) {
-          mm = bb_maxf(mm, fac_s[s2 * 16 + tid]);
+        BB_UNROLL
+        for (int u = 0; u < 2; ++u) {
+          const int s2 = lane + 32 * u;
+          ms[u] = NEG_INF;
+          ls[u] = 0.0f;
+          if (s2 < n_split) {
+            BB_GLOBAL const float* ml = (BB_GLOBAL const float*)(recs + (long)s2 * REC + REC_ML);
+            ms[u] = bb_load_coherent(ml + r * 2);
+            ls[u] = bb_load_coherent(ml + r * 2 + 1);
+          }
+          mm = bb_maxf(mm, ms[u]);
         }
+        BB_UNROLL
+        for (int x = 16; x >= 1; x >>= 1) {
+          mm = bb_maxf(mm, bb_shfl_xor(mm, x));
+        }
+        float f[2];
         float ll = 0.0f;
-        for (int s2 = 0; s2 < n_split; ++s2) {
-          const float ms = fac_s[s2 * 16 + tid];
-          const float f = ms == NEG_INF ? 0.0f : bb_exp2(ms - mm);
-          fac_s[s2 * 16 + tid] = f;
-          ll += f * lsum_s[s2 * 16 + tid];
+        BB_UNROLL
+        for (int u = 0; u < 2; ++u) {
+          f[u] = ms[u] == NEG_INF ? 0.0f : bb_exp2(ms[u] - mm);
+          ll += f[u] * ls[u];
+        }
+        BB_UNROLL
+        for (int x = 16; x >= 1; x >>= 1) {
+          ll += bb_shfl_xor(ll, x);
         }
         const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
-        for (int s2 = 0; s2 < n_split; ++s2) {
+        BB_UNROLL
+        for (int u = 0; u < 2; ++u) {
+          const int s2 = lane + 32 * u;
+          if (s2 < n_split) {
 #ifdef BB_REC32
-          fac_s[s2 * 16 + tid] *= inv;
+            fac_s[s2 * 16 + r] = f[u] * inv;
 #else
-          fac_s[s2 * 16 + tid] *= inv * lsum_s[s2 * 16 + tid]; // records hold O / sum
+            fac_s[s2 * 16 + r] = f[u] * inv * ls[u]; // records hold O / sum
 #endif
+          }
         }
       }
       float acc[IPT][4];

@@ -144,9 +144,19 @@ def attention_case(
             return "a fully masked row is not zero"
         return None
 
+    spread = "_sp" in kspec.name
+    pairs = launch.grid[2] * (launch.grid[0] // launch.threadgroup[0])
+
     def counters_reset(_):
         c = state.get("counters")
-        if c is not None and np.any(c != 0):
+        if c is None:
+            return None
+        if spread:  # from zero: each pair's arrivals at the split count, its state words at 2e+2 = 2
+            n_split = launch.grid[1]
+            if np.any(c[:pairs] != n_split) or np.any(c[pairs:pairs * (1 + n_split)] != 2):
+                return f"spread merge counters not as one launch leaves them: {c[:pairs + 8]}"
+            return None
+        if np.any(c != 0):
             return f"split counters not left at zero ({np.count_nonzero(c)} nonzero)"
         return None
 

@@ -408,7 +408,7 @@ def test_spread_split_merge_emulated(monkeypatch, backend):
     assert "_sp" in spec.name and n_split > 1
     _verify(case)  # from zero; its checks include the counters one launch leaves
     ci = list(spec.input_names).index("counters")
-    arrive, states = slice(0, pairs), slice(pairs, pairs * (1 + n_split))
+    arrive, states = slice(0, pairs * 32, 32), slice(pairs * 32, pairs * (32 + n_split))
     next_epoch = np.zeros(launch.inputs[ci].size, np.int32)
     next_epoch[arrive], next_epoch[states] = n_split, 2
     inputs = list(launch.inputs)

@@ -395,7 +395,7 @@ def plan_decode_attention(
     )
     launch = Launch(
         inputs=[q, k, v, mask, live,
-                _counter_array(pairs * (1 + n_split), n_split) if spread else _counter_array(pairs)],
+                _counter_array(pairs * (32 + n_split), n_split) if spread else _counter_array(pairs)],
         # token-major [1, T, Hq, D]: the o projection reads it as [T, Hq*D] without a copy
         output_shapes=[(1, t, hq, d), (ws_size,)],
         output_dtypes=[q.dtype, mx.float32],

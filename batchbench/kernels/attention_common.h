@@ -750,9 +750,10 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     // state word of split s ends the launch at 2e+1 (its block gave up waiting, the last
     // arrival merges its slice) or stays below (its block merges it).
     BB_SHARED int* claim_s = flag_s + 4; // [BB_MAX_SPLIT]: slices the last arrival merges
+    // Each pair's arrival count on a 128-byte line of its own (blocks of other pairs poll theirs).
+    BB_GLOBAL int* arrive = counters + pair * 32;
+    BB_GLOBAL int* state = counters + (long)n_rows * n_kv_heads * HC * 32 + pair * n_split;
     if (tid == 0) {
-      BB_GLOBAL int* arrive = counters + pair;
-      BB_GLOBAL int* state = counters + (long)n_rows * n_kv_heads * HC + pair * n_split;
       const int a = bb_split_arrive(arrive);
       const int e = a / n_split;
       int mode; // 2: the last arrival; 1: merge this split's slice; 0: the last arrival will
@@ -770,14 +771,16 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     bb_sync_block();
     BB_STAMP(6);
     const int mode = flag_s[0];
-    if (mode == 2) {
-      // Claim every slice (own included, so that every state word ends the launch at 2e+2);
-      // the ones whose blocks gave up come back as 2e+1.
-      const int e = flag_s[1];
-      BB_GLOBAL int* state = counters + (long)n_rows * n_kv_heads * HC + pair * n_split;
-      for (int s2 = tid; s2 < n_split; s2 += W * 32) {
-        claim_s[s2] = bb_atomic_max_acq_rel(state + s2, 2 * e + 2) == 2 * e + 1 ? 1 : 0;
-      }
+    const int e = flag_s[1];
+    // The last arrival claims every slice (own included, so that every state word ends the
+    // launch at 2e+2); the ones whose blocks gave up come back as 2e+1. Issued before its own
+    // slice's merge, read after it.
+    constexpr int CPT = (BB_MAX_SPLIT + W * 32 - 1) / (W * 32); // claims a thread
+    int claimed[CPT];
+    BB_UNROLL
+    for (int j = 0; j < CPT; ++j) {
+      const int s2 = tid + j * W * 32;
+      claimed[j] = mode == 2 && s2 < n_split ? bb_atomic_max_acq_rel(state + s2, 2 * e + 2) : 0;
     }
     if (mode != 0) {
       BB_GLOBAL const unsigned char* recs = (BB_GLOBAL const unsigned char*)ws + pair * n_split * (long)REC;
@@ -786,6 +789,14 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       bb_attn_merge_slice<T, RT, D, GH, W, REC, REC_ML>(recs, n_split, split, fac_s, stage, obase,
                                                         rows_valid, tid, lane, warp);
       if (mode == 2) {
+        BB_UNROLL
+        for (int j = 0; j < CPT; ++j) {
+          const int s2 = tid + j * W * 32;
+          if (s2 < n_split) {
+            claim_s[s2] = claimed[j] == 2 * e + 1 ? 1 : 0;
+          }
+        }
+        bb_sync_block();
         for (int s2 = 0; s2 < n_split; ++s2) {
           if (claim_s[s2] != 0) { // block-uniform: written before the slice merge's barriers
             bb_attn_merge_slice<T, RT, D, GH, W, REC, REC_ML>(recs, n_split, s2, fac_s, stage, obase,

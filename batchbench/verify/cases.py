@@ -151,10 +151,13 @@ def attention_case(
         c = state.get("counters")
         if c is None:
             return None
-        if spread:  # from zero: each pair's arrivals at the split count, its state words at 2e+2 = 2
+        if spread:  # after k launches (k > 1 where a GPU run reuses pooled counters): every
+            # pair's arrival count (a 128-byte line each) at k x splits, its state words at 2k
             n_split = launch.grid[1]
-            if np.any(c[:pairs] != n_split) or np.any(c[pairs:pairs * (1 + n_split)] != 2):
-                return f"spread merge counters not as one launch leaves them: {c[:pairs + 8]}"
+            arrive, states = c[:pairs * 32:32], c[pairs * 32:pairs * (32 + n_split)]
+            k = int(arrive[0]) // n_split
+            if k < 1 or np.any(arrive != k * n_split) or np.any(states != 2 * k):
+                return f"spread merge counters not as {k} launches leave them: {arrive[:8]}, {states[:8]}"
             return None
         if np.any(c != 0):
             return f"split counters not left at zero ({np.count_nonzero(c)} nonzero)"

@@ -277,31 +277,3 @@ def test_bb_attn_rec32_values(value, want):
             "__import__('batchbench.kernels.attention', fromlist=['x']).record_bytes(7, 128, 2)")
     got = qmm_setting_read("BB_ATTN_REC32", value, expr)
     assert got == [want, str(7 * 128 * (4 if want == "True" else 2) + 64)]
-
-
-@pytest.mark.parametrize("value,want", [(None, "False"), ("0", "False"), ("1", "True")])
-def test_bb_attn_spread_values(value, want):
-    """BB_ATTN_SPREAD is read once, at import; off by default."""
-    expr = "__import__('batchbench.kernels.attention', fromlist=['x']).SPREAD"
-    assert qmm_setting_read("BB_ATTN_SPREAD", value, expr) == [want]
-
-
-def test_spread_counters_have_a_pool_per_split_count(monkeypatch):
-    """The spread merge's counters only grow, by the split count a launch: a pool shared by two
-    split counts would leave one kernel's arrival count off its multiple. Pools are replaced by
-    zeroed arrays after _COUNTER_REFRESH uses, far below int32's limit."""
-    # an array's arrival count reaches uses x splits, its state words 2 x uses + 2
-    uses = A._COUNTER_REFRESH // A._COUNTER_POOL + 1
-    assert uses * A.MAX_SPLIT < 2**31 and 2 * uses + 2 < 2**31
-    monkeypatch.setattr(A, "_counters", {})
-    a = A._counter_array(100, 4)
-    b = A._counter_array(100, 16)
-    c = A._counter_array(100)
-    assert a is not b and a is not c and b is not c
-    monkeypatch.setattr(A, "_COUNTER_REFRESH", 3)
-    first = A._counters[(128, 4)][0]
-    A._counter_array(100, 4)
-    A._counter_array(100, 4)
-    assert A._counters[(128, 4)][0] is first
-    A._counter_array(100, 4)
-    assert A._counters[(128, 4)][0] is not first

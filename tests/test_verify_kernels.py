@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from batchbench.kernels import qmm as Q
-from batchbench.kernels import attention as A
 from batchbench.kernels.spec import KernelSpec, Launch
 from batchbench.verify import RaceError, emulate, toolchain
 from batchbench.verify.compile import check_all
@@ -388,38 +387,3 @@ def test_gpu_case_filters():
     assert got == [] and error.startswith("BATCHBENCH_VERIFY_ONLY=mask selects no case (kinds: attn,")
     got, error = select(cases, "qmm", "bf16,-bias")
     assert got == [] and error == "BATCHBENCH_VERIFY_MATCH=bf16,-bias selects no case"
-
-
-@pytest.mark.parametrize("backend", ["cuda", "metal"])
-def test_spread_split_merge_emulated(monkeypatch, backend):
-    """BB_ATTN_SPREAD=1: split s merges the s-th slice of the output once every split has
-    arrived. The emulator runs blocks one at a time, so every block but the last gives its
-    slice up and the last arrival claims and merges them all (the GPU's `verify.gpu` runs the
-    path where each block merges its own). From zeroed counters and from the counters one
-    launch leaves (the next epoch) the result is right and the counters advance by one launch;
-    a last arrival that did not merge the slices it claimed fails."""
-    toolchain.need(toolchain.host_cxx)
-    monkeypatch.setattr(A, "SPREAD", True)
-    case = attention_case(backend, np.random.default_rng(SEED), d=64, g=7, splits=5, live="exact",
-                          layout=dict(kind="contiguous", n_seq=2, max_prompt=200, max_tg=40))
-    spec, launch = case.kernels[0]
-    n_split = launch.grid[1]
-    pairs = launch.grid[2] * (launch.grid[0] // launch.threadgroup[0])
-    assert "_sp" in spec.name and n_split > 1
-    _verify(case)  # from zero; its checks include the counters one launch leaves
-    ci = list(spec.input_names).index("counters")
-    arrive, states = slice(0, pairs * 32, 32), slice(pairs * 32, pairs * (32 + n_split))
-    next_epoch = np.zeros(launch.inputs[ci].size, np.int32)
-    next_epoch[arrive], next_epoch[states] = n_split, 2
-    inputs = list(launch.inputs)
-    inputs[ci] = mx.array(next_epoch)
-    res = emulate(spec, dataclasses.replace(launch, inputs=inputs))
-    got = res.outputs[0].transpose(0, 2, 1, 3).astype(np.float64)
-    assert np.abs(got - case.expected).max() <= case.atol
-    after = res.inputs_after[ci]
-    assert (after[arrive] == 2 * n_split).all() and (after[states] == 4).all()
-    no_claims = dataclasses.replace(spec, header=spec.header.replace("if (claim_s[s2] != 0) {", "if (false) {", 1),
-                                    name=spec.name + "_mut")
-    assert no_claims.header != spec.header
-    with pytest.raises(AssertionError):
-        case.verify(lambda k, l: (lambda r: (r.outputs, r.inputs_after))(emulate(no_claims, l)))

@@ -99,8 +99,8 @@ def smem_bytes(d: int, warps: int, stages: int, esize: int, gh: int) -> int:
     mask stages and Q tile, or the merge header and one split record if larger."""
     pipeline = (warps * stages * 2 * BLOCK * (d + 8) * esize + warps * LIST_CAP * 4 + warps * stages * MASK_STAGE_BYTES
                 + 16 * (d + 8) * esize)  # the Q tile
-    merge = 4 * (warps * 16 * d + warps * 16 * 2 + 16 * 2 + MAX_SPLIT * 16) + 16 + 4 * MAX_SPLIT
-    return max(pipeline, merge + record_bytes(gh, d, esize) + 16 * MAX_SPLIT)
+    merge = 4 * (warps * 16 * d + warps * 16 * 2 + 16 * 2 + MAX_SPLIT * 16) + 16
+    return max(pipeline, merge + record_bytes(gh, d, esize))
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,9 +237,6 @@ MASK_STAGE = env_number("BB_ATTN_MASK_STAGE", 1)
 # thirty-second session, A/B runs); 0: O / sum in the activation dtype, half the bytes the last
 # split reads.
 REC32 = env_choice("BB_ATTN_REC32", "0", ON_OFF) == "1"
-# 1: the split merge spread over the splits (each merges a slice of the output once all have
-# arrived, waiting a bounded time for them); 0: the last split to arrive merges everything.
-SPREAD = env_choice("BB_ATTN_SPREAD", "0", ON_OFF) == "1"
 
 
 def choose_splits(pairs: int, n_blk: int, warps: int, d: int = 128) -> int:
@@ -266,29 +263,23 @@ def _dummy_live() -> mx.array:
 
 
 _COUNTER_POOL = 16
-# Uses of one pool before its arrays are replaced by zeroed ones: the spread merge's counters
-# only grow (by the split count, <= 64, a use), and must stay far from int32's limit.
-_COUNTER_REFRESH = 1 << 20
-_counters: dict[tuple[int, int], list] = {}
+_counters: dict[int, list] = {}
 
 
-def _counter_array(n: int, key: int = 0) -> mx.array:
-    """An int32 buffer of >= n counters, zeroed when made. The last-split merge leaves its
-    counters at zero again; the spread merge's grow by the split count (`key`) each launch, so
-    each split count has its own pools.
+def _counter_array(n: int) -> mx.array:
+    """A zeroed int32 buffer of >= n counters; the kernel leaves it zeroed again.
 
     Kernels that run concurrently must not share counters, so calls rotate over a pool
     (MLX may overlap independent launches; a chain of dependent layers never overlaps).
     """
     size = max(64, 1 << (max(n, 1) - 1).bit_length())
-    entry = _counters.get((size, key))
-    if entry is None or entry[2] >= _COUNTER_REFRESH:
+    entry = _counters.get(size)
+    if entry is None:
         arrays = [mx.zeros((size,), dtype=mx.int32) for _ in range(_COUNTER_POOL)]
         mx.eval(arrays)
-        entry = _counters[(size, key)] = [arrays, 0, 0]
-    arrays, i, _ = entry
+        entry = _counters[size] = [arrays, 0]
+    arrays, i = entry
     entry[1] = (i + 1) % _COUNTER_POOL
-    entry[2] += 1
     return arrays[i]
 
 
@@ -375,9 +366,6 @@ def plan_decode_attention(
         header = "#define BB_NO_MASK_STAGE 1\n" + header
     if REC32:
         header = "#define BB_REC32 1\n" + header
-    spread = SPREAD and n_split > 1
-    if spread:
-        header = "#define BB_SPREAD 1\n" + header
     if timeline:
         if backend_name != "cuda":
             raise ValueError("decode_attention: the timeline build exists for CUDA only")
@@ -385,7 +373,7 @@ def plan_decode_attention(
         header = "#define BB_TIMELINE 1\n" + header
     kspec = KernelSpec(
         backend=backend_name,
-        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_tl' if timeline else ''}{'' if MASK_STAGE else '_ms0'}{'_r32' if REC32 else ''}{'_sp' if spread else ''}",
+        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_tl' if timeline else ''}{'' if MASK_STAGE else '_ms0'}{'_r32' if REC32 else ''}",
         input_names=("q", "k", "v", "mask", "live", "counters"),
         output_names=("out", "ws"),
         source=body,
@@ -394,8 +382,7 @@ def plan_decode_attention(
         shared_memory=smem if backend_name == "cuda" else 0,
     )
     launch = Launch(
-        inputs=[q, k, v, mask, live,
-                _counter_array(pairs * (32 + n_split), n_split) if spread else _counter_array(pairs)],
+        inputs=[q, k, v, mask, live, _counter_array(pairs)],
         # token-major [1, T, Hq, D]: the o projection reads it as [T, Hq*D] without a copy
         output_shapes=[(1, t, hq, d), (ws_size,)],
         output_dtypes=[q.dtype, mx.float32],

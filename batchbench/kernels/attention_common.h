@@ -64,10 +64,10 @@ constexpr BB_FN int bb_attn_rec_bytes(int gh, int d, int rsize) { return gh * d 
 
 // Shared (threadgroup) memory, in bytes; attention.py mirrors this. The walk uses the pipeline
 // tiles, the per-warp block lists and each stage's mask values. After the walk, the merge reuses the same bytes: its
-// header (o_s, ml_s, row_s, fac_s, flag_s and the spread merge's claims), then the staging of
-// the split records (at least one record, and a slice of every record in the spread merge).
+// header (o_s, ml_s, row_s, fac_s, flag_s), then the last split's staging of the split records
+// (at least one record).
 constexpr BB_FN int bb_attn_merge_hdr(int d, int w) {
-  return 4 * (w * 16 * d + w * 16 * 2 + 16 * 2 + BB_MAX_SPLIT * 16) + 16 + 4 * BB_MAX_SPLIT;
+  return 4 * (w * 16 * d + w * 16 * 2 + 16 * 2 + BB_MAX_SPLIT * 16) + 16;
 }
 constexpr BB_FN int bb_attn_maxi(int a, int b) { return a > b ? a : b; }
 // The Q tile (16 rows of D, padded) after the pipeline tiles, lists and mask stages.
@@ -77,7 +77,7 @@ constexpr BB_FN int bb_attn_qt_offset(int d, int w, int stages, int esize) {
 template <int D, int W, int STAGES, int ESIZE, int GH>
 constexpr BB_FN int bb_attn_smem_bytes() {
   return bb_attn_maxi(bb_attn_qt_offset(D, W, STAGES, ESIZE) + 16 * bb_attn_pitch(D) * ESIZE,
-                      bb_attn_merge_hdr(D, W) + bb_attn_rec_bytes(GH, D, BB_REC_ESIZE(ESIZE)) + 16 * BB_MAX_SPLIT);
+                      bb_attn_merge_hdr(D, W) + bb_attn_rec_bytes(GH, D, BB_REC_ESIZE(ESIZE)));
 }
 
 // Append the lanes with `ok` to list[at..] in lane order; returns how many were appended.
@@ -250,116 +250,6 @@ BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_SHARED MT* mt
   do {              \
   } while (0)
 #endif
-
-// One slice of the spread split merge (BB_SPREAD): 16-byte items [lo, hi) of O, slice `sl` of
-// n_split, from every split's record (all of them visible to this block) into the output rows
-// at obase. One round trip: the slice's items of every record are staged by cp.async while a
-// warp per row computes the splits' weights (lanes over the splits, shuffle reductions).
-template <typename T, typename RT, int D, int GH, int W, int REC, int REC_ML>
-BB_FN void bb_attn_merge_slice(BB_GLOBAL const unsigned char* recs, int n_split, int sl,
-                               BB_SHARED float* fac_s, BB_SHARED unsigned char* stage,
-                               BB_GLOBAL T* obase, int rows_valid, int tid, int lane, int warp) {
-  constexpr int EPI = 16 / (int)sizeof(RT); // elements an item
-  constexpr int NI = GH * D / EPI;          // items of O
-  const float NEG_INF = bb_neg_inf();
-  const int lo = sl * NI / n_split, hi = (sl + 1) * NI / n_split, cnt = hi - lo;
-  bb_sync_block(); // the last slice's readers of fac_s and stage are done
-  if (cnt == 0) {
-    return;
-  }
-  for (int i = tid; i < n_split * cnt; i += W * 32) {
-    const int u = i / cnt, k = i - u * cnt;
-    bb_cp_coherent16(stage + 16 * i, recs + (long)u * REC + 16 * (lo + k));
-  }
-  bb_cp_async_commit();
-  const int r0 = (lo * EPI) / D, r1 = ((hi - 1) * EPI) / D;
-  for (int r = r0 + warp; r <= r1; r += W) {
-    float ms[2], ls[2];
-    float mm = NEG_INF;
-    BB_UNROLL
-    for (int u = 0; u < 2; ++u) {
-      const int s2 = lane + 32 * u;
-      ms[u] = NEG_INF;
-      ls[u] = 0.0f;
-      if (s2 < n_split) {
-        BB_GLOBAL const float* ml = (BB_GLOBAL const float*)(recs + (long)s2 * REC + REC_ML);
-        ms[u] = bb_load_coherent(ml + r * 2);
-        ls[u] = bb_load_coherent(ml + r * 2 + 1);
-      }
-      mm = bb_maxf(mm, ms[u]);
-    }
-    BB_UNROLL
-    for (int x = 16; x >= 1; x >>= 1) {
-      mm = bb_maxf(mm, bb_shfl_xor(mm, x));
-    }
-    float f[2];
-    float ll = 0.0f;
-    BB_UNROLL
-    for (int u = 0; u < 2; ++u) {
-      f[u] = ms[u] == NEG_INF ? 0.0f : bb_exp2(ms[u] - mm);
-      ll += f[u] * ls[u];
-    }
-    BB_UNROLL
-    for (int x = 16; x >= 1; x >>= 1) {
-      ll += bb_shfl_xor(ll, x);
-    }
-    const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
-    BB_UNROLL
-    for (int u = 0; u < 2; ++u) {
-      const int s2 = lane + 32 * u;
-      if (s2 < n_split) {
-#ifdef BB_REC32
-        fac_s[s2 * 16 + r] = f[u] * inv;
-#else
-        fac_s[s2 * 16 + r] = f[u] * inv * ls[u]; // records hold O / sum
-#endif
-      }
-    }
-  }
-  bb_cp_async_wait<0>();
-  bb_sync_block();
-  for (int k = tid; k < cnt; k += W * 32) {
-    const int e0 = (lo + k) * EPI;
-    const int r = e0 / D, d = e0 % D;
-    float acc[EPI];
-    BB_UNROLL
-    for (int j = 0; j < EPI; ++j) {
-      acc[j] = 0.0f;
-    }
-    for (int u = 0; u < n_split; ++u) {
-      const float fu = fac_s[u * 16 + r];
-      BB_SHARED const unsigned char* it = stage + 16 * (u * cnt + k);
-#ifdef BB_REC32
-      const float4 pv = *(BB_SHARED const float4*)it;
-      acc[0] += fu * pv.x;
-      acc[1] += fu * pv.y;
-      acc[2] += fu * pv.z;
-      acc[3] += fu * pv.w;
-#else
-      const uint4 pw = *(BB_SHARED const uint4*)it;
-      float p0, p1;
-      bb_unpack2<T>(pw.x, &p0, &p1);
-      acc[0] += fu * p0;
-      acc[1] += fu * p1;
-      bb_unpack2<T>(pw.y, &p0, &p1);
-      acc[2] += fu * p0;
-      acc[3] += fu * p1;
-      bb_unpack2<T>(pw.z, &p0, &p1);
-      acc[4] += fu * p0;
-      acc[5] += fu * p1;
-      bb_unpack2<T>(pw.w, &p0, &p1);
-      acc[6] += fu * p0;
-      acc[7] += fu * p1;
-#endif
-    }
-    if (r < rows_valid) {
-      BB_UNROLL
-      for (int j = 0; j < EPI; ++j) {
-        obase[r * D + d + j] = bb_from_float<T>(acc[j]);
-      }
-    }
-  }
-}
 
 template <typename T, typename MT, int D, int G, int W, int STAGES, bool SKIP, bool LIVE,
           typename MaskPtr, typename LivePtr>
@@ -743,69 +633,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     // release of thread 0's atomic (bb_split_arrive); the last block acquires them there.
     bb_split_release();
     bb_sync_block();
-#ifdef BB_SPREAD
-    // The merge spread over the splits: split s merges the s-th slice of the output from every
-    // record once all have arrived. Counters only grow (attention.py keeps one pool per split
-    // count): the arrival count a gives the launch's epoch e = a / n_split, and the pair's
-    // state word of split s ends the launch at 2e+1 (its block gave up waiting, the last
-    // arrival merges its slice) or stays below (its block merges it).
-    BB_SHARED int* claim_s = flag_s + 4; // [BB_MAX_SPLIT]: slices the last arrival merges
-    // Each pair's arrival count on a 128-byte line of its own (blocks of other pairs poll theirs).
-    BB_GLOBAL int* arrive = counters + pair * 32;
-    BB_GLOBAL int* state = counters + (long)n_rows * n_kv_heads * HC * 32 + pair * n_split;
-    if (tid == 0) {
-      const int a = bb_split_arrive(arrive);
-      const int e = a / n_split;
-      int mode; // 2: the last arrival; 1: merge this split's slice; 0: the last arrival will
-      if (a - e * n_split == n_split - 1) {
-        mode = 2;
-      } else if (bb_spin_until_geq(arrive, (e + 1) * n_split)) {
-        mode = 1;
-      } else {
-        // Give the slice up, unless the last arrival claimed it first (then it has arrived).
-        mode = bb_atomic_max_acq_rel(state + split, 2 * e + 1) >= 2 * e + 2 ? 1 : 0;
-      }
-      flag_s[0] = mode;
-      flag_s[1] = e;
-    }
-    bb_sync_block();
-    BB_STAMP(6);
-    const int mode = flag_s[0];
-    const int e = flag_s[1];
-    // The last arrival claims every slice (own included, so that every state word ends the
-    // launch at 2e+2); the ones whose blocks gave up come back as 2e+1. Issued before its own
-    // slice's merge, read after it.
-    constexpr int CPT = (BB_MAX_SPLIT + W * 32 - 1) / (W * 32); // claims a thread
-    int claimed[CPT];
-    BB_UNROLL
-    for (int j = 0; j < CPT; ++j) {
-      const int s2 = tid + j * W * 32;
-      claimed[j] = mode == 2 && s2 < n_split ? bb_atomic_max_acq_rel(state + s2, 2 * e + 2) : 0;
-    }
-    if (mode != 0) {
-      BB_GLOBAL const unsigned char* recs = (BB_GLOBAL const unsigned char*)ws + pair * n_split * (long)REC;
-      BB_GLOBAL T* obase = out + ((long)row * n_kv_heads * G + head0) * D;
-      BB_SHARED unsigned char* stage = smem + bb_attn_merge_hdr(D, W);
-      bb_attn_merge_slice<T, RT, D, GH, W, REC, REC_ML>(recs, n_split, split, fac_s, stage, obase,
-                                                        rows_valid, tid, lane, warp);
-      if (mode == 2) {
-        BB_UNROLL
-        for (int j = 0; j < CPT; ++j) {
-          const int s2 = tid + j * W * 32;
-          if (s2 < n_split) {
-            claim_s[s2] = claimed[j] == 2 * e + 1 ? 1 : 0;
-          }
-        }
-        bb_sync_block();
-        for (int s2 = 0; s2 < n_split; ++s2) {
-          if (claim_s[s2] != 0) { // block-uniform: written before the slice merge's barriers
-            bb_attn_merge_slice<T, RT, D, GH, W, REC, REC_ML>(recs, n_split, s2, fac_s, stage, obase,
-                                                              rows_valid, tid, lane, warp);
-          }
-        }
-      }
-    }
-#else
     if (tid == 0) {
       const int prev = bb_split_arrive(counters + pair);
       flag_s[0] = prev == n_split - 1 ? 1 : 0;
@@ -934,7 +761,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         bb_atomic_store(counters + pair, 0); // ready for the next launch
       }
     }
-#endif
   }
   BB_STAMP(7);
 }

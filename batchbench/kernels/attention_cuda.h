@@ -123,56 +123,6 @@ BB_FN int bb_split_arrive(int* p) {
 BB_FN void bb_split_acquire() {}
 #endif
 BB_FN void bb_atomic_store(int* p, int v) { atomicExch(p, v); }
-// The split merge spread over the splits (attention_common.h, BB_SPREAD). bb_spin_until_geq
-// waits until *p >= target, for a bounded time (~20 us: a pair's splits are usually resident
-// together, but nothing guarantees it), and returns whether it got there; after a true, what
-// the arrivals released is visible (acquire). The emulator runs one block at a time, so its
-// waits give up at once.
-BB_FN bool bb_spin_until_geq(int* p, int target) {
-#if defined(BB_EMU)
-  for (int i = 0; i < 4; ++i) {
-    if (*(volatile int*)p >= target) {
-      bb_fence_device();
-      return true;
-    }
-    __nanosleep(32);
-  }
-  return false;
-#else
-  const long long t0 = clock64();
-  while (true) {
-    int v;
-#ifdef BB_PORTABLE
-    v = *(volatile int*)p;
-#else
-    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-#endif
-    if (v >= target) {
-#ifdef BB_PORTABLE
-      bb_fence_device();
-#endif
-      return true;
-    }
-    if (clock64() - t0 > 40000) {
-      return false;
-    }
-    __nanosleep(64);
-  }
-#endif
-}
-// Atomic max with acquire and release; returns the value before.
-BB_FN int bb_atomic_max_acq_rel(int* p, int v) {
-#ifdef BB_PORTABLE
-  bb_fence_device();
-  const int old = atomicMax(p, v);
-  bb_fence_device();
-  return old;
-#else
-  int old;
-  asm volatile("atom.acq_rel.gpu.global.max.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-  return old;
-#endif
-}
 // Partials written by other blocks: read through L2, never a stale L1 line.
 BB_FN float bb_load_coherent(const float* p) { return __ldcg(p); }
 

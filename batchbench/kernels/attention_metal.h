@@ -119,28 +119,6 @@ BB_FN int bb_split_arrive(device int* p) {
   return prev;
 }
 BB_FN void bb_split_acquire() { bb_fence_device(); }
-// The spread split merge (see attention_cuda.h): a bounded wait (Metal makes no promise that
-// threadgroups of one grid run together) and an atomic max between fences.
-BB_FN bool bb_spin_until_geq(device int* p, int target) {
-#ifdef BB_EMU
-  constexpr int TRIES = 4;
-#else
-  constexpr int TRIES = 1 << 14;
-#endif
-  for (int i = 0; i < TRIES; ++i) {
-    if (atomic_load_explicit((device atomic_int*)p, memory_order_relaxed) >= target) {
-      bb_fence_device();
-      return true;
-    }
-  }
-  return false;
-}
-BB_FN int bb_atomic_max_acq_rel(device int* p, int v) {
-  bb_fence_device();
-  const int old = atomic_fetch_max_explicit((device atomic_int*)p, v, memory_order_relaxed);
-  bb_fence_device();
-  return old;
-}
 BB_FN float bb_load_coherent(device const float* p) { return *(device const volatile float*)p; }
 
 // ---- copies (synchronous) ---------------------------------------------------

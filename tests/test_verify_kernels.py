@@ -96,6 +96,23 @@ def test_broken_attention_kernel_is_rejected(cases, backend):
     assert not err <= case.atol, f"wrong reduction not detected (max error {err})"
 
 
+@pytest.mark.parametrize("backend", ["cuda", "metal"])
+def test_q_tile_from_word_loads_emulated(backend):
+    """Q reaches its shared-memory tile by cp.async when q is 16-byte aligned, else by 4-byte
+    words (an MLX view may start at any even element). The emulator's inputs are always
+    aligned, so the word path is forced by editing the kernel's test; it must give the same
+    result, and a word path that stepped between the group's heads by one row must fail."""
+    toolchain.need(toolchain.host_cxx)
+    case = attention_case(backend, np.random.default_rng(SEED), d=64, g=7, splits=3,
+                          layout=dict(kind="interleaved", n_seq=3, tokens_per_seq=2))
+    _verify(case)
+    words = _edit_executor("if (bb_aligned16(q)) {", "if (false) {")
+    case.verify(words)
+    wrong = "(qrow + (long)r * n_rows * D + 2 * w2)"
+    with pytest.raises(AssertionError):
+        case.verify(lambda k, l: words(dataclasses.replace(k, header=k.header.replace(wrong, "(qrow + (long)r * D + 2 * w2)", 1)), l))
+
+
 @pytest.mark.parametrize("mask_kind", ["add", "bool"])
 def test_staged_mask_values_are_each_cell_s_own(mask_kind):
     """Whole blocks of an aligned mask row reach the walk through the pipeline stage with

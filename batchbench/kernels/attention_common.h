@@ -63,7 +63,7 @@ BB_FN void bb_mma_16816(BB_THREAD float* acc, BB_THREAD const uint32_t* a, uint3
 constexpr BB_FN int bb_attn_rec_bytes(int gh, int d, int rsize) { return gh * d * rsize + ((gh * 2 + 3) & ~3) * 4; }
 
 // Shared (threadgroup) memory, in bytes; attention.py mirrors this. The walk uses the pipeline
-// tiles, the per-warp block lists and each stage's mask values. After the walk, the merge reuses the same bytes: its
+// tiles, the per-warp block lists, each stage's mask values and the Q tile. After the walk, the merge reuses the same bytes: its
 // header (o_s, ml_s, row_s, fac_s, flag_s), then the last split's staging of the split records
 // (at least one record).
 constexpr BB_FN int bb_attn_merge_hdr(int d, int w) {
@@ -335,7 +335,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   BB_SHARED T* qt = (BB_SHARED T*)(smem + bb_attn_qt_offset(D, W, STAGES, (int)sizeof(T)));
   {
     BB_GLOBAL const T* qrow = q + (long)head0 * n_rows * D + (long)row * D; // head0's row
-    if (bb_aligned16(q) && (n_rows * D * (int)sizeof(T)) % 16 == 0) {
+    if (bb_aligned16(q)) { // rows are D >= 32 elements apart: 16-byte aligned with q
       constexpr int CPR = D / 8; // 16-byte chunks a row
       for (int i = tid; i < 16 * CPR; i += W * 32) {
         const int r = i / CPR, cc = i % CPR;

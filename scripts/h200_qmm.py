@@ -678,7 +678,7 @@ def section_profile(weights: dict) -> None:
                     err_note(f"profile {vname} {name} M={m}", e)
             qb = qbytes(n, k, bits, gs)
             bw = qb / row["ours"] / 1e12 if row.get("ours") else float("nan")
-            row["ours_TBps"] = bw
+            row["ours_TBps"], row["bytes_q"] = bw, qb
             RES["profile"].append(row)
             f = lambda v: f"{row[v] * 1e6:8.1f}" if row.get(v) else "     n/a"  # noqa: E731
             log(f"{name:9} {n:>6}x{k:<6} M={m:<3} ours {f('ours')} ({bw:5.2f} TB/s on weights) | mlx {f('mlx')} | f16 {f('f16')}")
@@ -699,7 +699,7 @@ def summary(copy_bw: float) -> None:
     for key in keys:
         p = prof.get(key, {})
         r = walls.get(key) or dict(matrix=p["matrix"], N=p["N"], K=p["K"], M=p["M"],
-                                   floor=qbytes(p["N"], p["K"], 4, 32) / copy_bw if copy_bw == copy_bw else float("nan"))
+                                   floor=p["bytes_q"] / copy_bw if copy_bw == copy_bw else float("nan"))
         g = lambda d, k: f"{d[k] * 1e6:.1f}" if d.get(k) else "-"  # noqa: E731
         kern = p.get("ours") or r.get("ours_indep")
         pct = f"{100 * r['floor'] / kern:.0f}%" if kern and r.get("floor") == r.get("floor") else "-"

@@ -277,15 +277,3 @@ def test_bb_attn_rec32_values(value, want):
             "__import__('batchbench.kernels.attention', fromlist=['x']).record_bytes(7, 128, 2)")
     got = qmm_setting_read("BB_ATTN_REC32", value, expr)
     assert got == [want, str(7 * 128 * (4 if want == "True" else 2) + 64)]
-
-
-@pytest.mark.parametrize("value,want", [(None, "5"), ("8", "8"), ("0", "0")])
-def test_bb_attn_dyn_values(value, want):
-    """BB_ATTN_DYN (eighths of a warp's share dealt up front) is read once, at import: it sets
-    where a row's dynamic tail starts (none at 8) and the kernel's name."""
-    expr = ("__import__('batchbench.kernels.attention', fromlist=['x']).DYN_EIGHTHS, "
-            "__import__('batchbench.kernels.attention', fromlist=['x']).dynamic_start(256, 4, 4, 2)")
-    got = qmm_setting_read("BB_ATTN_DYN", value, expr)
-    # 256 entries over 4 splits x 4 warps: 16 a warp, of which 16 * n / 8 (at least 4) dealt
-    start = {"5": 10 * 16, "8": 256, "0": 4 * 16}[want]
-    assert got == [want, str(start)]

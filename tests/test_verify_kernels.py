@@ -141,38 +141,6 @@ def _edit_executor(old, new):
     return execute
 
 
-def _one_schedule_edit(old, new):
-    """Like _edit_executor, forward schedule only: a kernel that takes work from a counter gives
-    other last bits under another schedule."""
-    def execute(spec, launch):
-        if old not in spec.header:
-            pytest.fail(f"mutation anchor {old!r} is not in {spec.name}: update the test")
-        spec = dataclasses.replace(spec, header=spec.header.replace(old, new, 1), name=spec.name + "_mut")
-        res = emulate(spec, launch, schedules=("forward",))
-        return res.outputs, res.inputs_after
-    return execute
-
-
-@pytest.mark.parametrize("backend", ["cuda", "metal"])
-def test_dynamic_tail_takes_each_live_block_once(backend):
-    """Rows of ~100 live blocks on two splits: each warp is dealt 5/8 of its share, then the
-    warps of both splits take the rest one block at a time from the row's claim counter. Each
-    schedule (forward: the first split takes the whole tail; reverse: the last) matches float64
-    and leaves every counter zeroed; a claim that skips a block, or a last split that leaves the
-    claim counter set for the next launch, must fail."""
-    toolchain.need(toolchain.host_cxx)
-    vis = np.zeros((2, 3300), dtype=bool)
-    vis[0, 40:3240] = vis[1, 700:3300] = True
-    case = attention_case(backend, np.random.default_rng(SEED), d=64, g=4, hkv=1, splits=2, live="exact",
-                          visible=vis)
-    assert case.schedule_dependent and case.name.endswith("-dyn")
-    _verify(case)
-    with pytest.raises(AssertionError, match="max error"):
-        case.verify(_one_schedule_edit("bb_atomic_add(claim, 1)", "bb_atomic_add(claim, 2)"))
-    with pytest.raises(AssertionError, match="counters not left at zero"):
-        case.verify(_one_schedule_edit("bb_atomic_store(cur.claim, 0);", ";"))
-
-
 @pytest.mark.parametrize("kernel,old,new", [
     # the attention walk's wait for the oldest pipeline stage, and the merge's wait for the
     # staged split records

@@ -237,23 +237,6 @@ MASK_STAGE = env_number("BB_ATTN_MASK_STAGE", 1)
 # thirty-second session, A/B runs); 0: O / sum in the activation dtype, half the bytes the last
 # split reads.
 REC32 = env_choice("BB_ATTN_REC32", "0", ON_OFF) == "1"
-# Eighths of each warp's share of a row's live list dealt to it up front (BB_ATTN_DYN); the
-# rest goes one 32-cell block at a time to whichever warp of the (row, kv head)'s splits is free,
-# so splits on slower SMs walk fewer blocks. 8: every entry dealt up front, the same partition
-# every launch (bit-reproducible outputs).
-DYN_EIGHTHS = int(env_choice("BB_ATTN_DYN", "5", tuple(str(i) for i in range(9))))
-
-
-def dynamic_start(count: int, n_split: int, warps: int, stages: int) -> int:
-    """Mirror of the kernel's rule: the first live entry of a row's dynamic tail (count when
-    every entry is dealt up front). The tail exists only with several splits and when at
-    least STAGES + 2 entries a warp are dealt first."""
-    step = n_split * warps
-    if DYN_EIGHTHS >= 8 or n_split <= 1:
-        return count
-    share = -(-count // step)
-    fixed = max(stages + 2, share * DYN_EIGHTHS // 8)
-    return fixed * step if fixed * step < count else count
 
 
 def choose_splits(pairs: int, n_blk: int, warps: int, d: int = 128) -> int:
@@ -383,8 +366,6 @@ def plan_decode_attention(
         header = "#define BB_NO_MASK_STAGE 1\n" + header
     if REC32:
         header = "#define BB_REC32 1\n" + header
-    if DYN_EIGHTHS < 8:
-        header = f"#define BB_DYN_EIGHTHS {DYN_EIGHTHS}\n" + header
     if timeline:
         if backend_name != "cuda":
             raise ValueError("decode_attention: the timeline build exists for CUDA only")
@@ -392,7 +373,7 @@ def plan_decode_attention(
         header = "#define BB_TIMELINE 1\n" + header
     kspec = KernelSpec(
         backend=backend_name,
-        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_tl' if timeline else ''}{'' if MASK_STAGE else '_ms0'}{'_r32' if REC32 else ''}{f'_d{DYN_EIGHTHS}' if DYN_EIGHTHS < 8 else ''}",
+        name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_tl' if timeline else ''}{'' if MASK_STAGE else '_ms0'}{'_r32' if REC32 else ''}",
         input_names=("q", "k", "v", "mask", "live", "counters"),
         output_names=("out", "ws"),
         source=body,
@@ -401,7 +382,7 @@ def plan_decode_attention(
         shared_memory=smem if backend_name == "cuda" else 0,
     )
     launch = Launch(
-        inputs=[q, k, v, mask, live, _counter_array(2 * pairs)],  # split counts, then claims
+        inputs=[q, k, v, mask, live, _counter_array(pairs)],
         # token-major [1, T, Hq, D]: the o projection reads it as [T, Hq*D] without a copy
         output_shapes=[(1, t, hq, d), (ws_size,)],
         output_dtypes=[q.dtype, mx.float32],

@@ -18,10 +18,6 @@
 #define BB_MAX_SPLIT 64 // merge factors kept in shared memory; the merge reads two splits a lane
 #define BB_LIST_CAP 256 // block ids buffered per warp
 #define BB_MASK_STAGE 128 // bytes of one block's 32 mask values in a pipeline stage (fp32 masks)
-#define BB_DYN_END (-2147483647) // BBCursor: no entry left for the claim
-#ifndef BB_DYN_EIGHTHS
-#define BB_DYN_EIGHTHS 8 // eighths of a warp's share of the live list dealt statically (8: all)
-#endif
 
 constexpr BB_FN int bb_attn_pitch(int d) { return d + 8; } // padded row: no bank conflicts
 
@@ -115,15 +111,6 @@ struct BBCursor {
   int count, pos;       // list fill and read position
   bool vec_ok;          // mask buffer and rows 16-byte aligned
   int ahead;            // LIVE: this lane's entry of the next round, live row [1 + base + (src + lane) * step]
-  // LIVE with a dynamic tail (BB_DYN_EIGHTHS < 8, several splits): entries [0, dyn0) are
-  // dealt round-robin as above; entries [dyn0, n_live) go one at a time to whichever warp of
-  // the pair's splits asks first, through the pair's claim counter. (Splits on slower SMs walk
-  // fewer blocks; the sums then depend on the schedule in their last bits.)
-  BB_GLOBAL int* claim; // the pair's claim counter
-  int dyn0, n_live;
-  int dc0, dc1;         // lane 0: two claims in flight, oldest first (offsets from dyn0)
-  int dentry;           // lane 0: the live entry of the claim before them, or BB_DYN_END
-  int dstate;           // 0: no tail, 1: claims issued, 2: entries flowing, 3: done
 
   BB_FN void fill(int lane) {
     int cnt = 0;
@@ -194,52 +181,10 @@ struct BBCursor {
     bb_sync_warp();
   }
 
-  // Lane 0: the entry of the oldest claim, and a new claim while claims still find entries.
-  BB_FN void dyn_step(int lane) {
-    if (lane == 0) {
-      const int idx = dyn0 + dc0;
-      const bool ok = idx < n_live;
-      dentry = ok ? lrow[1 + idx] : BB_DYN_END;
-      dc0 = dc1;
-      dc1 = ok ? bb_atomic_add(claim, 1) : n_live;
-    }
-  }
-
-  // The first entry's load, once the walk has started (the claims were issued in the prologue).
-  BB_FN void dyn_prime(int lane) {
-    if (LIVE && dstate == 1) {
-      dyn_step(lane);
-      dstate = 2;
-    }
-  }
-
-  BB_FN int dyn_next(int lane) {
-    for (;;) {
-      if (dstate == 3) {
-        return -1;
-      }
-      dyn_prime(lane);
-      const int e = (int)bb_shfl((uint32_t)dentry, 0);
-      if (e == BB_DYN_END) {
-        // The claim still in flight must land before this block counts its split: the last
-        // split resets the counter for the next launch.
-        if (lane == 0) {
-          bb_fence_device();
-        }
-        dstate = 3;
-        return -1;
-      }
-      dyn_step(lane);
-      if (e >= 0 && e < n_blk) { // a bad entry must not send loads out of bounds
-        return e;
-      }
-    }
-  }
-
   BB_FN int next(int lane) {
     if (pos == count) {
       if (src >= src_end) {
-        return LIVE && dstate != 0 ? dyn_next(lane) : -1;
+        return -1;
       }
       bb_sync_warp(); // every lane has read the list before it is overwritten
       fill(lane);
@@ -407,28 +352,10 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     bb_cp_async_commit();
   }
 
-  cur.dstate = 0;
-  cur.dc0 = cur.dc1 = 0;
-  cur.dentry = BB_DYN_END;
-  cur.claim = counters + n_rows * n_kv_heads * HC + ((long)row * (n_kv_heads * HC) + bx);
   if (LIVE) {
     count = bb_mini(count, live_stride - 1);
     count = count < 0 ? 0 : count;
-    cur.n_live = count;
-    cur.dyn0 = count;
-    if (BB_DYN_EIGHTHS < 8 && n_split > 1) {
-      const int share = (count + cur.step - 1) / cur.step;
-      const int fixed = bb_attn_maxi(STAGES + 2, share * BB_DYN_EIGHTHS / 8);
-      if ((long)fixed * cur.step < count) {
-        cur.dyn0 = fixed * cur.step;
-        cur.dstate = 1;
-        if (lane == 0) {
-          cur.dc0 = bb_atomic_add(cur.claim, 1);
-          cur.dc1 = bb_atomic_add(cur.claim, 1);
-        }
-      }
-    }
-    cur.src_end = cur.dyn0 - cur.base > 0 ? (cur.dyn0 - cur.base + cur.step - 1) / cur.step : 0;
+    cur.src_end = count - cur.base > 0 ? (count - cur.base + cur.step - 1) / cur.step : 0;
   } else {
     cur.src_end = n_blk - cur.base > 0 ? (n_blk - cur.base + cur.step - 1) / cur.step : 0;
   }
@@ -596,7 +523,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     bb_sync_warp(); // every lane is done with this slot before it is refilled
 
     const int nb = cur.next(lane);
-    cur.dyn_prime(lane);
     if (nb >= 0) {
       bb_attn_load_block<T, D, MT>(kt, vt, mt, kh, vh, mrow, bb_attn_m_whole(m_aligned, nb, n_used), nb, n_used, lane);
     }
@@ -833,9 +759,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       }
       if (tid == 0) {
         bb_atomic_store(counters + pair, 0); // ready for the next launch
-        if (cur.dstate != 0) {
-          bb_atomic_store(cur.claim, 0); // every split's claims landed before it counted
-        }
       }
     }
   }

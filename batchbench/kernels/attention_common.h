@@ -658,47 +658,56 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       bb_cp_async_commit();
       // Each split's weight per row: a warp per row, its lanes over the splits (two at most each),
       // (max, sum) loaded with the records' copies and reduced by shuffles. (One thread per row
-      // looping over the splits was three chains of dependent shared-memory reads.)
-      for (int r = warp; r < GH; r += W) {
-        float ms[2], ls[2];
-        float mm = NEG_INF;
+      // looping over the splits was three chains of dependent shared-memory reads.) A warp with
+      // several rows issues all their loads first: one round trip, not one a row.
+      constexpr int RPW = (GH + W - 1) / W; // rows a warp weighs
+      float ms[RPW][2], ls[RPW][2];
+      BB_UNROLL
+      for (int j = 0; j < RPW; ++j) {
+        const int r = warp + j * W;
         BB_UNROLL
         for (int u = 0; u < 2; ++u) {
           const int s2 = lane + 32 * u;
-          ms[u] = NEG_INF;
-          ls[u] = 0.0f;
-          if (s2 < n_split) {
+          ms[j][u] = NEG_INF;
+          ls[j][u] = 0.0f;
+          if (r < GH && s2 < n_split) {
             BB_GLOBAL const float* ml = (BB_GLOBAL const float*)(recs + (long)s2 * REC + REC_ML);
-            ms[u] = bb_load_coherent(ml + r * 2);
-            ls[u] = bb_load_coherent(ml + r * 2 + 1);
+            ms[j][u] = bb_load_coherent(ml + r * 2);
+            ls[j][u] = bb_load_coherent(ml + r * 2 + 1);
           }
-          mm = bb_maxf(mm, ms[u]);
         }
-        BB_UNROLL
-        for (int x = 16; x >= 1; x >>= 1) {
-          mm = bb_maxf(mm, bb_shfl_xor(mm, x));
-        }
-        float f[2];
-        float ll = 0.0f;
-        BB_UNROLL
-        for (int u = 0; u < 2; ++u) {
-          f[u] = ms[u] == NEG_INF ? 0.0f : bb_exp2(ms[u] - mm);
-          ll += f[u] * ls[u];
-        }
-        BB_UNROLL
-        for (int x = 16; x >= 1; x >>= 1) {
-          ll += bb_shfl_xor(ll, x);
-        }
-        const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
-        BB_UNROLL
-        for (int u = 0; u < 2; ++u) {
-          const int s2 = lane + 32 * u;
-          if (s2 < n_split) {
+      }
+      BB_UNROLL
+      for (int j = 0; j < RPW; ++j) {
+        const int r = warp + j * W;
+        if (r < GH) { // the same for the whole warp
+          float mm = bb_maxf(ms[j][0], ms[j][1]);
+          BB_UNROLL
+          for (int x = 16; x >= 1; x >>= 1) {
+            mm = bb_maxf(mm, bb_shfl_xor(mm, x));
+          }
+          float f[2];
+          float ll = 0.0f;
+          BB_UNROLL
+          for (int u = 0; u < 2; ++u) {
+            f[u] = ms[j][u] == NEG_INF ? 0.0f : bb_exp2(ms[j][u] - mm);
+            ll += f[u] * ls[j][u];
+          }
+          BB_UNROLL
+          for (int x = 16; x >= 1; x >>= 1) {
+            ll += bb_shfl_xor(ll, x);
+          }
+          const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
+          BB_UNROLL
+          for (int u = 0; u < 2; ++u) {
+            const int s2 = lane + 32 * u;
+            if (s2 < n_split) {
 #ifdef BB_REC32
-            fac_s[s2 * 16 + r] = f[u] * inv;
+              fac_s[s2 * 16 + r] = f[u] * inv;
 #else
-            fac_s[s2 * 16 + r] = f[u] * inv * ls[u]; // records hold O / sum
+              fac_s[s2 * 16 + r] = f[u] * inv * ls[j][u]; // records hold O / sum
 #endif
+            }
           }
         }
       }

@@ -76,6 +76,11 @@ def timeline(b: int, ctx: int) -> None:
     d = lambda a, b_: np.median((st[:, b_] - st[:, a])[(st[:, a] > 0) & (st[:, b_] > 0)]) / 1e3  # noqa: E731
     print(f"  per block, median us: entry->list {d(1, 2):.2f}, list->first K/V {d(2, 3):.2f}, "
           f"first K/V->walk done {d(3, 4):.2f}, walk->merged {d(4, 5):.2f}, merged->end {d(5, 7):.2f}")
+    m = st[:, 8] > 0  # the blocks that merged their pair's splits
+    if m.any():
+        steps = [(6, 8), (8, 9), (9, 10), (10, 11), (11, 7)]
+        parts = ", ".join(f"{a}->{b_} {np.median(st[m, b_] - st[m, a]) / 1e3:.2f}" for a, b_ in steps)
+        print(f"  last split's merge, median us over {int(m.sum())} merging blocks (phase numbers): {parts}")
     if len(raw) > 1:
         print("  " + _by_sm(raw))
     if mx.cuda.is_available():

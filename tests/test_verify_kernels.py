@@ -249,7 +249,8 @@ def test_qmm_norm_variant_by_rows(monkeypatch):
 def test_attention_timeline_build_stamps_every_block(splits):
     """The diagnostic build (phase timestamps after the split records) keeps the result, and
     every block's thread 0 stamps each phase it reaches in its own slot (the portable timer
-    writes the phase number; guard pages catch a slot past the buffer)."""
+    writes the phase number; guard pages catch a slot past the buffer): the merge's phases in
+    the last split of each (row, kv head) only."""
     from batchbench.kernels.attention import STAMPS, read_timeline
 
     toolchain.need(toolchain.host_cxx)
@@ -257,16 +258,23 @@ def test_attention_timeline_build_stamps_every_block(splits):
     vis[0, :150] = vis[1, 150:] = True
     case = attention_case("cuda", np.random.default_rng(SEED), d=64, g=4, splits=splits, live="exact",
                           visible=vis, timeline=True)
-    _verify(case)
+    # Which split merges (and stamps phases 8-11) depends on the block schedule: each schedule
+    # on its own.
+    for schedule in ("forward", "reverse"):
+        case.verify(schedules=(schedule,))
     kspec, launch = case.kernels[0]
     assert kspec.name.endswith("_tl") and launch.grid[1] == splits
-    stamps = read_timeline(emulate(kspec, launch).raw_outputs[1], launch)
+    stamps = read_timeline(emulate(kspec, launch, schedules=("forward",)).raw_outputs[1], launch)
     blocks = launch.grid[1] * launch.grid[2] * (launch.grid[0] // launch.threadgroup[0])
     assert stamps.shape == (blocks, STAMPS)
     for phase in (1, 2, 4, 5, 7):
         assert (stamps[:, phase] == phase).all(), f"phase {phase} not stamped by every block"
     assert set(stamps[:, 3].tolist()) <= {0, 3}  # 0: the block's warp 0 had no K/V block
     assert (stamps[:, 6] == (6 if splits > 1 else 0)).all()  # the split counter exists with splits
+    merged = stamps[:, 8] == 8  # the last split of each (row, kv head) merges
+    assert merged.sum() == (launch.grid[2] * (launch.grid[0] // launch.threadgroup[0]) if splits > 1 else 0)
+    for phase in (9, 10, 11):
+        assert (stamps[merged, phase] == phase).all() and (stamps[~merged, phase] == 0).all()
     with pytest.raises(ValueError, match="CUDA only"):
         attention_case("metal", np.random.default_rng(0), timeline=True)
 

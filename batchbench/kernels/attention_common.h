@@ -236,8 +236,9 @@ BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_SHARED MT* mt
 // Phase timestamps (diagnostic builds only: attention.py's `timeline`, CUDA). Thread 0 of every
 // block writes BB_STAMPS pairs of 32-bit words after the split records in ws: its SM id, then
 // the global timer at entry (1), list filled (2), first K/V block landed (3), walk done (4),
-// warps merged (5), split counted (6), end (7).
-#define BB_STAMPS 8
+// warps merged (5), split counted (6), end (7); the last split's merge: records' copies
+// issued (8), weights done (9), records staged (10), sums done (11).
+#define BB_STAMPS 12
 #ifdef BB_TIMELINE
 #define BB_STAMP(i)                   \
   do {                                \
@@ -656,6 +657,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         bb_cp_coherent16(stage + 16 * i, recs + 16 * i);
       }
       bb_cp_async_commit();
+      BB_STAMP(8);
       // Each split's weight per row: a warp per row, its lanes over the splits (two at most each),
       // (max, sum) loaded with the records' copies and reduced by shuffles. (One thread per row
       // looping over the splits was three chains of dependent shared-memory reads.) A warp with
@@ -711,6 +713,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
           }
         }
       }
+      BB_STAMP(9);
       float acc[IPT][4];
       BB_UNROLL
       for (int j = 0; j < IPT; ++j) {
@@ -727,6 +730,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         }
         bb_cp_async_wait<0>();
         bb_sync_block(); // the staged records and the factors are visible to every thread
+        BB_STAMP(10);
         BB_UNROLL
         for (int j = 0; j < IPT; ++j) {
           const int i4 = tid + j * W * 32;
@@ -754,6 +758,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
           }
         }
       }
+      BB_STAMP(11);
       BB_UNROLL
       for (int j = 0; j < IPT; ++j) {
         const int i4 = tid + j * W * 32;

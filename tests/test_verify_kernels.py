@@ -33,7 +33,7 @@ def _mutants(backend, rng):
                           layout=dict(kind="interleaved", n_seq=3, tokens_per_seq=2))
     return case, {
         # the barrier between writing each warp's (max, sum) and reading them all
-        "missing_barrier": ("bb_sync_block();\nif (tid < 16) {", "if (tid < 16) {"),
+        "missing_barrier": ("bb_sync_block();\n{\nfloat bm0 = NEG_INF", "{\nfloat bm0 = NEG_INF"),
         # the row sum over a quad's 4 lanes, reduced with the wrong lane distance
         "wrong_reduction": ("l0 += bb_shfl_xor(l0, 2);", "l0 += bb_shfl_xor(l0, 4);"),
     }

@@ -233,6 +233,28 @@ BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_SHARED MT* mt
   }
 }
 
+// The last split's merge: acc += f * the 4 values of item i4 of one staged split record (O in
+// fp32 under BB_REC32, else in the activation dtype T).
+template <typename T>
+BB_FN void bb_attn_merge_add(BB_THREAD float* acc, BB_SHARED const unsigned char* rec, float f, int i4) {
+#ifdef BB_REC32
+  const float4 pv = *(BB_SHARED const float4*)(rec + 16 * i4);
+  acc[0] += f * pv.x;
+  acc[1] += f * pv.y;
+  acc[2] += f * pv.z;
+  acc[3] += f * pv.w;
+#else
+  const uint2 pw = *(BB_SHARED const uint2*)(rec + 8 * i4);
+  float p0, p1, p2, p3;
+  bb_unpack2<T>(pw.x, &p0, &p1);
+  bb_unpack2<T>(pw.y, &p2, &p3);
+  acc[0] += f * p0;
+  acc[1] += f * p1;
+  acc[2] += f * p2;
+  acc[3] += f * p3;
+#endif
+}
+
 // Phase timestamps (diagnostic builds only: attention.py's `timeline`, CUDA). Thread 0 of every
 // block writes BB_STAMPS pairs of 32-bit words after the split records in ws: its SM id, then
 // the global timer at entry (1), list filled (2), first K/V block landed (3), walk done (4),
@@ -558,23 +580,32 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     ml_s[(warp * 16 + g + 8) * 2 + 1] = l1;
   }
   bb_sync_block();
-  if (tid < 16) {
-    float mm = NEG_INF;
-    for (int w = 0; w < W; ++w) {
-      mm = bb_maxf(mm, ml_s[(w * 16 + tid) * 2]);
-    }
-    float ll = 0.0f;
-    for (int w = 0; w < W; ++w) {
-      const float mw = ml_s[(w * 16 + tid) * 2];
-      ll += mw == NEG_INF ? 0.0f : bb_exp2(mw - mm) * ml_s[(w * 16 + tid) * 2 + 1];
-    }
-    row_s[tid * 2 + 0] = mm;
-    row_s[tid * 2 + 1] = ll;
-  }
-  bb_sync_block();
   {
-    const float f0 = m0 == NEG_INF ? 0.0f : bb_exp2(m0 - row_s[g * 2]);
-    const float f1 = m1 == NEG_INF ? 0.0f : bb_exp2(m1 - row_s[(g + 8) * 2]);
+    // Each thread takes its two rows' block max from the W warps' values itself: no serial
+    // step and barrier before the scaling. Threads 0-15 also leave each row's (max, sum).
+    float bm0 = NEG_INF, bm1 = NEG_INF;
+    BB_UNROLL
+    for (int w = 0; w < W; ++w) {
+      bm0 = bb_maxf(bm0, ml_s[(w * 16 + g) * 2]);
+      bm1 = bb_maxf(bm1, ml_s[(w * 16 + g + 8) * 2]);
+    }
+    if (tid < 16) {
+      float mm = NEG_INF;
+      BB_UNROLL
+      for (int w = 0; w < W; ++w) {
+        mm = bb_maxf(mm, ml_s[(w * 16 + tid) * 2]);
+      }
+      float ll = 0.0f;
+      BB_UNROLL
+      for (int w = 0; w < W; ++w) {
+        const float mw = ml_s[(w * 16 + tid) * 2];
+        ll += mw == NEG_INF ? 0.0f : bb_exp2(mw - mm) * ml_s[(w * 16 + tid) * 2 + 1];
+      }
+      row_s[tid * 2 + 0] = mm;
+      row_s[tid * 2 + 1] = ll;
+    }
+    const float f0 = m0 == NEG_INF ? 0.0f : bb_exp2(m0 - bm0);
+    const float f1 = m1 == NEG_INF ? 0.0f : bb_exp2(m1 - bm1);
     BB_UNROLL
     for (int n = 0; n < NT; ++n) {
       const int d = 8 * n + 2 * c;
@@ -652,16 +683,10 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       constexpr int IPT = (NT4 + W * 32 - 1) / (W * 32); // items per thread
       BB_SHARED unsigned char* stage = smem + HDR;
       BB_GLOBAL const unsigned char* recs = (BB_GLOBAL const unsigned char*)ws + pair * n_split * (long)REC;
-      int sb = bb_mini(n_split, SB);
-      for (int i = tid; i < sb * (REC / 16); i += W * 32) {
-        bb_cp_coherent16(stage + 16 * i, recs + 16 * i);
-      }
-      bb_cp_async_commit();
-      BB_STAMP(8);
       // Each split's weight per row: a warp per row, its lanes over the splits (two at most each),
-      // (max, sum) loaded with the records' copies and reduced by shuffles. (One thread per row
-      // looping over the splits was three chains of dependent shared-memory reads.) A warp with
-      // several rows issues all their loads first: one round trip, not one a row.
+      // (max, sum) loaded before the records' copies are issued and reduced by shuffles. (One
+      // thread per row looping over the splits was three chains of dependent shared-memory
+      // reads.) A warp with several rows issues all their loads first: one round trip, not one a row.
       constexpr int RPW = (GH + W - 1) / W; // rows a warp weighs
       float ms[RPW][2], ls[RPW][2];
       BB_UNROLL
@@ -679,6 +704,12 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
           }
         }
       }
+      int sb = bb_mini(n_split, SB);
+      for (int i = tid; i < sb * (REC / 16); i += W * 32) {
+        bb_cp_coherent16(stage + 16 * i, recs + 16 * i);
+      }
+      bb_cp_async_commit();
+      BB_STAMP(8);
       BB_UNROLL
       for (int j = 0; j < RPW; ++j) {
         const int r = warp + j * W;
@@ -731,29 +762,28 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         bb_cp_async_wait<0>();
         bb_sync_block(); // the staged records and the factors are visible to every thread
         BB_STAMP(10);
-        BB_UNROLL
-        for (int j = 0; j < IPT; ++j) {
-          const int i4 = tid + j * W * 32;
-          if (i4 < NT4) {
-            const int r = (4 * i4) / D;
-            for (int u = 0; u < sb; ++u) {
-              const float f = fac_s[(s0 + u) * 16 + r];
-#ifdef BB_REC32
-              const float4 pv = *(BB_SHARED const float4*)(stage + u * REC + 16 * i4);
-              acc[j][0] += f * pv.x;
-              acc[j][1] += f * pv.y;
-              acc[j][2] += f * pv.z;
-              acc[j][3] += f * pv.w;
-#else
-              const uint2 pw = *(BB_SHARED const uint2*)(stage + u * REC + 8 * i4);
-              float p0, p1, p2, p3;
-              bb_unpack2<T>(pw.x, &p0, &p1);
-              bb_unpack2<T>(pw.y, &p2, &p3);
-              acc[j][0] += f * p0;
-              acc[j][1] += f * p1;
-              acc[j][2] += f * p2;
-              acc[j][3] += f * p3;
-#endif
+        // Splits outer, four at a time, and this thread's items inner: the loads of 4 * IPT
+        // independent products are in flight together (one split at a time for one item at a
+        // time was a chain of dependent shared-memory loads).
+        int u = 0;
+        for (; u + 4 <= sb; u += 4) {
+          BB_UNROLL
+          for (int uu = 0; uu < 4; ++uu) {
+            BB_UNROLL
+            for (int j = 0; j < IPT; ++j) {
+              const int i4 = tid + j * W * 32;
+              if (i4 < NT4) {
+                bb_attn_merge_add<T>(acc[j], stage + (u + uu) * REC, fac_s[(s0 + u + uu) * 16 + (4 * i4) / D], i4);
+              }
+            }
+          }
+        }
+        for (; u < sb; ++u) {
+          BB_UNROLL
+          for (int j = 0; j < IPT; ++j) {
+            const int i4 = tid + j * W * 32;
+            if (i4 < NT4) {
+              bb_attn_merge_add<T>(acc[j], stage + u * REC, fac_s[(s0 + u) * 16 + (4 * i4) / D], i4);
             }
           }
         }

@@ -712,8 +712,10 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       BB_STAMP(8);
       BB_UNROLL
       for (int j = 0; j < RPW; ++j) {
+        // No branch around the shuffles (a row past GH reduces NEG_INF and 0s, and stores
+        // nothing): shuffles under a branch compile to a slow convergence-checking loop.
         const int r = warp + j * W;
-        if (r < GH) { // the same for the whole warp
+        {
           float mm = bb_maxf(ms[j][0], ms[j][1]);
           BB_UNROLL
           for (int x = 16; x >= 1; x >>= 1) {
@@ -734,7 +736,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
           BB_UNROLL
           for (int u = 0; u < 2; ++u) {
             const int s2 = lane + 32 * u;
-            if (s2 < n_split) {
+            if (r < GH && s2 < n_split) {
 #ifdef BB_REC32
               fac_s[s2 * 16 + r] = f[u] * inv;
 #else
@@ -762,29 +764,26 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         bb_cp_async_wait<0>();
         bb_sync_block(); // the staged records and the factors are visible to every thread
         BB_STAMP(10);
-        // Splits outer, four at a time, and this thread's items inner: the loads of 4 * IPT
-        // independent products are in flight together (one split at a time for one item at a
-        // time was a chain of dependent shared-memory loads).
+        // Splits outer, four at a time, and this thread's items inner, without a branch (an item
+        // past the last is clamped onto it and never stored): the loads of 4 * IPT independent
+        // products are in flight together. (A branch around each product kept the compiler from
+        // hoisting their loads: ~1 us of dependent shared-memory loads at 16 splits, H200.)
         int u = 0;
         for (; u + 4 <= sb; u += 4) {
           BB_UNROLL
           for (int uu = 0; uu < 4; ++uu) {
             BB_UNROLL
             for (int j = 0; j < IPT; ++j) {
-              const int i4 = tid + j * W * 32;
-              if (i4 < NT4) {
-                bb_attn_merge_add<T>(acc[j], stage + (u + uu) * REC, fac_s[(s0 + u + uu) * 16 + (4 * i4) / D], i4);
-              }
+              const int i4 = bb_mini(tid + j * W * 32, NT4 - 1);
+              bb_attn_merge_add<T>(acc[j], stage + (u + uu) * REC, fac_s[(s0 + u + uu) * 16 + (4 * i4) / D], i4);
             }
           }
         }
         for (; u < sb; ++u) {
           BB_UNROLL
           for (int j = 0; j < IPT; ++j) {
-            const int i4 = tid + j * W * 32;
-            if (i4 < NT4) {
-              bb_attn_merge_add<T>(acc[j], stage + u * REC, fac_s[(s0 + u) * 16 + (4 * i4) / D], i4);
-            }
+            const int i4 = bb_mini(tid + j * W * 32, NT4 - 1);
+            bb_attn_merge_add<T>(acc[j], stage + u * REC, fac_s[(s0 + u) * 16 + (4 * i4) / D], i4);
           }
         }
       }

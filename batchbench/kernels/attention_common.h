@@ -715,34 +715,32 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         // No branch around the shuffles (a row past GH reduces NEG_INF and 0s, and stores
         // nothing): shuffles under a branch compile to a slow convergence-checking loop.
         const int r = warp + j * W;
-        {
-          float mm = bb_maxf(ms[j][0], ms[j][1]);
-          BB_UNROLL
-          for (int x = 16; x >= 1; x >>= 1) {
-            mm = bb_maxf(mm, bb_shfl_xor(mm, x));
-          }
-          float f[2];
-          float ll = 0.0f;
-          BB_UNROLL
-          for (int u = 0; u < 2; ++u) {
-            f[u] = ms[j][u] == NEG_INF ? 0.0f : bb_exp2(ms[j][u] - mm);
-            ll += f[u] * ls[j][u];
-          }
-          BB_UNROLL
-          for (int x = 16; x >= 1; x >>= 1) {
-            ll += bb_shfl_xor(ll, x);
-          }
-          const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
-          BB_UNROLL
-          for (int u = 0; u < 2; ++u) {
-            const int s2 = lane + 32 * u;
-            if (r < GH && s2 < n_split) {
+        float mm = bb_maxf(ms[j][0], ms[j][1]);
+        BB_UNROLL
+        for (int x = 16; x >= 1; x >>= 1) {
+          mm = bb_maxf(mm, bb_shfl_xor(mm, x));
+        }
+        float f[2];
+        float ll = 0.0f;
+        BB_UNROLL
+        for (int u = 0; u < 2; ++u) {
+          f[u] = ms[j][u] == NEG_INF ? 0.0f : bb_exp2(ms[j][u] - mm);
+          ll += f[u] * ls[j][u];
+        }
+        BB_UNROLL
+        for (int x = 16; x >= 1; x >>= 1) {
+          ll += bb_shfl_xor(ll, x);
+        }
+        const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
+        BB_UNROLL
+        for (int u = 0; u < 2; ++u) {
+          const int s2 = lane + 32 * u;
+          if (r < GH && s2 < n_split) {
 #ifdef BB_REC32
-              fac_s[s2 * 16 + r] = f[u] * inv;
+            fac_s[s2 * 16 + r] = f[u] * inv;
 #else
-              fac_s[s2 * 16 + r] = f[u] * inv * ls[j][u]; // records hold O / sum
+            fac_s[s2 * 16 + r] = f[u] * inv * ls[j][u]; // records hold O / sum
 #endif
-            }
           }
         }
       }

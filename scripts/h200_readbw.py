@@ -19,6 +19,7 @@ import mlx.core as mx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from batchbench import backend  # noqa: E402
 from batchbench.bench_attention import copy_bandwidth, copy_bandwidth_median, kernel_time_us  # noqa: E402
+from batchbench.kernels.attention import smem_bytes  # noqa: E402
 
 SOURCE = """
   const uint4* p = reinterpret_cast<const uint4*>(x);
@@ -61,7 +62,7 @@ MATRICES = [("k/v_proj 512x3584", 512, 3584), ("q/o_proj 3584x3584", 3584, 3584)
             ("q/k/v fused 4608x3584", 4608, 3584), ("gate or down 18944x3584", 18944, 3584),
             ("gate/up fused 37888x3584", 37888, 3584), ("lm_head 152064x3584", 152064, 3584)]
 MATRIX_MB = [((n * k // 2 + 4 * n * (k // 32)) / 1e6, name) for name, n, k in MATRICES]
-ATTN_SMEM = 143360  # smem_bytes(128, 4 warps, 2 stages, fp16, 7 heads)
+ATTN_SMEM = smem_bytes(128, 4, 2, 2, 7)  # D=128, 4 warps, 2 stages, fp16, 7 heads (the 7B's decode)
 
 
 def _read(kernel, x: mx.array, tpb: int, blocks: int, u: int) -> mx.array:

@@ -66,8 +66,11 @@ constexpr BB_FN int bb_attn_rec_bytes(int gh, int d, int rsize) { return gh * d 
 // tiles, the per-warp block lists, each stage's mask values and the Q tile. After the walk, the merge reuses the same bytes: its
 // header (o_s, ml_s, row_s, fac_s, flag_s), then the last split's staging of the split records
 // (at least one record).
+// o_s rows are padded by 8 floats: a warp's 8-byte stores of its rows g and g + 8 then hit every
+// bank once per two wavefronts (unpadded, the 8 rows g of one store shared 8 banks: 8-way).
+constexpr BB_FN int bb_attn_opitch(int d) { return d + 8; }
 constexpr BB_FN int bb_attn_merge_hdr(int d, int w) {
-  return 4 * (w * 16 * d + w * 16 * 2 + 16 * 2 + BB_MAX_SPLIT * 16) + 16;
+  return 4 * (w * 16 * bb_attn_opitch(d) + w * 16 * 2 + 16 * 4 + BB_MAX_SPLIT * 16) + 16;
 }
 constexpr BB_FN int bb_attn_maxi(int a, int b) { return a > b ? a : b; }
 // The Q tile (16 rows of D, padded) after the pipeline tiles, lists and mask stages.
@@ -253,6 +256,30 @@ BB_FN void bb_attn_merge_add(BB_THREAD float* acc, BB_SHARED const unsigned char
   acc[2] += f * p2;
   acc[3] += f * p3;
 #endif
+}
+
+// Four consecutive elements of row r of the W warps' O (o_s, pitch OP floats), summed.
+template <int W, int OP>
+BB_FN void bb_attn_warp_sum4(BB_SHARED const float* o_s, int r, int d, BB_THREAD float* a) {
+  a[0] = a[1] = a[2] = a[3] = 0.0f;
+  BB_UNROLL
+  for (int w = 0; w < W; ++w) {
+    const float4 p = *(BB_SHARED const float4*)(o_s + (w * 16 + r) * OP + d);
+    a[0] += p.x;
+    a[1] += p.y;
+    a[2] += p.z;
+    a[3] += p.w;
+  }
+}
+
+// Four values to T at an 8-byte aligned address (D is a multiple of 4 and buffers are aligned):
+// one 8-byte store.
+template <typename T>
+BB_FN void bb_attn_store4(BB_GLOBAL T* o, float x0, float x1, float x2, float x3) {
+  uint2 w;
+  w.x = bb_pack2<T>(x0, x1);
+  w.y = bb_pack2<T>(x2, x3);
+  *(BB_GLOBAL uint2*)o = w;
 }
 
 // Phase timestamps (diagnostic builds only: attention.py's `timeline`, CUDA). Thread 0 of every
@@ -568,10 +595,11 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
 
   // ---- merge the W warps (shared memory reused) ----
   bb_sync_block();
-  BB_SHARED float* o_s = (BB_SHARED float*)smem;  // [W][16][D]
-  BB_SHARED float* ml_s = o_s + W * 16 * D;       // [W][16][2]
-  BB_SHARED float* row_s = ml_s + W * 16 * 2;     // [16][2]: block max, block sum
-  BB_SHARED float* fac_s = row_s + 16 * 2;        // [BB_MAX_SPLIT][16]
+  constexpr int OP = bb_attn_opitch(D);
+  BB_SHARED float* o_s = (BB_SHARED float*)smem;  // [W][16][OP]
+  BB_SHARED float* ml_s = o_s + W * 16 * OP;      // [W][16][2]
+  BB_SHARED float* row_s = ml_s + W * 16 * 2;     // [16][4]: block max, block sum, 1 / sum
+  BB_SHARED float* fac_s = row_s + 16 * 4;        // [BB_MAX_SPLIT][16]
   BB_SHARED int* flag_s = (BB_SHARED int*)(fac_s + BB_MAX_SPLIT * 16);
   if (c == 0) {
     ml_s[(warp * 16 + g) * 2 + 0] = m0;
@@ -601,65 +629,60 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         const float mw = ml_s[(w * 16 + tid) * 2];
         ll += mw == NEG_INF ? 0.0f : bb_exp2(mw - mm) * ml_s[(w * 16 + tid) * 2 + 1];
       }
-      row_s[tid * 2 + 0] = mm;
-      row_s[tid * 2 + 1] = ll;
+      row_s[tid * 4 + 0] = mm;
+      row_s[tid * 4 + 1] = ll;
+      row_s[tid * 4 + 2] = ll > 0.0f ? 1.0f / ll : 0.0f; // once a row, not once an element
     }
     const float f0 = m0 == NEG_INF ? 0.0f : bb_exp2(m0 - bm0);
     const float f1 = m1 == NEG_INF ? 0.0f : bb_exp2(m1 - bm1);
     BB_UNROLL
     for (int n = 0; n < NT; ++n) {
       const int d = 8 * n + 2 * c;
-      o_s[(warp * 16 + g) * D + d] = o[n][0] * f0;
-      o_s[(warp * 16 + g) * D + d + 1] = o[n][1] * f0;
-      o_s[(warp * 16 + g + 8) * D + d] = o[n][2] * f1;
-      o_s[(warp * 16 + g + 8) * D + d + 1] = o[n][3] * f1;
+      o_s[(warp * 16 + g) * OP + d] = o[n][0] * f0;
+      o_s[(warp * 16 + g) * OP + d + 1] = o[n][1] * f0;
+      o_s[(warp * 16 + g + 8) * OP + d] = o[n][2] * f1;
+      o_s[(warp * 16 + g + 8) * OP + d + 1] = o[n][3] * f1;
     }
   }
   bb_sync_block();
 
   BB_STAMP(5);
   const long pair = (long)row * (n_kv_heads * HC) + bx; // (row, kv head, head chunk)
+  // Items of 4 consecutive elements of one row: 16-byte loads of each warp's O and one 8-byte
+  // store (the element-wise loop was 2-byte stores and an IEEE division per element).
+  constexpr int NI4 = GH * D / 4;
   if (n_split == 1) {
-    for (int i = tid; i < GH * D; i += W * 32) {
-      const int r = i / D, d = i % D;
+    for (int i = tid; i < NI4; i += W * 32) {
+      const int r = (4 * i) / D, d = (4 * i) % D;
       if (r < rows_valid) {
-        float acc = 0.0f;
-        for (int w = 0; w < W; ++w) {
-          acc += o_s[(w * 16 + r) * D + d];
-        }
-        const float ll = row_s[r * 2 + 1];
-        acc = ll > 0.0f ? acc / ll : 0.0f;
-        out[((long)row * n_kv_heads * G + head0 + r) * D + d] = bb_from_float<T>(acc);
+        float a[4];
+        bb_attn_warp_sum4<W, OP>(o_s, r, d, a);
+        const float inv = row_s[r * 4 + 2];
+        bb_attn_store4<T>(out + ((long)row * n_kv_heads * G + head0 + r) * D + d, a[0] * inv, a[1] * inv,
+                          a[2] * inv, a[3] * inv);
       }
     }
   } else {
     // This split's partial record (REC above).
     BB_GLOBAL unsigned char* rec = (BB_GLOBAL unsigned char*)ws + (pair * n_split + split) * (long)REC;
+    for (int i = tid; i < NI4; i += W * 32) {
+      const int r = (4 * i) / D, d = (4 * i) % D;
+      float a[4];
+      bb_attn_warp_sum4<W, OP>(o_s, r, d, a);
 #ifdef BB_REC32
-    for (int i = tid; i < GH * D; i += W * 32) {
-      const int r = i / D, d = i % D;
-      float acc = 0.0f;
-      for (int w = 0; w < W; ++w) {
-        acc += o_s[(w * 16 + r) * D + d];
-      }
-      ((BB_GLOBAL float*)rec)[i] = acc;
-    }
+      BB_GLOBAL float* rf = (BB_GLOBAL float*)rec + 4 * i;
+      rf[0] = a[0];
+      rf[1] = a[1];
+      rf[2] = a[2];
+      rf[3] = a[3];
 #else
-    for (int i = tid; i < GH * D / 2; i += W * 32) {
-      const int r = (2 * i) / D, d = (2 * i) % D;
-      float a0 = 0.0f, a1 = 0.0f;
-      for (int w = 0; w < W; ++w) {
-        a0 += o_s[(w * 16 + r) * D + d];
-        a1 += o_s[(w * 16 + r) * D + d + 1];
-      }
-      const float ll = row_s[r * 2 + 1];
-      const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
-      ((BB_GLOBAL uint32_t*)rec)[i] = bb_pack2<T>(a0 * inv, a1 * inv);
-    }
+      const float inv = row_s[r * 4 + 2];
+      bb_attn_store4<T>((BB_GLOBAL T*)rec + 4 * i, a[0] * inv, a[1] * inv, a[2] * inv, a[3] * inv);
 #endif
+    }
     if (tid < GH) {
-      ((BB_GLOBAL float*)(rec + REC_ML))[tid * 2 + 0] = row_s[tid * 2 + 0];
-      ((BB_GLOBAL float*)(rec + REC_ML))[tid * 2 + 1] = row_s[tid * 2 + 1];
+      ((BB_GLOBAL float*)(rec + REC_ML))[tid * 2 + 0] = row_s[tid * 4 + 0];
+      ((BB_GLOBAL float*)(rec + REC_ML))[tid * 2 + 1] = row_s[tid * 4 + 1];
     }
     // Every thread's record writes are ordered before the count by the barrier and the
     // release of thread 0's atomic (bb_split_arrive); the last block acquires them there.
@@ -791,11 +814,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         const int i4 = tid + j * W * 32;
         const int r = (4 * i4) / D, d = (4 * i4) % D;
         if (i4 < NT4 && r < rows_valid) {
-          BB_GLOBAL T* o = out + ((long)row * n_kv_heads * G + head0 + r) * D + d;
-          o[0] = bb_from_float<T>(acc[j][0]);
-          o[1] = bb_from_float<T>(acc[j][1]);
-          o[2] = bb_from_float<T>(acc[j][2]);
-          o[3] = bb_from_float<T>(acc[j][3]);
+          bb_attn_store4<T>(out + ((long)row * n_kv_heads * G + head0 + r) * D + d, acc[j][0], acc[j][1],
+                            acc[j][2], acc[j][3]);
         }
       }
       if (tid == 0) {

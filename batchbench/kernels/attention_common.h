@@ -10,7 +10,7 @@
 //
 // The backend layer (attention_cuda.h / attention_metal.h) supplies BB_FN, BB_GLOBAL,
 // BB_SHARED, BB_THREAD, BB_UNROLL, warp/block primitives and the chip helpers
-// bb_cp_async16, bb_ldsm_rows(_trans), bb_mma_16816, and the merge's bb_stage_copy / bb_stage_wait.
+// bb_cp_async16, bb_ldsm_rows(_trans), bb_mma_16816.
 #ifndef BB_ATTENTION_COMMON_H
 #define BB_ATTENTION_COMMON_H
 
@@ -727,11 +727,11 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
           }
         }
       }
-      // The records' staging: one bulk copy on an mbarrier where the chip has one (CUDA), else
-      // 16-byte copies by every thread. (At 16 splits, ~15 cp.async a thread took 0.45 us to issue.)
-      BB_SHARED void* stage_bar = (BB_SHARED void*)(flag_s + 2); // 8 bytes in the header's tail
       int sb = bb_mini(n_split, SB);
-      bb_stage_copy(stage, recs, sb * REC, stage_bar, 0, tid, W * 32);
+      for (int i = tid; i < sb * (REC / 16); i += W * 32) {
+        bb_cp_coherent16(stage + 16 * i, recs + 16 * i);
+      }
+      bb_cp_async_commit();
       BB_STAMP(8);
       BB_UNROLL
       for (int j = 0; j < RPW; ++j) {
@@ -773,13 +773,17 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       for (int j = 0; j < IPT; ++j) {
         acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
       }
-      for (int s0 = 0, rnd = 0; s0 < n_split; s0 += SB, ++rnd) {
+      for (int s0 = 0; s0 < n_split; s0 += SB) {
         if (s0 > 0) { // the next SB records, once every thread is done with the last ones
           sb = bb_mini(n_split - s0, SB);
           bb_sync_block();
-          bb_stage_copy(stage, recs + (long)s0 * REC, sb * REC, stage_bar, rnd, tid, W * 32);
+          for (int i = tid; i < sb * (REC / 16); i += W * 32) {
+            bb_cp_coherent16(stage + 16 * i, recs + (long)s0 * REC + 16 * i);
+          }
+          bb_cp_async_commit();
         }
-        bb_stage_wait(stage_bar, rnd); // the staged records and the factors are visible to every thread
+        bb_cp_async_wait<0>();
+        bb_sync_block(); // the staged records and the factors are visible to every thread
         BB_STAMP(10);
         // Splits outer, four at a time, and this thread's items inner, without a branch (an item
         // past the last is clamped onto it and never stored): the loads of 4 * IPT independent

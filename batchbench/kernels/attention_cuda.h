@@ -188,56 +188,6 @@ BB_FN void bb_cp_async_wait() {
 // through L2, never a stale L1 line (same commit groups as bb_cp_async16).
 BB_FN void bb_cp_coherent16(void* dst, const void* src) { bb_cp_async16(dst, src, true); }
 
-// The last split's staging of `bytes` (a multiple of 16, both ends 16-byte aligned) of split
-// records written by other blocks, round `rnd` of the merge: bb_stage_copy issues it, then
-// bb_stage_wait (every thread, after the factors are written) is a block barrier after which
-// the bytes are visible to every thread. Natively one thread issues one bulk copy (TMA) that
-// completes on an mbarrier in shared memory (`bar`, 8 bytes); elsewhere every thread copies
-// 16-byte chunks in one commit group.
-#if defined(BB_EMU) || defined(BB_PORTABLE)
-BB_FN void bb_stage_copy(void* dst, const void* src, int bytes, void* bar, int rnd, int tid, int nthreads) {
-  for (int i = tid; i < bytes / 16; i += nthreads) {
-    bb_cp_coherent16((char*)dst + 16 * i, (const char*)src + 16 * i);
-  }
-  bb_cp_async_commit();
-}
-BB_FN void bb_stage_wait(void* bar, int rnd) {
-  bb_cp_async_wait<0>();
-  bb_sync_block();
-}
-#else
-BB_FN void bb_stage_copy(void* dst, const void* src, int bytes, void* bar, int rnd, int tid, int nthreads) {
-  if (tid == 0) {
-    const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
-    const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-    if (rnd == 0) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(b) : "memory");
-      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    // The records reach this thread through the count's acquire (generic proxy); the bulk copy
-    // reads them through the async proxy.
-    asm volatile("fence.proxy.async.global;\n" ::: "memory");
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(b), "r"(bytes) : "memory");
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(d),
-                 "l"(src), "r"(bytes), "r"(b)
-                 : "memory");
-  }
-}
-BB_FN void bb_stage_wait(void* bar, int rnd) {
-  bb_sync_block(); // the mbarrier's initialisation is visible before anyone waits on it
-  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "BB_STAGE_WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra BB_STAGE_WAIT;\n"
-      "}\n" ::"r"(b),
-      "r"(rnd & 1)
-      : "memory");
-}
-#endif
-
 // ---- shared -> register fragments (ldmatrix) --------------------------------
 // Fragment layout of mma.m16n8k16 (g = lane / 4, c = lane % 4):
 //   A 16x16 row: a0 = A[g][2c..], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..]

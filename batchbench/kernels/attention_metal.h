@@ -135,16 +135,6 @@ BB_FN void bb_cp_async_commit() {}
 template <int N>
 BB_FN void bb_cp_async_wait() {}
 
-// The last split's staging of split records (attention_cuda.h): every thread copies 16-byte
-// chunks; the barrier makes them visible.
-BB_FN void bb_stage_copy(threadgroup void* dst, device const void* src, int bytes, threadgroup void* bar, int rnd,
-                         int tid, int nthreads) {
-  for (int i = tid; i < bytes / 16; i += nthreads) {
-    bb_cp_coherent16((threadgroup char*)dst + 16 * i, (device const char*)src + 16 * i);
-  }
-}
-BB_FN void bb_stage_wait(threadgroup void* bar, int rnd) { bb_sync_block(); }
-
 // ---- register fragments (layouts of mma.m16n8k16, see attention_cuda.h) -------
 
 template <typename T>

@@ -631,7 +631,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       }
       row_s[tid * 4 + 0] = mm;
       row_s[tid * 4 + 1] = ll;
-      row_s[tid * 4 + 2] = ll > 0.0f ? 1.0f / ll : 0.0f; // once a row, not once an element
+      row_s[tid * 4 + 2] = ll > 0.0f ? bb_rcp(ll) : 0.0f; // once a row, not once an element
     }
     const float f0 = m0 == NEG_INF ? 0.0f : bb_exp2(m0 - bm0);
     const float f1 = m1 == NEG_INF ? 0.0f : bb_exp2(m1 - bm1);
@@ -733,36 +733,50 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       }
       bb_cp_async_commit();
       BB_STAMP(8);
+      // No branch around the shuffles (a row past GH reduces NEG_INF and 0s, and stores nothing):
+      // shuffles under a branch compile to a slow convergence-checking loop. Each reduction level
+      // takes every row of the warp, so the rows' shuffle chains overlap instead of running one
+      // after another (G=7 on 4 warps: two rows a warp).
+      float mm[RPW], ll[RPW], f[RPW][2];
       BB_UNROLL
       for (int j = 0; j < RPW; ++j) {
-        // No branch around the shuffles (a row past GH reduces NEG_INF and 0s, and stores
-        // nothing): shuffles under a branch compile to a slow convergence-checking loop.
-        const int r = warp + j * W;
-        float mm = bb_maxf(ms[j][0], ms[j][1]);
+        mm[j] = bb_maxf(ms[j][0], ms[j][1]);
+      }
+      BB_UNROLL
+      for (int x = 16; x >= 1; x >>= 1) {
         BB_UNROLL
-        for (int x = 16; x >= 1; x >>= 1) {
-          mm = bb_maxf(mm, bb_shfl_xor(mm, x));
+        for (int j = 0; j < RPW; ++j) {
+          mm[j] = bb_maxf(mm[j], bb_shfl_xor(mm[j], x));
         }
-        float f[2];
-        float ll = 0.0f;
+      }
+      BB_UNROLL
+      for (int j = 0; j < RPW; ++j) {
+        ll[j] = 0.0f;
         BB_UNROLL
         for (int u = 0; u < 2; ++u) {
-          f[u] = ms[j][u] == NEG_INF ? 0.0f : bb_exp2(ms[j][u] - mm);
-          ll += f[u] * ls[j][u];
+          f[j][u] = ms[j][u] == NEG_INF ? 0.0f : bb_exp2(ms[j][u] - mm[j]);
+          ll[j] += f[j][u] * ls[j][u];
         }
+      }
+      BB_UNROLL
+      for (int x = 16; x >= 1; x >>= 1) {
         BB_UNROLL
-        for (int x = 16; x >= 1; x >>= 1) {
-          ll += bb_shfl_xor(ll, x);
+        for (int j = 0; j < RPW; ++j) {
+          ll[j] += bb_shfl_xor(ll[j], x);
         }
-        const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
+      }
+      BB_UNROLL
+      for (int j = 0; j < RPW; ++j) {
+        const int r = warp + j * W;
+        const float inv = ll[j] > 0.0f ? bb_rcp(ll[j]) : 0.0f;
         BB_UNROLL
         for (int u = 0; u < 2; ++u) {
           const int s2 = lane + 32 * u;
           if (r < GH && s2 < n_split) {
 #ifdef BB_REC32
-            fac_s[s2 * 16 + r] = f[u] * inv;
+            fac_s[s2 * 16 + r] = f[j][u] * inv;
 #else
-            fac_s[s2 * 16 + r] = f[u] * inv * ls[j][u]; // records hold O / sum
+            fac_s[s2 * 16 + r] = f[j][u] * inv * ls[j][u]; // records hold O / sum
 #endif
           }
         }

@@ -81,7 +81,15 @@ BB_FN uint32_t bb_mask_hidden_word<bool>() { return 0u; }
 
 #ifdef BB_PORTABLE
 BB_FN float bb_exp2(float x) { return exp2f(x); }
+BB_FN float bb_rcp(float x) { return 1.0f / x; }
 #else
+// 1 / x for the softmax sums (x >= 1 where used): rcp.approx, 1 ulp, without the IEEE
+// division's slow-path branch.
+BB_FN float bb_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 // ex2.approx: 2 ulp, exp2(-inf) = +0, which is all the online softmax needs.
 BB_FN float bb_exp2(float x) {
   float y;

@@ -85,6 +85,7 @@ template <>
 BB_FN uint bb_mask_hidden_word<bool>() { return 0u; }
 
 BB_FN float bb_exp2(float x) { return exp2(x); }
+BB_FN float bb_rcp(float x) { return 1.0f / x; }
 
 // ---- simdgroup and threadgroup ----------------------------------------------
 

@@ -272,8 +272,9 @@ BB_FN void bb_attn_warp_sum4(BB_SHARED const float* o_s, int r, int d, BB_THREAD
   }
 }
 
-// Four values to T at an 8-byte aligned address (D is a multiple of 4 and buffers are aligned):
-// one 8-byte store.
+// Four values to T at an 8-byte aligned address (D is a multiple of 4 and buffers are aligned),
+// stored as one uint2. (nvcc makes it one 8-byte store into the split records, two 4-byte
+// stores into `out`, whose alignment it cannot see.)
 template <typename T>
 BB_FN void bb_attn_store4(BB_GLOBAL T* o, float x0, float x1, float x2, float x3) {
   uint2 w;
@@ -648,7 +649,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
 
   BB_STAMP(5);
   const long pair = (long)row * (n_kv_heads * HC) + bx; // (row, kv head, head chunk)
-  // Items of 4 consecutive elements of one row: 16-byte loads of each warp's O and one 8-byte
+  // Items of 4 consecutive elements of one row: 16-byte loads of each warp's O and one uint2
   // store (the element-wise loop was 2-byte stores and an IEEE division per element).
   constexpr int NI4 = GH * D / 4;
   if (n_split == 1) {

@@ -32,8 +32,9 @@ def _mutants(backend, rng):
     case = attention_case(backend, rng, d=64, g=4,
                           layout=dict(kind="interleaved", n_seq=3, tokens_per_seq=2))
     return case, {
-        # the barrier between writing each warp's (max, sum) and reading them all
-        "missing_barrier": ("bb_sync_block();\n{\nfloat bm0 = NEG_INF", "{\nfloat bm0 = NEG_INF"),
+        # the barrier between each warp leaving its slice (O rows, max, sum) and every thread
+        # reading all of them
+        "missing_barrier": ("}\n}\nbb_sync_block();\nBB_STAMP(5);", "}\n}\nBB_STAMP(5);"),
         # the row sum over a quad's 4 lanes, reduced with the wrong lane distance
         "wrong_reduction": ("l0 += bb_shfl_xor(l0, 2);", "l0 += bb_shfl_xor(l0, 4);"),
     }

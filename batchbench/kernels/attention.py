@@ -99,7 +99,7 @@ def smem_bytes(d: int, warps: int, stages: int, esize: int, gh: int) -> int:
     mask stages and Q tile, or the merge header and one split record if larger."""
     pipeline = (warps * stages * 2 * BLOCK * (d + 8) * esize + warps * LIST_CAP * 4 + warps * stages * MASK_STAGE_BYTES
                 + 16 * (d + 8) * esize)  # the Q tile
-    merge = 4 * (warps * 16 * (d + 8) + warps * 16 * 2 + 16 * 4 + MAX_SPLIT * 16) + 16
+    merge = 4 * MAX_SPLIT * 16 + 16  # fac_s, flag_s (the warps' slices live in their own tiles)
     return max(pipeline, merge + record_bytes(gh, d, esize))
 
 

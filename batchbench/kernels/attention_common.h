@@ -63,15 +63,14 @@ BB_FN void bb_mma_16816(BB_THREAD float* acc, BB_THREAD const uint32_t* a, uint3
 constexpr BB_FN int bb_attn_rec_bytes(int gh, int d, int rsize) { return gh * d * rsize + ((gh * 2 + 3) & ~3) * 4; }
 
 // Shared (threadgroup) memory, in bytes; attention.py mirrors this. The walk uses the pipeline
-// tiles, the per-warp block lists, each stage's mask values and the Q tile. After the walk, the merge reuses the same bytes: its
-// header (o_s, ml_s, row_s, fac_s, flag_s), then the last split's staging of the split records
-// (at least one record).
-// o_s rows are padded by 8 floats: a warp's 8-byte stores of its rows g and g + 8 then hit every
+// tiles, the per-warp block lists, each stage's mask values and the Q tile. After its walk each
+// warp leaves its O rows and (max, sum) in its own tiles (bb_attn_wslice), so it need not wait for
+// the others. Once the split's record is written, the same bytes hold the merge header (fac_s,
+// flag_s) and then the last split's staging of the split records (at least one record).
+// O rows are padded by 8 floats: a warp's 8-byte stores of its rows g and g + 8 then hit every
 // bank once per two wavefronts (unpadded, the 8 rows g of one store shared 8 banks: 8-way).
 constexpr BB_FN int bb_attn_opitch(int d) { return d + 8; }
-constexpr BB_FN int bb_attn_merge_hdr(int d, int w) {
-  return 4 * (w * 16 * bb_attn_opitch(d) + w * 16 * 2 + 16 * 4 + BB_MAX_SPLIT * 16) + 16;
-}
+constexpr BB_FN int bb_attn_merge_hdr(int d, int w) { return 4 * (BB_MAX_SPLIT * 16) + 16; }
 constexpr BB_FN int bb_attn_maxi(int a, int b) { return a > b ? a : b; }
 // The Q tile (16 rows of D, padded) after the pipeline tiles, lists and mask stages.
 constexpr BB_FN int bb_attn_qt_offset(int d, int w, int stages, int esize) {
@@ -258,18 +257,35 @@ BB_FN void bb_attn_merge_add(BB_THREAD float* acc, BB_SHARED const unsigned char
 #endif
 }
 
-// Four consecutive elements of row r of the W warps' O (o_s, pitch OP floats), summed.
-template <int W, int OP>
-BB_FN void bb_attn_warp_sum4(BB_SHARED const float* o_s, int r, int d, BB_THREAD float* a) {
+// Row r of the W warps' partial results (each warp's slice: O [16][OP] floats relative to the
+// warp's max, then (max, sum) [16][2], slices WSLICE floats apart) combined for the 4 elements
+// d..d+3: a = sum of O_w * 2^(m_w - M), mm = M the row's max, ll = its sum (log2 domain). A warp
+// with nothing visible in the row (max -inf) counts 0.
+template <int W, int OP, int WSLICE>
+BB_FN void bb_attn_warp_merge4(BB_SHARED const float* slices, int r, int d, BB_THREAD float* a,
+                               BB_THREAD float* mm, BB_THREAD float* ll) {
+  const float NEG_INF = bb_neg_inf();
+  float mw[W];
+  float m = NEG_INF;
+  BB_UNROLL
+  for (int w = 0; w < W; ++w) {
+    mw[w] = slices[w * WSLICE + 16 * OP + r * 2];
+    m = bb_maxf(m, mw[w]);
+  }
+  float l = 0.0f;
   a[0] = a[1] = a[2] = a[3] = 0.0f;
   BB_UNROLL
   for (int w = 0; w < W; ++w) {
-    const float4 p = *(BB_SHARED const float4*)(o_s + (w * 16 + r) * OP + d);
-    a[0] += p.x;
-    a[1] += p.y;
-    a[2] += p.z;
-    a[3] += p.w;
+    const float f = mw[w] == NEG_INF ? 0.0f : bb_exp2(mw[w] - m);
+    l += f * slices[w * WSLICE + 16 * OP + r * 2 + 1];
+    const float4 p = *(BB_SHARED const float4*)(slices + w * WSLICE + r * OP + d);
+    a[0] += f * p.x;
+    a[1] += f * p.y;
+    a[2] += f * p.z;
+    a[3] += f * p.w;
   }
+  *mm = m;
+  *ll = l;
 }
 
 // Four values to T at an 8-byte aligned address (D is a multiple of 4 and buffers are aligned),
@@ -594,59 +610,32 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   l1 += bb_shfl_xor(l1, 1);
   l1 += bb_shfl_xor(l1, 2);
 
-  // ---- merge the W warps (shared memory reused) ----
-  bb_sync_block();
+  // ---- merge the W warps ----
+  // Each warp leaves its O rows (not rescaled) and (max, sum) in its own tiles, which no other
+  // warp touches, as soon as its walk is done; one barrier, then every thread combines the warps
+  // for its own items (bb_attn_warp_merge4). (Before, a first barrier freed shared memory for the
+  // slices, a second shared the warps' maxima and a third the rescaled rows.)
   constexpr int OP = bb_attn_opitch(D);
-  BB_SHARED float* o_s = (BB_SHARED float*)smem;  // [W][16][OP]
-  BB_SHARED float* ml_s = o_s + W * 16 * OP;      // [W][16][2]
-  BB_SHARED float* row_s = ml_s + W * 16 * 2;     // [16][4]: block max, block sum, 1 / sum
-  BB_SHARED float* fac_s = row_s + 16 * 4;        // [BB_MAX_SPLIT][16]
-  BB_SHARED int* flag_s = (BB_SHARED int*)(fac_s + BB_MAX_SPLIT * 16);
-  if (c == 0) {
-    ml_s[(warp * 16 + g) * 2 + 0] = m0;
-    ml_s[(warp * 16 + g) * 2 + 1] = l0;
-    ml_s[(warp * 16 + g + 8) * 2 + 0] = m1;
-    ml_s[(warp * 16 + g + 8) * 2 + 1] = l1;
-  }
-  bb_sync_block();
+  constexpr int WSLICE = STAGES * 2 * TILE * (int)sizeof(T) / 4; // a warp's tiles, in floats
+  bb_sync_warp(); // every lane of this warp is done with its tiles
   {
-    // Each thread takes its two rows' block max from the W warps' values itself: no serial
-    // step and barrier before the scaling. Threads 0-15 also leave each row's (max, sum).
-    float bm0 = NEG_INF, bm1 = NEG_INF;
-    BB_UNROLL
-    for (int w = 0; w < W; ++w) {
-      bm0 = bb_maxf(bm0, ml_s[(w * 16 + g) * 2]);
-      bm1 = bb_maxf(bm1, ml_s[(w * 16 + g + 8) * 2]);
+    BB_SHARED float* o_w = (BB_SHARED float*)smem + warp * WSLICE; // [16][OP], then [16][2]
+    if (c == 0) {
+      o_w[16 * OP + g * 2 + 0] = m0;
+      o_w[16 * OP + g * 2 + 1] = l0;
+      o_w[16 * OP + (g + 8) * 2 + 0] = m1;
+      o_w[16 * OP + (g + 8) * 2 + 1] = l1;
     }
-    if (tid < 16) {
-      float mm = NEG_INF;
-      BB_UNROLL
-      for (int w = 0; w < W; ++w) {
-        mm = bb_maxf(mm, ml_s[(w * 16 + tid) * 2]);
-      }
-      float ll = 0.0f;
-      BB_UNROLL
-      for (int w = 0; w < W; ++w) {
-        const float mw = ml_s[(w * 16 + tid) * 2];
-        ll += mw == NEG_INF ? 0.0f : bb_exp2(mw - mm) * ml_s[(w * 16 + tid) * 2 + 1];
-      }
-      row_s[tid * 4 + 0] = mm;
-      row_s[tid * 4 + 1] = ll;
-      row_s[tid * 4 + 2] = ll > 0.0f ? bb_rcp(ll) : 0.0f; // once a row, not once an element
-    }
-    const float f0 = m0 == NEG_INF ? 0.0f : bb_exp2(m0 - bm0);
-    const float f1 = m1 == NEG_INF ? 0.0f : bb_exp2(m1 - bm1);
     BB_UNROLL
     for (int n = 0; n < NT; ++n) {
       const int d = 8 * n + 2 * c;
-      o_s[(warp * 16 + g) * OP + d] = o[n][0] * f0;
-      o_s[(warp * 16 + g) * OP + d + 1] = o[n][1] * f0;
-      o_s[(warp * 16 + g + 8) * OP + d] = o[n][2] * f1;
-      o_s[(warp * 16 + g + 8) * OP + d + 1] = o[n][3] * f1;
+      o_w[g * OP + d] = o[n][0];
+      o_w[g * OP + d + 1] = o[n][1];
+      o_w[(g + 8) * OP + d] = o[n][2];
+      o_w[(g + 8) * OP + d + 1] = o[n][3];
     }
   }
   bb_sync_block();
-
   BB_STAMP(5);
   const long pair = (long)row * (n_kv_heads * HC) + bx; // (row, kv head, head chunk)
   // Items of 4 consecutive elements of one row: 16-byte loads of each warp's O and one uint2
@@ -656,9 +645,9 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     for (int i = tid; i < NI4; i += W * 32) {
       const int r = (4 * i) / D, d = (4 * i) % D;
       if (r < rows_valid) {
-        float a[4];
-        bb_attn_warp_sum4<W, OP>(o_s, r, d, a);
-        const float inv = row_s[r * 4 + 2];
+        float a[4], mm, ll;
+        bb_attn_warp_merge4<W, OP, WSLICE>((BB_SHARED const float*)smem, r, d, a, &mm, &ll);
+        const float inv = ll > 0.0f ? bb_rcp(ll) : 0.0f;
         bb_attn_store4<T>(out + ((long)row * n_kv_heads * G + head0 + r) * D + d, a[0] * inv, a[1] * inv,
                           a[2] * inv, a[3] * inv);
       }
@@ -668,8 +657,12 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     BB_GLOBAL unsigned char* rec = (BB_GLOBAL unsigned char*)ws + (pair * n_split + split) * (long)REC;
     for (int i = tid; i < NI4; i += W * 32) {
       const int r = (4 * i) / D, d = (4 * i) % D;
-      float a[4];
-      bb_attn_warp_sum4<W, OP>(o_s, r, d, a);
+      float a[4], mm, ll;
+      bb_attn_warp_merge4<W, OP, WSLICE>((BB_SHARED const float*)smem, r, d, a, &mm, &ll);
+      if (d == 0) { // the row's first item also leaves the row's (max, sum)
+        ((BB_GLOBAL float*)(rec + REC_ML))[r * 2 + 0] = mm;
+        ((BB_GLOBAL float*)(rec + REC_ML))[r * 2 + 1] = ll;
+      }
 #ifdef BB_REC32
       BB_GLOBAL float* rf = (BB_GLOBAL float*)rec + 4 * i;
       rf[0] = a[0];
@@ -677,18 +670,17 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       rf[2] = a[2];
       rf[3] = a[3];
 #else
-      const float inv = row_s[r * 4 + 2];
+      const float inv = ll > 0.0f ? bb_rcp(ll) : 0.0f;
       bb_attn_store4<T>((BB_GLOBAL T*)rec + 4 * i, a[0] * inv, a[1] * inv, a[2] * inv, a[3] * inv);
 #endif
     }
-    if (tid < GH) {
-      ((BB_GLOBAL float*)(rec + REC_ML))[tid * 2 + 0] = row_s[tid * 4 + 0];
-      ((BB_GLOBAL float*)(rec + REC_ML))[tid * 2 + 1] = row_s[tid * 4 + 1];
-    }
     // Every thread's record writes are ordered before the count by the barrier and the
     // release of thread 0's atomic (bb_split_arrive); the last block acquires them there.
+    // After this barrier the warps' slices are dead: the merge header takes their bytes.
     bb_split_release();
     bb_sync_block();
+    BB_SHARED float* fac_s = (BB_SHARED float*)smem;               // [BB_MAX_SPLIT][16]
+    BB_SHARED int* flag_s = (BB_SHARED int*)(fac_s + BB_MAX_SPLIT * 16);
     if (tid == 0) {
       const int prev = bb_split_arrive(counters + pair);
       flag_s[0] = prev == n_split - 1 ? 1 : 0;

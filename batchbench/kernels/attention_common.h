@@ -64,8 +64,8 @@ constexpr BB_FN int bb_attn_rec_bytes(int gh, int d, int rsize) { return gh * d 
 
 // Shared (threadgroup) memory, in bytes; attention.py mirrors this. The walk uses the pipeline
 // tiles, the per-warp block lists, each stage's mask values and the Q tile. After its walk each
-// warp leaves its O rows and (max, sum) in its own tiles (bb_attn_wslice), so it need not wait for
-// the others. Once the split's record is written, the same bytes hold the merge header (fac_s,
+// warp leaves its O rows and (max, sum) in its own tiles (WSLICE in bb_attn_decode), so it need
+// not wait for the others. Once the split's record is written, the same bytes hold the merge header (fac_s,
 // flag_s) and then the last split's staging of the split records (at least one record).
 // O rows are padded by 8 floats: a warp's 8-byte stores of its rows g and g + 8 then hit every
 // bank once per two wavefronts (unpadded, the 8 rows g of one store shared 8 banks: 8-way).

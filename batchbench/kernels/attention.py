@@ -284,29 +284,20 @@ def _counter_array(n: int) -> mx.array:
     return arrays[i]
 
 
-_records: dict[tuple[int, int, int], list] = {}
+_records: dict[int, list] = {}
 
 
-def record_words(pairs: int, n_split: int, rec: int) -> int:
-    """int32 words of the record buffer: an epoch per pair (padded to 16 bytes), then two
-    regions of pairs * n_split records of `rec` bytes (attention_common.h)."""
-    return -(-pairs // 4) * 4 + 2 * pairs * n_split * rec // 4
-
-
-def _record_array(pairs: int, n_split: int, rec: int) -> mx.array:
-    """The split records' buffer for one layout, all ones at first (every epoch odd, every
-    record word empty). The kernel reads a record's words until none is empty instead of
-    ordering them by fences (attention_cuda.h: bb_rec_store8), so empty must mean "not written
-    in this call": each slot is emptied in the call before the one that writes it, which needs
-    the buffer to persist between calls and to keep its layout (an MLX output starts with stale
-    bytes). Rotates over a pool like the counters."""
-    key = (pairs, n_split, rec) if n_split > 1 else (0, 0, 0)
-    entry = _records.get(key)
+def _record_array(n_bytes: int) -> mx.array:
+    """A buffer of >= n_bytes for the split records, all ones (every word empty); the kernel
+    leaves it all ones again. Its words are checked, not ordered by fences (attention_cuda.h:
+    bb_rec_store8), so it must persist between launches: an MLX output starts with stale bytes.
+    Rotates over a pool like the counters."""
+    size = max(256, 1 << (max(n_bytes // 4, 1) - 1).bit_length())
+    entry = _records.get(size)
     if entry is None:
-        size = max(_MIN_ELEMS, record_words(*key))
         arrays = [mx.full((size,), -1, dtype=mx.int32) for _ in range(_COUNTER_POOL)]
         mx.eval(arrays)
-        entry = _records[key] = [arrays, 0]
+        entry = _records[size] = [arrays, 0]
     arrays, i = entry
     entry[1] = (i + 1) % _COUNTER_POOL
     return arrays[i]
@@ -388,6 +379,7 @@ def plan_decode_attention(
     live = pack_live_blocks(live_blocks) if use_live else _dummy_live()
     pairs = t * hkv * hc
     n_split = choose_splits(pairs, n_blk, warps, d)
+    rec_bytes = pairs * n_split * record_bytes(gh, d, q.dtype.size) if n_split > 1 else 0
     ws_size = 4  # written only by the timeline build
     smem = smem_bytes(d, warps, stages, q.dtype.size, gh)
     header, body = kernel_source(backend_name)
@@ -411,7 +403,7 @@ def plan_decode_attention(
         shared_memory=smem if backend_name == "cuda" else 0,
     )
     launch = Launch(
-        inputs=[q, k, v, mask, live, _counter_array(pairs), _record_array(pairs, n_split, record_bytes(gh, d, q.dtype.size))],
+        inputs=[q, k, v, mask, live, _counter_array(pairs), _record_array(rec_bytes)],
         # token-major [1, T, Hq, D]: the o projection reads it as [T, Hq*D] without a copy
         output_shapes=[(1, t, hq, d), (ws_size,)],
         output_dtypes=[q.dtype, mx.float32],

@@ -6,11 +6,8 @@
 // scan). The G query heads of the GQA group are the 16 rows of one tensor-core tile, so every
 // K/V element is read once per (row, kv head). Online softmax runs in fp32 in the log2 domain.
 // Splits write partial (O, max, sum) records to `recs`; the last split to finish (atomic
-// counter) merges them, so the whole layer is one launch. Counters are left at zero for the
-// next call. `recs` persists between calls of one layout: per pair an epoch word, then two
-// regions of records used in turn (the epoch's parity). Each split writes its record in this
-// call's region and empties (all ones, see bb_rec_store8) its slot of the other, which the next
-// call writes.
+// counter) merges them, so the whole layer is one launch. Counters are left at zero and records
+// all ones (empty, see bb_rec_store8) for the next call.
 //
 // The backend layer (attention_cuda.h / attention_metal.h) supplies BB_FN, BB_GLOBAL,
 // BB_SHARED, BB_THREAD, BB_UNROLL, warp/block primitives and the chip helpers
@@ -329,7 +326,7 @@ template <typename T, typename MT, int D, int G, int W, int STAGES, bool SKIP, b
           typename MaskPtr, typename LivePtr>
 BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL const T* v,
                           MaskPtr mask, LivePtr live, BB_GLOBAL int* counters,
-                          BB_GLOBAL unsigned char* recs, // epochs, then two regions of split records
+                          BB_GLOBAL unsigned char* recs, // split records, all ones between launches
                           BB_GLOBAL T* out,
                           BB_GLOBAL float* ws,           // BB_TIMELINE: the phase stamps
                           int n_rows,     // T: token rows (q.shape[2])
@@ -377,11 +374,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   const int g = lane >> 2, c = lane & 3;
   const float qk_scale = scale * LOG2E;
   const int n_blk = (n_used + BB_BLOCK - 1) / BB_BLOCK;
-  const long n_pairs = (long)n_rows * n_kv_heads * HC;
-  const long pair = (long)row * (n_kv_heads * HC) + bx; // (row, kv head, head chunk)
-  // This pair's epoch: its parity picks the region of records this call uses (loaded now,
-  // needed after the walk).
-  const int epoch = n_split > 1 ? bb_load_coherent_int((BB_GLOBAL const int*)recs + pair) : 0;
 
   BB_GLOBAL const T* kh = k + (long)kvh * n_cells * D;
   BB_GLOBAL const T* vh = v + (long)kvh * n_cells * D;
@@ -651,6 +643,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   }
   bb_sync_block();
   BB_STAMP(5);
+  const long pair = (long)row * (n_kv_heads * HC) + bx; // (row, kv head, head chunk)
   // Items of 4 consecutive elements of one row: 16-byte loads of each warp's O and one uint2
   // store (the element-wise loop was 2-byte stores and an IEEE division per element).
   constexpr int NI4 = GH * D / 4;
@@ -666,10 +659,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       }
     }
   } else {
-    // This split's partial record (REC above), in 8-byte words, in this call's region.
-    const long region = n_pairs * n_split * (long)REC;
-    BB_GLOBAL unsigned char* regions = recs + ((n_pairs + 3) & ~3L) * 4; // after the epochs
-    BB_GLOBAL unsigned char* rec = regions + (epoch & 1) * region + (pair * n_split + split) * (long)REC;
+    // This split's partial record (REC above), in 8-byte words.
+    BB_GLOBAL unsigned char* rec = recs + (pair * n_split + split) * (long)REC;
     for (int i = tid; i < NI4; i += W * 32) {
       const int r = (4 * i) / D, d = (4 * i) % D;
       float a[4], mm, ll;
@@ -684,14 +675,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       const float inv = ll > 0.0f ? bb_rcp(ll) : 0.0f;
       bb_rec_store8(rec + 8 * i, bb_pack2<T>(a[0] * inv, a[1] * inv), bb_pack2<T>(a[2] * inv, a[3] * inv));
 #endif
-    }
-    // This split's slot in the other region, written by the previous call and merged then,
-    // is emptied for the next call.
-    {
-      BB_GLOBAL unsigned char* next = regions + ((epoch + 1) & 1) * region + (pair * n_split + split) * (long)REC;
-      for (int i = tid; i < REC / 16; i += W * 32) {
-        bb_rec_clear16(next + 16 * i);
-      }
     }
     // The count orders nothing on CUDA (bb_split_arrive): the last split reads every record
     // word until none is empty. (Metal and the portable build fence around the count as well.)
@@ -718,7 +701,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       constexpr int NT4 = GH * D / 4;                 // items of 4 elements of O
       constexpr int IPT = (NT4 + W * 32 - 1) / (W * 32); // items per thread
       BB_SHARED unsigned char* stage = smem + HDR;
-      BB_GLOBAL unsigned char* prec = regions + (epoch & 1) * region + pair * n_split * (long)REC; // the pair's records
+      BB_GLOBAL unsigned char* prec = recs + pair * n_split * (long)REC; // this pair's records
       // Each split's weight per row: a warp per row, its lanes over the splits (two at most each),
       // (max, sum) loaded before the records' copies are issued and reduced by shuffles. (One
       // thread per row looping over the splits was three chains of dependent shared-memory
@@ -885,9 +868,12 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
                             acc[j][2], acc[j][3]);
         }
       }
-      // Ready for the next call: the other region (emptied by every split), the counter zero.
+      // Ready for the next launch: the pair's records empty again (every thread is past its
+      // reads of them: the barrier in bb_sync_block_any), its counter zero.
+      for (int i = tid; i < n_split * (REC / 16); i += W * 32) {
+        bb_rec_clear16(prec + 16 * i);
+      }
       if (tid == 0) {
-        bb_atomic_store((BB_GLOBAL int*)recs + pair, epoch + 1);
         bb_atomic_store(counters + pair, 0);
       }
     }

@@ -139,10 +139,10 @@ BB_FN void bb_split_acquire() {}
 BB_FN void bb_atomic_store(int* p, int v) { atomicExch(p, v); }
 
 // ---- split records: 8-byte words, all ones while empty --------------------------------
-// The records live in a buffer that persists between calls of one layout (attention.py), and a
-// record slot is emptied (all ones) in the call before the one that writes it. So a word that
-// reads as all ones has not landed yet and is read again; any other value was written in this
-// call. A word is written by one 8-byte store and read by one 8-byte load: never seen half written.
+// The records live in a buffer that persists between launches (attention.py) and the last
+// split of a pair leaves its pair's records all ones again. So a word that reads as all ones
+// has not landed yet and is read again; any other value was written in this launch. A word
+// is written by one 8-byte store and read by one 8-byte load: never seen half written.
 BB_FN void bb_rec_store8(void* p, uint32_t lo, uint32_t hi) {
   lo = (lo & hi) == 0xffffffffu ? 0x7fff7fffu : lo; // NaNs that would read as empty: other NaNs
   *reinterpret_cast<unsigned long long*>(p) = ((unsigned long long)hi << 32) | lo;
@@ -152,7 +152,6 @@ BB_FN uint2 bb_rec_load8(const void* p) {
   const unsigned long long w = __ldcg(reinterpret_cast<const unsigned long long*>(p));
   return make_uint2((uint32_t)w, (uint32_t)(w >> 32));
 }
-BB_FN int bb_load_coherent_int(const int* p) { return __ldcg(p); }
 BB_FN bool bb_rec_empty(uint32_t lo, uint32_t hi) { return (lo & hi) == 0xffffffffu; }
 BB_FN void bb_rec_clear16(void* p) { *reinterpret_cast<uint4*>(p) = make_uint4(~0u, ~0u, ~0u, ~0u); }
 // A record still read as empty after `tries` rounds. The emulator runs blocks one at a time,

@@ -134,7 +134,6 @@ BB_FN uint2 bb_rec_load8(device const void* p) {
   device const volatile uint* q = (device const volatile uint*)p;
   return uint2(q[0], q[1]);
 }
-BB_FN int bb_load_coherent_int(device const int* p) { return *(device const volatile int*)p; }
 BB_FN bool bb_rec_empty(uint lo, uint hi) { return (lo & hi) == 0xffffffffu; }
 BB_FN void bb_rec_clear16(device void* p) { *(device uint4*)p = uint4(0xffffffffu); }
 BB_FN void bb_rec_retry(int tries) {

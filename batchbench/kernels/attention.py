@@ -60,8 +60,7 @@ _FLOATS = (mx.float16, mx.bfloat16, mx.float32)
 _CUDA_BODY = """
   extern __shared__ __align__(16) unsigned char bb_smem[];
   bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE>(
-      q, k, v, mask, live, const_cast<int*>(reinterpret_cast<const int*>(counters)),
-      const_cast<unsigned char*>(reinterpret_cast<const unsigned char*>(recs)), out, ws,
+      q, k, v, mask, live, const_cast<int*>(reinterpret_cast<const int*>(counters)), out, ws,
       q_shape[2], k_shape[1], k_shape[2], mask_shape[1], live_shape[1],
       __int_as_float(SCALE_BITS), (int)blockIdx.x, (int)blockIdx.y, (int)gridDim.y,
       (int)blockIdx.z, (int)(threadIdx.x & 31), (int)(threadIdx.x >> 5), bb_smem);
@@ -70,7 +69,7 @@ _CUDA_BODY = """
 _METAL_BODY = """
   threadgroup uint4 bb_smem[(bb_attn_smem_bytes<D, W, STAGES, sizeof(T), (G < 16 ? G : 16)>() + 15) / 16];
   bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE>(
-      q, k, v, mask, live, (device int*)counters, (device unsigned char*)recs, out, ws,
+      q, k, v, mask, live, (device int*)counters, out, ws,
       q_shape[2], k_shape[1], k_shape[2], mask_shape[1], live_shape[1],
       as_type<float>(SCALE_BITS), (int)threadgroup_position_in_grid.x,
       (int)threadgroup_position_in_grid.y, (int)threadgroups_per_grid.y,
@@ -89,7 +88,7 @@ def kernel_source(backend_name: str) -> tuple[str, str]:
 
 
 def record_bytes(gh: int, d: int, esize: int) -> int:
-    """A split's partial record in `recs` (bb_attn_rec_bytes): O [GH][D] in the activation dtype
+    """A split's partial record in ws (bb_attn_rec_bytes): O [GH][D] in the activation dtype
     (esize bytes; fp32 with BB_ATTN_REC32=1), then (max, sum) [GH][2] fp32 padded to 16 bytes."""
     rsize = 4 if REC32 else esize
     return gh * d * rsize + (2 * gh + 3) // 4 * 16
@@ -284,25 +283,6 @@ def _counter_array(n: int) -> mx.array:
     return arrays[i]
 
 
-_records: dict[int, list] = {}
-
-
-def _record_array(n_bytes: int) -> mx.array:
-    """A buffer of >= n_bytes for the split records, all ones (every word empty); the kernel
-    leaves it all ones again. Its words are checked, not ordered by fences (attention_cuda.h:
-    bb_rec_store8), so it must persist between launches: an MLX output starts with stale bytes.
-    Rotates over a pool like the counters."""
-    size = max(256, 1 << (max(n_bytes // 4, 1) - 1).bit_length())
-    entry = _records.get(size)
-    if entry is None:
-        arrays = [mx.full((size,), -1, dtype=mx.int32) for _ in range(_COUNTER_POOL)]
-        mx.eval(arrays)
-        entry = _records[size] = [arrays, 0]
-    arrays, i = entry
-    entry[1] = (i + 1) % _COUNTER_POOL
-    return arrays[i]
-
-
 _live_memo: list = [None, None, None]  # (blocks, counts, packed): layers reuse one packing
 
 
@@ -358,8 +338,8 @@ def plan_decode_attention(
     timeline: bool = False,
 ) -> tuple[KernelSpec, Launch]:
     """The kernel and launch `decode_attention` runs on `backend_name` ("cuda" | "metal").
-    timeline (CUDA, diagnostics): a build that writes per-block phase timestamps into its
-    second output; `read_timeline` decodes them."""
+    timeline (CUDA, diagnostics): a build that also writes per-block phase timestamps after
+    the split records in its second output; `read_timeline` decodes them."""
     if backend_name not in CONFIG:
         raise ValueError(f"no decode attention kernel for back-end {backend_name!r}")
     _check(q, k, v, mask, live_blocks)
@@ -379,8 +359,7 @@ def plan_decode_attention(
     live = pack_live_blocks(live_blocks) if use_live else _dummy_live()
     pairs = t * hkv * hc
     n_split = choose_splits(pairs, n_blk, warps, d)
-    rec_bytes = pairs * n_split * record_bytes(gh, d, q.dtype.size) if n_split > 1 else 0
-    ws_size = 4  # written only by the timeline build
+    ws_size = pairs * n_split * record_bytes(gh, d, q.dtype.size) // 4 if n_split > 1 else 4
     smem = smem_bytes(d, warps, stages, q.dtype.size, gh)
     header, body = kernel_source(backend_name)
     if not MASK_STAGE:
@@ -390,12 +369,12 @@ def plan_decode_attention(
     if timeline:
         if backend_name != "cuda":
             raise ValueError("decode_attention: the timeline build exists for CUDA only")
-        ws_size = pairs * n_split * 2 * STAMPS
+        ws_size = (ws_size if n_split > 1 else 0) + pairs * n_split * 2 * STAMPS
         header = "#define BB_TIMELINE 1\n" + header
     kspec = KernelSpec(
         backend=backend_name,
         name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_tl' if timeline else ''}{'' if MASK_STAGE else '_ms0'}{'_r32' if REC32 else ''}",
-        input_names=("q", "k", "v", "mask", "live", "counters", "recs"),
+        input_names=("q", "k", "v", "mask", "live", "counters"),
         output_names=("out", "ws"),
         source=body,
         header=header,
@@ -403,7 +382,7 @@ def plan_decode_attention(
         shared_memory=smem if backend_name == "cuda" else 0,
     )
     launch = Launch(
-        inputs=[q, k, v, mask, live, _counter_array(pairs), _record_array(rec_bytes)],
+        inputs=[q, k, v, mask, live, _counter_array(pairs)],
         # token-major [1, T, Hq, D]: the o projection reads it as [T, Hq*D] without a copy
         output_shapes=[(1, t, hq, d), (ws_size,)],
         output_dtypes=[q.dtype, mx.float32],

@@ -5,9 +5,8 @@
 // in the row's live list (LIVE) or one of its 32 mask values is not -inf (SKIP, in-kernel
 // scan). The G query heads of the GQA group are the 16 rows of one tensor-core tile, so every
 // K/V element is read once per (row, kv head). Online softmax runs in fp32 in the log2 domain.
-// Splits write partial (O, max, sum) records to `recs`; the last split to finish (atomic
-// counter) merges them, so the whole layer is one launch. Counters are left at zero and records
-// all ones (empty, see bb_rec_store8) for the next call.
+// Splits write partial (O, max, sum) to `ws`; the last split to finish (atomic counter)
+// merges them, so the whole layer is one launch. Counters are left at zero for the next call.
 //
 // The backend layer (attention_cuda.h / attention_metal.h) supplies BB_FN, BB_GLOBAL,
 // BB_SHARED, BB_THREAD, BB_UNROLL, warp/block primitives and the chip helpers
@@ -52,7 +51,7 @@ BB_FN void bb_mma_16816(BB_THREAD float* acc, BB_THREAD const uint32_t* a, uint3
 }
 #endif
 
-// A split's partial record in recs, in bytes: O [GH][D], then (max, sum) [GH][2] in fp32 padded
+// A split's partial record in ws, in bytes: O [GH][D], then (max, sum) [GH][2] in fp32 padded
 // to 16 bytes. O is held in T divided by the split's sum: a convex combination of V rows, so T
 // holds it, and the last split reads half the bytes of fp32. (BB_REC32: O in fp32 relative to
 // the split's max, not divided; the kernel before the thirty-second session, for A/B runs.)
@@ -237,17 +236,15 @@ BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_SHARED MT* mt
 }
 
 // The last split's merge: acc += f * the 4 values of item i4 of one staged split record (O in
-// fp32 under BB_REC32, else in the activation dtype T). True if a word of the item is empty
-// (had not landed when it was copied: bb_rec_store8).
+// fp32 under BB_REC32, else in the activation dtype T).
 template <typename T>
-BB_FN bool bb_attn_merge_add(BB_THREAD float* acc, BB_SHARED const unsigned char* rec, float f, int i4) {
+BB_FN void bb_attn_merge_add(BB_THREAD float* acc, BB_SHARED const unsigned char* rec, float f, int i4) {
 #ifdef BB_REC32
-  const uint4 pw = *(BB_SHARED const uint4*)(rec + 16 * i4);
-  acc[0] += f * bb_bits_float(pw.x);
-  acc[1] += f * bb_bits_float(pw.y);
-  acc[2] += f * bb_bits_float(pw.z);
-  acc[3] += f * bb_bits_float(pw.w);
-  return bb_rec_empty(pw.x, pw.y) || bb_rec_empty(pw.z, pw.w);
+  const float4 pv = *(BB_SHARED const float4*)(rec + 16 * i4);
+  acc[0] += f * pv.x;
+  acc[1] += f * pv.y;
+  acc[2] += f * pv.z;
+  acc[3] += f * pv.w;
 #else
   const uint2 pw = *(BB_SHARED const uint2*)(rec + 8 * i4);
   float p0, p1, p2, p3;
@@ -257,7 +254,6 @@ BB_FN bool bb_attn_merge_add(BB_THREAD float* acc, BB_SHARED const unsigned char
   acc[1] += f * p1;
   acc[2] += f * p2;
   acc[3] += f * p3;
-  return bb_rec_empty(pw.x, pw.y);
 #endif
 }
 
@@ -326,9 +322,7 @@ template <typename T, typename MT, int D, int G, int W, int STAGES, bool SKIP, b
           typename MaskPtr, typename LivePtr>
 BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL const T* v,
                           MaskPtr mask, LivePtr live, BB_GLOBAL int* counters,
-                          BB_GLOBAL unsigned char* recs, // split records, all ones between launches
-                          BB_GLOBAL T* out,
-                          BB_GLOBAL float* ws,           // BB_TIMELINE: the phase stamps
+                          BB_GLOBAL T* out, BB_GLOBAL float* ws,
                           int n_rows,     // T: token rows (q.shape[2])
                           int n_kv_heads, // Hkv
                           int n_cells,    // S: cells in the K/V buffer
@@ -339,8 +333,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
                           BB_SHARED unsigned char* smem) {
   constexpr int GH = G < 16 ? G : 16; // query heads of one block (rows of the mma tile)
   constexpr int HC = (G + 15) / 16;   // head chunks per kv head
-  // A split's partial record in recs (bb_attn_rec_bytes): O [GH][D] in RT, then (max, sum)
-  // [GH][2], as 8-byte words (bb_rec_store8).
+  // A split's partial record in ws (bb_attn_rec_bytes): O [GH][D] in RT, then (max, sum) [GH][2].
 #ifdef BB_REC32
   typedef float RT;
 #else
@@ -357,8 +350,9 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
 
   const int tid = warp * 32 + lane;
 #ifdef BB_TIMELINE
+  const long tl_records = n_split > 1 ? (long)n_rows * n_kv_heads * HC * n_split * (REC / 4) : 0;
   const long tl_block = ((long)row * n_kv_heads * HC + bx) * n_split + split;
-  BB_GLOBAL uint32_t* stamps = (BB_GLOBAL uint32_t*)ws + tl_block * 2 * BB_STAMPS;
+  BB_GLOBAL uint32_t* stamps = (BB_GLOBAL uint32_t*)(ws + tl_records) + tl_block * 2 * BB_STAMPS;
   if (tid == 0) {  // a phase this block never reaches reads 0
     stamps[0] = bb_smid();
     for (int i = 1; i < 2 * BB_STAMPS; ++i) {
@@ -659,25 +653,29 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       }
     }
   } else {
-    // This split's partial record (REC above), in 8-byte words.
-    BB_GLOBAL unsigned char* rec = recs + (pair * n_split + split) * (long)REC;
+    // This split's partial record (REC above).
+    BB_GLOBAL unsigned char* rec = (BB_GLOBAL unsigned char*)ws + (pair * n_split + split) * (long)REC;
     for (int i = tid; i < NI4; i += W * 32) {
       const int r = (4 * i) / D, d = (4 * i) % D;
       float a[4], mm, ll;
       bb_attn_warp_merge4<W, OP, WSLICE>((BB_SHARED const float*)smem, r, d, a, &mm, &ll);
       if (d == 0) { // the row's first item also leaves the row's (max, sum)
-        bb_rec_store8(rec + REC_ML + 8 * r, bb_float_bits(mm), bb_float_bits(ll));
+        ((BB_GLOBAL float*)(rec + REC_ML))[r * 2 + 0] = mm;
+        ((BB_GLOBAL float*)(rec + REC_ML))[r * 2 + 1] = ll;
       }
 #ifdef BB_REC32
-      bb_rec_store8(rec + 16 * i, bb_float_bits(a[0]), bb_float_bits(a[1]));
-      bb_rec_store8(rec + 16 * i + 8, bb_float_bits(a[2]), bb_float_bits(a[3]));
+      BB_GLOBAL float* rf = (BB_GLOBAL float*)rec + 4 * i;
+      rf[0] = a[0];
+      rf[1] = a[1];
+      rf[2] = a[2];
+      rf[3] = a[3];
 #else
       const float inv = ll > 0.0f ? bb_rcp(ll) : 0.0f;
-      bb_rec_store8(rec + 8 * i, bb_pack2<T>(a[0] * inv, a[1] * inv), bb_pack2<T>(a[2] * inv, a[3] * inv));
+      bb_attn_store4<T>((BB_GLOBAL T*)rec + 4 * i, a[0] * inv, a[1] * inv, a[2] * inv, a[3] * inv);
 #endif
     }
-    // The count orders nothing on CUDA (bb_split_arrive): the last split reads every record
-    // word until none is empty. (Metal and the portable build fence around the count as well.)
+    // Every thread's record writes are ordered before the count by the barrier and the
+    // release of thread 0's atomic (bb_split_arrive); the last block acquires them there.
     // After this barrier the warps' slices are dead: the merge header takes their bytes.
     bb_split_release();
     bb_sync_block();
@@ -686,7 +684,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     if (tid == 0) {
       const int prev = bb_split_arrive(counters + pair);
       flag_s[0] = prev == n_split - 1 ? 1 : 0;
-      flag_s[1] = 0; // bb_sync_block_any's slot (Metal)
     }
     bb_sync_block();
     BB_STAMP(6);
@@ -701,7 +698,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       constexpr int NT4 = GH * D / 4;                 // items of 4 elements of O
       constexpr int IPT = (NT4 + W * 32 - 1) / (W * 32); // items per thread
       BB_SHARED unsigned char* stage = smem + HDR;
-      BB_GLOBAL unsigned char* prec = recs + pair * n_split * (long)REC; // this pair's records
+      BB_GLOBAL const unsigned char* recs = (BB_GLOBAL const unsigned char*)ws + pair * n_split * (long)REC;
       // Each split's weight per row: a warp per row, its lanes over the splits (two at most each),
       // (max, sum) loaded before the records' copies are issued and reduced by shuffles. (One
       // thread per row looping over the splits was three chains of dependent shared-memory
@@ -717,48 +714,18 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
           ms[j][u] = NEG_INF;
           ls[j][u] = 0.0f;
           if (r < GH && s2 < n_split) {
-            const uint2 w = bb_rec_load8(prec + (long)s2 * REC + REC_ML + 8 * r);
-            ms[j][u] = bb_bits_float(w.x);
-            ls[j][u] = bb_bits_float(w.y);
+            BB_GLOBAL const float* ml = (BB_GLOBAL const float*)(recs + (long)s2 * REC + REC_ML);
+            ms[j][u] = bb_load_coherent(ml + r * 2);
+            ls[j][u] = bb_load_coherent(ml + r * 2 + 1);
           }
         }
       }
       int sb = bb_mini(n_split, SB);
       for (int i = tid; i < sb * (REC / 16); i += W * 32) {
-        bb_cp_coherent16(stage + 16 * i, prec + 16 * i);
+        bb_cp_coherent16(stage + 16 * i, recs + 16 * i);
       }
       bb_cp_async_commit();
       BB_STAMP(8);
-      // A (max, sum) word read as empty has not landed: read again (the warp together, before
-      // the shuffles). Rare: the other splits stored their records before they counted.
-      {
-        bool miss = false;
-        BB_UNROLL
-        for (int j = 0; j < RPW; ++j) {
-          BB_UNROLL
-          for (int u = 0; u < 2; ++u) {
-            miss = miss || bb_rec_empty(bb_float_bits(ms[j][u]), bb_float_bits(ls[j][u]));
-          }
-        }
-        for (int tries = 0; bb_ballot(miss) != 0u; ++tries) {
-          bb_rec_retry(tries);
-          miss = false;
-          BB_UNROLL
-          for (int j = 0; j < RPW; ++j) {
-            const int r = warp + j * W;
-            BB_UNROLL
-            for (int u = 0; u < 2; ++u) {
-              const int s2 = lane + 32 * u;
-              if (r < GH && s2 < n_split) {
-                const uint2 w = bb_rec_load8(prec + (long)s2 * REC + REC_ML + 8 * r);
-                ms[j][u] = bb_bits_float(w.x);
-                ls[j][u] = bb_bits_float(w.y);
-                miss = miss || bb_rec_empty(w.x, w.y);
-              }
-            }
-          }
-        }
-      }
       // No branch around the shuffles (a row past GH reduces NEG_INF and 0s, and stores nothing):
       // shuffles under a branch compile to a slow convergence-checking loop. Each reduction level
       // takes every row of the warp, so the rows' shuffle chains overlap instead of running one
@@ -808,55 +775,45 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         }
       }
       BB_STAMP(9);
-      // The sums, over SB staged records at a time. A staged O word that reads as empty had not
-      // landed: the whole merge of O is done again from fresh copies (the first SB records'
-      // copies were issued above, before the weights).
       float acc[IPT][4];
-      for (int tries = 0;; ++tries) {
-        BB_UNROLL
-        for (int j = 0; j < IPT; ++j) {
-          acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-        }
-        bool miss = false;
-        for (int s0 = 0; s0 < n_split; s0 += SB) {
+      BB_UNROLL
+      for (int j = 0; j < IPT; ++j) {
+        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+      }
+      for (int s0 = 0; s0 < n_split; s0 += SB) {
+        if (s0 > 0) { // the next SB records, once every thread is done with the last ones
           sb = bb_mini(n_split - s0, SB);
-          if (s0 > 0 || tries > 0) { // the next SB records, once every thread is done with the last ones
-            bb_sync_block();
-            for (int i = tid; i < sb * (REC / 16); i += W * 32) {
-              bb_cp_coherent16(stage + 16 * i, prec + (long)s0 * REC + 16 * i);
-            }
-            bb_cp_async_commit();
+          bb_sync_block();
+          for (int i = tid; i < sb * (REC / 16); i += W * 32) {
+            bb_cp_coherent16(stage + 16 * i, recs + (long)s0 * REC + 16 * i);
           }
-          bb_cp_async_wait<0>();
-          bb_sync_block(); // the staged records and the factors are visible to every thread
-          BB_STAMP(10);
-          // Splits outer, four at a time, and this thread's items inner, without a branch (an item
-          // past the last is clamped onto it and never stored): the loads of 4 * IPT independent
-          // products are in flight together. (A branch around each product kept the compiler from
-          // hoisting their loads: ~1 us of dependent shared-memory loads at 16 splits, H200.)
-          int u = 0;
-          for (; u + 4 <= sb; u += 4) {
-            BB_UNROLL
-            for (int uu = 0; uu < 4; ++uu) {
-              BB_UNROLL
-              for (int j = 0; j < IPT; ++j) {
-                const int i4 = bb_mini(tid + j * W * 32, NT4 - 1);
-                miss = bb_attn_merge_add<T>(acc[j], stage + (u + uu) * REC, fac_s[(s0 + u + uu) * 16 + (4 * i4) / D], i4) || miss;
-              }
-            }
-          }
-          for (; u < sb; ++u) {
+          bb_cp_async_commit();
+        }
+        bb_cp_async_wait<0>();
+        bb_sync_block(); // the staged records and the factors are visible to every thread
+        BB_STAMP(10);
+        // Splits outer, four at a time, and this thread's items inner, without a branch (an item
+        // past the last is clamped onto it and never stored): the loads of 4 * IPT independent
+        // products are in flight together. (A branch around each product kept the compiler from
+        // hoisting their loads: ~1 us of dependent shared-memory loads at 16 splits, H200.)
+        int u = 0;
+        for (; u + 4 <= sb; u += 4) {
+          BB_UNROLL
+          for (int uu = 0; uu < 4; ++uu) {
             BB_UNROLL
             for (int j = 0; j < IPT; ++j) {
               const int i4 = bb_mini(tid + j * W * 32, NT4 - 1);
-              miss = bb_attn_merge_add<T>(acc[j], stage + u * REC, fac_s[(s0 + u) * 16 + (4 * i4) / D], i4) || miss;
+              bb_attn_merge_add<T>(acc[j], stage + (u + uu) * REC, fac_s[(s0 + u + uu) * 16 + (4 * i4) / D], i4);
             }
           }
         }
-        if (!bb_sync_block_any(miss, flag_s + 1)) {
-          break;
+        for (; u < sb; ++u) {
+          BB_UNROLL
+          for (int j = 0; j < IPT; ++j) {
+            const int i4 = bb_mini(tid + j * W * 32, NT4 - 1);
+            bb_attn_merge_add<T>(acc[j], stage + u * REC, fac_s[(s0 + u) * 16 + (4 * i4) / D], i4);
+          }
         }
-        bb_rec_retry(tries);
       }
       BB_STAMP(11);
       BB_UNROLL
@@ -868,13 +825,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
                             acc[j][2], acc[j][3]);
         }
       }
-      // Ready for the next launch: the pair's records empty again (every thread is past its
-      // reads of them: the barrier in bb_sync_block_any), its counter zero.
-      for (int i = tid; i < n_split * (REC / 16); i += W * 32) {
-        bb_rec_clear16(prec + 16 * i);
-      }
       if (tid == 0) {
-        bb_atomic_store(counters + pair, 0);
+        bb_atomic_store(counters + pair, 0); // ready for the next launch
       }
     }
   }

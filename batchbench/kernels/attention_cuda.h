@@ -98,9 +98,6 @@ BB_FN float bb_exp2(float x) {
 }
 #endif
 
-BB_FN uint32_t bb_float_bits(float x) { return __float_as_uint(x); }
-BB_FN float bb_bits_float(uint32_t u) { return __uint_as_float(u); }
-
 // ---- warp and block ---------------------------------------------------------
 
 BB_FN void bb_sync_block() { __syncthreads(); }
@@ -125,44 +122,17 @@ BB_FN void bb_split_release() { bb_fence_device(); }
 BB_FN int bb_split_arrive(int* p) { return bb_atomic_add(p, 1); }
 BB_FN void bb_split_acquire() { bb_fence_device(); }
 #else
-// No release and no acquire: the last split checks the records' words themselves (empty words
-// are read again, see bb_rec_store8), so no split waits for its record's stores to be
-// acknowledged before it counts (~0.5 us of an L2 round trip at small B).
 BB_FN void bb_split_release() {}
 BB_FN int bb_split_arrive(int* p) {
   int prev;
-  asm volatile("atom.relaxed.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(p) : "memory");
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(p) : "memory");
   return prev;
 }
 BB_FN void bb_split_acquire() {}
 #endif
 BB_FN void bb_atomic_store(int* p, int v) { atomicExch(p, v); }
-
-// ---- split records: 8-byte words, all ones while empty --------------------------------
-// The records live in a buffer that persists between launches (attention.py) and the last
-// split of a pair leaves its pair's records all ones again. So a word that reads as all ones
-// has not landed yet and is read again; any other value was written in this launch. A word
-// is written by one 8-byte store and read by one 8-byte load: never seen half written.
-BB_FN void bb_rec_store8(void* p, uint32_t lo, uint32_t hi) {
-  lo = (lo & hi) == 0xffffffffu ? 0x7fff7fffu : lo; // NaNs that would read as empty: other NaNs
-  *reinterpret_cast<unsigned long long*>(p) = ((unsigned long long)hi << 32) | lo;
-}
-// Through L2, never a stale L1 line.
-BB_FN uint2 bb_rec_load8(const void* p) {
-  const unsigned long long w = __ldcg(reinterpret_cast<const unsigned long long*>(p));
-  return make_uint2((uint32_t)w, (uint32_t)(w >> 32));
-}
-BB_FN bool bb_rec_empty(uint32_t lo, uint32_t hi) { return (lo & hi) == 0xffffffffu; }
-BB_FN void bb_rec_clear16(void* p) { *reinterpret_cast<uint4*>(p) = make_uint4(~0u, ~0u, ~0u, ~0u); }
-// A record still read as empty after `tries` rounds. The emulator runs blocks one at a time,
-// so there the last split always finds every record whole: a retry means a record never written.
-BB_FN void bb_rec_retry(int tries) {
-#ifdef BB_EMU
-  bbemu::fail("a split record word is still empty when the last split merges (try %d)", tries);
-#endif
-}
-// True in every thread if `p` is true in any thread of the block (a barrier).
-BB_FN bool bb_sync_block_any(bool p, int* slot) { return __syncthreads_or(p) != 0; }
+// Partials written by other blocks: read through L2, never a stale L1 line.
+BB_FN float bb_load_coherent(const float* p) { return __ldcg(p); }
 
 // ---- phase timestamps (diagnostic builds, BB_TIMELINE) ------------------------
 

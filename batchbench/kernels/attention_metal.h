@@ -87,9 +87,6 @@ BB_FN uint bb_mask_hidden_word<bool>() { return 0u; }
 BB_FN float bb_exp2(float x) { return exp2(x); }
 BB_FN float bb_rcp(float x) { return 1.0f / x; }
 
-BB_FN uint bb_float_bits(float x) { return as_type<uint>(x); }
-BB_FN float bb_bits_float(uint u) { return as_type<float>(u); }
-
 // ---- simdgroup and threadgroup ----------------------------------------------
 
 BB_FN void bb_sync_block() { threadgroup_barrier(mem_flags::mem_threadgroup); }
@@ -123,36 +120,7 @@ BB_FN int bb_split_arrive(device int* p) {
   return prev;
 }
 BB_FN void bb_split_acquire() { bb_fence_device(); }
-
-// Split records: 8-byte words, all ones while empty (see attention_cuda.h). With the fences
-// above a word is never read empty here; the check stays so that both kernels run one merge.
-BB_FN void bb_rec_store8(device void* p, uint lo, uint hi) {
-  lo = (lo & hi) == 0xffffffffu ? 0x7fff7fffu : lo;
-  *(device uint2*)p = uint2(lo, hi);
-}
-BB_FN uint2 bb_rec_load8(device const void* p) {
-  device const volatile uint* q = (device const volatile uint*)p;
-  return uint2(q[0], q[1]);
-}
-BB_FN bool bb_rec_empty(uint lo, uint hi) { return (lo & hi) == 0xffffffffu; }
-BB_FN void bb_rec_clear16(device void* p) { *(device uint4*)p = uint4(0xffffffffu); }
-BB_FN void bb_rec_retry(int tries) {
-#ifdef BB_EMU
-  bbemu::fail("a split record word is still empty when the last split merges (try %d)", tries);
-#endif
-}
-// True in every thread if `p` is true in any thread of the threadgroup; `slot` is 0 on entry
-// and left 0 (two barriers apart from every other use).
-BB_FN bool bb_sync_block_any(bool p, threadgroup int* slot) {
-  if (p) {
-    *slot = 1;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  const bool any = *(threadgroup volatile int*)slot != 0;
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  *slot = 0;
-  return any;
-}
+BB_FN float bb_load_coherent(device const float* p) { return *(device const volatile float*)p; }
 
 // ---- copies (synchronous) ---------------------------------------------------
 

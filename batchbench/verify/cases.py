@@ -131,14 +131,12 @@ def attention_case(
     want = reference(_f64(q), _f64(k), _f64(v), vis, scale)
     dead = ~vis.any(axis=1)
     counters_at = list(kspec.input_names).index("counters")
-    recs_at = list(kspec.input_names).index("recs")
 
     state: dict = {}
 
     def run(execute: Executor) -> np.ndarray:
         outs, ins_after = execute(kspec, launch)
         state["counters"] = ins_after[counters_at]
-        state["recs"] = ins_after[recs_at]
         return outs[0].transpose(0, 2, 1, 3).astype(np.float64)  # kernel writes [1, T, Hq, D]
 
     def dead_rows_zero(got):
@@ -152,18 +150,12 @@ def attention_case(
             return f"split counters not left at zero ({np.count_nonzero(c)} nonzero)"
         return None
 
-    def records_empty(_):
-        r = state.get("recs")
-        if r is not None and np.any(np.asarray(r).view(np.uint32) != 0xFFFFFFFF):
-            return f"split records not left empty (all ones): {np.count_nonzero(np.asarray(r).view(np.uint32) != 0xFFFFFFFF)} words"
-        return None
-
     name = (
         f"attn-{backend}-{'bf16' if dtype == mx.bfloat16 else 'fp16'}-D{d}-G{g}-{mask_kind}"
         f"-{'skip' if skip else 'noskip'}{'-live-' + live if live else ''}-{lname}-T{t}N{n}"
         f"-splits{launch.grid[1]}"
     )
-    return Case(name, [(kspec, launch)], run, want, ATTN_TOL[dtype], [dead_rows_zero, counters_reset, records_empty])
+    return Case(name, [(kspec, launch)], run, want, ATTN_TOL[dtype], [dead_rows_zero, counters_reset])
 
 
 def attention_cases(backend: str, rng: np.random.Generator, quick: bool = False) -> list[Case]:

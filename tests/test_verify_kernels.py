@@ -146,7 +146,7 @@ def _edit_executor(old, new):
     # the attention walk's wait for the oldest pipeline stage, and the merge's wait for the
     # staged split records
     ("attn", "bb_cp_async_wait<STAGES - 1>();", "bb_cp_async_wait<STAGES>();"),
-    ("attn-merge", "bb_attn_wait_groups(NB - 1 - k);\nbb_sync_block();", "bb_attn_wait_groups(NB - k);\nbb_sync_block();"),
+    ("attn-merge", "bb_cp_async_wait<0>();\nbb_sync_block();", "bb_cp_async_wait<1>();\nbb_sync_block();"),
     # the wait for the Q tile's group, and the barrier after it (each warp reads rows that
     # other warps' threads copied)
     ("attn-q", "bb_cp_async_wait<STAGES>();\nbb_sync_block();", "bb_sync_block();"),

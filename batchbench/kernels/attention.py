@@ -99,7 +99,7 @@ def smem_bytes(d: int, warps: int, stages: int, esize: int, gh: int) -> int:
     mask stages and Q tile, or the merge header and one split record if larger."""
     pipeline = (warps * stages * 2 * BLOCK * (d + 8) * esize + warps * LIST_CAP * 4 + warps * stages * MASK_STAGE_BYTES
                 + 16 * (d + 8) * esize)  # the Q tile
-    merge = 16  # flag_s (the warps' slices live in their own tiles)
+    merge = 4 * MAX_SPLIT * 16 + 16  # fac_s, flag_s (the warps' slices live in their own tiles)
     return max(pipeline, merge + record_bytes(gh, d, esize))
 
 
@@ -405,7 +405,7 @@ def plan_decode_attention(
 
 STAMPS = 12  # attention_common.h: BB_STAMPS
 STAMP_PHASES = ("entry", "list filled", "first K/V landed", "walk done", "warps merged", "split counted", "end",
-                "merge: copies issued", "merge: first group", "merge: last group", "merge: sums")
+                "merge: copies issued", "merge: weights", "merge: staged", "merge: sums")
 
 
 def read_timeline(ws: mx.array, launch: Launch) -> "np.ndarray":

@@ -15,7 +15,7 @@
 #define BB_ATTENTION_COMMON_H
 
 #define BB_BLOCK 32     // KV cells per block
-#define BB_MAX_SPLIT 64 // splits of one (row, kv head) at most
+#define BB_MAX_SPLIT 64 // merge factors kept in shared memory; the merge reads two splits a lane
 #define BB_LIST_CAP 256 // block ids buffered per warp
 #define BB_MASK_STAGE 128 // bytes of one block's 32 mask values in a pipeline stage (fp32 masks)
 
@@ -65,12 +65,12 @@ constexpr BB_FN int bb_attn_rec_bytes(int gh, int d, int rsize) { return gh * d 
 // Shared (threadgroup) memory, in bytes; attention.py mirrors this. The walk uses the pipeline
 // tiles, the per-warp block lists, each stage's mask values and the Q tile. After its walk each
 // warp leaves its O rows and (max, sum) in its own tiles (WSLICE in bb_attn_decode), so it need
-// not wait for the others. Once the split's record is written, the same bytes hold the merge header (flag_s)
-// and then the last split's staging of the split records (at least one record).
+// not wait for the others. Once the split's record is written, the same bytes hold the merge header (fac_s,
+// flag_s) and then the last split's staging of the split records (at least one record).
 // O rows are padded by 8 floats: a warp's 8-byte stores of its rows g and g + 8 then hit every
 // bank once per two wavefronts (unpadded, the 8 rows g of one store shared 8 banks: 8-way).
 constexpr BB_FN int bb_attn_opitch(int d) { return d + 8; }
-constexpr BB_FN int bb_attn_merge_hdr() { return 16; }
+constexpr BB_FN int bb_attn_merge_hdr(int d, int w) { return 4 * (BB_MAX_SPLIT * 16) + 16; }
 constexpr BB_FN int bb_attn_maxi(int a, int b) { return a > b ? a : b; }
 // The Q tile (16 rows of D, padded) after the pipeline tiles, lists and mask stages.
 constexpr BB_FN int bb_attn_qt_offset(int d, int w, int stages, int esize) {
@@ -79,7 +79,7 @@ constexpr BB_FN int bb_attn_qt_offset(int d, int w, int stages, int esize) {
 template <int D, int W, int STAGES, int ESIZE, int GH>
 constexpr BB_FN int bb_attn_smem_bytes() {
   return bb_attn_maxi(bb_attn_qt_offset(D, W, STAGES, ESIZE) + 16 * bb_attn_pitch(D) * ESIZE,
-                      bb_attn_merge_hdr() + bb_attn_rec_bytes(GH, D, BB_REC_ESIZE(ESIZE)));
+                      bb_attn_merge_hdr(D, W) + bb_attn_rec_bytes(GH, D, BB_REC_ESIZE(ESIZE)));
 }
 
 // Append the lanes with `ok` to list[at..] in lane order; returns how many were appended.
@@ -235,19 +235,6 @@ BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_SHARED MT* mt
   }
 }
 
-// Wait until all but the newest n (0..3) cp.async commit groups of this thread have landed.
-BB_FN void bb_attn_wait_groups(int n) {
-  if (n >= 3) {
-    bb_cp_async_wait<3>();
-  } else if (n == 2) {
-    bb_cp_async_wait<2>();
-  } else if (n == 1) {
-    bb_cp_async_wait<1>();
-  } else {
-    bb_cp_async_wait<0>();
-  }
-}
-
 // The last split's merge: acc += f * the 4 values of item i4 of one staged split record (O in
 // fp32 under BB_REC32, else in the activation dtype T).
 template <typename T>
@@ -316,7 +303,7 @@ BB_FN void bb_attn_store4(BB_GLOBAL T* o, float x0, float x1, float x2, float x3
 // block writes BB_STAMPS pairs of 32-bit words after the split records in ws: its SM id, then
 // the global timer at entry (1), list filled (2), first K/V block landed (3), walk done (4),
 // warps merged (5), split counted (6), end (7); the last split's merge: records' copies
-// issued (8), first commit group landed (9), last group landed (10), sums done (11).
+// issued (8), weights done (9), records staged (10), sums done (11).
 #define BB_STAMPS 12
 #ifdef BB_TIMELINE
 #define BB_STAMP(i)                   \
@@ -692,7 +679,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     // After this barrier the warps' slices are dead: the merge header takes their bytes.
     bb_split_release();
     bb_sync_block();
-    BB_SHARED int* flag_s = (BB_SHARED int*)smem;
+    BB_SHARED float* fac_s = (BB_SHARED float*)smem;               // [BB_MAX_SPLIT][16]
+    BB_SHARED int* flag_s = (BB_SHARED int*)(fac_s + BB_MAX_SPLIT * 16);
     if (tid == 0) {
       const int prev = bb_split_arrive(counters + pair);
       flag_s[0] = prev == n_split - 1 ? 1 : 0;
@@ -700,92 +688,130 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     bb_sync_block();
     BB_STAMP(6);
     if (flag_s[0] != 0) {
-      // Last split to arrive: merge every split's partial into the output. The records (O and
-      // each row's (max, sum)) are copied into shared memory SB splits at a time, in NB commit
-      // groups, and summed group by group as they land, with a running max per row: the sums of
-      // the first groups overlap the copies of the last ones. (The merge used to load every
-      // split's (max, sum) from global memory and reduce them by warp shuffles first; those
-      // weights were ready only as the last copies landed, so the sums started after both.)
+      // Last split to arrive: merge every split's partial into the output. The records are
+      // copied into shared memory SB splits at a time (all of them at small batch, where the
+      // merge is a chain of dependent L2 round trips), together with one round of loads of
+      // every split's (max, sum).
       bb_split_acquire();
-      constexpr int HDR = bb_attn_merge_hdr();
+      constexpr int HDR = bb_attn_merge_hdr(D, W);
       constexpr int SB = (bb_attn_smem_bytes<D, W, STAGES, (int)sizeof(T), GH>() - HDR) / REC;
       constexpr int NT4 = GH * D / 4;                 // items of 4 elements of O
       constexpr int IPT = (NT4 + W * 32 - 1) / (W * 32); // items per thread
-      constexpr int NB = 4;                           // commit groups of a round
       BB_SHARED unsigned char* stage = smem + HDR;
       BB_GLOBAL const unsigned char* recs = (BB_GLOBAL const unsigned char*)ws + pair * n_split * (long)REC;
-      // This thread's items (one past the last is clamped onto it and never stored: no branch
-      // around a product) and each one's running max, sum and weighted O.
-      int i4s[IPT], rml[IPT];
-      float acc[IPT][4], mx[IPT], den[IPT];
+      // Each split's weight per row: a warp per row, its lanes over the splits (two at most each),
+      // (max, sum) loaded before the records' copies are issued and reduced by shuffles. (One
+      // thread per row looping over the splits was three chains of dependent shared-memory
+      // reads.) A warp with several rows issues all their loads first: one round trip, not one a row.
+      constexpr int RPW = (GH + W - 1) / W; // rows a warp weighs
+      float ms[RPW][2], ls[RPW][2];
+      BB_UNROLL
+      for (int j = 0; j < RPW; ++j) {
+        const int r = warp + j * W;
+        BB_UNROLL
+        for (int u = 0; u < 2; ++u) {
+          const int s2 = lane + 32 * u;
+          ms[j][u] = NEG_INF;
+          ls[j][u] = 0.0f;
+          if (r < GH && s2 < n_split) {
+            BB_GLOBAL const float* ml = (BB_GLOBAL const float*)(recs + (long)s2 * REC + REC_ML);
+            ms[j][u] = bb_load_coherent(ml + r * 2);
+            ls[j][u] = bb_load_coherent(ml + r * 2 + 1);
+          }
+        }
+      }
+      int sb = bb_mini(n_split, SB);
+      for (int i = tid; i < sb * (REC / 16); i += W * 32) {
+        bb_cp_coherent16(stage + 16 * i, recs + 16 * i);
+      }
+      bb_cp_async_commit();
+      BB_STAMP(8);
+      // No branch around the shuffles (a row past GH reduces NEG_INF and 0s, and stores nothing):
+      // shuffles under a branch compile to a slow convergence-checking loop. Each reduction level
+      // takes every row of the warp, so the rows' shuffle chains overlap instead of running one
+      // after another (G=7 on 4 warps: two rows a warp).
+      float mm[RPW], ll[RPW], f[RPW][2];
+      BB_UNROLL
+      for (int j = 0; j < RPW; ++j) {
+        mm[j] = bb_maxf(ms[j][0], ms[j][1]);
+      }
+      BB_UNROLL
+      for (int x = 16; x >= 1; x >>= 1) {
+        BB_UNROLL
+        for (int j = 0; j < RPW; ++j) {
+          mm[j] = bb_maxf(mm[j], bb_shfl_xor(mm[j], x));
+        }
+      }
+      BB_UNROLL
+      for (int j = 0; j < RPW; ++j) {
+        ll[j] = 0.0f;
+        BB_UNROLL
+        for (int u = 0; u < 2; ++u) {
+          f[j][u] = ms[j][u] == NEG_INF ? 0.0f : bb_exp2(ms[j][u] - mm[j]);
+          ll[j] += f[j][u] * ls[j][u];
+        }
+      }
+      BB_UNROLL
+      for (int x = 16; x >= 1; x >>= 1) {
+        BB_UNROLL
+        for (int j = 0; j < RPW; ++j) {
+          ll[j] += bb_shfl_xor(ll[j], x);
+        }
+      }
+      BB_UNROLL
+      for (int j = 0; j < RPW; ++j) {
+        const int r = warp + j * W;
+        const float inv = ll[j] > 0.0f ? bb_rcp(ll[j]) : 0.0f;
+        BB_UNROLL
+        for (int u = 0; u < 2; ++u) {
+          const int s2 = lane + 32 * u;
+          if (r < GH && s2 < n_split) {
+#ifdef BB_REC32
+            fac_s[s2 * 16 + r] = f[j][u] * inv;
+#else
+            fac_s[s2 * 16 + r] = f[j][u] * inv * ls[j][u]; // records hold O / sum
+#endif
+          }
+        }
+      }
+      BB_STAMP(9);
+      float acc[IPT][4];
       BB_UNROLL
       for (int j = 0; j < IPT; ++j) {
-        i4s[j] = bb_mini(tid + j * W * 32, NT4 - 1);
-        rml[j] = REC_ML + 8 * ((4 * i4s[j]) / D); // byte offset of the item's row's (max, sum)
         acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-        mx[j] = NEG_INF;
-        den[j] = 0.0f;
       }
       for (int s0 = 0; s0 < n_split; s0 += SB) {
-        const int sb = bb_mini(n_split - s0, SB);
-        if (s0 > 0) {
-          bb_sync_block(); // every thread is done with the last round's records
-        }
-        BB_UNROLL
-        for (int k = 0; k < NB; ++k) {
-          const int c1 = ((k + 1) * sb) / NB * (REC / 16);
-          for (int i = ((k * sb) / NB) * (REC / 16) + tid; i < c1; i += W * 32) {
+        if (s0 > 0) { // the next SB records, once every thread is done with the last ones
+          sb = bb_mini(n_split - s0, SB);
+          bb_sync_block();
+          for (int i = tid; i < sb * (REC / 16); i += W * 32) {
             bb_cp_coherent16(stage + 16 * i, recs + (long)s0 * REC + 16 * i);
           }
           bb_cp_async_commit();
         }
-        BB_STAMP(8);
-        BB_UNROLL
-        for (int k = 0; k < NB; ++k) {
-          bb_attn_wait_groups(NB - 1 - k);
-          bb_sync_block(); // group k's records are visible to every thread
-          if (k == 0) {
-            BB_STAMP(9);
-          }
-          if (k == NB - 1) {
-            BB_STAMP(10);
-          }
-          const int u0 = (k * sb) / NB, u1 = ((k + 1) * sb) / NB;
-          // The group's max per item, one rescale, then the products. Splits outer, items inner:
-          // the loads of IPT independent products are in flight together.
-          float bm[IPT];
+        bb_cp_async_wait<0>();
+        bb_sync_block(); // the staged records and the factors are visible to every thread
+        BB_STAMP(10);
+        // Splits outer, four at a time, and this thread's items inner, without a branch (an item
+        // past the last is clamped onto it and never stored): the loads of 4 * IPT independent
+        // products are in flight together. (A branch around each product kept the compiler from
+        // hoisting their loads: ~1 us of dependent shared-memory loads at 16 splits, H200.)
+        int u = 0;
+        for (; u + 4 <= sb; u += 4) {
           BB_UNROLL
-          for (int j = 0; j < IPT; ++j) {
-            bm[j] = mx[j];
-          }
-          for (int u = u0; u < u1; ++u) {
+          for (int uu = 0; uu < 4; ++uu) {
             BB_UNROLL
             for (int j = 0; j < IPT; ++j) {
-              bm[j] = bb_maxf(bm[j], *(BB_SHARED const float*)(stage + u * REC + rml[j]));
+              const int i4 = bb_mini(tid + j * W * 32, NT4 - 1);
+              bb_attn_merge_add<T>(acc[j], stage + (u + uu) * REC, fac_s[(s0 + u + uu) * 16 + (4 * i4) / D], i4);
             }
           }
+        }
+        for (; u < sb; ++u) {
           BB_UNROLL
           for (int j = 0; j < IPT; ++j) {
-            const float sc = mx[j] == NEG_INF ? 0.0f : bb_exp2(mx[j] - bm[j]); // bm >= mx: no overflow
-            acc[j][0] *= sc;
-            acc[j][1] *= sc;
-            acc[j][2] *= sc;
-            acc[j][3] *= sc;
-            den[j] *= sc;
-            mx[j] = bm[j];
-          }
-          for (int u = u0; u < u1; ++u) {
-            BB_UNROLL
-            for (int j = 0; j < IPT; ++j) {
-              const float2 p = *(BB_SHARED const float2*)(stage + u * REC + rml[j]);
-              const float f = p.x == NEG_INF ? 0.0f : bb_exp2(p.x - bm[j]);
-              den[j] += f * p.y;
-#ifdef BB_REC32
-              bb_attn_merge_add<T>(acc[j], stage + u * REC, f, i4s[j]);
-#else
-              bb_attn_merge_add<T>(acc[j], stage + u * REC, f * p.y, i4s[j]); // records hold O / sum
-#endif
-            }
+            const int i4 = bb_mini(tid + j * W * 32, NT4 - 1);
+            bb_attn_merge_add<T>(acc[j], stage + u * REC, fac_s[(s0 + u) * 16 + (4 * i4) / D], i4);
           }
         }
       }
@@ -795,9 +821,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         const int i4 = tid + j * W * 32;
         const int r = (4 * i4) / D, d = (4 * i4) % D;
         if (i4 < NT4 && r < rows_valid) {
-          const float inv = den[j] > 0.0f ? bb_rcp(den[j]) : 0.0f; // den >= 1 where a cell is visible
-          bb_attn_store4<T>(out + ((long)row * n_kv_heads * G + head0 + r) * D + d, acc[j][0] * inv,
-                            acc[j][1] * inv, acc[j][2] * inv, acc[j][3] * inv);
+          bb_attn_store4<T>(out + ((long)row * n_kv_heads * G + head0 + r) * D + d, acc[j][0], acc[j][1],
+                            acc[j][2], acc[j][3]);
         }
       }
       if (tid == 0) {

@@ -131,6 +131,8 @@ BB_FN int bb_split_arrive(int* p) {
 BB_FN void bb_split_acquire() {}
 #endif
 BB_FN void bb_atomic_store(int* p, int v) { atomicExch(p, v); }
+// Partials written by other blocks: read through L2, never a stale L1 line.
+BB_FN float bb_load_coherent(const float* p) { return __ldcg(p); }
 
 // ---- phase timestamps (diagnostic builds, BB_TIMELINE) ------------------------
 

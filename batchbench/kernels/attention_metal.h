@@ -120,6 +120,7 @@ BB_FN int bb_split_arrive(device int* p) {
   return prev;
 }
 BB_FN void bb_split_acquire() { bb_fence_device(); }
+BB_FN float bb_load_coherent(device const float* p) { return *(device const volatile float*)p; }
 
 // ---- copies (synchronous) ---------------------------------------------------
 

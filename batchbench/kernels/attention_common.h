@@ -70,7 +70,7 @@ constexpr BB_FN int bb_attn_rec_bytes(int gh, int d, int rsize) { return gh * d 
 // O rows are padded by 8 floats: a warp's 8-byte stores of its rows g and g + 8 then hit every
 // bank once per two wavefronts (unpadded, the 8 rows g of one store shared 8 banks: 8-way).
 constexpr BB_FN int bb_attn_opitch(int d) { return d + 8; }
-constexpr BB_FN int bb_attn_merge_hdr(int d, int w) { return 4 * (BB_MAX_SPLIT * 16) + 16; }
+constexpr BB_FN int bb_attn_merge_hdr() { return 4 * (BB_MAX_SPLIT * 16) + 16; } // fac_s, flag_s
 constexpr BB_FN int bb_attn_maxi(int a, int b) { return a > b ? a : b; }
 // The Q tile (16 rows of D, padded) after the pipeline tiles, lists and mask stages.
 constexpr BB_FN int bb_attn_qt_offset(int d, int w, int stages, int esize) {
@@ -79,7 +79,7 @@ constexpr BB_FN int bb_attn_qt_offset(int d, int w, int stages, int esize) {
 template <int D, int W, int STAGES, int ESIZE, int GH>
 constexpr BB_FN int bb_attn_smem_bytes() {
   return bb_attn_maxi(bb_attn_qt_offset(D, W, STAGES, ESIZE) + 16 * bb_attn_pitch(D) * ESIZE,
-                      bb_attn_merge_hdr(D, W) + bb_attn_rec_bytes(GH, D, BB_REC_ESIZE(ESIZE)));
+                      bb_attn_merge_hdr() + bb_attn_rec_bytes(GH, D, BB_REC_ESIZE(ESIZE)));
 }
 
 // Append the lanes with `ok` to list[at..] in lane order; returns how many were appended.
@@ -287,6 +287,10 @@ BB_FN void bb_attn_warp_merge4(BB_SHARED const float* slices, int r, int d, BB_T
   *mm = m;
   *ll = l;
 }
+
+// 1 / a row's softmax sum, or 0 for a row with nothing visible (sum 0: its output is zeros,
+// never NaN). Where the sum is not 0 it is >= 1 (the max's own term), so bb_rcp's approximation holds.
+BB_FN float bb_attn_inv_sum(float l) { return l > 0.0f ? bb_rcp(l) : 0.0f; }
 
 // Four values to T at an 8-byte aligned address (D is a multiple of 4 and buffers are aligned),
 // stored as one uint2. (nvcc makes it one 8-byte store into the split records, two 4-byte
@@ -647,7 +651,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       if (r < rows_valid) {
         float a[4], mm, ll;
         bb_attn_warp_merge4<W, OP, WSLICE>((BB_SHARED const float*)smem, r, d, a, &mm, &ll);
-        const float inv = ll > 0.0f ? bb_rcp(ll) : 0.0f;
+        const float inv = bb_attn_inv_sum(ll);
         bb_attn_store4<T>(out + ((long)row * n_kv_heads * G + head0 + r) * D + d, a[0] * inv, a[1] * inv,
                           a[2] * inv, a[3] * inv);
       }
@@ -670,7 +674,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       rf[2] = a[2];
       rf[3] = a[3];
 #else
-      const float inv = ll > 0.0f ? bb_rcp(ll) : 0.0f;
+      const float inv = bb_attn_inv_sum(ll);
       bb_attn_store4<T>((BB_GLOBAL T*)rec + 4 * i, a[0] * inv, a[1] * inv, a[2] * inv, a[3] * inv);
 #endif
     }
@@ -693,7 +697,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       // merge is a chain of dependent L2 round trips), together with one round of loads of
       // every split's (max, sum).
       bb_split_acquire();
-      constexpr int HDR = bb_attn_merge_hdr(D, W);
+      constexpr int HDR = bb_attn_merge_hdr();
       constexpr int SB = (bb_attn_smem_bytes<D, W, STAGES, (int)sizeof(T), GH>() - HDR) / REC;
       constexpr int NT4 = GH * D / 4;                 // items of 4 elements of O
       constexpr int IPT = (NT4 + W * 32 - 1) / (W * 32); // items per thread
@@ -761,7 +765,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       BB_UNROLL
       for (int j = 0; j < RPW; ++j) {
         const int r = warp + j * W;
-        const float inv = ll[j] > 0.0f ? bb_rcp(ll[j]) : 0.0f;
+        const float inv = bb_attn_inv_sum(ll[j]);
         BB_UNROLL
         for (int u = 0; u < 2; ++u) {
           const int s2 = lane + 32 * u;

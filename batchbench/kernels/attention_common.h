@@ -365,10 +365,6 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   }
 #endif
   BB_STAMP(1);
-  const long pair = (long)row * (n_kv_heads * HC) + bx; // (row, kv head, head chunk)
-  if (tid == 0 && n_split > 1) {
-    bb_prefetch_l2(counters + pair); // counted after the walk: an L2 hit then, not a DRAM miss
-  }
   const int kvh = bx % n_kv_heads;
   const int hc = bx / n_kv_heads;
   const int head0 = kvh * G + hc * 16;
@@ -645,6 +641,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   }
   bb_sync_block();
   BB_STAMP(5);
+  const long pair = (long)row * (n_kv_heads * HC) + bx; // (row, kv head, head chunk)
   // Items of 4 consecutive elements of one row: 16-byte loads of each warp's O and one uint2
   // store (the element-wise loop was 2-byte stores and an IEEE division per element).
   constexpr int NI4 = GH * D / 4;

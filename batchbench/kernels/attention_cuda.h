@@ -131,14 +131,6 @@ BB_FN int bb_split_arrive(int* p) {
 BB_FN void bb_split_acquire() {}
 #endif
 BB_FN void bb_atomic_store(int* p, int v) { atomicExch(p, v); }
-// The split counter's line pulled into L2 at entry, so the count after the walk is an L2 atomic.
-// The counters rotate over a pool (attention.py), so in a chain of layers each one was last
-// touched many launches (and many MB of K/V) ago: an atomic that misses L2 waits on DRAM too.
-#ifdef BB_PORTABLE
-BB_FN void bb_prefetch_l2(const int*) {}
-#else
-BB_FN void bb_prefetch_l2(const int* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-#endif
 // Partials written by other blocks: read through L2, never a stale L1 line.
 BB_FN float bb_load_coherent(const float* p) { return __ldcg(p); }
 

@@ -120,8 +120,6 @@ BB_FN int bb_split_arrive(device int* p) {
   return prev;
 }
 BB_FN void bb_split_acquire() { bb_fence_device(); }
-// Metal has no L2 prefetch instruction: a no-op (see attention_cuda.h).
-BB_FN void bb_prefetch_l2(device const int*) {}
 BB_FN float bb_load_coherent(device const float* p) { return *(device const volatile float*)p; }
 
 // ---- copies (synchronous) ---------------------------------------------------

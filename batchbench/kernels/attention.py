@@ -26,7 +26,6 @@ from batchbench.kernels.spec import KernelSpec, Launch
 
 BLOCK = 32  # KV cells per skippable block
 MAX_SPLIT = 64  # attention_common.h: BB_MAX_SPLIT
-MERGE_REGS = 16  # attention_common.h: BB_MERGE_REGS (splits the last split merges in registers)
 LIST_CAP = 256  # attention_common.h: BB_LIST_CAP
 MASK_STAGE_BYTES = 128  # attention_common.h: BB_MASK_STAGE
 HEADS_PER_TILE = 16  # query heads of one GQA group in one mma tile

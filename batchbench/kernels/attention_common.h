@@ -18,7 +18,6 @@
 #define BB_MAX_SPLIT 64 // merge factors kept in shared memory; the merge reads two splits a lane
 #define BB_LIST_CAP 256 // block ids buffered per warp
 #define BB_MASK_STAGE 128 // bytes of one block's 32 mask values in a pipeline stage (fp32 masks)
-#define BB_MERGE_REGS 16 // at most this many splits (and two items a thread): merged in registers
 
 constexpr BB_FN int bb_attn_pitch(int d) { return d + 8; } // padded row: no bank conflicts
 
@@ -693,236 +692,141 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     bb_sync_block();
     BB_STAMP(6);
     if (flag_s[0] != 0) {
-      // Last split to arrive: merge every split's partial into the output.
+      // Last split to arrive: merge every split's partial into the output. The records are
+      // copied into shared memory SB splits at a time (all of them at small batch, where the
+      // merge is a chain of dependent L2 round trips), together with one round of loads of
+      // every split's (max, sum).
       bb_split_acquire();
-      BB_GLOBAL const unsigned char* recs = (BB_GLOBAL const unsigned char*)ws + pair * n_split * (long)REC;
+      constexpr int HDR = bb_attn_merge_hdr();
+      constexpr int SB = (bb_attn_smem_bytes<D, W, STAGES, (int)sizeof(T), GH>() - HDR) / REC;
       constexpr int NT4 = GH * D / 4;                 // items of 4 elements of O
       constexpr int IPT = (NT4 + W * 32 - 1) / (W * 32); // items per thread
-#ifndef BB_REC32
-      if (IPT <= 2 && n_split <= BB_MERGE_REGS) {
-        // Few splits: each thread loads, for its items, every split's (max, sum) of the items'
-        // rows and 4 values of O straight from L2, all in flight at once, then weighs and sums
-        // in registers. No staging, barrier, shuffles or factors in shared memory, and the
-        // weights are worked out while the O values are still landing. (Staged, B=2 x 4096's
-        // 16 records took ~1.0 us from the count until records and weights were both in, then
-        // 0.42 us of sums: session 35's timeline.) A thread with more items (Metal's one
-        // simdgroup at G=7, D=128: seven) would need 64 registers an item: staged below.
-        // A split past the last loads nothing and keeps (-inf, 0) and zeros: it weighs 0. The
-        // test is per split, for all of its loads together (n_split is uniform: a branch that
-        // never diverges; a predicate per load made nvcc juggle 32 of them through registers).
-        BB_GLOBAL const unsigned char* mlp[IPT];
-        BB_GLOBAL const unsigned char* xp[IPT];
+      BB_SHARED unsigned char* stage = smem + HDR;
+      BB_GLOBAL const unsigned char* recs = (BB_GLOBAL const unsigned char*)ws + pair * n_split * (long)REC;
+      // Each split's weight per row: a warp per row, its lanes over the splits (two at most each),
+      // (max, sum) loaded before the records' copies are issued and reduced by shuffles. (One
+      // thread per row looping over the splits was three chains of dependent shared-memory
+      // reads.) A warp with several rows issues all their loads first: one round trip, not one a row.
+      constexpr int RPW = (GH + W - 1) / W; // rows a warp weighs
+      float ms[RPW][2], ls[RPW][2];
+      BB_UNROLL
+      for (int j = 0; j < RPW; ++j) {
+        const int r = warp + j * W;
         BB_UNROLL
-        for (int j = 0; j < IPT; ++j) {
-          const int i4 = bb_mini(tid + j * W * 32, NT4 - 1); // an item past the last loads the last
-          mlp[j] = recs + REC_ML + 8 * ((4 * i4) / D);
-          xp[j] = recs + 8 * i4;
-        }
-        uint2 ml[IPT][BB_MERGE_REGS], x[IPT][BB_MERGE_REGS];
-        BB_UNROLL
-        for (int u = 0; u < BB_MERGE_REGS; ++u) {
-          BB_UNROLL
-          for (int j = 0; j < IPT; ++j) {
-            ml[j][u].x = 0xff800000u; // -inf
-            ml[j][u].y = x[j][u].x = x[j][u].y = 0u;
+        for (int u = 0; u < 2; ++u) {
+          const int s2 = lane + 32 * u;
+          ms[j][u] = NEG_INF;
+          ls[j][u] = 0.0f;
+          if (r < GH && s2 < n_split) {
+            BB_GLOBAL const float* ml = (BB_GLOBAL const float*)(recs + (long)s2 * REC + REC_ML);
+            ms[j][u] = bb_load_coherent(ml + r * 2);
+            ls[j][u] = bb_load_coherent(ml + r * 2 + 1);
           }
         }
+      }
+      int sb = bb_mini(n_split, SB);
+      for (int i = tid; i < sb * (REC / 16); i += W * 32) {
+        bb_cp_coherent16(stage + 16 * i, recs + 16 * i);
+      }
+      bb_cp_async_commit();
+      BB_STAMP(8);
+      // No branch around the shuffles (a row past GH reduces NEG_INF and 0s, and stores nothing):
+      // shuffles under a branch compile to a slow convergence-checking loop. Each reduction level
+      // takes every row of the warp, so the rows' shuffle chains overlap instead of running one
+      // after another (G=7 on 4 warps: two rows a warp).
+      float mm[RPW], ll[RPW], f[RPW][2];
+      BB_UNROLL
+      for (int j = 0; j < RPW; ++j) {
+        mm[j] = bb_maxf(ms[j][0], ms[j][1]);
+      }
+      BB_UNROLL
+      for (int x = 16; x >= 1; x >>= 1) {
         BB_UNROLL
-        for (int u = 0; u < BB_MERGE_REGS; ++u) {
-          if (u < n_split) {
-            BB_UNROLL
-            for (int j = 0; j < IPT; ++j) {
-              ml[j][u] = bb_load_coherent8(mlp[j] + u * REC);
-            }
-          }
+        for (int j = 0; j < RPW; ++j) {
+          mm[j] = bb_maxf(mm[j], bb_shfl_xor(mm[j], x));
         }
+      }
+      BB_UNROLL
+      for (int j = 0; j < RPW; ++j) {
+        ll[j] = 0.0f;
         BB_UNROLL
-        for (int u = 0; u < BB_MERGE_REGS; ++u) {
-          if (u < n_split) {
-            BB_UNROLL
-            for (int j = 0; j < IPT; ++j) {
-              x[j][u] = bb_load_coherent8(xp[j] + u * REC);
-            }
-          }
+        for (int u = 0; u < 2; ++u) {
+          f[j][u] = ms[j][u] == NEG_INF ? 0.0f : bb_exp2(ms[j][u] - mm[j]);
+          ll[j] += f[j][u] * ls[j][u];
         }
-        BB_STAMP(8);
-        // Each split's weight for this thread's rows (records hold O / sum, hence the l_u factor).
-        float f[IPT][BB_MERGE_REGS];
+      }
+      BB_UNROLL
+      for (int x = 16; x >= 1; x >>= 1) {
         BB_UNROLL
-        for (int j = 0; j < IPT; ++j) {
-          float mm = NEG_INF, ll = 0.0f;
-          BB_UNROLL
-          for (int u = 0; u < BB_MERGE_REGS; ++u) {
-            mm = bb_maxf(mm, bb_as_float(ml[j][u].x));
-          }
-          BB_UNROLL
-          for (int u = 0; u < BB_MERGE_REGS; ++u) {
-            const float mu = bb_as_float(ml[j][u].x), lu = bb_as_float(ml[j][u].y);
-            f[j][u] = mu == NEG_INF ? 0.0f : bb_exp2(mu - mm) * lu;
-            ll += f[j][u];
-          }
-          const float inv = bb_attn_inv_sum(ll);
-          BB_UNROLL
-          for (int u = 0; u < BB_MERGE_REGS; ++u) {
-            f[j][u] *= inv;
-          }
+        for (int j = 0; j < RPW; ++j) {
+          ll[j] += bb_shfl_xor(ll[j], x);
         }
-        BB_STAMP(9);
-        BB_STAMP(10); // nothing staged
+      }
+      BB_UNROLL
+      for (int j = 0; j < RPW; ++j) {
+        const int r = warp + j * W;
+        const float inv = bb_attn_inv_sum(ll[j]);
         BB_UNROLL
-        for (int j = 0; j < IPT; ++j) {
-          float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          BB_UNROLL
-          for (int u = 0; u < BB_MERGE_REGS; ++u) {
-            float p0, p1, p2, p3;
-            bb_unpack2<T>(x[j][u].x, &p0, &p1);
-            bb_unpack2<T>(x[j][u].y, &p2, &p3);
-            const float w = f[j][u];
-            a[0] += w * p0;
-            a[1] += w * p1;
-            a[2] += w * p2;
-            a[3] += w * p3;
-          }
-          const int i4 = tid + j * W * 32;
-          const int r = (4 * i4) / D, d = (4 * i4) % D;
-          if (i4 < NT4 && r < rows_valid) {
-            bb_attn_store4<T>(out + ((long)row * n_kv_heads * G + head0 + r) * D + d, a[0], a[1], a[2], a[3]);
-          }
-        }
-        BB_STAMP(11);
-      } else
+        for (int u = 0; u < 2; ++u) {
+          const int s2 = lane + 32 * u;
+          if (r < GH && s2 < n_split) {
+#ifdef BB_REC32
+            fac_s[s2 * 16 + r] = f[j][u] * inv;
+#else
+            fac_s[s2 * 16 + r] = f[j][u] * inv * ls[j][u]; // records hold O / sum
 #endif
-      {
-        // More splits: the records are copied into shared memory SB splits at a time, together
-        // with one round of loads of every split's (max, sum).
-        constexpr int HDR = bb_attn_merge_hdr();
-        constexpr int SB = (bb_attn_smem_bytes<D, W, STAGES, (int)sizeof(T), GH>() - HDR) / REC;
-        BB_SHARED unsigned char* stage = smem + HDR;
-        // Each split's weight per row: a warp per row, its lanes over the splits (two at most each),
-        // (max, sum) loaded before the records' copies are issued and reduced by shuffles. (One
-        // thread per row looping over the splits was three chains of dependent shared-memory
-        // reads.) A warp with several rows issues all their loads first: one round trip, not one a row.
-        constexpr int RPW = (GH + W - 1) / W; // rows a warp weighs
-        float ms[RPW][2], ls[RPW][2];
-        BB_UNROLL
-        for (int j = 0; j < RPW; ++j) {
-          const int r = warp + j * W;
+          }
+        }
+      }
+      BB_STAMP(9);
+      float acc[IPT][4];
+      BB_UNROLL
+      for (int j = 0; j < IPT; ++j) {
+        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+      }
+      for (int s0 = 0; s0 < n_split; s0 += SB) {
+        if (s0 > 0) { // the next SB records, once every thread is done with the last ones
+          sb = bb_mini(n_split - s0, SB);
+          bb_sync_block();
+          for (int i = tid; i < sb * (REC / 16); i += W * 32) {
+            bb_cp_coherent16(stage + 16 * i, recs + (long)s0 * REC + 16 * i);
+          }
+          bb_cp_async_commit();
+        }
+        bb_cp_async_wait<0>();
+        bb_sync_block(); // the staged records and the factors are visible to every thread
+        BB_STAMP(10);
+        // Splits outer, four at a time, and this thread's items inner, without a branch (an item
+        // past the last is clamped onto it and never stored): the loads of 4 * IPT independent
+        // products are in flight together. (A branch around each product kept the compiler from
+        // hoisting their loads: ~1 us of dependent shared-memory loads at 16 splits, H200.)
+        int u = 0;
+        for (; u + 4 <= sb; u += 4) {
           BB_UNROLL
-          for (int u = 0; u < 2; ++u) {
-            const int s2 = lane + 32 * u;
-            ms[j][u] = NEG_INF;
-            ls[j][u] = 0.0f;
-            if (r < GH && s2 < n_split) {
-              BB_GLOBAL const float* ml = (BB_GLOBAL const float*)(recs + (long)s2 * REC + REC_ML);
-              ms[j][u] = bb_load_coherent(ml + r * 2);
-              ls[j][u] = bb_load_coherent(ml + r * 2 + 1);
-            }
-          }
-        }
-        int sb = bb_mini(n_split, SB);
-        for (int i = tid; i < sb * (REC / 16); i += W * 32) {
-          bb_cp_coherent16(stage + 16 * i, recs + 16 * i);
-        }
-        bb_cp_async_commit();
-        BB_STAMP(8);
-        // No branch around the shuffles (a row past GH reduces NEG_INF and 0s, and stores nothing):
-        // shuffles under a branch compile to a slow convergence-checking loop. Each reduction level
-        // takes every row of the warp, so the rows' shuffle chains overlap instead of running one
-        // after another (G=7 on 4 warps: two rows a warp).
-        float mm[RPW], ll[RPW], f[RPW][2];
-        BB_UNROLL
-        for (int j = 0; j < RPW; ++j) {
-          mm[j] = bb_maxf(ms[j][0], ms[j][1]);
-        }
-        BB_UNROLL
-        for (int x = 16; x >= 1; x >>= 1) {
-          BB_UNROLL
-          for (int j = 0; j < RPW; ++j) {
-            mm[j] = bb_maxf(mm[j], bb_shfl_xor(mm[j], x));
-          }
-        }
-        BB_UNROLL
-        for (int j = 0; j < RPW; ++j) {
-          ll[j] = 0.0f;
-          BB_UNROLL
-          for (int u = 0; u < 2; ++u) {
-            f[j][u] = ms[j][u] == NEG_INF ? 0.0f : bb_exp2(ms[j][u] - mm[j]);
-            ll[j] += f[j][u] * ls[j][u];
-          }
-        }
-        BB_UNROLL
-        for (int x = 16; x >= 1; x >>= 1) {
-          BB_UNROLL
-          for (int j = 0; j < RPW; ++j) {
-            ll[j] += bb_shfl_xor(ll[j], x);
-          }
-        }
-        BB_UNROLL
-        for (int j = 0; j < RPW; ++j) {
-          const int r = warp + j * W;
-          const float inv = bb_attn_inv_sum(ll[j]);
-          BB_UNROLL
-          for (int u = 0; u < 2; ++u) {
-            const int s2 = lane + 32 * u;
-            if (r < GH && s2 < n_split) {
-  #ifdef BB_REC32
-              fac_s[s2 * 16 + r] = f[j][u] * inv;
-  #else
-              fac_s[s2 * 16 + r] = f[j][u] * inv * ls[j][u]; // records hold O / sum
-  #endif
-            }
-          }
-        }
-        BB_STAMP(9);
-        float acc[IPT][4];
-        BB_UNROLL
-        for (int j = 0; j < IPT; ++j) {
-          acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-        }
-        for (int s0 = 0; s0 < n_split; s0 += SB) {
-          if (s0 > 0) { // the next SB records, once every thread is done with the last ones
-            sb = bb_mini(n_split - s0, SB);
-            bb_sync_block();
-            for (int i = tid; i < sb * (REC / 16); i += W * 32) {
-              bb_cp_coherent16(stage + 16 * i, recs + (long)s0 * REC + 16 * i);
-            }
-            bb_cp_async_commit();
-          }
-          bb_cp_async_wait<0>();
-          bb_sync_block(); // the staged records and the factors are visible to every thread
-          BB_STAMP(10);
-          // Splits outer, four at a time, and this thread's items inner, without a branch (an item
-          // past the last is clamped onto it and never stored): the loads of 4 * IPT independent
-          // products are in flight together. (A branch around each product kept the compiler from
-          // hoisting their loads: ~1 us of dependent shared-memory loads at 16 splits, H200.)
-          int u = 0;
-          for (; u + 4 <= sb; u += 4) {
-            BB_UNROLL
-            for (int uu = 0; uu < 4; ++uu) {
-              BB_UNROLL
-              for (int j = 0; j < IPT; ++j) {
-                const int i4 = bb_mini(tid + j * W * 32, NT4 - 1);
-                bb_attn_merge_add<T>(acc[j], stage + (u + uu) * REC, fac_s[(s0 + u + uu) * 16 + (4 * i4) / D], i4);
-              }
-            }
-          }
-          for (; u < sb; ++u) {
+          for (int uu = 0; uu < 4; ++uu) {
             BB_UNROLL
             for (int j = 0; j < IPT; ++j) {
               const int i4 = bb_mini(tid + j * W * 32, NT4 - 1);
-              bb_attn_merge_add<T>(acc[j], stage + u * REC, fac_s[(s0 + u) * 16 + (4 * i4) / D], i4);
+              bb_attn_merge_add<T>(acc[j], stage + (u + uu) * REC, fac_s[(s0 + u + uu) * 16 + (4 * i4) / D], i4);
             }
           }
         }
-        BB_STAMP(11);
-        BB_UNROLL
-        for (int j = 0; j < IPT; ++j) {
-          const int i4 = tid + j * W * 32;
-          const int r = (4 * i4) / D, d = (4 * i4) % D;
-          if (i4 < NT4 && r < rows_valid) {
-            bb_attn_store4<T>(out + ((long)row * n_kv_heads * G + head0 + r) * D + d, acc[j][0], acc[j][1],
-                              acc[j][2], acc[j][3]);
+        for (; u < sb; ++u) {
+          BB_UNROLL
+          for (int j = 0; j < IPT; ++j) {
+            const int i4 = bb_mini(tid + j * W * 32, NT4 - 1);
+            bb_attn_merge_add<T>(acc[j], stage + u * REC, fac_s[(s0 + u) * 16 + (4 * i4) / D], i4);
           }
+        }
+      }
+      BB_STAMP(11);
+      BB_UNROLL
+      for (int j = 0; j < IPT; ++j) {
+        const int i4 = tid + j * W * 32;
+        const int r = (4 * i4) / D, d = (4 * i4) % D;
+        if (i4 < NT4 && r < rows_valid) {
+          bb_attn_store4<T>(out + ((long)row * n_kv_heads * G + head0 + r) * D + d, acc[j][0], acc[j][1],
+                            acc[j][2], acc[j][3]);
         }
       }
       if (tid == 0) {

@@ -133,9 +133,6 @@ BB_FN void bb_split_acquire() {}
 BB_FN void bb_atomic_store(int* p, int v) { atomicExch(p, v); }
 // Partials written by other blocks: read through L2, never a stale L1 line.
 BB_FN float bb_load_coherent(const float* p) { return __ldcg(p); }
-// 8 bytes written by another block of this launch (a record's (max, sum), or 4 values of its O).
-BB_FN uint2 bb_load_coherent8(const void* p) { return __ldcg(reinterpret_cast<const uint2*>(p)); }
-BB_FN float bb_as_float(uint32_t u) { return __uint_as_float(u); }
 
 // ---- phase timestamps (diagnostic builds, BB_TIMELINE) ------------------------
 

@@ -121,11 +121,6 @@ BB_FN int bb_split_arrive(device int* p) {
 }
 BB_FN void bb_split_acquire() { bb_fence_device(); }
 BB_FN float bb_load_coherent(device const float* p) { return *(device const volatile float*)p; }
-BB_FN uint2 bb_load_coherent8(device const void* p) {
-  device const volatile uint* w = (device const volatile uint*)p;
-  return uint2(w[0], w[1]);
-}
-BB_FN float bb_as_float(uint u) { return as_type<float>(u); }
 
 // ---- copies (synchronous) ---------------------------------------------------
 

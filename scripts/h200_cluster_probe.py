@@ -6,7 +6,10 @@ cluster cannot be asked for at launch. A compile-time cluster shape can: the hea
 emits `.reqnctapercluster 1, CL, 1`). Each block stores a value in its shared memory, the
 cluster synchronises, and each block reads its neighbour's through distributed shared memory.
 If the launch honours the attribute, every block reports CL blocks in its cluster and its
-neighbour's value; otherwise clusters of 1 (or a launch error).
+neighbour's value; otherwise clusters of 1 (or a launch error). Two launch shapes: 16 blocks of
+32 threads with 1 KB of shared memory, and the attention kernel's at B=2 x 4096 (4 x 16 x 2
+blocks of 128 threads, 148736 bytes; clusters of 1, 2, 4 passed there on the H200, thirty-sixth
+session).
 
     PYTHONPATH=. python3 scripts/h200_cluster_probe.py      # on a CUDA machine
 """

@@ -2,9 +2,10 @@
 """Where the decode attention kernel's time goes: per-block phase timestamps (issue 3).
 
 Runs the timeline build of the kernel (`plan_decode_attention(..., timeline=True)`: thread 0
-of every block stamps %globaltimer at entry, list filled, first K/V block landed, walk done,
-warps merged, split counted, end) on bench-attention's unified problem, and prints for each
-phase the min / median / max over blocks of its time since the earliest entry, in us.
+of every block stamps %globaltimer at entry, live list count in, list filled, first K/V block
+landed, walk done, warps merged, split counted, end) on bench-attention's unified problem, and
+prints for each phase the min / median / max over blocks of its time since the earliest entry,
+in us.
 The last of REPS launches is read (the first compiles). With CUDA it also prints the kernel time
 by CUPTI of the timeline build and of the plain build, each over REPS separate launches: the
 difference between the plain build's and the span of the stamps is what no block accounts for
@@ -74,7 +75,8 @@ def timeline(b: int, ctx: int) -> None:
         rel = (got - t0) / 1e3
         print(f"  {name:18s} {rel.min():8.2f} {np.median(rel):8.2f} {rel.max():8.2f}   {got.size}")
     d = lambda a, b_: np.median((st[:, b_] - st[:, a])[(st[:, a] > 0) & (st[:, b_] > 0)]) / 1e3  # noqa: E731
-    print(f"  per block, median us: entry->list {d(1, 2):.2f}, list->first K/V {d(2, 3):.2f}, "
+    print(f"  per block, median us: entry->live count {d(1, 12):.2f}, live count->list {d(12, 2):.2f}, "
+          f"list->first K/V {d(2, 3):.2f}, "
           f"first K/V->walk done {d(3, 4):.2f}, walk->merged {d(4, 5):.2f}, merged->end {d(5, 7):.2f}")
     m = st[:, 8] > 0  # the blocks that merged their pair's splits
     if m.any():

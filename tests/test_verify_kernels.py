@@ -268,7 +268,7 @@ def test_attention_timeline_build_stamps_every_block(splits):
     stamps = read_timeline(emulate(kspec, launch, schedules=("forward",)).raw_outputs[1], launch)
     blocks = launch.grid[1] * launch.grid[2] * (launch.grid[0] // launch.threadgroup[0])
     assert stamps.shape == (blocks, STAMPS)
-    for phase in (1, 2, 4, 5, 7):
+    for phase in (1, 2, 4, 5, 7, 12):
         assert (stamps[:, phase] == phase).all(), f"phase {phase} not stamped by every block"
     assert set(stamps[:, 3].tolist()) <= {0, 3}  # 0: the block's warp 0 had no K/V block
     assert (stamps[:, 6] == (6 if splits > 1 else 0)).all()  # the split counter exists with splits

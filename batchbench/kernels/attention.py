@@ -403,14 +403,14 @@ def plan_decode_attention(
     return kspec, launch
 
 
-STAMPS = 12  # attention_common.h: BB_STAMPS
+STAMPS = 13  # attention_common.h: BB_STAMPS
 STAMP_PHASES = ("entry", "list filled", "first K/V landed", "walk done", "warps merged", "split counted", "end",
-                "merge: copies issued", "merge: weights", "merge: staged", "merge: sums")
+                "merge: copies issued", "merge: weights", "merge: staged", "merge: sums", "live count in")
 
 
 def read_timeline(ws: mx.array, launch: Launch) -> "np.ndarray":
-    """The stamps of a `timeline` build's second output: uint64 [blocks, 12], column 0 the SM id,
-    columns 1..11 the global timer (ns) at STAMP_PHASES; blocks in (row, kv head, split) order.
+    """The stamps of a `timeline` build's second output: uint64 [blocks, 13], column 0 the SM id,
+    columns 1..12 the global timer (ns) at STAMP_PHASES; blocks in (row, kv head, split) order.
     A phase the block never reached reads 0 (column 3 when its warp 0 had no K/V block; column
     6 with one split: no counter; columns 8-11 in every block but the last split of its pair)."""
     import numpy as np

@@ -307,8 +307,9 @@ BB_FN void bb_attn_store4(BB_GLOBAL T* o, float x0, float x1, float x2, float x3
 // block writes BB_STAMPS pairs of 32-bit words after the split records in ws: its SM id, then
 // the global timer at entry (1), list filled (2), first K/V block landed (3), walk done (4),
 // warps merged (5), split counted (6), end (7); the last split's merge: records' copies
-// issued (8), weights done (9), records staged (10), sums done (11).
-#define BB_STAMPS 12
+// issued (8), weights done (9), records staged (10), sums done (11); and the live list's count
+// in a register (12: its round trip at entry, before any K/V can be requested).
+#define BB_STAMPS 13
 #ifdef BB_TIMELINE
 #define BB_STAMP(i)                   \
   do {                                \
@@ -316,9 +317,19 @@ BB_FN void bb_attn_store4(BB_GLOBAL T* o, float x0, float x1, float x2, float x3
       bb_stamp_write(stamps, (i));    \
     }                                 \
   } while (0)
+// Stamped once `v` is in a register: the test keeps the stamp after the load it waits on.
+#define BB_STAMP_AFTER(i, v)                        \
+  do {                                              \
+    if (tid == 0 && (v) != -2147483647) {           \
+      bb_stamp_write(stamps, (i));                  \
+    }                                               \
+  } while (0)
 #else
 #define BB_STAMP(i) \
   do {              \
+  } while (0)
+#define BB_STAMP_AFTER(i, v) \
+  do {                       \
   } while (0)
 #endif
 
@@ -423,6 +434,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     bb_cp_async_commit();
   }
 
+  BB_STAMP_AFTER(12, count);
   if (LIVE) {
     count = bb_mini(count, live_stride - 1);
     count = count < 0 ? 0 : count;

@@ -317,7 +317,7 @@ BB_FN void bb_attn_store4(BB_GLOBAL T* o, float x0, float x1, float x2, float x3
       bb_stamp_write(stamps, (i));    \
     }                                 \
   } while (0)
-// Stamped once `v` is in a register: the test keeps the stamp after the load it waits on.
+// Stamped once `v` is in a register: comparing `v` makes the stamp wait for the load that fills it.
 #define BB_STAMP_AFTER(i, v)                        \
   do {                                              \
     if (tid == 0 && (v) != -2147483647) {           \

@@ -89,7 +89,7 @@ def main() -> None:
         try:
             print(probe(cl, **shape)[1], flush=True)
         except Exception as e:  # noqa: BLE001 (a probe: report and go on)
-            print(f"cluster {cl}: failed: {str(e)[:300]}", flush=True)
+            print(f"cluster {cl} {shape or 'small'}: failed: {str(e)[:300]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ OUT=${OUT:-out}
 R=$OUT/run
 mkdir -p "$R"
 # which code ran: match with `bash scripts/tree_hash.sh <commit>` (git metadata there may be stale)
-[ -f "$R/tree.txt" ] || bash scripts/tree_hash.sh > "$R/tree.txt" 2>/dev/null || true
+TREE=$(bash scripts/tree_hash.sh 2>/dev/null || true)
+[ -f "$R/tree.txt" ] || echo "$TREE" > "$R/tree.txt"
 # EXPECT_TREE=<hash of `bash scripts/tree_hash.sh <commit>` here>: stop before measuring when the
 # device's copy is another tree (session 33's call8 measured a stale copy as the new side of an A/B)
-if [ -n "${EXPECT_TREE:-}" ] && [ "$(bash scripts/tree_hash.sh)" != "$EXPECT_TREE" ]; then
-  echo "h200_session: this tree is $(bash scripts/tree_hash.sh), not EXPECT_TREE=$EXPECT_TREE" >&2
+if [ -n "${EXPECT_TREE:-}" ] && [ "$TREE" != "$EXPECT_TREE" ]; then
+  echo "h200_session: this tree is $TREE, not EXPECT_TREE=$EXPECT_TREE" >&2
   exit 3
 fi
 part() {  # name, seconds, command...

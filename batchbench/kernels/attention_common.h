@@ -311,27 +311,20 @@ BB_FN void bb_attn_store4(BB_GLOBAL T* o, float x0, float x1, float x2, float x3
 // in a register (12: its round trip at entry, before any K/V can be requested).
 #define BB_STAMPS 13
 #ifdef BB_TIMELINE
-#define BB_STAMP(i)                   \
-  do {                                \
-    if (tid == 0) {                   \
-      bb_stamp_write(stamps, (i));    \
-    }                                 \
-  } while (0)
-// Stamped once `v` is in a register: comparing `v` makes the stamp wait for the load that fills it.
-#define BB_STAMP_AFTER(i, v)                        \
-  do {                                              \
-    if (tid == 0 && (v) != -2147483647) {           \
-      bb_stamp_write(stamps, (i));                  \
-    }                                               \
+#define BB_STAMP_IF(i, cond)                 \
+  do {                                       \
+    if (tid == 0 && (cond)) {                \
+      bb_stamp_write(stamps, (i));           \
+    }                                        \
   } while (0)
 #else
-#define BB_STAMP(i) \
-  do {              \
-  } while (0)
-#define BB_STAMP_AFTER(i, v) \
+#define BB_STAMP_IF(i, cond) \
   do {                       \
   } while (0)
 #endif
+#define BB_STAMP(i) BB_STAMP_IF(i, true)
+// Stamped once `v` is in a register: comparing `v` makes the stamp wait for the load that fills it.
+#define BB_STAMP_AFTER(i, v) BB_STAMP_IF(i, (v) != -2147483647)
 
 template <typename T, typename MT, int D, int G, int W, int STAGES, bool SKIP, bool LIVE,
           typename MaskPtr, typename LivePtr>

@@ -127,6 +127,8 @@ for what in "$@"; do
             -npl "${NPL:-8,32}" -fa on --ab own --csv "$R/ab-own.csv" ;;
     # do thread-block clusters (compile-time __cluster_dims__) work through mx.fast.cuda_kernel?
     cluster-probe) part cluster-probe 60 python3 scripts/h200_cluster_probe.py ;;
+    # the split merge spread over the last K arrivers (pollers), and plain reads on 128-132 blocks
+    merge-probe) part merge-probe 240 env OUT="$R" python3 scripts/h200_merge_probe.py ;;
     qmm-decode-prof) decode_prof "qmm-decode-prof${TAG:+-$TAG}" ;;
     # BB_QMM_NORM_PRE's checks (~5 min): its kernels on the GPU (verify-quick), the model with it
     # against the pure-MLX twins; norm-pre-ab (~5 min): the decode step at B = 1-8 with it off /
@@ -283,7 +285,7 @@ for what in "$@"; do
            done ;;
     *) echo "unknown part $what (verify verify-quick modelcheck overhead ops tune attention qmm seed scaling profile" \
             "scaling-quick tune-small tune-ring tune-m32 attn-timeline attn-sweep tune-split attention-table gguf qmm-ab" \
-            "qmm-table attn-ab readbw cluster-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe x8 ab-x8 model-x8 ab-x8qkv ab-sub model-sub wpack-check ab-wpack pairs-check ab-pairs part16-check ab-part16 ab-redplain)" ;;
+            "qmm-table attn-ab readbw cluster-probe merge-probe ab-own qmm-decode-prof ab-wave ab-cfg ab-preload ab-norm skip-small step-trace tune-balance qmm-step qmm-hot ncu-qmm ab-env norm-pre norm-pre-ab ab-wk ab-dq ab-redvec prep-check ab-redglu sbpack-check ab-sbpack ab-sbpack-p3 ab-norope ncu-sbpack barrier-probe ab-indep phase-probe x8 ab-x8 model-x8 ab-x8qkv ab-sub model-sub wpack-check ab-wpack pairs-check ab-pairs part16-check ab-part16 ab-redplain)" ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run && echo "packed $OUT/run.tgz"

@@ -126,7 +126,7 @@ def test_bad_input_one_line_error(args, msg):
                                        ("BB_QMM_NORM_SPLIT", "both"), ("BB_QMM_NORM_OUT", "on"),
                                        ("BB_QMM_NORM_PRE", "maybe"), ("BB_QMM_WK_DIVIDE", "7"), ("BB_QMM_RED_VEC", "4"),
                                        ("BB_QMM_SB_PACK", "pairs"), ("BB_QMM_X8", "on"), ("BB_QMM_WPACK", "yes"),
-                                       ("BB_QMM_PART16", "half"), ("BB_ATTN_REC32", "fp32"), ("BATCHBENCH_BACKEND", "tpu"), ("BATCHBENCH_FULL_SYNC", "yes")])
+                                       ("BB_QMM_PART16", "half"), ("BB_ATTN_REC32", "fp32"), ("BB_ATTN_MERGERS", "8"), ("BATCHBENCH_BACKEND", "tpu"), ("BATCHBENCH_FULL_SYNC", "yes")])
 def test_bad_environment_setting_is_one_line(monkeypatch, var, value):
     """Decode settings are read when a command first imports the back-end: a bad one is a
     one-line error and exit code 2, not a traceback."""

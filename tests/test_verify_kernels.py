@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from batchbench.kernels import attention as A
 from batchbench.kernels import qmm as Q
 from batchbench.kernels.spec import KernelSpec, Launch
 from batchbench.verify import RaceError, emulate, toolchain
@@ -95,6 +96,30 @@ def test_broken_attention_kernel_is_rejected(cases, backend):
     got = emulate(spec, launch).outputs[0].transpose(0, 2, 1, 3).astype(np.float64)  # [1,T,Hq,D]
     err = np.abs(got - case.expected).max()
     assert not err <= case.atol, f"wrong reduction not detected (max error {err})"
+
+
+@pytest.mark.parametrize("mergers,splits", [(1, 5), (2, 5), (3, 5), (4, 5), (4, 2), (4, 3)])
+def test_merge_in_parts_emulated(monkeypatch, mergers, splits):
+    """The split records' merge in BB_ATTN_MERGERS parts of the output (on the GPU the last
+    splits to arrive take one part each; the emulator runs one block at a time, so its last split
+    merges every part in turn), also with fewer splits than parts; the counts end at zero.
+    Staging every part from the start of the records, or leaving the last part's last 16 bytes
+    out, must fail."""
+    toolchain.need(toolchain.host_cxx)
+    monkeypatch.setattr(A, "MERGERS", mergers)
+    case = attention_case("cuda", np.random.default_rng(SEED), d=128, g=7, splits=splits,
+                          layout=dict(kind="contiguous", n_seq=2, max_prompt=90))
+    kspec, launch = case.kernels[0]
+    assert dict(launch.template)["MG"] == mergers and launch.grid[1] == splits
+    _verify(case)
+    muts = [("part == mg - 1 ? NT4 :", "part == mg - 1 ? NT4 - IALIGN :")]
+    if min(mergers, splits) > 1:
+        muts.append(("recs + (long)s2 * REC + lo * IB + 16 * c2", "recs + (long)s2 * REC + 16 * c2"))
+    for old, new in muts:
+        spec, launch = _mutated(case, old, new)
+        got = emulate(spec, launch).outputs[0].transpose(0, 2, 1, 3).astype(np.float64)
+        err = np.abs(got - case.expected).max()
+        assert not err <= case.atol, f"mutant {new!r} not detected (max error {err})"
 
 
 @pytest.mark.parametrize("backend", ["cuda", "metal"])

@@ -59,7 +59,7 @@ _FLOATS = (mx.float16, mx.bfloat16, mx.float32)
 
 _CUDA_BODY = """
   extern __shared__ __align__(16) unsigned char bb_smem[];
-  bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE>(
+  bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE, MG>(
       q, k, v, mask, live, const_cast<int*>(reinterpret_cast<const int*>(counters)), out, ws,
       q_shape[2], k_shape[1], k_shape[2], mask_shape[1], live_shape[1],
       __int_as_float(SCALE_BITS), (int)blockIdx.x, (int)blockIdx.y, (int)gridDim.y,
@@ -68,7 +68,7 @@ _CUDA_BODY = """
 
 _METAL_BODY = """
   threadgroup uint4 bb_smem[(bb_attn_smem_bytes<D, W, STAGES, sizeof(T), (G < 16 ? G : 16)>() + 15) / 16];
-  bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE>(
+  bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE, MG>(
       q, k, v, mask, live, (device int*)counters, out, ws,
       q_shape[2], k_shape[1], k_shape[2], mask_shape[1], live_shape[1],
       as_type<float>(SCALE_BITS), (int)threadgroup_position_in_grid.x,
@@ -237,6 +237,12 @@ MASK_STAGE = env_number("BB_ATTN_MASK_STAGE", 1)
 # thirty-second session, A/B runs); 0: O / sum in the activation dtype, half the bytes the last
 # split reads.
 REC32 = env_choice("BB_ATTN_REC32", "0", ON_OFF) == "1"
+# The split records' merge, spread over this many of the last splits to arrive (CUDA): each merges
+# one part of the output and the ones before the last wait for the count. 1: the last split
+# alone (the kernel before the thirty-seventh session, A/B runs). On the H200 the last split alone
+# spent ~0.8 us more pulling every record into one SM (results/h200-2026-12-01-s37, merge probe).
+# Metal has 1: a threadgroup there may not wait for another.
+MERGERS = int(env_choice("BB_ATTN_MERGERS", "4", ("1", "2", "3", "4")))
 
 
 def choose_splits(pairs: int, n_blk: int, warps: int, d: int = 128) -> int:
@@ -267,7 +273,8 @@ _counters: dict[int, list] = {}
 
 
 def _counter_array(n: int) -> mx.array:
-    """A zeroed int32 buffer of >= n counters; the kernel leaves it zeroed again.
+    """A zeroed int32 buffer of >= n counters; the kernel leaves each count (low 16 bits) at
+    zero again (the bits above move on every launch).
 
     Kernels that run concurrently must not share counters, so calls rotate over a pool
     (MLX may overlap independent launches; a chain of dependent layers never overlaps).
@@ -397,6 +404,7 @@ def plan_decode_attention(
             ("STAGES", stages),
             ("SKIP", bool(skip)),
             ("LIVE", use_live),
+            ("MG", MERGERS if backend_name == "cuda" else 1),
             ("SCALE_BITS", spec.f32_bits(scale)),
         ],
     )

@@ -5,8 +5,9 @@
 // in the row's live list (LIVE) or one of its 32 mask values is not -inf (SKIP, in-kernel
 // scan). The G query heads of the GQA group are the 16 rows of one tensor-core tile, so every
 // K/V element is read once per (row, kv head). Online softmax runs in fp32 in the log2 domain.
-// Splits write partial (O, max, sum) to `ws`; the last split to finish (atomic counter)
-// merges them, so the whole layer is one launch. Counters are left at zero for the next call.
+// Splits write partial (O, max, sum) to `ws`; the last MG splits to finish (atomic counter)
+// merge them, each one part of the output, so the whole layer is one launch. A counter's low 16
+// bits (the count) are left at zero for the next call; the bits above count launches.
 //
 // The backend layer (attention_cuda.h / attention_metal.h) supplies BB_FN, BB_GLOBAL,
 // BB_SHARED, BB_THREAD, BB_UNROLL, warp/block primitives and the chip helpers
@@ -257,6 +258,35 @@ BB_FN void bb_attn_merge_add(BB_THREAD float* acc, BB_SHARED const unsigned char
 #endif
 }
 
+// The merge's sums for one part (items lo..lo+ni-1) over sb staged records qb bytes apart:
+// acc[4j..4j+3] += factor * item lo + k of each record, k = tid + j * NTH, clamped onto the part's
+// last item (never stored), splits outer and four at a time, items inner and without a branch:
+// the loads of 4 * IPTX independent products are in flight together. (A branch around each
+// product kept the compiler from hoisting their loads: ~1 us of dependent shared-memory loads at
+// 16 splits, H200.) fac: the factors [split][16 rows] of the first staged split.
+template <typename T, int IPTX, int NTH, int D>
+BB_FN void bb_attn_merge_sums(BB_THREAD float* acc, BB_SHARED const unsigned char* stage, int qb,
+                              BB_SHARED const float* fac, int sb, int lo, int ni, int tid) {
+  int u = 0;
+  for (; u + 4 <= sb; u += 4) {
+    BB_UNROLL
+    for (int uu = 0; uu < 4; ++uu) {
+      BB_UNROLL
+      for (int j = 0; j < IPTX; ++j) {
+        const int k = bb_mini(tid + j * NTH, ni - 1);
+        bb_attn_merge_add<T>(acc + 4 * j, stage + (u + uu) * qb, fac[(u + uu) * 16 + (4 * (lo + k)) / D], k);
+      }
+    }
+  }
+  for (; u < sb; ++u) {
+    BB_UNROLL
+    for (int j = 0; j < IPTX; ++j) {
+      const int k = bb_mini(tid + j * NTH, ni - 1);
+      bb_attn_merge_add<T>(acc + 4 * j, stage + u * qb, fac[u * 16 + (4 * (lo + k)) / D], k);
+    }
+  }
+}
+
 // Row r of the W warps' partial results (each warp's slice: O [16][OP] floats relative to the
 // warp's max, then (max, sum) [16][2], slices WSLICE floats apart) combined for the 4 elements
 // d..d+3: a = sum of O_w * 2^(m_w - M), mm = M the row's max, ll = its sum (log2 domain). A warp
@@ -326,7 +356,7 @@ BB_FN void bb_attn_store4(BB_GLOBAL T* o, float x0, float x1, float x2, float x3
 // Stamped once `v` is in a register: comparing `v` makes the stamp wait for the load that fills it.
 #define BB_STAMP_AFTER(i, v) BB_STAMP_IF(i, (v) != -2147483647)
 
-template <typename T, typename MT, int D, int G, int W, int STAGES, bool SKIP, bool LIVE,
+template <typename T, typename MT, int D, int G, int W, int STAGES, bool SKIP, bool LIVE, int MG,
           typename MaskPtr, typename LivePtr>
 BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL const T* v,
                           MaskPtr mask, LivePtr live, BB_GLOBAL int* counters,
@@ -684,28 +714,64 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
 #endif
     }
     // Every thread's record writes are ordered before the count by the barrier and the
-    // release of thread 0's atomic (bb_split_arrive); the last block acquires them there.
-    // After this barrier the warps' slices are dead: the merge header takes their bytes.
+    // release of thread 0's atomic (bb_split_arrive); the mergers acquire them there or in
+    // bb_split_wait. After this barrier the warps' slices are dead: the merge header takes their bytes.
     bb_split_release();
     bb_sync_block();
     BB_SHARED float* fac_s = (BB_SHARED float*)smem;               // [BB_MAX_SPLIT][16]
     BB_SHARED int* flag_s = (BB_SHARED int*)(fac_s + BB_MAX_SPLIT * 16);
+    // The last mg splits to arrive merge the records, each one part of the output (a part: a
+    // range of items of 4 elements). The last split alone pulled every record into one SM
+    // (29 KB at B=2 x 4096), and that issue and its round trip ended the launch. The mergers
+    // before the last wait until every split has counted (bb_split_wait: a few blocks, after
+    // all the others have exited); where a block cannot wait (Metal, the CPU emulator) the last
+    // split merges every part in turn.
+    const int mg = bb_mini(MG, n_split);
     if (tid == 0) {
       const int prev = bb_split_arrive(counters + pair);
-      flag_s[0] = prev == n_split - 1 ? 1 : 0;
+      const int part = (prev & 0xffff) - (n_split - mg); // this block's part, < 0: none
+      int first = part, last = part;
+      if (part == mg - 1) {
+        bb_split_clear(counters + pair, n_split); // every split has counted: ready for the next launch
+        first = BB_CAN_POLL ? part : 0;
+      } else if (part >= 0) {
+        if (BB_CAN_POLL) {
+          bb_split_wait(counters + pair, n_split, prev);
+        } else {
+          first = 0; // the last split merges this part
+          last = -1;
+        }
+      }
+      flag_s[0] = first;
+      flag_s[1] = last;
     }
     bb_sync_block();
     BB_STAMP(6);
-    if (flag_s[0] != 0) {
-      // Last split to arrive: merge every split's partial into the output. The records are
-      // copied into shared memory SB splits at a time (all of them at small batch, where the
-      // merge is a chain of dependent L2 round trips), together with one round of loads of
-      // every split's (max, sum).
+    const int part_first = flag_s[0], part_last = flag_s[1];
+    if (part_first >= 0) {
       bb_split_acquire();
+    }
+    for (int part = part_first; part >= 0 && part <= part_last; ++part) {
+      // Items [lo, hi) of every split's record: whole 16-byte chunks, copied into shared memory
+      // SB splits at a time (all of them at small batch, where the merge is a chain of dependent
+      // L2 round trips), together with one round of loads of every split's (max, sum) of the
+      // part's rows r_lo..r_hi.
       constexpr int HDR = bb_attn_merge_hdr();
-      constexpr int SB = (bb_attn_smem_bytes<D, W, STAGES, (int)sizeof(T), GH>() - HDR) / REC;
+      constexpr int CAP = bb_attn_smem_bytes<D, W, STAGES, (int)sizeof(T), GH>() - HDR; // >= REC
       constexpr int NT4 = GH * D / 4;                 // items of 4 elements of O
-      constexpr int IPT = (NT4 + W * 32 - 1) / (W * 32); // items per thread
+      constexpr int IPT = (NT4 + W * 32 - 1) / (W * 32); // items per thread, one part of all
+      constexpr int IB = 4 * (int)sizeof(RT);         // bytes of an item in a record
+      constexpr int IALIGN = 16 / IB;                 // items per 16 bytes
+      const int lo = part * NT4 / mg / IALIGN * IALIGN;
+      const int hi = part == mg - 1 ? NT4 : (part + 1) * NT4 / mg / IALIGN * IALIGN;
+      const int ni = hi - lo;
+      if (ni <= 0) {
+        continue; // more parts than 16-byte chunks (not planned): nothing here
+      }
+      const int qc = (ni * IB + 15) / 16; // 16-byte chunks of the part in one record
+      const int qb = 16 * qc;
+      const int sbmax = CAP / qb;
+      const int r_lo = (4 * lo) / D, r_hi = (4 * (hi - 1)) / D;
       BB_SHARED unsigned char* stage = smem + HDR;
       BB_GLOBAL const unsigned char* recs = (BB_GLOBAL const unsigned char*)ws + pair * n_split * (long)REC;
       // Each split's weight per row: a warp per row, its lanes over the splits (two at most each),
@@ -716,29 +782,30 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       float ms[RPW][2], ls[RPW][2];
       BB_UNROLL
       for (int j = 0; j < RPW; ++j) {
-        const int r = warp + j * W;
+        const int r = r_lo + warp + j * W;
         BB_UNROLL
         for (int u = 0; u < 2; ++u) {
           const int s2 = lane + 32 * u;
           ms[j][u] = NEG_INF;
           ls[j][u] = 0.0f;
-          if (r < GH && s2 < n_split) {
+          if (r <= r_hi && s2 < n_split) {
             BB_GLOBAL const float* ml = (BB_GLOBAL const float*)(recs + (long)s2 * REC + REC_ML);
             ms[j][u] = bb_load_coherent(ml + r * 2);
             ls[j][u] = bb_load_coherent(ml + r * 2 + 1);
           }
         }
       }
-      int sb = bb_mini(n_split, SB);
-      for (int i = tid; i < sb * (REC / 16); i += W * 32) {
-        bb_cp_coherent16(stage + 16 * i, recs + 16 * i);
+      int sb = bb_mini(n_split, sbmax);
+      for (int i = tid; i < sb * qc; i += W * 32) {
+        const int s2 = i / qc, c2 = i - s2 * qc;
+        bb_cp_coherent16(stage + s2 * qb + 16 * c2, recs + (long)s2 * REC + lo * IB + 16 * c2);
       }
       bb_cp_async_commit();
       BB_STAMP(8);
-      // No branch around the shuffles (a row past GH reduces NEG_INF and 0s, and stores nothing):
-      // shuffles under a branch compile to a slow convergence-checking loop. Each reduction level
-      // takes every row of the warp, so the rows' shuffle chains overlap instead of running one
-      // after another (G=7 on 4 warps: two rows a warp).
+      // No branch around the shuffles (a row outside the part reduces NEG_INF and 0s, and stores
+      // nothing): shuffles under a branch compile to a slow convergence-checking loop. Each
+      // reduction level takes every row of the warp, so the rows' shuffle chains overlap instead
+      // of running one after another (G=7 on 4 warps: two rows a warp).
       float mm[RPW], ll[RPW], f[RPW][2];
       BB_UNROLL
       for (int j = 0; j < RPW; ++j) {
@@ -769,12 +836,12 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       }
       BB_UNROLL
       for (int j = 0; j < RPW; ++j) {
-        const int r = warp + j * W;
+        const int r = r_lo + warp + j * W;
         const float inv = bb_attn_inv_sum(ll[j]);
         BB_UNROLL
         for (int u = 0; u < 2; ++u) {
           const int s2 = lane + 32 * u;
-          if (r < GH && s2 < n_split) {
+          if (r <= r_hi && s2 < n_split) {
 #ifdef BB_REC32
             fac_s[s2 * 16 + r] = f[j][u] * inv;
 #else
@@ -784,58 +851,42 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         }
       }
       BB_STAMP(9);
-      float acc[IPT][4];
+      float acc[IPT * 4];
       BB_UNROLL
-      for (int j = 0; j < IPT; ++j) {
-        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+      for (int j = 0; j < IPT * 4; ++j) {
+        acc[j] = 0.0f;
       }
-      for (int s0 = 0; s0 < n_split; s0 += SB) {
-        if (s0 > 0) { // the next SB records, once every thread is done with the last ones
-          sb = bb_mini(n_split - s0, SB);
+      for (int s0 = 0; s0 < n_split; s0 += sbmax) {
+        if (s0 > 0) { // the next records, once every thread is done with the last ones
+          sb = bb_mini(n_split - s0, sbmax);
           bb_sync_block();
-          for (int i = tid; i < sb * (REC / 16); i += W * 32) {
-            bb_cp_coherent16(stage + 16 * i, recs + (long)s0 * REC + 16 * i);
+          for (int i = tid; i < sb * qc; i += W * 32) {
+            const int s2 = i / qc, c2 = i - s2 * qc;
+            bb_cp_coherent16(stage + s2 * qb + 16 * c2, recs + (long)(s0 + s2) * REC + lo * IB + 16 * c2);
           }
           bb_cp_async_commit();
         }
         bb_cp_async_wait<0>();
         bb_sync_block(); // the staged records and the factors are visible to every thread
         BB_STAMP(10);
-        // Splits outer, four at a time, and this thread's items inner, without a branch (an item
-        // past the last is clamped onto it and never stored): the loads of 4 * IPT independent
-        // products are in flight together. (A branch around each product kept the compiler from
-        // hoisting their loads: ~1 us of dependent shared-memory loads at 16 splits, H200.)
-        int u = 0;
-        for (; u + 4 <= sb; u += 4) {
-          BB_UNROLL
-          for (int uu = 0; uu < 4; ++uu) {
-            BB_UNROLL
-            for (int j = 0; j < IPT; ++j) {
-              const int i4 = bb_mini(tid + j * W * 32, NT4 - 1);
-              bb_attn_merge_add<T>(acc[j], stage + (u + uu) * REC, fac_s[(s0 + u + uu) * 16 + (4 * i4) / D], i4);
-            }
-          }
-        }
-        for (; u < sb; ++u) {
-          BB_UNROLL
-          for (int j = 0; j < IPT; ++j) {
-            const int i4 = bb_mini(tid + j * W * 32, NT4 - 1);
-            bb_attn_merge_add<T>(acc[j], stage + u * REC, fac_s[(s0 + u) * 16 + (4 * i4) / D], i4);
-          }
+        if (ni > W * 32) {
+          bb_attn_merge_sums<T, IPT, W * 32, D>(acc, stage, qb, fac_s + s0 * 16, sb, lo, ni, tid);
+        } else { // a part of at most one item a thread: no clamped second pass
+          bb_attn_merge_sums<T, 1, W * 32, D>(acc, stage, qb, fac_s + s0 * 16, sb, lo, ni, tid);
         }
       }
       BB_STAMP(11);
       BB_UNROLL
       for (int j = 0; j < IPT; ++j) {
-        const int i4 = tid + j * W * 32;
-        const int r = (4 * i4) / D, d = (4 * i4) % D;
-        if (i4 < NT4 && r < rows_valid) {
-          bb_attn_store4<T>(out + ((long)row * n_kv_heads * G + head0 + r) * D + d, acc[j][0], acc[j][1],
-                            acc[j][2], acc[j][3]);
+        const int k = tid + j * W * 32;
+        const int r = (4 * (lo + k)) / D, d = (4 * (lo + k)) % D;
+        if (k < ni && r < rows_valid) {
+          bb_attn_store4<T>(out + ((long)row * n_kv_heads * G + head0 + r) * D + d, acc[4 * j], acc[4 * j + 1],
+                            acc[4 * j + 2], acc[4 * j + 3]);
         }
       }
-      if (tid == 0) {
-        bb_atomic_store(counters + pair, 0); // ready for the next launch
+      if (part < part_last) {
+        bb_sync_block(); // the next part reuses the staging and the factors
       }
     }
   }

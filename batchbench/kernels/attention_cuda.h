@@ -130,7 +130,47 @@ BB_FN int bb_split_arrive(int* p) {
 }
 BB_FN void bb_split_acquire() {}
 #endif
-BB_FN void bb_atomic_store(int* p, int v) { atomicExch(p, v); }
+// A pair's counter: arrivals in its low 16 bits, an epoch above. The last split to arrive adds
+// 0x10000 - n (bb_split_clear): the count goes back to 0 for the next launch and the epoch moves
+// on, so a merger that polls (bb_split_wait) and misses the moment of the full count still sees
+// that every split counted. Only the last arriver writes after the count, so no launch needs a
+// reset.
+#ifdef BB_PORTABLE
+BB_FN void bb_split_clear(int* p, int n) {
+  bb_fence_device();
+  atomicAdd(p, 0x10000 - n);
+}
+#else
+BB_FN void bb_split_clear(int* p, int n) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(0x10000 - n) : "memory");
+}
+#endif
+// Whether a block may wait for other blocks of its launch (bb_split_wait). Not in the CPU
+// emulator, which runs one block at a time: there the last split merges every part itself.
+#ifdef BB_EMU
+#define BB_CAN_POLL 0
+#else
+#define BB_CAN_POLL 1
+#endif
+// Wait until all n splits of this launch have counted; `prev` is this block's own count before
+// it arrived (bb_split_arrive). Afterwards every split's record is visible (acquire).
+BB_FN bool bb_split_counted(unsigned v, unsigned prev, int n) {
+  return (v & 0xffffu) == (unsigned)n || (v >> 16) != (prev >> 16);
+}
+#ifdef BB_PORTABLE
+BB_FN void bb_split_wait(int* p, int n, int prev) {
+  while (!bb_split_counted((unsigned)atomicAdd(p, 0), (unsigned)prev, n)) {
+  }
+  bb_fence_device();
+}
+#else
+BB_FN void bb_split_wait(int* p, int n, int prev) {
+  unsigned v;
+  do {
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  } while (!bb_split_counted(v, (unsigned)prev, n));
+}
+#endif
 // Partials written by other blocks: read through L2, never a stale L1 line.
 BB_FN float bb_load_coherent(const float* p) { return __ldcg(p); }
 

@@ -109,9 +109,6 @@ BB_FN void bb_fence_device() {
 BB_FN int bb_atomic_add(device int* p, int v) {
   return atomic_fetch_add_explicit((device atomic_int*)p, v, memory_order_relaxed);
 }
-BB_FN void bb_atomic_store(device int* p, int v) {
-  atomic_store_explicit((device atomic_int*)p, v, memory_order_relaxed);
-}
 // Counting a finished split (see attention_cuda.h): fences around a relaxed atomic.
 BB_FN void bb_split_release() { bb_fence_device(); }
 BB_FN int bb_split_arrive(device int* p) {
@@ -120,6 +117,15 @@ BB_FN int bb_split_arrive(device int* p) {
   return prev;
 }
 BB_FN void bb_split_acquire() { bb_fence_device(); }
+// The pair's counter after the last arrival: count back to 0, epoch on (see attention_cuda.h).
+BB_FN void bb_split_clear(device int* p, int n) {
+  bb_fence_device();
+  bb_atomic_add(p, 0x10000 - n);
+}
+// Metal promises no progress to a threadgroup that waits for another, so no block polls here:
+// the last split merges every part of the merge itself.
+#define BB_CAN_POLL 0
+BB_FN void bb_split_wait(device int*, int, int) {}
 BB_FN float bb_load_coherent(device const float* p) { return *(device const volatile float*)p; }
 
 // ---- copies (synchronous) ---------------------------------------------------

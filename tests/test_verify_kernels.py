@@ -114,7 +114,7 @@ def test_merge_in_parts_emulated(monkeypatch, mergers, splits):
     _verify(case)
     muts = [("part == mg - 1 ? NT4 :", "part == mg - 1 ? NT4 - IALIGN :")]
     if min(mergers, splits) > 1:
-        muts.append(("recs + (long)s2 * REC + lo * IB + 16 * c2", "recs + (long)s2 * REC + 16 * c2"))
+        muts.append(("bb_attn_stage_part(stage, recs + lo * IB,", "bb_attn_stage_part(stage, recs,"))
     for old, new in muts:
         spec, launch = _mutated(case, old, new)
         got = emulate(spec, launch).outputs[0].transpose(0, 2, 1, 3).astype(np.float64)

@@ -258,6 +258,21 @@ BB_FN void bb_attn_merge_add(BB_THREAD float* acc, BB_SHARED const unsigned char
 #endif
 }
 
+// Copy chunks of sb records' parts (qc 16-byte chunks each, REC bytes apart from `src`) into
+// `stage`, packed qc chunks a split: this thread's chunks are (s, c) from (s_first, c_first) in
+// steps of (s_step, c_step), carried over qc (the chunk index of the block's threads in order).
+BB_FN void bb_attn_stage_part(BB_SHARED unsigned char* stage, BB_GLOBAL const unsigned char* src, int sb,
+                              int qc, int rec, int s, int c, int s_step, int c_step) {
+  while (s < sb) {
+    bb_cp_coherent16(stage + (s * qc + c) * 16, src + (long)s * rec + 16 * c);
+    c += c_step;
+    s += s_step;
+    const bool carry = c >= qc;
+    c = carry ? c - qc : c;
+    s = carry ? s + 1 : s;
+  }
+}
+
 // The merge's sums for one part (items lo..lo+ni-1) over sb staged records qb bytes apart:
 // acc[4j..4j+3] += factor * item lo + k of each record, k = tid + j * NTH, clamped onto the part's
 // last item (never stored), splits outer and four at a time, items inner and without a branch:
@@ -795,11 +810,12 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
           }
         }
       }
+      // This thread's chunks: (split, chunk) from tid in steps of W * 32 chunks, without a
+      // division per copy (qc is known at run time only).
+      const int c_first = tid % qc, s_first = tid / qc;
+      const int c_step = (W * 32) % qc, s_step = (W * 32) / qc;
       int sb = bb_mini(n_split, sbmax);
-      for (int i = tid; i < sb * qc; i += W * 32) {
-        const int s2 = i / qc, c2 = i - s2 * qc;
-        bb_cp_coherent16(stage + s2 * qb + 16 * c2, recs + (long)s2 * REC + lo * IB + 16 * c2);
-      }
+      bb_attn_stage_part(stage, recs + lo * IB, sb, qc, REC, s_first, c_first, s_step, c_step);
       bb_cp_async_commit();
       BB_STAMP(8);
       // No branch around the shuffles (a row outside the part reduces NEG_INF and 0s, and stores
@@ -860,10 +876,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         if (s0 > 0) { // the next records, once every thread is done with the last ones
           sb = bb_mini(n_split - s0, sbmax);
           bb_sync_block();
-          for (int i = tid; i < sb * qc; i += W * 32) {
-            const int s2 = i / qc, c2 = i - s2 * qc;
-            bb_cp_coherent16(stage + s2 * qb + 16 * c2, recs + (long)(s0 + s2) * REC + lo * IB + 16 * c2);
-          }
+          bb_attn_stage_part(stage, recs + (long)s0 * REC + lo * IB, sb, qc, REC, s_first, c_first, s_step, c_step);
           bb_cp_async_commit();
         }
         bb_cp_async_wait<0>();

@@ -141,8 +141,11 @@ BB_FN void bb_split_clear(int* p, int n) {
   atomicAdd(p, 0x10000 - n);
 }
 #else
+// Relaxed: an atomic add continues the release sequence of every split's arrival, so a merger
+// that acquires the cleared value sees every record. (red.release put a MEMBAR.ALL.GPU, about
+// one round trip, ahead of the last split's merge: +0.9 us at B=2 x 4096, H200.)
 BB_FN void bb_split_clear(int* p, int n) {
-  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(0x10000 - n) : "memory");
+  asm volatile("red.relaxed.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(0x10000 - n) : "memory");
 }
 #endif
 // Whether a block may wait for other blocks of its launch (bb_split_wait). Not in the CPU

@@ -98,23 +98,22 @@ def test_broken_attention_kernel_is_rejected(cases, backend):
     assert not err <= case.atol, f"wrong reduction not detected (max error {err})"
 
 
-@pytest.mark.parametrize("mergers,splits", [(1, 5), (2, 5), (3, 5), (4, 5), (4, 2), (4, 3)])
-def test_merge_in_parts_emulated(monkeypatch, mergers, splits):
-    """The split records' merge in BB_ATTN_MERGERS parts of the output (on the GPU the last
-    splits to arrive take one part each; the emulator runs one block at a time, so its last split
-    merges every part in turn), also with fewer splits than parts; the counts end at zero.
-    Staging every part from the start of the records, or leaving the last part's last 16 bytes
-    out, must fail."""
+@pytest.mark.parametrize("mergers,splits,parts", [(1, 5, 1), (2, 5, 2), (4, 5, 4), (4, 2, 2), (4, 3, 2), (2, 2, 2)])
+def test_merge_in_parts_emulated(monkeypatch, mergers, splits, parts):
+    """The split records' merge in parts of the output (BB_ATTN_MERGERS, at most the splits; on
+    the GPU the last splits to arrive take one part each; the emulator runs one block at a time,
+    so its last split merges every part in turn); the counts end at zero. Leaving a part's last
+    item out, or staging every part from the start of the records, must fail."""
     toolchain.need(toolchain.host_cxx)
     monkeypatch.setattr(A, "MERGERS", mergers)
-    case = attention_case("cuda", np.random.default_rng(SEED), d=128, g=7, splits=splits,
-                          layout=dict(kind="contiguous", n_seq=2, max_prompt=90))
+    case = attention_case("cuda", np.random.default_rng(SEED), d=128, g=7, splits=splits,  # >= 11 blocks
+                          layout=dict(kind="contiguous", n_seq=2, max_prompt=200, max_tg=40, tail=333))
     kspec, launch = case.kernels[0]
-    assert dict(launch.template)["MG"] == mergers and launch.grid[1] == splits
+    assert dict(launch.template)["MG"] == parts and launch.grid[1] == splits
     _verify(case)
-    muts = [("part == mg - 1 ? NT4 :", "part == mg - 1 ? NT4 - IALIGN :")]
-    if min(mergers, splits) > 1:
-        muts.append(("bb_attn_stage_part(stage, recs + lo * IB,", "bb_attn_stage_part(stage, recs,"))
+    muts = [("if (k < PI && r < rows_valid) {", "if (k < PI - 1 && r < rows_valid) {")]
+    if parts > 1:
+        muts.append(("recs + (long)s2 * REC + lo * IB + 16 * c2);", "recs + (long)s2 * REC + 16 * c2);"))
     for old, new in muts:
         spec, launch = _mutated(case, old, new)
         got = emulate(spec, launch).outputs[0].transpose(0, 2, 1, 3).astype(np.float64)

@@ -237,12 +237,20 @@ MASK_STAGE = env_number("BB_ATTN_MASK_STAGE", 1)
 # thirty-second session, A/B runs); 0: O / sum in the activation dtype, half the bytes the last
 # split reads.
 REC32 = env_choice("BB_ATTN_REC32", "0", ON_OFF) == "1"
-# The split records' merge, spread over this many of the last splits to arrive (CUDA): each merges
-# one part of the output and the ones before the last wait for the count. 1: the last split
-# alone (the kernel before the thirty-seventh session, A/B runs). On the H200 the last split alone
-# spent ~0.8 us more pulling every record into one SM (results/h200-2026-12-01-s37, merge probe).
-# Metal has 1: a threadgroup there may not wait for another.
-MERGERS = int(env_choice("BB_ATTN_MERGERS", "4", ("1", "2", "3", "4")))
+# The split records' merge, spread over up to this many of the last splits to arrive (CUDA): each
+# merges one part of the output and the ones before the last wait for the count. 1: the last
+# split alone (the kernel before the thirty-seventh session, A/B runs). Metal has 1: a
+# threadgroup there may not wait for another.
+MERGERS = int(env_choice("BB_ATTN_MERGERS", "4", ("1", "2", "4")))
+
+
+def merge_parts(backend_name: str, n_split: int) -> int:
+    """The kernel's MG: how many of the last splits merge, one part each. At most n_split, and
+    1, 2 or 4, which split a record's items (GH * D / 4, a multiple of 8) into whole 16-byte
+    chunks; a template argument, so the parts' sizes are compile-time constants."""
+    if backend_name != "cuda":
+        return 1
+    return max(m for m in (1, 2, 4) if m <= min(MERGERS, max(n_split, 1)))
 
 
 def choose_splits(pairs: int, n_blk: int, warps: int, d: int = 128) -> int:
@@ -404,7 +412,7 @@ def plan_decode_attention(
             ("STAGES", stages),
             ("SKIP", bool(skip)),
             ("LIVE", use_live),
-            ("MG", MERGERS if backend_name == "cuda" else 1),
+            ("MG", merge_parts(backend_name, n_split)),
             ("SCALE_BITS", spec.f32_bits(scale)),
         ],
     )

@@ -258,46 +258,31 @@ BB_FN void bb_attn_merge_add(BB_THREAD float* acc, BB_SHARED const unsigned char
 #endif
 }
 
-// Copy chunks of sb records' parts (qc 16-byte chunks each, REC bytes apart from `src`) into
-// `stage`, packed qc chunks a split: this thread's chunks are (s, c) from (s_first, c_first) in
-// steps of (s_step, c_step), carried over qc (the chunk index of the block's threads in order).
-BB_FN void bb_attn_stage_part(BB_SHARED unsigned char* stage, BB_GLOBAL const unsigned char* src, int sb,
-                              int qc, int rec, int s, int c, int s_step, int c_step) {
-  while (s < sb) {
-    bb_cp_coherent16(stage + (s * qc + c) * 16, src + (long)s * rec + 16 * c);
-    c += c_step;
-    s += s_step;
-    const bool carry = c >= qc;
-    c = carry ? c - qc : c;
-    s = carry ? s + 1 : s;
-  }
-}
-
-// The merge's sums for one part (items lo..lo+ni-1) over sb staged records qb bytes apart:
+// The merge's sums for one part (items lo..lo+PI-1) over sb staged records QB bytes apart:
 // acc[4j..4j+3] += factor * item lo + k of each record, k = tid + j * NTH, clamped onto the part's
 // last item (never stored), splits outer and four at a time, items inner and without a branch:
 // the loads of 4 * IPTX independent products are in flight together. (A branch around each
 // product kept the compiler from hoisting their loads: ~1 us of dependent shared-memory loads at
 // 16 splits, H200.) fac: the factors [split][16 rows] of the first staged split.
-template <typename T, int IPTX, int NTH, int D>
-BB_FN void bb_attn_merge_sums(BB_THREAD float* acc, BB_SHARED const unsigned char* stage, int qb,
-                              BB_SHARED const float* fac, int sb, int lo, int ni, int tid) {
+template <typename T, int IPTX, int NTH, int D, int PI, int QB>
+BB_FN void bb_attn_merge_sums(BB_THREAD float* acc, BB_SHARED const unsigned char* stage,
+                              BB_SHARED const float* fac, int sb, int lo, int tid) {
   int u = 0;
   for (; u + 4 <= sb; u += 4) {
     BB_UNROLL
     for (int uu = 0; uu < 4; ++uu) {
       BB_UNROLL
       for (int j = 0; j < IPTX; ++j) {
-        const int k = bb_mini(tid + j * NTH, ni - 1);
-        bb_attn_merge_add<T>(acc + 4 * j, stage + (u + uu) * qb, fac[(u + uu) * 16 + (4 * (lo + k)) / D], k);
+        const int k = bb_mini(tid + j * NTH, PI - 1);
+        bb_attn_merge_add<T>(acc + 4 * j, stage + (u + uu) * QB, fac[(u + uu) * 16 + (4 * (lo + k)) / D], k);
       }
     }
   }
   for (; u < sb; ++u) {
     BB_UNROLL
     for (int j = 0; j < IPTX; ++j) {
-      const int k = bb_mini(tid + j * NTH, ni - 1);
-      bb_attn_merge_add<T>(acc + 4 * j, stage + u * qb, fac[u * 16 + (4 * (lo + k)) / D], k);
+      const int k = bb_mini(tid + j * NTH, PI - 1);
+      bb_attn_merge_add<T>(acc + 4 * j, stage + u * QB, fac[u * 16 + (4 * (lo + k)) / D], k);
     }
   }
 }
@@ -735,18 +720,18 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     bb_sync_block();
     BB_SHARED float* fac_s = (BB_SHARED float*)smem;               // [BB_MAX_SPLIT][16]
     BB_SHARED int* flag_s = (BB_SHARED int*)(fac_s + BB_MAX_SPLIT * 16);
-    // The last mg splits to arrive merge the records, each one part of the output (a part: a
+    // The last MG splits to arrive merge the records, each one part of the output (a part: a
     // range of items of 4 elements). The last split alone pulled every record into one SM
     // (29 KB at B=2 x 4096), and that issue and its round trip ended the launch. The mergers
     // before the last wait until every split has counted (bb_split_wait: a few blocks, after
     // all the others have exited); where a block cannot wait (Metal, the CPU emulator) the last
     // split merges every part in turn.
-    const int mg = bb_mini(MG, n_split);
+    // MG (the planner's: <= n_split, dividing the items into equal parts of 16-byte chunks)
     if (tid == 0) {
       const int prev = bb_split_arrive(counters + pair);
-      const int part = (prev & 0xffff) - (n_split - mg); // this block's part, < 0: none
+      const int part = (prev & 0xffff) - (n_split - MG); // this block's part, < 0: none
       int first = part, last = part;
-      if (part == mg - 1) {
+      if (part == MG - 1) {
         bb_split_clear(counters + pair, n_split); // every split has counted: ready for the next launch
         first = BB_CAN_POLL ? part : 0;
       } else if (part >= 0) {
@@ -767,26 +752,23 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       bb_split_acquire();
     }
     for (int part = part_first; part >= 0 && part <= part_last; ++part) {
-      // Items [lo, hi) of every split's record: whole 16-byte chunks, copied into shared memory
-      // SB splits at a time (all of them at small batch, where the merge is a chain of dependent
-      // L2 round trips), together with one round of loads of every split's (max, sum) of the
-      // part's rows r_lo..r_hi.
+      // Items [lo, lo + PI) of every split's record (whole 16-byte chunks: QC of them), copied
+      // into shared memory SB splits at a time (all of them at small batch, where the merge is a
+      // chain of dependent L2 round trips), together with one round of loads of every split's
+      // (max, sum) of the part's rows r_lo..r_hi. The part's sizes are compile-time constants:
+      // with run-time ones the address arithmetic cost ~0.4 us at B=2 x 4096 (H200).
       constexpr int HDR = bb_attn_merge_hdr();
       constexpr int CAP = bb_attn_smem_bytes<D, W, STAGES, (int)sizeof(T), GH>() - HDR; // >= REC
-      constexpr int NT4 = GH * D / 4;                 // items of 4 elements of O
-      constexpr int IPT = (NT4 + W * 32 - 1) / (W * 32); // items per thread, one part of all
-      constexpr int IB = 4 * (int)sizeof(RT);         // bytes of an item in a record
-      constexpr int IALIGN = 16 / IB;                 // items per 16 bytes
-      const int lo = part * NT4 / mg / IALIGN * IALIGN;
-      const int hi = part == mg - 1 ? NT4 : (part + 1) * NT4 / mg / IALIGN * IALIGN;
-      const int ni = hi - lo;
-      if (ni <= 0) {
-        continue; // more parts than 16-byte chunks (not planned): nothing here
-      }
-      const int qc = (ni * IB + 15) / 16; // 16-byte chunks of the part in one record
-      const int qb = 16 * qc;
-      const int sbmax = CAP / qb;
-      const int r_lo = (4 * lo) / D, r_hi = (4 * (hi - 1)) / D;
+      constexpr int NT4 = GH * D / 4;                    // items of 4 elements of O
+      constexpr int PI = NT4 / MG;                       // items of a part
+      constexpr int IPT = (PI + W * 32 - 1) / (W * 32);  // items per thread
+      constexpr int IB = 4 * (int)sizeof(RT);            // bytes of an item in a record
+      constexpr int QC = PI * IB / 16;                   // 16-byte chunks of a part in one record
+      constexpr int QB = 16 * QC;
+      constexpr int SB = CAP / QB;
+      static_assert(NT4 % MG == 0 && (PI * IB) % 16 == 0, "MG must split the items into whole 16-byte chunks");
+      const int lo = part * PI;
+      const int r_lo = (4 * lo) / D, r_hi = (4 * (lo + PI - 1)) / D;
       BB_SHARED unsigned char* stage = smem + HDR;
       BB_GLOBAL const unsigned char* recs = (BB_GLOBAL const unsigned char*)ws + pair * n_split * (long)REC;
       // Each split's weight per row: a warp per row, its lanes over the splits (two at most each),
@@ -810,12 +792,11 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
           }
         }
       }
-      // This thread's chunks: (split, chunk) from tid in steps of W * 32 chunks, without a
-      // division per copy (qc is known at run time only).
-      const int c_first = tid % qc, s_first = tid / qc;
-      const int c_step = (W * 32) % qc, s_step = (W * 32) / qc;
-      int sb = bb_mini(n_split, sbmax);
-      bb_attn_stage_part(stage, recs + lo * IB, sb, qc, REC, s_first, c_first, s_step, c_step);
+      int sb = bb_mini(n_split, SB);
+      for (int i = tid; i < sb * QC; i += W * 32) {
+        const int s2 = i / QC, c2 = i - s2 * QC;
+        bb_cp_coherent16(stage + 16 * i, recs + (long)s2 * REC + lo * IB + 16 * c2);
+      }
       bb_cp_async_commit();
       BB_STAMP(8);
       // No branch around the shuffles (a row outside the part reduces NEG_INF and 0s, and stores
@@ -872,28 +853,27 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       for (int j = 0; j < IPT * 4; ++j) {
         acc[j] = 0.0f;
       }
-      for (int s0 = 0; s0 < n_split; s0 += sbmax) {
+      for (int s0 = 0; s0 < n_split; s0 += SB) {
         if (s0 > 0) { // the next records, once every thread is done with the last ones
-          sb = bb_mini(n_split - s0, sbmax);
+          sb = bb_mini(n_split - s0, SB);
           bb_sync_block();
-          bb_attn_stage_part(stage, recs + (long)s0 * REC + lo * IB, sb, qc, REC, s_first, c_first, s_step, c_step);
+          for (int i = tid; i < sb * QC; i += W * 32) {
+            const int s2 = i / QC, c2 = i - s2 * QC;
+            bb_cp_coherent16(stage + 16 * i, recs + (long)(s0 + s2) * REC + lo * IB + 16 * c2);
+          }
           bb_cp_async_commit();
         }
         bb_cp_async_wait<0>();
         bb_sync_block(); // the staged records and the factors are visible to every thread
         BB_STAMP(10);
-        if (ni > W * 32) {
-          bb_attn_merge_sums<T, IPT, W * 32, D>(acc, stage, qb, fac_s + s0 * 16, sb, lo, ni, tid);
-        } else { // a part of at most one item a thread: no clamped second pass
-          bb_attn_merge_sums<T, 1, W * 32, D>(acc, stage, qb, fac_s + s0 * 16, sb, lo, ni, tid);
-        }
+        bb_attn_merge_sums<T, IPT, W * 32, D, PI, QB>(acc, stage, fac_s + s0 * 16, sb, lo, tid);
       }
       BB_STAMP(11);
       BB_UNROLL
       for (int j = 0; j < IPT; ++j) {
         const int k = tid + j * W * 32;
         const int r = (4 * (lo + k)) / D, d = (4 * (lo + k)) % D;
-        if (k < ni && r < rows_valid) {
+        if (k < PI && r < rows_valid) {
           bb_attn_store4<T>(out + ((long)row * n_kv_heads * G + head0 + r) * D + d, acc[4 * j], acc[4 * j + 1],
                             acc[4 * j + 2], acc[4 * j + 3]);
         }

@@ -167,41 +167,11 @@ BB_FN void bb_split_wait(int* p, int n, int prev) {
   bb_fence_device();
 }
 #else
-BB_FN unsigned bb_load_acquire(const int* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-BB_FN void bb_spin_clocks(long long n) {
-  const long long t0 = clock64();
-  while (clock64() - t0 < n) {
-  }
-}
-// BB_POLLS polls in flight, BB_POLL_GAP clocks apart: one poll at a time saw the final count up
-// to a whole round trip after it landed, and the last of a launch's waiting mergers ends it.
-#ifndef BB_POLLS
-#define BB_POLLS 4
-#endif
-#ifndef BB_POLL_GAP
-#define BB_POLL_GAP 150
-#endif
 BB_FN void bb_split_wait(int* p, int n, int prev) {
-  unsigned v[BB_POLLS];
-  BB_UNROLL
-  for (int k = 0; k < BB_POLLS; ++k) {
-    v[k] = bb_load_acquire(p);
-    bb_spin_clocks(BB_POLL_GAP);
-  }
-  for (;;) {
-    BB_UNROLL
-    for (int k = 0; k < BB_POLLS; ++k) {
-      if (bb_split_counted(v[k], (unsigned)prev, n)) {
-        return;
-      }
-      v[k] = bb_load_acquire(p);
-      bb_spin_clocks(BB_POLL_GAP);
-    }
-  }
+  unsigned v;
+  do {
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  } while (!bb_split_counted(v, (unsigned)prev, n));
 }
 #endif
 // Partials written by other blocks: read through L2, never a stale L1 line.

@@ -21,7 +21,10 @@
    spread of the blocks' own durations (globaltimer), to see whether SM speed classes show in a
    plain read too.
 
+3. The attention walk's access pattern without its arithmetic (MERGE_PROBE=walk; see walk_probe).
+
     PYTHONPATH=. python3 scripts/h200_merge_probe.py    # on a CUDA machine; OUT=dir writes merge-probe.md
+    MERGE_PROBE=walk python3 scripts/h200_merge_probe.py
 """
 
 from __future__ import annotations
@@ -289,6 +292,78 @@ def read_probe(lines: list[str]) -> None:
         del sets
 
 
+# 3. The attention walk's access pattern without its arithmetic: B=8 x 8192's K/V as 32 pairs of
+# a 2 MB K region and a 2 MB V region (8192 cells x 128 fp16), 4 splits x 4 warps a pair, each
+# warp streaming 16 KB blocks (8 KB of K, 8 KB of V) through 2 cp.async stages as the kernel
+# does. PAT 0: the kernel's order (block split*4 + warp + 16 i: a pair's splits and warps
+# interleaved block by block); 1: each split a contiguous quarter, its warps interleaved; 2: each
+# warp a contiguous run. A plain contiguous read of the same bytes took 29.6 us (probe 2); the
+# kernel 38.5-39.4 us, its walks 26-36 us after entry (the thirty-sixth session's timelines).
+WALK_SOURCE = """
+  extern __shared__ __align__(16) unsigned char bb_sm[];
+  const int split = blockIdx.x, pair = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int ns = gridDim.x, np = gridDim.y;
+  const long cells = x_shape[0] / ((long)np * 2 * 128);
+  const int nb = (int)(cells / 32);          // 32-cell blocks of a pair
+  const int per_warp = nb / (ns * 4);
+  const uint4* kreg = reinterpret_cast<const uint4*>(x) + (long)pair * 2 * cells * 16;  // 16 uint4 a cell
+  const uint4* vreg = kreg + cells * 16;
+  const unsigned s0 = (unsigned)__cvta_generic_to_shared(bb_sm) + warp * 2 * 16384;
+  unsigned long long t0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  for (int i = 0; i < per_warp; ++i) {
+    const int b = PAT == 0 ? split * 4 + warp + ns * 4 * i
+                : PAT == 1 ? split * (nb / ns) + warp + 4 * i
+                           : (split * 4 + warp) * per_warp + i;
+    const unsigned st = s0 + (i & 1) * 16384;
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const int chunk = c * 32 + lane;  // 512 chunks of 16 bytes in 8 KB
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(st + chunk * 16), "l"(kreg + (long)b * 512 + chunk) : "memory");
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(st + 8192 + chunk * 16), "l"(vreg + (long)b * 512 + chunk) : "memory");
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+  }
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long t1;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
+    out[(pair * ns + split) * 2] = 0;
+    out[(pair * ns + split) * 2 + 1] = (unsigned)(t1 - t0);
+  }
+"""
+
+
+def walk_probe(lines: list[str]) -> None:
+    kernel = mx.fast.cuda_kernel(name="bb_walk_probe", input_names=["x"], output_names=["out"], source=WALK_SOURCE,
+                                 header=HEADER, shared_memory=4 * 2 * 16384)
+    n_pairs, ns, cells = 32, 4, 8192
+    n = n_pairs * 2 * cells * 128
+    sets = [mx.random.normal((n,)).astype(mx.float16) for _ in range(3)]
+    mx.eval(sets)
+    lines += ["", "## The walk's access pattern alone (B=8 x 8192: 32 pairs x 4 splits x 4 warps, 2 stages of 16 KB a warp)",
+              "", "| pattern | us | TB/s | block durations min / median / max us |", "|---|---|---|---|"]
+    names = {0: "kernel's (splits and warps interleaved)", 1: "split-contiguous, warps interleaved", 2: "warp-contiguous"}
+    for rep in range(2):
+        for pat in (0, 1, 2):
+            def launch(x, pat=pat):
+                return kernel(inputs=[x], template=[("PAT", pat)], grid=(128 * ns, n_pairs, 1), threadgroup=(128, 1, 1),
+                              output_shapes=[(2 * n_pairs * ns,)], output_dtypes=[mx.uint32])[0]
+
+            def run(launch=launch):
+                for x in sets:
+                    mx.eval(launch(x))
+
+            us = kernel_time_us(run, len(sets))
+            dur = np.array(launch(sets[0])).reshape(-1, 2)[:, 1] / 1e3
+            line = (f"| {names[pat]} | {us:.1f} | {n * 2 / (us * 1e-6) / 1e12:.2f} | "
+                    f"{dur.min():.1f} / {np.median(dur):.1f} / {dur.max():.1f} |")
+            lines.append(line)
+            print(line, flush=True)
+
+
 def main() -> None:
     if backend.BACKEND != "cuda":
         print("h200_merge_probe: needs MLX's CUDA back-end")
@@ -299,6 +374,8 @@ def main() -> None:
         merge_probe(lines)
     if "read" in which:
         read_probe(lines)
+    if "walk" in which:
+        walk_probe(lines)
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)

@@ -13,7 +13,9 @@
    polls, then the whole block merges; 4: lane 0 of each warp polls, staggered by STAG ns, and
    the first warp to see the count merges alone). Kernel time by CUPTI over chains of launches.
    The outputs are checked against NumPy every run (a wrong protocol reads wrong, a stuck poll
-   gives up after ~2^22 polls and writes NaN).
+   gives up after ~2^22 polls and writes NaN). Its first run (thirty-seventh session, call2)
+   cleared the count with a release add, whose fence slowed K=1 most: it read K=2-8 0.7-0.8 us
+   under K=1, where the attention kernel's A/Bs then measured 0.1-0.2 us.
 
 2. Would the 4 SMs that a 128-block grid leaves idle help? (a stream-K split over all 132 SMs
    is the one balancing idea left for B=8 and 32 x 8192.) A plain streaming read of the same
@@ -108,8 +110,10 @@ MERGE_SOURCE = """
   }
   int nthreads = 128, t = tid;
   if (q == K - 1) {
-    if (tid == 0) {
-      asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(ctr), "r"(0x10000 - NS) : "memory");
+    if (tid == 0) {  // relaxed: the add continues the arrivals' release sequence. (The thirty-seventh
+      // session's call2 ran red.release here: a MEMBAR.ALL.GPU ahead of the last arriver's merge,
+      // which made K=1 ~0.7 us slower than it is; the kernel's A/Bs measured the merge in parts.)
+      asm volatile("red.relaxed.gpu.global.add.s32 [%0], %1;" ::"l"(ctr), "r"(0x10000 - NS) : "memory");
     }
   } else if (PW == 1) {
     if (tid == 0) {

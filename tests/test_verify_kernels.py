@@ -36,8 +36,8 @@ def _mutants(backend, rng):
         # the barrier between each warp leaving its slice (O rows, max, sum) and every thread
         # reading all of them
         "missing_barrier": ("}\n}\nbb_sync_block();\nBB_STAMP(5);", "}\n}\nBB_STAMP(5);"),
-        # the row sum over a quad's 4 lanes, reduced with the wrong lane distance
-        "wrong_reduction": ("l0 += bb_shfl_xor(l0, 2);", "l0 += bb_shfl_xor(l0, 4);"),
+        # a head's sum over the 8 lanes of its column (G <= 8: K Q^T tiles), one step short
+        "wrong_reduction": ("l0 += bb_shfl_xor(l0, x);", "l0 += x == 16 ? 0.0f : bb_shfl_xor(l0, x);"),
     }
 
 
@@ -138,19 +138,27 @@ def test_q_tile_from_word_loads_emulated(backend):
         case.verify(lambda k, l: words(dataclasses.replace(k, header=k.header.replace(wrong, "(qrow + (long)r * D + 2 * w2)", 1)), l))
 
 
+# The walk's read of a cell's staged mask value, and the same read of the neighbouring cell's.
+_MASK_READ = {
+    4: ("bb_mask_value(mt[16 * t2 + g + 8 * h])", "bb_mask_value(mt[16 * t2 + (g ^ 1) + 8 * h])"),  # K Q^T tiles
+    16: ("bb_mask_value(mt[8 * j + 2 * c + e])", "bb_mask_value(mt[8 * j + 2 * c + 1 - e])"),  # Q K^T tiles
+}
+
+
 @pytest.mark.parametrize("mask_kind", ["add", "bool"])
-def test_staged_mask_values_are_each_cell_s_own(mask_kind):
+@pytest.mark.parametrize("g", [4, 16])
+def test_staged_mask_values_are_each_cell_s_own(mask_kind, g):
     """Whole blocks of an aligned mask row reach the walk through the pipeline stage with
     their K/V. Rows that see every other cell (and one whole block) pass; the same kernel
-    reading each cell's neighbour's staged value fails."""
+    reading each cell's neighbour's staged value fails (G=4: heads as tile columns, G=16: as rows)."""
     n = 128
     vis = np.zeros((2, n), bool)
     vis[0, 0::2] = True
     vis[1, 1::2] = True
     vis[:, 64:96] = True
-    case = attention_case("cuda", np.random.default_rng(SEED), d=64, g=4, visible=vis, mask_kind=mask_kind)
+    case = attention_case("cuda", np.random.default_rng(SEED), d=64, g=g, visible=vis, mask_kind=mask_kind)
     _verify(case)
-    spec, launch = _mutated(case, "bb_mask_value(mt[8 * j + 2 * c + e])", "bb_mask_value(mt[8 * j + 2 * c + 1 - e])")
+    spec, launch = _mutated(case, *_MASK_READ[g])
     got = emulate(spec, launch).outputs[0].transpose(0, 2, 1, 3).astype(np.float64)
     err = np.abs(got - case.expected).max()
     assert not err <= case.atol, f"neighbour's mask value not detected (max error {err})"

@@ -11,7 +11,7 @@
 //
 // The backend layer (attention_cuda.h / attention_metal.h) supplies BB_FN, BB_GLOBAL,
 // BB_SHARED, BB_THREAD, BB_UNROLL, warp/block primitives and the chip helpers
-// bb_cp_async16, bb_ldsm_rows(_trans), bb_mma_16816.
+// bb_cp_async16, bb_ldsm_rows(_trans), bb_mma_16816, bb_movmatrix_trans.
 #ifndef BB_ATTENTION_COMMON_H
 #define BB_ATTENTION_COMMON_H
 
@@ -21,6 +21,19 @@
 #define BB_MASK_STAGE 128 // bytes of one block's 32 mask values in a pipeline stage (fp32 masks)
 
 constexpr BB_FN int bb_attn_pitch(int d) { return d + 8; } // padded row: no bank conflicts
+
+#ifndef BB_HAS_MOVMATRIX
+// The 8x8 matrix of 16-bit values held in mma fragment layout (lane 4 i + j: row i, columns 2j,
+// 2j + 1), transposed: what movmatrix.trans does, from two shuffles. Metal's version, and CUDA's
+// under BB_PORTABLE.
+BB_FN uint32_t bb_movmatrix_trans(uint32_t x, int lane) {
+  const int g = lane >> 2, c = lane & 3;
+  const uint32_t v0 = bb_shfl(x, 8 * c + (g >> 1));     // row 2c, the column pair holding g
+  const uint32_t v1 = bb_shfl(x, 8 * c + 4 + (g >> 1)); // row 2c + 1
+  const uint32_t sh = (uint32_t)(g & 1) * 16u;
+  return ((v0 >> sh) & 0xffffu) | (((v1 >> sh) & 0xffffu) << 16);
+}
+#endif
 
 #ifndef BB_HAS_MMA
 // Plain mma.m16n8k16 (C[16x8] += A[16x16] B[16x8], fp32 accumulate) from warp shuffles: Metal's
@@ -383,6 +396,9 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   constexpr int TILE = BB_BLOCK * PITCH;
   constexpr int KS = D / 16; // k-steps of Q K^T
   constexpr int NT = D / 8;  // n-tiles of O
+  // G <= 8: each block computes S^T = K Q^T and O^T = V^T P^T (heads as the 8 columns of the
+  // tiles); else Q K^T and P V with 16 heads as the rows.
+  constexpr bool SWAP = G <= 8;
   const float LOG2E = 1.4426950408889634f;
   const float NEG_INF = bb_neg_inf();
 
@@ -496,20 +512,30 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   // Q's group is the oldest of STAGES + 1; every thread's copies landed before any warp reads.
   bb_cp_async_wait<STAGES>();
   bb_sync_block();
+  // Q's fragments: the A operand of Q K^T (16 heads), or with SWAP the B operand of K Q^T (8
+  // heads: qa[k][0..1]).
   uint32_t qa[KS][4];
   BB_UNROLL
   for (int kk = 0; kk < KS; kk += 2) {
     uint32_t lo[4], hi[4]; // rows g and g + 8, columns 16 kk + {0, 8, 16, 24} + 2c
     bb_ldsm_rows<T>(qt, PITCH, 0, 16 * kk, lo, lane);
-    bb_ldsm_rows<T>(qt, PITCH, 8, 16 * kk, hi, lane);
-    qa[kk][0] = lo[0];
-    qa[kk][1] = hi[0];
-    qa[kk][2] = lo[1];
-    qa[kk][3] = hi[1];
-    qa[kk + 1][0] = lo[2];
-    qa[kk + 1][1] = hi[2];
-    qa[kk + 1][2] = lo[3];
-    qa[kk + 1][3] = hi[3];
+    if (SWAP) {
+      qa[kk][0] = lo[0];
+      qa[kk][1] = lo[1];
+      qa[kk + 1][0] = lo[2];
+      qa[kk + 1][1] = lo[3];
+      qa[kk][2] = qa[kk][3] = qa[kk + 1][2] = qa[kk + 1][3] = 0u;
+    } else {
+      bb_ldsm_rows<T>(qt, PITCH, 8, 16 * kk, hi, lane);
+      qa[kk][0] = lo[0];
+      qa[kk][1] = hi[0];
+      qa[kk][2] = lo[1];
+      qa[kk][3] = hi[1];
+      qa[kk + 1][0] = lo[2];
+      qa[kk + 1][1] = hi[2];
+      qa[kk + 1][2] = lo[3];
+      qa[kk + 1][3] = hi[3];
+    }
   }
   int slot = 0;
 #ifdef BB_TIMELINE
@@ -522,108 +548,224 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     BB_SHARED MT* mt = mtiles + slot * MST;
     const bool staged = bb_attn_m_whole(m_aligned, b, n_used);
 
-    // Mask of this lane's 8 cells: from the stage, or else from global memory (issued first:
-    // its latency hides behind Q K^T).
-    float mv[4][2];
-    if (!staged) {
-      BB_UNROLL
-      for (int j = 0; j < 4; ++j) {
+    if (SWAP) {
+      // G <= 8 heads: S^T = K Q^T with the block's 32 cells as the rows of two m16 tiles and the
+      // heads as the 8 columns, then O^T += V^T P^T: half the tensor-core work of 16-row Q tiles
+      // (7 of 16 rows used at G=7) and half the exponentials a lane. A lane holds cells
+      // 16 t + g (+8) of heads 2c, 2c + 1. (The walk's arithmetic was ~1 us of the B=2 x 4096
+      // kernel, H200.)
+      float mvs[2][2]; // mask of cells 16 t + g + 8 h
+      if (!staged) {
         BB_UNROLL
-        for (int e = 0; e < 2; ++e) {
-          const int cell = b * BB_BLOCK + 8 * j + 2 * c + e;
-          mv[j][e] = cell < n_used ? bb_mask_value(mrow[cell]) * LOG2E : NEG_INF;
+        for (int t2 = 0; t2 < 2; ++t2) {
+          BB_UNROLL
+          for (int h = 0; h < 2; ++h) {
+            const int cell = b * BB_BLOCK + 16 * t2 + g + 8 * h;
+            mvs[t2][h] = cell < n_used ? bb_mask_value(mrow[cell]) * LOG2E : NEG_INF;
+          }
         }
       }
-    }
-
-    bb_cp_async_wait<STAGES - 1>();
-    bb_sync_warp();
-    if (staged) {
-      BB_UNROLL
-      for (int j = 0; j < 4; ++j) {
+      bb_cp_async_wait<STAGES - 1>();
+      bb_sync_warp();
+      if (staged) {
         BB_UNROLL
-        for (int e = 0; e < 2; ++e) {
-          mv[j][e] = bb_mask_value(mt[8 * j + 2 * c + e]) * LOG2E;
+        for (int t2 = 0; t2 < 2; ++t2) {
+          BB_UNROLL
+          for (int h = 0; h < 2; ++h) {
+            mvs[t2][h] = bb_mask_value(mt[16 * t2 + g + 8 * h]) * LOG2E;
+          }
         }
       }
-    }
 #ifdef BB_TIMELINE
-    if (tl_first) {
-      BB_STAMP(3);
-      tl_first = false;
-    }
-#endif
-
-    // S = Q K^T: 16 heads x 32 cells, n-tile j = cells 8j..8j+7.
-    float s[4][4];
-    BB_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-      BB_UNROLL
-      for (int kk = 0; kk < KS; kk += 2) {
-        uint32_t kb[4];
-        bb_ldsm_rows<T>(kt, PITCH, 8 * j, 16 * kk, kb, lane);
-        bb_mma_16816<T>(s[j], qa[kk], kb[0], kb[1], lane);
-        bb_mma_16816<T>(s[j], qa[kk + 1], kb[2], kb[3], lane);
+      if (tl_first) {
+        BB_STAMP(3);
+        tl_first = false;
       }
-    }
-
-    // Online softmax on rows g (s[.][0..1]) and g+8 (s[.][2..3]).
-    float mx0 = NEG_INF, mx1 = NEG_INF;
-    BB_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      s[j][0] = s[j][0] * qk_scale + mv[j][0];
-      s[j][1] = s[j][1] * qk_scale + mv[j][1];
-      s[j][2] = s[j][2] * qk_scale + mv[j][0];
-      s[j][3] = s[j][3] * qk_scale + mv[j][1];
-      mx0 = bb_maxf(mx0, bb_maxf(s[j][0], s[j][1]));
-      mx1 = bb_maxf(mx1, bb_maxf(s[j][2], s[j][3]));
-    }
-    mx0 = bb_maxf(mx0, bb_shfl_xor(mx0, 1));
-    mx0 = bb_maxf(mx0, bb_shfl_xor(mx0, 2));
-    mx1 = bb_maxf(mx1, bb_shfl_xor(mx1, 1));
-    mx1 = bb_maxf(mx1, bb_shfl_xor(mx1, 2));
-    const float mn0 = bb_maxf(m0, mx0), mn1 = bb_maxf(m1, mx1);
-    // A row with nothing visible yet keeps reference 0: exp2(-inf - 0) = 0, never NaN.
-    const float ref0 = mn0 == NEG_INF ? 0.0f : mn0;
-    const float ref1 = mn1 == NEG_INF ? 0.0f : mn1;
-    const float al0 = bb_exp2(m0 - ref0), al1 = bb_exp2(m1 - ref1);
-    m0 = mn0;
-    m1 = mn1;
-    float ps0 = 0.0f, ps1 = 0.0f;
-    BB_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      s[j][0] = bb_exp2(s[j][0] - ref0);
-      s[j][1] = bb_exp2(s[j][1] - ref0);
-      s[j][2] = bb_exp2(s[j][2] - ref1);
-      s[j][3] = bb_exp2(s[j][3] - ref1);
-      ps0 += s[j][0] + s[j][1];
-      ps1 += s[j][2] + s[j][3];
-    }
-    l0 = l0 * al0 + ps0;
-    l1 = l1 * al1 + ps1;
-    BB_UNROLL
-    for (int n = 0; n < NT; ++n) {
-      o[n][0] *= al0;
-      o[n][1] *= al0;
-      o[n][2] *= al1;
-      o[n][3] *= al1;
-    }
-
-    // O += P V: P (16 x 32) from the score registers, V^T fragments via transposed loads.
-    BB_UNROLL
-    for (int kc = 0; kc < 2; ++kc) {
-      uint32_t pa[4];
-      pa[0] = bb_pack2<T>(s[2 * kc][0], s[2 * kc][1]);
-      pa[1] = bb_pack2<T>(s[2 * kc][2], s[2 * kc][3]);
-      pa[2] = bb_pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-      pa[3] = bb_pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+#endif
+      float st[2][4];
       BB_UNROLL
-      for (int n = 0; n < NT; n += 2) {
-        uint32_t vb[4];
-        bb_ldsm_rows_trans<T>(vt, PITCH, 16 * kc, 8 * n, vb, lane);
-        bb_mma_16816<T>(o[n], pa, vb[0], vb[1], lane);
-        bb_mma_16816<T>(o[n + 1], pa, vb[2], vb[3], lane);
+      for (int t2 = 0; t2 < 2; ++t2) {
+        st[t2][0] = st[t2][1] = st[t2][2] = st[t2][3] = 0.0f;
+        BB_UNROLL
+        for (int kk = 0; kk < KS; kk += 2) {
+          uint32_t lo[4], hi[4], ka[4];
+          bb_ldsm_rows<T>(kt, PITCH, 16 * t2, 16 * kk, lo, lane);
+          bb_ldsm_rows<T>(kt, PITCH, 16 * t2 + 8, 16 * kk, hi, lane);
+          ka[0] = lo[0];
+          ka[1] = hi[0];
+          ka[2] = lo[1];
+          ka[3] = hi[1];
+          bb_mma_16816<T>(st[t2], ka, qa[kk][0], qa[kk][1], lane);
+          ka[0] = lo[2];
+          ka[1] = hi[2];
+          ka[2] = lo[3];
+          ka[3] = hi[3];
+          bb_mma_16816<T>(st[t2], ka, qa[kk + 1][0], qa[kk + 1][1], lane);
+        }
+      }
+      // Online softmax per head (column): m0, l0 for head 2c, m1, l1 for head 2c + 1, over the
+      // 8 lanes g of a column (xor 4, 8, 16).
+      float mx0 = NEG_INF, mx1 = NEG_INF;
+      BB_UNROLL
+      for (int t2 = 0; t2 < 2; ++t2) {
+        st[t2][0] = st[t2][0] * qk_scale + mvs[t2][0];
+        st[t2][1] = st[t2][1] * qk_scale + mvs[t2][0];
+        st[t2][2] = st[t2][2] * qk_scale + mvs[t2][1];
+        st[t2][3] = st[t2][3] * qk_scale + mvs[t2][1];
+        mx0 = bb_maxf(mx0, bb_maxf(st[t2][0], st[t2][2]));
+        mx1 = bb_maxf(mx1, bb_maxf(st[t2][1], st[t2][3]));
+      }
+      BB_UNROLL
+      for (int x = 4; x <= 16; x <<= 1) {
+        mx0 = bb_maxf(mx0, bb_shfl_xor(mx0, x));
+        mx1 = bb_maxf(mx1, bb_shfl_xor(mx1, x));
+      }
+      const float mn0 = bb_maxf(m0, mx0), mn1 = bb_maxf(m1, mx1);
+      // A head with nothing visible yet keeps reference 0: exp2(-inf - 0) = 0, never NaN.
+      const float ref0 = mn0 == NEG_INF ? 0.0f : mn0;
+      const float ref1 = mn1 == NEG_INF ? 0.0f : mn1;
+      const float al0 = bb_exp2(m0 - ref0), al1 = bb_exp2(m1 - ref1);
+      m0 = mn0;
+      m1 = mn1;
+      float ps0 = 0.0f, ps1 = 0.0f;
+      BB_UNROLL
+      for (int t2 = 0; t2 < 2; ++t2) {
+        st[t2][0] = bb_exp2(st[t2][0] - ref0);
+        st[t2][1] = bb_exp2(st[t2][1] - ref1);
+        st[t2][2] = bb_exp2(st[t2][2] - ref0);
+        st[t2][3] = bb_exp2(st[t2][3] - ref1);
+        ps0 += st[t2][0] + st[t2][2];
+        ps1 += st[t2][1] + st[t2][3];
+      }
+      l0 = l0 * al0 + ps0;
+      l1 = l1 * al1 + ps1;
+      BB_UNROLL
+      for (int n = 0; n < D / 16; ++n) {
+        o[n][0] *= al0;
+        o[n][1] *= al1;
+        o[n][2] *= al0;
+        o[n][3] *= al1;
+      }
+      // O^T += V^T P^T: P^T's fragments are the score tiles transposed in registers.
+      BB_UNROLL
+      for (int kc = 0; kc < 2; ++kc) {
+        const uint32_t pb0 = bb_movmatrix_trans(bb_pack2<T>(st[kc][0], st[kc][1]), lane);
+        const uint32_t pb1 = bb_movmatrix_trans(bb_pack2<T>(st[kc][2], st[kc][3]), lane);
+        BB_UNROLL
+        for (int n = 0; n < D / 16; ++n) {
+          uint32_t vr[4], va[4];
+          bb_ldsm_rows_trans<T>(vt, PITCH, 16 * kc, 16 * n, vr, lane);
+          va[0] = vr[0];
+          va[1] = vr[2];
+          va[2] = vr[1];
+          va[3] = vr[3];
+          bb_mma_16816<T>(o[n], va, pb0, pb1, lane);
+        }
+      }
+    } else {
+      // Mask of this lane's 8 cells: from the stage, or else from global memory (issued first:
+      // its latency hides behind Q K^T).
+      float mv[4][2];
+      if (!staged) {
+        BB_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          BB_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int cell = b * BB_BLOCK + 8 * j + 2 * c + e;
+            mv[j][e] = cell < n_used ? bb_mask_value(mrow[cell]) * LOG2E : NEG_INF;
+          }
+        }
+      }
+
+      bb_cp_async_wait<STAGES - 1>();
+      bb_sync_warp();
+      if (staged) {
+        BB_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          BB_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            mv[j][e] = bb_mask_value(mt[8 * j + 2 * c + e]) * LOG2E;
+          }
+        }
+      }
+  #ifdef BB_TIMELINE
+      if (tl_first) {
+        BB_STAMP(3);
+        tl_first = false;
+      }
+  #endif
+
+      // S = Q K^T: 16 heads x 32 cells, n-tile j = cells 8j..8j+7.
+      float s[4][4];
+      BB_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+        BB_UNROLL
+        for (int kk = 0; kk < KS; kk += 2) {
+          uint32_t kb[4];
+          bb_ldsm_rows<T>(kt, PITCH, 8 * j, 16 * kk, kb, lane);
+          bb_mma_16816<T>(s[j], qa[kk], kb[0], kb[1], lane);
+          bb_mma_16816<T>(s[j], qa[kk + 1], kb[2], kb[3], lane);
+        }
+      }
+
+      // Online softmax on rows g (s[.][0..1]) and g+8 (s[.][2..3]).
+      float mx0 = NEG_INF, mx1 = NEG_INF;
+      BB_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        s[j][0] = s[j][0] * qk_scale + mv[j][0];
+        s[j][1] = s[j][1] * qk_scale + mv[j][1];
+        s[j][2] = s[j][2] * qk_scale + mv[j][0];
+        s[j][3] = s[j][3] * qk_scale + mv[j][1];
+        mx0 = bb_maxf(mx0, bb_maxf(s[j][0], s[j][1]));
+        mx1 = bb_maxf(mx1, bb_maxf(s[j][2], s[j][3]));
+      }
+      mx0 = bb_maxf(mx0, bb_shfl_xor(mx0, 1));
+      mx0 = bb_maxf(mx0, bb_shfl_xor(mx0, 2));
+      mx1 = bb_maxf(mx1, bb_shfl_xor(mx1, 1));
+      mx1 = bb_maxf(mx1, bb_shfl_xor(mx1, 2));
+      const float mn0 = bb_maxf(m0, mx0), mn1 = bb_maxf(m1, mx1);
+      // A row with nothing visible yet keeps reference 0: exp2(-inf - 0) = 0, never NaN.
+      const float ref0 = mn0 == NEG_INF ? 0.0f : mn0;
+      const float ref1 = mn1 == NEG_INF ? 0.0f : mn1;
+      const float al0 = bb_exp2(m0 - ref0), al1 = bb_exp2(m1 - ref1);
+      m0 = mn0;
+      m1 = mn1;
+      float ps0 = 0.0f, ps1 = 0.0f;
+      BB_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        s[j][0] = bb_exp2(s[j][0] - ref0);
+        s[j][1] = bb_exp2(s[j][1] - ref0);
+        s[j][2] = bb_exp2(s[j][2] - ref1);
+        s[j][3] = bb_exp2(s[j][3] - ref1);
+        ps0 += s[j][0] + s[j][1];
+        ps1 += s[j][2] + s[j][3];
+      }
+      l0 = l0 * al0 + ps0;
+      l1 = l1 * al1 + ps1;
+      BB_UNROLL
+      for (int n = 0; n < NT; ++n) {
+        o[n][0] *= al0;
+        o[n][1] *= al0;
+        o[n][2] *= al1;
+        o[n][3] *= al1;
+      }
+
+      // O += P V: P (16 x 32) from the score registers, V^T fragments via transposed loads.
+      BB_UNROLL
+      for (int kc = 0; kc < 2; ++kc) {
+        uint32_t pa[4];
+        pa[0] = bb_pack2<T>(s[2 * kc][0], s[2 * kc][1]);
+        pa[1] = bb_pack2<T>(s[2 * kc][2], s[2 * kc][3]);
+        pa[2] = bb_pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+        pa[3] = bb_pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+        BB_UNROLL
+        for (int n = 0; n < NT; n += 2) {
+          uint32_t vb[4];
+          bb_ldsm_rows_trans<T>(vt, PITCH, 16 * kc, 8 * n, vb, lane);
+          bb_mma_16816<T>(o[n], pa, vb[0], vb[1], lane);
+          bb_mma_16816<T>(o[n + 1], pa, vb[2], vb[3], lane);
+        }
       }
     }
     bb_sync_warp(); // every lane is done with this slot before it is refilled
@@ -643,11 +785,19 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   bb_cp_async_wait<0>();
   BB_STAMP(4);
 
-  // Row sums over the 4 lanes of a quad.
-  l0 += bb_shfl_xor(l0, 1);
-  l0 += bb_shfl_xor(l0, 2);
-  l1 += bb_shfl_xor(l1, 1);
-  l1 += bb_shfl_xor(l1, 2);
+  // Row sums over the 4 lanes of a quad (SWAP: head sums over the 8 lanes of a column).
+  if (SWAP) {
+    BB_UNROLL
+    for (int x = 4; x <= 16; x <<= 1) {
+      l0 += bb_shfl_xor(l0, x);
+      l1 += bb_shfl_xor(l1, x);
+    }
+  } else {
+    l0 += bb_shfl_xor(l0, 1);
+    l0 += bb_shfl_xor(l0, 2);
+    l1 += bb_shfl_xor(l1, 1);
+    l1 += bb_shfl_xor(l1, 2);
+  }
 
   // ---- merge the W warps ----
   // Each warp leaves its O rows (not rescaled) and (max, sum) in its own tiles, which no other
@@ -659,19 +809,36 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   bb_sync_warp(); // every lane of this warp is done with its tiles
   {
     BB_SHARED float* o_w = (BB_SHARED float*)smem + warp * WSLICE; // [16][OP], then [16][2]
-    if (c == 0) {
-      o_w[16 * OP + g * 2 + 0] = m0;
-      o_w[16 * OP + g * 2 + 1] = l0;
-      o_w[16 * OP + (g + 8) * 2 + 0] = m1;
-      o_w[16 * OP + (g + 8) * 2 + 1] = l1;
-    }
-    BB_UNROLL
-    for (int n = 0; n < NT; ++n) {
-      const int d = 8 * n + 2 * c;
-      o_w[g * OP + d] = o[n][0];
-      o_w[g * OP + d + 1] = o[n][1];
-      o_w[(g + 8) * OP + d] = o[n][2];
-      o_w[(g + 8) * OP + d + 1] = o[n][3];
+    if (SWAP) { // heads 2c, 2c + 1; D rows 16 n + g (+8); rows 8..15 of the slice unused
+      if (g == 0) {
+        o_w[16 * OP + (2 * c) * 2 + 0] = m0;
+        o_w[16 * OP + (2 * c) * 2 + 1] = l0;
+        o_w[16 * OP + (2 * c + 1) * 2 + 0] = m1;
+        o_w[16 * OP + (2 * c + 1) * 2 + 1] = l1;
+      }
+      BB_UNROLL
+      for (int n = 0; n < D / 16; ++n) {
+        const int d = 16 * n + g;
+        o_w[(2 * c) * OP + d] = o[n][0];
+        o_w[(2 * c + 1) * OP + d] = o[n][1];
+        o_w[(2 * c) * OP + d + 8] = o[n][2];
+        o_w[(2 * c + 1) * OP + d + 8] = o[n][3];
+      }
+    } else {
+      if (c == 0) {
+        o_w[16 * OP + g * 2 + 0] = m0;
+        o_w[16 * OP + g * 2 + 1] = l0;
+        o_w[16 * OP + (g + 8) * 2 + 0] = m1;
+        o_w[16 * OP + (g + 8) * 2 + 1] = l1;
+      }
+      BB_UNROLL
+      for (int n = 0; n < NT; ++n) {
+        const int d = 8 * n + 2 * c;
+        o_w[g * OP + d] = o[n][0];
+        o_w[g * OP + d + 1] = o[n][1];
+        o_w[(g + 8) * OP + d] = o[n][2];
+        o_w[(g + 8) * OP + d + 1] = o[n][3];
+      }
     }
   }
   bb_sync_block();

@@ -288,6 +288,17 @@ BB_FN void bb_ldsm_rows_trans(const T* tile, int pitch, int row0, int col0, uint
 #endif
 }
 
+// ---- fragment transpose: an 8x8 b16 matrix in mma layout, transposed ---------
+
+#ifndef BB_PORTABLE
+#define BB_HAS_MOVMATRIX 1  // the portable version is in attention_common.h
+BB_FN uint32_t bb_movmatrix_trans(uint32_t x, int) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+#endif
+
 // ---- tensor cores: C[16x8] += A[16x16] B[16x8], fp32 accumulate ---------------
 
 #ifndef BB_PORTABLE

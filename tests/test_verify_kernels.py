@@ -122,6 +122,16 @@ def test_merge_in_parts_emulated(monkeypatch, mergers, splits, parts):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "metal"])
+def test_six_heads_per_kv_head_emulated(backend):
+    """G=6 (Qwen2.5-1.5B): the K Q^T tiles' 8 head columns hold 6 heads and 2 zero rows of Q,
+    which must not reach the output."""
+    toolchain.need(toolchain.host_cxx)
+    case = attention_case(backend, np.random.default_rng(SEED), dtype=mx.bfloat16, d=128, g=6, splits=3,
+                          live="exact", layout=dict(kind="contiguous", n_seq=2, max_prompt=120, empty_row=True))
+    _verify(case)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "metal"])
 def test_q_tile_from_word_loads_emulated(backend):
     """Q reaches its shared-memory tile by cp.async when q is 16-byte aligned, else by 4-byte
     words (an MLX view may start at any even element). The emulator's inputs are always

@@ -331,6 +331,18 @@ BB_FN void bb_attn_warp_merge4(BB_SHARED const float* slices, int r, int d, BB_T
   *ll = l;
 }
 
+// One online-softmax step of a row (a head) whose block maximum is mx (log2 domain): the new
+// running maximum in *m, the reference this block's exponentials subtract in *ref (0 while
+// nothing is visible: exp2(-inf - 0) = 0, never NaN), and, returned, the factor that rescales
+// what was summed before.
+BB_FN float bb_attn_softmax_step(float mx, BB_THREAD float* m, BB_THREAD float* ref) {
+  const float mn = bb_maxf(*m, mx);
+  *ref = mn == bb_neg_inf() ? 0.0f : mn;
+  const float al = bb_exp2(*m - *ref);
+  *m = mn;
+  return al;
+}
+
 // 1 / a row's softmax sum, or 0 for a row with nothing visible (sum 0: its output is zeros,
 // never NaN). Where the sum is not 0 it is >= 1 (the max's own term), so bb_rcp's approximation holds.
 BB_FN float bb_attn_inv_sum(float l) { return l > 0.0f ? bb_rcp(l) : 0.0f; }
@@ -620,13 +632,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         mx0 = bb_maxf(mx0, bb_shfl_xor(mx0, x));
         mx1 = bb_maxf(mx1, bb_shfl_xor(mx1, x));
       }
-      const float mn0 = bb_maxf(m0, mx0), mn1 = bb_maxf(m1, mx1);
-      // A head with nothing visible yet keeps reference 0: exp2(-inf - 0) = 0, never NaN.
-      const float ref0 = mn0 == NEG_INF ? 0.0f : mn0;
-      const float ref1 = mn1 == NEG_INF ? 0.0f : mn1;
-      const float al0 = bb_exp2(m0 - ref0), al1 = bb_exp2(m1 - ref1);
-      m0 = mn0;
-      m1 = mn1;
+      float ref0, ref1;
+      const float al0 = bb_attn_softmax_step(mx0, &m0, &ref0), al1 = bb_attn_softmax_step(mx1, &m1, &ref1);
       float ps0 = 0.0f, ps1 = 0.0f;
       BB_UNROLL
       for (int t2 = 0; t2 < 2; ++t2) {
@@ -724,13 +731,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       mx0 = bb_maxf(mx0, bb_shfl_xor(mx0, 2));
       mx1 = bb_maxf(mx1, bb_shfl_xor(mx1, 1));
       mx1 = bb_maxf(mx1, bb_shfl_xor(mx1, 2));
-      const float mn0 = bb_maxf(m0, mx0), mn1 = bb_maxf(m1, mx1);
-      // A row with nothing visible yet keeps reference 0: exp2(-inf - 0) = 0, never NaN.
-      const float ref0 = mn0 == NEG_INF ? 0.0f : mn0;
-      const float ref1 = mn1 == NEG_INF ? 0.0f : mn1;
-      const float al0 = bb_exp2(m0 - ref0), al1 = bb_exp2(m1 - ref1);
-      m0 = mn0;
-      m1 = mn1;
+      float ref0, ref1;
+      const float al0 = bb_attn_softmax_step(mx0, &m0, &ref0), al1 = bb_attn_softmax_step(mx1, &m1, &ref1);
       float ps0 = 0.0f, ps1 = 0.0f;
       BB_UNROLL
       for (int j = 0; j < 4; ++j) {

@@ -82,7 +82,7 @@ def timeline(b: int, ctx: int) -> None:
     if m.any():
         steps = [(6, 8), (8, 9), (9, 10), (10, 11), (11, 7)]
         parts = ", ".join(f"{a}->{b_} {np.median(st[m, b_] - st[m, a]) / 1e3:.2f}" for a, b_ in steps)
-        print(f"  last split's merge, median us over {int(m.sum())} merging blocks (phase numbers): {parts}")
+        print(f"  the merge, median us over {int(m.sum())} merging blocks, each its part (phase numbers): {parts}")
     if len(raw) > 1:
         print("  " + _by_sm(raw))
     if mx.cuda.is_available():

@@ -428,7 +428,7 @@ def read_timeline(ws: mx.array, launch: Launch) -> "np.ndarray":
     """The stamps of a `timeline` build's second output: uint64 [blocks, 13], column 0 the SM id,
     columns 1..12 the global timer (ns) at STAMP_PHASES; blocks in (row, kv head, split) order.
     A phase the block never reached reads 0 (column 3 when its warp 0 had no K/V block; column
-    6 with one split: no counter; columns 8-11 in every block but the last split of its pair)."""
+    6 with one split: no counter; columns 8-11 in every block that merges no part of its pair)."""
     import numpy as np
 
     blocks = launch.grid[1] * launch.grid[2] * (launch.grid[0] // launch.threadgroup[0])

@@ -361,9 +361,10 @@ BB_FN void bb_attn_store4(BB_GLOBAL T* o, float x0, float x1, float x2, float x3
 // Phase timestamps (diagnostic builds only: attention.py's `timeline`, CUDA). Thread 0 of every
 // block writes BB_STAMPS pairs of 32-bit words after the split records in ws: its SM id, then
 // the global timer at entry (1), list filled (2), first K/V block landed (3), walk done (4),
-// warps merged (5), split counted (6), end (7); the last split's merge: records' copies
-// issued (8), weights done (9), records staged (10), sums done (11); and the live list's count
-// in a register (12: its round trip at entry, before any K/V can be requested).
+// warps merged (5), split counted (6; for a merger that waits, every split counted), end (7);
+// a merger's part of the merge (the last part's, where one block merges them all): records'
+// copies issued (8), weights done (9), records staged (10), sums done (11); and the live list's
+// count in a register (12: its round trip at entry, before any K/V can be requested).
 #define BB_STAMPS 13
 #ifdef BB_TIMELINE
 #define BB_STAMP_IF(i, cond)                 \

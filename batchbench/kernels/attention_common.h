@@ -3,8 +3,9 @@
 // One thread block per (token row, kv head [, chunk of 16 query heads], split). Its W warps
 // walk 32-cell KV blocks; a block is loaded only if it may hold a visible cell: either it is
 // in the row's live list (LIVE) or one of its 32 mask values is not -inf (SKIP, in-kernel
-// scan). The G query heads of the GQA group are the 16 rows of one tensor-core tile, so every
-// K/V element is read once per (row, kv head). Online softmax runs in fp32 in the log2 domain.
+// scan). The G query heads of the GQA group share one tensor-core tile, so every K/V element
+// is read once per (row, kv head): with G <= 8 they are its 8 columns (S^T = K Q^T, O^T += V^T
+// P^T), else 16 rows (Q K^T, P V). Online softmax runs in fp32 in the log2 domain.
 // Splits write partial (O, max, sum) to `ws`; the last MG splits to finish (atomic counter)
 // merge them, each one part of the output, so the whole layer is one launch. A counter's low 16
 // bits (the count) are left at zero for the next call; the bits above count launches.

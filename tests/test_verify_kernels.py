@@ -132,6 +132,17 @@ def test_six_heads_per_kv_head_emulated(backend):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "metal"])
+@pytest.mark.parametrize("d", [32, 96])
+def test_other_head_dims_emulated(backend, d):
+    """Head dims the kernel takes besides 64 and 128: 2 and 6 k-steps of K Q^T and m-tiles of
+    O^T (G=7), over 3 splits."""
+    toolchain.need(toolchain.host_cxx)
+    case = attention_case(backend, np.random.default_rng(SEED), d=d, g=7, splits=3, live="exact",
+                          layout=dict(kind="contiguous", n_seq=2, max_prompt=120))
+    _verify(case)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "metal"])
 def test_q_tile_from_word_loads_emulated(backend):
     """Q reaches its shared-memory tile by cp.async when q is 16-byte aligned, else by 4-byte
     words (an MLX view may start at any even element). The emulator's inputs are always

@@ -250,7 +250,7 @@ def merge_parts(backend_name: str, n_split: int) -> int:
     chunks; a template argument, so the parts' sizes are compile-time constants."""
     if backend_name != "cuda":
         return 1
-    return max(m for m in (1, 2, 4) if m <= min(MERGERS, max(n_split, 1)))
+    return max(m for m in (1, 2, 4) if m <= min(MERGERS, n_split))
 
 
 def choose_splits(pairs: int, n_blk: int, warps: int, d: int = 128) -> int:

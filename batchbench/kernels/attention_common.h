@@ -896,8 +896,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
     // (29 KB at B=2 x 4096), and that issue and its round trip ended the launch. The mergers
     // before the last wait until every split has counted (bb_split_wait: a few blocks, after
     // all the others have exited); where a block cannot wait (Metal, the CPU emulator) the last
-    // split merges every part in turn.
-    // MG (the planner's: <= n_split, dividing the items into equal parts of 16-byte chunks)
+    // split merges every part in turn. MG is the planner's: at most n_split, and it divides the
+    // items into equal parts of whole 16-byte chunks.
     if (tid == 0) {
       const int prev = bb_split_arrive(counters + pair);
       const int part = (prev & 0xffff) - (n_split - MG); // this block's part, < 0: none

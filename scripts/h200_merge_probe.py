@@ -25,12 +25,16 @@
 
 3. The attention walk's access pattern without its arithmetic (MERGE_PROBE=walk; see walk_probe).
 
+4. Why the kernel walks slower than probe 3 and plain reads (MERGE_PROBE=gap; see gap_probe).
+
     PYTHONPATH=. python3 scripts/h200_merge_probe.py    # on a CUDA machine; OUT=dir writes merge-probe.md
     MERGE_PROBE=walk python3 scripts/h200_merge_probe.py
+    MERGE_PROBE=gap python3 scripts/h200_merge_probe.py     # 4: the kernel's walk against the probe's
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -368,6 +372,125 @@ def walk_probe(lines: list[str]) -> None:
             print(line, flush=True)
 
 
+# 4. Where the kernel's walk loses to the probe's (MERGE_PROBE=gap). Without its arithmetic the
+# kernel took 37.6 us at B=8 x 8192 and 130.6 at 32 x 8192 (thirty-seventh session, call16),
+# where probe 3 walked B=8 x 8192's bytes in 31.2 us and plain reads of 32 x 8192's in 116.1.
+# Two suspects: (a) how they were timed: probes 2-3 wait for each launch, the bench chains its
+# layers back to back; (b) what the kernel's walk adds: its K/V layout (separate [Hkv, S, D]
+# buffers, grid (kv head, split, row)), the 272-byte padded tile rows, the zero-fill form of
+# cp.async, and each block's 64 mask bytes staged with it. This walk takes the kernel's layout
+# and adds each of (b) in turn; every variant is timed both ways, and so is the kernel itself.
+WALK2_SOURCE = """
+  extern __shared__ __align__(16) unsigned char bb_sm[];
+  const int head = blockIdx.x, split = blockIdx.y, row = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int ns = gridDim.y, rows = gridDim.z;
+  const long S = k_shape[1], n_used = mask_shape[1];
+  const int nb = (int)(n_used / rows / 32);  // blocks a row owns
+  const int per_warp = nb / (ns * 4);
+  const uint4* kh = reinterpret_cast<const uint4*>(k) + (long)head * S * 16;
+  const uint4* vh = reinterpret_cast<const uint4*>(v) + (long)head * S * 16;
+  const char* mrow = reinterpret_cast<const char*>(mask) + (long)row * n_used * 2;
+  constexpr int PB = PITCH ? 272 : 256, TILE = 32 * PB;
+  const unsigned base = (unsigned)__cvta_generic_to_shared(bb_sm);
+  const unsigned s0 = base + warp * 4 * TILE, m0 = base + 16 * TILE + warp * 256;
+  unsigned long long t0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  for (int i = 0; i < per_warp; ++i) {
+    const int b = row * nb + split * 4 + warp + ns * 4 * i;
+    const unsigned st = s0 + (i & 1) * 2 * TILE;
+    if (MASKLD && lane < 4) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(m0 + (i & 1) * 128 + lane * 16), "l"(mrow + (long)b * 64 + lane * 16), "r"(16) : "memory");
+    }
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const int chunk = c * 32 + lane, r = chunk >> 4, cc = chunk & 15;
+      const long goff = ((long)b * 32 + r) * 16 + cc;
+      const unsigned d = st + r * PB + cc * 16;
+      if (ZF) {
+        const int n = ((long)b * 32 + r) < n_used ? 16 : 0;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(kh + goff), "r"(n) : "memory");
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d + TILE), "l"(vh + goff), "r"(n) : "memory");
+      } else {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(kh + goff) : "memory");
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + TILE), "l"(vh + goff) : "memory");
+      }
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+  }
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long t1;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
+    const int blk = (row * ns + split) * gridDim.x + head;
+    out[blk * 2] = 0;
+    out[blk * 2 + 1] = (unsigned)(t1 - t0);
+  }
+"""
+
+
+def gap_probe(lines: list[str]) -> None:
+    from batchbench.bench_attention import _in_place, unified_problem
+    from batchbench.kernels.attention import decode_attention
+
+    kernel = mx.fast.cuda_kernel(name="bb_walk2_probe", input_names=["k", "v", "mask", "dep"], output_names=["out"],
+                                 source=WALK2_SOURCE, header=HEADER, shared_memory=16 * 272 * 32 + 4 * 256)
+    n_layers, n_sets = 32, 4
+    zero = mx.zeros((1,), mx.uint32)  # the first launch's dep
+    mx.eval(zero)
+    lines += ["", "## The kernel's walk against the probe's (kernel layout; 'each': an eval per launch, as probes 2-3;"
+              " 'chain': 32 launches back to back, as the bench)", "",
+              "| B x ctx | what | each us | chain us | TB/s (chain) | block durations min / median / max us |",
+              "|---|---|---|---|---|---|"]
+    for b, ctx, ns in ((8, 8192, 4), (32, 8192, 1)):
+        layers, q, mask, live = unified_problem(b, ctx, n_sets)
+        nbytes = b * ctx * 4 * 128 * 2 * 2
+
+        def timed(launch, name, dur_of=None):
+            # launch(i, dep): layer i's launch; dep, the previous launch's output, orders the
+            # chain (independent launches in one graph may overlap, which would skew the sum)
+            def each():
+                for i in range(len(layers)):
+                    mx.eval(launch(i, None))
+
+            def chain():
+                dep = None
+                for i in range(n_layers):
+                    dep = launch(i % n_sets, dep)
+                mx.eval(dep)
+
+            e_us = kernel_time_us(each, len(layers))
+            c_us = kernel_time_us(chain, n_layers)
+            dur = f"{dur_of.min():.1f} / {np.median(dur_of):.1f} / {dur_of.max():.1f}" if dur_of is not None else "-"
+            line = (f"| {b} x {ctx} | {name} | {e_us:.1f} | {c_us:.1f} | {nbytes / (c_us * 1e-6) / 1e12:.2f} | {dur} |")
+            lines.append(line)
+            print(line, flush=True)
+
+        for pitch, zf, maskld in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)):
+            def launch(i, dep, pitch=pitch, zf=zf, maskld=maskld):
+                k, v, _, _ = layers[i]
+                dep = zero if dep is None else dep
+                return kernel(inputs=[k[0], v[0], mask, dep],
+                              template=[("PITCH", pitch), ("ZF", zf), ("MASKLD", maskld)],
+                              grid=(128 * 4, ns, b), threadgroup=(128, 1, 1), output_shapes=[(2 * 4 * ns * b,)],
+                              output_dtypes=[mx.uint32])[0]
+
+            dur = np.array(launch(0, None)).reshape(-1, 2)[:, 1] / 1e3
+            timed(launch, f"walk: pitch {272 if pitch else 256}, zero-fill {zf}, mask bytes {maskld}", dur)
+
+        scale = 1.0 / math.sqrt(128)
+
+        def launch_k(i, dep):
+            k, v, _, _ = layers[i % n_sets]
+            x = q if dep is None else dep
+            return _in_place(decode_attention(x, k, v, scale=scale, mask=mask, live_blocks=live), x)
+
+        timed(launch_k, "kernel (list; 'chain' is the bench's dependent chain)")
+        del layers
+
+
 def main() -> None:
     if backend.BACKEND != "cuda":
         print("h200_merge_probe: needs MLX's CUDA back-end")
@@ -380,6 +503,8 @@ def main() -> None:
         read_probe(lines)
     if "walk" in which:
         walk_probe(lines)
+    if "gap" in which:
+        gap_probe(lines)
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)

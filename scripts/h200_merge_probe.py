@@ -385,7 +385,7 @@ WALK2_SOURCE = """
   const int head = blockIdx.x, split = blockIdx.y, row = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int ns = gridDim.y, rows = gridDim.z;
-  const long S = k_shape[1], n_used = mask_shape[1];
+  const long S = k_shape[2], n_used = mask_shape[1];  // k, v: [1, Hkv, S, D]
   const int nb = (int)(n_used / rows / 32);  // blocks a row owns
   const int per_warp = nb / (ns * 4);
   const uint4* kh = reinterpret_cast<const uint4*>(k) + (long)head * S * 16;
@@ -472,7 +472,7 @@ def gap_probe(lines: list[str]) -> None:
             def launch(i, dep, pitch=pitch, zf=zf, maskld=maskld):
                 k, v, _, _ = layers[i]
                 dep = zero if dep is None else dep
-                return kernel(inputs=[k[0], v[0], mask, dep],
+                return kernel(inputs=[k, v, mask, dep],
                               template=[("PITCH", pitch), ("ZF", zf), ("MASKLD", maskld)],
                               grid=(128 * 4, ns, b), threadgroup=(128, 1, 1), output_shapes=[(2 * 4 * ns * b,)],
                               output_dtypes=[mx.uint32])[0]

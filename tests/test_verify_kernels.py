@@ -1,6 +1,6 @@
 """The project's kernels, as MLX would compile them, checked without their hardware:
 compiled (CUDA: nvcc sm_90a down to SASS; Metal: clang against the metal_stdlib stand-in)
-and emulated on the CPU against float64 NumPy references, plus two deliberately broken
+and emulated on the CPU against float64 NumPy references, plus deliberately broken
 variants of the attention kernel that the emulation must reject.
 
 Missing compilers skip these tests, unless BATCHBENCH_REQUIRE_TOOLCHAINS=1 (CI)."""
@@ -38,6 +38,9 @@ def _mutants(backend, rng):
         "missing_barrier": ("}\n}\nbb_sync_block();\nBB_STAMP(5);", "}\n}\nBB_STAMP(5);"),
         # a head's sum over the 8 lanes of its column (G <= 8: K Q^T tiles), one step short
         "wrong_reduction": ("l0 += bb_shfl_xor(l0, x);", "l0 += x == 16 ? 0.0f : bb_shfl_xor(l0, x);"),
+        # K/V rows copied into the swizzled tiles (D % 64 == 0) without the XOR of the row's
+        # r % 8 step by step, so the copies and the tile reads disagree
+        "wrong_swizzle": ("((x ^ ((RPI * j) & 7)) << 3)", "(x << 3)"),
     }
 
 
@@ -92,10 +95,11 @@ def test_broken_attention_kernel_is_rejected(cases, backend):
     spec, launch = _mutated(case, *muts["missing_barrier"])
     with pytest.raises(RaceError):
         emulate(spec, launch)
-    spec, launch = _mutated(case, *muts["wrong_reduction"])
-    got = emulate(spec, launch).outputs[0].transpose(0, 2, 1, 3).astype(np.float64)  # [1,T,Hq,D]
-    err = np.abs(got - case.expected).max()
-    assert not err <= case.atol, f"wrong reduction not detected (max error {err})"
+    for name in ("wrong_reduction", "wrong_swizzle"):
+        spec, launch = _mutated(case, *muts[name])
+        got = emulate(spec, launch).outputs[0].transpose(0, 2, 1, 3).astype(np.float64)  # [1,T,Hq,D]
+        err = np.abs(got - case.expected).max()
+        assert not err <= case.atol, f"{name} not detected (max error {err})"
 
 
 @pytest.mark.parametrize("mergers,splits,parts", [(1, 5, 1), (2, 5, 2), (4, 5, 4), (4, 2, 2), (4, 3, 2), (2, 2, 2)])

@@ -97,8 +97,9 @@ def record_bytes(gh: int, d: int, esize: int) -> int:
 def smem_bytes(d: int, warps: int, stages: int, esize: int, gh: int) -> int:
     """Mirror of bb_attn_smem_bytes in attention_common.h: the pipeline tiles, block lists,
     mask stages and Q tile, or the merge header and one split record if larger."""
-    pipeline = (warps * stages * 2 * BLOCK * (d + 8) * esize + warps * LIST_CAP * 4 + warps * stages * MASK_STAGE_BYTES
-                + 16 * (d + 8) * esize)  # the Q tile
+    pitch = d if d % 64 == 0 else d + 8  # bb_attn_pitch: swizzled rows, else padded
+    pipeline = (warps * stages * 2 * BLOCK * pitch * esize + warps * LIST_CAP * 4 + warps * stages * MASK_STAGE_BYTES
+                + 16 * pitch * esize)  # the Q tile
     merge = 4 * MAX_SPLIT * 16 + 16  # fac_s, flag_s (the warps' slices live in their own tiles)
     return max(pipeline, merge + record_bytes(gh, d, esize))
 

@@ -21,7 +21,24 @@
 #define BB_LIST_CAP 256 // block ids buffered per warp
 #define BB_MASK_STAGE 128 // bytes of one block's 32 mask values in a pipeline stage (fp32 masks)
 
-constexpr BB_FN int bb_attn_pitch(int d) { return d + 8; } // padded row: no bank conflicts
+// Shared tiles (K, V, Q) hold rows of D elements. Where D is a multiple of 64 the rows are
+// unpadded and the 16-byte chunks of row r are permuted by XOR with r % 8 (the permutation stays
+// within each 128-byte line): ldmatrix's 8 rows of one chunk then hit 8 different bank groups,
+// and a warp's 16-byte cp.async stores still fill whole, aligned lines. Other D pad each row by
+// 16 bytes instead. (Padded rows at D=128 made the walk's copies stream ~6% slower on the H200:
+// an unpadded walk, 123.7 against 131.7 us for B=32 x 8192's K/V, results/h200-2026-12-01-s38.)
+constexpr BB_FN bool bb_attn_swizzled(int d) { return d % 64 == 0; }
+constexpr BB_FN int bb_attn_pitch(int d) { return bb_attn_swizzled(d) ? d : d + 8; }
+template <int D>
+struct BBTile {
+  // element offset of (row r, column c)
+  static BB_FN int at(int r, int c) {
+    // (the 128-byte line c & ~63 added apart: callers' column offsets within a line then stay
+    // register + immediate)
+    return bb_attn_swizzled(D) ? r * D + (c & ~63) + (((((c & 63) >> 3) ^ (r & 7)) << 3) | (c & 7))
+                               : r * (D + 8) + c;
+  }
+};
 
 #ifndef BB_HAS_MOVMATRIX
 // The 8x8 matrix of 16-bit values held in mma fragment layout (lane 4 i + j: row i, columns 2j,
@@ -237,16 +254,34 @@ BB_FN void bb_attn_load_block(BB_SHARED T* kt, BB_SHARED T* vt, BB_SHARED MT* mt
   if (m_stage && lane < BB_BLOCK / MPC) {
     bb_cp_async16(mt + lane * MPC, mrow + (long)b * BB_BLOCK + lane * MPC, true);
   }
-  constexpr int PITCH = bb_attn_pitch(D);
   constexpr int CPR = D / 8; // 16-byte chunks per row
+  if (bb_attn_swizzled(D)) {
+    // BBTile<D>::at(r, 8 cc), spelled so that the lane's part is computed once: a warp step
+    // covers RPI whole rows, and r % 8 = r0 | (RPI j % 8) since r0 < RPI.
+    constexpr int RPI = 32 / CPR;
+    const int r0 = lane / CPR, cc = lane % CPR;
+    const int x = (cc & 7) ^ r0;
+    BB_UNROLL
+    for (int j = 0; j < BB_BLOCK / RPI; ++j) {
+      const int r = r0 + RPI * j;
+      const int cell = b * BB_BLOCK + r;
+      const bool ok = cell < n_used;
+      const long goff = (long)(ok ? cell : 0) * D + cc * 8;
+      const int soff = r * D + (cc & ~7) * 8 + ((x ^ ((RPI * j) & 7)) << 3);
+      bb_cp_async16(kt + soff, kh + goff, ok);
+      bb_cp_async16(vt + soff, vh + goff, ok);
+    }
+    return;
+  }
   BB_UNROLL
   for (int i = lane; i < BB_BLOCK * CPR; i += 32) {
     const int r = i / CPR, cc = i % CPR;
     const int cell = b * BB_BLOCK + r;
     const bool ok = cell < n_used;
     const long goff = (long)(ok ? cell : 0) * D + cc * 8;
-    bb_cp_async16(kt + r * PITCH + cc * 8, kh + goff, ok);
-    bb_cp_async16(vt + r * PITCH + cc * 8, vh + goff, ok);
+    const int soff = BBTile<D>::at(r, cc * 8);
+    bb_cp_async16(kt + soff, kh + goff, ok);
+    bb_cp_async16(vt + soff, vh + goff, ok);
   }
 }
 
@@ -475,12 +510,12 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       for (int i = tid; i < 16 * CPR; i += W * 32) {
         const int r = i / CPR, cc = i % CPR;
         const bool ok = r < rows_valid;
-        bb_cp_async16(qt + r * PITCH + cc * 8, qrow + (long)(ok ? r : 0) * n_rows * D + cc * 8, ok);
+        bb_cp_async16(qt + BBTile<D>::at(r, cc * 8), qrow + (long)(ok ? r : 0) * n_rows * D + cc * 8, ok);
       }
     } else { // a view at an odd offset: 4-byte words
       for (int i = tid; i < 16 * (D / 2); i += W * 32) {
         const int r = i / (D / 2), w2 = i % (D / 2);
-        *(BB_SHARED uint32_t*)(qt + r * PITCH + 2 * w2) =
+        *(BB_SHARED uint32_t*)(qt + BBTile<D>::at(r, 2 * w2)) =
             r < rows_valid ? *(BB_GLOBAL const uint32_t*)(qrow + (long)r * n_rows * D + 2 * w2) : 0u;
       }
     }
@@ -532,7 +567,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
   BB_UNROLL
   for (int kk = 0; kk < KS; kk += 2) {
     uint32_t lo[4], hi[4]; // rows g and g + 8, columns 16 kk + {0, 8, 16, 24} + 2c
-    bb_ldsm_rows<T>(qt, PITCH, 0, 16 * kk, lo, lane);
+    bb_ldsm_rows<T, BBTile<D>>(qt, 0, 16 * kk, lo, lane);
     if (SWAP) {
       qa[kk][0] = lo[0];
       qa[kk][1] = lo[1];
@@ -540,7 +575,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
       qa[kk + 1][1] = lo[3];
       qa[kk][2] = qa[kk][3] = qa[kk + 1][2] = qa[kk + 1][3] = 0u;
     } else {
-      bb_ldsm_rows<T>(qt, PITCH, 8, 16 * kk, hi, lane);
+      bb_ldsm_rows<T, BBTile<D>>(qt, 8, 16 * kk, hi, lane);
       qa[kk][0] = lo[0];
       qa[kk][1] = hi[0];
       qa[kk][2] = lo[1];
@@ -603,8 +638,8 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         BB_UNROLL
         for (int kk = 0; kk < KS; kk += 2) {
           uint32_t lo[4], hi[4], ka[4];
-          bb_ldsm_rows<T>(kt, PITCH, 16 * t2, 16 * kk, lo, lane);
-          bb_ldsm_rows<T>(kt, PITCH, 16 * t2 + 8, 16 * kk, hi, lane);
+          bb_ldsm_rows<T, BBTile<D>>(kt, 16 * t2, 16 * kk, lo, lane);
+          bb_ldsm_rows<T, BBTile<D>>(kt, 16 * t2 + 8, 16 * kk, hi, lane);
           ka[0] = lo[0];
           ka[1] = hi[0];
           ka[2] = lo[1];
@@ -663,7 +698,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         BB_UNROLL
         for (int n = 0; n < D / 16; ++n) {
           uint32_t vr[4], va[4];
-          bb_ldsm_rows_trans<T>(vt, PITCH, 16 * kc, 16 * n, vr, lane);
+          bb_ldsm_rows_trans<T, BBTile<D>>(vt, 16 * kc, 16 * n, vr, lane);
           va[0] = vr[0];
           va[1] = vr[2];
           va[2] = vr[1];
@@ -712,7 +747,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         BB_UNROLL
         for (int kk = 0; kk < KS; kk += 2) {
           uint32_t kb[4];
-          bb_ldsm_rows<T>(kt, PITCH, 8 * j, 16 * kk, kb, lane);
+          bb_ldsm_rows<T, BBTile<D>>(kt, 8 * j, 16 * kk, kb, lane);
           bb_mma_16816<T>(s[j], qa[kk], kb[0], kb[1], lane);
           bb_mma_16816<T>(s[j], qa[kk + 1], kb[2], kb[3], lane);
         }
@@ -766,7 +801,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         BB_UNROLL
         for (int n = 0; n < NT; n += 2) {
           uint32_t vb[4];
-          bb_ldsm_rows_trans<T>(vt, PITCH, 16 * kc, 8 * n, vb, lane);
+          bb_ldsm_rows_trans<T, BBTile<D>>(vt, 16 * kc, 8 * n, vb, lane);
           bb_mma_16816<T>(o[n], pa, vb[0], vb[1], lane);
           bb_mma_16816<T>(o[n + 1], pa, vb[2], vb[3], lane);
         }

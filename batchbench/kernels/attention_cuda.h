@@ -245,18 +245,18 @@ BB_FN void bb_cp_coherent16(void* dst, const void* src) { bb_cp_async16(dst, src
 //   B 16x8 col:  b0 = B[2c..2c+1][g], b1 = B[2c+8..2c+9][g]
 //   C 16x8:      c0,c1 = C[g][2c, 2c+1], c2,c3 = C[g+8][2c, 2c+1]
 
-// Four 8x8 matrices at rows row0..row0+7, columns col0 + 8m (m = 0..3) of a row-major
-// tile: r[m] = tile[row0 + g][col0 + 8m + 2c .. +1]. For K as the B operand of Q K^T.
-template <typename T>
-BB_FN void bb_ldsm_rows(const T* tile, int pitch, int row0, int col0, uint32_t* r, int lane) {
+// Four 8x8 matrices at rows row0..row0+7, columns col0 + 8m (m = 0..3) of a tile laid out by
+// L (L::at(row, column): element offset; row0 and col0 multiples of 8):
+// r[m] = tile[row0 + g][col0 + 8m + 2c .. +1]. For K as the B operand of Q K^T.
+template <typename T, typename L>
+BB_FN void bb_ldsm_rows(const T* tile, int row0, int col0, uint32_t* r, int lane) {
 #ifdef BB_PORTABLE
-  const T* p = tile + (row0 + (lane >> 2)) * pitch + col0 + 2 * (lane & 3);
   BB_UNROLL
   for (int m = 0; m < 4; ++m) {
-    r[m] = *reinterpret_cast<const uint32_t*>(p + 8 * m);
+    r[m] = *reinterpret_cast<const uint32_t*>(tile + L::at(row0 + (lane >> 2), col0 + 8 * m + 2 * (lane & 3)));
   }
 #else
-  const T* p = tile + (row0 + (lane & 7)) * pitch + col0 + 8 * (lane >> 3);
+  const T* p = tile + L::at(row0 + (lane & 7), col0 + 8 * (lane >> 3));
   uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -266,21 +266,19 @@ BB_FN void bb_ldsm_rows(const T* tile, int pitch, int row0, int col0, uint32_t* 
 
 // Transposed: matrix m has origin (row0 + 8 (m & 1), col0 + 8 (m >> 1)) and
 // r[m] = {tile[r + 2c][col + g], tile[r + 2c + 1][col + g]}. For V as the B operand of P V.
-template <typename T>
-BB_FN void bb_ldsm_rows_trans(const T* tile, int pitch, int row0, int col0, uint32_t* r,
-                               int lane) {
+template <typename T, typename L>
+BB_FN void bb_ldsm_rows_trans(const T* tile, int row0, int col0, uint32_t* r, int lane) {
 #ifdef BB_PORTABLE
   BB_UNROLL
   for (int m = 0; m < 4; ++m) {
-    const T* p = tile + (row0 + 8 * (m & 1) + 2 * (lane & 3)) * pitch + col0 + 8 * (m >> 1) +
-                 (lane >> 2);
-    uint16_t lo = *reinterpret_cast<const uint16_t*>(p);
-    uint16_t hi = *reinterpret_cast<const uint16_t*>(p + pitch);
+    const int row = row0 + 8 * (m & 1) + 2 * (lane & 3), col = col0 + 8 * (m >> 1) + (lane >> 2);
+    uint16_t lo = *reinterpret_cast<const uint16_t*>(tile + L::at(row, col));
+    uint16_t hi = *reinterpret_cast<const uint16_t*>(tile + L::at(row + 1, col));
     r[m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
 #else
   const int m = lane >> 3;
-  const T* p = tile + (row0 + 8 * (m & 1) + (lane & 7)) * pitch + col0 + 8 * (m >> 1);
+  const T* p = tile + L::at(row0 + 8 * (m & 1) + (lane & 7), col0 + 8 * (m >> 1));
   uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

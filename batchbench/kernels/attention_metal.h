@@ -144,25 +144,21 @@ BB_FN void bb_cp_async_wait() {}
 
 // ---- register fragments (layouts of mma.m16n8k16, see attention_cuda.h) -------
 
-template <typename T>
-BB_FN void bb_ldsm_rows(threadgroup const T* tile, int pitch, int row0, int col0,
-                        thread uint* r, int lane) {
-  threadgroup const T* p = tile + (row0 + (lane >> 2)) * pitch + col0 + 2 * (lane & 3);
+template <typename T, typename L>
+BB_FN void bb_ldsm_rows(threadgroup const T* tile, int row0, int col0, thread uint* r, int lane) {
   BB_UNROLL
   for (int m = 0; m < 4; ++m) {
-    r[m] = *(threadgroup const uint*)(p + 8 * m);
+    r[m] = *(threadgroup const uint*)(tile + L::at(row0 + (lane >> 2), col0 + 8 * m + 2 * (lane & 3)));
   }
 }
 
-template <typename T>
-BB_FN void bb_ldsm_rows_trans(threadgroup const T* tile, int pitch, int row0, int col0,
-                              thread uint* r, int lane) {
+template <typename T, typename L>
+BB_FN void bb_ldsm_rows_trans(threadgroup const T* tile, int row0, int col0, thread uint* r, int lane) {
   BB_UNROLL
   for (int m = 0; m < 4; ++m) {
-    threadgroup const T* p = tile + (row0 + 8 * (m & 1) + 2 * (lane & 3)) * pitch + col0 +
-                             8 * (m >> 1) + (lane >> 2);
-    const uint lo = *(threadgroup const ushort*)p;
-    const uint hi = *(threadgroup const ushort*)(p + pitch);
+    const int row = row0 + 8 * (m & 1) + 2 * (lane & 3), col = col0 + 8 * (m >> 1) + (lane >> 2);
+    const uint lo = *(threadgroup const ushort*)(tile + L::at(row, col));
+    const uint hi = *(threadgroup const ushort*)(tile + L::at(row + 1, col));
     r[m] = lo | (hi << 16);
   }
 }

@@ -25,8 +25,9 @@
 // unpadded and the 16-byte chunks of row r are permuted by XOR with r % 8 (the permutation stays
 // within each 128-byte line): ldmatrix's 8 rows of one chunk then hit 8 different bank groups,
 // and a warp's 16-byte cp.async stores still fill whole, aligned lines. Other D pad each row by
-// 16 bytes instead. (Padded rows at D=128 made the walk's copies stream ~6% slower on the H200:
-// an unpadded walk, 123.7 against 131.7 us for B=32 x 8192's K/V, results/h200-2026-12-01-s38.)
+// 16 bytes instead. (Padded rows at D=128 made the walk's copies stream ~8% slower on the H200:
+// a walk without arithmetic read B=32 x 8192's K/V in 118.6 us into unpadded rows, 128.8 into
+// padded ones; the kernel went 135 -> 123 us. results/h200-2026-12-01-s38.)
 constexpr BB_FN bool bb_attn_swizzled(int d) { return d % 64 == 0; }
 constexpr BB_FN int bb_attn_pitch(int d) { return bb_attn_swizzled(d) ? d : d + 8; }
 template <int D>

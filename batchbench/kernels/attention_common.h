@@ -21,7 +21,7 @@
 #define BB_LIST_CAP 256 // block ids buffered per warp
 #define BB_MASK_STAGE 128 // bytes of one block's 32 mask values in a pipeline stage (fp32 masks)
 
-// Shared tiles (K, V, Q) hold rows of D elements. Where D is a multiple of 64 the rows are
+// Shared tiles (K, V, Q) hold rows of D 2-byte elements. Where D is a multiple of 64 the rows are
 // unpadded and the 16-byte chunks of row r are permuted by XOR with r % 8 (the permutation stays
 // within each 128-byte line): ldmatrix's 8 rows of one chunk then hit 8 different bank groups,
 // and a warp's 16-byte cp.async stores still fill whole, aligned lines. Other D pad each row by

@@ -117,7 +117,7 @@ def test_merge_in_parts_emulated(monkeypatch, mergers, splits, parts):
     _verify(case)
     muts = [("if (k < PI && r < rows_valid) {", "if (k < PI - 1 && r < rows_valid) {")]
     if parts > 1:
-        muts.append(("recs + (long)s2 * REC + lo * IB + 16 * c2);", "recs + (long)s2 * REC + 16 * c2);"))
+        muts.append(("(stage, recs, sb, lo * IB, tid);", "(stage, recs, sb, 0, tid);"))
     for old, new in muts:
         spec, launch = _mutated(case, old, new)
         got = emulate(spec, launch).outputs[0].transpose(0, 2, 1, 3).astype(np.float64)

@@ -308,6 +308,18 @@ BB_FN void bb_attn_merge_add(BB_THREAD float* acc, BB_SHARED const unsigned char
 #endif
 }
 
+// The merge's staging: from each of sb split records (REC bytes apart from recs), the part's
+// QC chunks of 16 bytes from byte `off`, into `stage` one record after another; one commit group.
+template <int QC, int REC, int NTH>
+BB_FN void bb_attn_stage_part(BB_SHARED unsigned char* stage, BB_GLOBAL const unsigned char* recs, int sb, int off,
+                              int tid) {
+  for (int i = tid; i < sb * QC; i += NTH) {
+    const int s2 = i / QC, c2 = i - s2 * QC;
+    bb_cp_coherent16(stage + 16 * i, recs + (long)s2 * REC + off + 16 * c2);
+  }
+  bb_cp_async_commit();
+}
+
 // The merge's sums for one part (items lo..lo+PI-1) over sb staged records QB bytes apart:
 // acc[4j..4j+3] += factor * item lo + k of each record, k = tid + j * NTH, clamped onto the part's
 // last item (never stored), splits outer and four at a time, items inner and without a branch:
@@ -1000,11 +1012,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         }
       }
       int sb = bb_mini(n_split, SB);
-      for (int i = tid; i < sb * QC; i += W * 32) {
-        const int s2 = i / QC, c2 = i - s2 * QC;
-        bb_cp_coherent16(stage + 16 * i, recs + (long)s2 * REC + lo * IB + 16 * c2);
-      }
-      bb_cp_async_commit();
+      bb_attn_stage_part<QC, REC, W * 32>(stage, recs, sb, lo * IB, tid);
       BB_STAMP(8);
       // No branch around the shuffles (a row outside the part reduces NEG_INF and 0s, and stores
       // nothing): shuffles under a branch compile to a slow convergence-checking loop. Each
@@ -1064,11 +1072,7 @@ BB_FN void bb_attn_decode(BB_GLOBAL const T* q, BB_GLOBAL const T* k, BB_GLOBAL 
         if (s0 > 0) { // the next records, once every thread is done with the last ones
           sb = bb_mini(n_split - s0, SB);
           bb_sync_block();
-          for (int i = tid; i < sb * QC; i += W * 32) {
-            const int s2 = i / QC, c2 = i - s2 * QC;
-            bb_cp_coherent16(stage + 16 * i, recs + (long)(s0 + s2) * REC + lo * IB + 16 * c2);
-          }
-          bb_cp_async_commit();
+          bb_attn_stage_part<QC, REC, W * 32>(stage, recs + (long)s0 * REC, sb, lo * IB, tid);
         }
         bb_cp_async_wait<0>();
         bb_sync_block(); // the staged records and the factors are visible to every thread

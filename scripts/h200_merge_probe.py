@@ -73,6 +73,21 @@ __device__ void bb_stream(const uint4* p, long base, long share, int tid, int nt
   }
   asm volatile("cp.async.wait_group 0;" ::: "memory");
 }
+__device__ unsigned long long bb_now() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+// A block's span: once every thread's copies have landed, thread 0 writes (tag, ns since t0) at
+// out[2 blk], out[2 blk + 1].
+__device__ void bb_block_span(unsigned* out, long blk, unsigned tag, unsigned long long t0) {
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    out[blk * 2] = tag;
+    out[blk * 2 + 1] = (unsigned)(bb_now() - t0);
+  }
+}
 """
 
 MERGE_SOURCE = """
@@ -199,18 +214,11 @@ MERGE_SOURCE = """
 
 READ_SOURCE = """
   const long share = (x_shape[0] / 8) / gridDim.x / (U * blockDim.x) * (U * blockDim.x);  // whole rounds
-  unsigned long long t0;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  const unsigned long long t0 = bb_now();
   bb_stream<U>(reinterpret_cast<const uint4*>(x), (long)blockIdx.x * share, share, threadIdx.x, blockDim.x);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned long long t1;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
-    unsigned smid;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-    out[blockIdx.x * 2] = smid;
-    out[blockIdx.x * 2 + 1] = (unsigned)(t1 - t0);
-  }
+  unsigned smid;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+  bb_block_span(out, blockIdx.x, smid, t0);
 """
 
 
@@ -317,8 +325,7 @@ WALK_SOURCE = """
   const uint4* kreg = reinterpret_cast<const uint4*>(x) + (long)pair * 2 * cells * 16;  // 16 uint4 a cell
   const uint4* vreg = kreg + cells * 16;
   const unsigned s0 = (unsigned)__cvta_generic_to_shared(bb_sm) + warp * 2 * 16384;
-  unsigned long long t0;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  const unsigned long long t0 = bb_now();
   for (int i = 0; i < per_warp; ++i) {
     const int b = PAT == 0 ? split * 4 + warp + ns * 4 * i
                 : PAT == 1 ? split * (nb / ns) + warp + 4 * i
@@ -333,14 +340,7 @@ WALK_SOURCE = """
     asm volatile("cp.async.commit_group;" ::: "memory");
     asm volatile("cp.async.wait_group 1;" ::: "memory");
   }
-  asm volatile("cp.async.wait_group 0;" ::: "memory");
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned long long t1;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
-    out[(pair * ns + split) * 2] = 0;
-    out[(pair * ns + split) * 2 + 1] = (unsigned)(t1 - t0);
-  }
+  bb_block_span(out, pair * ns + split, 0, t0);
 """
 
 
@@ -394,8 +394,7 @@ WALK2_SOURCE = """
   constexpr int PB = PITCH ? 272 : 256, TILE = 32 * PB;
   const unsigned base = (unsigned)__cvta_generic_to_shared(bb_sm);
   const unsigned s0 = base + warp * 4 * TILE, m0 = base + 16 * TILE + warp * 256;
-  unsigned long long t0;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  const unsigned long long t0 = bb_now();
   for (int i = 0; i < per_warp; ++i) {
     const int b = row * nb + split * 4 + warp + ns * 4 * i;
     const unsigned st = s0 + (i & 1) * 2 * TILE;
@@ -419,15 +418,7 @@ WALK2_SOURCE = """
     asm volatile("cp.async.commit_group;" ::: "memory");
     asm volatile("cp.async.wait_group 1;" ::: "memory");
   }
-  asm volatile("cp.async.wait_group 0;" ::: "memory");
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned long long t1;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
-    const int blk = (row * ns + split) * gridDim.x + head;
-    out[blk * 2] = 0;
-    out[blk * 2 + 1] = (unsigned)(t1 - t0);
-  }
+  bb_block_span(out, (row * ns + split) * gridDim.x + head, 0, t0);
 """
 
 

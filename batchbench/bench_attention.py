@@ -218,6 +218,21 @@ def _in_place(o: mx.array, x: mx.array) -> mx.array:
     return o.transpose(0, 2, 1, 3).reshape(x.shape)
 
 
+def model_step(layers, mask: mx.array, live, scale: float) -> Callable[[mx.array, int], mx.array]:
+    """Layer i of the 'model' chain: what the model's decode step runs, the compiled call with
+    the live rows packed once per step by the cache (PackedLive), so a layer is one custom op
+    (run in compiled segments of layers, each submitted before the next is built)."""
+    packed = pack_live_blocks(live)
+    mx.eval(packed)
+    fn = _compiled_decode_attention(scale, True, True)
+
+    def step(x: mx.array, i: int) -> mx.array:
+        k, v, _, _ = layers[i % len(layers)]
+        return _in_place(fn(x, k, v, mask, packed), x)
+
+    return step
+
+
 def _apply(step, x, a: int, b: int):
     for i in range(a, b):
         x = step(x, i)
@@ -268,16 +283,7 @@ def main(
                     return _in_place(o, x)
                 return step
 
-            # What the model's decode step runs: the compiled call with the live rows packed
-            # once per step by the cache (PackedLive), so a layer is one custom op, in compiled
-            # segments of layers each submitted before the next is built.
-            packed = pack_live_blocks(live)
-            mx.eval(packed)
-            model_fn = _compiled_decode_attention(scale, True, True)
-
-            def ours_model(x, i):
-                k, v, _, _ = layers[i % n_sets]
-                return _in_place(model_fn(x, k, v, mask, packed), x)
+            ours_model = model_step(layers, mask, live, scale)
 
             def sdpa_unified(x, i):
                 k, v, _, _ = layers[i % n_sets]

@@ -23,9 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from batchbench import backend  # noqa: E402
 from batchbench.bench_attention import (  # noqa: E402
-    _chain, _in_place, kernel_time_us, model_segments, trace_events, unified_problem, wall_time_us)
-from batchbench.kernels.attention import pack_live_blocks  # noqa: E402
-from batchbench.models.base import _compiled_decode_attention  # noqa: E402
+    _chain, kernel_time_us, model_segments, model_step, trace_events, unified_problem, wall_time_us)
 
 LENGTHS = (16, 32, 64, 128)
 
@@ -66,14 +64,7 @@ def main() -> None:
     lines = [f"# The model path's wall time above kernel time (MLX {mx.__version__}; segments {model_segments()})"]
     for b, ctx in cases:
         layers, q, mask, live = unified_problem(b, ctx, 4)
-        packed = pack_live_blocks(live)
-        mx.eval(packed)
-        fn = _compiled_decode_attention(scale, True, True)
-
-        def step(x, i, layers=layers, mask=mask, packed=packed, fn=fn):
-            k, v, _, _ = layers[i % len(layers)]
-            return _in_place(fn(x, k, v, mask, packed), x)
-
+        step = model_step(layers, mask, live, scale)
         runs = {n: _chain(step, q, n, model_segments()) for n in LENGTHS}
         k_us = kernel_time_us(runs[32], 32)
         totals = np.array([wall_time_us(runs[n], n, 7) * n for n in LENGTHS])
@@ -91,7 +82,7 @@ def main() -> None:
                 f"start -> first kernel {p['start']:.0f}; gaps {p['gaps']:.0f} (max {p['max_gap']:.0f}); "
                 f"last kernel -> end {p['tail']:.0f}; runtime calls (count x us): {rt}")
         print("\n".join(lines[-(len(LENGTHS) + 9):]), flush=True)
-        del layers, runs
+        del layers, runs, step
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)

@@ -5,7 +5,11 @@ layers, so its wall per layer holds the chain's fixed start and final wait too. 
 1. chains of 16, 32, 64 and 128 layers (best of 7 wall times each), fitted as fixed + per layer;
 2. one 32-layer chain under torch's profiler (host and CUDA activity on one clock): from the
    run's start to its first kernel, the gaps between kernels, from the last kernel to the run's
-   end, and the host's CUDA runtime and driver calls (graph launches and the rest) by name.
+   end, and the host's CUDA runtime and driver calls (graph launches and the rest) by name;
+3. MLX's own floor: the same chains with a trivial custom kernel per layer (a copy of q, the
+   same segments), so that what is left above it is ours;
+4. the chain's end: bench-attention times run() and then mx.synchronize(); run() alone already
+   waits for the last layer's output (its mx.eval), so the difference is one extra round trip.
 
     PYTHONPATH=. python3 scripts/h200_wall_probe.py 2x4096 3x4096 32x8192   # OUT=dir: wall-probe.md
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from collections import defaultdict
 
 import mlx.core as mx
@@ -26,6 +31,53 @@ from batchbench.bench_attention import (  # noqa: E402
     _chain, kernel_time_us, model_segments, model_step, trace_events, unified_problem, wall_time_us)
 
 LENGTHS = (16, 32, 64, 128)
+
+COPY = """
+  const uint i = blockIdx.x * blockDim.x + threadIdx.x;
+  out[i] = x[i];
+"""
+
+
+def floor_step(q: mx.array):
+    """A layer that is one trivial custom op: the MLX cost of a custom op in a chain."""
+    kernel = mx.fast.cuda_kernel(name="bb_wall_floor", input_names=["x"], output_names=["out"], source=COPY)
+
+    def step(x: mx.array, i: int) -> mx.array:
+        return kernel(inputs=[x], grid=(x.size, 1, 1), threadgroup=(128, 1, 1),
+                      output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+
+    assert q.size % 128 == 0
+    return step
+
+
+def fit(runs, k_us: float) -> tuple[list[str], float, float]:
+    totals = np.array([wall_time_us(runs[n], n, 7) * n for n in LENGTHS])
+    per, fixed = np.polyfit(np.array(LENGTHS, float), totals, 1)
+    lines = ["| layers | wall us | wall / layer | wall / layer - kernel |", "|---|---|---|---|"]
+    lines += [f"| {n} | {t:.0f} | {t / n:.1f} | {t / n - k_us:.1f} |" for n, t in zip(LENGTHS, totals)]
+    lines += ["", f"fit: {fixed:.0f} us fixed + {per:.1f} us a layer ({per - k_us:.1f} above kernel time)"]
+    return lines, fixed, per
+
+
+def ends(run, n: int, rounds: int = 3, reps: int = 7) -> list[str]:
+    """Best-of-reps wall per layer, alternating: run() + mx.synchronize() (bench-attention) and
+    run() alone."""
+    def alone():
+        run()
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t0)
+            mx.synchronize()
+        return best * 1e6 / n
+
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(wall_time_us(run, n, reps))
+        b.append(alone())
+    return [f"- {n}-layer chain, wall / layer, {rounds} rounds alternating: run() + mx.synchronize() "
+            f"{' / '.join(f'{x:.1f}' for x in a)}; run() alone {' / '.join(f'{x:.1f}' for x in b)}"]
 
 
 def profile_chain(run) -> dict:
@@ -67,12 +119,14 @@ def main() -> None:
         step = model_step(layers, mask, live, scale)
         runs = {n: _chain(step, q, n, model_segments()) for n in LENGTHS}
         k_us = kernel_time_us(runs[32], 32)
-        totals = np.array([wall_time_us(runs[n], n, 7) * n for n in LENGTHS])
-        per, fixed = np.polyfit(np.array(LENGTHS, float), totals, 1)
-        lines += ["", f"## B={b} x {ctx}: kernel {k_us:.1f} us a layer", "",
-                  "| layers | wall us | wall / layer | wall / layer - kernel |", "|---|---|---|---|"]
-        lines += [f"| {n} | {t:.0f} | {t / n:.1f} | {t / n - k_us:.1f} |" for n, t in zip(LENGTHS, totals)]
-        lines += ["", f"fit: {fixed:.0f} us fixed + {per:.1f} us a layer ({per - k_us:.1f} above kernel time)", ""]
+        lines += ["", f"## B={b} x {ctx}: kernel {k_us:.1f} us a layer", ""]
+        lines += fit(runs, k_us)[0] + [""]
+        floor = {n: _chain(floor_step(q), q, n, model_segments()) for n in LENGTHS}
+        f_us = kernel_time_us(floor[32], 32)
+        lines += [f"MLX's floor: the same chains with one trivial custom op a layer (a copy of q; "
+                  f"kernel {f_us:.1f} us a layer)", ""]
+        lines += fit(floor, f_us)[0] + [""]
+        lines += ends(runs[32], 32) + [f"  (floor: {ends(floor[32], 32)[0][2:]})", ""]
         for rep in range(2):
             p = profile_chain(runs[32])
             rt = ", ".join(f"{name} {c} x {d / c:.1f}" for name, (c, d) in
@@ -81,8 +135,8 @@ def main() -> None:
                 f"- profiled 32-layer chain {rep + 1}: {p['total']:.0f} us; {p['kernels']} kernels busy {p['busy']:.0f}; "
                 f"start -> first kernel {p['start']:.0f}; gaps {p['gaps']:.0f} (max {p['max_gap']:.0f}); "
                 f"last kernel -> end {p['tail']:.0f}; runtime calls (count x us): {rt}")
-        print("\n".join(lines[-(len(LENGTHS) + 9):]), flush=True)
-        del layers, runs, step
+        print("\n".join(lines[-(2 * len(LENGTHS) + 18):]), flush=True)
+        del layers, runs, step, floor
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)

@@ -33,7 +33,7 @@ from batchbench.bench_attention import (  # noqa: E402
 LENGTHS = (16, 32, 64, 128)
 
 COPY = """
-  const uint i = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
   out[i] = x[i];
 """
 

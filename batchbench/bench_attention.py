@@ -9,7 +9,8 @@ is layer i's output; each layer has its own K/V so nothing stays in L2):
   sdpa unified: mx.fast.scaled_dot_product_attention on the unified cache with the mask
   sdpa separate: SDPA on separate per-sequence caches [B, Hkv, ctx, D], no mask
 Kernel time = sum of CUDA kernel durations (torch.profiler in this process) per layer;
-wall = MLX wall clock per layer inside the chain. TB/s = K/V bytes the B sequences own / time.
+wall = MLX wall clock per layer inside the chain, until the last layer's output is ready.
+TB/s = K/V bytes the B sequences own / time.
 """
 
 from __future__ import annotations
@@ -103,14 +104,18 @@ def kernel_time_us(run: Callable[[], None], n_layers: int, names: tuple[str, ...
 
 
 def wall_time_us(run: Callable[[], None], n_layers: int, reps: int) -> float:
+    """Best of reps wall times of run(), per layer. run() waits for its own result (its
+    mx.eval), as a decode step waits for its logits; the stream is drained after the clock
+    stops, so that each rep starts idle without timing a second round trip to the device
+    (0.5-1.0 us a layer of a 32-layer chain on the H200, results/h200-2026-12-01-s39)."""
     run()
     mx.synchronize()
     best = math.inf
     for _ in range(reps):
         t0 = time.perf_counter()
         run()
-        mx.synchronize()
         best = min(best, time.perf_counter() - t0)
+        mx.synchronize()
     return best * 1e6 / n_layers
 
 
@@ -403,7 +408,8 @@ def format_table(rows: list[Row]) -> str:
     sep = "|" + "---|" * 17
     out = [
         "Kernel time per layer (sum of CUDA kernel durations over a chain of dependent layers; "
-        "wall time = MLX wall clock per layer in the chain). 'model path': the call the model's decode "
+        "wall time = MLX wall clock per layer in the chain, from its first call until the last layer's "
+        "output is ready). 'model path': the call the model's decode "
         "step makes (compiled, live rows packed once per step by the cache): one custom op per layer, "
         f"in compiled segments of {', '.join(map(str, model_segments()))} layers (the last repeating), "
         "each submitted before the next is built. Every variant of ours reads its output in place "

@@ -8,8 +8,9 @@ layers, so its wall per layer holds the chain's fixed start and final wait too. 
    end, and the host's CUDA runtime and driver calls (graph launches and the rest) by name;
 3. MLX's own floor: the same chains with a trivial custom kernel per layer (a copy of q, the
    same segments), so that what is left above it is ours;
-4. the chain's end: bench-attention times run() and then mx.synchronize(); run() alone already
-   waits for the last layer's output (its mx.eval), so the difference is one extra round trip.
+4. the chain's end: run() and then mx.synchronize() in the timed part (bench-attention until
+   session 39) against run() alone, which already waits for the last layer's output (its
+   mx.eval): the difference is one extra round trip. wall_time_us now times run() alone.
 
     PYTHONPATH=. python3 scripts/h200_wall_probe.py 2x4096 3x4096 32x8192   # OUT=dir: wall-probe.md
 """
@@ -60,51 +61,25 @@ def fit(runs, k_us: float) -> tuple[list[str], float, float]:
 
 
 def ends(run, n: int, rounds: int = 3, reps: int = 7) -> list[str]:
-    """Best-of-reps wall per layer, alternating: run() + mx.synchronize() (bench-attention) and
-    run() alone."""
-    def alone():
+    """Best-of-reps wall per layer, alternating: run() + mx.synchronize() in the timed part (how
+    bench-attention timed it until session 39) and run() alone (wall_time_us now)."""
+    def with_sync():
         run()
+        mx.synchronize()
         best = math.inf
         for _ in range(reps):
             t0 = time.perf_counter()
             run()
-            best = min(best, time.perf_counter() - t0)
             mx.synchronize()
+            best = min(best, time.perf_counter() - t0)
         return best * 1e6 / n
 
     a, b = [], []
     for _ in range(rounds):
-        a.append(wall_time_us(run, n, reps))
-        b.append(alone())
+        a.append(with_sync())
+        b.append(wall_time_us(run, n, reps))
     return [f"- {n}-layer chain, wall / layer, {rounds} rounds alternating: run() + mx.synchronize() "
             f"{' / '.join(f'{x:.1f}' for x in a)}; run() alone {' / '.join(f'{x:.1f}' for x in b)}"]
-
-
-def profile_chain(run) -> dict:
-    import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    run()
-    mx.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        with record_function("bb_chain"):
-            run()
-            mx.synchronize()
-        torch.cuda.synchronize()
-    ev = trace_events(prof)
-    chain = next(e for e in ev if e.get("name") == "bb_chain" and e.get("cat") != "gpu_user_annotation")
-    c0, c1 = float(chain["ts"]), float(chain["ts"]) + float(chain["dur"])
-    ks = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in ev if e.get("cat") == "kernel")
-    ks = [k for k in ks if c0 <= k[0] <= c1]
-    gaps = [b[0] - a[1] for a, b in zip(ks, ks[1:])]
-    rt = defaultdict(lambda: [0, 0.0])
-    for e in ev:
-        if e.get("cat") in ("cuda_runtime", "cuda_driver") and c0 <= float(e["ts"]) <= c1:
-            rt[e["name"]][0] += 1
-            rt[e["name"]][1] += float(e["dur"])
-    return dict(kernels=len(ks), busy=sum(b - a for a, b in ks), start=ks[0][0] - c0 if ks else math.nan,
-                gaps=sum(gaps), max_gap=max(gaps) if gaps else 0.0, tail=c1 - ks[-1][1] if ks else math.nan,
-                total=c1 - c0, runtime=dict(rt))
 
 
 def main() -> None:

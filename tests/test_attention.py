@@ -245,6 +245,29 @@ def test_bench_chain_in_compiled_segments_equals_the_plain_chain():
     assert mx.allclose(plain, growing).item()
 
 
+def test_wall_time_stops_the_clock_before_draining_the_stream(monkeypatch):
+    """wall_time_us times run() (which waits for its own result), per layer, best of reps; the
+    stream is drained after each rep, outside the timed part."""
+    import time
+
+    from batchbench import bench_attention as ba
+
+    calls = []
+
+    def slow_sync():
+        calls.append("sync")
+        time.sleep(0.05)
+
+    def run():
+        calls.append("run")
+        time.sleep(0.002)
+
+    monkeypatch.setattr(ba.mx, "synchronize", slow_sync)
+    per_layer = ba.wall_time_us(run, n_layers=4, reps=3)
+    assert calls == ["run", "sync"] * 4  # one warm-up, then each rep drained
+    assert 2000 / 4 <= per_layer < 20000 / 4  # run's 2 ms, not the 50 ms drain
+
+
 def test_trace_events_reads_the_complete_events_back(tmp_path):
     """The profiling scripts read CUPTI kernels through bench_attention.trace_events: only
     complete ("X") events, from either chrome-trace layout, the file kept where asked."""

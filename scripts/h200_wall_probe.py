@@ -102,6 +102,33 @@ def ends(run, n: int, rounds: int = 3, reps: int = 7) -> list[str]:
             f"{' / '.join(f'{x:.1f}' for x in a)}; run() alone {' / '.join(f'{x:.1f}' for x in b)}"]
 
 
+def profile_chain(run) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    run()
+    mx.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("bb_chain"):
+            run()
+            mx.synchronize()
+        torch.cuda.synchronize()
+    ev = trace_events(prof)
+    chain = next(e for e in ev if e.get("name") == "bb_chain" and e.get("cat") != "gpu_user_annotation")
+    c0, c1 = float(chain["ts"]), float(chain["ts"]) + float(chain["dur"])
+    ks = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in ev if e.get("cat") == "kernel")
+    ks = [k for k in ks if c0 <= k[0] <= c1]
+    gaps = [b[0] - a[1] for a, b in zip(ks, ks[1:])]
+    rt = defaultdict(lambda: [0, 0.0])
+    for e in ev:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and c0 <= float(e["ts"]) <= c1:
+            rt[e["name"]][0] += 1
+            rt[e["name"]][1] += float(e["dur"])
+    return dict(kernels=len(ks), busy=sum(b - a for a, b in ks), start=ks[0][0] - c0 if ks else math.nan,
+                gaps=sum(gaps), max_gap=max(gaps) if gaps else 0.0, tail=c1 - ks[-1][1] if ks else math.nan,
+                total=c1 - c0, runtime=dict(rt))
+
+
 def main() -> None:
     if backend.BACKEND != "cuda":
         print("h200_wall_probe: needs MLX's CUDA back-end")

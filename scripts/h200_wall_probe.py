@@ -12,7 +12,14 @@ layers, so its wall per layer holds the chain's fixed start and final wait too. 
    session 39) against run() alone, which already waits for the last layer's output (its
    mx.eval): the difference is one extra round trip. wall_time_us now times run() alone.
 
+5. `launch` (an argument of its own): where a host-bound chain's time goes. At B=2 x 64 every
+   chain is host-bound; the profiler showed ~60 us per cudaGraphLaunch for ours (7 a chain).
+   Trivial custom ops that differ from the floor in one way each (dynamic shared memory as ours
+   asks, ours' inputs and outputs, ours' shape arguments), then ours: wall a layer (fit) and
+   the host's graph calls.
+
     PYTHONPATH=. python3 scripts/h200_wall_probe.py 2x4096 3x4096 32x8192   # OUT=dir: wall-probe.md
+    PYTHONPATH=. python3 scripts/h200_wall_probe.py launch
 """
 
 from __future__ import annotations
@@ -69,6 +76,65 @@ def raw_step(layers, mask: mx.array, live, scale: float):
         return fn(x, k, v, mask, rows)
 
     return step
+
+
+COPY6 = """
+  const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+  out[i] = x[i];
+  if (i == 0 && k_shape[0] == -1 && v_shape[0] == -1 && mask_shape[0] == -1 && live_shape[0] == -1) {
+    ws[0] = counters[0];  // never: the shape arguments are passed, as ours passes them
+  }
+"""
+
+
+def launch_variants(lines: list[str]) -> None:
+    b, ctx = 2, 64
+    layers, q, mask, live = unified_problem(b, ctx, 4)
+    scale = 1.0 / math.sqrt(128)
+    kspec, _ = A.plan_decode_attention("cuda", q, layers[0][0], layers[0][1], mask, scale=scale, skip=True,
+                                       live_blocks=live)
+    smem = kspec.shared_memory
+    rows = A.pack_live_blocks(live)
+    counters = mx.zeros((64,), mx.int32)
+    mx.eval(rows, counters)
+
+    def trivial(name: str, source: str, smem: int, six: bool):
+        names = ["x", "k", "v", "mask", "live", "counters"] if six else ["x"]
+        kernel = mx.fast.cuda_kernel(name=name, input_names=names, output_names=["out", "ws"] if six else ["out"],
+                                     source=source, shared_memory=smem)
+
+        def step(x: mx.array, i: int) -> mx.array:
+            k, v, _, _ = layers[i % len(layers)]
+            ins = [x, k, v, mask, rows, counters] if six else [x]
+            return kernel(inputs=ins, grid=(x.size, 1, 1), threadgroup=(128, 1, 1),
+                          output_shapes=[x.shape, (64,)] if six else [x.shape],
+                          output_dtypes=[x.dtype, mx.int32] if six else [x.dtype])[0]
+        return step
+
+    variants = [
+        ("floor: copy, 1 input, 1 output", trivial("bb_wall_c1", COPY, 0, False)),
+        (f"copy, {smem} B dynamic shared memory", trivial("bb_wall_c1s", COPY, smem, False)),
+        ("copy, ours' 6 inputs, 2 outputs, 4 shape arguments", trivial("bb_wall_c6", COPY6, 0, True)),
+        (f"copy, 6 inputs, 2 outputs, shapes, {smem} B", trivial("bb_wall_c6s", COPY6, smem, True)),
+        ("ours (model path)", model_step(layers, mask, live, scale)),
+    ]
+    lines += ["", f"## Host-bound chains at B={b} x {ctx} (segments {model_segments()})", "",
+              "| layer | kernel us | wall us a layer (fit) | fixed us | cudaGraphLaunch count x us | "
+              "cudaGraphExecUpdate count x us |", "|---|---|---|---|---|---|"]
+    for what, step in variants:
+        runs = {n: _chain(step, q, n, model_segments()) for n in LENGTHS}
+        k_us = kernel_time_us(runs[32], 32)
+        _, fixed, per = fit(runs, k_us)
+        p = profile_chain(runs[32])
+        rt = p["runtime"]
+
+        def call(name):
+            c, d = rt.get(name, (0, 0.0))
+            return f"{c} x {d / c:.1f}" if c else "-"
+
+        lines.append(f"| {what} | {k_us:.1f} | {per:.1f} | {fixed:.0f} | {call('cudaGraphLaunch')} | "
+                     f"{call('cudaGraphExecUpdate')} |")
+        print(lines[-1], flush=True)
 
 
 def fit(runs, k_us: float) -> tuple[list[str], float, float]:
@@ -133,9 +199,12 @@ def main() -> None:
     if backend.BACKEND != "cuda":
         print("h200_wall_probe: needs MLX's CUDA back-end")
         return
-    cases = [tuple(int(x) for x in a.split("x")) for a in (sys.argv[1:] or ["2x4096", "3x4096", "32x8192"])]
+    args = sys.argv[1:] or ["2x4096", "3x4096", "32x8192"]
+    cases = [tuple(int(x) for x in a.split("x")) for a in args if a != "launch"]
     scale = 1.0 / math.sqrt(128)
     lines = [f"# The model path's wall time above kernel time (MLX {mx.__version__}; segments {model_segments()})"]
+    if "launch" in args:
+        launch_variants(lines)
     for b, ctx in cases:
         layers, q, mask, live = unified_problem(b, ctx, 4)
         step = model_step(layers, mask, live, scale)

@@ -98,24 +98,31 @@ def launch_variants(lines: list[str]) -> None:
     counters = mx.zeros((64,), mx.int32)
     mx.eval(rows, counters)
 
-    def trivial(name: str, source: str, smem: int, six: bool):
-        names = ["x", "k", "v", "mask", "live", "counters"] if six else ["x"]
-        kernel = mx.fast.cuda_kernel(name=name, input_names=names, output_names=["out", "ws"] if six else ["out"],
+    tiny = [mx.zeros((64,), mx.float16) for _ in range(5)]
+    mx.eval(tiny)
+
+    def trivial(name: str, source: str, smem: int, extra: str = "", n_out: int = 1):
+        """extra: "" (x only), "tiny" (x and 5 fresh 64-element arrays) or "ours" (x, k, v, mask,
+        live, counters)."""
+        names = ["x", "k", "v", "mask", "live", "counters"] if extra else ["x"]
+        kernel = mx.fast.cuda_kernel(name=name, input_names=names, output_names=["out", "ws"][:n_out],
                                      source=source, shared_memory=smem)
 
         def step(x: mx.array, i: int) -> mx.array:
             k, v, _, _ = layers[i % len(layers)]
-            ins = [x, k, v, mask, rows, counters] if six else [x]
+            ins = [x] + ([k, v, mask, rows, counters] if extra == "ours" else tiny if extra == "tiny" else [])
             return kernel(inputs=ins, grid=(x.size, 1, 1), threadgroup=(128, 1, 1),
-                          output_shapes=[x.shape, (64,)] if six else [x.shape],
-                          output_dtypes=[x.dtype, mx.int32] if six else [x.dtype])[0]
+                          output_shapes=[x.shape, (64,)][:n_out], output_dtypes=[x.dtype, mx.int32][:n_out])[0]
         return step
 
     variants = [
-        ("floor: copy, 1 input, 1 output", trivial("bb_wall_c1", COPY, 0, False)),
-        (f"copy, {smem} B dynamic shared memory", trivial("bb_wall_c1s", COPY, smem, False)),
-        ("copy, ours' 6 inputs, 2 outputs, 4 shape arguments", trivial("bb_wall_c6", COPY6, 0, True)),
-        (f"copy, 6 inputs, 2 outputs, shapes, {smem} B", trivial("bb_wall_c6s", COPY6, smem, True)),
+        ("floor: copy, 1 input, 1 output", trivial("bb_wall_c1", COPY, 0)),
+        (f"copy, {smem} B dynamic shared memory", trivial("bb_wall_c1s", COPY, smem)),
+        ("copy, 1 input, 2 outputs", trivial("bb_wall_c1o2", COPY, 0, n_out=2)),
+        ("copy, 6 inputs (5 tiny arrays), 1 output", trivial("bb_wall_c6t", COPY, 0, "tiny")),
+        ("copy, ours' 6 inputs, 1 output", trivial("bb_wall_c6", COPY, 0, "ours")),
+        ("copy, ours' 6 inputs, 1 output, 4 shape arguments", trivial("bb_wall_c6h", COPY6.replace("ws[0] = counters[0];", "out[1] = x[0];"), 0, "ours")),
+        ("copy, ours' 6 inputs, 2 outputs, 4 shape arguments", trivial("bb_wall_c6o2", COPY6, 0, "ours", 2)),
         ("ours (model path)", model_step(layers, mask, live, scale)),
     ]
     lines += ["", f"## Host-bound chains at B={b} x {ctx} (segments {model_segments()})", "",

@@ -39,25 +39,30 @@ def timeline(b: int, ctx: int) -> None:
     k, v = layers[0][0], layers[0][1]
     ks, launch = A.plan_decode_attention("cuda", q, k, v, mask, scale=1 / math.sqrt(ba.D), live_blocks=live,
                                          timeline=True)
+    ws_at = list(ks.input_names).index("ws")
     raw = []  # every launch after the first: (launch, stamps)
     if mx.cuda.is_available():
         kept = []
-        for _ in range(REPS):
-            out, ws = kspec.run(ks, launch)
-            mx.eval(out, ws)
-            kept.append(ws)
+        for _ in range(REPS):  # each plan takes the next workspace of the pool: one per launch
+            ks, launch = A.plan_decode_attention("cuda", q, k, v, mask, scale=1 / math.sqrt(ba.D),
+                                                 live_blocks=live, timeline=True)
+            out = kspec.run(ks, launch)[0]
+            mx.eval(out)
+            kept.append(launch.inputs[ws_at])
+        mx.synchronize()
         # Read on the host only after the last launch: read after each one, the next launch
         # stalled ~80 us on its first writes to ws (session 15, call10; as if MLX reused the
         # buffer just read and its pages migrated back from the host).
         raw = [(i, A.read_timeline(w, launch).astype(np.int64)) for i, w in enumerate(kept) if i]
+        ws = kept[-1]
     else:
         from batchbench.verify import emulate
 
-        ws = emulate(ks, launch, schedules=("forward",)).raw_outputs[1]
+        ws = emulate(ks, launch, schedules=("forward",)).inputs_after[ws_at]
+    st = A.read_timeline(ws, launch).astype(np.int64)  # before the timed launches below reuse ws
     if mx.cuda.is_available():
         plain = A.plan_decode_attention("cuda", q, k, v, mask, scale=1 / math.sqrt(ba.D), live_blocks=live)
         cupti = [_kernel_us(*plan) for plan in ((ks, launch), plain)]
-    st = A.read_timeline(ws, launch).astype(np.int64)
     if OUT and raw:
         _write_raw(Path(OUT) / f"attn-timeline-{b}x{ctx}.csv", raw, launch)
     t0 = st[:, 1].min()

@@ -303,6 +303,27 @@ def test_qmm_norm_variant_by_rows(monkeypatch):
     assert Q.norm_variant(8, False) == (True, False)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "metal"])
+def test_attention_workspace_is_a_pooled_input_that_needs_no_cleaning(backend):
+    """The splits' records live in a workspace input taken from a rotating pool (one output a
+    launch, not two): consecutive plans get different buffers of at least the records' size,
+    and a workspace full of NaN from earlier launches does not change the result."""
+    toolchain.need(toolchain.host_cxx)
+    vis = np.zeros((2, 300), dtype=bool)
+    vis[0, :150] = vis[1, 150:] = True
+    case = attention_case(backend, np.random.default_rng(SEED), d=64, g=4, splits=4, live="exact", visible=vis)
+    kspec, launch = case.kernels[0]
+    assert kspec.output_names == ("out",) and len(launch.output_shapes) == 1
+    ws_at = list(kspec.input_names).index("ws")
+    pairs = launch.grid[2] * (launch.grid[0] // launch.threadgroup[0])
+    need = pairs * launch.grid[1] * A.record_bytes(4, 64, 2) // 4
+    assert launch.grid[1] == 4 and launch.inputs[ws_at].size >= need
+    again = A.plan_decode_attention(backend, *launch.inputs[:4], scale=1.0, live_blocks=A.PackedLive(launch.inputs[4]))
+    assert again[1].inputs[ws_at] is not launch.inputs[ws_at]
+    launch.inputs[ws_at] = mx.full(launch.inputs[ws_at].shape, float("nan"), dtype=mx.float32)
+    case.verify(schedules=("forward", "reverse"))
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_attention_timeline_build_stamps_every_block(splits):
     """The diagnostic build (phase timestamps after the split records) keeps the result, and
@@ -322,7 +343,8 @@ def test_attention_timeline_build_stamps_every_block(splits):
         case.verify(schedules=(schedule,))
     kspec, launch = case.kernels[0]
     assert kspec.name.endswith("_tl") and launch.grid[1] == splits
-    stamps = read_timeline(emulate(kspec, launch, schedules=("forward",)).raw_outputs[1], launch)
+    ws_at = list(kspec.input_names).index("ws")
+    stamps = read_timeline(emulate(kspec, launch, schedules=("forward",)).inputs_after[ws_at], launch)
     blocks = launch.grid[1] * launch.grid[2] * (launch.grid[0] // launch.threadgroup[0])
     assert stamps.shape == (blocks, STAMPS)
     for phase in (1, 2, 4, 5, 7, 12):

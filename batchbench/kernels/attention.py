@@ -60,7 +60,7 @@ _FLOATS = (mx.float16, mx.bfloat16, mx.float32)
 _CUDA_BODY = """
   extern __shared__ __align__(16) unsigned char bb_smem[];
   bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE, MG>(
-      q, k, v, mask, live, const_cast<int*>(reinterpret_cast<const int*>(counters)), out, ws,
+      q, k, v, mask, live, const_cast<int*>(reinterpret_cast<const int*>(counters)), out, const_cast<float*>(ws),
       q_shape[2], k_shape[1], k_shape[2], mask_shape[1], live_shape[1],
       __int_as_float(SCALE_BITS), (int)blockIdx.x, (int)blockIdx.y, (int)gridDim.y,
       (int)blockIdx.z, (int)(threadIdx.x & 31), (int)(threadIdx.x >> 5), bb_smem);
@@ -69,7 +69,7 @@ _CUDA_BODY = """
 _METAL_BODY = """
   threadgroup uint4 bb_smem[(bb_attn_smem_bytes<D, W, STAGES, sizeof(T), (G < 16 ? G : 16)>() + 15) / 16];
   bb_attn_decode<T, MT, D, G, W, STAGES, SKIP, LIVE, MG>(
-      q, k, v, mask, live, (device int*)counters, out, ws,
+      q, k, v, mask, live, (device int*)counters, out, (device float*)ws,
       q_shape[2], k_shape[1], k_shape[2], mask_shape[1], live_shape[1],
       as_type<float>(SCALE_BITS), (int)threadgroup_position_in_grid.x,
       (int)threadgroup_position_in_grid.y, (int)threadgroups_per_grid.y,
@@ -278,25 +278,36 @@ def _dummy_live() -> mx.array:
 
 
 _COUNTER_POOL = 16
-_counters: dict[int, list] = {}
+_pools: dict[tuple, list] = {}
 
 
-def _counter_array(n: int) -> mx.array:
-    """A zeroed int32 buffer of >= n counters; the kernel leaves each count (low 16 bits) at
-    zero again (the bits above move on every launch).
+def _pooled(n: int, dtype) -> mx.array:
+    """A zeroed buffer of >= n elements from a pool of _COUNTER_POOL per power-of-two size.
 
-    Kernels that run concurrently must not share counters, so calls rotate over a pool
-    (MLX may overlap independent launches; a chain of dependent layers never overlaps).
-    """
+    Kernels that run concurrently must not share one, so calls rotate over the pool (MLX may
+    overlap independent launches; a chain of dependent layers never overlaps)."""
     size = max(64, 1 << (max(n, 1) - 1).bit_length())
-    entry = _counters.get(size)
+    entry = _pools.get((dtype, size))
     if entry is None:
-        arrays = [mx.zeros((size,), dtype=mx.int32) for _ in range(_COUNTER_POOL)]
+        arrays = [mx.zeros((size,), dtype=dtype) for _ in range(_COUNTER_POOL)]
         mx.eval(arrays)
-        entry = _counters[size] = [arrays, 0]
+        entry = _pools[(dtype, size)] = [arrays, 0]
     arrays, i = entry
     entry[1] = (i + 1) % _COUNTER_POOL
     return arrays[i]
+
+
+def _counter_array(n: int) -> mx.array:
+    """>= n split counters; the kernel leaves each count (low 16 bits) at zero again (the bits
+    above move on every launch)."""
+    return _pooled(n, mx.int32)
+
+
+def _workspace(n: int) -> mx.array:
+    """>= n floats for the splits' partial records (and a timeline build's stamps). An input the
+    kernel writes, like the counters, not a second output: each output of a custom op costs MLX's
+    host 1.3-6.9 us a launch more (H200, results/h200-2026-12-01-s39, call13)."""
+    return _pooled(n, mx.float32)
 
 
 _live_memo: list = [None, None, None]  # (blocks, counts, packed): layers reuse one packing
@@ -355,7 +366,7 @@ def plan_decode_attention(
 ) -> tuple[KernelSpec, Launch]:
     """The kernel and launch `decode_attention` runs on `backend_name` ("cuda" | "metal").
     timeline (CUDA, diagnostics): a build that also writes per-block phase timestamps after
-    the split records in its second output; `read_timeline` decodes them."""
+    the split records in its workspace (the input `ws`); `read_timeline` decodes them."""
     if backend_name not in CONFIG:
         raise ValueError(f"no decode attention kernel for back-end {backend_name!r}")
     _check(q, k, v, mask, live_blocks)
@@ -390,18 +401,18 @@ def plan_decode_attention(
     kspec = KernelSpec(
         backend=backend_name,
         name=f"bb_decode_attn_{_source_tag(backend_name)}_s{smem}{'_tl' if timeline else ''}{'' if MASK_STAGE else '_ms0'}{'_r32' if REC32 else ''}",
-        input_names=("q", "k", "v", "mask", "live", "counters"),
-        output_names=("out", "ws"),
+        input_names=("q", "k", "v", "mask", "live", "counters", "ws"),
+        output_names=("out",),
         source=body,
         header=header,
         ensure_row_contiguous=True,
         shared_memory=smem if backend_name == "cuda" else 0,
     )
     launch = Launch(
-        inputs=[q, k, v, mask, live, _counter_array(pairs)],
+        inputs=[q, k, v, mask, live, _counter_array(pairs), _workspace(ws_size)],
         # token-major [1, T, Hq, D]: the o projection reads it as [T, Hq*D] without a copy
-        output_shapes=[(1, t, hq, d), (ws_size,)],
-        output_dtypes=[q.dtype, mx.float32],
+        output_shapes=[(1, t, hq, d)],
+        output_dtypes=[q.dtype],
         grid=(warps * 32 * hkv * hc, n_split, t),
         threadgroup=(warps * 32, 1, 1),
         template=[
@@ -426,14 +437,19 @@ STAMP_PHASES = ("entry", "list filled", "first K/V landed", "walk done", "warps 
 
 
 def read_timeline(ws: mx.array, launch: Launch) -> "np.ndarray":
-    """The stamps of a `timeline` build's second output: uint64 [blocks, 13], column 0 the SM id,
-    columns 1..12 the global timer (ns) at STAMP_PHASES; blocks in (row, kv head, split) order.
+    """The stamps of a `timeline` build's workspace (its input `ws`, after the launch): uint64
+    [blocks, 13], column 0 the SM id, columns 1..12 the global timer (ns) at STAMP_PHASES;
+    blocks in (row, kv head, split) order.
     A phase the block never reached reads 0 (column 3 when its warp 0 had no K/V block; column
     6 with one split: no counter; columns 8-11 in every block that merges no part of its pair)."""
     import numpy as np
 
-    blocks = launch.grid[1] * launch.grid[2] * (launch.grid[0] // launch.threadgroup[0])
-    words = np.ascontiguousarray(np.array(ws, dtype=np.float32)).view(np.uint32)[-blocks * 2 * STAMPS:]
+    n_split = launch.grid[1]
+    blocks = n_split * launch.grid[2] * (launch.grid[0] // launch.threadgroup[0])
+    tmpl = dict(launch.template)
+    rec = record_bytes(min(tmpl["G"], HEADS_PER_TILE), tmpl["D"], tmpl["T"].size) // 4
+    start = blocks * rec if n_split > 1 else 0  # after the split records (the pool's array may be longer)
+    words = np.ascontiguousarray(np.array(ws, dtype=np.float32)).view(np.uint32)[start:start + blocks * 2 * STAMPS]
     pairs = words.reshape(blocks, STAMPS, 2).astype(np.uint64)
     return pairs[..., 0] | (pairs[..., 1] << np.uint64(32))
 

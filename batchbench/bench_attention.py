@@ -103,17 +103,20 @@ def kernel_time_us(run: Callable[[], None], n_layers: int, names: tuple[str, ...
     return total / n_layers
 
 
-def wall_time_us(run: Callable[[], None], n_layers: int, reps: int) -> float:
+def wall_time_us(run: Callable[[], None], n_layers: int, reps: int, time_drain: bool = False) -> float:
     """Best of reps wall times of run(), per layer. run() waits for its own result (its
     mx.eval), as a decode step waits for its logits; the stream is drained after the clock
     stops, so that each rep starts idle without timing a second round trip to the device
-    (0.5-1.0 us a layer of a 32-layer chain on the H200, results/h200-2026-12-01-s39)."""
+    (0.7-1.0 us a layer of a 32-layer chain on the H200, results/h200-2026-12-01-s39).
+    time_drain=True times the drain too, as before (scripts/h200_wall_probe.py compares)."""
     run()
     mx.synchronize()
     best = math.inf
     for _ in range(reps):
         t0 = time.perf_counter()
         run()
+        if time_drain:
+            mx.synchronize()
         best = min(best, time.perf_counter() - t0)
         mx.synchronize()
     return best * 1e6 / n_layers

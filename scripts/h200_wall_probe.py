@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 from collections import defaultdict
 
 import mlx.core as mx
@@ -156,20 +155,9 @@ def fit(runs, k_us: float) -> tuple[list[str], float, float]:
 def ends(run, n: int, rounds: int = 3, reps: int = 7) -> list[str]:
     """Best-of-reps wall per layer, alternating: run() + mx.synchronize() in the timed part (how
     bench-attention timed it until session 39) and run() alone (wall_time_us now)."""
-    def with_sync():
-        run()
-        mx.synchronize()
-        best = math.inf
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            run()
-            mx.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        return best * 1e6 / n
-
     a, b = [], []
     for _ in range(rounds):
-        a.append(with_sync())
+        a.append(wall_time_us(run, n, reps, time_drain=True))
         b.append(wall_time_us(run, n, reps))
     return [f"- {n}-layer chain, wall / layer, {rounds} rounds alternating: run() + mx.synchronize() "
             f"{' / '.join(f'{x:.1f}' for x in a)}; run() alone {' / '.join(f'{x:.1f}' for x in b)}"]

@@ -107,7 +107,7 @@ def wall_time_us(run: Callable[[], None], n_layers: int, reps: int, time_drain: 
     """Best of reps wall times of run(), per layer. run() waits for its own result (its
     mx.eval), as a decode step waits for its logits; the stream is drained after the clock
     stops, so that each rep starts idle without timing a second round trip to the device
-    (0.7-1.0 us a layer of a 32-layer chain on the H200, results/h200-2026-12-01-s39).
+    (0.5-1.3 us a layer of a 32-layer chain at B <= 3 on the H200, results/h200-2026-12-01-s39).
     time_drain=True times the drain too, as before (scripts/h200_wall_probe.py compares)."""
     run()
     mx.synchronize()

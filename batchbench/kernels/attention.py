@@ -94,6 +94,12 @@ def record_bytes(gh: int, d: int, esize: int) -> int:
     return gh * d * rsize + (2 * gh + 3) // 4 * 16
 
 
+def records_floats(blocks: int, n_split: int, gh: int, d: int, esize: int) -> int:
+    """Floats of ws the splits' records take (none with one split: nothing to merge); a timeline
+    build's stamps follow them (bb_attn_decode's tl_records)."""
+    return blocks * record_bytes(gh, d, esize) // 4 if n_split > 1 else 0
+
+
 def smem_bytes(d: int, warps: int, stages: int, esize: int, gh: int) -> int:
     """Mirror of bb_attn_smem_bytes in attention_common.h: the pipeline tiles, block lists,
     mask stages and Q tile, or the merge header and one split record if larger."""
@@ -386,7 +392,7 @@ def plan_decode_attention(
     live = pack_live_blocks(live_blocks) if use_live else _dummy_live()
     pairs = t * hkv * hc
     n_split = choose_splits(pairs, n_blk, warps, d)
-    ws_size = pairs * n_split * record_bytes(gh, d, q.dtype.size) // 4 if n_split > 1 else 4
+    ws_size = records_floats(pairs * n_split, n_split, gh, d, q.dtype.size)
     smem = smem_bytes(d, warps, stages, q.dtype.size, gh)
     header, body = kernel_source(backend_name)
     if not MASK_STAGE:
@@ -396,7 +402,7 @@ def plan_decode_attention(
     if timeline:
         if backend_name != "cuda":
             raise ValueError("decode_attention: the timeline build exists for CUDA only")
-        ws_size = (ws_size if n_split > 1 else 0) + pairs * n_split * 2 * STAMPS
+        ws_size += pairs * n_split * 2 * STAMPS
         header = "#define BB_TIMELINE 1\n" + header
     kspec = KernelSpec(
         backend=backend_name,
@@ -447,8 +453,7 @@ def read_timeline(ws: mx.array, launch: Launch) -> "np.ndarray":
     n_split = launch.grid[1]
     blocks = n_split * launch.grid[2] * (launch.grid[0] // launch.threadgroup[0])
     tmpl = dict(launch.template)
-    rec = record_bytes(min(tmpl["G"], HEADS_PER_TILE), tmpl["D"], tmpl["T"].size) // 4
-    start = blocks * rec if n_split > 1 else 0  # after the split records (the pool's array may be longer)
+    start = records_floats(blocks, n_split, min(tmpl["G"], HEADS_PER_TILE), tmpl["D"], tmpl["T"].size)
     words = np.ascontiguousarray(np.array(ws, dtype=np.float32)).view(np.uint32)[start:start + blocks * 2 * STAMPS]
     pairs = words.reshape(blocks, STAMPS, 2).astype(np.uint64)
     return pairs[..., 0] | (pairs[..., 1] << np.uint64(32))

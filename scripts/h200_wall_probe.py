@@ -13,7 +13,8 @@ layers, so its wall per layer holds the chain's fixed start and final wait too. 
    mx.eval): the difference is one extra round trip. wall_time_us now times run() alone.
 
 5. `launch` (an argument of its own): where a host-bound chain's time goes. At B=2 x 64 every
-   chain is host-bound; the profiler showed ~60 us per cudaGraphLaunch for ours (7 a chain).
+   chain is host-bound. (The profiler shows ~60-80 us per cudaGraphLaunch for ours and for
+   every variant but the floor's ~15, without the wall time following: CUPTI inflates them.)
    Trivial custom ops that differ from the floor in one way each (dynamic shared memory as ours
    asks, ours' inputs and outputs, ours' shape arguments), then ours: wall a layer (fit) and
    the host's graph calls.
@@ -44,17 +45,20 @@ COPY = """
   const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
   out[i] = x[i];
 """
+OURS_INPUTS = ["x", "k", "v", "mask", "live", "counters"]
 
 
-def floor_step(q: mx.array):
-    """A layer that is one trivial custom op: the MLX cost of a custom op in a chain."""
-    kernel = mx.fast.cuda_kernel(name="bb_wall_floor", input_names=["x"], output_names=["out"], source=COPY)
+def copy_step(name: str, source: str = COPY, smem: int = 0, names=("x",), extra=lambda i: [], n_out: int = 1):
+    """A layer that is one trivial custom op (a copy of x, the MLX cost of a custom op in a
+    chain): inputs x and extra(i), named `names`; a second output `ws` if n_out == 2."""
+    kernel = mx.fast.cuda_kernel(name=name, input_names=list(names), output_names=["out", "ws"][:n_out],
+                                 source=source, shared_memory=smem)
 
     def step(x: mx.array, i: int) -> mx.array:
-        return kernel(inputs=[x], grid=(x.size, 1, 1), threadgroup=(128, 1, 1),
-                      output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+        assert x.size % 128 == 0
+        return kernel(inputs=[x, *extra(i)], grid=(x.size, 1, 1), threadgroup=(128, 1, 1),
+                      output_shapes=[x.shape, (64,)][:n_out], output_dtypes=[x.dtype, mx.int32][:n_out])[0]
 
-    assert q.size % 128 == 0
     return step
 
 
@@ -77,12 +81,13 @@ def raw_step(layers, mask: mx.array, live, scale: float):
     return step
 
 
-COPY6 = """
-  const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-  out[i] = x[i];
-  if (i == 0 && k_shape[0] == -1 && v_shape[0] == -1 && mask_shape[0] == -1 && live_shape[0] == -1) {
-    ws[0] = counters[0];  // never: the shape arguments are passed, as ours passes them
-  }
+def copy_with_shapes(sink: str) -> str:
+    """COPY that also reads ours' four shape arguments (so MLX passes them, as for ours), in a
+    branch never taken that stores `sink`."""
+    return COPY + f"""
+  if (i == 0 && k_shape[0] == -1 && v_shape[0] == -1 && mask_shape[0] == -1 && live_shape[0] == -1) {{
+    {sink}
+  }}
 """
 
 
@@ -100,28 +105,20 @@ def launch_variants(lines: list[str]) -> None:
     tiny = [mx.zeros((64,), mx.float16) for _ in range(5)]
     mx.eval(tiny)
 
-    def trivial(name: str, source: str, smem: int, extra: str = "", n_out: int = 1):
-        """extra: "" (x only), "tiny" (x and 5 fresh 64-element arrays) or "ours" (x, k, v, mask,
-        live, counters)."""
-        names = ["x", "k", "v", "mask", "live", "counters"] if extra else ["x"]
-        kernel = mx.fast.cuda_kernel(name=name, input_names=names, output_names=["out", "ws"][:n_out],
-                                     source=source, shared_memory=smem)
-
-        def step(x: mx.array, i: int) -> mx.array:
-            k, v, _, _ = layers[i % len(layers)]
-            ins = [x] + ([k, v, mask, rows, counters] if extra == "ours" else tiny if extra == "tiny" else [])
-            return kernel(inputs=ins, grid=(x.size, 1, 1), threadgroup=(128, 1, 1),
-                          output_shapes=[x.shape, (64,)][:n_out], output_dtypes=[x.dtype, mx.int32][:n_out])[0]
-        return step
+    def ours(i: int) -> list[mx.array]:
+        k, v, _, _ = layers[i % len(layers)]
+        return [k, v, mask, rows, counters]
 
     variants = [
-        ("floor: copy, 1 input, 1 output", trivial("bb_wall_c1", COPY, 0)),
-        (f"copy, {smem} B dynamic shared memory", trivial("bb_wall_c1s", COPY, smem)),
-        ("copy, 1 input, 2 outputs", trivial("bb_wall_c1o2", COPY, 0, n_out=2)),
-        ("copy, 6 inputs (5 tiny arrays), 1 output", trivial("bb_wall_c6t", COPY, 0, "tiny")),
-        ("copy, ours' 6 inputs, 1 output", trivial("bb_wall_c6", COPY, 0, "ours")),
-        ("copy, ours' 6 inputs, 1 output, 4 shape arguments", trivial("bb_wall_c6h", COPY6.replace("ws[0] = counters[0];", "out[1] = x[0];"), 0, "ours")),
-        ("copy, ours' 6 inputs, 2 outputs, 4 shape arguments", trivial("bb_wall_c6o2", COPY6, 0, "ours", 2)),
+        ("floor: copy, 1 input, 1 output", copy_step("bb_wall_c1")),
+        (f"copy, {smem} B dynamic shared memory", copy_step("bb_wall_c1s", smem=smem)),
+        ("copy, 1 input, 2 outputs", copy_step("bb_wall_c1o2", n_out=2)),
+        ("copy, 6 inputs (5 tiny arrays), 1 output", copy_step("bb_wall_c6t", names=OURS_INPUTS, extra=lambda i: tiny)),
+        ("copy, ours' 6 inputs, 1 output", copy_step("bb_wall_c6", names=OURS_INPUTS, extra=ours)),
+        ("copy, ours' 6 inputs, 1 output, 4 shape arguments",
+         copy_step("bb_wall_c6h", copy_with_shapes("out[1] = x[0];"), names=OURS_INPUTS, extra=ours)),
+        ("copy, ours' 6 inputs, 2 outputs, 4 shape arguments",
+         copy_step("bb_wall_c6o2", copy_with_shapes("ws[0] = counters[0];"), names=OURS_INPUTS, extra=ours, n_out=2)),
         ("ours (model path)", model_step(layers, mask, live, scale)),
     ]
     lines += ["", f"## Host-bound chains at B={b} x {ctx} (segments {model_segments()})", "",
@@ -207,7 +204,8 @@ def main() -> None:
         k_us = kernel_time_us(runs[32], 32)
         lines += ["", f"## B={b} x {ctx}: kernel {k_us:.1f} us a layer", ""]
         lines += fit(runs, k_us)[0] + [""]
-        floor = {n: _chain(floor_step(q), q, n, model_segments()) for n in LENGTHS}
+        fstep = copy_step("bb_wall_floor")
+        floor = {n: _chain(fstep, q, n, model_segments()) for n in LENGTHS}
         f_us = kernel_time_us(floor[32], 32)
         lines += [f"MLX's floor: the same chains with one trivial custom op a layer (a copy of q; "
                   f"kernel {f_us:.1f} us a layer)", ""]
@@ -226,7 +224,7 @@ def main() -> None:
                 f"start -> first kernel {p['start']:.0f}; gaps {p['gaps']:.0f} (max {p['max_gap']:.0f}); "
                 f"last kernel -> end {p['tail']:.0f}; runtime calls (count x us): {rt}")
         print("\n".join(lines[-(3 * len(LENGTHS) + 24):]), flush=True)
-        del layers, runs, step, floor, raw
+        del layers, runs, step, floor, fstep, raw
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)
